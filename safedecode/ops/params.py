@@ -1,0 +1,231 @@
+"""Validation and normalisation of the op's inputs (shared by every backend).
+
+Every public op goes through :func:`prepare` before any kernel runs. It turns the user's mix of
+scalars and tensors into one :class:`Prepared` bundle of contiguous per-row tensors on the logits'
+device, and raises :class:`ValueError` naming the parameter and its allowed range on bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+Scalar = Union[int, float]
+RowParam = Union[Scalar, torch.Tensor]
+
+RULES = {"linear": 0, "union": 1}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Row status codes written by every backend (0 = ok).
+STATUS_OK = 0
+STATUS_NAN = 1
+STATUS_POS_INF = 2
+STATUS_ANCHOR_EMPTY = 3
+STATUS_NO_CANDIDATE = 4
+STATUS_MESSAGES = {
+    STATUS_NAN: "logits contain NaN",
+    STATUS_POS_INF: "logits contain +inf",
+    STATUS_ANCHOR_EMPTY: "the anchor branch's logits are all -inf",
+    STATUS_NO_CANDIDATE: "no token has a finite score (every anchor-supported token is -inf in "
+    "another weighted branch)",
+}
+
+
+@dataclass
+class Prepared:
+    """Per-row parameters in kernel-ready form (all tensors contiguous, on the logits' device).
+
+    ``log_beta`` and ``log_min_p`` are fp32 logs (``-inf`` when disabled) computed once here so that
+    every backend compares against bit-identical thresholds. ``top_k`` is 0 when disabled.
+    """
+
+    logits: torch.Tensor  # [K, B, V], V contiguous
+    weights: torch.Tensor  # [B, K] fp32
+    temperature: torch.Tensor  # [B] fp32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] fp32 in (0, 1]
+    log_min_p: torch.Tensor  # [B] fp32, -inf = off
+    log_beta: torch.Tensor  # [B] fp32, -inf = off
+    seed: torch.Tensor  # [B] int64
+    step: torch.Tensor  # [B] int64
+    rule: int  # 0 linear, 1 union
+    anchor: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        k, b, v = self.logits.shape
+        return k, b, v
+
+
+def _err(name: str, msg: str) -> ValueError:
+    return ValueError(f"{name}: {msg}")
+
+
+def _row_tensor(
+    name: str, value: RowParam, batch: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Broadcast a scalar or a [B] tensor to a contiguous [B] tensor of ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        elif value.dim() != 1 or value.shape[0] != batch:
+            raise _err(name, f"expected a scalar or a [B] tensor with B={batch}, got shape "
+                       f"{tuple(value.shape)}")
+        if value.is_floating_point() and dtype == torch.int64:
+            raise _err(name, f"expected an integer tensor, got {value.dtype}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise _err(name, f"unsupported dtype {value.dtype}")
+        return value.to(device=device, dtype=dtype).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(name, f"expected a number or a tensor, got {type(value).__name__}")
+    if dtype == torch.int64 and not isinstance(value, int):
+        if not float(value).is_integer():
+            raise _err(name, f"expected an integer, got {value!r}")
+        value = int(value)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _check_range(name: str, t: torch.Tensor, lo: float, hi: float, lo_open: bool,
+                 hi_open: bool, allowed: str) -> None:
+    if t.numel() == 0:
+        return
+    bad = ~torch.isfinite(t) if t.is_floating_point() else torch.zeros_like(t, dtype=torch.bool)
+    bad |= (t <= lo) if lo_open else (t < lo)
+    bad |= (t >= hi) if hi_open else (t > hi)
+    if bool(bad.any()):
+        first = t[bad][0].item()
+        raise _err(name, f"must be in {allowed}, got {first!r}")
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise _err("logits", f"expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise _err("logits", f"expected shape [K, B, V], got {tuple(logits.shape)}")
+    if logits.dtype not in DTYPES:
+        raise _err("logits", f"dtype must be one of float32, bfloat16, float16; got {logits.dtype}")
+    k, b, v = logits.shape
+    if k < 1:
+        raise _err("logits", "K (number of branches, dim 0) must be >= 1")
+    if v < 1:
+        raise _err("logits", "V (vocabulary, dim 2) must be >= 1")
+    if b >= 1 and v > 1 and logits.stride(2) != 1:
+        raise _err("logits", f"the vocabulary dim must be contiguous (stride 1), got stride "
+                   f"{logits.stride(2)}; call .contiguous() first")
+
+
+def _normalise_weights(weights, k: int, b: int, device: torch.device) -> torch.Tensor:
+    if isinstance(weights, torch.Tensor):
+        w = weights
+    elif isinstance(weights, (list, tuple)):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in weights):
+            raise _err("weights", "expected a sequence of numbers")
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    elif isinstance(weights, (int, float)) and not isinstance(weights, bool) and k == 1:
+        w = torch.tensor([float(weights)])
+    else:
+        raise _err("weights", f"expected a [K] or [B, K] tensor or a sequence, got "
+                   f"{type(weights).__name__}")
+    if w.is_complex() or w.dtype == torch.bool:
+        raise _err("weights", f"unsupported dtype {w.dtype}")
+    if w.dim() == 1:
+        if w.shape[0] != k:
+            raise _err("weights", f"length {w.shape[0]} != K={k} (number of branches)")
+        w = w.reshape(1, k).expand(b, k)
+    elif w.dim() == 2:
+        if tuple(w.shape) != (b, k):
+            raise _err("weights", f"shape {tuple(w.shape)} != [B, K]=[{b}, {k}]")
+    else:
+        raise _err("weights", f"expected [K] or [B, K], got shape {tuple(w.shape)}")
+    w = w.to(device=device, dtype=torch.float32).contiguous()
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise _err("weights", "must be finite")
+    return w
+
+
+def prepare(
+    logits: torch.Tensor,
+    weights,
+    *,
+    rule: str = "linear",
+    anchor: int = 0,
+    beta: RowParam = 0.0,
+    temperature: RowParam = 1.0,
+    top_k: RowParam = 0,
+    top_p: RowParam = 1.0,
+    min_p: RowParam = 0.0,
+    seed: RowParam | None = None,
+    step: RowParam = 0,
+    check_inputs: bool = True,
+) -> Prepared:
+    """Validate and normalise the op's arguments; see :func:`safedecode.ops.contrastive_sample`."""
+    _check_logits(logits)
+    k, b, v = logits.shape
+    dev = logits.device
+    if rule not in RULES:
+        raise _err("rule", f"must be one of {sorted(RULES)}, got {rule!r}")
+    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < k:
+        raise _err("anchor", f"must be an integer branch index in [0, {k - 1}], got {anchor!r}")
+    if rule == "union" and k != 2:
+        raise _err("rule", f"'union' (SafeInfer) needs exactly K=2 branches, got K={k}")
+    w = _normalise_weights(weights, k, b, dev)
+    if rule == "union" and w.numel() and bool((w[:, 1] < 0).any()):
+        raise _err("weights", "for rule='union', weights[1] is gamma and must be >= 0")
+
+    temp = _row_tensor("temperature", temperature, b, dev, torch.float32)
+    tk = _row_tensor("top_k", top_k, b, dev, torch.int64)
+    tp = _row_tensor("top_p", top_p, b, dev, torch.float32)
+    mp = _row_tensor("min_p", min_p, b, dev, torch.float32)
+    bt = _row_tensor("beta", beta, b, dev, torch.float32)
+    st = _row_tensor("step", step, b, dev, torch.int64)
+    if seed is None:
+        sd = torch.randint(0, 2**62, (b,), dtype=torch.int64).to(dev)
+    else:
+        sd = _row_tensor("seed", seed, b, dev, torch.int64)
+
+    if check_inputs or not isinstance(temperature, torch.Tensor):
+        _check_range("temperature", temp, 0.0, math.inf, False, True, "[0, inf) (0 = greedy)")
+    if check_inputs or not isinstance(top_k, torch.Tensor):
+        _check_range("top_k", tk, 0, math.inf, False, True, "[0, V] (0 = off)")
+    if check_inputs or not isinstance(top_p, torch.Tensor):
+        _check_range("top_p", tp, 0.0, 1.0, True, False, "(0, 1]")
+    if check_inputs or not isinstance(min_p, torch.Tensor):
+        _check_range("min_p", mp, 0.0, 1.0, False, False, "[0, 1] (0 = off)")
+    if check_inputs or not isinstance(beta, torch.Tensor):
+        _check_range("beta", bt, 0.0, 1.0, False, False, "[0, 1] (0 = off)")
+    if check_inputs or not isinstance(step, torch.Tensor):
+        _check_range("step", st, 0, math.inf, False, True, "[0, 2^63)")
+
+    tk = tk.clamp(max=v)  # k >= V keeps everything
+    with torch.no_grad():
+        log_beta = torch.log(bt)  # log(0) = -inf disables the mask
+        log_min_p = torch.log(mp)
+    return Prepared(
+        logits=logits,
+        weights=w,
+        temperature=temp,
+        top_k=tk,
+        top_p=tp,
+        log_min_p=log_min_p.contiguous(),
+        log_beta=log_beta.contiguous(),
+        seed=sd,
+        step=st,
+        rule=RULES[rule],
+        anchor=anchor,
+    )
+
+
+def raise_on_status(status: torch.Tensor) -> None:
+    """Raise a ValueError for the first row whose kernel status is not OK."""
+    if status.numel() == 0:
+        return
+    bad = torch.nonzero(status != STATUS_OK)
+    if bad.numel():
+        row = int(bad[0, 0])
+        code = int(status[row])
+        msg = STATUS_MESSAGES.get(code, f"status code {code}")
+        more = f" (and {bad.shape[0] - 1} more rows)" if bad.shape[0] > 1 else ""
+        raise ValueError(f"logits: row {row}: {msg}{more}")
