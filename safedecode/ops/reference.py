@@ -15,11 +15,12 @@ Per row b (``z_k`` = logits of branch k as fp32, ``w`` = weights[b]):
 2. **Plausibility.** Keep v iff ``z_a(v) >= max(z_a) + log_beta`` (fp32, ``a`` = anchor).
 3. **Temperature** T: ``x = (s - m) / T`` in fp32 (a true division), ``m`` = max kept score; the
    distribution is ``softmax(x)``. T = 0 is greedy: the token is argmax s (lowest index on ties);
-   masks and log-probs then use T = 1. Steps 4-6 work on ``x``, so they need no exp except top-p.
-4. **Top-k**: keep ``x >= t_k``, ``t_k`` = k-th largest x (ties at t_k are all kept).
-5. **Top-p**: sort the top-k survivors by x descending, ``e = exp(x)``; with ``c_j`` the fp64
-   cumulative sum of ``e`` and ``Z`` its total, ``j*`` = first j with ``c_j >= top_p * Z``; keep
-   ``x >= x_(j*)``. top_p = 1 keeps all.
+   masks and log-probs then use T = 1.
+4. **Top-k**: keep ``s >= t_k``, ``t_k`` = k-th largest kept score (ties at t_k are all kept).
+5. **Top-p**: sort the top-k survivors by s descending (stable), ``e = exp(x)``; with ``c_j`` the
+   fp64 cumulative sum of ``e`` and ``Z`` its total, ``j*`` = first j with ``c_j >= top_p * Z``; keep
+   ``s >= s_(j*)``. top_p = 1 keeps all. (Thresholds 4-5 compare scores only, so every backend
+   makes the same cut except where top-p's fp64 mass lands within rounding of ``top_p * Z``.)
 6. **Min-p**: keep ``x >= log_min_p`` (i.e. ``p >= min_p * p_max``). The final set is the
    intersection of steps 2, 4, 5 and 6 (min-p after top-p, as transformers' warpers order them).
 7. **Draw**: ``u`` = Philox uniform keyed by (seed, step); walk the final set in vocabulary order,
@@ -88,13 +89,14 @@ def _final_scores(p: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     m = s.amax(dim=-1, keepdim=True)
     x = (s - m) / temp[:, None]  # <= 0, max 0
 
-    # Sort once (descending, stable: ties keep vocabulary order).
-    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    # Sort once by score (descending, stable: ties keep vocabulary order).
+    sorted_s, order = torch.sort(s, dim=-1, descending=True, stable=True)
+    sorted_x = x.gather(1, order)
     rank = torch.arange(v, device=x.device)[None, :]
-    # top-k: keep x >= k-th largest (ties kept).
+    # top-k: keep s >= k-th largest (ties kept).
     k = torch.where(p.top_k > 0, p.top_k, torch.full_like(p.top_k, v)).clamp(max=v)
-    t_k = sorted_x.gather(1, (k - 1)[:, None])
-    keep_sorted = sorted_x >= t_k
+    t_k = sorted_s.gather(1, (k - 1)[:, None])
+    keep_sorted = sorted_s >= t_k
     # top-p over the top-k survivors.
     e = torch.where(keep_sorted, torch.exp(sorted_x), torch.zeros_like(sorted_x)).double()
     c = torch.cumsum(e, dim=-1)
@@ -102,9 +104,9 @@ def _final_scores(p: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     reached = c >= p.top_p.double()[:, None] * z_total
     reached[:, -1] = True
     j_star = torch.where(reached, rank, torch.full_like(rank, v)).amin(dim=-1, keepdim=True)
-    t_p = sorted_x.gather(1, j_star)
+    t_p = sorted_s.gather(1, j_star)
     use_p = (p.top_p < 1.0)[:, None]
-    keep_sorted &= ~use_p | (sorted_x >= t_p)
+    keep_sorted &= ~use_p | (sorted_s >= t_p)
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     # min-p relative to the maximum (x = 0 there).
     keep &= x >= p.log_min_p[:, None]

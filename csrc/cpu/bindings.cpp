@@ -1,0 +1,69 @@
+// pybind11 bindings of the CPU kernels (module safedecode._C). Tensors travel as integer data
+// pointers plus shapes and strides, so this module needs no torch headers.
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include "contrastive_sample.h"
+
+namespace py = pybind11;
+using safedecode::LogitsView;
+using safedecode::RowParams;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+LogitsView make_view(uintptr_t data, int dtype, int64_t K, int64_t B, int64_t V, int64_t sk,
+                     int64_t sb) {
+  if (dtype < 0 || dtype > 2) throw py::value_error("logits: unknown dtype code");
+  if (K < 1 || K > 64) throw py::value_error("logits: K must be in [1, 64]");
+  if (V < 1 || V > 0x7fffffff) throw py::value_error("logits: V must be in [1, 2^31)");
+  return LogitsView{ptr<const void>(data), dtype, K, B, V, sk, sb};
+}
+
+RowParams make_params(uintptr_t w, uintptr_t temp, uintptr_t top_k, uintptr_t top_p,
+                      uintptr_t log_min_p, uintptr_t log_beta, uintptr_t seed, uintptr_t step) {
+  return RowParams{ptr<const float>(w),        ptr<const float>(temp),
+                   ptr<const int64_t>(top_k),  ptr<const float>(top_p),
+                   ptr<const float>(log_min_p), ptr<const float>(log_beta),
+                   ptr<const int64_t>(seed),   ptr<const int64_t>(step)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "safedecode C++ CPU kernels (fused contrastive sampling)";
+  m.def(
+      "contrastive_sample",
+      [](uintptr_t data, int dtype, int64_t K, int64_t B, int64_t V, int64_t sk, int64_t sb,
+         uintptr_t w, uintptr_t temp, uintptr_t top_k, uintptr_t top_p, uintptr_t log_min_p,
+         uintptr_t log_beta, uintptr_t seed, uintptr_t step, int rule, int anchor,
+         uintptr_t tokens, uintptr_t logprobs, uintptr_t status, int num_threads) {
+        LogitsView view = make_view(data, dtype, K, B, V, sk, sb);
+        RowParams params = make_params(w, temp, top_k, top_p, log_min_p, log_beta, seed, step);
+        py::gil_scoped_release release;
+        safedecode::contrastive_sample_cpu(view, params, rule, anchor, ptr<int64_t>(tokens),
+                                           ptr<float>(logprobs), ptr<int32_t>(status),
+                                           num_threads);
+      },
+      "Fused contrastive sampling; see safedecode.ops.reference for the semantics.");
+  m.def(
+      "contrastive_logprobs",
+      [](uintptr_t data, int dtype, int64_t K, int64_t B, int64_t V, int64_t sk, int64_t sb,
+         uintptr_t w, uintptr_t temp, uintptr_t top_k, uintptr_t top_p, uintptr_t log_min_p,
+         uintptr_t log_beta, int rule, int anchor, uintptr_t out, uintptr_t status,
+         int num_threads) {
+        LogitsView view = make_view(data, dtype, K, B, V, sk, sb);
+        RowParams params = make_params(w, temp, top_k, top_p, log_min_p, log_beta, 0, 0);
+        py::gil_scoped_release release;
+        safedecode::contrastive_logprobs_cpu(view, params, rule, anchor, ptr<float>(out),
+                                             ptr<int32_t>(status), num_threads);
+      },
+      "Final normalised log-distribution [B, V] of the fused op.");
+  m.def("max_threads", []() { return omp_get_max_threads(); },
+        "OpenMP threads the kernels use by default.");
+}

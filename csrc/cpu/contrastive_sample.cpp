@@ -1,0 +1,474 @@
+// Fused contrastive sampling, C++ CPU backend (OpenMP over rows).
+//
+// One streaming pass over the K branches' logits computes the combined score s, the anchor's
+// maximum and the candidate list; everything after it (plausibility cut, top-k, top-p, min-p,
+// draw) works on that list, which the plausibility mask or a running top-k threshold keeps small.
+// No full sort: top-k is nth_element on the candidates, top-p a mass histogram plus a sort of one
+// bucket. Semantics and rounding follow safedecode/ops/reference.py exactly (compile with
+// -ffp-contract=off so s = w0*z0 + w1*z1 is rounded as PyTorch rounds it).
+#include "contrastive_sample.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "../philox.h"
+
+namespace safedecode {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kBlock = 1024;         // tokens per streaming block (fits L1 for K <= 4)
+constexpr int64_t kSortLimit = 4096;     // top-p by full sort below this many candidates
+constexpr int kHistBuckets = 2048;       // top-p mass histogram over x in [-kHistRange, 0]
+constexpr float kHistRange = 40.0f;
+
+enum Status : int32_t { kOk = 0, kNaN = 1, kPosInfSeen = 2, kAnchorEmpty = 3, kNoCandidate = 4 };
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Branch-free IEEE half -> float (handles subnormals, inf and NaN).
+inline float fp16_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t em = static_cast<uint32_t>(h & 0x7fffu);
+  uint32_t bits = em << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 5.192296858534828e+33f;  // 2^112 rebiases the exponent (and scales subnormals exactly)
+  std::memcpy(&bits, &f, sizeof(f));
+  if (em >= 0x7c00u) bits |= 0x7f800000u;  // inf / NaN
+  bits |= sign;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Returns a pointer to n fp32 values of logits[k, b, v0:v0+n]: the source itself for fp32,
+// otherwise `buf` after conversion.
+inline const float* load_block(const LogitsView& L, int64_t k, int64_t b, int64_t v0, int64_t n,
+                               float* buf) {
+  const int64_t off = k * L.stride_k + b * L.stride_b + v0;
+  if (L.dtype == kFloat32) return static_cast<const float*>(L.data) + off;
+  const uint16_t* src = static_cast<const uint16_t*>(L.data) + off;
+  if (L.dtype == kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = fp16_to_float(src[i]);
+  }
+  return buf;
+}
+
+// Candidate list (structure of arrays, vocabulary order).
+struct Cands {
+  std::vector<int32_t> idx;
+  std::vector<float> s;
+  std::vector<float> za;  // anchor logit, only while the plausibility cut is pending
+  void clear() {
+    idx.clear();
+    s.clear();
+    za.clear();
+  }
+  size_t size() const { return idx.size(); }
+};
+
+struct Scratch {
+  std::vector<float> zbuf;      // K * kBlock converted logits
+  std::vector<float> sblk;      // kBlock scores
+  std::vector<float> tmp;       // selection / exp values
+  std::vector<int32_t> order;   // sort permutation
+  std::vector<double> hist;     // top-p mass histogram
+  Cands c;
+};
+
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Keep entries where keep(i) holds, preserving order.
+template <typename Pred>
+void compact(Cands& c, bool with_za, Pred keep) {
+  size_t w = 0;
+  for (size_t i = 0; i < c.size(); ++i) {
+    if (keep(i)) {
+      c.idx[w] = c.idx[i];
+      c.s[w] = c.s[i];
+      if (with_za) c.za[w] = c.za[i];
+      ++w;
+    }
+  }
+  c.idx.resize(w);
+  c.s.resize(w);
+  if (with_za) c.za.resize(w);
+}
+
+// k-th largest value of c.s (1-based k <= size).
+float kth_largest(const Cands& c, int64_t k, std::vector<float>& tmp) {
+  tmp.assign(c.s.begin(), c.s.end());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+  return tmp[k - 1];
+}
+
+// log-sum-exp pieces of one branch row, mirroring torch.log_softmax: (max, log(sum exp(z - max))).
+void branch_lse(const LogitsView& L, int64_t k, int64_t b, float* buf, float& mx, float& logsum) {
+  float m = kNegInf;
+  for (int64_t v0 = 0; v0 < L.V; v0 += kBlock) {
+    const int64_t n = std::min(kBlock, L.V - v0);
+    const float* z = load_block(L, k, b, v0, n, buf);
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, z[i]);
+  }
+  double sum = 0.0;
+  if (std::isfinite(m)) {
+    for (int64_t v0 = 0; v0 < L.V; v0 += kBlock) {
+      const int64_t n = std::min(kBlock, L.V - v0);
+      const float* z = load_block(L, k, b, v0, n, buf);
+      float part = 0.0f;
+      for (int64_t i = 0; i < n; ++i) part += std::exp(z[i] - m);
+      sum += part;
+    }
+  }
+  mx = m;
+  logsum = static_cast<float>(std::log(sum));
+}
+
+enum class Collect { kNone, kAll, kTopK, kPlausible };
+
+struct ScanResult {
+  int32_t status = kOk;
+  float anchor_max = kNegInf;
+  float smax = kNegInf;   // max finite score (only meaningful for Collect::kNone / kAll / kTopK)
+  int64_t argmax = -1;    // first index attaining smax
+};
+
+// The streaming pass: scores, validity flags, anchor max, greedy argmax and the candidate list.
+ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int anchor, int64_t b,
+                    Collect mode, int64_t top_k, Scratch& S) {
+  const int64_t K = L.K;
+  const float* w = P.weights + b * K;
+  const float log_beta = P.log_beta[b];
+  S.zbuf.resize(static_cast<size_t>(K * kBlock));
+  S.sblk.resize(kBlock);
+  Cands& c = S.c;
+  c.clear();
+  ScanResult r;
+
+  // Union rule: the log-softmax constants of both branches first (needs a pass of its own).
+  float mx0 = 0, ls0 = 0, mx1 = 0, ls1 = 0;
+  const float gamma = (rule == kUnion) ? w[1] : 0.0f;
+  if (rule == kUnion) {
+    branch_lse(L, 0, b, S.zbuf.data(), mx0, ls0);
+    branch_lse(L, 1, b, S.zbuf.data(), mx1, ls1);
+  }
+
+  bool active[64];
+  int64_t n_active = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    active[k] = (rule == kUnion) ? (k == 0 || gamma != 0.0f) : (w[k] != 0.0f);
+    n_active += active[k];
+  }
+  const int64_t cap = std::max<int64_t>(8 * top_k, 8192);
+  float thr_k = kNegInf;  // running top-k prefilter (a lower bound of the final k-th score)
+  int bad_nan = 0, bad_inf = 0;
+
+  for (int64_t v0 = 0; v0 < L.V; v0 += kBlock) {
+    const int64_t n = std::min(kBlock, L.V - v0);
+    const float* zk[64];
+    for (int64_t k = 0; k < K; ++k) {
+      zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
+      const float* z = zk[k];
+      int nan = 0, pinf = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        nan |= (z[i] != z[i]);
+        pinf |= (z[i] == kPosInf);
+      }
+      bad_nan |= nan;
+      bad_inf |= pinf;
+    }
+    const float* za = zk[anchor];
+    float* s = S.sblk.data();
+    float bmax = kNegInf;
+    for (int64_t i = 0; i < n; ++i) bmax = std::max(bmax, za[i]);
+    r.anchor_max = std::max(r.anchor_max, bmax);
+
+    // Combined score with exclusions.
+    if (rule == kLinear) {
+      bool first = true;
+      for (int64_t k = 0; k < K; ++k) {
+        if (!active[k]) continue;
+        const float wk = w[k];
+        const float* z = zk[k];
+        if (first) {
+          for (int64_t i = 0; i < n; ++i) s[i] = wk * z[i];
+          first = false;
+        } else {
+          for (int64_t i = 0; i < n; ++i) s[i] = s[i] + wk * z[i];
+        }
+      }
+      if (first) std::fill(s, s + n, 0.0f);
+    } else {
+      const float* z0 = zk[0];
+      const float* z1 = zk[1];
+      for (int64_t i = 0; i < n; ++i) {
+        const float lp0 = (z0[i] - mx0) - ls0;
+        const float lp1 = (z1[i] - mx1) - ls1;
+        s[i] = lp0 + gamma * std::min(0.0f, lp0 - lp1);
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      bool ex = za[i] == kNegInf;
+      for (int64_t k = 0; k < K; ++k) ex |= active[k] && zk[k][i] == kNegInf;
+      if (ex) s[i] = kNegInf;
+    }
+
+    switch (mode) {
+      case Collect::kNone:
+      case Collect::kAll:
+      case Collect::kTopK: {
+        for (int64_t i = 0; i < n; ++i) {
+          if (s[i] > r.smax) {
+            r.smax = s[i];
+            r.argmax = v0 + i;
+          }
+        }
+        if (mode == Collect::kNone) break;
+        const float t = (mode == Collect::kTopK) ? thr_k : kNegInf;
+        for (int64_t i = 0; i < n; ++i) {
+          if (s[i] > kNegInf && s[i] >= t) {
+            c.idx.push_back(static_cast<int32_t>(v0 + i));
+            c.s.push_back(s[i]);
+          }
+        }
+        if (mode == Collect::kTopK && static_cast<int64_t>(c.size()) >= cap) {
+          thr_k = kth_largest(c, top_k, S.tmp);
+          compact(c, false, [&](size_t j) { return c.s[j] >= thr_k; });
+        }
+        break;
+      }
+      case Collect::kPlausible: {
+        const float thr = r.anchor_max + log_beta;
+        for (int64_t i = 0; i < n; ++i) {
+          if (za[i] >= thr && s[i] > kNegInf) {
+            c.idx.push_back(static_cast<int32_t>(v0 + i));
+            c.s.push_back(s[i]);
+            c.za.push_back(za[i]);
+          }
+        }
+        break;
+      }
+    }
+  }
+  (void)n_active;
+
+  if (bad_nan) {
+    r.status = kNaN;
+  } else if (bad_inf) {
+    r.status = kPosInfSeen;
+  } else if (r.anchor_max == kNegInf) {
+    r.status = kAnchorEmpty;
+  } else if (mode == Collect::kPlausible) {
+    const float thr = r.anchor_max + log_beta;
+    compact(c, true, [&](size_t j) { return c.za[j] >= thr; });
+    for (size_t j = 0; j < c.size(); ++j) {
+      if (c.s[j] > r.smax) {
+        r.smax = c.s[j];
+        r.argmax = c.idx[j];
+      }
+    }
+  }
+  if (r.status == kOk && r.argmax < 0) r.status = kNoCandidate;
+  return r;
+}
+
+// Top-p cut on the candidates: returns the score threshold t_p (keep s >= t_p).
+// x[j] = (s[j] - m) / T is precomputed in S.tmp.
+float top_p_threshold(const Cands& c, const std::vector<float>& x, float top_p, Scratch& S) {
+  const size_t n = c.size();
+  std::vector<float> e(n);
+  double total = 0.0;
+  for (size_t j = 0; j < n; ++j) {
+    e[j] = std::exp(x[j]);
+    total += e[j];
+  }
+  const double target = static_cast<double>(top_p) * total;
+  auto by_score = [&](int32_t a, int32_t b2) {
+    return c.s[a] > c.s[b2] || (c.s[a] == c.s[b2] && a < b2);
+  };
+  // Walk `ids` (sorted by score descending) from mass `cum`; returns the threshold or +inf if the
+  // target is not reached inside them.
+  auto walk = [&](std::vector<int32_t>& ids, double cum, float& out) {
+    std::sort(ids.begin(), ids.end(), by_score);
+    for (int32_t j : ids) {
+      cum += e[j];
+      if (cum >= target) {
+        out = c.s[j];
+        return true;
+      }
+    }
+    return false;
+  };
+  std::vector<int32_t>& ids = S.order;
+  float thr = kNegInf;  // default: keep everything (target never reached by rounding)
+  if (n <= static_cast<size_t>(kSortLimit)) {
+    ids.resize(n);
+    std::iota(ids.begin(), ids.end(), 0);
+    walk(ids, 0.0, thr);
+    return thr;
+  }
+  // Mass histogram over x in [-kHistRange, 0]; x is monotone in s, so buckets are score-ordered.
+  S.hist.assign(kHistBuckets, 0.0);
+  const float scale = kHistBuckets / kHistRange;
+  auto bucket_of = [&](float xv) {
+    const float f = -xv * scale;
+    return f >= kHistBuckets - 1 ? kHistBuckets - 1 : static_cast<int>(f);
+  };
+  for (size_t j = 0; j < n; ++j) S.hist[bucket_of(x[j])] += e[j];
+  double cum = 0.0;
+  int hb = 0;
+  for (; hb < kHistBuckets; ++hb) {
+    if (cum + S.hist[hb] >= target) break;
+    cum += S.hist[hb];
+  }
+  if (hb == kHistBuckets) return thr;
+  ids.clear();
+  for (size_t j = 0; j < n; ++j)
+    if (bucket_of(x[j]) == hb) ids.push_back(static_cast<int32_t>(j));
+  walk(ids, cum, thr);
+  return thr;
+}
+
+struct RowOut {
+  int64_t token = -1;
+  float logprob = std::numeric_limits<float>::quiet_NaN();
+};
+
+// Everything for one row. `dist_out` (nullable) receives the full log-distribution.
+RowOut process_row(const LogitsView& L, const RowParams& P, int rule, int anchor, int64_t b,
+                   bool want_logprob, float* dist_out, int32_t* status) {
+  Scratch& S = scratch();
+  const float temp = P.temperature[b];
+  const bool greedy = temp == 0.0f;
+  const int64_t top_k = P.top_k[b];
+  const bool plaus = P.log_beta[b] > kNegInf;
+  const bool need_dist = !greedy || want_logprob || dist_out != nullptr;
+
+  Collect mode = Collect::kAll;
+  if (plaus) {
+    mode = Collect::kPlausible;
+  } else if (!need_dist) {
+    mode = Collect::kNone;
+  } else if (top_k > 0 && top_k * 8 < L.V) {
+    mode = Collect::kTopK;
+  }
+  ScanResult r = scan_row(L, P, rule, anchor, b, mode, top_k, S);
+  status[b] = r.status;
+  RowOut out;
+  if (dist_out) std::fill(dist_out, dist_out + L.V, kNegInf);
+  if (r.status != kOk) return out;
+  if (!need_dist) {
+    out.token = r.argmax;
+    return out;
+  }
+
+  Cands& c = S.c;
+  const float m = r.smax;
+  const float t = greedy ? 1.0f : temp;
+  // top-k on scores (ties kept).
+  if (top_k > 0 && top_k < static_cast<int64_t>(c.size())) {
+    const float tk = kth_largest(c, top_k, S.tmp);
+    compact(c, false, [&](size_t j) { return c.s[j] >= tk; });
+  }
+  std::vector<float>& x = S.tmp;
+  x.resize(c.size());
+  for (size_t j = 0; j < c.size(); ++j) x[j] = (c.s[j] - m) / t;
+  // top-p on scores, then min-p on x.
+  const float top_p = P.top_p[b];
+  const float tp = top_p < 1.0f ? top_p_threshold(c, x, top_p, S) : kNegInf;
+  const float log_min_p = P.log_min_p[b];
+  {
+    size_t wpos = 0;
+    for (size_t j = 0; j < c.size(); ++j) {
+      if (c.s[j] >= tp && x[j] >= log_min_p) {
+        c.idx[wpos] = c.idx[j];
+        c.s[wpos] = c.s[j];
+        x[wpos] = x[j];
+        ++wpos;
+      }
+    }
+    c.idx.resize(wpos);
+    c.s.resize(wpos);
+    x.resize(wpos);
+  }
+  // Normaliser and draw (vocabulary order).
+  double z = 0.0;
+  for (size_t j = 0; j < x.size(); ++j) z += static_cast<double>(std::exp(x[j]));
+  const float log_z = static_cast<float>(std::log(z));
+  size_t chosen = 0;
+  if (dist_out) {
+    for (size_t j = 0; j < c.size(); ++j) dist_out[c.idx[j]] = x[j] - log_z;
+    return out;
+  }
+  if (greedy) {
+    for (size_t j = 0; j < c.size(); ++j)
+      if (c.idx[j] == r.argmax) chosen = j;
+  } else {
+    const double target = philox_uniform(static_cast<uint64_t>(P.seed[b]),
+                                         static_cast<uint64_t>(P.step[b])) * z;
+    double cum = 0.0;
+    size_t last_pos = 0;
+    bool found = false;
+    for (size_t j = 0; j < x.size(); ++j) {
+      const double e = static_cast<double>(std::exp(x[j]));
+      if (e > 0.0) last_pos = j;
+      cum += e;
+      if (cum > target && e > 0.0) {
+        chosen = j;
+        found = true;
+        break;
+      }
+    }
+    if (!found) chosen = last_pos;
+  }
+  out.token = c.idx[chosen];
+  out.logprob = x[chosen] - log_z;
+  return out;
+}
+
+int resolve_threads(int num_threads, int64_t rows) {
+  int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, rows)));
+}
+
+}  // namespace
+
+void contrastive_sample_cpu(const LogitsView& logits, const RowParams& params, int rule,
+                            int anchor, int64_t* tokens, float* logprobs, int32_t* status,
+                            int num_threads) {
+  const int nt = resolve_threads(num_threads, logits.B);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t b = 0; b < logits.B; ++b) {
+    RowOut o = process_row(logits, params, rule, anchor, b, logprobs != nullptr, nullptr, status);
+    tokens[b] = o.token;
+    if (logprobs) logprobs[b] = o.logprob;
+  }
+}
+
+void contrastive_logprobs_cpu(const LogitsView& logits, const RowParams& params, int rule,
+                              int anchor, float* out, int32_t* status, int num_threads) {
+  const int nt = resolve_threads(num_threads, logits.B);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t b = 0; b < logits.B; ++b) {
+    process_row(logits, params, rule, anchor, b, false, out + b * logits.V, status);
+  }
+}
+
+}  // namespace safedecode
