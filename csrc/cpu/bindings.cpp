@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include "../philox.h"
 #include "contrastive_sample.h"
 
 namespace py = pybind11;
@@ -64,6 +65,9 @@ PYBIND11_MODULE(_C, m) {
                                              ptr<int32_t>(status), num_threads);
       },
       "Final normalised log-distribution [B, V] of the fused op.");
+  m.def("philox_uniform",
+        [](uint64_t seed, uint64_t step) { return safedecode::philox_uniform(seed, step); },
+        "The shared Philox stream's uniform for (seed, step), for cross-checking.");
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use by default.");
 }

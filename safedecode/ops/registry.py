@@ -79,8 +79,12 @@ def select(backend: str, device: torch.device) -> ModuleType:
             except RuntimeError:
                 continue
         return load("reference")
-    mod = load(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if not _runs_on(backend, device):
         raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors "
                          f"(runs on {', '.join(DEVICES[backend] or ('any',))})")
-    return mod
+    try:
+        return load(backend)
+    except RuntimeError as exc:
+        raise ValueError(f"backend: {exc}; see `safedecode info`") from exc

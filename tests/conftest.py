@@ -1,0 +1,26 @@
+"""Shared fixtures. Triton runs through its interpreter on this CPU-only machine, which must be
+switched on before triton is first imported."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from safedecode.ops import registry  # noqa: E402
+
+# Backends compared with the reference on this machine's tensors (CPU; triton via interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FAST_BACKENDS = ["cpp", "triton"] if DEVICE == "cpu" else ["triton", "cuda"]
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def backend(request) -> str:
+    """A fast backend; it must load here (a load failure is a test failure, not a skip)."""
+    registry.load(request.param)
+    return request.param
+
