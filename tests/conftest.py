@@ -24,3 +24,12 @@ def backend(request) -> str:
     registry.load(request.param)
     return request.param
 
+
+try:  # CI runs hypothesis derandomised so a red build is reproducible
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass

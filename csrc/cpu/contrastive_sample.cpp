@@ -221,7 +221,7 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
       for (int64_t i = 0; i < n; ++i) {
         const float lp0 = (z0[i] - mx0) - ls0;
         const float lp1 = (z1[i] - mx1) - ls1;
-        s[i] = lp0 + gamma * std::min(0.0f, lp0 - lp1);
+        s[i] = gamma != 0.0f ? lp0 + gamma * std::min(0.0f, lp0 - lp1) : lp0;
       }
     }
     for (int64_t i = 0; i < n; ++i) {

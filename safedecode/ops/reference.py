@@ -66,7 +66,7 @@ def _scores(p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
         lp0 = torch.log_softmax(z[0], dim=-1)
         lp1 = torch.log_softmax(z[1], dim=-1)
         gamma = p.weights[:, 1:2]
-        s = lp0 + gamma * torch.clamp(lp0 - lp1, max=0.0)
+        s = torch.where(gamma != 0, lp0 + gamma * torch.clamp(lp0 - lp1, max=0.0), lp0)
         excluded |= torch.isneginf(z[0]) | ((gamma != 0) & torch.isneginf(z[1]))
     # Plausibility mask on the anchor: z_a >= max z_a + log(beta).
     amax = za.amax(dim=-1, keepdim=True)
