@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import DEVICE, FAST_BACKENDS
 from helpers import (
     assert_logprobs_close,
     both,
@@ -14,7 +15,6 @@ from helpers import (
     make_logits,
 )
 
-from conftest import DEVICE, FAST_BACKENDS
 from safedecode.ops import registry
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import assert_logprobs_close, both, both_logprobs, make_logits
 
-from conftest import DEVICE
 from safedecode.ops import contrastive_logprobs, contrastive_sample
 
 NEG = float("-inf")

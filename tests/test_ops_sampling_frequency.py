@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE, FAST_BACKENDS
 from scipy import stats
 
-from conftest import DEVICE, FAST_BACKENDS
 from safedecode.ops import contrastive_logprobs, contrastive_sample
 
 N_DRAWS = 100_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from safedecode.ops import contrastive_logprobs, contrastive_sample
 
 BACKENDS = ["reference", "cpp", "triton"] if DEVICE == "cpu" else ["reference", "triton", "cuda"]

@@ -30,7 +30,7 @@ def test_python_and_cpp_streams_agree():
     steps = torch.cat([torch.randint(0, 2**40, (200,), generator=g),
                        torch.tensor([0, 0, 7, 2**32 + 5, 2**62])])
     u = philox.uniform(seeds, steps)
-    for s, t, x in zip(seeds.tolist(), steps.tolist(), u.tolist()):
+    for s, t, x in zip(seeds.tolist(), steps.tolist(), u.tolist(), strict=True):
         assert _C.philox_uniform(s, t) == x
     assert ((u >= 0) & (u < 1)).all()
 

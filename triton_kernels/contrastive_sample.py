@@ -30,33 +30,33 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_INF: tl.constexpr = float("-inf")
-MAXKEY: tl.constexpr = 0x7FFFFFFF  # "keep every key"
-BIG: tl.constexpr = 0x7FFFFFFF  # "no index" for min-reductions
+NEG_INF = tl.constexpr(float("-inf"))
+MAXKEY = tl.constexpr(0x7FFFFFFF)  # "keep every key"
+BIG = tl.constexpr(0x7FFFFFFF)  # "no index" for min-reductions
 
 # Row-state fields.
-F_STATUS: tl.constexpr = 0
-F_M: tl.constexpr = 1  # max kept score s
-F_GREEDY: tl.constexpr = 2  # first argmax of s
-F_NEED: tl.constexpr = 3  # 1 when the final distribution is needed
-F_KACT: tl.constexpr = 4  # top-k search still running
-F_KPRE: tl.constexpr = 5  # top-k key prefix resolved so far
-F_KREM: tl.constexpr = 6  # rank still wanted inside the prefix
-F_KEYK: tl.constexpr = 7  # top-k keeps key <= KEYK
-F_PACT: tl.constexpr = 8
-F_PPRE: tl.constexpr = 9
-F_PREM: tl.constexpr = 10  # mass still wanted inside the prefix (fp64)
-F_KEYP: tl.constexpr = 11  # top-p keeps key <= KEYP
-NS: tl.constexpr = 16
+F_STATUS = tl.constexpr(0)
+F_M = tl.constexpr(1)  # max kept score s
+F_GREEDY = tl.constexpr(2)  # first argmax of s
+F_NEED = tl.constexpr(3)  # 1 when the final distribution is needed
+F_KACT = tl.constexpr(4)  # top-k search still running
+F_KPRE = tl.constexpr(5)  # top-k key prefix resolved so far
+F_KREM = tl.constexpr(6)  # rank still wanted inside the prefix
+F_KEYK = tl.constexpr(7)  # top-k keeps key <= KEYK
+F_PACT = tl.constexpr(8)
+F_PPRE = tl.constexpr(9)
+F_PREM = tl.constexpr(10)  # mass still wanted inside the prefix (fp64)
+F_KEYP = tl.constexpr(11)  # top-p keeps key <= KEYP
+NS = tl.constexpr(16)
 
-N_STATS: tl.constexpr = 5  # anchor max, branch-0 max, branch-0 sum-exp, branch-1 max, sum-exp
+N_STATS = tl.constexpr(5)  # anchor max, branch-0 max, branch-0 sum-exp, branch-1 max, sum-exp
 
 # Philox4x32-10 constants (see safedecode/ops/philox.py).
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-PHILOX_SALT: tl.constexpr = 0x5AFEDEC0
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+PHILOX_SALT = tl.constexpr(0x5AFEDEC0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
+constexpr float kFloatMax = std::numeric_limits<float>::max();
 constexpr int64_t kBlock = 1024;         // tokens per streaming block (fits L1 for K <= 4)
 constexpr int64_t kSortLimit = 4096;     // top-p by full sort below this many candidates
 constexpr int kHistBuckets = 2048;       // top-p mass histogram over x in [-kHistRange, 0]
@@ -93,6 +94,37 @@ struct Scratch {
 Scratch& scratch() {
   static thread_local Scratch s;
   return s;
+}
+
+// Maximum of n floats (-inf for none); NaN-free input (rows with NaN are flagged and discarded).
+inline float block_max(const float* x, int64_t n) {
+  float m[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+  float r = m[0];
+  for (int j = 1; j < 8; ++j) r = m[j] > r ? m[j] : r;
+  return r;
+}
+
+// Append block entries i (token v0 + i) where keep(i) holds; branch-free compaction.
+template <typename Pred>
+void append_if(Cands& c, const float* s, const float* za, int64_t n, int64_t v0, Pred keep) {
+  const size_t base = c.size();
+  c.idx.resize(base + n);
+  c.s.resize(base + n);
+  if (za) c.za.resize(base + n);
+  size_t w = base;
+  for (int64_t i = 0; i < n; ++i) {
+    c.idx[w] = static_cast<int32_t>(v0 + i);
+    c.s[w] = s[i];
+    if (za) c.za[w] = za[i];
+    w += keep(i) ? 1 : 0;
+  }
+  c.idx.resize(w);
+  c.s.resize(w);
+  if (za) c.za.resize(w);
 }
 
 // Keep entries where keep(i) holds, preserving order.
@@ -171,12 +203,10 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
   }
 
   bool active[64];
-  int64_t n_active = 0;
   for (int64_t k = 0; k < K; ++k) {
     active[k] = (rule == kUnion) ? (k == 0 || gamma != 0.0f) : (w[k] != 0.0f);
-    n_active += active[k];
   }
-  const int64_t cap = std::max<int64_t>(8 * top_k, 8192);
+  const int64_t cap = std::max<int64_t>(4 * top_k, 2048);
   float thr_k = kNegInf;  // running top-k prefilter (a lower bound of the final k-th score)
   int bad_nan = 0, bad_inf = 0;
 
@@ -186,21 +216,21 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
     for (int64_t k = 0; k < K; ++k) {
       zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
       const float* z = zk[k];
-      int nan = 0, pinf = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        nan |= (z[i] != z[i]);
-        pinf |= (z[i] == kPosInf);
+      int bad = 0;  // NaN or +inf (a single compare: -inf is a legal, masked logit)
+      for (int64_t i = 0; i < n; ++i) bad |= !(z[i] <= kFloatMax);
+      if (bad) {
+        for (int64_t i = 0; i < n; ++i) {
+          bad_nan |= z[i] != z[i];
+          bad_inf |= z[i] == kPosInf;
+        }
       }
-      bad_nan |= nan;
-      bad_inf |= pinf;
     }
     const float* za = zk[anchor];
     float* s = S.sblk.data();
-    float bmax = kNegInf;
-    for (int64_t i = 0; i < n; ++i) bmax = std::max(bmax, za[i]);
-    r.anchor_max = std::max(r.anchor_max, bmax);
+    const float amax_blk = block_max(za, n);
+    r.anchor_max = std::max(r.anchor_max, amax_blk);
 
-    // Combined score with exclusions.
+    // Combined score.
     if (rule == kLinear) {
       bool first = true;
       for (int64_t k = 0; k < K; ++k) {
@@ -218,36 +248,42 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
     } else {
       const float* z0 = zk[0];
       const float* z1 = zk[1];
-      for (int64_t i = 0; i < n; ++i) {
-        const float lp0 = (z0[i] - mx0) - ls0;
-        const float lp1 = (z1[i] - mx1) - ls1;
-        s[i] = gamma != 0.0f ? lp0 + gamma * std::min(0.0f, lp0 - lp1) : lp0;
+      if (gamma != 0.0f) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float lp0 = (z0[i] - mx0) - ls0;
+          const float lp1 = (z1[i] - mx1) - ls1;
+          const float d = lp0 - lp1;
+          s[i] = lp0 + gamma * (d < 0.0f ? d : 0.0f);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) s[i] = (z0[i] - mx0) - ls0;
       }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      bool ex = za[i] == kNegInf;
-      for (int64_t k = 0; k < K; ++k) ex |= active[k] && zk[k][i] == kNegInf;
-      if (ex) s[i] = kNegInf;
+    // Exclusions: -inf in the anchor or in any weighted branch (overrides +-inf/NaN from w*-inf).
+    for (int64_t k = 0; k < K; ++k) {
+      if (!active[k] && k != anchor) continue;
+      const float* z = zk[k];
+      for (int64_t i = 0; i < n; ++i) s[i] = z[i] == kNegInf ? kNegInf : s[i];
     }
 
     switch (mode) {
       case Collect::kNone:
       case Collect::kAll:
       case Collect::kTopK: {
-        for (int64_t i = 0; i < n; ++i) {
-          if (s[i] > r.smax) {
-            r.smax = s[i];
-            r.argmax = v0 + i;
+        const float smax_blk = block_max(s, n);
+        if (smax_blk > r.smax) {  // rare after the first blocks: find the first maximal index
+          r.smax = smax_blk;
+          for (int64_t i = 0; i < n; ++i) {
+            if (s[i] == smax_blk) {
+              r.argmax = v0 + i;
+              break;
+            }
           }
         }
         if (mode == Collect::kNone) break;
         const float t = (mode == Collect::kTopK) ? thr_k : kNegInf;
-        for (int64_t i = 0; i < n; ++i) {
-          if (s[i] > kNegInf && s[i] >= t) {
-            c.idx.push_back(static_cast<int32_t>(v0 + i));
-            c.s.push_back(s[i]);
-          }
-        }
+        if (smax_blk == kNegInf || smax_blk < t) break;  // nothing in this block can survive
+        append_if(c, s, nullptr, n, v0, [&](int64_t i) { return s[i] > kNegInf && s[i] >= t; });
         if (mode == Collect::kTopK && static_cast<int64_t>(c.size()) >= cap) {
           thr_k = kth_largest(c, top_k, S.tmp);
           compact(c, false, [&](size_t j) { return c.s[j] >= thr_k; });
@@ -256,18 +292,12 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
       }
       case Collect::kPlausible: {
         const float thr = r.anchor_max + log_beta;
-        for (int64_t i = 0; i < n; ++i) {
-          if (za[i] >= thr && s[i] > kNegInf) {
-            c.idx.push_back(static_cast<int32_t>(v0 + i));
-            c.s.push_back(s[i]);
-            c.za.push_back(za[i]);
-          }
-        }
+        if (amax_blk < thr) break;
+        append_if(c, s, za, n, v0, [&](int64_t i) { return za[i] >= thr && s[i] > kNegInf; });
         break;
       }
     }
   }
-  (void)n_active;
 
   if (bad_nan) {
     r.status = kNaN;

@@ -2,8 +2,8 @@
 
 ``contrastive_sample`` turns the logits of K prompt branches of B requests (``[K, B, V]``) into one
 token per request; ``contrastive_logprobs`` returns the final normalised log-distribution it samples
-from. The exact semantics are those of :mod:`safedecode.ops.reference`; every backend (``reference``,
-``cpp``, ``triton``, ``cuda``) implements the same signature.
+from. The exact semantics are those of :mod:`safedecode.ops.reference`; every backend
+(``reference``, ``cpp``, ``triton``, ``cuda``) implements the same signature.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def contrastive_sample(
         temperature: >= 0; 0 is greedy (lowest index on ties).
         top_k: keep the k best tokens (ties kept), 0 = off. top_p: nucleus in (0, 1].
         min_p: keep tokens with ``p >= min_p * p_max``, 0 = off.
-        seed, step: key of the counter-based Philox draw; the same (seed, step, inputs) gives the same
-            token on a backend, whatever else is in the batch. ``seed=None`` draws per-row seeds from
-            torch's global generator. Each may be a scalar (broadcast: rows then share one stream)
-            or a ``[B]`` tensor, like every per-row parameter above.
+        seed, step: key of the counter-based Philox draw; the same (seed, step, inputs) gives the
+            same token on a backend, whatever else is in the batch. ``seed=None`` draws per-row
+            seeds from torch's global generator. Each may be a scalar (broadcast: rows then share
+            one stream) or a ``[B]`` tensor, like every per-row parameter above.
         return_logprobs: also return the chosen token's log-prob under the final distribution.
         backend: "auto" (fastest here; ``SAFEDECODE_BACKEND`` overrides) or a backend name.
         check_inputs: raise ValueError for NaN/+inf logits and rows without any candidate (the

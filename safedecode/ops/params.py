@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
-Scalar = Union[int, float]
-RowParam = Union[Scalar, torch.Tensor]
+Scalar = int | float
+RowParam = Scalar | torch.Tensor
 
 RULES = {"linear": 0, "union": 1}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,13 +116,19 @@ def _check_logits(logits: torch.Tensor) -> None:
                    f"{logits.stride(2)}; call .contiguous() first")
 
 
-def _normalise_weights(weights, k: int, b: int, device: torch.device) -> torch.Tensor:
+def _normalise_weights(weights, k: int, b: int, device: torch.device,
+                       check: bool) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
         w = weights
     elif isinstance(weights, (list, tuple)):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in weights):
             raise _err("weights", "expected a sequence of numbers")
-        w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+        if not all(math.isfinite(x) for x in weights):
+            raise _err("weights", "must be finite")
+        if len(weights) != k:
+            raise _err("weights", f"length {len(weights)} != K={k} (number of branches)")
+        row = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
+        return row[None, :].expand(b, k).contiguous()
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool) and k == 1:
         w = torch.tensor([float(weights)])
     else:
@@ -141,7 +146,7 @@ def _normalise_weights(weights, k: int, b: int, device: torch.device) -> torch.T
     else:
         raise _err("weights", f"expected [K] or [B, K], got shape {tuple(w.shape)}")
     w = w.to(device=device, dtype=torch.float32).contiguous()
-    if w.numel() and not bool(torch.isfinite(w).all()):
+    if check and w.numel() and not bool(torch.isfinite(w).all()):
         raise _err("weights", "must be finite")
     return w
 
@@ -171,61 +176,114 @@ def prepare(
         raise _err("anchor", f"must be an integer branch index in [0, {k - 1}], got {anchor!r}")
     if rule == "union" and k != 2:
         raise _err("rule", f"'union' (SafeInfer) needs exactly K=2 branches, got K={k}")
-    w = _normalise_weights(weights, k, b, dev)
-    if rule == "union" and w.numel() and bool((w[:, 1] < 0).any()):
+    w = _normalise_weights(weights, k, b, dev, check_inputs)
+    if rule == "union" and w.numel() and (check_inputs or not isinstance(weights, torch.Tensor)) \
+            and bool((w[:, 1] < 0).any()):
         raise _err("weights", "for rule='union', weights[1] is gamma and must be >= 0")
 
-    temp = _row_tensor("temperature", temperature, b, dev, torch.float32)
-    tk = _row_tensor("top_k", top_k, b, dev, torch.int64)
-    tp = _row_tensor("top_p", top_p, b, dev, torch.float32)
-    mp = _row_tensor("min_p", min_p, b, dev, torch.float32)
-    bt = _row_tensor("beta", beta, b, dev, torch.float32)
-    st = _row_tensor("step", step, b, dev, torch.int64)
+    fl = _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs)
     if seed is None:
-        sd = torch.randint(0, 2**62, (b,), dtype=torch.int64).to(dev)
-    else:
-        sd = _row_tensor("seed", seed, b, dev, torch.int64)
-
-    if check_inputs or not isinstance(temperature, torch.Tensor):
-        _check_range("temperature", temp, 0.0, math.inf, False, True, "[0, inf) (0 = greedy)")
-    if check_inputs or not isinstance(top_k, torch.Tensor):
-        _check_range("top_k", tk, 0, math.inf, False, True, "[0, V] (0 = off)")
-    if check_inputs or not isinstance(top_p, torch.Tensor):
-        _check_range("top_p", tp, 0.0, 1.0, True, False, "(0, 1]")
-    if check_inputs or not isinstance(min_p, torch.Tensor):
-        _check_range("min_p", mp, 0.0, 1.0, False, False, "[0, 1] (0 = off)")
-    if check_inputs or not isinstance(beta, torch.Tensor):
-        _check_range("beta", bt, 0.0, 1.0, False, False, "[0, 1] (0 = off)")
-    if check_inputs or not isinstance(step, torch.Tensor):
-        _check_range("step", st, 0, math.inf, False, True, "[0, 2^63)")
-
-    tk = tk.clamp(max=v)  # k >= V keeps everything
-    with torch.no_grad():
-        log_beta = torch.log(bt)  # log(0) = -inf disables the mask
-        log_min_p = torch.log(mp)
+        seed = torch.randint(0, 2**62, (b,), dtype=torch.int64)
+    top_k, seed, step = _int_rows(top_k, seed, step, b, dev, check_inputs)
     return Prepared(
         logits=logits,
         weights=w,
-        temperature=temp,
-        top_k=tk,
-        top_p=tp,
-        log_min_p=log_min_p.contiguous(),
-        log_beta=log_beta.contiguous(),
-        seed=sd,
-        step=st,
+        temperature=fl[0],
+        top_k=top_k.clamp_(max=v),  # k >= V keeps everything
+        top_p=fl[1],
+        log_min_p=fl[2],
+        log_beta=fl[3],
+        seed=seed,
+        step=step,
         rule=RULES[rule],
         anchor=anchor,
     )
 
 
+# name, lo, hi, lo_open, hi_open, allowed range as shown to the user
+_FLOAT_SPECS = (
+    ("temperature", 0.0, math.inf, False, True, "[0, inf) (0 = greedy)"),
+    ("top_p", 0.0, 1.0, True, False, "(0, 1]"),
+    ("min_p", 0.0, 1.0, False, False, "[0, 1] (0 = off)"),
+    ("beta", 0.0, 1.0, False, False, "[0, 1] (0 = off)"),
+)
+_INT_SPECS = (
+    ("top_k", 0, math.inf, False, True, "[0, V] (0 = off)"),
+    ("seed", -math.inf, math.inf, False, False, "int64"),
+    ("step", 0, math.inf, False, True, "[0, 2^63)"),
+)
+
+
+def _check_scalar(spec, x, integer: bool) -> None:
+    name, lo, hi, lo_open, hi_open, allowed = spec
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise _err(name, f"expected a number or a [B] tensor, got {type(x).__name__}")
+    if integer and not (isinstance(x, int) or float(x).is_integer()):
+        raise _err(name, f"expected an integer, got {x!r}")
+    bad = not math.isfinite(x) if isinstance(x, float) else False
+    bad = bad or (x <= lo if lo_open else x < lo) or (x >= hi if hi_open else x > hi)
+    if bad:
+        raise _err(name, f"must be in {allowed}, got {x!r}")
+
+
+def _log32(x: float) -> float:
+    """fp32 log of an fp32 value, as the tensor path computes it (log(0) = -inf = off)."""
+    x = float(torch.tensor(x, dtype=torch.float32))
+    return float(torch.tensor(math.log(x) if x > 0 else -math.inf, dtype=torch.float32))
+
+
+def _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs) -> list[torch.Tensor]:
+    """[temperature, top_p, log_min_p, log_beta] as contiguous fp32 [B] tensors."""
+    values = (temperature, top_p, min_p, beta)
+    if not any(isinstance(x, torch.Tensor) for x in values):  # fast path: one small tensor
+        for spec, x in zip(_FLOAT_SPECS, values, strict=True):
+            _check_scalar(spec, x, integer=False)
+        row = [float(temperature), float(top_p), _log32(min_p), _log32(beta)]
+        packed = torch.tensor(row, dtype=torch.float32, device=dev)[:, None].expand(4, b)
+        return list(packed.contiguous())
+    out = []
+    for spec, x in zip(_FLOAT_SPECS, values, strict=True):
+        tensor_in = isinstance(x, torch.Tensor)
+        if not tensor_in:
+            _check_scalar(spec, x, integer=False)
+        t = _row_tensor(spec[0], x, b, dev, torch.float32)
+        if tensor_in and check_inputs:
+            _check_range(t=t, name=spec[0], lo=spec[1], hi=spec[2], lo_open=spec[3],
+                         hi_open=spec[4], allowed=spec[5])
+        out.append(t)
+    for i in (2, 3):  # min_p, beta -> fp32 logs computed in fp64, as _log32
+        out[i] = torch.log(out[i].double()).float().contiguous()
+    return out
+
+
+def _int_rows(top_k, seed, step, b, dev, check_inputs) -> list[torch.Tensor]:
+    """[top_k, seed, step] as contiguous int64 [B] tensors."""
+    values = (top_k, seed, step)
+    if not any(isinstance(x, torch.Tensor) for x in values):
+        for spec, x in zip(_INT_SPECS, values, strict=True):
+            _check_scalar(spec, x, integer=True)
+        packed = torch.tensor([int(x) for x in values], dtype=torch.int64, device=dev)
+        return list(packed[:, None].expand(3, b).contiguous())
+    out = []
+    for spec, x in zip(_INT_SPECS, values, strict=True):
+        tensor_in = isinstance(x, torch.Tensor)
+        if not tensor_in:
+            _check_scalar(spec, x, integer=True)
+        t = _row_tensor(spec[0], x, b, dev, torch.int64)
+        if tensor_in and check_inputs and spec[0] != "seed":
+            _check_range(t=t, name=spec[0], lo=spec[1], hi=spec[2], lo_open=spec[3],
+                         hi_open=spec[4], allowed=spec[5])
+        out.append(t)
+    return out
+
+
 def raise_on_status(status: torch.Tensor) -> None:
     """Raise a ValueError for the first row whose kernel status is not OK."""
-    if status.numel() == 0:
+    if status.numel() == 0 or not bool(status.any()):
         return
     bad = torch.nonzero(status != STATUS_OK)
-    if bad.numel():
-        row = int(bad[0, 0])
-        code = int(status[row])
-        msg = STATUS_MESSAGES.get(code, f"status code {code}")
-        more = f" (and {bad.shape[0] - 1} more rows)" if bad.shape[0] > 1 else ""
-        raise ValueError(f"logits: row {row}: {msg}{more}")
+    row = int(bad[0, 0])
+    code = int(status[row])
+    msg = STATUS_MESSAGES.get(code, f"status code {code}")
+    more = f" (and {bad.shape[0] - 1} more rows)" if bad.shape[0] > 1 else ""
+    raise ValueError(f"logits: row {row}: {msg}{more}")

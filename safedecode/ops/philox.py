@@ -2,8 +2,8 @@
 
 One uniform per (seed, step): ``key = (seed_lo, seed_hi)``, ``counter = (step_lo, step_hi,
 SALT, 0)``; the first two output words give a 53-bit double in [0, 1). The C++, CUDA and Triton
-backends implement the same function (``csrc/philox.h``, ``triton_kernels``), so a row's draw depends
-only on its own seed and step, never on the batch it sits in.
+backends implement the same function (``csrc/philox.h``, ``triton_kernels``), so a row's draw
+depends only on its own seed and step, never on the batch it sits in.
 """
 
 from __future__ import annotations

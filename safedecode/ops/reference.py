@@ -8,19 +8,21 @@ Per row b (``z_k`` = logits of branch k as fp32, ``w`` = weights[b]):
 
 1. **Score.** ``rule="linear"``: ``s = sum_k w_k * z_k``, summed in k order, each product rounded
    (no FMA). This is ``sum_k w_k * log_softmax(z_k)`` up to a per-row constant, which cancels in
-   every later step, so no backend needs a log-sum-exp for it. Branches with ``w_k == 0`` are skipped.
-   ``rule="union"`` (SafeInfer, K=2): ``lp_k = log_softmax(z_k)``, ``s = lp_0 + w_1 * min(0, lp_0 -
-   lp_1)``. A token is excluded (``s = -inf``) where the anchor is ``-inf``, or where any branch with
-   a non-zero weight is ``-inf`` (a ``-inf`` under a negative weight would otherwise force the token).
+   every later step, so no backend needs a log-sum-exp for it. Branches with ``w_k == 0`` are
+   skipped. ``rule="union"`` (SafeInfer, K=2): ``lp_k = log_softmax(z_k)``,
+   ``s = lp_0 + w_1 * min(0, lp_0 - lp_1)``. A token is excluded (``s = -inf``) where the anchor
+   is ``-inf``, or where any branch with a non-zero weight is ``-inf`` (a ``-inf`` under a
+   negative weight would otherwise force the token).
 2. **Plausibility.** Keep v iff ``z_a(v) >= max(z_a) + log_beta`` (fp32, ``a`` = anchor).
 3. **Temperature** T: ``x = (s - m) / T`` in fp32 (a true division), ``m`` = max kept score; the
    distribution is ``softmax(x)``. T = 0 is greedy: the token is argmax s (lowest index on ties);
    masks and log-probs then use T = 1.
 4. **Top-k**: keep ``s >= t_k``, ``t_k`` = k-th largest kept score (ties at t_k are all kept).
-5. **Top-p**: sort the top-k survivors by s descending (stable), ``e = exp(x)``; with ``c_j`` the
-   fp64 cumulative sum of ``e`` and ``Z`` its total, ``j*`` = first j with ``c_j >= top_p * Z``; keep
-   ``s >= s_(j*)``. top_p = 1 keeps all. (Thresholds 4-5 compare scores only, so every backend
-   makes the same cut except where top-p's fp64 mass lands within rounding of ``top_p * Z``.)
+5. **Top-p**: sort the top-k survivors by s descending (stable), ``e = exp(x)``; with ``c_j``
+   the fp64 cumulative sum of ``e`` and ``Z`` its total, ``j*`` = first j with
+   ``c_j >= top_p * Z``; keep ``s >= s_(j*)``. top_p = 1 keeps all. (Thresholds 4-5 compare
+   scores only, so every backend makes the same cut except where top-p's fp64 mass lands within
+   rounding of ``top_p * Z``.)
 6. **Min-p**: keep ``x >= log_min_p`` (i.e. ``p >= min_p * p_max``). The final set is the
    intersection of steps 2, 4, 5 and 6 (min-p after top-p, as transformers' warpers order them).
 7. **Draw**: ``u`` = Philox uniform keyed by (seed, step); walk the final set in vocabulary order,

@@ -69,7 +69,7 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 
 def select(backend: str, device: torch.device) -> ModuleType:
-    """Resolve ``backend`` (a name or "auto"; ``SAFEDECODE_BACKEND`` overrides auto) for ``device``."""
+    """Resolve ``backend`` (a name, or "auto": ``SAFEDECODE_BACKEND``, else the fastest here)."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":

@@ -1,0 +1,3 @@
+from safedecode.cli import app
+
+app(prog_name="safedecode")
