@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Scalar = int | float
@@ -228,19 +229,30 @@ def _check_scalar(spec, x, integer: bool) -> None:
 
 def _log32(x: float) -> float:
     """fp32 log of an fp32 value, as the tensor path computes it (log(0) = -inf = off)."""
-    x = float(torch.tensor(x, dtype=torch.float32))
-    return float(torch.tensor(math.log(x) if x > 0 else -math.inf, dtype=torch.float32))
+    x = float(np.float32(x))
+    return float(np.float32(math.log(x))) if x > 0 else -math.inf
+
+
+_FLOAT_CACHE: dict[tuple, list[torch.Tensor]] = {}  # decode loops repeat the same scalars
 
 
 def _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs) -> list[torch.Tensor]:
     """[temperature, top_p, log_min_p, log_beta] as contiguous fp32 [B] tensors."""
     values = (temperature, top_p, min_p, beta)
     if not any(isinstance(x, torch.Tensor) for x in values):  # fast path: one small tensor
+        key = (tuple(type(x) for x in values), values, b, dev)
+        hit = _FLOAT_CACHE.get(key)
+        if hit is not None:
+            return hit
         for spec, x in zip(_FLOAT_SPECS, values, strict=True):
             _check_scalar(spec, x, integer=False)
         row = [float(temperature), float(top_p), _log32(min_p), _log32(beta)]
         packed = torch.tensor(row, dtype=torch.float32, device=dev)[:, None].expand(4, b)
-        return list(packed.contiguous())
+        rows = list(packed.contiguous())  # read-only by contract: kernels never write params
+        if len(_FLOAT_CACHE) > 256:
+            _FLOAT_CACHE.clear()
+        _FLOAT_CACHE[key] = rows
+        return rows
     out = []
     for spec, x in zip(_FLOAT_SPECS, values, strict=True):
         tensor_in = isinstance(x, torch.Tensor)

@@ -1,0 +1,51 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both set up everything they need on a fresh machine: a virtualenv in .venv with the pinned CPU
+# torch (never an unpinned one: that would pull several GB of CUDA wheels) and the package built
+# in place (C++ extension via pybind11; the CUDA extension only where nvcc and a CUDA torch exist).
+
+PY_SYS ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.safedecode-installed
+SRCS   := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
+
+.PHONY: setup demo test test-fast lint sanitize cuda-check bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SRCS)
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel "pybind11>=2.12"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m safedecode.demo
+
+test: setup lint cuda-check
+	$(PY) -m pytest -q
+	scripts/sanitize.sh -q
+
+test-fast: setup
+	$(PY) -m pytest -q -x -k "not triton"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+sanitize: setup
+	scripts/sanitize.sh
+
+cuda-check:
+	@if command -v nvcc >/dev/null; then scripts/check_cuda_compile.sh; \
+	else echo "nvcc not found: skipping the CUDA compile check"; fi
+
+bench: setup
+	$(PY) benchmarks/bench_ops.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench_ops.py --quick
+
+clean:
+	rm -rf build *.egg-info safedecode/*.so .pytest_cache .ruff_cache
