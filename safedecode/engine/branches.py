@@ -1,0 +1,112 @@
+"""Prompt branches and methods: what runs in each branch, and how their logits are combined.
+
+A *branch* is the fixed part that differs between the K runs of a request: a system prompt (text),
+no system prompt (``system=None``: the chat template's default), or a soft prompt (a ``[n, d]``
+tensor of embeddings in the system prompt's place), plus optional forward hooks that act on that
+branch's rows only (SafeInfer's steering vector). The user's messages are the same in every branch.
+
+A *method* is its branches plus the fused op's combination: ``rule``, ``weights``, ``anchor`` and
+``beta`` (see :func:`safedecode.ops.contrastive_sample`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+HookFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BranchHook:
+    """Replace the output hidden states ``h`` of ``module`` (a dotted name inside the model, e.g.
+    ``"model.layers.7"``) by ``fn(h)`` on this branch's rows only (prefix and every step)."""
+
+    module: str
+    fn: HookFn
+
+
+@dataclass(frozen=True, eq=False)
+class Branch:
+    """One prompt branch: ``system`` text, or a ``soft_prompt`` [n, d], or neither."""
+
+    system: str | None = None
+    soft_prompt: torch.Tensor | None = None
+    name: str = ""
+    hooks: tuple[BranchHook, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.system is not None and not isinstance(self.system, str):
+            raise ValueError(f"Branch.system: expected a string or None, got {type(self.system)}")
+        if self.soft_prompt is not None:
+            sp = self.soft_prompt
+            if not isinstance(sp, torch.Tensor) or sp.dim() != 2 or sp.shape[0] < 1:
+                raise ValueError("Branch.soft_prompt: expected a [n, d] tensor with n >= 1")
+            if not torch.isfinite(sp).all():
+                raise ValueError("Branch.soft_prompt: contains NaN or inf")
+            if self.system is not None:
+                raise ValueError("Branch: give either system text or a soft_prompt, not both")
+
+    def key(self) -> str:
+        """Content hash: equal branches share one prefix KV cache entry."""
+        h = hashlib.sha256()
+        h.update(repr(self.system).encode())
+        if self.soft_prompt is not None:
+            sp = self.soft_prompt.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(sp.shape)).encode())
+            h.update(sp.numpy().tobytes())
+        for hook in self.hooks:  # hooks change the prefix KV: they are part of its identity
+            h.update(f"{hook.module}:{id(hook.fn)}".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """Branches + the combination rule of the fused op."""
+
+    name: str
+    branches: tuple[Branch, ...]
+    weights: tuple[float, ...]
+    rule: str = "linear"
+    anchor: int = 0
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.branches:
+            raise ValueError(f"method {self.name!r}: needs at least one branch")
+        if len(self.weights) != len(self.branches):
+            raise ValueError(f"method {self.name!r}: {len(self.weights)} weights for "
+                             f"{len(self.branches)} branches")
+        if not 0 <= self.anchor < len(self.branches):
+            raise ValueError(f"method {self.name!r}: anchor {self.anchor} out of range")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"method {self.name!r}: beta must be in [0, 1], got {self.beta}")
+
+    @property
+    def k(self) -> int:
+        return len(self.branches)
+
+    def describe(self) -> str:
+        parts = [f"{self.name}: K={self.k}, rule={self.rule}, weights={list(self.weights)}, "
+                 f"anchor={self.anchor}, beta={self.beta}"]
+        for i, b in enumerate(self.branches):
+            what = ("soft prompt " + "x".join(map(str, b.soft_prompt.shape))
+                    if b.soft_prompt is not None else
+                    repr(b.system[:60] + ("..." if len(b.system) > 60 else ""))
+                    if b.system is not None else "template default")
+            parts.append(f"  [{i}] {b.name or 'branch'}: {what}")
+        return "\n".join(parts)
+
+
+def plain(system: str | None = None) -> Method:
+    """One branch, no contrast: ordinary sampling (with an optional system prompt)."""
+    return Method("plain", (Branch(system=system, name="plain"),), (1.0,))
+
+
+def contrastive(branches: Sequence[Branch], weights: Sequence[float], *, rule: str = "linear",
+                anchor: int = 0, beta: float = 0.0, name: str = "contrastive") -> Method:
+    """Generic contrastive decoding over any branches and weights."""
+    return Method(name, tuple(branches), tuple(float(w) for w in weights), rule, anchor, beta)

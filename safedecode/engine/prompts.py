@@ -1,0 +1,135 @@
+"""Chat templates per branch, split into a shared branch prefix and a per-request suffix.
+
+For branch k and request b the prompt is ``template([system_k] + messages_b)``. Its *prefix* — the
+text before the first user message's content (template head + system prompt + the user turn's
+opening) — is found by rendering the branch with two different probe messages and taking the common
+start; it is the same for every request, so its KV is computed once per branch. The *suffix* (the
+request's own messages and the generation prompt) is what each request prefills.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .branches import Branch
+
+Message = dict
+Prompt = str | Sequence[Message]
+
+_PROBES = ("Alpha probe message", "Bravo probe message")
+_SOFT = "\ue000"  # stands in for a soft prompt while rendering (a private-use character)
+
+
+@dataclass
+class Prefix:
+    """A branch's shared prefix: token ids, or ids around a soft prompt."""
+
+    key: str
+    ids: list[int]  # text branches: all ids; soft branches: ids before the soft prompt
+    soft: torch.Tensor | None = None
+    tail_ids: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        n = len(self.ids) + len(self.tail_ids)
+        return n + (self.soft.shape[0] if self.soft is not None else 0)
+
+    def embeds(self, embed: torch.nn.Module) -> torch.Tensor:
+        """[P, d] input embeddings of the prefix."""
+        dev = embed.weight.device
+        parts = [embed(torch.tensor(self.ids, dtype=torch.long, device=dev))]
+        if self.soft is not None:
+            parts.append(self.soft.to(dev, embed.weight.dtype))
+            parts.append(embed(torch.tensor(self.tail_ids, dtype=torch.long, device=dev)))
+        return torch.cat(parts, dim=0)
+
+
+def normalise_prompt(prompt: Prompt, index: int) -> list[Message]:
+    """A prompt (string or chat messages) as a validated message list."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"prompts[{index}]: empty prompt")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, dict) or not isinstance(prompt, Sequence) or not prompt:
+        raise ValueError(f"prompts[{index}]: expected a string or a non-empty list of "
+                         "{'role', 'content'} messages")
+    msgs = []
+    for j, m in enumerate(prompt):
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+            raise ValueError(f"prompts[{index}][{j}]: expected a dict with 'role' and 'content'")
+        if m["role"] != "system" and not m["content"].strip():
+            raise ValueError(f"prompts[{index}][{j}]: empty {m['role']} message")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in msgs):
+        raise ValueError(f"prompts[{index}]: needs at least one user message")
+    return msgs
+
+
+def _common_prefix(a: str, b: str) -> str:
+    return os.path.commonprefix([a, b])
+
+
+class PromptBuilder:
+    """Renders branch prefixes and request suffixes for one tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._prefix_text: dict[str | None, str] = {}
+        self._prefixes: dict[tuple, Prefix] = {}
+
+    # -- rendering ---------------------------------------------------------------------------
+    def render(self, system: str | None, messages: list[Message]) -> str:
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + messages
+        if self.has_template:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        head = f"{system}\n\n" if system else ""
+        return head + "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def encode(self, text: str, first: bool) -> list[int]:
+        special = first and not self.has_template  # BOS for raw prompts only
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def prefix_text(self, system: str | None) -> str:
+        if system not in self._prefix_text:
+            a, b = (self.render(system, [{"role": "user", "content": p}]) for p in _PROBES)
+            self._prefix_text[system] = _common_prefix(a, b)
+        return self._prefix_text[system]
+
+    # -- per branch and request ---------------------------------------------------------------
+    def build(self, branch: Branch, messages: list[Message], index: int) -> tuple[Prefix, list[int]]:
+        """(shared prefix, suffix token ids) of ``messages`` under ``branch``."""
+        own = [m for m in messages if m["role"] == "system"]
+        rest = [m for m in messages if m["role"] != "system"]
+        if len(own) > 1:
+            raise ValueError(f"prompts[{index}]: more than one system message")
+        if own and (branch.system is not None or branch.soft_prompt is not None):
+            raise ValueError(
+                f"prompts[{index}]: has a system message, but this method's branches set their "
+                "own system prompts; put it in the method's branches instead")
+        if branch.soft_prompt is not None:
+            system = _SOFT
+        else:
+            system = own[0]["content"] if own else branch.system
+        full = self.render(system, rest)
+        ptext = self.prefix_text(system)
+        if not full.startswith(ptext):  # template depends on the request: no sharing
+            if branch.soft_prompt is not None:
+                raise ValueError("soft prompts need a chat template whose head does not depend "
+                                 "on the user's messages")
+            ptext = ""
+        key = (branch.key(), system, ptext)
+        if key not in self._prefixes:
+            self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)))
+        suffix = self.encode(full[len(ptext):], first=not ptext)
+        return self._prefixes[key], suffix
+
+    def _make_prefix(self, branch: Branch, ptext: str, key: str) -> Prefix:
+        if branch.soft_prompt is None:
+            return Prefix(key, self.encode(ptext, first=True) if ptext else [])
+        head, tail = ptext.split(_SOFT, 1)
+        return Prefix(key, self.encode(head, first=True), branch.soft_prompt.detach(),
+                      tuple(self.encode(tail, first=False)))
