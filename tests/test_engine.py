@@ -1,0 +1,241 @@
+"""The engine: greedy equivalence with the naive K-pass generator and with unbatched runs,
+prefix sharing, seeds, errors, streaming, stopping, hooks and soft prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import MIXED_PROMPTS, default_model, tiny_llama
+
+from safedecode import methods
+from safedecode.engine import Branch, BranchHook, SafeDecoder, contrastive, plain
+from safedecode.engine.naive import NaiveContrastGenerator
+
+METHODS = {
+    1: lambda: plain(),
+    2: lambda: methods.get("acd-text", alpha=0.5),
+    3: lambda: contrastive([Branch(system="Be safe."), Branch(),
+                            Branch(system="Be bold and brave.")], [1.0, -0.3, 0.5], beta=0.05),
+}
+
+
+def _ids(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_naive_and_unbatched_tiny(k):
+    model, tok = tiny_llama()
+    m = METHODS[k]()
+    shared = _ids(SafeDecoder(model, tok, m).generate(MIXED_PROMPTS, max_new_tokens=16))
+    unshared = _ids(SafeDecoder(model, tok, m, prefix_cache=False)
+                    .generate(MIXED_PROMPTS, max_new_tokens=16))
+    naive = _ids(NaiveContrastGenerator(model, tok, m).generate(MIXED_PROMPTS, max_new_tokens=16))
+    alone = [SafeDecoder(model, tok, m).generate([p], max_new_tokens=16)[0].token_ids
+             for p in MIXED_PROMPTS]
+    assert all(len(x) == 16 for x in shared)
+    assert shared == naive
+    assert shared == unshared
+    assert shared == alone
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_naive_and_unbatched_default_model(k):
+    model, tok = default_model()
+    m = METHODS[k]()
+    prompts = MIXED_PROMPTS[:2]
+    shared = _ids(SafeDecoder(model, tok, m).generate(prompts, max_new_tokens=12))
+    unshared = _ids(SafeDecoder(model, tok, m, prefix_cache=False)
+                    .generate(prompts, max_new_tokens=12))
+    naive = _ids(NaiveContrastGenerator(model, tok, m).generate(prompts, max_new_tokens=12))
+    alone = [SafeDecoder(model, tok, m).generate([p], max_new_tokens=12)[0].token_ids
+             for p in prompts]
+    assert shared == naive == unshared == alone
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_plain_greedy_equals_transformers_generate(which):
+    model, tok = tiny_llama() if which == "tiny" else default_model()
+    dec = SafeDecoder(model, tok, plain())
+    for prompt in MIXED_PROMPTS[:2]:
+        res = dec.generate([prompt], max_new_tokens=12)[0]
+        prefix, suffix = dec.builder.build(dec.method.branches[0],
+                                           [{"role": "user", "content": prompt}], 0)
+        ids = torch.tensor([prefix.ids + suffix])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        assert res.token_ids == ref[0, ids.shape[1]:].tolist()
+
+
+def test_seeds_reproducible_and_batch_invariant():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, METHODS[2]())
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
+    a = dec.generate(MIXED_PROMPTS, **kw)
+    b = dec.generate(MIXED_PROMPTS, **kw)
+    assert _ids(a) == _ids(b) and [r.text for r in a] == [r.text for r in b]
+    for i, p in enumerate(MIXED_PROMPTS):
+        assert dec.generate([p], **kw)[0].token_ids == a[i].token_ids
+    other = dec.generate(MIXED_PROMPTS, **{**kw, "seed": 99})
+    assert _ids(other) != _ids(a)
+    per_request = dec.generate(MIXED_PROMPTS, **{**kw, "seed": [1234, 5, 1234]})
+    assert per_request[0].token_ids == a[0].token_ids
+    assert per_request[2].token_ids == a[2].token_ids
+
+
+def test_prefix_is_computed_once_and_reused():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, METHODS[2]())
+    dec.generate(MIXED_PROMPTS, max_new_tokens=2)
+    assert dec.prefixes.misses == 2  # one per branch, shared by the three requests
+    dec.generate(["another request"], max_new_tokens=2)
+    assert dec.prefixes.misses == 2 and dec.prefixes.hits >= 2
+
+
+def test_compaction_does_not_change_outputs():
+    model, tok = tiny_llama()
+    m = METHODS[3]()
+    stop_early = [MIXED_PROMPTS[0], MIXED_PROMPTS[1]]
+    kw = dict(max_new_tokens=10, stop=[" the"])
+    a = SafeDecoder(model, tok, m, compact=True).generate(stop_early, **kw)
+    b = SafeDecoder(model, tok, m, compact=False).generate(stop_early, **kw)
+    assert _ids(a) == _ids(b)
+
+
+class _Counter:
+    def __init__(self, model):
+        self.calls = 0
+        self.h = model.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,match",
+    [
+        ([""], {}, "empty prompt"),
+        (["   "], {}, "empty prompt"),
+        ([[{"role": "user", "content": ""}]], {}, "empty user message"),
+        ([], {}, "prompts"),
+        ([[{"role": "assistant", "content": "hi"}]], {}, "user message"),
+        (["hi"], {"temperature": -1.0}, "temperature"),
+        (["hi"], {"top_p": 0.0}, "top_p"),
+        (["hi"], {"top_k": -3}, "top_k"),
+        (["hi"], {"max_new_tokens": 0}, "max_new_tokens"),
+        (["hi"], {"max_new_tokens": 100_000}, "context"),
+        (["hi " * 600], {}, "context"),
+        (["hi", "there"], {"seed": [1]}, "seed"),
+        (["hi"], {"stop": [""]}, "stop"),
+    ],
+)
+def test_bad_requests_fail_before_any_forward(prompts, kwargs, match):
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, METHODS[2]())
+    counter = _Counter(model)
+    try:
+        with pytest.raises(ValueError, match=match):
+            dec.generate(prompts, **kwargs)
+        assert counter.calls == 0, "a forward pass ran before the error"
+    finally:
+        counter.h.remove()
+
+
+def test_unknown_method_and_bad_method_args():
+    with pytest.raises(ValueError, match="unknown"):
+        methods.get("nope")
+    with pytest.raises(ValueError, match="acd-text"):
+        methods.get("acd-text", gamma=3)
+    model, tok = tiny_llama()
+    with pytest.raises(ValueError, match="Method"):
+        SafeDecoder(model, tok, "acd")
+
+
+def test_system_message_conflicts_with_branch_prompts():
+    model, tok = tiny_llama()
+    msgs = [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="system"):
+        SafeDecoder(model, tok, METHODS[2]()).generate([msgs], max_new_tokens=2)
+    # A plain branch without its own system prompt takes the request's.
+    assert SafeDecoder(model, tok, plain()).generate([msgs], max_new_tokens=2)[0].token_ids
+
+
+def test_streaming_deltas_add_up_and_transformers_streamer():
+    model, tok = default_model()
+    dec = SafeDecoder(model, tok, METHODS[2]())
+    prompts = ["Write one sentence about the sea.", "Name a colour."]
+    final = dec.generate(prompts, max_new_tokens=20)
+    texts = ["", ""]
+    reasons = [None, None]
+    for ev in dec.stream(prompts, max_new_tokens=20):
+        texts[ev.index] += ev.text
+        if ev.finish_reason:
+            reasons[ev.index] = ev.finish_reason
+    assert texts == [r.text for r in final]
+    assert reasons == [r.finish_reason for r in final]
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    res = dec.generate(prompts[:1], max_new_tokens=8, streamer=rec)[0]
+    assert rec.ended and [t for p in rec.puts[1:] for t in p] == res.token_ids
+    with pytest.raises(ValueError, match="streamer"):
+        dec.generate(prompts, streamer=Recorder())
+
+
+def test_stop_strings_and_ids_and_eos():
+    model, tok = default_model()
+    dec = SafeDecoder(model, tok, plain())
+    prompt = ["Write two sentences about the moon."]
+    full = dec.generate(prompt, max_new_tokens=40)[0]
+    assert len(full.text) > 20
+    stop = full.text[12:15]
+    cut = dec.generate(prompt, max_new_tokens=40, stop=[stop, "never-appears"])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert full.token_ids[:len(cut.token_ids)] == cut.token_ids
+    third = full.token_ids[2]
+    by_id = dec.generate(prompt, max_new_tokens=40, stop=[third])[0]
+    assert by_id.finish_reason == "stop"
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(third) + 1]
+    short = dec.generate(["Say hi."], max_new_tokens=3)[0]
+    assert short.finish_reason in ("length", "eos") and len(short.token_ids) <= 3
+    assert short.timing["tokens_per_s"] > 0
+
+
+def test_branch_hooks_act_on_their_rows_only():
+    model, tok = tiny_llama()
+    boom = BranchHook("model.layers.0", lambda h: h + 50.0)
+    same = [Branch(system="Be safe."), Branch(system="Be safe.")]
+    base = _ids(SafeDecoder(model, tok, contrastive(same, [1.0, 0.0]))
+                .generate(MIXED_PROMPTS, max_new_tokens=8))
+    hooked_1 = contrastive([same[0], Branch(system="Be safe.", hooks=(boom,))], [1.0, 0.0])
+    assert _ids(SafeDecoder(model, tok, hooked_1).generate(MIXED_PROMPTS, max_new_tokens=8)) \
+        == base
+    hooked_0 = contrastive([Branch(system="Be safe.", hooks=(boom,)), same[1]], [1.0, 0.0])
+    assert _ids(SafeDecoder(model, tok, hooked_0).generate(MIXED_PROMPTS, max_new_tokens=8)) \
+        != base
+    # The naive generator (no hooks) must agree with the unhooked run: hooks were removed.
+    assert _ids(SafeDecoder(model, tok, contrastive(same, [1.0, 0.0]))
+                .generate(MIXED_PROMPTS, max_new_tokens=8)) == base
+
+
+def test_soft_prompt_of_text_embeddings_equals_text_branch():
+    model, tok = tiny_llama()
+    text = "You are careful."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    a = _ids(SafeDecoder(model, tok, plain(text)).generate(MIXED_PROMPTS, max_new_tokens=8))
+    soft_m = contrastive([Branch(soft_prompt=soft)], [1.0])
+    b = _ids(SafeDecoder(model, tok, soft_m).generate(MIXED_PROMPTS, max_new_tokens=8))
+    c = _ids(NaiveContrastGenerator(model, tok, soft_m).generate(MIXED_PROMPTS, max_new_tokens=8))
+    d = _ids(SafeDecoder(model, tok, soft_m, prefix_cache=False)
+             .generate(MIXED_PROMPTS, max_new_tokens=8))
+    assert a == b == c == d
+    with pytest.raises(ValueError, match="width"):
+        SafeDecoder(model, tok, contrastive([Branch(soft_prompt=torch.zeros(3, 7))], [1.0]))
