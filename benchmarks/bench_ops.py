@@ -123,11 +123,11 @@ def run(args: argparse.Namespace) -> dict:
             for beta in args.beta:
                 kw = dict(temperature=TEMP, top_k=TOP_K, top_p=TOP_P, beta=beta, seed=seeds)
                 impls = {
-                    "fused": lambda kw=kw: contrastive_sample(logits, [1.0, -ALPHA],
-                                                              backend=fused, **kw),
-                    "naive": lambda kw=kw: contrastive_sample(logits, [1.0, -ALPHA],
-                                                              backend="reference", **kw),
-                    "hf": lambda beta=beta: hf_chain(logits, beta),
+                    "fused": lambda z=logits, kw=kw: contrastive_sample(z, [1.0, -ALPHA],
+                                                                        backend=fused, **kw),
+                    "naive": lambda z=logits, kw=kw: contrastive_sample(z, [1.0, -ALPHA],
+                                                                        backend="reference", **kw),
+                    "hf": lambda z=logits, beta=beta: hf_chain(z, beta),
                 }
                 res = {name: timeit(fn, device, args.min_time, args.max_reps)
                        for name, fn in impls.items()}

@@ -1,13 +1,118 @@
-"""The `safedecode` command line."""
+"""The `safedecode` command line (typer + rich)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="safedecode: decoding-time safety alignment that costs no throughput.",
                   no_args_is_help=True, add_completion=False)
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
+    if (prompt is None) == (file is None):
+        _fail("give exactly one of PROMPT or --file")
+    if prompt is not None:
+        return [prompt]
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"--file: cannot read {file}: {exc}")
+    prompts = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                _fail(f"--file: line {n}: invalid JSON ({exc})")
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                _fail(f"--file: line {n}: expected an object with a 'prompt' string")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        _fail(f"--file: {file} has no prompts")
+    return prompts
+
+
+@app.command()
+def generate(
+    prompt: str | None = typer.Argument(None, help="The user message."),
+    file: Path | None = typer.Option(None, "--file", "-f",
+                                     help="A .txt (one prompt per line) or .jsonl ('prompt')."),
+    method: str = typer.Option("plain", "--method", "-m", help="plain, safe-prompt, acd-text, ..."),
+    alpha: float | None = typer.Option(None, help="The method's contrast strength."),
+    beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Requests per engine batch."),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it is decoded (1 prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
+    backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
+):
+    """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from safedecode import methods
+    from safedecode.engine import SafeDecoder
+    from safedecode.engine.decoder import check_sampling
+    from safedecode.models import load_model
+
+    prompts = _read_prompts(prompt, file)
+    kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
+    console = Console(stderr=True)
+    try:
+        meth = methods.get(method, **kwargs)
+        if batch_size < 1:
+            raise ValueError("--batch-size: must be >= 1")
+        if stream and len(prompts) != 1:
+            raise ValueError("--stream: give a single prompt")
+        if max_new_tokens < 1:
+            raise ValueError("--max-new-tokens: must be >= 1")
+        check_sampling(meth, temperature=temperature, top_k=top_k, top_p=top_p)
+        with console.status(f"loading {model} ..."):
+            mdl, tok = load_model(model)
+        dec = SafeDecoder(mdl, tok, meth, backend=backend)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=seed)
+        if stream:
+            for ev in dec.stream(prompts, **kw):
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        results = []
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"{meth.name}", total=len(prompts))
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i:i + batch_size]
+                results.extend(dec.generate(chunk, **kw))
+                bar.advance(task, len(chunk))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for p, r in zip(prompts, results, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"prompt": p, "method": meth.name, "text": r.text,
+                                   "finish_reason": r.finish_reason, "tokens": len(r.token_ids),
+                                   "timing": r.timing}))
+        else:
+            typer.echo(r.text if len(prompts) == 1 else f"### {p}\n{r.text}\n")
 
 
 @app.command()
@@ -21,9 +126,12 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
         typer.echo(info_mod.render())
 
 
-@app.callback()
-def main() -> None:
-    """safedecode command line."""
+@app.command()
+def demo(max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n")):
+    """Safe decoding on the embedded default model, offline (as `python -m safedecode.demo`)."""
+    from safedecode.demo import main as demo_main
+
+    demo_main(max_new_tokens=max_new_tokens)
 
 
 if __name__ == "__main__":

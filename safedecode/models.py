@@ -7,8 +7,10 @@ and loaded by transformers with ``gguf_file=`` — no network access.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _quiet_loading() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser's progress bar
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -80,9 +83,42 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     return model, tok
 
 
+def _save_plain(model, tok, folder: Path) -> None:
+    """Save a dequantised GGUF model as a plain safetensors checkpoint."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    tok.save_pretrained(folder)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``SAFEDECODE_CACHE``, default ~/.cache/safedecode)."""
+    return Path(os.environ.get("SAFEDECODE_CACHE", "~/.cache/safedecode")).expanduser()
+
+
 def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load the embedded default model, SmolLM2-135M-Instruct, offline. Returns (model, tokenizer)."""
+    """Load the embedded default model, SmolLM2-135M-Instruct, offline. Returns (model, tokenizer).
+
+    The first call dequantises the GGUF file (tens of seconds) and keeps a safetensors copy under
+    :func:`cache_dir`; later calls load that copy in about a second.
+    """
     folder, gguf = default_model_path()
-    model, tok = load_model(str(folder / gguf), dtype=dtype, device=device)
+    converted = cache_dir() / f"smollm2-135m-instruct-{(folder / gguf).stat().st_size}"
+    if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():
+        model, tok = load_model(str(converted), dtype=dtype, device=device)
+    else:
+        model, tok = load_model(str(folder / gguf), dtype="float32", device="cpu")
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        try:  # atomic: a half-written copy is never picked up
+            _save_plain(model, tok, tmp)
+            tmp.rename(converted)
+        except (OSError, ValueError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        model.to(device=device, dtype=_dtype(dtype))
     model.safedecode_name = DEFAULT_NAME
     return model, tok

@@ -21,7 +21,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def allocate(self, heads: int, k_dim: int, v_dim: int, dtype, device) -> None:
         self.keys = torch.zeros(self.rows, heads, self.capacity, k_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(self.rows, heads, self.capacity, v_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(self.rows, heads, self.capacity, v_dim, dtype=dtype,
+                                  device=device)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 

@@ -61,6 +61,12 @@ class _Request:
     t_done: float = 0.0
 
 
+def check_sampling(method: Method, **sampling) -> None:
+    """Validate decoding parameters with the op's own rules, before any forward pass."""
+    prepare(torch.zeros(method.k, 1, 1), list(method.weights), rule=method.rule,
+            anchor=method.anchor, beta=method.beta, seed=0, step=0, **sampling)
+
+
 class SafeDecoder:
     """Generate with a :class:`Method` on a Hugging Face causal LM.
 
@@ -145,10 +151,8 @@ class SafeDecoder:
             seeds = list(seed)
         else:
             raise ValueError(f"seed: expected an int, None or {b} ints (one per prompt)")
-        # The op's own validation, before any forward pass (nothing half-done on bad input).
-        prepare(torch.zeros(self.method.k, b, 1), list(self.method.weights), rule=self.method.rule,
-                anchor=self.method.anchor, beta=self.method.beta, temperature=temperature,
-                top_k=top_k, top_p=top_p, min_p=min_p, seed=0, step=0)
+        check_sampling(self.method, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p)
         stop_strings, stop_ids = [], set()
         for s in stop or ():
             if isinstance(s, str) and s:
@@ -245,7 +249,7 @@ class SafeDecoder:
                         "tokens_per_s": len(r.out) / decode_s if decode_s > 0 else float("inf")}))
 
     def _prefill(self, built, b: int, max_new_tokens: int):
-        """Fill the cache with every row's prompt; returns (cache, valid, next positions, logits)."""
+        """Fill the cache with every row's prompt; returns (cache, valid, positions, logits)."""
         kb = self.method.k
         rows = kb * b
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0

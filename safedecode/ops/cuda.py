@@ -27,6 +27,9 @@ def load() -> None:
                               "setup.py when nvcc and a CUDA build of torch are present") from exc
         if not torch.cuda.is_available():
             raise RuntimeError("torch.cuda.is_available() is False (no GPU or no CUDA torch)")
+        # Probe the runtime on the current device: an old driver or a GPU the extension has no
+        # code for fails here, with CUDA's reason, instead of at the first call.
+        ext.workspace_bytes(1, 1)
         _C = ext
 
 

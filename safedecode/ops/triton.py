@@ -86,8 +86,33 @@ def _check(p: Prepared) -> None:
         raise ValueError(f"logits: the triton backend needs CUDA tensors, got {dev}")
 
 
+# Host-side shortcuts, used only when the parameters live on the CPU (the interpreter): reading a
+# CUDA tensor would cost a device sync per step, so on a GPU every pass is launched and the kernels
+# of rows with nothing to do return at once. Tests switch this off to run the GPU's sequence.
+SKIP_IDLE_PASSES = True
+
+
+def _hints(p: Prepared, need: int) -> tuple[bool, bool, bool]:
+    """(stats pass needed, any row runs top-k, any row runs top-p); all True on a GPU."""
+    if p.logits.device.type == "cuda" or not SKIP_IDLE_PASSES:
+        return True, True, True
+    v = p.logits.shape[2]
+    rows = torch.ones_like(p.temperature, dtype=torch.bool) if need else p.temperature > 0
+    stats = p.rule == 1 or bool((p.log_beta > float("-inf")).any())
+    any_k = bool((rows & (p.top_k > 0) & (p.top_k < v)).any())
+    any_p = bool((rows & (p.top_p < 1.0)).any())
+    return stats, any_k, any_p
+
+
+def _still_active(state: torch.Tensor, slot: int, mode: int) -> bool:
+    """Whether any row's search ``mode`` is still running after launch ``slot`` (CPU only)."""
+    if state.device.type == "cuda" or not SKIP_IDLE_PASSES:
+        return True
+    return bool(state[slot, :, _K.F_KACT.value if mode == 0 else _K.F_PACT.value].any())
+
+
 def _run(p: Prepared, need: int, out: torch.Tensor | None = None):
-    """Run every pass up to the final masses. ``need``: 0 sample, 1 sample + log-probs, 2 the
+    """Launch every pass up to the final masses. ``need``: 0 sample, 1 sample + log-probs, 2 the
     log-probs op (whose ``out`` [B, V] buffer doubles as the score scratch).
 
     Returns (scores S, row state, final chunk masses, plan, state slot of the final state).
@@ -101,38 +126,42 @@ def _run(p: Prepared, need: int, out: torch.Tensor | None = None):
     cp = triton.next_power_of_2(c)
     grid = (b, c)
     f32, f64, i32, i64 = torch.float32, torch.float64, torch.int32, torch.int64
+    use_stats, any_k, any_p = _hints(p, need)
     stats = torch.empty(b, c, 5, dtype=f32, device=dev)
     scores = out if out is not None else torch.empty(b, v, dtype=f32, device=dev)
     spart = torch.empty(b, c, dtype=f32, device=dev)
     sarg = torch.empty(b, c, dtype=i64, device=dev)
     sflag = torch.empty(b, c, dtype=i32, device=dev)
-    n_pass = 2 * len(LEVELS)
-    state = torch.empty(n_pass + 1, b, NS, dtype=f64, device=dev)
+    nd = len(LEVELS)
+    state = torch.empty(2 * nd + 1, b, NS, dtype=f64, device=dev)
     cnt = torch.empty(2, b, c, NB, dtype=i32, device=dev)
     mass = torch.empty(2, b, c, NB, dtype=f64, device=dev)
     fmass = torch.empty(b, c, dtype=f64, device=dev)
     sk, sb = z.stride(0), z.stride(1)
-    opts = dict(num_warps=pl.num_warps)
+    opts = dict(num_warps=pl.num_warps, enable_fp_fusion=False)
 
-    _K._stats_kernel[grid](z, sk, sb, stats, v, c, pl.chunk, ANCHOR=p.anchor, RULE=p.rule,
-                           TILE=pl.tile, **opts)
+    if use_stats:
+        _K._stats_kernel[grid](z, sk, sb, stats, v, c, pl.chunk, ANCHOR=p.anchor, RULE=p.rule,
+                               TILE=pl.tile, **opts)
     _K._score_kernel[grid](z, sk, sb, p.weights, p.log_beta, stats, scores, spart, sarg, sflag,
-                           v, c, pl.chunk, K=k, ANCHOR=p.anchor, RULE=p.rule, CP=cp, TILE=pl.tile,
-                           enable_fp_fusion=False, **opts)
-    nd = len(LEVELS)
-    for i in range(n_pass):
-        mode, prev = i // nd, (-1 if i == 0 else (i - 1) // nd)
-        shift, dmask, hi_mask = LEVELS[i % nd]
-        prev_level = (i - 1) % nd
-        prev_shift = LEVELS[prev_level][0]
-        _K._radix_kernel[grid](scores, state, cnt, mass, spart, sarg, sflag, stats, p.temperature,
-                               p.top_k, p.top_p, b, v, c, pl.chunk, i, prev_level, prev_shift,
-                               shift, dmask, hi_mask, MODE=mode, PREV=prev, NEED=need, CP=cp,
-                               NB=NB, TILE=pl.radix_tile, **opts)
-    _K._final_kernel[grid](scores, state, cnt, mass, p.temperature, p.top_p, p.log_min_p, fmass,
-                           b, v, c, pl.chunk, n_pass, nd - 1, LEVELS[-1][0], CP=cp, NB=NB,
-                           TILE=pl.tile, **opts)
-    return scores, state, fmass, pl, n_pass
+                           v, c, pl.chunk, K=k, ANCHOR=p.anchor, RULE=p.rule,
+                           USE_STATS=use_stats, CP=cp, TILE=pl.tile, **opts)
+    common = (spart, sarg, sflag, p.temperature, p.top_k, p.top_p)
+    slot, prev, prev_level = 0, -1, 0  # launch counter; MODE and digit of the previous launch
+    for mode, wanted in ((0, any_k), (1, any_p)):
+        for level in range(nd if wanted else 0):
+            shift, dmask, hi_mask = LEVELS[level]
+            _K._radix_kernel[grid](scores, state, cnt, mass, *common, b, v, c, pl.chunk, slot,
+                                   prev_level, LEVELS[prev_level][0], shift, dmask, hi_mask,
+                                   MODE=mode, PREV=prev, NEED=need, CP=cp, NB=NB,
+                                   TILE=pl.radix_tile, **opts)
+            slot, prev, prev_level = slot + 1, mode, level
+            if not _still_active(state, slot - 1, mode):
+                break  # every row has its threshold: the next launch folds nothing in
+    _K._final_kernel[grid](scores, state, cnt, mass, *common, p.log_min_p, fmass, b, v, c,
+                           pl.chunk, slot, prev_level, LEVELS[prev_level][0], PREV=prev,
+                           NEED=need, CP=cp, NB=NB, TILE=pl.tile, **opts)
+    return scores, state, fmass, pl, slot
 
 
 def contrastive_sample(
@@ -149,7 +178,7 @@ def contrastive_sample(
     _K._sample_kernel[(b,)](scores, state, fmass, p.temperature, p.log_min_p, p.seed, p.step,
                             tokens, lps if lps is not None else tokens, status, b, v, c, pl.chunk,
                             slot, NEED_LP=return_logprobs, CP=triton.next_power_of_2(c),
-                            TILE=pl.tile, num_warps=pl.num_warps)
+                            TILE=pl.tile, num_warps=pl.num_warps, enable_fp_fusion=False)
     return tokens, lps, status
 
 
@@ -163,7 +192,7 @@ def contrastive_logprobs(p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
     c = pl.n_chunks
     _K._logprobs_kernel[(b, c)](scores, state, fmass, p.temperature, p.log_min_p, out, status,
                                 b, v, c, pl.chunk, slot, CP=triton.next_power_of_2(c),
-                                TILE=pl.tile, num_warps=pl.num_warps)
+                                TILE=pl.tile, num_warps=pl.num_warps, enable_fp_fusion=False)
     return out, status
 
 
