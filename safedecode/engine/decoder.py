@@ -103,10 +103,15 @@ class SafeDecoder:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | Sequence[int] | None = None,
                  stop: Sequence[str | int] | None = None, return_logprobs: bool = False,
-                 streamer=None) -> list[GenerationResult]:
-        """Generate for each prompt (a string or chat messages); returns one result each."""
+                 streamer=None, ignore_eos: bool = False) -> list[GenerationResult]:
+        """Generate for each prompt (a string or chat messages); returns one result each.
+
+        ``stop``: strings or token ids that end a request (besides EOS, unless ``ignore_eos``);
+        ``seed``: one int for all requests or one per request; ``streamer``: a transformers
+        streamer (``put``/``end``) for a single prompt.
+        """
         events = self._run(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop, return_logprobs, streamer)
+                           stop, return_logprobs, streamer, ignore_eos)
         for _ in events:
             pass
         return self._results
@@ -115,10 +120,10 @@ class SafeDecoder:
         """Like :meth:`generate`, but yields text deltas as they are decoded."""
         kw = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
               "min_p": 0.0, "seed": None, "stop": None, "return_logprobs": False,
-              "streamer": None, **kw}
+              "streamer": None, "ignore_eos": False, **kw}
         yield from self._run(prompts, kw["max_new_tokens"], kw["temperature"], kw["top_k"],
                              kw["top_p"], kw["min_p"], kw["seed"], kw["stop"],
-                             kw["return_logprobs"], kw["streamer"])
+                             kw["return_logprobs"], kw["streamer"], kw["ignore_eos"])
 
     # -- preparation -----------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
@@ -200,7 +205,7 @@ class SafeDecoder:
     # -- the loop --------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop,
-             return_logprobs, streamer) -> Iterator[StreamEvent]:
+             return_logprobs, streamer, ignore_eos=False) -> Iterator[StreamEvent]:
         t0 = time.perf_counter()
         msgs, seeds, stop_strings, stop_ids = self._validate(
             prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop)
@@ -218,7 +223,7 @@ class SafeDecoder:
                         f"{self.max_positions} tokens")
         if streamer is not None and b != 1:
             raise ValueError("streamer: transformers streamers take a single prompt (B=1)")
-        eos = self._eos_ids() | stop_ids
+        eos = (set() if ignore_eos else self._eos_ids()) | stop_ids
         reqs = [_Request(i, [len(built[k][i][0]) + len(built[k][i][1]) for k in range(kb)],
                          seeds[i]) for i in range(b)]
         self._results = []

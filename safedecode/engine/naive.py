@@ -48,7 +48,8 @@ class NaiveContrastGenerator:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, seed: int | None = 0) -> list[GenerationResult]:
+                 min_p: float = 0.0, seed: int | None = 0,
+                 ignore_eos: bool = False) -> list[GenerationResult]:
         t0 = time.perf_counter()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -58,6 +59,8 @@ class NaiveContrastGenerator:
         for src in (getattr(self.model, "generation_config", None), self.tok):
             e = getattr(src, "eos_token_id", None)
             eos.update([e] if isinstance(e, int) else (e or []))
+        if ignore_eos:
+            eos = set()
         caches, masks, logits = [], [], []
         for k in range(m.k):
             emb, mask = self._branch_inputs(k, msgs)

@@ -100,7 +100,8 @@ class PromptBuilder:
         return self._prefix_text[system]
 
     # -- per branch and request ---------------------------------------------------------------
-    def build(self, branch: Branch, messages: list[Message], index: int) -> tuple[Prefix, list[int]]:
+    def build(self, branch: Branch, messages: list[Message],
+              index: int) -> tuple[Prefix, list[int]]:
         """(shared prefix, suffix token ids) of ``messages`` under ``branch``."""
         own = [m for m in messages if m["role"] == "system"]
         rest = [m for m in messages if m["role"] != "system"]
