@@ -12,7 +12,7 @@ from safedecode.engine import Branch, BranchHook, SafeDecoder, contrastive, plai
 from safedecode.engine.naive import NaiveContrastGenerator
 
 METHODS = {
-    1: lambda: plain(),
+    1: plain,
     2: lambda: methods.get("acd-text", alpha=0.5),
     3: lambda: contrastive([Branch(system="Be safe."), Branch(),
                             Branch(system="Be bold and brave.")], [1.0, -0.3, 0.5], beta=0.05),
