@@ -67,6 +67,30 @@ def check_sampling(method: Method, **sampling) -> None:
             anchor=method.anchor, beta=method.beta, seed=0, step=0, **sampling)
 
 
+@dataclass
+class TokenPrompts:
+    """Already-rendered prompts: ``ids[k][b]`` is request b's token ids under branch k (no prefix
+    sharing: used by :func:`safedecode.custom_generate`)."""
+
+    ids: list[list[list[int]]]
+
+    @property
+    def batch(self) -> int:
+        return len(self.ids[0])
+
+    def built(self, k: int) -> list[list[tuple[Prefix, list[int]]]]:
+        if len(self.ids) != k or any(len(x) != self.batch for x in self.ids):
+            raise ValueError(f"expected prompt ids for {k} branches x {self.batch} requests")
+        empty = Prefix("raw", [])
+        out = []
+        for kk, branch in enumerate(self.ids):
+            for i, seq in enumerate(branch):
+                if not seq:
+                    raise ValueError(f"branch {kk}, request {i}: empty prompt")
+            out.append([(empty, list(seq)) for seq in branch])
+        return out
+
+
 class SafeDecoder:
     """Generate with a :class:`Method` on a Hugging Face causal LM.
 
@@ -81,7 +105,7 @@ class SafeDecoder:
                              "see safedecode.methods.get()")
         self.model, self.tok, self.method = model, tokenizer, method
         self.backend, self.prefix_cache, self.compact = backend, prefix_cache, compact
-        self.builder = PromptBuilder(tokenizer)
+        self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
         self.prefixes = PrefixStore()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
@@ -137,12 +161,15 @@ class SafeDecoder:
         return ids
 
     def _validate(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop):
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
-        msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
+        if isinstance(prompts, TokenPrompts):
+            msgs = [None] * prompts.batch
+        else:
+            if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                            and isinstance(prompts[0], dict)):
+                prompts = [prompts]
+            if not isinstance(prompts, Sequence) or len(prompts) == 0:
+                raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
+            msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
@@ -211,7 +238,10 @@ class SafeDecoder:
             prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop)
         m, kb = self.method, self.method.k
         b = len(msgs)
-        built = [[self.builder.build(br, msgs[i], i) for i in range(b)] for br in m.branches]
+        if isinstance(prompts, TokenPrompts):
+            built = prompts.built(kb)
+        else:
+            built = [[self.builder.build(br, msgs[i], i) for i in range(b)] for br in m.branches]
         for i in range(b):
             for k in range(kb):
                 prefix, suffix = built[k][i]
@@ -257,7 +287,9 @@ class SafeDecoder:
         """Fill the cache with every row's prompt; returns (cache, valid, positions, logits)."""
         kb = self.method.k
         rows = kb * b
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        pad = getattr(self.tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.generation_config, "pad_token_id", None) or 0
         shared = self.prefix_cache
         p_len = [len(built[k][0][0]) for k in range(kb)]
         if shared:
@@ -277,7 +309,7 @@ class SafeDecoder:
         positions = torch.zeros(rows, s_max, dtype=torch.long, device=self.device)
         use_embeds = False
         for k in range(kb):
-            if shared:
+            if shared and p_len[k]:
                 kv = self._prefix_kv(k, built[k][0][0])
                 self._write_prefix(cache, kv, k, b, p_max)
                 valid[k * b:(k + 1) * b, p_max - p_len[k]:p_max] = True
@@ -391,7 +423,7 @@ class SafeDecoder:
         if token in eos:
             return "", "eos" if token in self._eos_ids() else "stop"
         ids = [t for t in r.out if t not in eos]
-        text = self.tok.decode(ids, skip_special_tokens=True)
+        text = self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
         reason = None
         for s in stop_strings:
             at = text.find(s, max(0, len(r.text) - len(s)))

@@ -1,0 +1,100 @@
+"""transformers' custom_generate hook and the `safedecode` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from engine_fixtures import MIXED_PROMPTS, tiny_llama
+from typer.testing import CliRunner
+
+import safedecode
+from safedecode import methods
+from safedecode.cli import app
+from safedecode.engine import SafeDecoder
+
+
+def _branch_batch(dec, prompts, k, pad):
+    seqs = []
+    for i, p in enumerate(prompts):
+        prefix, suffix = dec.builder.build(dec.method.branches[k],
+                                           [{"role": "user", "content": p}], i)
+        seqs.append(prefix.ids + suffix)
+    t = max(map(len, seqs))
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, t - len(s):] = torch.tensor(s)
+        mask[i, t - len(s):] = 1
+    return ids, mask
+
+
+def test_custom_generate_matches_the_engine():
+    model, tok = tiny_llama()
+    m = methods.get("acd-text", alpha=0.5)
+    dec = SafeDecoder(model, tok, m)
+    prompts = MIXED_PROMPTS[:2]
+    ids0, mask0 = _branch_batch(dec, prompts, 0, tok.pad_token_id)
+    ids1, mask1 = _branch_batch(dec, prompts, 1, tok.pad_token_id)
+    out = model.generate(ids0, attention_mask=mask0, max_new_tokens=8, do_sample=False,
+                         pad_token_id=tok.pad_token_id, custom_generate=safedecode.custom_generate,
+                         safedecode_method=m, safedecode_branch_ids=[ids1],
+                         safedecode_branch_masks=[mask1])
+    expected = [r.token_ids for r in dec.generate(prompts, max_new_tokens=8)]
+    got = out[:, ids0.shape[1]:].tolist()
+    for g, e in zip(got, expected, strict=True):
+        assert g[:len(e)] == e
+    with pytest.raises(ValueError, match="safedecode_branch_ids"):
+        model.generate(ids0, attention_mask=mask0, max_new_tokens=2,
+                       custom_generate=safedecode.custom_generate, safedecode_method=m)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    model, tok = tiny_llama()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    f = tmp_path / "prompts.txt"
+    f.write_text("Hi there\n\nHow do I kill a Python process?\n")
+    res = runner.invoke(app, ["generate", "--file", str(f), "--method", "acd-text", "--alpha",
+                              "0.3", "--model", str(tiny_model_dir), "-n", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert [x["prompt"] for x in lines] == ["Hi there", "How do I kill a Python process?"]
+    assert all(x["method"] == "acd-text" and x["tokens"] <= 5 for x in lines)
+    res = runner.invoke(app, ["generate", "Hello", "--model", str(tiny_model_dir), "-n", "4",
+                              "--stream"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["generate", "x", "--method", "nope"], "unknown"),
+        (["generate", "x", "-t", "-1"], "temperature"),
+        (["generate", "x", "--top-p", "2"], "top_p"),
+        (["generate"], "PROMPT"),
+        (["generate", "x", "--method", "plain", "--alpha", "0.5"], "plain"),
+        (["generate", "x", "--model", "/nonexistent/model"], "model"),
+        (["generate", "x", "-n", "0"], "max-new-tokens"),
+    ],
+)
+def test_cli_errors_are_clear(args, match):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert match in res.output
+
+
+def test_cli_info():
+    res = CliRunner().invoke(app, ["info", "--json"])
+    assert res.exit_code == 0
+    info = json.loads(res.stdout)
+    assert info["backends"]["reference"] == "ok" and info["backends"]["cpp"] == "ok"
+    assert info["auto"]["cpu"] == "cpp"
