@@ -94,6 +94,23 @@ def hf_inputs(tok, system: str, prompts: list[str], device: str):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def _impls(model, naive, sd, sd_noprefix, prompts, pos, neg, kw, hf_kw, n_new) -> dict:
+    """The five generators of one (batch, mode) case, as zero-argument callables."""
+    (ids, mask), (neg_ids, neg_mask) = pos, neg
+    return {
+        "hf_plain": lambda: model.generate(ids, attention_mask=mask, **hf_kw),
+        "hf_cfg": lambda: model.generate(
+            ids, attention_mask=mask, guidance_scale=1.5, negative_prompt_ids=neg_ids,
+            negative_prompt_attention_mask=neg_mask, **hf_kw),
+        "naive_k2": lambda: naive.generate(prompts, max_new_tokens=n_new, ignore_eos=True,
+                                           seed=0, **kw),
+        "sd_k2_noprefix": lambda: sd_noprefix.generate(prompts, max_new_tokens=n_new,
+                                                       ignore_eos=True, seed=0, **kw),
+        "sd_k2": lambda: sd.generate(prompts, max_new_tokens=n_new, ignore_eos=True, seed=0,
+                                     **kw),
+    }
+
+
 def run(args) -> dict:
     device = args.device
     model, tok = load_default(device=device)
@@ -115,19 +132,8 @@ def run(args) -> dict:
                          do_sample=kw["temperature"] > 0)
             if hf_kw["do_sample"]:
                 hf_kw.update(temperature=kw["temperature"], top_p=kw["top_p"], top_k=0)
-            impls = {
-                "hf_plain": lambda hf_kw=hf_kw: model.generate(
-                    ids, attention_mask=mask, **hf_kw),
-                "hf_cfg": lambda hf_kw=hf_kw: model.generate(
-                    ids, attention_mask=mask, guidance_scale=1.5, negative_prompt_ids=neg_ids,
-                    negative_prompt_attention_mask=neg_mask, **hf_kw),
-                "naive_k2": lambda kw=kw: naive.generate(prompts, max_new_tokens=n_new,
-                                                         ignore_eos=True, seed=0, **kw),
-                "sd_k2_noprefix": lambda kw=kw: sd_noprefix.generate(
-                    prompts, max_new_tokens=n_new, ignore_eos=True, seed=0, **kw),
-                "sd_k2": lambda kw=kw: sd.generate(prompts, max_new_tokens=n_new,
-                                                   ignore_eos=True, seed=0, **kw),
-            }
+            impls = _impls(model, naive, sd, sd_noprefix, prompts, (ids, mask),
+                           (neg_ids, neg_mask), kw, hf_kw, n_new)
             row = {"B": b, "mode": mode, "new_tokens": n_new}
             for name, fn in impls.items():
                 fn()  # warm-up (and fills the prefix store)

@@ -3,8 +3,9 @@
 transformers calls a callable ``custom_generate`` with the prepared inputs and generation config
 (``GenerationMixin.generate``); this one runs the method's K branches through the safedecode
 engine. Like transformers' own ``negative_prompt_ids``, the caller renders every branch's prompt:
-``input_ids`` is branch 0 and ``safedecode_branch_ids`` (a list of ``[B, T_k]`` tensors, left-padded,
-with ``safedecode_branch_masks`` or the pad token marking padding) are branches 1..K-1. Sampling
+``input_ids`` is branch 0 and ``safedecode_branch_ids`` (a list of ``[B, T_k]`` tensors,
+left-padded, with ``safedecode_branch_masks`` or the pad token marking padding) are branches
+1..K-1. Sampling
 settings come from the generation config (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
 ``min_p``, ``max_new_tokens``); the result is ``[B, T + new]`` token ids, padded like transformers'.
 """
