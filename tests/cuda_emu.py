@@ -39,6 +39,7 @@ def build(out_dir: Path):
     """Compile the emulator module into out_dir and import it."""
     import pybind11  # noqa: PLC0415
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     target = out_dir / f"{NAME}{suffix}"
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O2", "-ffp-contract=off", "-DSD_EMULATE",

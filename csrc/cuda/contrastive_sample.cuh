@@ -7,7 +7,8 @@
 //   2. score_kernel  grid (B, C): merges the row's stats partials, streams the K branches' logits
 //      once (fp32/bf16/fp16, 16-byte loads), writes the masked fp32 score s to a [B, ld] workspace,
 //      and per-chunk partials: max s with its lowest index (greedy token) and the status flags.
-//      C (chunks per row) grows at small B so the logits are read by ~8 blocks per SM.
+//      C (chunks per row) grows at small B so the logits are read by ~8 blocks per SM. Greedy
+//      rows of a sample call without log-probs skip the store (one read of the logits in all).
 //   3. row_kernel    grid (B), 1024 threads: merges the partials (status, m = max s, greedy
 //      token), then works on x = (s - m) / T recomputed from the workspace:
 //        - top-k threshold: radix select (11+8+8+5 bits) on the order-preserving key of x,
@@ -22,6 +23,9 @@
 //          inverse-CDF draw in vocabulary order, skipping straight to the right tile through the
 //          running sums recorded in the Z pass; or the [B, V] log-probs.
 //      Rows with T = 0 that need no log-prob stop after the merge.
+// Small B: the logits (the bulk of the traffic) are read by B*C blocks; the row kernel then runs
+// on one SM per row over the L2-resident fp32 row (~2 passes + shared-memory work when the
+// candidate list fits). Splitting the selection itself across blocks is not done.
 // Every reduction has a fixed order, so results do not depend on scheduling (same seed, same
 // token). Rounding follows the reference: products and sums of s rounded separately (__fmul_rn /
 // __fadd_rn, never FMA), x by IEEE division (__fdiv_rn).
@@ -483,6 +487,8 @@ __global__ void __launch_bounds__(NT) score_kernel(Params p) {
   for (int64_t k = 0; k < p.K; ++k) vec = vec && aligned16(logits_row(p, k, b, L::kBytes));
   const int64_t v_begin = c * p.chunk, v_end = imin(p.V, v_begin + p.chunk);
   float* srow = p.ws + b * p.ld;
+  // Greedy rows of a sample call without log-probs need only the argmax: skip the score store.
+  const bool store = !(p.mode == kModeSample && p.lps == nullptr && !(p.temperature[b] > 0.0f));
   ArgMax best = {neg_inf(), 0x7fffffff};
   int flags = 0;
 
@@ -546,7 +552,9 @@ __global__ void __launch_bounds__(NT) score_kernel(Params p) {
         best.i = static_cast<int32_t>(v0 + j);
       }
     }
-    if (n == 8) {
+    if (!store) {
+      // nothing to write
+    } else if (n == 8) {
       st_f4(srow + v0, float4{s[0], s[1], s[2], s[3]});
       st_f4(srow + v0 + 4, float4{s[4], s[5], s[6], s[7]});
     } else {
@@ -672,7 +680,8 @@ SD_DEV void warp_hist_add(const RowSmem& sm, bool act, uint32_t bucket, unsigned
                           bool with_mass) {
   if (__ballot_sync(kFull, act) == 0u) return;
   const unsigned peers = __match_any_sync(kFull, act ? bucket : 0xffffffffu);
-  const unsigned long long sum = with_mass ? reduce_peers(peers, mass) : 0ull;
+  const bool any_mass = with_mass && __any_sync(kFull, mass != 0ull);
+  const unsigned long long sum = any_mass ? reduce_peers(peers, mass) : 0ull;
   if (act && lane_id() == __ffs(peers) - 1) {
     atomicAdd(&sm.cnt[bucket], static_cast<unsigned>(__popc(peers)));
     if (sum != 0ull) {
@@ -783,30 +792,29 @@ SD_DEV int64_t compact(const GlobalSrc& src, const RowSmem& sm, int cap, uint32_
   int64_t run = 0;
   const int64_t ntiles = Tile<NT>::count(src.n);
   for (int64_t t = 0; t < ntiles; ++t) {
-    float x[kU][4];
-    bool keep[kU][4];
     int cnt[kU], off[kU];
     SD_UNROLL
     for (int u = 0; u < kU; ++u) {
+      float x[4];
       bool ok[4];
-      src.load4(Tile<NT>::pos(t, u), x[u], ok);
+      src.load4(Tile<NT>::pos(t, u), x, ok);
       cnt[u] = 0;
       SD_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        keep[u][j] = ok[j] && key_of(x[u][j]) >= min_key;
-        cnt[u] += keep[u][j] ? 1 : 0;
-      }
+      for (int j = 0; j < 4; ++j) cnt[u] += (ok[j] && key_of(x[j]) >= min_key) ? 1 : 0;
     }
     const int tot = tile_excl_scan<NT>(cnt, off, 0);
     SD_UNROLL
-    for (int u = 0; u < kU; ++u) {
-      int64_t o = run + off[u];
+    for (int u = 0; u < kU; ++u) {  // reload (L1 hit) rather than keep 16 values live
+      float x[4];
+      bool ok[4];
       const int64_t pos = Tile<NT>::pos(t, u);
+      src.load4(pos, x, ok);
+      int64_t o = run + off[u];
       SD_UNROLL
       for (int j = 0; j < 4; ++j) {
-        if (keep[u][j]) {
+        if (ok[j] && key_of(x[j]) >= min_key) {
           if (o < cap) {
-            sm.cx[o] = x[u][j];
+            sm.cx[o] = x[j];
             sm.ci[o] = static_cast<int>(pos + j);
           }
           ++o;
@@ -890,7 +898,6 @@ SD_DEV long long draw_pass(const Src& src, float thr, double target, int64_t t0,
   double run = run0;
   const int64_t ntiles = Tile<NT>::count(src.n);
   for (int64_t t = t0; t < ntiles; ++t) {
-    float e[kU][4];
     double v[kU], off[kU];
     SD_UNROLL
     for (int u = 0; u < kU; ++u) {
@@ -899,21 +906,22 @@ SD_DEV long long draw_pass(const Src& src, float thr, double target, int64_t t0,
       src.load4(Tile<NT>::pos(t, u), x, ok);
       v[u] = 0.0;
       SD_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        e[u][j] = (ok[j] && x[j] >= thr) ? expf(x[j]) : 0.0f;
-        v[u] += static_cast<double>(e[u][j]);
-      }
+      for (int j = 0; j < 4; ++j) v[u] += static_cast<double>((ok[j] && x[j] >= thr) ? expf(x[j]) : 0.0f);
     }
     const double tot = tile_excl_scan<NT>(v, off, 0.0);
     long long cand = kNone;
     SD_UNROLL
-    for (int u = 0; u < kU; ++u) {
-      double c = run + off[u];
+    for (int u = 0; u < kU; ++u) {  // recompute (same bits) rather than keep 16 values live
+      float x[4];
+      bool ok[4];
       const int64_t pos = Tile<NT>::pos(t, u);
+      src.load4(pos, x, ok);
+      double c = run + off[u];
       SD_UNROLL
       for (int j = 0; j < 4; ++j) {
-        c += static_cast<double>(e[u][j]);
-        if (cand == kNone && e[u][j] > 0.0f && c > target) cand = pos + j;
+        const float e = (ok[j] && x[j] >= thr) ? expf(x[j]) : 0.0f;
+        c += static_cast<double>(e);
+        if (cand == kNone && e > 0.0f && c > target) cand = pos + j;
       }
     }
     cand = block_allreduce<NT>(cand, MinOp());
