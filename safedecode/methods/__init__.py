@@ -24,10 +24,21 @@ def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = prompts.SAF
                        (1.0, -alpha), beta=beta, name="acd-text")
 
 
+def self_cd(alpha: float = 2.5, beta: float = 0.0,
+            safety_prompt: str = prompts.SAFETY_EMPHASIS) -> Method:
+    """Self-CD: ``s = lp_p - alpha (lp_p - lp_0) = (1 - alpha) lp_p + alpha lp_0``, anchor p.
+
+    Branch p has the safety-emphasis system prompt, branch 0 none (the template's default).
+    """
+    return contrastive((Branch(system=safety_prompt, name="p"), Branch(name="0")),
+                       (1.0 - alpha, alpha), beta=beta, name="self-cd")
+
+
 REGISTRY: dict[str, Callable[..., Method]] = {
     "plain": plain,
     "safe-prompt": safe_prompt,
     "acd-text": acd_text,
+    "self-cd": self_cd,
 }
 
 
@@ -42,4 +53,4 @@ def get(name: str, **kwargs) -> Method:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "acd_text"]
+           "acd_text", "self_cd"]
