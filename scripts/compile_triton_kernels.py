@@ -61,16 +61,29 @@ def main() -> None:
     jobs = []
     for rule, kk in ((0, 1), (0, 3), (1, 2)):
         jobs.append((K._stats_kernel, dict(ANCHOR=0, RULE=rule, TILE=pl.tile)))
-        jobs.append((K._score_kernel, dict(K=kk, ANCHOR=kk - 1, RULE=rule, CP=cp, TILE=pl.tile)))
+        for use_stats in (rule == 1, True):
+            jobs.append((K._score_kernel, dict(K=kk, ANCHOR=kk - 1, RULE=rule,
+                                               USE_STATS=use_stats, CP=cp, TILE=pl.tile)))
     for mode, prev in ((0, -1), (0, 0), (1, 0), (1, 1)):
         for need in (0, 1, 2):
             jobs.append((K._radix_kernel, dict(MODE=mode, PREV=prev, NEED=need, CP=cp,
                                                NB=backend.NB, TILE=pl.radix_tile)))
-    jobs.append((K._final_kernel, dict(CP=cp, NB=backend.NB, TILE=pl.tile)))
+    for prev in (-1, 0, 1):
+        for need in (0, 1, 2):
+            jobs.append((K._final_kernel, dict(PREV=prev, NEED=need, CP=cp, NB=backend.NB,
+                                               TILE=pl.tile)))
     for lp in (False, True):
         jobs.append((K._sample_kernel, dict(NEED_LP=lp, CP=cp, TILE=pl.tile)))
     jobs.append((K._logprobs_kernel, dict(CP=cp, TILE=pl.tile)))
     jobs.append((K._philox_kernel, dict(BLOCK=256)))
+    # Integer arguments equal to 1 are specialised as constants at launch (V = 1, C = 1, slot 1).
+    one = dict(V=1, C=1, slot=1)
+    jobs.append((K._score_kernel, dict(K=2, ANCHOR=0, RULE=0, USE_STATS=True, CP=1, TILE=16, V=1,
+                                       C=1)))
+    jobs.append((K._radix_kernel, dict(MODE=1, PREV=0, NEED=1, CP=1, NB=backend.NB, TILE=16,
+                                       **one)))
+    jobs.append((K._final_kernel, dict(PREV=1, NEED=1, CP=1, NB=backend.NB, TILE=16, **one)))
+    jobs.append((K._sample_kernel, dict(NEED_LP=True, CP=1, TILE=16, **one)))
     for fn, cx in jobs:
         dt = compile_one(fn, cx, arch)
         print(f"ok  {fn.__name__:18s} {dt:5.1f}s  {cx}")

@@ -1,28 +1,36 @@
 """Triton kernels of the fused contrastive sampler (semantics: ``safedecode/ops/reference.py``).
 
-The vocabulary of each row is split into ``C`` chunks of ``CHUNK`` tokens and every pass runs on a
-``(B, C)`` grid, so a single row still spreads over many programs. Passes talk through tiny
-per-chunk buffers; a pass that needs a row-level value (a max, a histogram) re-reduces the previous
-pass's ``C`` partials itself, which is cheap and keeps the result identical in every program.
+The vocabulary of each row is cut into ``C`` chunks of ``CHUNK`` tokens and every streaming pass
+runs on a ``(B, C)`` grid, so even a single row spreads over many programs. Passes talk through
+tiny per-chunk buffers; a pass that needs a row-level value (a max, a histogram) re-reduces the
+previous pass's ``C`` partials itself, identically in every program (no atomics, deterministic).
 
-Per step (``ND`` = number of radix digits, 8 for 4-bit digits):
+Launches per step (``ND`` radix digits of the 31-bit key; 8 with 4-bit digits):
 
-1. ``_stats_kernel``   anchor max per chunk (and, for ``rule="union"``, max / sum-exp of both
-   branches for their log-softmax).
-2. ``_score_kernel``   the combined score ``s`` (fp32, ``-inf`` = excluded) into a ``[B, V]``
-   buffer, the chunk's max / first argmax of ``s`` and its NaN / +inf flags.
-3. ``_radix_kernel``   ``2 * ND`` passes. Tokens are keyed by the bits of ``|x|`` (``x = (s - m) / T
-   <= 0``; a smaller key is a larger ``x``). Passes ``0 .. ND-1`` run a radix select of the k-th
-   smallest key (count histograms), passes ``ND .. 2ND-1`` the top-p cut (count + mass histograms
-   over the top-k survivors). Pass ``i`` first folds the histograms of pass ``i-1`` into the row
-   state (one digit resolved), then histograms the next digit of the tokens still in play. A search
-   stops early once the kept set is decided; its later passes return at once.
-4. ``_final_kernel``   last state update, then the per-chunk mass of the final set (fp64).
-5. ``_sample_kernel`` (grid ``B``) Philox draw, picks the chunk where the cumulative mass crosses
-   ``u * Z`` and scans only that chunk; or ``_logprobs_kernel`` writes the ``[B, V]`` output.
+1. ``_stats_kernel``  per chunk: anchor max (plausibility mask) and, for ``rule="union"``, max and
+   sum-exp of both branches (their log-softmax). Skipped when no row needs it (host-known only).
+2. ``_score_kernel``  the combined score ``s`` (fp32, ``-inf`` = excluded) into a ``[B, V]``
+   buffer; per chunk: max of ``s``, its first index, NaN / +inf / anchor-alive flags.
+3. ``_radix_kernel``  up to ``2 * ND`` passes. A token's key is the bit pattern of ``|x|``
+   (``x = (s - m) / T <= 0``, so a smaller key is a larger ``x``; ties share a key). Passes of
+   MODE 0 radix-select the k-th smallest key (count histograms, ``NB = 2^bits`` bins per chunk);
+   MODE 1 finds the top-p cut, the smallest key ``K`` with ``mass(key <= K) >= top_p * Z`` over
+   the top-k survivors (count + mass histograms). Each pass first folds the previous pass's
+   histograms into the row state (one more digit resolved), then histograms the next digit of the
+   tokens still in play. A search stops once its kept set is decided (the bin holds exactly the
+   wanted tokens, a single token, or the last digit is reached); later passes then return at once.
+4. ``_final_kernel``  last state update, then the fp64 mass of the final set per chunk.
+5. ``_sample_kernel`` (grid ``B``): greedy token, or the Philox draw ``u``: finds the chunk where
+   the cumulative mass crosses ``u * Z`` and scans only that chunk (``tl.cumsum``, fp64). Or
+   ``_logprobs_kernel`` (grid ``(B, C)``) writes ``x - log Z`` on the final set, ``-inf`` elsewhere.
 
 The row state lives in a small fp64 array ``state[slot, b, NS]`` (every field is exact in fp64);
-pass ``i`` writes slot ``i`` from its program ``c == 0`` and reads slot ``i - 1``.
+launch number ``slot`` reads slot ``slot - 1``, and its program ``c == 0`` writes slot ``slot``.
+Histograms ping-pong between two buffers by the parity of ``slot``.
+
+Precision: scores, ``x`` and log-probs are fp32 as in the reference (true division ``div_rn``).
+Top-p masses are fp32 sums within a radix tile (<= 4096 tokens), fp64 across tiles and chunks; the
+final-set mass and the draw are fp64 throughout, as in the reference.
 """
 
 from __future__ import annotations
@@ -261,16 +269,20 @@ def _log_softmax_shift(stats_row, C, j, CP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["sk", "sb"])
 def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sflag, V, C, CHUNK,
-                  K: tl.constexpr, ANCHOR: tl.constexpr, RULE: tl.constexpr, CP: tl.constexpr,
-                  TILE: tl.constexpr):
-    """Score s (fp32, -inf = excluded) into S; per chunk: max s, its first index, NaN/+inf flags."""
+                  K: tl.constexpr, ANCHOR: tl.constexpr, RULE: tl.constexpr,
+                  USE_STATS: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr):
+    """Score s (fp32, -inf = excluded) into S; per chunk: max s, its first index and flags (1: NaN,
+    2: +inf, 4: some anchor logit is not -inf)."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     row = logits + b * sb
     stats_row = stats + b * C * N_STATS
-    ci = tl.arange(0, CP)
-    amax = tl.max(tl.load(stats_row + ci * N_STATS, mask=ci < C, other=NEG_INF))
-    thr = amax + tl.load(log_beta + b)  # plausibility: keep z_a >= max z_a + log(beta)
+    if USE_STATS:  # plausibility: keep z_a >= max z_a + log(beta)
+        ci = tl.arange(0, CP)
+        amax = tl.max(tl.load(stats_row + ci * N_STATS, mask=ci < C, other=NEG_INF))
+        thr = amax + tl.load(log_beta + b)
+    else:  # beta = 0 on every row (known on the host): no mask, no stats pass
+        thr = NEG_INF
     if RULE == 1:
         mx0, lse0 = _log_softmax_shift(stats_row, C, 0, CP)
         mx1, lse1 = _log_softmax_shift(stats_row, C, 1, CP)
@@ -291,7 +303,7 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
         z1 = s
         for k in tl.static_range(K):
             z = tl.load(row + k * sk.to(tl.int64) + offs, mask=mask, other=0.0).to(tl.float32)
-            flags |= tl.where(z != z, 1, 0) | tl.where(z == float("inf"), 2, 0)
+            flags |= tl.where(z != z, 1, 0) | tl.where(z == float("inf"), 2, 0)  # noqa: PLR0124
             if RULE == 0:
                 w = tl.load(weights + b * K + k)
                 on = (w + tl.zeros_like(z)) != 0.0  # (compare as a vector: interpreter quirk)
@@ -309,6 +321,7 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
             on = (gamma + tl.zeros_like(z0)) != 0.0
             s = tl.where(on, lp0 + gamma * tl.minimum(lp0 - lp1, 0.0), lp0)
             excl |= (z0 == NEG_INF) | (on & (z1 == NEG_INF))
+        flags |= tl.where(mask & (za != NEG_INF), 4, 0)  # the anchor is not all -inf
         excl |= (za == NEG_INF) | (za < thr)
         s = tl.where(excl, NEG_INF, s)
         tl.store(s_row + offs, s, mask=mask)
@@ -321,22 +334,15 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
     out = b * C + c
     tl.store(spart + out, best)
     tl.store(sarg + out, best_i)
-    tl.store(sflag + out, tl.max(flags & 1) | tl.max(flags & 2))
+    tl.store(sflag + out, tl.max(flags & 1) | tl.max(flags & 2) | tl.max(flags & 4))
 
 
 @triton.jit
-def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, stats, temperature, top_k, top_p,
-                  B, V, C, CHUNK, pass_idx, prev_level, prev_shift, shift, dmask, hi_mask,
-                  MODE: tl.constexpr, PREV: tl.constexpr, NEED: tl.constexpr, CP: tl.constexpr,
-                  NB: tl.constexpr, TILE: tl.constexpr):
-    """One radix pass: fold the previous pass's histograms into the row state, then histogram the
-    next digit. MODE 0 = top-k (counts), 1 = top-p (counts + masses); PREV = MODE of the previous
-    pass, or -1 for the first pass, which builds the state from the score partials. NEED: 0 =
-    sampling only (greedy rows skip), 1 = sampling + log-probs, 2 = log-probs op (bad rows too)."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    st_prev = state + ((pass_idx - 1) * B + b) * NS
-    st_cur = state + (pass_idx * B + b) * NS
+def _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p, b, B, V, C,
+                prev_level, prev_shift, PREV: tl.constexpr, NEED: tl.constexpr,
+                CP: tl.constexpr, NB: tl.constexpr):
+    """Row state of launch ``slot``: built from the score partials (PREV = -1), or the state of
+    ``slot - 1`` with the histograms of that launch folded in (PREV = its MODE)."""
     if PREV == -1:
         ci = tl.arange(0, CP)
         ok = ci < C
@@ -344,10 +350,9 @@ def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, stats, temperature, t
         m = tl.max(smax)
         greedy = tl.min(tl.load(sarg + b * C + ci, mask=ok & (smax == m), other=BIG))
         fl = tl.load(sflag + b * C + ci, mask=ok, other=0)
-        amax = tl.max(tl.load(stats + (b * C + ci) * N_STATS, mask=ok, other=NEG_INF))
         status = tl.where(tl.max(fl & 1) > 0, 1,
                           tl.where(tl.max(fl & 2) > 0, 2,
-                                   tl.where(amax == NEG_INF, 3, tl.where(m == NEG_INF, 4, 0))))
+                                   tl.where(tl.max(fl & 4) == 0, 3, tl.where(m == NEG_INF, 4, 0))))
         temp = tl.load(temperature + b)
         if NEED == 0:
             need = ((status == 0) & (temp > 0.0)).to(tl.int32)
@@ -356,8 +361,7 @@ def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, stats, temperature, t
         else:
             need = (status == 0).to(tl.int32) | 1
         k = tl.load(top_k + b).to(tl.int32)
-        k_act = (need != 0) & (k > 0) & (k < V)
-        k_act = k_act.to(tl.int32)
+        k_act = ((need != 0) & (k > 0) & (k < V)).to(tl.int32)
         k_pre = tl.zeros([], tl.int32)
         k_rem = k
         key_k = tl.zeros([], tl.int32) + MAXKEY
@@ -367,18 +371,37 @@ def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, stats, temperature, t
         key_p = tl.zeros([], tl.int32) + MAXKEY
     else:
         (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-         p_act, p_pre, p_rem, key_p) = _load_state(st_prev)
-        slot = ((pass_idx + 1) % 2 * B + b) * C * NB
+         p_act, p_pre, p_rem, key_p) = _load_state(state + ((slot - 1) * B + b) * NS)
+        hist = ((slot + 1) % 2 * B + b) * C * NB  # histograms written by launch slot - 1
         if PREV == 0:
-            k_act, k_pre, k_rem, key_k = _update_topk(k_act, k_pre, k_rem, key_k, cnt + slot, C,
+            k_act, k_pre, k_rem, key_k = _update_topk(k_act, k_pre, k_rem, key_k, cnt + hist, C,
                                                       prev_level, prev_shift, CP, NB)
         else:
             p_act, p_pre, p_rem, key_p = _update_topp(p_act, p_pre, p_rem, key_p,
-                                                      tl.load(top_p + b), cnt + slot, mass + slot,
+                                                      tl.load(top_p + b), cnt + hist, mass + hist,
                                                       C, prev_level, prev_shift, CP, NB)
+    return status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem, key_p
+
+
+@triton.jit
+def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
+                  B, V, C, CHUNK, slot, prev_level, prev_shift, shift, dmask, hi_mask,
+                  MODE: tl.constexpr, PREV: tl.constexpr, NEED: tl.constexpr, CP: tl.constexpr,
+                  NB: tl.constexpr, TILE: tl.constexpr):
+    """One radix pass: fold the previous launch's histograms into the row state, then histogram
+    the digit at ``shift`` of the tokens whose higher bits match the search's prefix.
+
+    MODE 0 = top-k (counts), 1 = top-p (counts + masses over keys <= KEYK). PREV: MODE of the
+    previous launch, -1 if this is the first. NEED: 0 = sampling only (greedy rows skip), 1 =
+    sampling + log-probs, 2 = log-probs op (bad rows too, with x = 0 as in the reference)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    (status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem,
+     key_p) = _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
+                          b, B, V, C, prev_level, prev_shift, PREV, NEED, CP, NB)
     if c == 0:
-        _store_state(st_cur, status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre,
-                     p_rem, key_p)
+        _store_state(state + (slot * B + b) * NS, status, m, greedy, need, k_act, k_pre, k_rem,
+                     key_k, p_act, p_pre, p_rem, key_p)
     if MODE == 0:
         active = k_act
         prefix = k_pre
@@ -401,32 +424,31 @@ def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, stats, temperature, t
             match = valid & ((key & hi_mask) == prefix)
             if MODE == 1:
                 match &= key <= key_k
-            if tl.max(match.to(tl.int32)) > 0:
+            if tl.max(match.to(tl.int32)) > 0:  # later digits: most tiles have no candidate
                 digit = (key >> shift) & dmask
                 hit = (digit[:, None] == bins[None, :]) & match[:, None]
                 acc_c += tl.sum(hit.to(tl.int32), axis=0)
                 if MODE == 1:
                     e = tl.exp(x)
                     acc_m += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
-        out = ((pass_idx % 2 * B + b) * C + c) * NB + bins
+        out = ((slot % 2 * B + b) * C + c) * NB + bins
         tl.store(cnt + out, acc_c)
         if MODE == 1:
             tl.store(mass + out, acc_m)
 
 
 @triton.jit
-def _final_kernel(S, state, cnt, mass, temperature, top_p, log_min_p, fmass, B, V, C, CHUNK,
-                  pass_idx, prev_level, prev_shift, CP: tl.constexpr, NB: tl.constexpr, TILE: tl.constexpr):
-    """Last state update (top-p's final digit), then the fp64 mass of the final set per chunk."""
+def _final_kernel(S, state, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p, log_min_p,
+                  fmass, B, V, C, CHUNK, slot, prev_level, prev_shift, PREV: tl.constexpr,
+                  NEED: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr, TILE: tl.constexpr):
+    """Last state update, then the fp64 mass of the final set (all masks) per chunk."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-     p_act, p_pre, p_rem, key_p) = _load_state(state + ((pass_idx - 1) * B + b) * NS)
-    slot = ((pass_idx + 1) % 2 * B + b) * C * NB
-    p_act, p_pre, p_rem, key_p = _update_topp(p_act, p_pre, p_rem, key_p, tl.load(top_p + b),
-                                              cnt + slot, mass + slot, C, prev_level, prev_shift, CP, NB)
+    (status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem,
+     key_p) = _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
+                          b, B, V, C, prev_level, prev_shift, PREV, NEED, CP, NB)
     if c == 0:
-        _store_state(state + (pass_idx * B + b) * NS, status, m, greedy, need, k_act, k_pre, k_rem,
+        _store_state(state + (slot * B + b) * NS, status, m, greedy, need, k_act, k_pre, k_rem,
                      key_k, p_act, p_pre, p_rem, key_p)
     acc = tl.zeros([TILE], tl.float64)
     if need != 0:
@@ -446,13 +468,13 @@ def _final_kernel(S, state, cnt, mass, temperature, top_p, log_min_p, fmass, B, 
 
 
 @triton.jit
-def _sample_kernel(S, state, fmass, temperature, log_min_p, seed, step, tokens, logprobs, status_out,
-                   B, V, C, CHUNK, pass_idx, NEED_LP: tl.constexpr, CP: tl.constexpr,
+def _sample_kernel(S, state, fmass, temperature, log_min_p, seed, step, tokens, logprobs,
+                   status_out, B, V, C, CHUNK, slot, NEED_LP: tl.constexpr, CP: tl.constexpr,
                    TILE: tl.constexpr):
     """Per row: greedy token or inverse-CDF draw over the final set (only one chunk is scanned)."""
     b = tl.program_id(0).to(tl.int64)
     (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-     p_act, p_pre, p_rem, key_p) = _load_state(state + (pass_idx * B + b) * NS)
+     p_act, p_pre, p_rem, key_p) = _load_state(state + (slot * B + b) * NS)
     temp = tl.load(temperature + b)
     t_eff = tl.where(temp > 0.0, temp, 1.0)
     ci = tl.arange(0, CP)
@@ -496,12 +518,12 @@ def _sample_kernel(S, state, fmass, temperature, log_min_p, seed, step, tokens, 
 
 @triton.jit
 def _logprobs_kernel(S, state, fmass, temperature, log_min_p, out, status_out, B, V, C, CHUNK,
-                     pass_idx, CP: tl.constexpr, TILE: tl.constexpr):
+                     slot, CP: tl.constexpr, TILE: tl.constexpr):
     """out[b, v] = x - log Z_final on the final set, -inf elsewhere (may overwrite S in place)."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-     p_act, p_pre, p_rem, key_p) = _load_state(state + (pass_idx * B + b) * NS)
+     p_act, p_pre, p_rem, key_p) = _load_state(state + (slot * B + b) * NS)
     temp = tl.load(temperature + b)
     t_eff = tl.where(temp > 0.0, temp, 1.0)
     ci = tl.arange(0, CP)

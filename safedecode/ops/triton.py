@@ -5,8 +5,11 @@ pass structure). Every pass runs on a ``(B, C)`` grid: the vocabulary is cut int
 at ``B = 1``. The chunk and tile sizes depend only on ``V`` (never on ``B``), so a row's arithmetic,
 and hence its token, is the same alone or inside any batch.
 
-On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported), with larger tiles to keep it quick.
+On a GPU the launch sequence is static (no host sync: 1 stats + 1 score + 2 * ND radix + 1 final +
+1 sample/logprobs = 20 launches with 4-bit digits), so a decode step can be captured in a CUDA
+graph. On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported), with larger tiles, and the passes that no
+row needs are skipped (reading the parameters costs nothing there).
 """
 
 from __future__ import annotations
@@ -70,12 +73,13 @@ class Plan:
 
 
 def plan(v: int) -> Plan:
-    """Chunking for vocabulary ``v``: at most ~128 chunks (8 when interpreted), tiles of 1024."""
+    """Chunking for vocabulary ``v`` (never the batch): on a GPU at most 128 chunks of at least one
+    1024-token tile (radix tiles of 256); under the interpreter at most 8 larger chunks."""
     if _interpreted():
         tile_max, radix_max, max_chunks = 8192, 4096, 8
     else:
         tile_max, radix_max, max_chunks = 1024, 256, 128
-    tile = min(tile_max, triton.next_power_of_2(v))
+    tile = max(16, min(tile_max, triton.next_power_of_2(v)))
     chunk = max(tile, triton.next_power_of_2(triton.cdiv(v, max_chunks)))
     return Plan(chunk, triton.cdiv(v, chunk), tile, min(radix_max, tile), 4)
 
