@@ -173,98 +173,6 @@ void branch_lse(const LogitsView& L, int64_t k, int64_t b, float* buf, float& mx
   logsum = static_cast<float>(std::log(sum));
 }
 
-// The common case in one pass (linear rule, K <= 2, every branch weighted): score, exclusions,
-// anchor max, score max and the NaN/+inf flag. Eight independent lanes so the compiler vectorises
-// the reductions; the arithmetic is exactly the general path's (w0*z0 then + w1*z1).
-template <bool kTwo, bool kAnchor1>
-void fused_linear(const float* z0, const float* z1, float w0, float w1, int64_t n, float* s,
-                  float& amax, float& smax, int& bad) {
-  float am[8], sm[8];
-  int bd[8];
-  for (int j = 0; j < 8; ++j) {
-    am[j] = kNegInf;
-    sm[j] = kNegInf;
-    bd[j] = 0;
-  }
-  auto lane = [&](int64_t i, int j) {
-    const float a = z0[i];
-    const float c = kTwo ? z1[i] : 0.0f;
-    float v = w0 * a;
-    if (kTwo) v = v + w1 * c;
-    const bool ex = kTwo ? ((a == kNegInf) | (c == kNegInf)) : (a == kNegInf);
-    v = ex ? kNegInf : v;
-    s[i] = v;
-    const float za = kAnchor1 ? c : a;
-    am[j] = za > am[j] ? za : am[j];
-    sm[j] = v > sm[j] ? v : sm[j];
-    bd[j] |= kTwo ? (!(a <= kFloatMax) | !(c <= kFloatMax)) : !(a <= kFloatMax);
-  };
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) lane(i + j, j);
-  for (; i < n; ++i) lane(i, 0);
-  for (int j = 0; j < 8; ++j) {
-    amax = am[j] > amax ? am[j] : amax;
-    smax = sm[j] > smax ? sm[j] : smax;
-    bad |= bd[j];
-  }
-}
-
-// The general per-block path: any K, the union rule, zero weights. Fills S.sblk with scores.
-void general_block(const LogitsView& L, const float* w, int rule, int anchor, const bool* active,
-                   int64_t b, int64_t v0, int64_t n, float mx0, float ls0, float mx1, float ls1,
-                   float gamma, Scratch& S, const float** zk, int& bad_nan, int& bad_inf) {
-  const int64_t K = L.K;
-  for (int64_t k = 0; k < K; ++k) {
-    zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
-    const float* z = zk[k];
-    int bad = 0;  // NaN or +inf (a single compare: -inf is a legal, masked logit)
-    for (int64_t i = 0; i < n; ++i) bad |= !(z[i] <= kFloatMax);
-    if (bad) {
-      for (int64_t i = 0; i < n; ++i) {
-        bad_nan |= z[i] != z[i];
-        bad_inf |= z[i] == kPosInf;
-      }
-    }
-  }
-  float* s = S.sblk.data();
-  // Combined score.
-  if (rule == kLinear) {
-    bool first = true;
-    for (int64_t k = 0; k < K; ++k) {
-      if (!active[k]) continue;
-      const float wk = w[k];
-      const float* z = zk[k];
-      if (first) {
-        for (int64_t i = 0; i < n; ++i) s[i] = wk * z[i];
-        first = false;
-      } else {
-        for (int64_t i = 0; i < n; ++i) s[i] = s[i] + wk * z[i];
-      }
-    }
-    if (first) std::fill(s, s + n, 0.0f);
-  } else {
-    const float* z0 = zk[0];
-    const float* z1 = zk[1];
-    if (gamma != 0.0f) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float lp0 = (z0[i] - mx0) - ls0;
-        const float lp1 = (z1[i] - mx1) - ls1;
-        const float d = lp0 - lp1;
-        s[i] = lp0 + gamma * (d < 0.0f ? d : 0.0f);
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) s[i] = (z0[i] - mx0) - ls0;
-    }
-  }
-  // Exclusions: -inf in the anchor or in any weighted branch (overrides +-inf/NaN from w*-inf).
-  for (int64_t k = 0; k < K; ++k) {
-    if (!active[k] && k != anchor) continue;
-    const float* z = zk[k];
-    for (int64_t i = 0; i < n; ++i) s[i] = z[i] == kNegInf ? kNegInf : s[i];
-  }
-}
-
 enum class Collect { kNone, kAll, kTopK, kPlausible };
 
 struct ScanResult {
@@ -302,46 +210,67 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
   float thr_k = kNegInf;  // running top-k prefilter (a lower bound of the final k-th score)
   int bad_nan = 0, bad_inf = 0;
 
-  const bool fused = rule == kLinear && K <= 2 && active[0] && (K == 1 || active[1]);
   for (int64_t v0 = 0; v0 < L.V; v0 += kBlock) {
     const int64_t n = std::min(kBlock, L.V - v0);
     const float* zk[64];
-    float* s = S.sblk.data();
-    float amax_blk = kNegInf;
-    float smax_blk = kNegInf;
-    if (fused) {
-      for (int64_t k = 0; k < K; ++k)
-        zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
-      int bad = 0;
-      if (K == 1) {
-        fused_linear<false, false>(zk[0], nullptr, w[0], 0.0f, n, s, amax_blk, smax_blk, bad);
-      } else if (anchor == 0) {
-        fused_linear<true, false>(zk[0], zk[1], w[0], w[1], n, s, amax_blk, smax_blk, bad);
-      } else {
-        fused_linear<true, true>(zk[0], zk[1], w[0], w[1], n, s, amax_blk, smax_blk, bad);
-      }
+    for (int64_t k = 0; k < K; ++k) {
+      zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
+      const float* z = zk[k];
+      int bad = 0;  // NaN or +inf (a single compare: -inf is a legal, masked logit)
+      for (int64_t i = 0; i < n; ++i) bad |= !(z[i] <= kFloatMax);
       if (bad) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t i = 0; i < n; ++i) {
-            bad_nan |= zk[k][i] != zk[k][i];
-            bad_inf |= zk[k][i] == kPosInf;
-          }
+        for (int64_t i = 0; i < n; ++i) {
+          bad_nan |= z[i] != z[i];
+          bad_inf |= z[i] == kPosInf;
         }
       }
-      r.anchor_max = std::max(r.anchor_max, amax_blk);
-    } else {
-      general_block(L, w, rule, anchor, active, b, v0, n, mx0, ls0, mx1, ls1, gamma, S, zk,
-                    bad_nan, bad_inf);
-      amax_blk = block_max(zk[anchor], n);
-      r.anchor_max = std::max(r.anchor_max, amax_blk);
-      if (mode != Collect::kPlausible) smax_blk = block_max(s, n);
     }
     const float* za = zk[anchor];
+    float* s = S.sblk.data();
+    const float amax_blk = block_max(za, n);
+    r.anchor_max = std::max(r.anchor_max, amax_blk);
+
+    // Combined score.
+    if (rule == kLinear) {
+      bool first = true;
+      for (int64_t k = 0; k < K; ++k) {
+        if (!active[k]) continue;
+        const float wk = w[k];
+        const float* z = zk[k];
+        if (first) {
+          for (int64_t i = 0; i < n; ++i) s[i] = wk * z[i];
+          first = false;
+        } else {
+          for (int64_t i = 0; i < n; ++i) s[i] = s[i] + wk * z[i];
+        }
+      }
+      if (first) std::fill(s, s + n, 0.0f);
+    } else {
+      const float* z0 = zk[0];
+      const float* z1 = zk[1];
+      if (gamma != 0.0f) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float lp0 = (z0[i] - mx0) - ls0;
+          const float lp1 = (z1[i] - mx1) - ls1;
+          const float d = lp0 - lp1;
+          s[i] = lp0 + gamma * (d < 0.0f ? d : 0.0f);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) s[i] = (z0[i] - mx0) - ls0;
+      }
+    }
+    // Exclusions: -inf in the anchor or in any weighted branch (overrides +-inf/NaN from w*-inf).
+    for (int64_t k = 0; k < K; ++k) {
+      if (!active[k] && k != anchor) continue;
+      const float* z = zk[k];
+      for (int64_t i = 0; i < n; ++i) s[i] = z[i] == kNegInf ? kNegInf : s[i];
+    }
 
     switch (mode) {
       case Collect::kNone:
       case Collect::kAll:
       case Collect::kTopK: {
+        const float smax_blk = block_max(s, n);
         if (smax_blk > r.smax) {  // rare after the first blocks: find the first maximal index
           r.smax = smax_blk;
           for (int64_t i = 0; i < n; ++i) {
