@@ -220,7 +220,7 @@ def test_branch_hooks_act_on_their_rows_only():
     hooked_0 = contrastive([Branch(system="Be safe.", hooks=(boom,)), same[1]], [1.0, 0.0])
     assert _ids(SafeDecoder(model, tok, hooked_0).generate(MIXED_PROMPTS, max_new_tokens=8)) \
         != base
-    # The naive generator (no hooks) must agree with the unhooked run: hooks were removed.
+    # The hooks were removed when generate returned: an unhooked run is unchanged afterwards.
     assert _ids(SafeDecoder(model, tok, contrastive(same, [1.0, 0.0]))
                 .generate(MIXED_PROMPTS, max_new_tokens=8)) == base
 

@@ -253,7 +253,8 @@ class SafeDecoder:
                         f"{self.max_positions} tokens")
         if streamer is not None and b != 1:
             raise ValueError("streamer: transformers streamers take a single prompt (B=1)")
-        eos = (set() if ignore_eos else self._eos_ids()) | stop_ids
+        self._true_eos = self._eos_ids()
+        eos = (set() if ignore_eos else self._true_eos) | stop_ids
         reqs = [_Request(i, [len(built[k][i][0]) + len(built[k][i][1]) for k in range(kb)],
                          seeds[i]) for i in range(b)]
         self._results = []
@@ -371,10 +372,14 @@ class SafeDecoder:
         m, kb = self.method, self.method.k
         active = list(range(len(reqs)))  # request indices, in row order
         weights = list(m.weights)
+        # Per-step state kept as tensors and updated in place: the additive attention mask
+        # (0 = visible), each request's seed, and its step (= tokens generated so far).
+        bias = torch.zeros(valid.shape, dtype=self.dtype, device=self.device)
+        bias.masked_fill_(~valid, torch.finfo(self.dtype).min)
+        seeds = torch.tensor([r.seed for r in reqs], device=self.device)
+        steps = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         while active:
             n_act = len(active)
-            seeds = torch.tensor([reqs[i].seed for i in active], device=self.device)
-            steps = torch.tensor([len(reqs[i].out) for i in active], device=self.device)
             live = [j for j, i in enumerate(active) if reqs[i].finish is None]
             view = logits.view(kb, n_act, -1)
             res = contrastive_sample(view, weights, rule=m.rule, anchor=m.anchor, beta=m.beta,
@@ -403,25 +408,26 @@ class SafeDecoder:
                 rows = torch.tensor([k * n_act + j for k in range(kb) for j in keep],
                                     device=self.device)
                 cache.select_rows(rows)
-                valid, pos, tokens = valid[rows], pos[rows], tokens[torch.tensor(keep)]
+                kept = torch.tensor(keep, device=self.device)
+                bias, pos, tokens = bias[rows], pos[rows], tokens[kept]
+                seeds, steps = seeds[kept], steps[kept]
                 active = [active[j] for j in keep]
                 n_act = len(active)
                 self._row_slices = {k: slice(k * n_act, (k + 1) * n_act) for k in range(kb)}
             slot = cache.length
-            valid[:, slot] = True
-            step_mask = torch.zeros(valid.shape[0], 1, 1, slot + 1, dtype=self.dtype,
-                                    device=self.device)
-            step_mask.masked_fill_(~valid[:, None, None, :slot + 1], torch.finfo(self.dtype).min)
-            out = self.model(input_ids=tokens.repeat(kb)[:, None], attention_mask=step_mask,
+            bias[:, slot] = 0.0
+            out = self.model(input_ids=tokens.repeat(kb)[:, None],
+                             attention_mask=bias[:, None, None, :slot + 1],
                              position_ids=pos[:, None], past_key_values=cache, use_cache=True)
             pos = pos + 1
+            steps += 1
             logits = out.logits[:, -1, :]
 
     def _advance_text(self, r: _Request, token: int, eos: set[int], stop_strings: list[str],
                       max_new_tokens: int) -> tuple[str, str | None]:
         """Update the request's text with its new token; returns (delta, finish reason)."""
         if token in eos:
-            return "", "eos" if token in self._eos_ids() else "stop"
+            return "", "eos" if token in self._true_eos else "stop"
         ids = [t for t in r.out if t not in eos]
         text = self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
         reason = None
