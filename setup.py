@@ -66,5 +66,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
     package_dir={"safedecode.triton_kernels": "triton_kernels"},
+    package_data={"safedecode.data": ["*.jsonl", "*.md"], "safedecode.methods": ["assets/*"]},
     packages=find_packages(include=["safedecode", "safedecode.*"]) + ["safedecode.triton_kernels"],
 )
