@@ -51,7 +51,8 @@ def generate(
     prompt: str | None = typer.Argument(None, help="The user message."),
     file: Path | None = typer.Option(None, "--file", "-f",
                                      help="A .txt (one prompt per line) or .jsonl ('prompt')."),
-    method: str = typer.Option("plain", "--method", "-m", help="plain, safe-prompt, acd-text, ..."),
+    method: str = typer.Option("plain", "--method", "-m",
+                               help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -64,6 +65,8 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print text as it is decoded (1 prompt)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
+    acd_prompts: Path | None = typer.Option(
+        None, "--acd-prompts", help="Soft prompts from `safedecode optimize` (acd, acd-sp)."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -75,7 +78,8 @@ def generate(
     from safedecode.models import load_model
 
     prompts = _read_prompts(prompt, file)
-    kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
+    kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
+              if v is not None}
     console = Console(stderr=True)
     try:
         meth = methods.get(method, **kwargs)
@@ -113,6 +117,46 @@ def generate(
                                    "timing": r.timing}))
         else:
             typer.echo(r.text if len(prompts) == 1 else f"### {p}\n{r.text}\n")
+
+
+@app.command()
+def optimize(
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the .safetensors prompts."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    data: Path | None = typer.Option(None, help="Anchor set .jsonl (default: the shipped one)."),
+    epochs: int = typer.Option(3, help="Passes over the anchor set."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Harmful and safe items per step."),
+    lr: float = typer.Option(2e-3, help="Adam learning rate of the prompt embeddings."),
+    seed: int = typer.Option(0, help="Seed (shuffling; the run is deterministic)."),
+    max_response_tokens: int = typer.Option(48, "--max-response-tokens"),
+):
+    """ACD's Opposite Prompt Optimization: train SP/AP soft prompts (the model stays frozen)."""
+    import torch
+
+    from safedecode.methods.acd import save_prompts
+    from safedecode.methods.opo import OPOConfig, optimize_prompts
+    from safedecode.models import load_model
+
+    try:
+        cfg = OPOConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                        max_response_tokens=max_response_tokens)
+        items = None
+        if data is not None:
+            try:
+                lines = data.read_text(encoding="utf-8").splitlines()
+                items = [json.loads(x) for x in lines if x.strip()]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"--data: cannot read {data}: {exc}") from exc
+        torch.manual_seed(seed)
+        mdl, tok = load_model(model)
+        result = optimize_prompts(mdl, tok, items, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    path = save_prompts(out, result)
+    last = result.history[-1]
+    typer.echo(f"wrote {path}: SP {tuple(result.safeguard.shape)}, AP "
+               f"{tuple(result.adversarial.shape)}, final L_SP {last['L_SP']:.3f}, "
+               f"L_AP {last['L_AP']:.3f}")
 
 
 @app.command()

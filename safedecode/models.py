@@ -8,6 +8,7 @@ and loaded by transformers with ``gguf_file=`` — no network access.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -81,6 +82,27 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
         tok.pad_token = tok.eos_token
     model.safedecode_name = str(name_or_path) + (f"/{gguf_file}" if gguf_file else "")
     return model, tok
+
+
+def embedding_fingerprint(model) -> str:
+    """A short hash of the model's input-embedding table (rounded to bfloat16, so it is the same
+    whether the model is loaded in fp32, bf16 or fp16): soft prompts are tied to it."""
+    weight = model.get_input_embeddings().weight
+    cached = getattr(model, "_safedecode_fingerprint", None)
+    if cached is not None and cached[0] == (weight.data_ptr(), weight._version):
+        return cached[1]
+    table = weight.detach().to("cpu", torch.bfloat16).contiguous()
+    h = hashlib.sha256(str(tuple(table.shape)).encode())
+    h.update(table.view(torch.int16).numpy().tobytes())
+    fp = h.hexdigest()[:16]
+    model._safedecode_fingerprint = ((weight.data_ptr(), weight._version), fp)
+    return fp
+
+
+def model_name(model) -> str:
+    """A readable identity: the name it was loaded under, else its config's."""
+    return str(getattr(model, "safedecode_name", None)
+               or getattr(model.config, "name_or_path", None) or type(model).__name__)
 
 
 def _save_plain(model, tok, folder: Path) -> None:

@@ -31,12 +31,18 @@ class BranchHook:
 
 @dataclass(frozen=True, eq=False)
 class Branch:
-    """One prompt branch: ``system`` text, or a ``soft_prompt`` [n, d], or neither."""
+    """One prompt branch: ``system`` text, or a ``soft_prompt`` [n, d], or neither.
+
+    ``fingerprint``: the :func:`safedecode.models.embedding_fingerprint` of the model a soft prompt
+    was trained for; the engine refuses to run it on another model.
+    """
 
     system: str | None = None
     soft_prompt: torch.Tensor | None = None
     name: str = ""
     hooks: tuple[BranchHook, ...] = field(default=())
+    fingerprint: str | None = None
+    trained_for: str = ""
 
     def __post_init__(self) -> None:
         if self.system is not None and not isinstance(self.system, str):

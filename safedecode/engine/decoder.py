@@ -121,6 +121,17 @@ class SafeDecoder:
                 raise ValueError(f"method {method.name!r}: branch {i}'s soft prompt has width "
                                  f"{br.soft_prompt.shape[1]}, the model's embeddings "
                                  f"{self.embed.weight.shape[1]}")
+            if br.fingerprint is not None:
+                from safedecode.models import embedding_fingerprint, model_name
+
+                here = embedding_fingerprint(model)
+                if here != br.fingerprint:
+                    raise ValueError(
+                        f"method {method.name!r}: branch {i} ({br.name or 'soft prompt'}) was "
+                        f"optimised for {br.trained_for or 'another model'} (embedding "
+                        f"fingerprint {br.fingerprint}), but this model is {model_name(model)} "
+                        f"(fingerprint {here}); optimise prompts for it with "
+                        "`safedecode optimize --model ...`")
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128,

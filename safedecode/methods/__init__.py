@@ -10,6 +10,8 @@ from collections.abc import Callable
 from safedecode.engine.branches import Branch, Method, contrastive, plain
 
 from . import prompts
+from .acd import ACD, acd, acd_sp, acd_text
+from .self_cd import SelfCD, self_cd
 
 
 def safe_prompt(system: str = prompts.SAFEGUARD) -> Method:
@@ -17,27 +19,12 @@ def safe_prompt(system: str = prompts.SAFEGUARD) -> Method:
     return Method("safe-prompt", (Branch(system=system, name="safe"),), (1.0,))
 
 
-def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = prompts.SAFEGUARD,
-             adversarial: str = prompts.ADVERSARIAL) -> Method:
-    """ACD with text prompts (no optimisation): ``s = lp_SP - alpha * lp_AP``, anchor SP."""
-    return contrastive((Branch(system=safeguard, name="SP"), Branch(system=adversarial, name="AP")),
-                       (1.0, -alpha), beta=beta, name="acd-text")
-
-
-def self_cd(alpha: float = 2.5, beta: float = 0.0,
-            safety_prompt: str = prompts.SAFETY_EMPHASIS) -> Method:
-    """Self-CD: ``s = lp_p - alpha (lp_p - lp_0) = (1 - alpha) lp_p + alpha lp_0``, anchor p.
-
-    Branch p has the safety-emphasis system prompt, branch 0 none (the template's default).
-    """
-    return contrastive((Branch(system=safety_prompt, name="p"), Branch(name="0")),
-                       (1.0 - alpha, alpha), beta=beta, name="self-cd")
-
-
 REGISTRY: dict[str, Callable[..., Method]] = {
     "plain": plain,
     "safe-prompt": safe_prompt,
+    "acd": acd,
     "acd-text": acd_text,
+    "acd-sp": acd_sp,
     "self-cd": self_cd,
 }
 
@@ -53,4 +40,4 @@ def get(name: str, **kwargs) -> Method:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "acd_text", "self_cd"]
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd"]

@@ -1,0 +1,144 @@
+"""ACD — Adversarial Contrastive Decoding: ``s = lp_SP - alpha * lp_AP``, anchored on SP.
+
+SP is a safeguarding prompt and AP its adversarial opposite, either as text (the untrained variant,
+``acd-text``) or as soft prompts trained by *Opposite Prompt Optimization*
+(:func:`optimize_prompts`, ``safedecode optimize``; the model stays frozen). Optimised prompts are
+saved to safetensors with the identity of the model they were trained for
+(:func:`save_prompts` / :func:`load_prompts`); the package ships a pair for the embedded default
+model, which ``acd`` (and ``safedecode generate --method acd``) uses unless given another file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safedecode.engine.branches import Branch, Method, contrastive
+
+from . import prompts as text_prompts
+
+FORMAT = "safedecode-acd-prompts/1"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_PROMPTS = ASSETS / "acd_smollm2-135m-instruct.safetensors"
+
+PromptLike = str | torch.Tensor
+
+
+@dataclass
+class ACDPrompts:
+    """An optimised SP/AP pair and where it came from."""
+
+    safeguard: torch.Tensor  # [n_sp, d]
+    adversarial: torch.Tensor  # [n_ap, d]
+    fingerprint: str  # safedecode.models.embedding_fingerprint of the base model
+    base_model: str
+    config: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def check_model(self, model) -> None:
+        """Raise ValueError unless ``model`` is the one these prompts were optimised for."""
+        from safedecode.models import embedding_fingerprint, model_name
+
+        width = model.get_input_embeddings().weight.shape[1]
+        here = embedding_fingerprint(model)
+        if here != self.fingerprint or width != self.safeguard.shape[1]:
+            raise ValueError(
+                f"ACD prompts: optimised for {self.base_model} (embedding fingerprint "
+                f"{self.fingerprint}, width {self.safeguard.shape[1]}), but the model is "
+                f"{model_name(model)} (fingerprint {here}, width {width}); run "
+                "`safedecode optimize --model ...` to optimise prompts for it")
+
+
+def save_prompts(path: str | Path, acd_prompts: ACDPrompts) -> Path:
+    """Write the pair to a safetensors file with its metadata (base model, fingerprint, config)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "base_model": acd_prompts.base_model,
+            "embedding_fingerprint": acd_prompts.fingerprint,
+            "training_config": json.dumps(acd_prompts.config, sort_keys=True),
+            "history": json.dumps(acd_prompts.history),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tensors = {"safeguard": acd_prompts.safeguard.detach().to("cpu", torch.float32).contiguous(),
+               "adversarial": acd_prompts.adversarial.detach().to("cpu", torch.float32)
+               .contiguous()}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_prompts(path: str | Path | None = None, model=None) -> ACDPrompts:
+    """Read a pair saved by :func:`save_prompts` (default: the shipped pair for the embedded
+    model); with ``model``, fail clearly if it is not the model they were optimised for."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path) if path is not None else DEFAULT_PROMPTS
+    if not path.is_file():
+        raise FileNotFoundError(f"ACD prompts: {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"ACD prompts: {path} is not a safedecode ACD prompt file "
+                                 f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+            sp, ap = f.get_tensor("safeguard"), f.get_tensor("adversarial")
+    except SafetensorError as exc:
+        raise ValueError(f"ACD prompts: cannot read {path}: {exc}") from exc
+    out = ACDPrompts(sp, ap, meta["embedding_fingerprint"], meta.get("base_model", "?"),
+                     json.loads(meta.get("training_config", "{}")),
+                     json.loads(meta.get("history", "[]")))
+    if model is not None:
+        out.check_model(model)
+    return out
+
+
+def _branch(p: PromptLike, name: str, acd_prompts: ACDPrompts | None) -> Branch:
+    if isinstance(p, str):
+        return Branch(system=p, name=name)
+    if isinstance(p, torch.Tensor):
+        fp = acd_prompts.fingerprint if acd_prompts is not None else None
+        who = acd_prompts.base_model if acd_prompts is not None else ""
+        return Branch(soft_prompt=p, name=name, fingerprint=fp, trained_for=who)
+    raise ValueError(f"ACD {name}: expected text or a [n, d] soft-prompt tensor, got "
+                     f"{type(p).__name__}")
+
+
+def ACD(safeguard: PromptLike = text_prompts.SAFEGUARD,  # noqa: N802 - a method constructor
+        adversarial: PromptLike = text_prompts.ADVERSARIAL, alpha: float = 0.5,
+        beta: float = 0.0, *, name: str = "acd", _source: ACDPrompts | None = None) -> Method:
+    """ACD over two branches SP and AP (text or soft prompts): ``s = lp_SP - alpha lp_AP``,
+    anchor SP."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise ValueError(f"alpha: must be a number >= 0, got {alpha!r}")
+    return contrastive((_branch(safeguard, "SP", _source), _branch(adversarial, "AP", _source)),
+                       (1.0, -float(alpha)), beta=beta, name=name)
+
+
+def acd(alpha: float = 0.5, beta: float = 0.0, prompts: str | Path | None = None) -> Method:
+    """ACD with optimised soft prompts (``prompts``: a file from ``safedecode optimize``; default:
+    the pair shipped for the embedded SmolLM2-135M-Instruct)."""
+    p = load_prompts(prompts)
+    return ACD(p.safeguard, p.adversarial, alpha, beta, name="acd", _source=p)
+
+
+def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = text_prompts.SAFEGUARD,
+             adversarial: str = text_prompts.ADVERSARIAL) -> Method:
+    """ACD with the text prompts (no optimisation)."""
+    return ACD(safeguard, adversarial, alpha, beta, name="acd-text")
+
+
+def acd_sp(prompts: str | Path | None = None) -> Method:
+    """The optimised safeguarding prompt alone (one branch, no contrast): an ablation."""
+    p = load_prompts(prompts)
+    return Method("acd-sp", (_branch(p.safeguard, "SP", p),), (1.0,))
+
+
+def optimize_prompts(model, tokenizer, data=None, config=None, *, progress: bool = True):
+    """Opposite Prompt Optimization (see :mod:`safedecode.methods.opo`)."""
+    from .opo import optimize_prompts as _optimize
+
+    return _optimize(model, tokenizer, data, config, progress=progress)

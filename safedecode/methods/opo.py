@@ -1,0 +1,243 @@
+"""Opposite Prompt Optimization (ACD): train a safeguarding and an adversarial soft prompt.
+
+The model is frozen; only the two prompt embeddings train. SP starts from the embeddings of a
+safeguarding system prompt, AP from its opposite (each as long as its text's token count). With the
+anchor set's harmful instructions paired with a refusal (D_HR) and with a compliant answer (D_HA),
+and safe instructions with a helpful answer (D_S), and equal weights::
+
+    L_SP = CE(D_HR) + UL(D_HA) + CE(D_S)        L_AP = CE(D_HA) + UL(D_HR) + CE(D_S)
+
+CE is the mean negative log-likelihood of the response tokens (the prompt is not scored) and UL the
+unlikelihood ``-log(1 - p(y_t))``. Every example is rendered in the model's chat template exactly as
+at decoding time: the soft prompt stands in the system prompt's place
+(:class:`safedecode.engine.prompts.PromptBuilder`), the response is the assistant turn up to and
+including its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from safedecode.engine.branches import Branch
+from safedecode.engine.prompts import PromptBuilder
+
+from . import prompts as text_prompts
+
+
+@dataclass
+class OPOConfig:
+    """Training settings (saved with the prompts)."""
+
+    epochs: int = 3
+    batch_size: int = 8  # harmful and safe instructions per step
+    lr: float = 2e-3
+    seed: int = 0
+    max_response_tokens: int = 48
+    safeguard_text: str = text_prompts.SAFEGUARD
+    adversarial_text: str = text_prompts.ADVERSARIAL
+    autocast_bf16: bool = True  # bf16 matmuls on the CPU (AMX/AVX512-BF16), fp32 prompts
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_response_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"OPOConfig.{name}: must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"OPOConfig.lr: must be a finite number > 0, got {self.lr!r}")
+
+
+@dataclass
+class Example:
+    """One instruction and one response's token ids (end-of-turn included)."""
+
+    instruction: str
+    response_ids: list[int]
+
+
+def response_ids(builder: PromptBuilder, instruction: str, response: str,
+                 max_tokens: int) -> list[int]:
+    """The assistant turn's token ids as the chat template renders it, cut after end-of-turn."""
+    tok = builder.tok
+    user = [{"role": "user", "content": instruction}]
+    if builder.has_template:
+        head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}],
+                                       tokenize=False)
+        text = full[len(head):] if full.startswith(head) else response
+    else:
+        text = response
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    eos = tok.eos_token_id
+    if eos in ids:
+        ids = ids[:ids.index(eos) + 1]
+    elif eos is not None:
+        ids.append(eos)
+    if len(ids) > max_tokens:  # keep the start (a refusal is decided in its first tokens)
+        ids = ids[:max_tokens]
+    return ids
+
+
+def build_datasets(tokenizer, items: list[dict], max_tokens: int) -> dict[str, list[Example]]:
+    """D_HR, D_HA and D_S from anchor-set items (``split``, ``prompt``, ``refusal`` /
+    ``compliance`` for harmful items, ``answer`` for safe ones)."""
+    builder = PromptBuilder(tokenizer)
+    out: dict[str, list[Example]] = {"HR": [], "HA": [], "S": []}
+    for i, it in enumerate(items):
+        split = it.get("split")
+        need = ("refusal", "compliance") if split == "harmful" else ("answer",)
+        if split not in ("harmful", "safe") or not isinstance(it.get("prompt"), str) or any(
+                not isinstance(it.get(k), str) or not it[k].strip() for k in need):
+            raise ValueError(f"data[{i}]: expected split 'harmful' (prompt, refusal, compliance) "
+                             f"or 'safe' (prompt, answer), got keys {sorted(it)}")
+        if split == "harmful":
+            out["HR"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
+                                                                it["refusal"], max_tokens)))
+            out["HA"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
+                                                                it["compliance"], max_tokens)))
+        else:
+            out["S"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
+                                                               it["answer"], max_tokens)))
+    if not out["HR"] or not out["S"]:
+        raise ValueError("data: needs at least one harmful and one safe item")
+    return out
+
+
+def init_soft_prompt(model, tokenizer, text: str) -> torch.Tensor:
+    """[n, d] fp32 embeddings of ``text``'s tokens (n = its token count)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        return emb(torch.tensor(ids, device=emb.weight.device)).float().clone()
+
+
+def response_logprobs(model, builder: PromptBuilder, soft: torch.Tensor,
+                      examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of every response token under ``soft`` as system prompt: ``(lp [N], row [N])``
+    with N the batch's response tokens and ``row`` the example each belongs to. Differentiable in
+    ``soft``."""
+    emb = model.get_input_embeddings()
+    dev, dt = emb.weight.device, emb.weight.dtype
+    branch = Branch(soft_prompt=torch.zeros(soft.shape))  # ids do not depend on the values
+    seqs, starts = [], []
+    for ex in examples:
+        prefix, suffix = builder.build(branch, [{"role": "user", "content": ex.instruction}], 0)
+        head = emb(torch.tensor(prefix.ids, device=dev))
+        rest = emb(torch.tensor(list(prefix.tail_ids) + suffix + ex.response_ids, device=dev))
+        seqs.append(torch.cat([head, soft.to(dt), rest]))
+        starts.append(len(prefix) + len(suffix))
+    t_max = max(s.shape[0] for s in seqs)
+    x = torch.zeros(len(seqs), t_max, emb.weight.shape[1], device=dev, dtype=dt)
+    mask = torch.zeros(len(seqs), t_max, dtype=torch.long, device=dev)
+    pos, tgt, row = [], [], []
+    for i, (s, start, ex) in enumerate(zip(seqs, starts, examples, strict=True)):
+        x[i, :s.shape[0]] = s
+        mask[i, :s.shape[0]] = 1
+        n = len(ex.response_ids)
+        pos.extend((i, start - 1 + t) for t in range(n))
+        tgt.extend(ex.response_ids)
+        row.extend([i] * n)
+    hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    pos_t = torch.tensor(pos, device=dev)
+    h = hidden[pos_t[:, 0], pos_t[:, 1]]
+    logits = model.get_output_embeddings()(h).float()
+    lp = torch.log_softmax(logits, dim=-1)
+    tgt_t = torch.tensor(tgt, device=dev)
+    return lp.gather(1, tgt_t[:, None])[:, 0], torch.tensor(row, device=dev)
+
+
+def ce(lp: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens."""
+    return -lp.mean()
+
+
+def ul(lp: torch.Tensor) -> torch.Tensor:
+    """Mean unlikelihood ``-log(1 - p)`` of the response tokens (stable near p = 1)."""
+    return -torch.log(-torch.expm1(lp.clamp(max=-1e-6))).mean()
+
+
+def opo_losses(model, builder: PromptBuilder, sp: torch.Tensor, ap: torch.Tensor,
+               hr: list[Example], ha: list[Example], s: list[Example]) -> dict[str, torch.Tensor]:
+    """``L_SP``, ``L_AP`` and their six terms on one batch (equal weights)."""
+    out = {}
+    for name, soft in (("SP", sp), ("AP", ap)):
+        lp_hr = response_logprobs(model, builder, soft, hr)[0]
+        lp_ha = response_logprobs(model, builder, soft, ha)[0]
+        lp_s = response_logprobs(model, builder, soft, s)[0]
+        if name == "SP":
+            terms = {"CE_HR": ce(lp_hr), "UL_HA": ul(lp_ha), "CE_S": ce(lp_s)}
+        else:
+            terms = {"CE_HA": ce(lp_ha), "UL_HR": ul(lp_hr), "CE_S": ce(lp_s)}
+        out[f"L_{name}"] = sum(terms.values())
+        out.update({f"{name}.{k}": v for k, v in terms.items()})
+    return out
+
+
+def _batches(n: int, size: int, steps: int, gen: torch.Generator) -> list[list[int]]:
+    """``steps`` batches of ``size`` indices cycling through shuffled ``range(n)``."""
+    order: list[int] = []
+    while len(order) < steps * size:
+        order += torch.randperm(n, generator=gen).tolist()
+    return [order[i * size:(i + 1) * size] for i in range(steps)]
+
+
+def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
+                     config: OPOConfig | None = None, *, progress: bool = True):
+    """Train SP and AP on ``data`` (default: the shipped anchor set); returns
+    :class:`safedecode.methods.acd.ACDPrompts` with the loss history."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from safedecode.data import load_anchor
+    from safedecode.models import embedding_fingerprint, model_name
+
+    from .acd import ACDPrompts
+
+    cfg = config or OPOConfig()
+    items = load_anchor() if data is None else data
+    sets = build_datasets(tokenizer, items, cfg.max_response_tokens)
+    builder = PromptBuilder(tokenizer)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sp = init_soft_prompt(model, tokenizer, cfg.safeguard_text).requires_grad_(True)
+    ap = init_soft_prompt(model, tokenizer, cfg.adversarial_text).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([sp, ap], lr=cfg.lr)
+    n_h, n_s = len(sets["HR"]), len(sets["S"])
+    per_epoch = math.ceil(max(n_h, n_s) / cfg.batch_size)
+    steps = per_epoch * cfg.epochs
+    hb = _batches(n_h, min(cfg.batch_size, n_h), steps, gen)
+    sb = _batches(n_s, min(cfg.batch_size, n_s), steps, gen)
+    history: list[dict] = []
+    cols = (TextColumn("OPO"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
+    try:
+        with Progress(*cols, disable=not progress, transient=False) as bar:
+            task = bar.add_task("opo", total=steps, losses="")
+            for step in range(steps):
+                hr = [sets["HR"][i] for i in hb[step]]
+                ha = [sets["HA"][i] for i in hb[step]]
+                s = [sets["S"][i] for i in sb[step]]
+                with torch.autocast("cpu", dtype=torch.bfloat16,
+                                    enabled=cfg.autocast_bf16 and sp.device.type == "cpu"):
+                    losses = opo_losses(model, builder, sp, ap, hr, ha, s)
+                opt.zero_grad(set_to_none=True)
+                (losses["L_SP"] + losses["L_AP"]).backward()
+                opt.step()
+                rec = {"step": step + 1,
+                       **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
+                history.append(rec)
+                bar.update(task, advance=1,
+                           losses=f"L_SP {rec['L_SP']:.3f}  L_AP {rec['L_AP']:.3f}")
+    finally:
+        for p, r in zip(model.parameters(), req, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    conf = asdict(cfg) | {"data_items": len(items), "steps": steps}
+    return ACDPrompts(sp.detach().cpu(), ap.detach().cpu(), embedding_fingerprint(model),
+                      model_name(model), conf, history)
