@@ -1,0 +1,148 @@
+"""``safedecode eval``: run methods over data sets, judge, and write the reports."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifier: Path | None,
+            metric: str, positive: str | None, inputs: str, template: str | None, device: str):
+    from .judges import make_judge
+
+    wanted = [x.strip() for x in names.split(",") if x.strip()]
+    if classifier is not None and "classifier" not in wanted:
+        wanted.append("classifier")
+    if not wanted:
+        raise ValueError("--judges: give at least one judge")
+    extra: list[str] = []
+    if phrases_file is not None:
+        try:
+            text = phrases_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--refusal-phrases: cannot read {phrases_file}: {exc}") from exc
+        extra = [x.strip() for x in text.splitlines() if x.strip()]
+    out = []
+    for name in dict.fromkeys(wanted):
+        if name == "keyword":
+            lists = [x.strip() for x in keyword_lists.split(",") if x.strip()]
+            out.append(make_judge("keyword", lists=lists, extra=extra))
+        elif name == "classifier":
+            out.append(make_judge("classifier", path=classifier, metric=metric,
+                                  positive=positive, inputs=inputs, template=template,
+                                  device=device))
+        else:
+            make_judge(name)  # raises the ValueError naming the choices
+    return out
+
+
+def eval_command(
+    methods: str | None = typer.Option(
+        None, "--methods", "-m",
+        help="Comma-separated methods (default: every registered one); name:key=value sets an "
+             "argument, e.g. acd-text:alpha=1.0:beta=0.1."),
+    datasets: str = typer.Option(
+        "harmbench,benign", "--datasets", "-d",
+        help="Comma-separated: harmbench, benign, anchor-harmful, anchor-safe, or a "
+             ".jsonl/.csv/.txt file (FILE@harmful or FILE@benign labels it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (re-run to resume)."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    limit: int | None = typer.Option(None, "--limit", help="First N items of each data set."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, help="Seed of every request's sampling stream."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests per engine batch."),
+    alpha: float | None = typer.Option(None, help="Contrast strength for methods that take it."),
+    beta: float | None = typer.Option(None, help="Plausibility threshold for methods that "
+                                                 "take it."),
+    judges: str = typer.Option("keyword", "--judges", help="keyword and/or classifier."),
+    keyword_lists: str = typer.Option("advbench,xstest", "--keyword-lists",
+                                      help="Phrase lists of the keyword judge."),
+    refusal_phrases: Path | None = typer.Option(
+        None, "--refusal-phrases", help="Extra refusal phrases, one per line (substrings)."),
+    classifier: Path | None = typer.Option(
+        None, "--classifier", help="Local HF classifier or causal-LM judge (Llama Guard)."),
+    classifier_metric: str = typer.Option("refusal", "--classifier-metric",
+                                          help="What its positive class means: refusal or "
+                                               "harmful."),
+    classifier_positive: str | None = typer.Option(
+        None, "--classifier-positive", help="Positive label (or reply word, e.g. unsafe)."),
+    classifier_inputs: str = typer.Option("response", "--classifier-inputs",
+                                          help="response or pair (prompt + response)."),
+    classifier_template: str | None = typer.Option(
+        None, "--classifier-template", help="Judge prompt with {prompt} and {response}."),
+    prompt_column: str = typer.Option("prompt", "--prompt-column",
+                                      help="Prompt column of user .jsonl/.csv files."),
+    no_ppl: bool = typer.Option(False, "--no-ppl", help="Skip the perplexity of responses."),
+    examples: int = typer.Option(3, "--examples", help="Example generations per label."),
+    backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
+    device: str = typer.Option("cpu", help="Model device, e.g. cpu or cuda."),
+):
+    """Measure refusals (harmful sets), over-refusals (benign sets), fluency and speed."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from safedecode import methods as methods_mod
+
+    from .datasets import load_dataset
+    from .runner import evaluate, parse_methods
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit: must be >= 1, got {limit}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+        specs = parse_methods(methods or ",".join(methods_mod.REGISTRY),
+                              {"alpha": alpha, "beta": beta})
+        for s in specs:
+            s.build()  # bad method arguments fail before the model loads
+        sets = [load_dataset(d.strip(), limit=limit, prompt_column=prompt_column)
+                for d in datasets.split(",") if d.strip()]
+        if not sets:
+            raise ValueError("--datasets: give at least one data set")
+        judge_objs = _judges(judges, keyword_lists, refusal_phrases, classifier,
+                             classifier_metric, classifier_positive, classifier_inputs,
+                             classifier_template, device)
+        from safedecode.models import load_model
+
+        with console.status(f"loading {model} ..."):
+            mdl, tok = load_model(model, dtype=dtype, device=device)
+        columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            evaluate(mdl, tok, methods=specs, datasets=sets, out_dir=out, judges=judge_objs,
+                     limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                     backend=backend, ppl=not no_ppl, n_examples=examples, progress=bar)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: finished generations are kept in {out}/generations.jsonl; "
+                    "run the same command again to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    md = (out / "results.md").read_text(encoding="utf-8")
+    summary = md.split("## Per method", 1)[1].split("## Per data set", 1)[0].strip()
+    typer.echo(summary)
+    typer.echo(f"\nreports in {out}: results.json, results.md, refusal.png, examples.md "
+               f"({time.perf_counter() - t0:.1f} s)")

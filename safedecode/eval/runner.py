@@ -1,0 +1,369 @@
+"""Generation for the evaluation: every (method, data set item) once, cached and resumable.
+
+Records go to ``generations.jsonl`` (one line per generation, flushed as it is made); a record's
+``key`` hashes (model fingerprint, method fingerprint, data set, item id and prompt, decoding
+parameters), so a re-run skips what is done and regenerates what changed. Perplexities and slow
+judges' verdicts go to ``annotations.jsonl`` the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from safedecode.engine.branches import Method
+
+from .datasets import Dataset, Item
+from .judges import Judge
+from .metrics import perplexity
+from .store import JsonlStore
+
+DECODING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
+
+
+# -- identities ------------------------------------------------------------------------------
+def _hash_value(h, obj, depth: int = 0) -> None:
+    """Feed a stable description of ``obj`` (tensors by content, functions by code) to ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"T{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    elif depth < 4 and isinstance(obj, functools.partial):
+        _hash_value(h, obj.func, depth + 1)
+        for a in (*obj.args, *sorted(obj.keywords.items())):
+            _hash_value(h, a, depth + 1)
+    elif depth < 4 and callable(obj) and hasattr(obj, "__code__"):
+        h.update(f"{obj.__module__}.{obj.__qualname__}".encode())
+        h.update(obj.__code__.co_code)
+        for cell in obj.__closure__ or ():
+            try:
+                _hash_value(h, cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                pass
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for x in obj:
+            _hash_value(h, x, depth + 1)
+    else:
+        h.update(repr(obj).encode())
+
+
+def method_fingerprint(method: Method) -> str:
+    """Content hash of a method: rule, weights, anchor, β, and each branch's system prompt, soft
+    prompt and hooks (stable across processes, unlike object ids)."""
+    h = hashlib.sha256()
+    h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
+    for b in method.branches:
+        h.update(repr(b.system).encode())
+        if b.soft_prompt is not None:
+            _hash_value(h, b.soft_prompt)
+        for hook in b.hooks:
+            h.update(hook.module.encode())
+            _hash_value(h, hook.fn)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A cheap content hash of a model: its config and samples of a few parameter tensors."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update((cfg.to_json_string(use_diff=False) if cfg is not None else "").encode())
+    params = list(model.parameters())
+    for p in {0: params[0], 1: params[len(params) // 2], 2: params[-1]}.values():
+        _hash_value(h, p.detach().reshape(-1)[:4096])
+    return h.hexdigest()[:16]
+
+
+def model_name(model, default: str = "model") -> str:
+    """The model's name as loaded (``safedecode_name`` or its config's path)."""
+    return str(getattr(model, "safedecode_name", None)
+               or getattr(getattr(model, "config", None), "_name_or_path", None) or default)
+
+
+def record_key(model_fp: str, method_fp: str, dataset: str, item: Item, decoding: dict) -> str:
+    payload = [model_fp, method_fp, dataset, item.id, item.prompt,
+               {k: decoding.get(k) for k in DECODING_KEYS}]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# -- method specs ----------------------------------------------------------------------------
+@dataclass
+class MethodSpec:
+    """A method by registry name, with keyword arguments; ``label`` names it in the reports."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.kwargs.items())])
+
+    def build(self) -> Method:
+        from safedecode import methods
+
+        return methods.get(self.name, **self.kwargs)
+
+
+def _literal(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_methods(spec: str, overrides: dict | None = None) -> list[MethodSpec]:
+    """``"plain,acd-text:alpha=1.0:beta=0.1"`` → method specs. ``overrides`` (e.g. alpha) go to
+    every method whose factory takes them and whose spec does not set them."""
+    from safedecode import methods
+
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, *args = part.split(":")
+        if name not in methods.REGISTRY:
+            raise ValueError(f"--methods: unknown method {name!r}; choose from "
+                             f"{sorted(methods.REGISTRY)}")
+        kwargs = {}
+        for a in args:
+            key, eq, val = a.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"--methods: {part!r}: expected name:key=value[:key=value]")
+            kwargs[key.strip()] = _literal(val.strip())
+        params = inspect.signature(methods.REGISTRY[name]).parameters
+        for k, v in (overrides or {}).items():
+            if v is not None and k in params and k not in kwargs:
+                kwargs[k] = v
+        out.append(MethodSpec(name, kwargs))
+    if not out:
+        raise ValueError("--methods: no method given")
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--methods: a method is listed twice ({labels})")
+    return out
+
+
+# -- generation ------------------------------------------------------------------------------
+def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Dataset],
+                 store: JsonlStore, *, decoding: dict, batch_size: int = 16,
+                 backend: str = "auto", progress=None) -> list[dict]:
+    """Generate every (method, item) not yet in ``store``; returns the records of this run, in
+    method, data set and item order. ``progress``: a rich Progress (optional)."""
+    from safedecode.engine import SafeDecoder
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    decoding = {k: decoding[k] for k in DECODING_KEYS if k in decoding}
+    model_fp = model_fingerprint(model)
+    mname = model_name(model)
+    wanted: list[str] = []
+    for label, method in methods.items():
+        method_fp = method_fingerprint(method)
+        keyed = [(ds, it, record_key(model_fp, method_fp, ds.name, it, decoding))
+                 for ds in datasets for it in ds.items]
+        wanted += [k for _, _, k in keyed]
+        todo = [x for x in keyed if x[2] not in store]
+        task = None
+        if progress is not None:
+            task = progress.add_task(label, total=len(keyed), completed=len(keyed) - len(todo))
+        if not todo:
+            continue
+        dec = SafeDecoder(model, tok, method, backend=backend)
+        lengths = {it.prompt: len(tok(it.prompt, add_special_tokens=False)["input_ids"])
+                   for _, it, _ in todo}
+        for ds in datasets:  # one data set at a time, shortest prompts first (less padding)
+            mine = sorted((x for x in todo if x[0] is ds), key=lambda x: lengths[x[1].prompt])
+            for i in range(0, len(mine), batch_size):
+                chunk = mine[i:i + batch_size]
+                t0 = time.perf_counter()
+                results = dec.generate([it.prompt for _, it, _ in chunk], **decoding)
+                wall = time.perf_counter() - t0
+                batch = uuid.uuid4().hex[:12]
+                for (d, it, key), r in zip(chunk, results, strict=True):
+                    store.append({
+                        "key": key, "model": mname, "model_fingerprint": model_fp,
+                        "method": label, "method_fingerprint": method_fp, "dataset": d.name,
+                        "item_id": it.id, "category": it.category, "label": it.label,
+                        "prompt": it.prompt, "response": r.text,
+                        "token_ids": list(map(int, r.token_ids)),
+                        "finish_reason": r.finish_reason, "new_tokens": len(r.token_ids),
+                        "latency_s": r.timing.get("total_s"),
+                        "prefill_s": r.timing.get("prefill_s"),
+                        "decode_s": r.timing.get("decode_s"),
+                        "batch": batch, "batch_s": wall, "batch_size": len(chunk),
+                        "decoding": decoding, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                store.sync()
+                if task is not None:
+                    progress.advance(task, len(chunk))
+    return [store[k] for k in wanted]
+
+
+# -- perplexity under the plain model --------------------------------------------------------
+def response_nll(model, tok, prompts: Sequence[str], responses: Sequence[Sequence[int]],
+                 batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each response's token ids given its
+    prompt in the chat template with no system prompt, teacher-forced, in batches."""
+    from safedecode.engine.prompts import PromptBuilder
+
+    if len(prompts) != len(responses):
+        raise ValueError("response_nll: prompts and responses differ in length")
+    builder = PromptBuilder(tok)
+    seqs = []
+    for p, r in zip(prompts, responses, strict=True):
+        ids = builder.encode(builder.render(None, [{"role": "user", "content": p}]), first=True)
+        seqs.append((ids, list(r)))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    order = sorted((i for i in range(len(seqs)) if seqs[i][1]),
+                   key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        full = [seqs[i][0] + seqs[i][1] for i in idx]
+        t = max(map(len, full))
+        r_max = max(len(seqs[i][1]) for i in idx)
+        ids = torch.full((len(idx), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), t), dtype=torch.long)
+        for j, f in enumerate(full):  # left padding: every response ends at position t - 1
+            ids[j, t - len(f):] = torch.tensor(f)
+            mask[j, t - len(f):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        with torch.no_grad():
+            try:  # logits only for the last r_max + 1 positions
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               logits_to_keep=r_max + 1).logits
+            except TypeError:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            logits = logits[:, -(r_max + 1):-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -r_max:, None])[..., 0]
+        for j, i in enumerate(idx):
+            n = len(seqs[i][1])
+            out[i] = (float(-lp[j, r_max - n:].sum()), n)
+    return out
+
+
+def add_perplexity(model, tok, records: Sequence[dict], store: JsonlStore, *,
+                   batch_size: int = 16, progress=None) -> dict[str, dict]:
+    """Perplexity of every record's response under ``model`` (cached in ``store``)."""
+    kind = f"ppl:{model_fingerprint(model)}"
+    todo = [r for r in records if f"{r['key']}|{kind}" not in store]
+    task = None
+    if progress is not None and todo:
+        task = progress.add_task("perplexity", total=len(todo))
+    step = max(batch_size * 4, 1)
+    for s in range(0, len(todo), step):
+        chunk = todo[s:s + step]
+        nll = response_nll(model, tok, [r["prompt"] for r in chunk],
+                           [r["token_ids"] for r in chunk], batch_size)
+        for r, (total, n) in zip(chunk, nll, strict=True):
+            store.append({"key": f"{r['key']}|{kind}", "kind": "ppl",
+                          "value": {"nll": total, "tokens": n, "ppl": perplexity(total, n)}})
+        store.sync()
+        if task is not None:
+            progress.advance(task, len(chunk))
+    return {r["key"]: store[f"{r['key']}|{kind}"]["value"] for r in records}
+
+
+def judge_all(judge: Judge, records: Sequence[dict], store: JsonlStore | None = None,
+              progress=None) -> dict[str, dict]:
+    """Verdicts of ``judge`` on every record: ``{key: {"flag", "detail"}}``; slow judges'
+    verdicts are cached in ``store``."""
+    kind = f"judge:{judge.name}:{judge.fingerprint()}"
+    cache = store if (store is not None and judge.cacheable) else None
+    todo = [r for r in records if cache is None or f"{r['key']}|{kind}" not in cache]
+    out: dict[str, dict] = {}
+    task = None
+    if progress is not None and judge.cacheable and todo:
+        task = progress.add_task(f"judge {judge.name}", total=len(todo))
+    step = 64
+    for s in range(0, len(todo), step):
+        chunk = todo[s:s + step]
+        verdicts = judge([r["prompt"] for r in chunk], [r["response"] for r in chunk])
+        for r, v in zip(chunk, verdicts, strict=True):
+            value = {"flag": bool(v.flag), "detail": v.detail}
+            out[r["key"]] = value
+            if cache is not None:
+                cache.append({"key": f"{r['key']}|{kind}", "kind": "judge", "value": value})
+        if cache is not None:
+            cache.sync()
+        if task is not None:
+            progress.advance(task, len(chunk))
+    if cache is not None:
+        for r in records:
+            out.setdefault(r["key"], cache[f"{r['key']}|{kind}"]["value"])
+    return out
+
+
+# -- the whole evaluation ----------------------------------------------------------------------
+def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Sequence[str | Dataset],
+             out_dir, judges: Sequence[Judge] | None = None, limit: int | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
+             backend: str = "auto", ppl: bool = True, n_examples: int = 3,
+             progress=None) -> dict:
+    """Generate (resuming from ``out_dir``), judge, measure and write the reports.
+
+    ``methods``: specs such as ``"acd-text:alpha=1.0"``; ``datasets``: registered names, file
+    paths or :class:`Dataset` objects. Returns the ``results.json`` object.
+    """
+    from pathlib import Path
+
+    from .datasets import load_dataset
+    from .judges import KeywordJudge
+    from .report import write_reports
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: must be an integer >= 1, got {limit!r}")
+    out = Path(out_dir)
+    specs = [m if isinstance(m, MethodSpec) else parse_methods(m)[0] for m in methods]
+    built = {s.label: s.build() for s in specs}
+    sets = [d if isinstance(d, Dataset) else load_dataset(d, limit=limit) for d in datasets]
+    sets = [Dataset(d.name, d.items[:limit], d.source, d.size or len(d.items)) for d in sets]
+    names = [d.name for d in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"datasets: two data sets have the same name ({names})")
+    judges = list(judges) if judges else [KeywordJudge()]
+    if len({j.name for j in judges}) != len(judges):
+        raise ValueError("judges: two judges have the same name")
+    decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "min_p": min_p, "seed": seed}
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with JsonlStore(out / "generations.jsonl") as gens, \
+            JsonlStore(out / "annotations.jsonl") as notes:
+        records = generate_all(model, tok, built, sets, gens, decoding=decoding,
+                               batch_size=batch_size, backend=backend, progress=progress)
+        ppls = add_perplexity(model, tok, records, notes, batch_size=batch_size,
+                              progress=progress) if ppl else None
+        verdicts = {j.name: judge_all(j, records, notes, progress) for j in judges}
+    config = {
+        "model": model_name(model), "model_fingerprint": model_fingerprint(model),
+        "methods": {s.label: {"name": s.name, "kwargs": s.kwargs,
+                              "description": built[s.label].describe(),
+                              "fingerprint": method_fingerprint(built[s.label])}
+                    for s in specs},
+        "datasets": {d.name: {"source": d.source, "size": d.size or len(d.items),
+                              "evaluated": len(d.items), "labels": d.labels} for d in sets},
+        "decoding": decoding, "batch_size": batch_size, "backend": backend, "limit": limit,
+        "perplexity": "response tokens teacher-forced under the plain model (user prompt in the "
+                      "chat template, no system prompt)" if ppl else None,
+        "out_dir": str(out), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_s_this_run": time.perf_counter() - t0,
+    }
+    paths = write_reports(records, verdicts, judges, ppls, config, out, n_examples)
+    return json.loads(paths["json"].read_text(encoding="utf-8"))
