@@ -177,6 +177,9 @@ def demo(max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n")):
 
     demo_main(max_new_tokens=max_new_tokens)
 
+from safedecode.eval.cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 
 if __name__ == "__main__":
     app()
