@@ -157,3 +157,23 @@ def test_cli_eval_errors(tmp_path, extra, message):
     assert r.exit_code == 2, r.output
     assert "error:" in r.output and message in r.output
     assert "Traceback" not in r.output
+
+
+def test_cli_default_methods_skip_unbuildable(tmp_path, model_dir, monkeypatch):
+    from safedecode import methods
+
+    def broken():
+        raise FileNotFoundError("trained prompts not found")
+
+    monkeypatch.setattr(methods, "REGISTRY", {"plain": methods.REGISTRY["plain"],
+                                              "broken": broken})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\n")
+    r = CliRunner().invoke(app, ["eval", "--datasets", f"{prompts}@benign", "--model",
+                                 str(model_dir), "--max-new-tokens", "2", "--no-ppl", "--out",
+                                 str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "skipping method broken" in r.output and "| `plain` |" in r.output
+    r = CliRunner().invoke(app, ["eval", "--methods", "broken", "--datasets", str(prompts),
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "trained prompts not found" in r.output

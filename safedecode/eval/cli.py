@@ -46,8 +46,8 @@ def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifie
 def eval_command(
     methods: str | None = typer.Option(
         None, "--methods", "-m",
-        help="Comma-separated methods (default: every registered one); name:key=value sets an "
-             "argument, e.g. acd-text:alpha=1.0:beta=0.1."),
+        help="Comma-separated methods (default: every registered one that builds with its "
+             "defaults); name:key=value sets an argument, e.g. acd-text:alpha=1.0:beta=0.1."),
     datasets: str = typer.Option(
         "harmbench,benign", "--datasets", "-d",
         help="Comma-separated: harmbench, benign, anchor-harmful, anchor-safe, or a "
@@ -115,8 +115,18 @@ def eval_command(
             raise ValueError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
         specs = parse_methods(methods or ",".join(methods_mod.REGISTRY),
                               {"alpha": alpha, "beta": beta})
-        for s in specs:
-            s.build()  # bad method arguments fail before the model loads
+        usable = []
+        for s in specs:  # bad method arguments fail before the model loads
+            try:
+                s.build()
+                usable.append(s)
+            except (ValueError, OSError) as exc:
+                if methods is not None:
+                    raise
+                console.print(f"[yellow]skipping method {s.label}: {exc}[/yellow]")
+        specs = usable
+        if not specs:
+            raise ValueError("--methods: no registered method could be built")
         sets = [load_dataset(d.strip(), limit=limit, prompt_column=prompt_column)
                 for d in datasets.split(",") if d.strip()]
         if not sets:

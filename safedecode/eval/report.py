@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import textwrap
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -223,7 +224,7 @@ def render_examples(records: Sequence[dict], verdicts: dict[str, dict[str, dict]
                 r["response"][:max_chars] + " …"
             lines += [f"### {d} / {i} ({_label(r)})", "",
                       "> " + r["prompt"].replace("\n", "\n> "), "",
-                      "```text", text.replace("```", "'''"), "```", "",
+                      "````text", text.replace("````", "```\u200b`"), "````", "",
                       f"finish: {r['finish_reason']}, {r['new_tokens']} tokens; flagged — "
                       f"{judged}", ""]
     return "\n".join(lines)
@@ -251,14 +252,14 @@ def plot_refusal(res: dict, path: str | Path) -> Path:
                         b.get(f"{key},{name}"), b.get(f"{key}_ci95,{name}")))
         both = all(p[1] is not None and p[3] is not None for p in pts)
         if both:
-            for meth, y, yci, x, xci in pts:
+            markers = "osD^vP*X"
+            for i, (meth, y, yci, x, xci) in enumerate(pts):
                 ax.errorbar(100 * x, 100 * y, xerr=[[100 * (x - xci[0])], [100 * (xci[1] - x)]],
-                            yerr=[[100 * (y - yci[0])], [100 * (yci[1] - y)]], fmt="o",
-                            capsize=4, label=meth)
-                ax.annotate(meth, (100 * x, 100 * y), textcoords="offset points",
-                            xytext=(6, 6), fontsize=8)
-            ax.set_xlabel(f"benign {key} (over-refusal), % — lower is better")
-            ax.set_ylabel(f"harmful {key}, % — higher is better")
+                            yerr=[[100 * (y - yci[0])], [100 * (yci[1] - y)]],
+                            fmt=markers[i % len(markers)], capsize=4, alpha=0.8, label=meth)
+            what = key.replace("_", " ")
+            ax.set_xlabel(f"benign {what} (over-refusal), % — lower is better")
+            ax.set_ylabel(f"harmful {what}, % — higher is better")
             ax.set_xlim(-5, 105)
             ax.set_ylim(-5, 105)
             ax.legend(fontsize=7, loc="lower right")
@@ -272,7 +273,8 @@ def plot_refusal(res: dict, path: str | Path) -> Path:
             ax.set_ylim(0, 105)
         ax.set_title(f"judge: {name}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{res['config'].get('model')}: refusal with 95% Wilson intervals", fontsize=9)
+    title = f"{res['config'].get('model')}: refusal with 95% Wilson intervals"
+    fig.suptitle(textwrap.fill(title, 70), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -360,6 +360,7 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
         "datasets": {d.name: {"source": d.source, "size": d.size or len(d.items),
                               "evaluated": len(d.items), "labels": d.labels} for d in sets},
         "decoding": decoding, "batch_size": batch_size, "backend": backend, "limit": limit,
+        "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
         "perplexity": "response tokens teacher-forced under the plain model (user prompt in the "
                       "chat template, no system prompt)" if ppl else None,
         "out_dir": str(out), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
