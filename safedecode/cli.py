@@ -177,6 +177,11 @@ def demo(max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n")):
 
     demo_main(max_new_tokens=max_new_tokens)
 
+
+from safedecode.bench.cli import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+
 from safedecode.eval.cli import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
