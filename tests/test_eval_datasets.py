@@ -108,6 +108,10 @@ def test_load_dataset_specs(tmp_path):
     p = _write(tmp_path, "mine.txt", "one\ntwo\nthree\n")
     d = ds.load_dataset(f"{p}@benign", limit=2)
     assert d.labels == ["benign"] and len(d) == 2 and d.size == 3
+    assert [i.prompt for i in d.items] == ["one", "two"]
+    items = [ds.Item(str(i), f"p{i}", f"cat{i // 5}") for i in range(20)]  # 4 categories
+    assert [i.id for i in ds.subset(items, 4)] == ["0", "5", "10", "15"]
+    assert ds.subset(items, 50) == items and ds.subset(items, None) == items
     with pytest.raises(ValueError, match="unknown 'nosuchset'"):
         ds.load_dataset("nosuchset")
     with pytest.raises(ValueError, match="label 'bogus'"):

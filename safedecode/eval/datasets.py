@@ -193,7 +193,7 @@ def load_dataset(spec: str, *, limit: int | None = None,
                  prompt_column: str = "prompt") -> Dataset:
     """A registered name, or a file path with an optional ``@label`` (``my.csv@benign``).
 
-    ``limit`` keeps the first N items (in file order)."""
+    ``limit`` keeps N items spread evenly over the set (see :func:`subset`)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be >= 1, got {limit}")
     if spec in REGISTRY:
@@ -209,6 +209,14 @@ def load_dataset(spec: str, *, limit: int | None = None,
     if not ds.items:
         raise ValueError(f"data set {spec!r} is empty")
     ds.size = len(ds.items)
-    if limit is not None:
-        ds.items = ds.items[:limit]
+    ds.items = subset(ds.items, limit)
     return ds
+
+
+def subset(items: list[Item], limit: int | None) -> list[Item]:
+    """``limit`` items spread evenly over ``items`` (every category of a sorted file gets its
+    share; deterministic); all of them when ``limit`` is None or not smaller."""
+    n = len(items)
+    if limit is None or limit >= n:
+        return list(items)
+    return [items[(i * n) // limit] for i in range(limit)]

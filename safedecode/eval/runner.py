@@ -323,7 +323,7 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
     """
     from pathlib import Path
 
-    from .datasets import load_dataset
+    from .datasets import load_dataset, subset
     from .judges import KeywordJudge
     from .report import write_reports
 
@@ -333,7 +333,8 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
     specs = [m if isinstance(m, MethodSpec) else parse_methods(m)[0] for m in methods]
     built = {s.label: s.build() for s in specs}
     sets = [d if isinstance(d, Dataset) else load_dataset(d, limit=limit) for d in datasets]
-    sets = [Dataset(d.name, d.items[:limit], d.source, d.size or len(d.items)) for d in sets]
+    sets = [Dataset(d.name, subset(d.items, limit), d.source, d.size or len(d.items))
+            for d in sets]
     names = [d.name for d in sets]
     if len(set(names)) != len(names):
         raise ValueError(f"datasets: two data sets have the same name ({names})")
