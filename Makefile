@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.safedecode-installed
 SRCS   := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup demo test test-fast lint sanitize cuda-check bench bench-quick clean
+.PHONY: setup demo test test-fast lint sanitize cuda-check bench bench-quick bench-pytest clean
 
 setup: $(STAMP)
 
@@ -43,11 +43,18 @@ cuda-check:
 	@if command -v nvcc >/dev/null; then scripts/check_cuda_compile.sh; \
 	else echo "nvcc not found: skipping the CUDA compile check"; fi
 
+# The whole benchmark suite (~25 min on a quiet 2-core machine) into benchmarks/results, then the
+# README's performance section rewritten from it; bench-quick is the ~1-minute smoke run
+# (results in benchmarks/results/quick); bench-pytest runs the same cases under pytest-benchmark.
 bench: setup
-	$(PY) benchmarks/bench_ops.py
+	$(PY) -m safedecode bench all
+	$(PY) -m safedecode bench report
 
 bench-quick: setup
-	$(PY) benchmarks/bench_ops.py --quick
+	$(PY) -m safedecode bench all --quick
+
+bench-pytest: setup
+	$(PY) -m pytest benchmarks/ --benchmark-only
 
 clean:
 	rm -rf build *.egg-info safedecode/*.so .pytest_cache .ruff_cache

@@ -224,24 +224,28 @@ def plot_generate(r: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- targets --
 
+def _x(v: float, fmt: str) -> str:
+    return fmt.format(v) + "×"
+
+
 def _range(vals: list[float], fmt: str = "{:.2f}") -> str:
-    lo, hi = min(vals), max(vals)
-    return (fmt.format(lo) + "x") if fmt.format(lo) == fmt.format(hi) else \
-        f"{fmt.format(lo)}x-{fmt.format(hi)}x"
+    lo, hi = _x(min(vals), fmt), _x(max(vals), fmt)
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def _verdict(name: str, vals: list[tuple[float, str]], threshold: float, what: str,
              fmt: str = "{:.2f}") -> dict:
+    """A target met when every case reaches ``threshold``; the text gives the measured range."""
     nums = [v for v, _ in vals]
     below = [(v, d) for v, d in vals if v < threshold]
     met = not below
     text = f"{name}: **{'met' if met else 'not met'}**: {what} {_range(nums, fmt)}"
     if below:
         low = min(below)
-        text += (f"; below {threshold:g}x in {len(below)} of {len(vals)} cases (lowest "
-                 f"{fmt.format(low[0])}x at {low[1]})")
+        text += (f"; below {threshold:g}× in {len(below)} of {len(vals)} cases (lowest "
+                 f"{_x(low[0], fmt)} at {low[1]})")
     else:
-        text += f" over all {len(vals)} cases"
+        text += f" in all {len(vals)} cases"
     return {"target": name, "met": met, "min": min(nums), "max": max(nums), "text": text + "."}
 
 
@@ -249,31 +253,32 @@ def targets(ops: dict | None, gen: dict | None) -> list[dict]:
     """Met / not met for each published target, computed from the numbers."""
     out = []
     if ops:
-        vals = [(x["speedup_vs_naive"], f"V={x['V']}, B={x['B']}, beta={x['beta']}")
+        vals = [(x["speedup_vs_naive"], f"V = {x['V']}, B = {x['B']}, β = {x['beta']}")
                 for x in ops["rows"]]
-        out.append(_verdict(f"Op >= {OP_TARGET:g}x the naive pipeline", vals, OP_TARGET,
-                            f"the fused {ops['rows'][0].get('fused_backend', '')} op is",
+        fb = ops["rows"][0].get("fused_backend", "fused")
+        out.append(_verdict(f"Op ≥ {OP_TARGET:g}× the naive pipeline", vals, OP_TARGET,
+                            f"the fused {fb} op is faster than the reference pipeline by",
                             "{:.0f}"))
     if gen:
-        desc = [f"B={x['B']} {x['mode']}" for x in gen["rows"]]
-        for key, thr, label in (("sd_k2_vs_hf_plain", PLAIN_TARGET, "plain transformers "
-                                 "`generate`"), ("sd_k2_vs_naive_k2", NAIVE_TARGET,
-                                                 "the naive K-pass contrast")):
+        desc = [f"B = {x['B']} {x['mode']}" for x in gen["rows"]]
+        for key, thr, label in (
+                ("sd_k2_vs_hf_plain", PLAIN_TARGET, "plain transformers `generate`"),
+                ("sd_k2_vs_naive_k2", NAIVE_TARGET, "the naive two-pass contrast")):
             vals = [(x[key], d) for x, d in zip(gen["rows"], desc, strict=True)]
-            out.append(_verdict(f"K = 2 generation >= {thr:.1f}x {label}", vals, thr,
+            out.append(_verdict(f"K = 2 generation ≥ {thr:.1f}× {label}", vals, thr,
                                 "safedecode K = 2 runs at"))
         p = gen["prefill"]
-        name = f"Prefix sharing >= {PREFILL_TARGET:g}x faster prefill at B = {PREFILL_B}"
+        name = f"Prefix sharing ≥ {PREFILL_TARGET:g}× faster prefill at B = {PREFILL_B}"
         if p["B"] != PREFILL_B:
             out.append({"target": name, "met": None, "min": p["speedup"], "max": p["speedup"],
                         "text": f"{name}: **not assessed** by this run: it prefilled B = {p['B']} "
-                                f"({p['speedup']:.2f}x faster with shared prefixes)."})
+                                f"({p['speedup']:.2f}× faster with shared prefixes)."})
         else:
             met = p["speedup"] >= PREFILL_TARGET
             out.append({"target": name, "met": met, "min": p["speedup"], "max": p["speedup"],
                         "text": f"{name}: **{'met' if met else 'not met'}**: "
-                                f"{p['speedup']:.2f}x ({p['shared_s']:.2f} s vs "
-                                f"{p['unshared_s']:.2f} s without)."})
+                                f"{p['speedup']:.2f}× ({p['shared_s']:.2f} s with shared "
+                                f"prefixes vs {p['unshared_s']:.2f} s without)."})
     return out
 
 
@@ -296,14 +301,14 @@ def find_results(results: Path) -> dict[str, dict[str, dict]]:
 def _ops_table(r: dict) -> list[str]:
     beta = max(x["beta"] for x in r["rows"])
     others = [n for n in op_impls(r) if n != "fused"]
-    lines = [f"| V | B | fused ({r['rows'][0].get('fused_backend')}) us | "
-             + " | ".join(f"x {n}" for n in others) + " | GB/s (% copy bw) |",
+    lines = [f"| V | B | fused ({r['rows'][0].get('fused_backend')}) µs | "
+             + " | ".join(f"× {n}" for n in others) + " | GB/s (% of copy) |",
              "|" + "---:|" * (3 + len(others) + 1)]
     for x in r["rows"]:
         if x["beta"] == beta:
             lines.append(f"| {x['V']} | {x['B']} | {x['fused_us']:.0f} | " + " | ".join(
                 f"{x[f'speedup_vs_{n}']:.1f}" for n in others)
-                + f" | {x['fused_GBps']:.1f} ({100 * x['fused_frac_copy_bw']:.0f}%) |")
+                + f" | {x['fused_GBps']:.1f} ({100 * x['fused_frac_copy_bw']:.0f} %) |")
     return lines
 
 
@@ -313,14 +318,56 @@ def _gen_table(r: dict) -> list[str]:
              "|---:|---|" + "---:|" * len(ms)]
     for x in r["rows"]:
         cells = [f"{x[f'{m}_tok_s']:.1f}" for m in ms]
-        cells[-1] = (f"**{x['sd_k2_tok_s']:.1f}** ({x['sd_k2_vs_hf_plain']:.2f}x plain, "
-                     f"{x['sd_k2_vs_naive_k2']:.2f}x naive)")
+        cells[-1] = (f"**{x['sd_k2_tok_s']:.1f}** ({x['sd_k2_vs_hf_plain']:.2f}× plain, "
+                     f"{x['sd_k2_vs_naive_k2']:.2f}× naive)")
         lines.append(f"| {x['B']} | {x['mode']} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _link(path: Path, readme_dir: Path) -> str:
     return Path(os.path.relpath(path, readme_dir)).as_posix()
+
+
+def _span(vals: list[float], fmt: str) -> str:
+    lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _ops_text(ops: dict, rel: str, dev: str) -> list[str]:
+    rows, p = ops["rows"], ops.get("params", {})
+    big = [x for x in rows if x["B"] >= 8] or rows
+    vs = sorted({x["V"] for x in rows})
+    bs = ", ".join(str(b) for b in sorted({x["B"] for x in rows}))
+    betas = ", ".join(str(b) for b in sorted({x["beta"] for x in rows}))
+    naive = _range([x["speedup_vs_naive"] for x in rows], "{:.0f}")
+    text = (f"**Ops** (`{ops['command']}`): one decoding step, K = 2, temperature "
+            f"{p.get('temperature')}, top-k {p.get('top_k')}, top-p {p.get('top_p')}, V from "
+            f"{vs[0]} to {vs[-1]}, B ∈ {{{bs}}}, β ∈ {{{betas}}}; medians of whole calls. The "
+            f"fused op is **{naive} faster** than the naive PyTorch pipeline and "
+            f"{_range([x['speedup_vs_hf'] for x in rows], '{:.0f}')} faster than log_softmax + "
+            "transformers' warpers + multinomial")
+    if "speedup_vs_flashinfer" in rows[0]:
+        text += (f", {_range([x['speedup_vs_flashinfer'] for x in rows], '{:.1f}')} vs PyTorch "
+                 "contrast + FlashInfer's sampler")
+    text += (f". It reads logits at {_span([x['fused_GBps'] for x in big], '{:.1f}')} GB/s at "
+             f"B ≥ 8, {_span([100 * x['fused_frac_copy_bw'] for x in big], '{:.0f}')} % of the "
+             f"{ops['copy_bandwidth_GBps']:.1f} GB/s copy bandwidth measured in the same run "
+             f"(table: β = {max(x['beta'] for x in rows)}).")
+    return ["", text, "", *_ops_table(ops), "", f"![op speedup vs B and V]({rel}/ops_{dev}.png)"]
+
+
+def _gen_text(gen: dict, rel: str, dev: str) -> list[str]:
+    sd_bw = [weight_gbps(gen, x, "sd_k2") for x in gen["rows"]]
+    c = gen["compaction"]
+    text = (f"**Generation** (`{gen['command']}`): {gen['model']}, "
+            f"{gen['rows'][0].get('new_tokens')} new tokens per request (EOS ignored), tokens/s "
+            f"of whole calls, prefill included. safedecode K = 2 reads the model weights at "
+            f"{_span(sd_bw, '{:.1f}')} GB/s (weight bytes × steps/s)"
+            + (f", copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s"
+               if gen.get("copy_bandwidth_GBps") else "")
+            + f". Dropping finished requests from the batch: {c['speedup']:.2f}× on a batch "
+            "where half stop early.")
+    return ["", text, "", *_gen_table(gen), "", f"![tokens/s per method]({rel}/generate_{dev}.png)"]
 
 
 def readme_section(results: Path, readme_dir: Path) -> str:
@@ -330,10 +377,11 @@ def readme_section(results: Path, readme_dir: Path) -> str:
     lines = [START, "<!-- generated by `safedecode bench report` from the JSON results; edit "
              "safedecode/bench/report.py, not this text -->",
              f"## Performance (full tables in [`{rel}/`]({rel}/))", "",
-             "Reproduce everything in one command: `safedecode bench all` (`--quick` for a smoke "
-             "run, `--device cuda` on a GPU), then `safedecode bench report` to rewrite this "
-             "section. The same cases as pytest-benchmark tests: "
-             "`pytest benchmarks/ --benchmark-only`. Every ratio below is measured inside one run."]
+             "Reproduce it in one command: `safedecode bench all` (`--quick`: a one-minute smoke "
+             "run; `--device cuda`: the Triton and CUDA backends on a GPU), then `safedecode "
+             "bench report` rewrites this section from the JSON results. The same cases as "
+             "pytest-benchmark tests: `pytest benchmarks/ --benchmark-only`. Every ratio is "
+             "measured inside one run."]
     for dev, res in found.items():
         any_r = next(iter(res.values()))
         lines += ["", f"### {dev}: {machine_line(any_r['machine'])}"]
@@ -341,26 +389,9 @@ def readme_section(results: Path, readme_dir: Path) -> str:
             lines += ["", "*Quick run: smoke-test figures, not the published numbers.*"]
         ops, gen = res.get("ops"), res.get("generate")
         if ops:
-            big = [x for x in ops["rows"] if x["B"] >= 8] or ops["rows"]
-            p = ops.get("params", {})
-            lines += ["", f"**Ops** (`{ops['command']}`): one decoding step, K = 2, temperature "
-                      f"{p.get('temperature')}, top-k {p.get('top_k')}, top-p {p.get('top_p')}; "
-                      f"table at beta = {max(x['beta'] for x in ops['rows'])}, median of whole "
-                      f"calls. The fused op reads logits at "
-                      f"{min(x['fused_GBps'] for x in big):.1f}-"
-                      f"{max(x['fused_GBps'] for x in big):.1f} GB/s at B >= 8, "
-                      f"{100 * min(x['fused_frac_copy_bw'] for x in big):.0f}-"
-                      f"{100 * max(x['fused_frac_copy_bw'] for x in big):.0f}% of the "
-                      f"{ops['copy_bandwidth_GBps']:.1f} GB/s copy bandwidth measured in the "
-                      "same run.", "", *_ops_table(ops), "",
-                      f"![op speedup]({rel}/ops_{dev}.png)"]
+            lines += _ops_text(ops, rel, dev)
         if gen:
-            sd_bw = [weight_gbps(gen, x, "sd_k2") for x in gen["rows"]]
-            lines += ["", f"**Generation** (`{gen['command']}`): {gen['model']}, "
-                      f"{gen['rows'][0].get('new_tokens')} new tokens per request, tokens/s of "
-                      f"whole calls. Model-weight bandwidth of safedecode K = 2: "
-                      f"{min(sd_bw):.1f}-{max(sd_bw):.1f} GB/s.", "", *_gen_table(gen), "",
-                      f"![tokens/s]({rel}/generate_{dev}.png)"]
+            lines += _gen_text(gen, rel, dev)
         lines += ["", "Targets:", ""] + [f"- {t['text']}" for t in targets(ops, gen)]
     return "\n".join(lines + ["", END])
 
