@@ -56,8 +56,17 @@ def test_store_torn_and_corrupt_lines(tmp_path):
     p.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(ValueError, match="s.jsonl:2: corrupt record"):
         JsonlStore(p)
-    with pytest.raises(ValueError, match="no 'key'"):
-        JsonlStore(tmp_path / "t.jsonl").append({"v": 1})
+    with pytest.raises(ValueError, match="no 'key'"), JsonlStore(tmp_path / "t.jsonl") as t:
+        t.append({"v": 1})
+
+
+def test_store_has_one_writer(tmp_path):
+    with JsonlStore(tmp_path / "s.jsonl") as s:
+        s.append({"key": "a"})
+        with pytest.raises(ValueError, match="in use by another run"):
+            JsonlStore(tmp_path / "s.jsonl")
+    with JsonlStore(tmp_path / "s.jsonl") as s:  # released on close
+        assert "a" in s and len(s) == 1
 
 
 def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):

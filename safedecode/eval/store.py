@@ -10,20 +10,35 @@ import json
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
 
 class JsonlStore:
-    """Records by key, backed by an append-only JSONL file (created on first write)."""
+    """Records by key, backed by an append-only JSONL file, locked while open."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         self.dropped_torn_line = False
-        self._f = None
-        self._load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", encoding="utf-8")
+        if fcntl is not None:
+            try:  # one writer at a time: a second run on the same folder stops here
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._f.close()
+                raise ValueError(f"{self.path} is in use by another run; wait for it to "
+                                 "finish or use another output folder") from exc
+        try:
+            self._load()
+        except ValueError:
+            self.close()
+            raise
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
         data = self.path.read_bytes()
         good_end, pos, n = 0, 0, 0
         while pos < len(data):
@@ -41,8 +56,8 @@ class JsonlStore:
                 raise ValueError(f"{self.path}:{n}: corrupt record ({exc}); delete this line "
                                  "or the file to regenerate it") from exc
             if nl < 0:  # a complete JSON object without its newline: keep, restore the newline
-                with self.path.open("ab") as f:
-                    f.write(b"\n")
+                self._f.write("\n")
+                self._f.flush()
             if rec is not None:
                 self.records.setdefault(rec["key"], rec)
             good_end = end
@@ -68,8 +83,7 @@ class JsonlStore:
         if "key" not in record:
             raise ValueError("JsonlStore.append: record has no 'key'")
         if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self.path.open("a", encoding="utf-8")
+            raise ValueError(f"JsonlStore: {self.path} is closed")
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
         self.records.setdefault(record["key"], record)
