@@ -82,29 +82,42 @@ def bench_command(
         from safedecode.bench.machine import require_device
 
         require_device(device)
-        if threads is not None:
-            if threads < 1:
-                raise BenchError(f"--threads: must be >= 1, got {threads}")
-            import torch
-
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise BenchError(f"--threads: must be >= 1, got {threads}")
         command = _command(what, quick, repeats, out, device, batch, dtype, threads)
-        written, results = [], {}
-        for suite in ("ops", "generate"):
-            if what.value not in (suite, "all"):
-                continue
-            t0 = time.perf_counter()
-            results[suite] = _run_suite(suite, device, quick, batch, repeats, dtype)
-            results[suite]["wall_s"] = time.perf_counter() - t0
-            res = report.stamp(results[suite], device=device, quick=quick, command=command,
-                               argv=list(sys.argv))
-            results[suite] = res
-            written += report.write_result(res, out_dir)
+        results = _run_all(what, device, quick, batch, repeats, dtype, threads)
+        written = []
+        for suite, res in results.items():
+            results[suite] = report.stamp(res, device=device, quick=quick, command=command,
+                                          argv=list(sys.argv))
+            written += report.write_result(results[suite], out_dir)
     except (BenchError, ValueError, RuntimeError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
     for t in report.targets(results.get("ops"), results.get("generate")):
         typer.echo(f"- {t['text']}")
+
+
+def _run_all(what: Suite, device: str, quick: bool, batch: list[int] | None,
+             repeats: int | None, dtype: str, threads: int | None) -> dict[str, dict]:
+    """Run the selected suites (with ``threads`` torch threads, restored afterwards)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = {}
+    try:
+        for suite in ("ops", "generate"):
+            if what.value in (suite, "all"):
+                t0 = time.perf_counter()
+                results[suite] = _run_suite(suite, device, quick, batch, repeats, dtype)
+                results[suite]["wall_s"] = time.perf_counter() - t0
+                # the machine block is written after the run: record the threads it used
+                results[suite]["threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(saved)
+    return results
 
 
 def _run_suite(suite: str, device: str, quick: bool, batch: list[int] | None,

@@ -20,9 +20,11 @@ OP_TARGET, PLAIN_TARGET, NAIVE_TARGET, PREFILL_TARGET, PREFILL_B = 10.0, 1.0, 2.
 
 def stamp(result: dict, *, device: str, quick: bool, command: str, argv: list[str]) -> dict:
     """The run header every result carries: command, machine, time, commit."""
+    machine = describe(device)
+    machine["torch_threads"] = result.get("threads", machine["torch_threads"])  # as run
     head = {"device": device, "quick": quick, "command": command, "argv": argv,
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "machine": describe(device)}
+            "git_commit": git_commit(), "machine": machine}
     return {"benchmark": result["benchmark"], **head,
             **{k: v for k, v in result.items() if k != "benchmark"}}
 
