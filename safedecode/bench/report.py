@@ -247,7 +247,8 @@ def _verdict(name: str, vals: list[tuple[float, str]], threshold: float, what: s
         text += (f"; below {threshold:g}× in {len(below)} of {len(vals)} cases (lowest "
                  f"{_x(low[0], fmt)} at {low[1]})")
     else:
-        text += f" in all {len(vals)} cases"
+        text += {1: " in the one case", 2: " in both cases"}.get(len(vals),
+                                                                 f" in all {len(vals)} cases")
     return {"target": name, "met": met, "min": min(nums), "max": max(nums), "text": text + "."}
 
 
