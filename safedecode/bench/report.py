@@ -167,7 +167,7 @@ def _plain_ticks(ax, xs: list[float]) -> None:
     """Ticks at the measured x values and plain numbers on both log axes."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xticks(xs, [f"{x / 1000:.0f}k" if x >= 1000 else f"{x:g}" for x in xs])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"
