@@ -126,7 +126,7 @@ def optimize(
     data: Path | None = typer.Option(None, help="Anchor set .jsonl (default: the shipped one)."),
     epochs: int = typer.Option(3, help="Passes over the anchor set."),
     batch_size: int = typer.Option(8, "--batch-size", help="Harmful and safe items per step."),
-    lr: float = typer.Option(2e-3, help="Adam learning rate of the prompt embeddings."),
+    lr: float = typer.Option(1.5e-2, help="Adam learning rate of the prompt embeddings."),
     seed: int = typer.Option(0, help="Seed (shuffling; the run is deterministic)."),
     max_response_tokens: int = typer.Option(48, "--max-response-tokens"),
 ):

@@ -33,7 +33,7 @@ class OPOConfig:
 
     epochs: int = 3
     batch_size: int = 8  # harmful and safe instructions per step
-    lr: float = 2e-3
+    lr: float = 1.5e-2
     seed: int = 0
     max_response_tokens: int = 48
     safeguard_text: str = text_prompts.SAFEGUARD
