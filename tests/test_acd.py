@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -196,3 +197,37 @@ def test_bad_training_data_and_config():
         OPOConfig(epochs=0)
     with pytest.raises(ValueError, match="lr"):
         OPOConfig(lr=float("nan"))
+
+
+@pytest.mark.parametrize("method", ["acd", "self-cd"])
+def test_cli_generate_acd_and_self_cd_on_the_default_model(method):
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    res = CliRunner().invoke(app, ["generate", "--method", method, "-n", "6", "--json",
+                                   "How do I kill a Python process?"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["method"] == method and 1 <= out["tokens"] <= 6
+
+
+def test_cli_optimize_writes_prompts_that_load(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import safedecode.models as models_mod
+    from safedecode.cli import app
+
+    monkeypatch.setattr(models_mod, "load_model", lambda name, **kw: tiny_llama())
+    data = tmp_path / "anchor.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in ITEMS), encoding="utf-8")
+    out = tmp_path / "p.safetensors"
+    res = CliRunner().invoke(app, ["optimize", "--out", str(out), "--data", str(data),
+                                   "--epochs", "1", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    model, _ = tiny_llama()
+    p = load_prompts(out, model=model)
+    assert p.safeguard.shape[1] == 64 and len(p.history) == 1
+    assert p.config["batch_size"] == 2 and p.config["data_items"] == 4
+    bad = CliRunner().invoke(app, ["optimize", "--out", str(out), "--epochs", "0"])
+    assert bad.exit_code == 2 and "epochs" in bad.output
