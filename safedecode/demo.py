@@ -53,8 +53,8 @@ def main(max_new_tokens: int = 64) -> None:
         for name, outs in texts.items():
             table.add_row(name, outs[i].strip() or "(empty)")
         console.print(table)
-    judge = KeywordJudge(extra=("I won't help", "I will not help", "I can't help"))
-    console.print("\n[bold]Refusals[/] (keyword judge: AdvBench + XSTest phrase lists):")
+    judge = KeywordJudge(lists=("advbench", "xstest", "safedecode"))
+    console.print("\n[bold]Refusals[/] (keyword judge: AdvBench, XSTest, safedecode lists):")
     for name, outs in texts.items():
         flags = [v.flag for v in judge([p for _, p in PROMPTS], outs)]
         counts = {kind: sum(f for f, (k, _) in zip(flags, PROMPTS, strict=True) if k == kind)
