@@ -101,8 +101,9 @@ def embedding_fingerprint(model) -> str:
 
 def model_name(model) -> str:
     """A readable identity: the name it was loaded under, else its config's."""
+    cfg = getattr(model, "config", None)
     return str(getattr(model, "safedecode_name", None)
-               or getattr(model.config, "name_or_path", None) or type(model).__name__)
+               or getattr(cfg, "_name_or_path", None) or type(model).__name__)
 
 
 def _save_plain(model, tok, folder: Path) -> None:

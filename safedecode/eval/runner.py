@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from safedecode.engine.branches import Method
+from safedecode.models import model_name
 
 from .datasets import Dataset, Item
 from .judges import Judge
@@ -79,12 +80,6 @@ def model_fingerprint(model) -> str:
     for p in {0: params[0], 1: params[len(params) // 2], 2: params[-1]}.values():
         _hash_value(h, p.detach().reshape(-1)[:4096])
     return h.hexdigest()[:16]
-
-
-def model_name(model, default: str = "model") -> str:
-    """The model's name as loaded (``safedecode_name`` or its config's path)."""
-    return str(getattr(model, "safedecode_name", None)
-               or getattr(getattr(model, "config", None), "_name_or_path", None) or default)
 
 
 def record_key(model_fp: str, method_fp: str, dataset: str, item: Item, decoding: dict) -> str:
