@@ -18,6 +18,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST_BACKENDS = ["cpp", "triton"] if DEVICE == "cpu" else ["triton", "cuda"]
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Llama of ``engine_fixtures`` saved as a model folder (for CLI tests)."""
+    from engine_fixtures import tiny_llama
+
+    model, tok = tiny_llama()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=FAST_BACKENDS)
 def backend(request) -> str:
     """A fast backend; it must load here (a load failure is a test failure, not a skip)."""

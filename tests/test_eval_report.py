@@ -102,23 +102,15 @@ def test_evaluate_writes_parseable_reports(tmp_path):
     assert len(gens) == 10 and all(json.loads(x)["token_ids"] for x in gens)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model, tok = tiny_llama()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_cli_eval(tmp_path, model_dir):
+def test_cli_eval(tmp_path, tiny_model_dir):
     harm = tmp_path / "harm.txt"
     harm.write_text("Do a bad thing\nDo another bad thing\nAnd a third\n")
     ben = tmp_path / "ben.jsonl"
     ben.write_text('{"prompt": "Kill a process", "category": "code"}\n')
     out = tmp_path / "out"
     args = ["eval", "--methods", "plain,self-cd", "--datasets", f"{harm}@harmful,{ben}@benign",
-            "--model", str(model_dir), "--max-new-tokens", "3", "--limit", "2", "--out", str(out)]
+            "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--limit", "2",
+            "--out", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "| `self-cd` |" in r.output and "results.json" in r.output
@@ -159,7 +151,7 @@ def test_cli_eval_errors(tmp_path, extra, message):
     assert "Traceback" not in r.output
 
 
-def test_cli_default_methods_skip_unbuildable(tmp_path, model_dir, monkeypatch):
+def test_cli_default_methods_skip_unbuildable(tmp_path, tiny_model_dir, monkeypatch):
     from safedecode import methods
 
     def broken():
@@ -170,7 +162,7 @@ def test_cli_default_methods_skip_unbuildable(tmp_path, model_dir, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\n")
     r = CliRunner().invoke(app, ["eval", "--datasets", f"{prompts}@benign", "--model",
-                                 str(model_dir), "--max-new-tokens", "2", "--no-ppl", "--out",
+                                 str(tiny_model_dir), "--max-new-tokens", "2", "--no-ppl", "--out",
                                  str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "skipping method broken" in r.output and "| `plain` |" in r.output

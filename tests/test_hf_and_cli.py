@@ -50,15 +50,6 @@ def test_custom_generate_matches_the_engine():
                        custom_generate=safedecode.custom_generate, safedecode_method=m)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    model, tok = tiny_llama()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     runner = CliRunner()
     f = tmp_path / "prompts.txt"
