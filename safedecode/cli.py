@@ -82,6 +82,8 @@ def generate(
               if v is not None}
     console = Console(stderr=True)
     try:
+        if acd_prompts is not None and method not in ("acd", "acd-sp"):
+            raise ValueError(f"--acd-prompts: only for --method acd or acd-sp, not {method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")

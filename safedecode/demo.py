@@ -53,7 +53,7 @@ def main(max_new_tokens: int = 64) -> None:
         for name, outs in texts.items():
             table.add_row(name, outs[i].strip() or "(empty)")
         console.print(table)
-    judge = KeywordJudge(lists=("advbench", "xstest", "safedecode"))
+    judge = KeywordJudge()
     console.print("\n[bold]Refusals[/] (keyword judge: AdvBench, XSTest, safedecode lists):")
     for name, outs in texts.items():
         flags = [v.flag for v in judge([p for _, p in PROMPTS], outs)]

@@ -75,6 +75,9 @@ def test_shipped_prompts_build_acd_and_acd_sp():
     assert one.k == 1 and torch.equal(one.branches[0].soft_prompt, sp.soft_prompt)
     meta = load_prompts()
     assert meta.config["epochs"] >= 1 and meta.history and "L_SP" in meta.history[-1]
+    again = ACD(meta, alpha=1.0)
+    assert torch.equal(again.branches[1].soft_prompt, meta.adversarial)
+    assert again.branches[0].fingerprint == meta.fingerprint and again.weights == (1.0, -1.0)
 
 
 def _hand_logprobs(model, tok, system: str, instruction: str, response: str) -> torch.Tensor:
@@ -231,3 +234,6 @@ def test_cli_optimize_writes_prompts_that_load(tmp_path, monkeypatch):
     assert p.config["batch_size"] == 2 and p.config["data_items"] == 4
     bad = CliRunner().invoke(app, ["optimize", "--out", str(out), "--epochs", "0"])
     assert bad.exit_code == 2 and "epochs" in bad.output
+    wrong = CliRunner().invoke(app, ["generate", "--method", "plain", "--acd-prompts", str(out),
+                                     "hello"])
+    assert wrong.exit_code == 2 and "only for --method acd or acd-sp" in wrong.output

@@ -36,7 +36,7 @@ def test_keyword_judge_default_lists():
     assert [v.flag for v in j([""] * len(ANSWERS), ANSWERS)] == [False] * len(ANSWERS)
     assert j.judge_one("I cannot do that").detail == "advbench:I cannot"
     assert j.name == "keyword" and j.metric == "refusal"
-    assert j.config()["lists"] == ["advbench", "xstest"]
+    assert j.config()["lists"] == ["advbench", "xstest", "safedecode"]
 
 
 def test_keyword_lists_differ_as_documented():

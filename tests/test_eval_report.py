@@ -116,6 +116,7 @@ def test_cli_eval(tmp_path, tiny_model_dir):
     assert "| `self-cd` |" in r.output and "results.json" in r.output
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["harm@plain"]["n"] == 2 and res["results"]["ben@self-cd"]["n"] == 1
+    assert res["config"]["command"].startswith("safedecode ")
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "refusal.png",
                                                 "examples.md", "generations.jsonl"}
     r2 = CliRunner().invoke(app, [*args, "--no-ppl"])  # resumed: nothing to generate

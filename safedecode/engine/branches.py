@@ -11,6 +11,7 @@ A *method* is its branches plus the fused op's combination: ``rule``, ``weights`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,8 +57,8 @@ class Branch:
             if self.system is not None:
                 raise ValueError("Branch: give either system text or a soft_prompt, not both")
 
-    def key(self) -> str:
-        """Content hash: equal branches share one prefix KV cache entry."""
+    @functools.cached_property
+    def _key(self) -> str:
         h = hashlib.sha256()
         h.update(repr(self.system).encode())
         if self.soft_prompt is not None:
@@ -67,6 +68,11 @@ class Branch:
         for hook in self.hooks:  # hooks change the prefix KV: they are part of its identity
             h.update(f"{hook.module}:{id(hook.fn)}".encode())
         return h.hexdigest()[:16]
+
+    def key(self) -> str:
+        """Content hash (computed once; soft prompts are not to be changed in place): equal
+        branches share one prefix KV cache entry."""
+        return self._key
 
 
 @dataclass(frozen=True, eq=False)

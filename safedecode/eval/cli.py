@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def eval_command(
     beta: float | None = typer.Option(None, help="Plausibility threshold for methods that "
                                                  "take it."),
     judges: str = typer.Option("keyword", "--judges", help="keyword and/or classifier."),
-    keyword_lists: str = typer.Option("advbench,xstest", "--keyword-lists",
+    keyword_lists: str = typer.Option("advbench,xstest,safedecode", "--keyword-lists",
                                       help="Phrase lists of the keyword judge."),
     refusal_phrases: Path | None = typer.Option(
         None, "--refusal-phrases", help="Extra refusal phrases, one per line (substrings)."),
@@ -145,7 +147,8 @@ def eval_command(
             evaluate(mdl, tok, methods=specs, datasets=sets, out_dir=out, judges=judge_objs,
                      limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-                     backend=backend, ppl=not no_ppl, n_examples=examples, progress=bar)
+                     backend=backend, ppl=not no_ppl, n_examples=examples, progress=bar,
+                     command=" ".join(["safedecode", *map(shlex.quote, sys.argv[1:])]))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -82,7 +82,7 @@ class KeywordJudge:
     metric = "refusal"
     cacheable = False
 
-    def __init__(self, lists: Sequence[str] = ("advbench", "xstest"),
+    def __init__(self, lists: Sequence[str] = ("advbench", "xstest", "safedecode"),
                  extra: Sequence[str] = (), name: str = "keyword") -> None:
         bad = [x for x in lists if x not in KEYWORD_LISTS]
         if bad:

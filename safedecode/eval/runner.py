@@ -310,7 +310,7 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
              backend: str = "auto", ppl: bool = True, n_examples: int = 3,
-             progress=None) -> dict:
+             progress=None, command: str | None = None) -> dict:
     """Generate (resuming from ``out_dir``), judge, measure and write the reports.
 
     ``methods``: specs such as ``"acd-text:alpha=1.0"``; ``datasets``: registered names, file
@@ -359,7 +359,7 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
         "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
         "perplexity": "response tokens teacher-forced under the plain model (user prompt in the "
                       "chat template, no system prompt)" if ppl else None,
-        "out_dir": str(out), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": command, "out_dir": str(out), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "wall_s_this_run": time.perf_counter() - t0,
     }
     paths = write_reports(records, verdicts, judges, ppls, config, out, n_examples)

@@ -107,22 +107,26 @@ def _branch(p: PromptLike, name: str, acd_prompts: ACDPrompts | None) -> Branch:
                      f"{type(p).__name__}")
 
 
-def ACD(safeguard: PromptLike = text_prompts.SAFEGUARD,  # noqa: N802 - a method constructor
-        adversarial: PromptLike = text_prompts.ADVERSARIAL, alpha: float = 0.5,
-        beta: float = 0.0, *, name: str = "acd", _source: ACDPrompts | None = None) -> Method:
-    """ACD over two branches SP and AP (text or soft prompts): ``s = lp_SP - alpha lp_AP``,
-    anchor SP."""
+def ACD(safeguard: PromptLike | ACDPrompts = text_prompts.SAFEGUARD,  # noqa: N802
+        adversarial: PromptLike | None = text_prompts.ADVERSARIAL, alpha: float = 0.5,
+        beta: float = 0.0, *, name: str = "acd") -> Method:
+    """ACD over two branches SP and AP: ``s = lp_SP - alpha lp_AP``, anchor SP.
+
+    SP/AP are text or ``[n, d]`` soft prompts; or pass an :class:`ACDPrompts` as ``safeguard``
+    (its pair is used, and the engine checks it runs on the model it was optimised for).
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ValueError(f"alpha: must be a number >= 0, got {alpha!r}")
-    return contrastive((_branch(safeguard, "SP", _source), _branch(adversarial, "AP", _source)),
+    src = safeguard if isinstance(safeguard, ACDPrompts) else None
+    sp, ap = (src.safeguard, src.adversarial) if src is not None else (safeguard, adversarial)
+    return contrastive((_branch(sp, "SP", src), _branch(ap, "AP", src)),
                        (1.0, -float(alpha)), beta=beta, name=name)
 
 
 def acd(alpha: float = 0.5, beta: float = 0.0, prompts: str | Path | None = None) -> Method:
     """ACD with optimised soft prompts (``prompts``: a file from ``safedecode optimize``; default:
     the pair shipped for the embedded SmolLM2-135M-Instruct)."""
-    p = load_prompts(prompts)
-    return ACD(p.safeguard, p.adversarial, alpha, beta, name="acd", _source=p)
+    return ACD(load_prompts(prompts), None, alpha, beta, name="acd")
 
 
 def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = text_prompts.SAFEGUARD,
