@@ -19,11 +19,19 @@ if os.environ.get("SAFEDECODE_SANITIZE"):
     CPU_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-fopenmp",
                  "-std=c++17", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
+# csrc/cpu/block_kernels.cpp is compiled once per ISA level into its own table (block_dispatch.cpp
+# picks one at run time), so one build uses AVX-512 where the CPU has it and still runs anywhere.
+BLOCK_KERNELS = "csrc/cpu/block_kernels.cpp"
+ISA_LEVELS = [("avx512", ["-march=x86-64-v4"]), ("avx2", ["-march=x86-64-v3"])]
+
 ext_modules = [
     Pybind11Extension(
         "safedecode._C",
-        sources=["csrc/cpu/contrastive_sample.cpp", "csrc/cpu/bindings.cpp"],
+        sources=["csrc/cpu/contrastive_sample.cpp", "csrc/cpu/block_dispatch.cpp",
+                 "csrc/cpu/bindings.cpp"],
         include_dirs=["csrc"],
+        depends=["csrc/cpu/block_kernels.h", "csrc/cpu/contrastive_sample.h", "csrc/philox.h",
+                 BLOCK_KERNELS],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=[f for f in CPU_FLAGS if f.startswith(("-fopenmp", "-fsanitize"))],
     )
@@ -45,8 +53,41 @@ def _cuda_wanted() -> str | None:
     return None
 
 
+
+
+def _is_x86() -> bool:
+    import platform  # noqa: PLC0415
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
 class BuildExt(build_ext):
-    """build_ext that adds the optional CUDA extension when it can be built."""
+    """build_ext that adds the per-ISA block kernels and the optional CUDA extension."""
+
+    def build_extension(self, ext) -> None:  # noqa: ANN001 - setuptools Extension
+        if ext.name == "safedecode._C":
+            self._add_block_kernels(ext)
+        super().build_extension(ext)
+
+    def _add_block_kernels(self, ext) -> None:  # noqa: ANN001
+        """Compile BLOCK_KERNELS per ISA level; a level the compiler rejects is left out."""
+        base = [f for f in ext.extra_compile_args if not f.startswith("-march")]
+        levels = [("baseline", [])] + (ISA_LEVELS if _is_x86() else [])
+        for isa, flags in levels:
+            out_dir = os.path.join(self.build_temp, "isa_" + isa)
+            try:
+                objs = self.compiler.compile(
+                    [BLOCK_KERNELS], output_dir=out_dir, macros=[("SD_ISA", isa)],
+                    include_dirs=ext.include_dirs, extra_postargs=base + flags,
+                    depends=ext.depends)
+            except Exception as exc:  # noqa: BLE001 - an old compiler: run without that level
+                if isa == "baseline":
+                    raise
+                print(f"safedecode: building without the {isa} kernels: {exc}", file=sys.stderr)
+                continue
+            ext.extra_objects.extend(objs)
+            if isa != "baseline":
+                ext.define_macros.append((f"SD_HAVE_{isa.upper()}", "1"))
 
     def run(self) -> None:
         reason = _cuda_wanted()

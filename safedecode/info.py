@@ -25,6 +25,12 @@ def collect() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        from safedecode import _C
+
+        cpu_isa, cpu_isas = _C.cpu_isa(), _C.cpu_isas()
+    except ImportError:
+        cpu_isa, cpu_isas = None, []
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -38,6 +44,9 @@ def collect() -> dict:
         "SAFEDECODE_BACKEND": os.environ.get(registry.ENV_VAR),
         "backends": status,
         "auto": auto,
+        "cpu_isa": cpu_isa,
+        "cpu_isas": cpu_isas,
+        "SAFEDECODE_CPU_ISA": os.environ.get("SAFEDECODE_CPU_ISA"),
     }
 
 
@@ -48,10 +57,15 @@ def render() -> str:
              f" (CUDA {info['torch_cuda'] or 'none'}), triton {info['triton'] or 'not installed'}",
              f"GPU: {info['gpu'] or 'none'}; CPU threads: {info['cpu_threads']}", "backends:"]
     for name, st in info["backends"].items():
-        lines.append(f"  {name:<10} {'loaded' if st == 'ok' else 'unavailable: ' + st}")
+        line = f"  {name:<10} {'loaded' if st == 'ok' else 'unavailable: ' + st}"
+        if name == "cpp" and info["cpu_isa"]:
+            line += f" (vector ISA {info['cpu_isa']}; runnable: {', '.join(info['cpu_isas'])})"
+        lines.append(line)
     lines.append("auto picks: " + ", ".join(f"{d} -> {b}" for d, b in info["auto"].items()))
     if info["SAFEDECODE_BACKEND"]:
         lines.append(f"SAFEDECODE_BACKEND={info['SAFEDECODE_BACKEND']} overrides auto")
+    if info["SAFEDECODE_CPU_ISA"]:
+        lines.append(f"SAFEDECODE_CPU_ISA={info['SAFEDECODE_CPU_ISA']} asks for that vector ISA")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from helpers import assert_logprobs_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from safedecode import _C
 from safedecode.ops import contrastive_logprobs, contrastive_sample
 
 EXAMPLES = int(os.environ.get("SAFEDECODE_FUZZ_EXAMPLES", "300"))
@@ -56,9 +57,18 @@ def _run(fn, *args, **kw):
         return None, str(exc)
 
 
+@pytest.fixture
+def restore_isa():
+    before = _C.cpu_isa()
+    yield
+    _C.set_cpu_isa(before)
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(problems())
-def test_cpp_matches_reference(problem):
+@given(problems(), st.sampled_from(_C.cpu_isas()))
+def test_cpp_matches_reference(restore_isa, problem, isa):
+    """Every vector ISA level the CPU runs (AVX-512, AVX2, baseline) against the reference."""
+    _C.set_cpu_isa(isa)
     logits, weights, kw, seed = problem
     ref, ref_err = _run(contrastive_logprobs, logits, weights, backend="reference", **kw)
     out, out_err = _run(contrastive_logprobs, logits, weights, backend="cpp", **kw)

@@ -4,7 +4,10 @@
 
 #include <omp.h>
 
+#include <string>
+
 #include "../philox.h"
+#include "block_kernels.h"
 #include "contrastive_sample.h"
 
 namespace py = pybind11;
@@ -68,6 +71,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_uniform",
         [](uint64_t seed, uint64_t step) { return safedecode::philox_uniform(seed, step); },
         "The shared Philox stream's uniform for (seed, step), for cross-checking.");
+  m.def("cpu_isa", []() { return std::string(safedecode::block_kernels().isa); },
+        "Vector ISA level of the block kernels in use (avx512, avx2 or baseline).");
+  m.def(
+      "cpu_isas",
+      []() {
+        const char* names[8];
+        const int n = safedecode::available_isas(names, 8);
+        py::list out;
+        for (int i = 0; i < n; ++i) out.append(std::string(names[i]));
+        return out;
+      },
+      "ISA levels built into this module that this CPU runs, best first.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& isa) {
+        if (!safedecode::set_block_isa(isa.c_str()))
+          throw py::value_error("set_cpu_isa: '" + isa + "' is not built or not supported here");
+      },
+      "Switch the block kernels to another ISA level (for tests and benchmarks).");
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use by default.");
 }

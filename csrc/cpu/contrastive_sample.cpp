@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../philox.h"
+#include "block_kernels.h"
 
 namespace safedecode {
 namespace {
@@ -32,40 +33,13 @@ constexpr float kHistRange = 40.0f;
 
 enum Status : int32_t { kOk = 0, kNaN = 1, kPosInfSeen = 2, kAnchorEmpty = 3, kNoCandidate = 4 };
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// Branch-free IEEE half -> float (handles subnormals, inf and NaN).
-inline float fp16_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t em = static_cast<uint32_t>(h & 0x7fffu);
-  uint32_t bits = em << 13;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  f *= 5.192296858534828e+33f;  // 2^112 rebiases the exponent (and scales subnormals exactly)
-  std::memcpy(&bits, &f, sizeof(f));
-  if (em >= 0x7c00u) bits |= 0x7f800000u;  // inf / NaN
-  bits |= sign;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
 // Returns a pointer to n fp32 values of logits[k, b, v0:v0+n]: the source itself for fp32,
 // otherwise `buf` after conversion.
 inline const float* load_block(const LogitsView& L, int64_t k, int64_t b, int64_t v0, int64_t n,
                                float* buf) {
   const int64_t off = k * L.stride_k + b * L.stride_b + v0;
   if (L.dtype == kFloat32) return static_cast<const float*>(L.data) + off;
-  const uint16_t* src = static_cast<const uint16_t*>(L.data) + off;
-  if (L.dtype == kBFloat16) {
-    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = fp16_to_float(src[i]);
-  }
+  block_kernels().convert(static_cast<const uint16_t*>(L.data) + off, L.dtype, n, buf);
   return buf;
 }
 
@@ -88,6 +62,7 @@ struct Scratch {
   std::vector<float> tmp;       // selection / exp values
   std::vector<int32_t> order;   // sort permutation
   std::vector<double> hist;     // top-p mass histogram
+  std::vector<uint32_t> keys;   // selection keys
   Cands c;
 };
 
@@ -108,23 +83,18 @@ inline float block_max(const float* x, int64_t n) {
   return r;
 }
 
-// Append block entries i (token v0 + i) where keep(i) holds; branch-free compaction.
-template <typename Pred>
-void append_if(Cands& c, const float* s, const float* za, int64_t n, int64_t v0, Pred keep) {
+// Append the block entries i (token v0 + i) with key[i] >= thr and s[i] > -inf to c.
+void append_block(Cands& c, const float* key, float thr, const float* s, const float* za,
+                  int64_t n, int64_t v0) {
   const size_t base = c.size();
   c.idx.resize(base + n);
   c.s.resize(base + n);
   if (za) c.za.resize(base + n);
-  size_t w = base;
-  for (int64_t i = 0; i < n; ++i) {
-    c.idx[w] = static_cast<int32_t>(v0 + i);
-    c.s[w] = s[i];
-    if (za) c.za[w] = za[i];
-    w += keep(i) ? 1 : 0;
-  }
-  c.idx.resize(w);
-  c.s.resize(w);
-  if (za) c.za.resize(w);
+  const int64_t w = block_kernels().compact(key, thr, s, za, n, v0, c.idx.data() + base, c.s.data() + base,
+                                  za ? c.za.data() + base : nullptr);
+  c.idx.resize(base + w);
+  c.s.resize(base + w);
+  if (za) c.za.resize(base + w);
 }
 
 // Keep entries where keep(i) holds, preserving order.
@@ -144,11 +114,10 @@ void compact(Cands& c, bool with_za, Pred keep) {
   if (with_za) c.za.resize(w);
 }
 
-// k-th largest value of c.s (1-based k <= size).
-float kth_largest(const Cands& c, int64_t k, std::vector<float>& tmp) {
-  tmp.assign(c.s.begin(), c.s.end());
-  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
-  return tmp[k - 1];
+// k-th largest of x[0..n) (1-based k <= n), exact.
+float kth_largest(const float* x, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
+  keys.resize(static_cast<size_t>(n) + 64);
+  return block_kernels().kth_largest(x, n, k, keys.data());
 }
 
 // log-sum-exp pieces of one branch row, mirroring torch.log_softmax: (max, log(sum exp(z - max))).
@@ -182,6 +151,46 @@ struct ScanResult {
   int64_t argmax = -1;    // first index attaining smax
 };
 
+// Combined scores of one block for the general case (any rule, zero weights, K > kFusedMaxK).
+void combine_generic(const float* const* zk, int64_t K, const float* w, const bool* active,
+                     int anchor, int rule, float gamma, float mx0, float ls0, float mx1, float ls1,
+                     int64_t n, float* s) {
+  if (rule == kLinear) {
+    bool first = true;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!active[k]) continue;
+      const float wk = w[k];
+      const float* z = zk[k];
+      if (first) {
+        for (int64_t i = 0; i < n; ++i) s[i] = wk * z[i];
+        first = false;
+      } else {
+        for (int64_t i = 0; i < n; ++i) s[i] = s[i] + wk * z[i];
+      }
+    }
+    if (first) std::fill(s, s + n, 0.0f);
+  } else {
+    const float* z0 = zk[0];
+    const float* z1 = zk[1];
+    if (gamma != 0.0f) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float lp0 = (z0[i] - mx0) - ls0;
+        const float lp1 = (z1[i] - mx1) - ls1;
+        const float d = lp0 - lp1;
+        s[i] = lp0 + gamma * (d < 0.0f ? d : 0.0f);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) s[i] = (z0[i] - mx0) - ls0;
+    }
+  }
+  // Exclusions: -inf in the anchor or in any weighted branch (overrides +-inf/NaN from w*-inf).
+  for (int64_t k = 0; k < K; ++k) {
+    if (!active[k] && k != anchor) continue;
+    const float* z = zk[k];
+    for (int64_t i = 0; i < n; ++i) s[i] = z[i] == kNegInf ? kNegInf : s[i];
+  }
+}
+
 // The streaming pass: scores, validity flags, anchor max, greedy argmax and the candidate list.
 ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int anchor, int64_t b,
                     Collect mode, int64_t top_k, Scratch& S) {
@@ -206,71 +215,50 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
   for (int64_t k = 0; k < K; ++k) {
     active[k] = (rule == kUnion) ? (k == 0 || gamma != 0.0f) : (w[k] != 0.0f);
   }
-  const int64_t cap = std::max<int64_t>(4 * top_k, 2048);
+  const int64_t cap = std::max<int64_t>(4 * top_k, 512);
   float thr_k = kNegInf;  // running top-k prefilter (a lower bound of the final k-th score)
   int bad_nan = 0, bad_inf = 0;
+
+  // Fast path: the linear rule with every branch weighted, fused into one vector pass per block.
+  bool fused = rule == kLinear && K <= kFusedMaxK;
+  for (int64_t k = 0; k < K; ++k) fused = fused && active[k];
 
   for (int64_t v0 = 0; v0 < L.V; v0 += kBlock) {
     const int64_t n = std::min(kBlock, L.V - v0);
     const float* zk[64];
-    for (int64_t k = 0; k < K; ++k) {
-      zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
-      const float* z = zk[k];
-      int bad = 0;  // NaN or +inf (a single compare: -inf is a legal, masked logit)
-      for (int64_t i = 0; i < n; ++i) bad |= !(z[i] <= kFloatMax);
-      if (bad) {
-        for (int64_t i = 0; i < n; ++i) {
-          bad_nan |= z[i] != z[i];
-          bad_inf |= z[i] == kPosInf;
-        }
-      }
-    }
+    for (int64_t k = 0; k < K; ++k) zk[k] = load_block(L, k, b, v0, n, S.zbuf.data() + k * kBlock);
     const float* za = zk[anchor];
     float* s = S.sblk.data();
-    const float amax_blk = block_max(za, n);
-    r.anchor_max = std::max(r.anchor_max, amax_blk);
-
-    // Combined score.
-    if (rule == kLinear) {
-      bool first = true;
-      for (int64_t k = 0; k < K; ++k) {
-        if (!active[k]) continue;
-        const float wk = w[k];
-        const float* z = zk[k];
-        if (first) {
-          for (int64_t i = 0; i < n; ++i) s[i] = wk * z[i];
-          first = false;
-        } else {
-          for (int64_t i = 0; i < n; ++i) s[i] = s[i] + wk * z[i];
-        }
-      }
-      if (first) std::fill(s, s + n, 0.0f);
+    float amax_blk, smax_blk;
+    int bad = 0;
+    if (fused) {
+      const BlockStats st = block_kernels().linear(static_cast<int>(K), zk, w, anchor, n, s);
+      amax_blk = st.amax;
+      smax_blk = st.smax;
+      bad = st.bad;
     } else {
-      const float* z0 = zk[0];
-      const float* z1 = zk[1];
-      if (gamma != 0.0f) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* z = zk[k];
+        for (int64_t i = 0; i < n; ++i) bad |= !(z[i] <= kFloatMax);  // NaN or +inf
+      }
+      amax_blk = block_max(za, n);
+      combine_generic(zk, K, w, active, anchor, rule, gamma, mx0, ls0, mx1, ls1, n, s);
+      smax_blk = block_max(s, n);
+    }
+    if (bad) {  // rare: which one (-inf is a legal, masked logit)
+      for (int64_t k = 0; k < K; ++k) {
         for (int64_t i = 0; i < n; ++i) {
-          const float lp0 = (z0[i] - mx0) - ls0;
-          const float lp1 = (z1[i] - mx1) - ls1;
-          const float d = lp0 - lp1;
-          s[i] = lp0 + gamma * (d < 0.0f ? d : 0.0f);
+          bad_nan |= zk[k][i] != zk[k][i];
+          bad_inf |= zk[k][i] == kPosInf;
         }
-      } else {
-        for (int64_t i = 0; i < n; ++i) s[i] = (z0[i] - mx0) - ls0;
       }
     }
-    // Exclusions: -inf in the anchor or in any weighted branch (overrides +-inf/NaN from w*-inf).
-    for (int64_t k = 0; k < K; ++k) {
-      if (!active[k] && k != anchor) continue;
-      const float* z = zk[k];
-      for (int64_t i = 0; i < n; ++i) s[i] = z[i] == kNegInf ? kNegInf : s[i];
-    }
+    r.anchor_max = std::max(r.anchor_max, amax_blk);
 
     switch (mode) {
       case Collect::kNone:
       case Collect::kAll:
       case Collect::kTopK: {
-        const float smax_blk = block_max(s, n);
         if (smax_blk > r.smax) {  // rare after the first blocks: find the first maximal index
           r.smax = smax_blk;
           for (int64_t i = 0; i < n; ++i) {
@@ -283,9 +271,15 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
         if (mode == Collect::kNone) break;
         const float t = (mode == Collect::kTopK) ? thr_k : kNegInf;
         if (smax_blk == kNegInf || smax_blk < t) break;  // nothing in this block can survive
-        append_if(c, s, nullptr, n, v0, [&](int64_t i) { return s[i] > kNegInf && s[i] >= t; });
-        if (mode == Collect::kTopK && static_cast<int64_t>(c.size()) >= cap) {
-          thr_k = kth_largest(c, top_k, S.tmp);
+        if (mode == Collect::kTopK && thr_k == kNegInf && n >= top_k) {
+          thr_k = kth_largest(s, n, top_k, S.keys);  // the first full block bounds the k-th
+        }
+        append_block(c, s, mode == Collect::kTopK ? thr_k : t, s, nullptr, n, v0);
+        // Tighten the prefilter as soon as k candidates exist (the k-th largest of a subset is a
+        // lower bound of the final k-th largest), then whenever the list reaches `cap`.
+        const int64_t have = static_cast<int64_t>(c.size());
+        if (mode == Collect::kTopK && (have >= cap || (thr_k == kNegInf && have >= top_k))) {
+          thr_k = kth_largest(c.s.data(), have, top_k, S.keys);
           compact(c, false, [&](size_t j) { return c.s[j] >= thr_k; });
         }
         break;
@@ -293,7 +287,7 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
       case Collect::kPlausible: {
         const float thr = r.anchor_max + log_beta;
         if (amax_blk < thr) break;
-        append_if(c, s, za, n, v0, [&](int64_t i) { return za[i] >= thr && s[i] > kNegInf; });
+        append_block(c, za, thr, s, za, n, v0);
         break;
       }
     }
@@ -414,7 +408,7 @@ RowOut process_row(const LogitsView& L, const RowParams& P, int rule, int anchor
   const float t = greedy ? 1.0f : temp;
   // top-k on scores (ties kept).
   if (top_k > 0 && top_k < static_cast<int64_t>(c.size())) {
-    const float tk = kth_largest(c, top_k, S.tmp);
+    const float tk = kth_largest(c.s.data(), static_cast<int64_t>(c.size()), top_k, S.keys);
     compact(c, false, [&](size_t j) { return c.s[j] >= tk; });
   }
   std::vector<float>& x = S.tmp;
