@@ -11,7 +11,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -52,22 +52,69 @@ SD_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 SD_INLINE vf splat(float x) { return vf{} + x; }
 SD_INLINE vf select(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 SD_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }  // == (a > b ? a : b) per lane
-SD_INLINE bool any(vi m) {
-  uint64_t p[W / 2];
-  std::memcpy(p, &m, sizeof(m));
-  uint64_t r = 0;
-  for (int j = 0; j < W / 2; ++j) r |= p[j];
-  return r != 0;
+// Bit j set iff lane j of the compare mask m is set (one movemask instruction on x86).
+SD_INLINE uint32_t lane_bits(vi m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
+#elif defined(__AVX2__)
+  return static_cast<uint32_t>(_mm256_movemask_ps((__m256)m));
+#elif defined(__SSE2__)
+  return static_cast<uint32_t>(_mm_movemask_ps((__m128)m));
+#else
+  uint32_t bits = 0;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << j;
+  return bits;
+#endif
 }
+SD_INLINE bool any(vi m) { return lane_bits(m) != 0; }
 SD_INLINE float hmax(vf v) {
   float r = v[0];
   for (int j = 1; j < W; ++j) r = v[j] > r ? v[j] : r;
   return r;
 }
 
-template <int K>
+// Writes the lanes of chunk i0 selected by `mask` (bit j = lane j) to the outputs at w.
+// AVX-512 and AVX2 compress in registers; each store is a full vector, safe because the outputs
+// have room for n and w <= i0. Returns the new w.
+SD_INLINE int64_t emit_chunk(uint32_t mask, const float* s, const float* za, int64_t i0,
+                             int64_t v0, int64_t w, int32_t* idx_out, float* s_out,
+                             float* za_out) {
+#if defined(__AVX512F__)
+  const __mmask16 m = static_cast<__mmask16>(mask);
+  const __m512i idx = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int32_t>(v0 + i0)),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_si512(idx_out + w, _mm512_maskz_compress_epi32(m, idx));
+  _mm512_storeu_ps(s_out + w, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(s + i0)));
+  if (za_out) _mm512_storeu_ps(za_out + w, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(za + i0)));
+#elif defined(__AVX2__)
+  // Lane indices of the set bits, packed low (pdep/pext, BMI2 is part of x86-64-v3).
+  const uint64_t spread = _pdep_u64(mask, 0x0101010101010101ull) * 0xffu;
+  const uint64_t picked = _pext_u64(0x0706050403020100ull, spread);
+  const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(picked)));
+  const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(v0 + i0)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx_out + w),
+                      _mm256_permutevar8x32_epi32(idx, perm));
+  _mm256_storeu_ps(s_out + w, _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i0), perm));
+  if (za_out) {
+    _mm256_storeu_ps(za_out + w, _mm256_permutevar8x32_ps(_mm256_loadu_ps(za + i0), perm));
+  }
+#else
+  int64_t wj = w;
+  for (int j = 0; j < W; ++j) {
+    idx_out[wj] = static_cast<int32_t>(v0 + i0 + j);
+    s_out[wj] = s[i0 + j];
+    if (za_out) za_out[wj] = za[i0 + j];
+    wj += (mask >> j) & 1u;
+  }
+#endif
+  return w + __builtin_popcount(mask);
+}
+
+template <int K, int Emit>
 SD_INLINE BlockStats linear_impl(const float* const* z, const float* w, int anchor, int64_t n,
-                                 float* s) {
+                                 float* s, const Emission& e) {
   const float* zk[K];
   float wk[K];
   for (int k = 0; k < K; ++k) {
@@ -75,10 +122,10 @@ SD_INLINE BlockStats linear_impl(const float* const* z, const float* w, int anch
     wk[k] = w[k];
   }
   const float* za = z[anchor];
-  const vf ninf = splat(kNegInf), fmax = splat(kFloatMax);
+  const vf ninf = splat(kNegInf), fmax = splat(kFloatMax), vthr = splat(e.thr);
   vf am = ninf, sm = ninf;
   vi bad = vi{};
-  int64_t i = 0;
+  int64_t i = 0, wpos = 0;
   for (; i + W <= n; i += W) {
     vf x = load(zk[0] + i);
     vi ex = x == ninf;
@@ -92,11 +139,17 @@ SD_INLINE BlockStats linear_impl(const float* const* z, const float* w, int anch
     }
     acc = select(ex, ninf, acc);
     store(s + i, acc);
-    am = vmax(load(za + i), am);
+    const vf a = load(za + i);
+    am = vmax(a, am);
     sm = vmax(acc, sm);
     bad |= bd;
+    if (Emit != kEmitNone) {
+      const vf key = Emit == kEmitByScore ? acc : a;
+      const uint32_t bits = lane_bits((key >= vthr) & (acc > ninf));
+      if (bits) wpos = emit_chunk(bits, s, za, i, e.v0, wpos, e.idx, e.s, e.za);
+    }
   }
-  BlockStats st{hmax(am), hmax(sm), any(bad) ? 1 : 0};
+  BlockStats st{hmax(am), hmax(sm), any(bad) ? 1 : 0, 0};
   for (; i < n; ++i) {
     bool ex = false;
     float acc = 0.0f;
@@ -110,8 +163,29 @@ SD_INLINE BlockStats linear_impl(const float* const* z, const float* w, int anch
     s[i] = acc;
     st.amax = za[i] > st.amax ? za[i] : st.amax;
     st.smax = acc > st.smax ? acc : st.smax;
+    if (Emit != kEmitNone) {
+      e.idx[wpos] = static_cast<int32_t>(e.v0 + i);
+      e.s[wpos] = acc;
+      if (e.za) e.za[wpos] = za[i];
+      const float key = Emit == kEmitByScore ? acc : za[i];
+      wpos += (key >= e.thr && acc > kNegInf) ? 1 : 0;
+    }
   }
+  st.emitted = wpos;
   return st;
+}
+
+template <int K>
+SD_INLINE BlockStats linear_k(const float* const* z, const float* w, int anchor, int64_t n,
+                              float* s, const Emission& e) {
+  switch (e.mode) {
+    case kEmitByScore:
+      return linear_impl<K, kEmitByScore>(z, w, anchor, n, s, e);
+    case kEmitByAnchor:
+      return linear_impl<K, kEmitByAnchor>(z, w, anchor, n, s, e);
+    default:
+      return linear_impl<K, kEmitNone>(z, w, anchor, n, s, e);
+  }
 }
 
 void convert_block(const uint16_t* src, int dtype, int64_t n, float* dst) {
@@ -157,63 +231,18 @@ void convert_block(const uint16_t* src, int dtype, int64_t n, float* dst) {
   }
 }
 
-BlockStats linear_block(int K, const float* const* z, const float* w, int anchor,
-                                  int64_t n, float* s) {
+BlockStats linear_block(int K, const float* const* z, const float* w, int anchor, int64_t n,
+                        float* s, const Emission& e) {
   switch (K) {
     case 1:
-      return linear_impl<1>(z, w, anchor, n, s);
+      return linear_k<1>(z, w, anchor, n, s, e);
     case 2:
-      return linear_impl<2>(z, w, anchor, n, s);
+      return linear_k<2>(z, w, anchor, n, s, e);
     case 3:
-      return linear_impl<3>(z, w, anchor, n, s);
+      return linear_k<3>(z, w, anchor, n, s, e);
     default:
-      return linear_impl<kFusedMaxK>(z, w, anchor, n, s);
+      return linear_k<kFusedMaxK>(z, w, anchor, n, s, e);
   }
-}
-
-// Writes the lanes of chunk i0 selected by `mask` (bit j = lane j) to the outputs at w.
-// AVX-512 and AVX2 compress in registers; each store is a full vector, safe because the outputs
-// have room for n and w <= i0. Returns the new w.
-SD_INLINE int64_t emit_chunk(uint32_t mask, const float* s, const float* za, int64_t i0,
-                             int64_t v0, int64_t w, int32_t* idx_out, float* s_out,
-                             float* za_out) {
-#if defined(__AVX512F__)
-  const __mmask16 m = static_cast<__mmask16>(mask);
-  const __m512i idx = _mm512_add_epi32(
-      _mm512_set1_epi32(static_cast<int32_t>(v0 + i0)),
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  _mm512_storeu_si512(idx_out + w, _mm512_maskz_compress_epi32(m, idx));
-  _mm512_storeu_ps(s_out + w, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(s + i0)));
-  if (za_out) _mm512_storeu_ps(za_out + w, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(za + i0)));
-#elif defined(__AVX2__)
-  // Lane indices of the set bits, packed low (pdep/pext, BMI2 is part of x86-64-v3).
-  const uint64_t spread = _pdep_u64(mask, 0x0101010101010101ull) * 0xffu;
-  const uint64_t picked = _pext_u64(0x0706050403020100ull, spread);
-  const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(picked)));
-  const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(v0 + i0)),
-                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx_out + w),
-                      _mm256_permutevar8x32_epi32(idx, perm));
-  _mm256_storeu_ps(s_out + w, _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i0), perm));
-  if (za_out) {
-    _mm256_storeu_ps(za_out + w, _mm256_permutevar8x32_ps(_mm256_loadu_ps(za + i0), perm));
-  }
-#else
-  int64_t wj = w;
-  for (int j = 0; j < W; ++j) {
-    idx_out[wj] = static_cast<int32_t>(v0 + i0 + j);
-    s_out[wj] = s[i0 + j];
-    if (za_out) za_out[wj] = za[i0 + j];
-    wj += (mask >> j) & 1u;
-  }
-#endif
-  return w + __builtin_popcount(mask);
-}
-
-SD_INLINE uint32_t lane_bits(vi m) {
-  uint32_t bits = 0;
-  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << j;
-  return bits;
 }
 
 int64_t compact_block(const float* key, float thr, const float* s, const float* za, int64_t n,
@@ -221,9 +250,9 @@ int64_t compact_block(const float* key, float thr, const float* s, const float* 
   const vf vthr = splat(thr), ninf = splat(kNegInf);
   int64_t w = 0, i = 0;
   for (; i + W <= n; i += W) {
-    const vi m = (load(key + i) >= vthr) & (load(s + i) > ninf);
-    if (!any(m)) continue;
-    w = emit_chunk(lane_bits(m), s, za, i, v0, w, idx_out, s_out, za_out);
+    const uint32_t bits = lane_bits((load(key + i) >= vthr) & (load(s + i) > ninf));
+    if (bits == 0) continue;
+    w = emit_chunk(bits, s, za, i, v0, w, idx_out, s_out, za_out);
   }
   for (; i < n; ++i) {
     idx_out[w] = static_cast<int32_t>(v0 + i);

@@ -14,6 +14,21 @@ struct BlockStats {
   float amax;  // max anchor logit (-inf for none)
   float smax;  // max combined score over kept entries (-inf for none)
   int bad;     // non-zero iff some logit of some branch is NaN or +inf
+  int64_t emitted;  // candidates written (see Emission)
+};
+
+enum EmitMode : int { kEmitNone = 0, kEmitByScore = 1, kEmitByAnchor = 2 };
+
+// Candidates the fused pass writes as it goes: entry i (token v0 + i) when key >= thr and
+// s[i] > -inf, key being s[i] (kEmitByScore) or the anchor logit (kEmitByAnchor). The outputs
+// need room for n entries; za may be null.
+struct Emission {
+  int mode = kEmitNone;
+  float thr = 0.0f;
+  int64_t v0 = 0;
+  int32_t* idx = nullptr;
+  float* s = nullptr;
+  float* za = nullptr;
 };
 
 // Widest branch count the fused pass handles; larger K takes the generic scalar path.
@@ -28,9 +43,9 @@ struct BlockKernels {
 
   // Linear rule with every branch weighted (w[k] != 0) and 1 <= K <= kFusedMaxK:
   // s[i] = sum_k w[k] * z[k][i] (left to right), -inf where any branch is -inf; plus the block's
-  // anchor max, score max and NaN/+inf flag, in one pass.
+  // anchor max, score max, NaN/+inf flag and the candidates of `e`, in one pass.
   BlockStats (*linear)(int K, const float* const* z, const float* w, int anchor, int64_t n,
-                       float* s);
+                       float* s, const Emission& e);
 
   // Writes i (as token v0 + i) where key[i] >= thr and s[i] > -inf, in order, to idx_out / s_out
   // (and za_out[j] = za[i] when za_out is non-null); returns how many. The outputs need room for n.

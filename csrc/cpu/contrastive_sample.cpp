@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "../philox.h"
@@ -43,17 +44,51 @@ inline const float* load_block(const LogitsView& L, int64_t k, int64_t b, int64_
   return buf;
 }
 
+// Allocator whose resize() leaves new elements uninitialised (candidate buffers are grown by a
+// whole block, then cut back to what the kernel wrote: zero-filling them would be wasted work).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 // Candidate list (structure of arrays, vocabulary order).
 struct Cands {
-  std::vector<int32_t> idx;
-  std::vector<float> s;
-  std::vector<float> za;  // anchor logit, only while the plausibility cut is pending
+  std::vector<int32_t, NoInit<int32_t>> idx;
+  std::vector<float, NoInit<float>> s;
+  std::vector<float, NoInit<float>> za;  // anchor logit, only while the plausibility cut is pending
   void clear() {
     idx.clear();
     s.clear();
     za.clear();
   }
   size_t size() const { return idx.size(); }
+  // Room for n more entries at the end; returns the old size.
+  size_t grow(int64_t n, bool with_za) {
+    const size_t base = size();
+    idx.resize(base + n);
+    s.resize(base + n);
+    if (with_za) za.resize(base + n);
+    return base;
+  }
+  void truncate(size_t n, bool with_za) {
+    idx.resize(n);
+    s.resize(n);
+    if (with_za) za.resize(n);
+  }
 };
 
 struct Scratch {
@@ -86,15 +121,10 @@ inline float block_max(const float* x, int64_t n) {
 // Append the block entries i (token v0 + i) with key[i] >= thr and s[i] > -inf to c.
 void append_block(Cands& c, const float* key, float thr, const float* s, const float* za,
                   int64_t n, int64_t v0) {
-  const size_t base = c.size();
-  c.idx.resize(base + n);
-  c.s.resize(base + n);
-  if (za) c.za.resize(base + n);
-  const int64_t w = block_kernels().compact(key, thr, s, za, n, v0, c.idx.data() + base, c.s.data() + base,
-                                  za ? c.za.data() + base : nullptr);
-  c.idx.resize(base + w);
-  c.s.resize(base + w);
-  if (za) c.za.resize(base + w);
+  const size_t base = c.grow(n, za != nullptr);
+  const int64_t w = block_kernels().compact(key, thr, s, za, n, v0, c.idx.data() + base,
+                                            c.s.data() + base, za ? c.za.data() + base : nullptr);
+  c.truncate(base + w, za != nullptr);
 }
 
 // Keep entries where keep(i) holds, preserving order.
@@ -109,9 +139,7 @@ void compact(Cands& c, bool with_za, Pred keep) {
       ++w;
     }
   }
-  c.idx.resize(w);
-  c.s.resize(w);
-  if (with_za) c.za.resize(w);
+  c.truncate(w, with_za);
 }
 
 // k-th largest of x[0..n) (1-based k <= n), exact.
@@ -231,8 +259,32 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
     float* s = S.sblk.data();
     float amax_blk, smax_blk;
     int bad = 0;
+    bool collected = false;  // the fused pass already appended this block's candidates
     if (fused) {
-      const BlockStats st = block_kernels().linear(static_cast<int>(K), zk, w, anchor, n, s);
+      // Candidates are written by the pass itself once a threshold exists (for the plausibility
+      // cut, the anchor max so far: a lower bound of the final cut, which is applied at the end).
+      Emission e;
+      if (mode == Collect::kAll || (mode == Collect::kTopK && thr_k > kNegInf)) {
+        e.mode = kEmitByScore;
+        e.thr = thr_k;
+      } else if (mode == Collect::kPlausible && r.anchor_max > kNegInf) {
+        e.mode = kEmitByAnchor;
+        e.thr = r.anchor_max + log_beta;
+      }
+      size_t base = 0;
+      const bool with_za = e.mode == kEmitByAnchor;
+      if (e.mode != kEmitNone) {
+        base = c.grow(n, with_za);
+        e.v0 = v0;
+        e.idx = c.idx.data() + base;
+        e.s = c.s.data() + base;
+        e.za = with_za ? c.za.data() + base : nullptr;
+      }
+      const BlockStats st = block_kernels().linear(static_cast<int>(K), zk, w, anchor, n, s, e);
+      if (e.mode != kEmitNone) {
+        c.truncate(base + st.emitted, with_za);
+        collected = true;
+      }
       amax_blk = st.amax;
       smax_blk = st.smax;
       bad = st.bad;
@@ -269,12 +321,14 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
           }
         }
         if (mode == Collect::kNone) break;
-        const float t = (mode == Collect::kTopK) ? thr_k : kNegInf;
-        if (smax_blk == kNegInf || smax_blk < t) break;  // nothing in this block can survive
-        if (mode == Collect::kTopK && thr_k == kNegInf && n >= top_k) {
-          thr_k = kth_largest(s, n, top_k, S.keys);  // the first full block bounds the k-th
+        if (!collected) {
+          const float t = (mode == Collect::kTopK) ? thr_k : kNegInf;
+          if (smax_blk == kNegInf || smax_blk < t) break;  // nothing in this block can survive
+          if (mode == Collect::kTopK && thr_k == kNegInf && n >= top_k) {
+            thr_k = kth_largest(s, n, top_k, S.keys);  // the first full block bounds the k-th
+          }
+          append_block(c, s, mode == Collect::kTopK ? thr_k : t, s, nullptr, n, v0);
         }
-        append_block(c, s, mode == Collect::kTopK ? thr_k : t, s, nullptr, n, v0);
         // Tighten the prefilter as soon as k candidates exist (the k-th largest of a subset is a
         // lower bound of the final k-th largest), then whenever the list reaches `cap`.
         const int64_t have = static_cast<int64_t>(c.size());
@@ -286,7 +340,7 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
       }
       case Collect::kPlausible: {
         const float thr = r.anchor_max + log_beta;
-        if (amax_blk < thr) break;
+        if (collected || amax_blk < thr) break;
         append_block(c, za, thr, s, za, n, v0);
         break;
       }
@@ -428,8 +482,7 @@ RowOut process_row(const LogitsView& L, const RowParams& P, int rule, int anchor
         ++wpos;
       }
     }
-    c.idx.resize(wpos);
-    c.s.resize(wpos);
+    c.truncate(wpos, false);
     x.resize(wpos);
   }
   // Normaliser and draw (vocabulary order).

@@ -128,8 +128,12 @@ def _normalise_weights(weights, k: int, b: int, device: torch.device,
             raise _err("weights", "must be finite")
         if len(weights) != k:
             raise _err("weights", f"length {len(weights)} != K={k} (number of branches)")
-        row = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
-        return row[None, :].expand(b, k).contiguous()
+        key = ("weights", tuple(float(x) for x in weights), b, device)
+        hit = _CACHE.get(key)
+        if hit is None:
+            row = torch.tensor(key[1], dtype=torch.float32, device=device)
+            hit = _remember(key, row[None, :].expand(b, k).contiguous())
+        return hit
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool) and k == 1:
         w = torch.tensor([float(weights)])
     else:
@@ -185,12 +189,12 @@ def prepare(
     fl = _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs)
     if seed is None:
         seed = torch.randint(0, 2**62, (b,), dtype=torch.int64)
-    top_k, seed, step = _int_rows(top_k, seed, step, b, dev, check_inputs)
+    top_k, seed, step = _int_rows(top_k, seed, step, v, b, dev, check_inputs)
     return Prepared(
         logits=logits,
         weights=w,
         temperature=fl[0],
-        top_k=top_k.clamp_(max=v),  # k >= V keeps everything
+        top_k=top_k,
         top_p=fl[1],
         log_min_p=fl[2],
         log_beta=fl[3],
@@ -233,26 +237,31 @@ def _log32(x: float) -> float:
     return float(np.float32(math.log(x))) if x > 0 else -math.inf
 
 
-_FLOAT_CACHE: dict[tuple, list[torch.Tensor]] = {}  # decode loops repeat the same scalars
+# Decode loops call the op with the same scalars every step: their [B] tensors are built once and
+# reused. Read-only by contract (kernels never write parameters; prepare never mutates them).
+_CACHE: dict[tuple, object] = {}
+
+
+def _remember(key: tuple, value):
+    if len(_CACHE) > 512:
+        _CACHE.clear()
+    _CACHE[key] = value
+    return value
 
 
 def _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs) -> list[torch.Tensor]:
     """[temperature, top_p, log_min_p, log_beta] as contiguous fp32 [B] tensors."""
     values = (temperature, top_p, min_p, beta)
     if not any(isinstance(x, torch.Tensor) for x in values):  # fast path: one small tensor
-        key = (tuple(type(x) for x in values), values, b, dev)
-        hit = _FLOAT_CACHE.get(key)
+        key = ("float", tuple(type(x) for x in values), values, b, dev)
+        hit = _CACHE.get(key)
         if hit is not None:
             return hit
         for spec, x in zip(_FLOAT_SPECS, values, strict=True):
             _check_scalar(spec, x, integer=False)
         row = [float(temperature), float(top_p), _log32(min_p), _log32(beta)]
         packed = torch.tensor(row, dtype=torch.float32, device=dev)[:, None].expand(4, b)
-        rows = list(packed.contiguous())  # read-only by contract: kernels never write params
-        if len(_FLOAT_CACHE) > 256:
-            _FLOAT_CACHE.clear()
-        _FLOAT_CACHE[key] = rows
-        return rows
+        return _remember(key, list(packed.contiguous()))
     out = []
     for spec, x in zip(_FLOAT_SPECS, values, strict=True):
         tensor_in = isinstance(x, torch.Tensor)
@@ -268,23 +277,26 @@ def _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs) -> list[t
     return out
 
 
-def _int_rows(top_k, seed, step, b, dev, check_inputs) -> list[torch.Tensor]:
-    """[top_k, seed, step] as contiguous int64 [B] tensors."""
-    values = (top_k, seed, step)
-    if not any(isinstance(x, torch.Tensor) for x in values):
-        for spec, x in zip(_INT_SPECS, values, strict=True):
-            _check_scalar(spec, x, integer=True)
-        packed = torch.tensor([int(x) for x in values], dtype=torch.int64, device=dev)
-        return list(packed[:, None].expand(3, b).contiguous())
+def _int_rows(top_k, seed, step, v, b, dev, check_inputs) -> list[torch.Tensor]:
+    """[top_k (clamped to V), seed, step] as contiguous int64 [B] tensors."""
     out = []
-    for spec, x in zip(_INT_SPECS, values, strict=True):
-        tensor_in = isinstance(x, torch.Tensor)
-        if not tensor_in:
-            _check_scalar(spec, x, integer=True)
-        t = _row_tensor(spec[0], x, b, dev, torch.int64)
-        if tensor_in and check_inputs and spec[0] != "seed":
-            _check_range(t=t, name=spec[0], lo=spec[1], hi=spec[2], lo_open=spec[3],
+    for spec, x in zip(_INT_SPECS, (top_k, seed, step), strict=True):
+        name = spec[0]
+        if not isinstance(x, torch.Tensor):
+            key = ("int", name, type(x), x, v, b, dev)
+            hit = _CACHE.get(key)
+            if hit is None:
+                _check_scalar(spec, x, integer=True)
+                value = min(int(x), v) if name == "top_k" else int(x)  # k >= V keeps everything
+                hit = _remember(key, torch.full((b,), value, dtype=torch.int64, device=dev))
+            out.append(hit)
+            continue
+        t = _row_tensor(name, x, b, dev, torch.int64)
+        if check_inputs and name != "seed":
+            _check_range(t=t, name=name, lo=spec[1], hi=spec[2], lo_open=spec[3],
                          hi_open=spec[4], allowed=spec[5])
+        if name == "top_k":
+            t = t.clamp(max=v)  # out of place: t may be the caller's tensor
         out.append(t)
     return out
 
