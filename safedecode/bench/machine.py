@@ -67,8 +67,15 @@ def describe(device: str = "cpu") -> dict:
         props = torch.cuda.get_device_properties(0)
         gpu = {"name": props.name, "memory_GB": round(props.total_memory / 1e9, 1),
                "capability": f"{props.major}.{props.minor}", "count": torch.cuda.device_count()}
+    try:
+        from safedecode import _C  # noqa: PLC0415 - optional compiled module
+
+        cpu_isa = _C.cpu_isa()
+    except ImportError:
+        cpu_isa = None
     return {
         "cpu": cpu,
+        "cpu_isa": cpu_isa,
         "physical_cores": physical,
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
@@ -93,7 +100,8 @@ def machine_line(m: dict) -> str:
     if m.get("physical_cores"):
         cores = f"{m['physical_cores']} physical / " + cores
     trit = f", triton {m['triton']}" if m.get("triton") else ""
-    return (f"{m['cpu']}, {cores}, torch {m['torch']} ({m['torch_threads']} threads){trit}, "
+    isa = f", C++ kernels: {m['cpu_isa']}" if m.get("cpu_isa") else ""
+    return (f"{m['cpu']}, {cores}, torch {m['torch']} ({m['torch_threads']} threads){trit}{isa}, "
             f"GPU: {gpu or 'none'}")
 
 
