@@ -47,7 +47,8 @@ def test_levels_listed_best_first():
 
 
 def test_unknown_level_is_a_clear_error():
-    with pytest.raises(ValueError, match="not built or not supported"):
+    with pytest.raises(ValueError, match="not built or not supported here; choose one of: "
+                       + ", ".join(ISAS)):
         _C.set_cpu_isa("avx9000")
 
 
@@ -56,6 +57,15 @@ def test_env_var_picks_the_level():
     out = subprocess.run([sys.executable, "-c", "from safedecode import _C; print(_C.cpu_isa())"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "baseline"
+
+
+def test_env_var_with_an_unknown_level_warns():
+    env = {**os.environ, "SAFEDECODE_CPU_ISA": "avx9000"}
+    code = "from safedecode.ops import cpp; cpp.load(); print(cpp._C.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == ISAS[0]
+    assert "SAFEDECODE_CPU_ISA='avx9000' is not built or not supported" in out.stderr
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

@@ -86,8 +86,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_cpu_isa",
       [](const std::string& isa) {
-        if (!safedecode::set_block_isa(isa.c_str()))
-          throw py::value_error("set_cpu_isa: '" + isa + "' is not built or not supported here");
+        if (!safedecode::set_block_isa(isa.c_str())) {
+          const char* names[8];
+          const int n = safedecode::available_isas(names, 8);
+          std::string ok;
+          for (int i = 0; i < n; ++i) ok += (i ? ", " : "") + std::string(names[i]);
+          throw py::value_error("set_cpu_isa: '" + isa +
+                                "' is not built or not supported here; choose one of: " + ok);
+        }
       },
       "Switch the block kernels to another ISA level (for tests and benchmarks).");
   m.def("max_threads", []() { return omp_get_max_threads(); },

@@ -1,10 +1,10 @@
 // Fused contrastive sampling, C++ CPU backend (OpenMP over rows).
 //
 // One streaming pass over the K branches' logits computes the combined score s, the anchor's
-// maximum and the candidate list; everything after it (plausibility cut, top-k, top-p, min-p,
-// draw) works on that list, which the plausibility mask or a running top-k threshold keeps small.
-// No full sort: top-k is nth_element on the candidates, top-p a mass histogram plus a sort of one
-// bucket. Semantics and rounding follow safedecode/ops/reference.py exactly (compile with
+// maximum and the candidate list (the vector loops are in block_kernels.cpp, built per ISA level);
+// everything after it (plausibility cut, top-k, top-p, min-p, draw) works on that list, which the
+// plausibility mask or a running top-k threshold keeps small. No full sort: top-k is an exact
+// bisection select on the candidates, top-p a mass histogram plus a sort of one bucket. Semantics and rounding follow safedecode/ops/reference.py exactly (compile with
 // -ffp-contract=off so s = w0*z0 + w1*z1 is rounded as PyTorch rounds it).
 #include "contrastive_sample.h"
 
@@ -98,6 +98,7 @@ struct Scratch {
   std::vector<int32_t> order;   // sort permutation
   std::vector<double> hist;     // top-p mass histogram
   std::vector<uint32_t> keys;   // selection keys
+  std::vector<float> mass;      // top-p exp values (reused: no allocation per row)
   Cands c;
 };
 
@@ -371,7 +372,8 @@ ScanResult scan_row(const LogitsView& L, const RowParams& P, int rule, int ancho
 // x[j] = (s[j] - m) / T is precomputed in S.tmp.
 float top_p_threshold(const Cands& c, const std::vector<float>& x, float top_p, Scratch& S) {
   const size_t n = c.size();
-  std::vector<float> e(n);
+  std::vector<float>& e = S.mass;
+  e.resize(n);
   double total = 0.0;
   for (size_t j = 0; j < n; ++j) {
     e[j] = std::exp(x[j]);

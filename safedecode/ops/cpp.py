@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -19,6 +20,11 @@ def load() -> None:
         from safedecode import _C as ext  # noqa: PLC0415 - optional compiled module
 
         _C = ext
+        want = os.environ.get("SAFEDECODE_CPU_ISA")
+        if want and want != ext.cpu_isa():
+            warnings.warn(f"SAFEDECODE_CPU_ISA={want!r} is not built or not supported on this CPU; "
+                          f"using {ext.cpu_isa()!r} (choose one of: {', '.join(ext.cpu_isas())})",
+                          stacklevel=2)
 
 
 def _threads() -> int:
