@@ -19,9 +19,10 @@ if os.environ.get("SAFEDECODE_SANITIZE"):
     CPU_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-fopenmp",
                  "-std=c++17", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
-# csrc/cpu/block_kernels.cpp is compiled once per ISA level into its own table (block_dispatch.cpp
+# The vector kernels are compiled once per ISA level into their own tables (block_dispatch.cpp
 # picks one at run time), so one build uses AVX-512 where the CPU has it and still runs anywhere.
-BLOCK_KERNELS = "csrc/cpu/block_kernels.cpp"
+# Per file: extra flags (the GEMM wants FMA contraction; the sampling kernels must not have it).
+ISA_SOURCES = {"csrc/cpu/block_kernels.cpp": [], "csrc/cpu/small_gemm.cpp": ["-ffp-contract=fast"]}
 ISA_LEVELS = [("avx512", ["-march=x86-64-v4"]), ("avx2", ["-march=x86-64-v3"])]
 
 ext_modules = [
@@ -30,8 +31,8 @@ ext_modules = [
         sources=["csrc/cpu/contrastive_sample.cpp", "csrc/cpu/block_dispatch.cpp",
                  "csrc/cpu/bindings.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/cpu/block_kernels.h", "csrc/cpu/contrastive_sample.h", "csrc/philox.h",
-                 BLOCK_KERNELS],
+        depends=["csrc/cpu/block_kernels.h", "csrc/cpu/small_gemm.h",
+                 "csrc/cpu/contrastive_sample.h", "csrc/philox.h", *ISA_SOURCES],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=[f for f in CPU_FLAGS if f.startswith(("-fopenmp", "-fsanitize"))],
     )
@@ -70,16 +71,18 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
     def _add_block_kernels(self, ext) -> None:  # noqa: ANN001
-        """Compile BLOCK_KERNELS per ISA level; a level the compiler rejects is left out."""
+        """Compile ISA_SOURCES per ISA level; a level the compiler rejects is left out."""
         base = [f for f in ext.extra_compile_args if not f.startswith("-march")]
         levels = [("baseline", [])] + (ISA_LEVELS if _is_x86() else [])
         for isa, flags in levels:
-            out_dir = os.path.join(self.build_temp, "isa_" + isa)
+            objs = []
             try:
-                objs = self.compiler.compile(
-                    [BLOCK_KERNELS], output_dir=out_dir, macros=[("SD_ISA", isa)],
-                    include_dirs=ext.include_dirs, extra_postargs=base + flags,
-                    depends=ext.depends)
+                for src, extra in ISA_SOURCES.items():
+                    # distinct folders per level; the later -ffp-contract wins over the base flag
+                    objs += self.compiler.compile(
+                        [src], output_dir=os.path.join(self.build_temp, "isa_" + isa),
+                        macros=[("SD_ISA", isa)], include_dirs=ext.include_dirs,
+                        extra_postargs=base + flags + extra, depends=ext.depends)
             except Exception as exc:  # noqa: BLE001 - an old compiler: run without that level
                 if isa == "baseline":
                     raise

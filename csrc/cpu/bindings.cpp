@@ -9,6 +9,7 @@
 #include "../philox.h"
 #include "block_kernels.h"
 #include "contrastive_sample.h"
+#include "small_gemm.h"
 
 namespace py = pybind11;
 using safedecode::LogitsView;
@@ -96,6 +97,17 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "Switch the block kernels to another ISA level (for tests and benchmarks).");
+  m.def(
+      "linear_small",
+      [](uintptr_t x, int64_t ldx, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t ldy,
+         int64_t M, int64_t N, int64_t K, int num_threads) {
+        if (M < 0 || N < 0 || K < 0) throw py::value_error("linear_small: negative size");
+        py::gil_scoped_release release;
+        safedecode::small_gemm().linear(ptr<const float>(x), ldx, ptr<const float>(w),
+                                        ptr<const float>(bias), ptr<float>(y), ldy, M, N, K,
+                                        num_threads);
+      },
+      "y[M, N] = x[M, K] @ w[N, K].T (+ bias), fp32, for small M (decode-time linear layers).");
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use by default.");
 }

@@ -5,15 +5,19 @@
 #include <cstring>
 
 #include "block_kernels.h"
+#include "small_gemm.h"
 
 namespace safedecode {
 
 extern const BlockKernels kBlockKernels_baseline;
+extern const SmallGemm kSmallGemm_baseline;
 #ifdef SD_HAVE_AVX512
 extern const BlockKernels kBlockKernels_avx512;
+extern const SmallGemm kSmallGemm_avx512;
 #endif
 #ifdef SD_HAVE_AVX2
 extern const BlockKernels kBlockKernels_avx2;
+extern const SmallGemm kSmallGemm_avx2;
 #endif
 
 namespace {
@@ -58,6 +62,17 @@ std::atomic<const BlockKernels*>& current() {
 }  // namespace
 
 const BlockKernels& block_kernels() { return *current().load(std::memory_order_relaxed); }
+
+const SmallGemm& small_gemm() {
+  const BlockKernels* k = &block_kernels();
+#ifdef SD_HAVE_AVX512
+  if (k == &kBlockKernels_avx512) return kSmallGemm_avx512;
+#endif
+#ifdef SD_HAVE_AVX2
+  if (k == &kBlockKernels_avx2) return kSmallGemm_avx2;
+#endif
+  return kSmallGemm_baseline;
+}
 
 int available_isas(const char** out, int cap) {
   const BlockKernels* all[3];
