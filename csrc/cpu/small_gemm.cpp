@@ -238,13 +238,23 @@ void column_range(const float* x, int64_t ldx, const float* w, int64_t K, const 
 
 void linear_small(const float* x, int64_t ldx, const float* w, const float* bias, float* y,
                   int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
-  constexpr int64_t kChunk = 64;  // columns per work item (multiple of NB)
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  const int nt = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), chunks)));
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t c = 0; c < chunks; ++c) {
-    column_range(x, ldx, w, K, bias, y, ldy, M, c * kChunk, std::min(N, (c + 1) * kChunk));
+  // Each thread takes one contiguous, equal share of the NB-row slabs (one stream per thread;
+  // 64-column work items split N = 192 two to one over two threads). Below kMinWork weights per
+  // thread the fork/join costs more than it saves.
+  constexpr int64_t kMinWork = 32 * 1024;
+  const int64_t slabs = (N + NB - 1) / NB;
+  const int64_t want = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int nt = static_cast<int>(
+      std::max<int64_t>(1, std::min({want, slabs, N * K / kMinWork})));
+  if (nt == 1) {
+    column_range(x, ldx, w, K, bias, y, ldy, M, 0, N);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t b = slabs * t / n * NB, e = std::min(N, slabs * (t + 1) / n * NB);
+    if (b < e) column_range(x, ldx, w, K, bias, y, ldy, M, b, e);
   }
 }
 

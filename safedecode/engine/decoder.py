@@ -24,6 +24,7 @@ from safedecode.ops.params import prepare
 
 from .branches import Method
 from .cache import PreallocatedCache, PrefixStore
+from .linear import small_gemm_linears
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 
 
@@ -95,16 +96,20 @@ class SafeDecoder:
     """Generate with a :class:`Method` on a Hugging Face causal LM.
 
     ``prefix_cache=False`` prefills every row's whole prompt (for comparison); ``compact=False``
-    keeps finished requests' rows in the batch (masked) instead of dropping them.
+    keeps finished requests' rows in the batch (masked) instead of dropping them;
+    ``small_gemm=False`` leaves a CPU fp32 model's linear layers on torch's GEMM instead of
+    safedecode's small-M GEMM for decode steps of <= 16 rows (see :mod:`.linear`).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
-                 prefix_cache: bool = True, compact: bool = True) -> None:
+                 prefix_cache: bool = True, compact: bool = True,
+                 small_gemm: bool = True) -> None:
         if not isinstance(method, Method):
             raise ValueError(f"method: expected a safedecode Method, got {type(method).__name__}; "
                              "see safedecode.methods.get()")
         self.model, self.tok, self.method = model, tokenizer, method
         self.backend, self.prefix_cache, self.compact = backend, prefix_cache, compact
+        self.small_gemm = small_gemm
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
         self.prefixes = PrefixStore()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -272,14 +277,15 @@ class SafeDecoder:
 
         handles = self._install_hooks()
         try:
-            cache, valid, pos, next_logits = self._prefill(built, b, max_new_tokens)
-            t_prefill = time.perf_counter()
-            if streamer is not None:
-                p, s = built[m.anchor][0]
-                streamer.put(torch.tensor([p.ids + list(p.tail_ids) + s]))
-            yield from self._decode(cache, valid, pos, next_logits, reqs, max_new_tokens,
-                                    temperature, top_k, top_p, min_p, eos, stop_strings,
-                                    return_logprobs, streamer)
+            with small_gemm_linears(self.model, self.small_gemm and self.device.type == "cpu"):
+                cache, valid, pos, next_logits = self._prefill(built, b, max_new_tokens)
+                t_prefill = time.perf_counter()
+                if streamer is not None:
+                    p, s = built[m.anchor][0]
+                    streamer.put(torch.tensor([p.ids + list(p.tail_ids) + s]))
+                yield from self._decode(cache, valid, pos, next_logits, reqs, max_new_tokens,
+                                        temperature, top_k, top_p, min_p, eos, stop_strings,
+                                        return_logprobs, streamer)
         finally:
             for h in handles:
                 h.remove()

@@ -1,0 +1,132 @@
+"""Decode-time linear layers on the C++ small-M GEMM (CPU, fp32).
+
+A decode step multiplies 1-16 rows (requests x branches) by every weight matrix of the model, so
+it is bound by reading the weights. torch's CPU GEMM reads them at close to bandwidth for one row
+but slows down for a few rows (measured on this project's CPU: 2 rows ~10 % slower than 1, 8 rows
+~2x slower); ``safedecode._C.linear_small`` streams each weight matrix once for up to
+:data:`MAX_ROWS` rows (see ``csrc/cpu/small_gemm.cpp`` and ``benchmarks/bench_linear.py``).
+
+:func:`small_gemm_linears` routes the model's ``nn.Linear`` modules through it for the duration of
+a ``with`` block. Calls it does not cover (more rows, other dtypes or devices, autograd, weight
+replaced since) go to ``torch.nn.functional.linear`` unchanged. Results agree with
+``F.linear`` to float32 rounding (a different summation order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_ROWS = 16
+
+
+def available() -> bool:
+    """Whether the compiled extension (and so the small-M GEMM) is importable."""
+    try:
+        from safedecode import _C  # noqa: F401, PLC0415 - optional compiled module
+    except ImportError:
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           num_threads: int = 0) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on the small-M GEMM, for fp32 CPU tensors with <= 16 rows.
+
+    ``weight`` must be contiguous ``[N, K]``; ``x`` is ``[..., K]``. Raises ``ValueError`` for
+    inputs the kernel does not take (use :func:`small_gemm_linears` for automatic fallback).
+    """
+    from safedecode import _C  # noqa: PLC0415 - optional compiled module
+
+    n, k = weight.shape
+    rows = x.numel() // k if k else 0
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"linear: {name} must be a float32 CPU tensor, got {t.dtype} on "
+                             f"{t.device}")
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {k}")
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("linear: weight and bias must be contiguous")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if not 0 < rows <= MAX_ROWS:
+        raise ValueError(f"linear: x has {rows} rows; the small-M GEMM takes 1 to {MAX_ROWS}")
+    return _run(_C, x, weight, bias, rows, n, k, num_threads)
+
+
+def _run(ext, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+         n: int, k: int, num_threads: int) -> torch.Tensor:
+    x2 = x.reshape(rows, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+    ext.linear_small(x2.data_ptr(), x2.stride(0), weight.data_ptr(),
+                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), n, rows, n, k,
+                     num_threads)
+    return y
+
+
+def _forward_for(module: nn.Linear, ext, num_threads: int):
+    """A ``forward`` for ``module``: the small-M GEMM where it applies, else ``F.linear``.
+
+    Kept lean (about 2 us of Python per call, like ``F.linear``'s own): a decode step makes a few
+    hundred of these calls.
+    """
+    weight, bias = module.weight, module.bias
+    n, k = weight.shape
+    shape = weight.shape
+    f32 = torch.float32
+    run = ext.linear_small
+    if not (weight.dtype == f32 and weight.is_cpu and k > 0
+            and (bias is None or (bias.dtype == f32 and bias.is_cpu and bias.shape == (n,)))):
+        return None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = module.weight, module.bias
+        if (w is weight and b is bias and x.dtype is f32 and x.is_cpu and x.is_contiguous()
+                and not torch.is_grad_enabled() and w.is_contiguous() and w.shape == shape
+                and (b is None or b.is_contiguous())):
+            xs = x.shape
+            rows = x.numel() // k
+            if xs[-1] == k and 0 < rows <= MAX_ROWS:
+                y = x.new_empty((*xs[:-1], n))
+                run(x.data_ptr(), k, w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                    n, rows, n, k, num_threads)
+                return y
+        return F.linear(x, w, b)
+
+    return forward
+
+
+@contextlib.contextmanager
+def small_gemm_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Route ``model``'s ``nn.Linear`` layers through the small-M GEMM inside the block.
+
+    Yields how many layers were routed (0 when disabled, when the extension is not built or no
+    layer is an fp32 CPU ``nn.Linear``). Only modules whose type is exactly ``nn.Linear`` are
+    touched (subclasses may have their own forward); their instance ``forward`` is restored on
+    exit, even on error. Not for models shared with another thread during the block.
+    """
+    if not enabled or not available():
+        yield 0
+        return
+    from safedecode import _C  # noqa: PLC0415 - optional compiled module
+
+    threads = torch.get_num_threads()
+    patched = []
+    for module in model.modules():
+        if type(module) is nn.Linear and "forward" not in module.__dict__:
+            forward = _forward_for(module, _C, threads)
+            if forward is not None:
+                module.forward = forward
+                patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
