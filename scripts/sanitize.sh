@@ -21,3 +21,5 @@ nm -D "$WORK"/safedecode/_C*.so | grep -q __asan_report || { echo "not an ASan b
 PYTHONPATH="$WORK" "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_cpp_properties.py tests/test_ops_edge_cases.py tests/test_ops_validation.py \
   -k "properties or cpp" "$@"
+# the small-M GEMM (all ISA levels, strided rows, K/N tails) under the same build
+PYTHONPATH="$WORK" "$PY" -m pytest -q -p no:cacheprovider tests/test_small_gemm.py -k "not decoder"

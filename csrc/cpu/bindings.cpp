@@ -102,6 +102,10 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int64_t ldx, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t ldy,
          int64_t M, int64_t N, int64_t K, int num_threads) {
         if (M < 0 || N < 0 || K < 0) throw py::value_error("linear_small: negative size");
+        if ((M > 1 && ldx < K) || (M > 1 && ldy < N))
+          throw py::value_error("linear_small: row strides ldx >= K and ldy >= N required");
+        if (M > 0 && N > 0 && (!y || (K > 0 && (!x || !w))))
+          throw py::value_error("linear_small: null pointer");
         py::gil_scoped_release release;
         safedecode::small_gemm().linear(ptr<const float>(x), ldx, ptr<const float>(w),
                                         ptr<const float>(bias), ptr<float>(y), ldy, M, N, K,
