@@ -8,7 +8,9 @@ ignored, so every contender does the same work); tokens/s = B * N / wall time of
   two-pass contrast; the negative prompt runs on a second cache);
 * ``naive_k2``: K separate passes per step over K caches + the reference op (the papers' code);
 * ``sd_k2_noprefix``: safedecode, ACD-style K = 2 in one batched pass, no prefix sharing;
-* ``sd_k2``: the same with shared branch prefixes (warm prefix store).
+* ``sd_k2_torchgemm``: shared prefixes, but the linear layers on torch's GEMM instead of
+  safedecode's small-M GEMM (``SafeDecoder(small_gemm=False)``): what the GEMM contributes;
+* ``sd_k2``: shared branch prefixes (warm prefix store) and the small-M GEMM (the default).
 
 The contenders run round-robin (one run of each per round) after a warm-up round. Also measured:
 the prefill of many requests with and without shared branch prefixes, dropping finished requests
@@ -28,7 +30,7 @@ import torch
 from safedecode.bench.machine import BenchError, copy_bandwidth
 from safedecode.bench.timing import measure_round_robin
 
-METHODS = ("hf_plain", "hf_cfg", "naive_k2", "sd_k2_noprefix", "sd_k2")
+METHODS = ("hf_plain", "hf_cfg", "naive_k2", "sd_k2_noprefix", "sd_k2_torchgemm", "sd_k2")
 MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
 CFG_SCALE = 1.5
 
@@ -123,13 +125,14 @@ class PeakMemory:
 
 @dataclass
 class Setup:
-    """The model, tokenizer, method and the three generators built on them."""
+    """The model, tokenizer, method and the four generators built on them."""
 
     model: object
     tok: object
     method: object
     sd: object
     sd_noprefix: object
+    sd_torchgemm: object
     naive: object
     device: str
 
@@ -145,6 +148,7 @@ class Setup:
         acd = methods.get("acd-text", alpha=0.5)
         return cls(model, tok, acd, SafeDecoder(model, tok, acd),
                    SafeDecoder(model, tok, acd, prefix_cache=False),
+                   SafeDecoder(model, tok, acd, small_gemm=False),
                    NaiveContrastGenerator(model, tok, acd, backend="reference"), device)
 
     @property
@@ -164,7 +168,7 @@ class Setup:
 
     def generators(self, prompts: list[str], mode: str, n_new: int
                    ) -> dict[str, Callable[[], object]]:
-        """The five contenders of one (batch, mode) case, as zero-argument callables."""
+        """The six contenders of one (batch, mode) case, as zero-argument callables."""
         if mode not in MODES:
             raise BenchError(f"mode: must be one of {tuple(MODES)}, got {mode!r}")
         kw = MODES[mode]
@@ -182,12 +186,13 @@ class Setup:
                 negative_prompt_attention_mask=neg_mask, **hf_kw),
             "naive_k2": lambda: self.naive.generate(prompts, **sd_kw),
             "sd_k2_noprefix": lambda: self.sd_noprefix.generate(prompts, **sd_kw),
+            "sd_k2_torchgemm": lambda: self.sd_torchgemm.generate(prompts, **sd_kw),
             "sd_k2": lambda: self.sd.generate(prompts, **sd_kw),
         }
 
 
 def _ratios(row: dict) -> None:
-    for base in ("hf_plain", "naive_k2", "hf_cfg", "sd_k2_noprefix"):
+    for base in ("hf_plain", "naive_k2", "hf_cfg", "sd_k2_noprefix", "sd_k2_torchgemm"):
         row[f"sd_k2_vs_{base}"] = row["sd_k2_tok_s"] / row[f"{base}_tok_s"]
 
 

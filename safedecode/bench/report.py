@@ -13,7 +13,8 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 DEVICES = ("cpu", "cuda")
 GEN_LABELS = {"hf_plain": "transformers `generate` (1 branch)",
               "hf_cfg": "transformers CFG (2 branches)", "naive_k2": "naive K=2",
-              "sd_k2_noprefix": "safedecode K=2, no prefix cache", "sd_k2": "safedecode K=2"}
+              "sd_k2_noprefix": "safedecode K=2, no prefix cache",
+              "sd_k2_torchgemm": "safedecode K=2, torch GEMM", "sd_k2": "safedecode K=2"}
 # The published targets: (key, threshold).
 OP_TARGET, PLAIN_TARGET, NAIVE_TARGET, PREFILL_TARGET, PREFILL_B = 10.0, 1.0, 2.0, 3.0, 32
 BW_TARGET, BW_MIN_B = 0.5, 8  # fraction of the copy bandwidth the op reads logits at, B >= 8

@@ -1,0 +1,74 @@
+"""The decode-time linear layers of the default model: torch's GEMM vs safedecode's small-M GEMM.
+
+Streams the weight shapes of SmolLM2-135M (30 layers of q/k/v/o/gate/up/down + the 49152 x 576
+lm_head, 538 MB fp32, random values: far larger than the caches, so every call reads its weights
+from DRAM, as in a real decode step) for M = 1..16 input rows, alternating ``F.linear`` and
+``safedecode.engine.linear.linear`` per pass (median of 7 passes each). Reports ms per pass,
+weight GB/s and the ratio measured in the same run; writes ``benchmarks/results/linear_cpu.md``.
+
+    python benchmarks/bench_linear.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from safedecode import _C
+from safedecode.bench.machine import describe, machine_line
+from safedecode.engine.linear import linear
+
+OUT = Path(__file__).parent / "results" / "linear_cpu.md"
+HIDDEN, INTER, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
+ROWS = (1, 2, 4, 8, 16)
+
+
+def weights() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN),
+              (INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS + [(VOCAB, HIDDEN)]
+    return [torch.randn(n, k, generator=g) * 0.05 for n, k in shapes]
+
+
+def one_pass(fn, ws: list[torch.Tensor], xs: dict[int, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    for w in ws:
+        fn(xs[w.shape[1]], w)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ws = weights()
+    nbytes = sum(w.numel() * 4 for w in ws)
+    lines = ["# Decode-time linear layers: torch `F.linear` vs safedecode's small-M GEMM", "",
+             f"`python benchmarks/bench_linear.py` ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {machine_line(describe('cpu'))}. Small-M GEMM ISA: {_C.cpu_isa()}.", "",
+             f"One pass = every linear layer of SmolLM2-135M once ({len(ws)} matrices, "
+             f"{nbytes / 1e6:.0f} MB fp32, cold in cache); median of 7 passes per contender, "
+             "alternated.", "",
+             "| rows M | torch ms | small-M ms | torch GB/s | small-M GB/s | torch / small-M |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    with torch.no_grad():
+        for m in ROWS:
+            xs = {k: torch.randn(m, k) for k in (HIDDEN, INTER)}
+            err = (linear(xs[HIDDEN], ws[-1]) - F.linear(xs[HIDDEN], ws[-1])).abs().max().item()
+            t = {"torch": [], "small": []}
+            for _ in range(8):
+                t["torch"].append(one_pass(F.linear, ws, xs))
+                t["small"].append(one_pass(linear, ws, xs))
+            tt, ts = (statistics.median(v[1:]) for v in (t["torch"], t["small"]))
+            row = (f"| {m} | {tt * 1e3:.1f} | {ts * 1e3:.1f} | {nbytes / tt / 1e9:.1f} | "
+                   f"{nbytes / ts / 1e9:.1f} | **{tt / ts:.2f}** |")
+            print(row, f"(max abs diff on the lm_head {err:.1e})", file=sys.stderr)
+            lines.append(row)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
