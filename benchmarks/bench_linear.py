@@ -2,9 +2,10 @@
 
 Streams the weight shapes of SmolLM2-135M (30 layers of q/k/v/o/gate/up/down + the 49152 x 576
 lm_head, 538 MB fp32, random values: far larger than the caches, so every call reads its weights
-from DRAM, as in a real decode step) for M = 1..16 input rows, alternating ``F.linear`` and
-``safedecode.engine.linear.linear`` per pass (median of 7 passes each). Reports ms per pass,
-weight GB/s and the ratio measured in the same run; writes ``benchmarks/results/linear_cpu.md``.
+from DRAM, as in a real decode step) for M = 1..16 input rows. The layers are ``nn.Linear``
+modules called as the model calls them: on torch's GEMM, and inside ``small_gemm_linears`` (the
+engine's path), alternating per pass (median of 7 passes each). Reports ms per pass, weight GB/s
+and the ratio measured in the same run; writes ``benchmarks/results/linear_cpu.md``.
 
     python benchmarks/bench_linear.py
 """
@@ -21,34 +22,34 @@ import torch.nn.functional as F
 
 from safedecode import _C
 from safedecode.bench.machine import describe, machine_line
-from safedecode.engine.linear import linear
+from safedecode.engine.linear import small_gemm_linears
 
 OUT = Path(__file__).parent / "results" / "linear_cpu.md"
 HIDDEN, INTER, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
 ROWS = (1, 2, 4, 8, 16)
 
 
-def weights() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+def layers() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
     shapes = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN),
               (INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS + [(VOCAB, HIDDEN)]
-    return [torch.randn(n, k, generator=g) * 0.05 for n, k in shapes]
+    return torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for n, k in shapes)
 
 
-def one_pass(fn, ws: list[torch.Tensor], xs: dict[int, torch.Tensor]) -> float:
+def one_pass(mods: torch.nn.ModuleList, xs: dict[int, torch.Tensor]) -> float:
     t0 = time.perf_counter()
-    for w in ws:
-        fn(xs[w.shape[1]], w)
+    for mod in mods:
+        mod(xs[mod.in_features])
     return time.perf_counter() - t0
 
 
 def main() -> None:
-    ws = weights()
-    nbytes = sum(w.numel() * 4 for w in ws)
+    mods = layers()
+    nbytes = sum(p.numel() * 4 for p in mods.parameters())
     lines = ["# Decode-time linear layers: torch `F.linear` vs safedecode's small-M GEMM", "",
              f"`python benchmarks/bench_linear.py` ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine_line(describe('cpu'))}. Small-M GEMM ISA: {_C.cpu_isa()}.", "",
-             f"One pass = every linear layer of SmolLM2-135M once ({len(ws)} matrices, "
+             f"One pass = every linear layer of SmolLM2-135M once ({len(mods)} matrices, "
              f"{nbytes / 1e6:.0f} MB fp32, cold in cache); median of 7 passes per contender, "
              "alternated.", "",
              "| rows M | torch ms | small-M ms | torch GB/s | small-M GB/s | torch / small-M |",
@@ -56,11 +57,14 @@ def main() -> None:
     with torch.no_grad():
         for m in ROWS:
             xs = {k: torch.randn(m, k) for k in (HIDDEN, INTER)}
-            err = (linear(xs[HIDDEN], ws[-1]) - F.linear(xs[HIDDEN], ws[-1])).abs().max().item()
+            head = mods[-1]
+            with small_gemm_linears(head):
+                err = (head(xs[HIDDEN]) - F.linear(xs[HIDDEN], head.weight)).abs().max().item()
             t = {"torch": [], "small": []}
             for _ in range(8):
-                t["torch"].append(one_pass(F.linear, ws, xs))
-                t["small"].append(one_pass(linear, ws, xs))
+                t["torch"].append(one_pass(mods, xs))
+                with small_gemm_linears(mods):
+                    t["small"].append(one_pass(mods, xs))
             tt, ts = (statistics.median(v[1:]) for v in (t["torch"], t["small"]))
             row = (f"| {m} | {tt * 1e3:.1f} | {ts * 1e3:.1f} | {nbytes / tt / 1e9:.1f} | "
                    f"{nbytes / ts / 1e9:.1f} | **{tt / ts:.2f}** |")
