@@ -395,8 +395,20 @@ def _gen_text(gen: dict, rel: str, dev: str) -> list[str]:
             + (f", copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s"
                if gen.get("copy_bandwidth_GBps") else "")
             + f". Dropping finished requests from the batch: {c['speedup']:.2f}× on a batch "
-            "where half stop early.")
+            "where half stop early." + _gemm_note(gen))
     return ["", text, "", *_gen_table(gen), "", f"![tokens/s per method]({rel}/generate_{dev}.png)"]
+
+
+def _gemm_note(gen: dict) -> str:
+    """What the small-M GEMM contributes, when the run has the torch-GEMM contender."""
+    rows = gen["rows"]
+    if "sd_k2_torchgemm_tok_s" not in rows[0]:
+        return ""
+    torch_vs_plain = [x["sd_k2_torchgemm_tok_s"] / x["hf_plain_tok_s"] for x in rows]
+    gain = [x["sd_k2_tok_s"] / x["sd_k2_torchgemm_tok_s"] for x in rows]
+    return (" The engine's small-M GEMM for the linear layers is worth "
+            f"{_span(gain, '{:.2f}')}× (column \"torch GEMM\": the same engine on torch's "
+            f"GEMM, {_span(torch_vs_plain, '{:.2f}')}× plain `generate`).")
 
 
 def readme_section(results: Path, readme_dir: Path) -> str:
