@@ -31,7 +31,7 @@ ext_modules = [
         sources=["csrc/cpu/contrastive_sample.cpp", "csrc/cpu/block_dispatch.cpp",
                  "csrc/cpu/bindings.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/cpu/block_kernels.h", "csrc/cpu/small_gemm.h",
+        depends=["csrc/cpu/block_kernels.h", "csrc/cpu/small_gemm.h", "csrc/cpu/isa_prelude.h",
                  "csrc/cpu/contrastive_sample.h", "csrc/philox.h", *ISA_SOURCES],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=[f for f in CPU_FLAGS if f.startswith(("-fopenmp", "-fsanitize"))],

@@ -15,21 +15,7 @@
 #include <immintrin.h>
 #endif
 
-#ifndef SD_ISA
-#define SD_ISA baseline
-#endif
-#if defined(__AVX512F__)
-#define SD_LANES 16
-#elif defined(__AVX2__)
-#define SD_LANES 8
-#else
-#define SD_LANES 4
-#endif
-#define SD_INLINE inline __attribute__((always_inline))
-#define SD_CAT2(a, b) a##b
-#define SD_CAT(a, b) SD_CAT2(a, b)
-#define SD_STR2(a) #a
-#define SD_STR(a) SD_STR2(a)
+#include "isa_prelude.h"
 
 namespace safedecode {
 namespace {

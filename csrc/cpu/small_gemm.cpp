@@ -1,11 +1,14 @@
 // y = x W^T (+ bias) for a few rows of x: the linear layers of one decode step.
 //
 // At decode time a linear layer sees 1 to 16 rows (requests x branches) against a weight matrix
-// that does not fit in cache, so the step is bound by reading the weights. Library GEMMs are tuned
-// for large M and re-pack or re-read W for small M; this kernel streams each row of W once per call
-// (NB rows at a time, kept in L1 while every MB-row tile of x is multiplied against them), with
-// OpenMP over output columns. Built per ISA level like block_kernels.cpp (vector extensions, one
-// native register wide), with FMA contraction on.
+// that does not fit in cache, so the step is bound by reading the weights. torch's CPU GEMM slows
+// down for a few rows (2 rows ~10 % slower than 1, 8 rows ~2x: benchmarks/bench_linear.py); this
+// kernel streams each row of W once per call: NB rows (a slab) at a time, kept in L1 while every
+// row tile of x is multiplied against them, and the next slab prefetched meanwhile. Each OpenMP
+// thread takes one contiguous share of the slabs. Built per ISA level like block_kernels.cpp,
+// with FMA contraction on: AVX-512 uses intrinsics (4 x 4 accumulator tiles in registers, masked
+// K tail), the other levels vector extensions one native register wide. Every output is summed
+// by one thread in a fixed order, so results do not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -20,25 +23,14 @@
 
 #include "small_gemm.h"
 
-#ifndef SD_ISA
-#define SD_ISA baseline
-#endif
+#include "isa_prelude.h"
+
 #if defined(__AVX512F__)
-#define SD_LANES 16
 #define SD_TILE_M 4  // 4 x 4 accumulators + 4 weight + 1 input registers of 32
-#elif defined(__AVX2__)
-#define SD_LANES 8
-#define SD_TILE_M 2  // 2 x 4 + 4 + 1 of 16 registers
 #else
-#define SD_LANES 4
-#define SD_TILE_M 2
+#define SD_TILE_M 2  // AVX2: 2 x 4 + 4 + 1 of 16 registers
 #endif
-#define SD_INLINE inline __attribute__((always_inline))
 #define SD_INLINE_LAMBDA __attribute__((always_inline))
-#define SD_CAT2(a, b) a##b
-#define SD_CAT(a, b) SD_CAT2(a, b)
-#define SD_STR2(a) #a
-#define SD_STR(a) SD_STR2(a)
 
 namespace safedecode {
 namespace {
@@ -164,7 +156,8 @@ SD_INLINE void tile512(const float* x, int64_t ldx, const float* w, int64_t K, c
   for (; k + 16 <= K; k += 16) {
     if (next) {
 #pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
     }
     step(k, 0xFFFF);
   }
