@@ -54,8 +54,6 @@ def _cuda_wanted() -> str | None:
     return None
 
 
-
-
 def _is_x86() -> bool:
     import platform  # noqa: PLC0415
 

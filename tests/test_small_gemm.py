@@ -53,7 +53,7 @@ def test_matches_float64_on_every_isa(isa, m, n, k):
     assert pad.numel() == 0
 
 
-def test_isa_levels_agree_and_threads_do_not_change_bits():
+def test_thread_count_does_not_change_bits_on_any_level():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(6, 333, generator=g), torch.randn(501, 333, generator=g), \
         torch.randn(501, generator=g)
@@ -97,8 +97,14 @@ def test_kernel_argument_errors(args, match):
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match=match):
         _raw(x, w, **args)
-    with pytest.raises(ValueError, match="null pointer"):
-        _C.linear_small(0, 8, w.data_ptr(), 0, 0, 4, 2, 4, 8, 0)
+
+
+def test_kernel_null_pointers_are_refused():
+    x, w, y = torch.randn(2, 8), torch.randn(4, 8), torch.empty(2, 4)
+    for xp, wp, yp in ((0, w.data_ptr(), y.data_ptr()), (x.data_ptr(), 0, y.data_ptr()),
+                       (x.data_ptr(), w.data_ptr(), 0)):
+        with pytest.raises(ValueError, match="null pointer"):
+            _C.linear_small(xp, 8, wp, 0, yp, 4, 2, 4, 8, 0)
 
 
 # -- the Python wrapper and the nn.Linear routing ---------------------------------------------
@@ -118,6 +124,10 @@ def test_linear_function_and_its_errors():
         sg.linear(x, w, torch.randn(5))
     with pytest.raises(ValueError, match="contiguous"):
         sg.linear(x, w.T.contiguous().T)
+    with pytest.raises(ValueError, match="K >= 1"):
+        sg.linear(torch.randn(2, 0), torch.randn(3, 0))
+    strided = torch.randn(2, 80)[:, ::2]  # a non-contiguous x is copied, not refused
+    _close(sg.linear(strided, w), strided, w)
 
 
 class _Scaled(nn.Linear):

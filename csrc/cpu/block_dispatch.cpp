@@ -10,14 +10,11 @@
 namespace safedecode {
 
 extern const BlockKernels kBlockKernels_baseline;
-extern const SmallGemm kSmallGemm_baseline;
 #ifdef SD_HAVE_AVX512
 extern const BlockKernels kBlockKernels_avx512;
-extern const SmallGemm kSmallGemm_avx512;
 #endif
 #ifdef SD_HAVE_AVX2
 extern const BlockKernels kBlockKernels_avx2;
-extern const SmallGemm kSmallGemm_avx2;
 #endif
 
 namespace {
@@ -63,16 +60,7 @@ std::atomic<const BlockKernels*>& current() {
 
 const BlockKernels& block_kernels() { return *current().load(std::memory_order_relaxed); }
 
-const SmallGemm& small_gemm() {
-  const BlockKernels* k = &block_kernels();
-#ifdef SD_HAVE_AVX512
-  if (k == &kBlockKernels_avx512) return kSmallGemm_avx512;
-#endif
-#ifdef SD_HAVE_AVX2
-  if (k == &kBlockKernels_avx2) return kSmallGemm_avx2;
-#endif
-  return kSmallGemm_baseline;
-}
+const SmallGemm& small_gemm() { return *block_kernels().gemm; }
 
 int available_isas(const char** out, int cap) {
   const BlockKernels* all[3];

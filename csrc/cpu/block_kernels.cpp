@@ -294,7 +294,10 @@ float kth_largest(const float* x, int64_t n, int64_t k, uint32_t* keys) {
 
 }  // namespace
 
+extern const SmallGemm SD_CAT(kSmallGemm_, SD_ISA);  // small_gemm.cpp, same level
+
 extern const BlockKernels SD_CAT(kBlockKernels_, SD_ISA) = {
-    SD_STR(SD_ISA), SD_LANES, convert_block, linear_block, compact_block, kth_largest};
+    SD_STR(SD_ISA), SD_LANES, convert_block, linear_block, compact_block, kth_largest,
+    &SD_CAT(kSmallGemm_, SD_ISA)};
 
 }  // namespace safedecode

@@ -34,6 +34,8 @@ struct Emission {
 // Widest branch count the fused pass handles; larger K takes the generic scalar path.
 constexpr int kFusedMaxK = 4;
 
+struct SmallGemm;  // small_gemm.h
+
 struct BlockKernels {
   const char* isa;  // "avx512", "avx2" or "baseline"
   int lanes;        // floats per vector register
@@ -54,6 +56,10 @@ struct BlockKernels {
 
   // k-th largest of x[0..n), 1 <= k <= n, exactly (no NaN in x). `keys` is scratch for n + lanes.
   float (*kth_largest)(const float* x, int64_t n, int64_t k, uint32_t* keys);
+
+  // This level's small-M GEMM (small_gemm.cpp, built with the same flags): switching the level
+  // switches both.
+  const SmallGemm* gemm;
 };
 
 // The kernels in use: the best level the CPU supports, or SAFEDECODE_CPU_ISA's choice.

@@ -42,44 +42,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     from safedecode import _C  # noqa: PLC0415 - optional compiled module
 
-    n, k = weight.shape
-    rows = x.numel() // k if k else 0
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise ValueError(f"linear: {name} must be a float32 CPU tensor, got {t.dtype} on "
                              f"{t.device}")
+    if weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"linear: weight must be [N, K] with K >= 1, got {tuple(weight.shape)}")
+    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {k}")
     if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        raise ValueError("linear: weight and bias must be contiguous")
+        raise ValueError("linear: weight and bias must be contiguous (call .contiguous())")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    rows = x.numel() // k
     if not 0 < rows <= MAX_ROWS:
-        raise ValueError(f"linear: x has {rows} rows; the small-M GEMM takes 1 to {MAX_ROWS}")
-    return _run(_C, x, weight, bias, rows, n, k, num_threads)
+        raise ValueError(f"linear: x has {rows} rows; the small-M GEMM takes 1 to {MAX_ROWS} "
+                         "(use F.linear for more)")
+    return _launch(_C.linear_small, x.contiguous(), weight, bias, rows, n, k, num_threads)
 
 
-def _run(ext, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
-         n: int, k: int, num_threads: int) -> torch.Tensor:
-    x2 = x.reshape(rows, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
-    ext.linear_small(x2.data_ptr(), x2.stride(0), weight.data_ptr(),
-                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), n, rows, n, k,
-                     num_threads)
+def _launch(run, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: int, n: int,
+            k: int, num_threads: int) -> torch.Tensor:
+    """The kernel call on checked, contiguous inputs; ``[..., N]`` out."""
+    y = x.new_empty((*x.shape[:-1], n))
+    run(x.data_ptr(), k, w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(), n, rows,
+        n, k, num_threads)
     return y
 
 
 def _forward_for(module: nn.Linear, ext, num_threads: int):
     """A ``forward`` for ``module``: the small-M GEMM where it applies, else ``F.linear``.
 
-    Kept lean (about 2 us of Python per call, like ``F.linear``'s own): a decode step makes a few
-    hundred of these calls.
+    Kept lean (about as much Python per call as ``F.linear``'s own, see
+    ``benchmarks/bench_linear.py``): a decode step makes a few hundred of these calls. The weight
+    is re-checked on every call, so one replaced or reshaped since is never read wrongly.
     """
     weight, bias = module.weight, module.bias
-    n, k = weight.shape
-    shape = weight.shape
+    n, k = shape = weight.shape
     f32 = torch.float32
     run = ext.linear_small
     if not (weight.dtype == f32 and weight.is_cpu and k > 0
@@ -91,13 +91,9 @@ def _forward_for(module: nn.Linear, ext, num_threads: int):
         if (w is weight and b is bias and x.dtype is f32 and x.is_cpu and x.is_contiguous()
                 and not torch.is_grad_enabled() and w.is_contiguous() and w.shape == shape
                 and (b is None or b.is_contiguous())):
-            xs = x.shape
             rows = x.numel() // k
-            if xs[-1] == k and 0 < rows <= MAX_ROWS:
-                y = x.new_empty((*xs[:-1], n))
-                run(x.data_ptr(), k, w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                    n, rows, n, k, num_threads)
-                return y
+            if x.shape[-1] == k and 0 < rows <= MAX_ROWS:
+                return _launch(run, x, w, b, rows, n, k, num_threads)
         return F.linear(x, w, b)
 
     return forward
