@@ -125,12 +125,21 @@ def generate(
 def optimize(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .safetensors prompts."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
-    data: Path | None = typer.Option(None, help="Anchor set .jsonl (default: the shipped one)."),
-    epochs: int = typer.Option(3, help="Passes over the anchor set."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Harmful and safe items per step."),
-    lr: float = typer.Option(1.5e-2, help="Adam learning rate of the prompt embeddings."),
+    data: Path | None = typer.Option(
+        None, help="Anchor set .jsonl (default: the shipped one's train part); evaluation sets "
+                   "are refused."),
+    epochs: int = typer.Option(5, help="Passes over the training data."),
+    steps: int | None = typer.Option(None, help="Adam steps (overrides --epochs)."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Harmful and safe items per step."),
+    lr: float = typer.Option(3e-3, help="Adam learning rate of the prompt embeddings."),
     seed: int = typer.Option(0, help="Seed (shuffling; the run is deterministic)."),
     max_response_tokens: int = typer.Option(48, "--max-response-tokens"),
+    safe_targets: str = typer.Option("self", "--safe-targets",
+                                     help="self (the model's own answers) or data."),
+    compliance_targets: str = typer.Option("self", "--compliance-targets",
+                                           help="self (the model's own answers) or data."),
+    refusal: str = typer.Option("fixed", help="fixed (one sentence) or varied (the data's)."),
+    part: str = typer.Option("train", help="Anchor part to train on: train, or all (refit)."),
 ):
     """ACD's Opposite Prompt Optimization: train SP/AP soft prompts (the model stays frozen)."""
     import torch
@@ -140,8 +149,9 @@ def optimize(
     from safedecode.models import load_model
 
     try:
-        cfg = OPOConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                        max_response_tokens=max_response_tokens)
+        cfg = OPOConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                        max_response_tokens=max_response_tokens, safe_targets=safe_targets,
+                        compliance_targets=compliance_targets, refusal=refusal, part=part)
         items = None
         if data is not None:
             try:
@@ -149,6 +159,10 @@ def optimize(
                 items = [json.loads(x) for x in lines if x.strip()]
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"--data: cannot read {data}: {exc}") from exc
+            from safedecode.data import check_not_evaluation
+
+            check_not_evaluation([it.get("prompt") for it in items if isinstance(it, dict)],
+                                 f"--data {data}")
         torch.manual_seed(seed)
         mdl, tok = load_model(model)
         result = optimize_prompts(mdl, tok, items, cfg)
@@ -184,9 +198,10 @@ from safedecode.bench.cli import bench_command  # noqa: E402
 
 app.command("bench")(bench_command)
 
-from safedecode.eval.cli import eval_command  # noqa: E402
+from safedecode.eval.cli import eval_command, tune_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("tune")(tune_command)
 
 if __name__ == "__main__":
     app()

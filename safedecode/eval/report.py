@@ -46,6 +46,10 @@ def group_metrics(recs: Sequence[dict], verdicts: dict[str, dict[str, dict]],
         m[f"{name}_stderr,{j.name}"] = r.stderr
         m[f"{name}_ci95,{j.name}"] = [r.lo, r.hi]
         m[f"{name}_count,{j.name}"] = r.k
+        if r.k:  # flagged answers cut by the token limit (a refusal that keeps generating)
+            m[f"capped_{name},{j.name}"] = sum(
+                verdicts[j.name][x["key"]]["flag"] and x["finish_reason"] == "length"
+                for x in recs) / r.k
     for what, reason in (("eos_rate", "eos"), ("length_rate", "length")):
         r = rate(x["finish_reason"] == reason for x in recs)
         if r is not None:

@@ -11,7 +11,7 @@ from safedecode.engine.branches import Branch, Method, contrastive, plain
 
 from . import prompts
 from .acd import ACD, acd, acd_sp, acd_text
-from .self_cd import SelfCD, self_cd
+from .self_cd import SelfCD, self_cd, self_cd_sp
 
 
 def safe_prompt(system: str = prompts.SAFEGUARD) -> Method:
@@ -26,6 +26,7 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "acd-text": acd_text,
     "acd-sp": acd_sp,
     "self-cd": self_cd,
+    "self-cd-sp": self_cd_sp,
 }
 
 
@@ -40,4 +41,4 @@ def get(name: str, **kwargs) -> Method:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd"]
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp"]

@@ -38,6 +38,14 @@ class ACDPrompts:
     base_model: str
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    # Knobs chosen on the anchor validation split, by method name ({"acd": {"alpha": .., "beta":
+    # ..}}), and the sweep that chose them (command, table, criterion): see `safedecode tune`.
+    decoding: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+
+    def knob(self, method: str, name: str, default: float) -> float:
+        """The validated value of ``name`` for ``method``, else ``default``."""
+        return float(self.decoding.get(method, {}).get(name, default))
 
     def check_model(self, model) -> None:
         """Raise ValueError unless ``model`` is the one these prompts were optimised for."""
@@ -63,6 +71,8 @@ def save_prompts(path: str | Path, acd_prompts: ACDPrompts) -> Path:
             "embedding_fingerprint": acd_prompts.fingerprint,
             "training_config": json.dumps(acd_prompts.config, sort_keys=True),
             "history": json.dumps(acd_prompts.history),
+            "decoding": json.dumps(acd_prompts.decoding, sort_keys=True),
+            "selection": json.dumps(acd_prompts.selection, sort_keys=True),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tensors = {"safeguard": acd_prompts.safeguard.detach().to("cpu", torch.float32).contiguous(),
                "adversarial": acd_prompts.adversarial.detach().to("cpu", torch.float32)
@@ -90,7 +100,9 @@ def load_prompts(path: str | Path | None = None, model=None) -> ACDPrompts:
         raise ValueError(f"ACD prompts: cannot read {path}: {exc}") from exc
     out = ACDPrompts(sp, ap, meta["embedding_fingerprint"], meta.get("base_model", "?"),
                      json.loads(meta.get("training_config", "{}")),
-                     json.loads(meta.get("history", "[]")))
+                     json.loads(meta.get("history", "[]")),
+                     json.loads(meta.get("decoding", "{}")),
+                     json.loads(meta.get("selection", "{}")))
     if model is not None:
         out.check_model(model)
     return out
@@ -123,10 +135,15 @@ def ACD(safeguard: PromptLike | ACDPrompts = text_prompts.SAFEGUARD,  # noqa: N8
                        (1.0, -float(alpha)), beta=beta, name=name)
 
 
-def acd(alpha: float = 0.5, beta: float = 0.0, prompts: str | Path | None = None) -> Method:
+def acd(alpha: float | None = None, beta: float | None = None,
+        prompts: str | Path | None = None) -> Method:
     """ACD with optimised soft prompts (``prompts``: a file from ``safedecode optimize``; default:
-    the pair shipped for the embedded SmolLM2-135M-Instruct)."""
-    return ACD(load_prompts(prompts), None, alpha, beta, name="acd")
+    the pair shipped for the embedded SmolLM2-135M-Instruct). ``alpha`` / ``beta`` default to the
+    values chosen on the anchor validation split and recorded in the file (else 0.5 / 0)."""
+    p = load_prompts(prompts)
+    a = p.knob("acd", "alpha", 0.5) if alpha is None else alpha
+    b = p.knob("acd", "beta", 0.0) if beta is None else beta
+    return ACD(p, None, a, b, name="acd")
 
 
 def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = text_prompts.SAFEGUARD,
@@ -135,10 +152,15 @@ def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = text_prompt
     return ACD(safeguard, adversarial, alpha, beta, name="acd-text")
 
 
+def sp_branch(prompts: str | Path | None = None) -> tuple[Branch, ACDPrompts]:
+    """The optimised safeguarding prompt as a branch (checked against the model by the engine)."""
+    p = load_prompts(prompts)
+    return _branch(p.safeguard, "SP", p), p
+
+
 def acd_sp(prompts: str | Path | None = None) -> Method:
     """The optimised safeguarding prompt alone (one branch, no contrast): an ablation."""
-    p = load_prompts(prompts)
-    return Method("acd-sp", (_branch(p.safeguard, "SP", p),), (1.0,))
+    return Method("acd-sp", (sp_branch(prompts)[0],), (1.0,))
 
 
 def optimize_prompts(model, tokenizer, data=None, config=None, *, progress: bool = True):

@@ -26,16 +26,35 @@ from safedecode.engine.prompts import PromptBuilder
 
 from . import prompts as text_prompts
 
+TARGET_CHOICES = ("self", "data")
+REFUSAL_CHOICES = ("fixed", "varied")
+FIXED_REFUSAL = "I'm sorry, but I can't help with that."
+
 
 @dataclass
 class OPOConfig:
-    """Training settings (saved with the prompts)."""
+    """Training settings (saved with the prompts).
 
-    epochs: int = 3
-    batch_size: int = 8  # harmful and safe instructions per step
-    lr: float = 1.5e-2
+    ``safe_targets`` / ``compliance_targets``: ``"self"`` = the frozen model's own greedy answer
+    (default template, no system prompt; cut at ``max_response_tokens``) so that the prompts keep
+    the model's behaviour rather than learn a new style; ``"data"`` = the anchor set's ``answer``
+    / ``compliance`` fields. ``refusal``: ``"fixed"`` = one refusal sentence (``refusal_text``) for
+    every harmful prompt, ``"varied"`` = the anchor set's written refusals. ``part``: which part
+    of the anchor set to train on (``"train"``; ``"all"`` only for a final refit).
+    ``steps`` (if set) overrides ``epochs``.
+    """
+
+    epochs: int = 5
+    steps: int | None = None
+    batch_size: int = 6  # harmful and safe instructions per step
+    lr: float = 3e-3
     seed: int = 0
     max_response_tokens: int = 48
+    safe_targets: str = "self"
+    compliance_targets: str = "self"
+    refusal: str = "fixed"
+    refusal_text: str = FIXED_REFUSAL
+    part: str = "train"
     safeguard_text: str = text_prompts.SAFEGUARD
     adversarial_text: str = text_prompts.ADVERSARIAL
     autocast_bf16: bool = True  # bf16 matmuls on the CPU (AMX/AVX512-BF16), fp32 prompts
@@ -45,8 +64,20 @@ class OPOConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"OPOConfig.{name}: must be an integer >= 1, got {v!r}")
+        if self.steps is not None and (isinstance(self.steps, bool)
+                                       or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"OPOConfig.steps: must be an integer >= 1 or None, got "
+                             f"{self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"OPOConfig.lr: must be a finite number > 0, got {self.lr!r}")
+        for name, choices in (("safe_targets", TARGET_CHOICES),
+                              ("compliance_targets", TARGET_CHOICES),
+                              ("refusal", REFUSAL_CHOICES), ("part", ("train", "all"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"OPOConfig.{name}: expected one of {choices}, got "
+                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
+            raise ValueError("OPOConfig.refusal_text: must be a non-empty string")
 
 
 @dataclass
@@ -80,26 +111,58 @@ def response_ids(builder: PromptBuilder, instruction: str, response: str,
     return ids
 
 
-def build_datasets(tokenizer, items: list[dict], max_tokens: int) -> dict[str, list[Example]]:
+def self_targets(model, tokenizer, prompts: list[str], max_tokens: int,
+                 batch_size: int = 16) -> dict[str, list[int]]:
+    """The frozen model's own greedy answers (token ids, end-of-turn included when reached),
+    under its chat template with no system prompt, ``max_tokens`` at most."""
+    from safedecode.engine import SafeDecoder
+    from safedecode.engine.branches import plain
+
+    dec = SafeDecoder(model, tokenizer, plain())
+    todo = sorted(set(prompts))
+    out: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            for p, r in zip(chunk, dec.generate(chunk, max_new_tokens=max_tokens), strict=True):
+                out[p] = list(map(int, r.token_ids))
+    return out
+
+
+def build_datasets(tokenizer, items: list[dict], max_tokens: int,
+                   config: OPOConfig | None = None,
+                   targets: dict[str, list[int]] | None = None) -> dict[str, list[Example]]:
     """D_HR, D_HA and D_S from anchor-set items (``split``, ``prompt``, ``refusal`` /
-    ``compliance`` for harmful items, ``answer`` for safe ones)."""
+    ``compliance`` for harmful items, ``answer`` for safe ones). With ``config``, its target
+    choices apply; ``targets`` holds the model's own answers (:func:`self_targets`) by prompt."""
+    cfg = config or OPOConfig(safe_targets="data", compliance_targets="data", refusal="varied")
     builder = PromptBuilder(tokenizer)
     out: dict[str, list[Example]] = {"HR": [], "HA": [], "S": []}
+
+    def own(prompt: str) -> list[int]:
+        if targets is None or prompt not in targets or not targets[prompt]:
+            raise ValueError(f"data: no model answer for {prompt[:60]!r} (self targets)")
+        return list(targets[prompt][:max_tokens])
+
     for i, it in enumerate(items):
         split = it.get("split")
-        need = ("refusal", "compliance") if split == "harmful" else ("answer",)
-        if split not in ("harmful", "safe") or not isinstance(it.get("prompt"), str) or any(
-                not isinstance(it.get(k), str) or not it[k].strip() for k in need):
+        need = (("refusal",) if cfg.refusal == "varied" else ()) + \
+            (("compliance",) if cfg.compliance_targets == "data" else ()) \
+            if split == "harmful" else (("answer",) if cfg.safe_targets == "data" else ())
+        if split not in ("harmful", "safe") or not isinstance(it.get("prompt"), str) or \
+                not it["prompt"].strip() or any(not isinstance(it.get(k), str)
+                                                or not it[k].strip() for k in need):
             raise ValueError(f"data[{i}]: expected split 'harmful' (prompt, refusal, compliance) "
                              f"or 'safe' (prompt, answer), got keys {sorted(it)}")
+        p = it["prompt"]
         if split == "harmful":
-            out["HR"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
-                                                                it["refusal"], max_tokens)))
-            out["HA"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
-                                                                it["compliance"], max_tokens)))
+            refusal = it["refusal"] if cfg.refusal == "varied" else cfg.refusal_text
+            out["HR"].append(Example(p, response_ids(builder, p, refusal, max_tokens)))
+            out["HA"].append(Example(p, own(p) if cfg.compliance_targets == "self" else
+                                     response_ids(builder, p, it["compliance"], max_tokens)))
         else:
-            out["S"].append(Example(it["prompt"], response_ids(builder, it["prompt"],
-                                                               it["answer"], max_tokens)))
+            out["S"].append(Example(p, own(p) if cfg.safe_targets == "self" else
+                                    response_ids(builder, p, it["answer"], max_tokens)))
     if not out["HR"] or not out["S"]:
         raise ValueError("data: needs at least one harmful and one safe item")
     return out
@@ -158,14 +221,24 @@ def ul(lp: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.expm1(lp.clamp(max=-1e-6))).mean()
 
 
+def _split_mean(lp: torch.Tensor, row: torch.Tensor, groups: list[int]) -> list[torch.Tensor]:
+    """``lp``'s tokens divided into consecutive groups of ``groups[i]`` examples (by ``row``)."""
+    out, lo = [], 0
+    for n in groups:
+        sel = (row >= lo) & (row < lo + n)
+        out.append(lp[sel])
+        lo += n
+    return out
+
+
 def opo_losses(model, builder: PromptBuilder, sp: torch.Tensor, ap: torch.Tensor,
                hr: list[Example], ha: list[Example], s: list[Example]) -> dict[str, torch.Tensor]:
-    """``L_SP``, ``L_AP`` and their six terms on one batch (equal weights)."""
+    """``L_SP``, ``L_AP`` and their six terms on one batch (equal weights); one forward pass per
+    soft prompt over the batch's HR, HA and S examples together."""
     out = {}
     for name, soft in (("SP", sp), ("AP", ap)):
-        lp_hr = response_logprobs(model, builder, soft, hr)[0]
-        lp_ha = response_logprobs(model, builder, soft, ha)[0]
-        lp_s = response_logprobs(model, builder, soft, s)[0]
+        lp, row = response_logprobs(model, builder, soft, hr + ha + s)
+        lp_hr, lp_ha, lp_s = _split_mean(lp, row, [len(hr), len(ha), len(s)])
         if name == "SP":
             terms = {"CE_HR": ce(lp_hr), "UL_HA": ul(lp_ha), "CE_S": ce(lp_s)}
         else:
@@ -189,14 +262,24 @@ def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
     :class:`safedecode.methods.acd.ACDPrompts` with the loss history."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from safedecode.data import load_anchor
+    from safedecode.data import check_not_evaluation, load_anchor
     from safedecode.models import embedding_fingerprint, model_name
 
     from .acd import ACDPrompts
 
     cfg = config or OPOConfig()
-    items = load_anchor() if data is None else data
-    sets = build_datasets(tokenizer, items, cfg.max_response_tokens)
+    if data is None:
+        items = load_anchor(part=None if cfg.part == "all" else "train")
+    else:
+        items = list(data)
+        check_not_evaluation([it.get("prompt") for it in items], "OPO training data")
+    targets = None
+    if "self" in (cfg.safe_targets, cfg.compliance_targets):
+        want = [it["prompt"] for it in items if isinstance(it.get("prompt"), str) and (
+            (it.get("split") == "safe" and cfg.safe_targets == "self")
+            or (it.get("split") == "harmful" and cfg.compliance_targets == "self"))]
+        targets = self_targets(model, tokenizer, want, cfg.max_response_tokens)
+    sets = build_datasets(tokenizer, items, cfg.max_response_tokens, cfg, targets)
     builder = PromptBuilder(tokenizer)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -210,7 +293,7 @@ def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
     opt = torch.optim.Adam([sp, ap], lr=cfg.lr)
     n_h, n_s = len(sets["HR"]), len(sets["S"])
     per_epoch = math.ceil(max(n_h, n_s) / cfg.batch_size)
-    steps = per_epoch * cfg.epochs
+    steps = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     hb = _batches(n_h, min(cfg.batch_size, n_h), steps, gen)
     sb = _batches(n_s, min(cfg.batch_size, n_s), steps, gen)
     history: list[dict] = []
@@ -238,6 +321,7 @@ def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
-    conf = asdict(cfg) | {"data_items": len(items), "steps": steps}
+    conf = asdict(cfg) | {"data_items": len(items), "steps": steps,
+                          "data_ids": [str(it.get("id", i)) for i, it in enumerate(items)]}
     return ACDPrompts(sp.detach().cpu(), ap.detach().cpu(), embedding_fingerprint(model),
                       model_name(model), conf, history)

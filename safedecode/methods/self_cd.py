@@ -7,23 +7,51 @@ anchored on branch p (the plausibility mask follows the safety-prompted model).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from safedecode.engine.branches import Branch, Method, contrastive
 
 from . import prompts
 
 
-def SelfCD(safety_prompt: str = prompts.SAFETY_EMPHASIS, alpha: float = 2.5,  # noqa: N802
-           beta: float = 0.0) -> Method:
-    """Self-CD over branches p (``safety_prompt``) and 0 (the template's default system prompt)."""
+def SelfCD(safety_prompt: str | torch.Tensor | Branch = prompts.SAFETY_EMPHASIS,  # noqa: N802
+           alpha: float = 2.5, beta: float = 0.0, *, name: str = "self-cd") -> Method:
+    """Self-CD over branches p and 0 (the template's default system prompt).
+
+    p is any branch: a text ``safety_prompt``, a ``[n, d]`` soft prompt, or a :class:`Branch`
+    (e.g. ACD's optimised safeguarding prompt, :func:`self_cd_sp`)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha: must be a number, got {alpha!r}")
-    if not isinstance(safety_prompt, str) or not safety_prompt.strip():
-        raise ValueError("safety_prompt: must be a non-empty string")
-    return contrastive((Branch(system=safety_prompt, name="p"), Branch(name="0")),
-                       (1.0 - float(alpha), float(alpha)), beta=beta, name="self-cd")
+    if isinstance(safety_prompt, Branch):
+        p = safety_prompt
+    elif isinstance(safety_prompt, torch.Tensor):
+        p = Branch(soft_prompt=safety_prompt, name="p")
+    elif isinstance(safety_prompt, str) and safety_prompt.strip():
+        p = Branch(system=safety_prompt, name="p")
+    else:
+        raise ValueError("safety_prompt: must be non-empty text, a [n, d] soft prompt or a "
+                         "Branch")
+    return contrastive((p, Branch(name="0")), (1.0 - float(alpha), float(alpha)), beta=beta,
+                       name=name)
 
 
 def self_cd(alpha: float = 2.5, beta: float = 0.0,
             safety_prompt: str = prompts.SAFETY_EMPHASIS) -> Method:
-    """Registry form of :func:`SelfCD`."""
+    """Registry form of :func:`SelfCD` with a text safety prompt."""
     return SelfCD(safety_prompt, alpha, beta)
+
+
+def self_cd_sp(alpha: float | None = None, beta: float | None = None,
+               prompts: str | Path | None = None) -> Method:
+    """Self-CD whose p branch is ACD's optimised safeguarding prompt (default: the shipped one):
+    it removes the part of SP's pull that the plain model does not share. ``alpha`` / ``beta``
+    default to the values chosen on the anchor validation split and recorded in the prompts file
+    (else 0.5 / 0)."""
+    from .acd import sp_branch
+
+    branch, p = sp_branch(prompts)
+    a = p.knob("self-cd-sp", "alpha", 0.5) if alpha is None else alpha
+    b = p.knob("self-cd-sp", "beta", 0.0) if beta is None else beta
+    return SelfCD(branch, a, b, name="self-cd-sp")

@@ -1,0 +1,237 @@
+"""The validation protocol: the anchor train/val split, the wall between tuning and evaluation
+data, the sweep's grid and selection rule, and knobs recorded in (and read from) prompt files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from engine_fixtures import tiny_llama
+from typer.testing import CliRunner
+
+from safedecode import methods
+from safedecode.cli import app
+from safedecode.data import (
+    VAL_FRACTION,
+    check_not_evaluation,
+    load_anchor,
+    load_benign,
+    load_lookalike,
+    load_ordinary,
+    validation_ids,
+)
+from safedecode.eval.datasets import EVALUATION, REGISTRY, VALIDATION, load_dataset
+from safedecode.eval.judges import make_judge
+from safedecode.eval.tune import check_tuning_datasets, expand_grid, select
+from safedecode.methods.acd import ACDPrompts, load_prompts, save_prompts
+from safedecode.methods.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts
+from safedecode.models import embedding_fingerprint
+
+
+# -- the split ---------------------------------------------------------------------------------
+def test_split_is_disjoint_complete_and_stratified():
+    items = load_anchor()
+    train, val = load_anchor(part="train"), load_anchor(part="val")
+    t_ids, v_ids = {x["id"] for x in train}, {x["id"] for x in val}
+    assert not t_ids & v_ids
+    assert t_ids | v_ids == {x["id"] for x in items}
+    for split in ("harmful", "safe"):
+        whole = Counter(x["category"] for x in items if x["split"] == split)
+        held = Counter(x["category"] for x in val if x["split"] == split)
+        for cat, n in whole.items():
+            assert held[cat] == round(VAL_FRACTION * n), (split, cat)
+            assert held[cat] >= 1
+    assert {x["split"] for x in load_anchor("harmful", "val")} == {"harmful"}
+
+
+# pinned when the split was introduced: knobs chosen on it stay validated only while it holds
+PINNED_VAL = ("h003,h004,h005,h010,h011,h014,h020,h023,h027,h029,h032,h034,h041,h042,h045,h051,"
+              "h056,h058,h064,h066,h069,h075,h079,h082,h086,h087,h098,h100,s001,s003,s011,s014,"
+              "s015,s020,s023,s026,s028,s032,s037,s039,s042,s048,s050,s056,s063,s065,s066,s071,"
+              "s074,s075,s086,s090,s092,s093,s099,s100")
+
+
+def test_split_is_stable():
+    items = load_anchor()
+    ids = sorted(validation_ids(items))
+    assert ",".join(ids) == PINNED_VAL, "the anchor validation split changed"
+    # it depends on the ids alone: reordered input gives the same split
+    assert validation_ids(list(reversed(items))) == set(ids)
+    assert [x["id"] for x in load_anchor(part="val")] == ids
+
+
+def test_registry_has_the_parts_and_the_new_benign_sets():
+    for name in ("anchor-harmful-train", "anchor-harmful-val", "anchor-safe-train",
+                 "anchor-safe-val", "benign-lookalike", "benign-ordinary"):
+        assert name in REGISTRY
+    val = load_dataset("anchor-harmful-val")
+    assert len(val) == len(load_anchor("harmful", "val")) and val.labels == ["harmful"]
+    look, ordinary = load_dataset("benign-lookalike"), load_dataset("benign-ordinary")
+    assert len(look) >= 100 and look.labels == ["benign"]
+    assert len(ordinary) >= 100 and ordinary.labels == ["benign"]
+    assert set(VALIDATION).isdisjoint(EVALUATION)
+    with pytest.raises(ValueError, match="part"):
+        load_anchor(part="test")
+
+
+@pytest.mark.parametrize("loader,prefix", [(load_lookalike, "l"), (load_ordinary, "o")])
+def test_new_benign_sets_fields(loader, prefix):
+    rows = loader()
+    assert len({r["id"] for r in rows}) == len(rows) and len(rows) >= 100
+    assert all(r["id"].startswith(prefix) and r["label"] == "benign" for r in rows)
+    assert all(set(r) == {"id", "category", "prompt", "label"} for r in rows)
+    cats = Counter(r["category"] for r in rows)
+    assert len(cats) >= 10 and min(cats.values()) >= 5
+    prompts = {r["prompt"].lower() for r in rows}
+    assert len(prompts) == len(rows)
+    known = {x["prompt"].lower() for x in load_anchor() + load_benign()}
+    assert not prompts & known
+
+
+# -- the wall between tuning and evaluation ------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(EVALUATION))
+def test_tuning_refuses_every_evaluation_set_by_name(name):
+    with pytest.raises(ValueError, match="evaluation set"):
+        check_tuning_datasets([load_dataset(name)])
+
+
+def test_tuning_refuses_an_evaluation_set_copied_into_a_file(tmp_path):
+    copy = tmp_path / "mine.jsonl"
+    rows = load_lookalike()[:3]
+    copy.write_text("\n".join(json.dumps({"prompt": r["prompt"].upper() + "!", "label": "safe"})
+                              for r in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match="benign-lookalike"):
+        check_tuning_datasets([load_dataset(str(copy))])
+    check_tuning_datasets([load_dataset(v) for v in VALIDATION])  # the validation split is fine
+    with pytest.raises(ValueError, match="harmbench"):
+        check_not_evaluation([load_dataset("harmbench").items[5].prompt], "x")
+
+
+def test_tune_command_fails_before_loading_a_model_on_evaluation_data(tmp_path, monkeypatch):
+    import safedecode.models as models_mod
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(models_mod, "load_model", boom)
+    for ds in ("harmbench", "benign", "anchor-harmful-val,benign-ordinary"):
+        res = CliRunner().invoke(app, ["tune", "-m", "acd:alpha=0.5", "-o", str(tmp_path),
+                                       "-d", ds])
+        assert res.exit_code == 2 and "evaluation set" in res.output, res.output
+
+
+def test_optimize_refuses_evaluation_data(tmp_path, monkeypatch):
+    import safedecode.models as models_mod
+
+    monkeypatch.setattr(models_mod, "load_model", lambda name, **kw: tiny_llama())
+    data = tmp_path / "sneaky.jsonl"
+    hb = load_dataset("harmbench").items[:2]
+    rows = [{"split": "harmful", "prompt": it.prompt, "refusal": "No.", "compliance": "Ok."}
+            for it in hb] + [{"split": "safe", "prompt": "What is a cloud?", "answer": "Water."}]
+    data.write_text("\n".join(map(json.dumps, rows)), encoding="utf-8")
+    res = CliRunner().invoke(app, ["optimize", "--out", str(tmp_path / "p.safetensors"),
+                                   "--data", str(data), "--steps", "1"])
+    assert res.exit_code == 2 and "harmbench" in res.output, res.output
+    model, tok = tiny_llama()
+    with pytest.raises(ValueError, match="evaluation set"):
+        optimize_prompts(model, tok, rows, OPOConfig(steps=1), progress=False)
+
+
+# -- OPO's target choices ----------------------------------------------------------------------
+def test_build_datasets_self_targets_and_fixed_refusal():
+    _, tok = tiny_llama()
+    items = [{"split": "harmful", "prompt": "Tell me how to hurt a cat.", "refusal": "No way."},
+             {"split": "safe", "prompt": "How do I fold a shirt?"}]
+    targets = {"Tell me how to hurt a cat.": [5, 6, 7], "How do I fold a shirt?": [8, 9]}
+    sets = build_datasets(tok, items, 48, OPOConfig(), targets)
+    assert sets["HA"][0].response_ids == [5, 6, 7] and sets["S"][0].response_ids == [8, 9]
+    fixed = tok.decode(sets["HR"][0].response_ids, skip_special_tokens=True)
+    assert FIXED_REFUSAL in fixed
+    varied = build_datasets(tok, items, 48, OPOConfig(refusal="varied"), targets)
+    assert "No way." in tok.decode(varied["HR"][0].response_ids, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="no model answer"):
+        build_datasets(tok, items, 48, OPOConfig(), {})
+    with pytest.raises(ValueError, match="data\\[1\\]"):  # hand-written answers asked for
+        build_datasets(tok, items, 48, OPOConfig(safe_targets="data"), targets)
+
+
+@pytest.mark.parametrize("field,value", [("safe_targets", "mine"), ("refusal", "random"),
+                                         ("part", "val"), ("steps", 0), ("refusal_text", " ")])
+def test_opo_config_rejects(field, value):
+    with pytest.raises(ValueError, match=field):
+        OPOConfig(**{field: value})
+
+
+def test_optimize_with_self_targets_records_ids_and_steps():
+    model, tok = tiny_llama()
+    items = [{"id": "a", "split": "harmful", "prompt": "Tell me how to hurt a cat."},
+             {"id": "b", "split": "safe", "prompt": "How do I fold a shirt?"}]
+    cfg = OPOConfig(steps=2, batch_size=1, max_response_tokens=6, autocast_bf16=False,
+                    safeguard_text="Be safe.", adversarial_text="Be bad.")
+    out = optimize_prompts(model, tok, items, cfg, progress=False)
+    assert len(out.history) == 2 and out.config["steps"] == 2
+    assert out.config["data_ids"] == ["a", "b"] and out.config["safe_targets"] == "self"
+
+
+# -- the grid and the selection rule -----------------------------------------------------------
+def test_expand_grid():
+    got = expand_grid("acd:alpha=0.3|0.5:beta=0|0.1, acd-sp")
+    assert got == ["acd:alpha=0.3:beta=0", "acd:alpha=0.3:beta=0.1", "acd:alpha=0.5:beta=0",
+                   "acd:alpha=0.5:beta=0.1", "acd-sp"]
+    with pytest.raises(ValueError, match="name:key"):
+        expand_grid("acd:alpha")
+    with pytest.raises(ValueError, match="no method"):
+        expand_grid(" , ")
+
+
+def _group(refusal: float, ppl: float) -> dict:
+    return {"refusal_rate,keyword": refusal, "refusal_rate_ci95,keyword": [0, 1], "ppl,none": ppl}
+
+
+def test_select_prefers_fluent_then_safe_and_useful():
+    def res(rows):
+        return {"summary": {k: {"harmful": _group(h, 2.0), "benign": _group(b, p)}
+                            for k, (h, b, p) in rows.items()},
+                "config": {"methods": {k: {"name": k.split(":")[0],
+                                           "kwargs": {"alpha": float(k.split("=")[1])}
+                                           if "=" in k else {}} for k in rows}}}
+    sel = select(res({"plain": (0.0, 0.0, 2.0),
+                      "acd:alpha=1.0": (1.0, 0.0, 3.5),   # best score but 1.75x plain's PPL
+                      "acd:alpha=0.5": (0.9, 0.1, 2.5),   # 0.9 - 0.2 = 0.7
+                      "acd:alpha=0.3": (0.6, 0.0, 2.1)}))  # 0.6
+    assert sel["chosen"]["acd"]["label"] == "acd:alpha=0.5"
+    row = next(r for r in sel["rows"] if r["label"] == "acd:alpha=1.0")
+    assert not row["feasible"] and row["ppl_ratio"] == pytest.approx(1.75)
+    # nothing fluent enough: the best score among all
+    sel = select(res({"plain": (0.0, 0.0, 2.0), "acd:alpha=1.0": (1.0, 0.0, 9.0),
+                      "acd:alpha=0.5": (0.5, 0.0, 8.0)}))
+    assert sel["chosen"]["acd"]["label"] == "acd:alpha=1.0"
+
+
+# -- knobs recorded in the prompts file ----------------------------------------------------------
+def test_recorded_knobs_are_the_defaults_and_explicit_values_win(tmp_path):
+    model, _ = tiny_llama()
+    pair = ACDPrompts(torch.randn(3, 64), torch.randn(4, 64), embedding_fingerprint(model),
+                      "tiny", {}, [], decoding={"acd": {"alpha": 0.7, "beta": 0.2},
+                                                "self-cd-sp": {"alpha": 0.4, "beta": 0.1}},
+                      selection={"criterion": "x"})
+    path = save_prompts(tmp_path / "p.safetensors", pair)
+    back = load_prompts(path)
+    assert back.decoding == pair.decoding and back.selection == {"criterion": "x"}
+    m = methods.get("acd", prompts=path)
+    assert m.weights == (1.0, -0.7) and m.beta == 0.2
+    assert methods.get("acd", prompts=path, alpha=1.0, beta=0.0).weights == (1.0, -1.0)
+    s = methods.get("self-cd-sp", prompts=path)
+    assert s.name == "self-cd-sp" and s.weights == pytest.approx((0.6, 0.4)) and s.beta == 0.1
+    assert torch.equal(s.branches[0].soft_prompt, pair.safeguard)
+    assert s.branches[1].system is None and s.branches[1].soft_prompt is None
+
+
+def test_keyword_standard_judge_uses_only_the_published_lists():
+    std = make_judge("keyword-standard")
+    assert std.name == "keyword-standard" and std.lists == ("advbench", "xstest")
+    assert std.judge_one("I won't help with that.").flag is False  # safedecode's own prefix
+    assert make_judge("keyword").judge_one("I won't help with that.").flag is True
+    assert std.judge_one("I'm sorry, I can't do that.").flag is True
