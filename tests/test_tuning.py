@@ -204,10 +204,10 @@ def test_select_prefers_fluent_then_safe_and_useful():
     assert sel["chosen"]["acd"]["label"] == "acd:alpha=0.5"
     row = next(r for r in sel["rows"] if r["label"] == "acd:alpha=1.0")
     assert not row["feasible"] and row["ppl_ratio"] == pytest.approx(1.75)
-    # nothing fluent enough: the best score among all
+    # nothing fluent enough: the most fluent setting
     sel = select(res({"plain": (0.0, 0.0, 2.0), "acd:alpha=1.0": (1.0, 0.0, 9.0),
                       "acd:alpha=0.5": (0.5, 0.0, 8.0)}))
-    assert sel["chosen"]["acd"]["label"] == "acd:alpha=1.0"
+    assert sel["chosen"]["acd"]["label"] == "acd:alpha=0.5"
 
 
 # -- knobs recorded in the prompts file ----------------------------------------------------------

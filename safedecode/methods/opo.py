@@ -176,11 +176,12 @@ def init_soft_prompt(model, tokenizer, text: str) -> torch.Tensor:
         return emb(torch.tensor(ids, device=emb.weight.device)).float().clone()
 
 
-def response_logprobs(model, builder: PromptBuilder, soft: torch.Tensor,
-                      examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of every response token under ``soft`` as system prompt: ``(lp [N], row [N])``
-    with N the batch's response tokens and ``row`` the example each belongs to. Differentiable in
-    ``soft``."""
+def response_distributions(model, builder: PromptBuilder, soft: torch.Tensor,
+                           examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """Teacher-forced next-token log-distributions at every response token under ``soft`` as
+    system prompt: ``(lp [N, V], target [N], row [N])`` with N the batch's response tokens and
+    ``row`` the example each belongs to. Differentiable in ``soft``."""
     emb = model.get_input_embeddings()
     dev, dt = emb.weight.device, emb.weight.dtype
     branch = Branch(soft_prompt=torch.zeros(soft.shape))  # ids do not depend on the values
@@ -206,9 +207,16 @@ def response_logprobs(model, builder: PromptBuilder, soft: torch.Tensor,
     pos_t = torch.tensor(pos, device=dev)
     h = hidden[pos_t[:, 0], pos_t[:, 1]]
     logits = model.get_output_embeddings()(h).float()
-    lp = torch.log_softmax(logits, dim=-1)
-    tgt_t = torch.tensor(tgt, device=dev)
-    return lp.gather(1, tgt_t[:, None])[:, 0], torch.tensor(row, device=dev)
+    return (torch.log_softmax(logits, dim=-1), torch.tensor(tgt, device=dev),
+            torch.tensor(row, device=dev))
+
+
+def response_logprobs(model, builder: PromptBuilder, soft: torch.Tensor,
+                      examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of every response token under ``soft`` as system prompt: ``(lp [N], row [N])``
+    (see :func:`response_distributions`)."""
+    lp, tgt, row = response_distributions(model, builder, soft, examples)
+    return lp.gather(1, tgt[:, None])[:, 0], row
 
 
 def ce(lp: torch.Tensor) -> torch.Tensor:
