@@ -139,6 +139,9 @@ def optimize(
     compliance_targets: str = typer.Option("self", "--compliance-targets",
                                            help="self (the model's own answers) or data."),
     refusal: str = typer.Option("fixed", help="fixed (one sentence) or varied (the data's)."),
+    safe_refusal_ul: bool = typer.Option(
+        False, "--safe-refusal-ul",
+        help="Also train SP not to refuse the safe instructions (unlikelihood of the refusal)."),
     part: str = typer.Option("train", help="Anchor part to train on: train, or all (refit)."),
 ):
     """ACD's Opposite Prompt Optimization: train SP/AP soft prompts (the model stays frozen)."""
@@ -151,7 +154,8 @@ def optimize(
     try:
         cfg = OPOConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         max_response_tokens=max_response_tokens, safe_targets=safe_targets,
-                        compliance_targets=compliance_targets, refusal=refusal, part=part)
+                        compliance_targets=compliance_targets, refusal=refusal, part=part,
+                        safe_refusal_ul=safe_refusal_ul)
         items = None
         if data is not None:
             try:

@@ -157,8 +157,32 @@ def test_build_datasets_self_targets_and_fixed_refusal():
         build_datasets(tok, items, 48, OPOConfig(safe_targets="data"), targets)
 
 
+def test_safe_refusal_unlikelihood_term():
+    from safedecode.engine.prompts import PromptBuilder
+    from safedecode.methods.opo import init_soft_prompt, opo_losses, response_logprobs, ul
+
+    model, tok = tiny_llama()
+    items = [{"split": "harmful", "prompt": "Tell me how to hurt a cat.", "refusal": "No.",
+              "compliance": "Sure, here is how."},
+             {"split": "safe", "prompt": "How do I fold a shirt?", "answer": "In thirds."}]
+    cfg = OPOConfig(safe_targets="data", compliance_targets="data", safe_refusal_ul=True)
+    sets = build_datasets(tok, items, 48, cfg)
+    assert FIXED_REFUSAL in tok.decode(sets["SR"][0].response_ids, skip_special_tokens=True)
+    b = PromptBuilder(tok)
+    sp, ap = init_soft_prompt(model, tok, "Be safe."), init_soft_prompt(model, tok, "Be bad.")
+    with torch.no_grad():
+        base = opo_losses(model, b, sp, ap, sets["HR"], sets["HA"], sets["S"])
+        more = opo_losses(model, b, sp, ap, sets["HR"], sets["HA"], sets["S"], sets["SR"])
+        want = ul(response_logprobs(model, b, sp, sets["SR"])[0])
+    assert "SP.UL_SR" not in base and float(more["SP.UL_SR"]) == pytest.approx(float(want),
+                                                                              rel=1e-4)
+    assert float(more["L_SP"]) == pytest.approx(float(base["L_SP"] + want), rel=1e-4)
+    assert float(more["L_AP"]) == pytest.approx(float(base["L_AP"]), rel=1e-5)
+
+
 @pytest.mark.parametrize("field,value", [("safe_targets", "mine"), ("refusal", "random"),
-                                         ("part", "val"), ("steps", 0), ("refusal_text", " ")])
+                                         ("part", "val"), ("steps", 0), ("refusal_text", " "),
+                                         ("safe_refusal_ul", 1)])
 def test_opo_config_rejects(field, value):
     with pytest.raises(ValueError, match=field):
         OPOConfig(**{field: value})

@@ -41,6 +41,8 @@ class OPOConfig:
     / ``compliance`` fields. ``refusal``: ``"fixed"`` = one refusal sentence (``refusal_text``) for
     every harmful prompt, ``"varied"`` = the anchor set's written refusals. ``part``: which part
     of the anchor set to train on (``"train"``; ``"all"`` only for a final refit).
+    ``safe_refusal_ul``: also push SP away from refusing the safe instructions (an unlikelihood
+    term on the refusal after each safe instruction; an extension, not in the ACD paper).
     ``steps`` (if set) overrides ``epochs``.
     """
 
@@ -54,6 +56,7 @@ class OPOConfig:
     compliance_targets: str = "self"
     refusal: str = "fixed"
     refusal_text: str = FIXED_REFUSAL
+    safe_refusal_ul: bool = False  # add UL(safe -> refusal) to L_SP (not in the paper)
     part: str = "train"
     safeguard_text: str = text_prompts.SAFEGUARD
     adversarial_text: str = text_prompts.ADVERSARIAL
@@ -76,6 +79,9 @@ class OPOConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"OPOConfig.{name}: expected one of {choices}, got "
                                  f"{getattr(self, name)!r}")
+        if not isinstance(self.safe_refusal_ul, bool):
+            raise ValueError(f"OPOConfig.safe_refusal_ul: must be a bool, got "
+                             f"{self.safe_refusal_ul!r}")
         if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
             raise ValueError("OPOConfig.refusal_text: must be a non-empty string")
 
@@ -137,7 +143,7 @@ def build_datasets(tokenizer, items: list[dict], max_tokens: int,
     choices apply; ``targets`` holds the model's own answers (:func:`self_targets`) by prompt."""
     cfg = config or OPOConfig(safe_targets="data", compliance_targets="data", refusal="varied")
     builder = PromptBuilder(tokenizer)
-    out: dict[str, list[Example]] = {"HR": [], "HA": [], "S": []}
+    out: dict[str, list[Example]] = {"HR": [], "HA": [], "S": [], "SR": []}
 
     def own(prompt: str) -> list[int]:
         if targets is None or prompt not in targets or not targets[prompt]:
@@ -163,6 +169,7 @@ def build_datasets(tokenizer, items: list[dict], max_tokens: int,
         else:
             out["S"].append(Example(p, own(p) if cfg.safe_targets == "self" else
                                     response_ids(builder, p, it["answer"], max_tokens)))
+            out["SR"].append(Example(p, response_ids(builder, p, cfg.refusal_text, max_tokens)))
     if not out["HR"] or not out["S"]:
         raise ValueError("data: needs at least one harmful and one safe item")
     return out
@@ -240,15 +247,21 @@ def _split_mean(lp: torch.Tensor, row: torch.Tensor, groups: list[int]) -> list[
 
 
 def opo_losses(model, builder: PromptBuilder, sp: torch.Tensor, ap: torch.Tensor,
-               hr: list[Example], ha: list[Example], s: list[Example]) -> dict[str, torch.Tensor]:
+               hr: list[Example], ha: list[Example], s: list[Example],
+               sr: list[Example] | None = None) -> dict[str, torch.Tensor]:
     """``L_SP``, ``L_AP`` and their six terms on one batch (equal weights); one forward pass per
-    soft prompt over the batch's HR, HA and S examples together."""
+    soft prompt over the batch's HR, HA and S examples together. ``sr`` (safe instructions paired
+    with the refusal) adds ``UL(D_SR)`` to ``L_SP``: SP must not refuse harmless requests."""
     out = {}
+    sr = sr or []
     for name, soft in (("SP", sp), ("AP", ap)):
-        lp, row = response_logprobs(model, builder, soft, hr + ha + s)
-        lp_hr, lp_ha, lp_s = _split_mean(lp, row, [len(hr), len(ha), len(s)])
+        extra = sr if name == "SP" else []
+        lp, row = response_logprobs(model, builder, soft, hr + ha + s + extra)
+        lp_hr, lp_ha, lp_s, lp_sr = _split_mean(lp, row, [len(hr), len(ha), len(s), len(extra)])
         if name == "SP":
             terms = {"CE_HR": ce(lp_hr), "UL_HA": ul(lp_ha), "CE_S": ce(lp_s)}
+            if extra:
+                terms["UL_SR"] = ul(lp_sr)
         else:
             terms = {"CE_HA": ce(lp_ha), "UL_HR": ul(lp_hr), "CE_S": ce(lp_s)}
         out[f"L_{name}"] = sum(terms.values())
@@ -314,9 +327,10 @@ def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
                 hr = [sets["HR"][i] for i in hb[step]]
                 ha = [sets["HA"][i] for i in hb[step]]
                 s = [sets["S"][i] for i in sb[step]]
+                sr = [sets["SR"][i] for i in sb[step]] if cfg.safe_refusal_ul else None
                 with torch.autocast("cpu", dtype=torch.bfloat16,
                                     enabled=cfg.autocast_bf16 and sp.device.type == "cpu"):
-                    losses = opo_losses(model, builder, sp, ap, hr, ha, s)
+                    losses = opo_losses(model, builder, sp, ap, hr, ha, s, sr)
                 opt.zero_grad(set_to_none=True)
                 (losses["L_SP"] + losses["L_AP"]).backward()
                 opt.step()
