@@ -5,36 +5,61 @@
 #
 #   scripts/acd_sweep.sh [OUT]        # default OUT=runs/acd-sweep; resumable (cached generations)
 #
-# 1. OPO variants, each trained on the anchor train part (one factor changed from A at a time):
-#      A  the model's own answers as safe and compliant targets, one fixed refusal, lr 3e-3, 60 steps
+# 1. OPO variants, each trained on the anchor train part for 60 Adam steps (one factor changed
+#    from A at a time; about 11 minutes each on 2 CPU cores):
+#      A  the model's own greedy answers as safe and compliant targets, one fixed refusal
+#         sentence, batches of 6 harmful + 6 safe, lr 3e-3 (the issue's prototype)
 #      B  A with the data set's hand-written safe answers        (--safe-targets data)
 #      C  A with the data set's varied written refusals          (--refusal varied)
-#      D  A with the data set's compliant texts for the AP       (--compliance-targets data)
-#      E  A with the old optimiser settings (--lr 1.5e-2 --steps 39 --batch-size 8)
-# 2. For each variant: its SP alone, Self-CD over it and ACD (alpha 0.5, beta 0.1) on the
-#    validation split.
-# 3. For the best variant: the full grid of ACD (alpha x beta) and Self-CD over SP (alpha x beta).
+#      E  A with the old optimiser settings                      (--lr 1.5e-2 --steps 39 --batch-size 8)
+#      F  A plus UL(safe -> refusal) on SP                       (--safe-refusal-ul)
+# 2. For each variant: its SP alone (acd-sp), Self-CD over it (alpha 0.5, beta 0.1) and ACD
+#    (alpha 0.5, beta 0.1) on the validation split, 64 new tokens, greedy.
+# 3. The variant whose best setting scores highest (same rule as `safedecode tune`) gets the full
+#    grid: ACD alpha x beta and Self-CD over SP alpha x beta; the chosen knobs are recorded in its
+#    file, which is copied to the shipped asset when SHIP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/acd-sweep}
 PY=${PY:-.venv/bin/python}
 N=${N:-64}   # new tokens per answer in the sweep (refusals are decided in the first tokens)
+VARIANTS=(A B C E F)
 mkdir -p "$OUT"
 declare -A ARGS=(
   [A]=""
   [B]="--safe-targets data"
   [C]="--refusal varied"
-  [D]="--compliance-targets data"
   [E]="--lr 1.5e-2 --steps 39 --batch-size 8"
+  [F]="--safe-refusal-ul"
 )
-for v in A B C D E; do
+for v in "${VARIANTS[@]}"; do
   f="$OUT/opo-$v.safetensors"
+  # shellcheck disable=SC2086
   [ -f "$f" ] || $PY -m safedecode optimize --out "$f" --steps 60 ${ARGS[$v]} 2>&1 \
       | grep -v Warning | tee "$OUT/opo-$v.log"
 done
 grid=""
-for v in A B C D E; do
+for v in "${VARIANTS[@]}"; do
   f="$OUT/opo-$v.safetensors"
   grid+="acd-sp:prompts=$f,self-cd-sp:prompts=$f:alpha=0.5:beta=0.1,acd:prompts=$f:alpha=0.5:beta=0.1,"
 done
 $PY -m safedecode tune -n "$N" -o "$OUT/variants" -m "plain,safe-prompt,${grid%,}"
+best=$($PY - "$OUT/variants/sweep.json" <<'PY'
+import json, re, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+best = {}
+for r in rows:
+    m = re.search(r"opo-(\w+)\.safetensors", r["label"])
+    if m and r["feasible"]:
+        best[m.group(1)] = max(best.get(m.group(1), -9), r["score"])
+print(max(best, key=best.get))
+PY
+)
+echo "best OPO variant on validation: $best"
+f="$OUT/opo-$best.safetensors"
+$PY -m safedecode tune -n "$N" -o "$OUT/grid-$best" --record "$f" -m \
+  "plain,acd-sp:prompts=$f,acd:prompts=$f:alpha=0.25|0.5|1.0:beta=0.1|0.3,self-cd-sp:prompts=$f:alpha=0.3|0.5|0.7:beta=0.1|0.3"
+if [ "${SHIP:-0}" = 1 ]; then
+  cp "$f" safedecode/methods/assets/acd_smollm2-135m-instruct.safetensors
+  echo "shipped $f"
+fi
