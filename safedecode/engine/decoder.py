@@ -24,6 +24,7 @@ from safedecode.ops.params import prepare
 
 from .branches import Method
 from .cache import PreallocatedCache, PrefixStore
+from .detokenizer import IncrementalDetokenizer
 from .linear import small_gemm_linears
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 
@@ -60,6 +61,7 @@ class _Request:
     text: str = ""
     finish: str | None = None
     t_done: float = 0.0
+    detok: IncrementalDetokenizer | None = None
 
 
 def check_sampling(method: Method, **sampling) -> None:
@@ -272,7 +274,9 @@ class SafeDecoder:
         self._true_eos = self._eos_ids()
         eos = (set() if ignore_eos else self._true_eos) | stop_ids
         reqs = [_Request(i, [len(built[k][i][0]) + len(built[k][i][1]) for k in range(kb)],
-                         seeds[i]) for i in range(b)]
+                         seeds[i], detok=IncrementalDetokenizer(self.tok, stop=stop_strings,
+                                                               skip_ids=eos))
+                for i in range(b)]
         self._results = []
 
         handles = self._install_hooks()
@@ -412,7 +416,7 @@ class SafeDecoder:
                 r.out.append(t)
                 if lps is not None:
                     r.logprobs.append(float(lps[j]))
-                delta, reason = self._advance_text(r, t, eos, stop_strings, max_new_tokens)
+                delta, reason = self._advance_text(r, t, eos, max_new_tokens)
                 if reason:
                     r.finish, r.t_done = reason, now
                 if streamer is not None:
@@ -440,22 +444,15 @@ class SafeDecoder:
             steps += 1
             logits = out.logits[:, -1, :]
 
-    def _advance_text(self, r: _Request, token: int, eos: set[int], stop_strings: list[str],
+    def _advance_text(self, r: _Request, token: int, eos: set[int],
                       max_new_tokens: int) -> tuple[str, str | None]:
-        """Update the request's text with its new token; returns (delta, finish reason)."""
+        """Feed the request's new token to its detokeniser; returns (delta, finish reason)."""
         if token in eos:
-            return "", "eos" if token in self._true_eos else "stop"
-        ids = [t for t in r.out if t not in eos]
-        text = self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
-        reason = None
-        for s in stop_strings:
-            at = text.find(s, max(0, len(r.text) - len(s)))
-            if at >= 0:
-                text, reason = text[:at], "stop"
-        if reason is None and len(r.out) >= max_new_tokens:
-            reason = "length"
-        if reason is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
-            return "", None
-        delta = text[len(r.text):] if text.startswith(r.text) else text
-        r.text = text
+            return r.detok.flush(), "eos" if token in self._true_eos else "stop"
+        delta = r.detok.add(token)
+        reason = "stop" if r.detok.stopped else (
+            "length" if len(r.out) >= max_new_tokens else None)
+        if reason is not None:
+            delta += r.detok.flush()
+        r.text = r.detok.text
         return delta, reason
