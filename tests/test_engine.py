@@ -239,3 +239,17 @@ def test_soft_prompt_of_text_embeddings_equals_text_branch():
     assert a == b == c == d
     with pytest.raises(ValueError, match="width"):
         SafeDecoder(model, tok, contrastive([Branch(soft_prompt=torch.zeros(3, 7))], [1.0]))
+
+
+def test_engine_raises_no_warning_from_transformers():
+    """The engine uses transformers' current cache API: any warning from its calls is an error
+    (the deprecated ``past_key_values=`` argument warned in every ``make demo``)."""
+    import warnings
+
+    model, tok = tiny_llama()
+    method = methods.get("acd-text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SafeDecoder(model, tok, method).generate(["Hi there", "Tell me a joke."],
+                                                 max_new_tokens=4)
+        NaiveContrastGenerator(model, tok, method).generate(["Hi there"], max_new_tokens=3)

@@ -8,8 +8,26 @@ requests) with ``select_rows``.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+@functools.cache
+def _cache_argument(forward_cls: type) -> str:
+    try:
+        params = inspect.signature(forward_cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache: Cache) -> dict:
+    """``{"cache": cache}`` where the model's forward takes ``cache=`` (transformers >= 5.x, where
+    ``past_key_values=`` is deprecated), else ``{"past_key_values": cache}``."""
+    return {_cache_argument(type(model)): cache, "use_cache": True}
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -23,7 +23,7 @@ from safedecode.ops import contrastive_sample
 from safedecode.ops.params import prepare
 
 from .branches import Method
-from .cache import PreallocatedCache, PrefixStore
+from .cache import PreallocatedCache, PrefixStore, cache_kwargs
 from .detokenizer import IncrementalDetokenizer
 from .linear import small_gemm_linears
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
@@ -221,7 +221,7 @@ class SafeDecoder:
         emb = prefix.embeds(self.embed)[None]
         pos = torch.arange(len(prefix), device=self.device)[None]
         self._row_slices = {k: slice(0, 1)}
-        self.model(inputs_embeds=emb, position_ids=pos, past_key_values=cache, use_cache=True,
+        self.model(inputs_embeds=emb, position_ids=pos, **cache_kwargs(self.model, cache),
                    logits_to_keep=1)
         kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         self.prefixes.put(prefix.key, kv)
@@ -364,7 +364,7 @@ class SafeDecoder:
         self._row_slices = {k: slice(k * b, (k + 1) * b) for k in range(kb)}
         inputs = {"inputs_embeds": emb_rows} if use_embeds else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, cache), logits_to_keep=1)
         return cache, valid, pos, out.logits[:, -1, :]
 
     @staticmethod
@@ -439,7 +439,7 @@ class SafeDecoder:
             bias[:, slot] = 0.0
             out = self.model(input_ids=tokens.repeat(kb)[:, None],
                              attention_mask=bias[:, None, None, :slot + 1],
-                             position_ids=pos[:, None], past_key_values=cache, use_cache=True)
+                             position_ids=pos[:, None], **cache_kwargs(self.model, cache))
             pos = pos + 1
             steps += 1
             logits = out.logits[:, -1, :]

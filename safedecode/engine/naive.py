@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from safedecode.ops import contrastive_sample
 
 from .branches import Method
+from .cache import cache_kwargs
 from .decoder import GenerationResult
 from .prompts import Prompt, PromptBuilder, normalise_prompt
 
@@ -67,7 +68,7 @@ class NaiveContrastGenerator:
             cache = DynamicCache()
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True)
+                             **cache_kwargs(self.model, cache))
             caches.append(cache)
             masks.append(mask)
             logits.append(out.logits[:, -1, :])
@@ -91,7 +92,7 @@ class NaiveContrastGenerator:
                 pos = masks[k].sum(-1, keepdim=True) - 1
                 out = self.model(input_ids=tokens[:, None].to(self.device),
                                  attention_mask=masks[k], position_ids=pos,
-                                 past_key_values=caches[k], use_cache=True)
+                                 **cache_kwargs(self.model, caches[k]))
                 logits.append(out.logits[:, -1, :])
         elapsed = time.perf_counter() - t0
         results = []
