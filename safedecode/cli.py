@@ -52,7 +52,8 @@ def generate(
     file: Path | None = typer.Option(None, "--file", "-f",
                                      help="A .txt (one prompt per line) or .jsonl ('prompt')."),
     method: str = typer.Option("plain", "--method", "-m",
-                               help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd"),
+                               help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd, "
+                                    "self-cd-sp"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -66,7 +67,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
     acd_prompts: Path | None = typer.Option(
-        None, "--acd-prompts", help="Soft prompts from `safedecode optimize` (acd, acd-sp)."),
+        None, "--acd-prompts",
+        help="Soft prompts from `safedecode optimize` (acd, acd-sp, self-cd-sp)."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -82,8 +84,9 @@ def generate(
               if v is not None}
     console = Console(stderr=True)
     try:
-        if acd_prompts is not None and method not in ("acd", "acd-sp"):
-            raise ValueError(f"--acd-prompts: only for --method acd or acd-sp, not {method!r}")
+        if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp"):
+            raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
+                             f"{method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")
