@@ -10,10 +10,17 @@ import torch
 from engine_fixtures import tiny_llama
 
 from safedecode import methods
+from safedecode.data import load_anchor
 from safedecode.engine import SafeDecoder
 from safedecode.engine.prompts import PromptBuilder
 from safedecode.methods import ACD, SelfCD, prompts
-from safedecode.methods.acd import DEFAULT_PROMPTS, ACDPrompts, load_prompts, save_prompts
+from safedecode.methods.acd import (
+    DEFAULT_PROMPTS,
+    SELF_CD_SP_PROMPTS,
+    ACDPrompts,
+    load_prompts,
+    save_prompts,
+)
 from safedecode.methods.opo import (
     OPOConfig,
     build_datasets,
@@ -66,18 +73,34 @@ def test_self_cd_weights_and_anchor():
 
 def test_shipped_prompts_build_acd_and_acd_sp():
     assert DEFAULT_PROMPTS.is_file(), "the optimised prompts for the default model must ship"
+    meta = load_prompts()
     m = methods.get("acd")
     sp, ap = m.branches
     assert sp.soft_prompt is not None and ap.soft_prompt is not None
     assert sp.soft_prompt.shape[1] == 576 and sp.fingerprint is not None
-    assert m.weights == (1.0, -0.5) and m.anchor == 0
+    # alpha / beta are the ones chosen on the validation split and recorded in the file
+    knobs = meta.decoding["acd"]
+    assert m.weights == (1.0, -knobs["alpha"]) and m.beta == knobs["beta"] and m.anchor == 0
     one = methods.get("acd-sp")
     assert one.k == 1 and torch.equal(one.branches[0].soft_prompt, sp.soft_prompt)
-    meta = load_prompts()
-    assert meta.config["epochs"] >= 1 and meta.history and "L_SP" in meta.history[-1]
+    assert meta.history and "L_SP" in meta.history[-1] and meta.config["part"] == "train"
+    assert meta.selection["datasets"] == ["anchor-harmful-val", "anchor-safe-val"]
+    val = {x["id"] for x in load_anchor(part="val")}
+    assert not val & set(meta.config["data_ids"]), "trained on validation items"
     again = ACD(meta, alpha=1.0)
     assert torch.equal(again.branches[1].soft_prompt, meta.adversarial)
     assert again.branches[0].fingerprint == meta.fingerprint and again.weights == (1.0, -1.0)
+
+
+def test_shipped_self_cd_sp_prompts():
+    assert SELF_CD_SP_PROMPTS.is_file()
+    meta = load_prompts(SELF_CD_SP_PROMPTS)
+    m = methods.get("self-cd-sp")
+    a = meta.decoding["self-cd-sp"]["alpha"]
+    assert m.weights == pytest.approx((1 - a, a)) and m.beta == meta.decoding["self-cd-sp"]["beta"]
+    assert torch.equal(m.branches[0].soft_prompt, meta.safeguard)
+    assert m.branches[0].fingerprint == meta.fingerprint and m.branches[1].system is None
+    assert meta.selection["datasets"] == ["anchor-harmful-val", "anchor-safe-val"]
 
 
 def _hand_logprobs(model, tok, system: str, instruction: str, response: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from safedecode.data import (
 )
 from safedecode.eval.datasets import EVALUATION, REGISTRY, VALIDATION, load_dataset
 from safedecode.eval.judges import make_judge
-from safedecode.eval.tune import check_tuning_datasets, expand_grid, select
+from safedecode.eval.tune import check_tuning_datasets, expand_grid, score, select
 from safedecode.methods.acd import ACDPrompts, load_prompts, save_prompts
 from safedecode.methods.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts
 from safedecode.models import embedding_fingerprint
@@ -214,7 +214,7 @@ def _group(refusal: float, ppl: float) -> dict:
     return {"refusal_rate,keyword": refusal, "refusal_rate_ci95,keyword": [0, 1], "ppl,none": ppl}
 
 
-def test_select_prefers_fluent_then_safe_and_useful():
+def test_select_scores_safety_usefulness_and_fluency():
     def res(rows):
         return {"summary": {k: {"harmful": _group(h, 2.0), "benign": _group(b, p)}
                             for k, (h, b, p) in rows.items()},
@@ -222,16 +222,18 @@ def test_select_prefers_fluent_then_safe_and_useful():
                                            "kwargs": {"alpha": float(k.split("=")[1])}
                                            if "=" in k else {}} for k in rows}}}
     sel = select(res({"plain": (0.0, 0.0, 2.0),
-                      "acd:alpha=1.0": (1.0, 0.0, 3.5),   # best score but 1.75x plain's PPL
-                      "acd:alpha=0.5": (0.9, 0.1, 2.5),   # 0.9 - 0.2 = 0.7
+                      "acd:alpha=1.0": (1.0, 0.0, 4.0),   # 1.0 - (2.0 - 1.5) = 0.5
+                      "acd:alpha=0.5": (0.9, 0.1, 2.5),   # 0.9 - 0.2 = 0.7 (within 1.5x)
                       "acd:alpha=0.3": (0.6, 0.0, 2.1)}))  # 0.6
     assert sel["chosen"]["acd"]["label"] == "acd:alpha=0.5"
     row = next(r for r in sel["rows"] if r["label"] == "acd:alpha=1.0")
-    assert not row["feasible"] and row["ppl_ratio"] == pytest.approx(1.75)
-    # nothing fluent enough: the most fluent setting
-    sel = select(res({"plain": (0.0, 0.0, 2.0), "acd:alpha=1.0": (1.0, 0.0, 9.0),
-                      "acd:alpha=0.5": (0.5, 0.0, 8.0)}))
-    assert sel["chosen"]["acd"]["label"] == "acd:alpha=0.5"
+    assert not row["feasible"] and row["ppl_ratio"] == pytest.approx(2.0)
+    assert row["score"] == pytest.approx(0.5)
+    # nothing within the fluency bound: safety and usefulness still count, not fluency alone
+    sel = select(res({"plain": (0.0, 0.0, 2.0), "acd:alpha=1.0": (1.0, 0.1, 4.6),  # 0.8-0.8
+                      "acd:alpha=0.5": (0.9, 0.6, 4.0)}))  # 0.9 - 1.2 - 0.5
+    assert sel["chosen"]["acd"]["label"] == "acd:alpha=1.0"
+    assert score(0.5, 0.0, None) == float("-inf")
 
 
 # -- knobs recorded in the prompts file ----------------------------------------------------------

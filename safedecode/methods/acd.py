@@ -24,6 +24,8 @@ from . import prompts as text_prompts
 FORMAT = "safedecode-acd-prompts/1"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_PROMPTS = ASSETS / "acd_smollm2-135m-instruct.safetensors"
+# Self-CD over an optimised SP: its own validated pair (see scripts/acd_sweep.sh).
+SELF_CD_SP_PROMPTS = ASSETS / "self-cd-sp_smollm2-135m-instruct.safetensors"
 
 PromptLike = str | torch.Tensor
 

@@ -45,13 +45,14 @@ def self_cd(alpha: float = 2.5, beta: float = 0.0,
 
 def self_cd_sp(alpha: float | None = None, beta: float | None = None,
                prompts: str | Path | None = None) -> Method:
-    """Self-CD whose p branch is ACD's optimised safeguarding prompt (default: the shipped one):
-    it removes the part of SP's pull that the plain model does not share. ``alpha`` / ``beta``
-    default to the values chosen on the anchor validation split and recorded in the prompts file
-    (else 0.5 / 0)."""
-    from .acd import sp_branch
+    """Self-CD whose p branch is an OPO-optimised safeguarding prompt: it removes the part of SP's
+    pull that the plain model does not share. ``prompts``: a file from ``safedecode optimize``
+    (default: the pair chosen for this method on validation for the embedded model, which may
+    differ from ``acd``'s). ``alpha`` / ``beta`` default to the values chosen on the anchor
+    validation split and recorded in the file (else 0.5 / 0)."""
+    from .acd import SELF_CD_SP_PROMPTS, sp_branch
 
-    branch, p = sp_branch(prompts)
+    branch, p = sp_branch(SELF_CD_SP_PROMPTS if prompts is None else prompts)
     a = p.knob("self-cd-sp", "alpha", 0.5) if alpha is None else alpha
     b = p.knob("self-cd-sp", "beta", 0.0) if beta is None else beta
     return SelfCD(branch, a, b, name="self-cd-sp")
