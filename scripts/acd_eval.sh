@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The final efficacy report of issue 13 on the embedded model: every method on every evaluation set
 # (all 200 HarmBench behaviours, the three benign sets) plus the anchor validation split, greedy,
-# 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) on 20 items of each set.
+# 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) of the two contrast methods
+# on 10 items of each set (a smoke-sized check of greedy's picture; time-boxed on 2 cores).
 # Knobs come from the shipped prompts file (chosen by scripts/acd_sweep.sh on validation only).
 #
 #   scripts/acd_eval.sh            # about 45 minutes on 2 CPU cores; resumable
@@ -10,10 +11,13 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-$PY -m safedecode eval -m plain,safe-prompt,acd-sp,self-cd-sp,acd -d "$SETS" \
+# acd-sp is ACD's SP alone; the second acd-sp is the SP that self-cd-sp contrasts (its own file)
+SELF_SP=safedecode/methods/assets/self-cd-sp_smollm2-135m-instruct.safetensors
+$PY -m safedecode eval -m "plain,safe-prompt,acd-sp,acd,acd-sp:prompts=$SELF_SP,self-cd-sp" \
+    -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
-  $PY -m safedecode eval -m plain,self-cd-sp,acd -d "$SETS" -n 128 --limit 20 -t 0.7 \
+  $PY -m safedecode eval -m self-cd-sp,acd -d "$SETS" -n 128 --limit 10 -t 0.7 \
       --top-p 0.9 --seed "$s" --out "$R/efficacy-sampled/seed$s"
 done
 $PY benchmarks/efficacy_summary.py "$R/efficacy" smollm2-135m \
