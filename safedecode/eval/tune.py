@@ -163,9 +163,9 @@ def tune(model, tok, methods: str, out_dir: str | Path, *,
 
     sets = [load_dataset(d, limit=limit) for d in datasets]
     check_tuning_datasets(sets)
-    specs: list[MethodSpec] = parse_methods(",".join([reference, *expand_grid(methods)]
-                                                     if reference not in methods.split(",")
-                                                     else expand_grid(methods)))
+    grid = expand_grid(methods)
+    specs: list[MethodSpec] = parse_methods(",".join(grid if reference in grid
+                                                     else [reference, *grid]))
     for s in specs:
         s.build()  # bad settings fail before any generation
     judges = [KeywordJudge(), make_judge("keyword-standard")]
