@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from safedecode import _C
 from safedecode.bench.machine import describe, machine_line
-from safedecode.engine.linear import small_gemm_linears
+from safedecode.ops.linear import small_gemm_linears
 
 OUT = Path(__file__).parent / "results" / "linear_cpu.md"
 HIDDEN, INTER, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152

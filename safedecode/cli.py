@@ -75,8 +75,7 @@ def generate(
     from rich.progress import Progress
 
     from safedecode import methods
-    from safedecode.engine import SafeDecoder
-    from safedecode.engine.decoder import check_sampling
+    from safedecode.engine import SafeDecoder, SamplingParams
     from safedecode.models import load_model
 
     prompts = _read_prompts(prompt, file)
@@ -94,7 +93,8 @@ def generate(
             raise ValueError("--stream: give a single prompt")
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens: must be >= 1")
-        check_sampling(meth, temperature=temperature, top_k=top_k, top_p=top_p)
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p)
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)

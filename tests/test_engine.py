@@ -8,8 +8,8 @@ import torch
 from engine_fixtures import MIXED_PROMPTS, default_model, tiny_llama
 
 from safedecode import methods
+from safedecode.bench.naive import NaiveContrastGenerator
 from safedecode.engine import Branch, BranchHook, SafeDecoder, contrastive, plain
-from safedecode.engine.naive import NaiveContrastGenerator
 
 METHODS = {
     1: plain,
@@ -92,14 +92,15 @@ def test_prefix_is_computed_once_and_reused():
     assert dec.prefixes.misses == 2 and dec.prefixes.hits >= 2
 
 
-def test_compaction_does_not_change_outputs():
+def test_requests_finishing_early_do_not_change_the_others():
+    """A request that stops early frees its slot; the others' tokens are those of lone runs."""
     model, tok = tiny_llama()
     m = METHODS[3]()
-    stop_early = [MIXED_PROMPTS[0], MIXED_PROMPTS[1]]
     kw = dict(max_new_tokens=10, stop=[" the"])
-    a = SafeDecoder(model, tok, m, compact=True).generate(stop_early, **kw)
-    b = SafeDecoder(model, tok, m, compact=False).generate(stop_early, **kw)
-    assert _ids(a) == _ids(b)
+    dec = SafeDecoder(model, tok, m)
+    batch = dec.generate(MIXED_PROMPTS, **kw)
+    assert [r.token_ids for r in batch] == [dec.generate([p], **kw)[0].token_ids
+                                            for p in MIXED_PROMPTS]
 
 
 class _Counter:

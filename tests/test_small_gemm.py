@@ -1,5 +1,5 @@
 """The small-M GEMM for decode-time linear layers (csrc/cpu/small_gemm.cpp) and the engine's
-routing of ``nn.Linear`` through it (safedecode/engine/linear.py)."""
+routing of ``nn.Linear`` through it (safedecode/ops/linear.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safedecode import _C
-from safedecode.engine import linear as sg
+from safedecode.ops import linear as sg
 
 ISAS = _C.cpu_isas()
 

@@ -147,12 +147,12 @@ def generate_markdown(r: dict) -> str:
             lines.append(f"| {x['B']} | {x['mode']} | " + " | ".join(
                 f"{x[f'{m}_s']:.2f} ({x[f'{m}_s_min']:.2f}-{x[f'{m}_s_max']:.2f})"
                 for m in ms) + " |")
-    p, c = r["prefill"], r["compaction"]
+    p, e = r["prefill"], r["early_finish"]
     lines += ["", f"Prefill of {p['B']} requests, K = 2: shared prefixes {p['shared_s']:.3f} s, "
               f"unshared {p['unshared_s']:.3f} s: **{p['speedup']:.2f}x**.", "",
-              f"Compaction (4 of 8 requests stop early): dropping finished rows "
-              f"{c['compact_s']:.2f} s vs keeping them masked {c['masked_s']:.2f} s "
-              f"(x{c['speedup']:.2f}).", ""]
+              f"Early finish (4 of 8 requests stop after a few tokens and free their slots): "
+              f"{e['mixed_s']:.2f} s vs the 4 long requests alone {e['long_only_s']:.2f} s "
+              f"(x{e['overhead']:.2f}).", ""]
     return "\n".join(lines)
 
 
@@ -387,15 +387,16 @@ def _ops_text(ops: dict, rel: str, dev: str) -> list[str]:
 
 def _gen_text(gen: dict, rel: str, dev: str) -> list[str]:
     sd_bw = [weight_gbps(gen, x, "sd_k2") for x in gen["rows"]]
-    c = gen["compaction"]
+    e = gen["early_finish"]
     text = (f"**Generation** (`{gen['command']}`): {gen['model']}, "
             f"{gen['rows'][0].get('new_tokens')} new tokens per request (EOS ignored), tokens/s "
             f"of whole calls, prefill included. safedecode K = 2 reads the model weights at "
             f"{_span(sd_bw, '{:.1f}')} GB/s (weight bytes × steps/s)"
             + (f", copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s"
                if gen.get("copy_bandwidth_GBps") else "")
-            + f". Dropping finished requests from the batch: {c['speedup']:.2f}× on a batch "
-            "where half stop early." + _gemm_note(gen))
+            + f". A batch where half the requests stop early takes {e['overhead']:.2f}× the "
+            "time of its long requests alone (finished requests free their slots)."
+            + _gemm_note(gen))
     return ["", text, "", *_gen_table(gen), "", f"![tokens/s per method]({rel}/generate_{dev}.png)"]
 
 

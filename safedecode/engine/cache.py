@@ -1,15 +1,21 @@
-"""A preallocated KV cache for transformers models, and the store of shared branch prefixes.
+"""The slot KV cache (a transformers ``Cache``) and the store of shared branch prefixes.
 
-``PreallocatedLayer`` keeps one ``[rows, heads, capacity, dim]`` buffer per layer and writes each
-step's keys/values in place (transformers' ``DynamicCache`` concatenates, copying the whole cache
-every step); attention sees a view of the filled part only. Rows can be dropped (finished
-requests) with ``select_rows``.
+Every layer keeps one ``[rows, heads, columns + 1, dim]`` key and value buffer, allocated once.
+A *row* is one branch of one sequence; its tokens live left-aligned in columns ``0 .. n-1`` (the
+column of a token is its position). Before each forward the engine *binds* the cache
+(:meth:`SlotCache.bind`): which rows the forward runs on (a contiguous ``slice`` — attention then
+reads a view, no copy — or an index tensor, which gathers those rows' first ``attend`` columns),
+the column each input token is written to (``cols [R, q]``; the last column is a sink that padding
+tokens write to and nothing reads) and how many columns attention sees (``attend``, rounded up to
+a bucket so shapes repeat). Writes are one ``index_put`` per layer; nothing is concatenated, and
+no other row's KV is touched when a sequence joins, leaves or forks.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -30,72 +36,106 @@ def cache_kwargs(model, cache: Cache) -> dict:
     return {_cache_argument(type(model)): cache, "use_cache": True}
 
 
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV in preallocated buffers; ``length`` slots are filled."""
+@dataclass
+class Binding:
+    """What the next forward reads and writes (see the module docstring)."""
 
-    def __init__(self, rows: int, capacity: int) -> None:
+    rows: slice | torch.Tensor  # the forward's rows, in input order
+    index: torch.Tensor  # [R] absolute row ids (the same rows as a tensor)
+    cols: torch.Tensor  # [R, q] column each input token's KV is written to
+    attend: int  # columns attention reads: 0 .. attend-1
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values in fixed buffers, written at the bound columns."""
+
+    def __init__(self, owner: SlotCache) -> None:
         super().__init__()
-        self.rows, self.capacity, self.length = rows, capacity, 0
+        self.owner = owner
 
     def allocate(self, heads: int, k_dim: int, v_dim: int, dtype, device) -> None:
-        self.keys = torch.zeros(self.rows, heads, self.capacity, k_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(self.rows, heads, self.capacity, v_dim, dtype=dtype,
-                                  device=device)
+        rows, cols = self.owner.rows, self.owner.columns + 1
+        self.keys = torch.zeros(rows, heads, cols, k_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(rows, heads, cols, v_dim, dtype=dtype, device=device)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                            *args) -> None:
         self.allocate(key_states.shape[1], key_states.shape[-1], value_states.shape[-1],
                       key_states.dtype, key_states.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
-        self.keys[:, :, self.length:end] = key_states
-        self.values[:, :, self.length:end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        b = self.owner.binding
+        idx = b.index[:, None]
+        self.keys[idx, :, b.cols] = key_states.transpose(1, 2).to(self.dtype)
+        self.values[idx, :, b.cols] = value_states.transpose(1, 2).to(self.dtype)
+        # a slice of rows is a view; an index tensor gathers those rows' first ``attend`` columns
+        return self.keys[b.rows, :, :b.attend], self.values[b.rows, :, :b.attend]
 
     def get_seq_length(self) -> int:
-        return self.length
+        b = self.owner.binding
+        return 0 if b is None else b.attend - b.cols.shape[1]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        return self.owner.binding.attend, 0
 
     def get_max_length(self) -> int:
-        return self.capacity
+        return self.owner.columns
 
-    def select_rows(self, rows: torch.Tensor) -> None:
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
-        self.rows = int(rows.numel())
+            self.keys[dst, :, :n] = self.keys[src, :, :n]
+            self.values[dst, :, :n] = self.values[src, :, :n]
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select_rows(indices)
+    def write(self, rows: torch.Tensor, start: int, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.allocate(keys.shape[1], keys.shape[-1], values.shape[-1], keys.dtype,
+                          keys.device)
+        n = keys.shape[2]
+        self.keys[rows, :, start:start + n] = keys
+        self.values[rows, :, start:start + n] = values
 
 
-class PreallocatedCache(Cache):
-    """A transformers ``Cache`` of :class:`PreallocatedLayer` s."""
+class SlotCache(Cache):
+    """``rows`` x ``columns`` slots of KV per layer; see the module docstring."""
 
-    def __init__(self, num_layers: int, rows: int, capacity: int) -> None:
-        super().__init__(layers=[PreallocatedLayer(rows, capacity) for _ in range(num_layers)])
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(rows)
-
-    def set_length(self, length: int) -> None:
-        for layer in self.layers:
-            layer.length = length
+    def __init__(self, num_layers: int, rows: int, columns: int) -> None:
+        self.rows, self.columns = rows, columns
+        self.binding: Binding | None = None
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     @property
-    def length(self) -> int:
-        return self.layers[0].length
+    def sink(self) -> int:
+        """The column padding tokens write to (never attended)."""
+        return self.columns
+
+    def bind(self, rows: slice | torch.Tensor, index: torch.Tensor, cols: torch.Tensor,
+             attend: int) -> None:
+        self.binding = Binding(rows, index, cols, attend)
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
+        """Copy the first ``n`` columns of rows ``src`` into rows ``dst`` (fork)."""
+        for layer in self.layers:
+            layer.copy_rows(src, dst, n)
+
+    def write_prefix(self, rows: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> None:
+        """Write a shared prefix's per-layer KV ``[1, H, P, D]`` into columns ``0 .. P-1``."""
+        for layer, (k, v) in zip(self.layers, kv, strict=True):
+            layer.write(rows, 0, k, v)
+
+    def nbytes_per_column(self) -> int:
+        """Bytes of KV one row's column takes over all layers (0 before the first write)."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                total += (layer.keys[0, :, 0].numel() * layer.keys.element_size()
+                          + layer.values[0, :, 0].numel() * layer.values.element_size())
+        return total
 
 
 class PrefixStore:

@@ -14,6 +14,7 @@ when later tokens arrive; for those the window is the whole output (the exact, O
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 REPLACEMENT = "\ufffd"
@@ -41,6 +42,12 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.exact = tokenizer is not None and bool(
             getattr(tokenizer, "clean_up_tokenization_spaces", False))
+
+    def clone(self) -> IncrementalDetokenizer:
+        """An independent copy (same tokenizer) that continues from this state (fork)."""
+        other = copy.copy(self)
+        other.ids, other.stop, other.skip = list(self.ids), list(self.stop), set(self.skip)
+        return other
 
     def _decode(self, ids: list[int]) -> str:
         if not ids or self.tok is None:  # no tokenizer (token-id prompts): no text

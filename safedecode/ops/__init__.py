@@ -13,7 +13,8 @@ import torch
 from . import registry
 from .params import Prepared, RowParam, prepare, raise_on_status
 
-__all__ = ["contrastive_sample", "contrastive_logprobs", "available_backends", "Prepared"]
+__all__ = ["contrastive_sample", "contrastive_sample_with_status", "contrastive_logprobs",
+           "available_backends", "Prepared"]
 
 
 def available_backends() -> dict[str, str]:
@@ -73,6 +74,20 @@ def contrastive_sample(
     if check_inputs:
         raise_on_status(status)
     return (tokens, lps) if return_logprobs else tokens
+
+
+def contrastive_sample_with_status(logits: torch.Tensor, weights, *, return_logprobs: bool = False,
+                                   backend: str = "auto", **params):
+    """:func:`contrastive_sample` without reading anything back: returns ``(tokens, logprobs or
+    None, status)`` on the logits' device, ``status`` [B] int32 per row (0 = ok, else a code of
+    :data:`safedecode.ops.params.STATUS_MESSAGES`). Tensor parameters are not range-checked
+    (no device sync): the decode engine validates them once per request."""
+    p = prepare(logits, weights, check_inputs=False, **params)
+    impl = registry.select(backend, logits.device)
+    if p.logits.shape[1] == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=logits.device)
+        return empty, (empty.float() if return_logprobs else None), empty.int()
+    return impl.contrastive_sample(p, return_logprobs)
 
 
 def contrastive_logprobs(

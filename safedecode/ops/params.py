@@ -182,9 +182,13 @@ def prepare(
     if rule == "union" and k != 2:
         raise _err("rule", f"'union' (SafeInfer) needs exactly K=2 branches, got K={k}")
     w = _normalise_weights(weights, k, b, dev, check_inputs)
-    if rule == "union" and w.numel() and (check_inputs or not isinstance(weights, torch.Tensor)) \
-            and bool((w[:, 1] < 0).any()):
-        raise _err("weights", "for rule='union', weights[1] is gamma and must be >= 0")
+    if rule == "union":
+        if isinstance(weights, (list, tuple)):  # checked on the host: no device sync
+            negative = float(weights[1]) < 0
+        else:
+            negative = check_inputs and w.numel() and bool((w[:, 1] < 0).any())
+        if negative:
+            raise _err("weights", "for rule='union', weights[1] is gamma and must be >= 0")
 
     fl = _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs)
     if seed is None:

@@ -13,12 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from safedecode.engine.branches import Method
+from safedecode.engine.cache import cache_kwargs
+from safedecode.engine.engine import GenerationResult
+from safedecode.engine.prompts import Prompt, PromptBuilder, normalise_prompt
 from safedecode.ops import contrastive_sample
-
-from .branches import Method
-from .cache import cache_kwargs
-from .decoder import GenerationResult
-from .prompts import Prompt, PromptBuilder, normalise_prompt
 
 
 class NaiveContrastGenerator:

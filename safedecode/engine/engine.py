@@ -1,0 +1,397 @@
+"""The request-level engine: add requests at any time, step them together, fork, abort.
+
+``Engine.add_request(prompt, params) -> id`` queues a request; every ``step()`` first admits
+waiting requests into free slots and prefills them (one forward for all admitted), runs one
+decode forward over the running sequences, samples one token for every sequence with one op call
+and reads the tokens and the op's row flags back with **one** device-to-host transfer, then
+detokenises on the host and frees the slots of finished requests. ``step()`` returns the text
+deltas (:class:`StepOutput`); a finished request's :class:`GenerationResult` waits in
+:meth:`pop_result`. ``fork``, ``keep``, ``release`` and ``truncate`` act on sequences between
+steps (DeAL's lookahead search); see :mod:`.state` for the slot layout and their costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from safedecode.ops.params import STATUS_MESSAGES
+
+from .branches import Method
+from .cache import PrefixStore
+from .detokenizer import IncrementalDetokenizer
+from .prompts import Prompt, PromptBuilder, normalise_prompt
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .state import DecodeState
+from .step import Built, ModelStep
+
+DEFAULT_MAX_LEN = 2048
+
+
+@dataclass
+class GenerationResult:
+    """One request's output."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" (a stop string or stop token), "length" or "error"
+    prompt_tokens: list[int]  # per branch: prefix + suffix length
+    logprobs: list[float] | None = None
+    timing: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one step added to a request: a text delta (stop strings held back until they can be
+    ruled out) and the sampled token; ``finish_reason`` is set on its last output."""
+
+    request_id: int
+    text: str
+    token_id: int
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class _Seq:
+    id: int
+    params: SamplingParams
+    seed: int
+    prompt_len: list[int]
+    eos: frozenset[int]
+    detok: IncrementalDetokenizer
+    root: int
+    built: list | None = None  # until prefilled
+    slot: int = -1
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+    error: str | None = None
+    t_add: float = 0.0
+    t_first: float = 0.0
+    t_done: float = 0.0
+
+
+def check_method_fits(model, method: Method) -> None:
+    """Raise ``ValueError`` if ``method``'s soft prompts do not fit ``model``."""
+    if not isinstance(method, Method):
+        raise ValueError(f"method: expected a safedecode Method, got {type(method).__name__}; "
+                         "see safedecode.methods.get()")
+    width = model.get_input_embeddings().weight.shape[1]
+    for i, br in enumerate(method.branches):
+        if br.soft_prompt is not None and br.soft_prompt.shape[1] != width:
+            raise ValueError(f"method {method.name!r}: branch {i}'s soft prompt has width "
+                             f"{br.soft_prompt.shape[1]}, the model's embeddings {width}")
+        if br.fingerprint is not None:
+            from safedecode.models import embedding_fingerprint, model_name
+
+            here = embedding_fingerprint(model)
+            if here != br.fingerprint:
+                raise ValueError(
+                    f"method {method.name!r}: branch {i} ({br.name or 'soft prompt'}) was "
+                    f"optimised for {br.trained_for or 'another model'} (embedding "
+                    f"fingerprint {br.fingerprint}), but this model is {model_name(model)} "
+                    f"(fingerprint {here}); optimise prompts for it with "
+                    "`safedecode optimize --model ...`")
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids of the model's generation config and the tokenizer."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return frozenset(ids)
+
+
+class Engine:
+    """Continuous batching of requests for one model and one :class:`Method`.
+
+    ``max_seqs`` sequences (requests and fork children) run at once, each up to ``max_len``
+    tokens (prompt + generated; default the model's context, at most 2048); more requests wait
+    in a queue of ``max_queue``. The KV buffers are allocated at the first forward:
+    ``max_seqs x K x max_len`` columns.
+    """
+
+    def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
+                 max_len: int | None = None, max_queue: int = 1024, backend: str = "auto",
+                 prefix_cache: bool = True, small_gemm: bool = True,
+                 prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None
+                 ) -> None:
+        check_method_fits(model, method)
+        if isinstance(max_seqs, bool) or not isinstance(max_seqs, int) or max_seqs < 1:
+            raise ValueError(f"max_seqs: must be an integer >= 1, got {max_seqs!r}")
+        self.model, self.tok, self.method = model, tokenizer, method
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None) or 0
+        self.runner = ModelStep(model, method, backend=backend, prefix_cache=prefix_cache,
+                                small_gemm=small_gemm, prefixes=prefixes, pad_id=pad)
+        context = self.runner.max_positions
+        if max_len is None:
+            max_len = min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len: must be an integer >= 2, got {max_len!r}")
+        if context and max_len > context:
+            raise ValueError(f"max_len: {max_len} exceeds the model's context of {context} "
+                             "tokens")
+        self.max_len = max_len
+        self.builder = builder or (PromptBuilder(tokenizer) if tokenizer is not None else None)
+        self.state = DecodeState(num_layers=self.runner.num_layers, k=method.k,
+                                 max_seqs=max_seqs, max_len=max_len, device=self.runner.device,
+                                 dtype=self.runner.dtype)
+        self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
+        self.true_eos = eos_ids(model, tokenizer)
+        self._ids = itertools.count()
+        self._live: dict[int, _Seq] = {}  # waiting or running
+        self._done: dict[int, GenerationResult] = {}
+        self.steps = 0
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue a request (a string or chat messages); returns its id. Raises ``ValueError``
+        for a bad prompt, a prompt that does not fit, or a full queue; nothing runs here."""
+        msgs = normalise_prompt(prompt, 0)
+        if self.builder is None:
+            raise ValueError("prompt: this engine has no tokenizer; use add_tokens()")
+        return self.add_built([self.builder.build(br, msgs, 0) for br in self.method.branches],
+                              params)
+
+    def add_tokens(self, ids: Sequence[Sequence[int]], params: SamplingParams | None = None
+                   ) -> int:
+        """Queue a request given as token ids per branch (no prefix sharing)."""
+        from .prompts import Prefix
+
+        if len(ids) != self.method.k or any(not seq for seq in ids):
+            raise ValueError(f"ids: expected {self.method.k} non-empty token id lists (one per "
+                             "branch)")
+        empty = Prefix("raw", [])
+        return self.add_built([(empty, [int(t) for t in seq]) for seq in ids], params)
+
+    def add_built(self, built: Built, params: SamplingParams | None = None, *,
+                  index: int = 0) -> int:
+        """Queue a request already split into (prefix, suffix) per branch."""
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        self.check_fits(built, params.max_new_tokens, index)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+        eos = (frozenset() if params.ignore_eos else self.true_eos) \
+            | frozenset(params.stop_token_ids)
+        rid = next(self._ids)
+        seq = _Seq(rid, params, seed, [len(p) + len(s) for p, s in built], eos,
+                   IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos), root=rid,
+                   built=list(built), t_add=time.perf_counter())
+        self.scheduler.add(seq)
+        self._live[rid] = seq
+        return rid
+
+    def check_fits(self, built: Built, max_new_tokens: int, index: int = 0) -> None:
+        """Raise ``ValueError`` unless the prompt + ``max_new_tokens`` fit the context."""
+        context = self.runner.max_positions
+        for k, (prefix, suffix) in enumerate(built):
+            n = len(prefix) + len(suffix)
+            if context and n + max_new_tokens > context:
+                raise ValueError(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
+                                 f"max_new_tokens={max_new_tokens} exceeds the model's context "
+                                 f"of {context} tokens")
+            if n + max_new_tokens > self.max_len:
+                raise ValueError(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
+                                 f"max_new_tokens={max_new_tokens} exceeds the engine's "
+                                 f"max_len={self.max_len} (its context)")
+
+    def _get(self, request_id: int) -> _Seq:
+        seq = self._live.get(request_id) if isinstance(request_id, int) else None
+        if seq is None:
+            raise ValueError(f"request_id: no unfinished request {request_id!r}")
+        return seq
+
+    def abort(self, request_id: int) -> None:
+        """Drop a waiting or running request (no result); its slot is free at once."""
+        if isinstance(request_id, int) and request_id in self._done:
+            del self._done[request_id]
+            return
+        self.release(request_id)
+
+    def release(self, request_id: int) -> None:
+        """Free a live sequence's slot and forget it (no result)."""
+        seq = self._get(request_id)
+        if seq.slot < 0:
+            self.scheduler.remove(lambda s: s.id == request_id)
+        else:
+            self.state.release(seq.slot)
+        del self._live[request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def num_running(self) -> int:
+        return sum(1 for s in self._live.values() if s.slot >= 0)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler)
+
+    def pop_result(self, request_id: int) -> GenerationResult:
+        """The result of a finished request (once)."""
+        if request_id not in self._done:
+            state = "still running" if request_id in self._live else "unknown"
+            raise ValueError(f"request_id: no finished request {request_id!r} ({state})")
+        return self._done.pop(request_id)
+
+    # -- fork / keep / truncate ----------------------------------------------------------------
+    def _running(self, request_id: int, what: str) -> _Seq:
+        seq = self._get(request_id)
+        if seq.slot < 0 or seq.built is not None:
+            raise ValueError(f"request_id: {what} needs a running request; {request_id} has "
+                             "not been prefilled yet (call step() first)")
+        return seq
+
+    def fork(self, request_id: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
+        """``n`` children of a running request that share its tokens and KV so far (copied into
+        their slots, no prefill). Each child draws with its own seed (``seeds`` or derived from
+        the parent's); returns their ids. Needs ``n`` free slots."""
+        parent = self._running(request_id, "fork")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        if n > self.state.free_slots:
+            raise ValueError(f"n: forking {n} children needs {n} free slots, "
+                             f"{self.state.free_slots} are free (max_seqs="
+                             f"{self.state.max_seqs})")
+        if seeds is None:
+            seeds = [(parent.seed * 1_000_003 + parent.id * 7919 + i + 1) % 2**62
+                     for i in range(n)]
+        elif len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool)
+                                        and 0 <= s < 2**63 for s in seeds):
+            raise ValueError(f"seeds: expected {n} integers in [0, 2**63)")
+        kids = []
+        for s in seeds:
+            kid = copy.copy(parent)
+            kid.id, kid.seed, kid.slot = next(self._ids), s, self.state.acquire()
+            kid.out, kid.logprobs = list(parent.out), list(parent.logprobs)
+            kid.detok = parent.detok.clone()
+            kids.append(kid)
+            self._live[kid.id] = kid
+        self.state.fork(parent.slot, [c.slot for c in kids])
+        self.state.seed[torch.tensor([c.slot for c in kids])] = torch.tensor(
+            list(seeds), dtype=torch.long).to(self.state.device)
+        return [c.id for c in kids]
+
+    def keep(self, request_ids: Iterable[int]) -> None:
+        """Keep these sequences of one fork family (a request and its forks); release the
+        family's other live sequences."""
+        keep = set(request_ids)
+        seqs = [self._running(i, "keep") for i in keep]
+        roots = {s.root for s in seqs}
+        if len(roots) != 1:
+            raise ValueError(f"request_ids: expected sequences of one fork family, got "
+                             f"{sorted(keep)}")
+        root = roots.pop()
+        for s in [s for s in self._live.values() if s.root == root and s.id not in keep]:
+            self.release(s.id)
+
+    def truncate(self, request_id: int, n: int) -> None:
+        """Roll a running sequence back to its first ``n >= 1`` generated tokens (its text,
+        KV, step and seed stream follow)."""
+        seq = self._running(request_id, "truncate")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(seq.out):
+            raise ValueError(f"n: must be an integer in [1, {len(seq.out)}], got {n!r}")
+        seq.out, seq.logprobs = seq.out[:n], seq.logprobs[:n]
+        seq.detok = IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos)
+        for t in seq.out:
+            seq.detok.add(t)
+        self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
+
+    def tokens(self, request_id: int) -> list[int]:
+        """The tokens a live request has generated so far."""
+        return list(self._get(request_id).out)
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Admit, prefill, decode and sample once; returns this step's outputs."""
+        st = self.state
+        admitted = self.scheduler.admit(st.free_slots)
+        for seq in admitted:
+            seq.slot = st.acquire()
+            p = seq.params
+            st.set_params(seq.slot, seed=seq.seed, temperature=p.temperature, top_k=p.top_k,
+                          top_p=p.top_p, min_p=p.min_p)
+        running = tuple(sorted(s.slot for s in self._live.values()
+                               if s.slot >= 0 and s.built is None))
+        parts, order = [], []
+        if running:
+            parts.append(self.runner.decode(st, running))
+            order += list(running)
+        if admitted:
+            new = tuple(s.slot for s in admitted)
+            parts.append(self.runner.prefill(st, new, [s.built for s in admitted]))
+            order += list(new)
+            for s in admitted:
+                s.built = None
+        if not order:
+            return []
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
+        seqs = [by_slot[s] for s in order]
+        want_lp = any(s.params.logprobs for s in seqs)
+        packed = self.runner.sample(st, tuple(order), logits, want_lp)
+        vals = packed.tolist()  # the step's one device-to-host transfer
+        self.steps += 1
+        now = time.perf_counter()
+        outs = []
+        for j, seq in enumerate(seqs):
+            if not seq.out:
+                seq.t_first = now
+            status = int(vals[1][j])
+            if status:
+                seq.error = f"request {seq.id}: {STATUS_MESSAGES.get(status, status)}"
+                self._finish(seq, "error", now)
+                outs.append(StepOutput(seq.id, seq.detok.flush(), -1, "error"))
+                continue
+            t = int(vals[0][j])
+            lp = vals[2][j] if want_lp else None
+            seq.out.append(t)
+            if seq.params.logprobs:
+                seq.logprobs.append(lp)
+            delta, reason = self._advance_text(seq, t)
+            if reason:
+                self._finish(seq, reason, now)
+            outs.append(StepOutput(seq.id, delta, t, reason, lp if seq.params.logprobs
+                                   else None))
+        return outs
+
+    def _advance_text(self, seq: _Seq, token: int) -> tuple[str, str | None]:
+        """Feed the new token to the detokeniser; returns (delta, finish reason)."""
+        if token in seq.eos:
+            return seq.detok.flush(), "eos" if token in self.true_eos else "stop"
+        delta = seq.detok.add(token)
+        reason = "stop" if seq.detok.stopped else (
+            "length" if len(seq.out) >= seq.params.max_new_tokens else None)
+        if reason is not None:
+            delta += seq.detok.flush()
+        return delta, reason
+
+    def _finish(self, seq: _Seq, reason: str, now: float) -> None:
+        seq.finish, seq.t_done = reason, now
+        self.state.release(seq.slot)
+        del self._live[seq.id]
+        decode_s = seq.t_done - seq.t_first
+        n = len(seq.out)
+        self._done[seq.id] = GenerationResult(
+            text=seq.detok.text, token_ids=seq.out, finish_reason=reason,
+            prompt_tokens=seq.prompt_len, logprobs=seq.logprobs if seq.params.logprobs else None,
+            timing={"prefill_s": seq.t_first - seq.t_add, "decode_s": decode_s,
+                    "total_s": seq.t_done - seq.t_add, "new_tokens": n,
+                    "tokens_per_s": n / decode_s if decode_s > 0 else float("inf")},
+            error=seq.error)

@@ -1,0 +1,102 @@
+"""Per-request decoding parameters, validated once when the request is added."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+
+
+def _int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _float(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: must be a number, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v > hi or v < lo or (lo_open and v == lo):
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise ValueError(f"{name}: must be in {rng}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Requests with different parameters share one batch.
+
+    ``temperature`` 0 is greedy (lowest token id on ties); ``top_k`` 0, ``top_p`` 1 and ``min_p``
+    0 are off. ``seed`` keys the counter-based draw (None: a random seed when the request is
+    added); the same seed gives the same tokens whatever else is in the batch. ``stop``: strings
+    that end the request (cut from its text, never streamed); ``stop_token_ids``: ids that end it
+    (kept in ``token_ids``). ``ignore_eos`` keeps decoding past end-of-sequence tokens.
+    ``logprobs`` records each chosen token's log-probability under the final distribution.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _int("max_new_tokens", self.max_new_tokens, 1)
+        _float("temperature", self.temperature, 0.0, 1e4)
+        _int("top_k", self.top_k, 0)
+        _float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _float("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _int("seed", self.seed, 0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed: must be < 2**63, got {self.seed}")
+        if isinstance(self.stop, str) or not isinstance(self.stop, Sequence):
+            raise ValueError(f"stop: expected a sequence of strings, got {self.stop!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop: expected non-empty strings, got {s!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids,
+                                                                           Sequence):
+            raise ValueError(f"stop_token_ids: expected a sequence of token ids, got "
+                             f"{self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            _int("stop_token_ids", t, 0)
+        for name in ("logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @classmethod
+    def from_kwargs(cls, *, stop: Sequence[str | int] | None = None, return_logprobs=None,
+                    **kw) -> SamplingParams:
+        """Build from ``generate()``-style keywords: ``stop`` mixes strings and token ids,
+        ``return_logprobs`` is ``logprobs``. Unknown keywords are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a decoding parameter (expected one of "
+                             f"{sorted(known | {'return_logprobs'})})")
+        if return_logprobs is not None:
+            kw["logprobs"] = return_logprobs
+        strings, ids = [], []
+        if stop is not None and (isinstance(stop, str) or not isinstance(stop, Sequence)):
+            raise ValueError(f"stop: expected a list of strings or token ids, got {stop!r}")
+        for s in stop or ():
+            if isinstance(s, str) and s:
+                strings.append(s)
+            elif isinstance(s, int) and not isinstance(s, bool) and s >= 0:
+                ids.append(s)
+            else:
+                raise ValueError(f"stop: expected non-empty strings or token ids, got {s!r}")
+        return cls(stop=tuple(strings),
+                   stop_token_ids=tuple(ids) + tuple(kw.pop("stop_token_ids", ())), **kw)
+
+    def with_seed(self, seed: int) -> SamplingParams:
+        return replace(self, seed=seed)

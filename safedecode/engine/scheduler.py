@@ -1,0 +1,45 @@
+"""Admission of waiting requests into free slots, first come first served.
+
+A request added while others run waits here until a slot is free; at the next step boundary the
+engine prefills every request admitted in one forward, between the running sequences' decode
+steps (measured in ``benchmarks/results/continuous_cpu.md``). The queue is bounded: adding
+past ``max_queue`` waiting requests is a ``ValueError`` naming ``max_queue``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Scheduler(Generic[T]):
+    """A bounded FIFO of requests waiting for a slot."""
+
+    def __init__(self, max_queue: int) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue: must be an integer >= 0, got {max_queue!r}")
+        self.max_queue = max_queue
+        self._waiting: deque[T] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, item: T) -> None:
+        if len(self._waiting) >= self.max_queue:
+            raise ValueError(f"max_queue: {len(self._waiting)} requests already wait for a slot "
+                             f"(max_queue={self.max_queue}); retry after some finish")
+        self._waiting.append(item)
+
+    def remove(self, pred) -> T | None:
+        """Drop and return the first waiting item for which ``pred`` holds (abort)."""
+        for item in self._waiting:
+            if pred(item):
+                self._waiting.remove(item)
+                return item
+        return None
+
+    def admit(self, free: int) -> list[T]:
+        """Up to ``free`` waiting items, oldest first."""
+        return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]

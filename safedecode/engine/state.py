@@ -1,0 +1,170 @@
+"""The decode state: cache slots, per-row lengths and masks, per-sequence sampling state.
+
+A *sequence* (a request, or a child forked from one) holds one slot ``s`` in ``[0, max_seqs)``;
+its K branch rows are ``s * K + k`` (sequence-major), so a contiguous run of slots is a
+contiguous run of rows and the step's logits ``[n * K, V]`` are viewed as ``[n, K, V]`` and
+handed to the fused op as ``[K, n, V]`` without a copy. A row's tokens sit in columns
+``0 .. len-1`` of the :class:`~.cache.SlotCache` (column = position); its additive mask row
+``bias[r]`` is 0 on those columns. Releasing a slot touches nothing on the device: the next
+sequence to take it overwrites the length, mask and KV it uses. Forking copies the parent's rows
+(``len`` columns of KV per layer) into the children's slots: memory ``n x len x`` (KV bytes per
+column), time one ``index_copy`` per layer — no forward pass.
+
+Host-side copies of every row's length (``host_len``) give each step its attention width and
+need no device read.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import torch
+
+from .cache import SlotCache
+
+BUCKET = 32  # attention widths and capacities are multiples of this (shapes repeat)
+
+
+def round_up(n: int, m: int = BUCKET) -> int:
+    return -(-n // m) * m
+
+
+class DecodeState:
+    """Slots for ``max_seqs`` sequences of up to ``max_len`` tokens, K rows each."""
+
+    def __init__(self, *, num_layers: int, k: int, max_seqs: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.k, self.max_seqs = k, max_seqs
+        self.columns = round_up(max_len)
+        self.device, self.dtype = device, dtype
+        rows = max_seqs * k
+        self.cache = SlotCache(num_layers, rows, self.columns)
+        self.neg = torch.finfo(dtype).min
+        self.lens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.bias = torch.full((rows, self.columns), self.neg, dtype=dtype, device=device)
+        self.last = torch.zeros(max_seqs, dtype=torch.long, device=device)  # token to feed next
+        self.seed = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self.step = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self.temperature = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self.top_p = torch.ones(max_seqs, dtype=torch.float32, device=device)
+        self.min_p = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.host_len = [0] * rows
+        self._free = list(range(max_seqs))
+        self._layouts: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
+
+    # -- slots -----------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        """The lowest free slot (keeps the live slots packed at the bottom)."""
+        if not self._free:
+            raise ValueError("max_seqs: no free slot")
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        if slot in self._free:
+            raise RuntimeError(f"slot {slot} released twice")
+        heapq.heappush(self._free, slot)
+
+    def in_use(self) -> int:
+        return self.max_seqs - len(self._free)
+
+    # -- layout ----------------------------------------------------------------------------
+    def rows_of(self, slot: int) -> range:
+        return range(slot * self.k, (slot + 1) * self.k)
+
+    def layout(self, slots: tuple[int, ...]):
+        """``(rows, row_index, slot_index)`` of sequences ``slots`` in this order: ``rows`` a
+        ``slice`` when they are consecutive (attention reads a view), else the index tensor.
+        Cached: a step whose batch did not change builds no tensor."""
+        hit = self._layouts.get(slots)
+        if hit is not None:
+            self._layouts.move_to_end(slots)
+            return hit
+        k = self.k
+        row_list = [s * k + j for s in slots for j in range(k)]
+        index = torch.tensor(row_list, dtype=torch.long, device=self.device)
+        consecutive = all(b == a + 1 for a, b in zip(slots, slots[1:], strict=False))
+        rows = slice(slots[0] * k, (slots[-1] + 1) * k) if consecutive else index
+        out = (rows, index, torch.tensor(slots, dtype=torch.long, device=self.device))
+        self._layouts[slots] = out
+        if len(self._layouts) > 64:
+            self._layouts.popitem(last=False)
+        return out
+
+    def attend(self, slots, extra: int = 0) -> int:
+        """Attention width for ``slots``: the longest row + ``extra`` columns, bucketed."""
+        k, hl = self.k, self.host_len
+        longest = max(hl[s * k + j] for s in slots for j in range(k))
+        return min(self.columns, round_up(longest + extra))
+
+    # -- per-sequence parameters -----------------------------------------------------------
+    def set_params(self, slot: int, *, seed: int, temperature: float, top_k: int, top_p: float,
+                   min_p: float, step: int = 0) -> None:
+        self.seed[slot] = seed
+        self.step[slot] = step
+        self.temperature[slot] = temperature
+        self.top_k[slot] = top_k
+        self.top_p[slot] = top_p
+        self.min_p[slot] = min_p
+
+    def set_rows(self, slot: int, lengths: list[int]) -> None:
+        """A new sequence's rows hold ``lengths[k]`` tokens (written by its prefill)."""
+        for j, n in enumerate(lengths):
+            r = slot * self.k + j
+            self.host_len[r] = n
+        rows = slice(slot * self.k, (slot + 1) * self.k)
+        self.lens[rows] = torch.tensor(lengths, dtype=torch.long)
+        self.bias[rows] = self.neg
+        for j, n in enumerate(lengths):
+            self.bias[slot * self.k + j, :n] = 0.0
+
+    def advance(self, slots, rows, index: torch.Tensor) -> None:
+        """After a decode forward over ``slots``: every row holds one more token."""
+        if isinstance(rows, slice):
+            self.lens[rows] += 1
+        else:
+            self.lens.index_add_(0, index, torch.ones_like(index))
+        k, hl = self.k, self.host_len
+        for s in slots:
+            for j in range(k):
+                hl[s * k + j] += 1
+
+    def fork(self, parent: int, children: list[int]) -> None:
+        """Copy the parent's rows (KV, length, mask, sampling state) into ``children``."""
+        k = self.k
+        n_cols = max(self.host_len[parent * k + j] for j in range(k))
+        src = torch.tensor([parent * k + j for _ in children for j in range(k)],
+                           dtype=torch.long, device=self.device)
+        dst = torch.tensor([c * k + j for c in children for j in range(k)],
+                           dtype=torch.long, device=self.device)
+        self.cache.copy_rows(src, dst, n_cols)
+        self.lens[dst] = self.lens[src]
+        self.bias[dst] = self.bias[src]
+        ch = torch.tensor(children, dtype=torch.long, device=self.device)
+        for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p):
+            t[ch] = t[parent].clone()
+        for c in children:
+            for j in range(k):
+                self.host_len[c * k + j] = self.host_len[parent * k + j]
+
+    def truncate(self, slot: int, lengths: list[int], last_token: int, step: int) -> None:
+        """Roll a sequence's rows back to ``lengths`` tokens; ``last_token`` is fed next."""
+        k = self.k
+        for j, n in enumerate(lengths):
+            r = slot * k + j
+            self.host_len[r] = n
+            self.bias[r, n:] = self.neg
+        self.lens[slot * k:(slot + 1) * k] = torch.tensor(lengths, dtype=torch.long)
+        self.last[slot] = last_token
+        self.step[slot] = step
+
+    def nbytes(self) -> int:
+        """Device bytes of the KV buffers (after the first forward) and the per-row state."""
+        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers
+                 if layer.is_initialized for t in (layer.keys, layer.values))
+        return kv + self.bias.numel() * self.bias.element_size()

@@ -1,0 +1,209 @@
+"""The model side of a decode step: branch prefixes, prefill of new sequences, the decode forward
+and the fused sampling op, on a :class:`~.state.DecodeState`.
+
+Per decode step the device does: one forward over the running rows (attention width bucketed,
+mask and KV read as views when the slots are consecutive), one op call, and in-place updates of
+the state; nothing is read back here. The engine reads the packed ``[tokens; status; logprobs]``
+of a step with one transfer (:meth:`ModelStep.sample`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from safedecode.ops import contrastive_sample_with_status
+from safedecode.ops.linear import small_gemm_linears
+
+from .branches import Method
+from .cache import PrefixStore, SlotCache, cache_kwargs
+from .prompts import Prefix
+from .state import DecodeState, round_up
+
+Built = Sequence[tuple[Prefix, list[int]]]  # per branch: (shared prefix, suffix ids)
+
+
+class ModelStep:
+    """Runs ``model`` for the rows of a :class:`DecodeState` (see the module docstring)."""
+
+    def __init__(self, model, method: Method, *, backend: str = "auto",
+                 prefix_cache: bool = True, small_gemm: bool = True,
+                 prefixes: PrefixStore | None = None, pad_id: int = 0) -> None:
+        self.model, self.method, self.backend = model, method, backend
+        self.prefix_cache = prefix_cache
+        self.prefixes = prefixes if prefixes is not None else PrefixStore()
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.small_gemm = small_gemm and self.device.type == "cpu"
+        self.pad_id = pad_id
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self.weights = list(method.weights)
+        self._hook_rows: dict[int, slice] = {}
+
+    # -- forward with per-branch hooks -----------------------------------------------------
+    @contextlib.contextmanager
+    def _forward_context(self, hook_rows: dict[int, slice]) -> Iterator[None]:
+        handles = []
+        self._hook_rows = hook_rows
+        for k, br in enumerate(self.method.branches):
+            for hook in br.hooks:
+                module = self.model.get_submodule(hook.module)
+                handles.append(module.register_forward_hook(self._make_hook(k, hook.fn)))
+        try:
+            with small_gemm_linears(self.model, self.small_gemm):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._hook_rows = {}
+
+    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+        def run(module, args, output):
+            rows = self._hook_rows.get(k)
+            if rows is None:
+                return output
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.clone()
+            h[rows] = fn(h[rows])
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return run
+
+    def _branch_rows(self) -> dict[int, slice]:
+        kb = self.method.k
+        return {k: slice(k, None, kb) for k in range(kb)}
+
+    def _forward(self, cache: SlotCache, hook_rows, **inputs) -> torch.Tensor:
+        with self._forward_context(hook_rows):
+            out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    # -- prefixes ---------------------------------------------------------------------------
+    def prefix_kv(self, k: int, prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store."""
+        if prefix.key in self.prefixes:
+            return self.prefixes.get(prefix.key)
+        n = len(prefix)
+        cache = SlotCache(self.num_layers, 1, n)
+        cols = torch.arange(n, device=self.device)[None]
+        cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=self.device), cols, n)
+        causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype,
+                            device=self.device).triu_(1)
+        self._forward(cache, {k: slice(0, 1)}, inputs_embeds=prefix.embeds(self.embed)[None],
+                      position_ids=cols, attention_mask=causal[None, None])
+        kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
+              for layer in cache.layers]
+        self.prefixes.put(prefix.key, kv)
+        return kv
+
+    # -- prefill ----------------------------------------------------------------------------
+    def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
+                ) -> torch.Tensor:
+        """Write the prompts of new sequences ``slots`` (``built[i][k]`` = prefix and suffix of
+        sequence i under branch k) into their rows; returns their next-token logits [n, K, V]."""
+        kb, dev = self.method.k, self.device
+        rows, index, _ = state.layout(slots)
+        shared = self.prefix_cache
+        starts, seqs, soft = [], [], []
+        groups: dict[tuple[int, str], tuple[Prefix, list[int]]] = {}
+        for i, per_branch in enumerate(built):
+            for k, (prefix, suffix) in enumerate(per_branch):
+                r = slots[i] * kb + k
+                if shared:
+                    if len(prefix):
+                        groups.setdefault((k, prefix.key), (prefix, []))[1].append(r)
+                    starts.append(len(prefix))
+                    seqs.append(list(suffix))
+                    soft.append(None)
+                else:
+                    starts.append(0)
+                    if prefix.soft is None:
+                        seqs.append(prefix.ids + list(prefix.tail_ids) + list(suffix))
+                        soft.append(None)
+                    else:
+                        seqs.append(list(suffix))
+                        soft.append(prefix)
+        for (k, _), (prefix, r) in groups.items():
+            state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev),
+                                     self.prefix_kv(k, prefix))
+        lengths = [len(s) + (len(p) if p is not None else 0) for s, p in zip(seqs, soft,
+                                                                               strict=True)]
+        t = max(lengths)
+        n_rows = len(seqs)
+        cols = torch.full((n_rows, t), state.cache.sink, dtype=torch.long)
+        pos = torch.zeros(n_rows, t, dtype=torch.long)
+        ids = torch.full((n_rows, t), self.pad_id, dtype=torch.long)
+        for r, (st, seq, n) in enumerate(zip(starts, seqs, lengths, strict=True)):
+            cols[r, t - n:] = torch.arange(st, st + n)
+            pos[r, t - n:] = torch.arange(st, st + n)
+            if soft[r] is None:
+                ids[r, t - n:] = torch.tensor(seq, dtype=torch.long)
+        ends = [st + n for st, n in zip(starts, lengths, strict=True)]
+        attend = min(state.columns, round_up(max(ends)))
+        j = torch.arange(attend)
+        real = cols < state.cache.sink
+        allowed = (j[None, None, :] <= cols[:, :, None]) & real[:, :, None]
+        allowed[:, :, 0] |= ~real  # padding queries attend to column 0 only (finite rows)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)[:, None]
+        if self.max_positions:
+            pos.clamp_(max=self.max_positions - 1)
+        inputs: dict = {"input_ids": ids.to(dev)}
+        if any(p is not None for p in soft):
+            emb = self.embed(ids.to(dev))
+            for r, p in enumerate(soft):
+                if p is not None:
+                    n = lengths[r]
+                    emb[r, t - n:] = torch.cat([p.embeds(self.embed), self.embed(
+                        torch.tensor(seqs[r], dtype=torch.long, device=dev))])
+            inputs = {"inputs_embeds": emb}
+        for i, s in enumerate(slots):
+            state.set_rows(s, [ends[i * kb + k] for k in range(kb)])
+        cols = cols.to(dev)
+        state.cache.bind(rows, index, cols, attend)
+        logits = self._forward(state.cache, self._branch_rows(), attention_mask=mask.to(dev),
+                               position_ids=pos.to(dev), **inputs)
+        return logits.view(len(slots), kb, -1)
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, state: DecodeState, slots: tuple[int, ...]) -> torch.Tensor:
+        """Feed each sequence's last sampled token; returns the next-token logits [n, K, V]."""
+        kb = self.method.k
+        rows, index, sidx = state.layout(slots)
+        attend = state.attend(slots, extra=1)
+        cols = state.lens[index]
+        state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
+                                                         device=self.device))
+        ids = state.last[sidx].repeat_interleave(kb)[:, None]
+        mask = state.bias[rows, :attend][:, None, None, :]
+        cols = cols[:, None]
+        state.cache.bind(rows, index, cols, attend)
+        logits = self._forward(state.cache, self._branch_rows(), input_ids=ids,
+                               attention_mask=mask, position_ids=cols)
+        state.advance(slots, rows, index)
+        return logits.view(len(slots), kb, -1)
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
+               logprobs: bool) -> torch.Tensor:
+        """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
+        next input and advances its step. Returns ``[tokens; status (; logprobs)]`` as one
+        float64 tensor on the device (the caller reads it back with one transfer)."""
+        m = self.method
+        _, _, sidx = state.layout(slots)
+        tokens, lps, status = contrastive_sample_with_status(
+            logits.permute(1, 0, 2), self.weights, rule=m.rule, anchor=m.anchor, beta=m.beta,
+            temperature=state.temperature[sidx], top_k=state.top_k[sidx],
+            top_p=state.top_p[sidx], min_p=state.min_p[sidx], seed=state.seed[sidx],
+            step=state.step[sidx], return_logprobs=logprobs, backend=self.backend)
+        state.last[sidx] = tokens.clamp(min=0)
+        state.step.index_add_(0, sidx, torch.ones_like(sidx))
+        parts = [tokens.double(), status.double()]
+        if logprobs:
+            parts.append(lps.double())
+        return torch.stack(parts)

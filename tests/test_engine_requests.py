@@ -1,0 +1,281 @@
+"""The request-level engine: continuous batching = lone runs, fork / keep / truncate, a stateful
+fuzz of add / step / abort / fork, bad input, and one host transfer per decode step."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from engine_fixtures import MIXED_PROMPTS, tiny_llama
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from safedecode import methods
+from safedecode.engine import Engine, SafeDecoder, SamplingParams
+
+PROMPTS = MIXED_PROMPTS + ["Name a colour.", "Why is the sky blue?"]
+
+
+def _method():
+    return methods.get("acd-text", alpha=0.5)
+
+
+def _drain(eng: Engine, ids=None) -> dict:
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finish_reason:
+                outs[o.request_id] = eng.pop_result(o.request_id)
+    return outs
+
+
+def _alone(model, tok, prompt, params: SamplingParams):
+    dec = SafeDecoder(model, tok, _method())
+    eng = dec.engine(max_seqs=1)
+    rid = eng.add_request(prompt, params)
+    return _drain(eng)[rid].token_ids
+
+
+def test_continuous_batching_equals_lone_runs():
+    """Requests added while others run (and queued past max_seqs) with mixed parameters give
+    exactly the tokens each gets alone."""
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=2)
+    params = [SamplingParams(max_new_tokens=9),
+              SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=3),
+              SamplingParams(max_new_tokens=7, temperature=1.0, top_k=20, seed=11),
+              SamplingParams(max_new_tokens=4, min_p=0.1, temperature=0.7, seed=5),
+              SamplingParams(max_new_tokens=6)]
+    ids, results = [], {}
+    for i, (p, sp) in enumerate(zip(PROMPTS, params, strict=True)):
+        ids.append(eng.add_request(p, sp))
+        for _ in range(i + 1):  # requests arrive at different step boundaries
+            for o in eng.step():
+                if o.finish_reason:
+                    results[o.request_id] = eng.pop_result(o.request_id)
+    results.update(_drain(eng))
+    assert eng.state.free_slots == 2
+    for rid, p, sp in zip(ids, PROMPTS, params, strict=True):
+        assert results[rid].token_ids == _alone(model, tok, p, sp), p
+        assert len(results[rid].token_ids) == sp.max_new_tokens
+
+
+def test_fork_then_decode_equals_decoding_the_prefix_from_scratch():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4)
+    greedy = SamplingParams(max_new_tokens=12)
+    rid = eng.add_request(PROMPTS[1], greedy)
+    for _ in range(5):
+        eng.step()
+    parent_kv = eng.state.cache.layers[0].keys[:2, :, :eng.state.host_len[0]].clone()
+    kids = eng.fork(rid, 3)
+    k0 = eng._live[kids[0]].slot
+    assert torch.equal(eng.state.cache.layers[0].keys[2 * k0:2 * k0 + 2, :, :parent_kv.shape[2]],
+                       parent_kv)
+    assert [eng.tokens(k) for k in kids] == [eng.tokens(rid)] * 3
+    res = _drain(eng)
+    ref = _alone(model, tok, PROMPTS[1], greedy)
+    assert all(res[i].token_ids == ref for i in [rid, *kids])
+    assert eng.state.free_slots == 4
+
+
+def test_forked_children_sample_their_own_streams_and_keep_releases_the_rest():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    rid = eng.add_request(PROMPTS[0], sp)
+    for _ in range(3):
+        eng.step()
+    same, other = eng.fork(rid, 2, seeds=[7, 8])
+    res = _drain(eng)
+    # A child with the parent's seed continues the parent's stream token for token.
+    assert res[same].token_ids == res[rid].token_ids == _alone(model, tok, PROMPTS[0], sp)
+    assert res[other].token_ids[:3] == res[rid].token_ids[:3]
+    assert res[other].token_ids != res[rid].token_ids
+
+    rid = eng.add_request(PROMPTS[0], sp)
+    eng.step()
+    kids = eng.fork(rid, 3)
+    eng.step()
+    eng.keep([kids[1]])
+    assert eng.num_running() == 1 and eng.state.free_slots == 3
+    assert list(_drain(eng)) == [kids[1]]
+
+
+def test_truncate_rolls_back_text_kv_and_seed_stream():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=2)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, seed=21)
+    rid = eng.add_request(PROMPTS[1], sp)
+    for _ in range(8):
+        eng.step()
+    eng.truncate(rid, 3)
+    assert len(eng.tokens(rid)) == 3
+    res = _drain(eng)[rid]
+    ref = SafeDecoder(model, tok, _method()).generate([PROMPTS[1]], max_new_tokens=12,
+                                                      temperature=0.9, seed=21)[0]
+    assert res.token_ids == ref.token_ids and res.text == ref.text
+
+
+def test_abort_frees_the_slot_and_waiting_requests_join():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=1, max_queue=2)
+    a = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    b = eng.add_request(PROMPTS[1], SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="max_queue"):
+        eng.add_request(PROMPTS[2])
+    eng.step()
+    assert eng.num_running() == 1 and eng.num_waiting() == 1
+    eng.abort(a)
+    res = _drain(eng)
+    assert list(res) == [b] and len(res[b].token_ids) == 3
+    with pytest.raises(ValueError, match="request_id"):
+        eng.abort(a)
+    with pytest.raises(ValueError, match="request_id"):
+        eng.abort(12345)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("temperature", -0.1),
+    ("temperature", float("nan")), ("top_k", -1), ("top_k", True), ("top_p", 0.0),
+    ("top_p", 1.5), ("min_p", -0.2), ("min_p", 1.1), ("seed", -1), ("seed", 2**64),
+    ("stop", "abc"), ("stop", [""]), ("stop_token_ids", [-3]), ("logprobs", "yes"),
+    ("ignore_eos", 1),
+])
+def test_every_sampling_field_out_of_range_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_bad_engine_calls_name_what_was_wrong():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, _method())
+    with pytest.raises(ValueError, match="max_seqs"):
+        dec.engine(max_seqs=0)
+    with pytest.raises(ValueError, match="max_len"):
+        dec.engine(max_len=10**6)
+    eng = dec.engine(max_seqs=2, max_len=128)
+    with pytest.raises(ValueError, match="max_len"):
+        eng.add_request("hi " * 60)
+    with pytest.raises(ValueError, match="params"):
+        eng.add_request("hi", {"temperature": 0.5})
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.add_request(" ")
+    rid = eng.add_request("hi", SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="prefilled"):
+        eng.fork(rid, 1)
+    eng.step()
+    with pytest.raises(ValueError, match="n: forking 2"):
+        eng.fork(rid, 2)
+    with pytest.raises(ValueError, match="n: must be"):
+        eng.truncate(rid, 5)
+    with pytest.raises(ValueError, match="still running"):
+        eng.pop_result(rid)
+    with pytest.raises(ValueError, match="decoding parameter"):
+        SamplingParams.from_kwargs(temprature=0.3)
+
+
+class _SyncCounter:
+    """Counts reads of device values into Python (each one a host sync on a GPU)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _orig=orig, **kw):
+                self.count += 1
+                return _orig(t, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_one_host_transfer_per_decode_step(monkeypatch):
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).engine(max_seqs=4)
+    for p in PROMPTS[:3]:
+        eng.add_request(p, SamplingParams(max_new_tokens=20, temperature=0.7, seed=1,
+                                          logprobs=True))
+    eng.step()  # admission + prefill
+    counter = _SyncCounter(monkeypatch)
+    for _ in range(5):
+        counter.count = 0
+        outs = eng.step()
+        assert len(outs) == 3
+        assert counter.count == 1, f"{counter.count} host reads in one decode step"
+
+
+# -- a stateful fuzz: random add / step / abort / fork sequences ----------------------------
+MAX_NEW = 6
+
+
+@functools.cache
+def _greedy_reference(which: int) -> tuple[int, ...]:
+    model, tok = tiny_llama()
+    return tuple(_alone(model, tok, PROMPTS[which], SamplingParams(max_new_tokens=MAX_NEW,
+                                                           ignore_eos=True)))
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Greedy requests over a small prompt pool: every finished sequence (forks included) must
+    hold a prefix of its prompt's lone greedy run, and slots never leak."""
+
+    def __init__(self):
+        super().__init__()
+        model, tok = tiny_llama()
+        self.eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3, max_queue=4)
+        self.prompt: dict[int, int] = {}
+        self.want: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, MAX_NEW))
+    def add(self, which, n):
+        if self.eng.num_waiting() >= 4:
+            with pytest.raises(ValueError, match="max_queue"):
+                self.eng.add_request(PROMPTS[which])
+            return
+        rid = self.eng.add_request(PROMPTS[which], SamplingParams(max_new_tokens=n,
+                                                                  ignore_eos=True))
+        self.prompt[rid], self.want[rid] = which, n
+
+    @rule()
+    def step(self):
+        for o in self.eng.step():
+            assert o.request_id in self.prompt
+            if o.finish_reason:
+                res = self.eng.pop_result(o.request_id)
+                ref = _greedy_reference(self.prompt[o.request_id])
+                assert tuple(res.token_ids) == ref[:self.want[o.request_id]]
+                self.finished.add(o.request_id)
+
+    @precondition(lambda self: self.eng.has_unfinished())
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.eng._live)))
+        self.eng.abort(rid)
+
+    @precondition(lambda self: self.eng.num_running() > 0 and self.eng.state.free_slots > 0)
+    @rule(data=st.data())
+    def fork(self, data):
+        running = sorted(i for i, s in self.eng._live.items() if s.slot >= 0 and s.built is None)
+        rid = data.draw(st.sampled_from(running))
+        n = data.draw(st.integers(1, self.eng.state.free_slots))
+        for kid in self.eng.fork(rid, n):
+            self.prompt[kid], self.want[kid] = self.prompt[rid], self.want[rid]
+
+    @invariant()
+    def no_slot_leaks(self):
+        st_ = self.eng.state
+        used = sorted(s.slot for s in self.eng._live.values() if s.slot >= 0)
+        assert len(used) == len(set(used))
+        assert st_.free_slots + len(used) == st_.max_seqs
+        assert self.eng.num_running() + self.eng.num_waiting() == len(self.eng._live)
+
+
+EngineMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_engine_state_machine = EngineMachine.TestCase
