@@ -32,7 +32,7 @@ def markdown(r: dict, command: str, machine: str) -> str:
     return "\n".join([
         f"# Request-level engine, {DEFAULT_NAME} (cpu)", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
-        f"## Continuous vs static batching", "",
+        "## Continuous vs static batching", "",
         f"{c['requests']} requests arriving as a Poisson stream ({c['rate']}/s), prompts of "
         f"mixed lengths, {c['min_new']}-{c['max_new']} new tokens each (uniform, EOS ignored), "
         f"ACD-style K = 2 (`acd-text`), {c['max_seqs']} slots. *Static*: a new batch starts only "
