@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from safedecode import methods
-from safedecode.engine import Engine, SafeDecoder, SamplingParams
+from safedecode.engine import Branch, BranchHook, Engine, SafeDecoder, SamplingParams, contrastive
 
 PROMPTS = MIXED_PROMPTS + ["Name a colour.", "Why is the sky blue?"]
 
@@ -279,3 +279,26 @@ EngineMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_engine_state_machine = EngineMachine.TestCase
+
+
+def test_compiled_decode_equals_eager_and_compiles_once():
+    """``compile=True``: the same greedy tokens as eager, one graph for every step of a batch
+    shape, reused by later calls."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny_llama()
+    m = _method()
+    eager = SafeDecoder(model, tok, m)
+    comp = SafeDecoder(model, tok, m, compile=True)
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for prompt in (PROMPTS[0], PROMPTS[3]):
+            got = comp.generate([prompt], max_new_tokens=10)[0].token_ids
+            assert got == eager.generate([prompt], max_new_tokens=10)[0].token_ids
+    assert counters["stats"]["unique_graphs"] == 1
+    hook = BranchHook("model.layers.0", lambda h: h)
+    with pytest.raises(ValueError, match="compile"):
+        SafeDecoder(model, tok, contrastive([Branch(hooks=(hook,))], [1.0]), compile=True)

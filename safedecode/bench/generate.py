@@ -15,8 +15,8 @@ ignored, so every contender does the same work); tokens/s = B * N / wall time of
 The contenders run round-robin (one run of each per round) after a warm-up round. Also measured:
 the prefill of many requests with and without shared branch prefixes, a batch where half the
 requests stop early against its long requests alone (freed slots cost nothing), peak memory above
-the pre-run level, and the model-weight bandwidth (weight bytes x decoding steps/s, as gpt-fast
-prints it).
+the pre-run level, the model-weight bandwidth (weight bytes x decoding steps/s, as gpt-fast
+prints it) and, outside ``--quick``, ``SafeDecoder(compile=True)`` at B = 1 greedy.
 """
 
 from __future__ import annotations
@@ -257,7 +257,37 @@ def run_generate(cfg: GenConfig, log: Callable[[str], None] = print) -> dict:
         mixed, max_new_tokens=cfg.new_tokens))
     early["overhead"] = early["mixed_s"] / early["long_only_s"]
     log(f"early finish: mixed batch / long requests alone x{early['overhead']:.2f}")
+    compiled = None if cfg.quick else run_compiled(st, cfg, log)
     return {"benchmark": "generate", "model": DEFAULT_NAME, "weight_MB": wbytes / 2**20,
             "copy_bandwidth_GBps": bw, "sd_backend": _resolved(st.sd.backend, cfg.device),
             "cfg_scale": CFG_SCALE, "config": asdict(cfg), "rows": rows, "prefill": prefill,
-            "early_finish": early}
+            "early_finish": early, "compiled": compiled}
+
+
+def run_compiled(st: Setup, cfg: GenConfig, log: Callable[[str], None]) -> dict:
+    """B = 1 greedy: ``SafeDecoder(compile=True)`` K = 2 vs eager K = 2 vs transformers
+    ``generate`` (compilation happens in the warm-up round and is reported apart)."""
+    import time
+
+    from safedecode.engine import SafeDecoder
+
+    prompts = prompts_for(1)
+    comp = SafeDecoder(st.model, st.tok, st.method, compile=True)
+    t0 = time.perf_counter()
+    comp.generate(prompts, max_new_tokens=cfg.new_tokens, ignore_eos=True, seed=0)
+    compile_s = time.perf_counter() - t0
+    fns = st.generators(prompts, "greedy", cfg.new_tokens)
+    fns = {"hf_plain": fns["hf_plain"], "sd_k2": fns["sd_k2"],
+           "sd_k2_compiled": lambda: comp.generate(prompts, max_new_tokens=cfg.new_tokens,
+                                                   ignore_eos=True, seed=0)}
+    res = measure_round_robin(fns, device=cfg.device, warmup=1, repeats=cfg.repeats)
+    row = {"B": 1, "mode": "greedy", "first_call_s": compile_s}
+    for name, t in res.items():
+        row[f"{name}_s"] = t.median_s
+        row[f"{name}_tok_s"] = cfg.new_tokens / t.median_s
+    row["compiled_vs_hf_plain"] = row["sd_k2_compiled_tok_s"] / row["hf_plain_tok_s"]
+    row["compiled_vs_eager"] = row["sd_k2_compiled_tok_s"] / row["sd_k2_tok_s"]
+    log(f"compiled B=1 greedy: {row['sd_k2_compiled_tok_s']:.1f} tok/s, x"
+        f"{row['compiled_vs_hf_plain']:.2f} hf plain, x{row['compiled_vs_eager']:.2f} eager "
+        f"(first call {compile_s:.0f} s)")
+    return row

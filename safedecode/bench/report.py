@@ -153,6 +153,14 @@ def generate_markdown(r: dict) -> str:
               f"Early finish (4 of 8 requests stop after a few tokens and free their slots): "
               f"{e['mixed_s']:.2f} s vs the 4 long requests alone {e['long_only_s']:.2f} s "
               f"(x{e['overhead']:.2f}).", ""]
+    c = r.get("compiled")
+    if c:
+        lines += [f"`SafeDecoder(compile=True)`, B = 1 greedy, K = 2: "
+                  f"{c['sd_k2_compiled_tok_s']:.1f} tok/s vs eager {c['sd_k2_tok_s']:.1f} and "
+                  f"transformers `generate` (K = 1) {c['hf_plain_tok_s']:.1f}: "
+                  f"**{c['compiled_vs_hf_plain']:.2f}x** plain `generate`, "
+                  f"{c['compiled_vs_eager']:.2f}x eager (first call, compiling: "
+                  f"{c['first_call_s']:.0f} s).", ""]
     return "\n".join(lines)
 
 

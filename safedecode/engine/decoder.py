@@ -15,6 +15,8 @@ from .cache import PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
+from .state import round_up
+from .step import CompiledDecode
 
 __all__ = ["SafeDecoder", "GenerationResult", "StreamEvent", "TokenPrompts"]
 
@@ -63,12 +65,16 @@ class SafeDecoder:
     ``prefix_cache=False`` prefills every row's whole prompt (for comparison);
     ``small_gemm=False`` leaves a CPU fp32 model's linear layers on torch's GEMM instead of
     safedecode's small-M GEMM for decode steps of <= 16 rows (see :mod:`safedecode.ops.linear`).
-    For requests that arrive and leave while others run, use :meth:`engine`.
+    ``compile=True`` runs decode steps under ``torch.compile`` (static shapes; the first call
+    of each batch shape compiles: minutes on a CPU). For requests that arrive and leave while
+    others run, use :meth:`engine`.
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
-                 prefix_cache: bool = True, small_gemm: bool = True) -> None:
+                 prefix_cache: bool = True, small_gemm: bool = True,
+                 compile: bool = False) -> None:  # noqa: A002 - the natural name
         check_method_fits(model, method)
+        self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method
         self.backend, self.prefix_cache, self.small_gemm = backend, prefix_cache, small_gemm
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
@@ -79,7 +85,8 @@ class SafeDecoder:
         """A request-level :class:`Engine` on this decoder's model, method and prefix store."""
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
-                      small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder)
+                      small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
+                      compiled=self.compiled)
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,
@@ -142,6 +149,8 @@ class SafeDecoder:
         need = max(len(p) + len(s) for req in built for p, s in req) \
             + per_request[0].max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
+        if self.compiled is not None:  # fewer distinct shapes: fewer compilations
+            need = round_up(need, 256)
         eng = self.engine(max_seqs=b, max_len=max(2, min(need, context or need)))
         ids = [eng.add_built(req, sp, index=i) for i, (req, sp) in enumerate(
             zip(built, per_request, strict=True))]

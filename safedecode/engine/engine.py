@@ -29,7 +29,7 @@ from .prompts import Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .state import DecodeState
-from .step import Built, ModelStep
+from .step import Built, CompiledDecode, ModelStep
 
 DEFAULT_MAX_LEN = 2048
 
@@ -120,14 +120,15 @@ class Engine:
     ``max_seqs`` sequences (requests and fork children) run at once, each up to ``max_len``
     tokens (prompt + generated; default the model's context, at most 2048); more requests wait
     in a queue of ``max_queue``. The KV buffers are allocated at the first forward:
-    ``max_seqs x K x max_len`` columns.
+    ``max_seqs x K x max_len`` columns. ``compiled``: run decode forwards under
+    ``torch.compile`` (see :class:`~.step.CompiledDecode`; ``SafeDecoder(compile=True)``).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
                  max_len: int | None = None, max_queue: int = 1024, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
-                 prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None
-                 ) -> None:
+                 prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
+                 compiled: CompiledDecode | None = None) -> None:
         check_method_fits(model, method)
         if isinstance(max_seqs, bool) or not isinstance(max_seqs, int) or max_seqs < 1:
             raise ValueError(f"max_seqs: must be an integer >= 1, got {max_seqs!r}")
@@ -136,7 +137,8 @@ class Engine:
         if pad is None:
             pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None) or 0
         self.runner = ModelStep(model, method, backend=backend, prefix_cache=prefix_cache,
-                                small_gemm=small_gemm, prefixes=prefixes, pad_id=pad)
+                                small_gemm=small_gemm, prefixes=prefixes, pad_id=pad,
+                                compiled=compiled)
         context = self.runner.max_positions
         if max_len is None:
             max_len = min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from safedecode.ops import contrastive_sample_with_status
-from safedecode.ops.linear import small_gemm_linears
+from safedecode.ops.linear import op_forwards, routed, small_gemm_linears
 
 from .branches import Method
 from .cache import PrefixStore, SlotCache, cache_kwargs
@@ -25,12 +25,40 @@ from .state import DecodeState, round_up
 Built = Sequence[tuple[Prefix, list[int]]]  # per branch: (shared prefix, suffix ids)
 
 
+class CompiledDecode:
+    """The decode forward under ``torch.compile`` (static shapes: every step of a batch has
+    the same row count and attention width, so one graph serves them all; a new batch shape
+    compiles once more). Linear layers of fp32 CPU models run the small-M GEMM as the opaque
+    operator ``safedecode::linear_small`` (no graph break). Shared by every engine of one
+    :class:`~safedecode.engine.SafeDecoder`, so graphs are reused across calls."""
+
+    def __init__(self, model, method: Method, small_gemm: bool) -> None:
+        if any(br.hooks for br in method.branches):
+            raise ValueError("compile: methods with branch hooks run eagerly only "
+                             "(compile=False)")
+        self.model = model
+        cpu = model.get_input_embeddings().weight.device.type == "cpu"
+        self.forwards = op_forwards(model) if small_gemm and cpu else {}
+        self.cache_arg = next(iter(cache_kwargs(model, None)))  # resolved outside the graph
+        self.fn = torch.compile(self._call, dynamic=False)
+
+    def _call(self, ids, mask, pos, cache):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def __call__(self, ids, mask, pos, cache: SlotCache) -> torch.Tensor:
+        with routed(self.forwards):
+            return self.fn(ids, mask, pos, cache)
+
+
 class ModelStep:
     """Runs ``model`` for the rows of a :class:`DecodeState` (see the module docstring)."""
 
     def __init__(self, model, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
-                 prefixes: PrefixStore | None = None, pad_id: int = 0) -> None:
+                 prefixes: PrefixStore | None = None, pad_id: int = 0,
+                 compiled: CompiledDecode | None = None) -> None:
         self.model, self.method, self.backend = model, method, backend
         self.prefix_cache = prefix_cache
         self.prefixes = prefixes if prefixes is not None else PrefixStore()
@@ -45,6 +73,7 @@ class ModelStep:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.weights = list(method.weights)
         self._hook_rows: dict[int, slice] = {}
+        self.compiled = compiled
 
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
@@ -180,11 +209,16 @@ class ModelStep:
         state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
                                                          device=self.device))
         ids = state.last[sidx].repeat_interleave(kb)[:, None]
+        if self.compiled is not None:  # static shapes: attend over every column (masked)
+            attend = state.columns
         mask = state.bias[rows, :attend][:, None, None, :]
         cols = cols[:, None]
         state.cache.bind(rows, index, cols, attend)
-        logits = self._forward(state.cache, self._branch_rows(), input_ids=ids,
-                               attention_mask=mask, position_ids=cols)
+        if self.compiled is not None:
+            logits = self.compiled(ids, mask, cols, state.cache)
+        else:
+            logits = self._forward(state.cache, self._branch_rows(), input_ids=ids,
+                                   attention_mask=mask, position_ids=cols)
         state.advance(slots, rows, index)
         return logits.view(len(slots), kb, -1)
 

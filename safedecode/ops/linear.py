@@ -15,7 +15,7 @@ replaced since) go to ``torch.nn.functional.linear`` unchanged. Results agree wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,4 +125,71 @@ def small_gemm_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         yield len(patched)
     finally:
         for module in patched:
+            module.__dict__.pop("forward", None)
+
+
+_LIB = None
+
+
+def _register_op() -> None:
+    """Register ``torch.ops.safedecode.linear_small`` (once): the small-M GEMM as an operator
+    that ``torch.compile`` keeps opaque (no graph break), with a shape-only fake for tracing."""
+    global _LIB
+    if _LIB is not None:
+        return
+    from safedecode import _C  # noqa: PLC0415 - optional compiled module
+
+    lib = torch.library.Library("safedecode", "DEF")
+    lib.define("linear_small(Tensor x, Tensor weight, Tensor? bias, int num_threads) -> Tensor")
+
+    def impl(x, weight, bias, num_threads):
+        n, k = weight.shape
+        x = x.contiguous()
+        return _launch(_C.linear_small, x, weight, bias, x.numel() // k, n, k, num_threads)
+
+    def fake(x, weight, bias, num_threads):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    lib.impl("linear_small", impl, "CPU")
+    torch.library.register_fake("safedecode::linear_small", fake, lib=lib)
+    _LIB = lib
+
+
+def op_forwards(model: nn.Module) -> dict[nn.Module, Callable]:
+    """Per fp32 CPU ``nn.Linear`` of ``model``: a ``forward`` that calls the small-M GEMM as
+    the ``safedecode::linear_small`` operator for <= 16 rows (else ``F.linear``). For compiled
+    decode steps: install them with :func:`routed` (the same objects every call, so compiled
+    graphs stay valid)."""
+    if not available():
+        return {}
+    _register_op()
+    threads = torch.get_num_threads()
+    op = torch.ops.safedecode.linear_small
+    out = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if type(module) is not nn.Linear or w is None or w.dtype != torch.float32 \
+                or not w.is_cpu:
+            continue
+
+        def forward(x, module=module):
+            k = module.weight.shape[1]
+            if x.dtype == torch.float32 and x.shape[-1] == k \
+                    and 0 < x.numel() // k <= MAX_ROWS and not torch.is_grad_enabled():
+                return op(x, module.weight, module.bias, threads)
+            return F.linear(x, module.weight, module.bias)
+
+        out[module] = forward
+    return out
+
+
+@contextlib.contextmanager
+def routed(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Install ``forwards`` (from :func:`op_forwards`) as the modules' ``forward`` in the block."""
+    for module, fwd in forwards.items():
+        module.forward = fwd
+    try:
+        yield
+    finally:
+        for module in forwards:
             module.__dict__.pop("forward", None)
