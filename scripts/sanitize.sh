@@ -17,7 +17,9 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export SAFEDECODE_FUZZ_EXAMPLES=${SAFEDECODE_FUZZ_EXAMPLES:-2000}
 PYTHONPATH="$WORK" "$PY" -c "import safedecode._C as c; print('sanitized build:', c.__file__)"
-nm -D "$WORK"/safedecode/_C*.so | grep -q __asan_report || { echo "not an ASan build" >&2; exit 1; }
+# (not `nm | grep -q`: with pipefail, grep exiting at the first match can fail the pipeline)
+SYMS=$(nm -D "$WORK"/safedecode/_C*.so)
+grep -q __asan_report <<<"$SYMS" || { echo "not an ASan build" >&2; exit 1; }
 PYTHONPATH="$WORK" "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_cpp_properties.py tests/test_ops_edge_cases.py tests/test_ops_validation.py \
   -k "properties or cpp" "$@"
