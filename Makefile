@@ -26,8 +26,9 @@ $(STAMP): $(SRCS)
 demo: setup
 	$(PY) -m safedecode.demo
 
+# Two pytest workers (one torch thread each, see tests/conftest.py), whole files per worker.
 test: setup lint cuda-check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 	scripts/sanitize.sh -q
 
 test-fast: setup

@@ -2,7 +2,7 @@
 stream of 64 requests, fork vs prefill at a 512-token context, host reads per decode step.
 See :mod:`safedecode.bench.continuous`. Writes ``benchmarks/results/engine_cpu.{md,json}``.
 
-    python benchmarks/bench_engine.py            # the published run (about 10 minutes on 2 cores)
+    python benchmarks/bench_engine.py            # the published run (3 alternated repeats)
     python benchmarks/bench_engine.py --quick    # 12 requests, 1 repeat: a smoke run
 """
 
@@ -56,10 +56,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--repeats", type=int, default=None, help="alternated batching runs "
+                    "(default 3; quick 1)")
     args = ap.parse_args()
     cfg = EngineBenchConfig()
     if args.quick:
         cfg = EngineBenchConfig(requests=12, max_new=32, repeats=1, fork_context=256)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            ap.error("--repeats: must be >= 1")
+        cfg.repeats = args.repeats
     model, tok = load_default()
     dec = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5))
     t0 = time.perf_counter()

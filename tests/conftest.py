@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers: one thread each
+    torch.set_num_threads(1)
 
 from safedecode.ops import registry  # noqa: E402
 
