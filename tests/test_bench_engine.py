@@ -6,8 +6,13 @@ from __future__ import annotations
 from engine_fixtures import tiny_llama
 
 from safedecode import methods
-from safedecode.bench.continuous import (EngineBenchConfig, fork_vs_prefill,
-                                         host_reads_per_step, serve, workload)
+from safedecode.bench.continuous import (
+    EngineBenchConfig,
+    fork_vs_prefill,
+    host_reads_per_step,
+    serve,
+    workload,
+)
 from safedecode.engine import SafeDecoder
 
 
