@@ -4,6 +4,8 @@ and the `safedecode eval` command."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 import pytest
 from engine_fixtures import tiny_llama
@@ -102,7 +104,7 @@ def test_evaluate_writes_parseable_reports(tmp_path):
     assert len(gens) == 10 and all(json.loads(x)["token_ids"] for x in gens)
 
 
-def test_cli_eval(tmp_path, tiny_model_dir):
+def test_cli_eval(tmp_path, tiny_model_dir, monkeypatch):
     harm = tmp_path / "harm.txt"
     harm.write_text("Do a bad thing\nDo another bad thing\nAnd a third\n")
     ben = tmp_path / "ben.jsonl"
@@ -111,12 +113,13 @@ def test_cli_eval(tmp_path, tiny_model_dir):
     args = ["eval", "--methods", "plain,self-cd", "--datasets", f"{harm}@harmful,{ben}@benign",
             "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--limit", "2",
             "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["safedecode", *args])  # what the command line would be
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "| `self-cd` |" in r.output and "results.json" in r.output
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["harm@plain"]["n"] == 2 and res["results"]["ben@self-cd"]["n"] == 1
-    assert res["config"]["command"].startswith("safedecode ")
+    assert res["config"]["command"] == "safedecode " + shlex.join(args)
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "refusal.png",
                                                 "examples.md", "generations.jsonl"}
     r2 = CliRunner().invoke(app, [*args, "--no-ppl"])  # resumed: nothing to generate
