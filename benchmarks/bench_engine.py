@@ -40,7 +40,13 @@ def markdown(r: dict, command: str, machine: str) -> str:
         f"{c['repeats']} alternated runs (by tokens/s).", "",
         "| mode | tokens/s | makespan s | latency mean s | p50 s | p90 s | steps |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-        f"Continuous / static throughput: **{r['speedup']:.2f}x**.", "",
+        f"Continuous / static throughput: **{r['speedup']:.2f}x**; decode steps "
+        f"{b['static']['steps']} / {b['continuous']['steps']} = "
+        f"{b['static']['steps'] / b['continuous']['steps']:.2f}x fewer. On this CPU a step costs "
+        "about in proportion to its rows, so the emptying tail of a static batch runs cheaper "
+        "steps and the throughput gain is smaller than the step count's; where a decode step is "
+        "bound by reading the weights (a GPU at these batch sizes) it approaches the step ratio.",
+        "",
         "## Fork", "",
         f"Forking a request at a {f['context']}-token context into {f['n']} children (their KV "
         f"copied into free slots, {f['copied_MB']:.1f} MB): {f['fork_s'] * 1e3:.2f} ms; "
