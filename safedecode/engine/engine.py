@@ -25,7 +25,7 @@ from safedecode.ops.params import STATUS_MESSAGES
 from .branches import Method
 from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
-from .prompts import Prompt, PromptBuilder, normalise_prompt
+from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .state import DecodeState
@@ -172,8 +172,6 @@ class Engine:
     def add_tokens(self, ids: Sequence[Sequence[int]], params: SamplingParams | None = None
                    ) -> int:
         """Queue a request given as token ids per branch (no prefix sharing)."""
-        from .prompts import Prefix
-
         if len(ids) != self.method.k or any(not seq for seq in ids):
             raise ValueError(f"ids: expected {self.method.k} non-empty token id lists (one per "
                              "branch)")
