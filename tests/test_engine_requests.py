@@ -38,6 +38,20 @@ def _alone(model, tok, prompt, params: SamplingParams):
     return _drain(eng)[rid].token_ids
 
 
+def test_token_id_requests_equal_rendered_prompts():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, _method())
+    eng = dec.engine(max_seqs=2)
+    msgs = [{"role": "user", "content": PROMPTS[1]}]
+    ids = []
+    for br in dec.method.branches:
+        prefix, suffix = dec.builder.build(br, msgs, 0)
+        ids.append(prefix.ids + suffix)
+    rid = eng.add_tokens(ids, SamplingParams(max_new_tokens=6))
+    assert _drain(eng)[rid].token_ids == _alone(model, tok, PROMPTS[1],
+                                                SamplingParams(max_new_tokens=6))
+
+
 def test_continuous_batching_equals_lone_runs():
     """Requests added while others run (and queued past max_seqs) with mixed parameters give
     exactly the tokens each gets alone."""
@@ -175,6 +189,8 @@ def test_bad_engine_calls_name_what_was_wrong():
         eng.pop_result(rid)
     with pytest.raises(ValueError, match="decoding parameter"):
         SamplingParams.from_kwargs(temprature=0.3)
+    with pytest.raises(ValueError, match="ids: expected 2"):
+        eng.add_tokens([[1, 2, 3]])
 
 
 class _SyncCounter:
