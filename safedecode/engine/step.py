@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from safedecode.ops import contrastive_sample_with_status
-from safedecode.ops.linear import op_forwards, routed, small_gemm_linears
+from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
 from .branches import Method
 from .cache import PrefixStore, SlotCache, cache_kwargs
@@ -66,6 +66,7 @@ class ModelStep:
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
         self.small_gemm = small_gemm and self.device.type == "cpu"
+        self._gemm = eager_forwards(model) if self.small_gemm else {}  # built once
         self.pad_id = pad_id
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
@@ -85,7 +86,7 @@ class ModelStep:
                 module = self.model.get_submodule(hook.module)
                 handles.append(module.register_forward_hook(self._make_hook(k, hook.fn)))
         try:
-            with small_gemm_linears(self.model, self.small_gemm):
+            with routed(self._gemm):
                 yield
         finally:
             for h in handles:

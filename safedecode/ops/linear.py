@@ -108,24 +108,29 @@ def small_gemm_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     touched (subclasses may have their own forward); their instance ``forward`` is restored on
     exit, even on error. Not for models shared with another thread during the block.
     """
-    if not enabled or not available():
+    if not enabled:
         yield 0
         return
+    forwards = eager_forwards(model)
+    with routed(forwards) as n:
+        yield n
+
+
+def eager_forwards(model: nn.Module) -> dict[nn.Module, Callable]:
+    """Per fp32 CPU ``nn.Linear`` of ``model`` (type exactly ``nn.Linear``): its small-M GEMM
+    ``forward`` (empty without the extension). Build once, install per call with :func:`routed`."""
+    if not available():
+        return {}
     from safedecode import _C  # noqa: PLC0415 - optional compiled module
 
     threads = torch.get_num_threads()
-    patched = []
+    out = {}
     for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in module.__dict__:
+        if type(module) is nn.Linear:
             forward = _forward_for(module, _C, threads)
             if forward is not None:
-                module.forward = forward
-                patched.append(module)
-    try:
-        yield len(patched)
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+                out[module] = forward
+    return out
 
 
 _LIB = None
@@ -184,12 +189,17 @@ def op_forwards(model: nn.Module) -> dict[nn.Module, Callable]:
 
 
 @contextlib.contextmanager
-def routed(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Install ``forwards`` (from :func:`op_forwards`) as the modules' ``forward`` in the block."""
+def routed(forwards: dict[nn.Module, Callable]) -> Iterator[int]:
+    """Install ``forwards`` (:func:`eager_forwards` / :func:`op_forwards`) as the modules'
+    ``forward`` inside the block; a module that already has its own instance ``forward`` is left
+    alone. Yields how many were installed; restores them on exit, even on error."""
+    patched = []
     for module, fwd in forwards.items():
-        module.forward = fwd
+        if "forward" not in module.__dict__:
+            module.forward = fwd
+            patched.append(module)
     try:
-        yield
+        yield len(patched)
     finally:
-        for module in forwards:
+        for module in patched:
             module.__dict__.pop("forward", None)
