@@ -8,13 +8,11 @@ from pathlib import Path
 
 import typer
 
+from safedecode.cli_errors import fail as _fail
+
 app = typer.Typer(help="safedecode: decoding-time safety alignment that costs no throughput.",
                   no_args_is_help=True, add_completion=False)
 
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
@@ -209,6 +207,10 @@ from safedecode.eval.cli import eval_command, tune_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("tune")(tune_command)
+
+from safedecode.serve.cli import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
 
 if __name__ == "__main__":
     app()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from safedecode.cli_errors import fail as _fail
+
 DEFAULT_OUT = Path("benchmarks/results")
 QUICK_OUT = DEFAULT_OUT / "quick"  # a quick run never overwrites the published results
 
@@ -20,10 +22,6 @@ class Suite(str, Enum):
     all = "all"
     report = "report"
 
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _log(msg: str) -> None:

@@ -90,29 +90,30 @@ class SafeDecoder:
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,
-                 streamer=None, **params) -> list[GenerationResult]:
+                 streamer=None, raw: bool = False, **params) -> list[GenerationResult]:
         """Generate for each prompt (a string or chat messages); returns one result each.
 
         Keywords are :class:`SamplingParams` fields (``max_new_tokens``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``ignore_eos``), plus ``stop`` (strings or token ids
         that end a request besides EOS), ``seed`` (one int for all requests, one per request, or
         None), ``return_logprobs``; ``streamer``: a transformers streamer (``put``/``end``) for a
-        single prompt.
+        single prompt; ``raw``: string prompts continued as they are (no chat template).
         """
         results: dict[int, GenerationResult] = {}
-        for _ in self._run(prompts, params, streamer, results):
+        for _ in self._run(prompts, params, streamer, results, raw):
             pass
         bad = [r for r in results.values() if r.error]
         if bad:
             raise ValueError(bad[0].error)
         return [results[i] for i in range(len(results))]
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], **params) -> Iterator[StreamEvent]:
+    def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
+               **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded."""
-        yield from self._run(prompts, params, None, {})
+        yield from self._run(prompts, params, None, {}, raw)
 
     # -- the loop ----------------------------------------------------------------------------
-    def _requests(self, prompts, params: dict):
+    def _requests(self, prompts, params: dict, raw: bool = False):
         """Validate everything before any forward pass: (built prompts, params per request)."""
         kb = self.method.k
         if isinstance(prompts, TokenPrompts):
@@ -123,8 +124,10 @@ class SafeDecoder:
                 prompts = [prompts]
             if not isinstance(prompts, Sequence) or len(prompts) == 0:
                 raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
+            if raw and not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompts: raw (completion) prompts must be strings")
             msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
-            built = [[self.builder.build(br, m, i) for br in self.method.branches]
+            built = [[self.builder.build(br, m, i, raw=raw) for br in self.method.branches]
                      for i, m in enumerate(msgs)]
         b = len(built)
         params = dict(params)
@@ -141,8 +144,9 @@ class SafeDecoder:
         base = SamplingParams.from_kwargs(**params)
         return built, [base.with_seed(s) for s in seeds]
 
-    def _run(self, prompts, params: dict, streamer, results: dict) -> Iterator[StreamEvent]:
-        built, per_request = self._requests(prompts, params)
+    def _run(self, prompts, params: dict, streamer, results: dict,
+             raw: bool = False) -> Iterator[StreamEvent]:
+        built, per_request = self._requests(prompts, params, raw)
         b = len(built)
         if streamer is not None and b != 1:
             raise ValueError("streamer: transformers streamers take a single prompt (B=1)")
@@ -152,7 +156,7 @@ class SafeDecoder:
         if self.compiled is not None:  # fewer distinct shapes: fewer compilations
             need = round_up(need, 256)
         eng = self.engine(max_seqs=b, max_len=max(2, min(need, context or need)))
-        ids = [eng.add_built(req, sp, index=i) for i, (req, sp) in enumerate(
+        ids = [eng.add_built(req, sp, index=i)[0] for i, (req, sp) in enumerate(
             zip(built, per_request, strict=True))]
         index = {rid: i for i, rid in enumerate(ids)}
         if streamer is not None:

@@ -27,11 +27,19 @@ from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
 from .step import Built, CompiledDecode, ModelStep
 
 DEFAULT_MAX_LEN = 2048
+
+__all__ = ["Engine", "GenerationResult", "StepOutput", "QueueFull", "ContextTooLong",
+           "check_method_fits", "eos_ids"]
+
+
+class ContextTooLong(ValueError):
+    """A prompt plus ``max_new_tokens`` does not fit the model's context or the engine's
+    ``max_len``."""
 
 
 @dataclass
@@ -69,6 +77,7 @@ class _Seq:
     detok: IncrementalDetokenizer
     root: int
     built: list | None = None  # until prefilled
+    kids: list[_Seq] = field(default_factory=list)  # choices forked from it at its prefill
     slot: int = -1
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -160,14 +169,28 @@ class Engine:
         self.steps = 0
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        """Queue a request (a string or chat messages); returns its id. Raises ``ValueError``
-        for a bad prompt, a prompt that does not fit, or a full queue; nothing runs here."""
-        msgs = normalise_prompt(prompt, 0)
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                    raw: bool = False) -> int:
+        """Queue a request (a string or chat messages); returns its id. ``raw``: a string
+        continued as it is (no chat template; a completion). Raises ``ValueError`` for a bad
+        prompt, :class:`ContextTooLong`, or :class:`QueueFull`; nothing runs here."""
+        return self.add_choices(prompt, params, 1, raw=raw)[0]
+
+    def add_choices(self, prompt: Prompt, params: SamplingParams | None, n: int, *,
+                    raw: bool = False) -> list[int]:
+        """Queue ``n`` sequences of one prompt, prefilled once and forked before their first
+        token (OpenAI's ``n``); choice ``i`` draws with seed ``params.seed + i``. Returns their
+        ids; they are admitted together when ``n`` slots are free."""
+        return self.add_built(self.build(prompt, raw=raw), params, n=n)
+
+    def build(self, prompt: Prompt, *, raw: bool = False, index: int = 0) -> Built:
+        """``prompt`` split into (shared prefix, suffix ids) per branch."""
         if self.builder is None:
             raise ValueError("prompt: this engine has no tokenizer; use add_tokens()")
-        return self.add_built([self.builder.build(br, msgs, 0) for br in self.method.branches],
-                              params)
+        if raw and not isinstance(prompt, str):
+            raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string")
+        msgs = normalise_prompt(prompt, index)
+        return [self.builder.build(br, msgs, index, raw=raw) for br in self.method.branches]
 
     def add_tokens(self, ids: Sequence[Sequence[int]], params: SamplingParams | None = None
                    ) -> int:
@@ -176,26 +199,41 @@ class Engine:
             raise ValueError(f"ids: expected {self.method.k} non-empty token id lists (one per "
                              "branch)")
         empty = Prefix("raw", [])
-        return self.add_built([(empty, [int(t) for t in seq]) for seq in ids], params)
+        return self.add_built([(empty, [int(t) for t in seq]) for seq in ids], params)[0]
 
     def add_built(self, built: Built, params: SamplingParams | None = None, *,
-                  index: int = 0) -> int:
-        """Queue a request already split into (prefix, suffix) per branch."""
+                  index: int = 0, n: int = 1) -> list[int]:
+        """Queue ``n`` choices of a request already split into (prefix, suffix) per branch;
+        returns their ids (see :meth:`add_choices`)."""
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        if n > self.state.max_seqs:
+            raise ValueError(f"n: {n} choices need {n} slots at once; this engine has "
+                             f"max_seqs={self.state.max_seqs}")
         self.check_fits(built, params.max_new_tokens, index)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+        if seed + n - 1 >= 2**63:
+            raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {seed} with n={n}")
         eos = (frozenset() if params.ignore_eos else self.true_eos) \
             | frozenset(params.stop_token_ids)
-        rid = next(self._ids)
-        seq = _Seq(rid, params, seed, [len(p) + len(s) for p, s in built], eos,
-                   IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos), root=rid,
-                   built=list(built), t_add=time.perf_counter())
-        self.scheduler.add(seq)
-        self._live[rid] = seq
-        return rid
+        lens = [len(p) + len(s) for p, s in built]
+        seqs = []
+        for i in range(n):
+            rid = next(self._ids)
+            seqs.append(_Seq(rid, params, seed + i, lens, eos,
+                             IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos),
+                             root=seqs[0].id if seqs else rid,
+                             built=list(built) if i == 0 else None, t_add=time.perf_counter()))
+        head = seqs[0]
+        head.kids = seqs[1:]
+        self.scheduler.add(head)
+        for seq in seqs:
+            self._live[seq.id] = seq
+        return [seq.id for seq in seqs]
 
     def check_fits(self, built: Built, max_new_tokens: int, index: int = 0) -> None:
         """Raise ``ValueError`` unless the prompt + ``max_new_tokens`` fit the context."""
@@ -203,11 +241,11 @@ class Engine:
         for k, (prefix, suffix) in enumerate(built):
             n = len(prefix) + len(suffix)
             if context and n + max_new_tokens > context:
-                raise ValueError(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
+                raise ContextTooLong(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
                                  f"max_new_tokens={max_new_tokens} exceeds the model's context "
                                  f"of {context} tokens")
             if n + max_new_tokens > self.max_len:
-                raise ValueError(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
+                raise ContextTooLong(f"prompts[{index}]: {n} prompt tokens (branch {k}) + "
                                  f"max_new_tokens={max_new_tokens} exceeds the engine's "
                                  f"max_len={self.max_len} (its context)")
 
@@ -228,7 +266,13 @@ class Engine:
         """Free a live sequence's slot and forget it (no result)."""
         seq = self._get(request_id)
         if seq.slot < 0:
-            self.scheduler.remove(lambda s: s.id == request_id)
+            head = self.scheduler.remove(lambda s: s.id == request_id)
+            if head is not None and head.kids:  # its choices wait on: the next one leads
+                kid, rest = head.kids[0], head.kids[1:]
+                kid.built, kid.kids, head.kids = head.built, rest, []
+                self.scheduler.add_front(kid)
+            for s in self.scheduler.waiting():
+                s.kids = [k for k in s.kids if k.id != request_id]
         else:
             self.state.release(seq.slot)
         del self._live[request_id]
@@ -321,7 +365,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs."""
         st = self.state
-        admitted = self.scheduler.admit(st.free_slots)
+        admitted = self.scheduler.admit(st.free_slots, lambda s: 1 + len(s.kids))
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params
@@ -335,10 +379,23 @@ class Engine:
             order += list(running)
         if admitted:
             new = tuple(s.slot for s in admitted)
-            parts.append(self.runner.prefill(st, new, [s.built for s in admitted]))
+            prefilled = self.runner.prefill(st, new, [s.built for s in admitted])
+            parts.append(prefilled)
             order += list(new)
-            for s in admitted:
+            pick = []  # choices forked after the prefill, before their first token
+            for i, s in enumerate(admitted):
                 s.built = None
+                if s.kids:
+                    for kid in s.kids:
+                        kid.slot = st.acquire()
+                    st.fork(s.slot, [kid.slot for kid in s.kids])
+                    st.seed[torch.tensor([kid.slot for kid in s.kids])] = torch.tensor(
+                        [kid.seed for kid in s.kids], dtype=torch.long).to(st.device)
+                    order += [kid.slot for kid in s.kids]
+                    pick += [i] * len(s.kids)
+                    s.kids = []
+            if pick:
+                parts.append(prefilled[torch.tensor(pick, device=prefilled.device)])
         if not order:
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)

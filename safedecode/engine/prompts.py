@@ -82,27 +82,31 @@ class PromptBuilder:
         self._prefixes: dict[tuple, Prefix] = {}
 
     # -- rendering ---------------------------------------------------------------------------
-    def render(self, system: str | None, messages: list[Message]) -> str:
+    def render(self, system: str | None, messages: list[Message], raw: bool = False) -> str:
+        if raw:  # a completion: the text as it is, after the branch's system text
+            head = f"{system}\n\n" if system else ""
+            return head + "\n\n".join(m["content"] for m in messages)
         msgs = ([{"role": "system", "content": system}] if system is not None else []) + messages
         if self.has_template:
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         head = f"{system}\n\n" if system else ""
         return head + "\n\n".join(m["content"] for m in messages) + "\n\n"
 
-    def encode(self, text: str, first: bool) -> list[int]:
-        special = first and not self.has_template  # BOS for raw prompts only
+    def encode(self, text: str, first: bool, raw: bool = False) -> list[int]:
+        special = first and (raw or not self.has_template)  # BOS for raw prompts only
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-    def prefix_text(self, system: str | None) -> str:
-        if system not in self._prefix_text:
-            a, b = (self.render(system, [{"role": "user", "content": p}]) for p in _PROBES)
-            self._prefix_text[system] = _common_prefix(a, b)
-        return self._prefix_text[system]
+    def prefix_text(self, system: str | None, raw: bool = False) -> str:
+        if (system, raw) not in self._prefix_text:
+            a, b = (self.render(system, [{"role": "user", "content": p}], raw) for p in _PROBES)
+            self._prefix_text[system, raw] = _common_prefix(a, b)
+        return self._prefix_text[system, raw]
 
     # -- per branch and request ---------------------------------------------------------------
-    def build(self, branch: Branch, messages: list[Message],
-              index: int) -> tuple[Prefix, list[int]]:
-        """(shared prefix, suffix token ids) of ``messages`` under ``branch``."""
+    def build(self, branch: Branch, messages: list[Message], index: int,
+              raw: bool = False) -> tuple[Prefix, list[int]]:
+        """(shared prefix, suffix token ids) of ``messages`` under ``branch``; ``raw``: one
+        user message continued as it is (no chat template)."""
         own = [m for m in messages if m["role"] == "system"]
         rest = [m for m in messages if m["role"] != "system"]
         if len(own) > 1:
@@ -115,22 +119,24 @@ class PromptBuilder:
             system = _SOFT
         else:
             system = own[0]["content"] if own else branch.system
-        full = self.render(system, rest)
-        ptext = self.prefix_text(system)
+        if raw and (own or len(rest) != 1):
+            raise ValueError(f"prompts[{index}]: a raw prompt is one user text")
+        full = self.render(system, rest, raw)
+        ptext = self.prefix_text(system, raw)
         if not full.startswith(ptext):  # template depends on the request: no sharing
             if branch.soft_prompt is not None:
                 raise ValueError("soft prompts need a chat template whose head does not depend "
                                  "on the user's messages")
             ptext = ""
-        key = (branch.key(), system, ptext)
+        key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
-            self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)))
-        suffix = self.encode(full[len(ptext):], first=not ptext)
+            self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)), raw)
+        suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
 
-    def _make_prefix(self, branch: Branch, ptext: str, key: str) -> Prefix:
+    def _make_prefix(self, branch: Branch, ptext: str, key: str, raw: bool) -> Prefix:
         if branch.soft_prompt is None:
-            return Prefix(key, self.encode(ptext, first=True) if ptext else [])
+            return Prefix(key, self.encode(ptext, first=True, raw=raw) if ptext else [])
         head, tail = ptext.split(_SOFT, 1)
-        return Prefix(key, self.encode(head, first=True), branch.soft_prompt.detach(),
-                      tuple(self.encode(tail, first=False)))
+        return Prefix(key, self.encode(head, first=True, raw=raw), branch.soft_prompt.detach(),
+                      tuple(self.encode(tail, first=False, raw=raw)))

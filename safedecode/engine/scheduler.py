@@ -9,9 +9,14 @@ past ``max_queue`` waiting requests is a ``ValueError`` naming ``max_queue``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class QueueFull(ValueError):
+    """The waiting queue is full (a server answers 429 and asks the client to retry)."""
 
 
 class Scheduler(Generic[T]):
@@ -19,7 +24,7 @@ class Scheduler(Generic[T]):
 
     def __init__(self, max_queue: int) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-            raise ValueError(f"max_queue: must be an integer >= 0, got {max_queue!r}")
+            raise QueueFull(f"max_queue: must be an integer >= 0, got {max_queue!r}")
         self.max_queue = max_queue
         self._waiting: deque[T] = deque()
 
@@ -28,9 +33,16 @@ class Scheduler(Generic[T]):
 
     def add(self, item: T) -> None:
         if len(self._waiting) >= self.max_queue:
-            raise ValueError(f"max_queue: {len(self._waiting)} requests already wait for a slot "
+            raise QueueFull(f"max_queue: {len(self._waiting)} requests already wait for a slot "
                              f"(max_queue={self.max_queue}); retry after some finish")
         self._waiting.append(item)
+
+    def add_front(self, item: T) -> None:
+        """Put ``item`` at the head of the queue (it keeps its place; no size check)."""
+        self._waiting.appendleft(item)
+
+    def waiting(self) -> list[T]:
+        return list(self._waiting)
 
     def remove(self, pred) -> T | None:
         """Drop and return the first waiting item for which ``pred`` holds (abort)."""
@@ -40,6 +52,11 @@ class Scheduler(Generic[T]):
                 return item
         return None
 
-    def admit(self, free: int) -> list[T]:
-        """Up to ``free`` waiting items, oldest first."""
-        return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+    def admit(self, free: int, size: Callable[[T], int] = lambda _: 1) -> list[T]:
+        """Waiting items, oldest first, while their ``size`` (slots each needs) fits ``free``;
+        an item that does not fit yet stops admission (no overtaking)."""
+        out = []
+        while self._waiting and size(self._waiting[0]) <= free:
+            free -= size(self._waiting[0])
+            out.append(self._waiting.popleft())
+        return out

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import typer
 
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+from safedecode.cli_errors import fail as _fail
 
 
 def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifier: Path | None,

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over one :class:`~.loop.EngineLoop`.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or server-sent events in
+OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus). Every error is answered in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from safedecode.engine import Engine, GenerationResult, SamplingParams
+from safedecode.engine.engine import ContextTooLong
+from safedecode.engine.scheduler import QueueFull
+
+from .loop import EngineLoop, Ticket
+from .metrics import Metrics
+from .protocol import (
+    FINISH,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    chat_logprobs,
+    completion_logprobs,
+    new_id,
+    now,
+    usage,
+)
+
+
+@dataclass
+class ServedModel:
+    """One model id (``base:method``) served by one engine."""
+
+    id: str
+    engine: Engine
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    request_timeout: float = 600.0  # seconds per request, queueing included
+    default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context)
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def create_app(models: list[ServedModel], config: ServerConfig | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine loop and stops it after uvicorn has drained
+    in-flight requests (SIGTERM)."""
+    cfg = config or ServerConfig()
+    if not models:
+        raise ValueError("models: serve at least one model")
+    by_id = {m.id: m for m in models}
+    if len(by_id) != len(models):
+        raise ValueError("models: duplicate model ids")
+    metrics = Metrics()
+    loop = EngineLoop({m.id: m.engine for m in models}, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="safedecode", lifespan=lifespan)
+    app.state.loop, app.state.metrics, app.state.models = loop, metrics, by_id
+
+    # -- errors in OpenAI's shape ----------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        _count(request, f"http_{exc.status}")
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            param, msg = None, "the body is not valid JSON"
+        _count(request, "http_400")
+        return _error_response(APIError(400, f"{param}: {msg}" if param else msg, param=param,
+                                        code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    def _count(request: Request, outcome: str) -> None:
+        model = getattr(request.state, "model", None)
+        if model is not None:
+            metrics.requests.labels(model, outcome).inc()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if cfg.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                return _error_response(APIError(
+                    401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                    code="invalid_api_key"))
+        return await call_next(request)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _model(name: str, request: Request) -> ServedModel:
+        served = by_id.get(name)
+        if served is None:
+            raise APIError(404, f"model: {name!r} is not served here; GET /v1/models lists "
+                                f"{sorted(by_id)}", type="not_found_error", param="model",
+                           code="model_not_found")
+        request.state.model = name
+        return served
+
+    async def _submit(served: ServedModel, prompts: list, params: SamplingParams, n: int,
+                      raw: bool, fill: bool) -> Ticket:
+        if n > served.engine.state.max_seqs:
+            raise APIError(400, f"n: at most {served.engine.state.max_seqs} choices (the "
+                                "server's --max-seqs)", param="n", code="invalid_value")
+        if not loop.alive:
+            raise APIError(503, "the engine loop is not running", type="server_error")
+        try:
+            return await asyncio.wrap_future(loop.submit(served.id, prompts, params, n, raw,
+                                                         fill=fill))
+        except QueueFull as exc:
+            raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        except ContextTooLong as exc:
+            raise APIError(400, str(exc), param="messages" if not raw else "prompt",
+                           code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages" if not raw else "prompt",
+                           code="invalid_value") from None
+
+    async def _next(ticket: Ticket, deadline: float, request: Request | None):
+        """The ticket's next batch of events; polls for a client that went away (non-stream
+        requests) and enforces the deadline."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                loop.abort(ticket)
+                raise APIError(408, f"request timed out after {cfg.request_timeout:g} s "
+                                    "(the server's --request-timeout)", type="timeout_error",
+                               code="request_timeout")
+            try:
+                item = await asyncio.wait_for(ticket.events.get(), min(left, 0.5))
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    loop.abort(ticket)
+                    raise asyncio.CancelledError from None
+                continue
+            if isinstance(item, BaseException):
+                raise APIError(500, f"the engine failed: {item}", type="server_error")
+            return item
+
+    async def _collect(ticket: Ticket, request: Request) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(ticket.ids)
+        deadline = time.monotonic() + cfg.request_timeout
+        try:
+            while any(r is None for r in results):
+                for ev in await _next(ticket, deadline, request):
+                    if ev.result is not None:
+                        results[ev.choice] = ev.result
+        except BaseException:
+            loop.abort(ticket)
+            raise
+        bad = [r for r in results if r.finish_reason == "error"]
+        if bad:
+            raise APIError(500, bad[0].error or "generation failed", type="server_error")
+        return results  # type: ignore[return-value]
+
+    def _sse(obj) -> str:
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+    async def _stream(ticket: Ticket, chunk, final_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per choice per step with text (or a logprob), a last
+        chunk per choice with its finish reason, usage if asked, then ``[DONE]``."""
+        deadline = time.monotonic() + cfg.request_timeout
+        open_, completion = len(ticket.ids), 0
+        try:
+            for c in range(len(ticket.ids)):
+                first = chunk(c, "", None, None, True)
+                if first is not None:
+                    yield _sse(first)
+            while open_:
+                try:
+                    events = await _next(ticket, deadline, None)
+                except APIError as exc:
+                    yield _sse(exc.body())
+                    break
+                for ev in events:
+                    out = ev.output
+                    if out.token_id >= 0:
+                        completion += 1
+                    reason = None
+                    if ev.result is not None:
+                        open_ -= 1
+                        reason = FINISH.get(ev.result.finish_reason, "error")
+                        if ev.result.finish_reason == "error":
+                            yield _sse(APIError(500, ev.result.error or "generation failed",
+                                                type="server_error").body())
+                    lp = (out.token_id, out.logprob) if out.logprob is not None else None
+                    if out.text or lp is not None or reason:
+                        yield _sse(chunk(ev.choice, out.text, lp, reason, False))
+            if final_usage:
+                yield _sse(chunk(None, "", None, None, False) | {
+                    "choices": [], "usage": usage(ticket.prompt_tokens, completion)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if open_:
+                loop.abort(ticket)
+
+    def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- routes ------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        served = _model(req.model, request)
+        msgs = req.prompt()
+        params = req.params(cfg.default_max_tokens)
+        fill = req.max_tokens is None and req.max_completion_tokens is None
+        ticket = await _submit(served, [msgs], params, req.n, raw=False, fill=fill)
+        rid, created, tok = new_id("chatcmpl"), now(), served.engine.tok
+
+        if req.stream:
+            def chunk(c, text, lp, reason, first):
+                delta = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text or not reason else {})
+                logprobs = chat_logprobs(tok, [lp[0]], [lp[1]]) if lp else None
+                return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": req.model, "choices": [] if c is None else [
+                            {"index": c, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": reason}]}
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            _count(request, "stream")
+            return _streaming(_stream(ticket, chunk, include))
+
+        results = await _collect(ticket, request)
+        _count(request, "ok")
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs)
+                             if req.logprobs else None,
+                             "finish_reason": FINISH.get(r.finish_reason, "stop")}
+                            for i, r in enumerate(results)],
+                "usage": usage(ticket.prompt_tokens, sum(len(r.token_ids) for r in results))}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        served = _model(req.model, request)
+        prompts = req.prompts()
+        params = req.params(cfg.default_max_tokens)
+        ticket = await _submit(served, prompts, params, req.n, raw=True,
+                               fill=req.max_tokens is None)
+        rid, created, tok = new_id("cmpl"), now(), served.engine.tok
+
+        if req.stream:
+            def chunk(c, text, lp, reason, first):
+                if first:
+                    return None
+                return {"id": rid, "object": "text_completion", "created": created,
+                        "model": req.model, "choices": [] if c is None else [
+                            {"index": c, "text": text, "finish_reason": reason,
+                             "logprobs": completion_logprobs(tok, [lp[0]], [lp[1]])
+                             if lp else None}]}
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            _count(request, "stream")
+            return _streaming(_stream(ticket, chunk, include))
+
+        results = await _collect(ticket, request)
+        _count(request, "ok")
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "text": r.text,
+                             "logprobs": completion_logprobs(tok, r.token_ids, r.logprobs)
+                             if req.logprobs is not None else None,
+                             "finish_reason": FINISH.get(r.finish_reason, "stop")}
+                            for i, r in enumerate(results)],
+                "usage": usage(ticket.prompt_tokens, sum(len(r.token_ids) for r in results))}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [ModelCard(id=m.id, safedecode=m.info).model_dump()
+                                           for m in models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        served = _model(model_id, request)
+        return ModelCard(id=served.id, safedecode=served.info).model_dump()
+
+    @app.get("/health")
+    async def health():
+        if not loop.alive:
+            return JSONResponse({"status": "engine loop stopped"}, status_code=503)
+        occ = await asyncio.wrap_future(loop.call(lambda: {
+            mid: {"running": e.num_running(), "waiting": e.num_waiting(),
+                  "free_slots": e.state.free_slots} for mid, e in loop.engines.items()}))
+        return {"status": "ok", "steps": loop.steps, "models": occ}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

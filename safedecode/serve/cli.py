@@ -1,0 +1,80 @@
+"""``safedecode serve``: the OpenAI-compatible server (uvicorn, or Ray Serve with ``--ray``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from safedecode.cli_errors import fail
+
+
+def serve_command(
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    method: list[str] = typer.Option(["plain"], "--method", "-m",
+                                     help="A method to serve (repeat for several); each is the "
+                                          "model id <name>:<method>."),
+    alpha: float | None = typer.Option(None, help="Contrast strength (methods that take it)."),
+    beta: float | None = typer.Option(None, help="Plausibility threshold (methods that take "
+                                                 "it)."),
+    acd_prompts: Path | None = typer.Option(None, "--acd-prompts",
+                                            help="Soft prompts from `safedecode optimize`."),
+    name: str | None = typer.Option(None, "--name", help="Base of the model ids (default: "
+                                                        "smollm2-135m or the folder name)."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless told)."),
+    port: int = typer.Option(8000, help="Port (0: a free one, see --ready-file)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="SAFEDECODE_API_KEY",
+                                       help="Require 'Authorization: Bearer <key>' on /v1/."),
+    max_seqs: int = typer.Option(8, "--max-seqs", help="Sequences decoded at once (n counts)."),
+    max_len: int | None = typer.Option(None, "--max-len", help="Tokens per sequence (default: "
+                                                              "the context, at most 2048)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before 429."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds per "
+                                                                           "request."),
+    default_max_tokens: int = typer.Option(256, "--default-max-tokens",
+                                           help="max_tokens of chat requests that give none."),
+    drain_timeout: float = typer.Option(60.0, "--drain-timeout",
+                                        help="On SIGTERM, seconds to let requests finish."),
+    backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on a local Ray Serve instance."),
+    replicas: int = typer.Option(1, "--replicas", help="Ray Serve replicas (with --ray)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file",
+                                           help="Write host:port here once listening."),
+    log_level: str = typer.Option("info", "--log-level"),
+):
+    """Serve methods over HTTP with OpenAI's API (chat, completions, streaming, n, seed)."""
+    try:
+        from safedecode.serve import ServeSpec
+
+        for what, value, lo in (("--max-seqs", max_seqs, 1), ("--max-queue", max_queue, 0),
+                                ("--default-max-tokens", default_max_tokens, 1),
+                                ("--replicas", replicas, 1)):
+            if value < lo:
+                raise ValueError(f"{what}: must be >= {lo}, got {value}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port: must be in [0, 65535], got {port}")
+        if request_timeout <= 0:
+            raise ValueError(f"--request-timeout: must be > 0, got {request_timeout}")
+        if acd_prompts is not None and not acd_prompts.is_file():
+            raise ValueError(f"--acd-prompts: {acd_prompts} is not a file")
+        spec = ServeSpec(model=model, methods=list(method),
+                         method_kwargs={"alpha": alpha, "beta": beta,
+                                        "prompts": str(acd_prompts) if acd_prompts else None},
+                         name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
+                         backend=backend, api_key=api_key or os.environ.get(
+                             "SAFEDECODE_API_KEY"), request_timeout=request_timeout,
+                         default_max_tokens=default_max_tokens)
+        if ray:
+            from .ray_app import run_local
+
+            run_local(spec, replicas, host, port)
+            return
+        if replicas != 1:
+            raise ValueError("--replicas: needs --ray")
+        from safedecode.serve.server import run_uvicorn
+
+        run_uvicorn(spec, host, port, log_level=log_level, drain_timeout=drain_timeout,
+                    ready_file=ready_file)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        fail(str(exc))

@@ -1,0 +1,231 @@
+"""OpenAI's request and response shapes for ``/v1/chat/completions`` and ``/v1/completions``.
+
+Requests are pydantic models (unknown fields are ignored, as OpenAI's own server does for fields
+it does not know); each turns into a prompt and a :class:`SamplingParams` with
+:meth:`sampling_params`, raising :class:`APIError` (400, naming the parameter) for values the
+engine cannot honour. safedecode's own sampling fields (``top_k``, ``min_p``, ``ignore_eos``) are
+accepted as extra body fields, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from safedecode.engine import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_param(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # safedecode / vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    ignore_eos: bool = False
+
+    def _unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise bad_param(name, "not supported by safedecode (only 0)")
+        if self.logit_bias:
+            raise bad_param("logit_bias", "not supported by safedecode")
+
+    def sampling_params(self, *, max_tokens: int | None, default_max_tokens: int,
+                        logprobs: bool) -> SamplingParams:
+        """The request's :class:`SamplingParams`; ``max_tokens`` None: ``default_max_tokens``."""
+        self._unsupported()
+        if isinstance(self.n, bool) or self.n < 1:
+            raise bad_param("n", f"must be >= 1, got {self.n!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise bad_param("stop", f"at most 4 stop sequences, got {len(stop)}")
+        if any(not s for s in stop):
+            raise bad_param("stop", "stop sequences must be non-empty")
+        kw: dict[str, Any] = {
+            "max_new_tokens": default_max_tokens if max_tokens is None else max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k or 0, "min_p": self.min_p or 0.0, "seed": self.seed,
+            "stop": tuple(stop), "logprobs": logprobs, "ignore_eos": self.ignore_eos}
+        names = {"max_new_tokens": "max_tokens"}
+        try:
+            return SamplingParams(**kw)
+        except ValueError as exc:
+            field, _, msg = str(exc).partition(": ")
+            param = names.get(field, field)
+            raise bad_param(param, msg or str(exc)) from None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def prompt(self) -> list[dict]:
+        """The messages as ``{"role", "content"}`` dicts (text parts joined)."""
+        if not self.messages:
+            raise bad_param("messages", "must be a non-empty list")
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role not in ("system", "user", "assistant"):
+                raise bad_param(f"messages[{i}].role",
+                                f"{m.role!r} is not supported (system, developer, user, "
+                                "assistant)")
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for j, part in enumerate(content):
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise bad_param(f"messages[{i}].content[{j}]",
+                                        "only text parts are supported")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            if content is None:
+                raise bad_param(f"messages[{i}].content", "must be a string")
+            out.append({"role": role, "content": content})
+        return out
+
+    def params(self, default_max_tokens: int) -> SamplingParams:
+        if self.top_logprobs:
+            raise bad_param("top_logprobs", "not supported (the chosen tokens' log-"
+                                            "probabilities only: logprobs=true)")
+        mt = self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+        param = "max_completion_tokens" if self.max_completion_tokens is not None \
+            else "max_tokens"
+        try:
+            return self.sampling_params(max_tokens=mt, default_max_tokens=default_max_tokens,
+                                        logprobs=self.logprobs)
+        except APIError as exc:
+            if exc.param == "max_tokens":
+                exc.param = param
+                exc.message = exc.message.replace("max_tokens", param, 1)
+            raise
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    max_tokens: int | None = 16  # OpenAI's default for completions
+
+    def prompts(self) -> list[str]:
+        """The prompt(s) as strings (token-id prompts are refused)."""
+        p = self.prompt
+        if isinstance(p, str):
+            p = [p]
+        if not p or not all(isinstance(x, str) for x in p):
+            raise bad_param("prompt", "expected a string or a non-empty list of strings "
+                                      "(token-id prompts are not supported)")
+        for i, x in enumerate(p):
+            if not x.strip():
+                raise bad_param("prompt", f"prompt {i} is empty")
+        return list(p)
+
+    def params(self, default_max_tokens: int) -> SamplingParams:
+        if self.echo:
+            raise bad_param("echo", "not supported")
+        if self.suffix:
+            raise bad_param("suffix", "not supported")
+        if self.best_of not in (None, 1) and self.best_of != self.n:
+            raise bad_param("best_of", "not supported (only best_of == n)")
+        if self.logprobs not in (None, 0):
+            raise bad_param("logprobs", "only 0 is supported (the chosen tokens' log-"
+                                        "probabilities, no alternatives)")
+        return self.sampling_params(max_tokens=self.max_tokens,
+                                    default_max_tokens=default_max_tokens,
+                                    logprobs=self.logprobs is not None)
+
+
+# -- responses ---------------------------------------------------------------------------------
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+    content = []
+    for t, lp in zip(token_ids, logprobs, strict=False):
+        text = tokenizer.decode([t], skip_special_tokens=False)
+        content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+                        "top_logprobs": []})
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+    tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": list(logprobs[:len(tokens)]),
+            "top_logprobs": None, "text_offset": offsets}
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "safedecode"
+    safedecode: dict = Field(default_factory=dict)

@@ -1,0 +1,127 @@
+"""Building the served models from a spec, and running the app (uvicorn, or Ray Serve replicas).
+
+A :class:`ServeSpec` is plain data (it travels to Ray replicas): the model, the methods, engine
+sizes. :func:`build_app` loads the model once and makes one engine per method; every
+``model x method`` pair is a model id ``<name>:<method>``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .app import ServedModel, ServerConfig, create_app
+
+DEFAULT_NAME = "smollm2-135m"
+
+
+@dataclass
+class ServeSpec:
+    model: str = "default"
+    methods: list[str] = field(default_factory=lambda: ["plain"])
+    method_kwargs: dict = field(default_factory=dict)  # alpha / beta / prompts, where accepted
+    name: str | None = None  # the base of the model ids (default: from the model path)
+    max_seqs: int = 8
+    max_len: int | None = None
+    max_queue: int = 256
+    backend: str = "auto"
+    api_key: str | None = None
+    request_timeout: float = 600.0
+    default_max_tokens: int = 256
+
+    def base_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.model in ("default", ""):
+            return DEFAULT_NAME
+        p = Path(self.model)
+        return (p.stem if p.suffix == ".gguf" else p.name).lower()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _method_kwargs(name: str, kwargs: dict) -> dict:
+    """The subset of ``kwargs`` that method ``name`` takes."""
+    import inspect
+
+    from safedecode import methods
+
+    if name not in methods.REGISTRY:
+        raise ValueError(f"--method: unknown {name!r}; choose from {sorted(methods.REGISTRY)}")
+    accepted = inspect.signature(methods.REGISTRY[name]).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+
+
+def build_models(spec: ServeSpec) -> list[ServedModel]:
+    """Load the model once; one engine per method (they share the weights)."""
+    from safedecode import methods
+    from safedecode.engine import SafeDecoder
+    from safedecode.models import load_model, model_name
+
+    if not spec.methods:
+        raise ValueError("--method: give at least one method")
+    if len(set(spec.methods)) != len(spec.methods):
+        raise ValueError(f"--method: a method is given twice in {spec.methods}")
+    built = [(name, methods.get(name, **_method_kwargs(name, spec.method_kwargs)))
+             for name in spec.methods]
+    model, tok = load_model(spec.model)
+    base = spec.base_name()
+    served = []
+    for name, meth in built:
+        eng = SafeDecoder(model, tok, meth, backend=spec.backend).engine(
+            max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue)
+        info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
+                "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
+                "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
+                                                or ("soft prompt" if b.soft_prompt is not None
+                                                    else "plain") for b in meth.branches],
+                "max_seqs": spec.max_seqs, "max_len": eng.max_len,
+                "backend": eng.runner.backend}
+        served.append(ServedModel(f"{base}:{name}", eng, info))
+    return served
+
+
+def build_app(spec: ServeSpec):
+    """The FastAPI app for ``spec`` (models loaded now)."""
+    cfg = ServerConfig(api_key=spec.api_key, request_timeout=spec.request_timeout,
+                       default_max_tokens=spec.default_max_tokens)
+    return create_app(build_models(spec), cfg)
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_uvicorn(spec: ServeSpec, host: str, port: int, *, log_level: str = "info",
+                drain_timeout: float = 60.0, ready_file: Path | None = None) -> None:
+    """Serve until SIGTERM / SIGINT; in-flight requests finish first (up to
+    ``drain_timeout`` s), then the engine loop stops."""
+    import uvicorn
+
+    app = build_app(spec)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout)
+    server = uvicorn.Server(config)
+    if ready_file is not None:
+        _announce_port(server, ready_file)
+    server.run()
+
+
+def _announce_port(server, ready_file: Path) -> None:
+    """Write ``host:port`` to ``ready_file`` once uvicorn listens (port 0 picks a free one)."""
+    startup = server.startup
+
+    async def startup_and_announce(sockets=None):
+        await startup(sockets=sockets)
+        for srv in server.servers:
+            for sock in srv.sockets:
+                host, port = sock.getsockname()[:2]
+                tmp = ready_file.with_suffix(".tmp")
+                tmp.write_text(f"{host}:{port}\n")
+                tmp.replace(ready_file)
+                return
+
+    server.startup = startup_and_announce
