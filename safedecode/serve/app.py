@@ -145,12 +145,12 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         except QueueFull as exc:
             raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
-        except ContextTooLong as exc:
-            raise APIError(400, str(exc), param="messages" if not raw else "prompt",
-                           code="context_length_exceeded") from None
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages" if not raw else "prompt",
-                           code="invalid_value") from None
+            param = "prompt" if raw else "messages"
+            msg = str(exc).replace("max_new_tokens", "max_tokens")
+            code = "context_length_exceeded" if isinstance(exc, ContextTooLong) \
+                else "invalid_value"
+            raise APIError(400, f"{param}: {msg}", param=param, code=code) from None
 
     async def _next(ticket: Ticket, deadline: float, request: Request | None):
         """The ticket's next batch of events; polls for a client that went away (non-stream

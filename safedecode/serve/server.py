@@ -8,6 +8,7 @@ sizes. :func:`build_app` loads the model once and makes one engine per method; e
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,10 @@ def run_uvicorn(spec: ServeSpec, host: str, port: int, *, log_level: str = "info
     server = uvicorn.Server(config)
     if ready_file is not None:
         _announce_port(server, ready_file)
+    # uvicorn re-raises the SIGTERM / SIGINT it drained on with the handler that was there
+    # before it: a no-op one makes a drained shutdown exit 0 rather than die by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
 
 

@@ -1,0 +1,342 @@
+"""``safedecode serve`` against a live server in a subprocess, driven by the official ``openai``
+client: outputs equal offline ``generate`` (greedy, seeded, n, stop, logprobs, completions,
+streaming), 32 concurrent streams unmixed, disconnects free their rows, errors in OpenAI's shape,
+429 on overload, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from engine_fixtures import default_model, tiny_llama
+from serve_fixtures import LiveServer
+
+from safedecode import methods
+from safedecode.engine import SafeDecoder
+
+KEY = "sk-test"
+PROMPTS = ["Hi", "Why is the sky blue?", "Name a colour.", "Tell me a joke",
+           "How do I bake bread?", "What is 2 + 2?", "Describe the sea.", "Say something."]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = LiveServer(["--model", str(tiny_model_dir), "--name", "tiny", "-m", "plain",
+                      "-m", "acd-text", "--api-key", KEY, "--max-seqs", "8",
+                      "--max-queue", "64"], tmp_path_factory.mktemp("serve"))
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def offline():
+    model, tok = tiny_llama()
+    decs = {m: SafeDecoder(model, tok, methods.get(m)) for m in ("plain", "acd-text")}
+
+    def run(method, prompts, **kw):
+        return decs[method].generate(prompts, **kw)
+    return run
+
+
+def _health(srv) -> dict:
+    return httpx.get(f"{srv.url}/health", timeout=30).json()
+
+
+def _wait_idle(srv, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = _health(srv)
+        if all(m["running"] == 0 and m["waiting"] == 0 for m in h["models"].values()) \
+                or time.monotonic() > deadline:
+            return h
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("method", ["plain", "acd-text"])
+def test_chat_greedy_seeded_and_n_equal_offline(server, offline, method):
+    c = server.client()
+    model = f"tiny:{method}"
+    msgs = [{"role": "user", "content": PROMPTS[1]}]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0)
+    ref = offline(method, PROMPTS[1], max_new_tokens=8, temperature=0)[0]
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == ref.prompt_tokens[0]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0.9,
+                                  top_p=0.95, seed=11, n=3)
+    refs = offline(method, [PROMPTS[1]] * 3, max_new_tokens=8, temperature=0.9, top_p=0.95,
+                   seed=[11, 12, 13])
+    assert [ch.message.content for ch in r.choices] == [x.text for x in refs]
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert len({ch.message.content for ch in r.choices}) > 1  # forked, but drawn apart
+
+
+def test_chat_stop_logprobs_and_top_k(server, offline):
+    c = server.client()
+    msgs = [{"role": "user", "content": PROMPTS[2]}]
+    full = offline("plain", PROMPTS[2], max_new_tokens=10, temperature=0)[0].text
+    stop = full[len(full) // 2]
+    r = c.chat.completions.create(model="tiny:plain", messages=msgs, max_tokens=10,
+                                  temperature=0, stop=[stop], logprobs=True)
+    ref = offline("plain", PROMPTS[2], max_new_tokens=10, temperature=0, stop=[stop],
+                  return_logprobs=True)[0]
+    ch = r.choices[0]
+    assert ch.message.content == ref.text and stop not in ch.message.content
+    assert ch.finish_reason == "stop"
+    assert [t.logprob for t in ch.logprobs.content] == pytest.approx(ref.logprobs, abs=1e-5)
+    r = c.chat.completions.create(model="tiny:plain", messages=msgs, max_tokens=6,
+                                  temperature=1.0, seed=3, extra_body={"top_k": 5})
+    ref = offline("plain", PROMPTS[2], max_new_tokens=6, temperature=1.0, seed=3, top_k=5)[0]
+    assert r.choices[0].message.content == ref.text
+
+
+def test_completions_equal_offline_raw_prompts(server, offline):
+    c = server.client()
+    prompts = ["Once upon a time", "The capital of France is"]
+    r = c.completions.create(model="tiny:acd-text", prompt=prompts, max_tokens=6,
+                             temperature=0.7, seed=5, n=2, logprobs=0)
+    refs = offline("acd-text", [p for p in prompts for _ in range(2)], raw=True,
+                   max_new_tokens=6, temperature=0.7, seed=[5, 6, 5, 6], return_logprobs=True)
+    assert [ch.text for ch in r.choices] == [x.text for x in refs]
+    assert r.choices[3].logprobs.token_logprobs == pytest.approx(refs[3].logprobs, abs=1e-5)
+    r = c.completions.create(model="tiny:plain", prompt=prompts[0], max_tokens=5,
+                             temperature=0)
+    assert r.choices[0].text == offline("plain", prompts[0], raw=True, max_new_tokens=5)[0].text
+
+
+def test_streaming_equals_offline(server, offline):
+    c = server.client()
+    stream = c.chat.completions.create(
+        model="tiny:acd-text", messages=[{"role": "user", "content": PROMPTS[3]}],
+        max_tokens=12, temperature=0.8, seed=9, n=2, stream=True,
+        stream_options={"include_usage": True})
+    text, finish, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text[ch.index] += ch.delta.content or ""
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+    refs = offline("acd-text", [PROMPTS[3]] * 2, max_new_tokens=12, temperature=0.8,
+                   seed=[9, 10])
+    assert text == [x.text for x in refs] and finish == ["length", "length"]
+    assert usage.completion_tokens == 24
+    stream = c.completions.create(model="tiny:plain", prompt="Once upon a time",
+                                  max_tokens=7, temperature=0, stream=True)
+    got = "".join(ch.choices[0].text for ch in stream if ch.choices)
+    assert got == offline("plain", "Once upon a time", raw=True, max_new_tokens=7)[0].text
+
+
+def test_32_concurrent_streams_unmixed_and_disconnects_free_rows(server, offline):
+    """32 streaming clients with distinct prompts and seeds at once: every response equals its
+    offline twin. Then 16 clients that hang up mid-stream beside 16 that finish: the finished
+    ones are intact and the engine's rows are all free afterwards."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + f" ({i})", 100 + i) for i in range(32)]
+    refs = offline("acd-text", [p for p, _ in jobs], max_new_tokens=10, temperature=0.9,
+                   seed=[s for _, s in jobs])
+
+    async def one(client, prompt, seed, max_tokens=10, hang_up_after=None):
+        stream = await client.chat.completions.create(
+            model="tiny:acd-text", messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens, temperature=0.9, seed=seed, stream=True,
+            extra_body={"ignore_eos": hang_up_after is not None})
+        text, n = "", 0
+        async for chunk in stream:
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+            n += 1
+            if hang_up_after is not None and n >= hang_up_after:
+                await stream.close()
+                return None
+        return text
+
+    async def main():
+        client = server.async_client()
+        got = await asyncio.wait_for(asyncio.gather(*(one(client, p, s) for p, s in jobs)),
+                                     120)
+        hang = [one(client, p, s, max_tokens=400, hang_up_after=3) for p, s in jobs[:16]]
+        keep = [one(client, p, s) for p, s in jobs[16:]]
+        mixed = await asyncio.wait_for(asyncio.gather(*hang, *keep), 120)
+        await client.close()
+        return got, mixed[16:]
+
+    before = _generated(server, "tiny:acd-text")
+    got, kept = asyncio.run(main())
+    assert got == [r.text for r in refs]
+    assert kept == [r.text for r in refs[16:]]
+    h = _wait_idle(server)
+    assert h["models"]["tiny:acd-text"] == {"running": 0, "waiting": 0, "free_slots": 8}
+    # the 16 that hung up were aborted: far fewer than their 16 x 400 tokens were decoded
+    assert _generated(server, "tiny:acd-text") - before < 32 * 10 + 16 * 400 // 4
+
+
+def _generated(srv, model: str) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    key = f'safedecode_generation_tokens_total{{model="{model}"}}'
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(key))
+
+
+def test_errors_in_openai_shape(server):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Hi"}]
+    cases = [
+        (dict(model="tiny:plain", messages=msgs, temperature=-1), openai.BadRequestError,
+         "temperature"),
+        (dict(model="tiny:plain", messages=msgs, top_p=0), openai.BadRequestError, "top_p"),
+        (dict(model="tiny:plain", messages=msgs, max_tokens=0), openai.BadRequestError,
+         "max_tokens"),
+        (dict(model="tiny:plain", messages=msgs, n=9), openai.BadRequestError, "n"),
+        (dict(model="tiny:plain", messages=msgs, presence_penalty=0.5),
+         openai.BadRequestError, "presence_penalty"),
+        (dict(model="tiny:plain", messages=msgs, logprobs=True, top_logprobs=3),
+         openai.BadRequestError, "top_logprobs"),
+        (dict(model="tiny:plain", messages=[{"role": "tool", "content": "x"}]),
+         openai.BadRequestError, "messages[0].role"),
+        (dict(model="tiny:plain", messages=[{"role": "user", "content": "hi " * 600}]),
+         openai.BadRequestError, "messages"),
+        (dict(model="tiny:nope", messages=msgs), openai.NotFoundError, "model"),
+    ]
+    for kw, err, param in cases:
+        with pytest.raises(err) as info:
+            c.chat.completions.create(**kw)
+        body = info.value.body
+        assert body["param"] == param, (kw, body)
+        assert param in body["message"] and body["type"]
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="tiny:plain", messages=[
+            {"role": "user", "content": "hi " * 600}])
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").chat.completions.create(model="tiny:plain",
+                                                               messages=msgs)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="tiny:plain", prompt=[1, 2, 3])
+    assert info.value.body["param"] == "prompt"
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param",
+                                                               "code"}
+    assert _wait_idle(server)["models"]["tiny:plain"]["running"] == 0
+
+
+def test_models_health_metrics(server):
+    c = server.client()
+    ids = [m.id for m in c.models.list().data]
+    assert ids == ["tiny:plain", "tiny:acd-text"]
+    card = httpx.get(f"{server.url}/v1/models/tiny:acd-text", timeout=30,
+                     headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert card["safedecode"]["k"] == 2 and card["safedecode"]["weights"][1] < 0
+    assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401
+    c.chat.completions.create(model="tiny:plain", max_tokens=3, temperature=0,
+                              messages=[{"role": "user", "content": "Hi"}])
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert 'safedecode_requests_total{model="tiny:plain",outcome="ok"}' in text
+    for name in ("safedecode_time_to_first_token_seconds_count",
+                 "safedecode_inter_token_latency_seconds_count",
+                 "safedecode_generation_tokens_total", "safedecode_queue_depth"):
+        assert f'{name}{{model="tiny:plain"}}' in text
+    count = [ln for ln in text.splitlines()
+             if ln.startswith('safedecode_time_to_first_token_seconds_count{model="tiny:plain"')]
+    assert float(count[0].split()[-1]) >= 1
+    assert _health(server)["status"] == "ok"
+
+
+def test_overload_gets_429_then_sigterm_drains(tiny_model_dir, tmp_path):
+    """One slot and a queue of one: a burst gets 429 with Retry-After (never a hang); then a
+    stream in flight when SIGTERM arrives finishes whole, and the server exits 0."""
+    srv = LiveServer(["--model", str(tiny_model_dir), "--name", "tiny", "--max-seqs", "1",
+                      "--max-queue", "1"], tmp_path)
+    try:
+        body = {"model": "tiny:plain", "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as h:
+                return await asyncio.wait_for(asyncio.gather(*(
+                    h.post(f"{srv.url}/v1/chat/completions", json=body) for _ in range(8))), 90)
+
+        replies = asyncio.run(burst())
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
+        assert set(codes) <= {200, 429}
+        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in replies
+                   if r.status_code == 200)
+        busy = next(r for r in replies if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+
+        with httpx.Client(timeout=60) as h, h.stream(
+                "POST", f"{srv.url}/v1/chat/completions",
+                json=body | {"max_tokens": 200, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            first = next(ln for ln in lines if ln.startswith("data:"))
+            assert "assistant" in first
+            srv.terminate()
+            rest = [ln[6:] for ln in lines if ln.startswith("data:")]
+        assert rest[-1] == "[DONE]"
+        chunks = [json.loads(x) for x in rest[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for ch in chunks if ch["choices"][0]["delta"].get("content")) >= 150
+        assert srv.proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{srv.url}/health", timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_embedded_model_server_equals_offline(tmp_path):
+    """The embedded SmolLM2-135M-Instruct behind the server: greedy and seeded chats equal
+    offline generate."""
+    srv = LiveServer(["-m", "plain"], tmp_path)
+    try:
+        c = srv.client()
+        model, tok = default_model()
+        dec = SafeDecoder(model, tok, methods.get("plain"))
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.chat.completions.create(model="smollm2-135m:plain", messages=msgs,
+                                      max_tokens=16, temperature=0)
+        ref = dec.generate(msgs, max_new_tokens=16)[0]
+        assert r.choices[0].message.content == ref.text and "Paris" in ref.text
+        r = c.chat.completions.create(model="smollm2-135m:plain", messages=msgs,
+                                      max_tokens=12, temperature=0.8, seed=4, n=2)
+        refs = dec.generate([msgs, msgs], max_new_tokens=12, temperature=0.8, seed=[4, 5])
+        assert [ch.message.content for ch in r.choices] == [x.text for x in refs]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_request_timeout_aborts_and_frees_rows(tiny_model_dir):
+    """In process (the app under TestClient): a request past --request-timeout gets 408 in
+    OpenAI's shape and its rows are freed."""
+    from fastapi.testclient import TestClient
+
+    from safedecode.serve import ServerConfig, ServeSpec, build_models, create_app
+
+    served = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", max_seqs=2))
+    eng = served[0].engine
+    step = eng.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+    eng.step = slow_step
+    app = create_app(served, ServerConfig(request_timeout=0.3))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": "tiny:plain", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 400, "ignore_eos": True})
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["models"]["tiny:plain"]["running"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").json()["models"]["tiny:plain"] == {
+            "running": 0, "waiting": 0, "free_slots": 2}
+        r = client.post("/v1/chat/completions", json={
+            "model": "tiny:plain", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
