@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +40,11 @@ from .protocol import (
     now,
     usage,
 )
+
+
+def replica_id() -> str:
+    """``host:pid`` of this server process (the ``x-safedecode-replica`` response header)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -111,16 +118,22 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         if model is not None:
             metrics.requests.labels(model, outcome).inc()
 
+    replica = replica_id()
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if cfg.api_key and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                return _error_response(APIError(
+                response = _error_response(APIError(
                     401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
                     code="invalid_api_key"))
-        return await call_next(request)
+                response.headers["x-safedecode-replica"] = replica
+                return response
+        response = await call_next(request)
+        response.headers["x-safedecode-replica"] = replica
+        return response
 
     # -- helpers -----------------------------------------------------------------------------
     def _model(name: str, request: Request) -> ServedModel:

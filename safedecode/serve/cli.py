@@ -66,7 +66,7 @@ def serve_command(
                              "SAFEDECODE_API_KEY"), request_timeout=request_timeout,
                          default_max_tokens=default_max_tokens)
         if ray:
-            from .ray_app import run_local
+            from safedecode.serve.ray_local import run_local
 
             run_local(spec, replicas, host, port)
             return

@@ -1,7 +1,8 @@
 """Scale-out on Ray Serve: each replica is one process with one engine loop (the same app as
 ``safedecode serve``); Ray's proxy spreads requests over the replicas.
 
-Local: ``safedecode serve --ray --replicas 2`` starts Ray on 127.0.0.1. A cluster:
+Local: ``safedecode serve --ray --replicas 2`` starts Ray on 127.0.0.1 (:mod:`.ray_local`). A
+cluster:
 ``ray start --head`` on one node, ``ray start --address=<head>:6379`` on the others, then
 ``serve run safedecode.serve.ray_app:app model=default methods=plain,acd replicas=4`` on the head
 (``app`` is an application builder; ``serve run`` passes ``key=value`` arguments to it).
@@ -9,9 +10,12 @@ Local: ``safedecode serve --ray --replicas 2`` starts Ray on 127.0.0.1. A cluste
 
 from __future__ import annotations
 
+import os
+
 from ray import serve
 
-from .server import ServeSpec, build_app, replica_id
+from .app import replica_id
+from .server import ServeSpec, build_app
 
 
 @serve.ingress()
@@ -19,6 +23,10 @@ class SafedecodeReplica:
     """One replica: the models of a :class:`ServeSpec` behind the OpenAI-compatible app."""
 
     def __init__(self, spec: dict) -> None:
+        if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":  # a loopback-only node
+            from .ray_local import bind_replica_grpc_to_loopback
+
+            bind_replica_grpc_to_loopback()
         self.spec = ServeSpec(**spec)
         self.asgi = build_app(self.spec)
         self.replica = replica_id()
@@ -45,25 +53,3 @@ def app(args: dict):
                      name=args.get("name"), max_seqs=int(args.get("max_seqs", 8)))
     return deployment(spec, int(args.get("replicas", 1)),
                       cpus_per_replica=float(args.get("cpus_per_replica", 1)))
-
-
-def run_local(spec: ServeSpec, replicas: int, host: str, port: int, *,
-              cpus_per_replica: float = 1.0) -> None:
-    """Start a local Ray instance bound to 127.0.0.1 and serve until interrupted."""
-    import signal
-    import threading
-
-    import ray
-
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-             num_cpus=max(2, int(replicas * cpus_per_replica) + 1))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(spec, replicas, cpus_per_replica=cpus_per_replica),
-              name="safedecode", route_prefix="/")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    print(f"safedecode on Ray Serve: http://{host}:{port} ({replicas} replicas)", flush=True)
-    done.wait()
-    serve.shutdown()
-    ray.shutdown()

@@ -7,9 +7,7 @@ sizes. :func:`build_app` loads the model once and makes one engine per method; e
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,10 +88,6 @@ def build_app(spec: ServeSpec):
     cfg = ServerConfig(api_key=spec.api_key, request_timeout=spec.request_timeout,
                        default_max_tokens=spec.default_max_tokens)
     return create_app(build_models(spec), cfg)
-
-
-def replica_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_uvicorn(spec: ServeSpec, host: str, port: int, *, log_level: str = "info",
