@@ -131,14 +131,25 @@ class Engine:
     in a queue of ``max_queue``. The KV buffers are allocated at the first forward:
     ``max_seqs x K x max_len`` columns. ``compiled``: run decode forwards under
     ``torch.compile`` (see :class:`~.step.CompiledDecode`; ``SafeDecoder(compile=True)``).
+    ``max_prefill_tokens``: while sequences decode, a step admits waiting requests only up to
+    this many prompt tokens (all branches; at least one request), so a burst of arrivals is
+    prefilled over several steps instead of stalling every running stream in one long step
+    (lower inter-token latency tails, later first tokens; None: admit all that fit).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
                  max_len: int | None = None, max_queue: int = 1024, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
-                 compiled: CompiledDecode | None = None) -> None:
+                 compiled: CompiledDecode | None = None,
+                 max_prefill_tokens: int | None = None) -> None:
         check_method_fits(model, method)
+        if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
+                                               isinstance(max_prefill_tokens, int)
+                                               or max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens: must be an integer >= 1 or None, got "
+                             f"{max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens
         if isinstance(max_seqs, bool) or not isinstance(max_seqs, int) or max_seqs < 1:
             raise ValueError(f"max_seqs: must be an integer >= 1, got {max_seqs!r}")
         self.model, self.tok, self.method = model, tokenizer, method
@@ -365,7 +376,15 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs."""
         st = self.state
-        admitted = self.scheduler.admit(st.free_slots, lambda s: 1 + len(s.kids))
+        moves = st.compact()
+        if moves:
+            by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
+            for src, dst in moves:
+                by_slot[src].slot = dst
+        busy = st.in_use() > 0
+        admitted = self.scheduler.admit(
+            st.free_slots, lambda s: 1 + len(s.kids), lambda s: sum(len(x) for _, x in s.built),
+            self.max_prefill_tokens if busy else None)
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params

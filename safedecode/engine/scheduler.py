@@ -52,11 +52,19 @@ class Scheduler(Generic[T]):
                 return item
         return None
 
-    def admit(self, free: int, size: Callable[[T], int] = lambda _: 1) -> list[T]:
-        """Waiting items, oldest first, while their ``size`` (slots each needs) fits ``free``;
-        an item that does not fit yet stops admission (no overtaking)."""
-        out = []
+    def admit(self, free: int, size: Callable[[T], int] = lambda _: 1,
+              cost: Callable[[T], int] = lambda _: 0, budget: int | None = None) -> list[T]:
+        """Waiting items, oldest first, while their ``size`` (slots each needs) fits ``free``
+        and their summed ``cost`` (prefill tokens) stays within ``budget`` (None: no limit; the
+        first item is always admitted when it fits, so a long prompt still runs). An item that
+        does not fit yet stops admission (no overtaking)."""
+        out: list[T] = []
+        spent = 0
         while self._waiting and size(self._waiting[0]) <= free:
+            c = cost(self._waiting[0])
+            if budget is not None and out and spent + c > budget:
+                break
+            spent += c
             free -= size(self._waiting[0])
             out.append(self._waiting.popleft())
         return out

@@ -16,6 +16,7 @@ need no device read.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import OrderedDict
 
@@ -151,6 +152,21 @@ class DecodeState:
         for c in children:
             for j in range(k):
                 self.host_len[c * k + j] = self.host_len[parent * k + j]
+
+    def compact(self) -> list[tuple[int, int]]:
+        """Move the highest live sequences into the free slots below them, so the live slots are
+        ``0 .. n-1`` and every step reads the cache through a view (no gather). Each move copies
+        one sequence's rows (as :meth:`fork` does) once; returns the ``(from, to)`` moves."""
+        moves = []
+        used = sorted(set(range(self.max_seqs)) - set(self._free))
+        while used and self._free and self._free[0] < used[-1]:
+            dst, src = heapq.heappop(self._free), used.pop()
+            self.fork(src, [dst])
+            self.seed[dst] = self.seed[src]
+            heapq.heappush(self._free, src)
+            bisect.insort(used, dst)
+            moves.append((src, dst))
+        return moves
 
     def truncate(self, slot: int, lengths: list[int], last_token: int, step: int) -> None:
         """Roll a sequence's rows back to ``lengths`` tokens; ``last_token`` is fed next."""

@@ -30,6 +30,10 @@ def serve_command(
     max_len: int | None = typer.Option(None, "--max-len", help="Tokens per sequence (default: "
                                                               "the context, at most 2048)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before 429."),
+    max_prefill_tokens: int = typer.Option(
+        0, "--max-prefill-tokens", help="Prompt tokens admitted per step while others decode "
+                                        "(0: no limit); small: shorter inter-token latency "
+                                        "tails, less throughput (benchmarks/results/serve_cpu)."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds per "
                                                                            "request."),
     default_max_tokens: int = typer.Option(256, "--default-max-tokens",
@@ -49,7 +53,8 @@ def serve_command(
 
         for what, value, lo in (("--max-seqs", max_seqs, 1), ("--max-queue", max_queue, 0),
                                 ("--default-max-tokens", default_max_tokens, 1),
-                                ("--replicas", replicas, 1)):
+                                ("--replicas", replicas, 1),
+                                ("--max-prefill-tokens", max_prefill_tokens, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
         if not 0 <= port <= 65535:
@@ -62,6 +67,7 @@ def serve_command(
                          method_kwargs={"alpha": alpha, "beta": beta,
                                         "prompts": str(acd_prompts) if acd_prompts else None},
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
+                         max_prefill_tokens=max_prefill_tokens or None,
                          backend=backend, api_key=api_key or os.environ.get(
                              "SAFEDECODE_API_KEY"), request_timeout=request_timeout,
                          default_max_tokens=default_max_tokens)

@@ -25,6 +25,7 @@ class ServeSpec:
     max_seqs: int = 8
     max_len: int | None = None
     max_queue: int = 256
+    max_prefill_tokens: int | None = None
     backend: str = "auto"
     api_key: str | None = None
     request_timeout: float = 600.0
@@ -71,13 +72,15 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     served = []
     for name, meth in built:
         eng = SafeDecoder(model, tok, meth, backend=spec.backend).engine(
-            max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue)
+            max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
+            max_prefill_tokens=spec.max_prefill_tokens)
         info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
                 "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
                 "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
                                                 or ("soft prompt" if b.soft_prompt is not None
                                                     else "plain") for b in meth.branches],
                 "max_seqs": spec.max_seqs, "max_len": eng.max_len,
+                "max_prefill_tokens": spec.max_prefill_tokens,
                 "backend": eng.runner.backend}
         served.append(ServedModel(f"{base}:{name}", eng, info))
     return served

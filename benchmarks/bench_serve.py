@@ -1,0 +1,164 @@
+"""Load benchmark of ``safedecode serve`` on the embedded model: throughput and p50/p99 time to
+first token and inter-token latency at concurrency 1, 4, 16, 32 (closed-loop streaming clients,
+:mod:`safedecode.bench.load`), everything on 127.0.0.1. Writes
+``benchmarks/results/serve_cpu.{md,json,png}``.
+
+    python benchmarks/bench_serve.py            # the published run
+    python benchmarks/bench_serve.py --quick    # concurrency 1 and 4, few requests: a smoke run
+
+Each server setting of ``--max-prefill-tokens`` (default: 0 = no budget, and 32) is a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safedecode.bench.load import run_level
+from safedecode.bench.machine import describe, machine_line
+from safedecode.models import DEFAULT_NAME
+from safedecode.serve.process import ServerProcess
+
+OUT = Path(__file__).parent / "results"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    for run in runs:
+        levels, tag = run["levels"], _tag(run["max_prefill_tokens"])
+        c = [x["concurrency"] for x in levels]
+        ax[0].plot(c, [x["tok_s"] for x in levels], "o-", label=tag)
+        for a, key in ((ax[1], "ttft"), (ax[2], "itl")):
+            a.plot(c, [x[f"{key}_p50_s"] * 1e3 for x in levels], "o-", label=f"p50, {tag}")
+            a.plot(c, [x[f"{key}_p99_s"] * 1e3 for x in levels], "s--", label=f"p99, {tag}")
+    ax[0].set(title="throughput", xlabel="concurrency", ylabel="tokens/s")
+    ax[1].set(title="time to first token", xlabel="concurrency", ylabel="ms")
+    ax[2].set(title="inter-token latency", xlabel="concurrency", ylabel="ms")
+    c = [x["concurrency"] for x in runs[0]["levels"]]
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.set_xticks(c, [str(x) for x in c])
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _tag(budget: int | None) -> str:
+    return f"prefill budget {budget}" if budget else "no prefill budget"
+
+
+def _table(run: dict) -> list[str]:
+    rows = [f"| {x['concurrency']} | {x['requests']} | {x['errors']} | {x['tok_s']:.1f} | "
+            f"{x['ttft_p50_s'] * 1e3:.0f} | {x['ttft_p99_s'] * 1e3:.0f} | "
+            f"{x['itl_p50_s'] * 1e3:.0f} | {x['itl_p99_s'] * 1e3:.0f} |" for x in run["levels"]]
+    flag = run["max_prefill_tokens"] or 0
+    return [f"## `--max-prefill-tokens {flag}` ({_tag(run['max_prefill_tokens'])})", "",
+            "| concurrency | requests | errors | tokens/s | TTFT p50 ms | TTFT p99 ms | "
+            "ITL p50 ms | ITL p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            *(f"- {line}" for line in run["targets"]["lines"]), ""]
+
+
+def markdown(r: dict, command: str, machine: str) -> str:
+    body = [line for run in r["runs"] for line in _table(run)]
+    return "\n".join([
+        f"# `safedecode serve` under load, {DEFAULT_NAME} (cpu)", "",
+        f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
+        f"Method `{r['method']}` (K = {r['k']}), `--max-seqs {r['max_seqs']}`; each level: "
+        f"closed-loop streaming clients, {r['max_tokens']} tokens per request (EOS ignored, "
+        "temperature 0.7, a seed per request), the server and the async httpx client on "
+        "127.0.0.1 of this machine (they share its cores). TTFT: request sent to first content "
+        "chunk; ITL: gap between a stream's consecutive content chunks (one token each).", "",
+        *body, "## Reading it", "", r["reading"], "", f"![load]({Path(r['plot']).name})", ""])
+
+
+def targets(levels: list[dict]) -> dict:
+    by = {x["concurrency"]: x for x in levels}
+    lines, ok = [], {}
+    if 1 in by and 16 in by:
+        thr = by[16]["tok_s"] / by[1]["tok_s"]
+        itl = by[16]["itl_p99_s"] / by[1]["itl_p99_s"]
+        ok = {"throughput_16_over_1": thr, "itl_p99_16_over_1": itl}
+        lines.append(f"throughput at 16 / at 1: **{thr:.2f}x** (target >= 4x: "
+                     f"{'met' if thr >= 4 else 'MISSED'})")
+        lines.append(f"p99 inter-token latency at 16 / at 1: **{itl:.2f}x** (target <= 4x: "
+                     f"{'met' if itl <= 4 else 'MISSED'})")
+    return {"lines": lines, **ok}
+
+
+READING = (
+    "On this CPU a forward pass costs about the time to read the weights once plus a share per "
+    "row, and a step that admits requests runs two forwards (the running sequences' decode, "
+    "then the new prompts' prefill), so it takes about twice a decode step. Admitting every "
+    "waiting request at once (no budget) keeps those double steps few (best throughput) but "
+    "makes each of them long (the inter-token latency tail); a small prefill budget admits about "
+    "one request per step, so the double steps are short but frequent (a better tail, less "
+    "throughput). A single forward for prefill and decode rows together (ragged attention, as "
+    "vLLM's mixed batches) removes the second weight read; see the issue notes.")
+
+
+def run_config(args, levels: list[int], budget: int) -> dict:
+    max_seqs = max(levels)
+    with tempfile.TemporaryDirectory() as tmp, ServerProcess(
+            ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
+             "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
+             "--name", "bench"], Path(tmp)) as srv:
+        model_id = f"bench:{args.method}"
+        asyncio.run(run_level(srv.url, model_id, 1, 2, 4))  # warm-up: first-call costs
+        results = []
+        for c in levels:
+            n = max(4, 2 * c) if not args.quick else max(2, c)
+            res = asyncio.run(run_level(srv.url, model_id, c, n, args.max_tokens,
+                                        time_limit=600, seed=1000 * c))
+            results.append(res.summary())
+            print(json.dumps({"max_prefill_tokens": budget, **results[-1]}), file=sys.stderr,
+                  flush=True)
+    return {"max_prefill_tokens": budget or None, "levels": results,
+            "targets": targets(results)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--method", default="acd-text")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=None)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-prefill-tokens", type=int, nargs="*", default=[0, 32],
+                    help="server settings to compare (0: no budget)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    levels = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 32])
+    out = args.out or (OUT / "quick" if args.quick else OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [run_config(args, levels, b) for b in args.max_prefill_tokens]
+    from safedecode import methods
+
+    command = shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])
+    png = out / "serve_cpu.png"
+    r = {"benchmark": "serve", "device": "cpu", "quick": args.quick, "command": command,
+         "method": args.method, "k": methods.get(args.method).k, "max_seqs": max(levels),
+         "max_tokens": args.max_tokens, "runs": runs, "reading": READING,
+         "machine": describe("cpu"), "plot": str(png)}
+    plot(runs, png)
+    (out / "serve_cpu.json").write_text(json.dumps(r, indent=2) + "\n")
+    (out / "serve_cpu.md").write_text(markdown(r, command, machine_line(r["machine"])))
+    print(f"wrote {out / 'serve_cpu.md'}")
+    for run in runs:
+        for line in run["targets"]["lines"]:
+            print(f"{_tag(run['max_prefill_tokens'])}: {line}")
+
+
+if __name__ == "__main__":
+    main()
