@@ -76,6 +76,96 @@ def test_continuous_batching_equals_lone_runs():
         assert len(results[rid].token_ids) == sp.max_new_tokens
 
 
+def _live_slots(eng: Engine) -> list[int]:
+    return sorted(s.slot for s in eng._live.values() if s.slot >= 0)
+
+
+def test_finished_requests_leave_no_holes_and_outputs_stay_exact():
+    """Requests that end in the middle of the slots are replaced by moving the top sequence
+    down: the live slots stay 0..n-1 (steps read a view) and every output is still exact."""
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4)
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=n, ignore_eos=True)
+              for n in (3, 9, 2, 12)]
+    ids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS, params, strict=False)]
+    decoded = []
+    decode = eng.runner.decode
+    eng.runner.decode = lambda st, slots: decoded.append(slots) or decode(st, slots)
+    results = _drain(eng)
+    assert len(decoded) == 11 and all(s == tuple(range(len(s))) for s in decoded), decoded
+    for rid, p, sp in zip(ids, PROMPTS, params, strict=False):
+        assert results[rid].token_ids == _alone(model, tok, p, sp), p
+
+
+def test_compaction_moves_the_top_sequence_into_the_hole():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3)
+    sp = SamplingParams(max_new_tokens=10, temperature=0.7, seed=2, ignore_eos=True)
+    a, b, c = (eng.add_request(p, sp) for p in PROMPTS[:3])
+    eng.step()
+    eng.step()
+    assert _live_slots(eng) == [0, 1, 2]
+    eng.abort(b)
+    assert _live_slots(eng) == [0, 2]
+    res = _drain(eng)
+    assert _live_slots(eng) == []
+    assert res[c].token_ids == _alone(model, tok, PROMPTS[2], sp)
+    assert res[a].token_ids == _alone(model, tok, PROMPTS[0], sp)
+
+
+def test_prefill_budget_admits_one_request_per_step_while_others_decode():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4, max_prefill_tokens=1)
+    sp = SamplingParams(max_new_tokens=6, temperature=0.9, seed=4, ignore_eos=True)
+    ids = [eng.add_request(PROMPTS[0], sp), eng.add_request(PROMPTS[1], sp)]
+    eng.step()  # nothing was running: both admitted at once
+    assert eng.num_waiting() == 0 and eng.num_running() == 2
+    ids += [eng.add_request(p, sp) for p in PROMPTS[2:4]]
+    eng.step()
+    assert eng.num_waiting() == 1  # one at a time while others decode
+    eng.step()
+    assert eng.num_waiting() == 0
+    res = _drain(eng)
+    for rid, p in zip(ids, PROMPTS, strict=False):
+        assert res[rid].token_ids == _alone(model, tok, p, sp)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        SafeDecoder(model, tok, _method()).engine(max_prefill_tokens=0)
+
+
+def test_choices_are_forked_at_prefill_and_survive_an_abort_while_waiting():
+    """add_choices: n sequences, one prefill, choice i draws with seed + i (= a lone request
+    with that seed); aborting the group's head while it waits leaves the others intact."""
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3)
+    sp = SamplingParams(max_new_tokens=7, temperature=1.0, seed=30)
+    first = eng.add_choices(PROMPTS[1], sp, 3)
+    res = _drain(eng)
+    for i, rid in enumerate(first):
+        assert res[rid].token_ids == _alone(model, tok, PROMPTS[1], sp.with_seed(30 + i))
+    blocker = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    eng.step()
+    ids = eng.add_choices(PROMPTS[2], sp, 3)  # needs 3 free slots: waits for the blocker
+    eng.step()
+    assert eng.num_waiting() == 1
+    eng.abort(ids[0])
+    res = _drain(eng)
+    assert set(res) == {blocker, ids[1], ids[2]}
+    for i in (1, 2):
+        assert res[ids[i]].token_ids == _alone(model, tok, PROMPTS[2], sp.with_seed(30 + i))
+    with pytest.raises(ValueError, match="max_seqs=3"):
+        eng.add_choices(PROMPTS[0], sp, 4)
+
+
+def test_raw_prompts_are_continued_as_they_are():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, methods.get("plain")).engine(max_seqs=1)
+    text = "The capital of France is"
+    built = eng.build(text, raw=True)
+    assert built[0][0].ids + built[0][1] == tok(text)["input_ids"]
+    with pytest.raises(ValueError, match="raw"):
+        eng.add_request([{"role": "user", "content": "hi"}], raw=True)
+
+
 def test_fork_then_decode_equals_decoding_the_prefix_from_scratch():
     model, tok = tiny_llama()
     eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4)

@@ -340,3 +340,19 @@ def test_request_timeout_aborts_and_frees_rows(tiny_model_dir):
             "model": "tiny:plain", "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_load_client_counts_requests_tokens_and_latencies(server):
+    """The load benchmark's client (bounded in count and time) against the live server."""
+    from safedecode.bench.load import percentile, run_level
+
+    res = asyncio.run(run_level(server.url, "tiny:plain", 2, 5, 4, api_key=KEY,
+                                time_limit=60))
+    s = res.summary()
+    assert s["requests"] == 5 and s["errors"] == 0 and 0 < s["tokens"] <= 20
+    assert len(res.ttft) == 5 and s["ttft_p50_s"] <= s["ttft_p99_s"] and s["tok_s"] > 0
+    bad = asyncio.run(run_level(server.url, "tiny:nope", 1, 2, 4, api_key=KEY))
+    assert bad.errors == 2 and bad.requests == 0
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        asyncio.run(run_level("http://192.0.2.1:1", "x", 1, 1, 1))
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
