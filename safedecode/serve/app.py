@@ -248,6 +248,31 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- routes ------------------------------------------------------------------------------
+    async def _answer(req, request: Request, ticket: Ticket, *, prefix: str, obj: str,
+                      chunk_obj: str, choice, chunk_choice):
+        """The response (JSON or SSE) around per-choice builders: ``choice(i, result)`` and
+        ``chunk_choice(i, text, (token, logprob) | None, finish_reason, first) -> dict|None``."""
+        rid, created = new_id(prefix), now()
+
+        def envelope(kind: str, choices: list) -> dict:
+            return {"id": rid, "object": kind, "created": created, "model": req.model,
+                    "choices": choices}
+
+        if req.stream:
+            def chunk(c, text, lp, reason, first):
+                if c is None:
+                    return envelope(chunk_obj, [])
+                ch = chunk_choice(c, text, lp, reason, first)
+                return None if ch is None else envelope(chunk_obj, [ch])
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            _count(request, "stream")
+            return _streaming(_stream(ticket, chunk, include))
+        results = await _collect(ticket, request)
+        _count(request, "ok")
+        body = envelope(obj, [choice(i, r) for i, r in enumerate(results)])
+        body["usage"] = usage(ticket.prompt_tokens, sum(len(r.token_ids) for r in results))
+        return body
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         served = _model(req.model, request)
@@ -255,30 +280,23 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         params = req.params(cfg.default_max_tokens)
         fill = req.max_tokens is None and req.max_completion_tokens is None
         ticket = await _submit(served, [msgs], params, req.n, raw=False, fill=fill)
-        rid, created, tok = new_id("chatcmpl"), now(), served.engine.tok
+        tok = served.engine.tok
 
-        if req.stream:
-            def chunk(c, text, lp, reason, first):
-                delta = {"role": "assistant", "content": ""} if first else (
-                    {"content": text} if text or not reason else {})
-                logprobs = chat_logprobs(tok, [lp[0]], [lp[1]]) if lp else None
-                return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model, "choices": [] if c is None else [
-                            {"index": c, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": reason}]}
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            _count(request, "stream")
-            return _streaming(_stream(ticket, chunk, include))
+        def choice(i, r):
+            return {"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs)
+                    if req.logprobs else None,
+                    "finish_reason": FINISH.get(r.finish_reason, "stop")}
 
-        results = await _collect(ticket, request)
-        _count(request, "ok")
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs)
-                             if req.logprobs else None,
-                             "finish_reason": FINISH.get(r.finish_reason, "stop")}
-                            for i, r in enumerate(results)],
-                "usage": usage(ticket.prompt_tokens, sum(len(r.token_ids) for r in results))}
+        def chunk_choice(c, text, lp, reason, first):
+            delta = {"role": "assistant", "content": ""} if first else (
+                {"content": text} if text or not reason else {})
+            return {"index": c, "delta": delta, "finish_reason": reason,
+                    "logprobs": chat_logprobs(tok, [lp[0]], [lp[1]]) if lp else None}
+
+        return await _answer(req, request, ticket, prefix="chatcmpl", obj="chat.completion",
+                             chunk_obj="chat.completion.chunk", choice=choice,
+                             chunk_choice=chunk_choice)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -287,30 +305,23 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         params = req.params(cfg.default_max_tokens)
         ticket = await _submit(served, prompts, params, req.n, raw=True,
                                fill=req.max_tokens is None)
-        rid, created, tok = new_id("cmpl"), now(), served.engine.tok
+        tok = served.engine.tok
 
-        if req.stream:
-            def chunk(c, text, lp, reason, first):
-                if first:
-                    return None
-                return {"id": rid, "object": "text_completion", "created": created,
-                        "model": req.model, "choices": [] if c is None else [
-                            {"index": c, "text": text, "finish_reason": reason,
-                             "logprobs": completion_logprobs(tok, [lp[0]], [lp[1]])
-                             if lp else None}]}
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            _count(request, "stream")
-            return _streaming(_stream(ticket, chunk, include))
+        def choice(i, r):
+            return {"index": i, "text": r.text,
+                    "logprobs": completion_logprobs(tok, r.token_ids, r.logprobs)
+                    if req.logprobs is not None else None,
+                    "finish_reason": FINISH.get(r.finish_reason, "stop")}
 
-        results = await _collect(ticket, request)
-        _count(request, "ok")
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": r.text,
-                             "logprobs": completion_logprobs(tok, r.token_ids, r.logprobs)
-                             if req.logprobs is not None else None,
-                             "finish_reason": FINISH.get(r.finish_reason, "stop")}
-                            for i, r in enumerate(results)],
-                "usage": usage(ticket.prompt_tokens, sum(len(r.token_ids) for r in results))}
+        def chunk_choice(c, text, lp, reason, first):
+            if first:
+                return None
+            return {"index": c, "text": text, "finish_reason": reason,
+                    "logprobs": completion_logprobs(tok, [lp[0]], [lp[1]]) if lp else None}
+
+        return await _answer(req, request, ticket, prefix="cmpl", obj="text_completion",
+                             chunk_obj="text_completion", choice=choice,
+                             chunk_choice=chunk_choice)
 
     @app.get("/v1/models")
     async def list_models():
