@@ -76,10 +76,12 @@ def markdown(r: dict, command: str, machine: str) -> str:
         f"# `safedecode serve` under load, {DEFAULT_NAME} (cpu)", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
         f"Method `{r['method']}` (K = {r['k']}), `--max-seqs {r['max_seqs']}`; each level: "
-        f"closed-loop streaming clients, {r['max_tokens']} tokens per request (EOS ignored, "
-        "temperature 0.7, a seed per request), the server and the async httpx client on "
-        "127.0.0.1 of this machine (they share its cores). TTFT: request sent to first content "
-        "chunk; ITL: gap between a stream's consecutive content chunks (one token each).", "",
+        f"closed-loop streaming clients, {r['max_tokens']} ± {r['spread']:.0%} tokens per "
+        "request (uniform, so the clients fall out of step and prompts are prefilled while "
+        "others decode; EOS ignored, temperature 0.7, a seed per request), the server and the "
+        "async httpx client on 127.0.0.1 of this machine (they share its cores). TTFT: "
+        "request sent to first content chunk; ITL: gap between a stream's consecutive "
+        "content chunks (one token each).", "",
         *body, "## Reading it", "", r["reading"], "", f"![load]({Path(r['plot']).name})", ""])
 
 
@@ -120,7 +122,7 @@ def run_config(args, levels: list[int], budget: int) -> dict:
         for c in levels:
             n = max(4, 2 * c) if not args.quick else max(2, c)
             res = asyncio.run(run_level(srv.url, model_id, c, n, args.max_tokens,
-                                        time_limit=600, seed=1000 * c))
+                                        time_limit=600, seed=1000 * c, spread=args.spread))
             results.append(res.summary())
             print(json.dumps({"max_prefill_tokens": budget, **results[-1]}), file=sys.stderr,
                   flush=True)
@@ -134,7 +136,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--method", default="acd-text")
     ap.add_argument("--concurrency", type=int, nargs="*", default=None)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--spread", type=float, default=0.5,
+                    help="request lengths uniform in max_tokens * [1 - s, 1 + s]")
     ap.add_argument("--max-prefill-tokens", type=int, nargs="*", default=[0, 32],
                     help="server settings to compare (0: no budget)")
     ap.add_argument("--out", type=Path, default=None)
@@ -149,7 +153,7 @@ def main() -> None:
     png = out / "serve_cpu.png"
     r = {"benchmark": "serve", "device": "cpu", "quick": args.quick, "command": command,
          "method": args.method, "k": methods.get(args.method).k, "max_seqs": max(levels),
-         "max_tokens": args.max_tokens, "runs": runs, "reading": READING,
+         "max_tokens": args.max_tokens, "spread": args.spread, "runs": runs, "reading": READING,
          "machine": describe("cpu"), "plot": str(png)}
     plot(runs, png)
     (out / "serve_cpu.json").write_text(json.dumps(r, indent=2) + "\n")

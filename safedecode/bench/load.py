@@ -2,14 +2,18 @@
 
 ``concurrency`` clients each send streaming chat requests back to back until ``requests`` have
 been sent in all or ``time_limit`` seconds have passed (whichever comes first: the loop always
-stops by itself). Per request it records the time to the first content chunk and the gaps
-between content chunks (inter-token latency; one token per chunk as the server streams).
+stops by itself). Request ``i`` asks for ``max_tokens * (1 + spread * u_i)`` tokens, ``u_i``
+uniform in [-1, 1] (seeded), so the clients fall out of step and new prompts are prefilled while
+other streams decode, as in real traffic (``spread=0``: every request the same length). Per
+request it records the time to the first content chunk and the gaps between content chunks
+(inter-token latency; one token per chunk as the server streams).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -85,9 +89,14 @@ async def _one(client: httpx.AsyncClient, body: dict, res: LevelResult) -> None:
 
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
                     *, time_limit: float = 300.0, api_key: str | None = None,
-                    seed: int = 0) -> LevelResult:
-    """``requests`` streaming chats (``max_tokens`` each, EOS ignored) from ``concurrency``
-    closed-loop clients, stopping at ``time_limit`` seconds."""
+                    seed: int = 0, spread: float = 0.0) -> LevelResult:
+    """``requests`` streaming chats (about ``max_tokens`` each, see the module docstring; EOS
+    ignored) from ``concurrency`` closed-loop clients, stopping at ``time_limit`` seconds."""
+    if not 0 <= spread < 1:
+        raise ValueError(f"spread: must be in [0, 1), got {spread}")
+    rng = random.Random(seed)
+    lengths = [max(1, round(max_tokens * (1 + spread * rng.uniform(-1, 1))))
+               for _ in range(requests)]
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         raise ValueError(f"url: the load client talks to 127.0.0.1 only, got {url!r}")
     res = LevelResult(concurrency)
@@ -99,7 +108,7 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
         for i in counter:
             if time.perf_counter() > deadline:
                 return
-            body = {"model": model, "max_tokens": max_tokens, "temperature": 0.7,
+            body = {"model": model, "max_tokens": lengths[i], "temperature": 0.7,
                     "seed": seed + i, "stream": True, "ignore_eos": True,
                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
             await _one(client, body, res)
