@@ -102,3 +102,105 @@ class NaiveContrastGenerator:
                 finish_reason="eos" if outs[i] and outs[i][-1] in eos else "length",
                 prompt_tokens=[], timing={"total_s": elapsed, "new_tokens": len(outs[i])}))
         return results
+
+
+class NaiveDeAL:
+    """DeAL as the public implementation runs it: one request at a time, and at every search
+    step the whole context prefilled again — once for the candidates, once more for each
+    candidate's rollout (K branch passes each, a fresh cache per rollout). Greedy rollouts, beam
+    1. The baseline of the DeAL benchmark and the reference of its exactness tests."""
+
+    def __init__(self, model, tokenizer, spec, *, backend: str = "reference") -> None:
+        if spec.beam != 1:
+            raise ValueError("beam: the naive DeAL baseline searches with beam 1")
+        self.spec, self.model, self.tok = spec, model, tokenizer
+        self.gen = NaiveContrastGenerator(model, tokenizer, spec.base, backend=backend)
+        self.backend = backend
+
+    def _final(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        from safedecode.ops import contrastive_logprobs
+
+        m = self.spec.base
+        return contrastive_logprobs(torch.stack(logits), list(m.weights), rule=m.rule,
+                                    anchor=m.anchor, beta=m.beta, temperature=1.0,
+                                    backend=self.backend)[0]
+
+    @torch.no_grad()
+    def _run(self, embs: list[torch.Tensor], ids: list[int], n: int, eos: set[int]
+             ) -> tuple[list[int], list[float], torch.Tensor]:
+        """Prefill prompt + ``ids`` per branch (fresh caches), then up to ``n`` greedy tokens.
+        Returns (tokens, their log-probs, the final log-distribution after ``ids``)."""
+        gen, model = self.gen, self.model
+        caches, logits = [], []
+        for emb in embs:
+            x = emb
+            if ids:
+                x = torch.cat([emb, gen.embed(torch.tensor(ids, device=gen.device))])
+            cache = DynamicCache()
+            pos = torch.arange(x.shape[0], device=gen.device)[None]
+            out = model(inputs_embeds=x[None], position_ids=pos, **cache_kwargs(model, cache))
+            caches.append(cache)
+            logits.append(out.logits[:, -1, :])
+        first = self._final(logits)
+        lp, toks, lps = first, [], []
+        lengths = [e.shape[0] + len(ids) for e in embs]
+        for _ in range(n):
+            t = int(torch.sort(lp, descending=True, stable=True).indices[0])
+            toks.append(t)
+            lps.append(float(lp[t]))
+            if t in eos:
+                break
+            logits = []
+            for k, cache in enumerate(caches):
+                out = model(input_ids=torch.tensor([[t]], device=gen.device),
+                            position_ids=torch.tensor([[lengths[k]]], device=gen.device),
+                            **cache_kwargs(model, cache))
+                lengths[k] += 1
+                logits.append(out.logits[:, -1, :])
+            lp = self._final(logits)
+        return toks, lps, first
+
+    @torch.no_grad()
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = 128) -> GenerationResult:
+        spec, t0 = self.spec, time.perf_counter()
+        msgs = normalise_prompt(prompt, 0)
+        embs = [self.gen._branch_inputs(k, [msgs])[0][0] for k in range(spec.base.k)]
+        eos: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.tok):
+            e = getattr(src, "eos_token_id", None)
+            eos.update([e] if isinstance(e, int) else (e or []))
+
+        def text_of(ids: list[int]) -> str:
+            return self.tok.decode([t for t in ids if t not in eos], skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+
+        user = msgs[-1]["content"] if isinstance(prompt, str) else next(
+            m["content"] for m in reversed(msgs) if m["role"] == "user")
+        committed: list[int] = []
+        lps: list[float] = []
+        while True:
+            first = self._run(embs, committed, 0, eos)[2]
+            top_lp, top_tok = torch.sort(first, descending=True, stable=True)
+            cands = [(int(t), float(v)) for t, v in zip(top_tok[:spec.k], top_lp[:spec.k],
+                                                         strict=True) if v != float("-inf")]
+            scored = []
+            for rank, (c, c_lp) in enumerate(cands):
+                seq, seq_lps = [*committed, c], [*lps, c_lp]
+                roll, roll_lps = [], []
+                if c not in eos and len(seq) < max_new_tokens:
+                    roll, roll_lps, _ = self._run(
+                        embs, seq, min(spec.lookahead, max_new_tokens - len(seq)), eos)
+                full = seq + roll
+                h = spec.reward([user], [text_of(full)])[0]
+                ended = (full[-1] in eos) or len(full) >= max_new_tokens
+                scored.append((-(sum(seq_lps) + spec.lam * h), rank, full, seq_lps + roll_lps,
+                               ended, len(seq)))
+            _, _, full, full_lps, ended, base = min(scored, key=lambda x: (x[0], x[1]))
+            if ended:
+                return GenerationResult(
+                    text=text_of(full), token_ids=full,
+                    finish_reason="eos" if full[-1] in eos else "length", prompt_tokens=[],
+                    logprobs=full_lps, timing={"total_s": time.perf_counter() - t0,
+                                               "new_tokens": len(full)})
+            n = min(base - 1 + spec.chunk, len(full))
+            committed, lps = full[:n], full_lps[:n]

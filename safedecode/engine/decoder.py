@@ -67,12 +67,16 @@ class SafeDecoder:
     safedecode's small-M GEMM for decode steps of <= 16 rows (see :mod:`safedecode.ops.linear`).
     ``compile=True`` runs decode steps under ``torch.compile`` (static shapes; the first call
     of each batch shape compiles: minutes on a CPU). For requests that arrive and leave while
-    others run, use :meth:`engine`.
+    others run, use :meth:`engine`. ``method`` may be a :class:`~safedecode.methods.DeAL`
+    search: ``generate`` then runs the search over the engine (``on_step`` reports progress).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  compile: bool = False) -> None:  # noqa: A002 - the natural name
+        self.search = None
+        if type(method).__name__ == "DeAL":  # a search around a base method
+            self.search, method = method, method.base
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method
@@ -99,6 +103,8 @@ class SafeDecoder:
         None), ``return_logprobs``; ``streamer``: a transformers streamer (``put``/``end``) for a
         single prompt; ``raw``: string prompts continued as they are (no chat template).
         """
+        if self.search is not None:
+            return self._search(prompts, params, streamer, raw)
         results: dict[int, GenerationResult] = {}
         for _ in self._run(prompts, params, streamer, results, raw):
             pass
@@ -110,7 +116,38 @@ class SafeDecoder:
     def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
                **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded."""
+        if self.search is not None:
+            raise ValueError("stream: a DeAL search commits tokens only after its lookahead; "
+                             "use generate()")
         yield from self._run(prompts, params, None, {}, raw)
+
+    def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:
+        from safedecode.methods.deal import search
+
+        params = dict(params)
+        on_step = params.pop("on_step", None)
+        if streamer is not None:
+            raise ValueError("streamer: a DeAL search commits tokens only after its lookahead")
+        if isinstance(prompts, TokenPrompts):
+            raise ValueError("prompts: DeAL scores text; give string or chat prompts")
+        built, per_request = self._requests(prompts, params, raw)
+        texts = [p if isinstance(p, str) else next(
+            (m["content"] for m in reversed(p) if m["role"] == "user"), "")
+            for p in ([prompts] if isinstance(prompts, str) or (
+                prompts and isinstance(prompts[0], dict)) else prompts)]
+        need = max(len(p) + len(s) for req in built for p, s in req) \
+            + per_request[0].max_new_tokens
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        eng = self.engine(max_seqs=len(built) * self.search.sequences_per_request,
+                          max_len=max(2, min(need, context or need)))
+        t0 = time.perf_counter()
+        results = search(eng, built, texts, per_request, self.search, on_step)
+        for r in results:
+            r.timing["call_s"] = time.perf_counter() - t0
+        bad = [r for r in results if r.error]
+        if bad:
+            raise ValueError(bad[0].error)
+        return results
 
     # -- the loop ----------------------------------------------------------------------------
     def _requests(self, prompts, params: dict, raw: bool = False):

@@ -65,6 +65,7 @@ class StepOutput:
     token_id: int
     finish_reason: str | None = None
     logprob: float | None = None
+    parent: int | None = None  # set on a sequence forked by ``step(expand=...)``
 
 
 @dataclass
@@ -371,10 +372,40 @@ class Engine:
         """The tokens a live request has generated so far."""
         return list(self._get(request_id).out)
 
+    def text(self, request_id: int) -> str:
+        """The text a live request has generated so far (stop strings cut, nothing held
+        back)."""
+        return self._get(request_id).detok.text
+
+    def logprobs(self, request_id: int) -> list[float]:
+        """The log-probabilities of a live request's tokens (its params need ``logprobs``)."""
+        return list(self._get(request_id).logprobs)
+
     # -- the step -------------------------------------------------------------------------------
+    def _check_expand(self, expand: dict[int, int]) -> int:
+        need = 0
+        for rid, k in expand.items():
+            self._get(rid)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"expand: k must be an integer >= 1, got {k!r} for {rid}")
+            need += k - 1
+        if need > self.state.free_slots:
+            raise ValueError(f"expand: {need} more sequences need free slots; "
+                             f"{self.state.free_slots} are free (max_seqs="
+                             f"{self.state.max_seqs})")
+        return need
+
     @torch.no_grad()
-    def step(self) -> list[StepOutput]:
-        """Admit, prefill, decode and sample once; returns this step's outputs."""
+    def step(self, expand: dict[int, int] | None = None) -> list[StepOutput]:
+        """Admit, prefill, decode and sample once; returns this step's outputs.
+
+        ``expand`` ({id: k}): those sequences do not sample; they take the top-``k`` tokens of
+        the method's final distribution (temperature 1, ties to the lower id): the sequence
+        continues with the best and ``k - 1`` forks (sharing its KV, no forward) with the
+        others, reported as outputs with ``parent`` set (DeAL's candidates). Costs one more
+        device-to-host read in that step."""
+        expand = dict(expand or {})
+        reserve = self._check_expand(expand) if expand else 0
         st = self.state
         moves = st.compact()
         if moves:
@@ -383,8 +414,8 @@ class Engine:
                 by_slot[src].slot = dst
         busy = st.in_use() > 0
         admitted = self.scheduler.admit(
-            st.free_slots, lambda s: 1 + len(s.kids), lambda s: sum(len(x) for _, x in s.built),
-            self.max_prefill_tokens if busy else None)
+            st.free_slots - reserve, lambda s: 1 + len(s.kids),
+            lambda s: sum(len(x) for _, x in s.built), self.max_prefill_tokens if busy else None)
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params
@@ -425,27 +456,70 @@ class Engine:
         vals = packed.tolist()  # the step's one device-to-host transfer
         self.steps += 1
         now = time.perf_counter()
+        rows = [(seq, int(vals[1][j]), int(vals[0][j]), vals[2][j] if want_lp else None, None)
+                for j, seq in enumerate(seqs)]
+        if expand:
+            rows = self._expand(rows, logits, expand)
         outs = []
-        for j, seq in enumerate(seqs):
+        for seq, status, t, lp, parent in rows:
             if not seq.out:
                 seq.t_first = now
-            status = int(vals[1][j])
             if status:
                 seq.error = f"request {seq.id}: {STATUS_MESSAGES.get(status, status)}"
                 self._finish(seq, "error", now)
                 outs.append(StepOutput(seq.id, seq.detok.flush(), -1, "error"))
                 continue
-            t = int(vals[0][j])
-            lp = vals[2][j] if want_lp else None
             seq.out.append(t)
             if seq.params.logprobs:
                 seq.logprobs.append(lp)
             delta, reason = self._advance_text(seq, t)
             if reason:
                 self._finish(seq, reason, now)
-            outs.append(StepOutput(seq.id, delta, t, reason, lp if seq.params.logprobs
-                                   else None))
+            outs.append(StepOutput(seq.id, delta, t, reason,
+                                   lp if seq.params.logprobs else None, parent))
         return outs
+
+    def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int]) -> list:
+        """Replace the sampled token of each expanded sequence by its top-k candidates (the
+        first for the sequence itself, the others for forks); see :meth:`step`."""
+        from safedecode.ops import contrastive_logprobs
+
+        picked = [j for j, (seq, status, *_) in enumerate(rows)
+                  if seq.id in expand and not status]
+        if not picked:
+            return rows
+        m, st = self.method, self.state
+        lp = contrastive_logprobs(logits[picked].permute(1, 0, 2), self.runner.weights,
+                                  rule=m.rule, anchor=m.anchor, beta=m.beta, temperature=1.0,
+                                  backend=self.runner.backend, check_inputs=False)
+        kmax = max(expand[rows[j][0].id] for j in picked)
+        top_lp, top_tok = torch.sort(lp, dim=-1, descending=True, stable=True)
+        host = torch.stack([top_tok[:, :kmax].double(), top_lp[:, :kmax].double()]).tolist()
+        out = list(rows)
+        for n, j in enumerate(picked):
+            seq = rows[j][0]
+            cands = [(int(t), lp_) for t, lp_ in zip(host[0][n], host[1][n], strict=True)
+                     if lp_ != float("-inf")][:expand[seq.id]]
+            kids = []
+            for i, (tok, lp_) in enumerate(cands[1:], start=1):
+                kid = copy.copy(seq)
+                kid.id, kid.slot = next(self._ids), st.acquire()
+                kid.seed = (seq.seed + i) % 2**62
+                kid.out, kid.logprobs = list(seq.out), list(seq.logprobs)
+                kid.detok = seq.detok.clone()
+                self._live[kid.id] = kid
+                kids.append((kid, tok, lp_))
+            if kids:
+                st.fork(seq.slot, [k.slot for k, _, _ in kids])
+                slots = torch.tensor([k.slot for k, _, _ in kids], device=st.device)
+                st.seed[slots] = torch.tensor([k.seed for k, _, _ in kids],
+                                              dtype=torch.long).to(st.device)
+                st.last[slots] = torch.tensor([t for _, t, _ in kids],
+                                              dtype=torch.long).to(st.device)
+            st.last[seq.slot] = cands[0][0]
+            out[j] = (seq, 0, cands[0][0], cands[0][1], None)
+            out += [(kid, 0, tok, lp_, seq.id) for kid, tok, lp_ in kids]
+        return out
 
     def _advance_text(self, seq: _Seq, token: int) -> tuple[str, str | None]:
         """Feed the new token to the detokeniser; returns (delta, finish reason)."""

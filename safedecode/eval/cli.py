@@ -118,7 +118,8 @@ def eval_command(
             raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-        specs = parse_methods(methods or ",".join(methods_mod.REGISTRY),
+        specs = parse_methods(methods or ",".join(n for n in methods_mod.REGISTRY
+                                                  if n != "deal"),  # deal needs a reward
                               {"alpha": alpha, "beta": beta})
         usable = []
         for s in specs:  # bad method arguments fail before the model loads

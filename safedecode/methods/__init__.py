@@ -11,6 +11,7 @@ from safedecode.engine.branches import Branch, Method, contrastive, plain
 
 from . import prompts
 from .acd import ACD, acd, acd_sp, acd_text
+from .deal import DeAL, deal
 from .self_cd import SelfCD, self_cd, self_cd_sp
 
 
@@ -27,11 +28,13 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "acd-sp": acd_sp,
     "self-cd": self_cd,
     "self-cd-sp": self_cd_sp,
+    "deal": deal,
 }
 
 
-def get(name: str, **kwargs) -> Method:
-    """Build a method by name; unknown names and bad arguments raise ValueError."""
+def get(name: str, **kwargs) -> Method | DeAL:
+    """Build a method by name; unknown names and bad arguments raise ValueError. ``deal``
+    returns a :class:`DeAL` search around a base method (``SafeDecoder`` runs either)."""
     if name not in REGISTRY:
         raise ValueError(f"method: unknown {name!r}; choose one of {sorted(REGISTRY)}")
     try:
@@ -41,4 +44,4 @@ def get(name: str, **kwargs) -> Method:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp"]
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal"]

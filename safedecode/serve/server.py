@@ -67,6 +67,10 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
         raise ValueError(f"--method: a method is given twice in {spec.methods}")
     built = [(name, methods.get(name, **_method_kwargs(name, spec.method_kwargs)))
              for name in spec.methods]
+    for name, meth in built:
+        if isinstance(meth, methods.DeAL):
+            raise ValueError(f"--method {name}: search methods are not served (yet): use "
+                             "`safedecode generate` or `safedecode eval`")
     model, tok = load_model(spec.model)
     base = spec.base_name()
     served = []

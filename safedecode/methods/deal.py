@@ -1,0 +1,165 @@
+"""DeAL (arXiv 2402.06147): decoding as reward-guided lookahead search, on forked decode states.
+
+At each search step every frontier sequence of every request takes its top-``k`` next tokens from
+the base method's final distribution (so DeAL composes with ACD, Self-CD, ...); each candidate is
+a fork of the sequence (its KV shared, no forward), rolled out ``lookahead`` tokens ahead —
+greedy, or sampled with the request's seed when ``temperature`` > 0 — all candidates of all
+requests in **one** batched forward per lookahead step; the prompt is never prefilled again.
+Candidate ``c`` scores ``log P(y_1..c) + lam * h(prompt, y_1..c+lookahead)`` (``log P`` under the
+final distribution at temperature 1; ``h`` a :mod:`~.rewards` reward); the best ``beam`` are kept
+and rolled back to the candidate (``chunk=1``: one token per step, the paper) or to the first
+``chunk`` tokens of their rollout (fewer search steps). A winning candidate whose rollout ended
+(EOS, a stop, or ``max_new_tokens``) is the answer as rolled out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from safedecode.engine.branches import Method
+from safedecode.engine.engine import Engine, GenerationResult
+from safedecode.engine.sampling import SamplingParams
+from safedecode.engine.step import Built
+
+from .rewards import Reward, make_reward
+
+
+@dataclass(frozen=True)
+class DeAL:
+    """Search settings around a base :class:`Method` (see the module docstring)."""
+
+    base: Method
+    reward: Reward
+    k: int = 4
+    lookahead: int = 8
+    lam: float = 1.0
+    beam: int = 1
+    chunk: int = 1
+    name: str = "deal"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Method):
+            raise ValueError(f"base: expected a Method, got {type(self.base).__name__}")
+        for field_, value, lo in (("k", self.k, 1), ("lookahead", self.lookahead, 0),
+                                  ("beam", self.beam, 1), ("chunk", self.chunk, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{field_}: must be an integer >= {lo}, got {value!r}")
+        if self.chunk > self.lookahead + 1:
+            raise ValueError(f"chunk: at most lookahead + 1 = {self.lookahead + 1} tokens can "
+                             f"be committed per step, got {self.chunk}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) \
+                or not math.isfinite(self.lam):
+            raise ValueError(f"lam: must be a finite number, got {self.lam!r}")
+        if not isinstance(self.reward, Reward):
+            raise ValueError("reward: expected a Reward (see safedecode.methods.rewards)")
+
+    @property
+    def sequences_per_request(self) -> int:
+        """Sequences a request holds at once during a search step (``beam x k``)."""
+        return self.beam * self.k
+
+
+def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: int = 1,
+         chunk: int = 1, base: str | Method = "plain", **base_kwargs) -> DeAL:
+    """``methods.get("deal", k=4, lookahead=8, lam=1.0, reward="keywords:include=sorry",
+    base="acd-text", alpha=0.5)``: DeAL over the named base method (its keyword arguments
+    pass through). ``reward``: a :class:`Reward`, a callable ``(prompts, texts) -> scores`` or a
+    spec string (:func:`~.rewards.make_reward`)."""
+    if reward is None:
+        raise ValueError("reward: DeAL needs a reward (e.g. 'keywords:include=sorry|cannot', "
+                         "'length:target=64', 'classifier:path=DIR', or a callable)")
+    if isinstance(base, str):
+        from safedecode import methods
+
+        if base == "deal":
+            raise ValueError("base: DeAL's base must be a decoding method, not DeAL")
+        base = methods.get(base, **base_kwargs)
+    elif base_kwargs:
+        raise ValueError(f"{sorted(base_kwargs)[0]}: not a DeAL parameter")
+    return DeAL(base, make_reward(reward), k=k, lookahead=lookahead, lam=lam, beam=beam,
+                chunk=chunk)
+
+
+@dataclass
+class _Cand:
+    id: int
+    committed: int  # tokens committed before this candidate's token
+
+
+def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+           params: SamplingParams | Sequence[SamplingParams], spec: DeAL,
+           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    """Run DeAL for every request (``built[i]``, scored against ``prompts[i]``, decoded with
+    ``params`` or ``params[i]``) in ``engine`` (which must hold ``len(built) x
+    spec.sequences_per_request`` sequences); returns one result per request.
+    ``on_step(requests_done, requests)`` after each search step."""
+    need = len(built) * spec.sequences_per_request
+    if engine.state.max_seqs < need:
+        raise ValueError(f"max_seqs: DeAL needs {need} sequences ({len(built)} requests x beam "
+                         f"{spec.beam} x k {spec.k}); the engine has {engine.state.max_seqs}")
+    if isinstance(params, SamplingParams):
+        params = [params] * len(built)
+    if len(params) != len(built) or len(prompts) != len(built):
+        raise ValueError(f"params, prompts: expected {len(built)} of each")
+    roots = [engine.add_built(b, replace(p, logprobs=True), index=i)[0]
+             for i, (b, p) in enumerate(zip(built, params, strict=True))]
+    frontier = {i: [r] for i, r in enumerate(roots)}
+    committed = dict.fromkeys(roots, 0)
+    finished: dict[int, GenerationResult] = {}
+    results: dict[int, GenerationResult] = {}
+    while frontier:
+        owner = {sid: i for i, seqs in frontier.items() for sid in seqs}
+        cands: dict[int, list[_Cand]] = {i: [] for i in frontier}
+        for o in engine.step({sid: spec.k for sid in owner}):
+            base = o.parent if o.parent is not None else o.request_id
+            cands[owner[base]].append(_Cand(o.request_id, committed[base]))
+            if o.finish_reason:
+                finished[o.request_id] = engine.pop_result(o.request_id)
+        for _ in range(spec.lookahead):
+            if all(c.id in finished for cs in cands.values() for c in cs):
+                break
+            for o in engine.step():
+                if o.finish_reason:
+                    finished[o.request_id] = engine.pop_result(o.request_id)
+        for i, cs in cands.items():
+            chosen = _select(engine, cs, prompts[i], spec, finished)
+            if chosen[0].id in finished:  # the best rollout ended: that is the answer
+                results[i] = finished[chosen[0].id]
+                for c in cs:
+                    if c.id not in finished:
+                        engine.release(c.id)
+                del frontier[i]
+                continue
+            keep = [c for c in chosen if c.id not in finished]
+            engine.keep([c.id for c in keep])
+            for c in keep:
+                n = min(c.committed + spec.chunk, len(engine.tokens(c.id)))
+                engine.truncate(c.id, n)
+                committed[c.id] = n
+            frontier[i] = [c.id for c in keep]
+        for cs in cands.values():  # this step's losers and winners are settled
+            for c in cs:
+                finished.pop(c.id, None)
+        if on_step is not None:
+            on_step(len(results), len(built))
+    return [results[i] for i in range(len(built))]
+
+
+def _select(engine: Engine, cands: list[_Cand], prompt: str, spec: DeAL,
+            finished: dict[int, GenerationResult]) -> list[_Cand]:
+    """The best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier token)."""
+    texts, logp = [], []
+    for c in cands:
+        if c.id in finished:
+            r = finished[c.id]
+            lps, text = r.logprobs or [], r.text
+        else:
+            lps, text = engine.logprobs(c.id), engine.text(c.id)
+        logp.append(sum(lps[:c.committed + 1]))
+        texts.append(text)
+    h = spec.reward([prompt] * len(cands), texts)
+    score = [lp + spec.lam * x for lp, x in zip(logp, h, strict=True)]
+    order = sorted(range(len(cands)), key=lambda j: (-score[j], j))
+    return [cands[j] for j in order[:spec.beam]]

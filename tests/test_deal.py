@@ -1,0 +1,134 @@
+"""DeAL on forked decode states: k = 1, l = 0 is greedy; the search equals an exhaustive search
+over the same candidates and rollouts (the naive baseline, recomputed from scratch every step);
+forked rollouts equal rollouts from scratch; batched equals one request at a time; rewards and
+bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+from engine_fixtures import tiny_llama
+
+from safedecode import methods
+from safedecode.bench.naive import NaiveDeAL
+from safedecode.engine import SafeDecoder, SamplingParams
+from safedecode.methods.rewards import Keywords, Length, Weighted, make_reward
+
+PROMPTS = ["Why is the sky blue?", "Name a colour.", "Hi"]
+
+
+def _digit_reward(prompts, texts):
+    """A known function of the text: how many of its characters are vowels, minus spaces."""
+    return [sum(ch in "aeiou" for ch in t) - 0.5 * t.count(" ") for t in texts]
+
+
+def test_k1_l0_is_greedy():
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=1, lookahead=0, reward=_digit_reward, base="acd-text",
+                       alpha=0.5)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=8)
+    ref = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).generate(
+        PROMPTS, max_new_tokens=8)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+
+
+@pytest.mark.parametrize(("k", "lookahead", "chunk", "lam"),
+                         [(3, 2, 1, 1.0), (4, 3, 2, 0.5), (2, 0, 1, 3.0), (3, 4, 5, 1.0),
+                          (4, 2, 1, 0.002)])
+def test_search_equals_exhaustive_search_from_scratch(k, lookahead, chunk, lam):
+    """Each step's candidates (top-k of the final distribution), their rollouts and the
+    choice equal the naive search that recomputes everything from the prompt."""
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=k, lookahead=lookahead, chunk=chunk, lam=lam,
+                       reward=_digit_reward, base="acd-text", alpha=0.5)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS[:2], max_new_tokens=9)
+    naive = NaiveDeAL(model, tok, spec)
+    for p, r in zip(PROMPTS[:2], got, strict=True):
+        ref = naive.generate(p, max_new_tokens=9)
+        assert r.token_ids == ref.token_ids, p
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_search_changes_the_answer_toward_the_reward():
+    model, tok = tiny_llama()
+    plain = SafeDecoder(model, tok, methods.get("plain")).generate(PROMPTS[0],
+                                                                  max_new_tokens=10)[0]
+    spec = methods.get("deal", k=4, lookahead=2, lam=10.0, reward=_digit_reward)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS[0], max_new_tokens=10)[0]
+    assert got.token_ids != plain.token_ids
+    assert _digit_reward(None, [got.text])[0] > _digit_reward(None, [plain.text])[0]
+
+
+def test_batched_equals_one_at_a_time_and_sampled_rollouts_are_seeded():
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=3, lookahead=2, beam=2, reward=_digit_reward)
+    dec = SafeDecoder(model, tok, spec)
+    together = dec.generate(PROMPTS, max_new_tokens=7)
+    alone = [dec.generate(p, max_new_tokens=7)[0] for p in PROMPTS]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    a = dec.generate(PROMPTS, max_new_tokens=7, temperature=0.9, seed=[1, 2, 3])
+    b = [dec.generate(p, max_new_tokens=7, temperature=0.9, seed=s)[0]
+         for p, s in zip(PROMPTS, [1, 2, 3], strict=True)]
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_forked_candidates_equal_rollouts_from_scratch():
+    """A candidate's rollout on a forked state equals decoding prompt + committed + candidate
+    from scratch."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5))
+    eng = dec.engine(max_seqs=4)
+    sp = SamplingParams(max_new_tokens=8, logprobs=True)
+    rid = eng.add_request(PROMPTS[0], sp)
+    eng.step()
+    eng.step()
+    outs = eng.step(expand={rid: 4})
+    kids = [o for o in outs if o.parent == rid]
+    assert len(kids) == 3 and len({o.token_id for o in outs}) == 4
+    res = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finish_reason:
+                res[o.request_id] = eng.pop_result(o.request_id)
+    naive = NaiveDeAL(model, tok, methods.get("deal", k=1, lookahead=0,
+                                              reward=_digit_reward, base="acd-text",
+                                              alpha=0.5))
+    embs = [naive.gen._branch_inputs(k, [[{"role": "user", "content": PROMPTS[0]}]])[0][0]
+            for k in range(2)]
+    for o in outs:
+        toks = res[o.request_id].token_ids
+        roll, _, _ = naive._run(embs, toks[:3], 5, set())
+        assert toks[3:] == roll
+
+
+def test_rewards_compose_and_parse():
+    texts = ["I am sorry, I cannot help.", "Sure, here is how to do it step by step."]
+    kw = Keywords(include=["sorry", "cannot"], exclude=["step"])
+    assert kw(["p", "p"], texts) == [2.0, -1.0]
+    both = 2.0 * kw + Length(target=8)
+    assert isinstance(both, Weighted)
+    assert both(["p", "p"], texts) == pytest.approx([4.0 - 2 / 8, -2.0 - 2 / 8])
+    parsed = make_reward("2*keywords:include=sorry|cannot:exclude=step+length:target=8")
+    assert parsed(["p", "p"], texts) == pytest.approx(both(["p", "p"], texts))
+    for bad, match in (("nope", "unknown"), ("keywords", "include"),
+                       ("length:target=0", "target"), ("keywords:foo=1", "foo"),
+                       ("classifier", "path")):
+        with pytest.raises(ValueError, match=match):
+            make_reward(bad)
+    with pytest.raises(ValueError, match="non-finite"):
+        make_reward(lambda p, t: [float("nan")] * len(t))(["p"], ["x"])
+    with pytest.raises(ValueError, match="1 scores for 2"):
+        make_reward(lambda p, t: [0.0])(["p", "p"], ["x", "y"])
+
+
+def test_bad_parameters_are_named():
+    for kw, match in ((dict(k=0), "k:"), (dict(lookahead=-1), "lookahead"),
+                      (dict(beam=0), "beam"), (dict(chunk=9, lookahead=2), "chunk"),
+                      (dict(lam=float("nan")), "lam"), (dict(reward="nope"), "unknown"),
+                      (dict(base="deal"), "base"), (dict(reward=None), "reward")):
+        args = {"reward": _digit_reward, **kw}
+        with pytest.raises(ValueError, match=match):
+            methods.get("deal", **args)
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
+    with pytest.raises(ValueError, match="generate"):
+        list(dec.stream("Hi"))
