@@ -44,6 +44,16 @@ def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     return prompts
 
 
+def _search_progress(bar, task, name: str, first: int):
+    """A DeAL ``on_step`` callback that shows the search step and the finished requests."""
+    steps = [0]
+
+    def on_step(done: int, total: int) -> None:
+        steps[0] += 1
+        bar.update(task, completed=first + done, description=f"{name}: search step {steps[0]}")
+    return on_step
+
+
 @app.command()
 def generate(
     prompt: str | None = typer.Argument(None, help="The user message."),
@@ -51,7 +61,7 @@ def generate(
                                      help="A .txt (one prompt per line) or .jsonl ('prompt')."),
     method: str = typer.Option("plain", "--method", "-m",
                                help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd, "
-                                    "self-cd-sp"),
+                                    "self-cd-sp, deal"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -67,6 +77,17 @@ def generate(
     acd_prompts: Path | None = typer.Option(
         None, "--acd-prompts",
         help="Soft prompts from `safedecode optimize` (acd, acd-sp, self-cd-sp)."),
+    reward: str | None = typer.Option(None, "--reward", help="deal: the reward, e.g. "
+                                      "'keywords:include=sorry|cannot', 'length:target=64', "
+                                      "'classifier:path=DIR', '2*a+b'."),
+    deal_k: int = typer.Option(4, "--deal-k", help="deal: candidates per search step."),
+    lookahead: int = typer.Option(8, "--lookahead", help="deal: rollout tokens per candidate."),
+    lam: float = typer.Option(1.0, "--lam", help="deal: weight of the reward."),
+    beam: int = typer.Option(1, "--beam", help="deal: sequences kept per request."),
+    chunk: int = typer.Option(1, "--chunk", help="deal: tokens committed per search step "
+                                                 "(1: the paper; more: fewer steps)."),
+    base: str = typer.Option("plain", "--base", help="deal: the method whose distribution "
+                                                     "gives the candidates."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -79,9 +100,12 @@ def generate(
     prompts = _read_prompts(prompt, file)
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
+    if method == "deal":
+        kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
+                      chunk=chunk, base=base)
     console = Console(stderr=True)
     try:
-        if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp"):
+        if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
         meth = methods.get(method, **kwargs)
@@ -108,9 +132,11 @@ def generate(
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"{meth.name}", total=len(prompts))
             for i in range(0, len(prompts), batch_size):
-                chunk = prompts[i:i + batch_size]
-                results.extend(dec.generate(chunk, **kw))
-                bar.advance(task, len(chunk))
+                part = prompts[i:i + batch_size]
+                if dec.search is not None:  # a long search: show its steps
+                    kw["on_step"] = _search_progress(bar, task, meth.name, i)
+                results.extend(dec.generate(part, **kw))
+                bar.update(task, completed=i + len(part))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     for p, r in zip(prompts, results, strict=True):

@@ -132,3 +132,22 @@ def test_bad_parameters_are_named():
     dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
     with pytest.raises(ValueError, match="generate"):
         list(dec.stream("Hi"))
+
+
+def test_cli_generate_deal_and_its_errors(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    run = CliRunner().invoke
+    base = ["generate", "--model", str(tiny_model_dir), "--method", "deal", "-n", "6"]
+    r = run(app, [*base, "--reward", "keywords:include=the", "--deal-k", "2", "--lookahead",
+                  "2", "--json", "Hi"])
+    assert r.exit_code == 0, r.output
+    assert '"method": "deal"' in r.output and '"tokens": 6' in r.output
+    for extra, match in ((["--deal-k", "0", "--reward", "length"], "k: must be"),
+                         (["--lookahead", "-1", "--reward", "length"], "lookahead"),
+                         (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
+                         (["--reward", "length", "--stream"], "generate()")):
+        r = run(app, [*base, *extra, "Hi"])
+        assert r.exit_code == 2 and match in r.output, (extra, r.output)
