@@ -206,6 +206,34 @@ def optimize(
                f"L_AP {last['L_AP']:.3f}")
 
 
+@app.command("train-reward")
+def train_reward(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapter and metrics."),
+    model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
+                                                "model)."),
+    epochs: float = typer.Option(8.0, help="Passes over the anchor train pairs."),
+    lr: float = typer.Option(1e-3, help="Learning rate (LoRA + score head)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    seed: int = typer.Option(0, help="Seed."),
+):
+    """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
+    LoRA); prints its pairwise accuracy on the validation part."""
+    try:
+        from safedecode.methods.harmless import RMConfig, train_reward_model
+
+        if epochs <= 0 or lr <= 0 or lora_r < 1:
+            raise ValueError("--epochs and --lr must be > 0, --lora-r >= 1")
+        metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
+                                                   seed=seed), model_path=model,
+                                     log=lambda m: typer.echo(m, err=True))
+    except ImportError as exc:
+        _fail(f"train-reward needs the train extra (pip install 'safedecode[train]'): {exc}")
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: validation accuracy {metrics['val_accuracy']:.3f} "
+               f"({metrics['val_pairs']} pairs), train {metrics['train_accuracy']:.3f}")
+
+
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Show which backends loaded here and why others did not."""

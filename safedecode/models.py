@@ -124,6 +124,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAFEDECODE_CACHE", "~/.cache/safedecode")).expanduser()
 
 
+def _converted_dir() -> Path:
+    folder, gguf = default_model_path()
+    return cache_dir() / f"smollm2-135m-instruct-{(folder / gguf).stat().st_size}"
+
+
+def default_model_dir() -> Path:
+    """A plain transformers folder of the embedded default model (converted once, see
+    :func:`load_default`), for loaders that need a path (e.g. a sequence-classification head)."""
+    converted = _converted_dir()
+    if not (converted / "config.json").is_file():
+        load_default()
+    if not (converted / "config.json").is_file():
+        raise FileNotFoundError(f"could not write the converted default model to {converted}")
+    return converted
+
+
 def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load the embedded default model, SmolLM2-135M-Instruct, offline. Returns (model, tokenizer).
 
@@ -131,7 +147,7 @@ def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu"):
     :func:`cache_dir`; a later process loads that copy instead (~9 s here, Python imports included).
     """
     folder, gguf = default_model_path()
-    converted = cache_dir() / f"smollm2-135m-instruct-{(folder / gguf).stat().st_size}"
+    converted = _converted_dir()
     if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():
         model, tok = load_model(str(converted), dtype=dtype, device=device)
     else:

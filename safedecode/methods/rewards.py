@@ -175,8 +175,9 @@ class ClassifierReward(Reward):
 
 def make_reward(spec: str | Reward | Callable) -> Reward:
     """A reward from a spec: ``keywords:include=a|b:exclude=c``, ``length:target=64``,
-    ``classifier:path=DIR[:label=1]``, several joined with ``+`` and weighted with ``W*``
-    (``2*keywords:...``) — or a :class:`Reward` / callable as it is."""
+    ``classifier:path=DIR[:label=1]``, ``harmless[:path=DIR]`` (the harmlessness reward
+    model, :mod:`.harmless`; the shipped one for the default model), several joined with ``+``
+    and weighted with ``W*`` (``2*keywords:...``) — or a :class:`Reward` / callable as it is."""
     if not isinstance(spec, str):
         return _as_reward(spec)
     parts = [p.strip() for p in spec.split("+") if p.strip()]
@@ -210,16 +211,22 @@ def _one(name: str, kw: dict[str, str]) -> Reward:
         if name == "length":
             _only(name, kw, {"target"})
             return Length(int(kw.get("target", 64)))
+        if name == "harmless":
+            _only(name, kw, {"path"})
+            from .harmless import harmlessness_reward
+
+            return harmlessness_reward(kw.get("path"))
         if name == "classifier":
             _only(name, kw, {"path", "label"})
             if "path" not in kw:
                 raise ValueError("classifier reward: needs path=DIR")
             return ClassifierReward(kw["path"], int(kw.get("label", 1)))
     except (TypeError, ValueError) as exc:
-        if str(exc).startswith(("reward", "keywords", "length", "classifier")):
+        if str(exc).startswith(("reward", "keywords", "length", "classifier", "harmless")):
             raise
         raise ValueError(f"reward {name!r}: {exc}") from exc
-    raise ValueError(f"reward: unknown {name!r}; choose keywords, length or classifier")
+    raise ValueError(f"reward: unknown {name!r}; choose keywords, length, classifier or "
+                     "harmless")
 
 
 def _only(name: str, kw: dict, allowed: set[str]) -> None:

@@ -1,0 +1,159 @@
+"""A harmlessness reward model for the embedded model: DeAL's ``harmless`` reward.
+
+A scalar head on SmolLM2-135M-Instruct (a LoRA adapter and the score head, with peft), trained
+with TRL's ``RewardTrainer`` (Bradley-Terry loss) on preference pairs from the anchor set's
+**train** part: for a harmful request its refusal is preferred to a compliance, for a safe
+request its answer to a refusal. ``safedecode train-reward`` trains it and reports its pairwise
+accuracy on the anchor **validation** part; the adapter for the default model ships in
+``safedecode/methods/assets/harmless_rm/``. Needs the ``train`` extra (trl, peft, datasets).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .rewards import Reward
+
+ASSET = Path(__file__).parent / "assets" / "harmless_rm"
+PAD = "<|endoftext|>"  # not the chat template's end-of-turn token (the score reads the last)
+
+
+def _chat(prompt: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+def preference_pairs(part: str) -> list[dict]:
+    """``{"chosen", "rejected"}`` conversations from the anchor set's ``part`` (train / val):
+    harmful → refusal over compliance; safe → answer over a refusal (another harmful item's
+    refusal, in a fixed rotation, so refusals are varied)."""
+    from safedecode.data import load_anchor
+
+    harmful = load_anchor("harmful", part)
+    safe = load_anchor("safe", part)
+    refusals = [it["refusal"] for it in harmful]
+    pairs = [{"chosen": _chat(it["prompt"], it["refusal"]),
+              "rejected": _chat(it["prompt"], it["compliance"])} for it in harmful]
+    pairs += [{"chosen": _chat(it["prompt"], it["answer"]),
+               "rejected": _chat(it["prompt"], refusals[(7 * i) % len(refusals)])}
+              for i, it in enumerate(safe)]
+    return pairs
+
+
+@dataclass
+class RMConfig:
+    epochs: float = 8.0
+    lr: float = 1e-3
+    lora_r: int = 16
+    batch_size: int = 8
+    max_length: int = 384
+    seed: int = 0
+
+
+def _base(model_path: str | None):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from safedecode.models import default_model_dir
+
+    path = model_path or str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    if PAD in tok.get_vocab():
+        tok.pad_token = PAD
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
+                       model_path: str | None = None, log=print) -> dict:
+    """Train on the anchor train part, evaluate on the validation part; writes the adapter,
+    the tokenizer and ``metrics.json`` to ``out``; returns the metrics."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = cfg or RMConfig()
+    torch.manual_seed(cfg.seed)
+    model, tok = _base(model_path)
+    train = preference_pairs("train")
+    args = RewardConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
+                        learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
+                        max_length=cfg.max_length, seed=cfg.seed, report_to=[],
+                        logging_steps=5, save_strategy="no", use_cpu=True,
+                        disable_tqdm=True, pad_token=tok.pad_token)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"],
+                      modules_to_save=["score"], task_type="SEQ_CLS")
+    trainer = RewardTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=Dataset.from_list(train), peft_config=lora)
+    t0 = time.perf_counter()
+    trainer.train()
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    rm = HarmlessReward(str(out), model_path=model_path)
+    metrics = {"config": asdict(cfg), "train_pairs": len(train),
+               "train_s": time.perf_counter() - t0,
+               "train_accuracy": pairwise_accuracy(rm, train),
+               "val_accuracy": pairwise_accuracy(rm, preference_pairs("val")),
+               "val_pairs": len(preference_pairs("val"))}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
+    return metrics
+
+
+def pairwise_accuracy(rm: HarmlessReward, pairs: Sequence[dict]) -> float:
+    """Share of pairs whose chosen reply scores above the rejected one."""
+    prompts = [p["chosen"][0]["content"] for p in pairs]
+    chosen = rm(prompts, [p["chosen"][1]["content"] for p in pairs])
+    rejected = rm(prompts, [p["rejected"][1]["content"] for p in pairs])
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+
+
+class HarmlessReward(Reward):
+    """The trained reward model's scalar score of (prompt, reply) as a chat."""
+
+    name = "harmless"
+
+    def __init__(self, path: str | None = None, *, model_path: str | None = None,
+                 batch_size: int = 16) -> None:
+        import torch
+        from peft import PeftModel
+
+        path = path or str(ASSET)
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(f"harmless reward: no adapter in {path} (train one with "
+                             "`safedecode train-reward --out DIR`)")
+        base, tok = _base(model_path)
+        # not merged: merge_and_unload() changed this adapter's scores (peft 0.21)
+        self.model = PeftModel.from_pretrained(base, path).eval()
+        self.tok, self.batch_size, self.torch = tok, batch_size, torch
+
+    def __call__(self, prompts, texts) -> list[float]:
+        torch = self.torch
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            ids = [self.tok.apply_chat_template(_chat(p, t), tokenize=True,
+                                                return_dict=True)["input_ids"]
+                   for p, t in zip(prompts[i:i + self.batch_size],
+                                   texts[i:i + self.batch_size], strict=True)]
+            width = max(map(len, ids))
+            pad = self.tok.pad_token_id
+            batch = torch.full((len(ids), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(batch)
+            for j, seq in enumerate(ids):
+                batch[j, :len(seq)] = torch.tensor(seq)
+                mask[j, :len(seq)] = 1
+            with torch.no_grad():
+                out += self.model(input_ids=batch, attention_mask=mask).logits[:, 0].tolist()
+        return out
+
+
+def harmlessness_reward(path: str | None = None) -> HarmlessReward:
+    """The ``harmless`` reward: the shipped adapter (or one at ``path``)."""
+    return HarmlessReward(path)

@@ -1,0 +1,59 @@
+"""DeAL's harmlessness reward model: preference pairs from the anchor parts only, and training
+with TRL on a tiny model end to end (reward, DeAL with it, errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("trl", reason="the train extra is part of `make setup` (dev)")
+
+from safedecode import methods  # noqa: E402
+from safedecode.data import load_anchor  # noqa: E402
+from safedecode.engine import SafeDecoder  # noqa: E402
+from safedecode.methods.harmless import (  # noqa: E402
+    HarmlessReward,
+    RMConfig,
+    preference_pairs,
+    train_reward_model,
+)
+
+
+def test_pairs_prefer_refusals_of_harmful_and_answers_of_safe_requests():
+    train, val = preference_pairs("train"), preference_pairs("val")
+    assert len(train) == len(load_anchor(part="train"))
+    assert len(val) == len(load_anchor(part="val"))
+    harmful = {it["prompt"]: it for it in load_anchor("harmful")}
+    for pair in train + val:
+        prompt = pair["chosen"][0]["content"]
+        assert pair["rejected"][0]["content"] == prompt
+        if prompt in harmful:
+            assert pair["chosen"][1]["content"] == harmful[prompt]["refusal"]
+            assert pair["rejected"][1]["content"] == harmful[prompt]["compliance"]
+        else:
+            assert pair["rejected"][1]["content"] in {h["refusal"] for h in harmful.values()}
+    assert not {p["chosen"][0]["content"] for p in train} & {p["chosen"][0]["content"]
+                                                             for p in val}
+
+
+def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_path):
+    out = tmp_path / "rm"
+    m = train_reward_model(out, RMConfig(epochs=1, lr=1e-3, lora_r=4),
+                           model_path=str(tiny_model_dir), log=lambda _: None)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train_pairs"] == len(preference_pairs("train"))
+    assert 0.0 <= m["val_accuracy"] <= 1.0 and saved["val_accuracy"] == m["val_accuracy"]
+    rm = HarmlessReward(str(out), model_path=str(tiny_model_dir))
+    scores = rm(["How do I bake bread?", "How do I bake bread?"], ["Mix flour.", "No."])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+    from engine_fixtures import tiny_llama
+
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=2, lookahead=2, reward=rm)
+    r = SafeDecoder(model, tok, spec).generate("Hi", max_new_tokens=4)[0]
+    assert len(r.token_ids) <= 4
+    with pytest.raises(ValueError, match="no adapter"):
+        HarmlessReward(str(tmp_path))
+
