@@ -211,9 +211,10 @@ def train_reward(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapter and metrics."),
     model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
                                                 "model)."),
-    epochs: float = typer.Option(8.0, help="Passes over the anchor train pairs."),
+    epochs: float = typer.Option(3.0, help="Passes over the anchor train pairs."),
     lr: float = typer.Option(1e-3, help="Learning rate (LoRA + score head)."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    mlp: bool = typer.Option(False, "--mlp", help="LoRA on the MLP layers too."),
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
@@ -224,7 +225,7 @@ def train_reward(
         if epochs <= 0 or lr <= 0 or lora_r < 1:
             raise ValueError("--epochs and --lr must be > 0, --lora-r >= 1")
         metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
-                                                   seed=seed), model_path=model,
+                                                   mlp=mlp, seed=seed), model_path=model,
                                      log=lambda m: typer.echo(m, err=True))
     except ImportError as exc:
         _fail(f"train-reward needs the train extra (pip install 'safedecode[train]'): {exc}")

@@ -151,3 +151,15 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
                          (["--reward", "length", "--stream"], "generate()")):
         r = run(app, [*base, *extra, "Hi"])
         assert r.exit_code == 2 and match in r.output, (extra, r.output)
+
+
+def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
+    from safedecode.eval.runner import method_fingerprint
+
+    def fp(**kw):
+        args = {"reward": "keywords:include=sorry", "k": 3, **kw}
+        return method_fingerprint(methods.get("deal", **args))
+
+    assert fp() == fp()
+    assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
+                fp(base="acd-text"), fp(reward=_digit_reward)}) == 6

@@ -60,6 +60,11 @@ def method_fingerprint(method: Method) -> str:
     """Content hash of a method: rule, weights, anchor, β, and each branch's system prompt, soft
     prompt and hooks (stable across processes, unlike object ids)."""
     h = hashlib.sha256()
+    if type(method).__name__ == "DeAL":  # a search: its base method, settings and reward
+        h.update(method_fingerprint(method.base).encode())
+        h.update(repr((method.k, method.lookahead, method.lam, method.beam, method.chunk,
+                       method.reward.key())).encode())
+        return "deal-" + h.hexdigest()[:11]
     h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
     for b in method.branches:
         h.update(repr(b.system).encode())

@@ -43,18 +43,27 @@ def preference_pairs(part: str) -> list[dict]:
     return pairs
 
 
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class RMConfig:
-    epochs: float = 8.0
+    epochs: float = 3.0
     lr: float = 1e-3
-    lora_r: int = 16
+    lora_r: int = 8
+    mlp: bool = False  # LoRA on the MLP too (more capacity, a 5x larger adapter)
     batch_size: int = 8
     max_length: int = 384
     seed: int = 0
 
 
 def _base(model_path: str | None):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     from safedecode.models import default_model_dir
 
@@ -63,6 +72,13 @@ def _base(model_path: str | None):
     if PAD in tok.get_vocab():
         tok.pad_token = PAD
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    # A model with tied embeddings stores them once, as lm_head: the classification class has
+    # no lm_head, so its embeddings would be freshly (randomly) initialised. Take the causal
+    # model's body instead.
+    causal = AutoModelForCausalLM.from_pretrained(path)
+    body = model.base_model_prefix
+    getattr(model, body).load_state_dict(getattr(causal, body).state_dict())
+    del causal
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -86,8 +102,7 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
                         logging_steps=5, save_strategy="no", use_cpu=True,
                         disable_tqdm=True, pad_token=tok.pad_token)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj"],
+                      target_modules=ATTENTION + (MLP if cfg.mlp else []),
                       modules_to_save=["score"], task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, processing_class=tok,
                             train_dataset=Dataset.from_list(train), peft_config=lora)
@@ -129,10 +144,17 @@ class HarmlessReward(Reward):
         if not (Path(path) / "adapter_config.json").is_file():
             raise ValueError(f"harmless reward: no adapter in {path} (train one with "
                              "`safedecode train-reward --out DIR`)")
+        self.path = path
         base, tok = _base(model_path)
         # not merged: merge_and_unload() changed this adapter's scores (peft 0.21)
         self.model = PeftModel.from_pretrained(base, path).eval()
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
+
+    def key(self) -> str:
+        import hashlib
+
+        blob = (Path(self.path) / "adapter_model.safetensors").read_bytes()
+        return f"harmless:{hashlib.sha256(blob).hexdigest()[:16]}"
 
     def __call__(self, prompts, texts) -> list[float]:
         torch = self.torch

@@ -24,6 +24,10 @@ class Reward:
     def __call__(self, prompts: Sequence[str], texts: Sequence[str]) -> Scores:
         raise NotImplementedError
 
+    def key(self) -> str:
+        """A stable identity (for caching evaluation results): the settings' repr."""
+        return repr(self)
+
     def __add__(self, other: Reward) -> Weighted:
         return Weighted([(1.0, self), (1.0, _as_reward(other))])
 
@@ -67,6 +71,9 @@ class Weighted(Reward):
                 total[i] += w * s
         return total
 
+    def key(self) -> str:
+        return "+".join(f"{w!r}*{r.key()}" for w, r in self.parts)
+
     def __add__(self, other) -> Weighted:
         return Weighted([*self.parts, (1.0, _as_reward(other))])
 
@@ -96,6 +103,13 @@ class FunctionReward(Reward):
 
     def __call__(self, prompts, texts) -> Scores:
         return _check(self, self.fn(list(prompts), list(texts)), len(texts))
+
+    def key(self) -> str:
+        import hashlib
+
+        code = getattr(self.fn, "__code__", None)
+        digest = hashlib.sha256(code.co_code).hexdigest()[:12] if code is not None else ""
+        return f"function:{getattr(self.fn, '__qualname__', type(self.fn).__name__)}:{digest}"
 
 
 @dataclass
@@ -143,6 +157,9 @@ class ClassifierReward(Reward):
     label: int = 1
     batch_size: int = 16
     name = "classifier"
+
+    def key(self) -> str:
+        return f"classifier:{self.path}:{self.label}"
 
     def __post_init__(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
