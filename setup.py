@@ -108,6 +108,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
     package_dir={"safedecode.triton_kernels": "triton_kernels"},
-    package_data={"safedecode.data": ["*.jsonl", "*.md"], "safedecode.methods": ["assets/*"]},
+    package_data={"safedecode.data": ["*.jsonl", "*.md"],
+                  "safedecode.methods": ["assets/*", "assets/harmless_rm/*"]},
     packages=find_packages(include=["safedecode", "safedecode.*"]) + ["safedecode.triton_kernels"],
 )

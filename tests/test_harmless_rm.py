@@ -1,5 +1,6 @@
-"""DeAL's harmlessness reward model: preference pairs from the anchor parts only, and training
-with TRL on a tiny model end to end (reward, DeAL with it, errors)."""
+"""DeAL's harmlessness reward model: preference pairs from the anchor parts only, training with
+TRL on a tiny model end to end (reward, DeAL with it, errors), and the shipped adapter's accuracy
+on the validation part."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from safedecode import methods  # noqa: E402
 from safedecode.data import load_anchor  # noqa: E402
 from safedecode.engine import SafeDecoder  # noqa: E402
 from safedecode.methods.harmless import (  # noqa: E402
+    ASSET,
     HarmlessReward,
     RMConfig,
+    pairwise_accuracy,
     preference_pairs,
     train_reward_model,
 )
@@ -57,3 +60,15 @@ def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="no adapter"):
         HarmlessReward(str(tmp_path))
 
+
+
+def test_shipped_reward_model_ranks_validation_pairs():
+    """The adapter shipped for the default model (trained on the anchor train part) ranks the
+    held-out validation pairs as its recorded metrics say, and prefers a refusal of a harmful
+    request and an answer to a safe one from the evaluation-free anchor data."""
+    metrics = json.loads((ASSET / "metrics.json").read_text())
+    rm = HarmlessReward()
+    acc = pairwise_accuracy(rm, preference_pairs("val"))
+    assert acc == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    assert acc >= 0.9
+    assert methods.get("deal", reward="harmless").reward.key() == rm.key()
