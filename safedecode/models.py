@@ -45,7 +45,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser's progress bar
@@ -63,7 +63,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     """
     if name_or_path in ("default", "", None):
         return load_default(dtype=dtype, device=device)
-    _quiet_loading()
+    quiet_loading()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path)

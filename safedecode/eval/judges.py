@@ -177,9 +177,9 @@ class ClassifierJudge:
             AutoTokenizer,
         )
 
-        from safedecode.models import _quiet_loading
+        from safedecode.models import quiet_loading
 
-        _quiet_loading()
+        quiet_loading()
         cfg = AutoConfig.from_pretrained(self.path)
         archs = list(getattr(cfg, "architectures", None) or [])
         self.kind = ("sequence" if any(a.endswith("ForSequenceClassification") for a in archs)

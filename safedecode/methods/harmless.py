@@ -65,8 +65,9 @@ def _base(model_path: str | None):
         AutoTokenizer,
     )
 
-    from safedecode.models import default_model_dir
+    from safedecode.models import default_model_dir, quiet_loading
 
+    quiet_loading()
     path = model_path or str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(path)
     if PAD in tok.get_vocab():
