@@ -161,5 +161,6 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
         return method_fingerprint(methods.get("deal", **args))
 
     assert fp() == fp()
+    assert "lookahead=8" in methods.get("deal", reward="length:target=9").describe()
     assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
                 fp(base="acd-text"), fp(reward=_digit_reward)}) == 6

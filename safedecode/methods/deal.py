@@ -55,6 +55,11 @@ class DeAL:
         if not isinstance(self.reward, Reward):
             raise ValueError("reward: expected a Reward (see safedecode.methods.rewards)")
 
+    def describe(self) -> str:
+        return (f"{self.name}: k={self.k}, lookahead={self.lookahead}, lam={self.lam}, "
+                f"beam={self.beam}, chunk={self.chunk}, reward={self.reward.key()}; base "
+                f"{self.base.describe()}")
+
     @property
     def sequences_per_request(self) -> int:
         """Sequences a request holds at once during a search step (``beam x k``)."""
