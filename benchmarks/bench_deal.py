@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from safedecode import methods
-from safedecode.bench.machine import describe, machine_line
 from safedecode.bench.naive import NaiveDeAL
+from safedecode.bench.report import write_script_result
 from safedecode.engine import SafeDecoder
 from safedecode.models import DEFAULT_NAME, load_default
 
@@ -125,13 +124,8 @@ def main() -> None:
     r = run(batch, tokens, 4, 8, 1 if args.quick else args.naive_requests,
             lambda m: print(m, file=sys.stderr, flush=True))
     r["wall_s"] = time.perf_counter() - t0
-    command = shlex.join(["python", "benchmarks/bench_deal.py", *sys.argv[1:]])
-    r["command"] = command
-    name = "deal_cpu_quick" if args.quick else "deal_cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(r, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(r, command, machine_line(describe("cpu"))))
-    print(f"wrote {args.out / name}.md")
+    write_script_result(args.out, "deal_cpu_quick" if args.quick else "deal_cpu", r,
+                        "benchmarks/bench_deal.py", markdown, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ See :mod:`safedecode.bench.continuous`. Writes ``benchmarks/results/engine_cpu.{
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from safedecode import methods
 from safedecode.bench.continuous import EngineBenchConfig, run_engine_bench
-from safedecode.bench.machine import describe, machine_line
+from safedecode.bench.report import write_script_result
 from safedecode.engine import SafeDecoder
 from safedecode.models import DEFAULT_NAME, load_default
 
@@ -77,13 +75,8 @@ def main() -> None:
     t0 = time.perf_counter()
     r = run_engine_bench(dec, tok, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     r["wall_s"] = time.perf_counter() - t0
-    command = shlex.join(["python", "benchmarks/bench_engine.py", *sys.argv[1:]])
-    r["command"] = command
-    name = "engine_cpu_quick" if args.quick else "engine_cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(r, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(r, command, machine_line(describe("cpu"))))
-    print(f"wrote {args.out / name}.md")
+    write_script_result(args.out, "engine_cpu_quick" if args.quick else "engine_cpu", r,
+                        "benchmarks/bench_engine.py", markdown, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ def write_result(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def write_script_result(out: Path, name: str, result: dict, script: str, markdown,
+                        argv: list[str]) -> Path:
+    """A benchmark script's ``<name>.json`` and ``<name>.md`` in ``out``: ``result`` gets its
+    reproducing ``command`` (``python <script> <argv>``), the markdown is
+    ``markdown(result, command, machine line)``. Returns the markdown's path."""
+    import shlex
+
+    command = shlex.join(["python", script, *argv])
+    result["command"] = command
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = out / f"{name}.md"
+    md.write_text(markdown(result, command, machine_line(describe("cpu"))))
+    print(f"wrote {md}")
+    return md
+
+
 def render(result: dict, stem: Path) -> None:
     """(Re)write the markdown and the plot of one result next to its JSON."""
     if result["benchmark"] == "ops":
