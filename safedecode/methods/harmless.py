@@ -147,8 +147,7 @@ class HarmlessReward(Reward):
                              "`safedecode train-reward --out DIR`)")
         self.path = path
         base, tok = _base(model_path)
-        # not merged: merge_and_unload() changed this adapter's scores (peft 0.21)
-        self.model = PeftModel.from_pretrained(base, path).eval()
+        self.model = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
 
     def key(self) -> str:
