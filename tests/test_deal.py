@@ -132,6 +132,12 @@ def test_bad_parameters_are_named():
     dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
     with pytest.raises(ValueError, match="generate"):
         list(dec.stream("Hi"))
+    from safedecode.methods.deal import search
+
+    eng = dec.engine(max_seqs=8)
+    eng.add_request("Hi", SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="no other requests"):
+        search(eng, [eng.build("Hello")], ["Hello"], SamplingParams(), dec.search)
 
 
 def test_cli_generate_deal_and_its_errors(tiny_model_dir):

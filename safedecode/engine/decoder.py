@@ -74,8 +74,10 @@ class SafeDecoder:
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  compile: bool = False) -> None:  # noqa: A002 - the natural name
+        from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
+
         self.search = None
-        if type(method).__name__ == "DeAL":  # a search around a base method
+        if isinstance(method, DeAL):  # a search around a base method
             self.search, method = method, method.base
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
@@ -131,10 +133,11 @@ class SafeDecoder:
         if isinstance(prompts, TokenPrompts):
             raise ValueError("prompts: DeAL scores text; give string or chat prompts")
         built, per_request = self._requests(prompts, params, raw)
-        texts = [p if isinstance(p, str) else next(
-            (m["content"] for m in reversed(p) if m["role"] == "user"), "")
-            for p in ([prompts] if isinstance(prompts, str) or (
-                prompts and isinstance(prompts[0], dict)) else prompts)]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        # the reward scores each answer against the request's (last) user message
+        texts = [p if isinstance(p, str) else
+                 [m["content"] for m in p if m["role"] == "user"][-1] for p in prompts]
         need = max(len(p) + len(s) for req in built for p, s in req) \
             + per_request[0].max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)

@@ -59,8 +59,10 @@ def _hash_value(h, obj, depth: int = 0) -> None:
 def method_fingerprint(method: Method) -> str:
     """Content hash of a method: rule, weights, anchor, β, and each branch's system prompt, soft
     prompt and hooks (stable across processes, unlike object ids)."""
+    from safedecode.methods.deal import DeAL
+
     h = hashlib.sha256()
-    if type(method).__name__ == "DeAL":  # a search: its base method, settings and reward
+    if isinstance(method, DeAL):  # a search: its base method, settings and reward
         h.update(method_fingerprint(method.base).encode())
         h.update(repr((method.k, method.lookahead, method.lam, method.beam, method.chunk,
                        method.reward.key())).encode())

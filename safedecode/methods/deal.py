@@ -100,6 +100,9 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     ``params`` or ``params[i]``) in ``engine`` (which must hold ``len(built) x
     spec.sequences_per_request`` sequences); returns one result per request.
     ``on_step(requests_done, requests)`` after each search step."""
+    if engine.has_unfinished():
+        raise ValueError("engine: DeAL's search needs an engine with no other requests (each "
+                         "search step must expand every frontier sequence at once)")
     need = len(built) * spec.sequences_per_request
     if engine.state.max_seqs < need:
         raise ValueError(f"max_seqs: DeAL needs {need} sequences ({len(built)} requests x beam "
