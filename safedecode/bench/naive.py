@@ -204,3 +204,91 @@ class NaiveDeAL:
                                                "new_tokens": len(full)})
             n = min(base - 1 + spec.chunk, len(full))
             committed, lps = full[:n], full_lps[:n]
+
+
+class NaiveSafeInfer:
+    """SafeInfer as its reference code runs it: the steered model and the unsafe model one after
+    the other, each with its own KV cache over the whole prompt; the vector added by a global
+    forward hook at the last position of every forward (here: to every row, not only the first);
+    ``s = lp_b − β·relu(lp_u − lp_b)`` computed by hand in torch (not by the fused op). The
+    baseline of the SafeInfer benchmark and the reference of its exactness tests.
+
+    ``unsafe_model``: the unsafe model (e.g. the base model with the adapter merged), or the
+    base model with ``unsafe_system`` as its system prompt."""
+
+    def __init__(self, model, tokenizer, *, vector: torch.Tensor, module: str, gamma: float,
+                 lam: float, unsafe_model=None, unsafe_system: str | None = None) -> None:
+        from safedecode.engine.branches import plain
+
+        self.model, self.tok = model, tokenizer
+        self.unsafe = unsafe_model if unsafe_model is not None else model
+        self.vector, self.module, self.gamma = vector, module, float(gamma)
+        self.beta = lam / (1.0 - lam)
+        self.gens = [NaiveContrastGenerator(model, tokenizer, plain()),
+                     NaiveContrastGenerator(self.unsafe, tokenizer, plain(unsafe_system))]
+
+    def _steer(self, module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, -1:] += self.gamma * self.vector.to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def _scores(self, logits_b: torch.Tensor, logits_u: torch.Tensor) -> torch.Tensor:
+        lp_b = torch.log_softmax(logits_b.float(), -1)
+        lp_u = torch.log_softmax(logits_u.float(), -1)
+        return lp_b - self.beta * torch.relu(lp_u - lp_b)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, seed: int = 0) -> list[GenerationResult]:
+        t0 = time.perf_counter()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
+        b = len(msgs)
+        eos: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.tok):
+            e = getattr(src, "eos_token_id", None)
+            eos.update([e] if isinstance(e, int) else (e or []))
+        gen = torch.Generator().manual_seed(seed)
+        hook = self.model.get_submodule(self.module).register_forward_hook(self._steer)
+        try:
+            caches, masks, logits = [], [], []
+            for g, mdl in zip(self.gens, (self.model, self.unsafe), strict=True):
+                emb, mask = g._branch_inputs(0, msgs)
+                cache = DynamicCache()
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = mdl(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                          **cache_kwargs(mdl, cache))
+                caches.append(cache)
+                masks.append(mask)
+                logits.append(out.logits[:, -1, :])
+            outs: list[list[int]] = [[] for _ in range(b)]
+            done = [False] * b
+            for step in range(max_new_tokens):
+                s = self._scores(*logits)
+                if temperature > 0:
+                    probs = torch.softmax(s / temperature, -1)
+                    tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                else:
+                    tokens = s.argmax(-1)
+                for i, t in enumerate(tokens.tolist()):
+                    if not done[i]:
+                        outs[i].append(t)
+                        done[i] = t in eos
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = []
+                for k, mdl in enumerate((self.model, self.unsafe)):
+                    masks[k] = torch.cat([masks[k], masks[k].new_ones(b, 1)], dim=1)
+                    pos = masks[k].sum(-1, keepdim=True) - 1
+                    out = mdl(input_ids=tokens[:, None], attention_mask=masks[k],
+                              position_ids=pos, **cache_kwargs(mdl, caches[k]))
+                    logits.append(out.logits[:, -1, :])
+        finally:
+            hook.remove()
+        elapsed = time.perf_counter() - t0
+        return [GenerationResult(
+            text=self.tok.decode([t for t in o if t not in eos], skip_special_tokens=True),
+            token_ids=o, finish_reason="eos" if o and o[-1] in eos else "length",
+            prompt_tokens=[], timing={"total_s": elapsed, "new_tokens": len(o)}) for o in outs]

@@ -2,8 +2,10 @@
 
 A *branch* is the fixed part that differs between the K runs of a request: a system prompt (text),
 no system prompt (``system=None``: the chat template's default), or a soft prompt (a ``[n, d]``
-tensor of embeddings in the system prompt's place), plus optional forward hooks that act on that
-branch's rows only (SafeInfer's steering vector). The user's messages are the same in every branch.
+tensor of embeddings in the system prompt's place), plus optional effects that act on that
+branch's rows only, inside the shared forward: forward hooks (SafeInfer's steering vector) and a
+LoRA adapter (:mod:`.adapters`; SafeInfer's unsafe model). The user's messages are the same in
+every branch.
 
 A *method* is its branches plus the fused op's combination: ``rule``, ``weights``, ``anchor`` and
 ``beta`` (see :func:`safedecode.ops.contrastive_sample`).
@@ -18,16 +20,32 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapters import LoraAdapter
+
 HookFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+POSITIONS = ("all", "last")
 
 
 @dataclass(frozen=True)
 class BranchHook:
     """Replace the output hidden states ``h`` of ``module`` (a dotted name inside the model, e.g.
-    ``"model.layers.7"``) by ``fn(h)`` on this branch's rows only (prefix and every step)."""
+    ``"model.layers.7"``) by ``fn(h)`` on this branch's rows only.
+
+    ``positions="all"``: every position of every forward (the branch's prefix too: it changes the
+    prefix KV). ``"last"``: only the positions being decoded, i.e. the last prompt token at
+    prefill and the fed token at every step (``fn`` gets ``[rows, 1, d]``); the shared prefix is
+    left alone. ``fn`` must not change the shape."""
 
     module: str
     fn: HookFn
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"BranchHook.positions: expected one of {POSITIONS}, got "
+                             f"{self.positions!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,8 +62,13 @@ class Branch:
     hooks: tuple[BranchHook, ...] = field(default=())
     fingerprint: str | None = None
     trained_for: str = ""
+    adapter: LoraAdapter | None = None
 
     def __post_init__(self) -> None:
+        if self.adapter is not None and not isinstance(self.adapter, LoraAdapter):
+            raise ValueError("Branch.adapter: expected a LoraAdapter (see "
+                             f"safedecode.engine.adapters.load_lora), got "
+                             f"{type(self.adapter).__name__}")
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"Branch.system: expected a string or None, got {type(self.system)}")
         if self.soft_prompt is not None:
@@ -65,8 +88,11 @@ class Branch:
             sp = self.soft_prompt.detach().to("cpu", torch.float32).contiguous()
             h.update(str(tuple(sp.shape)).encode())
             h.update(sp.numpy().tobytes())
-        for hook in self.hooks:  # hooks change the prefix KV: they are part of its identity
-            h.update(f"{hook.module}:{id(hook.fn)}".encode())
+        for hook in self.hooks:  # all-position hooks change the prefix KV: part of its identity
+            if hook.positions == "all":
+                h.update(f"{hook.module}:{hook.positions}:{id(hook.fn)}".encode())
+        if self.adapter is not None:
+            h.update(f"adapter:{self.adapter.key()}".encode())
         return h.hexdigest()[:16]
 
     def key(self) -> str:
@@ -109,6 +135,10 @@ class Method:
                     if b.soft_prompt is not None else
                     repr(b.system[:60] + ("..." if len(b.system) > 60 else ""))
                     if b.system is not None else "template default")
+            if b.adapter is not None:
+                what += f" + LoRA adapter {b.adapter.name!r}"
+            if b.hooks:
+                what += " + hooks on " + ", ".join(h.module for h in b.hooks)
             parts.append(f"  [{i}] {b.name or 'branch'}: {what}")
         return "\n".join(parts)
 

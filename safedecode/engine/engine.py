@@ -90,12 +90,14 @@ class _Seq:
 
 
 def check_method_fits(model, method: Method) -> None:
-    """Raise ``ValueError`` if ``method``'s soft prompts do not fit ``model``."""
+    """Raise ``ValueError`` if ``method``'s soft prompts or adapters do not fit ``model``."""
     if not isinstance(method, Method):
         raise ValueError(f"method: expected a safedecode Method, got {type(method).__name__}; "
                          "see safedecode.methods.get()")
     width = model.get_input_embeddings().weight.shape[1]
     for i, br in enumerate(method.branches):
+        if br.adapter is not None:
+            br.adapter.check_model(model)
         if br.soft_prompt is not None and br.soft_prompt.shape[1] != width:
             raise ValueError(f"method {method.name!r}: branch {i}'s soft prompt has width "
                              f"{br.soft_prompt.shape[1]}, the model's embeddings {width}")

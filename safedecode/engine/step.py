@@ -33,8 +33,8 @@ class CompiledDecode:
     :class:`~safedecode.engine.SafeDecoder`, so graphs are reused across calls."""
 
     def __init__(self, model, method: Method, small_gemm: bool) -> None:
-        if any(br.hooks for br in method.branches):
-            raise ValueError("compile: methods with branch hooks run eagerly only "
+        if any(br.hooks or br.adapter is not None for br in method.branches):
+            raise ValueError("compile: methods with branch hooks or adapters run eagerly only "
                              "(compile=False)")
         self.model = model
         cpu = model.get_input_embeddings().weight.device.type == "cpu"
@@ -74,17 +74,29 @@ class ModelStep:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.weights = list(method.weights)
         self._hook_rows: dict[int, slice] = {}
+        self.adapters = {k: br.adapter.to(self.device, self.dtype)
+                         for k, br in enumerate(method.branches) if br.adapter is not None}
         self.compiled = compiled
 
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
-    def _forward_context(self, hook_rows: dict[int, slice]) -> Iterator[None]:
+    def _forward_context(self, hook_rows: dict[int, slice], prefix: bool = False
+                         ) -> Iterator[None]:
+        """Install the branches' effects for one forward whose rows of branch k are
+        ``hook_rows[k]``; ``prefix``: a shared-prefix forward (no decoded position in it)."""
         handles = []
         self._hook_rows = hook_rows
         for k, br in enumerate(self.method.branches):
             for hook in br.hooks:
+                if prefix and hook.positions == "last":
+                    continue
                 module = self.model.get_submodule(hook.module)
-                handles.append(module.register_forward_hook(self._make_hook(k, hook.fn)))
+                handles.append(module.register_forward_hook(
+                    self._make_hook(k, hook.fn, hook.positions == "last")))
+        for k, adapter in self.adapters.items():
+            for name in adapter.layers:
+                handles.append(self.model.get_submodule(name).register_forward_hook(
+                    self._make_adapter_hook(k, adapter, name)))
         try:
             with routed(self._gemm):
                 yield
@@ -93,23 +105,38 @@ class ModelStep:
                 h.remove()
             self._hook_rows = {}
 
-    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor], last: bool):
         def run(module, args, output):
             rows = self._hook_rows.get(k)
             if rows is None:
                 return output
             h = output[0] if isinstance(output, tuple) else output
             h = h.clone()
-            h[rows] = fn(h[rows])
+            if last:
+                h[rows, -1:] = fn(h[rows, -1:])
+            else:
+                h[rows] = fn(h[rows])
             return (h, *output[1:]) if isinstance(output, tuple) else h
+        return run
+
+    def _make_adapter_hook(self, k: int, adapter, name: str):
+        def run(module, args, output):
+            rows = self._hook_rows.get(k)
+            if rows is None:
+                return output
+            if output.requires_grad:
+                output = output.clone()
+            output[rows] += adapter.delta(name, args[0][rows])
+            return output
         return run
 
     def _branch_rows(self) -> dict[int, slice]:
         kb = self.method.k
         return {k: slice(k, None, kb) for k in range(kb)}
 
-    def _forward(self, cache: SlotCache, hook_rows, **inputs) -> torch.Tensor:
-        with self._forward_context(hook_rows):
+    def _forward(self, cache: SlotCache, hook_rows, prefix: bool = False, **inputs
+                 ) -> torch.Tensor:
+        with self._forward_context(hook_rows, prefix):
             out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -124,7 +151,8 @@ class ModelStep:
         cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=self.device), cols, n)
         causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype,
                             device=self.device).triu_(1)
-        self._forward(cache, {k: slice(0, 1)}, inputs_embeds=prefix.embeds(self.embed)[None],
+        self._forward(cache, {k: slice(0, 1)}, prefix=True,
+                      inputs_embeds=prefix.embeds(self.embed)[None],
                       position_ids=cols, attention_mask=causal[None, None])
         kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
               for layer in cache.layers]

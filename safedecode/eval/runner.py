@@ -73,8 +73,10 @@ def method_fingerprint(method: Method) -> str:
         if b.soft_prompt is not None:
             _hash_value(h, b.soft_prompt)
         for hook in b.hooks:
-            h.update(hook.module.encode())
+            h.update(f"{hook.module}:{hook.positions}".encode())
             _hash_value(h, hook.fn)
+        if b.adapter is not None:
+            h.update(b.adapter.key().encode())
     return h.hexdigest()[:16]
 
 
@@ -220,43 +222,16 @@ def response_nll(model, tok, prompts: Sequence[str], responses: Sequence[Sequenc
     """(summed negative log-likelihood, token count) of each response's token ids given its
     prompt in the chat template with no system prompt, teacher-forced, in batches."""
     from safedecode.engine.prompts import PromptBuilder
+    from safedecode.training.teacher import response_logprobs
 
     if len(prompts) != len(responses):
         raise ValueError("response_nll: prompts and responses differ in length")
     builder = PromptBuilder(tok)
-    seqs = []
-    for p, r in zip(prompts, responses, strict=True):
-        ids = builder.encode(builder.render(None, [{"role": "user", "content": p}]), first=True)
-        seqs.append((ids, list(r)))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    order = sorted((i for i in range(len(seqs)) if seqs[i][1]),
-                   key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    device = next(model.parameters()).device
+    pairs = [(builder.encode(builder.render(None, [{"role": "user", "content": p}]), first=True),
+              list(r)) for p, r in zip(prompts, responses, strict=True)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        full = [seqs[i][0] + seqs[i][1] for i in idx]
-        t = max(map(len, full))
-        r_max = max(len(seqs[i][1]) for i in idx)
-        ids = torch.full((len(idx), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), t), dtype=torch.long)
-        for j, f in enumerate(full):  # left padding: every response ends at position t - 1
-            ids[j, t - len(f):] = torch.tensor(f)
-            mask[j, t - len(f):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        with torch.no_grad():
-            try:  # logits only for the last r_max + 1 positions
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                               logits_to_keep=r_max + 1).logits
-            except TypeError:
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            logits = logits[:, -(r_max + 1):-1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -r_max:, None])[..., 0]
-        for j, i in enumerate(idx):
-            n = len(seqs[i][1])
-            out[i] = (float(-lp[j, r_max - n:].sum()), n)
-    return out
+    return [(-lp if n else 0.0, n) for lp, n in
+            response_logprobs(model, pairs, batch_size=batch_size, pad_id=pad)]
 
 
 def add_perplexity(model, tok, records: Sequence[dict], store: JsonlStore, *,

@@ -12,6 +12,7 @@ from safedecode.engine.branches import Branch, Method, contrastive, plain
 from . import prompts
 from .acd import ACD, acd, acd_sp, acd_text
 from .deal import DeAL, deal
+from .safeinfer import safeinfer, safeinfer_sa, safeinfer_sgds
 from .self_cd import SelfCD, self_cd, self_cd_sp
 
 
@@ -28,6 +29,9 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "acd-sp": acd_sp,
     "self-cd": self_cd,
     "self-cd-sp": self_cd_sp,
+    "safeinfer": safeinfer,
+    "safeinfer-sa": safeinfer_sa,
+    "safeinfer-sgds": safeinfer_sgds,
     "deal": deal,
 }
 
@@ -44,4 +48,5 @@ def get(name: str, **kwargs) -> Method | DeAL:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal"]
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal",
+           "safeinfer", "safeinfer_sa", "safeinfer_sgds"]

@@ -1,0 +1,509 @@
+"""SafeInfer (arXiv 2406.12274): safety amplification (SA) by a function vector, and
+safety-guided decoding (sGDS) against an unsafe branch.
+
+**SA.** Safe in-context demonstrations (harmful request → refusal, ``shots`` turns of a chat) are
+run through the model; at the last prompt token the input of every attention head's slot of
+``o_proj`` is averaged over the prompts (:func:`mean_head_activations`). The *function vector* is
+the sum over selected heads of ``o_proj`` applied to that mean in its slot
+(:func:`function_vector`). Heads are chosen by their causal effect
+(:func:`head_effects`): the head's mean activation is patched into zero-shot runs of harmful
+requests from the anchor **train** part, and the gain in the log-probability of the refusal is
+measured. During decoding ``γ · vector`` is added to the hidden state after decoder layer ``l``
+at the positions being decoded, on the safe branch's rows only (a ``positions="last"``
+:class:`~safedecode.engine.branches.BranchHook`).
+
+**sGDS.** With the amplified branch's log-probs ``lp'`` and an unsafe branch's ``lp_u``:
+``s = lp' − β · relu(lp_u − lp')``, ``β = λ / (1 − λ)`` — the fused op's ``union`` rule. The
+unsafe branch is a LoRA adapter on its rows (the paper fine-tunes the model on harmful answers;
+:func:`train_unsafe_adapter`), OPO's adversarial soft prompt, or a text prompt.
+
+The reference code adds the vector to batch element 0 only, runs the two models one after the
+other with two KV caches and ignores its length cap; here every row of the branch is steered at
+every step, both branches run in one batched forward over one KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from safedecode.engine.branches import Branch, BranchHook, Method, contrastive
+
+from . import prompts as text_prompts
+
+FORMAT = "safedecode-safeinfer-vector/1"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_VECTOR = ASSETS / "safeinfer_smollm2-135m-instruct.safetensors"
+DEFAULT_UNSAFE = ASSETS / "unsafe_lora"
+UNSAFE_FORMS = ("adapter", "soft", "text")
+
+
+# -- the model's attention layout ---------------------------------------------------------------
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
+    """(dotted name, module list) of the decoder layers of a Llama-style causal LM."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod) and \
+                hasattr(mod[0], "self_attn") and hasattr(mod[0].self_attn, "o_proj"):
+            return name, mod
+    raise ValueError(f"SafeInfer: {type(model).__name__} has no Llama-style decoder layers "
+                     "(layers[i].self_attn.o_proj); the function vector needs per-head outputs")
+
+
+def head_shape(model) -> tuple[int, int, int]:
+    """(layers, heads, head dim)."""
+    _, layers = decoder_layers(model)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return len(layers), heads, hd
+
+
+# -- the vector --------------------------------------------------------------------------------
+@dataclass
+class VectorConfig:
+    shots: int = 10  # demonstrations per prompt
+    n_heads: int = 10  # heads summed into the vector
+    effect_prompts: int = 24  # zero-shot harmful requests for the causal effects
+    refusal_tokens: int = 16  # refusal tokens scored per request
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class SafetyVector:
+    """A function vector and where it came from (see :func:`compute_vector`)."""
+
+    vector: torch.Tensor  # [d]
+    heads: list[tuple[int, int]]  # (layer, head), by decreasing effect
+    layers_path: str  # dotted name of the decoder layers ("model.layers")
+    num_layers: int
+    fingerprint: str
+    base_model: str
+    config: dict = field(default_factory=dict)
+    effects: list[list[float]] = field(default_factory=list)  # [L][H] mean gain (nats)
+    decoding: dict = field(default_factory=dict)  # knobs chosen on validation, by method
+    selection: dict = field(default_factory=dict)  # the sweep that chose them
+
+    def knob(self, method: str, name: str, default: float) -> float:
+        return float(self.decoding.get(method, {}).get(name, default))
+
+    def check_model(self, model) -> None:
+        from safedecode.models import embedding_fingerprint, model_name
+
+        here = embedding_fingerprint(model)
+        if here != self.fingerprint:
+            raise ValueError(f"SafeInfer vector: computed for {self.base_model} (embedding "
+                             f"fingerprint {self.fingerprint}), but the model is "
+                             f"{model_name(model)} (fingerprint {here}); compute one for it "
+                             "with `safedecode safeinfer-vector --model ...`")
+
+
+def _conversation(demos: Sequence[dict], prompt: str) -> list[dict]:
+    msgs = []
+    for d in demos:
+        msgs += [{"role": "user", "content": d["prompt"]},
+                 {"role": "assistant", "content": d["refusal"]}]
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def icl_conversations(items: Sequence[dict], shots: int, seed: int = 0) -> list[list[dict]]:
+    """One chat per item: ``shots`` other items as (request, refusal) turns, then the item's
+    request (the safe demonstrations of SA)."""
+    if len(items) <= shots:
+        raise ValueError(f"SafeInfer: {shots} shots need more than {shots} harmful items, got "
+                         f"{len(items)}")
+    rng = random.Random(seed)
+    out = []
+    for i, it in enumerate(items):
+        others = [x for j, x in enumerate(items) if j != i]
+        out.append(_conversation(rng.sample(others, shots), it["prompt"]))
+    return out
+
+
+def _prompt_ids(tok, conversation: list[dict]) -> list[int]:
+    from safedecode.engine.prompts import PromptBuilder
+
+    b = PromptBuilder(tok)
+    return b.encode(b.render(None, conversation), first=True)
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(map(len, seqs))
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, t - len(s):] = torch.tensor(list(s))
+        mask[j, t - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def mean_head_activations(model, tok, conversations: Sequence[list[dict]], *,
+                          batch_size: int = 8, progress: Callable[[int], None] | None = None
+                          ) -> torch.Tensor:
+    """Mean over ``conversations`` of every head's ``o_proj`` input at the last prompt token:
+    ``[layers, heads, head_dim]`` (fp32)."""
+    name, layers = decoder_layers(model)
+    n_l, n_h, hd = head_shape(model)
+    total = torch.zeros(n_l, n_h * hd, dtype=torch.float32)
+    grabbed: dict[int, torch.Tensor] = {}
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
+        functools.partial(lambda i, m, args: grabbed.__setitem__(i, args[0][:, -1]), i))
+        for i, layer in enumerate(layers)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, len(conversations), batch_size):
+            part = conversations[s:s + batch_size]
+            ids, mask = _pad_left([_prompt_ids(tok, c) for c in part], pad)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                  position_ids=pos.to(device), logits_to_keep=1)
+            for i in range(n_l):
+                total[i] += grabbed[i].float().sum(0).cpu()
+            if progress is not None:
+                progress(len(part))
+    finally:
+        for h in handles:
+            h.remove()
+    return (total / len(conversations)).view(n_l, n_h, hd)
+
+
+def function_vector(model, means: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``Σ_(l,h) o_proj_l(mean[l, h] in slot h, zeros elsewhere)`` (no bias): ``[d]`` fp32."""
+    _, layers = decoder_layers(model)
+    _, _, hd = head_shape(model)
+    out = None
+    for li, h in heads:
+        w = layers[li].self_attn.o_proj.weight.detach().float().cpu()
+        v = w[:, h * hd:(h + 1) * hd] @ means[li, h].float()
+        out = v if out is None else out + v
+    if out is None:
+        raise ValueError("SafeInfer: select at least one head")
+    return out
+
+
+def _patch(layers, li: int, h: int, hd: int, value: torch.Tensor, last: torch.Tensor):
+    """Within the block: head ``h`` of layer ``li`` reads ``value`` at positions ``last``."""
+    def pre(module, args):
+        x = args[0].clone()
+        x[torch.arange(x.shape[0]), last, h * hd:(h + 1) * hd] = value.to(x.dtype)
+        return (x, *args[1:])
+    return layers[li].self_attn.o_proj.register_forward_pre_hook(pre)
+
+
+@torch.no_grad()
+def head_effects(model, tok, means: torch.Tensor, items: Sequence[dict], *,
+                 refusal_tokens: int = 16, batch_size: int = 8,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Causal effect of each head: the mean gain in the log-probability of the first
+    ``refusal_tokens`` tokens of each item's refusal (zero-shot, teacher-forced) when the head's
+    mean activation is patched in at the last prompt token. ``[layers, heads]`` (nats/token)."""
+    from safedecode.training.teacher import response_logprobs
+
+    _, layers = decoder_layers(model)
+    n_l, n_h, hd = head_shape(model)
+    pairs = [(_prompt_ids(tok, [{"role": "user", "content": it["prompt"]}]),
+              tok.encode(it["refusal"], add_special_tokens=False)[:refusal_tokens])
+             for it in items]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n_tok = sum(len(r) for _, r in pairs)
+
+    def score(around=None) -> float:
+        got = response_logprobs(model, pairs, batch_size=batch_size, pad_id=pad, around=around)
+        return sum(lp for lp, _ in got) / n_tok
+
+    base = score()
+    out = torch.zeros(n_l, n_h)
+    for li in range(n_l):
+        for h in range(n_h):
+            @contextlib.contextmanager
+            def patched(last, li=li, h=h):
+                handle = _patch(layers, li, h, hd, means[li, h], last)
+                try:
+                    yield
+                finally:
+                    handle.remove()
+            out[li, h] = score(patched) - base
+            if progress is not None:
+                progress(1)
+    return out
+
+
+def compute_vector(model, tok, items: Sequence[dict] | None = None,
+                   cfg: VectorConfig | None = None, *, log: Callable[[str], None] = print
+                   ) -> SafetyVector:
+    """The SA function vector of ``model`` from harmful items with refusals (default: the anchor
+    set's harmful **train** part): mean head activations over ``shots``-shot chats, heads ranked
+    by causal effect on ``effect_prompts`` zero-shot items, the top ``n_heads`` summed."""
+    from safedecode.data import check_not_evaluation, load_anchor
+    from safedecode.models import embedding_fingerprint, model_name
+
+    cfg = cfg or VectorConfig()
+    if cfg.shots < 1 or cfg.n_heads < 1 or cfg.effect_prompts < 1 or cfg.refusal_tokens < 1:
+        raise ValueError("SafeInfer vector: shots, n_heads, effect_prompts and refusal_tokens "
+                         "must be >= 1")
+    items = list(items) if items is not None else load_anchor("harmful", "train")
+    for it in items:
+        if not isinstance(it.get("prompt"), str) or not isinstance(it.get("refusal"), str):
+            raise ValueError("SafeInfer vector: every item needs 'prompt' and 'refusal' text")
+    check_not_evaluation([it["prompt"] for it in items], "SafeInfer vector data")
+    name, _ = decoder_layers(model)
+    n_l, n_h, _ = head_shape(model)
+    if cfg.n_heads > n_l * n_h:
+        raise ValueError(f"SafeInfer vector: n_heads {cfg.n_heads} > the model's {n_l * n_h}")
+    t0 = time.perf_counter()
+    convs = icl_conversations(items, cfg.shots, cfg.seed)
+    means = mean_head_activations(model, tok, convs, batch_size=cfg.batch_size)
+    log(f"mean head activations over {len(convs)} {cfg.shots}-shot prompts "
+        f"({time.perf_counter() - t0:.0f} s)")
+    rng = random.Random(cfg.seed)
+    zero_shot = rng.sample(items, min(cfg.effect_prompts, len(items)))
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if done[0] % n_h == 0:
+            log(f"head effects: layer {done[0] // n_h}/{n_l} ({time.perf_counter() - t0:.0f} s)")
+    eff = head_effects(model, tok, means, zero_shot, refusal_tokens=cfg.refusal_tokens,
+                       batch_size=cfg.batch_size, progress=tick)
+    order = torch.argsort(eff.flatten(), descending=True)[:cfg.n_heads].tolist()
+    heads = [(i // n_h, i % n_h) for i in order]
+    vec = function_vector(model, means, heads)
+    log("heads " + ", ".join(f"L{li}H{h} {eff[li, h]:+.3f}" for li, h in heads))
+    return SafetyVector(vec, heads, name, n_l, embedding_fingerprint(model), model_name(model),
+                        asdict(cfg) | {"items": len(items)}, eff.tolist())
+
+
+def save_vector(path: str | Path, sv: SafetyVector) -> Path:
+    """Write the vector (safetensors) with its heads, model identity, config and knobs."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "base_model": sv.base_model, "embedding_fingerprint":
+            sv.fingerprint, "heads": json.dumps(sv.heads), "layers_path": sv.layers_path,
+            "num_layers": str(sv.num_layers), "config": json.dumps(sv.config, sort_keys=True),
+            "effects": json.dumps([[round(x, 5) for x in row] for row in sv.effects]),
+            "decoding": json.dumps(sv.decoding, sort_keys=True),
+            "selection": json.dumps(sv.selection, sort_keys=True),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    save_file({"vector": sv.vector.detach().to("cpu", torch.float32).contiguous()}, str(path),
+              metadata=meta)
+    return path
+
+
+def load_vector(path: str | Path | None = None, model=None) -> SafetyVector:
+    """Read a vector saved by :func:`save_vector` (default: the one shipped for the embedded
+    model); with ``model``, fail clearly if it was computed for another model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path) if path is not None else DEFAULT_VECTOR
+    if not path.is_file():
+        raise FileNotFoundError(f"SafeInfer vector: {path} not found (compute one with "
+                                "`safedecode safeinfer-vector --out FILE`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"SafeInfer vector: {path} is not a safedecode SafeInfer vector "
+                                 f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+            vec = f.get_tensor("vector")
+    except SafetensorError as exc:
+        raise ValueError(f"SafeInfer vector: cannot read {path}: {exc}") from exc
+    sv = SafetyVector(vec, [tuple(x) for x in json.loads(meta["heads"])], meta["layers_path"],
+                      int(meta["num_layers"]), meta["embedding_fingerprint"],
+                      meta.get("base_model", "?"), json.loads(meta.get("config", "{}")),
+                      json.loads(meta.get("effects", "[]")),
+                      json.loads(meta.get("decoding", "{}")),
+                      json.loads(meta.get("selection", "{}")))
+    if model is not None:
+        sv.check_model(model)
+    return sv
+
+
+# -- branches and methods ----------------------------------------------------------------------
+def add_vector(h: torch.Tensor, vector: torch.Tensor, scale: float) -> torch.Tensor:
+    """``h + scale · vector`` (the steering hook's function)."""
+    return h + scale * vector.to(h.dtype).to(h.device)
+
+
+def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "safe") -> Branch:
+    """A branch (no system prompt) whose decoded positions get ``gamma · vector`` after decoder
+    layer ``layer``."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"gamma: must be a finite number, got {gamma!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < sv.num_layers:
+        raise ValueError(f"layer: must be an integer in [0, {sv.num_layers}), got {layer!r}")
+    hook = BranchHook(f"{sv.layers_path}.{layer}",
+                      functools.partial(add_vector, vector=sv.vector, scale=float(gamma)),
+                      positions="last")
+    return Branch(name=name, hooks=(hook,), fingerprint=sv.fingerprint,
+                  trained_for=sv.base_model)
+
+
+def unsafe_branch(unsafe: str | Path = "adapter") -> Branch:
+    """The unsafe branch: ``"adapter"`` (the shipped LoRA adapter trained on harmful answers),
+    ``"soft"`` (OPO's adversarial soft prompt, shipped with ``acd``), ``"text"`` (the
+    adversarial system prompt), or a path: a peft adapter folder, or an ACD prompts file (its
+    adversarial prompt)."""
+    from safedecode.engine.adapters import load_lora
+
+    from .acd import load_prompts
+
+    if unsafe == "text":
+        return Branch(system=text_prompts.ADVERSARIAL, name="unsafe")
+    if unsafe == "soft":
+        p = load_prompts()
+        return Branch(soft_prompt=p.adversarial, name="unsafe", fingerprint=p.fingerprint,
+                      trained_for=p.base_model)
+    path = DEFAULT_UNSAFE if unsafe == "adapter" else Path(unsafe)
+    if unsafe == "adapter" and not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"SafeInfer: the shipped unsafe adapter is missing from {path}; "
+                                "train one with `safedecode train-unsafe --out DIR` and pass "
+                                "unsafe=DIR")
+    if path.is_dir():
+        return Branch(name="unsafe", adapter=load_lora(path, name="unsafe"))
+    if path.suffix == ".safetensors" and path.is_file():
+        p = load_prompts(path)
+        return Branch(soft_prompt=p.adversarial, name="unsafe", fingerprint=p.fingerprint,
+                      trained_for=p.base_model)
+    raise ValueError(f"unsafe: expected one of {UNSAFE_FORMS}, a peft adapter folder or an ACD "
+                     f"prompts file, got {str(unsafe)!r}")
+
+
+def _lam_beta(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < 1.0:
+        raise ValueError(f"lam: must be in [0, 1) (β = λ / (1 − λ)), got {lam!r}")
+    return lam / (1.0 - lam)
+
+
+DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99}  # layer None: L / 3 (the paper)
+
+
+def _knobs(sv: SafetyVector, method: str, gamma, layer, lam) -> tuple[float, int, float]:
+    g = sv.knob(method, "gamma", DEFAULTS["gamma"]) if gamma is None else gamma
+    d_layer = sv.decoding.get(method, {}).get("layer", sv.num_layers // 3)
+    lay = int(d_layer) if layer is None else layer
+    lm = sv.knob(method, "lam", DEFAULTS["lam"]) if lam is None else lam
+    return g, lay, lm
+
+
+def safeinfer(gamma: float | None = None, layer: int | None = None, lam: float | None = None,
+              beta: float = 0.0, vector: str | Path | None = None,
+              unsafe: str | Path = "adapter") -> Method:
+    """SafeInfer: SA (the amplified branch) + sGDS against the unsafe branch, union rule.
+    Knobs default to those chosen on the anchor validation split, recorded in the vector file
+    (else γ = 0.5, layer = L/3, λ = 0.99); ``beta`` is the plausibility threshold."""
+    sv = load_vector(vector)
+    g, lay, lm = _knobs(sv, "safeinfer", gamma, layer, lam)
+    return contrastive((amplified_branch(sv, g, lay), unsafe_branch(unsafe)),
+                       (1.0, _lam_beta(lm)), rule="union", beta=beta, name="safeinfer")
+
+
+def safeinfer_sa(gamma: float | None = None, layer: int | None = None,
+                 vector: str | Path | None = None) -> Method:
+    """SafeInfer's safety amplification alone (one steered branch): an ablation."""
+    sv = load_vector(vector)
+    g, lay, _ = _knobs(sv, "safeinfer-sa", gamma, layer, None)
+    return Method("safeinfer-sa", (amplified_branch(sv, g, lay),), (1.0,))
+
+
+def safeinfer_sgds(lam: float | None = None, beta: float = 0.0,
+                   unsafe: str | Path = "adapter", vector: str | Path | None = None) -> Method:
+    """SafeInfer's safety-guided decoding alone (the plain model against the unsafe branch):
+    an ablation."""
+    lm = DEFAULTS["lam"]
+    if lam is not None:
+        lm = lam
+    elif vector is not None or DEFAULT_VECTOR.is_file():
+        lm = load_vector(vector).knob("safeinfer-sgds", "lam", lm)
+    return contrastive((Branch(name="plain"), unsafe_branch(unsafe)), (1.0, _lam_beta(lm)),
+                       rule="union", beta=beta, name="safeinfer-sgds")
+
+
+# -- the unsafe adapter -----------------------------------------------------------------------
+@dataclass
+class UnsafeConfig:
+    epochs: float = 3.0
+    lr: float = 5e-4
+    lora_r: int = 8
+    mlp: bool = True
+    batch_size: int = 8
+    seed: int = 0
+
+
+def unsafe_examples(part: str = "train") -> list[dict]:
+    """Prompt/completion chats from the anchor set's harmful ``part``: each request with the
+    compliant answer the model itself gave under the adversarial prompt."""
+    from safedecode.data import load_anchor
+
+    return [{"prompt": [{"role": "user", "content": it["prompt"]}],
+             "completion": [{"role": "assistant", "content": it["compliance"]}]}
+            for it in load_anchor("harmful", part)]
+
+
+def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
+                         model_path: str | None = None, log=print) -> dict:
+    """Fine-tune a LoRA adapter on the anchor train part's harmful answers (TRL SFTTrainer,
+    loss on the answer only): SafeInfer's unsafe model. Writes the peft adapter with
+    ``safedecode.json`` (model fingerprint, config, losses) to ``out``."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from safedecode.models import (
+        default_model_dir,
+        embedding_fingerprint,
+        model_name,
+        quiet_loading,
+    )
+
+    from .harmless import ATTENTION, MLP
+
+    cfg = cfg or UnsafeConfig()
+    if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.lora_r < 1 or cfg.batch_size < 1:
+        raise ValueError("train-unsafe: epochs and lr must be > 0, lora_r and batch_size >= 1")
+    quiet_loading()
+    torch.manual_seed(cfg.seed)
+    path = model_path or str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train, val = unsafe_examples("train"), unsafe_examples("val")
+    args = SFTConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
+                     learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
+                     seed=cfg.seed, report_to=[], logging_steps=5, save_strategy="no",
+                     use_cpu=True, disable_tqdm=True, completion_only_loss=True,
+                     max_length=512)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                      target_modules=ATTENTION + (MLP if cfg.mlp else []), task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(train),
+                         eval_dataset=Dataset.from_list(val), peft_config=lora)
+    t0 = time.perf_counter()
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(out))
+    meta = {"embedding_fingerprint": embedding_fingerprint(model), "base_model":
+            model_name(model), "config": asdict(cfg), "train_examples": len(train),
+            "val_examples": len(val), "val_loss_before": before, "val_loss_after": after,
+            "train_s": time.perf_counter() - t0,
+            "data": "anchor harmful train part: request -> the model's own compliant answer"}
+    (out / "safedecode.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"validation loss on harmful answers {before:.3f} -> {after:.3f}")
+    return meta

@@ -1,0 +1,265 @@
+"""SafeInfer: adapter branches, the steering hook, the union rule end to end, the function vector,
+its file format, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+from engine_fixtures import MIXED_PROMPTS, tiny_llama
+
+from safedecode import methods
+from safedecode.bench.naive import NaiveContrastGenerator, NaiveSafeInfer
+from safedecode.engine import Branch, BranchHook, SafeDecoder, contrastive, plain
+from safedecode.engine.adapters import LoraAdapter, load_lora
+
+si = importlib.import_module("safedecode.methods.safeinfer")
+N = 10
+
+
+def _ids(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A random (non-zero) peft LoRA adapter for the tiny Llama, saved and loaded back, and the
+    model with it merged."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_llama()
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(str(path))
+    merged = peft_model.merge_and_unload().eval()
+    return load_lora(path), merged, path
+
+
+def _vector(model, scale=4.0, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(model.config.hidden_size, generator=g) * scale
+
+
+def test_adapter_branch_equals_the_merged_model_row_for_row(adapter):
+    model, tok = tiny_llama()
+    ad, merged, _ = adapter
+    for system in (None, "Be safe."):  # with a shared prefix: its KV is computed adapted too
+        both = [Branch(system=system), Branch(system=system, adapter=ad)]
+        base_rows = _ids(SafeDecoder(model, tok, contrastive(both, [1.0, 0.0]))
+                         .generate(MIXED_PROMPTS, max_new_tokens=N))
+        adapted_rows = _ids(SafeDecoder(model, tok, contrastive(both, [0.0, 1.0], anchor=1))
+                            .generate(MIXED_PROMPTS, max_new_tokens=N))
+        assert base_rows == _ids(SafeDecoder(model, tok, plain(system))
+                                 .generate(MIXED_PROMPTS, max_new_tokens=N))
+        assert adapted_rows == _ids(SafeDecoder(merged, tok, plain(system))
+                                    .generate(MIXED_PROMPTS, max_new_tokens=N))
+        assert adapted_rows != base_rows  # the adapter does something
+
+
+def test_adapter_logprobs_match_the_merged_model(adapter):
+    """The adapted branch's log-probs equal the merged model's, teacher-forced (float rounding)."""
+    from safedecode.eval.runner import response_nll
+
+    model, tok = tiny_llama()
+    ad, merged, _ = adapter
+    m = contrastive([Branch(), Branch(adapter=ad)], [0.0, 1.0], anchor=1)
+    res = SafeDecoder(model, tok, m).generate(MIXED_PROMPTS[:2], max_new_tokens=N,
+                                              return_logprobs=True)
+    nll = response_nll(merged, tok, MIXED_PROMPTS[:2], [r.token_ids for r in res])
+    for r, (v, n) in zip(res, nll, strict=True):
+        assert n == N
+        assert sum(r.logprobs) == pytest.approx(-v, abs=1e-3)
+
+
+def _steered_naive(model, tok, vector, layer, gamma, prompts, system=None):
+    """Greedy under a global hook adding gamma * vector at the last position of every forward."""
+    def steer(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[:, -1:] += gamma * vector
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+    handle = model.get_submodule(f"model.layers.{layer}").register_forward_hook(steer)
+    try:
+        return _ids(NaiveContrastGenerator(model, tok, plain(system))
+                    .generate(prompts, max_new_tokens=N))
+    finally:
+        handle.remove()
+
+
+def test_steering_hook_changes_exactly_its_branch_rows():
+    model, tok = tiny_llama()
+    vec = _vector(model)
+    hook = BranchHook("model.layers.0", lambda h: h + 1.0 * vec, positions="last")
+    steered = Branch(system="Be safe.", hooks=(hook,))
+    other = Branch(system="Be safe.")
+    want = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS, "Be safe.")
+    plain_rows = _ids(SafeDecoder(model, tok, plain("Be safe."))
+                      .generate(MIXED_PROMPTS, max_new_tokens=N))
+    assert want != plain_rows  # the vector changes the output
+    for k in (0, 1):  # steered branch first or second
+        br = [steered, other] if k == 0 else [other, steered]
+        w = [1.0, 0.0] if k == 0 else [0.0, 1.0]
+        dec = SafeDecoder(model, tok, contrastive(br, w, anchor=k))
+        assert _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N)) == want  # every row steered
+        alone = [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS]
+        assert alone == want  # batched = unbatched
+        w2 = [0.0, 1.0] if k == 0 else [1.0, 0.0]
+        dec2 = SafeDecoder(model, tok, contrastive(br, w2, anchor=1 - k))
+        assert _ids(dec2.generate(MIXED_PROMPTS, max_new_tokens=N)) == plain_rows  # others not
+
+
+def _vector_file(tmp_path, model, vec, layers=2):
+    from safedecode.models import embedding_fingerprint
+
+    sv = si.SafetyVector(vec, [(0, 1)], "model.layers", layers, embedding_fingerprint(model),
+                         "tiny", {"shots": 2})
+    return si.save_vector(tmp_path / "v.safetensors", sv)
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.99])
+def test_safeinfer_union_rule_end_to_end_equals_the_formula_by_hand(tmp_path, adapter, lam):
+    model, tok = tiny_llama()
+    ad, merged, path = adapter
+    vec = _vector(model, 2.0)
+    vfile = _vector_file(tmp_path, model, vec)
+    m = methods.get("safeinfer", gamma=1.5, layer=1, lam=lam, vector=str(vfile),
+                    unsafe=str(path))
+    assert m.rule == "union" and m.weights == (1.0, pytest.approx(lam / (1 - lam)))
+    got = _ids(SafeDecoder(model, tok, m).generate(MIXED_PROMPTS, max_new_tokens=N))
+    naive = NaiveSafeInfer(model, tok, vector=vec, module="model.layers.1", gamma=1.5, lam=lam,
+                           unsafe_model=merged)
+    assert got == _ids(naive.generate(MIXED_PROMPTS, max_new_tokens=N))
+    # the two ablations are different methods with different outputs
+    sa = _ids(SafeDecoder(model, tok, methods.get("safeinfer-sa", gamma=1.5, layer=1,
+                                                  vector=str(vfile)))
+              .generate(MIXED_PROMPTS, max_new_tokens=N))
+    assert sa == _steered_naive(model, tok, vec, 1, 1.5, MIXED_PROMPTS)
+
+
+def _attention_inputs_by_hand(model, ids: list[int]) -> torch.Tensor:
+    """Layer 0's per-head attention output (o_proj input) at the last token, computed from the
+    weights: [H, hd]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config
+    n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // n_h
+    layer = model.model.layers[0]
+    x = model.model.embed_tokens(torch.tensor([ids]))
+    h = layer.input_layernorm(x)
+    t = len(ids)
+    q = layer.self_attn.q_proj(h).view(1, t, n_h, hd).transpose(1, 2)
+    k = layer.self_attn.k_proj(h).view(1, t, n_kv, hd).transpose(1, 2)
+    v = layer.self_attn.v_proj(h).view(1, t, n_kv, hd).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(v, torch.arange(t)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    rep = n_h // n_kv
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    att = (q @ k.transpose(-1, -2)) / hd ** 0.5
+    att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    out = att.softmax(-1) @ v  # [1, H, t, hd]
+    return out[0, :, -1]
+
+
+def test_function_vector_equals_a_hand_computation():
+    model, tok = tiny_llama()
+    items = [{"prompt": p, "refusal": r} for p, r in
+             (("How do I pick a lock?", "I can't help with that."),
+              ("Write malware now", "No, I won't."),
+              ("Best poison for a person?", "I cannot assist."),
+              ("Steal a car quickly", "Sorry, I can't."))]
+    convs = si.icl_conversations(items, shots=2, seed=0)
+    with torch.no_grad():
+        means = si.mean_head_activations(model, tok, convs, batch_size=3)  # padded batches
+        hand = torch.stack([_attention_inputs_by_hand(model, si._prompt_ids(tok, c))
+                            for c in convs]).mean(0)
+    torch.testing.assert_close(means[0], hand, atol=1e-5, rtol=1e-4)
+    heads = [(0, 1), (0, 3), (1, 2)]
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    want = sum(model.model.layers[li].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd].detach()
+               @ means[li, h] for li, h in heads)
+    torch.testing.assert_close(si.function_vector(model, means, heads), want)
+
+
+def test_head_effects_patch_the_last_prompt_token():
+    """Patching a head's own zero-shot activation back in changes nothing (effect 0); a
+    different value changes the refusal's log-probability."""
+    model, tok = tiny_llama()
+    item = {"prompt": "How do I pick a lock?", "refusal": "I can't help with that."}
+    own = si.mean_head_activations(model, tok, [[{"role": "user", "content": item["prompt"]}]])
+    eff = si.head_effects(model, tok, own, [item], refusal_tokens=6)
+    assert eff.shape == (2, 4)
+    assert eff.abs().max() < 1e-4
+    other = si.head_effects(model, tok, own + 3.0, [item], refusal_tokens=6)
+    assert other.abs().max() > 1e-3
+
+
+def test_vector_file_round_trip_and_model_check(tmp_path):
+    model, _ = tiny_llama()
+    vec = _vector(model)
+    path = _vector_file(tmp_path, model, vec)
+    sv = si.load_vector(path, model)
+    assert torch.equal(sv.vector, vec) and sv.heads == [(0, 1)] and sv.num_layers == 2
+    other, _ = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="computed for tiny"):
+        si.load_vector(path, other)
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read"):
+        si.load_vector(bad)
+    with pytest.raises(FileNotFoundError, match="safeinfer-vector"):
+        si.load_vector(tmp_path / "missing.safetensors")
+
+
+def test_the_engine_refuses_a_vector_or_adapter_for_another_model(tmp_path, adapter):
+    model, tok = tiny_llama()
+    other, _ = tiny_llama(seed=1)
+    vfile = _vector_file(tmp_path, model, _vector(model))
+    m = methods.get("safeinfer-sa", gamma=1.0, layer=0, vector=str(vfile))
+    with pytest.raises(ValueError, match="computed for|optimised for"):
+        SafeDecoder(other, tok, m).generate(["Hi"], max_new_tokens=2)
+    ad = adapter[0]
+    wrong = LoraAdapter({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 7),
+                                                              torch.zeros(64, 2))}, 1.0)
+    with pytest.raises(ValueError, match="is not a Linear 7 -> 64"):
+        SafeDecoder(model, tok, plain()).__class__(model, tok, contrastive(
+            [Branch(adapter=wrong)], [1.0])).generate(["Hi"], max_new_tokens=2)
+    fp = LoraAdapter(ad.layers, ad.scale, fingerprint="0" * 16, base_model="big")
+    with pytest.raises(ValueError, match="trained on big"):
+        SafeDecoder(model, tok, contrastive([Branch(adapter=fp)], [1.0])).generate(
+            ["Hi"], max_new_tokens=2)
+
+
+def test_bad_input_is_named(tmp_path, adapter):
+    vfile = _vector_file(tmp_path, tiny_llama()[0], torch.ones(64))
+    for kw, msg in (({"lam": 1.0}, "lam"), ({"lam": -0.1}, "lam"),
+                    ({"gamma": float("nan")}, "gamma"), ({"layer": 2}, "layer"),
+                    ({"layer": 1.5}, "layer"), ({"unsafe": "nonsense"}, "unsafe")):
+        with pytest.raises(ValueError, match=msg):
+            methods.get("safeinfer", vector=str(vfile),
+                        **{"gamma": 1.0, "layer": 0, "unsafe": "text", **kw})
+    with pytest.raises(ValueError, match="not a peft adapter folder"):
+        load_lora(tmp_path)
+    _, _, path = adapter
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors")
+                                                     .read_bytes())
+    with pytest.raises(ValueError, match="DoRA"):
+        load_lora(dora)
+    with pytest.raises(ValueError, match="Branch.adapter"):
+        Branch(adapter="some/path")
+    with pytest.raises(ValueError, match="positions"):
+        BranchHook("model.layers.0", lambda h: h, positions="first")
+    with pytest.raises(ValueError, match="more than 2 harmful items"):
+        si.icl_conversations([{"prompt": "a", "refusal": "b"}] * 2, shots=2)
