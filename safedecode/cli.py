@@ -61,7 +61,8 @@ def generate(
                                      help="A .txt (one prompt per line) or .jsonl ('prompt')."),
     method: str = typer.Option("plain", "--method", "-m",
                                help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd, "
-                                    "self-cd-sp, deal"),
+                                    "self-cd-sp, safeinfer, safeinfer-sa, safeinfer-sgds, "
+                                    "deal"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -88,6 +89,15 @@ def generate(
                                                  "(1: the paper; more: fewer steps)."),
     base: str = typer.Option("plain", "--base", help="deal: the method whose distribution "
                                                      "gives the candidates."),
+    gamma: float | None = typer.Option(None, help="safeinfer: scale of the safety vector."),
+    layer: int | None = typer.Option(None, help="safeinfer: decoder layer it is added after."),
+    safeinfer_lam: float | None = typer.Option(
+        None, "--safeinfer-lam", help="safeinfer: λ in [0, 1) of the union rule (β = λ/(1−λ))."),
+    vector: Path | None = typer.Option(None, "--vector",
+                                       help="safeinfer: a file from `safedecode "
+                                            "safeinfer-vector`."),
+    unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
+                                      "adapter, soft, text, or an adapter folder."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -100,6 +110,10 @@ def generate(
     prompts = _read_prompts(prompt, file)
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
+    si = {"gamma": gamma, "layer": layer, "lam": safeinfer_lam, "vector": vector,
+          "unsafe": unsafe}
+    if method.startswith("safeinfer"):
+        kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
         kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
                       chunk=chunk, base=base)
@@ -108,6 +122,9 @@ def generate(
         if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
+        if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
+            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe: only for the "
+                             f"safeinfer methods, not {method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")
@@ -233,6 +250,57 @@ def train_reward(
         _fail(str(exc))
     typer.echo(f"wrote {out}: validation accuracy {metrics['val_accuracy']:.3f} "
                f"({metrics['val_pairs']} pairs), train {metrics['train_accuracy']:.3f}")
+
+
+@app.command("safeinfer-vector")
+def safeinfer_vector(
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    shots: int = typer.Option(10, help="Safe demonstrations (request -> refusal) per prompt."),
+    heads: int = typer.Option(10, "--heads", help="Attention heads summed into the vector."),
+    effect_prompts: int = typer.Option(24, "--effect-prompts",
+                                       help="Zero-shot requests that rank the heads."),
+    seed: int = typer.Option(0, help="Seed (demonstrations, request sample)."),
+):
+    """Compute SafeInfer's safety function vector on the anchor set's harmful train part (mean
+    head activations over few-shot refusals; heads ranked by causal effect)."""
+    from safedecode.methods.safeinfer import VectorConfig, compute_vector, save_vector
+    from safedecode.models import load_model
+
+    try:
+        cfg = VectorConfig(shots=shots, n_heads=heads, effect_prompts=effect_prompts, seed=seed)
+        mdl, tok = load_model(model)
+        sv = compute_vector(mdl, tok, cfg=cfg, log=lambda m: typer.echo(m, err=True))
+        save_vector(out, sv)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: {len(sv.heads)} heads, |vector| = {float(sv.vector.norm()):.3f}")
+
+
+@app.command("train-unsafe")
+def train_unsafe(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the peft adapter."),
+    model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
+                                                "model)."),
+    epochs: float = typer.Option(3.0, help="Passes over the anchor train part."),
+    lr: float = typer.Option(5e-4, help="Learning rate."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    seed: int = typer.Option(0, help="Seed."),
+):
+    """Train SafeInfer's unsafe model: a LoRA adapter fine-tuned on the anchor train part's
+    harmful answers (TRL SFTTrainer); prints the validation loss before and after."""
+    try:
+        from safedecode.methods.safeinfer import UnsafeConfig, train_unsafe_adapter
+
+        meta = train_unsafe_adapter(out, UnsafeConfig(epochs=epochs, lr=lr, lora_r=lora_r,
+                                                      seed=seed), model_path=model,
+                                    log=lambda m: typer.echo(m, err=True))
+    except ImportError as exc:
+        _fail(f"train-unsafe needs the train extra (pip install 'safedecode[train]'): {exc}")
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: validation loss {meta['val_loss_before']:.3f} -> "
+               f"{meta['val_loss_after']:.3f}")
 
 
 @app.command()

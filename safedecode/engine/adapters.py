@@ -92,6 +92,19 @@ class LoraAdapter:
         out.__dict__["_key"] = self.key()
         return out
 
+    def merged(self, model):
+        """A copy of ``model`` with the adapter merged into its weights (the unsafe model of
+        SafeInfer's reference code: a second model)."""
+        import copy
+
+        self.check_model(model)
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            for mod, (a, b) in self.layers.items():
+                w = out.get_submodule(mod).weight
+                w += (self.scale * (b.float() @ a.float())).to(w.dtype)
+        return out
+
     def delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """``scale · x A^T B^T`` for module ``module``."""
         a, b = self.layers[module]

@@ -177,7 +177,8 @@ def tune_command(
         help="Tuning data: the anchor validation split (default) or your own files; evaluation "
              "sets (harmbench, benign, benign-lookalike, benign-ordinary) are refused."),
     record: Path | None = typer.Option(
-        None, "--record", help="Write the chosen acd / self-cd-sp knobs into this prompts file."),
+        None, "--record", help="Write the chosen knobs into this file: an ACD prompts file "
+                               "(acd, self-cd-sp) or a SafeInfer vector (safeinfer*)."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
     limit: int | None = typer.Option(None, "--limit", help="N items of each data set."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),

@@ -127,29 +127,40 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record_choice(sel: dict, prompts: str | Path | None, command: str | None,
-                  sets: Sequence[str]) -> Path:
-    """Write the chosen knobs of the methods that read a prompts file (``acd``, ``self-cd-sp``)
-    into that file's metadata, with the table that chose them."""
-    from safedecode.methods.acd import DEFAULT_PROMPTS, load_prompts, save_prompts
+RECORDED = {"acd": ("alpha", "beta"), "self-cd-sp": ("alpha", "beta"),
+            "safeinfer": ("gamma", "layer", "lam"), "safeinfer-sa": ("gamma", "layer"),
+            "safeinfer-sgds": ("lam",)}
 
-    path = Path(prompts) if prompts is not None else DEFAULT_PROMPTS
-    p = load_prompts(path)
+
+def record_choice(sel: dict, path: str | Path | None, command: str | None,
+                  sets: Sequence[str]) -> Path:
+    """Write the chosen knobs into the file the methods read them from, with the table that
+    chose them: an ACD prompts file (``acd``, ``self-cd-sp``: alpha, beta) or a SafeInfer vector
+    file (``safeinfer``: gamma, layer, lam; its ablations likewise)."""
+    from safedecode.methods import acd, safeinfer
+
+    path = Path(path) if path is not None else acd.DEFAULT_PROMPTS
+    try:
+        obj, family, save, arg = safeinfer.load_vector(path), "safeinfer", \
+            safeinfer.save_vector, "vector"
+    except ValueError:
+        obj, family, save, arg = acd.load_prompts(path), "acd", acd.save_prompts, "prompts"
     done = []
     for name, row in sel["chosen"].items():
-        knobs = {k: v for k, v in row["kwargs"].items() if k in ("alpha", "beta")}
-        if name not in ("acd", "self-cd-sp") or not knobs:
+        knobs = {k: v for k, v in row["kwargs"].items() if k in RECORDED.get(name, ())}
+        if not knobs or name.startswith("safeinfer") != (family == "safeinfer"):
             continue
-        if str(row["kwargs"].get("prompts", path)) != str(path):
+        if str(row["kwargs"].get(arg, path)) != str(path):
             continue
-        p.decoding[name] = knobs
+        obj.decoding[name] = knobs
         done.append(name)
     if not done:
-        raise ValueError("--record: no acd / self-cd-sp setting with alpha/beta to record")
-    p.selection = {"command": command, "datasets": list(sets), "criterion": sel["criterion"],
-                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "rows": sel["rows"]}
-    return save_prompts(path, p)
+        raise ValueError(f"--record: no setting of {sorted(RECORDED)} with knobs that belong "
+                         f"in {path}")
+    obj.selection = {"command": command, "datasets": list(sets), "criterion": sel["criterion"],
+                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "rows": sel["rows"]}
+    return save(path, obj)
 
 
 def tune(model, tok, methods: str, out_dir: str | Path, *,
