@@ -224,7 +224,7 @@ def test_the_engine_refuses_a_vector_or_adapter_for_another_model(tmp_path, adap
     other, _ = tiny_llama(seed=1)
     vfile = _vector_file(tmp_path, model, _vector(model))
     m = methods.get("safeinfer-sa", gamma=1.0, layer=0, vector=str(vfile))
-    with pytest.raises(ValueError, match="computed for|optimised for"):
+    with pytest.raises(ValueError, match="steering vector was computed for tiny"):
         SafeDecoder(other, tok, m).generate(["Hi"], max_new_tokens=2)
     ad = adapter[0]
     wrong = LoraAdapter({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 7),
@@ -263,3 +263,33 @@ def test_bad_input_is_named(tmp_path, adapter):
         BranchHook("model.layers.0", lambda h: h, positions="first")
     with pytest.raises(ValueError, match="more than 2 harmful items"):
         si.icl_conversations([{"prompt": "a", "refusal": "b"}] * 2, shots=2)
+
+
+def test_cli_vector_then_generate(tiny_model_dir, tmp_path, adapter):
+    """`safedecode safeinfer-vector` on a model folder, then `generate --method safeinfer` with
+    that vector and an adapter folder; a vector for another model is refused by name."""
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    runner = CliRunner()
+    vfile = tmp_path / "v.safetensors"
+    res = runner.invoke(app, ["safeinfer-vector", "--out", str(vfile), "--model",
+                              str(tiny_model_dir), "--shots", "2", "--heads", "3",
+                              "--effect-prompts", "2"])
+    assert res.exit_code == 0, res.output
+    sv = si.load_vector(vfile, tiny_llama()[0])
+    assert len(sv.heads) == 3 and len(sv.effects) == 2 and sv.vector.norm() > 0
+    args = ["generate", "Hi there", "--model", str(tiny_model_dir), "-n", "4", "--json",
+            "--method", "safeinfer", "--vector", str(vfile), "--unsafe", str(adapter[2]),
+            "--gamma", "2", "--layer", "1", "--safeinfer-lam", "0.9"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["method"] == "safeinfer"
+    res = runner.invoke(app, ["generate", "x", "--method", "plain", "--gamma", "1"])
+    assert res.exit_code == 2 and "only for the safeinfer methods" in res.output
+    other = tmp_path / "other"
+    tiny_llama(seed=1)[0].save_pretrained(other)
+    tiny_llama()[1].save_pretrained(other)
+    res = runner.invoke(app, [*args[:3], str(other), *args[4:]])
+    assert res.exit_code == 2 and "computed for" in res.output

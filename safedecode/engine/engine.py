@@ -106,12 +106,16 @@ def check_method_fits(model, method: Method) -> None:
 
             here = embedding_fingerprint(model)
             if here != br.fingerprint:
+                soft = br.soft_prompt is not None
+                what, verb, fix = (("soft prompt", "optimised", "optimise prompts for it with "
+                                    "`safedecode optimize --model ...`") if soft else
+                                   ("steering vector", "computed", "compute one for it with "
+                                    "`safedecode safeinfer-vector --model ...`"))
                 raise ValueError(
-                    f"method {method.name!r}: branch {i} ({br.name or 'soft prompt'}) was "
-                    f"optimised for {br.trained_for or 'another model'} (embedding "
-                    f"fingerprint {br.fingerprint}), but this model is {model_name(model)} "
-                    f"(fingerprint {here}); optimise prompts for it with "
-                    "`safedecode optimize --model ...`")
+                    f"method {method.name!r}: branch {i} ({br.name or what})'s {what} was "
+                    f"{verb} for {br.trained_for or 'another model'} (embedding fingerprint "
+                    f"{br.fingerprint}), but this model is {model_name(model)} (fingerprint "
+                    f"{here}); {fix}")
 
 
 def eos_ids(model, tokenizer) -> frozenset[int]:
