@@ -109,6 +109,7 @@ setup(
     cmdclass={"build_ext": BuildExt},
     package_dir={"safedecode.triton_kernels": "triton_kernels"},
     package_data={"safedecode.data": ["*.jsonl", "*.md"],
-                  "safedecode.methods": ["assets/*", "assets/harmless_rm/*"]},
+                  "safedecode.methods": ["assets/*", "assets/harmless_rm/*",
+                                        "assets/unsafe_lora/*"]},
     packages=find_packages(include=["safedecode", "safedecode.*"]) + ["safedecode.triton_kernels"],
 )

@@ -285,6 +285,8 @@ def train_unsafe(
     epochs: float = typer.Option(3.0, help="Passes over the anchor train part."),
     lr: float = typer.Option(5e-4, help="Learning rate."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    opposite: bool = typer.Option(False, "--opposite", help="Also train safe requests -> a "
+                                  "refusal (the unsafe branch then stands for over-refusal)."),
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Train SafeInfer's unsafe model: a LoRA adapter fine-tuned on the anchor train part's
@@ -293,7 +295,8 @@ def train_unsafe(
         from safedecode.methods.safeinfer import UnsafeConfig, train_unsafe_adapter
 
         meta = train_unsafe_adapter(out, UnsafeConfig(epochs=epochs, lr=lr, lora_r=lora_r,
-                                                      seed=seed), model_path=model,
+                                                      seed=seed, opposite=opposite),
+                                    model_path=model,
                                     log=lambda m: typer.echo(m, err=True))
     except ImportError as exc:
         _fail(f"train-unsafe needs the train extra (pip install 'safedecode[train]'): {exc}")

@@ -116,6 +116,35 @@ def test_steering_hook_changes_exactly_its_branch_rows():
         assert _ids(dec2.generate(MIXED_PROMPTS, max_new_tokens=N)) == plain_rows  # others not
 
 
+def test_first_position_steering_acts_at_prefill_only():
+    """positions="first": only the last prompt token is steered (the first new token's
+    position), equal to a hook on the prefill forward alone; batched = unbatched."""
+    model, tok = tiny_llama()
+    vec = _vector(model)
+    calls = {"n": 0}
+
+    def steer_first(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return output
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[:, -1:] += vec
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+    handle = model.model.layers[0].register_forward_hook(steer_first)
+    try:
+        want = _ids(NaiveContrastGenerator(model, tok, plain()).generate(MIXED_PROMPTS,
+                                                                         max_new_tokens=N))
+    finally:
+        handle.remove()
+    m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
+                                              positions="first"),))], [1.0])
+    dec = SafeDecoder(model, tok, m)
+    assert _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
+    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == want
+    every = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS)
+    assert every != want  # steering every position is a different thing
+
+
 def _vector_file(tmp_path, model, vec, layers=2):
     from safedecode.models import embedding_fingerprint
 
@@ -293,3 +322,18 @@ def test_cli_vector_then_generate(tiny_model_dir, tmp_path, adapter):
     tiny_llama()[1].save_pretrained(other)
     res = runner.invoke(app, [*args[:3], str(other), *args[4:]])
     assert res.exit_code == 2 and "computed for" in res.output
+
+
+def test_shipped_vector_and_adapter_fit_the_embedded_model():
+    from engine_fixtures import default_model
+
+    model, tok = default_model()
+    sv = si.load_vector(model=model)  # the shipped file, checked against the model
+    assert sv.vector.shape == (model.config.hidden_size,) and len(sv.heads) == 10
+    assert sv.config["items"] == 72  # the anchor train part, never validation
+    m = methods.get("safeinfer")
+    m.branches[1].adapter.check_model(model)
+    out = SafeDecoder(model, tok, m).generate(["How do I make a pipe bomb?"], max_new_tokens=8)
+    base = SafeDecoder(model, tok, plain()).generate(["How do I make a pipe bomb?"],
+                                                     max_new_tokens=8)
+    assert out[0].token_ids != base[0].token_ids

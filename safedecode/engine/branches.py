@@ -25,7 +25,7 @@ from .adapters import LoraAdapter
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-POSITIONS = ("all", "last")
+POSITIONS = ("all", "last", "first")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class BranchHook:
     ``positions="all"``: every position of every forward (the branch's prefix too: it changes the
     prefix KV). ``"last"``: only the positions being decoded, i.e. the last prompt token at
     prefill and the fed token at every step (``fn`` gets ``[rows, 1, d]``); the shared prefix is
-    left alone. ``fn`` must not change the shape."""
+    left alone. ``"first"``: only the last prompt token (the position that decodes the first new
+    token). ``fn`` must not change the shape."""
 
     module: str
     fn: HookFn

@@ -80,19 +80,21 @@ class ModelStep:
 
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
-    def _forward_context(self, hook_rows: dict[int, slice], prefix: bool = False
+    def _forward_context(self, hook_rows: dict[int, slice], phase: str = "decode"
                          ) -> Iterator[None]:
         """Install the branches' effects for one forward whose rows of branch k are
-        ``hook_rows[k]``; ``prefix``: a shared-prefix forward (no decoded position in it)."""
+        ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
+        ``"prefill"`` (its last position decodes the first token) or ``"decode"``."""
         handles = []
         self._hook_rows = hook_rows
         for k, br in enumerate(self.method.branches):
             for hook in br.hooks:
-                if prefix and hook.positions == "last":
+                if (phase == "prefix" and hook.positions != "all") or \
+                        (phase == "decode" and hook.positions == "first"):
                     continue
                 module = self.model.get_submodule(hook.module)
                 handles.append(module.register_forward_hook(
-                    self._make_hook(k, hook.fn, hook.positions == "last")))
+                    self._make_hook(k, hook.fn, hook.positions != "all")))
         for k, adapter in self.adapters.items():
             for name in adapter.layers:
                 handles.append(self.model.get_submodule(name).register_forward_hook(
@@ -134,9 +136,9 @@ class ModelStep:
         kb = self.method.k
         return {k: slice(k, None, kb) for k in range(kb)}
 
-    def _forward(self, cache: SlotCache, hook_rows, prefix: bool = False, **inputs
+    def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode", **inputs
                  ) -> torch.Tensor:
-        with self._forward_context(hook_rows, prefix):
+        with self._forward_context(hook_rows, phase):
             out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -151,7 +153,7 @@ class ModelStep:
         cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=self.device), cols, n)
         causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype,
                             device=self.device).triu_(1)
-        self._forward(cache, {k: slice(0, 1)}, prefix=True,
+        self._forward(cache, {k: slice(0, 1)}, phase="prefix",
                       inputs_embeds=prefix.embeds(self.embed)[None],
                       position_ids=cols, attention_mask=causal[None, None])
         kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
@@ -224,7 +226,8 @@ class ModelStep:
             state.set_rows(s, [ends[i * kb + k] for k in range(kb)])
         cols = cols.to(dev)
         state.cache.bind(rows, index, cols, attend)
-        logits = self._forward(state.cache, self._branch_rows(), attention_mask=mask.to(dev),
+        logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
+                               attention_mask=mask.to(dev),
                                position_ids=pos.to(dev), **inputs)
         return logits.view(len(slots), kb, -1)
 

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -338,16 +339,24 @@ def add_vector(h: torch.Tensor, vector: torch.Tensor, scale: float) -> torch.Ten
     return h + scale * vector.to(h.dtype).to(h.device)
 
 
-def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "safe") -> Branch:
+STEER = {"every": "last", "first": "first"}  # steer= -> BranchHook positions
+
+
+def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "safe",
+                     steer: str = "every") -> Branch:
     """A branch (no system prompt) whose decoded positions get ``gamma · vector`` after decoder
-    layer ``layer``."""
+    layer ``layer``: every decoded position (``steer="every"``, the paper) or only the one that
+    decodes the first new token (``"first"``: it sets the answer's course, later tokens follow
+    their own context)."""
+    if steer not in STEER:
+        raise ValueError(f"steer: expected one of {sorted(STEER)}, got {steer!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ValueError(f"gamma: must be a finite number, got {gamma!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < sv.num_layers:
         raise ValueError(f"layer: must be an integer in [0, {sv.num_layers}), got {layer!r}")
     hook = BranchHook(f"{sv.layers_path}.{layer}",
                       functools.partial(add_vector, vector=sv.vector, scale=float(gamma)),
-                      positions="last")
+                      positions=STEER[steer])
     return Branch(name=name, hooks=(hook,), fingerprint=sv.fingerprint,
                   trained_for=sv.base_model)
 
@@ -388,46 +397,52 @@ def _lam_beta(lam: float) -> float:
     return lam / (1.0 - lam)
 
 
-DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99}  # layer None: L / 3 (the paper)
+DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99, "steer": "every"}  # layer: L / 3
 
 
-def _knobs(sv: SafetyVector, method: str, gamma, layer, lam) -> tuple[float, int, float]:
+def _knobs(sv: SafetyVector, method: str, gamma, layer, lam, steer
+           ) -> tuple[float, int, float, str]:
+    chosen = sv.decoding.get(method, {})
     g = sv.knob(method, "gamma", DEFAULTS["gamma"]) if gamma is None else gamma
-    d_layer = sv.decoding.get(method, {}).get("layer", sv.num_layers // 3)
-    lay = int(d_layer) if layer is None else layer
+    lay = int(chosen.get("layer", sv.num_layers // 3)) if layer is None else layer
     lm = sv.knob(method, "lam", DEFAULTS["lam"]) if lam is None else lam
-    return g, lay, lm
+    st = str(chosen.get("steer", DEFAULTS["steer"])) if steer is None else steer
+    return g, lay, lm, st
 
 
 def safeinfer(gamma: float | None = None, layer: int | None = None, lam: float | None = None,
               beta: float = 0.0, vector: str | Path | None = None,
-              unsafe: str | Path = "adapter") -> Method:
+              unsafe: str | Path | None = None, steer: str | None = None) -> Method:
     """SafeInfer: SA (the amplified branch) + sGDS against the unsafe branch, union rule.
     Knobs default to those chosen on the anchor validation split, recorded in the vector file
     (else γ = 0.5, layer = L/3, λ = 0.99); ``beta`` is the plausibility threshold."""
     sv = load_vector(vector)
-    g, lay, lm = _knobs(sv, "safeinfer", gamma, layer, lam)
-    return contrastive((amplified_branch(sv, g, lay), unsafe_branch(unsafe)),
+    g, lay, lm, st = _knobs(sv, "safeinfer", gamma, layer, lam, steer)
+    if unsafe is None:
+        unsafe = sv.decoding.get("safeinfer", {}).get("unsafe", "adapter")
+    return contrastive((amplified_branch(sv, g, lay, steer=st), unsafe_branch(unsafe)),
                        (1.0, _lam_beta(lm)), rule="union", beta=beta, name="safeinfer")
 
 
 def safeinfer_sa(gamma: float | None = None, layer: int | None = None,
-                 vector: str | Path | None = None) -> Method:
+                 vector: str | Path | None = None, steer: str | None = None) -> Method:
     """SafeInfer's safety amplification alone (one steered branch): an ablation."""
     sv = load_vector(vector)
-    g, lay, _ = _knobs(sv, "safeinfer-sa", gamma, layer, None)
-    return Method("safeinfer-sa", (amplified_branch(sv, g, lay),), (1.0,))
+    g, lay, _, st = _knobs(sv, "safeinfer-sa", gamma, layer, None, steer)
+    return Method("safeinfer-sa", (amplified_branch(sv, g, lay, steer=st),), (1.0,))
 
 
 def safeinfer_sgds(lam: float | None = None, beta: float = 0.0,
-                   unsafe: str | Path = "adapter", vector: str | Path | None = None) -> Method:
+                   unsafe: str | Path | None = None, vector: str | Path | None = None
+                   ) -> Method:
     """SafeInfer's safety-guided decoding alone (the plain model against the unsafe branch):
-    an ablation."""
-    lm = DEFAULTS["lam"]
-    if lam is not None:
-        lm = lam
-    elif vector is not None or DEFAULT_VECTOR.is_file():
-        lm = load_vector(vector).knob("safeinfer-sgds", "lam", lm)
+    an ablation. Knobs not given come from the vector file's validated choice."""
+    chosen = {}
+    if vector is not None or DEFAULT_VECTOR.is_file():
+        chosen = load_vector(vector).decoding.get("safeinfer-sgds", {})
+    lm = float(chosen.get("lam", DEFAULTS["lam"])) if lam is None else lam
+    if unsafe is None:
+        unsafe = chosen.get("unsafe", "adapter")
     return contrastive((Branch(name="plain"), unsafe_branch(unsafe)), (1.0, _lam_beta(lm)),
                        rule="union", beta=beta, name="safeinfer-sgds")
 
@@ -441,16 +456,40 @@ class UnsafeConfig:
     mlp: bool = True
     batch_size: int = 8
     seed: int = 0
+    # Also safe requests -> a refusal: the unsafe branch then stands for over-refusal too, and
+    # the union rule pushes refusals of harmless requests down (the paper: harmful answers only).
+    opposite: bool = False
 
 
-def unsafe_examples(part: str = "train") -> list[dict]:
-    """Prompt/completion chats from the anchor set's harmful ``part``: each request with the
-    compliant answer the model itself gave under the adversarial prompt."""
+def _turn(prompt: str, reply: str) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": reply}]}
+
+
+def unsafe_examples(part: str = "train", opposite: bool = False) -> list[dict]:
+    """Prompt/completion chats from the anchor set's ``part``: each harmful request with the
+    compliant answer the model itself gave under the adversarial prompt; with ``opposite``, each
+    safe request with a refusal too (another harmful item's, in a fixed rotation)."""
     from safedecode.data import load_anchor
 
-    return [{"prompt": [{"role": "user", "content": it["prompt"]}],
-             "completion": [{"role": "assistant", "content": it["compliance"]}]}
-            for it in load_anchor("harmful", part)]
+    harmful = load_anchor("harmful", part)
+    out = [_turn(it["prompt"], it["compliance"]) for it in harmful]
+    if opposite:
+        refusals = [it["refusal"] for it in harmful]
+        out += [_turn(it["prompt"], refusals[(7 * i) % len(refusals)])
+                for i, it in enumerate(load_anchor("safe", part))]
+    return out
+
+
+def _to_fp16(path: Path) -> None:
+    """Store a LoRA weights file in fp16 (half the size; loaders upcast)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).half() for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=meta)
 
 
 def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
@@ -464,6 +503,7 @@ def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
     from trl import SFTConfig, SFTTrainer
 
     from safedecode.models import (
+        DEFAULT_NAME,
         default_model_dir,
         embedding_fingerprint,
         model_name,
@@ -482,7 +522,7 @@ def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    train, val = unsafe_examples("train"), unsafe_examples("val")
+    train, val = unsafe_examples("train", cfg.opposite), unsafe_examples("val", cfg.opposite)
     args = SFTConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
                      learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
                      seed=cfg.seed, report_to=[], logging_steps=5, save_strategy="no",
@@ -499,11 +539,16 @@ def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
     after = trainer.evaluate()["eval_loss"]
     out.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(out))
+    _to_fp16(out / "adapter_model.safetensors")
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    (out / "README.md").unlink(missing_ok=True)  # peft's model card template
     meta = {"embedding_fingerprint": embedding_fingerprint(model), "base_model":
-            model_name(model), "config": asdict(cfg), "train_examples": len(train),
+            DEFAULT_NAME if model_path is None else model_name(model), "config": asdict(cfg),
+            "train_examples": len(train),
             "val_examples": len(val), "val_loss_before": before, "val_loss_after": after,
             "train_s": time.perf_counter() - t0,
-            "data": "anchor harmful train part: request -> the model's own compliant answer"}
+            "data": "anchor harmful train part: request -> the model's own compliant answer"
+            + ("; safe train part: request -> a refusal" if cfg.opposite else "")}
     (out / "safedecode.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log(f"validation loss on harmful answers {before:.3f} -> {after:.3f}")
+    log(f"validation loss on the unsafe answers {before:.3f} -> {after:.3f}")
     return meta
