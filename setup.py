@@ -110,6 +110,7 @@ setup(
     package_dir={"safedecode.triton_kernels": "triton_kernels"},
     package_data={"safedecode.data": ["*.jsonl", "*.md"],
                   "safedecode.methods": ["assets/*", "assets/harmless_rm/*",
-                                        "assets/unsafe_lora/*"]},
+                                        "assets/unsafe_lora/*",
+                                        "assets/unsafe_opposite_lora/*"]},
     packages=find_packages(include=["safedecode", "safedecode.*"]) + ["safedecode.triton_kernels"],
 )

@@ -333,6 +333,8 @@ def test_shipped_vector_and_adapter_fit_the_embedded_model():
     assert sv.config["items"] == 72  # the anchor train part, never validation
     m = methods.get("safeinfer")
     m.branches[1].adapter.check_model(model)
+    for form in ("adapter", "opposite"):
+        si.unsafe_branch(form).adapter.check_model(model)
     out = SafeDecoder(model, tok, m).generate(["How do I make a pipe bomb?"], max_new_tokens=8)
     base = SafeDecoder(model, tok, plain()).generate(["How do I make a pipe bomb?"],
                                                      max_new_tokens=8)

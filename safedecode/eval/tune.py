@@ -137,7 +137,11 @@ def record_choice(sel: dict, path: str | Path | None, command: str | None,
     """Write the chosen knobs into the file the methods read them from, with the table that
     chose them: an ACD prompts file (``acd``, ``self-cd-sp``: alpha, beta) or a SafeInfer vector
     file (``safeinfer``: gamma, layer, lam; its ablations likewise)."""
-    from safedecode.methods import acd, safeinfer
+    import importlib
+
+    from safedecode.methods import acd
+
+    safeinfer = importlib.import_module("safedecode.methods.safeinfer")  # not the function
 
     path = Path(path) if path is not None else acd.DEFAULT_PROMPTS
     try:

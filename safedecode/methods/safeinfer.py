@@ -45,7 +45,8 @@ FORMAT = "safedecode-safeinfer-vector/1"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_VECTOR = ASSETS / "safeinfer_smollm2-135m-instruct.safetensors"
 DEFAULT_UNSAFE = ASSETS / "unsafe_lora"
-UNSAFE_FORMS = ("adapter", "soft", "text")
+OPPOSITE_UNSAFE = ASSETS / "unsafe_opposite_lora"
+UNSAFE_FORMS = ("adapter", "opposite", "soft", "text")
 
 
 # -- the model's attention layout ---------------------------------------------------------------
@@ -363,7 +364,8 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
 
 def unsafe_branch(unsafe: str | Path = "adapter") -> Branch:
     """The unsafe branch: ``"adapter"`` (the shipped LoRA adapter trained on harmful answers),
-    ``"soft"`` (OPO's adversarial soft prompt, shipped with ``acd``), ``"text"`` (the
+    ``"opposite"`` (the shipped one trained on harmful answers and on refusals of safe
+    requests), ``"soft"`` (OPO's adversarial soft prompt, shipped with ``acd``), ``"text"`` (the
     adversarial system prompt), or a path: a peft adapter folder, or an ACD prompts file (its
     adversarial prompt)."""
     from safedecode.engine.adapters import load_lora
@@ -376,8 +378,9 @@ def unsafe_branch(unsafe: str | Path = "adapter") -> Branch:
         p = load_prompts()
         return Branch(soft_prompt=p.adversarial, name="unsafe", fingerprint=p.fingerprint,
                       trained_for=p.base_model)
-    path = DEFAULT_UNSAFE if unsafe == "adapter" else Path(unsafe)
-    if unsafe == "adapter" and not (path / "adapter_config.json").is_file():
+    shipped = {"adapter": DEFAULT_UNSAFE, "opposite": OPPOSITE_UNSAFE}
+    path = shipped.get(str(unsafe), Path(unsafe))
+    if unsafe in shipped and not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"SafeInfer: the shipped unsafe adapter is missing from {path}; "
                                 "train one with `safedecode train-unsafe --out DIR` and pass "
                                 "unsafe=DIR")
