@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The efficacy report of issue 14 on the embedded model: SafeInfer and its ablations (SA only,
+# sGDS only) against plain and the safety prompt, on every evaluation set (all 200 HarmBench
+# behaviours, the three benign sets) plus the anchor validation split, greedy, 128 new tokens.
+# Knobs come from the shipped vector file (chosen on validation only: scripts/safeinfer_sweep.sh).
+# plain / safe-prompt generations are reused from benchmarks/results/efficacy (same cache keys).
+#
+#   scripts/safeinfer_eval.sh       # about 35 minutes on 2 CPU cores; resumable
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+R=benchmarks/results
+SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
+$PY -m safedecode eval -m "plain,safe-prompt,safeinfer-sa,safeinfer-sgds,safeinfer" -d "$SETS" \
+    -n 128 --out "$R/efficacy-safeinfer"
+$PY benchmarks/efficacy_summary.py "$R/efficacy-safeinfer" safeinfer_smollm2-135m

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# How SafeInfer's assets and knobs for the embedded model were made, on the anchor set only:
+# the vector and the two unsafe adapters from the train part, every knob on the validation part
+# (64 new tokens, greedy). The sweep ran as four `tune` runs whose cached generations were then
+# merged into one folder; the last command (all cached) selects and records in the vector file.
+#
+#   scripts/safeinfer_sweep.sh      # about 90 minutes on 2 CPU cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+A=safedecode/methods/assets
+$PY -m safedecode safeinfer-vector --out $A/safeinfer_smollm2-135m-instruct.safetensors
+$PY -m safedecode train-unsafe --out $A/unsafe_lora
+$PY -m safedecode train-unsafe --opposite --out $A/unsafe_opposite_lora
+GRID="safeinfer-sa:gamma=0.25|0.5|1:layer=10|18"
+GRID+=",safeinfer-sa:steer=first:gamma=1|2|4:layer=10|18"
+GRID+=",safeinfer-sa:steer=first:gamma=0.5|0.75:layer=10"
+GRID+=",safeinfer-sgds:lam=0.5|0.9|0.99,safeinfer-sgds:unsafe=soft|text:lam=0.5|0.9"
+GRID+=",safeinfer-sgds:unsafe=opposite:lam=0.5|0.9"
+GRID+=",safeinfer:steer=first:gamma=1:layer=10:unsafe=opposite:lam=0.5|0.9|0.99"
+GRID+=",safeinfer:steer=first:gamma=1:layer=10:unsafe=adapter:lam=0.5|0.9"
+GRID+=",safeinfer:steer=first:gamma=0.5|0.75:layer=10:unsafe=opposite:lam=0.3|0.5"
+$PY -m safedecode tune --out runs/si_final -n 64 \
+    --record $A/safeinfer_smollm2-135m-instruct.safetensors -m "$GRID"
