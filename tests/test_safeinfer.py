@@ -271,7 +271,8 @@ def test_bad_input_is_named(tmp_path, adapter):
     vfile = _vector_file(tmp_path, tiny_llama()[0], torch.ones(64))
     for kw, msg in (({"lam": 1.0}, "lam"), ({"lam": -0.1}, "lam"),
                     ({"gamma": float("nan")}, "gamma"), ({"layer": 2}, "layer"),
-                    ({"layer": 1.5}, "layer"), ({"unsafe": "nonsense"}, "unsafe")):
+                    ({"layer": 1.5}, "layer"), ({"unsafe": "nonsense"}, "unsafe"),
+                    ({"steer": "always"}, "steer")):
         with pytest.raises(ValueError, match=msg):
             methods.get("safeinfer", vector=str(vfile),
                         **{"gamma": 1.0, "layer": 0, "unsafe": "text", **kw})
@@ -289,7 +290,7 @@ def test_bad_input_is_named(tmp_path, adapter):
     with pytest.raises(ValueError, match="Branch.adapter"):
         Branch(adapter="some/path")
     with pytest.raises(ValueError, match="positions"):
-        BranchHook("model.layers.0", lambda h: h, positions="first")
+        BranchHook("model.layers.0", lambda h: h, positions="middle")
     with pytest.raises(ValueError, match="more than 2 harmful items"):
         si.icl_conversations([{"prompt": "a", "refusal": "b"}] * 2, shots=2)
 
@@ -339,3 +340,33 @@ def test_shipped_vector_and_adapter_fit_the_embedded_model():
     base = SafeDecoder(model, tok, plain()).generate(["How do I make a pipe bomb?"],
                                                      max_new_tokens=8)
     assert out[0].token_ids != base[0].token_ids
+
+
+def test_tune_records_safeinfer_knobs_in_the_vector_file(tmp_path):
+    """`tune --record VECTOR` writes the chosen knobs of the safeinfer methods (and only
+    theirs); the methods then read them as defaults, explicit values win."""
+    from safedecode.eval.tune import record_choice
+
+    model, _ = tiny_llama()
+    path = _vector_file(tmp_path, model, _vector(model))
+    row = {"kwargs": {"gamma": 0.75, "layer": 1, "lam": 0.5, "steer": "first",
+                      "unsafe": "text", "vector": str(path)}}
+    sel = {"chosen": {"safeinfer": row, "acd": {"kwargs": {"alpha": 0.3}},
+                      "safeinfer-sgds": {"kwargs": {"lam": 0.8, "unsafe": "text"}}},
+           "criterion": "c", "rows": []}
+    record_choice(sel, path, "cmd", ["anchor-harmful-val"])
+    sv = si.load_vector(path)
+    assert sv.decoding == {"safeinfer": {"gamma": 0.75, "layer": 1, "lam": 0.5, "steer": "first",
+                                         "unsafe": "text"},
+                           "safeinfer-sgds": {"lam": 0.8, "unsafe": "text"}}
+    assert sv.selection["command"] == "cmd"
+    m = methods.get("safeinfer", vector=str(path))
+    hook = m.branches[0].hooks[0]
+    assert (hook.module, hook.positions, hook.fn.keywords["scale"]) == \
+        ("model.layers.1", "first", 0.75)
+    assert m.weights == (1.0, pytest.approx(1.0)) and m.branches[1].system is not None
+    assert methods.get("safeinfer", vector=str(path), lam=0.9).weights[1] == pytest.approx(9.0)
+    assert methods.get("safeinfer-sgds", vector=str(path)).weights[1] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="--record"):
+        record_choice({"chosen": {"acd": {"kwargs": {"alpha": 0.3}}}, "criterion": "c",
+                       "rows": []}, path, "cmd", [])
