@@ -15,9 +15,17 @@ from transformers import DynamicCache
 
 from safedecode.engine.branches import Method
 from safedecode.engine.cache import cache_kwargs
-from safedecode.engine.engine import GenerationResult
+from safedecode.engine.engine import GenerationResult, eos_ids
 from safedecode.engine.prompts import Prompt, PromptBuilder, normalise_prompt
 from safedecode.ops import contrastive_sample
+
+
+def _results(tok, outs: list[list[int]], eos, elapsed: float) -> list[GenerationResult]:
+    """One result per token list (EOS kept in the ids, dropped from the text)."""
+    return [GenerationResult(
+        text=tok.decode([t for t in o if t not in eos], skip_special_tokens=True), token_ids=o,
+        finish_reason="eos" if o and o[-1] in eos else "length", prompt_tokens=[],
+        timing={"total_s": elapsed, "new_tokens": len(o)}) for o in outs]
 
 
 class NaiveContrastGenerator:
@@ -93,15 +101,7 @@ class NaiveContrastGenerator:
                                  attention_mask=masks[k], position_ids=pos,
                                  **cache_kwargs(self.model, caches[k]))
                 logits.append(out.logits[:, -1, :])
-        elapsed = time.perf_counter() - t0
-        results = []
-        for i in range(b):
-            ids = [t for t in outs[i] if t not in eos]
-            results.append(GenerationResult(
-                text=self.tok.decode(ids, skip_special_tokens=True), token_ids=outs[i],
-                finish_reason="eos" if outs[i] and outs[i][-1] in eos else "length",
-                prompt_tokens=[], timing={"total_s": elapsed, "new_tokens": len(outs[i])}))
-        return results
+        return _results(self.tok, outs, eos, time.perf_counter() - t0)
 
 
 class NaiveDeAL:
@@ -246,10 +246,7 @@ class NaiveSafeInfer:
             prompts = [prompts]
         msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
         b = len(msgs)
-        eos: set[int] = set()
-        for src in (getattr(self.model, "generation_config", None), self.tok):
-            e = getattr(src, "eos_token_id", None)
-            eos.update([e] if isinstance(e, int) else (e or []))
+        eos = eos_ids(self.model, self.tok)
         gen = torch.Generator().manual_seed(seed)
         hook = self.model.get_submodule(self.module).register_forward_hook(self._steer)
         try:
@@ -287,8 +284,4 @@ class NaiveSafeInfer:
                     logits.append(out.logits[:, -1, :])
         finally:
             hook.remove()
-        elapsed = time.perf_counter() - t0
-        return [GenerationResult(
-            text=self.tok.decode([t for t in o if t not in eos], skip_special_tokens=True),
-            token_ids=o, finish_reason="eos" if o and o[-1] in eos else "length",
-            prompt_tokens=[], timing={"total_s": elapsed, "new_tokens": len(o)}) for o in outs]
+        return _results(self.tok, outs, eos, time.perf_counter() - t0)

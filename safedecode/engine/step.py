@@ -76,6 +76,8 @@ class ModelStep:
         self._hook_rows: dict[int, slice] = {}
         self.adapters = {k: br.adapter.to(self.device, self.dtype)
                          for k, br in enumerate(method.branches) if br.adapter is not None}
+        self._effects = {phase: self._branch_effects(phase)
+                         for phase in ("prefix", "prefill", "decode")}  # built once
         self.compiled = compiled
 
     # -- forward with per-branch hooks -----------------------------------------------------
@@ -85,20 +87,8 @@ class ModelStep:
         """Install the branches' effects for one forward whose rows of branch k are
         ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
         ``"prefill"`` (its last position decodes the first token) or ``"decode"``."""
-        handles = []
         self._hook_rows = hook_rows
-        for k, br in enumerate(self.method.branches):
-            for hook in br.hooks:
-                if (phase == "prefix" and hook.positions != "all") or \
-                        (phase == "decode" and hook.positions == "first"):
-                    continue
-                module = self.model.get_submodule(hook.module)
-                handles.append(module.register_forward_hook(
-                    self._make_hook(k, hook.fn, hook.positions != "all")))
-        for k, adapter in self.adapters.items():
-            for name in adapter.layers:
-                handles.append(self.model.get_submodule(name).register_forward_hook(
-                    self._make_adapter_hook(k, adapter, name)))
+        handles = [module.register_forward_hook(fn) for module, fn in self._effects[phase]]
         try:
             with routed(self._gemm):
                 yield
@@ -106,6 +96,26 @@ class ModelStep:
             for h in handles:
                 h.remove()
             self._hook_rows = {}
+
+    def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
+        """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
+        positions, adapters in every phase."""
+        out = []
+        for k, br in enumerate(self.method.branches):
+            for hook in br.hooks:
+                if (phase == "prefix" and hook.positions != "all") or \
+                        (phase == "decode" and hook.positions == "first"):
+                    continue
+                try:
+                    module = self.model.get_submodule(hook.module)
+                except AttributeError:
+                    raise ValueError(f"branch {k} ({br.name or 'branch'}): its hook's module "
+                                     f"{hook.module!r} is not in the model") from None
+                out.append((module, self._make_hook(k, hook.fn, hook.positions != "all")))
+        for k, adapter in self.adapters.items():
+            out += [(self.model.get_submodule(name), self._make_adapter_hook(k, adapter, name))
+                    for name in adapter.layers]
+        return out
 
     def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor], last: bool):
         def run(module, args, output):
