@@ -192,8 +192,8 @@ def optimize(
     import torch
 
     from safedecode.methods.acd import save_prompts
-    from safedecode.methods.opo import OPOConfig, optimize_prompts
     from safedecode.models import load_model
+    from safedecode.training.opo import OPOConfig, optimize_prompts
 
     try:
         cfg = OPOConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,

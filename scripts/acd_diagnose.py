@@ -25,8 +25,8 @@ from safedecode.data import load_anchor
 from safedecode.engine import SafeDecoder
 from safedecode.engine.prompts import PromptBuilder
 from safedecode.methods.acd import load_prompts
-from safedecode.methods.opo import Example, response_distributions
 from safedecode.models import load_default
+from safedecode.training.opo import Example, response_distributions
 
 
 def diagnose(model, tok, prompts_file: str | None, alpha: float, beta: float,

@@ -21,14 +21,14 @@ from safedecode.methods.acd import (
     load_prompts,
     save_prompts,
 )
-from safedecode.methods.opo import (
+from safedecode.models import embedding_fingerprint
+from safedecode.training.opo import (
     OPOConfig,
     build_datasets,
     init_soft_prompt,
     opo_losses,
     optimize_prompts,
 )
-from safedecode.models import embedding_fingerprint
 
 # Hand-written for the tests (not from any evaluation set).
 ITEMS = [

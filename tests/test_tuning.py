@@ -26,8 +26,8 @@ from safedecode.eval.datasets import EVALUATION, REGISTRY, VALIDATION, load_data
 from safedecode.eval.judges import make_judge
 from safedecode.eval.tune import check_tuning_datasets, expand_grid, score, select
 from safedecode.methods.acd import ACDPrompts, load_prompts, save_prompts
-from safedecode.methods.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts
 from safedecode.models import embedding_fingerprint
+from safedecode.training.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts
 
 
 # -- the split ---------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_build_datasets_self_targets_and_fixed_refusal():
 
 def test_safe_refusal_unlikelihood_term():
     from safedecode.engine.prompts import PromptBuilder
-    from safedecode.methods.opo import init_soft_prompt, opo_losses, response_logprobs, ul
+    from safedecode.training.opo import init_soft_prompt, opo_losses, response_logprobs, ul
 
     model, tok = tiny_llama()
     items = [{"split": "harmful", "prompt": "Tell me how to hurt a cat.", "refusal": "No.",

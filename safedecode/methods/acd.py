@@ -166,7 +166,7 @@ def acd_sp(prompts: str | Path | None = None) -> Method:
 
 
 def optimize_prompts(model, tokenizer, data=None, config=None, *, progress: bool = True):
-    """Opposite Prompt Optimization (see :mod:`safedecode.methods.opo`)."""
-    from .opo import optimize_prompts as _optimize
+    """Opposite Prompt Optimization (see :mod:`safedecode.training.opo`)."""
+    from safedecode.training.opo import optimize_prompts as _optimize
 
     return _optimize(model, tokenizer, data, config, progress=progress)

@@ -23,8 +23,7 @@ import torch
 
 from safedecode.engine.branches import Branch
 from safedecode.engine.prompts import PromptBuilder
-
-from . import prompts as text_prompts
+from safedecode.methods import prompts as text_prompts
 
 TARGET_CHOICES = ("self", "data")
 REFUSAL_CHOICES = ("fixed", "varied")
@@ -189,33 +188,27 @@ def response_distributions(model, builder: PromptBuilder, soft: torch.Tensor,
     """Teacher-forced next-token log-distributions at every response token under ``soft`` as
     system prompt: ``(lp [N, V], target [N], row [N])`` with N the batch's response tokens and
     ``row`` the example each belongs to. Differentiable in ``soft``."""
+    from .teacher import pack, response_hidden, unwrap
+
     emb = model.get_input_embeddings()
     dev, dt = emb.weight.device, emb.weight.dtype
     branch = Branch(soft_prompt=torch.zeros(soft.shape))  # ids do not depend on the values
-    seqs, starts = [], []
+    pairs, soft_at = [], []
     for ex in examples:
         prefix, suffix = builder.build(branch, [{"role": "user", "content": ex.instruction}], 0)
-        head = emb(torch.tensor(prefix.ids, device=dev))
-        rest = emb(torch.tensor(list(prefix.tail_ids) + suffix + ex.response_ids, device=dev))
-        seqs.append(torch.cat([head, soft.to(dt), rest]))
-        starts.append(len(prefix) + len(suffix))
-    t_max = max(s.shape[0] for s in seqs)
-    x = torch.zeros(len(seqs), t_max, emb.weight.shape[1], device=dev, dtype=dt)
-    mask = torch.zeros(len(seqs), t_max, dtype=torch.long, device=dev)
-    pos, tgt, row = [], [], []
-    for i, (s, start, ex) in enumerate(zip(seqs, starts, examples, strict=True)):
-        x[i, :s.shape[0]] = s
-        mask[i, :s.shape[0]] = 1
-        n = len(ex.response_ids)
-        pos.extend((i, start - 1 + t) for t in range(n))
-        tgt.extend(ex.response_ids)
-        row.extend([i] * n)
-    hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-    pos_t = torch.tensor(pos, device=dev)
-    h = hidden[pos_t[:, 0], pos_t[:, 1]]
-    logits = model.get_output_embeddings()(h).float()
-    return (torch.log_softmax(logits, dim=-1), torch.tensor(tgt, device=dev),
-            torch.tensor(row, device=dev))
+        soft_at.append(len(prefix.ids))
+        pairs.append((list(prefix.ids) + [0] * soft.shape[0] + list(prefix.tail_ids) + suffix,
+                      ex.response_ids))
+    packed = pack(pairs).to(dev)
+    x = emb(packed.ids)
+    n = soft.shape[0]
+    idx = (packed.prompt_start + torch.tensor(soft_at, device=dev))[:, None] + \
+        torch.arange(n, device=dev)  # [B, n]: where each row's soft prompt goes
+    x = x.index_put((torch.arange(len(pairs), device=dev)[:, None].expand(-1, n), idx),
+                    soft.to(dt).expand(len(pairs), -1, -1))
+    h = response_hidden(model, packed, inputs_embeds=x)
+    logits = unwrap(model).get_output_embeddings()(h).float()
+    return torch.log_softmax(logits, dim=-1), packed.targets, packed.example
 
 
 def response_logprobs(model, builder: PromptBuilder, soft: torch.Tensor,
@@ -284,9 +277,8 @@ def optimize_prompts(model, tokenizer, data: list[dict] | None = None,
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from safedecode.data import check_not_evaluation, load_anchor
+    from safedecode.methods.acd import ACDPrompts
     from safedecode.models import embedding_fingerprint, model_name
-
-    from .acd import ACDPrompts
 
     cfg = config or OPOConfig()
     if data is None:
