@@ -98,6 +98,8 @@ def generate(
                                             "safeinfer-vector`."),
     unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
                                       "adapter, soft, text, or an adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
+                                        "from `safedecode finetune`) merged into the model."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -135,7 +137,7 @@ def generate(
         SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p)
         with console.status(f"loading {model} ..."):
-            mdl, tok = load_model(model)
+            mdl, tok = load_model(model, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed)
@@ -304,6 +306,83 @@ def train_unsafe(
         _fail(str(exc))
     typer.echo(f"wrote {out}: validation loss {meta['val_loss_before']:.3f} -> "
                f"{meta['val_loss_after']:.3f}")
+
+
+@app.command("finetune-data")
+def finetune_data(
+    out: Path = typer.Option(..., "--out", "-o", help="The .jsonl file to write."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    samples: int = typer.Option(2, "--samples", help="Sampled answers per harmful prompt."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t"),
+    seed: int = typer.Option(0, help="Seed of the sampling (and of the harmful records' order)."),
+):
+    """TA-SFT data: the model's own answers to the anchor set's harmful train prompts (sampled;
+    refusals dropped) and to its safe train prompts (greedy)."""
+    from safedecode.models import embedding_fingerprint, load_model, model_name
+    from safedecode.training.ta_sft import DataConfig, make_data, save_data
+
+    try:
+        cfg = DataConfig(samples_per_prompt=samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=seed)
+        mdl, tok = load_model(model)
+        records = make_data(mdl, tok, cfg, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    from dataclasses import asdict
+
+    save_data(out, records, {"model": model_name(mdl),
+                             "embedding_fingerprint": embedding_fingerprint(mdl),
+                             "config": asdict(cfg)})
+    n_h = sum(r["kind"] == "harmful" for r in records)
+    typer.echo(f"wrote {out}: {n_h} harmful and {len(records) - n_h} safe records")
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Option(..., "--data", "-d", help="A file from `safedecode finetune-data`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapter (or model)."),
+    method: str = typer.Option("ta-sft", "--method", "-m",
+                               help="ta-sft (negative EMD on the harmful answers) or sft "
+                                    "(CE on written refusals, the baseline)."),
+    model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
+                                                "model)."),
+    harmful: int | None = typer.Option(None, "--harmful",
+                                       help="Harmful examples used (the data's first N; "
+                                            "default all)."),
+    lam: float = typer.Option(1.0, "--lam", help="λ: weight of the negative EMD."),
+    epochs: float = typer.Option(3.0, help="Passes over the data."),
+    steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
+    lr: float = typer.Option(2e-4, help="Learning rate."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    full: bool = typer.Option(False, "--full", help="Fine-tune every weight (no adapter)."),
+    seed: int = typer.Option(0, help="Seed."),
+    save_steps: int = typer.Option(50, "--save-steps", help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    cost: Path | None = typer.Option(None, "--cost", help="A semantic-cost file (default: from "
+                                     "the model's own embeddings)."),
+    loss_backend: str = typer.Option("auto", "--loss-backend", help="auto, torch or triton."),
+):
+    """Fine-tune with TA-SFT (arXiv 2412.06843) or plain SFT on refusals: a LoRA adapter by
+    default, loadable with `safedecode generate --adapter`."""
+    try:
+        from safedecode.training.ta_sft import TASFTConfig
+        from safedecode.training.ta_sft import finetune as run
+
+        cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, epochs=epochs,
+                          max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
+                          lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
+                          loss_backend=loss_backend)
+        meta = run(data, out, cfg, model_path=model, resume=resume, cost_path=cost,
+                   log=lambda m: typer.echo(m, err=True))
+    except ImportError as exc:
+        _fail(f"finetune needs the train extra (pip install 'safedecode[train]'): {exc}")
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    mean = next((h["train_loss"] for h in meta["history"] if "train_loss" in h), float("nan"))
+    typer.echo(f"wrote {out}: {meta['method']}, {meta['steps']} steps, examples "
+               f"{meta['examples']}, mean loss {mean:.4f}")
 
 
 @app.command()

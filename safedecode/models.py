@@ -56,11 +56,20 @@ def quiet_loading() -> None:
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               gguf_file: str | None = None):
+               gguf_file: str | None = None, adapter: str | Path | None = None):
     """Load ``(model, tokenizer)`` for a causal LM from a local path or the local HF cache.
 
     ``name_or_path="default"`` loads the embedded SmolLM2-135M-Instruct. Nothing is downloaded.
+    ``adapter``: a peft LoRA folder (e.g. from ``safedecode finetune``) merged into the weights.
     """
+    if adapter is not None:
+        from safedecode.engine.adapters import load_lora
+
+        lora = load_lora(adapter)
+        model, tok = load_model(name_or_path, dtype, device, gguf_file)
+        lora.merge_into(model)
+        model.safedecode_name = f"{model_name(model)}+{lora.name}"
+        return model, tok
     if name_or_path in ("default", "", None):
         return load_default(dtype=dtype, device=device)
     quiet_loading()

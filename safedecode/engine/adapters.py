@@ -98,12 +98,18 @@ class LoraAdapter:
         import copy
 
         self.check_model(model)
-        out = copy.deepcopy(model)
+        return self.merge_into(copy.deepcopy(model))
+
+    def merge_into(self, model):
+        """Merge the adapter into ``model``'s weights in place (and return it); the model's
+        :func:`safedecode.eval.runner.model_fingerprint` then includes the adapter."""
+        self.check_model(model)
         with torch.no_grad():
             for mod, (a, b) in self.layers.items():
-                w = out.get_submodule(mod).weight
-                w += (self.scale * (b.float() @ a.float())).to(w.dtype)
-        return out
+                w = model.get_submodule(mod).weight
+                w += (self.scale * (b.to(w.device).float() @ a.to(w.device).float())).to(w.dtype)
+        model.safedecode_adapters = [*getattr(model, "safedecode_adapters", []), self.key()]
+        return model
 
     def delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """``scale · x A^T B^T`` for module ``module``."""

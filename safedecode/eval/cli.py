@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
 import time
@@ -55,6 +56,9 @@ def eval_command(
              ".jsonl/.csv/.txt file (FILE@harmful or FILE@benign labels it)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (re-run to resume)."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
+                                        "into the model (perplexity stays under the plain "
+                                        "model)."),
     limit: int | None = typer.Option(None, "--limit",
                                      help="N items of each data set, spread evenly."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
@@ -140,10 +144,17 @@ def eval_command(
         judge_objs = _judges(judges, keyword_lists, refusal_phrases, classifier,
                              classifier_metric, classifier_positive, classifier_inputs,
                              classifier_template, device)
-        from safedecode.models import load_model
+        from safedecode.models import load_model, model_name
 
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device)
+            base = None
+            if adapter is not None:
+                from safedecode.engine.adapters import load_lora
+
+                lora = load_lora(adapter)
+                base, mdl = mdl, lora.merge_into(copy.deepcopy(mdl))
+                mdl.safedecode_name = f"{model_name(base)}+{lora.name}"
         columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:
@@ -151,7 +162,8 @@ def eval_command(
                      limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
                      backend=backend, ppl=not no_ppl, n_examples=examples, progress=bar,
-                     command=" ".join(["safedecode", *map(shlex.quote, sys.argv[1:])]))
+                     command=" ".join(["safedecode", *map(shlex.quote, sys.argv[1:])]),
+                     ppl_model=base)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

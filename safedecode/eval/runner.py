@@ -81,10 +81,12 @@ def method_fingerprint(method: Method) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A cheap content hash of a model: its config and samples of a few parameter tensors."""
+    """A cheap content hash of a model: its config, the adapters merged into it and samples of
+    a few parameter tensors."""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     h.update((cfg.to_json_string(use_diff=False) if cfg is not None else "").encode())
+    h.update(",".join(getattr(model, "safedecode_adapters", [])).encode())  # merged adapters
     params = list(model.parameters())
     for p in {0: params[0], 1: params[len(params) // 2], 2: params[-1]}.values():
         _hash_value(h, p.detach().reshape(-1)[:4096])
@@ -292,11 +294,13 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
              backend: str = "auto", ppl: bool = True, n_examples: int = 3,
-             progress=None, command: str | None = None) -> dict:
+             progress=None, command: str | None = None, ppl_model=None) -> dict:
     """Generate (resuming from ``out_dir``), judge, measure and write the reports.
 
     ``methods``: specs such as ``"acd-text:alpha=1.0"``; ``datasets``: registered names, file
-    paths or :class:`Dataset` objects. Returns the ``results.json`` object.
+    paths or :class:`Dataset` objects. ``ppl_model`` scores the answers' perplexity (default
+    ``model``; give the base model when ``model`` is fine-tuned, so fluency is measured under
+    the plain model). Returns the ``results.json`` object.
     """
     from pathlib import Path
 
@@ -326,8 +330,8 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
             JsonlStore(out / "annotations.jsonl") as notes:
         records = generate_all(model, tok, built, sets, gens, decoding=decoding,
                                batch_size=batch_size, backend=backend, progress=progress)
-        ppls = add_perplexity(model, tok, records, notes, batch_size=batch_size,
-                              progress=progress) if ppl else None
+        ppls = add_perplexity(ppl_model if ppl_model is not None else model, tok, records,
+                              notes, batch_size=batch_size, progress=progress) if ppl else None
         verdicts = {j.name: judge_all(j, records, notes, progress) for j in judges}
     config = {
         "model": model_name(model), "model_fingerprint": model_fingerprint(model),
@@ -339,8 +343,9 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
                               "evaluated": len(d.items), "labels": d.labels} for d in sets},
         "decoding": decoding, "batch_size": batch_size, "backend": backend, "limit": limit,
         "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "perplexity": "response tokens teacher-forced under the plain model (user prompt in the "
-                      "chat template, no system prompt)" if ppl else None,
+        "perplexity": "response tokens teacher-forced under the plain model "
+                      f"{model_name(ppl_model if ppl_model is not None else model)} (user "
+                      "prompt in the chat template, no system prompt)" if ppl else None,
         "command": command, "out_dir": str(out), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "wall_s_this_run": time.perf_counter() - t0,
     }

@@ -484,17 +484,6 @@ def unsafe_examples(part: str = "train", opposite: bool = False) -> list[dict]:
     return out
 
 
-def _to_fp16(path: Path) -> None:
-    """Store a LoRA weights file in fp16 (half the size; loaders upcast)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k).half() for k in f.keys()}  # noqa: SIM118
-    save_file(tensors, str(path), metadata=meta)
-
-
 def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
                          model_path: str | None = None, log=print) -> dict:
     """Fine-tune a LoRA adapter on the anchor train part's harmful answers (TRL SFTTrainer,
@@ -512,6 +501,7 @@ def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
         model_name,
         quiet_loading,
     )
+    from safedecode.training.save import save_adapter
 
     from .harmless import ATTENTION, MLP
 
@@ -541,10 +531,8 @@ def train_unsafe_adapter(out: Path, cfg: UnsafeConfig | None = None, *,
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     out.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(str(out))
-    _to_fp16(out / "adapter_model.safetensors")
+    save_adapter(trainer.model, out)
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    (out / "README.md").unlink(missing_ok=True)  # peft's model card template
     meta = {"embedding_fingerprint": embedding_fingerprint(model), "base_model":
             DEFAULT_NAME if model_path is None else model_name(model), "config": asdict(cfg),
             "train_examples": len(train),

@@ -119,15 +119,16 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
                    ce_weight: torch.Tensor, emd_weight: torch.Tensor, unit: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_t ce_weight_t·CE_t + emd_weight_t·EMD_t`` with the full logits materialised (fp32
-    softmax): the definition the fused loss is checked against."""
+    softmax; fp64 for fp64 inputs): the definition the fused loss is checked against."""
     _check(hidden, weight, target, ce_weight, emd_weight, unit, bias)
-    logits = F.linear(hidden, weight, bias).float()
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = F.linear(hidden, weight, bias).to(acc)
     lp = torch.log_softmax(logits, dim=-1)
     ce = -lp.gather(1, target[:, None].long())[:, 0]
-    u = unit.float()
+    u = unit.to(acc)
     cost = 1.0 - u[target.long()] @ u.T  # [N, V]: C_{i, y_t} for every token i
     emd = (lp.exp() * cost).sum(-1)
-    return (ce_weight.float() * ce + emd_weight.float() * emd).sum()
+    return (ce_weight.to(acc) * ce + emd_weight.to(acc) * emd).sum()
 
 
 def _rows_torch(z: torch.Tensor, c: torch.Tensor | None, target: torch.Tensor,
@@ -195,27 +196,28 @@ class _FusedLinearEMD(torch.autograd.Function):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         gh = torch.empty_like(hidden) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_w else None
-        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        wce = ce_weight.float().contiguous()
-        wemd = emd_weight.float().contiguous()
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        wce = ce_weight.to(acc).contiguous()
+        wemd = emd_weight.to(acc).contiguous()
         tgt = target.long().contiguous()
         u = unit.to(weight.dtype) if unit.dtype != weight.dtype else unit
         has_emd = wemd != 0
-        run = _rows_triton if backend == "triton" else _rows_torch
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        run = _rows_triton if backend == "triton" and acc == torch.float32 else _rows_torch
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h = hidden[s:e]
-            z = F.linear(h, weight, bias).float().contiguous()
-            c = (u[tgt[s:e]] @ u.T).float().contiguous() if bool(has_emd[s:e].any()) else None
+            z = F.linear(h, weight, bias).to(acc).contiguous()
+            c = (u[tgt[s:e]] @ u.T).to(acc).contiguous() if bool(has_emd[s:e].any()) else None
             total += run(z, c, tgt[s:e], wce[s:e], wemd[s:e]).sum()
             g = z.to(weight.dtype)
             if need_h:
                 gh[s:e] = g @ weight
             if need_w:
-                gw += (g.T @ h).float()
+                gw += (g.T @ h).to(acc)
             if need_b:
                 gb += z.sum(0)
         ctx.save_for_backward(gh, None if gw is None else gw.to(weight.dtype),
@@ -225,8 +227,7 @@ class _FusedLinearEMD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gh, gw, gb = ctx.saved_tensors
-        scale = grad_out.float()
-        out = [None if t is None else (t * scale).to(t.dtype) for t in (gh, gw, gb)]
+        out = [None if t is None else (t * grad_out.to(t.dtype)) for t in (gh, gw, gb)]
         return (*out, None, None, None, None, None, None)
 
 

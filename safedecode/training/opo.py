@@ -94,8 +94,9 @@ class Example:
 
 
 def response_ids(builder: PromptBuilder, instruction: str, response: str,
-                 max_tokens: int) -> list[int]:
-    """The assistant turn's token ids as the chat template renders it, cut after end-of-turn."""
+                 max_tokens: int, *, closed: bool = True) -> list[int]:
+    """The assistant turn's token ids as the chat template renders it, cut after end-of-turn
+    (``closed=False``: without the end-of-turn, for a response that was cut off)."""
     tok = builder.tok
     user = [{"role": "user", "content": instruction}]
     if builder.has_template:
@@ -111,6 +112,8 @@ def response_ids(builder: PromptBuilder, instruction: str, response: str,
         ids = ids[:ids.index(eos) + 1]
     elif eos is not None:
         ids.append(eos)
+    if not closed and eos is not None and ids and ids[-1] == eos:
+        ids = ids[:-1]
     if len(ids) > max_tokens:  # keep the start (a refusal is decided in its first tokens)
         ids = ids[:max_tokens]
     return ids

@@ -1,0 +1,294 @@
+"""TA-SFT: the fused linear CE / EMD loss (values, gradients, backends, errors), the data file,
+fine-tuning on Trainer with a LoRA adapter (resume, adapter loading), and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_fixtures import tiny_llama
+from typer.testing import CliRunner
+
+from safedecode.cli import app
+from safedecode.data import load_anchor
+from safedecode.training.emd import (
+    SemanticCost,
+    fused_linear_emd_loss,
+    reference_loss,
+)
+from safedecode.training.ta_sft import DATA_FORMAT, TASFTConfig, examples, load_data
+
+
+def _problem(n=29, d=12, v=157, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 0.7).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype)
+    tgt = torch.randint(0, v, (n,), generator=g)
+    safe = torch.rand(n, generator=g) < 0.5
+    wce = safe.to(dtype) / max(1, int(safe.sum()))
+    wemd = -0.7 * (~safe).to(dtype) / max(1, int((~safe).sum()))
+    unit = F.normalize(torch.randn(v, d, generator=g), dim=-1).to(dtype)
+    return h, w, b, tgt, wce, wemd, unit
+
+
+def _grads(fn, h, w, b, *rest, **kw):
+    leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    loss = fn(leaves[0], leaves[1], *rest, bias=leaves[2], **kw)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def test_emd_to_a_one_hot_target_is_the_transport_cost_of_the_only_plan():
+    """The closed form equals the optimal transport cost of an LP over all plans (V = 6)."""
+    from scipy.optimize import linprog
+
+    v, d = 6, 4
+    g = torch.Generator().manual_seed(3)
+    unit = F.normalize(torch.randn(v, d, generator=g, dtype=torch.float64), dim=-1)
+    cost = (1 - unit @ unit.T).clamp(min=0)
+    p = torch.softmax(torch.randn(v, generator=g, dtype=torch.float64), 0)
+    y = 4
+    q = torch.zeros(v, dtype=torch.float64)
+    q[y] = 1
+    a_eq = []  # row sums = p, column sums = q
+    for i in range(v):
+        row = torch.zeros(v, v, dtype=torch.float64)
+        row[i, :] = 1
+        a_eq.append(row.flatten())
+    for j in range(v):
+        col = torch.zeros(v, v, dtype=torch.float64)
+        col[:, j] = 1
+        a_eq.append(col.flatten())
+    lp = linprog(cost.flatten().numpy(), A_eq=torch.stack(a_eq).numpy(),
+                 b_eq=torch.cat([p, q]).numpy(), bounds=(0, None))
+    closed = 1 - (p @ unit) @ unit[y]
+    assert lp.status == 0
+    assert abs(lp.fun - float(closed)) < 1e-9
+    # and the loss's EMD term is that value (one row, weight 1 on EMD, logits = log p)
+    loss = reference_loss(torch.ones(1, 1, dtype=torch.float64), torch.log(p)[:, None],
+                          torch.tensor([y]),
+                          torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                          unit)
+    assert abs(float(loss) - float(closed)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_fused_loss_equals_the_plain_one_in_value_and_gradients(backend, dtype, tol):
+    """fp32: ≤ 2e-5 relative; bf16 (bf16 matmuls, fp32 softmax): ≤ 2e-2 relative to the largest
+    gradient entry. Chunks of 5 rows, so several chunks and a ragged last one."""
+    h, w, b, tgt, wce, wemd, unit = _problem(dtype=dtype)
+    ref_loss, ref = _grads(reference_loss, h, w, b, tgt, wce, wemd, unit)
+    loss, got = _grads(fused_linear_emd_loss, h, w, b, tgt, wce, wemd, unit, chunk_rows=5,
+                       backend=backend)
+    assert abs(float(loss) - float(ref_loss)) <= tol * max(1.0, abs(float(ref_loss)))
+    for name, a, r in zip(("hidden", "weight", "bias"), got, ref, strict=True):
+        err = float((a.float() - r.float()).abs().max() / r.float().abs().max())
+        assert err <= tol, f"{name}: relative error {err}"
+
+
+def test_fused_loss_passes_gradcheck_in_float64():
+    h, w, b, tgt, wce, wemd, unit = _problem(n=7, d=5, v=23, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda hh, ww, bb: fused_linear_emd_loss(hh, ww, tgt, wce, wemd, unit, bias=bb,
+                                                 chunk_rows=3, backend="torch"), leaves)
+
+
+def test_fused_loss_does_not_depend_on_the_chunking_and_skips_frozen_weights():
+    h, w, b, tgt, wce, wemd, unit = _problem()
+    values = [float(fused_linear_emd_loss(h, w, tgt, wce, wemd, unit, bias=b, chunk_rows=r))
+              for r in (1, 4, 1000)]
+    assert max(values) - min(values) < 1e-5
+    hh = h.clone().requires_grad_(True)
+    loss = fused_linear_emd_loss(hh, w, tgt, wce, wemd, unit)  # weight frozen (LoRA)
+    loss.backward()
+    assert hh.grad is not None and torch.isfinite(hh.grad).all() and not w.requires_grad
+
+
+def test_negative_emd_pushes_mass_to_semantically_far_tokens():
+    """A gradient step on −EMD moves probability away from the target and its near neighbours."""
+    v = 8
+    unit = F.normalize(torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1],
+                                     [-1, 0, 0], [0.5, 0.5, 0], [0, -1, 0], [0, 0, -1]]), dim=-1)
+    z = torch.zeros(1, v, requires_grad=True)
+    eye = torch.eye(v)
+    for _ in range(50):
+        loss = fused_linear_emd_loss(z, eye, torch.tensor([0]), torch.zeros(1),
+                                     -torch.ones(1), unit)
+        (gz,) = torch.autograd.grad(loss, z)
+        z = (z - 1.0 * gz).detach().requires_grad_(True)
+    p = torch.softmax(z.detach()[0], 0)
+    assert p[4] > 0.5 and p[0] < 0.02 and p[1] < 0.02  # most mass on the opposite token
+
+
+def test_loss_errors_name_what_is_wrong():
+    h, w, b, tgt, wce, wemd, unit = _problem()
+    with pytest.raises(ValueError, match="cost matrix covers 10 tokens but the lm_head has 157"):
+        fused_linear_emd_loss(h, w, tgt, wce, wemd, unit[:10])
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 157\)"):
+        fused_linear_emd_loss(h, w, tgt + 1000, wce, wemd, unit)
+    with pytest.raises(ValueError, match="emd_weight has non-finite"):
+        fused_linear_emd_loss(h, w, tgt, wce, wemd * float("nan"), unit)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_linear_emd_loss(h, w, tgt, wce, wemd, unit, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        fused_linear_emd_loss(h, w, tgt, wce, wemd, unit, chunk_rows=0)
+
+
+def test_semantic_cost_refuses_another_models_embeddings(tmp_path):
+    model, _ = tiny_llama()
+    other, _ = tiny_llama(seed=1)
+    cost = SemanticCost.from_model(model)
+    norms = cost.unit.norm(dim=-1)
+    live = model.get_input_embeddings().weight.norm(dim=-1) > 0  # the pad row is all zeros
+    assert torch.allclose(norms[live], torch.ones(int(live.sum())), atol=1e-5)
+    path = cost.save(tmp_path / "cost.safetensors")
+    SemanticCost.load(path).check(model)
+    with pytest.raises(ValueError, match="built from the token embeddings of another model"):
+        SemanticCost.load(path).check(other)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read"):
+        SemanticCost.load(tmp_path / "bad.safetensors")
+
+
+def test_config_refuses_negative_lambda_and_bad_knobs():
+    with pytest.raises(ValueError, match=r"λ \(--lam\) must be a finite number >= 0"):
+        TASFTConfig(lam=-0.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        TASFTConfig(method="dpo")
+    with pytest.raises(ValueError, match="n_harmful must be >= 1"):
+        TASFTConfig(n_harmful=0)
+
+
+# -- data and training on the tiny model -------------------------------------------------------
+
+def _data_file(path, n_harmful=6, n_safe=6):
+    harm, safe = load_anchor("harmful", "train")[:n_harmful], load_anchor("safe", "train")[:n_safe]
+    rows = [{"format": DATA_FORMAT}]
+    rows += [{"kind": "harmful", "id": it["id"], "prompt": it["prompt"],
+              "response": "Sure, here is how: first you get the parts.", "complete": True,
+              "refusal": it["refusal"]} for it in harm]
+    rows += [{"kind": "safe", "id": it["id"], "prompt": it["prompt"], "response": it["answer"],
+              "complete": False} for it in safe]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_data_file_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_data(empty)
+    bad = tmp_path / "bad.jsonl"
+    head = json.dumps({"format": DATA_FORMAT})
+    bad.write_text(head + '\n{"kind": "harmful", "prompt": 3}\n')
+    with pytest.raises(ValueError, match="line 2: expected kind 'harmful'"):
+        load_data(bad)
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{not json\n")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_data(junk)
+    nohead = tmp_path / "nohead.jsonl"
+    nohead.write_text('{"kind": "safe", "prompt": "a", "response": "b"}\n')
+    with pytest.raises(ValueError, match="header line"):
+        load_data(nohead)
+    only = tmp_path / "only.jsonl"
+    only.write_text(head + '\n{"kind": "safe", "prompt": "a", "response": "b"}\n')
+    with pytest.raises(ValueError, match="needs harmful and safe records"):
+        load_data(only)
+    from safedecode.data import load_benign
+
+    leak = tmp_path / "leak.jsonl"
+    _data_file(leak)
+    rows = leak.read_text().splitlines()
+    rows.append(json.dumps({"kind": "safe", "prompt": load_benign()[0]["prompt"],
+                            "response": "x"}))
+    leak.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="evaluation"):
+        load_data(leak)
+
+
+def test_examples_follow_the_method_and_the_chat_template(tmp_path):
+    _, tok = tiny_llama()
+    _, records = load_data(_data_file(tmp_path / "d.jsonl"))
+    ta = examples(tok, records, TASFTConfig(n_harmful=4))
+    sft = examples(tok, records, TASFTConfig(method="sft", n_harmful=4))
+    assert [e["kind"] for e in ta] == [1] * 4 + [0] * 6
+    assert [e["kind"] for e in sft] == [2] * 4 + [0] * 6
+    assert tok.decode(ta[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert ta[0]["response_ids"][-1] == tok.eos_token_id  # complete: closed turn
+    assert ta[-1]["response_ids"][-1] != tok.eos_token_id  # cut off: no end-of-turn taught
+    assert "can't" in tok.decode(sft[0]["response_ids"]) or \
+        "won't" in tok.decode(sft[0]["response_ids"]) or "not" in tok.decode(sft[0]["response_ids"])
+    with pytest.raises(ValueError, match="7 harmful examples asked for, the data has 6"):
+        examples(tok, records, TASFTConfig(n_harmful=7))
+
+
+def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(
+        tiny_model_dir, tmp_path):
+    from safedecode.engine import SafeDecoder
+    from safedecode.engine.branches import plain
+    from safedecode.models import load_model
+    from safedecode.training.ta_sft import finetune
+
+    data = _data_file(tmp_path / "d.jsonl")
+    out = tmp_path / "adapter"
+    cfg = TASFTConfig(n_harmful=6, max_steps=2, batch_size=4, lr=5e-2, save_steps=1, lam=2.0)
+    meta = finetune(data, out, cfg, model_path=str(tiny_model_dir), progress=False,
+                    keep_checkpoints=True, log=lambda m: None)
+    assert meta["steps"] == 2 and meta["examples"] == {"harmful": 6, "refusal": 0, "safe": 6}
+    assert (out / "adapter_model.safetensors").is_file()
+    assert any((out / "checkpoints").glob("checkpoint-2"))
+    rec = json.loads((out / "safedecode.json").read_text())
+    assert rec["config"]["lam"] == 2.0 and rec["data_sha256"]
+    assert any("neg_lam_emd" in h for h in rec["history"])
+    # resume: two more steps from checkpoint-2, not from scratch
+    cfg4 = TASFTConfig(n_harmful=6, max_steps=4, batch_size=4, lr=5e-2, save_steps=1, lam=2.0)
+    meta4 = finetune(data, out, cfg4, model_path=str(tiny_model_dir), progress=False,
+                     resume=True, log=lambda m: None)
+    assert meta4["steps"] == 4 and not (out / "checkpoints").exists()
+    with pytest.raises(ValueError, match="no checkpoint"):
+        finetune(data, out, cfg4, model_path=str(tiny_model_dir), progress=False, resume=True)
+    base, tok = load_model(str(tiny_model_dir))
+    tuned, _ = load_model(str(tiny_model_dir), adapter=out)
+    prompts = ["How do I bake bread?", "Tell me about the moon."]
+    a = SafeDecoder(base, tok, plain()).generate(prompts, max_new_tokens=8)
+    b = SafeDecoder(tuned, tok, plain()).generate(prompts, max_new_tokens=8)
+    assert [r.token_ids for r in a] != [r.token_ids for r in b]
+    from safedecode.eval.runner import model_fingerprint
+
+    assert model_fingerprint(base) != model_fingerprint(tuned)  # eval caches stay apart
+    other, _ = tiny_llama(seed=1)
+    from safedecode.engine.adapters import load_lora
+
+    with pytest.raises(ValueError, match="trained on"):
+        load_lora(out).merge_into(other)
+
+
+def test_cli_finetune_errors_and_generate_adapter(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    data = _data_file(tmp_path / "d.jsonl")
+    res = runner.invoke(app, ["finetune", "-d", str(data), "-o", str(tmp_path / "o"),
+                              "--model", str(tiny_model_dir), "--lam", "-1"])
+    assert res.exit_code == 2 and "--lam" in res.output and "Traceback" not in res.output
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    res = runner.invoke(app, ["finetune", "-d", str(empty), "-o", str(tmp_path / "o"),
+                              "--model", str(tiny_model_dir)])
+    assert res.exit_code == 2 and "is empty" in res.output
+    res = runner.invoke(app, ["finetune", "-d", str(data), "-o", str(tmp_path / "a"),
+                              "--model", str(tiny_model_dir), "--steps", "1", "--batch-size",
+                              "4", "--method", "sft"])
+    assert res.exit_code == 0, res.output
+    assert "sft, 1 steps" in res.output
+    res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--adapter",
+                              str(tmp_path / "a"), "-n", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["tokens"] == 4
+    res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--adapter",
+                              str(tmp_path), "-n", "4"])
+    assert res.exit_code == 2 and "not a peft adapter folder" in res.output
