@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from safedecode.cli import app
 from safedecode.data import load_anchor
-from safedecode.training.emd import (
+from safedecode.ops.linear_emd import (
     SemanticCost,
     fused_linear_emd_loss,
     reference_loss,

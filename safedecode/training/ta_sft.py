@@ -3,8 +3,8 @@ harmful answers with a negative semantic EMD, while ordinary SFT on safe data ke
 
     L = mean CE(safe tokens) − λ · mean EMD_C(p_θ(· | x, y_<t), δ(y_t))  over harmful tokens
 
-(the EMD and its fused loss: :mod:`safedecode.training.emd`). ``method="sft"`` is the baseline the
-paper compares with: the same safe data plus plain SFT on a written refusal for the same harmful
+(the EMD and its fused loss: :mod:`safedecode.ops.linear_emd`). ``method="sft"`` is the
+baseline the paper compares with: the same safe data plus plain SFT on a written refusal for the same harmful
 prompts (CE everywhere).
 
 Data (:func:`make_data`, ``safedecode finetune-data``): the anchor set's harmful *train* prompts
@@ -194,7 +194,7 @@ class TASFTConfig:
     loss_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        from .emd import BACKENDS
+        from safedecode.ops.linear_emd import BACKENDS
 
         self.targets = tuple(self.targets)
         if self.method not in METHODS:
@@ -273,7 +273,8 @@ class Collator:
 def _trainer_class():
     from transformers import Trainer
 
-    from .emd import fused_linear_emd_loss
+    from safedecode.ops.linear_emd import fused_linear_emd_loss
+
     from .teacher import response_hidden, unwrap
 
     class TASFTTrainer(Trainer):
@@ -336,8 +337,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         model_name,
         quiet_loading,
     )
+    from safedecode.ops.linear_emd import SemanticCost
 
-    from .emd import SemanticCost
     from .save import save_adapter
 
     cfg = cfg or TASFTConfig()

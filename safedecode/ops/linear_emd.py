@@ -24,7 +24,8 @@ is bounded by 2, so unlike a negative CE the objective cannot run off to −∞)
   ``grad_hidden = g·W`` and ``grad_W += gᵀ·h``; backward only scales the stored gradients (as
   Liger-Kernel's fused linear cross-entropy does). The per-row pass runs in a Triton kernel
   (``triton_kernels/linear_emd.py``, on a GPU or under ``TRITON_INTERPRET=1``) or in torch ops
-  (CPU). Peak extra memory: one chunk of ``rows × V`` fp32 (two with EMD rows), flat in T and V.
+  (CPU). Peak extra memory: one chunk of ``rows × V`` fp32 (two with EMD rows; 64 MiB each),
+  flat in T and V.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): rows per chunk = this // V
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): rows per chunk = this // V
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -217,7 +218,10 @@ class _FusedLinearEMD(torch.autograd.Function):
             if need_h:
                 gh[s:e] = g @ weight
             if need_w:
-                gw += (g.T @ h).to(acc)
+                if gw.dtype == g.dtype:
+                    gw.addmm_(g.T, h)
+                else:
+                    gw += (g.T @ h).to(acc)
             if need_b:
                 gb += z.sum(0)
         ctx.save_for_backward(gh, None if gw is None else gw.to(weight.dtype),
@@ -227,6 +231,8 @@ class _FusedLinearEMD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gh, gw, gb = ctx.saved_tensors
+        if bool(grad_out == 1):  # the usual case (the loss itself): no copies
+            return (gh, gw, gb, None, None, None, None, None, None)
         out = [None if t is None else (t * grad_out.to(t.dtype)) for t in (gh, gw, gb)]
         return (*out, None, None, None, None, None, None)
 
