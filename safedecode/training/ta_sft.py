@@ -4,8 +4,8 @@ harmful answers with a negative semantic EMD, while ordinary SFT on safe data ke
     L = mean CE(safe tokens) − λ · mean EMD_C(p_θ(· | x, y_<t), δ(y_t))  over harmful tokens
 
 (the EMD and its fused loss: :mod:`safedecode.ops.linear_emd`). ``method="sft"`` is the
-baseline the paper compares with: the same safe data plus plain SFT on a written refusal for the same harmful
-prompts (CE everywhere).
+baseline the paper compares with: the same safe data plus plain SFT on a written refusal for the
+same harmful prompts (CE everywhere).
 
 Data (:func:`make_data`, ``safedecode finetune-data``): the anchor set's harmful *train* prompts
 with the model's **own** answers (sampled, plain decoding; answers the refusal judge flags are
