@@ -343,8 +343,8 @@ def finetune(
     data: Path = typer.Option(..., "--data", "-d", help="A file from `safedecode finetune-data`."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapter (or model)."),
     method: str = typer.Option("ta-sft", "--method", "-m",
-                               help="ta-sft (negative EMD on the harmful answers) or sft "
-                                    "(CE on written refusals, the baseline)."),
+                               help="ta-sft (negative EMD on the harmful answers), sft (CE on "
+                                    "written refusals, the baseline) or ta-sft+refusal (both)."),
     model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
                                                 "model)."),
     harmful: int | None = typer.Option(None, "--harmful",

@@ -219,6 +219,8 @@ def test_examples_follow_the_method_and_the_chat_template(tmp_path):
     sft = examples(tok, records, TASFTConfig(method="sft", n_harmful=4))
     assert [e["kind"] for e in ta] == [1] * 4 + [0] * 6
     assert [e["kind"] for e in sft] == [2] * 4 + [0] * 6
+    both = examples(tok, records, TASFTConfig(method="ta-sft+refusal", n_harmful=4))
+    assert [e["kind"] for e in both] == [1, 2] * 4 + [0] * 6
     assert tok.decode(ta[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
     assert ta[0]["response_ids"][-1] == tok.eos_token_id  # complete: closed turn
     assert ta[-1]["response_ids"][-1] != tok.eos_token_id  # cut off: no end-of-turn taught

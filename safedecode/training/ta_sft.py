@@ -5,7 +5,9 @@ harmful answers with a negative semantic EMD, while ordinary SFT on safe data ke
 
 (the EMD and its fused loss: :mod:`safedecode.ops.linear_emd`). ``method="sft"`` is the
 baseline the paper compares with: the same safe data plus plain SFT on a written refusal for the
-same harmful prompts (CE everywhere).
+same harmful prompts (CE everywhere). ``method="ta-sft+refusal"`` (a safedecode extension, not in
+the paper) does both for each harmful prompt: CE towards the refusal and −λ·EMD away from the
+model's own answer.
 
 Data (:func:`make_data`, ``safedecode finetune-data``): the anchor set's harmful *train* prompts
 with the model's **own** answers (sampled, plain decoding; answers the refusal judge flags are
@@ -36,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 DATA_FORMAT = "safedecode-ta-sft-data/1"
-METHODS = ("ta-sft", "sft")
+METHODS = ("ta-sft", "sft", "ta-sft+refusal")
 KIND_SAFE, KIND_HARMFUL, KIND_REFUSAL = 0, 1, 2
 
 
@@ -221,8 +223,8 @@ class TASFTConfig:
 
 def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
     """Token-level training examples ``{"prompt_ids", "response_ids", "kind"}``: the first
-    ``n_harmful`` harmful records (their own answer for TA-SFT, the refusal for SFT) and every
-    safe record."""
+    ``n_harmful`` harmful records (their own answer for TA-SFT, the refusal for SFT, both for
+    ``ta-sft+refusal``) and every safe record."""
     from safedecode.engine.branches import Branch
     from safedecode.engine.prompts import PromptBuilder
 
@@ -239,14 +241,16 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
     for r in harmful + [r for r in records if r["kind"] == "safe"]:
         prefix, suffix = builder.build(Branch(), [{"role": "user", "content": r["prompt"]}], 0)
         prompt = list(prefix.ids) + list(prefix.tail_ids) + list(suffix)  # as at decoding time
-        if r["kind"] == "harmful" and cfg.method == "sft":
-            kind, text, closed = KIND_REFUSAL, r["refusal"], True
+        own = (r["response"], bool(r.get("complete", True)))
+        if r["kind"] == "safe":
+            targets = [(KIND_SAFE, *own)]
         else:
-            kind = KIND_HARMFUL if r["kind"] == "harmful" else KIND_SAFE
-            text, closed = r["response"], bool(r.get("complete", True))
-        resp = response_ids(builder, r["prompt"], text, cfg.max_tokens, closed=closed)
-        if resp:
-            out.append({"prompt_ids": prompt, "response_ids": resp, "kind": kind})
+            targets = ([(KIND_HARMFUL, *own)] if cfg.method != "sft" else []) + \
+                ([(KIND_REFUSAL, r["refusal"], True)] if cfg.method != "ta-sft" else [])
+        for kind, text, closed in targets:
+            resp = response_ids(builder, r["prompt"], text, cfg.max_tokens, closed=closed)
+            if resp:
+                out.append({"prompt_ids": prompt, "response_ids": resp, "kind": kind})
     return out
 
 
