@@ -27,3 +27,17 @@ for lam in 1 4; do run "ta-sft_n50_lam${lam}_e3_lr2e-3" --harmful 50 --lam "$lam
 run ta-sft_n50_lam4_e3_lr1e-2 --harmful 50 --lam 4 --epochs 3 --lr 1e-2
 run sft_n50_e3_lr2e-3 --method sft --harmful 50 --epochs 3 --lr 2e-3
 run sft_n50_e3 --method sft --harmful 50 --epochs 3
+# CE towards the refusal plus −λ·EMD away from the model's own answer (safedecode's extension).
+for lam in 1 4; do
+  run "ta-sft+refusal_n50_lam${lam}_e3_lr2e-3" --method ta-sft+refusal --harmful 50 --lam "$lam" \
+      --epochs 3 --lr 2e-3
+done
+run "ta-sft+refusal_n50_lam1_e3" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3
+# The untuned model on the same split (the reference row).
+[ -f "$R/val/none/results.json" ] || $PY -m safedecode eval -m plain \
+    -d anchor-harmful-val,anchor-safe-val -n 64 --out "$R/val/none" > "$R/val/none.log" 2>&1
+# Stage 2: where over-alignment starts — a middle learning rate and one epoch at the high one.
+for m in sft ta-sft+refusal; do
+  run "${m}_n50_lam1_e3_lr7e-4" --method "$m" --harmful 50 --lam 1 --epochs 3 --lr 7e-4
+  run "${m}_n50_lam1_e1_lr2e-3" --method "$m" --harmful 50 --lam 1 --epochs 1 --lr 2e-3
+done

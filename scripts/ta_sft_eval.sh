@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The data-efficiency report of issue 16 on the embedded model: TA-SFT, plain SFT on refusals and
+# TA-SFT + refusal, each with the knobs its validation sweep chose (scripts/ta_sft_sweep.sh, at 50
+# harmful examples), fine-tuned on 25, 50 and 100 harmful examples (nested: the data file's first
+# N), then plain greedy decoding, 128 new tokens, on every evaluation set and the anchor
+# validation split. The untuned row reuses benchmarks/results/efficacy's plain generations.
+#
+#   scripts/ta_sft_eval.sh          # about 70 minutes on 2 CPU cores; resumable
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+R=${R:-runs/tasft}
+E=benchmarks/results/efficacy-ta-sft
+SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
+mkdir -p "$E/none"
+if [ ! -f "$E/none/results.json" ]; then
+  grep '"method": "plain"' benchmarks/results/efficacy/generations.jsonl > "$E/none/generations.jsonl"
+  $PY -m safedecode eval -m plain -d "$SETS" -n 128 --out "$E/none" > "$E/none.log" 2>&1
+fi
+final() {  # name, finetune args...
+  local name=$1; shift
+  [ -f "$E/$name/results.json" ] && return 0
+  [ -f "$R/final/$name/safedecode.json" ] || \
+    $PY -m safedecode finetune --data "$R/data.jsonl" --out "$R/final/$name" "$@"
+  $PY -m safedecode eval -m plain -d "$SETS" -n 128 --adapter "$R/final/$name" --out "$E/$name" \
+      > "$E/$name.log" 2>&1
+}
+# Chosen on validation (benchmarks/results/ta_sft_val_smollm2-135m.md; rule of `safedecode tune`:
+# harmful refusal − 2 × benign refusal among settings with benign PPL ≤ 1.5× the untuned model's).
+SFT_KNOBS="--epochs 3 --lr 2e-3"
+TAR_KNOBS="--lam 1 --epochs 3 --lr 7e-4"
+TA_KNOBS="--lam 4 --epochs 3 --lr 2e-4"
+for n in 50 25 100; do
+  final "sft_n$n" --method sft --harmful "$n" $SFT_KNOBS
+  final "ta-sft+refusal_n$n" --method ta-sft+refusal --harmful "$n" $TAR_KNOBS
+  final "ta-sft_n$n" --method ta-sft --harmful "$n" $TA_KNOBS
+done
