@@ -111,6 +111,7 @@ setup(
     package_data={"safedecode.data": ["*.jsonl", "*.md"],
                   "safedecode.methods": ["assets/*", "assets/harmless_rm/*",
                                         "assets/unsafe_lora/*",
-                                        "assets/unsafe_opposite_lora/*"]},
+                                        "assets/unsafe_opposite_lora/*",
+                                        "assets/ta_sft_lora/*"]},
     packages=find_packages(include=["safedecode", "safedecode.*"]) + ["safedecode.triton_kernels"],
 )

@@ -98,8 +98,9 @@ def generate(
                                             "safeinfer-vector`."),
     unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
                                       "adapter, soft, text, or an adapter folder."),
-    adapter: Path | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
-                                        "from `safedecode finetune`) merged into the model."),
+    adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
+                                       "from `safedecode finetune`) merged into the model, or "
+                                       "'ta-sft' (shipped for the embedded model)."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console

@@ -55,17 +55,29 @@ def quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+SHIPPED_ADAPTERS = {"ta-sft": "ta_sft_lora"}  # name -> folder in safedecode/methods/assets
+
+
+def shipped_adapter(adapter: str | Path) -> Path:
+    """``adapter`` as a folder: a shipped adapter's name resolves to its asset folder."""
+    if str(adapter) in SHIPPED_ADAPTERS and not Path(adapter).exists():
+        return Path(__file__).resolve().parent / "methods" / "assets" / \
+            SHIPPED_ADAPTERS[str(adapter)]
+    return Path(adapter)
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                gguf_file: str | None = None, adapter: str | Path | None = None):
     """Load ``(model, tokenizer)`` for a causal LM from a local path or the local HF cache.
 
     ``name_or_path="default"`` loads the embedded SmolLM2-135M-Instruct. Nothing is downloaded.
-    ``adapter``: a peft LoRA folder (e.g. from ``safedecode finetune``) merged into the weights.
+    ``adapter``: a peft LoRA folder (e.g. from ``safedecode finetune``) merged into the weights,
+    or the name of a shipped one (``"ta-sft"``: TA-SFT + refusal for the embedded model).
     """
     if adapter is not None:
         from safedecode.engine.adapters import load_lora
 
-        lora = load_lora(adapter)
+        lora = load_lora(shipped_adapter(adapter))
         model, tok = load_model(name_or_path, dtype, device, gguf_file)
         lora.merge_into(model)
         model.safedecode_name = f"{model_name(model)}+{lora.name}"

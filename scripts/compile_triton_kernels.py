@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safedecode.ops import triton as backend  # noqa: E402
 
 K = backend._K
+from safedecode.ops import linear_emd  # noqa: E402
+
+LE = linear_emd._kernels()
 
 # Pointer element types of every kernel argument that is a pointer; other names are scalars.
 PTRS = {
@@ -45,6 +48,9 @@ def compile_one(fn, constexprs: dict, arch: int) -> float:
             sig[name] = SCALARS.get(name, "i32")
     if fn is K._philox_kernel:
         sig.update(seed="*i64", step="*i64", out="*fp64")
+    if fn is LE._linear_emd_rows:
+        sig.update(z_ptr="*fp32", c_ptr="*fp32", tgt_ptr="*i64", wce_ptr="*fp32",
+                   wemd_ptr="*fp32", loss_ptr="*fp32", stride_z="i64", stride_c="i64")
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     t = time.time()
     triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -84,6 +90,8 @@ def main() -> None:
                                        **one)))
     jobs.append((K._final_kernel, dict(PREV=1, NEED=1, CP=1, NB=backend.NB, TILE=16, **one)))
     jobs.append((K._sample_kernel, dict(NEED_LP=True, CP=1, TILE=16, **one)))
+    for has_emd in (False, True):  # the fused linear CE / EMD loss (TA-SFT)
+        jobs.append((LE._linear_emd_rows, dict(HAS_EMD=has_emd, BLOCK=4096)))
     for fn, cx in jobs:
         dt = compile_one(fn, cx, arch)
         print(f"ok  {fn.__name__:18s} {dt:5.1f}s  {cx}")

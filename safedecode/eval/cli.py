@@ -56,9 +56,9 @@ def eval_command(
              ".jsonl/.csv/.txt file (FILE@harmful or FILE@benign labels it)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (re-run to resume)."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
-    adapter: Path | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
-                                        "into the model (perplexity stays under the plain "
-                                        "model)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
+                                       "into the model, or 'ta-sft' (shipped); perplexity stays "
+                                       "under the plain model."),
     limit: int | None = typer.Option(None, "--limit",
                                      help="N items of each data set, spread evenly."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
@@ -144,7 +144,7 @@ def eval_command(
         judge_objs = _judges(judges, keyword_lists, refusal_phrases, classifier,
                              classifier_metric, classifier_positive, classifier_inputs,
                              classifier_template, device)
-        from safedecode.models import load_model, model_name
+        from safedecode.models import load_model, model_name, shipped_adapter
 
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device)
@@ -152,7 +152,7 @@ def eval_command(
             if adapter is not None:
                 from safedecode.engine.adapters import load_lora
 
-                lora = load_lora(adapter)
+                lora = load_lora(shipped_adapter(adapter))
                 base, mdl = mdl, lora.merge_into(copy.deepcopy(mdl))
                 mdl.safedecode_name = f"{model_name(base)}+{lora.name}"
         columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
