@@ -294,3 +294,26 @@ def test_cli_finetune_errors_and_generate_adapter(tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--adapter",
                               str(tmp_path), "-n", "4"])
     assert res.exit_code == 2 and "not a peft adapter folder" in res.output
+
+
+def test_shipped_adapter_refuses_changes_the_output_and_combines_with_decoding_methods():
+    """The shipped TA-SFT + refusal adapter for the embedded model: loads by name, leaves the
+    embedding table alone (so the shipped soft prompts still fit), changes greedy output, and
+    refuses a harmful request from the anchor train part that the plain model answers."""
+    from safedecode import methods
+    from safedecode.engine import SafeDecoder
+    from safedecode.eval.judges import KeywordJudge
+    from safedecode.models import embedding_fingerprint, load_model
+
+    base, tok = load_model("default")
+    tuned, _ = load_model("default", adapter="ta-sft")
+    assert embedding_fingerprint(base) == embedding_fingerprint(tuned)
+    prompt = [it["prompt"] for it in load_anchor("harmful", "train")][:2]
+    a = SafeDecoder(base, tok, methods.get("plain")).generate(prompt, max_new_tokens=24)
+    b = SafeDecoder(tuned, tok, methods.get("plain")).generate(prompt, max_new_tokens=24)
+    judge = KeywordJudge()
+    assert [r.token_ids for r in a] != [r.token_ids for r in b]
+    assert not any(judge.judge_one(r.text).flag for r in a)
+    assert all(judge.judge_one(r.text).flag for r in b)
+    c = SafeDecoder(tuned, tok, methods.get("self-cd-sp")).generate(prompt[:1], max_new_tokens=8)
+    assert len(c[0].token_ids) == 8 or c[0].finish_reason == "eos"
