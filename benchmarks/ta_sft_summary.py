@@ -7,7 +7,7 @@ plain model (and its ratio to the untuned model's), EOS share, and the mean scor
 harmlessness reward model on harmful and on benign answers (it prefers a harmful request's refusal
 to compliance and a safe request's answer to a refusal; higher is better for both).
 
-    python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta-sft_n50=runs/x/ta50 ...
+    python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta-sft_n50=runs/x/ta50 ... [--reward]
 
 The first folder is the reference for the perplexity ratio (the untuned model).
 """
@@ -46,6 +46,8 @@ def _rewards(run: Path) -> dict[str, float]:
     cache = run / "harmless_reward.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    if "--reward" not in sys.argv:  # slow on a CPU: only on request
+        return {}
     rows = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines() if x]
     reward = make_reward("harmless")
     out = {}
@@ -64,7 +66,7 @@ def _rewards(run: Path) -> dict[str, float]:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    runs = [(a.split("=", 1)[0], Path(a.split("=", 1)[1])) for a in sys.argv[2:]]
+    runs = [(a.rsplit("=", 1)[0], Path(a.rsplit("=", 1)[1])) for a in sys.argv[2:] if "=" in a]
     loaded = [(n, p, json.loads((p / "results.json").read_text())) for n, p in runs]
     present = lambda sets: [d for d in sets if any(f"{d}@plain" in r["results"]  # noqa: E731
                                                    for _, _, r in loaded)]
