@@ -7,7 +7,7 @@ plain model (and its ratio to the untuned model's), EOS share, and the mean scor
 harmlessness reward model on harmful and on benign answers (it prefers a harmful request's refusal
 to compliance and a safe request's answer to a refusal; higher is better for both).
 
-    python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta-sft_n50=runs/x/ta50 ... [--reward]
+    python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta50=runs/x/ta50 ... [--reward]
 
 The first folder is the reference for the perplexity ratio (the untuned model).
 """
