@@ -84,8 +84,8 @@ def main() -> None:
         rw = _rewards(path)
         lines.append(f"| {name} | " + " | ".join(_cell(res, d, "plain") for d in harm + ben)
                      + f" | {p:.2f} ({p / ref:.2f}×) | {100 * sum(eos) / len(eos):.0f}% | "
-                     + f"{rw.get('harmful', float('nan')):+.2f} | "
-                     + f"{rw.get('benign', float('nan')):+.2f} |")
+                     + " | ".join(f"{rw[k]:+.2f}" if k in rw else "—"
+                                  for k in ("harmful", "benign")) + " |")
         std.append(f"| {name} | " + " | ".join(_cell(res, d, "plain", "keyword-standard")
                                                for d in harm + ben) + " |")
     text = "\n".join(["Refusal (extended keyword judge), 95% Wilson intervals:", "", *lines, "",
