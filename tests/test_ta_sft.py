@@ -317,3 +317,22 @@ def test_shipped_adapter_refuses_changes_the_output_and_combines_with_decoding_m
     assert all(judge.judge_one(r.text).flag for r in b)
     c = SafeDecoder(tuned, tok, methods.get("self-cd-sp")).generate(prompt[:1], max_new_tokens=8)
     assert len(c[0].token_ids) == 8 or c[0].finish_reason == "eos"
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_model_dir,
+                                                                         tmp_path):
+    """``full=True``: no adapter; the saved folder is a whole model (tied lm_head/embeddings
+    included) that loads with ``--model`` and differs from the base."""
+    from safedecode.models import load_model
+    from safedecode.training.ta_sft import finetune
+
+    out = tmp_path / "full"
+    cfg = TASFTConfig(n_harmful=6, max_steps=2, batch_size=4, lr=1e-2, full=True, lam=1.0)
+    meta = finetune(_data_file(tmp_path / "d.jsonl"), out, cfg,
+                    model_path=str(tiny_model_dir), progress=False, log=lambda m: None)
+    assert meta["steps"] == 2 and not (out / "adapter_config.json").exists()
+    base, _ = load_model(str(tiny_model_dir))
+    tuned, _ = load_model(str(out))
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        a, b = base.get_parameter(name), tuned.get_parameter(name)
+        assert not torch.equal(a, b), f"{name} did not train"
