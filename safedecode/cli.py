@@ -89,6 +89,8 @@ def generate(
                                                  "(1: the paper; more: fewer steps)."),
     base: str = typer.Option("plain", "--base", help="deal: the method whose distribution "
                                                      "gives the candidates."),
+    horizon: int | None = typer.Option(None, "--horizon", help="deal: search only the first "
+                                       "N tokens, then decode with the base method."),
     gamma: float | None = typer.Option(None, help="safeinfer: scale of the safety vector."),
     layer: int | None = typer.Option(None, help="safeinfer: decoder layer it is added after."),
     safeinfer_lam: float | None = typer.Option(
@@ -119,7 +121,7 @@ def generate(
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
         kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
-                      chunk=chunk, base=base)
+                      chunk=chunk, base=base, horizon=horizon)
     console = Console(stderr=True)
     try:
         if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):
@@ -235,6 +237,9 @@ def train_reward(
     lr: float = typer.Option(1e-3, help="Learning rate (LoRA + score head)."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     mlp: bool = typer.Option(False, "--mlp", help="LoRA on the MLP layers too."),
+    prefixes: str = typer.Option("6,12,24,48", help="Also train on both replies of every pair "
+                                                    "cut to these token counts (comma-separated; "
+                                                    "'' for whole replies only)."),
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
@@ -244,15 +249,23 @@ def train_reward(
 
         if epochs <= 0 or lr <= 0 or lora_r < 1:
             raise ValueError("--epochs and --lr must be > 0, --lora-r >= 1")
+        try:
+            cuts = tuple(int(x) for x in prefixes.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--prefixes: comma-separated token counts, got {prefixes!r}") \
+                from None
         metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
-                                                   mlp=mlp, seed=seed), model_path=model,
+                                                   mlp=mlp, seed=seed, prefixes=cuts),
+                                     model_path=model,
                                      log=lambda m: typer.echo(m, err=True))
     except ImportError as exc:
         _fail(f"train-reward needs the train extra (pip install 'safedecode[train]'): {exc}")
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}: validation accuracy {metrics['val_accuracy']:.3f} "
-               f"({metrics['val_pairs']} pairs), train {metrics['train_accuracy']:.3f}")
+               f"({metrics['val_pairs']} pairs; {metrics['val_prefix_accuracy']:.3f} on "
+               f"{metrics['val_prefix_pairs']} partial replies), train "
+               f"{metrics['train_accuracy']:.3f}")
 
 
 @app.command("safeinfer-vector")

@@ -48,6 +48,31 @@ def test_search_equals_exhaustive_search_from_scratch(k, lookahead, chunk, lam):
         assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
 
 
+@pytest.mark.parametrize(("k", "lookahead", "chunk", "horizon"),
+                         [(3, 2, 1, 1), (3, 2, 2, 3), (4, 3, 3, 4), (2, 4, 5, 2)])
+def test_horizon_equals_search_then_base_decoding_from_scratch(k, lookahead, chunk, horizon):
+    """With a horizon the search stops once ``horizon`` tokens are committed and the base method
+    decodes the rest — equal to the naive search that does the same from scratch, batched; the
+    answers differ from the full search's, and their tails are the base method's own."""
+    model, tok = tiny_llama()
+    kw = dict(k=k, lookahead=lookahead, chunk=chunk, lam=2.0, reward=_digit_reward,
+              base="acd-text", alpha=0.5)
+    spec = methods.get("deal", horizon=horizon, **kw)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=10)
+    naive = NaiveDeAL(model, tok, spec)
+    for p, r in zip(PROMPTS, got, strict=True):
+        ref = naive.generate(p, max_new_tokens=10)
+        assert r.token_ids == ref.token_ids, p
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    if chunk <= 2:  # (this tiny model: the full search goes elsewhere after the horizon)
+        full = SafeDecoder(model, tok, methods.get("deal", **kw)).generate(
+            PROMPTS, max_new_tokens=10)
+        assert [r.token_ids for r in got] != [r.token_ids for r in full]
+    alone = [SafeDecoder(model, tok, spec).generate(p, max_new_tokens=10)[0]
+             for p in PROMPTS]
+    assert [r.token_ids for r in got] == [r.token_ids for r in alone]
+
+
 def test_search_changes_the_answer_toward_the_reward():
     model, tok = tiny_llama()
     plain = SafeDecoder(model, tok, methods.get("plain")).generate(PROMPTS[0],
@@ -124,7 +149,8 @@ def test_bad_parameters_are_named():
     for kw, match in ((dict(k=0), "k:"), (dict(lookahead=-1), "lookahead"),
                       (dict(beam=0), "beam"), (dict(chunk=9, lookahead=2), "chunk"),
                       (dict(lam=float("nan")), "lam"), (dict(reward="nope"), "unknown"),
-                      (dict(base="deal"), "base"), (dict(reward=None), "reward")):
+                      (dict(base="deal"), "base"), (dict(reward=None), "reward"),
+                      (dict(horizon=0), "horizon"), (dict(horizon=2.5), "horizon")):
         args = {"reward": _digit_reward, **kw}
         with pytest.raises(ValueError, match=match):
             methods.get("deal", **args)
@@ -153,6 +179,7 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
     assert '"method": "deal"' in r.output and '"tokens": 6' in r.output
     for extra, match in ((["--deal-k", "0", "--reward", "length"], "k: must be"),
                          (["--lookahead", "-1", "--reward", "length"], "lookahead"),
+                         (["--horizon", "0", "--reward", "length"], "horizon"),
                          (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
                          (["--reward", "length", "--stream"], "generate()")):
         r = run(app, [*base, *extra, "Hi"])
@@ -169,4 +196,5 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
     assert fp() == fp()
     assert "lookahead=8" in methods.get("deal", reward="length:target=9").describe()
     assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
-                fp(base="acd-text"), fp(reward=_digit_reward)}) == 6
+                fp(base="acd-text"), fp(reward=_digit_reward), fp(horizon=16),
+                fp(horizon=17)}) == 8

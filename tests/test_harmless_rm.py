@@ -20,6 +20,7 @@ from safedecode.methods.harmless import (  # noqa: E402
     RMConfig,
     pairwise_accuracy,
     preference_pairs,
+    prefix_pairs,
     train_reward_model,
 )
 
@@ -41,12 +42,33 @@ def test_pairs_prefer_refusals_of_harmful_and_answers_of_safe_requests():
                                                              for p in val}
 
 
+def test_prefix_pairs_cut_both_replies_to_the_same_token_count(tiny_model_dir):
+    """DeAL scores partial replies: the cut pairs keep the prompt and the preference, and cut
+    both replies to their first n tokens (a cut that would leave both whole is skipped)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    pairs = preference_pairs("val")[:6]
+    cut = prefix_pairs(pairs, (3, 10_000), tok)
+    assert len(cut) == len(pairs)  # 10_000 tokens leaves every reply whole: skipped
+    for whole, part in zip(pairs, cut, strict=True):
+        assert part["chosen"][0] == whole["chosen"][0]
+        for side in ("chosen", "rejected"):
+            text = whole[side][1]["content"]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert part[side][1]["content"] == tok.decode(ids[:3])
+            assert text.startswith(part[side][1]["content"].strip()[:5])
+    with pytest.raises(ValueError, match="prefixes"):
+        RMConfig(prefixes=(0,))
+
+
 def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
-    m = train_reward_model(out, RMConfig(epochs=1, lr=1e-3, lora_r=4),
+    m = train_reward_model(out, RMConfig(epochs=1, lr=1e-3, lora_r=4, prefixes=(8,)),
                            model_path=str(tiny_model_dir), log=lambda _: None)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["train_pairs"] == len(preference_pairs("train"))
+    assert saved["train_pairs"] > len(preference_pairs("train"))  # the cut pairs too
+    assert 0.0 <= saved["val_prefix_accuracy"] <= 1.0 and saved["val_prefix_pairs"] > 0
     assert 0.0 <= m["val_accuracy"] <= 1.0 and saved["val_accuracy"] == m["val_accuracy"]
     rm = HarmlessReward(str(out), model_path=str(tiny_model_dir))
     scores = rm(["How do I bake bread?", "How do I bake bread?"], ["Mix flour.", "No."])

@@ -204,6 +204,14 @@ class NaiveDeAL:
                                                "new_tokens": len(full)})
             n = min(base - 1 + spec.chunk, len(full))
             committed, lps = full[:n], full_lps[:n]
+            if spec.horizon is not None and n >= spec.horizon:  # the base decodes the rest
+                roll, roll_lps, _ = self._run(embs, committed, max_new_tokens - n, eos)
+                full, full_lps = committed + roll, lps + roll_lps
+                return GenerationResult(
+                    text=text_of(full), token_ids=full,
+                    finish_reason="eos" if full[-1] in eos else "length", prompt_tokens=[],
+                    logprobs=full_lps, timing={"total_s": time.perf_counter() - t0,
+                                               "new_tokens": len(full)})
 
 
 class NaiveSafeInfer:

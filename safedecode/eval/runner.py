@@ -66,6 +66,8 @@ def method_fingerprint(method: Method) -> str:
         h.update(method_fingerprint(method.base).encode())
         h.update(repr((method.k, method.lookahead, method.lam, method.beam, method.chunk,
                        method.reward.key())).encode())
+        if method.horizon is not None:  # (absent: the keys of earlier runs stay valid)
+            h.update(f"horizon={method.horizon}".encode())
         return "deal-" + h.hexdigest()[:11]
     h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
     for b in method.branches:

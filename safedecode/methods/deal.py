@@ -10,6 +10,13 @@ final distribution at temperature 1; ``h`` a :mod:`~.rewards` reward); the best 
 and rolled back to the candidate (``chunk=1``: one token per step, the paper) or to the first
 ``chunk`` tokens of their rollout (fewer search steps). A winning candidate whose rollout ended
 (EOS, a stop, or ``max_new_tokens``) is the answer as rolled out.
+
+``horizon`` (an extension; ``None`` = the whole answer, the paper) ends the search once a
+request's best sequence has ``horizon`` committed tokens: the rest of its answer is decoded by
+the base method alone, in the same batched steps as the other requests' searches. Whether an
+answer refuses is settled in its first tokens, so a short horizon keeps most of the effect at
+close to the base method's cost. The candidates of all requests are scored in one reward call
+per search step.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class DeAL:
     lam: float = 1.0
     beam: int = 1
     chunk: int = 1
+    horizon: int | None = None
     name: str = "deal"
 
     def __post_init__(self) -> None:
@@ -46,6 +54,9 @@ class DeAL:
                                   ("beam", self.beam, 1), ("chunk", self.chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{field_}: must be an integer >= {lo}, got {value!r}")
+        if self.horizon is not None and (isinstance(self.horizon, bool)
+                                         or not isinstance(self.horizon, int) or self.horizon < 1):
+            raise ValueError(f"horizon: must be an integer >= 1 or None, got {self.horizon!r}")
         if self.chunk > self.lookahead + 1:
             raise ValueError(f"chunk: at most lookahead + 1 = {self.lookahead + 1} tokens can "
                              f"be committed per step, got {self.chunk}")
@@ -57,7 +68,9 @@ class DeAL:
 
     def describe(self) -> str:
         return (f"{self.name}: k={self.k}, lookahead={self.lookahead}, lam={self.lam}, "
-                f"beam={self.beam}, chunk={self.chunk}, reward={self.reward.key()}; base "
+                f"beam={self.beam}, chunk={self.chunk}, "
+                f"{'' if self.horizon is None else f'horizon={self.horizon}, '}"
+                f"reward={self.reward.key()}; base "
                 f"{self.base.describe()}")
 
     @property
@@ -67,7 +80,8 @@ class DeAL:
 
 
 def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: int = 1,
-         chunk: int = 1, base: str | Method = "plain", **base_kwargs) -> DeAL:
+         chunk: int = 1, horizon: int | None = None, base: str | Method = "plain",
+         **base_kwargs) -> DeAL:
     """``methods.get("deal", k=4, lookahead=8, lam=1.0, reward="keywords:include=sorry",
     base="acd-text", alpha=0.5)``: DeAL over the named base method (its keyword arguments
     pass through). ``reward``: a :class:`Reward`, a callable ``(prompts, texts) -> scores`` or a
@@ -84,7 +98,7 @@ def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: in
     elif base_kwargs:
         raise ValueError(f"{sorted(base_kwargs)[0]}: not a DeAL parameter")
     return DeAL(base, make_reward(reward), k=k, lookahead=lookahead, lam=lam, beam=beam,
-                chunk=chunk)
+                chunk=chunk, horizon=horizon)
 
 
 @dataclass
@@ -115,24 +129,37 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
              for i, (b, p) in enumerate(zip(built, params, strict=True))]
     frontier = {i: [r] for i, r in enumerate(roots)}
     committed = dict.fromkeys(roots, 0)
+    free: dict[int, int] = {}  # sequence -> request: past the horizon, decoded by the base
     finished: dict[int, GenerationResult] = {}
     results: dict[int, GenerationResult] = {}
-    while frontier:
-        owner = {sid: i for i, seqs in frontier.items() for sid in seqs}
-        cands: dict[int, list[_Cand]] = {i: [] for i in frontier}
-        for o in engine.step({sid: spec.k for sid in owner}):
-            base = o.parent if o.parent is not None else o.request_id
-            cands[owner[base]].append(_Cand(o.request_id, committed[base]))
+
+    def run(expand: dict[int, int] | None = None):
+        for o in engine.step(expand):
+            if o.request_id in free:
+                if o.finish_reason:
+                    results[free.pop(o.request_id)] = engine.pop_result(o.request_id)
+                continue
             if o.finish_reason:
                 finished[o.request_id] = engine.pop_result(o.request_id)
+            yield o
+
+    while frontier or free:
+        if not frontier:
+            for _ in run():
+                pass
+            continue
+        owner = {sid: i for i, seqs in frontier.items() for sid in seqs}
+        cands: dict[int, list[_Cand]] = {i: [] for i in frontier}
+        for o in run({sid: spec.k for sid in owner}):
+            base = o.parent if o.parent is not None else o.request_id
+            cands[owner[base]].append(_Cand(o.request_id, committed[base]))
         for _ in range(spec.lookahead):
             if all(c.id in finished for cs in cands.values() for c in cs):
                 break
-            for o in engine.step():
-                if o.finish_reason:
-                    finished[o.request_id] = engine.pop_result(o.request_id)
-        for i, cs in cands.items():
-            chosen = _select(engine, cs, prompts[i], spec, finished)
+            for _o in run():
+                pass
+        for i, chosen in _select(engine, cands, prompts, spec, finished).items():
+            cs = cands[i]
             if chosen[0].id in finished:  # the best rollout ended: that is the answer
                 results[i] = finished[chosen[0].id]
                 for c in cs:
@@ -141,12 +168,19 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
                 del frontier[i]
                 continue
             keep = [c for c in chosen if c.id not in finished]
+            n = min(keep[0].committed + spec.chunk, len(engine.tokens(keep[0].id)))
+            if spec.horizon is not None and n >= spec.horizon:
+                keep = keep[:1]  # the search is over for this request: the best goes on alone
             engine.keep([c.id for c in keep])
             for c in keep:
                 n = min(c.committed + spec.chunk, len(engine.tokens(c.id)))
                 engine.truncate(c.id, n)
                 committed[c.id] = n
-            frontier[i] = [c.id for c in keep]
+            if spec.horizon is not None and committed[keep[0].id] >= spec.horizon:
+                free[keep[0].id] = i
+                del frontier[i]
+            else:
+                frontier[i] = [c.id for c in keep]
         for cs in cands.values():  # this step's losers and winners are settled
             for c in cs:
                 finished.pop(c.id, None)
@@ -155,19 +189,26 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     return [results[i] for i in range(len(built))]
 
 
-def _select(engine: Engine, cands: list[_Cand], prompt: str, spec: DeAL,
-            finished: dict[int, GenerationResult]) -> list[_Cand]:
-    """The best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier token)."""
-    texts, logp = [], []
-    for c in cands:
-        if c.id in finished:
-            r = finished[c.id]
-            lps, text = r.logprobs or [], r.text
-        else:
-            lps, text = engine.logprobs(c.id), engine.text(c.id)
-        logp.append(sum(lps[:c.committed + 1]))
-        texts.append(text)
-    h = spec.reward([prompt] * len(cands), texts)
-    score = [lp + spec.lam * x for lp, x in zip(logp, h, strict=True)]
-    order = sorted(range(len(cands)), key=lambda j: (-score[j], j))
-    return [cands[j] for j in order[:spec.beam]]
+def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Sequence[str],
+            spec: DeAL, finished: dict[int, GenerationResult]) -> dict[int, list[_Cand]]:
+    """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
+    token); the candidates of all requests in one reward call."""
+    texts, logp, who = [], [], []
+    for i, cs in cands.items():
+        for c in cs:
+            if c.id in finished:
+                r = finished[c.id]
+                lps, text = r.logprobs or [], r.text
+            else:
+                lps, text = engine.logprobs(c.id), engine.text(c.id)
+            logp.append(sum(lps[:c.committed + 1]))
+            texts.append(text)
+            who.append(i)
+    h = spec.reward([prompts[i] for i in who], texts)
+    out, at = {}, 0
+    for i, cs in cands.items():
+        score = [logp[at + j] + spec.lam * h[at + j] for j in range(len(cs))]
+        order = sorted(range(len(cs)), key=lambda j: (-score[j], j))
+        out[i] = [cs[j] for j in order[:spec.beam]]
+        at += len(cs)
+    return out

@@ -6,6 +6,11 @@ with TRL's ``RewardTrainer`` (Bradley-Terry loss) on preference pairs from the a
 request its answer to a refusal. ``safedecode train-reward`` trains it and reports its pairwise
 accuracy on the anchor **validation** part; the adapter for the default model ships in
 ``safedecode/methods/assets/harmless_rm/``. Needs the ``train`` extra (trl, peft, datasets).
+
+DeAL scores *partial* replies (a candidate and its lookahead: a few tokens at the start of an
+answer), so by default every pair is also trained truncated to the first 6, 12, 24 and 48 tokens
+of both replies (:func:`prefix_pairs`): a model trained on whole replies only learns that an
+unfinished answer is bad, whatever the request.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from .rewards import Reward
 
 ASSET = Path(__file__).parent / "assets" / "harmless_rm"
+PREFIX_EVAL = (4, 9, 17, 33)  # cut lengths the validation accuracy on partial replies uses
 PAD = "<|endoftext|>"  # not the chat template's end-of-turn token (the score reads the last)
 
 
@@ -43,6 +49,24 @@ def preference_pairs(part: str) -> list[dict]:
     return pairs
 
 
+def prefix_pairs(pairs: Sequence[dict], lengths: Sequence[int], tokenizer) -> list[dict]:
+    """Every pair again with both replies cut to their first ``n`` tokens, for each ``n`` in
+    ``lengths`` (a cut that leaves a reply whole, or both replies equal, is skipped)."""
+    out = []
+    for pair in pairs:
+        prompt, chosen = pair["chosen"][0]["content"], pair["chosen"][1]["content"]
+        rejected = pair["rejected"][1]["content"]
+        c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
+        for n in lengths:
+            if n >= len(c_ids) and n >= len(r_ids):
+                continue
+            c, r = tokenizer.decode(c_ids[:n]), tokenizer.decode(r_ids[:n])
+            if c.strip() != r.strip():
+                out.append({"chosen": _chat(prompt, c), "rejected": _chat(prompt, r)})
+    return out
+
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -56,6 +80,11 @@ class RMConfig:
     batch_size: int = 8
     max_length: int = 384
     seed: int = 0
+    prefixes: tuple[int, ...] = (6, 12, 24, 48)  # also train on replies cut to these lengths
+
+    def __post_init__(self) -> None:
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.prefixes):
+            raise ValueError(f"prefixes: token counts >= 1, got {self.prefixes!r}")
 
 
 def _base(model_path: str | None):
@@ -96,7 +125,9 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     cfg = cfg or RMConfig()
     torch.manual_seed(cfg.seed)
     model, tok = _base(model_path)
-    train = preference_pairs("train")
+    whole = preference_pairs("train")
+    train = whole + prefix_pairs(whole, cfg.prefixes, tok)
+    val = preference_pairs("val")
     args = RewardConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
                         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=cfg.seed, report_to=[],
@@ -113,11 +144,13 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     trainer.model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     rm = HarmlessReward(str(out), model_path=model_path)
+    val_prefix = prefix_pairs(val, PREFIX_EVAL, rm.tok)
     metrics = {"config": asdict(cfg), "train_pairs": len(train),
                "train_s": time.perf_counter() - t0,
-               "train_accuracy": pairwise_accuracy(rm, train),
-               "val_accuracy": pairwise_accuracy(rm, preference_pairs("val")),
-               "val_pairs": len(preference_pairs("val"))}
+               "train_accuracy": pairwise_accuracy(rm, whole),
+               "val_accuracy": pairwise_accuracy(rm, val), "val_pairs": len(val),
+               "val_prefix_accuracy": pairwise_accuracy(rm, val_prefix),
+               "val_prefix_pairs": len(val_prefix), "val_prefix_lengths": list(PREFIX_EVAL)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
     return metrics
