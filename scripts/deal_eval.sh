@@ -18,8 +18,18 @@ SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor
 DEAL_PLAIN=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:base=safe-prompt:k=4:lam=1
 DEAL_SCD=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:base=self-cd-sp:k=4:lam=1
 mkdir -p "$E"
-[ -s "$E/generations.jsonl" ] || grep -E '"method": "(plain|safe-prompt|self-cd-sp)"' \
-    $R/efficacy/generations.jsonl > "$E/generations.jsonl"
+if [ ! -s "$E/generations.jsonl" ]; then  # reuse the bases' generations and their perplexities
+  grep -E '"method": "(plain|safe-prompt|self-cd-sp)"' $R/efficacy/generations.jsonl \
+      > "$E/generations.jsonl"
+  $PY - "$E" "$R/efficacy" <<'PY'
+import json, sys
+keys = {json.loads(l)["key"] for l in open(f"{sys.argv[1]}/generations.jsonl")}
+with open(f"{sys.argv[1]}/annotations.jsonl", "a") as out:
+    for line in open(f"{sys.argv[2]}/annotations.jsonl"):
+        if json.loads(line)["key"].split("|")[0] in keys:
+            out.write(line)
+PY
+fi
 $PY -m safedecode eval -m "plain,safe-prompt,self-cd-sp,$DEAL_PLAIN,$DEAL_SCD" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

@@ -4,7 +4,6 @@ cache; branch prefixes computed once and shared by every request and call)."""
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -146,12 +145,6 @@ class SafeDecoder:
                           max_len=max(2, min(need, context or need)))
         t0 = time.perf_counter()
         results = search(eng, built, texts, per_request, self.search, on_step)
-        # Something on the search path leaves garbage in reference cycles that holds KV-sized
-        # tensors (not the engine itself); without a collection the resident memory of a long
-        # evaluation grew ~1.3 GB per batch of 16 on the embedded model (OOM at 24 GB). A
-        # collection per search costs milliseconds against seconds of search.
-        del eng
-        gc.collect()
         for r in results:
             r.timing["call_s"] = time.perf_counter() - t0
         bad = [r for r in results if r.error]

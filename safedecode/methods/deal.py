@@ -168,15 +168,16 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
                 del frontier[i]
                 continue
             keep = [c for c in chosen if c.id not in finished]
-            n = min(keep[0].committed + spec.chunk, len(engine.tokens(keep[0].id)))
-            if spec.horizon is not None and n >= spec.horizon:
-                keep = keep[:1]  # the search is over for this request: the best goes on alone
+            ends = spec.horizon is not None and min(
+                keep[0].committed + spec.chunk, len(engine.tokens(keep[0].id))) >= spec.horizon
+            if ends:  # the search is over for this request: the best goes on alone
+                keep = keep[:1]
             engine.keep([c.id for c in keep])
             for c in keep:
                 n = min(c.committed + spec.chunk, len(engine.tokens(c.id)))
                 engine.truncate(c.id, n)
                 committed[c.id] = n
-            if spec.horizon is not None and committed[keep[0].id] >= spec.horizon:
+            if ends:
                 free[keep[0].id] = i
                 del frontier[i]
             else:
