@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.safedecode-installed
 SRCS   := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup demo test test-fast lint sanitize cuda-check bench bench-quick bench-pytest clean
+.PHONY: setup demo test test-fast lint sanitize cuda-check triton-check bench bench-quick bench-pytest clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m safedecode.demo
 
 # Two pytest workers (one torch thread each, see tests/conftest.py), whole files per worker.
-test: setup lint cuda-check
+test: setup lint cuda-check triton-check
 	$(PY) -m pytest -q -n 2 --dist loadfile
 	scripts/sanitize.sh -q
 
@@ -41,8 +41,13 @@ sanitize: setup
 	scripts/sanitize.sh
 
 cuda-check:
-	@if command -v nvcc >/dev/null; then scripts/check_cuda_compile.sh; \
+	@if command -v nvcc >/dev/null; then scripts/check_cuda_compile.sh --usage; \
 	else echo "nvcc not found: skipping the CUDA compile check"; fi
+
+# Compile-only check of the Triton kernels for sm_90 (no GPU needed): launches per call, compiled
+# variants per dtype, registers, spills and vector widths of the hot loads; fails on a regression.
+triton-check: setup
+	env -u TRITON_INTERPRET $(PY) scripts/compile_triton_kernels.py --check
 
 # The whole benchmark suite (~25 min on a quiet 2-core machine) into benchmarks/results, then the
 # README's performance section rewritten from it; bench-quick is the ~1-minute smoke run

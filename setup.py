@@ -1,10 +1,13 @@
-"""Builds safedecode._C (C++ CPU kernels, pybind11 + OpenMP) and, where nvcc and a CUDA torch exist,
-safedecode._C_cuda. The CUDA build never fails the install: without a toolkit it is skipped."""
+"""Builds safedecode._C (C++ CPU kernels, pybind11 + OpenMP) and, where nvcc exists,
+safedecode._C_cuda (it needs nvcc and pybind11 only, no torch headers).
+
+The CUDA extension is skipped only without nvcc, with a CPU build of torch in the build
+environment, or with SAFEDECODE_NO_CUDA=1 (the explicit opt-out). Where it is wanted, a failed CUDA
+build fails the install: ``backend="auto"`` would otherwise fall back to Triton without a word."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # csrc/cuda/build.py under PEP 517
@@ -37,21 +40,6 @@ ext_modules = [
         extra_link_args=[f for f in CPU_FLAGS if f.startswith(("-fopenmp", "-fsanitize"))],
     )
 ]
-
-
-def _cuda_wanted() -> str | None:
-    """Return the reason to skip the CUDA extension, or None to build it."""
-    if os.environ.get("SAFEDECODE_NO_CUDA"):
-        return "SAFEDECODE_NO_CUDA is set"
-    if shutil.which("nvcc") is None:
-        return "nvcc not found"
-    try:
-        import torch  # noqa: PLC0415 - only present with --no-build-isolation
-    except ImportError:
-        return "torch not importable in the build environment (use --no-build-isolation)"
-    if torch.version.cuda is None:
-        return "torch is a CPU build"
-    return None
 
 
 def _is_x86() -> bool:
@@ -91,14 +79,17 @@ class BuildExt(build_ext):
                 ext.define_macros.append((f"SD_HAVE_{isa.upper()}", "1"))
 
     def run(self) -> None:
-        reason = _cuda_wanted()
+        from csrc.cuda.build import cuda_extension, skip_reason  # noqa: PLC0415
+
+        reason = skip_reason()
         if reason is None:
             try:
-                from csrc.cuda.build import cuda_extension  # noqa: PLC0415
-
                 self.extensions.append(cuda_extension())
-            except Exception as exc:  # noqa: BLE001 - optional
-                print(f"safedecode: skipping the CUDA extension: {exc}", file=sys.stderr)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"safedecode: building the CUDA extension failed ({exc}); fix the toolkit, or "
+                    "set SAFEDECODE_NO_CUDA=1 to install without it (backend 'cuda' then "
+                    "unavailable)") from exc
         else:
             print(f"safedecode: skipping the CUDA extension: {reason}", file=sys.stderr)
         super().run()

@@ -57,7 +57,7 @@ def build(out_dir: Path):
 class EmulatedBackend:
     """The CUDA backend's contract on CPU tensors, run by the emulator.
 
-    variant 0 uses 64-thread row blocks (fast); 1 the real 1024 / 256 configuration. ``cap`` is the
+    variant 0 uses 64-thread row blocks (fast); 1 the real 512 / 256 configuration. ``cap`` is the
     shared-memory candidate capacity (small values force the global-memory fallback) and
     ``num_sms`` steers how many chunks each row is split into.
     """

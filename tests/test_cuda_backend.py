@@ -164,17 +164,14 @@ def test_seed_reproducibility_and_batch_invariance():
 
 @needs_cuda
 def test_philox_on_device_matches_python():
-    from safedecode import _C_cuda  # noqa: PLC0415
+    from safedecode.ops import cuda as backend  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(0)
     seeds = torch.cat([torch.randint(0, 2**62, (500,), generator=g),
                        torch.tensor([0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1])])
     steps = torch.cat([torch.randint(0, 2**40, (500,), generator=g),
                        torch.tensor([0, 0, 7, 2**32 + 5, 2**62, 3])])
-    out = torch.empty(seeds.numel(), dtype=torch.float64, device=DEV)
-    s, t = seeds.to(DEV), steps.to(DEV)
-    _C_cuda.philox_uniform_device(s.data_ptr(), t.data_ptr(), out.data_ptr(), out.numel(),
-                                  torch.cuda.current_stream().cuda_stream)
+    out = backend.philox_uniform(seeds.to(DEV), steps.to(DEV))
     assert torch.equal(out.cpu(), philox.uniform(seeds, steps))
 
 
@@ -246,3 +243,34 @@ def test_cuda_sources_compile():
     res = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_compile.sh")],
                          check=False, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _build_module():
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("_sd_cuda_build", ROOT / "csrc" / "cuda" /
+                                                  "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_extension_is_skipped_only_for_a_stated_reason(monkeypatch):
+    """Where nvcc exists and torch is a CUDA build (or not importable, as under build isolation)
+    the extension is wanted, and setup.py turns a failed build into an error."""
+    import sys  # noqa: PLC0415
+
+    build = _build_module()
+    monkeypatch.delenv("SAFEDECODE_NO_CUDA", raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert build.skip_reason() == "nvcc not found"
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/nvcc")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU build" in build.skip_reason()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert build.skip_reason() is None
+    monkeypatch.setitem(sys.modules, "torch", None)  # build isolation: torch not importable
+    assert build.skip_reason() is None
+    monkeypatch.setenv("SAFEDECODE_NO_CUDA", "1")
+    assert build.skip_reason() == "SAFEDECODE_NO_CUDA is set"
+    assert "building the CUDA extension failed" in (ROOT / "setup.py").read_text()

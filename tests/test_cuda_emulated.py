@@ -87,6 +87,28 @@ def test_ties_and_dead_tokens(emu, cap):
     _compare(be, _problem(3, 6, 2000, torch.float32, seed=6, dead=0.97))
 
 
+@pytest.mark.parametrize("rule", ["linear", "union"])
+def test_batch_invariance_with_chunking_that_follows_b(emu, rule):
+    """The score kernel's chunks per row depend on B (more at small B); the union rule's
+    log-sum-exp must not: a row alone and inside a batch of 16 give identical bits."""
+    be = EmulatedBackend(emu, variant=0, cap=512, num_sms=16)
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 16, 3000, generator=g) * 3.0
+    w = torch.tensor([1.0, 2.0 if rule == "union" else -0.5]).expand(16, 2).contiguous()
+    kw = dict(temperature=torch.full((16,), 0.8), seed=torch.arange(16))
+    p_all = prepare(logits, w, rule=rule, **kw)
+    out_all, _ = be.contrastive_logprobs(p_all)
+    tok_all, lp_all, _ = be.contrastive_sample(p_all, True)
+    for row in range(16):  # (with the stats chunked like the scores, 1 row in 16 differed)
+        one = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        p1 = prepare(logits[:, row:row + 1], w[row:row + 1], rule=rule, **one)
+        out1, _ = be.contrastive_logprobs(p1)
+        assert torch.equal(out1[0], out_all[row]), (rule, row)
+        if row % 5 == 0:
+            tok1, lp1, _ = be.contrastive_sample(p1, True)
+            assert tok1[0] == tok_all[row] and torch.equal(lp1[0], lp_all[row])
+
+
 def test_many_chunks_per_row(emu):
     """Small B on a 'large' GPU: each row's scores come from many split blocks."""
     be = EmulatedBackend(emu, variant=0, cap=512, num_sms=64)
@@ -95,7 +117,7 @@ def test_many_chunks_per_row(emu):
 
 @pytest.mark.slow
 def test_cuda_block_sizes(emu):
-    """The real launch configuration (1024-thread rows, 256-thread split blocks)."""
+    """The real launch configuration (512-thread rows, 256-thread split blocks)."""
     be = EmulatedBackend(emu, variant=1, cap=16384, num_sms=132)
     _compare(be, _problem(2, 3, 3000, torch.bfloat16, seed=8))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from safedecode.ops import contrastive_logprobs, contrastive_sample
+from safedecode.ops import contrastive_logprobs, contrastive_sample, registry
 
 BACKENDS = ["reference", "cpp", "triton"] if DEVICE == "cpu" else ["reference", "triton", "cuda"]
 
@@ -106,3 +106,55 @@ def test_empty_batch_returns_empty():
 def test_unknown_backend_on_device():
     with pytest.raises(ValueError, match="backend"):
         contrastive_sample(_logits(), [1.0, -0.5], backend="cuda" if DEVICE == "cpu" else "cpp")
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_status_call_never_syncs_the_device(backend):
+    """contrastive_sample_with_status with tensor parameters: no host sync anywhere (prepare's
+    range checks, the union rule's gamma check, seed=None, the launches)."""
+    if registry.status()[backend] != "ok":
+        pytest.skip(f"{backend}: {registry.status()[backend]}")
+    from safedecode.ops import contrastive_sample_with_status  # noqa: PLC0415
+
+    logits = torch.randn(2, 4, 5000, device="cuda").to(torch.bfloat16)
+    rows = dict(temperature=torch.full((4,), 0.7, device="cuda"),
+                top_k=torch.full((4,), 50, device="cuda"),
+                top_p=torch.full((4,), 0.9, device="cuda"),
+                beta=torch.full((4,), 0.1, device="cuda"))
+    w = torch.tensor([[1.0, 0.5]] * 4, device="cuda")
+    contrastive_sample_with_status(logits, w, rule="union", backend=backend, **rows)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rule in ("linear", "union"):
+            contrastive_sample_with_status(logits, w, rule=rule, backend=backend, seed=None, **rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_gpu
+def test_parameter_cache_keeps_nothing_made_during_graph_capture():
+    from safedecode.ops import params  # noqa: PLC0415
+
+    logits = torch.randn(1, 3, 100, device="cuda")
+    params._CACHE.clear()
+    s = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        params.prepare(logits, [1.0], temperature=0.3, top_k=7, check_inputs=False)
+    assert params._CACHE == {}
+    params.prepare(logits, [1.0], temperature=0.3, top_k=7, check_inputs=False)
+    assert params._CACHE
+
+
+def test_seed_none_is_drawn_on_the_logits_device():
+    from safedecode.ops import params  # noqa: PLC0415
+
+    logits = torch.randn(1, 3, 100, device=DEVICE)
+    p = params.prepare(logits, [1.0], seed=None)
+    assert p.seed.device == logits.device and p.seed.dtype == torch.int64
+    assert p.seed.unique().numel() == 3

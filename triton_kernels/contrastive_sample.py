@@ -1,36 +1,34 @@
 """Triton kernels of the fused contrastive sampler (semantics: ``safedecode/ops/reference.py``).
 
-The vocabulary of each row is cut into ``C`` chunks of ``CHUNK`` tokens and every streaming pass
-runs on a ``(B, C)`` grid, so even a single row spreads over many programs. Passes talk through
-tiny per-chunk buffers; a pass that needs a row-level value (a max, a histogram) re-reduces the
-previous pass's ``C`` partials itself, identically in every program (no atomics, deterministic).
+At most four launches per call, all on fixed geometry (no host sync, CUDA-graph capturable):
 
-Launches per step (``ND`` radix digits of the 31-bit key; 8 with 4-bit digits):
+1. ``_stats_kernel``  (grid ``(B, C)``) per chunk: anchor max (plausibility mask) and, for
+   ``rule="union"``, max and sum-exp of both branches. Only when some row needs it (the host knows:
+   the union rule, or a ``beta`` that is not the scalar 0).
+2. ``_score_kernel``  (grid ``(B, C)``) the combined score ``s`` (fp32, ``-inf`` = excluded) into a
+   ``[B, V]`` buffer (skipped for greedy rows that need no distribution); per chunk: max ``s``, its
+   first index, NaN / +inf / anchor-alive flags. The only pass over the logits: the HBM-bound part.
+3. ``_select_kernel`` (grid ``B``) one program per row finds the top-k and top-p thresholds, the
+   final mass and draws the token, reading ``s`` (L2-resident on a GPU) in at most five full-row
+   passes: per search one 16-bucket histogram pass (a bucket is the exponent of ``|x|``) and one
+   pass compacting the threshold bucket's keys into a per-row buffer, whose later radix passes
+   (4-bit digits, starting below the bits its keys share) shrink it in place; then the final-mass
+   pass and a scan of one tile for the draw. Greedy rows return at once.
+4. ``_logprobs_kernel`` (grid ``(B, C)``) for ``contrastive_logprobs`` only: ``x - log Z`` on the
+   final set, ``-inf`` elsewhere.
 
-1. ``_stats_kernel``  per chunk: anchor max (plausibility mask) and, for ``rule="union"``, max and
-   sum-exp of both branches (their log-softmax). Skipped when no row needs it (host-known only).
-2. ``_score_kernel``  the combined score ``s`` (fp32, ``-inf`` = excluded) into a ``[B, V]``
-   buffer; per chunk: max of ``s``, its first index, NaN / +inf / anchor-alive flags.
-3. ``_radix_kernel``  up to ``2 * ND`` passes. A token's key is the bit pattern of ``|x|``
-   (``x = (s - m) / T <= 0``, so a smaller key is a larger ``x``; ties share a key). Passes of
-   MODE 0 radix-select the k-th smallest key (count histograms, ``NB = 2^bits`` bins per chunk);
-   MODE 1 finds the top-p cut, the smallest key ``K`` with ``mass(key <= K) >= top_p * Z`` over
-   the top-k survivors (count + mass histograms). Each pass first folds the previous pass's
-   histograms into the row state (one more digit resolved), then histograms the next digit of the
-   tokens still in play. A search stops once its kept set is decided (the bin holds exactly the
-   wanted tokens, a single token, or the last digit is reached); later passes then return at once.
-4. ``_final_kernel``  last state update, then the fp64 mass of the final set per chunk.
-5. ``_sample_kernel`` (grid ``B``): greedy token, or the Philox draw ``u``: finds the chunk where
-   the cumulative mass crosses ``u * Z`` and scans only that chunk (``tl.cumsum``, fp64). Or
-   ``_logprobs_kernel`` (grid ``(B, C)``) writes ``x - log Z`` on the final set, ``-inf`` elsewhere.
+A token's key is the bit pattern of ``|x|`` (``x = (s - m) / T <= 0``): a smaller key is a larger
+``x``, ties share a key. Top-k keeps the keys up to the k-th smallest; top-p the smallest key ``K``
+with ``mass(key <= K) >= top_p * Z`` over the top-k survivors.
 
-The row state lives in a small fp64 array ``state[slot, b, NS]`` (every field is exact in fp64);
-launch number ``slot`` reads slot ``slot - 1``, and its program ``c == 0`` writes slot ``slot``.
-Histograms ping-pong between two buffers by the parity of ``slot``.
+Compiled variants: integer arguments that differ per call or per row (``K``, ``anchor``, the output
+mode) are not specialised, so a decode loop compiles 2 stats + 3 score kernels per logits dtype and
+one select and one log-probs kernel (tile sizes depend on ``V`` only). The strides stay specialised:
+their divisibility by 16 is what lets bf16/fp16 rows load as 16-byte vectors.
 
 Precision: scores, ``x`` and log-probs are fp32 as in the reference (true division ``div_rn``).
-Top-p masses are fp32 sums within a radix tile (<= 4096 tokens), fp64 across tiles and chunks; the
-final-set mass and the draw are fp64 throughout, as in the reference.
+Top-p bucket masses are fp32 sums within a tile, fp64 across tiles; the final-set mass and the draw
+are fp64 throughout, as in the reference.
 """
 
 from __future__ import annotations
@@ -41,23 +39,11 @@ import triton.language as tl
 NEG_INF = tl.constexpr(float("-inf"))
 MAXKEY = tl.constexpr(0x7FFFFFFF)  # "keep every key"
 BIG = tl.constexpr(0x7FFFFFFF)  # "no index" for min-reductions
-
-# Row-state fields.
-F_STATUS = tl.constexpr(0)
-F_M = tl.constexpr(1)  # max kept score s
-F_GREEDY = tl.constexpr(2)  # first argmax of s
-F_NEED = tl.constexpr(3)  # 1 when the final distribution is needed
-F_KACT = tl.constexpr(4)  # top-k search still running
-F_KPRE = tl.constexpr(5)  # top-k key prefix resolved so far
-F_KREM = tl.constexpr(6)  # rank still wanted inside the prefix
-F_KEYK = tl.constexpr(7)  # top-k keeps key <= KEYK
-F_PACT = tl.constexpr(8)
-F_PPRE = tl.constexpr(9)
-F_PREM = tl.constexpr(10)  # mass still wanted inside the prefix (fp64)
-F_KEYP = tl.constexpr(11)  # top-p keeps key <= KEYP
-NS = tl.constexpr(16)
-
+NB = tl.constexpr(16)  # bins of a histogram pass (buckets or a 4-bit digit)
+EBASE = tl.constexpr(119)  # bucket j of |x| holds fp32 exponent EBASE + j (clamped at 0 and NB-1)
 N_STATS = tl.constexpr(5)  # anchor max, branch-0 max, branch-0 sum-exp, branch-1 max, sum-exp
+N_ROW = tl.constexpr(4)  # row record for the log-probs kernel: status, m, final key, log Z
+N_TRACE = tl.constexpr(2)  # per row: full-row passes, elements read by the select kernel
 
 # Philox4x32-10 constants (see safedecode/ops/philox.py).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -100,115 +86,142 @@ def philox_uniform(seed, step):
 
 
 @triton.jit
-def _tile_x(s_row, offs, mask, m, t_eff, bad):
-    """x = (s - m) / T of a tile, its radix key and validity (bad rows: x = 0 everywhere)."""
+def _tile_x(s_row, offs, mask, m, t_eff):
+    """x = (s - m) / T of a tile, its radix key and validity (-inf scores are not valid)."""
     s = tl.load(s_row + offs, mask=mask, other=NEG_INF)
-    x = tl.math.div_rn(s - m, t_eff)
     valid = mask & (s > NEG_INF)
-    x = tl.where(bad, 0.0, x)
-    valid = tl.where(bad, mask, valid)
-    x = tl.where(valid, x, NEG_INF)
+    x = tl.where(valid, tl.math.div_rn(s - m, t_eff), NEG_INF)
     key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits: monotone in -x
     return x, key, valid
 
 
 @triton.jit
-def _load_state(st):
-    status = tl.load(st + F_STATUS).to(tl.int32)
-    m = tl.load(st + F_M).to(tl.float32)
-    greedy = tl.load(st + F_GREEDY).to(tl.int64)
-    need = tl.load(st + F_NEED).to(tl.int32)
-    k_act = tl.load(st + F_KACT).to(tl.int32)
-    k_pre = tl.load(st + F_KPRE).to(tl.int32)
-    k_rem = tl.load(st + F_KREM).to(tl.int32)
-    key_k = tl.load(st + F_KEYK).to(tl.int32)
-    p_act = tl.load(st + F_PACT).to(tl.int32)
-    p_pre = tl.load(st + F_PPRE).to(tl.int32)
-    p_rem = tl.load(st + F_PREM)
-    key_p = tl.load(st + F_KEYP).to(tl.int32)
-    return status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem, key_p
+def _neg_x(key):
+    """x back from its key (x <= 0, so x = -|x| exactly)."""
+    return -(key.to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _store_state(st, status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem,
-                 key_p):
-    tl.store(st + F_STATUS, status.to(tl.float64))
-    tl.store(st + F_M, m.to(tl.float64))
-    tl.store(st + F_GREEDY, greedy.to(tl.float64))
-    tl.store(st + F_NEED, need.to(tl.float64))
-    tl.store(st + F_KACT, k_act.to(tl.float64))
-    tl.store(st + F_KPRE, k_pre.to(tl.float64))
-    tl.store(st + F_KREM, k_rem.to(tl.float64))
-    tl.store(st + F_KEYK, key_k.to(tl.float64))
-    tl.store(st + F_PACT, p_act.to(tl.float64))
-    tl.store(st + F_PPRE, p_pre.to(tl.float64))
-    tl.store(st + F_PREM, p_rem.to(tl.float64))
-    tl.store(st + F_KEYP, key_p.to(tl.float64))
-
-
-@triton.jit
-def _row_hist(cnt_row, mass_row, C, CP: tl.constexpr, NB: tl.constexpr, MASS: tl.constexpr):
-    """Sum the ``[C, NB]`` per-chunk histograms of one row (counts int32, masses fp64)."""
-    ci = tl.arange(0, CP)[:, None]
-    bi = tl.arange(0, NB)[None, :]
-    ok = (ci < C) & (bi < NB)
-    hc = tl.sum(tl.load(cnt_row + ci * NB + bi, mask=ok, other=0), axis=0)
+def _pick(hc, hm, target, MASS: tl.constexpr):
+    """The bin holding the target rank (counts) or mass (top-p): (bin, count or mass before it,
+    tokens in it). Rounding can leave a mass target above the total: then the last non-empty bin."""
+    bins = tl.arange(0, NB)
     if MASS:
-        hm = tl.sum(tl.load(mass_row + ci * NB + bi, mask=ok, other=0.0), axis=0)
-    else:
-        hm = tl.zeros([NB], dtype=tl.float64)
-    return hc, hm
-
-
-@triton.jit
-def _update_topk(k_act, k_pre, k_rem, key_k, cnt_row, C, level, shift,
-                 CP: tl.constexpr, NB: tl.constexpr):
-    """Fold one count histogram into the top-k radix select (k-th smallest key)."""
-    if k_act != 0:
-        hc, _ = _row_hist(cnt_row, cnt_row, C, CP, NB, False)
-        bins = tl.arange(0, NB)
-        total = tl.sum(hc)
-        cum = tl.cumsum(hc, axis=0)
-        d = tl.min(tl.where(cum >= k_rem, bins, NB))
-        before = tl.sum(tl.where(bins < d, hc, 0))
-        in_bin = tl.sum(tl.where(bins == d, hc, 0))
-        rem = k_rem - before
-        pre = k_pre | (d << shift)
-        if (level == 0) & (total <= k_rem):  # k >= number of valid tokens: keep them all
-            k_act = 0
-            key_k = MAXKEY
-        elif (in_bin == rem) | (shift == 0):  # the k-th is the last key of this bin
-            k_act = 0
-            key_k = pre | ((1 << shift) - 1)
-        else:
-            k_pre = pre
-            k_rem = rem
-    return k_act, k_pre, k_rem, key_k
-
-
-@triton.jit
-def _update_topp(p_act, p_pre, p_rem, key_p, top_p, cnt_row, mass_row, C, level, shift,
-                 CP: tl.constexpr, NB: tl.constexpr):
-    """Fold one count + mass histogram into the top-p search (smallest key K: M(<= K) >= pZ)."""
-    if p_act != 0:
-        hc, hm = _row_hist(cnt_row, mass_row, C, CP, NB, True)
-        bins = tl.arange(0, NB)
         cum = tl.cumsum(hm, axis=0)
-        z = tl.sum(tl.where(bins == NB - 1, cum, 0.0))
-        target = tl.where(level == 0, top_p.to(tl.float64) * z, p_rem)
         d = tl.min(tl.where((cum >= target) & (hc > 0), bins, NB))
-        # Rounding can leave the target just above the total: take the last non-empty bin.
         d = tl.where(d == NB, tl.max(tl.where(hc > 0, bins, -1)), d)
-        before = tl.sum(tl.where(bins == d - 1, cum, 0.0))
-        in_bin = tl.sum(tl.where(bins == d, hc, 0))
-        pre = p_pre | (d << shift)
-        if (in_bin == 1) | (shift == 0):
-            p_act = 0
-            key_p = pre | ((1 << shift) - 1)
-        else:
-            p_pre = pre
-            p_rem = target - before
-    return p_act, p_pre, p_rem, key_p
+        before = tl.sum(tl.where(bins < d, hm, 0.0))
+    else:
+        cum = tl.cumsum(hc, axis=0)
+        d = tl.min(tl.where(cum >= target, bins, NB))
+        before = tl.sum(tl.where(bins < d, hc, 0)).to(tl.float64)
+    in_bin = tl.sum(tl.where(bins == d, hc, 0))
+    return d, before, in_bin
+
+
+@triton.jit
+def _search(s_row, buf, V, m, t_eff, limit, target, MASS: tl.constexpr, TILE: tl.constexpr):
+    """Smallest key K whose set ``{key <= K}`` (within ``key <= limit``) holds ``target`` tokens
+    (MASS=0, ties kept) or ``target``·Z of the mass (MASS=1, target = top_p). Returns (K, full-row
+    passes, elements read)."""
+    lanes = tl.arange(0, TILE)
+    bins = tl.arange(0, NB)
+    # Pass 1 over the row: bucket histograms (bucket = clamped fp32 exponent of |x|).
+    hc = tl.zeros([NB], tl.int32)
+    hm = tl.zeros([NB], tl.float64)
+    for t in range(0, V, TILE):
+        offs = t + lanes
+        x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+        inp = valid & (key <= limit)
+        bk = tl.minimum(tl.maximum((key >> 23) - EBASE, 0), NB - 1)
+        hit = (bk[:, None] == bins[None, :]) & inp[:, None]
+        hc += tl.sum(hit.to(tl.int32), axis=0)
+        if MASS:
+            hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0), axis=0).to(tl.float64)
+    if MASS:
+        rem = target.to(tl.float64) * tl.sum(hm)
+    else:
+        rem = target.to(tl.float64)
+    d, before, in_bin = _pick(hc, hm, rem, MASS)
+    rem = rem - before
+    upper = tl.where(d == NB - 1, MAXKEY, ((EBASE + d + 1) << 23) - 1)
+    passes = tl.full([], 1, tl.int32)
+    reads = tl.zeros([], tl.int64) + V
+    if MASS:
+        done = in_bin == 1
+    else:
+        done = (tl.sum(hc) <= target) | (in_bin.to(tl.float64) == rem)
+        upper = tl.where(tl.sum(hc) <= target, MAXKEY, upper)
+    result = upper
+    if done == 0:
+        # Pass 2 over the row: compact the keys of bucket d into this row's buffer.
+        n = tl.zeros([], tl.int32)
+        lo = tl.zeros([], tl.int32) + MAXKEY
+        hi = tl.zeros([], tl.int32)
+        for t in range(0, V, TILE):
+            offs = t + lanes
+            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+            bk = tl.minimum(tl.maximum((key >> 23) - EBASE, 0), NB - 1)
+            sel = valid & (key <= limit) & (bk == d)
+            pos = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(buf + pos, key, mask=sel)
+            n += tl.sum(sel.to(tl.int32))
+            lo = tl.minimum(lo, tl.min(tl.where(sel, key, MAXKEY)))
+            hi = tl.maximum(hi, tl.max(tl.where(sel, key, 0)))
+        tl.debug_barrier()
+        passes += 1
+        reads += V
+        result = hi  # every key of the bucket equal: all tied at the threshold
+        # Radix passes over the buffer, 4-bit digits below the highest bit where lo and hi
+        # differ. Each pass keeps (in place) the keys of the previous pass's chosen digit and
+        # histograms the next digit of those.
+        diff = lo ^ hi
+        top = tl.zeros([], tl.int32)
+        for i in tl.static_range(31):
+            top = tl.where((diff >> i) != 0, i + 1, top)
+        prefix = hi & ~((1 << top) - 1)  # top <= 31: the mask fits in 31 bits
+        active = diff != 0
+        pshift = tl.zeros([], tl.int32)
+        pmask = tl.zeros([], tl.int32)  # no filter on the first pass
+        pd = tl.zeros([], tl.int32)
+        for _it in range(8):
+            if active:
+                shift = tl.maximum(top - 4, 0)
+                dmask = (1 << (top - shift)) - 1
+                hc = tl.zeros([NB], tl.int32)
+                hm = tl.zeros([NB], tl.float64)
+                w = tl.zeros([], tl.int32)
+                for t in range(0, n, TILE):
+                    offs = t + lanes
+                    ok = offs < n
+                    key = tl.load(buf + offs, mask=ok, other=0)
+                    sel = ok & (((key >> pshift) & pmask) == pd)
+                    pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                    tl.store(buf + pos, key, mask=sel)
+                    w += tl.sum(sel.to(tl.int32))
+                    dig = (key >> shift) & dmask
+                    hit = (dig[:, None] == bins[None, :]) & sel[:, None]
+                    hc += tl.sum(hit.to(tl.int32), axis=0)
+                    if MASS:
+                        e = tl.exp(_neg_x(key))
+                        hm += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
+                tl.debug_barrier()
+                reads += n
+                n = w
+                d, before, in_bin = _pick(hc, hm, rem, MASS)
+                rem = rem - before
+                if MASS:
+                    fin = (in_bin == 1) | (shift == 0)
+                else:
+                    fin = (in_bin.to(tl.float64) == rem) | (shift == 0)
+                prefix = prefix | (d << shift)
+                result = tl.where(fin, prefix | ((1 << shift) - 1), result)
+                active = fin == 0
+                pshift = shift
+                pmask = dmask
+                pd = d
+                top = shift
+    return result, passes, reads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,9 +229,9 @@ def _update_topp(p_act, p_pre, p_rem, key_p, top_p, cnt_row, mass_row, C, level,
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["sk", "sb"])
-def _stats_kernel(logits, sk, sb, stats, V, C, CHUNK,
-                  ANCHOR: tl.constexpr, RULE: tl.constexpr, TILE: tl.constexpr):
+@triton.jit(do_not_specialize=["anchor"])
+def _stats_kernel(logits, sk, sb, stats, anchor, V, C, CHUNK: tl.constexpr, RULE: tl.constexpr,
+                  TILE: tl.constexpr):
     """Per chunk: anchor max; for the union rule also max and sum-exp of branches 0 and 1."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -233,11 +246,11 @@ def _stats_kernel(logits, sk, sb, stats, V, C, CHUNK,
     for t in range(0, CHUNK, TILE):
         offs = start + t + lanes
         mask = offs < V
-        za = tl.load(row + ANCHOR * sk.to(tl.int64) + offs, mask=mask, other=NEG_INF)
+        za = tl.load(row + anchor * sk + offs, mask=mask, other=NEG_INF)
         amax = tl.maximum(amax, za.to(tl.float32))
         if RULE == 1:
             z0 = tl.load(row + offs, mask=mask, other=NEG_INF).to(tl.float32)
-            z1 = tl.load(row + sk.to(tl.int64) + offs, mask=mask, other=NEG_INF).to(tl.float32)
+            z1 = tl.load(row + sk + offs, mask=mask, other=NEG_INF).to(tl.float32)
             n0 = tl.maximum(m0, tl.max(z0))
             n1 = tl.maximum(m1, tl.max(z1))
             r0 = tl.where(n0 > NEG_INF, n0, 0.0)  # all -inf so far: nothing to rescale
@@ -267,12 +280,12 @@ def _log_softmax_shift(stats_row, C, j, CP: tl.constexpr):
     return mx, tl.log(tot)
 
 
-@triton.jit(do_not_specialize=["sk", "sb"])
-def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sflag, V, C, CHUNK,
-                  K: tl.constexpr, ANCHOR: tl.constexpr, RULE: tl.constexpr,
+@triton.jit(do_not_specialize=["K", "anchor", "need_mode"])
+def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spart, sarg, sflag,
+                  K, anchor, need_mode, V, C, CHUNK: tl.constexpr, RULE: tl.constexpr,
                   USE_STATS: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr):
     """Score s (fp32, -inf = excluded) into S; per chunk: max s, its first index and flags (1: NaN,
-    2: +inf, 4: some anchor logit is not -inf)."""
+    2: +inf, 4: some anchor logit is not -inf). Rows that only need the argmax skip the store."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     row = logits + b * sb
@@ -286,7 +299,8 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
     if RULE == 1:
         mx0, lse0 = _log_softmax_shift(stats_row, C, 0, CP)
         mx1, lse1 = _log_softmax_shift(stats_row, C, 1, CP)
-        gamma = tl.load(weights + b * K + 1)
+        gamma = tl.load(weights + b * 2 + 1)
+    store_s = ((need_mode != 0) | (tl.load(temperature + b) > 0.0)).to(tl.int32)
     start = c.to(tl.int64) * CHUNK
     lanes = tl.arange(0, TILE)
     best = NEG_INF + tl.zeros([], tl.float32)
@@ -296,35 +310,33 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
     for t in range(0, CHUNK, TILE):
         offs = start + t + lanes
         mask = offs < V
-        s = tl.zeros([TILE], tl.float32)
-        excl = offs < 0
-        za = s
-        z0 = s
-        z1 = s
-        for k in tl.static_range(K):
-            z = tl.load(row + k * sk.to(tl.int64) + offs, mask=mask, other=0.0).to(tl.float32)
-            flags |= tl.where(z != z, 1, 0) | tl.where(z == float("inf"), 2, 0)  # noqa: PLR0124
-            if RULE == 0:
+        if RULE == 0:
+            s = tl.zeros([TILE], tl.float32)
+            excl = offs < 0
+            za = s
+            for k in range(K):
+                z = tl.load(row + k * sk + offs, mask=mask, other=0.0).to(tl.float32)
+                flags |= tl.where(z != z, 1, 0) | tl.where(z == float("inf"), 2, 0)  # noqa: PLR0124
                 w = tl.load(weights + b * K + k)
                 on = (w + tl.zeros_like(z)) != 0.0  # (compare as a vector: interpreter quirk)
                 s = tl.where(on, s + w * z, s)  # no FMA: enable_fp_fusion=False at launch
                 excl |= on & (z == NEG_INF)
-            if k == 0:
-                z0 = z
-            if k == 1:
-                z1 = z
-            if k == ANCHOR:
-                za = z
-        if RULE == 1:
+                za = tl.where((k + tl.zeros_like(offs)) == anchor, z, za)
+        else:
+            z0 = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+            z1 = tl.load(row + sk + offs, mask=mask, other=0.0).to(tl.float32)
+            flags |= tl.where(z0 != z0, 1, 0) | tl.where(z0 == float("inf"), 2, 0)  # noqa: PLR0124
+            flags |= tl.where(z1 != z1, 1, 0) | tl.where(z1 == float("inf"), 2, 0)  # noqa: PLR0124
             lp0 = (z0 - mx0) - lse0
             lp1 = (z1 - mx1) - lse1
             on = (gamma + tl.zeros_like(z0)) != 0.0
             s = tl.where(on, lp0 + gamma * tl.minimum(lp0 - lp1, 0.0), lp0)
-            excl |= (z0 == NEG_INF) | (on & (z1 == NEG_INF))
+            excl = (z0 == NEG_INF) | (on & (z1 == NEG_INF))
+            za = tl.where((anchor + tl.zeros_like(offs)) == 0, z0, z1)
         flags |= tl.where(mask & (za != NEG_INF), 4, 0)  # the anchor is not all -inf
         excl |= (za == NEG_INF) | (za < thr)
         s = tl.where(excl, NEG_INF, s)
-        tl.store(s_row + offs, s, mask=mask)
+        tl.store(s_row + offs, s, mask=mask & ((store_s + tl.zeros_like(offs)) != 0))
         sv = tl.where(mask, s, NEG_INF)
         tmax = tl.max(sv)
         targ = tl.min(tl.where(mask & (sv == tmax), offs, BIG))
@@ -337,200 +349,106 @@ def _score_kernel(logits, sk, sb, weights, log_beta, stats, S, spart, sarg, sfla
     tl.store(sflag + out, tl.max(flags & 1) | tl.max(flags & 2) | tl.max(flags & 4))
 
 
-@triton.jit
-def _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p, b, B, V, C,
-                prev_level, prev_shift, PREV: tl.constexpr, NEED: tl.constexpr,
-                CP: tl.constexpr, NB: tl.constexpr):
-    """Row state of launch ``slot``: built from the score partials (PREV = -1), or the state of
-    ``slot - 1`` with the histograms of that launch folded in (PREV = its MODE)."""
-    if PREV == -1:
-        ci = tl.arange(0, CP)
-        ok = ci < C
-        smax = tl.load(spart + b * C + ci, mask=ok, other=NEG_INF)
-        m = tl.max(smax)
-        greedy = tl.min(tl.load(sarg + b * C + ci, mask=ok & (smax == m), other=BIG))
-        fl = tl.load(sflag + b * C + ci, mask=ok, other=0)
-        status = tl.where(tl.max(fl & 1) > 0, 1,
-                          tl.where(tl.max(fl & 2) > 0, 2,
-                                   tl.where(tl.max(fl & 4) == 0, 3, tl.where(m == NEG_INF, 4, 0))))
-        temp = tl.load(temperature + b)
-        if NEED == 0:
-            need = ((status == 0) & (temp > 0.0)).to(tl.int32)
-        elif NEED == 1:
-            need = (status == 0).to(tl.int32)
-        else:
-            need = (status == 0).to(tl.int32) | 1
-        k = tl.load(top_k + b).to(tl.int32)
-        k_act = ((need != 0) & (k > 0) & (k < V)).to(tl.int32)
-        k_pre = tl.zeros([], tl.int32)
-        k_rem = k
-        key_k = tl.zeros([], tl.int32) + MAXKEY
-        p_act = ((need != 0) & (tl.load(top_p + b) < 1.0)).to(tl.int32)
-        p_pre = tl.zeros([], tl.int32)
-        p_rem = tl.zeros([], tl.float64)
-        key_p = tl.zeros([], tl.int32) + MAXKEY
-    else:
-        (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-         p_act, p_pre, p_rem, key_p) = _load_state(state + ((slot - 1) * B + b) * NS)
-        hist = ((slot + 1) % 2 * B + b) * C * NB  # histograms written by launch slot - 1
-        if PREV == 0:
-            k_act, k_pre, k_rem, key_k = _update_topk(k_act, k_pre, k_rem, key_k, cnt + hist, C,
-                                                      prev_level, prev_shift, CP, NB)
-        else:
-            p_act, p_pre, p_rem, key_p = _update_topp(p_act, p_pre, p_rem, key_p,
-                                                      tl.load(top_p + b), cnt + hist, mass + hist,
-                                                      C, prev_level, prev_shift, CP, NB)
-    return status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem, key_p
-
-
-@triton.jit
-def _radix_kernel(S, state, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
-                  B, V, C, CHUNK, slot, prev_level, prev_shift, shift, dmask, hi_mask,
-                  MODE: tl.constexpr, PREV: tl.constexpr, NEED: tl.constexpr, CP: tl.constexpr,
-                  NB: tl.constexpr, TILE: tl.constexpr):
-    """One radix pass: fold the previous launch's histograms into the row state, then histogram
-    the digit at ``shift`` of the tokens whose higher bits match the search's prefix.
-
-    MODE 0 = top-k (counts), 1 = top-p (counts + masses over keys <= KEYK). PREV: MODE of the
-    previous launch, -1 if this is the first. NEED: 0 = sampling only (greedy rows skip), 1 =
-    sampling + log-probs, 2 = log-probs op (bad rows too, with x = 0 as in the reference)."""
+@triton.jit(do_not_specialize=["need_mode"])
+def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, seed, step, buf,
+                   rows, trace, tokens, logprobs, status_out, need_mode, V, C, CP: tl.constexpr,
+                   NT: tl.constexpr, TILE: tl.constexpr):
+    """One program per row: status, thresholds, final mass, then the token (need_mode 0: sample,
+    1: sample + log-prob) or the row record of the log-probs kernel (need_mode 2)."""
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    (status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem,
-     key_p) = _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
-                          b, B, V, C, prev_level, prev_shift, PREV, NEED, CP, NB)
-    if c == 0:
-        _store_state(state + (slot * B + b) * NS, status, m, greedy, need, k_act, k_pre, k_rem,
-                     key_k, p_act, p_pre, p_rem, key_p)
-    if MODE == 0:
-        active = k_act
-        prefix = k_pre
-    else:
-        active = p_act
-        prefix = p_pre
-    if active != 0:
-        temp = tl.load(temperature + b)
-        t_eff = tl.where(temp > 0.0, temp, 1.0)
-        bad = status != 0
-        s_row = S + b * V
-        start = c.to(tl.int64) * CHUNK
-        lanes = tl.arange(0, TILE)
-        bins = tl.arange(0, NB)
-        acc_c = tl.zeros([NB], tl.int32)
-        acc_m = tl.zeros([NB], tl.float64)
-        for t in range(0, CHUNK, TILE):
-            offs = start + t + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff, bad)
-            match = valid & ((key & hi_mask) == prefix)
-            if MODE == 1:
-                match &= key <= key_k
-            if tl.max(match.to(tl.int32)) > 0:  # later digits: most tiles have no candidate
-                digit = (key >> shift) & dmask
-                hit = (digit[:, None] == bins[None, :]) & match[:, None]
-                acc_c += tl.sum(hit.to(tl.int32), axis=0)
-                if MODE == 1:
-                    e = tl.exp(x)
-                    acc_m += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
-        out = ((slot % 2 * B + b) * C + c) * NB + bins
-        tl.store(cnt + out, acc_c)
-        if MODE == 1:
-            tl.store(mass + out, acc_m)
-
-
-@triton.jit
-def _final_kernel(S, state, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p, log_min_p,
-                  fmass, B, V, C, CHUNK, slot, prev_level, prev_shift, PREV: tl.constexpr,
-                  NEED: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr, TILE: tl.constexpr):
-    """Last state update, then the fp64 mass of the final set (all masks) per chunk."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    (status, m, greedy, need, k_act, k_pre, k_rem, key_k, p_act, p_pre, p_rem,
-     key_p) = _next_state(state, slot, cnt, mass, spart, sarg, sflag, temperature, top_k, top_p,
-                          b, B, V, C, prev_level, prev_shift, PREV, NEED, CP, NB)
-    if c == 0:
-        _store_state(state + (slot * B + b) * NS, status, m, greedy, need, k_act, k_pre, k_rem,
-                     key_k, p_act, p_pre, p_rem, key_p)
-    acc = tl.zeros([TILE], tl.float64)
-    if need != 0:
-        temp = tl.load(temperature + b)
-        t_eff = tl.where(temp > 0.0, temp, 1.0)
-        lmp = tl.load(log_min_p + b)
-        kf = tl.minimum(key_k, key_p)
-        s_row = S + b * V
-        start = c.to(tl.int64) * CHUNK
-        lanes = tl.arange(0, TILE)
-        for t in range(0, CHUNK, TILE):
-            offs = start + t + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff, status != 0)
-            keep = valid & (key <= kf) & (x >= lmp)
-            acc += tl.where(keep, tl.exp(x), 0.0).to(tl.float64)
-    tl.store(fmass + b * C + c, tl.sum(acc))
-
-
-@triton.jit
-def _sample_kernel(S, state, fmass, temperature, log_min_p, seed, step, tokens, logprobs,
-                   status_out, B, V, C, CHUNK, slot, NEED_LP: tl.constexpr, CP: tl.constexpr,
-                   TILE: tl.constexpr):
-    """Per row: greedy token or inverse-CDF draw over the final set (only one chunk is scanned)."""
-    b = tl.program_id(0).to(tl.int64)
-    (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-     p_act, p_pre, p_rem, key_p) = _load_state(state + (slot * B + b) * NS)
+    ci = tl.arange(0, CP)
+    ok = ci < C
+    smax = tl.load(spart + b * C + ci, mask=ok, other=NEG_INF)
+    m = tl.max(smax)
+    greedy = tl.min(tl.load(sarg + b * C + ci, mask=ok & (smax == m), other=BIG))
+    fl = tl.load(sflag + b * C + ci, mask=ok, other=0)
+    status = tl.where(tl.max(fl & 1) > 0, 1,
+                      tl.where(tl.max(fl & 2) > 0, 2,
+                               tl.where(tl.max(fl & 4) == 0, 3, tl.where(m == NEG_INF, 4, 0))))
     temp = tl.load(temperature + b)
     t_eff = tl.where(temp > 0.0, temp, 1.0)
-    ci = tl.arange(0, CP)
-    fm = tl.where(need != 0, tl.load(fmass + b * C + ci, mask=ci < C, other=0.0), 0.0)
-    cum = tl.cumsum(fm, axis=0)
-    z = tl.sum(tl.where(ci == C - 1, cum, 0.0))
-    tok = greedy
-    if (status == 0) & (temp > 0.0):
-        u = philox_uniform(tl.load(seed + b), tl.load(step + b))
-        target = u * z
-        cs = tl.min(tl.where((cum > target) & (fm > 0.0), ci, BIG))
-        cs = tl.where(cs == BIG, tl.max(tl.where(fm > 0.0, ci, -1)), cs)
-        run = tl.sum(tl.where(ci == cs - 1, cum, 0.0))
+    need = (status == 0) & ((temp > 0.0) | (need_mode != 0))
+    s_row = S + b * V
+    buf_row = buf + b * V
+    lanes = tl.arange(0, TILE)
+    passes = tl.zeros([], tl.int32)
+    reads = tl.zeros([], tl.int64)
+    kf = tl.zeros([], tl.int32) + MAXKEY
+    z = tl.zeros([], tl.float64)
+    tm = tl.zeros([NT], tl.float64)  # final mass per tile: the draw scans one tile
+    ti = tl.arange(0, NT)
+    if need:
+        k = tl.load(top_k + b)
+        if (k > 0) & (k < V):
+            kf, p1, r1 = _search(s_row, buf_row, V, m, t_eff, kf, k, False, TILE)
+            passes += p1
+            reads += r1
+        p = tl.load(top_p + b)
+        if p < 1.0:
+            kp, p2, r2 = _search(s_row, buf_row, V, m, t_eff, kf, p, True, TILE)
+            kf = tl.minimum(kf, kp)
+            passes += p2
+            reads += r2
         lmp = tl.load(log_min_p + b)
-        kf = tl.minimum(key_k, key_p)
-        s_row = S + b * V
-        start = cs.to(tl.int64) * CHUNK
-        lanes = tl.arange(0, TILE)
-        first = tl.zeros([], tl.int64) + BIG
-        last = tl.zeros([], tl.int64) - 1
-        for t in range(0, CHUNK, TILE):
-            offs = start + t + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff, status != 0)
+        for t in range(0, V, TILE):
+            offs = t + lanes
+            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+            keep = valid & (key <= kf) & (x >= lmp)
+            mt = tl.sum(tl.where(keep, tl.exp(x), 0.0).to(tl.float64))
+            tm = tl.where(ti == t // TILE, mt, tm)
+        passes += 1
+        reads += V
+        z = tl.sum(tm)
+    if need_mode == 2:
+        rec = rows + b * N_ROW
+        tl.store(rec + 0, status.to(tl.float64))
+        tl.store(rec + 1, m.to(tl.float64))
+        tl.store(rec + 2, kf.to(tl.float64))
+        tl.store(rec + 3, tl.log(tl.where(z > 0.0, z, 1.0).to(tl.float32)).to(tl.float64))
+    else:
+        tok = greedy
+        if need & (temp > 0.0):
+            u = philox_uniform(tl.load(seed + b), tl.load(step + b))
+            target = u * z
+            cum = tl.cumsum(tm, axis=0)
+            ct = tl.min(tl.where((cum > target) & (tm > 0.0), ti, BIG))
+            ct = tl.where(ct == BIG, tl.max(tl.where(tm > 0.0, ti, -1)), ct)
+            run = tl.sum(tl.where(ti == ct - 1, cum, 0.0))
+            lmp = tl.load(log_min_p + b)
+            offs = ct.to(tl.int64) * TILE + lanes
+            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
             keep = valid & (key <= kf) & (x >= lmp)
             e = tl.where(keep, tl.exp(x), 0.0).to(tl.float64)
             csum = run + tl.cumsum(e, axis=0)
-            first = tl.minimum(first, tl.min(tl.where((csum > target) & (e > 0.0), offs, BIG)))
-            last = tl.maximum(last, tl.max(tl.where(e > 0.0, offs, -1)))
-            run = tl.max(csum)
-        tok = tl.where(first == BIG, last, first)
-    tok = tl.where(status == 0, tok, -1)
-    tl.store(tokens + b, tok)
+            first = tl.min(tl.where((csum > target) & (e > 0.0), offs, BIG))
+            last = tl.max(tl.where(e > 0.0, offs, -1))
+            tok = tl.where(first == BIG, last, first)
+            reads += TILE
+        tok = tl.where(status == 0, tok, -1)
+        tl.store(tokens + b, tok)
+        if need_mode == 1:
+            x_tok = tl.math.div_rn(tl.load(s_row + tl.maximum(tok, 0)) - m, t_eff)
+            lp = x_tok - tl.log(z.to(tl.float32))
+            tl.store(logprobs + b, tl.where(status == 0, lp, float("nan")))
     tl.store(status_out + b, status)
-    if NEED_LP:
-        safe = tl.maximum(tok, 0)
-        s_tok = tl.load(S + b * V + safe)
-        x_tok = tl.math.div_rn(s_tok - m, t_eff)
-        lp = x_tok - tl.log(z.to(tl.float32))
-        tl.store(logprobs + b, tl.where(status == 0, lp, float("nan")))
+    tl.store(trace + b * N_TRACE, passes.to(tl.int64))
+    tl.store(trace + b * N_TRACE + 1, reads)
 
 
 @triton.jit
-def _logprobs_kernel(S, state, fmass, temperature, log_min_p, out, status_out, B, V, C, CHUNK,
-                     slot, CP: tl.constexpr, TILE: tl.constexpr):
-    """out[b, v] = x - log Z_final on the final set, -inf elsewhere (may overwrite S in place)."""
+def _logprobs_kernel(S, rows, temperature, log_min_p, out, V, CHUNK: tl.constexpr,
+                     TILE: tl.constexpr):
+    """out[b, v] = x - log Z_final on the final set, -inf elsewhere and on bad rows (may overwrite
+    S in place)."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    (status, m, greedy, need, k_act, k_pre, k_rem, key_k,
-     p_act, p_pre, p_rem, key_p) = _load_state(state + (slot * B + b) * NS)
+    rec = rows + b * N_ROW
+    m = tl.load(rec + 1).to(tl.float32)
+    kf = tl.where(tl.load(rec + 0) == 0.0, tl.load(rec + 2).to(tl.int32), -1)  # bad: keys >= 0
+    log_z = tl.load(rec + 3).to(tl.float32)
     temp = tl.load(temperature + b)
     t_eff = tl.where(temp > 0.0, temp, 1.0)
-    ci = tl.arange(0, CP)
-    z = tl.sum(tl.load(fmass + b * C + ci, mask=ci < C, other=0.0))
-    log_z = tl.log(z.to(tl.float32))
     lmp = tl.load(log_min_p + b)
-    kf = tl.minimum(key_k, key_p)
     s_row = S + b * V
     o_row = out + b * V
     start = c.to(tl.int64) * CHUNK
@@ -538,11 +456,9 @@ def _logprobs_kernel(S, state, fmass, temperature, log_min_p, out, status_out, B
     for t in range(0, CHUNK, TILE):
         offs = start + t + lanes
         mask = offs < V
-        x, key, valid = _tile_x(s_row, offs, mask, m, t_eff, status != 0)
+        x, key, valid = _tile_x(s_row, offs, mask, m, t_eff)
         keep = valid & (key <= kf) & (x >= lmp)
         tl.store(o_row + offs, tl.where(keep, x - log_z, NEG_INF), mask=mask)
-    if c == 0:
-        tl.store(status_out + b, status)
 
 
 @triton.jit

@@ -3,7 +3,8 @@
 ``cuda_extension()`` compiles ``contrastive_sample.cu`` with nvcc into an object file right away
 and returns a pybind11 ``Extension`` that links it with the host-compiled ``bindings.cpp`` and the
 static CUDA runtime, so the ordinary setuptools ``build_ext`` finishes the job (it never sees a
-``.cu`` file). It raises on any problem; setup.py catches that and skips the extension.
+``.cu`` file). It raises on any problem, and setup.py lets that fail the install: where the
+extension is wanted (``skip_reason()`` is None) a skipped build would be a silent Triton fallback.
 
 Self-contained on purpose (no package imports): setup.py may load it by file path.
 
@@ -11,6 +12,7 @@ Environment:
     SAFEDECODE_CUDA_ARCHS  compute capabilities, e.g. "80;90" (default). SASS for each, plus PTX
                            of the highest so newer GPUs can JIT it.
     NVCC / CUDA_HOME       the compiler (default: nvcc on PATH).
+    SAFEDECODE_NO_CUDA     set (non-empty) to install without the CUDA extension.
 """
 
 from __future__ import annotations
@@ -87,6 +89,23 @@ def compile_cu(out_dir: Path | None = None, archs: str | None = None) -> Path:
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return obj
+
+
+def skip_reason() -> str | None:
+    """Why the CUDA extension is not built here, or None to build it (a failure is then an
+    error). The extension needs nvcc and pybind11 only; a CPU torch in the build environment
+    means there is no GPU to use it, but no torch at all (build isolation) says nothing."""
+    if os.environ.get("SAFEDECODE_NO_CUDA"):
+        return "SAFEDECODE_NO_CUDA is set"
+    if shutil.which(os.environ.get("NVCC", "nvcc")) is None:
+        return "nvcc not found"
+    try:
+        import torch  # noqa: PLC0415 - only present with --no-build-isolation
+    except ImportError:
+        return None
+    if torch.version.cuda is None:
+        return "torch is a CPU build (no GPU to run it on)"
+    return None
 
 
 def _torch_cuda_major() -> int | None:

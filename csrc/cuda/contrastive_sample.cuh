@@ -80,7 +80,8 @@ struct Params {
   int64_t ld;
   StatsPart* stats;  // [B, C]
   ScorePart* score;  // [B, C]
-  int64_t C, chunk;
+  int64_t C, chunk;      // score kernel: chunks per row (grows at small B), tokens per chunk
+  int64_t Cs, chunk_s;   // stats kernel: a chunking fixed by V alone (batch-invariant sums)
   int64_t* tokens;
   float* lps;
   float* out;
@@ -397,7 +398,9 @@ __global__ void __launch_bounds__(NT) stats_kernel(Params p) {
   const bool beta_on = p.log_beta[b] > neg_inf();
   const bool uni = p.rule == 1;
   if (!uni && !beta_on) return;  // nothing to compute for this row (uniform over the block)
-  const int64_t v_begin = c * p.chunk, v_end = imin(p.V, v_begin + p.chunk);
+  // The chunking depends on V only: the union rule's log-sum-exp has the same rounding in a
+  // batch of any size (the score kernel's chunking, which grows at small B, never touches it).
+  const int64_t v_begin = c * p.chunk_s, v_end = imin(p.V, v_begin + p.chunk_s);
   const unsigned char* ra = logits_row(p, p.anchor, b, L::kBytes);
   const unsigned char* r0 = logits_row(p, 0, b, L::kBytes);
   const unsigned char* r1 = uni ? logits_row(p, 1, b, L::kBytes) : r0;
@@ -436,7 +439,7 @@ __global__ void __launch_bounds__(NT) stats_kernel(Params p) {
     s.pad = 0.0f;
     s.s0 = l0.s;
     s.s1 = l1.s;
-    p.stats[b * p.C + c] = s;
+    p.stats[b * p.Cs + c] = s;
   }
 }
 
@@ -459,8 +462,8 @@ __global__ void __launch_bounds__(NT) score_kernel(Params p) {
     if (threadIdx.x < 32) {
       float amax = neg_inf();
       Lse l0 = {neg_inf(), 0.0f, 0.0}, l1 = {neg_inf(), 0.0f, 0.0};
-      for (int64_t i = lane_id(); i < p.C; i += 32) {
-        const StatsPart q = p.stats[b * p.C + i];
+      for (int64_t i = lane_id(); i < p.Cs; i += 32) {
+        const StatsPart q = p.stats[b * p.Cs + i];
         amax = fmaxf(amax, q.amax);
         l0 = LseOp()(l0, Lse{q.m0, 0.0f, q.s0});
         l1 = LseOp()(l1, Lse{q.m1, 0.0f, q.s1});
@@ -599,11 +602,11 @@ SD_DEV RowSmem row_smem(unsigned char* base, int cap) {
   return s;
 }
 
-// The row in global memory: x = canon((s - m) / T) recomputed from the score workspace.
+// The row in global memory: x = canon((s - m) / T), converted in place from the scores once per
+// row (to_x below), so no pass of the selection divides.
 struct GlobalSrc {
   const float* s;
   int64_t n;
-  float m, t;
   SD_DEV void load4(int64_t pos, float (&x)[4], bool (&ok)[4]) const {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (pos < n) {  // ld is a multiple of 4: the float4 stays inside the row
@@ -613,12 +616,19 @@ struct GlobalSrc {
     SD_UNROLL
     for (int j = 0; j < 4; ++j) {
       ok[j] = pos + j < n;
-      x[j] = ok[j] ? canon(__fdiv_rn(__fsub_rn(r[j], m), t)) : neg_inf();
+      x[j] = ok[j] ? r[j] : neg_inf();
     }
   }
   SD_DEV int64_t index(int64_t pos) const { return pos; }
-  SD_DEV float x_at(int64_t pos) const { return canon(__fdiv_rn(__fsub_rn(s[pos], m), t)); }
+  SD_DEV float x_at(int64_t pos) const { return s[pos]; }
 };
+
+// s -> x = canon((s - m) / T) in place over the row (IEEE division, as the reference), once.
+template <int NT>
+SD_DEV void to_x(float* row, int64_t n, float m, float t) {
+  for (int64_t v = threadIdx.x; v < n; v += NT) row[v] = canon(__fdiv_rn(__fsub_rn(row[v], m), t));
+  __syncthreads();
+}
 
 // The candidate list in shared memory (vocabulary order).
 struct SmemSrc {
@@ -1018,7 +1028,8 @@ __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   RowCtx ctx;
   ctx.cap = p.cap;
   ctx.sm = row_smem(SD_DYN_SMEM(), p.cap);
-  ctx.g = GlobalSrc{p.ws + b * p.ld, p.V, best.v, greedy ? 1.0f : temp};
+  to_x<NT>(p.ws + b * p.ld, p.V, best.v, greedy ? 1.0f : temp);
+  ctx.g = GlobalSrc{p.ws + b * p.ld, p.V};
   ctx.in_smem = false;
   ctx.n_cand = 0;
 
@@ -1089,6 +1100,7 @@ __global__ void philox_kernel(const int64_t* seed, const int64_t* step, double* 
 
 struct Plan {
   int64_t C, chunk, ld;
+  int64_t Cs, chunk_s;  // stats kernel chunking (V only)
   size_t off_stats, off_score, bytes;
   int cap;
   size_t row_smem;
@@ -1097,18 +1109,23 @@ struct Plan {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t round256(size_t x) { return (x + 255) / 256 * 256; }
 
-// Chunks per row: enough blocks for ~8 per SM in the split kernels, at least one 8*NT step each.
+// Chunks per row: enough blocks for ~8 per SM in the split kernels, each at least a quarter of an
+// 8*NT step (at B = 1 and V = 128256: 250 blocks, ~2 per SM of an H100/H200, rather than 63).
+// The stats kernel's chunking depends on V only (at most 64 chunks).
 inline Plan make_plan(int64_t B, int64_t V, int num_sms, int cap, int split_nt) {
   Plan pl;
   pl.ld = ceil_div(V, 4) * 4;
-  const int64_t max_c = ceil_div(V, static_cast<int64_t>(kVec) * split_nt);
+  pl.chunk_s = ceil_div(ceil_div(V, 64), kVec) * kVec;
+  pl.Cs = ceil_div(V, pl.chunk_s);
+  const int64_t min_chunk = static_cast<int64_t>(kVec) * (split_nt >= 128 ? split_nt / 4 : split_nt);
+  const int64_t max_c = ceil_div(V, min_chunk);
   const int64_t want = ceil_div(8 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1),
                                 B > 0 ? B : 1);
   const int64_t c = want < max_c ? want : max_c;
   pl.chunk = ceil_div(ceil_div(V, c > 0 ? c : 1), kVec) * kVec;
   pl.C = ceil_div(V, pl.chunk);
   pl.off_stats = round256(static_cast<size_t>(B) * pl.ld * sizeof(float));
-  pl.off_score = pl.off_stats + round256(static_cast<size_t>(B * pl.C) * sizeof(StatsPart));
+  pl.off_score = pl.off_stats + round256(static_cast<size_t>(B * pl.Cs) * sizeof(StatsPart));
   pl.bytes = pl.off_score + round256(static_cast<size_t>(B * pl.C) * sizeof(ScorePart));
   pl.cap = cap;
   pl.row_smem = kRowSmemFixed + 8 * static_cast<size_t>(cap);

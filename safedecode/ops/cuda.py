@@ -109,3 +109,18 @@ def contrastive_logprobs(p: Prepared):
         _C.contrastive_logprobs(*problem_args(p, with_seed=False), ws.data_ptr(), ws.numel(),
                                 out.data_ptr(), status.data_ptr(), stream)
     return out, status
+
+
+def philox_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The device's Philox uniforms for int64 ``seed`` / ``step`` [N] on a GPU (a test hook)."""
+    load()
+    seed = seed.to(torch.int64).contiguous()
+    step = step.to(device=seed.device, dtype=torch.int64).contiguous()
+    if seed.device.type != "cuda":
+        raise ValueError(f"seed: the cuda backend needs CUDA tensors, got {seed.device}")
+    out = torch.empty(seed.shape, dtype=torch.float64, device=seed.device)
+    if seed.numel():
+        with torch.cuda.device(seed.device):
+            _C.philox_uniform_device(seed.data_ptr(), step.data_ptr(), out.data_ptr(), out.numel(),
+                                     torch.cuda.current_stream(seed.device).cuda_stream)
+    return out

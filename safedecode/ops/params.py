@@ -53,6 +53,7 @@ class Prepared:
     step: torch.Tensor  # [B] int64
     rule: int  # 0 linear, 1 union
     anchor: int
+    beta_off: bool | None = None  # host knowledge: True when beta is the scalar 0, None if unknown
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -191,8 +192,8 @@ def prepare(
             raise _err("weights", "for rule='union', weights[1] is gamma and must be >= 0")
 
     fl = _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs)
-    if seed is None:
-        seed = torch.randint(0, 2**62, (b,), dtype=torch.int64)
+    if seed is None:  # drawn on the device: no host-to-device copy per call
+        seed = torch.randint(0, 2**62, (b,), dtype=torch.int64, device=dev)
     top_k, seed, step = _int_rows(top_k, seed, step, v, b, dev, check_inputs)
     return Prepared(
         logits=logits,
@@ -206,6 +207,7 @@ def prepare(
         step=step,
         rule=RULES[rule],
         anchor=anchor,
+        beta_off=None if isinstance(beta, torch.Tensor) else beta == 0,
     )
 
 
@@ -246,7 +248,15 @@ def _log32(x: float) -> float:
 _CACHE: dict[tuple, object] = {}
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: tensors made now live in the graph's private pool
+    and must not outlive it in the cache."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _remember(key: tuple, value):
+    if _capturing():
+        return value
     if len(_CACHE) > 512:
         _CACHE.clear()
     _CACHE[key] = value

@@ -30,6 +30,9 @@ Per row b (``z_k`` = logits of branch k as fp32, ``w`` = weights[b]):
    ``u * Z_final``.
 
 Returned log-prob of the chosen token: ``x - log(Z_final)`` under the final distribution.
+
+Rows with bad logits (NaN, +inf, an all ``-inf`` anchor, no candidate) get a status code, token
+-1, log-prob NaN and an all ``-inf`` log-distribution, on every backend.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def _final_scores(p: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def contrastive_logprobs(p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
     """Final normalised log-distribution [B, V] (fp32) and the per-row status [B]."""
     x, _, status = _final_scores(p)
-    return torch.log_softmax(x, dim=-1), status
+    out = torch.log_softmax(x, dim=-1)
+    return out.masked_fill((status != 0)[:, None], NEG_INF), status  # bad rows: all -inf
 
 
 def contrastive_sample(

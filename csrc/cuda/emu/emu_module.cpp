@@ -59,7 +59,7 @@ Problem make_problem(uintptr_t data, int dtype, int64_t K, int64_t B, int64_t V,
 }
 
 // variant 0: 64-thread row blocks, 32-thread split blocks (fast to emulate);
-// variant 1: the CUDA build's 1024 / 256.
+// variant 1: the CUDA build's 512 / 256 (kRowThreads / kSplitThreads of contrastive_sample.cu).
 void run(const Problem& pr, int mode, uintptr_t ws, size_t ws_bytes, int64_t* tokens, float* lps,
          float* out, int32_t* status, int num_sms, int cap, int variant) {
   using namespace safedecode::cuda;
@@ -76,7 +76,7 @@ void run(const Problem& pr, int mode, uintptr_t ws, size_t ws_bytes, int64_t* to
   if (variant == 0) {
     launch_all<64, 32>(p, pl, nullptr);
   } else {
-    launch_all<1024, 256>(p, pl, nullptr);
+    launch_all<512, 256>(p, pl, nullptr);
   }
 }
 
