@@ -1,7 +1,7 @@
 """How often the Triton select kernel reads a row, measured under the interpreter (its per-row
 trace: full-row passes and elements read), for decode-shaped rows of V = 128256.
 
-    python scripts/triton_select_trace.py   # writes benchmarks/results/triton_select_trace.{json,md}
+    python scripts/triton_select_trace.py  # -> benchmarks/results/triton_select_trace.{json,md}
 
 The previous design read the fp32 scores in up to 2 x 8 radix passes (4-bit digits of a 31-bit
 key, top-k then top-p) plus the final-mass pass: up to 17 full-row passes of a (B, C) grid.
