@@ -1,31 +1,34 @@
 // Fused contrastive sampling: CUDA kernels (semantics: safedecode/ops/reference.py).
 //
-// Pipeline, three launches on one stream:
-//   1. stats_kernel  grid (B, C): per vocabulary chunk, the anchor's max (plausibility cut) and,
-//      for the union rule, both branches' online log-sum-exp. Exits at once for rows that need
-//      neither (linear rule, beta = 0).
+// Pipeline, four launches on one stream:
+//   1. stats_kernel  grid (B, Cs): per vocabulary chunk, the anchor's max (plausibility cut) and,
+//      for the union rule, both branches' online log-sum-exp. Cs and the chunk size depend on V
+//      only, so the log-sum-exp has the same rounding in a batch of any size. Exits at once for
+//      rows that need neither (linear rule, beta = 0).
 //   2. score_kernel  grid (B, C): merges the row's stats partials, streams the K branches' logits
 //      once (fp32/bf16/fp16, 16-byte loads), writes the masked fp32 score s to a [B, ld] workspace,
 //      and per-chunk partials: max s with its lowest index (greedy token) and the status flags.
-//      C (chunks per row) grows at small B so the logits are read by ~8 blocks per SM. Greedy
-//      rows of a sample call without log-probs skip the store (one read of the logits in all).
-//   3. row_kernel    grid (B), 1024 threads: merges the partials (status, m = max s, greedy
-//      token), then works on x = (s - m) / T recomputed from the workspace:
-//        - top-k threshold: radix select (11+8+8+5 bits) on the order-preserving key of x,
-//          counting histograms in shared memory (warp-aggregated atomics, __match_any_sync);
+//      C (chunks per row) grows at small B so the logits are read by ~8 blocks per SM (at B = 1,
+//      V = 128256: 250 blocks). Greedy rows of a sample call without log-probs skip the store.
+//   3. xhist_kernel  grid (B, C): merges the partials, converts its chunk to x = (s - m) / T in
+//      place (the selection's only division), and histograms the first (11-bit) radix digit of
+//      the row's first search into a global [B, 2048] histogram (integer atomics: exact).
+//   4. row_kernel    grid (B), 512 threads, on the L2-resident x row:
+//        - top-k threshold: radix select (11+8+8+5 bits) on the order-preserving key of x, the
+//          first digit read from the xhist histogram, later ones counted in shared memory
+//          (warp-aggregated atomics, __match_any_sync);
 //        - top-p threshold: the same radix walk on exp(x) masses, held as exact 128-bit fixed
 //          point (integer atomics: deterministic, order-free) and compared in fp64 with
 //          top_p * Z;
-//        - after the first (11-bit) digit, if the tokens at or above the chosen bucket fit in
-//          shared memory (up to `cap`, ~16K), they are compacted there in vocabulary order and
-//          every later step runs on that list: typically 2 passes over the row instead of ~10;
+//        - after the first digit, if the tokens at or above the chosen bucket fit in shared
+//          memory (up to `cap`, ~16K), they are compacted there in vocabulary order and every
+//          later step runs on that list: typically 1 pass over the row by this block;
 //        - final set = {x >= max(t_k, t_p, log_min_p)}; Z in fp64 with a fixed reduction order;
 //          inverse-CDF draw in vocabulary order, skipping straight to the right tile through the
 //          running sums recorded in the Z pass; or the [B, V] log-probs.
 //      Rows with T = 0 that need no log-prob stop after the merge.
-// Small B: the logits (the bulk of the traffic) are read by B*C blocks; the row kernel then runs
-// on one SM per row over the L2-resident fp32 row (~2 passes + shared-memory work when the
-// candidate list fits). Splitting the selection itself across blocks is not done.
+// Small B: the logits, the division and the first digit are spread over B*C blocks; the row
+// kernel's compaction pass and the rest of the selection run on one SM per row.
 // Every reduction has a fixed order, so results do not depend on scheduling (same seed, same
 // token). Rounding follows the reference: products and sums of s rounded separately (__fmul_rn /
 // __fadd_rn, never FMA), x by IEEE division (__fdiv_rn).
@@ -78,8 +81,11 @@ struct Params {
   const int64_t* step;
   float* ws;  // [B, ld] scores
   int64_t ld;
-  StatsPart* stats;  // [B, C]
+  StatsPart* stats;  // [B, Cs]
   ScorePart* score;  // [B, C]
+  unsigned* hcnt;            // [B, kHistBuckets] first-digit counts of the row's first search
+  unsigned long long* hlo;   // [B, kHistBuckets] its masses, 128-bit fixed point (low words)
+  unsigned long long* hhi;   //                                              (high words)
   int64_t C, chunk;      // score kernel: chunks per row (grows at small B), tokens per chunk
   int64_t Cs, chunk_s;   // stats kernel: a chunking fixed by V alone (batch-invariant sums)
   int64_t* tokens;
@@ -387,6 +393,15 @@ SD_DEV const unsigned char* logits_row(const Params& p, int64_t k, int64_t b, in
 }
 SD_DEV bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
 
+// The row's first threshold search, whose first digit the xhist kernel histograms across blocks:
+// 0 none (or the row needs no distribution), 1 top-k (counts), 2 top-p without top-k (masses).
+SD_DEV int first_search(const Params& p, int64_t b) {
+  if (p.mode == kModeSample && p.lps == nullptr && !(p.temperature[b] > 0.0f)) return 0;
+  const int64_t k = p.top_k[b];
+  if (k > 0 && k < p.V) return 1;
+  return p.top_p[b] < 1.0f ? 2 : 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: per-chunk statistics (anchor max; union rule: both branches' log-sum-exp)
 // ---------------------------------------------------------------------------------------------
@@ -576,6 +591,13 @@ __global__ void __launch_bounds__(NT) score_kernel(Params p) {
     q.pad = 0;
     p.score[b * p.C + c] = q;
   }
+  if (c == 0 && first_search(p, b) != 0) {  // the xhist kernel adds into this row next
+    for (int64_t i = threadIdx.x; i < kHistBuckets; i += NT) {
+      p.hcnt[b * kHistBuckets + i] = 0u;
+      p.hlo[b * kHistBuckets + i] = 0ull;
+      p.hhi[b * kHistBuckets + i] = 0ull;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,8 +624,8 @@ SD_DEV RowSmem row_smem(unsigned char* base, int cap) {
   return s;
 }
 
-// The row in global memory: x = canon((s - m) / T), converted in place from the scores once per
-// row (to_x below), so no pass of the selection divides.
+// The row in global memory: x = canon((s - m) / T), converted in place from the scores by the
+// xhist kernel, so no pass of the row kernel divides.
 struct GlobalSrc {
   const float* s;
   int64_t n;
@@ -622,13 +644,6 @@ struct GlobalSrc {
   SD_DEV int64_t index(int64_t pos) const { return pos; }
   SD_DEV float x_at(int64_t pos) const { return s[pos]; }
 };
-
-// s -> x = canon((s - m) / T) in place over the row (IEEE division, as the reference), once.
-template <int NT>
-SD_DEV void to_x(float* row, int64_t n, float m, float t) {
-  for (int64_t v = threadIdx.x; v < n; v += NT) row[v] = canon(__fdiv_rn(__fsub_rn(row[v], m), t));
-  __syncthreads();
-}
 
 // The candidate list in shared memory (vocabulary order).
 struct SmemSrc {
@@ -840,15 +855,25 @@ SD_DEV int64_t compact(const GlobalSrc& src, const RowSmem& sm, int cap, uint32_
 // Threshold of top-k (count mode: the k-th largest x) or top-p (mass mode: the largest x whose
 // mass at or above it reaches top_p * Z, Z = mass of the eligible elements, key >= elig_key).
 // May switch ctx to the shared-memory candidate list after the first digit.
+// `pre`: the first digit's histogram is in global memory already (the xhist kernel's, row b).
 template <int NT>
 SD_DEV float select_threshold(RowCtx& ctx, bool mass_mode, int64_t k, float top_p,
-                              uint32_t elig_key) {
+                              uint32_t elig_key, const Params& p, int64_t b, bool pre) {
   uint32_t prefix = 0u;
   int64_t r = k;
   U128 above = {0ull, 0ull};
   double target = 0.0;
   for (int level = 0; level < 4; ++level) {
-    SD_WITH_SRC(ctx, hist_pass<NT>(src, ctx.sm, level, prefix, elig_key, mass_mode));
+    if (level == 0 && pre) {
+      for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
+        ctx.sm.cnt[i] = p.hcnt[b * kHistBuckets + i];
+        ctx.sm.lo[i] = mass_mode ? p.hlo[b * kHistBuckets + i] : 0ull;
+        ctx.sm.hi[i] = mass_mode ? p.hhi[b * kHistBuckets + i] : 0ull;
+      }
+      __syncthreads();
+    } else {
+      SD_WITH_SRC(ctx, hist_pass<NT>(src, ctx.sm, level, prefix, elig_key, mass_mode));
+    }
     const int bits = level_bits(level);
     const Found f = find_bucket<NT>(ctx.sm, 1 << bits, mass_mode, r, above, target, level == 0,
                                     top_p);
@@ -979,16 +1004,17 @@ SD_DEV void scatter_logprobs(const SmemSrc& src, int64_t V, float thr, float log
   }
 }
 
-template <int NT>
-__global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
-  const int64_t b = blockIdx.x;
-  const int tid = static_cast<int>(threadIdx.x);
-  const bool sample = p.mode == kModeSample;
+struct RowHead {
+  ArgMax best;     // m = max s and the greedy token
+  int32_t status;  // kOk or a kSt* code
+};
 
-  // Merge the chunk partials: greedy token, m = max s, status.
+// Merges the score kernel's chunk partials of row b (every thread of the block gets the result).
+template <int NT>
+SD_DEV RowHead merge_row(const Params& p, int64_t b) {
   ArgMax best = {neg_inf(), 0x7fffffff};
   int flags = 0;
-  for (int64_t c = tid; c < p.C; c += NT) {
+  for (int64_t c = threadIdx.x; c < p.C; c += NT) {
     const ScorePart q = p.score[b * p.C + c];
     flags |= q.flags;
     best = ArgMaxOp()(best, ArgMax{q.smax, q.arg});
@@ -1005,6 +1031,63 @@ __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   } else if (!(best.v > neg_inf()) || best.i < 0 || best.i >= p.V) {
     status = kStNoCandidate;
   }
+  return RowHead{best, status};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 3: x in place and the first radix digit, split across the row's chunks
+// ---------------------------------------------------------------------------------------------
+
+// grid (B, C): converts its chunk of the scores to x = canon((s - m) / T) (the only division of
+// the selection), then histograms the first digit of the row's first search into the global
+// [B, kHistBuckets] counts / 128-bit masses (integer atomics: exact, order-free), so the row
+// kernel starts at its compaction instead of a histogram pass of its own.
+template <int NT>
+__global__ void __launch_bounds__(NT) xhist_kernel(Params p) {
+  const int64_t b = blockIdx.x, c = blockIdx.y;
+  const float temp = p.temperature[b];
+  const bool greedy = !(temp > 0.0f);
+  if (p.mode == kModeSample && greedy && p.lps == nullptr) return;  // argmax only
+  const RowHead h = merge_row<NT>(p, b);
+  if (h.status != kOk) return;
+  const int64_t v_begin = c * p.chunk, v_end = imin(p.V, v_begin + p.chunk);
+  float* row = p.ws + b * p.ld;
+  const float m = h.best.v, t = greedy ? 1.0f : temp;
+  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += NT)
+    row[v] = canon(__fdiv_rn(__fsub_rn(row[v], m), t));
+  const int search = first_search(p, b);
+  if (search == 0) return;
+  __syncthreads();  // the chunk's x written before the histogram reads it
+  __shared__ unsigned cnt[kHistBuckets];
+  __shared__ unsigned long long lo[kHistBuckets], hi[kHistBuckets];
+  RowSmem sm;
+  sm.cnt = cnt;
+  sm.lo = lo;
+  sm.hi = hi;
+  const bool mass = search == 2;
+  const GlobalSrc src{row + v_begin, v_end - v_begin};
+  hist_pass<NT>(src, sm, 0, 0u, mass ? key_of(neg_inf()) : 0u, mass);
+  for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
+    const int64_t g = b * kHistBuckets + i;
+    if (cnt[i] != 0u) atomicAdd(&p.hcnt[g], cnt[i]);
+    if (mass && (lo[i] | hi[i]) != 0ull) {
+      const unsigned long long old = atomicAdd(&p.hlo[g], lo[i]);
+      const unsigned long long carry = (old + lo[i] < old) ? 1ull : 0ull;
+      if (hi[i] + carry != 0ull) atomicAdd(&p.hhi[g], hi[i] + carry);
+    }
+  }
+}
+
+template <int NT>
+__global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
+  const int64_t b = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  const bool sample = p.mode == kModeSample;
+
+  // Merge the chunk partials: greedy token, m = max s, status.
+  const RowHead head = merge_row<NT>(p, b);
+  const ArgMax best = head.best;
+  const int32_t status = head.status;
   if (tid == 0) p.status[b] = status;
   if (status != kOk) {
     if (sample) {
@@ -1028,8 +1111,7 @@ __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   RowCtx ctx;
   ctx.cap = p.cap;
   ctx.sm = row_smem(SD_DYN_SMEM(), p.cap);
-  to_x<NT>(p.ws + b * p.ld, p.V, best.v, greedy ? 1.0f : temp);
-  ctx.g = GlobalSrc{p.ws + b * p.ld, p.V};
+  ctx.g = GlobalSrc{p.ws + b * p.ld, p.V};  // already x (xhist kernel)
   ctx.in_smem = false;
   ctx.n_cand = 0;
 
@@ -1037,8 +1119,11 @@ __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   const int64_t top_k = p.top_k[b];
   const float top_p = p.top_p[b];
   float thr = neg_inf();
-  if (top_k > 0 && top_k < p.V) thr = select_threshold<NT>(ctx, false, top_k, 0.0f, 0u);
-  if (top_p < 1.0f) thr = fmaxf(thr, select_threshold<NT>(ctx, true, 0, top_p, key_of(thr)));
+  const int search = first_search(p, b);
+  if (top_k > 0 && top_k < p.V)
+    thr = select_threshold<NT>(ctx, false, top_k, 0.0f, 0u, p, b, search == 1);
+  if (top_p < 1.0f)
+    thr = fmaxf(thr, select_threshold<NT>(ctx, true, 0, top_p, key_of(thr), p, b, search == 2));
   thr = fmaxf(thr, p.log_min_p[b]);
 
   const int64_t n = ctx.in_smem ? ctx.n_cand : p.V;
@@ -1101,7 +1186,7 @@ __global__ void philox_kernel(const int64_t* seed, const int64_t* step, double* 
 struct Plan {
   int64_t C, chunk, ld;
   int64_t Cs, chunk_s;  // stats kernel chunking (V only)
-  size_t off_stats, off_score, bytes;
+  size_t off_stats, off_score, off_hist, bytes;
   int cap;
   size_t row_smem;
 };
@@ -1126,7 +1211,8 @@ inline Plan make_plan(int64_t B, int64_t V, int num_sms, int cap, int split_nt) 
   pl.C = ceil_div(V, pl.chunk);
   pl.off_stats = round256(static_cast<size_t>(B) * pl.ld * sizeof(float));
   pl.off_score = pl.off_stats + round256(static_cast<size_t>(B * pl.Cs) * sizeof(StatsPart));
-  pl.bytes = pl.off_score + round256(static_cast<size_t>(B * pl.C) * sizeof(ScorePart));
+  pl.off_hist = pl.off_score + round256(static_cast<size_t>(B * pl.C) * sizeof(ScorePart));
+  pl.bytes = pl.off_hist + round256(static_cast<size_t>(B) * kHistBuckets * (4 + 8 + 8));
   pl.cap = cap;
   pl.row_smem = kRowSmemFixed + 8 * static_cast<size_t>(cap);
   return pl;
