@@ -1,6 +1,6 @@
 // Fused contrastive sampling: CUDA kernels (semantics: safedecode/ops/reference.py).
 //
-// Pipeline, four launches on one stream:
+// Pipeline, five launches on one stream:
 //   1. stats_kernel  grid (B, Cs): per vocabulary chunk, the anchor's max (plausibility cut) and,
 //      for the union rule, both branches' online log-sum-exp. Cs and the chunk size depend on V
 //      only, so the log-sum-exp has the same rounding in a batch of any size. Exits at once for
@@ -13,7 +13,10 @@
 //   3. xhist_kernel  grid (B, C): merges the partials, converts its chunk to x = (s - m) / T in
 //      place (the selection's only division), and histograms the first (11-bit) radix digit of
 //      the row's first search into a global [B, 2048] histogram (integer atomics: exact).
-//   4. row_kernel    grid (B), 512 threads, on the L2-resident x row:
+//   4. xcompact_kernel grid (B, C): where the first search's candidates (tokens at or above its
+//      first-digit bucket) fit the row kernel's shared memory, copies each chunk's candidates to
+//      a per-row list (one run per chunk, reserved with an atomic, gathered in chunk order).
+//   5. row_kernel    grid (B), 512 threads, on the L2-resident x row:
 //        - top-k threshold: radix select (11+8+8+5 bits) on the order-preserving key of x, the
 //          first digit read from the xhist histogram, later ones counted in shared memory
 //          (warp-aggregated atomics, __match_any_sync);
@@ -21,14 +24,17 @@
 //          point (integer atomics: deterministic, order-free) and compared in fp64 with
 //          top_p * Z;
 //        - after the first digit, if the tokens at or above the chosen bucket fit in shared
-//          memory (up to `cap`, ~16K), they are compacted there in vocabulary order and every
-//          later step runs on that list: typically 1 pass over the row by this block;
+//          memory (up to `cap`, ~16K), they are gathered there in vocabulary order (from the
+//          xcompact lists for the first search) and every later step runs on that list: the
+//          row kernel then never reads the row;
 //        - final set = {x >= max(t_k, t_p, log_min_p)}; Z in fp64 with a fixed reduction order;
 //          inverse-CDF draw in vocabulary order, skipping straight to the right tile through the
 //          running sums recorded in the Z pass; or the [B, V] log-probs.
 //      Rows with T = 0 that need no log-prob stop after the merge.
-// Small B: the logits, the division and the first digit are spread over B*C blocks; the row
-// kernel's compaction pass and the rest of the selection run on one SM per row.
+// Small B: the logits, the division, the first digit and the compaction are spread over B*C
+// blocks; the rest of the selection runs on one SM per row over at most `cap` candidates (when
+// they do not fit, e.g. a flat row with top-p 0.99, the row kernel falls back to passes over the
+// row on one SM).
 // Every reduction has a fixed order, so results do not depend on scheduling (same seed, same
 // token). Rounding follows the reference: products and sums of s rounded separately (__fmul_rn /
 // __fadd_rn, never FMA), x by IEEE division (__fdiv_rn).
@@ -86,6 +92,11 @@ struct Params {
   unsigned* hcnt;            // [B, kHistBuckets] first-digit counts of the row's first search
   unsigned long long* hlo;   // [B, kHistBuckets] its masses, 128-bit fixed point (low words)
   unsigned long long* hhi;   //                                              (high words)
+  unsigned long long* cand_n;  // [B] candidates reserved so far (the xcompact kernel's atomics)
+  int64_t* cofs;             // [B, C] offset of chunk c's candidate list in the row's [cap] lists
+  int64_t* ccnt;             // [B, C] its length
+  float* cand_x;             // [B, cap] candidate x, one contiguous run per chunk
+  int* cand_i;               // [B, cap] candidate vocabulary index
   int64_t C, chunk;      // score kernel: chunks per row (grows at small B), tokens per chunk
   int64_t Cs, chunk_s;   // stats kernel: a chunking fixed by V alone (batch-invariant sums)
   int64_t* tokens;
@@ -591,7 +602,8 @@ __global__ void __launch_bounds__(NT) score_kernel(Params p) {
     q.pad = 0;
     p.score[b * p.C + c] = q;
   }
-  if (c == 0 && first_search(p, b) != 0) {  // the xhist kernel adds into this row next
+  if (c == 0 && first_search(p, b) != 0) {  // the xhist / xcompact kernels add into this row
+    if (threadIdx.x == 0) p.cand_n[b] = 0ull;
     for (int64_t i = threadIdx.x; i < kHistBuckets; i += NT) {
       p.hcnt[b * kHistBuckets + i] = 0u;
       p.hlo[b * kHistBuckets + i] = 0ull;
@@ -813,7 +825,8 @@ SD_DEV Found find_bucket(const RowSmem& sm, int nb, bool mass_mode, int64_t r, U
 // Copies the global row's elements with key >= min_key to the candidate list, in vocabulary
 // order; returns their number (the caller guarantees it is <= cap).
 template <int NT>
-SD_DEV int64_t compact(const GlobalSrc& src, const RowSmem& sm, int cap, uint32_t min_key) {
+SD_DEV int64_t compact(const GlobalSrc& src, float* cx, int* ci, int64_t cap, uint32_t min_key,
+                       int64_t idx_base) {
   int64_t run = 0;
   const int64_t ntiles = Tile<NT>::count(src.n);
   for (int64_t t = 0; t < ntiles; ++t) {
@@ -839,8 +852,8 @@ SD_DEV int64_t compact(const GlobalSrc& src, const RowSmem& sm, int cap, uint32_
       for (int j = 0; j < 4; ++j) {
         if (ok[j] && key_of(x[j]) >= min_key) {
           if (o < cap) {
-            sm.cx[o] = x[j];
-            sm.ci[o] = static_cast<int>(pos + j);
+            cx[o] = x[j];
+            ci[o] = static_cast<int>(idx_base + pos + j);
           }
           ++o;
         }
@@ -850,6 +863,47 @@ SD_DEV int64_t compact(const GlobalSrc& src, const RowSmem& sm, int cap, uint32_
   }
   __syncthreads();
   return imin<int64_t>(run, cap);
+}
+
+// Number of elements with key >= min_key (every thread gets it).
+template <int NT>
+SD_DEV int64_t count_at_least(const GlobalSrc& src, uint32_t min_key) {
+  int64_t n = 0;
+  const int64_t ntiles = Tile<NT>::count(src.n);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    SD_UNROLL
+    for (int u = 0; u < kU; ++u) {
+      float x[4];
+      bool ok[4];
+      src.load4(Tile<NT>::pos(t, u), x, ok);
+      SD_UNROLL
+      for (int j = 0; j < 4; ++j) n += (ok[j] && key_of(x[j]) >= min_key) ? 1 : 0;
+    }
+  }
+  return block_allreduce<NT>(n, AddOp());
+}
+
+// The xcompact kernel's per-chunk candidate lists of row b, copied into shared memory in chunk
+// (= vocabulary) order; returns their total (<= cap by construction).
+template <int NT>
+SD_DEV int64_t gather_lists(const Params& p, int64_t b, const RowSmem& sm) {
+  int64_t run = 0;
+  for (int64_t c0 = 0; c0 < p.C; c0 += NT) {
+    const int64_t c = c0 + threadIdx.x;
+    const int64_t n = c < p.C ? p.ccnt[b * p.C + c] : 0;
+    int64_t tot;
+    const int64_t off = block_excl_scan<NT>(n, static_cast<int64_t>(0), tot);
+    if (n > 0) {
+      const int64_t from = b * p.cap + p.cofs[b * p.C + c];
+      for (int64_t j = 0; j < n; ++j) {
+        sm.cx[run + off + j] = p.cand_x[from + j];
+        sm.ci[run + off + j] = p.cand_i[from + j];
+      }
+    }
+    run += tot;
+  }
+  __syncthreads();
+  return run;
 }
 
 // Threshold of top-k (count mode: the k-th largest x) or top-p (mass mode: the largest x whose
@@ -884,7 +938,8 @@ SD_DEV float select_threshold(RowCtx& ctx, bool mass_mode, int64_t k, float top_
     above = f.above_mass;
     if (level == 0 && !ctx.in_smem && f.cum_cnt <= ctx.cap) {
       const uint32_t cut = imax(elig_key, static_cast<uint32_t>(f.bucket) << 21);
-      ctx.n_cand = compact<NT>(ctx.g, ctx.sm, ctx.cap, cut);
+      ctx.n_cand = pre ? gather_lists<NT>(p, b, ctx.sm)
+                       : compact<NT>(ctx.g, ctx.sm.cx, ctx.sm.ci, ctx.cap, cut, 0);
       ctx.in_smem = true;
     }
   }
@@ -1078,6 +1133,53 @@ __global__ void __launch_bounds__(NT) xhist_kernel(Params p) {
   }
 }
 
+// grid (B, C): where the first search's candidates (the tokens at or above its first-digit
+// bucket) fit the row kernel's shared memory, each block finds that bucket from the global
+// histogram (the same scan as the row kernel) and copies its chunk's candidates, in order, to a
+// run of the row's [cap] lists reserved with one atomic; the row kernel gathers the runs in chunk
+// order instead of reading the row.
+template <int NT>
+__global__ void __launch_bounds__(NT) xcompact_kernel(Params p) {
+  const int64_t b = blockIdx.x, c = blockIdx.y;
+  const int search = first_search(p, b);
+  if (search == 0 || p.cap <= 0) return;
+  const RowHead h = merge_row<NT>(p, b);
+  if (h.status != kOk) return;
+  __shared__ unsigned cnt[kHistBuckets];
+  __shared__ unsigned long long lo[kHistBuckets], hi[kHistBuckets];
+  __shared__ unsigned long long base;
+  RowSmem sm;
+  sm.cnt = cnt;
+  sm.lo = lo;
+  sm.hi = hi;
+  const bool mass = search == 2;
+  for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
+    cnt[i] = p.hcnt[b * kHistBuckets + i];
+    lo[i] = mass ? p.hlo[b * kHistBuckets + i] : 0ull;
+    hi[i] = mass ? p.hhi[b * kHistBuckets + i] : 0ull;
+  }
+  __syncthreads();
+  double target = 0.0;
+  const Found f = find_bucket<NT>(sm, kHistBuckets, mass, mass ? 0 : p.top_k[b],
+                                  U128{0ull, 0ull}, target, true, p.top_p[b]);
+  if (f.bucket < 0 || f.cum_cnt > p.cap) return;  // the row kernel reads the row itself
+  const uint32_t elig = mass ? key_of(neg_inf()) : 0u;
+  const uint32_t cut = imax(elig, static_cast<uint32_t>(f.bucket) << 21);
+  const int64_t v_begin = c * p.chunk, v_end = imin(p.V, v_begin + p.chunk);
+  const GlobalSrc src{p.ws + b * p.ld + v_begin, v_end - v_begin};
+  const int64_t n = count_at_least<NT>(src, cut);
+  if (threadIdx.x == 0) {
+    base = n > 0 ? atomicAdd(&p.cand_n[b], static_cast<unsigned long long>(n)) : 0ull;
+    p.cofs[b * p.C + c] = static_cast<int64_t>(base);
+    p.ccnt[b * p.C + c] = n;
+  }
+  __syncthreads();
+  if (n > 0) {
+    const int64_t at = b * p.cap + static_cast<int64_t>(base);
+    compact<NT>(src, p.cand_x + at, p.cand_i + at, n, cut, v_begin);
+  }
+}
+
 template <int NT>
 __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   const int64_t b = blockIdx.x;
@@ -1186,7 +1288,7 @@ __global__ void philox_kernel(const int64_t* seed, const int64_t* step, double* 
 struct Plan {
   int64_t C, chunk, ld;
   int64_t Cs, chunk_s;  // stats kernel chunking (V only)
-  size_t off_stats, off_score, off_hist, bytes;
+  size_t off_stats, off_score, off_hist, off_cand, bytes;
   int cap;
   size_t row_smem;
 };
@@ -1212,7 +1314,9 @@ inline Plan make_plan(int64_t B, int64_t V, int num_sms, int cap, int split_nt) 
   pl.off_stats = round256(static_cast<size_t>(B) * pl.ld * sizeof(float));
   pl.off_score = pl.off_stats + round256(static_cast<size_t>(B * pl.Cs) * sizeof(StatsPart));
   pl.off_hist = pl.off_score + round256(static_cast<size_t>(B * pl.C) * sizeof(ScorePart));
-  pl.bytes = pl.off_hist + round256(static_cast<size_t>(B) * kHistBuckets * (4 + 8 + 8));
+  pl.off_cand = pl.off_hist + round256(static_cast<size_t>(B) * kHistBuckets * (4 + 8 + 8));
+  pl.bytes = pl.off_cand + round256(static_cast<size_t>(B) * 8 + static_cast<size_t>(B * pl.C) * 16 +
+                                    static_cast<size_t>(B) * static_cast<size_t>(cap) * 8);
   pl.cap = cap;
   pl.row_smem = kRowSmemFixed + 8 * static_cast<size_t>(cap);
   return pl;
