@@ -865,6 +865,17 @@ SD_DEV int64_t compact(const GlobalSrc& src, float* cx, int* ci, int64_t cap, ui
   return imin<int64_t>(run, cap);
 }
 
+// The xhist kernel's first-digit histogram of row b into shared memory (masses only if asked).
+template <int NT>
+SD_DEV void load_hist(const Params& p, int64_t b, const RowSmem& sm, bool mass) {
+  for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
+    sm.cnt[i] = p.hcnt[b * kHistBuckets + i];
+    sm.lo[i] = mass ? p.hlo[b * kHistBuckets + i] : 0ull;
+    sm.hi[i] = mass ? p.hhi[b * kHistBuckets + i] : 0ull;
+  }
+  __syncthreads();
+}
+
 // Number of elements with key >= min_key (every thread gets it).
 template <int NT>
 SD_DEV int64_t count_at_least(const GlobalSrc& src, uint32_t min_key) {
@@ -919,12 +930,7 @@ SD_DEV float select_threshold(RowCtx& ctx, bool mass_mode, int64_t k, float top_
   double target = 0.0;
   for (int level = 0; level < 4; ++level) {
     if (level == 0 && pre) {
-      for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
-        ctx.sm.cnt[i] = p.hcnt[b * kHistBuckets + i];
-        ctx.sm.lo[i] = mass_mode ? p.hlo[b * kHistBuckets + i] : 0ull;
-        ctx.sm.hi[i] = mass_mode ? p.hhi[b * kHistBuckets + i] : 0ull;
-      }
-      __syncthreads();
+      load_hist<NT>(p, b, ctx.sm, mass_mode);
     } else {
       SD_WITH_SRC(ctx, hist_pass<NT>(src, ctx.sm, level, prefix, elig_key, mass_mode));
     }
@@ -1153,12 +1159,7 @@ __global__ void __launch_bounds__(NT) xcompact_kernel(Params p) {
   sm.lo = lo;
   sm.hi = hi;
   const bool mass = search == 2;
-  for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
-    cnt[i] = p.hcnt[b * kHistBuckets + i];
-    lo[i] = mass ? p.hlo[b * kHistBuckets + i] : 0ull;
-    hi[i] = mass ? p.hhi[b * kHistBuckets + i] : 0ull;
-  }
-  __syncthreads();
+  load_hist<NT>(p, b, sm, mass);
   double target = 0.0;
   const Found f = find_bucket<NT>(sm, kHistBuckets, mass, mass ? 0 : p.top_k[b],
                                   U128{0ull, 0ull}, target, true, p.top_p[b]);
@@ -1298,11 +1299,14 @@ inline size_t round256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Chunks per row: enough blocks for ~8 per SM in the split kernels, each at least a quarter of an
 // 8*NT step (at B = 1 and V = 128256: 250 blocks, ~2 per SM of an H100/H200, rather than 63).
-// The stats kernel's chunking depends on V only (at most 64 chunks).
+// The stats kernel's chunking depends on V (and the build's block size) only.
 inline Plan make_plan(int64_t B, int64_t V, int num_sms, int cap, int split_nt) {
   Plan pl;
   pl.ld = ceil_div(V, 4) * 4;
+  // At most 64 stats chunks, each at least one full block step (a build constant, never B).
+  const int64_t step = static_cast<int64_t>(kVec) * split_nt;
   pl.chunk_s = ceil_div(ceil_div(V, 64), kVec) * kVec;
+  if (pl.chunk_s < step) pl.chunk_s = step;
   pl.Cs = ceil_div(V, pl.chunk_s);
   const int64_t min_chunk = static_cast<int64_t>(kVec) * (split_nt >= 128 ? split_nt / 4 : split_nt);
   const int64_t max_c = ceil_div(V, min_chunk);
