@@ -63,6 +63,10 @@ def test_two_replicas_answer_correctly_and_spread(ray_local, tiny_model_dir):
     assert [r.json()["choices"][0]["message"]["content"] for r in replies] == \
         [x.text for x in refs]
     replicas = {r.headers["x-safedecode-replica"] for r in replies}
+    for _ in range(3):  # the router may keep a burst on one replica (it was seen once, loaded)
+        if len(replicas) == 2:
+            break
+        replicas |= {r.headers["x-safedecode-replica"] for r in asyncio.run(ask())}
     assert len(replicas) == 2, replicas
     bad = _listening_beyond_loopback()
     assert bad == [], "\n".join(bad)
