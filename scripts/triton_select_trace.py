@@ -53,7 +53,7 @@ def main() -> None:
                                                                        rows=rows), indent=1))
     lines = ["# Triton select kernel: reads of a row (interpreter trace)", "",
              f"Command: `{cmd}`; V = {V}, B = 4, K = 2 (weights [1, -0.5]), worst row shown. "
-             "The previous design: up to 17 full-row passes.", "",
+             "Before session 7: up to 17 full-row passes; its first rewrite: up to 5.", "",
              "| case | full-row passes | elements read / V | tokens = reference |",
              "|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['passes']:.0f} | {r['reads_per_V']:.3f} | "

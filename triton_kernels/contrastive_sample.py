@@ -9,11 +9,13 @@ At most four launches per call, all on fixed geometry (no host sync, CUDA-graph 
    ``[B, V]`` buffer (skipped for greedy rows that need no distribution); per chunk: max ``s``, its
    first index, NaN / +inf / anchor-alive flags. The only pass over the logits: the HBM-bound part.
 3. ``_select_kernel`` (grid ``B``) one program per row finds the top-k and top-p thresholds, the
-   final mass and draws the token, reading ``s`` (L2-resident on a GPU) in at most five full-row
-   passes: per search one 16-bucket histogram pass (a bucket is the exponent of ``|x|``) and one
-   pass compacting the threshold bucket's keys into a per-row buffer, whose later radix passes
-   (4-bit digits, starting below the bits its keys share) shrink it in place; then the final-mass
-   pass and a scan of one tile for the draw. Greedy rows return at once.
+   final mass and draws the token, reading ``s`` (L2-resident on a GPU) in at most two full-row
+   passes: a 16-bucket histogram (a bucket is the exponent of ``|x|``), then the compaction of
+   every token up to the first search's bucket (keys and indices, vocabulary order) into a
+   per-row candidate list. The radix digits (4 bits, starting below the bits the threshold
+   bucket's keys share, shrinking a scratch copy in place), top-p after top-k, the final mass and
+   the draw (one tile) read only that list. Without top-k / top-p: one pass for the final mass.
+   Greedy rows return at once.
 4. ``_logprobs_kernel`` (grid ``(B, C)``) for ``contrastive_logprobs`` only: ``x - log Z`` on the
    final set, ``-inf`` elsewhere.
 
@@ -120,108 +122,105 @@ def _pick(hc, hm, target, MASS: tl.constexpr):
 
 
 @triton.jit
-def _search(s_row, buf, V, m, t_eff, limit, target, MASS: tl.constexpr, TILE: tl.constexpr):
-    """Smallest key K whose set ``{key <= K}`` (within ``key <= limit``) holds ``target`` tokens
-    (MASS=0, ties kept) or ``target``·Z of the mass (MASS=1, target = top_p). Returns (K, full-row
-    passes, elements read)."""
+def _bucket(key):
+    """Bucket of a key: the fp32 exponent of |x|, clamped to NB bins (monotone in the key)."""
+    return tl.minimum(tl.maximum((key >> 23) - EBASE, 0), NB - 1)
+
+
+@triton.jit
+def _upper(d):
+    """Largest key of bucket d."""
+    return tl.where(d == NB - 1, MAXKEY, ((EBASE + d + 1) << 23) - 1)
+
+
+@triton.jit
+def _load_cand(s_row, keys, idx, offs, n, m, t_eff, from_buf):
+    """x, key, validity and vocabulary index of candidate positions ``offs``: the compacted
+    buffer (keys / idx, ``n`` entries) when ``from_buf``, else the row itself (``n`` = V)."""
+    ok = offs < n
+    if from_buf:
+        key = tl.load(keys + offs, mask=ok, other=0)
+        vi = tl.load(idx + offs, mask=ok, other=0).to(tl.int64)
+        x = tl.where(ok, _neg_x(key), NEG_INF)
+        valid = ok
+    else:
+        x, key, valid = _tile_x(s_row, offs, ok, m, t_eff)
+        vi = offs.to(tl.int64)
+    return x, key, valid, vi
+
+
+@triton.jit
+def _radix(keys, n, work, d, limit, rem, MASS: tl.constexpr, TILE: tl.constexpr):
+    """Threshold key inside bucket ``d``: the keys of ``keys[0:n]`` in that bucket with
+    ``key <= limit`` are compacted into ``work``, then 4-bit digits (below the bits they all share)
+    are histogrammed, each pass keeping in place the keys of the previous pass's chosen digit.
+    ``rem``: rank (MASS=0) or mass (MASS=1) still wanted inside the bucket. Returns (K, reads)."""
     lanes = tl.arange(0, TILE)
     bins = tl.arange(0, NB)
-    # Pass 1 over the row: bucket histograms (bucket = clamped fp32 exponent of |x|).
-    hc = tl.zeros([NB], tl.int32)
-    hm = tl.zeros([NB], tl.float64)
-    for t in range(0, V, TILE):
+    w = tl.zeros([], tl.int32)
+    lo = tl.zeros([], tl.int32) + MAXKEY
+    hi = tl.zeros([], tl.int32)
+    for t in range(0, n, TILE):
         offs = t + lanes
-        x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
-        inp = valid & (key <= limit)
-        bk = tl.minimum(tl.maximum((key >> 23) - EBASE, 0), NB - 1)
-        hit = (bk[:, None] == bins[None, :]) & inp[:, None]
-        hc += tl.sum(hit.to(tl.int32), axis=0)
-        if MASS:
-            hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0), axis=0).to(tl.float64)
-    if MASS:
-        rem = target.to(tl.float64) * tl.sum(hm)
-    else:
-        rem = target.to(tl.float64)
-    d, before, in_bin = _pick(hc, hm, rem, MASS)
-    rem = rem - before
-    upper = tl.where(d == NB - 1, MAXKEY, ((EBASE + d + 1) << 23) - 1)
-    passes = tl.full([], 1, tl.int32)
-    reads = tl.zeros([], tl.int64) + V
-    if MASS:
-        done = in_bin == 1
-    else:
-        done = (tl.sum(hc) <= target) | (in_bin.to(tl.float64) == rem)
-        upper = tl.where(tl.sum(hc) <= target, MAXKEY, upper)
-    result = upper
-    if done == 0:
-        # Pass 2 over the row: compact the keys of bucket d into this row's buffer.
-        n = tl.zeros([], tl.int32)
-        lo = tl.zeros([], tl.int32) + MAXKEY
-        hi = tl.zeros([], tl.int32)
-        for t in range(0, V, TILE):
-            offs = t + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
-            bk = tl.minimum(tl.maximum((key >> 23) - EBASE, 0), NB - 1)
-            sel = valid & (key <= limit) & (bk == d)
-            pos = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(buf + pos, key, mask=sel)
-            n += tl.sum(sel.to(tl.int32))
-            lo = tl.minimum(lo, tl.min(tl.where(sel, key, MAXKEY)))
-            hi = tl.maximum(hi, tl.max(tl.where(sel, key, 0)))
-        tl.debug_barrier()
-        passes += 1
-        reads += V
-        result = hi  # every key of the bucket equal: all tied at the threshold
-        # Radix passes over the buffer, 4-bit digits below the highest bit where lo and hi
-        # differ. Each pass keeps (in place) the keys of the previous pass's chosen digit and
-        # histograms the next digit of those.
-        diff = lo ^ hi
-        top = tl.zeros([], tl.int32)
-        for i in tl.static_range(31):
-            top = tl.where((diff >> i) != 0, i + 1, top)
-        prefix = hi & ~((1 << top) - 1)  # top <= 31: the mask fits in 31 bits
-        active = diff != 0
-        pshift = tl.zeros([], tl.int32)
-        pmask = tl.zeros([], tl.int32)  # no filter on the first pass
-        pd = tl.zeros([], tl.int32)
-        for _it in range(8):
-            if active:
-                shift = tl.maximum(top - 4, 0)
-                dmask = (1 << (top - shift)) - 1
-                hc = tl.zeros([NB], tl.int32)
-                hm = tl.zeros([NB], tl.float64)
-                w = tl.zeros([], tl.int32)
-                for t in range(0, n, TILE):
-                    offs = t + lanes
-                    ok = offs < n
-                    key = tl.load(buf + offs, mask=ok, other=0)
-                    sel = ok & (((key >> pshift) & pmask) == pd)
-                    pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                    tl.store(buf + pos, key, mask=sel)
-                    w += tl.sum(sel.to(tl.int32))
-                    dig = (key >> shift) & dmask
-                    hit = (dig[:, None] == bins[None, :]) & sel[:, None]
-                    hc += tl.sum(hit.to(tl.int32), axis=0)
-                    if MASS:
-                        e = tl.exp(_neg_x(key))
-                        hm += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
-                tl.debug_barrier()
-                reads += n
-                n = w
-                d, before, in_bin = _pick(hc, hm, rem, MASS)
-                rem = rem - before
+        ok = offs < n
+        key = tl.load(keys + offs, mask=ok, other=0)
+        sel = ok & (_bucket(key) == d) & (key <= limit)
+        pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(work + pos, key, mask=sel)
+        w += tl.sum(sel.to(tl.int32))
+        lo = tl.minimum(lo, tl.min(tl.where(sel, key, MAXKEY)))
+        hi = tl.maximum(hi, tl.max(tl.where(sel, key, 0)))
+    tl.debug_barrier()
+    reads = tl.zeros([], tl.int64) + n
+    n = w
+    result = hi  # every key of the bucket equal: all tied at the threshold
+    diff = lo ^ hi
+    top = tl.zeros([], tl.int32)
+    for i in tl.static_range(31):
+        top = tl.where((diff >> i) != 0, i + 1, top)
+    prefix = hi & ~((1 << top) - 1)  # keys of one bucket share bit 30: top <= 30
+    active = diff != 0
+    pshift = tl.zeros([], tl.int32)
+    pmask = tl.zeros([], tl.int32)  # no filter on the first pass
+    pd = tl.zeros([], tl.int32)
+    for _it in range(8):
+        if active:
+            shift = tl.maximum(top - 4, 0)
+            dmask = (1 << (top - shift)) - 1
+            hc = tl.zeros([NB], tl.int32)
+            hm = tl.zeros([NB], tl.float64)
+            w = tl.zeros([], tl.int32)
+            for t in range(0, n, TILE):
+                offs = t + lanes
+                ok = offs < n
+                key = tl.load(work + offs, mask=ok, other=0)
+                sel = ok & (((key >> pshift) & pmask) == pd)
+                pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.store(work + pos, key, mask=sel)
+                w += tl.sum(sel.to(tl.int32))
+                dig = (key >> shift) & dmask
+                hit = (dig[:, None] == bins[None, :]) & sel[:, None]
+                hc += tl.sum(hit.to(tl.int32), axis=0)
                 if MASS:
-                    fin = (in_bin == 1) | (shift == 0)
-                else:
-                    fin = (in_bin.to(tl.float64) == rem) | (shift == 0)
-                prefix = prefix | (d << shift)
-                result = tl.where(fin, prefix | ((1 << shift) - 1), result)
-                active = fin == 0
-                pshift = shift
-                pmask = dmask
-                pd = d
-                top = shift
-    return result, passes, reads
+                    e = tl.exp(_neg_x(key))
+                    hm += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
+            tl.debug_barrier()
+            reads += n
+            n = w
+            dd, before, in_bin = _pick(hc, hm, rem, MASS)
+            rem = rem - before
+            if MASS:
+                fin = (in_bin == 1) | (shift == 0)
+            else:
+                fin = (in_bin.to(tl.float64) == rem) | (shift == 0)
+            prefix = prefix | (dd << shift)
+            result = tl.where(fin, prefix | ((1 << shift) - 1), result)
+            active = fin == 0
+            pshift = shift
+            pmask = dmask
+            pd = dd
+            top = shift
+    return result, reads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,11 +349,16 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
 
 
 @triton.jit(do_not_specialize=["need_mode"])
-def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, seed, step, buf,
-                   rows, trace, tokens, logprobs, status_out, need_mode, V, C, CP: tl.constexpr,
-                   NT: tl.constexpr, TILE: tl.constexpr):
+def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, seed, step,
+                   ckey, cidx, work, rows, trace, tokens, logprobs, status_out, need_mode, V, C,
+                   CP: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr):
     """One program per row: status, thresholds, final mass, then the token (need_mode 0: sample,
-    1: sample + log-prob) or the row record of the log-probs kernel (need_mode 2)."""
+    1: sample + log-prob) or the row record of the log-probs kernel (need_mode 2).
+
+    With top-k or top-p on, two passes over the row: a bucket histogram (counts, and masses for
+    top-p), then the compaction of every token up to the first search's bucket (keys and indices,
+    vocabulary order) into ``ckey`` / ``cidx``; the searches, the final mass and the draw then
+    read only that candidate list (``work``: the radix passes' scratch)."""
     b = tl.program_id(0).to(tl.int64)
     ci = tl.arange(0, CP)
     ok = ci < C
@@ -369,35 +373,98 @@ def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, 
     t_eff = tl.where(temp > 0.0, temp, 1.0)
     need = (status == 0) & ((temp > 0.0) | (need_mode != 0))
     s_row = S + b * V
-    buf_row = buf + b * V
+    keys = ckey + b * V
+    idx = cidx + b * V
+    wrk = work + b * V
     lanes = tl.arange(0, TILE)
+    bins = tl.arange(0, NB)
     passes = tl.zeros([], tl.int32)
     reads = tl.zeros([], tl.int64)
     kf = tl.zeros([], tl.int32) + MAXKEY
     z = tl.zeros([], tl.float64)
-    tm = tl.zeros([NT], tl.float64)  # final mass per tile: the draw scans one tile
+    tm = tl.zeros([NT], tl.float64)  # final mass per tile of the source: the draw scans one tile
     ti = tl.arange(0, NT)
+    n = tl.zeros([], tl.int32) + V  # entries of the source (the row, or the candidate list)
+    from_buf = tl.zeros([], tl.int32)
     if need:
         k = tl.load(top_k + b)
-        if (k > 0) & (k < V):
-            kf, p1, r1 = _search(s_row, buf_row, V, m, t_eff, kf, k, False, TILE)
-            passes += p1
-            reads += r1
         p = tl.load(top_p + b)
-        if p < 1.0:
-            kp, p2, r2 = _search(s_row, buf_row, V, m, t_eff, kf, p, True, TILE)
-            kf = tl.minimum(kf, kp)
-            passes += p2
-            reads += r2
+        k_act = (k > 0) & (k < V)
+        p_act = p < 1.0
+        if k_act | p_act:
+            # Pass 1 over the row: bucket histograms of every valid token.
+            hc = tl.zeros([NB], tl.int32)
+            hm = tl.zeros([NB], tl.float64)
+            for t in range(0, V, TILE):
+                offs = t + lanes
+                x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+                hit = (_bucket(key)[:, None] == bins[None, :]) & valid[:, None]
+                hc += tl.sum(hit.to(tl.int32), axis=0)
+                if p_act & (k_act == 0):
+                    hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0), axis=0).to(tl.float64)
+            total = tl.sum(hc)
+            target = tl.zeros([], tl.float64)
+            if k_act:
+                d, before, in_bin = _pick(hc, hm, k.to(tl.float64), False)
+                d = tl.where(total <= k, NB - 1, d)  # k >= valid tokens: keep them all
+            else:
+                target = p.to(tl.float64) * tl.sum(hm)
+                d, before, in_bin = _pick(hc, hm, target, True)
+            # Pass 2 over the row: compact every token of buckets <= d (vocabulary order).
+            w = tl.zeros([], tl.int32)
+            for t in range(0, V, TILE):
+                offs = t + lanes
+                x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+                sel = valid & (_bucket(key) <= d)
+                pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.store(keys + pos, key, mask=sel)
+                tl.store(idx + pos, offs, mask=sel)
+                w += tl.sum(sel.to(tl.int32))
+            tl.debug_barrier()
+            passes += 2
+            reads += 2 * V
+            n = w
+            from_buf += 1
+            if k_act:
+                rem = k.to(tl.float64) - before
+                if (total > k) & (in_bin.to(tl.float64) != rem):
+                    kf, r1 = _radix(keys, n, wrk, d, MAXKEY, rem, False, TILE)
+                    reads += r1
+                else:
+                    kf = tl.where(total <= k, MAXKEY, _upper(d))
+            if p_act:
+                if k_act:  # top-p over the top-k survivors: bucket masses from the list
+                    hc = tl.zeros([NB], tl.int32)
+                    hm = tl.zeros([NB], tl.float64)
+                    for t in range(0, n, TILE):
+                        offs = t + lanes
+                        inb = offs < n
+                        key = tl.load(keys + offs, mask=inb, other=0)
+                        inp = inb & (key <= kf)
+                        hit = (_bucket(key)[:, None] == bins[None, :]) & inp[:, None]
+                        hc += tl.sum(hit.to(tl.int32), axis=0)
+                        e = tl.exp(_neg_x(key))
+                        hm += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0).to(tl.float64)
+                    reads += n
+                    target = p.to(tl.float64) * tl.sum(hm)
+                    d, before, in_bin = _pick(hc, hm, target, True)
+                rem = target - before
+                if in_bin == 1:
+                    kp = _upper(d)
+                else:
+                    kp, r2 = _radix(keys, n, wrk, d, kf, rem, True, TILE)
+                    reads += r2
+                kf = tl.minimum(kf, kp)
+        else:
+            passes += 1
         lmp = tl.load(log_min_p + b)
-        for t in range(0, V, TILE):
+        for t in range(0, n, TILE):
             offs = t + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+            x, key, valid, vi = _load_cand(s_row, keys, idx, offs, n, m, t_eff, from_buf != 0)
             keep = valid & (key <= kf) & (x >= lmp)
             mt = tl.sum(tl.where(keep, tl.exp(x), 0.0).to(tl.float64))
             tm = tl.where(ti == t // TILE, mt, tm)
-        passes += 1
-        reads += V
+        reads += n
         z = tl.sum(tm)
     if need_mode == 2:
         rec = rows + b * N_ROW
@@ -415,13 +482,13 @@ def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, 
             ct = tl.where(ct == BIG, tl.max(tl.where(tm > 0.0, ti, -1)), ct)
             run = tl.sum(tl.where(ti == ct - 1, cum, 0.0))
             lmp = tl.load(log_min_p + b)
-            offs = ct.to(tl.int64) * TILE + lanes
-            x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+            offs = ct * TILE + lanes
+            x, key, valid, vi = _load_cand(s_row, keys, idx, offs, n, m, t_eff, from_buf != 0)
             keep = valid & (key <= kf) & (x >= lmp)
             e = tl.where(keep, tl.exp(x), 0.0).to(tl.float64)
             csum = run + tl.cumsum(e, axis=0)
-            first = tl.min(tl.where((csum > target) & (e > 0.0), offs, BIG))
-            last = tl.max(tl.where(e > 0.0, offs, -1))
+            first = tl.min(tl.where((csum > target) & (e > 0.0), vi, BIG))
+            last = tl.max(tl.where(e > 0.0, vi, -1))
             tok = tl.where(first == BIG, last, first)
             reads += TILE
         tok = tl.where(status == 0, tok, -1)

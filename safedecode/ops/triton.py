@@ -117,7 +117,9 @@ def _run(p: Prepared, need: int, out: torch.Tensor | None = None):
     spart = torch.empty(b, c, dtype=f32, device=dev)
     sarg = torch.empty(b, c, dtype=i64, device=dev)
     sflag = torch.empty(b, c, dtype=i32, device=dev)
-    buf = torch.empty(b, v, dtype=i32, device=dev)
+    ckey = torch.empty(b, v, dtype=i32, device=dev)  # candidate keys, indices; radix scratch
+    cidx = torch.empty(b, v, dtype=i32, device=dev)
+    work = torch.empty(b, v, dtype=i32, device=dev)
     rows = torch.empty(b, N_ROW, dtype=torch.float64, device=dev)
     trace = torch.empty(b, N_TRACE, dtype=i64, device=dev)
     tokens = torch.empty(b, dtype=i64, device=dev)
@@ -133,7 +135,7 @@ def _run(p: Prepared, need: int, out: torch.Tensor | None = None):
                            sarg, sflag, k, p.anchor, need, v, c, CHUNK=pl.chunk, RULE=p.rule,
                            USE_STATS=use_stats, CP=cp, TILE=pl.tile, **opts)
     _K._select_kernel[(b,)](scores, spart, sarg, sflag, p.temperature, p.top_k, p.top_p,
-                            p.log_min_p, p.seed, p.step, buf, rows, trace, tokens,
+                            p.log_min_p, p.seed, p.step, ckey, cidx, work, rows, trace, tokens,
                             lps if lps is not None else scores, status, need, v, c, CP=cp,
                             NT=pl.select_tiles, TILE=pl.select_tile, num_warps=pl.select_warps,
                             enable_fp_fusion=False)
