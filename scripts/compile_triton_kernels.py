@@ -110,7 +110,11 @@ def compile_variant(fn, target_backend, target, bound, spec, options, workdir: P
     loads = defaultdict(int)
     for m in re.finditer(r"ld\.global(?:\.[a-z]+)*?(\.v[248])?\.([bfsu]\d+)", ptx):
         loads[f"{m.group(1) or ''}.{m.group(2)}".lstrip(".")] += 1
-    return dict(seconds=round(secs, 1), registers=regs, spill_bytes=spill, loads=dict(loads))
+    names = fn.arg_names
+    modes = {names[path[0]]: v for path, v in constexprs.items()
+             if names[path[0]] in ("RULE", "USE_STATS")}
+    return dict(seconds=round(secs, 1), registers=regs, spill_bytes=spill, loads=dict(loads),
+                variant=" ".join(f"{k}={int(v)}" for k, v in sorted(modes.items())))
 
 
 def main() -> None:
@@ -156,8 +160,8 @@ def main() -> None:
             print(f"{dname}: {len(counts)} calls, <= {max(counts)} launches per call, "
                   f"{len(variants)} compiled variants {dict(per_kernel)}")
             for f in figures:
-                print(f"  {f['kernel']:17s} regs {f['registers']:3d}  spill {f['spill_bytes']:4d} B"
-                      f"  global loads {f['loads']}  ({f['seconds']}s)")
+                print(f"  {f['kernel']:17s} {f['variant']:18s} regs {f['registers']:3d}  spill "
+                      f"{f['spill_bytes']:4d} B  global loads {f['loads']}  ({f['seconds']}s)")
             if max(counts) > MAX_LAUNCHES:
                 problems.append(f"{dname}: {max(counts)} launches in one call (> {MAX_LAUNCHES})")
             if len(variants) > MAX_VARIANTS:
