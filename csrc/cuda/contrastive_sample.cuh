@@ -9,7 +9,7 @@
 //      once (fp32/bf16/fp16, 16-byte loads), writes the masked fp32 score s to a [B, ld] workspace,
 //      and per-chunk partials: max s with its lowest index (greedy token) and the status flags.
 //      C (chunks per row) grows at small B so the logits are read by ~8 blocks per SM (at B = 1,
-//      V = 128256: 250 blocks). Greedy rows of a sample call without log-probs skip the store.
+//      V = 128256: 251 blocks). Greedy rows of a sample call without log-probs skip the store.
 //   3. xhist_kernel  grid (B, C): merges the partials, converts its chunk to x = (s - m) / T in
 //      place (the selection's only division), and histograms the first (11-bit) radix digit of
 //      the row's first search into a global [B, 2048] histogram (integer atomics: exact).
@@ -1298,7 +1298,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t round256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Chunks per row: enough blocks for ~8 per SM in the split kernels, each at least a quarter of an
-// 8*NT step (at B = 1 and V = 128256: 250 blocks, ~2 per SM of an H100/H200, rather than 63).
+// 8*NT step (at B = 1 and V = 128256: 251 blocks, ~1.9 per SM of an H100/H200, rather than 63).
 // The stats kernel's chunking depends on V (and the build's block size) only.
 inline Plan make_plan(int64_t B, int64_t V, int num_sms, int cap, int split_nt) {
   Plan pl;
