@@ -259,6 +259,27 @@ def test_recorded_knobs_are_the_defaults_and_explicit_values_win(tmp_path):
     assert s.branches[1].system is None and s.branches[1].soft_prompt is None
 
 
+def test_record_choice_writes_acd_knobs_into_a_prompts_file(tmp_path):
+    from safedecode.eval.tune import record_choice
+
+    model, _ = tiny_llama()
+    pair = ACDPrompts(torch.randn(3, 64), torch.randn(4, 64), embedding_fingerprint(model),
+                      "tiny", {}, [])
+    path = save_prompts(tmp_path / "p.safetensors", pair)
+    rows = [{"name": "acd", "kwargs": {"prompts": str(path), "alpha": 0.1, "beta": 0.5}},
+            {"name": "self-cd-sp", "kwargs": {"prompts": str(path), "alpha": 0.3, "beta": 0.1}}]
+    sel = {"chosen": {"acd": rows[0], "self-cd-sp": rows[1]}, "criterion": "c", "rows": rows}
+    record_choice(sel, path, "safedecode tune ...", ["anchor-harmful-val"])
+    back = load_prompts(path)
+    assert back.decoding == {"acd": {"alpha": 0.1, "beta": 0.5},
+                             "self-cd-sp": {"alpha": 0.3, "beta": 0.1}}
+    assert back.selection["command"] == "safedecode tune ..." and back.selection["rows"] == rows
+    other = {"chosen": {"acd": {"name": "acd", "kwargs": {"prompts": "elsewhere", "alpha": 1}}},
+             "criterion": "c", "rows": []}
+    with pytest.raises(ValueError, match="--record"):
+        record_choice(other, path, None, [])
+
+
 def test_keyword_standard_judge_uses_only_the_published_lists():
     std = make_judge("keyword-standard")
     assert std.name == "keyword-standard" and std.lists == ("advbench", "xstest")

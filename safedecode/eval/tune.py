@@ -139,9 +139,9 @@ def record_choice(sel: dict, path: str | Path | None, command: str | None,
     file (``safeinfer``: gamma, layer, lam; its ablations likewise)."""
     import importlib
 
-    from safedecode.methods import acd
-
-    safeinfer = importlib.import_module("safedecode.methods.safeinfer")  # not the function
+    # the modules, not the methods of the same names that safedecode.methods exports
+    acd = importlib.import_module("safedecode.methods.acd")
+    safeinfer = importlib.import_module("safedecode.methods.safeinfer")
 
     path = Path(path) if path is not None else acd.DEFAULT_PROMPTS
     try:
