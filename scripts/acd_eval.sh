@@ -13,7 +13,11 @@ R=benchmarks/results
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
 # acd-sp is ACD's SP alone; the second acd-sp is the SP that self-cd-sp contrasts (its own file)
 SELF_SP=safedecode/methods/assets/self-cd-sp_smollm2-135m-instruct.safetensors
-$PY -m safedecode eval -m "plain,safe-prompt,acd-sp,acd,acd-sp:prompts=$SELF_SP,self-cd-sp" \
+# the prompts shipped before the anchor set's 100 look-alikes (session 7's self-cd-sp: variant A,
+# trained on 20 look-alikes), kept for the comparison and for Self-CD over an over-refusing SP
+OLD=benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors
+$PY -m safedecode eval \
+    -m "plain,safe-prompt,acd-sp,acd,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
