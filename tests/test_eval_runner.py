@@ -142,6 +142,23 @@ def test_cache_key_follows_config(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_cached_records_are_reported_under_this_runs_labels(tmp_path):
+    """A label that meant another method in an earlier run must not pull that run's records in,
+    and two labels of one method each get its records."""
+    model, tok = tiny_llama()
+    sets = _sets()[1:]
+    out = tmp_path / "run"
+    evaluate(model, tok, methods=["self-cd:alpha=1.0"], datasets=sets, out_dir=out, ppl=False,
+             **GEN)
+    res = evaluate(model, tok, methods=["self-cd:alpha=1.0:beta=0.0", "self-cd:alpha=2.0"],
+                   datasets=sets, out_dir=out, ppl=False, **GEN)  # the first: same method
+    labels = {"self-cd:alpha=1.0:beta=0.0", "self-cd:alpha=2.0"}
+    assert set(res["summary"]) == labels
+    assert all(res["summary"][m]["benign"]["n"] == 5 for m in labels)
+    # the earlier run's label is absent from this run's report
+    assert "`self-cd:alpha=1.0`" not in (out / "results.md").read_text()
+
+
 def test_fingerprints():
     a, b = methods.get("acd-text", alpha=0.5), methods.get("acd-text", alpha=0.5)
     assert method_fingerprint(a) == method_fingerprint(b)

@@ -170,7 +170,9 @@ def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Data
                  store: JsonlStore, *, decoding: dict, batch_size: int = 16,
                  backend: str = "auto", progress=None) -> list[dict]:
     """Generate every (method, item) not yet in ``store``; returns the records of this run, in
-    method, data set and item order. ``progress``: a rich Progress (optional)."""
+    method, data set and item order, each under this run's label (a cached record keeps the
+    label it was generated under: a label may have meant other prompts or knobs then, and two
+    labels may share one generation). ``progress``: a rich Progress (optional)."""
     from safedecode.engine import SafeDecoder
 
     if batch_size < 1:
@@ -178,12 +180,12 @@ def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Data
     decoding = {k: decoding[k] for k in DECODING_KEYS if k in decoding}
     model_fp = model_fingerprint(model)
     mname = model_name(model)
-    wanted: list[str] = []
+    wanted: list[tuple[str, str]] = []
     for label, method in methods.items():
         method_fp = method_fingerprint(method)
         keyed = [(ds, it, record_key(model_fp, method_fp, ds.name, it, decoding))
                  for ds in datasets for it in ds.items]
-        wanted += [k for _, _, k in keyed]
+        wanted += [(label, k) for _, _, k in keyed]
         todo = [x for x in keyed if x[2] not in store]
         task = None
         if progress is not None:
@@ -217,7 +219,7 @@ def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Data
                 store.sync()
                 if task is not None:
                     progress.advance(task, len(chunk))
-    return [store[k] for k in wanted]
+    return [{**store[k], "method": label} for label, k in wanted]
 
 
 # -- perplexity under the plain model --------------------------------------------------------
