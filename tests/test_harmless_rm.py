@@ -90,7 +90,8 @@ def test_shipped_reward_model_ranks_validation_pairs():
     request and an answer to a safe one from the evaluation-free anchor data."""
     metrics = json.loads((ASSET / "metrics.json").read_text())
     rm = HarmlessReward()
-    acc = pairwise_accuracy(rm, preference_pairs("val"))
-    assert acc == pytest.approx(metrics["val_accuracy"], abs=1e-9)
-    assert acc >= 0.9
+    pairs = preference_pairs("val")  # in file order; the anchor set has only grown at its end
+    recorded = pairs[:metrics["val_pairs"]]  # the validation pairs the metrics were taken on
+    assert pairwise_accuracy(rm, recorded) == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    assert pairwise_accuracy(rm, pairs) >= 0.9  # with the look-alikes added later (unseen)
     assert methods.get("deal", reward="harmless").reward.key() == rm.key()
