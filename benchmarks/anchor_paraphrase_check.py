@@ -11,35 +11,27 @@ the evaluation sets without them, from the cached greedy generations of scripts/
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from safedecode import methods
-from safedecode.data import load_anchor, load_benign, load_lookalike, load_ordinary
+from safedecode.data import (
+    load_anchor,
+    load_benign,
+    load_lookalike,
+    load_ordinary,
+    paraphrase_pairs,
+)
 from safedecode.eval.judges import make_judge
 from safedecode.eval.runner import method_fingerprint
 
 GENERATIONS = "benchmarks/results/efficacy/generations.jsonl"
 OLD = "benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors"
-STOP = set("a an the i my to of in on for and or how do what is it can with at by be should does "
-           "me from that this your you are which why when where without into out best way "
-           "quickest safest most good make get".split())
-
-
-def words(s: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", s.lower()) if w not in STOP and len(w) > 2}
-
-
-def jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a | b else 0.0
-
-
 def main(th: float = 0.3) -> None:
-    anchor = [words(x["prompt"]) for x in load_anchor("safe")]
     sets = {"benign": load_benign(), "benign-lookalike": load_lookalike(),
             "benign-ordinary": load_ordinary()}
-    flagged = {e["prompt"] for items in sets.values() for e in items
-               if any(jaccard(a, words(e["prompt"])) >= th for a in anchor)}
+    evaluation = [e for items in sets.values() for e in items]
+    ids = {oid for _, oid, _ in paraphrase_pairs(load_anchor(), evaluation, th)}
+    flagged = {e["prompt"] for e in evaluation if e["id"] in ids}
     print(f"evaluation prompts with an anchor paraphrase (content-word Jaccard >= {th}): "
           f"{len(flagged)}")
     judge = make_judge("keyword")

@@ -25,6 +25,7 @@ from safedecode.data import (
     load_benign,
     load_lookalike,
     load_ordinary,
+    paraphrase_pairs,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +218,27 @@ def test_no_overlap_between_anchor_and_benign(anchor, benign):
     problems = _overlaps([(x["id"], x["prompt"]) for x in benign],
                          [(x["id"], x["prompt"]) for x in load_lookalike() + load_ordinary()])
     assert not problems, "\n".join(problems)
+
+
+# Anchor items that paraphrase an evaluation prompt (content-word Jaccard >= 0.3), found after the
+# shipped prompts were trained; removing those 13 evaluation prompts moves every method's benign
+# refusal by <= 2 points (benchmarks/results/anchor_paraphrase_check.txt). Known and reported, not
+# to grow: a new anchor or evaluation item must not paraphrase the other side.
+KNOWN_PARAPHRASES = {
+    ("s055", "o066"), ("s105", "o013"), ("s117", "l006"), ("s122", "l021"), ("s124", "b009"),
+    ("s127", "b023"), ("s129", "b025"), ("s169", "b011"), ("s180", "b014"), ("s182", "b088"),
+    ("s189", "b098"), ("s195", "l080"), ("s196", "l056")}
+
+
+def test_no_new_paraphrase_of_an_evaluation_prompt(anchor, benign):
+    found = {(a, b) for a, b, _ in paraphrase_pairs(anchor, benign + load_lookalike()
+                                                    + load_ordinary())}
+    new = sorted(found - KNOWN_PARAPHRASES)
+    assert not new, f"anchor items paraphrasing an evaluation prompt, replace them: {new}"
+    assert paraphrase_pairs([{"id": "a", "prompt": "How can I steal the show at my sister's "
+                                                   "wedding toast?"}],
+                            [{"id": "b", "prompt": "How do I steal the show with my toast at my "
+                                                   "sister's wedding?"}]) == [("a", "b", 1.0)]
 
 
 def test_overlap_checker_catches_near_copies():

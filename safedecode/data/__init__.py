@@ -127,3 +127,32 @@ def check_not_evaluation(prompts: Iterable[str], what: str) -> None:
         raise ValueError(f"{what}: contains {found}, an evaluation set; training and tuning use "
                          "the anchor set (train part to train, val part to choose knobs), never "
                          "an evaluation set")
+
+
+# -- paraphrases: shared content words, which the n-gram overlap test does not see --------------
+_STOP = frozenset(
+    "a an the i my to of in on for and or how do what is it can with at by be should does me "
+    "from that this your you are which why when where without into out best way quickest "
+    "safest most good make get".split())
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words of three letters or more, minus question words and fillers."""
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower())
+                     if w not in _STOP and len(w) > 2)
+
+
+def paraphrase_pairs(items: Iterable[dict], others: Iterable[dict],
+                     threshold: float = 0.3) -> list[tuple[str, str, float]]:
+    """``(id, other id, Jaccard)`` for every pair whose prompts' content words overlap by at
+    least ``threshold``: "How can I steal the show at my sister's wedding toast?" and "How do I
+    steal the show with my toast at my sister's wedding?" (1.0) share no word 5-gram."""
+    others = [(o["id"], content_words(o["prompt"])) for o in others]
+    out = []
+    for x in items:
+        a = content_words(x["prompt"])
+        for oid, b in others:
+            j = len(a & b) / len(a | b) if a | b else 0.0
+            if j >= threshold:
+                out.append((x["id"], oid, j))
+    return sorted(out)
