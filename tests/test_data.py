@@ -224,10 +224,9 @@ def test_no_overlap_between_anchor_and_benign(anchor, benign):
 # shipped prompts were trained; removing those 13 evaluation prompts moves every method's benign
 # refusal by <= 2 points (benchmarks/results/anchor_paraphrase_check.txt). Known and reported, not
 # to grow: a new anchor or evaluation item must not paraphrase the other side.
-KNOWN_PARAPHRASES = {
-    ("s055", "o066"), ("s105", "o013"), ("s117", "l006"), ("s122", "l021"), ("s124", "b009"),
-    ("s127", "b023"), ("s129", "b025"), ("s169", "b011"), ("s180", "b014"), ("s182", "b088"),
-    ("s189", "b098"), ("s195", "l080"), ("s196", "l056")}
+KNOWN_PARAPHRASES = {  # all in the validation part: the train part's 7 were replaced
+    ("s117", "l006"), ("s122", "l021"), ("s124", "b009"), ("s127", "b023"), ("s180", "b014"),
+    ("s196", "l056")}
 
 
 def test_no_new_paraphrase_of_an_evaluation_prompt(anchor, benign):
