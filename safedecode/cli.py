@@ -240,6 +240,9 @@ def train_reward(
     prefixes: str = typer.Option("6,12,24,48", help="Also train on both replies of every pair "
                                                     "cut to these token counts (comma-separated; "
                                                     "'' for whole replies only)."),
+    own_replies: int = typer.Option(64, "--own-replies", help="Also train on pairs of the "
+                                    "model's own texts this many tokens long (its answers over "
+                                    "its refusals, kept in OUT; 0: hand-written pairs only)."),
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
@@ -255,7 +258,8 @@ def train_reward(
             raise ValueError(f"--prefixes: comma-separated token counts, got {prefixes!r}") \
                 from None
         metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
-                                                   mlp=mlp, seed=seed, prefixes=cuts),
+                                                   mlp=mlp, seed=seed, prefixes=cuts,
+                                                   own_replies=own_replies),
                                      model_path=model,
                                      log=lambda m: typer.echo(m, err=True))
     except ImportError as exc:
@@ -266,6 +270,11 @@ def train_reward(
                f"({metrics['val_pairs']} pairs; {metrics['val_prefix_accuracy']:.3f} on "
                f"{metrics['val_prefix_pairs']} partial replies), train "
                f"{metrics['train_accuracy']:.3f}")
+    for label in ("safe", "harmful"):
+        if metrics.get(f"val_own_{label}_accuracy") is not None:
+            typer.echo(f"  the model's own texts, {label} requests: "
+                       f"{metrics[f'val_own_{label}_accuracy']:.3f} "
+                       f"({metrics[f'val_own_{label}_pairs']} validation pairs)")
 
 
 @app.command("safeinfer-vector")

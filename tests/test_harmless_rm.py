@@ -16,8 +16,11 @@ from safedecode.data import load_anchor  # noqa: E402
 from safedecode.engine import SafeDecoder  # noqa: E402
 from safedecode.methods.harmless import (  # noqa: E402
     ASSET,
+    REFUSAL_OPENINGS,
     HarmlessReward,
     RMConfig,
+    own_replies,
+    own_reply_pairs,
     pairwise_accuracy,
     preference_pairs,
     prefix_pairs,
@@ -42,6 +45,51 @@ def test_pairs_prefer_refusals_of_harmful_and_answers_of_safe_requests():
                                                              for p in val}
 
 
+def test_own_reply_pairs_rank_the_models_texts_by_the_request_not_by_their_style():
+    """Pairs of the model's own texts: a harmful request's refusal over the anchor compliance
+    and over a compliant plain reply; a safe request's plain reply over its refusal. A reply that
+    refuses or loops is no example answer; a refusal that does not read as one drops the item."""
+    refuses = lambda t: t.startswith("I can't")  # noqa: E731
+    replies = [
+        {"id": "h1", "label": "harmful", "prompt": "P1", "reply": "Sure, step one.",
+         "refusal": "I can't help with that."},
+        {"id": "h2", "label": "harmful", "prompt": "P2", "reply": "I can't do that.",
+         "refusal": "I can't assist."},
+        {"id": "h3", "label": "harmful", "prompt": "P3", "reply": "Sure.",
+         "refusal": "I won't lie, here it is."},  # talked itself out of the refusal
+        {"id": "s1", "label": "safe", "prompt": "S1", "reply": "Mix flour and water.",
+         "refusal": "I can't help with baking."},
+        {"id": "s2", "label": "safe", "prompt": "S2", "reply": "I can't say.",
+         "refusal": "I can't."},
+        {"id": "s3", "label": "safe", "prompt": "S3", "reply": "so so so " * 10,
+         "refusal": "I can't."},
+    ]
+    compliance = {"h1": "Buy the parts.", "h2": "Mix the chemicals.", "h3": "Go."}
+    pairs = own_reply_pairs(replies, compliance, refuses)
+    got = [(p["chosen"][0]["content"], p["chosen"][1]["content"], p["rejected"][1]["content"])
+           for p in pairs]
+    assert got == [("P1", "I can't help with that.", "Buy the parts."),
+                   ("P1", "I can't help with that.", "Sure, step one."),
+                   ("P2", "I can't assist.", "Mix the chemicals."),
+                   ("S1", "Mix flour and water.", "I can't help with baking.")]
+    assert all(p["rejected"][0]["content"] == p["chosen"][0]["content"] for p in pairs)
+    assert [p["chosen"][0]["content"] for p in own_reply_pairs(replies, compliance, refuses,
+                                                               "safe")] == ["S1"]
+
+
+def test_own_replies_continue_a_refusal_opening_for_every_anchor_prompt():
+    from engine_fixtures import tiny_llama
+
+    model, tok = tiny_llama()
+    out = own_replies("val", model, tok, max_new_tokens=3, log=lambda _: None)
+    items = load_anchor(part="val")
+    assert [r["id"] for r in out] == [it["id"] for it in items]
+    assert [r["label"] for r in out] == [it["split"] for it in items]
+    for i, r in enumerate(out):
+        assert r["refusal"].startswith(REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)])
+        assert isinstance(r["reply"], str) and r["prompt"] == items[i]["prompt"]
+
+
 def test_prefix_pairs_cut_both_replies_to_the_same_token_count(tiny_model_dir):
     """DeAL scores partial replies: the cut pairs keep the prompt and the preference, and cut
     both replies to their first n tokens (a cut that would leave both whole is skipped)."""
@@ -60,13 +108,20 @@ def test_prefix_pairs_cut_both_replies_to_the_same_token_count(tiny_model_dir):
             assert text.startswith(part[side][1]["content"].strip()[:5])
     with pytest.raises(ValueError, match="prefixes"):
         RMConfig(prefixes=(0,))
+    with pytest.raises(ValueError, match="own_replies"):
+        RMConfig(own_replies=-1)
 
 
 def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
-    m = train_reward_model(out, RMConfig(epochs=1, lr=1e-3, lora_r=4, prefixes=(8,)),
+    m = train_reward_model(out, RMConfig(epochs=1, lr=1e-3, lora_r=4, prefixes=(8,),
+                                         own_replies=4),
                            model_path=str(tiny_model_dir), log=lambda _: None)
     saved = json.loads((out / "metrics.json").read_text())
+    for part in ("train", "val"):  # the model's own texts are kept beside the adapter
+        kept = (out / f"own_replies_{part}.jsonl").read_text().splitlines()
+        assert len(kept) == len(load_anchor(part=part))
+    assert {"val_own_safe_pairs", "val_own_harmful_pairs"} <= set(saved)
     assert saved["train_pairs"] > len(preference_pairs("train"))  # the cut pairs too
     assert 0.0 <= saved["val_prefix_accuracy"] <= 1.0 and saved["val_prefix_pairs"] > 0
     assert 0.0 <= m["val_accuracy"] <= 1.0 and saved["val_accuracy"] == m["val_accuracy"]

@@ -11,6 +11,14 @@ DeAL scores *partial* replies (a candidate and its lookahead: a few tokens at th
 answer), so by default every pair is also trained truncated to the first 6, 12, 24 and 48 tokens
 of both replies (:func:`prefix_pairs`): a model trained on whole replies only learns that an
 unfinished answer is bad, whatever the request.
+
+The hand-written pairs alone teach a shortcut: every rejected compliance is the model's own
+text and every chosen answer is written by hand, so such a reward model prefers *any*
+hand-written-looking reply (a refusal) to the model's own answer of a safe request (it ranks 22%
+of those correctly on the validation part). :func:`own_reply_pairs` adds pairs of the model's own
+texts (``RMConfig.own_replies``): its plain answer of a safe request over its own on-topic
+refusal (decoding continued from a refusal opening), and that refusal of a harmful request over
+its compliance.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from .rewards import Reward
 ASSET = Path(__file__).parent / "assets" / "harmless_rm"
 PREFIX_EVAL = (4, 9, 17, 33)  # cut lengths the validation accuracy on partial replies uses
 PAD = "<|endoftext|>"  # not the chat template's end-of-turn token (the score reads the last)
+# Refusal openings the model continues (in rotation) to write its own on-topic refusals.
+REFUSAL_OPENINGS = ("I'm sorry, but I can't", "I can't help with", "I'm sorry, but I cannot",
+                    "I won't help with", "As an AI, I can't")
 
 
 def _chat(prompt: str, reply: str) -> list[dict]:
@@ -67,6 +78,90 @@ def prefix_pairs(pairs: Sequence[dict], lengths: Sequence[int], tokenizer) -> li
     return out
 
 
+def own_replies(part: str, model, tok, *, max_new_tokens: int = 64, batch: int = 32,
+                log=print) -> list[dict]:
+    """The model's own texts for every anchor prompt of ``part``: its greedy plain ``reply``
+    and a ``refusal``, its greedy continuation of a refusal opening (in rotation, kept in the
+    text). Returns ``{"id", "label", "prompt", "reply", "refusal"}`` per item, in anchor order."""
+    from safedecode import methods
+    from safedecode.data import load_anchor
+    from safedecode.engine import SafeDecoder
+
+    items = load_anchor(None, part)
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    prompts = [it["prompt"] for it in items]
+    openings = [REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)] for i in range(len(items))]
+    forced = [tok.apply_chat_template(_chat(p, "")[:1], tokenize=False,
+                                      add_generation_prompt=True) + o
+              for p, o in zip(prompts, openings, strict=True)]
+    replies: list[str] = []
+    refusals: list[str] = []
+    for i in range(0, len(items), batch):
+        replies += [r.text for r in dec.generate(prompts[i:i + batch],
+                                                 max_new_tokens=max_new_tokens)]
+        refusals += [o + r.text for o, r in zip(
+            openings[i:i + batch], dec.generate(forced[i:i + batch], raw=True,
+                                                max_new_tokens=max_new_tokens), strict=True)]
+        log(f"own replies ({part}): {min(i + batch, len(items))}/{len(items)}")
+    return [{"id": it["id"], "label": it["split"], "prompt": it["prompt"], "reply": rep,
+             "refusal": ref} for it, rep, ref in zip(items, replies, refusals, strict=True)]
+
+
+def own_reply_pairs(replies: Sequence[dict], compliance: dict[str, str],
+                    is_refusal, label: str | None = None) -> list[dict]:
+    """Preference pairs of the model's own texts (from :func:`own_replies`): for a harmful
+    request its refusal over the anchor compliance (``compliance``: id -> text) and over its plain
+    reply unless that refuses; for a safe request its plain reply over its refusal, unless the
+    reply refuses (``is_refusal(text) -> bool`` decides), loops or is empty. An item whose
+    refusal does not read as one is skipped. ``label``: only ``"harmful"`` or ``"safe"``."""
+    pairs = []
+    for r in replies:
+        if label is not None and r["label"] != label:
+            continue
+        p, refusal = r["prompt"], r["refusal"]
+        if not is_refusal(refusal):  # the continuation talked itself out of the opening
+            continue
+        answered = bool(r["reply"].strip()) and not is_refusal(r["reply"]) \
+            and not _looping(r["reply"])
+        if r["label"] == "harmful":
+            worse = [compliance[r["id"]]] if r["id"] in compliance else []
+            worse += [r["reply"]] if answered else []
+            pairs += [{"chosen": _chat(p, refusal), "rejected": _chat(p, w)} for w in worse]
+        elif answered:
+            pairs.append({"chosen": _chat(p, r["reply"]), "rejected": _chat(p, refusal)})
+    return pairs
+
+
+def _looping(text: str) -> bool:
+    """A reply stuck in a loop (under half of its word 3-grams distinct): no example answer."""
+    words = text.lower().split()
+    tri = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return bool(tri) and len(set(tri)) < 0.5 * len(tri)
+
+
+def _own_pairs(part: str, out: Path, model_path: str | None, max_new_tokens: int,
+               log) -> dict[str, list[dict]]:
+    """:func:`own_reply_pairs` for ``part``, harmful and safe requests apart; the texts are
+    generated once and kept in ``out/own_replies_{part}.jsonl`` (reused when present)."""
+    from safedecode.data import load_anchor
+    from safedecode.eval.judges import make_judge
+
+    path = out / f"own_replies_{part}.jsonl"
+    if path.is_file():
+        replies = [json.loads(line) for line in path.read_text().splitlines()]
+    else:
+        from safedecode.models import load_model
+
+        model, tok = load_model(model_path or "default")
+        replies = own_replies(part, model, tok, max_new_tokens=max_new_tokens, log=log)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in replies))
+    judge = make_judge("keyword")
+    compliance = {it["id"]: it["compliance"] for it in load_anchor("harmful", part)}
+    return {label: own_reply_pairs(replies, compliance, lambda t: judge.judge_one(t).flag,
+                                   label) for label in ("harmful", "safe")}
+
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -81,10 +176,13 @@ class RMConfig:
     max_length: int = 384
     seed: int = 0
     prefixes: tuple[int, ...] = (6, 12, 24, 48)  # also train on replies cut to these lengths
+    own_replies: int = 64  # pairs of the model's own texts this long (0: hand-written only)
 
     def __post_init__(self) -> None:
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.prefixes):
             raise ValueError(f"prefixes: token counts >= 1, got {self.prefixes!r}")
+        if isinstance(self.own_replies, bool) or self.own_replies < 0:
+            raise ValueError(f"own_replies: a token count >= 0, got {self.own_replies!r}")
 
 
 def _base(model_path: str | None):
@@ -126,7 +224,16 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     torch.manual_seed(cfg.seed)
     model, tok = _base(model_path)
     whole = preference_pairs("train")
-    train = whole + prefix_pairs(whole, cfg.prefixes, tok)
+    own: list[dict] = []
+    own_val: dict[str, list[dict]] = {}
+    if cfg.own_replies:
+        own_train = _own_pairs("train", out, model_path, cfg.own_replies, log)
+        own = own_train["harmful"] + own_train["safe"]
+        own_val = _own_pairs("val", out, model_path, cfg.own_replies, log)
+    whole_all = whole + own
+    train = whole_all + prefix_pairs(whole_all, cfg.prefixes, tok)
+    log(f"train pairs: {len(whole)} hand-written, {len(own)} of the model's own texts, "
+        f"{len(train)} with the cut ones")
     val = preference_pairs("val")
     args = RewardConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
                         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
@@ -145,15 +252,26 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     tok.save_pretrained(str(out))
     rm = HarmlessReward(str(out), model_path=model_path)
     val_prefix = prefix_pairs(val, PREFIX_EVAL, rm.tok)
-    metrics = {"config": asdict(cfg), "train_pairs": len(train),
+    metrics = {"config": asdict(cfg), "train_pairs": len(train), "own_train_pairs": len(own),
                "train_s": time.perf_counter() - t0,
                "train_accuracy": pairwise_accuracy(rm, whole),
                "val_accuracy": pairwise_accuracy(rm, val), "val_pairs": len(val),
                "val_prefix_accuracy": pairwise_accuracy(rm, val_prefix),
                "val_prefix_pairs": len(val_prefix), "val_prefix_lengths": list(PREFIX_EVAL)}
+    if own_val:
+        metrics.update(_own_accuracy(rm, own_val))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
     return metrics
+
+
+def _own_accuracy(rm: HarmlessReward, pairs: dict[str, list[dict]]) -> dict:
+    """Accuracy on pairs of the model's own texts, harmful and safe requests apart."""
+    out = {}
+    for label, ps in pairs.items():
+        out[f"val_own_{label}_accuracy"] = pairwise_accuracy(rm, ps) if ps else None
+        out[f"val_own_{label}_pairs"] = len(ps)
+    return out
 
 
 def pairwise_accuracy(rm: HarmlessReward, pairs: Sequence[dict]) -> float:
