@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The efficacy report of issue 15 on the embedded model: DeAL with the harmlessness reward, over
-# the undefended model and composed with self-cd-sp (the best method of the ACD work), against
-# plain, the safety prompt and self-cd-sp alone, on every evaluation set (all 200 HarmBench
-# behaviours, the three benign sets) plus the anchor validation split, greedy, 128 new tokens.
-# DeAL's knobs were chosen on the validation part only (scripts/deal_sweep.sh,
-# benchmarks/results/deal_val_smollm2-135m.md). plain / safe-prompt / self-cd-sp generations are
-# reused from benchmarks/results/efficacy (same cache keys).
+# The efficacy report of issue 15 on the embedded model: DeAL with the harmlessness reward
+# composed with the two methods the ACD work ships (acd, self-cd-sp), against plain, the safety
+# prompt and the bases alone, on every evaluation set (all 200 HarmBench behaviours, the three
+# benign sets) plus the anchor validation split, greedy, 128 new tokens. DeAL's knobs were chosen
+# on the validation part only (scripts/deal_sweep.sh, benchmarks/results/deal_val_smollm2-135m.md).
+# The bases' generations are reused from benchmarks/results/efficacy (same cache keys).
 #
 #   scripts/deal_eval.sh       # about 60 minutes on 2 CPU cores; resumable
 set -euo pipefail
@@ -14,22 +13,31 @@ PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 E=$R/efficacy-deal
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-# The settings `tune` chose (runs/deal_tune_plain, runs/deal_tune_scd):
-DEAL_PLAIN=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:base=safe-prompt:k=4:lam=1
-DEAL_SCD=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:base=self-cd-sp:k=4:lam=1
+# The setting `tune` chose (runs/deal_tune_v2). DeAL over self-cd-sp (λ 1, the best over that
+# base) was measured on validation only (deal_val_smollm2-135m.md).
+DEAL_ACD=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4:base=acd:lam=3
 mkdir -p "$E"
-if [ ! -s "$E/generations.jsonl" ]; then  # reuse the bases' generations and their perplexities
-  grep -E '"method": "(plain|safe-prompt|self-cd-sp)"' $R/efficacy/generations.jsonl \
-      > "$E/generations.jsonl"
-  $PY - "$E" "$R/efficacy" <<'PY'
+# Copy the bases' cached generations (and their perplexities) that this folder lacks.
+$PY - "$E" "$R/efficacy" <<'PY'
 import json, sys
-keys = {json.loads(l)["key"] for l in open(f"{sys.argv[1]}/generations.jsonl")}
-with open(f"{sys.argv[1]}/annotations.jsonl", "a") as out:
-    for line in open(f"{sys.argv[2]}/annotations.jsonl"):
-        if json.loads(line)["key"].split("|")[0] in keys:
-            out.write(line)
+from pathlib import Path
+from safedecode import methods
+from safedecode.eval.runner import method_fingerprint
+out, src = Path(sys.argv[1]), Path(sys.argv[2])
+fps = {method_fingerprint(methods.get(m)) for m in ("plain", "safe-prompt", "acd", "self-cd-sp")}
+have = set()
+if (out / "generations.jsonl").is_file():
+    have = {json.loads(l)["key"] for l in open(out / "generations.jsonl")}
+new = [l for l in open(src / "generations.jsonl")
+       if json.loads(l)["method_fingerprint"] in fps and json.loads(l)["key"] not in have]
+keys = {json.loads(l)["key"] for l in new}
+with open(out / "generations.jsonl", "a") as f:
+    f.writelines(new)
+with open(out / "annotations.jsonl", "a") as f:
+    f.writelines(l for l in open(src / "annotations.jsonl")
+                 if json.loads(l)["key"].split("|")[0] in keys)
+print(f"reused {len(new)} cached generations")
 PY
-fi
-$PY -m safedecode eval -m "plain,safe-prompt,self-cd-sp,$DEAL_PLAIN,$DEAL_SCD" -d "$SETS" \
+$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

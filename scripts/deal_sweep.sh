@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # How DeAL's reward model and knobs for the embedded model were chosen, on the anchor set only:
-# the harmlessness reward model trained on the train part (whole and cut replies), then DeAL's
-# knobs (base method, k, λ) chosen with `safedecode tune` on the validation part (64 new tokens,
-# greedy; chunk commits of 8 tokens, lookahead 8, search over the first 24 tokens). Two grids:
-# over the undefended model (plain or the text safety prompt) and composed with the best method
-# of the ACD work (self-cd-sp).
+# the harmlessness reward model trained on the train part (hand-written pairs and pairs of the
+# model's own texts, whole and cut), then DeAL's knobs (base method, λ) chosen with
+# `safedecode tune` on the validation part (64 new tokens, greedy; chunk commits of 8 tokens,
+# lookahead 8, k = 4, search over the first 24 tokens), composed with the two methods the ACD
+# work ships (self-cd-sp, acd). Session 7's grid (over plain / safe-prompt as well, k 4|8, with
+# the hand-written-only reward model) is in benchmarks/results/deal_val_smollm2-135m.md.
 #
-#   scripts/deal_sweep.sh      # about 60 minutes on 2 CPU cores; resumable
+#   scripts/deal_sweep.sh      # about 70 minutes on 2 CPU cores (45 of them training); resumable
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 A=safedecode/methods/assets
 R=${R:-runs}
-[ -f $A/harmless_rm/metrics.json ] || $PY -m safedecode train-reward --out $A/harmless_rm
+[ -f $A/harmless_rm/metrics.json ] || $PY -m safedecode train-reward --out $A/harmless_rm --epochs 2
+$PY benchmarks/harmless_rm_check.py    # the model's own validation texts, ranked
 COMMON="deal:reward=harmless:chunk=8:lookahead=8:horizon=24"
-$PY -m safedecode tune --out $R/deal_tune_plain -n 64 \
-    -m "$COMMON:base=plain|safe-prompt:k=4|8:lam=1|3"
-$PY -m safedecode tune --out $R/deal_tune_scd -n 64 \
-    -m "$COMMON:base=self-cd-sp:k=4|8:lam=1|3"
+$PY -m safedecode tune --out $R/deal_tune_v2 -n 64 -m "$COMMON:base=self-cd-sp|acd:k=4:lam=1|3"

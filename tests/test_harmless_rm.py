@@ -14,6 +14,7 @@ pytest.importorskip("trl", reason="the train extra is part of `make setup` (dev)
 from safedecode import methods  # noqa: E402
 from safedecode.data import load_anchor  # noqa: E402
 from safedecode.engine import SafeDecoder  # noqa: E402
+from safedecode.eval.judges import make_judge  # noqa: E402
 from safedecode.methods.harmless import (  # noqa: E402
     ASSET,
     REFUSAL_OPENINGS,
@@ -145,8 +146,20 @@ def test_shipped_reward_model_ranks_validation_pairs():
     request and an answer to a safe one from the evaluation-free anchor data."""
     metrics = json.loads((ASSET / "metrics.json").read_text())
     rm = HarmlessReward()
-    pairs = preference_pairs("val")  # in file order; the anchor set has only grown at its end
-    recorded = pairs[:metrics["val_pairs"]]  # the validation pairs the metrics were taken on
-    assert pairwise_accuracy(rm, recorded) == pytest.approx(metrics["val_accuracy"], abs=1e-9)
-    assert pairwise_accuracy(rm, pairs) >= 0.9  # with the look-alikes added later (unseen)
+    pairs = preference_pairs("val")
+    assert len(pairs) == metrics["val_pairs"]  # the validation pairs the metrics were taken on
+    assert pairwise_accuracy(rm, pairs) == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    assert metrics["val_accuracy"] >= 0.9
     assert methods.get("deal", reward="harmless").reward.key() == rm.key()
+    # The model's own validation texts, kept beside the adapter: its answers of safe requests
+    # over its own refusals (the hand-written pairs alone rank these at 0.25 on natural ones).
+    judge = make_judge("keyword")
+    replies = [json.loads(line) for line in
+               (ASSET / "own_replies_val.jsonl").read_text().splitlines()]
+    compliance = {it["id"]: it["compliance"] for it in load_anchor("harmful", "val")}
+    for label in ("safe", "harmful"):
+        own = own_reply_pairs(replies, compliance, lambda t: judge.judge_one(t).flag, label)
+        assert len(own) == metrics[f"val_own_{label}_pairs"]
+        assert pairwise_accuracy(rm, own) == pytest.approx(
+            metrics[f"val_own_{label}_accuracy"], abs=1e-9)
+    assert metrics["val_own_safe_accuracy"] >= 0.95 and metrics["val_own_harmful_accuracy"] >= 0.85

@@ -309,21 +309,26 @@ class HarmlessReward(Reward):
 
     def __call__(self, prompts, texts) -> list[float]:
         torch = self.torch
-        out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            ids = [self.tok.apply_chat_template(_chat(p, t), tokenize=True,
-                                                return_dict=True)["input_ids"]
-                   for p, t in zip(prompts[i:i + self.batch_size],
-                                   texts[i:i + self.batch_size], strict=True)]
-            width = max(map(len, ids))
-            pad = self.tok.pad_token_id
-            batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        if len(prompts) != len(texts):
+            raise ValueError(f"harmless reward: {len(prompts)} prompts for {len(texts)} texts")
+        ids = [self.tok.apply_chat_template(_chat(p, t), tokenize=True,
+                                            return_dict=True)["input_ids"]
+               for p, t in zip(prompts, texts, strict=True)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
+        out = [0.0] * len(ids)
+        pad = self.tok.pad_token_id
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i:i + self.batch_size]
+            width = max(len(ids[r]) for r in rows)
+            batch = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(batch)
-            for j, seq in enumerate(ids):
-                batch[j, :len(seq)] = torch.tensor(seq)
-                mask[j, :len(seq)] = 1
+            for j, r in enumerate(rows):
+                batch[j, :len(ids[r])] = torch.tensor(ids[r])
+                mask[j, :len(ids[r])] = 1
             with torch.no_grad():
-                out += self.model(input_ids=batch, attention_mask=mask).logits[:, 0].tolist()
+                scores = self.model(input_ids=batch, attention_mask=mask).logits[:, 0].tolist()
+            for r, score in zip(rows, scores, strict=True):
+                out[r] = score
         return out
 
 
