@@ -233,7 +233,7 @@ def train_reward(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapter and metrics."),
     model: str | None = typer.Option(None, help="A local model folder (default: the embedded "
                                                 "model)."),
-    epochs: float = typer.Option(3.0, help="Passes over the anchor train pairs."),
+    epochs: float = typer.Option(2.0, help="Passes over the anchor train pairs."),
     lr: float = typer.Option(1e-3, help="Learning rate (LoRA + score head)."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     mlp: bool = typer.Option(False, "--mlp", help="LoRA on the MLP layers too."),
@@ -252,6 +252,9 @@ def train_reward(
 
         if epochs <= 0 or lr <= 0 or lora_r < 1:
             raise ValueError("--epochs and --lr must be > 0, --lora-r >= 1")
+        if own_replies < 0:
+            raise ValueError(f"--own-replies: a token count >= 0 (0: hand-written pairs only), "
+                             f"got {own_replies}")
         try:
             cuts = tuple(int(x) for x in prefixes.split(",") if x.strip())
         except ValueError:

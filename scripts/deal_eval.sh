@@ -13,9 +13,10 @@ PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 E=$R/efficacy-deal
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-# The setting `tune` chose (runs/deal_tune_v2). DeAL over self-cd-sp (λ 1, the best over that
-# base) was measured on validation only (deal_val_smollm2-135m.md).
-DEAL_ACD=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4:base=acd:lam=3
+# The settings `tune` chose (runs/deal_tune_v2): the best over all, and the best over self-cd-sp.
+DEAL=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4
+DEAL_ACD=$DEAL:base=acd:lam=3
+DEAL_SCD=$DEAL:base=self-cd-sp:lam=1
 mkdir -p "$E"
 # Copy the bases' cached generations (and their perplexities) that this folder lacks.
 $PY - "$E" "$R/efficacy" <<'PY'
@@ -38,6 +39,6 @@ with open(out / "annotations.jsonl", "a") as f:
                  if json.loads(l)["key"].split("|")[0] in keys)
 print(f"reused {len(new)} cached generations")
 PY
-$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD" -d "$SETS" \
+$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

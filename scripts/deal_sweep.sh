@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 A=safedecode/methods/assets
 R=${R:-runs}
-[ -f $A/harmless_rm/metrics.json ] || $PY -m safedecode train-reward --out $A/harmless_rm --epochs 2
+[ -f $A/harmless_rm/metrics.json ] || $PY -m safedecode train-reward --out $A/harmless_rm
 $PY benchmarks/harmless_rm_check.py    # the model's own validation texts, ranked
 COMMON="deal:reward=harmless:chunk=8:lookahead=8:horizon=24"
 $PY -m safedecode tune --out $R/deal_tune_v2 -n 64 -m "$COMMON:base=self-cd-sp|acd:k=4:lam=1|3"

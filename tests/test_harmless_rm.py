@@ -163,3 +163,17 @@ def test_shipped_reward_model_ranks_validation_pairs():
         assert pairwise_accuracy(rm, own) == pytest.approx(
             metrics[f"val_own_{label}_accuracy"], abs=1e-9)
     assert metrics["val_own_safe_accuracy"] >= 0.95 and metrics["val_own_harmful_accuracy"] >= 0.85
+
+
+def test_cli_train_reward_rejects_bad_settings_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    runner = CliRunner()
+    for args, named in ((["--epochs", "0"], "--epochs"), (["--prefixes", "6,x"], "--prefixes"),
+                        (["--own-replies", "-1"], "--own-replies")):
+        res = runner.invoke(app, ["train-reward", "-o", str(tmp_path / "rm"), *args])
+        assert res.exit_code == 2 and named in res.output, res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "rm").exists()

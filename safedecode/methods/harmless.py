@@ -168,7 +168,7 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 @dataclass
 class RMConfig:
-    epochs: float = 3.0
+    epochs: float = 2.0
     lr: float = 1e-3
     lora_r: int = 8
     mlp: bool = False  # LoRA on the MLP too (more capacity, a 5x larger adapter)
