@@ -177,3 +177,25 @@ def test_cli_train_reward_rejects_bad_settings_before_loading_anything(tmp_path)
         assert res.exit_code == 2 and named in res.output, res.output
         assert "Traceback" not in res.output
     assert not (tmp_path / "rm").exists()
+
+
+def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir, tmp_path):
+    from safedecode.methods.harmless import _own_pairs
+
+    items = load_anchor(part="val")
+    kept = [{"id": it["id"], "label": it["split"], "prompt": it["prompt"],
+             "reply": "Here is how: mix flour, water and salt, then knead.",
+             "refusal": "I'm sorry, but I can't help with that."} for it in items]
+    path = tmp_path / "own_replies_val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # Same prompts: reused, no model loaded (the model path does not exist).
+    pairs = _own_pairs("val", tmp_path, str(tmp_path / "no-model"), 4, lambda _: None)
+    assert len(pairs["safe"]) == sum(it["split"] == "safe" for it in items)
+    # A prompt changed (the anchor set was edited): generated again with the model.
+    kept[0]["prompt"] = "An older prompt."
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    logs = []
+    _own_pairs("val", tmp_path, str(tiny_model_dir), 2, logs.append)
+    assert any("another anchor set" in m for m in logs)
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in again] == [it["prompt"] for it in items]

@@ -14,11 +14,11 @@ unfinished answer is bad, whatever the request.
 
 The hand-written pairs alone teach a shortcut: every rejected compliance is the model's own
 text and every chosen answer is written by hand, so such a reward model prefers *any*
-hand-written-looking reply (a refusal) to the model's own answer of a safe request (it ranks 22%
-of those correctly on the validation part). :func:`own_reply_pairs` adds pairs of the model's own
-texts (``RMConfig.own_replies``): its plain answer of a safe request over its own on-topic
-refusal (decoding continued from a refusal opening), and that refusal of a harmful request over
-its compliance.
+hand-written-looking reply (a refusal) to the model's own answer of a safe request (the adapter
+shipped before ranked 25% of those correctly on the validation part). :func:`own_reply_pairs`
+adds pairs of the model's own texts (``RMConfig.own_replies``): its plain answer of a safe
+request over its own on-topic refusal (decoding continued from a refusal opening), and that
+refusal of a harmful request over its compliance.
 """
 
 from __future__ import annotations
@@ -142,14 +142,20 @@ def _looping(text: str) -> bool:
 def _own_pairs(part: str, out: Path, model_path: str | None, max_new_tokens: int,
                log) -> dict[str, list[dict]]:
     """:func:`own_reply_pairs` for ``part``, harmful and safe requests apart; the texts are
-    generated once and kept in ``out/own_replies_{part}.jsonl`` (reused when present)."""
+    generated once and kept in ``out/own_replies_{part}.jsonl`` (reused while the anchor part's
+    prompts are the same)."""
     from safedecode.data import load_anchor
     from safedecode.eval.judges import make_judge
 
     path = out / f"own_replies_{part}.jsonl"
-    if path.is_file():
+    want = [(it["id"], it["prompt"]) for it in load_anchor(None, part)]
+    replies = []
+    if path.is_file():  # reused only while the anchor part is the one they were made for
         replies = [json.loads(line) for line in path.read_text().splitlines()]
-    else:
+        if [(r["id"], r["prompt"]) for r in replies] != want:
+            log(f"{path}: made for another anchor set; generating again")
+            replies = []
+    if not replies:
         from safedecode.models import load_model
 
         model, tok = load_model(model_path or "default")
