@@ -185,17 +185,22 @@ def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir,
     items = load_anchor(part="val")
     kept = [{"id": it["id"], "label": it["split"], "prompt": it["prompt"],
              "reply": "Here is how: mix flour, water and salt, then knead.",
-             "refusal": "I'm sorry, but I can't help with that."} for it in items]
+             "refusal": "I'm sorry, but I can't help with that.", "max_new_tokens": 4}
+            for it in items]
     path = tmp_path / "own_replies_val.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     # Same prompts: reused, no model loaded (the model path does not exist).
     pairs = _own_pairs("val", tmp_path, str(tmp_path / "no-model"), 4, lambda _: None)
     assert len(pairs["safe"]) == sum(it["split"] == "safe" for it in items)
-    # A prompt changed (the anchor set was edited): generated again with the model.
-    kept[0]["prompt"] = "An older prompt."
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    logs = []
-    _own_pairs("val", tmp_path, str(tiny_model_dir), 2, logs.append)
-    assert any("another anchor set" in m for m in logs)
-    again = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
+    # Another length asked for, or a prompt changed (the anchor set was edited): generated
+    # again with the model.
+    for length, edit in ((2, False), (4, True)):
+        if edit:
+            kept[0]["prompt"] = "An older prompt."
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        logs = []
+        _own_pairs("val", tmp_path, str(tiny_model_dir), length, logs.append)
+        assert any("generating again" in m for m in logs)
+        again = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
+        assert {r["max_new_tokens"] for r in again} == {length}

@@ -82,7 +82,8 @@ def own_replies(part: str, model, tok, *, max_new_tokens: int = 64, batch: int =
                 log=print) -> list[dict]:
     """The model's own texts for every anchor prompt of ``part``: its greedy plain ``reply``
     and a ``refusal``, its greedy continuation of a refusal opening (in rotation, kept in the
-    text). Returns ``{"id", "label", "prompt", "reply", "refusal"}`` per item, in anchor order."""
+    text). Returns ``{"id", "label", "prompt", "reply", "refusal", "max_new_tokens"}`` per item,
+    in anchor order."""
     from safedecode import methods
     from safedecode.data import load_anchor
     from safedecode.engine import SafeDecoder
@@ -104,7 +105,8 @@ def own_replies(part: str, model, tok, *, max_new_tokens: int = 64, batch: int =
                                                 max_new_tokens=max_new_tokens), strict=True)]
         log(f"own replies ({part}): {min(i + batch, len(items))}/{len(items)}")
     return [{"id": it["id"], "label": it["split"], "prompt": it["prompt"], "reply": rep,
-             "refusal": ref} for it, rep, ref in zip(items, replies, refusals, strict=True)]
+             "refusal": ref, "max_new_tokens": max_new_tokens}
+            for it, rep, ref in zip(items, replies, refusals, strict=True)]
 
 
 def own_reply_pairs(replies: Sequence[dict], compliance: dict[str, str],
@@ -143,17 +145,17 @@ def _own_pairs(part: str, out: Path, model_path: str | None, max_new_tokens: int
                log) -> dict[str, list[dict]]:
     """:func:`own_reply_pairs` for ``part``, harmful and safe requests apart; the texts are
     generated once and kept in ``out/own_replies_{part}.jsonl`` (reused while the anchor part's
-    prompts are the same)."""
+    prompts and the length are the same)."""
     from safedecode.data import load_anchor
     from safedecode.eval.judges import make_judge
 
     path = out / f"own_replies_{part}.jsonl"
-    want = [(it["id"], it["prompt"]) for it in load_anchor(None, part)]
+    want = [(it["id"], it["prompt"], max_new_tokens) for it in load_anchor(None, part)]
     replies = []
-    if path.is_file():  # reused only while the anchor part is the one they were made for
+    if path.is_file():  # reused only if made for these prompts at this length
         replies = [json.loads(line) for line in path.read_text().splitlines()]
-        if [(r["id"], r["prompt"]) for r in replies] != want:
-            log(f"{path}: made for another anchor set; generating again")
+        if [(r["id"], r["prompt"], r.get("max_new_tokens")) for r in replies] != want:
+            log(f"{path}: made for another anchor set or length; generating again")
             replies = []
     if not replies:
         from safedecode.models import load_model
