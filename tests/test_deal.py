@@ -11,6 +11,7 @@ from engine_fixtures import tiny_llama
 from safedecode import methods
 from safedecode.bench.naive import NaiveDeAL
 from safedecode.engine import SafeDecoder, SamplingParams
+from safedecode.engine.branches import Branch, contrastive
 from safedecode.methods.rewards import Keywords, Length, Weighted, make_reward
 
 PROMPTS = ["Why is the sky blue?", "Name a colour.", "Hi"]
@@ -121,7 +122,7 @@ def test_forked_candidates_equal_rollouts_from_scratch():
             for k in range(2)]
     for o in outs:
         toks = res[o.request_id].token_ids
-        roll, _, _ = naive._run(embs, toks[:3], 5, set())
+        roll = naive._run(embs, toks[:3], 5, set())[0]
         assert toks[3:] == roll
 
 
@@ -150,10 +151,14 @@ def test_bad_parameters_are_named():
                       (dict(beam=0), "beam"), (dict(chunk=9, lookahead=2), "chunk"),
                       (dict(lam=float("nan")), "lam"), (dict(reward="nope"), "unknown"),
                       (dict(base="deal"), "base"), (dict(reward=None), "reward"),
-                      (dict(horizon=0), "horizon"), (dict(horizon=2.5), "horizon")):
+                      (dict(horizon=0), "horizon"), (dict(horizon=2.5), "horizon"),
+                      (dict(propose=-1), "propose: must be"), (dict(propose=1.5), "propose")):
         args = {"reward": _digit_reward, **kw}
         with pytest.raises(ValueError, match=match):
             methods.get("deal", **args)
+    union = contrastive([Branch(system="a"), Branch(system="b")], [1.0, 0.5], rule="union")
+    with pytest.raises(ValueError, match="propose: the base .* no plain branch"):
+        methods.get("deal", reward=_digit_reward, base=union, propose=2)
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
     with pytest.raises(ValueError, match="generate"):
@@ -174,12 +179,13 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
     run = CliRunner().invoke
     base = ["generate", "--model", str(tiny_model_dir), "--method", "deal", "-n", "6"]
     r = run(app, [*base, "--reward", "keywords:include=the", "--deal-k", "2", "--lookahead",
-                  "2", "--json", "Hi"])
+                  "2", "--propose", "1", "--json", "Hi"])
     assert r.exit_code == 0, r.output
     assert '"method": "deal"' in r.output and '"tokens": 6' in r.output
     for extra, match in ((["--deal-k", "0", "--reward", "length"], "k: must be"),
                          (["--lookahead", "-1", "--reward", "length"], "lookahead"),
                          (["--horizon", "0", "--reward", "length"], "horizon"),
+                         (["--propose", "-2", "--reward", "length"], "propose"),
                          (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
                          (["--reward", "length", "--stream"], "generate()")):
         r = run(app, [*base, *extra, "Hi"])
@@ -197,4 +203,70 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
     assert "lookahead=8" in methods.get("deal", reward="length:target=9").describe()
     assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
                 fp(base="acd-text"), fp(reward=_digit_reward), fp(horizon=16),
-                fp(horizon=17)}) == 8
+                fp(horizon=17), fp(propose=2), fp(propose=3)}) == 10
+
+
+def _starts_with(word: str):
+    return lambda prompts, texts: [10.0 * t.startswith(word) for t in texts]
+
+
+@pytest.mark.parametrize(("base", "k", "propose", "chunk"),
+                         [("acd-text", 2, 2, 1), ("acd-text", 1, 3, 2), ("self-cd", 2, 2, 3)])
+def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk):
+    """With ``propose`` the plain model's top tokens join each step's candidates (log P under
+    the mixture): equal to the naive search from scratch, batched. acd-text gets a weight-0
+    plain branch; self-cd proposes from its own plain branch (no branch added)."""
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=k, lookahead=2, chunk=chunk, lam=1.0, reward=_digit_reward,
+                       propose=propose, base=base, alpha=0.5)
+    assert spec.engine_method.k == (3 if base == "acd-text" else 2)
+    assert spec.sequences_per_request == k + propose
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS[:2], max_new_tokens=8)
+    naive = NaiveDeAL(model, tok, spec)
+    for p, r in zip(PROMPTS[:2], got, strict=True):
+        ref = naive.generate(p, max_new_tokens=8)
+        assert r.token_ids == ref.token_ids, p
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_the_proposal_branch_leaves_the_base_distribution_alone():
+    model, tok = tiny_llama()
+    spec = methods.get("deal", k=2, propose=2, reward=_digit_reward, base="acd-text",
+                       alpha=0.5)
+    a = SafeDecoder(model, tok, spec.engine_method).generate(PROMPTS, max_new_tokens=6,
+                                                             return_logprobs=True)
+    b = SafeDecoder(model, tok, spec.base).generate(PROMPTS, max_new_tokens=6,
+                                                    return_logprobs=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.logprobs for r in a] == [pytest.approx(r.logprobs, abs=1e-5) for r in b]
+
+
+def test_proposals_reach_a_token_the_base_masks():
+    """acd-text with β 1 masks the plain model's first token; a reward for it cannot reach it
+    from the base's candidates, and does with the plain model's proposals."""
+    model, tok = tiny_llama()
+    plain = SafeDecoder(model, tok, methods.get("plain")).generate(PROMPTS[0],
+                                                                  max_new_tokens=1)[0]
+    word = plain.text
+    kw = dict(k=4, lookahead=1, lam=10.0, reward=_starts_with(word), base="acd-text",
+              alpha=0.5, beta=1.0)
+    without = SafeDecoder(model, tok, methods.get("deal", **kw)).generate(
+        PROMPTS[0], max_new_tokens=4)[0]
+    assert not without.text.startswith(word)
+    got = SafeDecoder(model, tok, methods.get("deal", propose=1, **kw)).generate(
+        PROMPTS[0], max_new_tokens=4)[0]
+    assert got.token_ids[0] == plain.token_ids[0]
+
+
+def test_engine_step_names_a_bad_proposal():
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).engine(max_seqs=4)
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    eng.step()
+    for bad in ((2, 1), (0, 0), (0,), "plain", (True, 1)):
+        with pytest.raises(ValueError, match="propose: expected"):
+            eng.step(expand={rid: 2}, propose=bad)
+    with pytest.raises(ValueError, match="free slots"):
+        eng.step(expand={rid: 2}, propose=(1, 3))
+    outs = eng.step(expand={rid: 2}, propose=(1, 2))
+    assert 2 <= len(outs) <= 4 and len({o.token_id for o in outs}) == len(outs)

@@ -7,6 +7,7 @@ across branches, no compaction, no static cache.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -108,28 +109,30 @@ class NaiveDeAL:
     """DeAL as the public implementation runs it: one request at a time, and at every search
     step the whole context prefilled again — once for the candidates, once more for each
     candidate's rollout (K branch passes each, a fresh cache per rollout). Greedy rollouts, beam
-    1. The baseline of the DeAL benchmark and the reference of its exactness tests."""
+    1. The baseline of the DeAL benchmark and the reference of its exactness tests (``propose``
+    too: the plain branch's top tokens join the candidates, log P under the mixture)."""
 
     def __init__(self, model, tokenizer, spec, *, backend: str = "reference") -> None:
         if spec.beam != 1:
             raise ValueError("beam: the naive DeAL baseline searches with beam 1")
         self.spec, self.model, self.tok = spec, model, tokenizer
-        self.gen = NaiveContrastGenerator(model, tokenizer, spec.base, backend=backend)
+        self.gen = NaiveContrastGenerator(model, tokenizer, spec.engine_method, backend=backend)
         self.backend = backend
 
     def _final(self, logits: list[torch.Tensor]) -> torch.Tensor:
         from safedecode.ops import contrastive_logprobs
 
-        m = self.spec.base
+        m = self.spec.engine_method
         return contrastive_logprobs(torch.stack(logits), list(m.weights), rule=m.rule,
                                     anchor=m.anchor, beta=m.beta, temperature=1.0,
                                     backend=self.backend)[0]
 
     @torch.no_grad()
     def _run(self, embs: list[torch.Tensor], ids: list[int], n: int, eos: set[int]
-             ) -> tuple[list[int], list[float], torch.Tensor]:
+             ) -> tuple[list[int], list[float], torch.Tensor, list[torch.Tensor]]:
         """Prefill prompt + ``ids`` per branch (fresh caches), then up to ``n`` greedy tokens.
-        Returns (tokens, their log-probs, the final log-distribution after ``ids``)."""
+        Returns (tokens, their log-probs, the final log-distribution after ``ids``, the branches'
+        logits there)."""
         gen, model = self.gen, self.model
         caches, logits = [], []
         for emb in embs:
@@ -141,7 +144,7 @@ class NaiveDeAL:
             out = model(inputs_embeds=x[None], position_ids=pos, **cache_kwargs(model, cache))
             caches.append(cache)
             logits.append(out.logits[:, -1, :])
-        first = self._final(logits)
+        first, first_logits = self._final(logits), logits
         lp, toks, lps = first, [], []
         lengths = [e.shape[0] + len(ids) for e in embs]
         for _ in range(n):
@@ -158,13 +161,13 @@ class NaiveDeAL:
                 lengths[k] += 1
                 logits.append(out.logits[:, -1, :])
             lp = self._final(logits)
-        return toks, lps, first
+        return toks, lps, first, first_logits
 
     @torch.no_grad()
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 128) -> GenerationResult:
         spec, t0 = self.spec, time.perf_counter()
         msgs = normalise_prompt(prompt, 0)
-        embs = [self.gen._branch_inputs(k, [msgs])[0][0] for k in range(spec.base.k)]
+        embs = [self.gen._branch_inputs(k, [msgs])[0][0] for k in range(spec.engine_method.k)]
         eos: set[int] = set()
         for src in (getattr(self.model, "generation_config", None), self.tok):
             e = getattr(src, "eos_token_id", None)
@@ -179,16 +182,25 @@ class NaiveDeAL:
         committed: list[int] = []
         lps: list[float] = []
         while True:
-            first = self._run(embs, committed, 0, eos)[2]
+            _, _, first, z = self._run(embs, committed, 0, eos)
             top_lp, top_tok = torch.sort(first, descending=True, stable=True)
             cands = [(int(t), float(v)) for t, v in zip(top_tok[:spec.k], top_lp[:spec.k],
                                                          strict=True) if v != float("-inf")]
+            if spec.propose:  # the plain branch's top tokens too; log P under the mixture
+                q = torch.log_softmax(z[spec.proposal[0]][0].float(), dim=-1)
+                extra = [int(t) for t in torch.sort(q, descending=True, stable=True).indices
+                         [:spec.propose]]
+                toks = [t for t, _ in cands] + [t for t in extra
+                                                 if t not in {c for c, _ in cands}]
+                idx = torch.tensor(toks)
+                mix = torch.logaddexp(first[idx], q[idx]) - math.log(2.0)
+                cands = list(zip(toks, mix.double().tolist(), strict=True))
             scored = []
             for rank, (c, c_lp) in enumerate(cands):
                 seq, seq_lps = [*committed, c], [*lps, c_lp]
                 roll, roll_lps = [], []
                 if c not in eos and len(seq) < max_new_tokens:
-                    roll, roll_lps, _ = self._run(
+                    roll, roll_lps, *_ = self._run(
                         embs, seq, min(spec.lookahead, max_new_tokens - len(seq)), eos)
                 full = seq + roll
                 h = spec.reward([user], [text_of(full)])[0]
@@ -205,7 +217,7 @@ class NaiveDeAL:
             n = min(base - 1 + spec.chunk, len(full))
             committed, lps = full[:n], full_lps[:n]
             if spec.horizon is not None and n >= spec.horizon:  # the base decodes the rest
-                roll, roll_lps, _ = self._run(embs, committed, max_new_tokens - n, eos)
+                roll, roll_lps, *_ = self._run(embs, committed, max_new_tokens - n, eos)
                 full, full_lps = committed + roll, lps + roll_lps
                 return GenerationResult(
                     text=text_of(full), token_ids=full,

@@ -78,7 +78,7 @@ class SafeDecoder:
 
         self.search = None
         if isinstance(method, DeAL):  # a search around a base method
-            self.search, method = method, method.base
+            self.search, method = method, method.engine_method
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method

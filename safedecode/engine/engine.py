@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -388,13 +389,21 @@ class Engine:
         return list(self._get(request_id).logprobs)
 
     # -- the step -------------------------------------------------------------------------------
-    def _check_expand(self, expand: dict[int, int]) -> int:
+    def _check_expand(self, expand: dict[int, int], propose: tuple[int, int] | None) -> int:
+        extra = 0
+        if propose is not None:
+            if (not isinstance(propose, tuple) or len(propose) != 2
+                    or any(isinstance(x, bool) or not isinstance(x, int) for x in propose)
+                    or not 0 <= propose[0] < self.method.k or propose[1] < 1):
+                raise ValueError(f"propose: expected (branch in [0, {self.method.k}), k >= 1), "
+                                 f"got {propose!r}")
+            extra = propose[1]
         need = 0
         for rid, k in expand.items():
             self._get(rid)
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"expand: k must be an integer >= 1, got {k!r} for {rid}")
-            need += k - 1
+            need += k - 1 + extra
         if need > self.state.free_slots:
             raise ValueError(f"expand: {need} more sequences need free slots; "
                              f"{self.state.free_slots} are free (max_seqs="
@@ -402,16 +411,20 @@ class Engine:
         return need
 
     @torch.no_grad()
-    def step(self, expand: dict[int, int] | None = None) -> list[StepOutput]:
+    def step(self, expand: dict[int, int] | None = None,
+             propose: tuple[int, int] | None = None) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs.
 
         ``expand`` ({id: k}): those sequences do not sample; they take the top-``k`` tokens of
         the method's final distribution (temperature 1, ties to the lower id): the sequence
         continues with the best and ``k - 1`` forks (sharing its KV, no forward) with the
         others, reported as outputs with ``parent`` set (DeAL's candidates). Costs one more
-        device-to-host read in that step."""
+        device-to-host read in that step. ``propose`` = ``(branch, kp)``: also the top-``kp``
+        tokens of that branch's own distribution (softmax of its logits) not among them; every
+        candidate's log-prob is then under the mixture ``(p_final + p_branch) / 2`` (a weight-0
+        branch proposes tokens the final distribution has masked)."""
         expand = dict(expand or {})
-        reserve = self._check_expand(expand) if expand else 0
+        reserve = self._check_expand(expand, propose) if expand else 0
         st = self.state
         moves = st.compact()
         if moves:
@@ -465,7 +478,7 @@ class Engine:
         rows = [(seq, int(vals[1][j]), int(vals[0][j]), vals[2][j] if want_lp else None, None)
                 for j, seq in enumerate(seqs)]
         if expand:
-            rows = self._expand(rows, logits, expand)
+            rows = self._expand(rows, logits, expand, propose)
         outs = []
         for seq, status, t, lp, parent in rows:
             if not seq.out:
@@ -485,7 +498,8 @@ class Engine:
                                    lp if seq.params.logprobs else None, parent))
         return outs
 
-    def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int]) -> list:
+    def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int],
+                propose: tuple[int, int] | None = None) -> list:
         """Replace the sampled token of each expanded sequence by its top-k candidates (the
         first for the sequence itself, the others for forks); see :meth:`step`."""
         from safedecode.ops import contrastive_logprobs
@@ -495,26 +509,42 @@ class Engine:
         if not picked:
             return rows
         m, st = self.method, self.state
-        lp = contrastive_logprobs(logits[picked].permute(1, 0, 2), self.runner.weights,
+        z = logits[picked]
+        lp = contrastive_logprobs(z.permute(1, 0, 2), self.runner.weights,
                                   rule=m.rule, anchor=m.anchor, beta=m.beta, temperature=1.0,
                                   backend=self.runner.backend, check_inputs=False)
         kmax = max(expand[rows[j][0].id] for j in picked)
         top_lp, top_tok = torch.sort(lp, dim=-1, descending=True, stable=True)
-        host = torch.stack([top_tok[:, :kmax].double(), top_lp[:, :kmax].double()]).tolist()
+        tok, tok_lp = top_tok[:, :kmax], top_lp[:, :kmax]
+        if propose is not None:
+            q = torch.log_softmax(z[:, propose[0]].float(), dim=-1)
+            q_tok = torch.sort(q, dim=-1, descending=True, stable=True).indices
+            tok = torch.cat([tok, q_tok[:, :propose[1]]], dim=1)
+            tok_lp = torch.logaddexp(lp.gather(1, tok), q.gather(1, tok)) - math.log(2.0)
+        host = torch.stack([tok.double(), tok_lp.double(),
+                            lp.gather(1, tok).double()]).tolist()
         out = list(rows)
         for n, j in enumerate(picked):
             seq = rows[j][0]
-            cands = [(int(t), lp_) for t, lp_ in zip(host[0][n], host[1][n], strict=True)
-                     if lp_ != float("-inf")][:expand[seq.id]]
+            base = [(int(t), lp_) for t, lp_, b in zip(host[0][n][:kmax], host[1][n][:kmax],
+                                                       host[2][n][:kmax], strict=True)
+                    if b != float("-inf")][:expand[seq.id]]
+            seen = {t for t, _ in base}
+            extra = []
+            for t, lp_ in zip(host[0][n][kmax:], host[1][n][kmax:], strict=True):
+                if int(t) not in seen and lp_ != float("-inf"):
+                    seen.add(int(t))
+                    extra.append((int(t), lp_))
+            cands = base + extra
             kids = []
-            for i, (tok, lp_) in enumerate(cands[1:], start=1):
+            for i, (t, lp_) in enumerate(cands[1:], start=1):
                 kid = copy.copy(seq)
                 kid.id, kid.slot = next(self._ids), st.acquire()
                 kid.seed = (seq.seed + i) % 2**62
                 kid.out, kid.logprobs = list(seq.out), list(seq.logprobs)
                 kid.detok = seq.detok.clone()
                 self._live[kid.id] = kid
-                kids.append((kid, tok, lp_))
+                kids.append((kid, t, lp_))
             if kids:
                 st.fork(seq.slot, [k.slot for k, _, _ in kids])
                 slots = torch.tensor([k.slot for k, _, _ in kids], device=st.device)

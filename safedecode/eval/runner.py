@@ -68,6 +68,8 @@ def method_fingerprint(method: Method) -> str:
                        method.reward.key())).encode())
         if method.horizon is not None:  # (absent: the keys of earlier runs stay valid)
             h.update(f"horizon={method.horizon}".encode())
+        if method.propose:
+            h.update(f"propose={method.propose}".encode())
         return "deal-" + h.hexdigest()[:11]
     h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
     for b in method.branches:

@@ -17,15 +17,24 @@ the base method alone, in the same batched steps as the other requests' searches
 answer refuses is settled in its first tokens, so a short horizon keeps most of the effect at
 close to the base method's cost. The candidates of all requests are scored in one reward call
 per search step.
+
+``propose`` (an extension; 0 = off, the paper) adds the top-``propose`` tokens of the *plain*
+model (no system prompt) to each search step's candidates. A contrast method's plausibility mask
+can leave no answer among its top-k for a safe request it over-refuses; the plain model's
+proposals let the reward pick one. The plain model is the base's own plain branch where it has
+one (Self-CD), otherwise a weight-0 branch added to the base (the final distribution is
+unchanged; the forward carries one more branch). ``log P`` of every candidate is then under the
+mixture ``(p_base + p_plain) / 2``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from safedecode.engine.branches import Method
+from safedecode.engine.branches import Branch, Method
 from safedecode.engine.engine import Engine, GenerationResult
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
@@ -45,13 +54,15 @@ class DeAL:
     beam: int = 1
     chunk: int = 1
     horizon: int | None = None
+    propose: int = 0
     name: str = "deal"
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, Method):
             raise ValueError(f"base: expected a Method, got {type(self.base).__name__}")
         for field_, value, lo in (("k", self.k, 1), ("lookahead", self.lookahead, 0),
-                                  ("beam", self.beam, 1), ("chunk", self.chunk, 1)):
+                                  ("beam", self.beam, 1), ("chunk", self.chunk, 1),
+                                  ("propose", self.propose, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{field_}: must be an integer >= {lo}, got {value!r}")
         if self.horizon is not None and (isinstance(self.horizon, bool)
@@ -65,23 +76,53 @@ class DeAL:
             raise ValueError(f"lam: must be a finite number, got {self.lam!r}")
         if not isinstance(self.reward, Reward):
             raise ValueError("reward: expected a Reward (see safedecode.methods.rewards)")
+        if self.propose and _plain_branch(self.base) is None and self.base.rule != "linear":
+            raise ValueError(f"propose: the base {self.base.name!r} has no plain branch and its "
+                             f"{self.base.rule!r} rule takes no added branch; use propose=0")
+
+    @functools.cached_property
+    def engine_method(self) -> Method:
+        """The method the engine runs: the base, plus a weight-0 plain branch when ``propose``
+        needs one the base lacks (its final distribution is the base's)."""
+        if not self.propose or _plain_branch(self.base) is not None:
+            return self.base
+        b = self.base
+        return Method(b.name, (*b.branches, Branch(name="proposal")), (*b.weights, 0.0),
+                      b.rule, b.anchor, b.beta)
+
+    @property
+    def proposal(self) -> tuple[int, int] | None:
+        """``(branch, kp)`` for :meth:`Engine.step`'s ``propose``, or None."""
+        if not self.propose:
+            return None
+        return _plain_branch(self.engine_method), self.propose
 
     def describe(self) -> str:
         return (f"{self.name}: k={self.k}, lookahead={self.lookahead}, lam={self.lam}, "
                 f"beam={self.beam}, chunk={self.chunk}, "
                 f"{'' if self.horizon is None else f'horizon={self.horizon}, '}"
+                f"{f'propose={self.propose}, ' if self.propose else ''}"
                 f"reward={self.reward.key()}; base "
                 f"{self.base.describe()}")
 
     @property
     def sequences_per_request(self) -> int:
-        """Sequences a request holds at once during a search step (``beam x k``)."""
-        return self.beam * self.k
+        """Sequences a request holds at once during a search step (``beam x (k + propose)``)."""
+        return self.beam * (self.k + self.propose)
+
+
+def _plain_branch(method: Method) -> int | None:
+    """The first branch of ``method`` that is the plain model (no system or soft prompt, hook or
+    adapter), or None."""
+    for i, b in enumerate(method.branches):
+        if b.system is None and b.soft_prompt is None and not b.hooks and b.adapter is None:
+            return i
+    return None
 
 
 def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: int = 1,
-         chunk: int = 1, horizon: int | None = None, base: str | Method = "plain",
-         **base_kwargs) -> DeAL:
+         chunk: int = 1, horizon: int | None = None, propose: int = 0,
+         base: str | Method = "plain", **base_kwargs) -> DeAL:
     """``methods.get("deal", k=4, lookahead=8, lam=1.0, reward="keywords:include=sorry",
     base="acd-text", alpha=0.5)``: DeAL over the named base method (its keyword arguments
     pass through). ``reward``: a :class:`Reward`, a callable ``(prompts, texts) -> scores`` or a
@@ -98,7 +139,7 @@ def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: in
     elif base_kwargs:
         raise ValueError(f"{sorted(base_kwargs)[0]}: not a DeAL parameter")
     return DeAL(base, make_reward(reward), k=k, lookahead=lookahead, lam=lam, beam=beam,
-                chunk=chunk, horizon=horizon)
+                chunk=chunk, horizon=horizon, propose=propose)
 
 
 @dataclass
@@ -120,11 +161,15 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     need = len(built) * spec.sequences_per_request
     if engine.state.max_seqs < need:
         raise ValueError(f"max_seqs: DeAL needs {need} sequences ({len(built)} requests x beam "
-                         f"{spec.beam} x k {spec.k}); the engine has {engine.state.max_seqs}")
+                         f"{spec.beam} x (k {spec.k} + propose {spec.propose})); the engine "
+                         f"has {engine.state.max_seqs}")
     if isinstance(params, SamplingParams):
         params = [params] * len(built)
     if len(params) != len(built) or len(prompts) != len(built):
         raise ValueError(f"params, prompts: expected {len(built)} of each")
+    if engine.method is not spec.engine_method:
+        raise ValueError("engine: DeAL's search needs an engine on spec.engine_method (the base "
+                         "method, with the proposal branch when propose > 0)")
     roots = [engine.add_built(b, replace(p, logprobs=True), index=i)[0]
              for i, (b, p) in enumerate(zip(built, params, strict=True))]
     frontier = {i: [r] for i, r in enumerate(roots)}
@@ -134,7 +179,7 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     results: dict[int, GenerationResult] = {}
 
     def run(expand: dict[int, int] | None = None):
-        for o in engine.step(expand):
+        for o in engine.step(expand, spec.proposal if expand else None):
             if o.request_id in free:
                 if o.finish_reason:
                     results[free.pop(o.request_id)] = engine.pop_result(o.request_id)
