@@ -6,15 +6,19 @@
 # on the validation part only (scripts/deal_sweep.sh, benchmarks/results/deal_val_smollm2-135m.md).
 # The bases' generations are reused from benchmarks/results/efficacy (same cache keys).
 #
-#   scripts/deal_eval.sh       # about 60 minutes on 2 CPU cores; resumable
+#   scripts/deal_eval.sh       # about 60 minutes per new DeAL setting on 2 CPU cores; resumable
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 E=$R/efficacy-deal
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-# The settings `tune` chose (runs/deal_tune_v2): the best over all, and the best over self-cd-sp.
+# The settings `tune` chose: session 10 (runs/deal_tune_propose), with the plain model's top-2
+# tokens proposed beside the base's top-4: the best over all (acd) and over self-cd-sp; session 9
+# (runs/deal_tune_v2), without proposals, kept for the comparison.
 DEAL=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4
+DEAL_ACD_P=$DEAL:base=acd:lam=1:propose=2
+DEAL_SCD_P=$DEAL:base=self-cd-sp:lam=1:propose=2
 DEAL_ACD=$DEAL:base=acd:lam=3
 DEAL_SCD=$DEAL:base=self-cd-sp:lam=1
 mkdir -p "$E"
@@ -39,6 +43,6 @@ with open(out / "annotations.jsonl", "a") as f:
                  if json.loads(l)["key"].split("|")[0] in keys)
 print(f"reused {len(new)} cached generations")
 PY
-$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD" -d "$SETS" \
+$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

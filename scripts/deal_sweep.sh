@@ -4,10 +4,11 @@
 # model's own texts, whole and cut), then DeAL's knobs (base method, λ) chosen with
 # `safedecode tune` on the validation part (64 new tokens, greedy; chunk commits of 8 tokens,
 # lookahead 8, k = 4, search over the first 24 tokens), composed with the two methods the ACD
-# work ships (self-cd-sp, acd). Session 7's grid (over plain / safe-prompt as well, k 4|8, with
-# the hand-written-only reward model) is in benchmarks/results/deal_val_smollm2-135m.md.
+# work ships (self-cd-sp, acd); session 10 adds the plain model's top tokens to the candidates
+# (propose). Session 7's grid (over plain / safe-prompt as well, k 4|8, with the
+# hand-written-only reward model) is in benchmarks/results/deal_val_smollm2-135m.md.
 #
-#   scripts/deal_sweep.sh      # about 70 minutes on 2 CPU cores (45 of them training); resumable
+#   scripts/deal_sweep.sh      # about 90 minutes on 2 CPU cores (45 of them training); resumable
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,3 +18,6 @@ R=${R:-runs}
 $PY benchmarks/harmless_rm_check.py    # the model's own validation texts, ranked
 COMMON="deal:reward=harmless:chunk=8:lookahead=8:horizon=24"
 $PY -m safedecode tune --out $R/deal_tune_v2 -n 64 -m "$COMMON:base=self-cd-sp|acd:k=4:lam=1|3"
+# Session 10: the plain model's top tokens proposed beside the base's (propose > 0).
+$PY -m safedecode tune --out $R/deal_tune_propose -n 64 \
+    -m "$COMMON:base=acd|self-cd-sp:k=4:lam=1|3:propose=2|4"
