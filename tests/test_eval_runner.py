@@ -180,6 +180,22 @@ def test_fingerprints():
     assert model_fingerprint(model) != model_fingerprint(tiny_llama(seed=1)[0])
 
 
+def test_model_fingerprint_ignores_the_transformers_version(monkeypatch):
+    """The config's transformers_version names the library that wrote it, not the model: an
+    upgrade from 5.24.0 to 5.25.0 changed every cache key while the generations were equal."""
+    import json
+
+    import transformers.configuration_utils as cu
+
+    model, _ = tiny_llama()
+    before = model_fingerprint(model)
+    monkeypatch.setattr(cu, "__version__", "0.0.1")
+    assert json.loads(model.config.to_json_string())["transformers_version"] == "0.0.1"
+    assert model_fingerprint(model) == before
+    model.config.rms_norm_eps *= 2  # the rest of the config still counts
+    assert model_fingerprint(model) != before
+
+
 def test_parse_methods():
     specs = parse_methods("plain, acd-text:alpha=1.5:beta=0.1,self-cd", {"alpha": 2.0})
     assert [s.label for s in specs] == ["plain", "acd-text:alpha=1.5:beta=0.1",

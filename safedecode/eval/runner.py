@@ -85,11 +85,14 @@ def method_fingerprint(method: Method) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A cheap content hash of a model: its config, the adapters merged into it and samples of
-    a few parameter tensors."""
+    """A cheap content hash of a model: its config (less the transformers version that wrote
+    it), the adapters merged into it and samples of a few parameter tensors."""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
-    h.update((cfg.to_json_string(use_diff=False) if cfg is not None else "").encode())
+    if cfg is not None:
+        d = json.loads(cfg.to_json_string(use_diff=False))
+        d.pop("transformers_version", None)  # a library upgrade is not another model
+        h.update(json.dumps(d, sort_keys=True).encode())
     h.update(",".join(getattr(model, "safedecode_adapters", [])).encode())  # merged adapters
     params = list(model.parameters())
     for p in {0: params[0], 1: params[len(params) // 2], 2: params[-1]}.values():
