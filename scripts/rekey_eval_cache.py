@@ -36,7 +36,7 @@ def rekey(folder: Path, old: set[str], new: str) -> tuple[int, int]:
             if record_key(r["model_fingerprint"], *args) != r["key"]:
                 raise SystemExit(f"{gens}: record {r['key']} does not re-compute; left alone")
             keymap[r["key"]] = record_key(new, *args)
-            r = {**r, "key": keymap[r["key"]], "model_fingerprint": new}
+            r["key"], r["model_fingerprint"] = keymap[r["key"]], new
         if r["key"] in seen:
             dups += 1
             continue
