@@ -20,4 +20,4 @@ COMMON="deal:reward=harmless:chunk=8:lookahead=8:horizon=24"
 $PY -m safedecode tune --out $R/deal_tune_v2 -n 64 -m "$COMMON:base=self-cd-sp|acd:k=4:lam=1|3"
 # Session 10: the plain model's top tokens proposed beside the base's (propose > 0).
 $PY -m safedecode tune --out $R/deal_tune_propose -n 64 \
-    -m "$COMMON:base=acd|self-cd-sp:k=4:lam=1|3:propose=2|4"
+    -m "$COMMON:base=acd|self-cd-sp:k=4:lam=1|3:propose=2|4,$COMMON:base=acd:k=4:lam=1:propose=1"
