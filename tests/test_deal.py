@@ -22,6 +22,18 @@ def _digit_reward(prompts, texts):
     return [sum(ch in "aeiou" for ch in t) - 0.5 * t.count(" ") for t in texts]
 
 
+def _search_equals_naive(model, tok, spec, prompts, n: int) -> list:
+    """DeAL over the engine, batched, equals the naive search from scratch per prompt (tokens
+    and log-probs); returns the engine's results."""
+    got = SafeDecoder(model, tok, spec).generate(prompts, max_new_tokens=n)
+    naive = NaiveDeAL(model, tok, spec)
+    for p, r in zip(prompts, got, strict=True):
+        ref = naive.generate(p, max_new_tokens=n)
+        assert r.token_ids == ref.token_ids, p
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    return got
+
+
 def test_k1_l0_is_greedy():
     model, tok = tiny_llama()
     spec = methods.get("deal", k=1, lookahead=0, reward=_digit_reward, base="acd-text",
@@ -41,12 +53,7 @@ def test_search_equals_exhaustive_search_from_scratch(k, lookahead, chunk, lam):
     model, tok = tiny_llama()
     spec = methods.get("deal", k=k, lookahead=lookahead, chunk=chunk, lam=lam,
                        reward=_digit_reward, base="acd-text", alpha=0.5)
-    got = SafeDecoder(model, tok, spec).generate(PROMPTS[:2], max_new_tokens=9)
-    naive = NaiveDeAL(model, tok, spec)
-    for p, r in zip(PROMPTS[:2], got, strict=True):
-        ref = naive.generate(p, max_new_tokens=9)
-        assert r.token_ids == ref.token_ids, p
-        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    _search_equals_naive(model, tok, spec, PROMPTS[:2], 9)
 
 
 @pytest.mark.parametrize(("k", "lookahead", "chunk", "horizon"),
@@ -59,12 +66,7 @@ def test_horizon_equals_search_then_base_decoding_from_scratch(k, lookahead, chu
     kw = dict(k=k, lookahead=lookahead, chunk=chunk, lam=2.0, reward=_digit_reward,
               base="acd-text", alpha=0.5)
     spec = methods.get("deal", horizon=horizon, **kw)
-    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=10)
-    naive = NaiveDeAL(model, tok, spec)
-    for p, r in zip(PROMPTS, got, strict=True):
-        ref = naive.generate(p, max_new_tokens=10)
-        assert r.token_ids == ref.token_ids, p
-        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    got = _search_equals_naive(model, tok, spec, PROMPTS, 10)
     if chunk <= 2:  # (this tiny model: the full search goes elsewhere after the horizon)
         full = SafeDecoder(model, tok, methods.get("deal", **kw)).generate(
             PROMPTS, max_new_tokens=10)
@@ -221,12 +223,7 @@ def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk)
                        propose=propose, base=base, alpha=0.5)
     assert spec.engine_method.k == (3 if base == "acd-text" else 2)
     assert spec.sequences_per_request == k + propose
-    got = SafeDecoder(model, tok, spec).generate(PROMPTS[:2], max_new_tokens=8)
-    naive = NaiveDeAL(model, tok, spec)
-    for p, r in zip(PROMPTS[:2], got, strict=True):
-        ref = naive.generate(p, max_new_tokens=8)
-        assert r.token_ids == ref.token_ids, p
-        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
 
 
 def test_the_proposal_branch_leaves_the_base_distribution_alone():
