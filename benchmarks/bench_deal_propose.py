@@ -71,8 +71,9 @@ def markdown(r: dict, command: str, machine: str) -> str:
         "requests hold 8 × 6 sequences × 3 branches = 144 rows with proposals against "
         "8 × 4 × 2 = 64 without, and after the horizon the weight-0 branch still rides in every "
         "forward (3 rows per sequence instead of 2), so proposals cost about 2× at B = 8 and "
-        "less at B = 1 (1.1-1.35× over three runs of this script). Dropping the proposal branch once a request's search is over would "
-        "remove the second part; it is not done yet.", ""])
+        "less at B = 1 (1.1-1.35× over three runs of this script). Dropping the proposal "
+        "branch once a request's search is over would remove the second part; it is not done "
+        "yet.", ""])
 
 
 def main() -> None:
