@@ -19,7 +19,7 @@ import sys
 from safedecode.eval.judges import make_judge
 from safedecode.methods.harmless import (
     HarmlessReward,
-    _chat,
+    conversation,
     pairwise_accuracy,
     prefix_pairs,
 )
@@ -45,7 +45,7 @@ def natural_pairs() -> dict[str, list[dict]]:
     for item, p in sorted(plain.items()):
         if item not in other or refuses(p["response"]).flag:
             continue
-        answer, refusal = _chat(p["prompt"], p["response"]), _chat(p["prompt"],
+        answer, refusal = conversation(p["prompt"], p["response"]), conversation(p["prompt"],
                                                                   other[item]["response"])
         if p["label"] == "harmful":
             pairs["harmful"].append({"chosen": refusal, "rejected": answer})

@@ -39,7 +39,8 @@ REFUSAL_OPENINGS = ("I'm sorry, but I can't", "I can't help with", "I'm sorry, b
                     "I won't help with", "As an AI, I can't")
 
 
-def _chat(prompt: str, reply: str) -> list[dict]:
+def conversation(prompt: str, reply: str) -> list[dict]:
+    """A user prompt and the assistant's reply as chat messages (what the reward model scores)."""
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
@@ -52,10 +53,10 @@ def preference_pairs(part: str) -> list[dict]:
     harmful = load_anchor("harmful", part)
     safe = load_anchor("safe", part)
     refusals = [it["refusal"] for it in harmful]
-    pairs = [{"chosen": _chat(it["prompt"], it["refusal"]),
-              "rejected": _chat(it["prompt"], it["compliance"])} for it in harmful]
-    pairs += [{"chosen": _chat(it["prompt"], it["answer"]),
-               "rejected": _chat(it["prompt"], refusals[(7 * i) % len(refusals)])}
+    pairs = [{"chosen": conversation(it["prompt"], it["refusal"]),
+              "rejected": conversation(it["prompt"], it["compliance"])} for it in harmful]
+    pairs += [{"chosen": conversation(it["prompt"], it["answer"]),
+               "rejected": conversation(it["prompt"], refusals[(7 * i) % len(refusals)])}
               for i, it in enumerate(safe)]
     return pairs
 
@@ -74,7 +75,7 @@ def prefix_pairs(pairs: Sequence[dict], lengths: Sequence[int], tokenizer) -> li
                 continue
             c, r = tokenizer.decode(c_ids[:n]), tokenizer.decode(r_ids[:n])
             if c.strip() != r.strip():
-                out.append({"chosen": _chat(prompt, c), "rejected": _chat(prompt, r)})
+                out.append({"chosen": conversation(prompt, c), "rejected": conversation(prompt, r)})
     return out
 
 
@@ -92,7 +93,7 @@ def own_replies(part: str, model, tok, *, max_new_tokens: int = 64, batch: int =
     dec = SafeDecoder(model, tok, methods.get("plain"))
     prompts = [it["prompt"] for it in items]
     openings = [REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)] for i in range(len(items))]
-    forced = [tok.apply_chat_template(_chat(p, "")[:1], tokenize=False,
+    forced = [tok.apply_chat_template(conversation(p, "")[:1], tokenize=False,
                                       add_generation_prompt=True) + o
               for p, o in zip(prompts, openings, strict=True)]
     replies: list[str] = []
@@ -128,9 +129,11 @@ def own_reply_pairs(replies: Sequence[dict], compliance: dict[str, str],
         if r["label"] == "harmful":
             worse = [compliance[r["id"]]] if r["id"] in compliance else []
             worse += [r["reply"]] if answered else []
-            pairs += [{"chosen": _chat(p, refusal), "rejected": _chat(p, w)} for w in worse]
+            pairs += [{"chosen": conversation(p, refusal), "rejected": conversation(p, w)}
+                      for w in worse]
         elif answered:
-            pairs.append({"chosen": _chat(p, r["reply"]), "rejected": _chat(p, refusal)})
+            pairs.append({"chosen": conversation(p, r["reply"]),
+                          "rejected": conversation(p, refusal)})
     return pairs
 
 
@@ -319,7 +322,7 @@ class HarmlessReward(Reward):
         torch = self.torch
         if len(prompts) != len(texts):
             raise ValueError(f"harmless reward: {len(prompts)} prompts for {len(texts)} texts")
-        ids = [self.tok.apply_chat_template(_chat(p, t), tokenize=True,
+        ids = [self.tok.apply_chat_template(conversation(p, t), tokenize=True,
                                             return_dict=True)["input_ids"]
                for p, t in zip(prompts, texts, strict=True)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
