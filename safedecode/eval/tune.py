@@ -111,7 +111,8 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
     if command:
         lines += ["```bash", command, "```", ""]
     lines += ["| setting | harmful refusal | benign refusal | standard lists h / b | "
-              "capped refusals h / b | PPL h / b | PPL ratio | score | chosen |",
+              "capped refusals h / b | PPL h / b | PPL ratio | score | "
+              "chosen (best of its method) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     chosen = {r["label"] for r in sel["chosen"].values()}
     for r in sel["rows"]:
