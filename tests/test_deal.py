@@ -263,6 +263,8 @@ def test_engine_step_names_a_bad_proposal():
     for bad in ((2, 1), (0, 0), (0,), "plain", (True, 1)):
         with pytest.raises(ValueError, match="propose: expected"):
             eng.step(expand={rid: 2}, propose=bad)
+    with pytest.raises(ValueError, match="give expand"):
+        eng.step(propose=(1, 2))
     with pytest.raises(ValueError, match="free slots"):
         eng.step(expand={rid: 2}, propose=(1, 3))
     outs = eng.step(expand={rid: 2}, propose=(1, 2))

@@ -397,6 +397,9 @@ class Engine:
                     or not 0 <= propose[0] < self.method.k or propose[1] < 1):
                 raise ValueError(f"propose: expected (branch in [0, {self.method.k}), k >= 1), "
                                  f"got {propose!r}")
+            if not expand:
+                raise ValueError("propose: proposals join the candidates of expanded sequences; "
+                                 "give expand={id: k} too")
             extra = propose[1]
         need = 0
         for rid, k in expand.items():
@@ -424,7 +427,7 @@ class Engine:
         candidate's log-prob is then under the mixture ``(p_final + p_branch) / 2`` (a weight-0
         branch proposes tokens the final distribution has masked)."""
         expand = dict(expand or {})
-        reserve = self._check_expand(expand, propose) if expand else 0
+        reserve = self._check_expand(expand, propose) if expand or propose is not None else 0
         st = self.state
         moves = st.compact()
         if moves:
