@@ -93,6 +93,8 @@ def generate(
                                        "N tokens, then decode with the base method."),
     propose: int = typer.Option(0, "--propose", help="deal: also the plain model's top-N "
                                 "tokens as candidates (0: off)."),
+    mix: float = typer.Option(0.5, "--mix", help="deal: the plain model's weight in the "
+                              "candidates' log P when proposing (0 < mix < 1)."),
     gamma: float | None = typer.Option(None, help="safeinfer: scale of the safety vector."),
     layer: int | None = typer.Option(None, help="safeinfer: decoder layer it is added after."),
     safeinfer_lam: float | None = typer.Option(
@@ -123,7 +125,8 @@ def generate(
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
         kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
-                      chunk=chunk, base=base, horizon=horizon, propose=propose)
+                      chunk=chunk, base=base, horizon=horizon, propose=propose,
+                      mix=mix)
     console = Console(stderr=True)
     try:
         if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):

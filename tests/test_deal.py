@@ -5,7 +5,10 @@ bad parameters."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 from engine_fixtures import tiny_llama
 
 from safedecode import methods
@@ -154,7 +157,9 @@ def test_bad_parameters_are_named():
                       (dict(lam=float("nan")), "lam"), (dict(reward="nope"), "unknown"),
                       (dict(base="deal"), "base"), (dict(reward=None), "reward"),
                       (dict(horizon=0), "horizon"), (dict(horizon=2.5), "horizon"),
-                      (dict(propose=-1), "propose: must be"), (dict(propose=1.5), "propose")):
+                      (dict(propose=-1), "propose: must be"), (dict(propose=1.5), "propose"),
+                      (dict(mix=0.0), "mix:"), (dict(mix=1.0), "mix:"), (dict(mix=True), "mix:"),
+                      (dict(mix="0.2"), "mix:")):
         args = {"reward": _digit_reward, **kw}
         with pytest.raises(ValueError, match=match):
             methods.get("deal", **args)
@@ -188,6 +193,7 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
                          (["--lookahead", "-1", "--reward", "length"], "lookahead"),
                          (["--horizon", "0", "--reward", "length"], "horizon"),
                          (["--propose", "-2", "--reward", "length"], "propose"),
+                         (["--propose", "1", "--mix", "1.5", "--reward", "length"], "mix:"),
                          (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
                          (["--reward", "length", "--stream"], "generate()")):
         r = run(app, [*base, *extra, "Hi"])
@@ -205,22 +211,24 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
     assert "lookahead=8" in methods.get("deal", reward="length:target=9").describe()
     assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
                 fp(base="acd-text"), fp(reward=_digit_reward), fp(horizon=16),
-                fp(horizon=17), fp(propose=2), fp(propose=3)}) == 10
+                fp(horizon=17), fp(propose=2), fp(propose=3), fp(propose=2, mix=0.25)}) == 11
+    assert fp(propose=2, mix=0.5) == fp(propose=2)  # the default mix leaves earlier keys valid
 
 
 def _starts_with(word: str):
     return lambda prompts, texts: [10.0 * t.startswith(word) for t in texts]
 
 
-@pytest.mark.parametrize(("base", "k", "propose", "chunk"),
-                         [("acd-text", 2, 2, 1), ("acd-text", 1, 3, 2), ("self-cd", 2, 2, 3)])
-def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk):
+@pytest.mark.parametrize(("base", "k", "propose", "chunk", "mix"),
+                         [("acd-text", 2, 2, 1, 0.5), ("acd-text", 1, 3, 2, 0.5),
+                          ("self-cd", 2, 2, 3, 0.5), ("acd-text", 2, 2, 2, 0.1)])
+def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk, mix):
     """With ``propose`` the plain model's top tokens join each step's candidates (log P under
-    the mixture): equal to the naive search from scratch, batched. acd-text gets a weight-0
-    plain branch; self-cd proposes from its own plain branch (no branch added)."""
+    the mixture of weight ``mix``): equal to the naive search from scratch, batched. acd-text
+    gets a weight-0 plain branch; self-cd proposes from its own plain branch (no branch added)."""
     model, tok = tiny_llama()
     spec = methods.get("deal", k=k, lookahead=2, chunk=chunk, lam=1.0, reward=_digit_reward,
-                       propose=propose, base=base, alpha=0.5)
+                       propose=propose, mix=mix, base=base, alpha=0.5)
     assert spec.engine_method.k == (3 if base == "acd-text" else 2)
     assert spec.sequences_per_request == k + propose
     _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
@@ -260,7 +268,8 @@ def test_engine_step_names_a_bad_proposal():
     eng = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).engine(max_seqs=4)
     rid = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4))
     eng.step()
-    for bad in ((2, 1), (0, 0), (0,), "plain", (True, 1)):
+    for bad in ((2, 1), (0, 0), (0,), "plain", (True, 1), (1, 1, 0.0), (1, 1, 1.0),
+                (1, 1, "0.5"), (1, 1, 0.5, 0)):
         with pytest.raises(ValueError, match="propose: expected"):
             eng.step(expand={rid: 2}, propose=bad)
     with pytest.raises(ValueError, match="give expand"):
@@ -269,3 +278,14 @@ def test_engine_step_names_a_bad_proposal():
         eng.step(expand={rid: 2}, propose=(1, 3))
     outs = eng.step(expand={rid: 2}, propose=(1, 2))
     assert 2 <= len(outs) <= 4 and len({o.token_id for o in outs}) == len(outs)
+
+
+def test_mixture_logprob():
+    from safedecode.engine.engine import mixture_logprob
+
+    lp, q = torch.log_softmax(torch.randn(2, 9), -1), torch.log_softmax(torch.randn(2, 9), -1)
+    assert torch.equal(mixture_logprob(lp, q), torch.logaddexp(lp, q) - math.log(2.0))
+    for w in (0.1, 0.3, 0.9):
+        want = torch.log((1 - w) * lp.exp() + w * q.exp())
+        assert torch.allclose(mixture_logprob(lp, q, w), want, atol=1e-6)
+        assert torch.allclose(mixture_logprob(lp, q, w).exp().sum(-1), torch.ones(2))

@@ -7,7 +7,6 @@ across branches, no compaction, no static cache.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -16,7 +15,7 @@ from transformers import DynamicCache
 
 from safedecode.engine.branches import Method
 from safedecode.engine.cache import cache_kwargs
-from safedecode.engine.engine import GenerationResult, eos_ids
+from safedecode.engine.engine import GenerationResult, eos_ids, mixture_logprob
 from safedecode.engine.prompts import Prompt, PromptBuilder, normalise_prompt
 from safedecode.ops import contrastive_sample
 
@@ -193,7 +192,7 @@ class NaiveDeAL:
                 toks = [t for t, _ in cands] + [t for t in extra
                                                  if t not in {c for c, _ in cands}]
                 idx = torch.tensor(toks)
-                mix = torch.logaddexp(first[idx], q[idx]) - math.log(2.0)
+                mix = mixture_logprob(first[idx], q[idx], spec.mix)
                 cands = list(zip(toks, mix.double().tolist(), strict=True))
             scored = []
             for rank, (c, c_lp) in enumerate(cands):

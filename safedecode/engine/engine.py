@@ -119,6 +119,12 @@ def check_method_fits(model, method: Method) -> None:
                     f"{here}); {fix}")
 
 
+def mixture_logprob(lp: torch.Tensor, q: torch.Tensor, w: float = 0.5) -> torch.Tensor:
+    """``log((1 - w) exp(lp) + w exp(q))``: log-probs under a mixture of two distributions
+    (DeAL's proposals); exactly ``logaddexp(lp, q) - log 2`` at ``w`` = 0.5."""
+    return torch.logaddexp(lp, q + math.log(w / (1 - w))) + math.log(1 - w)
+
+
 def eos_ids(model, tokenizer) -> frozenset[int]:
     """End-of-sequence ids of the model's generation config and the tokenizer."""
     ids: set[int] = set()
@@ -389,14 +395,18 @@ class Engine:
         return list(self._get(request_id).logprobs)
 
     # -- the step -------------------------------------------------------------------------------
-    def _check_expand(self, expand: dict[int, int], propose: tuple[int, int] | None) -> int:
+    def _check_expand(self, expand: dict[int, int], propose: tuple | None) -> int:
         extra = 0
         if propose is not None:
-            if (not isinstance(propose, tuple) or len(propose) != 2
-                    or any(isinstance(x, bool) or not isinstance(x, int) for x in propose)
-                    or not 0 <= propose[0] < self.method.k or propose[1] < 1):
-                raise ValueError(f"propose: expected (branch in [0, {self.method.k}), k >= 1), "
-                                 f"got {propose!r}")
+            ok = isinstance(propose, tuple) and len(propose) in (2, 3) and not any(
+                isinstance(x, bool) or not isinstance(x, int) for x in propose[:2])
+            ok = ok and 0 <= propose[0] < self.method.k and propose[1] >= 1
+            if ok and len(propose) == 3:
+                w = propose[2]
+                ok = not isinstance(w, bool) and isinstance(w, (int, float)) and 0 < w < 1
+            if not ok:
+                raise ValueError(f"propose: expected (branch in [0, {self.method.k}), k >= 1"
+                                 f"[, weight in (0, 1)]), got {propose!r}")
             if not expand:
                 raise ValueError("propose: proposals join the candidates of expanded sequences; "
                                  "give expand={id: k} too")
@@ -415,17 +425,18 @@ class Engine:
 
     @torch.no_grad()
     def step(self, expand: dict[int, int] | None = None,
-             propose: tuple[int, int] | None = None) -> list[StepOutput]:
+             propose: tuple | None = None) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs.
 
         ``expand`` ({id: k}): those sequences do not sample; they take the top-``k`` tokens of
         the method's final distribution (temperature 1, ties to the lower id): the sequence
         continues with the best and ``k - 1`` forks (sharing its KV, no forward) with the
         others, reported as outputs with ``parent`` set (DeAL's candidates). Costs one more
-        device-to-host read in that step. ``propose`` = ``(branch, kp)``: also the top-``kp``
-        tokens of that branch's own distribution (softmax of its logits) not among them; every
-        candidate's log-prob is then under the mixture ``(p_final + p_branch) / 2`` (a weight-0
-        branch proposes tokens the final distribution has masked)."""
+        device-to-host read in that step. ``propose`` = ``(branch, kp[, w])``: also the
+        top-``kp`` tokens of that branch's own distribution (softmax of its logits) not among
+        them; every candidate's log-prob is then under the mixture ``(1 - w) p_final + w
+        p_branch`` (``w`` 0.5 by default; a weight-0 branch proposes tokens the final
+        distribution has masked)."""
         expand = dict(expand or {})
         reserve = self._check_expand(expand, propose) if expand or propose is not None else 0
         st = self.state
@@ -502,7 +513,7 @@ class Engine:
         return outs
 
     def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int],
-                propose: tuple[int, int] | None = None) -> list:
+                propose: tuple | None = None) -> list:
         """Replace the sampled token of each expanded sequence by its top-k candidates (the
         first for the sequence itself, the others for forks); see :meth:`step`."""
         from safedecode.ops import contrastive_logprobs
@@ -523,7 +534,8 @@ class Engine:
             q = torch.log_softmax(z[:, propose[0]].float(), dim=-1)
             q_tok = torch.sort(q, dim=-1, descending=True, stable=True).indices
             tok = torch.cat([tok, q_tok[:, :propose[1]]], dim=1)
-            tok_lp = torch.logaddexp(lp.gather(1, tok), q.gather(1, tok)) - math.log(2.0)
+            w = propose[2] if len(propose) == 3 else 0.5
+            tok_lp = mixture_logprob(lp.gather(1, tok), q.gather(1, tok), w)
         host = torch.stack([tok.double(), tok_lp.double(),
                             lp.gather(1, tok).double()]).tolist()
         out = list(rows)

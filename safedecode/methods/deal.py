@@ -24,7 +24,8 @@ can leave no answer among its top-k for a safe request it over-refuses; the plai
 proposals let the reward pick one. The plain model is the base's own plain branch where it has
 one (Self-CD), otherwise a weight-0 branch added to the base (the final distribution is
 unchanged; the forward carries one more branch). ``log P`` of every candidate is then under the
-mixture ``(p_base + p_plain) / 2``.
+mixture ``(1 - mix) p_base + mix p_plain`` (``mix`` 0.5 by default): a smaller ``mix`` makes a
+token only the plain model proposes need a larger reward margin to win.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class DeAL:
     chunk: int = 1
     horizon: int | None = None
     propose: int = 0
+    mix: float = 0.5
     name: str = "deal"
 
     def __post_init__(self) -> None:
@@ -76,6 +78,10 @@ class DeAL:
             raise ValueError(f"lam: must be a finite number, got {self.lam!r}")
         if not isinstance(self.reward, Reward):
             raise ValueError("reward: expected a Reward (see safedecode.methods.rewards)")
+        if isinstance(self.mix, bool) or not isinstance(self.mix, (int, float)) \
+                or not 0 < self.mix < 1:
+            raise ValueError(f"mix: the plain model's weight in the proposals' mixture, in "
+                             f"(0, 1), got {self.mix!r}")
         if self.propose and _plain_branch(self.base) is None and self.base.rule != "linear":
             raise ValueError(f"propose: the base {self.base.name!r} has no plain branch and its "
                              f"{self.base.rule!r} rule takes no added branch; use propose=0")
@@ -91,17 +97,17 @@ class DeAL:
                       b.rule, b.anchor, b.beta)
 
     @property
-    def proposal(self) -> tuple[int, int] | None:
-        """``(branch, kp)`` for :meth:`Engine.step`'s ``propose``, or None."""
+    def proposal(self) -> tuple[int, int, float] | None:
+        """``(branch, kp, mix)`` for :meth:`Engine.step`'s ``propose``, or None."""
         if not self.propose:
             return None
-        return _plain_branch(self.engine_method), self.propose
+        return _plain_branch(self.engine_method), self.propose, float(self.mix)
 
     def describe(self) -> str:
         return (f"{self.name}: k={self.k}, lookahead={self.lookahead}, lam={self.lam}, "
                 f"beam={self.beam}, chunk={self.chunk}, "
                 f"{'' if self.horizon is None else f'horizon={self.horizon}, '}"
-                f"{f'propose={self.propose}, ' if self.propose else ''}"
+                f"{f'propose={self.propose}, mix={self.mix}, ' if self.propose else ''}"
                 f"reward={self.reward.key()}; base "
                 f"{self.base.describe()}")
 
@@ -121,7 +127,7 @@ def _plain_branch(method: Method) -> int | None:
 
 
 def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: int = 1,
-         chunk: int = 1, horizon: int | None = None, propose: int = 0,
+         chunk: int = 1, horizon: int | None = None, propose: int = 0, mix: float = 0.5,
          base: str | Method = "plain", **base_kwargs) -> DeAL:
     """``methods.get("deal", k=4, lookahead=8, lam=1.0, reward="keywords:include=sorry",
     base="acd-text", alpha=0.5)``: DeAL over the named base method (its keyword arguments
@@ -139,7 +145,7 @@ def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: in
     elif base_kwargs:
         raise ValueError(f"{sorted(base_kwargs)[0]}: not a DeAL parameter")
     return DeAL(base, make_reward(reward), k=k, lookahead=lookahead, lam=lam, beam=beam,
-                chunk=chunk, horizon=horizon, propose=propose)
+                chunk=chunk, horizon=horizon, propose=propose, mix=mix)
 
 
 @dataclass
