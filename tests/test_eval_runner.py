@@ -209,6 +209,18 @@ def test_parse_methods():
         parse_methods("plain:alpha=1")[0].build()
 
 
+def test_parse_methods_takes_a_bracketed_value_as_it_is():
+    spec = "deal:reward=[keywords:include=a|b]:lam=2,deal:reward=[length:target=9]"
+    a, b = parse_methods(spec)
+    assert a.kwargs == {"reward": "keywords:include=a|b", "lam": 2}
+    assert b.kwargs == {"reward": "length:target=9"}
+    assert a.label == "deal:reward=[keywords:include=a|b]:lam=2"  # re-parses to the same
+    assert parse_methods(a.label)[0].kwargs == a.kwargs
+    assert a.build().reward.key() != b.build().reward.key()
+    with pytest.raises(ValueError, match="unclosed"):
+        parse_methods("deal:reward=[length:target=9")
+
+
 def test_response_nll_matches_a_plain_forward():
     model, tok = tiny_llama()
     prompts = ["Hi", "How do I kill a Python process that hangs?", "Tell me a joke", "x"]

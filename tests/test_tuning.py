@@ -55,12 +55,15 @@ PINNED_VAL = ("h003,h004,h005,h010,h011,h014,h020,h023,h027,h029,h032,h034,h041,
               # is unchanged by them)
               "s106,s110,s112,s114,s117,s120,s122,s124,s127,s130,s137,s140,s148,s149,s152,s154,"
               "s159,s160,s162,s164,s171,s173,s175,s180,s181,s183,s186,s196,s198,s199")
+# the 50 harmful items added in session 11 (five new categories) put 15 more in validation
+PINNED_VAL_H = "h103,h104,h106,h113,h117,h118,h121,h124,h129,h132,h137,h138,h142,h144,h148"
 
 
 def test_split_is_stable():
     items = load_anchor()
     ids = sorted(validation_ids(items))
-    assert ",".join(ids) == PINNED_VAL, "the anchor validation split changed"
+    assert ",".join(ids) == ",".join(sorted((PINNED_VAL + "," + PINNED_VAL_H).split(","))), \
+        "the anchor validation split changed"
     # it depends on the ids alone: reordered input gives the same split
     assert validation_ids(list(reversed(items))) == set(ids)
     assert [x["id"] for x in load_anchor(part="val")] == ids
@@ -208,6 +211,10 @@ def test_expand_grid():
     got = expand_grid("acd:alpha=0.3|0.5:beta=0|0.1, acd-sp")
     assert got == ["acd:alpha=0.3:beta=0", "acd:alpha=0.3:beta=0.1", "acd:alpha=0.5:beta=0",
                    "acd:alpha=0.5:beta=0.1", "acd-sp"]
+    got = expand_grid("deal:reward=[harmless:path=a]|[keywords:include=x|y]:lam=1|2")
+    assert got == ["deal:reward=[harmless:path=a]:lam=1", "deal:reward=[harmless:path=a]:lam=2",
+                   "deal:reward=[keywords:include=x|y]:lam=1",
+                   "deal:reward=[keywords:include=x|y]:lam=2"]
     with pytest.raises(ValueError, match="name:key"):
         expand_grid("acd:alpha")
     with pytest.raises(ValueError, match="no method"):

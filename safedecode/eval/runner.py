@@ -118,7 +118,7 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        return ":".join([self.name, *(f"{k}={v}" for k, v in self.kwargs.items())])
+        return ":".join([self.name, *(f"{k}={_quoted(v)}" for k, v in self.kwargs.items())])
 
     def build(self) -> Method:
         from safedecode import methods
@@ -126,7 +126,33 @@ class MethodSpec:
         return methods.get(self.name, **self.kwargs)
 
 
+def split_spec(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep``, except inside ``[...]`` (a value holding ``:``, ``,`` or ``|``
+    itself, e.g. ``reward=[harmless:path=DIR]``)."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(depth - 1, 0)
+        if ch == sep and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise ValueError(f"--methods: unclosed '[' in {text!r}")
+    return [*out, "".join(cur)]
+
+
+def _quoted(value) -> str:
+    text = str(value)
+    return f"[{text}]" if any(c in text for c in ":,|") else text
+
+
 def _literal(text: str):
+    if text.startswith("[") and text.endswith("]"):
+        return text[1:-1]
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -141,15 +167,16 @@ def _literal(text: str):
 
 
 def parse_methods(spec: str, overrides: dict | None = None) -> list[MethodSpec]:
-    """``"plain,acd-text:alpha=1.0:beta=0.1"`` → method specs. ``overrides`` (e.g. alpha) go to
-    every method whose factory takes them and whose spec does not set them."""
+    """``"plain,acd-text:alpha=1.0:beta=0.1"`` → method specs; a value in ``[...]`` is taken
+    as it is (``deal:reward=[harmless:path=DIR]``). ``overrides`` (e.g. alpha) go to every
+    method whose factory takes them and whose spec does not set them."""
     from safedecode import methods
 
     out = []
-    for part in (p.strip() for p in spec.split(",")):
+    for part in (p.strip() for p in split_spec(spec, ",")):
         if not part:
             continue
-        name, *args = part.split(":")
+        name, *args = split_spec(part, ":")
         if name not in methods.REGISTRY:
             raise ValueError(f"--methods: unknown method {name!r}; choose from "
                              f"{sorted(methods.REGISTRY)}")
