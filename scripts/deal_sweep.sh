@@ -21,3 +21,17 @@ $PY -m safedecode tune --out $R/deal_tune_v2 -n 64 -m "$COMMON:base=self-cd-sp|a
 # Session 10: the plain model's top tokens proposed beside the base's (propose > 0).
 $PY -m safedecode tune --out $R/deal_tune_propose -n 64 \
     -m "$COMMON:base=acd|self-cd-sp:k=4:lam=1|3:propose=2|4,$COMMON:base=acd:k=4:lam=1:propose=1"
+# Session 11: 50 more harmful anchor items (h101-h150; 15 of them in validation); the reward
+# model retrained on the larger train part (into $R, shipped only if validation prefers it);
+# the proposals' mixture weight (mix). Session 10's reward model, restored from git, is tuned on
+# the same (larger) validation part beside it.
+S10=$R/harmless_rm_s10
+mkdir -p $S10
+for f in adapter_config.json adapter_model.safetensors; do
+    [ -f $S10/$f ] || git show 39acb29:safedecode/methods/assets/harmless_rm/$f > $S10/$f
+done
+[ -f $R/harmless_rm_s11/metrics.json ] || $PY -m safedecode train-reward --out $R/harmless_rm_s11
+DEAL="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4:propose=2"
+$PY -m safedecode tune --out $R/deal_tune_s11 -n 64 -m "acd,\
+$DEAL:reward=[harmless:path=$S10]:lam=1:mix=0.5|0.25,\
+$DEAL:reward=[harmless:path=$R/harmless_rm_s11]:lam=1|3:mix=0.5|0.25"
