@@ -249,11 +249,19 @@ def train_reward(
                                     "model's own texts this many tokens long (its answers over "
                                     "its refusals, kept in OUT; 0: hand-written pairs only)."),
     seed: int = typer.Option(0, help="Seed."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Do not train: measure the "
+                                   "adapter already in OUT again on the current validation "
+                                   "part (after the anchor set grew); earlier figures are kept "
+                                   "in its metrics.json."),
 ):
     """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
     LoRA); prints its pairwise accuracy on the validation part."""
     try:
-        from safedecode.methods.harmless import RMConfig, train_reward_model
+        from safedecode.methods.harmless import (
+            RMConfig,
+            remeasure_reward_model,
+            train_reward_model,
+        )
 
         if epochs <= 0 or lr <= 0 or lora_r < 1:
             raise ValueError("--epochs and --lr must be > 0, --lora-r >= 1")
@@ -265,11 +273,14 @@ def train_reward(
         except ValueError:
             raise ValueError(f"--prefixes: comma-separated token counts, got {prefixes!r}") \
                 from None
-        metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
-                                                   mlp=mlp, seed=seed, prefixes=cuts,
-                                                   own_replies=own_replies),
-                                     model_path=model,
-                                     log=lambda m: typer.echo(m, err=True))
+        log = lambda m: typer.echo(m, err=True)  # noqa: E731
+        if remeasure:
+            metrics = remeasure_reward_model(out, model_path=model, log=log)
+        else:
+            metrics = train_reward_model(out, RMConfig(epochs=epochs, lr=lr, lora_r=lora_r,
+                                                       mlp=mlp, seed=seed, prefixes=cuts,
+                                                       own_replies=own_replies),
+                                         model_path=model, log=log)
     except ImportError as exc:
         _fail(f"train-reward needs the train extra (pip install 'safedecode[train]'): {exc}")
     except (ValueError, FileNotFoundError) as exc:
@@ -277,7 +288,7 @@ def train_reward(
     typer.echo(f"wrote {out}: validation accuracy {metrics['val_accuracy']:.3f} "
                f"({metrics['val_pairs']} pairs; {metrics['val_prefix_accuracy']:.3f} on "
                f"{metrics['val_prefix_pairs']} partial replies), train "
-               f"{metrics['train_accuracy']:.3f}")
+               f"{metrics.get('train_accuracy', float('nan')):.3f}")
     for label in ("safe", "harmful"):
         if metrics.get(f"val_own_{label}_accuracy") is not None:
             typer.echo(f"  the model's own texts, {label} requests: "

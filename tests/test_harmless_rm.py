@@ -25,6 +25,7 @@ from safedecode.methods.harmless import (  # noqa: E402
     pairwise_accuracy,
     preference_pairs,
     prefix_pairs,
+    remeasure_reward_model,
     train_reward_model,
 )
 
@@ -137,6 +138,19 @@ def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_pat
     assert len(r.token_ids) <= 4
     with pytest.raises(ValueError, match="no adapter"):
         HarmlessReward(str(tmp_path))
+    # Measured again (the anchor set grew): same part, same figures, nothing kept as earlier;
+    # figures taken on another part move under earlier_val, keyed by its item count.
+    again = remeasure_reward_model(out, model_path=str(tiny_model_dir), log=lambda _: None)
+    assert again["val_accuracy"] == m["val_accuracy"] and "earlier_val" not in again
+    stale = {**saved, "val_pairs": 3, "val_items": 5, "val_accuracy": 0.25}
+    (out / "metrics.json").write_text(json.dumps(stale))
+    remeasure_reward_model(out, model_path=str(tiny_model_dir), log=lambda _: None)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["val_pairs"] == saved["val_pairs"] and again["val_accuracy"] == m["val_accuracy"]
+    assert again["earlier_val"]["5_items"]["val_accuracy"] == 0.25
+    assert again["train_accuracy"] == saved["train_accuracy"]  # training figures untouched
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        remeasure_reward_model(tmp_path / "nothing", log=lambda _: None)
 
 
 

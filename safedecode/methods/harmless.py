@@ -245,7 +245,6 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     train = whole_all + prefix_pairs(whole_all, cfg.prefixes, tok)
     log(f"train pairs: {len(whole)} hand-written, {len(own)} of the model's own texts, "
         f"{len(train)} with the cut ones")
-    val = preference_pairs("val")
     args = RewardConfig(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs,
                         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=cfg.seed, report_to=[],
@@ -262,17 +261,54 @@ def train_reward_model(out: Path, cfg: RMConfig | None = None, *,
     trainer.model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     rm = HarmlessReward(str(out), model_path=model_path)
-    val_prefix = prefix_pairs(val, PREFIX_EVAL, rm.tok)
     metrics = {"config": asdict(cfg), "train_pairs": len(train), "own_train_pairs": len(own),
                "train_s": time.perf_counter() - t0,
                "train_accuracy": pairwise_accuracy(rm, whole),
-               "val_accuracy": pairwise_accuracy(rm, val), "val_pairs": len(val),
-               "val_prefix_accuracy": pairwise_accuracy(rm, val_prefix),
-               "val_prefix_pairs": len(val_prefix), "val_prefix_lengths": list(PREFIX_EVAL)}
-    if own_val:
-        metrics.update(_own_accuracy(rm, own_val))
+               **validation_metrics(rm, own_val)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
+    return metrics
+
+
+def validation_metrics(rm: HarmlessReward, own_val: dict[str, list[dict]]) -> dict:
+    """Pairwise accuracy on the anchor validation part: hand-written pairs whole and cut to
+    :data:`PREFIX_EVAL` tokens, and (``own_val``) pairs of the model's own texts."""
+    from safedecode.data import load_anchor
+
+    val = preference_pairs("val")
+    val_prefix = prefix_pairs(val, PREFIX_EVAL, rm.tok)
+    metrics = {"val_accuracy": pairwise_accuracy(rm, val), "val_pairs": len(val),
+               "val_prefix_accuracy": pairwise_accuracy(rm, val_prefix),
+               "val_prefix_pairs": len(val_prefix), "val_prefix_lengths": list(PREFIX_EVAL),
+               "val_items": len(load_anchor(None, "val"))}
+    if own_val:
+        metrics.update(_own_accuracy(rm, own_val))
+    return metrics
+
+
+def remeasure_reward_model(path: Path, *, model_path: str | None = None, log=print) -> dict:
+    """Measure a trained adapter in ``path`` again on the *current* validation part (after the
+    anchor set grew), without training: its own-text replies are generated again where the
+    part changed; ``metrics.json``'s validation figures are replaced and the earlier ones kept
+    under ``earlier_val``, keyed by the number of validation items they were taken on."""
+    path = Path(path)
+    file = path / "metrics.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no metrics.json; is {path} a trained reward model?")
+    metrics = json.loads(file.read_text())
+    own_tokens = metrics.get("config", {}).get("own_replies", 0)
+    own_val = _own_pairs("val", path, model_path, own_tokens, log) if own_tokens else {}
+    rm = HarmlessReward(str(path), model_path=model_path)
+    new = validation_metrics(rm, own_val)
+    old = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    earlier = metrics.pop("earlier_val", {})
+    if old and old.get("val_pairs") != new["val_pairs"]:
+        earlier[f"{old.get('val_items', 'earlier')}_items"] = old
+    metrics.update(new)
+    if earlier:
+        metrics["earlier_val"] = earlier
+    file.write_text(json.dumps(metrics, indent=2) + "\n")
+    log(json.dumps(new))
     return metrics
 
 
