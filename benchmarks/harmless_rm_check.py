@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from safedecode.data import load_anchor
 from safedecode.eval.judges import make_judge
 from safedecode.methods.harmless import (
+    ASSET,
     HarmlessReward,
     conversation,
     pairwise_accuracy,
@@ -61,13 +64,9 @@ def natural_pairs() -> dict[str, list[dict]]:
     return pairs
 
 
-def canned_refusal_wins(rm: HarmlessReward, path: str) -> dict[int, dict[str, tuple[int, int]]]:
+def canned_refusal_wins(rm: HarmlessReward,
+                        path: str | None) -> dict[int, dict[str, tuple[int, int]]]:
     """Per cut and group: (items whose canned refusal outscores the own reply's prefix, items)."""
-    from pathlib import Path
-
-    from safedecode.data import load_anchor
-    from safedecode.methods.harmless import ASSET
-
     category = {it["id"]: it["category"] for it in load_anchor("safe", "val")}
     replies = [json.loads(line) for line in open(Path(path or ASSET) / "own_replies_val.jsonl")]
     groups = ["harmful" if r["label"] == "harmful" else
