@@ -27,6 +27,9 @@ DEAL_ACD_M=$DEAL_ACD_P:mix=0.25
 # Session 13 (runs/deal_tune_s13, benchmarks/results/deal_sweep/session13): λ 0.5 with mix 0.25,
 # chosen on the validation part grown by 15 safe look-alike items.
 DEAL_ACD_L=$DEAL:base=acd:lam=0.5:propose=2:mix=0.25
+# Session 14 (runs/deal_tune_s13): propose 4 ties λ 0.5's score on validation (97.7% / 5.5%,
+# the same refusals) with a lower benign perplexity, the rule's tie-break.
+DEAL_ACD_P4=$DEAL:base=acd:lam=0.5:propose=4:mix=0.25
 mkdir -p "$E"
 # Copy the bases' cached generations (and their perplexities) that this folder lacks.
 $PY - "$E" "$R/efficacy" <<'PY'
@@ -49,6 +52,6 @@ with open(out / "annotations.jsonl", "a") as f:
                  if json.loads(l)["key"].split("|")[0] in keys)
 print(f"reused {len(new)} cached generations")
 PY
-$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_L" -d "$SETS" \
+$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_L,$DEAL_ACD_P4" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

@@ -38,9 +38,13 @@ $DEAL:reward=[harmless:path=$R/harmless_rm_s11]:lam=1|3:mix=0.5|0.25"
 # Session 13: 50 safe look-alike anchor items (s201-s250; 15 of them in validation); the reward
 # model retrained on the train part that now holds 35 of them (into $R; shipped only if
 # validation prefers it: it did not, by one harmful item; λ 2|3 added after the first-step
-# trace of benchmarks/deal_first_step.py), tuned beside the shipped one on the grown validation part (benchmarks/results/deal_sweep/session13).
+# trace of benchmarks/deal_first_step.py), tuned beside the shipped one on the grown validation
+# part; then propose 4 (the trace found requests whose candidates hold no answer)
+# (benchmarks/results/deal_sweep/session13).
 [ -f $R/harmless_rm_s12/metrics.json ] || $PY -m safedecode train-reward --out $R/harmless_rm_s12
 $PY benchmarks/harmless_rm_check.py "" $R/harmless_rm_s12
+D13="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4"
 $PY -m safedecode tune --out $R/deal_tune_s13 -n 64 -m "acd,\
-$DEAL:reward=[harmless:path=$S10]:lam=0.5|1:mix=0.25,\
-$DEAL:reward=[harmless:path=$R/harmless_rm_s12]:lam=0.5|1|2|3:mix=0.25"
+$D13:propose=2:reward=[harmless:path=$S10]:lam=0.5|1:mix=0.25,\
+$D13:propose=4:reward=[harmless:path=$S10]:lam=0.5:mix=0.25,\
+$D13:propose=2:reward=[harmless:path=$R/harmless_rm_s12]:lam=0.5|1|2|3:mix=0.25"
