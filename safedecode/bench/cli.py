@@ -29,7 +29,8 @@ def _log(msg: str) -> None:
 
 
 def _command(what: Suite, quick: bool, repeats: int | None, out: Path | None, device: str,
-             batch: list[int] | None, dtype: str, threads: int | None) -> str:
+             batch: list[int] | None, dtype: str, threads: int | None,
+             model: str | None = None, new_tokens: int | None = None) -> str:
     """The command line that reproduces this run."""
     parts = ["safedecode", "bench", what.value, "--device", device]
     parts += ["--quick"] if quick else []
@@ -38,6 +39,8 @@ def _command(what: Suite, quick: bool, repeats: int | None, out: Path | None, de
         parts += ["--batch", str(b)]
     parts += ["--dtype", dtype] if dtype != "float32" else []
     parts += ["--threads", str(threads)] if threads is not None else []
+    parts += ["--model", model] if model is not None else []
+    parts += ["--new-tokens", str(new_tokens)] if new_tokens is not None else []
     parts += ["--out", str(out)] if out is not None else []
     return shlex.join(parts)
 
@@ -60,6 +63,10 @@ def bench_command(
                               "bfloat16 or float16."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch and the "
                                        "C++ op (default: torch's default)."),
+    model: str | None = typer.Option(None, "--model", help="generate: a local model folder or "
+                                     ".gguf file (default: the embedded SmolLM2-135M-Instruct)."),
+    new_tokens: int | None = typer.Option(None, "--new-tokens", help="generate: new tokens per "
+                                          "request (default 128; quick 8)."),
     readme: Path = typer.Option(Path("README.md"), "--readme", help="report: the README whose "
                                 "<!-- perf:start/end --> section is rewritten."),
 ) -> None:
@@ -82,8 +89,10 @@ def bench_command(
         require_device(device)
         if threads is not None and threads < 1:
             raise BenchError(f"--threads: must be >= 1, got {threads}")
-        command = _command(what, quick, repeats, out, device, batch, dtype, threads)
-        results = _run_all(what, device, quick, batch, repeats, dtype, threads)
+        command = _command(what, quick, repeats, out, device, batch, dtype, threads, model,
+                           new_tokens)
+        results = _run_all(what, device, quick, batch, repeats, dtype, threads, model,
+                           new_tokens)
         written = []
         for suite, res in results.items():
             results[suite] = report.stamp(res, device=device, quick=quick, command=command,
@@ -97,7 +106,8 @@ def bench_command(
 
 
 def _run_all(what: Suite, device: str, quick: bool, batch: list[int] | None,
-             repeats: int | None, dtype: str, threads: int | None) -> dict[str, dict]:
+             repeats: int | None, dtype: str, threads: int | None, model: str | None = None,
+             new_tokens: int | None = None) -> dict[str, dict]:
     """Run the selected suites (with ``threads`` torch threads, restored afterwards)."""
     import torch
 
@@ -109,7 +119,8 @@ def _run_all(what: Suite, device: str, quick: bool, batch: list[int] | None,
         for suite in ("ops", "generate"):
             if what.value in (suite, "all"):
                 t0 = time.perf_counter()
-                results[suite] = _run_suite(suite, device, quick, batch, repeats, dtype)
+                results[suite] = _run_suite(suite, device, quick, batch, repeats, dtype, model,
+                                            new_tokens)
                 results[suite]["wall_s"] = time.perf_counter() - t0
                 # the machine block is written after the run: record the threads it used
                 results[suite]["threads"] = torch.get_num_threads()
@@ -119,7 +130,8 @@ def _run_all(what: Suite, device: str, quick: bool, batch: list[int] | None,
 
 
 def _run_suite(suite: str, device: str, quick: bool, batch: list[int] | None,
-               repeats: int | None, dtype: str) -> dict:
+               repeats: int | None, dtype: str, model: str | None = None,
+               new_tokens: int | None = None) -> dict:
     if suite == "ops":
         from safedecode.bench.ops import OpsConfig, run_ops
 
@@ -127,5 +139,6 @@ def _run_suite(suite: str, device: str, quick: bool, batch: list[int] | None,
         return run_ops(cfg, log=_log)
     from safedecode.bench.generate import GenConfig, run_generate
 
-    cfg = GenConfig.make(device, quick=quick, batch=batch, repeats=repeats, dtype=dtype)
+    cfg = GenConfig.make(device, quick=quick, batch=batch, repeats=repeats, dtype=dtype,
+                         model=model, new_tokens=new_tokens)
     return run_generate(cfg, log=_log)

@@ -66,21 +66,27 @@ class GenConfig:
     prefill_batch: int = 32
     dtype: str = "float32"
     quick: bool = False
+    model: str | None = None  # None: the embedded default model
 
     @classmethod
     def make(cls, device: str, *, quick: bool = False, batch: tuple[int, ...] | None = None,
-             repeats: int | None = None, dtype: str = "float32") -> GenConfig:
+             repeats: int | None = None, dtype: str = "float32", model: str | None = None,
+             new_tokens: int | None = None) -> GenConfig:
         """The full run, or with ``quick`` B = 2, 8 new tokens, one timed run each."""
-        cfg = cls(device=device, dtype=dtype, quick=quick)
+        cfg = cls(device=device, dtype=dtype, quick=quick, model=model)
         if quick:
             cfg.batch, cfg.new_tokens, cfg.repeats, cfg.prefill_batch = (2,), 8, 1, 4
         if batch:
             cfg.batch = tuple(batch)
         if repeats is not None:
             cfg.repeats = repeats
-        if cfg.repeats < 1 or min(cfg.batch) < 1 or cfg.new_tokens < 1:
+        if new_tokens is not None:
+            cfg.new_tokens = new_tokens
+        if cfg.repeats < 1 or min(cfg.batch) < 1:
             raise BenchError(f"need --repeats >= 1 and --batch >= 1, got {cfg.repeats}, "
                              f"{cfg.batch}")
+        if cfg.new_tokens < 1:
+            raise BenchError(f"--new-tokens: must be >= 1, got {cfg.new_tokens}")
         return cfg
 
 
@@ -138,14 +144,17 @@ class Setup:
     device: str
 
     @classmethod
-    def load(cls, device: str = "cpu", dtype: str = "float32") -> Setup:
-        """Load the embedded default model and build the ACD (text prompts) generators."""
+    def load(cls, device: str = "cpu", dtype: str = "float32", model: str | None = None
+             ) -> Setup:
+        """Load ``model`` (a local folder or .gguf; default: the embedded model) and build the
+        ACD (text prompts) generators."""
         from safedecode import methods
         from safedecode.bench.naive import NaiveContrastGenerator
         from safedecode.engine import SafeDecoder
-        from safedecode.models import load_default
+        from safedecode.models import load_default, load_model
 
-        model, tok = load_default(dtype=dtype, device=device)
+        model, tok = (load_default(dtype=dtype, device=device) if model is None
+                      else load_model(model, dtype=dtype, device=device))
         acd = methods.get("acd-text", alpha=0.5)
         return cls(model, tok, acd, SafeDecoder(model, tok, acd),
                    SafeDecoder(model, tok, acd, prefix_cache=False),
@@ -206,10 +215,10 @@ def _resolved(backend: str, device: str) -> str:
 
 def run_generate(cfg: GenConfig, log: Callable[[str], None] = print) -> dict:
     """Run the generation grid, the prefill comparison and the early-finish check."""
-    from safedecode.models import DEFAULT_NAME
+    from safedecode.models import model_name
 
-    log(f"loading {DEFAULT_NAME} ({cfg.dtype}, {cfg.device}) ...")
-    st = Setup.load(cfg.device, cfg.dtype)
+    log(f"loading {cfg.model or 'the embedded default model'} ({cfg.dtype}, {cfg.device}) ...")
+    st = Setup.load(cfg.device, cfg.dtype, cfg.model)
     wbytes = st.weight_bytes
     bw = copy_bandwidth(cfg.device, max_reps=5 if cfg.quick else 20)
     log(f"copy bandwidth: {bw:.1f} GB/s; weights {wbytes / 2**20:.0f} MB")
@@ -258,7 +267,7 @@ def run_generate(cfg: GenConfig, log: Callable[[str], None] = print) -> dict:
     early["overhead"] = early["mixed_s"] / early["long_only_s"]
     log(f"early finish: mixed batch / long requests alone x{early['overhead']:.2f}")
     compiled = None if cfg.quick else run_compiled(st, cfg, log)
-    return {"benchmark": "generate", "model": DEFAULT_NAME, "weight_MB": wbytes / 2**20,
+    return {"benchmark": "generate", "model": model_name(st.model), "weight_MB": wbytes / 2**20,
             "copy_bandwidth_GBps": bw, "sd_backend": _resolved(st.sd.backend, cfg.device),
             "cfg_scale": CFG_SCALE, "config": asdict(cfg), "rows": rows, "prefill": prefill,
             "early_finish": early, "compiled": compiled}

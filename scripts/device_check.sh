@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in priority order, each stage bounded in time; results packed into
+# $OUT/results.tgz after every stage (so a run cut at its limit still returns what it finished).
+#
+#   scripts/device_check.sh [stage ...]     # stages: build info ops pytest generate (default: all)
+#
+# Needs: a CUDA torch, nvcc, pybind11 and (for `generate`) a model folder in $SD_MODEL, or the
+# SmolLM2-135M-shaped config + tokenizer in $SD_MODEL_SHAPE (random weights are made from it:
+# decoding speed does not depend on the weights' values when EOS is ignored, as the benchmark does).
+# SD_DEADLINE=<s> cuts every stage to end that many seconds after the start (set it below the
+# call's own limit). Prebuilt extensions (safedecode/_C*.so for this Python) skip the build when they import.
+set -u
+OUT=${OUT:-/tmp/sd_out}
+RES=${RES:-/tmp/sd_res}
+mkdir -p "$OUT" "$RES"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SAFEDECODE_CUDA_ARCHS=${SAFEDECODE_CUDA_ARCHS:-90}
+PY=${PY:-python3}
+STAGES=${*:-build info ops generate pytest}
+DEADLINE=${SD_DEADLINE:-100000}  # seconds from the start: each stage's limit is cut to fit it
+T0=$SECONDS
+
+log() { echo "[$(date +%T) +$((SECONDS - T0))s] $*" | tee -a "$RES/log.txt"; }
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
+run() {  # run <seconds> <name> <command...>: output to $RES/<name>.txt and the console tail
+    local limit=$1 name=$2 left=$((DEADLINE - (SECONDS - T0) - 20))
+    shift 2
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then log "skip $name: ${left}s left before the deadline"; return 124; fi
+    log "start $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" > "$RES/$name.txt" 2>&1
+    local rc=$?
+    tail -n 25 "$RES/$name.txt"
+    log "end $name rc=$rc"
+    pack
+    return $rc
+}
+
+for stage in $STAGES; do
+    case $stage in
+    build)
+        if $PY -c "import safedecode._C, safedecode._C_cuda" 2>/dev/null; then
+            log "build: prebuilt extensions import; skipped"
+        else
+            run 300 build $PY setup.py build_ext --inplace -j "$(nproc)"
+            mkdir -p "$RES/ext" && cp safedecode/_C*.so "$RES/ext/" 2>/dev/null
+            for f in safedecode/_C*.so; do cp "$f" "$OUT/"; done  # for a later call to carry
+        fi
+        ;;
+    info)
+        run 60 info bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; \
+print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)'; \
+$PY -m safedecode info"
+        ;;
+    ops)
+        run 240 ops $PY scripts/gpu_check.py --out "$RES/ops_cuda"
+        ;;
+    pytest)
+        run 240 pytest $PY -m pytest -q -n 8 -p no:cacheprovider --timeout 150 \
+            tests/test_cuda_backend.py tests/test_ops_validation.py tests/test_ops_backends.py \
+            tests/test_ops_edge_cases.py tests/test_ops_sampling_frequency.py \
+            tests/test_triton_backend_smoke.py tests/test_philox.py
+        ;;
+    generate)
+        model=${SD_MODEL:-}
+        if [ -z "$model" ]; then
+            model=/tmp/sd_random_model
+            run 120 random_model $PY - "${SD_MODEL_SHAPE:?set SD_MODEL or SD_MODEL_SHAPE}" "$model" <<'EOF'
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+model.save_pretrained(dst)
+for f in src.iterdir():
+    if f.name != "config.json":
+        shutil.copy(f, dst / f.name)
+print(f"random-weight {type(model).__name__} from {src}: "
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters -> {dst}")
+EOF
+        fi
+        run 60 engine_smoke $PY - "$model" <<'EOF'
+import sys, time, torch
+from safedecode import methods
+from safedecode.engine import SafeDecoder
+from safedecode.models import load_model
+model, tok = load_model(sys.argv[1], dtype="bfloat16", device="cuda")
+dec = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5))
+for b in (1, 8):
+    t = time.perf_counter()
+    out = dec.generate(["Why is the sky blue?"] * b, max_new_tokens=32, ignore_eos=True, seed=0)
+    torch.cuda.synchronize()
+    print(f"B={b}: {[len(r.token_ids) for r in out]} tokens in {time.perf_counter() - t:.2f} s")
+EOF
+        run 330 generate $PY -m safedecode bench generate --device cuda --dtype bfloat16 \
+            --model "$model" --repeats "${SD_REPEATS:-2}" --new-tokens "${SD_NEW_TOKENS:-128}" \
+            --out "$RES/generate"
+        ;;
+    *) log "unknown stage $stage" ;;
+    esac
+done
+log "done"
+pack
