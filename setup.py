@@ -78,13 +78,22 @@ class BuildExt(build_ext):
             if isa != "baseline":
                 ext.define_macros.append((f"SD_HAVE_{isa.upper()}", "1"))
 
+    def _register(self, ext) -> None:  # noqa: ANN001
+        """Add ``ext`` after ``finalize_options`` ran: set what setuptools sets there for a
+        plain (non-Library) extension, or its build step fails on the missing attributes."""
+        ext._full_name = self.get_ext_fullname(ext.name)
+        self.ext_map[ext._full_name] = ext
+        ext._links_to_dynamic = ext._needs_stub = False
+        ext._file_name = self.get_ext_filename(ext._full_name)
+        self.extensions.append(ext)
+
     def run(self) -> None:
         from csrc.cuda.build import cuda_extension, skip_reason  # noqa: PLC0415
 
         reason = skip_reason()
         if reason is None:
             try:
-                self.extensions.append(cuda_extension())
+                self._register(cuda_extension())
             except Exception as exc:
                 raise RuntimeError(
                     f"safedecode: building the CUDA extension failed ({exc}); fix the toolkit, or "

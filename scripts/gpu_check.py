@@ -173,6 +173,38 @@ def graph_check(backend: str) -> dict:
     return dict(ok=ok, replays=3)
 
 
+def kernel_times(backends: list[str], batches=(1, 64), reps: int = 20) -> dict:
+    """Device time per kernel of one call (torch.profiler, mean over ``reps`` calls) and the
+    call's wall time, for the timing case at each B: where the time of a call goes."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    out = {}
+    for be in backends:
+        for b in batches:
+            case = OpCase(b=b, v=128256, beta=0.1, dtype="bfloat16")
+            fn = implementations(make_logits(case, "cuda"), case, [be])["fused"]
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / reps
+            kernels = {}
+            for e in prof.key_averages():
+                dev_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+                if e.device_type.name == "CUDA" and dev_us > 0:
+                    kernels[e.key[:80]] = dev_us / reps
+            out[f"{be}_B{b}"] = dict(wall_us=wall * 1e6, device_us=sum(kernels.values()),
+                                     kernels=dict(sorted(kernels.items(), key=lambda x: -x[1])))
+            print(f"  {be} B={b}: wall {wall * 1e6:.0f} us, kernels " + ", ".join(
+                f"{k} {v:.1f}" for k, v in list(out[f'{be}_B{b}']['kernels'].items())[:6]),
+                flush=True)
+    return out
+
+
 def nominal_hbm(name: str) -> float | None:
     for key, bw in NOMINAL_HBM_GBPS.items():
         if key in name:
@@ -251,6 +283,15 @@ def write_md(report: dict, path: Path) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Targets (>= 50% of HBM at B >= 64; >= 2x torch at every B): {t['targets']}",
               ""]
+    if report.get("kernels") and "error" not in report["kernels"]:
+        lines += ["## Where a call's time goes (torch.profiler, mean of 20 calls)", "",
+                  "| case | wall us | device us | kernels (us) |", "|---|---|---|---|"]
+        for case, r in report["kernels"].items():
+            ks = "; ".join(f"`{k}` {v:.1f}" for k, v in r["kernels"].items())
+            lines.append(f"| {case} | {r['wall_us']:.0f} | {r['device_us']:.0f} | {ks} |")
+        lines.append("")
+    elif report.get("kernels"):
+        lines += [f"Kernel profile failed: {report['kernels']['error']}", ""]
     path.write_text("\n".join(lines))
 
 
@@ -285,6 +326,10 @@ def main() -> int:
                 report["graphs"][be] = graph_check(be)
             except Exception as exc:  # noqa: BLE001 - reported, not fatal: the rest still runs
                 report["graphs"][be] = dict(ok=False, error=f"{type(exc).__name__}: {exc}")
+        try:
+            report["kernels"] = kernel_times(backends)
+        except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the rest
+            report["kernels"] = dict(error=f"{type(exc).__name__}: {exc}")
     print("timing", flush=True)
     report["timing"] = timing(backends, device, a.smoke, a.min_time if not a.smoke else 0.02)
     report["seconds"] = time.time() - t0

@@ -118,6 +118,15 @@ def _check_logits(logits: torch.Tensor) -> None:
                    f"{logits.stride(2)}; call .contiguous() first")
 
 
+def _filled_rows(values, b: int, device: torch.device) -> torch.Tensor:
+    """A [len(values), b] float32 tensor, row i = values[i], written by fill kernels: no
+    host-to-device copy, so it can also be made inside a CUDA graph capture."""
+    out = torch.empty(len(values), b, dtype=torch.float32, device=device)
+    for i, x in enumerate(values):
+        out[i].fill_(x)
+    return out
+
+
 def _normalise_weights(weights, k: int, b: int, device: torch.device,
                        check: bool) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
@@ -132,11 +141,10 @@ def _normalise_weights(weights, k: int, b: int, device: torch.device,
         key = ("weights", tuple(float(x) for x in weights), b, device)
         hit = _CACHE.get(key)
         if hit is None:
-            row = torch.tensor(key[1], dtype=torch.float32, device=device)
-            hit = _remember(key, row[None, :].expand(b, k).contiguous())
+            hit = _remember(key, _filled_rows(key[1], b, device).t().contiguous())
         return hit
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool) and k == 1:
-        w = torch.tensor([float(weights)])
+        return _filled_rows((float(weights),), b, device).t().contiguous()
     else:
         raise _err("weights", f"expected a [K] or [B, K] tensor or a sequence, got "
                    f"{type(weights).__name__}")
@@ -274,8 +282,7 @@ def _float_rows(temperature, top_p, min_p, beta, b, dev, check_inputs) -> list[t
         for spec, x in zip(_FLOAT_SPECS, values, strict=True):
             _check_scalar(spec, x, integer=False)
         row = [float(temperature), float(top_p), _log32(min_p), _log32(beta)]
-        packed = torch.tensor(row, dtype=torch.float32, device=dev)[:, None].expand(4, b)
-        return _remember(key, list(packed.contiguous()))
+        return _remember(key, list(_filled_rows(row, b, dev)))
     out = []
     for spec, x in zip(_FLOAT_SPECS, values, strict=True):
         tensor_in = isinstance(x, torch.Tensor)
