@@ -66,8 +66,17 @@ class EmulatedBackend:
         self.mod, self.variant, self.cap, self.num_sms = mod, variant, cap, num_sms
 
     def _ws(self, b: int, v: int) -> torch.Tensor:
-        return torch.empty(self.mod.workspace_bytes(b, v, self.num_sms, self.cap, self.variant),
-                           dtype=torch.uint8)
+        self.last_ws = torch.empty(self.mod.workspace_bytes(b, v, self.num_sms, self.cap,
+                                                            self.variant), dtype=torch.uint8)
+        self.last_bv = (b, v)
+        return self.last_ws
+
+    def compacted(self) -> torch.Tensor:
+        """Per row of the last call: the candidates the split kernels compacted for the row
+        kernel (0: none, the row kernel read the whole row itself)."""
+        b, v = self.last_bv
+        off = self.mod.candidates_offset(b, v, self.num_sms, self.cap, self.variant)
+        return self.last_ws[off:off + 8 * b].view(torch.int64).clone()
 
     def contrastive_sample(self, p: Prepared, return_logprobs: bool):
         check_prepared(p)

@@ -95,6 +95,24 @@ def test_ties_and_dead_tokens(emu, cap):
     _compare(be, _problem(3, 6, 2000, torch.float32, seed=6, dead=0.97))
 
 
+def test_top_k_above_the_plausible_set_stays_on_the_candidate_list(emu):
+    """The ACD decode step: the plausibility mask (beta) leaves fewer finite scores than top-k.
+    Masked tokens are not candidates, so the split kernels hand the row kernel the few plausible
+    ones (it used to take top-k's -inf bucket, i.e. the whole row, and pass over it on one SM)."""
+    be = EmulatedBackend(emu, variant=0, cap=128, num_sms=4)
+    g = torch.Generator().manual_seed(21)
+    b, v = 6, 3000
+    logits = torch.randn(2, b, v, generator=g) * 3.0
+    p = prepare(logits, [1.0, -0.5], temperature=0.7, top_k=50, top_p=0.9, beta=0.1,
+                seed=torch.arange(b))
+    _compare(be, p)
+    be.contrastive_sample(p, False)
+    plausible = torch.isfinite(reference.contrastive_logprobs(
+        prepare(logits, [1.0, -0.5], beta=0.1))[0]).sum(1)
+    assert (plausible < 50).all() and (plausible < be.cap).all()
+    assert torch.equal(be.compacted(), plausible), (be.compacted(), plausible)
+
+
 @pytest.mark.parametrize("rule", ["linear", "union"])
 def test_batch_invariance_with_chunking_that_follows_b(emu, rule):
     """The score kernel's chunks per row depend on B (more at small B); the union rule's

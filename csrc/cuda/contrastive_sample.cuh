@@ -57,6 +57,11 @@ constexpr int kU = 4;                 // float4 groups per thread per tile in th
 constexpr int kHistBuckets = 2048;    // first radix digit: 11 bits
 constexpr int kMaxSlots = 512;        // running-sum checkpoints of the draw
 constexpr int kCapMax = 16384;        // shared-memory candidate list, at most
+// Smallest key of a finite x (key_of(-inf) + 1; NaN is canonicalised to -inf). Top-k counts only
+// keys from here up: masked tokens (-inf, e.g. outside the plausibility cut) are never
+// candidates, so k above the finite count cuts nothing instead of sending the row kernel into
+// passes over the whole row.
+constexpr uint32_t kFiniteKey = 0x00800000u;
 constexpr size_t kRowSmemFixed = kHistBuckets * (4 + 8 + 8) + kMaxSlots * 8;  // 45056 bytes
 
 struct StatsPart {  // per (row, chunk)
@@ -791,6 +796,9 @@ SD_DEV Found find_bucket(const RowSmem& sm, int nb, bool mass_mode, int64_t r, U
   }
   unsigned ctot;
   const unsigned cb = block_excl_scan<NT>(lc, 0u, ctot);
+  // Fewer eligible (finite) elements than k: the k-th largest is -inf, which keeps every finite
+  // one; the walk stops at the smallest of them instead (same kept set, same masses).
+  if (!mass_mode && r > static_cast<int64_t>(ctot)) r = static_cast<int64_t>(ctot);
   U128 mb = {0ull, 0ull}, mtot = {0ull, 0ull};
   if (mass_mode) mb = block_excl_scan<NT>(lm, U128{0ull, 0ull}, mtot);
   if (set_target) target = static_cast<double>(top_p) * u128_to_double(mtot);
@@ -1127,7 +1135,7 @@ __global__ void __launch_bounds__(NT) xhist_kernel(Params p) {
   sm.hi = hi;
   const bool mass = search == 2;
   const GlobalSrc src{row + v_begin, v_end - v_begin};
-  hist_pass<NT>(src, sm, 0, 0u, mass ? key_of(neg_inf()) : 0u, mass);
+  hist_pass<NT>(src, sm, 0, 0u, mass ? key_of(neg_inf()) : kFiniteKey, mass);
   for (int i = static_cast<int>(threadIdx.x); i < kHistBuckets; i += NT) {
     const int64_t g = b * kHistBuckets + i;
     if (cnt[i] != 0u) atomicAdd(&p.hcnt[g], cnt[i]);
@@ -1164,7 +1172,7 @@ __global__ void __launch_bounds__(NT) xcompact_kernel(Params p) {
   const Found f = find_bucket<NT>(sm, kHistBuckets, mass, mass ? 0 : p.top_k[b],
                                   U128{0ull, 0ull}, target, true, p.top_p[b]);
   if (f.bucket < 0 || f.cum_cnt > p.cap) return;  // the row kernel reads the row itself
-  const uint32_t elig = mass ? key_of(neg_inf()) : 0u;
+  const uint32_t elig = mass ? key_of(neg_inf()) : kFiniteKey;
   const uint32_t cut = imax(elig, static_cast<uint32_t>(f.bucket) << 21);
   const int64_t v_begin = c * p.chunk, v_end = imin(p.V, v_begin + p.chunk);
   const GlobalSrc src{p.ws + b * p.ld + v_begin, v_end - v_begin};
@@ -1224,7 +1232,7 @@ __global__ void __launch_bounds__(NT, 1) row_kernel(Params p) {
   float thr = neg_inf();
   const int search = first_search(p, b);
   if (top_k > 0 && top_k < p.V)
-    thr = select_threshold<NT>(ctx, false, top_k, 0.0f, 0u, p, b, search == 1);
+    thr = select_threshold<NT>(ctx, false, top_k, 0.0f, kFiniteKey, p, b, search == 1);
   if (top_p < 1.0f)
     thr = fmaxf(thr, select_threshold<NT>(ctx, true, 0, top_p, key_of(thr), p, b, search == 2));
   thr = fmaxf(thr, p.log_min_p[b]);

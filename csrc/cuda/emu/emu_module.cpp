@@ -91,6 +91,10 @@ PYBIND11_MODULE(SD_EMU_MODULE, m) {
   m.def("workspace_bytes", [](int64_t B, int64_t V, int num_sms, int cap, int variant) {
     return safedecode::cuda::make_plan(B, V, num_sms, cap, variant == 0 ? 32 : 256).bytes;
   });
+  m.def("candidates_offset", [](int64_t B, int64_t V, int num_sms, int cap, int variant) {
+    // byte offset of the per-row compacted-candidate counts (uint64 [B]) in the workspace
+    return safedecode::cuda::make_plan(B, V, num_sms, cap, variant == 0 ? 32 : 256).off_cand;
+  });
   m.def("contrastive_sample",
         [](uintptr_t data, int dtype, int64_t K, int64_t B, int64_t V, int64_t sk, int64_t sb,
            uintptr_t w, uintptr_t temp, uintptr_t top_k, uintptr_t top_p, uintptr_t log_min_p,
