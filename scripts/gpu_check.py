@@ -1,7 +1,7 @@
 """The GPU check: in a few minutes on one GPU, every fused backend against the reference, CUDA-graph
 capture and replay, and timing as a fraction of HBM bandwidth and against the torch pipeline.
 
-    python scripts/gpu_check.py        # GPU: writes benchmarks/results/ops_cuda.{json,md}
+    python scripts/gpu_check.py        # GPU: writes benchmarks/results/gpu_check_cuda.{json,md}
     python scripts/gpu_check.py --smoke --out /tmp/x   # CPU: the same checks on small shapes
                                        # (cpp, Triton interpreted), no graphs; a test runs it
 
@@ -297,7 +297,7 @@ def write_md(report: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ops_cuda",
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check_cuda",
                     help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--smoke", action="store_true", help="small shapes, no graphs (CPU)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")

@@ -140,10 +140,23 @@ def test_cuda_missing_is_a_clear_error(tmp_path):
     (["ops", "--repeats", "0"], "--repeats: must be >= 1"),
     (["generate", "--threads", "0"], "--threads: must be >= 1"),
     (["ops", "--dtype", "int8"], "--dtype: must be one of"),
+    (["generate", "--new-tokens", "0"], "--new-tokens: must be >= 1"),
+    (["generate", "--model", "/no/such/model"], "model: cannot load '/no/such/model'"),
 ])
 def test_bad_options(tmp_path, args, message):
     res = runner.invoke(app, ["bench", *args, "--out", str(tmp_path)])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_generate_on_another_model(tmp_path, tiny_model_dir):
+    """``--model`` benchmarks any local model folder; ``--new-tokens`` sets the work per request."""
+    res = runner.invoke(app, ["bench", "generate", "--quick", "--threads", "1", "--model",
+                              str(tiny_model_dir), "--new-tokens", "3", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "generate_cpu.json").read_text())
+    assert r["model"] == str(tiny_model_dir) and r["config"]["new_tokens"] == 3
+    assert f"--model {tiny_model_dir} --new-tokens 3" in r["command"]
+    assert all(row["new_tokens"] == 3 and row["sd_k2_tok_s"] > 0 for row in r["rows"])
 
 
 def test_report_errors(tmp_path):

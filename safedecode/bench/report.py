@@ -438,6 +438,9 @@ def _gemm_note(gen: dict) -> str:
     rows = gen["rows"]
     if "sd_k2_torchgemm_tok_s" not in rows[0]:
         return ""
+    if gen.get("config", {}).get("device", "cpu") != "cpu":  # the small-M GEMM is CPU-only
+        return (" (Column \"torch GEMM\" is the same engine as safedecode K=2 here: the small-M "
+                "GEMM runs on CPUs only.)")
     torch_vs_plain = [x["sd_k2_torchgemm_tok_s"] / x["hf_plain_tok_s"] for x in rows]
     gain = [x["sd_k2_tok_s"] / x["sd_k2_torchgemm_tok_s"] for x in rows]
     return (" The engine's small-M GEMM for the linear layers is worth "
@@ -453,7 +456,8 @@ def readme_section(results: Path, readme_dir: Path) -> str:
              "safedecode/bench/report.py, not this text -->",
              f"## Performance (full tables in [`{rel}/`]({rel}/))", "",
              "Reproduce it in one command: `safedecode bench all` (`--quick`: a one-minute smoke "
-             "run; `--device cuda`: the Triton and CUDA backends on a GPU), then `safedecode "
+             "run; `--device cuda`: the Triton and CUDA backends on a GPU; `--model PATH`: "
+             "generation on another local model), then `safedecode "
              "bench report` rewrites this section from the JSON results. The same cases as "
              "pytest-benchmark tests: `pytest benchmarks/ --benchmark-only`. Every ratio is "
              "measured inside one run."]
