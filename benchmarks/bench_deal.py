@@ -2,10 +2,11 @@
 chunk commits, and chunk commits over the first ``--horizon`` tokens only) against plain
 decoding of the same requests, and against the naive DeAL baseline (batch 1, everything
 prefilled again at every search step, as the public code), at B = 1 and 8.
-Writes ``benchmarks/results/deal_cpu.{md,json}``.
+Writes ``benchmarks/results/deal_<device>.{md,json}``.
 
     python benchmarks/bench_deal.py            # the published run
     python benchmarks/bench_deal.py --quick    # B = 1, a few tokens: a smoke run
+    python benchmarks/bench_deal.py --device cuda --dtype bfloat16   # on a GPU
 
 The reward is a keyword reward (cheap), so the numbers are the search's own cost. The naive
 baseline runs requests one after another, so its tokens/s does not depend on B; it is measured
@@ -21,10 +22,11 @@ import time
 from pathlib import Path
 
 from safedecode import methods
+from safedecode.bench.machine import add_model_options, load_bench_model
 from safedecode.bench.naive import NaiveDeAL
 from safedecode.bench.report import write_script_result
 from safedecode.engine import SafeDecoder
-from safedecode.models import DEFAULT_NAME, load_default
+from safedecode.models import model_name
 
 OUT = Path(__file__).parent / "results"
 PROMPTS = ["How do I pick a lock?", "Write a short poem about autumn.",
@@ -38,9 +40,8 @@ def _rate(results, seconds: float) -> float:
     return sum(len(r.token_ids) for r in results) / seconds
 
 
-def run(batch: list[int], tokens: int, k: int, lookahead: int, horizon: int,
+def run(model, tok, batch: list[int], tokens: int, k: int, lookahead: int, horizon: int,
         naive_requests: int, log) -> dict:
-    model, tok = load_default()
     plain = SafeDecoder(model, tok, methods.get("plain"))
     modes = {"token": (1, None), "chunk": (lookahead, None), "horizon": (lookahead, horizon)}
     decs = {m: SafeDecoder(model, tok, methods.get("deal", k=k, lookahead=lookahead,
@@ -97,7 +98,7 @@ def markdown(r: dict, command: str, machine: str) -> str:
                      f"searching the first {r['horizon']} tokens only: "
                      f"{x['horizon_slowdown']:.2f}x")
     return "\n".join([
-        f"# DeAL, {DEFAULT_NAME} (cpu)", "",
+        f"# DeAL, {r['model']} ({r['device']})", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
         f"k = {r['k']} candidates, lookahead {r['lookahead']} (greedy rollouts), beam 1, reward "
         f"`{r['reward']}`, base `plain`, {r['tokens']} new tokens per request (EOS ignored). "
@@ -126,15 +127,23 @@ def main() -> None:
     ap.add_argument("--naive-requests", type=int, default=2)
     ap.add_argument("--horizon", type=int, default=16)
     ap.add_argument("--out", type=Path, default=OUT)
+    add_model_options(ap)
     args = ap.parse_args()
     batch = [1] if args.quick else [1, 8]
     tokens = args.tokens or (8 if args.quick else 32)
+    try:
+        model, tok = load_bench_model(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        ap.error(str(exc))
     t0 = time.perf_counter()
-    r = run(batch, tokens, 4, 8, args.horizon, 1 if args.quick else args.naive_requests,
+    r = run(model, tok, batch, tokens, 4, 8, args.horizon,
+            1 if args.quick else args.naive_requests,
             lambda m: print(m, file=sys.stderr, flush=True))
-    r["wall_s"] = time.perf_counter() - t0
-    write_script_result(args.out, "deal_cpu_quick" if args.quick else "deal_cpu", r,
-                        "benchmarks/bench_deal.py", markdown, sys.argv[1:])
+    r.update(wall_s=time.perf_counter() - t0, model=model_name(model), device=args.device,
+             dtype=args.dtype)
+    name = f"deal_{args.device}" + ("_quick" if args.quick else "")
+    write_script_result(args.out, name, r, "benchmarks/bench_deal.py", markdown, sys.argv[1:],
+                        args.device)
 
 
 if __name__ == "__main__":

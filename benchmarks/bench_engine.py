@@ -1,9 +1,10 @@
 """The request-level engine on the embedded model: continuous vs static batching on a Poisson
 stream of 64 requests, fork vs prefill at a 512-token context, host reads per decode step.
-See :mod:`safedecode.bench.continuous`. Writes ``benchmarks/results/engine_cpu.{md,json}``.
+See :mod:`safedecode.bench.continuous`. Writes ``benchmarks/results/engine_<device>.{md,json}``.
 
     python benchmarks/bench_engine.py            # the published run (3 alternated repeats)
     python benchmarks/bench_engine.py --quick    # 12 requests, 1 repeat: a smoke run
+    python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --rate 16   # on a GPU
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 from safedecode import methods
 from safedecode.bench.continuous import EngineBenchConfig, run_engine_bench
+from safedecode.bench.machine import add_model_options, load_bench_model
 from safedecode.bench.report import write_script_result
 from safedecode.engine import SafeDecoder
-from safedecode.models import DEFAULT_NAME, load_default
+from safedecode.models import model_name
 
 OUT = Path(__file__).parent / "results"
 
@@ -28,7 +30,7 @@ def markdown(r: dict, command: str, machine: str) -> str:
             f"{x['latency_p50_s']:.1f} | {x['latency_p90_s']:.1f} | {x['steps']} |"
             for m, x in b.items()]
     return "\n".join([
-        f"# Request-level engine, {DEFAULT_NAME} (cpu)", "",
+        f"# Request-level engine, {r['model']} ({r['device']})", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
         "## Continuous vs static batching", "",
         f"{c['requests']} requests arriving as a Poisson stream ({c['rate']}/s), prompts of "
@@ -62,6 +64,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--repeats", type=int, default=None, help="alternated batching runs "
                     "(default 3; quick 1)")
+    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 4: "
+                    "about what 2 CPU cores serve; a GPU needs more to be kept busy)")
+    add_model_options(ap)
     args = ap.parse_args()
     cfg = EngineBenchConfig()
     if args.quick:
@@ -70,13 +75,22 @@ def main() -> None:
         if args.repeats < 1:
             ap.error("--repeats: must be >= 1")
         cfg.repeats = args.repeats
-    model, tok = load_default()
+    if args.rate is not None:
+        if not args.rate > 0:
+            ap.error("--rate: must be > 0")
+        cfg.rate = args.rate
+    try:
+        model, tok = load_bench_model(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        ap.error(str(exc))
     dec = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5))
     t0 = time.perf_counter()
     r = run_engine_bench(dec, tok, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    r["wall_s"] = time.perf_counter() - t0
-    write_script_result(args.out, "engine_cpu_quick" if args.quick else "engine_cpu", r,
-                        "benchmarks/bench_engine.py", markdown, sys.argv[1:])
+    r.update(wall_s=time.perf_counter() - t0, model=model_name(model), device=args.device,
+             dtype=args.dtype)
+    name = f"engine_{args.device}" + ("_quick" if args.quick else "")
+    write_script_result(args.out, name, r, "benchmarks/bench_engine.py", markdown, sys.argv[1:],
+                        args.device)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 # One GPU session's checks, in priority order, each stage bounded in time; results packed into
 # $OUT/results.tgz after every stage (so a run cut at its limit still returns what it finished).
 #
-#   scripts/device_check.sh [stage ...]     # stages: build info ops pytest generate (default: all)
+#   scripts/device_check.sh [stage ...]   # stages: build info ops pytest generate engine deal
+#                                         # (default: build info ops generate pytest)
 #
 # Needs: a CUDA torch, nvcc, pybind11 and (for `generate`) a model folder in $SD_MODEL, or the
 # SmolLM2-135M-shaped config + tokenizer in $SD_MODEL_SHAPE (random weights are made from it:
 # decoding speed does not depend on the weights' values when EOS is ignored, as the benchmark does).
 # SD_DEADLINE=<s> cuts every stage to end that many seconds after the start (set it below the
 # call's own limit). Prebuilt extensions (safedecode/_C*.so for this Python) skip the build when they import.
+# The shape folder, made once from the embedded model:
+#   python -c "from safedecode.models import load_default; m, t = load_default(); \
+#              m.config.save_pretrained('.device/smollm2-shape'); t.save_pretrained('.device/smollm2-shape')"
+# Figures of the first run and how it was called: benchmarks/results/gpu_h200.md.
 set -u
 OUT=${OUT:-/tmp/sd_out}
 RES=${RES:-/tmp/sd_res}
@@ -33,6 +38,27 @@ run() {  # run <seconds> <name> <command...>: output to $RES/<name>.txt and the 
     log "end $name rc=$rc"
     pack
     return $rc
+}
+
+MODEL=${SD_MODEL:-}
+ensure_model() {  # $MODEL: the given folder, else random weights in $SD_MODEL_SHAPE's shape
+    [ -n "$MODEL" ] && return 0
+    MODEL=/tmp/sd_random_model
+    run 120 random_model $PY - "${SD_MODEL_SHAPE:?set SD_MODEL or SD_MODEL_SHAPE}" "$MODEL" <<'EOF'
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+model.save_pretrained(dst)
+for f in src.iterdir():
+    if f.name != "config.json":
+        shutil.copy(f, dst / f.name)
+print(f"random-weight {type(model).__name__} from {src}: "
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters -> {dst}")
+EOF
 }
 
 for stage in $STAGES; do
@@ -61,26 +87,8 @@ $PY -m safedecode info"
             tests/test_triton_backend_smoke.py tests/test_philox.py
         ;;
     generate)
-        model=${SD_MODEL:-}
-        if [ -z "$model" ]; then
-            model=/tmp/sd_random_model
-            run 120 random_model $PY - "${SD_MODEL_SHAPE:?set SD_MODEL or SD_MODEL_SHAPE}" "$model" <<'EOF'
-import shutil, sys
-from pathlib import Path
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
-model.save_pretrained(dst)
-for f in src.iterdir():
-    if f.name != "config.json":
-        shutil.copy(f, dst / f.name)
-print(f"random-weight {type(model).__name__} from {src}: "
-      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters -> {dst}")
-EOF
-        fi
-        run 60 engine_smoke $PY - "$model" <<'EOF'
+        ensure_model
+        run 60 engine_smoke $PY - "$MODEL" <<'EOF'
 import sys, time, torch
 from safedecode import methods
 from safedecode.engine import SafeDecoder
@@ -94,8 +102,18 @@ for b in (1, 8):
     print(f"B={b}: {[len(r.token_ids) for r in out]} tokens in {time.perf_counter() - t:.2f} s")
 EOF
         run 330 generate $PY -m safedecode bench generate --device cuda --dtype bfloat16 \
-            --model "$model" --repeats "${SD_REPEATS:-2}" --new-tokens "${SD_NEW_TOKENS:-128}" \
+            --model "$MODEL" --repeats "${SD_REPEATS:-2}" --new-tokens "${SD_NEW_TOKENS:-128}" \
             --out "$RES/generate"
+        ;;
+    engine)  # continuous vs static batching, fork vs prefill (issue 12's targets) on the GPU
+        ensure_model
+        run 300 engine $PY benchmarks/bench_engine.py --device cuda --dtype bfloat16 \
+            --model "$MODEL" --rate "${SD_RATE:-16}" --repeats "${SD_REPEATS:-2}" --out "$RES/engine"
+        ;;
+    deal)  # DeAL's search cost vs plain decoding and the naive baseline (issue 15) on the GPU
+        ensure_model
+        run 240 deal $PY benchmarks/bench_deal.py --device cuda --dtype bfloat16 --model "$MODEL" \
+            --out "$RES/deal"
         ;;
     *) log "unknown stage $stage" ;;
     esac

@@ -3,6 +3,12 @@ embedded model: benchmarks/bench_engine.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from engine_fixtures import tiny_llama
 
 from safedecode import methods
@@ -14,6 +20,8 @@ from safedecode.bench.continuous import (
     workload,
 )
 from safedecode.engine import SafeDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_engine_bench_measurements_on_the_tiny_model():
@@ -34,3 +42,19 @@ def test_engine_bench_measurements_on_the_tiny_model():
     f = fork_vs_prefill(dec, tok, cfg)
     assert f["context"] >= 100 and f["fork_s"] > 0 and f["prefill_s"] > 0 and f["copied_MB"] > 0
     assert host_reads_per_step(dec, steps=3, batch=2) == 1.0
+
+
+@pytest.mark.parametrize("script, name", [("bench_engine.py", "engine_cpu_quick"),
+                                          ("bench_deal.py", "deal_cpu_quick")])
+def test_benchmark_scripts_take_any_model(tmp_path, tiny_model_dir, script, name):
+    """``--model/--dtype/--device`` (what a GPU run of these scripts uses) on the tiny model."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--model",
+           str(tiny_model_dir), "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (r["model"], r["device"], r["dtype"]) == (str(tiny_model_dir), "cpu", "float32")
+    assert f"{r['model']} (cpu)" in (tmp_path / f"{name}.md").read_text()
+    bad = subprocess.run(cmd[:2] + ["--device", "tpu", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "--device: must be 'cpu' or 'cuda'" in bad.stderr

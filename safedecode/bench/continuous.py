@@ -92,6 +92,13 @@ def serve(dec, work: list[Request], max_seqs: int, *, static: bool) -> dict:
             "latency_p50_s": lat[len(lat) // 2], "latency_p90_s": lat[int(0.9 * (len(lat) - 1))]}
 
 
+def _sync(dec) -> None:
+    """Wait for the model's device (a GPU runs the copies and the prefill asynchronously)."""
+    dev = dec.model.get_input_embeddings().weight.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def fork_vs_prefill(dec, tok, cfg: EngineBenchConfig) -> dict:
     """Median seconds to fork a ``fork_context``-token request into ``fork_n`` vs to prefill
     ``fork_n`` copies of it (one batched prefill)."""
@@ -107,18 +114,22 @@ def fork_vs_prefill(dec, tok, cfg: EngineBenchConfig) -> dict:
         rid = eng.add_request(prompt, sp)
         eng.step()
         ctx = max(eng.state.host_len)
+        _sync(dec)
         t = time.perf_counter()
         eng.fork(rid, cfg.fork_n)
+        _sync(dec)
         fork_s.append(time.perf_counter() - t)
         eng = dec.engine(max_seqs=cfg.fork_n, max_len=cfg.fork_context + 64)
         for _ in range(cfg.fork_n):
             eng.add_request(prompt, sp)
         st = eng.state
+        _sync(dec)
         t = time.perf_counter()
         slots = tuple(st.acquire() for _ in range(cfg.fork_n))
         built = [s.built for s in eng.scheduler.admit(cfg.fork_n)]
         with torch.no_grad():
             eng.runner.prefill(st, slots, built)
+        _sync(dec)
         prefill_s.append(time.perf_counter() - t)
         per_col = st.cache.nbytes_per_column()
     f, p = statistics.median(fork_s), statistics.median(prefill_s)

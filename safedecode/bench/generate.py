@@ -151,10 +151,9 @@ class Setup:
         from safedecode import methods
         from safedecode.bench.naive import NaiveContrastGenerator
         from safedecode.engine import SafeDecoder
-        from safedecode.models import load_default, load_model
+        from safedecode.models import load_model
 
-        model, tok = (load_default(dtype=dtype, device=device) if model is None
-                      else load_model(model, dtype=dtype, device=device))
+        model, tok = load_model(model or "default", dtype=dtype, device=device)
         acd = methods.get("acd-text", alpha=0.5)
         return cls(model, tok, acd, SafeDecoder(model, tok, acd),
                    SafeDecoder(model, tok, acd, prefix_cache=False),

@@ -29,6 +29,22 @@ def require_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def add_model_options(ap) -> None:  # noqa: ANN001 - an argparse.ArgumentParser
+    """The benchmark scripts' ``--device``, ``--dtype`` and ``--model`` options."""
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--model", default="default", help="a local model folder or .gguf file "
+                    "(default: the embedded SmolLM2-135M-Instruct)")
+
+
+def load_bench_model(args):  # noqa: ANN001, ANN201 - argparse namespace -> (model, tokenizer)
+    """``(model, tokenizer)`` for a script's ``--model/--dtype/--device`` (clear errors)."""
+    require_device(args.device)
+    from safedecode.models import load_model  # noqa: PLC0415 - heavy
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
 def _cpu_info() -> tuple[str, int | None]:
     """(CPU model name, physical cores) from /proc/cpuinfo where it exists."""
     name, cores = platform.processor() or platform.machine(), set()

@@ -42,7 +42,7 @@ def write_result(result: dict, out: Path) -> list[Path]:
 
 
 def write_script_result(out: Path, name: str, result: dict, script: str, markdown,
-                        argv: list[str]) -> Path:
+                        argv: list[str], device: str = "cpu") -> Path:
     """A benchmark script's ``<name>.json`` and ``<name>.md`` in ``out``: ``result`` gets its
     reproducing ``command`` (``python <script> <argv>``), the markdown is
     ``markdown(result, command, machine line)``. Returns the markdown's path."""
@@ -53,7 +53,7 @@ def write_script_result(out: Path, name: str, result: dict, script: str, markdow
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = out / f"{name}.md"
-    md.write_text(markdown(result, command, machine_line(describe("cpu"))))
+    md.write_text(markdown(result, command, machine_line(describe(device))))
     print(f"wrote {md}")
     return md
 
