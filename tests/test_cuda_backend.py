@@ -7,8 +7,10 @@ compile check of csrc/**/*.cu (scripts/check_cuda_compile.sh) only needs nvcc.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,26 @@ def test_cuda_extension_is_skipped_only_for_a_stated_reason(monkeypatch):
     monkeypatch.setenv("SAFEDECODE_NO_CUDA", "1")
     assert build.skip_reason() == "SAFEDECODE_NO_CUDA is set"
     assert "building the CUDA extension failed" in (ROOT / "setup.py").read_text()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_setup_builds_both_extensions_where_cuda_is_wanted(tmp_path):
+    """setup.py's build_ext with the CUDA extension wanted (as on a GPU machine, or under pip's
+    build isolation wherever nvcc exists): both modules come out. The first GPU run found it
+    failing on ``'Pybind11Extension' object has no attribute '_needs_stub'``."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("csrc", "triton_kernels"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copytree(ROOT / "safedecode", tmp_path / "safedecode",
+                    ignore=shutil.ignore_patterns("*.so", "assets", "__pycache__"))
+    code = ("import runpy, sys; sys.path.insert(0, '.'); import csrc.cuda.build as b; "
+            "b.skip_reason = lambda: None; "
+            "sys.argv = ['setup.py', 'build_ext', '--inplace']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    env = dict(os.environ, SAFEDECODE_CUDA_ARCHS="90")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=False,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    built = sorted(p.name.split(".")[0] for p in (tmp_path / "safedecode").glob("_C*.so"))
+    assert built == ["_C", "_C_cuda"]
