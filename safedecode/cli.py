@@ -107,6 +107,8 @@ def generate(
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index>."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
     from rich.console import Console
@@ -145,7 +147,7 @@ def generate(
         SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p)
         with console.status(f"loading {model} ..."):
-            mdl, tok = load_model(model, adapter=adapter)
+            mdl, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed)

@@ -37,12 +37,34 @@ def default_model_path() -> tuple[Path, str]:
     return folder, DEFAULT_GGUF
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a name (float32, bfloat16, float16); a ValueError otherwise."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)`` for a CPU or an available CUDA device; a ValueError naming the
+    problem otherwise (never torch's assertion from deep inside ``.to()``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected cpu, cuda or cuda:<index>, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda or cuda:<index>, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible to torch")
+            raise ValueError(f"device {device!r}: CUDA is not available ({why}, torch "
+                             f"{torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} does not exist ({torch.cuda.device_count()} "
+                             "GPU(s) visible)")
+    return dev
 
 
 def quiet_loading() -> None:
@@ -74,6 +96,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     ``adapter``: a peft LoRA folder (e.g. from ``safedecode finetune``) merged into the weights,
     or the name of a shipped one (``"ta-sft"``: TA-SFT + refusal for the embedded model).
     """
+    check_device(device)
+    check_dtype(dtype)
     if adapter is not None:
         from safedecode.engine.adapters import load_lora
 
@@ -93,7 +117,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype), **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=check_dtype(dtype), **kw)
     except OSError as exc:
         raise FileNotFoundError(
             f"model: cannot load {name_or_path!r} offline ({exc}); give a local folder, a .gguf "
@@ -179,6 +203,6 @@ def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu"):
             tmp.rename(converted)
         except (OSError, ValueError):
             shutil.rmtree(tmp, ignore_errors=True)
-        model.to(device=device, dtype=_dtype(dtype))
+        model.to(device=device, dtype=check_dtype(dtype))
     model.safedecode_name = DEFAULT_NAME
     return model, tok

@@ -75,12 +75,30 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
         (["generate", "x", "--method", "plain", "--alpha", "0.5"], "plain"),
         (["generate", "x", "--model", "/nonexistent/model"], "model"),
         (["generate", "x", "-n", "0"], "max-new-tokens"),
+        (["generate", "x", "--device", "tpu"], "device: expected cpu, cuda or cuda:<index>"),
+        (["generate", "x", "--dtype", "int8"], "dtype: must be one of"),
     ],
 )
 def test_cli_errors_are_clear(args, match):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2
     assert match in res.output
+
+
+def test_cli_generate_dtype_and_missing_gpu(tiny_model_dir):
+    """``--dtype`` reaches the model (bf16 greedy = the bf16 engine); ``--device cuda`` without a
+    GPU is a clear error, not torch's assertion."""
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "-n", "4",
+                                   "--dtype", "bfloat16", "--json"])
+    assert res.exit_code == 0, res.output
+    from safedecode.models import load_model  # noqa: PLC0415
+
+    model, tok = load_model(str(tiny_model_dir), dtype="bfloat16")
+    want = SafeDecoder(model, tok, methods.get("plain")).generate("Hi", max_new_tokens=4)[0]
+    assert json.loads(res.stdout)["text"] == want.text
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, ["generate", "Hi", "--device", "cuda"])
+        assert res.exit_code == 2 and "device 'cuda': CUDA is not available" in res.output
 
 
 def test_cli_info():

@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from engine_fixtures import default_model, tiny_llama
 from serve_fixtures import LiveServer
 
@@ -356,3 +357,38 @@ def test_load_client_counts_requests_tokens_and_latencies(server):
     with pytest.raises(ValueError, match="127.0.0.1"):
         asyncio.run(run_level("http://192.0.2.1:1", "x", 1, 1, 1))
     assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "device: expected cpu, cuda or cuda:<index>"),
+    (["--dtype", "int8"], "dtype: must be one of"),
+    (["--max-seqs", "0"], "--max-seqs: must be >= 1"),
+    (["--port", "70000"], "--port: must be in [0, 65535]"),
+])
+def test_serve_rejects_bad_options_before_loading(args, message):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from safedecode.cli import app  # noqa: PLC0415
+
+    res = CliRunner().invoke(app, ["serve", "--model", "/no/such/model", *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error without a GPU")
+def test_serve_on_a_missing_gpu_is_a_clear_error():
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from safedecode.cli import app  # noqa: PLC0415
+
+    res = CliRunner().invoke(app, ["serve", "--device", "cuda"])
+    assert res.exit_code == 2 and "device 'cuda': CUDA is not available" in res.output
+
+
+def test_served_model_takes_device_and_dtype(tiny_model_dir):
+    from safedecode.serve import ServeSpec, build_models  # noqa: PLC0415
+
+    served = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", max_seqs=1,
+                                    dtype="bfloat16"))
+    (m,) = served
+    assert (m.info["device"], m.info["dtype"]) == ("cpu", "bfloat16")
+    assert m.engine.model.dtype == torch.bfloat16

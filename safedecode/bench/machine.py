@@ -21,12 +21,13 @@ def require_device(device: str) -> torch.device:
     """``torch.device(device)`` for ``cpu`` or ``cuda``; a clear error when CUDA is missing."""
     if device not in ("cpu", "cuda"):
         raise BenchError(f"--device: must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        why = ("this torch is built without CUDA" if torch.version.cuda is None
-               else "no GPU is visible to torch")
-        raise BenchError(f"--device cuda: CUDA is not available ({why}, torch {torch.__version__});"
-                         " run with --device cpu, or on a machine with a GPU and a CUDA torch")
-    return torch.device(device)
+    from safedecode.models import check_device  # noqa: PLC0415
+
+    try:
+        return check_device(device)
+    except ValueError as exc:
+        raise BenchError(f"--device {device}: {str(exc).split(': ', 1)[1]}; run with --device "
+                         "cpu, or on a machine with a GPU and a CUDA torch") from None
 
 
 def add_model_options(ap) -> None:  # noqa: ANN001 - an argparse.ArgumentParser

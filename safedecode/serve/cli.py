@@ -41,6 +41,9 @@ def serve_command(
     drain_timeout: float = typer.Option(60.0, "--drain-timeout",
                                         help="On SIGTERM, seconds to let requests finish."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index> (with "
+                               "--ray, each replica gets 1/replicas of a GPU)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
     ray: bool = typer.Option(False, "--ray", help="Serve on a local Ray Serve instance."),
     replicas: int = typer.Option(1, "--replicas", help="Ray Serve replicas (with --ray)."),
     ready_file: Path | None = typer.Option(None, "--ready-file",
@@ -61,6 +64,10 @@ def serve_command(
             raise ValueError(f"--port: must be in [0, 65535], got {port}")
         if request_timeout <= 0:
             raise ValueError(f"--request-timeout: must be > 0, got {request_timeout}")
+        from safedecode.models import check_device, check_dtype
+
+        check_device(device)
+        check_dtype(dtype)
         if acd_prompts is not None and not acd_prompts.is_file():
             raise ValueError(f"--acd-prompts: {acd_prompts} is not a file")
         spec = ServeSpec(model=model, methods=list(method),
@@ -68,7 +75,8 @@ def serve_command(
                                         "prompts": str(acd_prompts) if acd_prompts else None},
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
                          max_prefill_tokens=max_prefill_tokens or None,
-                         backend=backend, api_key=api_key or os.environ.get(
+                         backend=backend, device=device, dtype=dtype,
+                         api_key=api_key or os.environ.get(
                              "SAFEDECODE_API_KEY"), request_timeout=request_timeout,
                          default_max_tokens=default_max_tokens)
         if ray:

@@ -39,8 +39,11 @@ def deployment(spec: ServeSpec, replicas: int, *, cpus_per_replica: float = 1.0)
     """The bound Ray Serve application for ``spec`` with ``replicas`` replicas."""
     if replicas < 1:
         raise ValueError(f"--replicas: must be >= 1, got {replicas}")
+    actor = {"num_cpus": cpus_per_replica}
+    if spec.device.startswith("cuda"):  # replicas share the GPU(s) Ray sees
+        actor["num_gpus"] = 1.0 / replicas
     dep = serve.deployment(SafedecodeReplica, name="safedecode", num_replicas=replicas,
-                           ray_actor_options={"num_cpus": cpus_per_replica},
+                           ray_actor_options=actor,
                            max_ongoing_requests=max(8, spec.max_seqs + spec.max_queue))
     return dep.bind(spec.to_dict())
 

@@ -27,6 +27,8 @@ class ServeSpec:
     max_queue: int = 256
     max_prefill_tokens: int | None = None
     backend: str = "auto"
+    device: str = "cpu"
+    dtype: str = "float32"
     api_key: str | None = None
     request_timeout: float = 600.0
     default_max_tokens: int = 256
@@ -71,7 +73,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
         if isinstance(meth, methods.DeAL):
             raise ValueError(f"--method {name}: search methods are not served (yet): use "
                              "`safedecode generate` or `safedecode eval`")
-    model, tok = load_model(spec.model)
+    model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     base = spec.base_name()
     served = []
     for name, meth in built:
@@ -85,7 +87,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                                                     else "plain") for b in meth.branches],
                 "max_seqs": spec.max_seqs, "max_len": eng.max_len,
                 "max_prefill_tokens": spec.max_prefill_tokens,
-                "backend": eng.runner.backend}
+                "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype}
         served.append(ServedModel(f"{base}:{name}", eng, info))
     return served
 
