@@ -1,7 +1,8 @@
 """Load benchmark of ``safedecode serve`` on the embedded model: throughput and p50/p99 time to
 first token and inter-token latency at concurrency 1, 4, 16, 32 (closed-loop streaming clients,
 :mod:`safedecode.bench.load`), everything on 127.0.0.1. Writes
-``benchmarks/results/serve_cpu.{md,json,png}``.
+``benchmarks/results/serve_<device>.{md,json,png}``
+(``--device cuda --dtype bfloat16 --model PATH``: the same on a GPU).
 
     python benchmarks/bench_serve.py            # the published run
     python benchmarks/bench_serve.py --quick    # concurrency 1 and 4, few requests: a smoke run
@@ -21,7 +22,13 @@ import time
 from pathlib import Path
 
 from safedecode.bench.load import run_level
-from safedecode.bench.machine import describe, machine_line
+from safedecode.bench.machine import (
+    BenchError,
+    add_model_options,
+    describe,
+    machine_line,
+    require_device,
+)
 from safedecode.models import DEFAULT_NAME
 from safedecode.serve.process import ServerProcess
 
@@ -73,7 +80,9 @@ def _table(run: dict) -> list[str]:
 def markdown(r: dict, command: str, machine: str) -> str:
     body = [line for run in r["runs"] for line in _table(run)]
     return "\n".join([
-        f"# `safedecode serve` under load, {DEFAULT_NAME} (cpu)", "",
+        f"# `safedecode serve` under load, "
+        f"{DEFAULT_NAME if r.get('model', 'default') == 'default' else r['model']} "
+        f"({r['device']})", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
         f"Method `{r['method']}` (K = {r['k']}), `--max-seqs {r['max_seqs']}`; each level: "
         f"closed-loop streaming clients, {r['max_tokens']} ± {r['spread']:.0%} tokens per "
@@ -115,7 +124,8 @@ def run_config(args, levels: list[int], budget: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(
             ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
              "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
-             "--name", "bench"], Path(tmp)) as srv:
+             "--device", args.device, "--dtype", args.dtype, "--name", "bench"],
+            Path(tmp)) as srv:
         model_id = f"bench:{args.method}"
         asyncio.run(run_level(srv.url, model_id, 1, 2, 4))  # warm-up: first-call costs
         results = []
@@ -133,7 +143,7 @@ def run_config(args, levels: list[int], budget: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", default="default")
+    add_model_options(ap)
     ap.add_argument("--method", default="acd-text")
     ap.add_argument("--concurrency", type=int, nargs="*", default=None)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -143,6 +153,10 @@ def main() -> None:
                     help="server settings to compare (0: no budget)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    try:
+        require_device(args.device)
+    except BenchError as exc:
+        ap.error(str(exc))
     levels = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 32])
     out = args.out or (OUT / "quick" if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,15 +164,17 @@ def main() -> None:
     from safedecode import methods
 
     command = shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])
-    png = out / "serve_cpu.png"
-    r = {"benchmark": "serve", "device": "cpu", "quick": args.quick, "command": command,
+    stem = out / f"serve_{args.device}"
+    png = stem.with_suffix(".png")
+    r = {"benchmark": "serve", "device": args.device, "dtype": args.dtype, "model": args.model,
+         "quick": args.quick, "command": command,
          "method": args.method, "k": methods.get(args.method).k, "max_seqs": max(levels),
          "max_tokens": args.max_tokens, "spread": args.spread, "runs": runs, "reading": READING,
-         "machine": describe("cpu"), "plot": str(png)}
+         "machine": describe(args.device), "plot": str(png)}
     plot(runs, png)
-    (out / "serve_cpu.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / "serve_cpu.md").write_text(markdown(r, command, machine_line(r["machine"])))
-    print(f"wrote {out / 'serve_cpu.md'}")
+    stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(r, command, machine_line(r["machine"])))
+    print(f"wrote {stem.with_suffix('.md')}")
     for run in runs:
         for line in run["targets"]["lines"]:
             print(f"{_tag(run['max_prefill_tokens'])}: {line}")

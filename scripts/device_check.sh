@@ -2,7 +2,7 @@
 # One GPU session's checks, in priority order, each stage bounded in time; results packed into
 # $OUT/results.tgz after every stage (so a run cut at its limit still returns what it finished).
 #
-#   scripts/device_check.sh [stage ...]   # stages: build info ops pytest generate engine deal
+#   scripts/device_check.sh [stage ...]   # stages: build info ops pytest generate engine deal serve
 #                                         # (default: build info ops generate pytest)
 #
 # Needs: a CUDA torch, nvcc, pybind11 and (for `generate`) a model folder in $SD_MODEL, or the
@@ -13,6 +13,7 @@
 # The shape folder, made once from the embedded model:
 #   python -c "from safedecode.models import load_default; m, t = load_default(); \
 #              m.config.save_pretrained('.device/smollm2-shape'); t.save_pretrained('.device/smollm2-shape')"
+# `serve` also needs .whl/ from scripts/device_wheels.sh (carry it: the machine has no index).
 # Figures of the first run and how it was called: benchmarks/results/gpu_h200.md.
 set -u
 OUT=${OUT:-/tmp/sd_out}
@@ -114,6 +115,16 @@ EOF
         ensure_model
         run 240 deal $PY benchmarks/bench_deal.py --device cuda --dtype bfloat16 --model "$MODEL" \
             --out "$RES/deal"
+        ;;
+    serve)  # issue 17's load benchmark on the GPU; needs the wheels of scripts/device_wheels.sh
+        ensure_model
+        if ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
+            ls .whl/*.whl >/dev/null 2>&1 || { log "serve: no .whl/ (scripts/device_wheels.sh)"; continue; }
+            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/sd_site .whl/*.whl && export PYTHONPATH="/tmp/sd_site:$PYTHONPATH"
+        fi
+        run 420 serve $PY benchmarks/bench_serve.py --device cuda --dtype bfloat16 \
+            --model "$MODEL" --max-prefill-tokens 0 --out "$RES/serve"
         ;;
     *) log "unknown stage $stage" ;;
     esac

@@ -392,3 +392,23 @@ def test_served_model_takes_device_and_dtype(tiny_model_dir):
     (m,) = served
     assert (m.info["device"], m.info["dtype"]) == ("cpu", "bfloat16")
     assert m.engine.model.dtype == torch.bfloat16
+
+
+def test_load_benchmark_script_end_to_end(tmp_path, tiny_model_dir):
+    """benchmarks/bench_serve.py on the tiny model (a server in a subprocess, two levels): the
+    result names its device and model, every request answered."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--model", str(tiny_model_dir),
+                          "--method", "plain", "--max-tokens", "6", "--max-prefill-tokens", "0",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "serve_cpu.json").read_text())
+    assert (r["device"], r["model"]) == ("cpu", str(tiny_model_dir))
+    levels = r["runs"][0]["levels"]
+    assert [x["concurrency"] for x in levels] == [1, 4]
+    assert all(x["errors"] == 0 and x["tokens"] > 0 for x in levels)
