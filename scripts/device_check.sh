@@ -79,7 +79,7 @@ print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__
 $PY -m safedecode info"
         ;;
     ops)
-        run 240 ops $PY scripts/gpu_check.py --out "$RES/gpu_check_cuda"
+        run 300 ops $PY scripts/gpu_check.py --select-sweep --out "$RES/gpu_check_cuda"
         ;;
     pytest)
         run 240 pytest $PY -m pytest -q -n 8 -p no:cacheprovider --timeout 150 \

@@ -205,6 +205,43 @@ def kernel_times(backends: list[str], batches=(1, 64), reps: int = 20) -> dict:
     return out
 
 
+SELECT_SWEEP = ("512x8", "1024x8", "1024x16", "2048x16")  # 512x8: the default
+
+
+def select_sweep(configs=SELECT_SWEEP, device: str = "cuda", v: int = 128256, b: int = 64,
+                 times_fn=None) -> dict:
+    """The Triton select kernel's tile x warps (``SAFEDECODE_TRITON_SELECT``): its device time at
+    B = 1 and 64 (``kernel_times``) and tokens against the reference on the timing case and on
+    mixed rows, per setting. (Compile-only for sm_90: 2048x16 spills 56 B, 4096x32 640 B.)"""
+    from safedecode.ops import triton as tb  # noqa: PLC0415
+
+    out = {}
+    saved = os.environ.get(tb.SELECT_ENV)
+    try:
+        for cfg in configs:
+            os.environ[tb.SELECT_ENV] = cfg
+            times = (times_fn or kernel_times)(["triton"], batches=(1, 64), reps=20)
+            case = OpCase(b=b, v=v, beta=0.1, dtype="bfloat16")
+            logits = make_logits(case, device)
+            kw = dict(temperature=0.7, top_k=50, top_p=0.9, beta=0.1,
+                      seed=torch.arange(b, device=device))
+            mixed = _logits(2, b, v, torch.bfloat16, seed=41, device=device)
+            out[cfg] = dict(
+                select_us={n: next((t for k, t in times[f"triton_B{n}"]["kernels"].items()
+                                    if "select" in k), float("nan")) for n in (1, 64)},
+                wall_us={n: times[f"triton_B{n}"]["wall_us"] for n in (1, 64)},
+                mismatches=_compare("triton", logits, [1.0, -0.5], **kw)["token_mismatches"]
+                + _compare("triton", mixed, [1.0, -0.5],
+                           **_row_params(b, v, 42, device))["token_mismatches"])
+            print(f"  select {cfg}: {out[cfg]}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop(tb.SELECT_ENV, None)
+        else:
+            os.environ[tb.SELECT_ENV] = saved
+    return out
+
+
 def nominal_hbm(name: str) -> float | None:
     for key, bw in NOMINAL_HBM_GBPS.items():
         if key in name:
@@ -292,6 +329,17 @@ def write_md(report: dict, path: Path) -> None:
         lines.append("")
     elif report.get("kernels"):
         lines += [f"Kernel profile failed: {report['kernels']['error']}", ""]
+    sw = report.get("select_sweep")
+    if sw and "error" not in sw:
+        lines += ["## Triton select kernel: tile x warps (`SAFEDECODE_TRITON_SELECT`)", "",
+                  "| setting | select us B=1 | select us B=64 | call wall us B=1 | B=64 | "
+                  "token mismatches vs reference |", "|---|---|---|---|---|---|"]
+        for cfg, r in sw.items():
+            lines.append(f"| {cfg} | {r['select_us'][1]:.1f} | {r['select_us'][64]:.1f} | "
+                         f"{r['wall_us'][1]:.0f} | {r['wall_us'][64]:.0f} | {r['mismatches']} |")
+        lines.append("")
+    elif sw:
+        lines += [f"Select sweep failed: {sw['error']}", ""]
     path.write_text("\n".join(lines))
 
 
@@ -301,6 +349,8 @@ def main() -> int:
                     help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--smoke", action="store_true", help="small shapes, no graphs (CPU)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")
+    ap.add_argument("--select-sweep", action="store_true", help="GPU: also time the Triton "
+                    "select kernel's tile x warps settings (SAFEDECODE_TRITON_SELECT)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not a.smoke:
@@ -330,6 +380,11 @@ def main() -> int:
             report["kernels"] = kernel_times(backends)
         except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the rest
             report["kernels"] = dict(error=f"{type(exc).__name__}: {exc}")
+        if a.select_sweep and "triton" in backends:
+            try:
+                report["select_sweep"] = select_sweep()
+            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                report["select_sweep"] = dict(error=f"{type(exc).__name__}: {exc}")
     print("timing", flush=True)
     report["timing"] = timing(backends, device, a.smoke, a.min_time if not a.smoke else 0.02)
     report["seconds"] = time.time() - t0

@@ -229,3 +229,37 @@ def test_kernels_compile_for_sm90_within_the_limits():
     for dtype in ("bfloat16", "float16", "float32"):
         line = next(x for x in res.stdout.splitlines() if x.startswith(dtype + ":"))
         assert "<= 4 launches per call" in line or "<= 3 launches per call" in line, line
+
+
+def test_select_geometry_override(tb, monkeypatch):
+    """SAFEDECODE_TRITON_SELECT sets the select kernel's tile and warps (what gpu_check's
+    --select-sweep times); bad values name the variable."""
+    monkeypatch.setenv(tb.SELECT_ENV, "2048x16")
+    monkeypatch.setattr(tb, "_interpreted", lambda: False)
+    pl = tb.plan(128256)
+    assert (pl.select_tile, pl.select_warps) == (2048, 16)
+    assert tb.plan(100).select_tile == 128  # never wider than the row
+    for bad in ("2048", "1000x8", "2048x3", "x", "32768x8"):
+        monkeypatch.setenv(tb.SELECT_ENV, bad)
+        with pytest.raises(ValueError, match=tb.SELECT_ENV):
+            tb.plan(1000)
+    monkeypatch.delenv(tb.SELECT_ENV)
+    assert (tb.plan(128256).select_tile, tb.plan(128256).select_warps) == (512, 8)
+
+
+@pytest.mark.parametrize("select_tile", [16, 256], ids=lambda t: f"select{t}")
+def test_select_tile_wider_or_narrower_than_chunks_matches_reference(tb, monkeypatch,
+                                                                     select_tile):
+    """The select program's tiles need not line up with the score kernel's chunks."""
+    monkeypatch.setattr(tb, "plan", lambda v: tb.Plan(128, -(-v // 128), 64, select_tile, 4, 2))
+    v = 2000
+    logits = make_logits(2, 3, v, seed=3, device=DEVICE)
+    w = torch.tensor([[1.0, -0.5], [1.5, 0.0], [0.8, 0.6]])
+    kw = dict(temperature=torch.tensor([0.7, 0.8, 1.2]), top_k=torch.tensor([50, 0, 5]),
+              top_p=torch.tensor([0.9, 0.7, 1.0]), beta=0.1)
+    ref, out = _both_lp(logits, w, **kw)
+    assert_logprobs_close(ref, out)
+    seeds = torch.tensor([5, 6, 7])
+    r_tok = contrastive_sample(logits, w, seed=seeds, backend="reference", **kw)
+    t_tok = contrastive_sample(logits, w, seed=seeds, backend="triton", **kw)
+    assert torch.equal(r_tok, t_tok)

@@ -12,6 +12,7 @@ On a machine without a GPU the kernels run on CPU tensors under Triton's interpr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -66,16 +67,45 @@ class Plan:
         return triton.next_power_of_2(triton.cdiv(self.n_chunks * self.chunk, self.select_tile))
 
 
+SELECT_ENV = "SAFEDECODE_TRITON_SELECT"  # "<tile>x<warps>": the select kernel's geometry
+
+
+@functools.lru_cache(maxsize=16)
+def select_override(value: str | None) -> tuple[int, int] | None:
+    """``(tile, warps)`` from a ``SAFEDECODE_TRITON_SELECT`` value such as ``2048x16`` (None when
+    unset). The select program walks its row in tiles of ``tile`` lanes on ``warps`` warps: on a
+    GPU it is latency-bound at small B (benchmarks/results/gpu_h200.md), so fewer, wider tiles
+    may be faster; ``scripts/gpu_check.py --select-sweep`` times the choices."""
+    if not value:
+        return None
+    try:
+        tile, warps = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{SELECT_ENV}: expected <tile>x<warps> such as 1024x8, got "
+                         f"{value!r}") from None
+    if not 16 <= tile <= 8192 or tile & (tile - 1):
+        raise ValueError(f"{SELECT_ENV}: tile must be a power of two in [16, 8192], got {tile}")
+    if warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{SELECT_ENV}: warps must be one of 1, 2, 4, 8, 16, 32, got {warps}")
+    return tile, warps
+
+
 def plan(v: int) -> Plan:
     """Chunking for vocabulary ``v`` (never the batch): on a GPU at most 128 chunks of at least one
-    1024-token tile; under the interpreter at most 8 larger chunks."""
+    1024-token tile; under the interpreter at most 8 larger chunks. The select kernel's tile and
+    warps: 512 x 8 on a GPU unless ``SAFEDECODE_TRITON_SELECT`` says otherwise."""
     if _interpreted():
         tile_max, select_max, max_chunks = 8192, 4096, 8
     else:
         tile_max, select_max, max_chunks = 1024, 512, 128
     tile = max(16, min(tile_max, triton.next_power_of_2(v)))
     chunk = max(tile, triton.next_power_of_2(triton.cdiv(v, max_chunks)))
-    return Plan(chunk, triton.cdiv(v, chunk), tile, min(select_max, tile), 4, 8)
+    sel = select_override(os.environ.get(SELECT_ENV))
+    if sel is None:
+        select_tile, select_warps = min(select_max, tile), 8
+    else:
+        select_tile, select_warps = max(16, min(sel[0], triton.next_power_of_2(v))), sel[1]
+    return Plan(chunk, triton.cdiv(v, chunk), tile, select_tile, 4, select_warps)
 
 
 def _check(p: Prepared) -> None:
