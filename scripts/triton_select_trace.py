@@ -23,6 +23,8 @@ from safedecode.ops import contrastive_sample, registry  # noqa: E402
 
 V = 128256
 CASES = {  # name: (logits scale, parameters)
+    "acd step with its plausibility mask (beta 0.1): T 0.7, top-k 50, top-p 0.9":
+        (3.0, dict(temperature=0.7, top_k=50, top_p=0.9, beta=0.1)),
     "acd step: T 0.7, top-k 50, top-p 0.9": (3.0, dict(temperature=0.7, top_k=50, top_p=0.9)),
     "top-p 0.95 only": (3.0, dict(temperature=1.0, top_p=0.95)),
     "top-k 50 only": (3.0, dict(temperature=1.0, top_k=50)),
@@ -53,7 +55,10 @@ def main() -> None:
                                                                        rows=rows), indent=1))
     lines = ["# Triton select kernel: reads of a row (interpreter trace)", "",
              f"Command: `{cmd}`; V = {V}, B = 4, K = 2 (weights [1, -0.5]), worst row shown. "
-             "Before session 7: up to 17 full-row passes; its first rewrite: up to 5.", "",
+             "Before session 7: up to 17 full-row passes; its first rewrite: up to 5. With a "
+             "plausibility mask (session 15) the select gathers the score kernel's finite "
+             "indices and reads no full row (elements read: the candidates plus one draw tile, "
+             "4096 lanes under the interpreter, 512 on a GPU).", "",
              "| case | full-row passes | elements read / V | tokens = reference |",
              "|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['passes']:.0f} | {r['reads_per_V']:.3f} | "

@@ -263,3 +263,31 @@ def test_select_tile_wider_or_narrower_than_chunks_matches_reference(tb, monkeyp
     r_tok = contrastive_sample(logits, w, seed=seeds, backend="reference", **kw)
     t_tok = contrastive_sample(logits, w, seed=seeds, backend="triton", **kw)
     assert torch.equal(r_tok, t_tok)
+
+
+def test_plausibility_mask_spares_the_select_its_row_passes(many_chunks):
+    """The ACD step (a plausibility mask, top-k above the plausible count, top-p): the score
+    kernel hands the select its chunks' finite indices, so the select reads only those (no
+    full-row pass), across 16 chunks, equal to the reference in tokens and log-probs; a mask
+    that keeps more than GATHER_MAX tokens falls back to the two passes."""
+    tb = many_chunks
+    v = 2000
+    logits = make_logits(2, 4, v, scale=3.0, seed=8, device=DEVICE)
+    kw = dict(top_k=torch.tensor([50, 0, 3, 2000]), top_p=torch.tensor([0.9, 0.8, 1.0, 0.5]),
+              temperature=torch.tensor([0.7, 1.0, 1.3, 0.9]), beta=0.1)
+    seeds = torch.arange(4)
+    r = contrastive_sample(logits, [1.0, -0.5], seed=seeds, backend="reference", **kw)
+    t = contrastive_sample(logits, [1.0, -0.5], seed=seeds, backend="triton", **kw)
+    assert torch.equal(r, t)
+    plausible = torch.isfinite(contrastive_logprobs(logits, [1.0, -0.5], beta=0.1,
+                                                    backend="reference")).sum(1)
+    passes, reads = tb.last_trace[:, 0].tolist(), tb.last_trace[:, 1]
+    assert passes == [0, 0, 0, 0], passes
+    assert (reads <= plausible * 4 + 64).all(), (reads, plausible)  # list work + one draw tile
+    ref, out = _both_lp(logits, [1.0, -0.5], **{k: x for k, x in kw.items()})
+    assert_logprobs_close(ref, out)
+    wide = make_logits(2, 2, 6000, scale=0.5, seed=9, device=DEVICE)  # ~all tokens plausible
+    kw = dict(top_k=50, top_p=0.9, temperature=0.8, beta=1e-6)
+    r = contrastive_sample(wide, [1.0, -0.5], seed=seeds[:2], backend="reference", **kw)
+    t = contrastive_sample(wide, [1.0, -0.5], seed=seeds[:2], backend="triton", **kw)
+    assert torch.equal(r, t) and tb.last_trace[:, 0].tolist() == [2, 2]

@@ -7,11 +7,15 @@ At most four launches per call, all on fixed geometry (no host sync, CUDA-graph 
    the union rule, or a ``beta`` that is not the scalar 0).
 2. ``_score_kernel``  (grid ``(B, C)``) the combined score ``s`` (fp32, ``-inf`` = excluded) into a
    ``[B, V]`` buffer (skipped for greedy rows that need no distribution); per chunk: max ``s``, its
-   first index, NaN / +inf / anchor-alive flags. The only pass over the logits: the HBM-bound part.
+   first index, NaN / +inf / anchor-alive flags, and with a plausibility mask the vocabulary
+   indices of its finite scores (a run per chunk) and their count. The only pass over the logits:
+   the HBM-bound part.
 3. ``_select_kernel`` (grid ``B``) one program per row finds the top-k and top-p thresholds, the
-   final mass and draws the token, reading ``s`` (L2-resident on a GPU) in at most two full-row
+   final mass and draws the token. With a plausibility mask leaving at most ``GATHER_MAX`` finite
+   scores (the ACD step) it gathers the score kernel's runs into the per-row candidate list and
+   never reads the row; otherwise it reads ``s`` (L2-resident on a GPU) in at most two full-row
    passes: a 16-bucket histogram (a bucket is the exponent of ``|x|``), then the compaction of
-   every token up to the first search's bucket (keys and indices, vocabulary order) into a
+   every token up to the first search's bucket (keys and indices, vocabulary order) into the
    per-row candidate list. The radix digits (4 bits, starting below the bits the threshold
    bucket's keys share, shrinking a scratch copy in place), top-p after top-k, the final mass and
    the draw (one tile) read only that list. Without top-k / top-p: one pass for the final mass.
@@ -46,6 +50,8 @@ EBASE = tl.constexpr(119)  # bucket j of |x| holds fp32 exponent EBASE + j (clam
 N_STATS = tl.constexpr(5)  # anchor max, branch-0 max, branch-0 sum-exp, branch-1 max, sum-exp
 N_ROW = tl.constexpr(4)  # row record for the log-probs kernel: status, m, final key, log Z
 N_TRACE = tl.constexpr(2)  # per row: full-row passes, elements read by the select kernel
+GATHER_MAX = tl.constexpr(4096)  # plausible tokens the select gathers instead of reading its row
+GT = tl.constexpr(64)  # lanes of a gather tile ([GT, CP] chunk lookup)
 
 # Philox4x32-10 constants (see safedecode/ops/philox.py).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -281,10 +287,14 @@ def _log_softmax_shift(stats_row, C, j, CP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["K", "anchor", "need_mode"])
 def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spart, sarg, sflag,
-                  K, anchor, need_mode, V, C, CHUNK: tl.constexpr, RULE: tl.constexpr,
-                  USE_STATS: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr):
+                  fidx, fcnt, K, anchor, need_mode, V, C, CHUNK: tl.constexpr,
+                  RULE: tl.constexpr, USE_STATS: tl.constexpr, CP: tl.constexpr,
+                  TILE: tl.constexpr):
     """Score s (fp32, -inf = excluded) into S; per chunk: max s, its first index and flags (1: NaN,
-    2: +inf, 4: some anchor logit is not -inf). Rows that only need the argmax skip the store."""
+    2: +inf, 4: some anchor logit is not -inf). Rows that only need the argmax skip the store.
+    With a plausibility mask (USE_STATS) the chunk's finite scores are few: their vocabulary
+    indices go to ``fidx`` (the chunk's own run, in order) and their number to ``fcnt``, so the
+    select kernel can gather them instead of reading the row."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     row = logits + b * sb
@@ -306,6 +316,7 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
     best_i = tl.zeros([], tl.int64) + BIG
     flags = tl.zeros([TILE], tl.int32)
     s_row = S + b * V
+    nfin = tl.zeros([], tl.int32)
     for t in range(0, CHUNK, TILE):
         offs = start + t + lanes
         mask = offs < V
@@ -336,6 +347,12 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
         excl |= (za == NEG_INF) | (za < thr)
         s = tl.where(excl, NEG_INF, s)
         tl.store(s_row + offs, s, mask=mask & ((store_s + tl.zeros_like(offs)) != 0))
+        if USE_STATS:
+            fin = mask & (s > NEG_INF)
+            pos = nfin + tl.cumsum(fin.to(tl.int32), axis=0) - 1
+            tl.store(fidx + b * V + start + pos, offs.to(tl.int32),
+                     mask=fin & ((store_s + tl.zeros_like(offs)) != 0))
+            nfin += tl.sum(fin.to(tl.int32))
         sv = tl.where(mask, s, NEG_INF)
         tmax = tl.max(sv)
         targ = tl.min(tl.where(mask & (sv == tmax), offs, BIG))
@@ -343,6 +360,8 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
         best_i = tl.where(better, targ, best_i)
         best = tl.where(better, tmax, best)
     out = b * C + c
+    if USE_STATS:
+        tl.store(fcnt + out, nfin)
     tl.store(spart + out, best)
     tl.store(sarg + out, best_i)
     tl.store(sflag + out, tl.max(flags & 1) | tl.max(flags & 2) | tl.max(flags & 4))
@@ -350,15 +369,20 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
 
 @triton.jit(do_not_specialize=["need_mode"])
 def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, seed, step,
-                   ckey, cidx, work, rows, trace, tokens, logprobs, status_out, need_mode, V, C,
-                   CP: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr):
+                   ckey, cidx, work, fcnt, rows, trace, tokens, logprobs, status_out, need_mode,
+                   V, C, CP: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
+                   CHUNK: tl.constexpr, GATHER: tl.constexpr):
     """One program per row: status, thresholds, final mass, then the token (need_mode 0: sample,
     1: sample + log-prob) or the row record of the log-probs kernel (need_mode 2).
 
     With top-k or top-p on, two passes over the row: a bucket histogram (counts, and masses for
     top-p), then the compaction of every token up to the first search's bucket (keys and indices,
     vocabulary order) into ``ckey`` / ``cidx``; the searches, the final mass and the draw then
-    read only that candidate list (``work``: the radix passes' scratch)."""
+    read only that candidate list (``work``: the radix passes' scratch). With a plausibility mask
+    (GATHER) and at most GATHER_MAX finite scores, no pass over the row at all: the score
+    kernel's per-chunk runs of finite indices (in ``work``, counts in ``fcnt``) are gathered into
+    the list, in vocabulary order, with their histogram (the list then holds every finite token,
+    a superset of the buckets up to the search's: every later step filters by key)."""
     b = tl.program_id(0).to(tl.int64)
     ci = tl.arange(0, CP)
     ok = ci < C
@@ -392,16 +416,48 @@ def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, 
         k_act = (k > 0) & (k < V)
         p_act = p < 1.0
         if k_act | p_act:
-            # Pass 1 over the row: bucket histograms of every valid token.
             hc = tl.zeros([NB], tl.int32)
             hm = tl.zeros([NB], tl.float64)
-            for t in range(0, V, TILE):
-                offs = t + lanes
-                x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
-                hit = (_bucket(key)[:, None] == bins[None, :]) & valid[:, None]
-                hc += tl.sum(hit.to(tl.int32), axis=0)
-                if p_act & (k_act == 0):
-                    hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0), axis=0).to(tl.float64)
+            nf = tl.zeros([], tl.int32) + GATHER_MAX + 1  # no gather unless GATHER sets it
+            cnt = tl.zeros([CP], tl.int32)
+            incl = cnt
+            if GATHER:
+                cnt = tl.load(fcnt + b * C + ci, mask=ok, other=0)
+                incl = tl.cumsum(cnt, axis=0)
+                nf = tl.sum(cnt)
+            gathered = nf <= GATHER_MAX
+            if gathered:
+                # The score kernel's runs of finite indices, gathered in chunk (= vocabulary)
+                # order; their histogram on the way. No read of the row.
+                glanes = tl.arange(0, GT)
+                excl = incl - cnt
+                for t in range(0, nf, GT):
+                    pos = t + glanes
+                    inl = pos < nf
+                    j = tl.sum((pos[:, None] >= incl[None, :]).to(tl.int32), axis=1)
+                    base = tl.sum(tl.where(ci[None, :] == j[:, None], excl[None, :], 0), axis=1)
+                    src = j.to(tl.int64) * CHUNK + (pos - base)
+                    vi = tl.load(work + b * V + src, mask=inl, other=0)
+                    x, key, valid = _tile_x(s_row, vi, inl, m, t_eff)
+                    tl.store(keys + pos, key, mask=inl)
+                    tl.store(idx + pos, vi, mask=inl)
+                    hit = (_bucket(key)[:, None] == bins[None, :]) & valid[:, None]
+                    hc += tl.sum(hit.to(tl.int32), axis=0)
+                    if p_act & (k_act == 0):
+                        hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0),
+                                     axis=0).to(tl.float64)
+                tl.debug_barrier()
+                reads += nf
+            else:
+                # Pass 1 over the row: bucket histograms of every valid token.
+                for t in range(0, V, TILE):
+                    offs = t + lanes
+                    x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+                    hit = (_bucket(key)[:, None] == bins[None, :]) & valid[:, None]
+                    hc += tl.sum(hit.to(tl.int32), axis=0)
+                    if p_act & (k_act == 0):
+                        hm += tl.sum(tl.where(hit, tl.exp(x)[:, None], 0.0),
+                                     axis=0).to(tl.float64)
             total = tl.sum(hc)
             target = tl.zeros([], tl.float64)
             if k_act:
@@ -410,20 +466,23 @@ def _select_kernel(S, spart, sarg, sflag, temperature, top_k, top_p, log_min_p, 
             else:
                 target = p.to(tl.float64) * tl.sum(hm)
                 d, before, in_bin = _pick(hc, hm, target, True)
-            # Pass 2 over the row: compact every token of buckets <= d (vocabulary order).
-            w = tl.zeros([], tl.int32)
-            for t in range(0, V, TILE):
-                offs = t + lanes
-                x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
-                sel = valid & (_bucket(key) <= d)
-                pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                tl.store(keys + pos, key, mask=sel)
-                tl.store(idx + pos, offs, mask=sel)
-                w += tl.sum(sel.to(tl.int32))
-            tl.debug_barrier()
-            passes += 2
-            reads += 2 * V
-            n = w
+            if gathered:
+                n = nf
+            else:
+                # Pass 2 over the row: compact every token of buckets <= d (vocabulary order).
+                w = tl.zeros([], tl.int32)
+                for t in range(0, V, TILE):
+                    offs = t + lanes
+                    x, key, valid = _tile_x(s_row, offs, offs < V, m, t_eff)
+                    sel = valid & (_bucket(key) <= d)
+                    pos = w + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                    tl.store(keys + pos, key, mask=sel)
+                    tl.store(idx + pos, offs, mask=sel)
+                    w += tl.sum(sel.to(tl.int32))
+                tl.debug_barrier()
+                passes += 2
+                reads += 2 * V
+                n = w
             from_buf += 1
             if k_act:
                 rem = k.to(tl.float64) - before
