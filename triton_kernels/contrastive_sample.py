@@ -288,11 +288,11 @@ def _log_softmax_shift(stats_row, C, j, CP: tl.constexpr):
 @triton.jit(do_not_specialize=["K", "anchor", "need_mode"])
 def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spart, sarg, sflag,
                   fidx, fcnt, K, anchor, need_mode, V, C, CHUNK: tl.constexpr,
-                  RULE: tl.constexpr, USE_STATS: tl.constexpr, CP: tl.constexpr,
-                  TILE: tl.constexpr):
+                  RULE: tl.constexpr, USE_STATS: tl.constexpr, COMPACT: tl.constexpr,
+                  CP: tl.constexpr, TILE: tl.constexpr):
     """Score s (fp32, -inf = excluded) into S; per chunk: max s, its first index and flags (1: NaN,
     2: +inf, 4: some anchor logit is not -inf). Rows that only need the argmax skip the store.
-    With a plausibility mask (USE_STATS) the chunk's finite scores are few: their vocabulary
+    With a plausibility mask (COMPACT) the chunk's finite scores are few: their vocabulary
     indices go to ``fidx`` (the chunk's own run, in order) and their number to ``fcnt``, so the
     select kernel can gather them instead of reading the row."""
     b = tl.program_id(0).to(tl.int64)
@@ -347,7 +347,7 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
         excl |= (za == NEG_INF) | (za < thr)
         s = tl.where(excl, NEG_INF, s)
         tl.store(s_row + offs, s, mask=mask & ((store_s + tl.zeros_like(offs)) != 0))
-        if USE_STATS:
+        if COMPACT:
             fin = mask & (s > NEG_INF)
             pos = nfin + tl.cumsum(fin.to(tl.int32), axis=0) - 1
             tl.store(fidx + b * V + start + pos, offs.to(tl.int32),
@@ -360,7 +360,7 @@ def _score_kernel(logits, sk, sb, weights, log_beta, temperature, stats, S, spar
         best_i = tl.where(better, targ, best_i)
         best = tl.where(better, tmax, best)
     out = b * C + c
-    if USE_STATS:
+    if COMPACT:
         tl.store(fcnt + out, nfin)
     tl.store(spart + out, best)
     tl.store(sarg + out, best_i)

@@ -162,16 +162,19 @@ def _run(p: Prepared, need: int, out: torch.Tensor | None = None):
     if use_stats:
         _K._stats_kernel[grid](z, sk, sb, stats, p.anchor, v, c, CHUNK=pl.chunk, RULE=p.rule,
                                TILE=pl.tile, **opts)
-    # With a plausibility mask the score kernel also writes each chunk's finite indices into
-    # `work` (the select's radix scratch, free until then) and their count into `fcnt`.
+    # With a plausibility mask (not the union rule's stats alone) the score kernel also writes
+    # each chunk's finite indices into `work` (the select's radix scratch, free until then) and
+    # their count into `fcnt`.
+    compact = use_stats and p.beta_off is not True
     _K._score_kernel[grid](z, sk, sb, p.weights, p.log_beta, p.temperature, stats, scores, spart,
                            sarg, sflag, work, fcnt, k, p.anchor, need, v, c, CHUNK=pl.chunk,
-                           RULE=p.rule, USE_STATS=use_stats, CP=cp, TILE=pl.tile, **opts)
+                           RULE=p.rule, USE_STATS=use_stats, COMPACT=compact, CP=cp,
+                           TILE=pl.tile, **opts)
     _K._select_kernel[(b,)](scores, spart, sarg, sflag, p.temperature, p.top_k, p.top_p,
                             p.log_min_p, p.seed, p.step, ckey, cidx, work, fcnt, rows, trace,
                             tokens, lps if lps is not None else scores, status, need, v, c, CP=cp,
                             NT=pl.select_tiles, TILE=pl.select_tile, CHUNK=pl.chunk,
-                            GATHER=use_stats, num_warps=pl.select_warps, enable_fp_fusion=False)
+                            GATHER=compact, num_warps=pl.select_warps, enable_fp_fusion=False)
     last_trace = trace
     return scores, tokens, lps, status, rows, pl
 
