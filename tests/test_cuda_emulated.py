@@ -101,12 +101,11 @@ def test_top_k_above_the_plausible_set_stays_on_the_candidate_list(emu):
     ones (it used to take top-k's -inf bucket, i.e. the whole row, and pass over it on one SM)."""
     be = EmulatedBackend(emu, variant=0, cap=128, num_sms=4)
     g = torch.Generator().manual_seed(21)
-    b, v = 4, 2000
+    b, v = 3, 1000
     logits = torch.randn(2, b, v, generator=g) * 3.0
     p = prepare(logits, [1.0, -0.5], temperature=0.7, top_k=50, top_p=0.9, beta=0.1,
                 seed=torch.arange(b))
-    _compare(be, p)
-    be.contrastive_sample(p, False)
+    _compare(be, p)  # its last call samples: the workspace below is that call's
     plausible = torch.isfinite(reference.contrastive_logprobs(
         prepare(logits, [1.0, -0.5], beta=0.1))[0]).sum(1)
     assert (plausible < 50).all() and (plausible < be.cap).all()
