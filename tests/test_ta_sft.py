@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from engine_fixtures import tiny_llama
 from typer.testing import CliRunner
 
@@ -21,7 +22,13 @@ from safedecode.ops.linear_emd import (
 from safedecode.training.ta_sft import DATA_FORMAT, TASFTConfig, examples, load_data
 
 
-def _problem(n=29, d=12, v=157, dtype=torch.float32, seed=0):
+def _problem(n=29, d=12, v=157, dtype=torch.float32, seed=0, device="cpu"):
+    """A small loss problem; ``device=DEVICE`` puts it on the GPU where there is one (the Triton
+    kernel then runs compiled, else under the interpreter)."""
+    return tuple(t.to(device) for t in _problem_cpu(n, d, v, dtype, seed))
+
+
+def _problem_cpu(n, d, v, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g).to(dtype)
     w = (torch.randn(v, d, generator=g) * 0.7).to(dtype)
@@ -80,7 +87,7 @@ def test_emd_to_a_one_hot_target_is_the_transport_cost_of_the_only_plan():
 def test_fused_loss_equals_the_plain_one_in_value_and_gradients(backend, dtype, tol):
     """fp32: ≤ 2e-5 relative; bf16 (bf16 matmuls, fp32 softmax): ≤ 2e-2 relative to the largest
     gradient entry. Chunks of 5 rows, so several chunks and a ragged last one."""
-    h, w, b, tgt, wce, wemd, unit = _problem(dtype=dtype)
+    h, w, b, tgt, wce, wemd, unit = _problem(dtype=dtype, device=DEVICE)
     ref_loss, ref = _grads(reference_loss, h, w, b, tgt, wce, wemd, unit)
     loss, got = _grads(fused_linear_emd_loss, h, w, b, tgt, wce, wemd, unit, chunk_rows=5,
                        backend=backend)
@@ -99,7 +106,7 @@ def test_fused_loss_passes_gradcheck_in_float64():
 
 
 def test_fused_loss_does_not_depend_on_the_chunking_and_skips_frozen_weights():
-    h, w, b, tgt, wce, wemd, unit = _problem()
+    h, w, b, tgt, wce, wemd, unit = _problem(device=DEVICE)
     values = [float(fused_linear_emd_loss(h, w, tgt, wce, wemd, unit, bias=b, chunk_rows=r))
               for r in (1, 4, 1000)]
     assert max(values) - min(values) < 1e-5
