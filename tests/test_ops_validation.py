@@ -55,6 +55,7 @@ def test_bad_parameters(kwargs, match):
         (torch.randn(2, 3, 50), [1.0, 1.0, 1.0], "weights"),
         (torch.randn(2, 3, 50), torch.ones(4, 2), "weights"),
         (torch.randn(2, 3, 50), [1.0, float("nan")], "weights"),
+        (torch.randn(1, 3, 50), float("inf"), "weights"),  # a scalar weight (K = 1)
         (torch.randn(2, 3, 50), "abc", "weights"),
         ([[[1.0]]], [1.0], "logits"),
     ],

@@ -144,6 +144,8 @@ def _normalise_weights(weights, k: int, b: int, device: torch.device,
             hit = _remember(key, _filled_rows(key[1], b, device).t().contiguous())
         return hit
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool) and k == 1:
+        if not math.isfinite(weights):  # on the host, as for a sequence: no device sync
+            raise _err("weights", "must be finite")
         return _filled_rows((float(weights),), b, device).t().contiguous()
     else:
         raise _err("weights", f"expected a [K] or [B, K] tensor or a sequence, got "
