@@ -46,6 +46,15 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def cuda_unavailable() -> str | None:
+    """Why CUDA cannot be used here (None when it can)."""
+    if torch.cuda.is_available():
+        return None
+    why = ("this torch is built without CUDA" if torch.version.cuda is None
+           else "no GPU is visible to torch")
+    return f"{why}, torch {torch.__version__}"
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)`` for a CPU or an available CUDA device; a ValueError naming the
     problem otherwise (never torch's assertion from deep inside ``.to()``)."""
@@ -56,11 +65,9 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu, cuda or cuda:<index>, got {device!r}")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None
-                   else "no GPU is visible to torch")
-            raise ValueError(f"device {device!r}: CUDA is not available ({why}, torch "
-                             f"{torch.__version__})")
+        why = cuda_unavailable()
+        if why is not None:
+            raise ValueError(f"device {device!r}: CUDA is not available ({why}); use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} does not exist ({torch.cuda.device_count()} "
                              "GPU(s) visible)")

@@ -21,13 +21,13 @@ def require_device(device: str) -> torch.device:
     """``torch.device(device)`` for ``cpu`` or ``cuda``; a clear error when CUDA is missing."""
     if device not in ("cpu", "cuda"):
         raise BenchError(f"--device: must be 'cpu' or 'cuda', got {device!r}")
-    from safedecode.models import check_device  # noqa: PLC0415
+    from safedecode.models import cuda_unavailable  # noqa: PLC0415
 
-    try:
-        return check_device(device)
-    except ValueError as exc:
-        raise BenchError(f"--device {device}: {str(exc).split(': ', 1)[1]}; run with --device "
-                         "cpu, or on a machine with a GPU and a CUDA torch") from None
+    why = cuda_unavailable() if device == "cuda" else None
+    if why is not None:
+        raise BenchError(f"--device cuda: CUDA is not available ({why}); run with --device "
+                         "cpu, or on a machine with a GPU and a CUDA torch")
+    return torch.device(device)
 
 
 def add_model_options(ap) -> None:  # noqa: ANN001 - an argparse.ArgumentParser
