@@ -7,8 +7,9 @@ column of a token is its position). Before each forward the engine *binds* the c
 reads a view, no copy — or an index tensor, which gathers those rows' first ``attend`` columns),
 the column each input token is written to (``cols [R, q]``; the last column is a sink that padding
 tokens write to and nothing reads) and how many columns attention sees (``attend``, rounded up to
-a bucket so shapes repeat). Writes are one ``index_put`` per layer; nothing is concatenated, and
-no other row's KV is touched when a sequence joins, leaves or forks.
+a bucket so shapes repeat). A *packed* binding (:mod:`.packed`) gives a row and a column per
+token of a ``[1, N]`` forward instead. Writes are one ``index_put`` per layer; nothing is
+concatenated, and no other row's KV is touched when a sequence joins, leaves or forks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Binding:
     index: torch.Tensor  # [R] absolute row ids (the same rows as a tensor)
     cols: torch.Tensor  # [R, q] column each input token's KV is written to
     attend: int  # columns attention reads: 0 .. attend-1
+    packed: bool = False  # a packed forward: ``index``/``cols`` are per token ``[N]``
 
 
 class SlotLayer(DynamicLayer):
@@ -77,6 +79,10 @@ class SlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b = self.owner.binding
+        if b.packed:  # [1, H, N, D] tokens of many rows: token i goes to (index[i], cols[i])
+            self.keys[b.index, :, b.cols] = key_states[0].transpose(0, 1).to(self.dtype)
+            self.values[b.index, :, b.cols] = value_states[0].transpose(0, 1).to(self.dtype)
+            return self.keys, self.values  # packed_attention picks each group's rows
         idx = b.index[:, None]
         self.keys[idx, :, b.cols] = key_states.transpose(1, 2).to(self.dtype)
         self.values[idx, :, b.cols] = value_states.transpose(1, 2).to(self.dtype)
@@ -85,7 +91,7 @@ class SlotLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         b = self.owner.binding
-        return 0 if b is None else b.attend - b.cols.shape[1]
+        return 0 if b is None or b.packed else b.attend - b.cols.shape[1]
 
     def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
         return self.owner.binding.attend, 0
@@ -122,8 +128,8 @@ class SlotCache(Cache):
         return self.columns
 
     def bind(self, rows: slice | torch.Tensor, index: torch.Tensor, cols: torch.Tensor,
-             attend: int) -> None:
-        self.binding = Binding(rows, index, cols, attend)
+             attend: int, packed: bool = False) -> None:
+        self.binding = Binding(rows, index, cols, attend, packed)
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
         """Copy the first ``n`` columns of rows ``src`` into rows ``dst`` (fork)."""

@@ -149,6 +149,9 @@ class Engine:
     this many prompt tokens (all branches; at least one request), so a burst of arrivals is
     prefilled over several steps instead of stalling every running stream in one long step
     (lower inter-token latency tails, later first tokens; None: admit all that fit).
+    ``packed``: a step that admits requests runs the running sequences' decode and the new
+    prompts' prefill as one packed forward (:mod:`.packed`; methods without branch hooks or
+    adapters) instead of two.
     """
 
     def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
@@ -156,7 +159,7 @@ class Engine:
                  prefix_cache: bool = True, small_gemm: bool = True,
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
                  compiled: CompiledDecode | None = None,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, packed: bool = True) -> None:
         check_method_fits(model, method)
         if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
                                                isinstance(max_prefill_tokens, int)
@@ -172,7 +175,7 @@ class Engine:
             pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None) or 0
         self.runner = ModelStep(model, method, backend=backend, prefix_cache=prefix_cache,
                                 small_gemm=small_gemm, prefixes=prefixes, pad_id=pad,
-                                compiled=compiled)
+                                compiled=compiled, pack=packed)
         context = self.runner.max_positions
         if max_len is None:
             max_len = min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
@@ -457,12 +460,16 @@ class Engine:
         running = tuple(sorted(s.slot for s in self._live.values()
                                if s.slot >= 0 and s.built is None))
         parts, order = [], []
+        new = tuple(s.slot for s in admitted)
+        mixed = None
+        if admitted and self.runner.can_pack:  # decode + prefill in one forward
+            mixed = self.runner.packed(st, running, new, [s.built for s in admitted])
         if running:
-            parts.append(self.runner.decode(st, running))
+            parts.append(mixed[0] if mixed is not None else self.runner.decode(st, running))
             order += list(running)
         if admitted:
-            new = tuple(s.slot for s in admitted)
-            prefilled = self.runner.prefill(st, new, [s.built for s in admitted])
+            prefilled = mixed[1] if mixed is not None else \
+                self.runner.prefill(st, new, [s.built for s in admitted])
             parts.append(prefilled)
             order += list(new)
             pick = []  # choices forked after the prefill, before their first token

@@ -10,6 +10,7 @@ of a step with one transfer (:meth:`ModelStep.sample`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
 from .branches import Method
 from .cache import PrefixStore, SlotCache, cache_kwargs
+from .packed import PackPlan, packed_attention_on
 from .prompts import Prefix
 from .state import DecodeState, round_up
 
@@ -58,8 +60,9 @@ class ModelStep:
     def __init__(self, model, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  prefixes: PrefixStore | None = None, pad_id: int = 0,
-                 compiled: CompiledDecode | None = None) -> None:
+                 compiled: CompiledDecode | None = None, pack: bool = True) -> None:
         self.model, self.method, self.backend = model, method, backend
+        self.pack: bool | None = None if pack else False  # None: not tried yet
         self.prefix_cache = prefix_cache
         self.prefixes = prefixes if prefixes is not None else PrefixStore()
         self.embed = model.get_input_embeddings()
@@ -172,12 +175,11 @@ class ModelStep:
         return kv
 
     # -- prefill ----------------------------------------------------------------------------
-    def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
-                ) -> torch.Tensor:
-        """Write the prompts of new sequences ``slots`` (``built[i][k]`` = prefix and suffix of
-        sequence i under branch k) into their rows; returns their next-token logits [n, K, V]."""
+    def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]):
+        """Write the shared prefixes of new sequences ``slots`` into their rows; returns per
+        row (sequence-major) the column its new tokens start at, their ids and the soft prefix
+        they start with (None: ids only)."""
         kb, dev = self.method.k, self.device
-        rows, index, _ = state.layout(slots)
         shared = self.prefix_cache
         starts, seqs, soft = [], [], []
         groups: dict[tuple[int, str], tuple[Prefix, list[int]]] = {}
@@ -201,6 +203,15 @@ class ModelStep:
         for (k, _), (prefix, r) in groups.items():
             state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev),
                                      self.prefix_kv(k, prefix))
+        return starts, seqs, soft
+
+    def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
+                ) -> torch.Tensor:
+        """Write the prompts of new sequences ``slots`` (``built[i][k]`` = prefix and suffix of
+        sequence i under branch k) into their rows; returns their next-token logits [n, K, V]."""
+        kb, dev = self.method.k, self.device
+        rows, index, _ = state.layout(slots)
+        starts, seqs, soft = self._prompt_rows(state, slots, built)
         lengths = [len(s) + (len(p) if p is not None else 0) for s, p in zip(seqs, soft,
                                                                                strict=True)]
         t = max(lengths)
@@ -240,6 +251,104 @@ class ModelStep:
                                attention_mask=mask.to(dev),
                                position_ids=pos.to(dev), **inputs)
         return logits.view(len(slots), kb, -1)
+
+    # -- decode and prefill in one forward ---------------------------------------------------
+    @property
+    def can_pack(self) -> bool:
+        """Whether :meth:`packed` may run: not switched off, the routing check not failed, and
+        no branch hooks or adapters (they index rows of a padded batch)."""
+        return self.pack is not False and not self._effects["prefill"] \
+            and not self._effects["decode"]
+
+    def packed(self, state: DecodeState, running: tuple[int, ...], new: tuple[int, ...],
+               built: list[Built]) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """Decode ``running`` and prefill ``new`` in one packed forward (:mod:`.packed`);
+        returns their logits ``([n_run, K, V] or None, [n_new, K, V])``, or None (nothing
+        done) when this model's attention did not route through the packed function on the
+        first try — the caller then runs :meth:`decode` and :meth:`prefill`."""
+        kb, dev, dt = self.method.k, self.device, self.dtype
+        neg = torch.finfo(dt).min
+        n_dec, dec_rows, dec_attend, dec_mask = 0, None, 0, None
+        tok_rows, tok_cols, tok_ids = [], [], []
+        if running:
+            dec_rows, index, sidx = state.layout(running)
+            dec_attend = state.attend(running, extra=1)
+            cols = state.lens[index]
+            state.bias.index_put_((index, cols), torch.zeros((), dtype=dt, device=dev))
+            dec_mask = state.bias[dec_rows, :dec_attend][:, None, None, :]
+            n_dec = len(running) * kb
+            tok_rows.append(index)
+            tok_cols.append(cols)
+            tok_ids.append(state.last[sidx].repeat_interleave(kb))
+        starts, seqs, soft = self._prompt_rows(state, new, built)
+        lengths = [len(q) + (len(p) if p is not None else 0) for q, p in zip(seqs, soft,
+                                                                             strict=True)]
+        ends = [st + n for st, n in zip(starts, lengths, strict=True)]
+        n_rows, t = len(seqs), max(lengths)
+        pf_tok = torch.zeros(n_rows, t, dtype=torch.long)
+        pf_valid = torch.zeros(n_rows, t, dtype=torch.bool)
+        q_cols = torch.zeros(n_rows, t, dtype=torch.long)  # padding queries: column 0
+        offset, last, ids, cols_pf = n_dec, [], [], []
+        for r, (st, q, n) in enumerate(zip(starts, seqs, lengths, strict=True)):
+            pf_tok[r] = offset
+            pf_tok[r, :n] = torch.arange(offset, offset + n)
+            pf_valid[r, :n] = True
+            q_cols[r, :n] = torch.arange(st, st + n)
+            cols_pf.append(q_cols[r, :n])
+            ids += [self.pad_id] * (n - len(q)) + q  # a soft prefix's places: embedded below
+            offset += n
+            last.append(offset - 1)
+        pf_attend = min(state.columns, round_up(max(ends)))
+        allowed = torch.arange(pf_attend)[None, None, :] <= q_cols[:, :, None]
+        pf_mask = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~allowed, neg)[:, None]
+        pf_rows, pf_index, _ = state.layout(new)
+        tok_rows.append(pf_index.repeat_interleave(torch.tensor(lengths, device=dev)))
+        tok_cols.append(torch.cat(cols_pf).to(dev))
+        tok_ids.append(torch.tensor(ids, dtype=torch.long, device=dev))
+        index, cols = torch.cat(tok_rows), torch.cat(tok_cols)
+        plan = PackPlan(n_dec, dec_rows, dec_attend, dec_mask, pf_rows, pf_tok.to(dev),
+                        pf_valid.to(dev), pf_attend, pf_mask.to(dev))
+        pos = cols.clamp(max=self.max_positions - 1) if self.max_positions else cols
+        inputs: dict = {"input_ids": torch.cat(tok_ids)[None]}
+        if any(p is not None for p in soft):
+            emb = self.embed(inputs["input_ids"])
+            for r, p in enumerate(soft):
+                if p is not None:
+                    a = last[r] + 1 - lengths[r]
+                    emb[0, a:last[r] + 1] = torch.cat([p.embeds(self.embed), self.embed(
+                        torch.tensor(seqs[r], dtype=torch.long, device=dev))])
+            inputs = {"inputs_embeds": emb}
+        keep = torch.cat([torch.arange(n_dec), torch.tensor(last)]).to(dev)
+        for i, slot in enumerate(new):
+            state.set_rows(slot, [ends[i * kb + k] for k in range(kb)])
+        state.cache.bind(index, index, cols, 0, packed=True)
+        try:
+            with packed_attention_on(self.model), routed(self._gemm):
+                out = self.model(**inputs, attention_mask=torch.zeros(1, 1, 1, 1, dtype=dt,
+                                                                      device=dev),
+                                 position_ids=pos[None], **cache_kwargs(self.model,
+                                                                        state.cache),
+                                 logits_to_keep=keep, safedecode_pack=plan)
+            routed_ok = plan.calls == self.num_layers
+            error = None if routed_ok else (f"{plan.calls} of {self.num_layers} layers ran "
+                                            "the packed attention")
+        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+            if self.pack:
+                raise
+            routed_ok, error = False, f"{type(exc).__name__}: {exc}"
+        if not routed_ok:
+            if self.pack:
+                raise RuntimeError(f"packed forward: {error}")
+            warnings.warn(f"safedecode: this model cannot run packed decode+prefill forwards "
+                          f"({error}); using two forwards per admission step", stacklevel=2)
+            self.pack = False
+            return None
+        self.pack = True
+        logits = out.logits[0]
+        if running:
+            state.advance(running, dec_rows, state.layout(running)[1])
+        dec = logits[:n_dec].view(len(running), kb, -1) if running else None
+        return dec, logits[n_dec:].view(len(new), kb, -1)
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, state: DecodeState, slots: tuple[int, ...]) -> torch.Tensor:
