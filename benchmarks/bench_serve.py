@@ -7,7 +7,9 @@ first token and inter-token latency at concurrency 1, 4, 16, 32 (closed-loop str
     python benchmarks/bench_serve.py            # the published run
     python benchmarks/bench_serve.py --quick    # concurrency 1 and 4, few requests: a smoke run
 
-Each server setting of ``--max-prefill-tokens`` (default: 0 = no budget, and 32) is a run.
+Each server setting of ``--max-prefill-tokens`` (default: 0 = no budget, and 32) is a run, with
+admission steps as one packed forward (the default) and, with ``--forwards packed two``, as two
+forwards (``--no-packed``) in the same run for comparison.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     for run in runs:
-        levels, tag = run["levels"], _tag(run["max_prefill_tokens"])
+        levels, tag = run["levels"], _tag(run["max_prefill_tokens"], run.get("packed", True))
         c = [x["concurrency"] for x in levels]
         ax[0].plot(c, [x["tok_s"] for x in levels], "o-", label=tag)
         for a, key in ((ax[1], "ttft"), (ax[2], "itl")):
@@ -62,8 +64,9 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _tag(budget: int | None) -> str:
-    return f"prefill budget {budget}" if budget else "no prefill budget"
+def _tag(budget: int | None, packed: bool = True) -> str:
+    tag = f"prefill budget {budget}" if budget else "no prefill budget"
+    return tag + ("" if packed else ", two forwards")
 
 
 def _table(run: dict) -> list[str]:
@@ -71,7 +74,9 @@ def _table(run: dict) -> list[str]:
             f"{x['ttft_p50_s'] * 1e3:.0f} | {x['ttft_p99_s'] * 1e3:.0f} | "
             f"{x['itl_p50_s'] * 1e3:.0f} | {x['itl_p99_s'] * 1e3:.0f} |" for x in run["levels"]]
     flag = run["max_prefill_tokens"] or 0
-    return [f"## `--max-prefill-tokens {flag}` ({_tag(run['max_prefill_tokens'])})", "",
+    packed = run.get("packed", True)
+    flags = f"--max-prefill-tokens {flag}" + ("" if packed else " --no-packed")
+    return [f"## `{flags}` ({_tag(run['max_prefill_tokens'], packed)})", "",
             "| concurrency | requests | errors | tokens/s | TTFT p50 ms | TTFT p99 ms | "
             "ITL p50 ms | ITL p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
             *(f"- {line}" for line in run["targets"]["lines"]), ""]
@@ -119,11 +124,12 @@ READING = (
     "vLLM's mixed batches) removes the second weight read; see the issue notes.")
 
 
-def run_config(args, levels: list[int], budget: int) -> dict:
+def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dict:
     max_seqs = max(levels)
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(
             ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
              "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
+             "--packed" if packed else "--no-packed",
              "--device", args.device, "--dtype", args.dtype, "--name", "bench"],
             Path(tmp)) as srv:
         model_id = f"bench:{args.method}"
@@ -134,9 +140,9 @@ def run_config(args, levels: list[int], budget: int) -> dict:
             res = asyncio.run(run_level(srv.url, model_id, c, n, args.max_tokens,
                                         time_limit=600, seed=1000 * c, spread=args.spread))
             results.append(res.summary())
-            print(json.dumps({"max_prefill_tokens": budget, **results[-1]}), file=sys.stderr,
-                  flush=True)
-    return {"max_prefill_tokens": budget or None, "levels": results,
+            print(json.dumps({"max_prefill_tokens": budget, "packed": packed, **results[-1]}),
+                  file=sys.stderr, flush=True)
+    return {"max_prefill_tokens": budget or None, "packed": packed, "levels": results,
             "targets": targets(results)}
 
 
@@ -151,6 +157,8 @@ def main() -> None:
                     help="request lengths uniform in max_tokens * [1 - s, 1 + s]")
     ap.add_argument("--max-prefill-tokens", type=int, nargs="*", default=[0, 32],
                     help="server settings to compare (0: no budget)")
+    ap.add_argument("--forwards", nargs="*", choices=["packed", "two"], default=["packed"],
+                    help="admission steps as one packed forward and/or as two (--no-packed)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     try:
@@ -160,7 +168,8 @@ def main() -> None:
     levels = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 32])
     out = args.out or (OUT / "quick" if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_config(args, levels, b) for b in args.max_prefill_tokens]
+    runs = [run_config(args, levels, b, f == "packed") for f in args.forwards
+            for b in args.max_prefill_tokens]
     from safedecode import methods
 
     command = shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])
@@ -177,7 +186,7 @@ def main() -> None:
     print(f"wrote {stem.with_suffix('.md')}")
     for run in runs:
         for line in run["targets"]["lines"]:
-            print(f"{_tag(run['max_prefill_tokens'])}: {line}")
+            print(f"{_tag(run['max_prefill_tokens'], run['packed'])}: {line}")
 
 
 if __name__ == "__main__":

@@ -412,3 +412,25 @@ def test_load_benchmark_script_end_to_end(tmp_path, tiny_model_dir):
     levels = r["runs"][0]["levels"]
     assert [x["concurrency"] for x in levels] == [1, 4]
     assert all(x["errors"] == 0 and x["tokens"] > 0 for x in levels)
+
+
+def test_packed_forwards_are_a_server_setting(tiny_model_dir, monkeypatch):
+    """``--no-packed`` (ServeSpec.packed) runs admission steps as two forwards; the model's
+    ``safedecode`` object says which; the CLI flag reaches the spec."""
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    import safedecode.serve.server as server_module  # noqa: PLC0415
+    from safedecode.cli import app  # noqa: PLC0415
+    from safedecode.serve import ServeSpec, build_models  # noqa: PLC0415
+
+    for packed in (True, False):
+        served = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", max_seqs=2,
+                                        methods=["acd-text"], packed=packed))
+        assert served[0].info["packed"] is packed
+        assert served[0].engine.runner.can_pack is packed
+    seen = []
+    monkeypatch.setattr(server_module, "run_uvicorn", lambda spec, *a, **kw: seen.append(spec))
+    for flag, packed in (("--no-packed", False), ("--packed", True)):
+        res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), flag])
+        assert res.exit_code == 0, res.output
+        assert seen.pop().packed is packed

@@ -87,12 +87,14 @@ class SafeDecoder:
         self.prefixes = PrefixStore()
 
     def engine(self, *, max_seqs: int = 8, max_len: int | None = None,
-               max_queue: int = 1024, max_prefill_tokens: int | None = None) -> Engine:
+               max_queue: int = 1024, max_prefill_tokens: int | None = None,
+               packed: bool = True) -> Engine:
         """A request-level :class:`Engine` on this decoder's model, method and prefix store."""
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
                       small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
-                      compiled=self.compiled, max_prefill_tokens=max_prefill_tokens)
+                      compiled=self.compiled, max_prefill_tokens=max_prefill_tokens,
+                      packed=packed)
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,

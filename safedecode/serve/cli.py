@@ -34,6 +34,9 @@ def serve_command(
         0, "--max-prefill-tokens", help="Prompt tokens admitted per step while others decode "
                                         "(0: no limit); small: shorter inter-token latency "
                                         "tails, less throughput (benchmarks/results/serve_cpu)."),
+    packed: bool = typer.Option(True, "--packed/--no-packed",
+                                help="A step that admits requests decodes and prefills in one "
+                                     "packed forward (--no-packed: two forwards)."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds per "
                                                                            "request."),
     default_max_tokens: int = typer.Option(256, "--default-max-tokens",
@@ -74,7 +77,7 @@ def serve_command(
                          method_kwargs={"alpha": alpha, "beta": beta,
                                         "prompts": str(acd_prompts) if acd_prompts else None},
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
-                         max_prefill_tokens=max_prefill_tokens or None,
+                         max_prefill_tokens=max_prefill_tokens or None, packed=packed,
                          backend=backend, device=device, dtype=dtype,
                          api_key=api_key or os.environ.get(
                              "SAFEDECODE_API_KEY"), request_timeout=request_timeout,

@@ -26,6 +26,7 @@ class ServeSpec:
     max_len: int | None = None
     max_queue: int = 256
     max_prefill_tokens: int | None = None
+    packed: bool = True  # decode + prefill in one forward (Engine(packed=))
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "float32"
@@ -79,7 +80,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     for name, meth in built:
         eng = SafeDecoder(model, tok, meth, backend=spec.backend).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
-            max_prefill_tokens=spec.max_prefill_tokens)
+            max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed)
         info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
                 "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
                 "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
@@ -87,6 +88,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                                                     else "plain") for b in meth.branches],
                 "max_seqs": spec.max_seqs, "max_len": eng.max_len,
                 "max_prefill_tokens": spec.max_prefill_tokens,
+                "packed": eng.runner.can_pack,
                 "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype}
         served.append(ServedModel(f"{base}:{name}", eng, info))
     return served
