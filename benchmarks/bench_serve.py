@@ -114,14 +114,15 @@ def targets(levels: list[dict]) -> dict:
 
 
 READING = (
-    "On this CPU a forward pass costs about the time to read the weights once plus a share per "
-    "row, and a step that admits requests runs two forwards (the running sequences' decode, "
-    "then the new prompts' prefill), so it takes about twice a decode step. Admitting every "
-    "waiting request at once (no budget) keeps those double steps few (best throughput) but "
-    "makes each of them long (the inter-token latency tail); a small prefill budget admits about "
-    "one request per step, so the double steps are short but frequent (a better tail, less "
-    "throughput). A single forward for prefill and decode rows together (ragged attention, as "
-    "vLLM's mixed batches) removes the second weight read; see the issue notes.")
+    "A step that admits requests runs the running sequences' decode and the new prompts' "
+    "prefill as one packed forward (the default; `--no-packed`: two forwards, as the engine did "
+    "before). On this CPU a forward costs a fixed part (reading the weights, module overhead) "
+    "plus a share per token, so packing saves the fixed part of every admission step: those "
+    "steps get shorter (the inter-token latency tail) and throughput rises where admissions are "
+    "frequent (high concurrency). A prefill budget admits about one request per step: "
+    "admission steps are short but more frequent. The configurations run one after another, "
+    "so a drift of the machine's speed during the run shows in absolute tokens/s; the targets' "
+    "ratios are measured within one server (one configuration) each.")
 
 
 def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dict:

@@ -1,8 +1,9 @@
 """Admission of waiting requests into free slots, first come first served.
 
 A request added while others run waits here until a slot is free; at the next step boundary the
-engine prefills every request admitted in one forward, between the running sequences' decode
-steps (measured in ``benchmarks/results/continuous_cpu.md``). The queue is bounded: adding
+engine prefills every request admitted in the same packed forward as the running sequences'
+decode (:mod:`.packed`; measured in ``benchmarks/results/engine_cpu.md`` and
+``serve_cpu.md``). The queue is bounded: adding
 past ``max_queue`` waiting requests is a ``ValueError`` naming ``max_queue``.
 """
 

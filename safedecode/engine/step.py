@@ -4,7 +4,10 @@ and the fused sampling op, on a :class:`~.state.DecodeState`.
 Per decode step the device does: one forward over the running rows (attention width bucketed,
 mask and KV read as views when the slots are consecutive), one op call, and in-place updates of
 the state; nothing is read back here. The engine reads the packed ``[tokens; status; logprobs]``
-of a step with one transfer (:meth:`ModelStep.sample`).
+of a step with one transfer (:meth:`ModelStep.sample`). A step that admits new sequences runs
+their prefill and the running rows' decode as one packed forward (:meth:`ModelStep.packed`,
+:mod:`.packed`) where the method allows, else :meth:`~ModelStep.decode` then
+:meth:`~ModelStep.prefill`.
 """
 
 from __future__ import annotations
