@@ -47,6 +47,9 @@ def markdown(r: dict, command: str, machine: str) -> str:
         "steps and the throughput gain is smaller than the step count's; where a decode step is "
         "bound by reading the weights (a GPU at these batch sizes) it approaches the step ratio.",
         "",
+        *([f"Packed admission steps (decode and prefill in one forward) / two forwards, both "
+           f"continuous: **{r['packing_speedup']:.2f}x** throughput.", ""]
+          if "packing_speedup" in r else []),
         "## Fork", "",
         f"Forking a request at a {f['context']}-token context into {f['n']} children (their KV "
         f"copied into free slots, {f['copied_MB']:.1f} MB): {f['fork_s'] * 1e3:.2f} ms; "

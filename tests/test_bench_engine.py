@@ -34,7 +34,8 @@ def test_engine_bench_measurements_on_the_tiny_model():
     assert work == workload(cfg)  # seeded
     want = sum(w.max_new for w in work)
     static, cont = (serve(dec, work, cfg.max_seqs, static=s) for s in (True, False))
-    for r in (static, cont):
+    two = serve(dec, work, cfg.max_seqs, static=False, packed=False)
+    for r in (static, cont, two):
         assert r["tokens"] == want and r["tok_s"] > 0
         assert 0 < r["latency_p50_s"] <= r["latency_p90_s"] <= r["makespan_s"]
     # continuous batching never needs more steps than static batches of the same slots

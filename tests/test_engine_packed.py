@@ -111,6 +111,21 @@ def test_methods_with_branch_hooks_keep_two_forwards():
     assert n_one > eng.steps
 
 
+def test_a_model_on_eager_attention_keeps_two_forwards():
+    """Eager attention may hold model-specific terms (soft-capping, sinks) that the packed SDPA
+    function does not: such a model is not packed, and decodes as before."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    two, _, _ = _run(dec, packed=False)
+    model.config._attn_implementation = "eager"
+    try:
+        one, n_one, eng = _run(dec, packed=True)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert not eng.runner.can_pack and n_one > eng.steps
+    assert {i: t for i, (t, _) in one.items()} == {i: t for i, (t, _) in two.items()}
+
+
 def test_a_model_whose_attention_does_not_route_falls_back_to_two_forwards(monkeypatch):
     """If the packed attention function is never reached (a model that ignores transformers'
     attention interface), the first packed step notices, warns once and redoes the step with

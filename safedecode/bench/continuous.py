@@ -1,7 +1,8 @@
 """Engine benchmarks: continuous vs static batching on a Poisson stream, fork vs prefill, host
 reads per decode step.
 
-* **Continuous vs static batching.** ``n`` requests (the generation benchmark's prompts, max new
+* **Continuous vs static batching** (and continuous with two forwards per admission step,
+  ``packed=False``, to show what the packed forward adds). ``n`` requests (the generation benchmark's prompts, max new
   tokens drawn uniformly from ``[min_new, max_new]``, EOS ignored so the work is fixed) arrive as
   a Poisson stream. *Continuous*: one :class:`~safedecode.engine.Engine` with ``max_seqs`` slots;
   a request joins at the next step boundary after it arrives and leaves when it ends. *Static*:
@@ -56,11 +57,13 @@ def workload(cfg: EngineBenchConfig) -> list[Request]:
     return out
 
 
-def serve(dec, work: list[Request], max_seqs: int, *, static: bool) -> dict:
-    """Run ``work`` in real time on one engine; returns tokens/s and latencies."""
+def serve(dec, work: list[Request], max_seqs: int, *, static: bool, packed: bool = True
+          ) -> dict:
+    """Run ``work`` in real time on one engine; returns tokens/s and latencies. ``packed``:
+    admission steps as one packed forward (else two: decode, then prefill)."""
     from safedecode.engine import SamplingParams
 
-    eng = dec.engine(max_seqs=max_seqs, max_len=512)
+    eng = dec.engine(max_seqs=max_seqs, max_len=512, packed=packed)
     pending = list(work)
     arrival: dict[int, float] = {}
     done: dict[int, tuple[float, int]] = {}
@@ -169,13 +172,14 @@ def host_reads_per_step(dec, steps: int = 20, batch: int = 4) -> float:
 
 def run_engine_bench(dec, tok, cfg: EngineBenchConfig,
                      log: Callable[[str], None] = print) -> dict:
-    """All three measurements; the batching runs alternate (static, continuous) ``repeats``
-    times on the same seeded workload."""
+    """All three measurements; the batching runs alternate (static, continuous, continuous
+    with two forwards per admission step) ``repeats`` times on the same seeded workload."""
     work = workload(cfg)
-    runs = {"static": [], "continuous": []}
+    runs = {"static": [], "continuous": [], "continuous, two forwards": []}
     for i in range(cfg.repeats):
-        for mode in ("static", "continuous"):
-            r = serve(dec, work, cfg.max_seqs, static=mode == "static")
+        for mode in runs:
+            r = serve(dec, work, cfg.max_seqs, static=mode == "static",
+                      packed="two" not in mode)
             runs[mode].append(r)
             log(f"[{i}] {mode:<10} {r['tok_s']:7.1f} tok/s, makespan {r['makespan_s']:.1f} s, "
                 f"latency mean {r['latency_mean_s']:.1f} s p90 {r['latency_p90_s']:.1f} s")
@@ -187,4 +191,6 @@ def run_engine_bench(dec, tok, cfg: EngineBenchConfig,
     log(f"host reads per decode step: {reads:.2f}")
     return {"config": asdict(cfg), "batching": med, "batching_runs": runs,
             "speedup": med["continuous"]["tok_s"] / med["static"]["tok_s"],
+            "packing_speedup": (med["continuous"]["tok_s"]
+                                / med["continuous, two forwards"]["tok_s"]),
             "fork": fork, "host_reads_per_step": reads}

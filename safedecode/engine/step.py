@@ -258,10 +258,13 @@ class ModelStep:
     # -- decode and prefill in one forward ---------------------------------------------------
     @property
     def can_pack(self) -> bool:
-        """Whether :meth:`packed` may run: not switched off, the routing check not failed, and
-        no branch hooks or adapters (they index rows of a padded batch)."""
+        """Whether :meth:`packed` may run: not switched off, the routing check not failed, the
+        model on SDPA attention (the packed function is SDPA per group; eager or other kernels
+        may carry model-specific terms such as soft-capping) and no branch hooks or adapters
+        (they index rows of a padded batch)."""
         return self.pack is not False and not self._effects["prefill"] \
-            and not self._effects["decode"]
+            and not self._effects["decode"] \
+            and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
     def packed(self, state: DecodeState, running: tuple[int, ...], new: tuple[int, ...],
                built: list[Built]) -> tuple[torch.Tensor | None, torch.Tensor] | None:
