@@ -2,13 +2,14 @@
 reads per decode step.
 
 * **Continuous vs static batching** (and continuous with two forwards per admission step,
-  ``packed=False``, to show what the packed forward adds). ``n`` requests (the generation benchmark's prompts, max new
-  tokens drawn uniformly from ``[min_new, max_new]``, EOS ignored so the work is fixed) arrive as
-  a Poisson stream. *Continuous*: one :class:`~safedecode.engine.Engine` with ``max_seqs`` slots;
-  a request joins at the next step boundary after it arrives and leaves when it ends. *Static*:
-  the same engine, but a new batch (up to ``max_seqs`` of the requests that have arrived) starts
-  only when the previous one has ended, as ``SafeDecoder.generate`` runs a batch. Reported:
-  tokens/s over the makespan and per-request latency (arrival to last token).
+  ``packed=False``, to show what the packed forward adds). ``n`` requests (the generation
+  benchmark's prompts, max new tokens drawn uniformly from ``[min_new, max_new]``, EOS
+  ignored so the work is fixed) arrive as a Poisson stream. *Continuous*: one
+  :class:`~safedecode.engine.Engine` with ``max_seqs`` slots; a request joins at the next step
+  boundary after it arrives and leaves when it ends. *Static*: the same engine, but a new
+  batch (up to ``max_seqs`` of the requests that have arrived) starts only when the previous
+  one has ended, as ``SafeDecoder.generate`` runs a batch. Reported: tokens/s over the
+  makespan and per-request latency (arrival to last token).
 * **Fork.** A request with a ``context``-token prompt forks into ``n`` children (KV copied into
   their slots) vs prefilling ``n`` copies of the same prompt.
 * **Host reads per decode step**, counted by patching ``Tensor.tolist/item/__bool__/...``.
@@ -177,10 +178,10 @@ def run_engine_bench(dec, tok, cfg: EngineBenchConfig,
     work = workload(cfg)
     runs = {"static": [], "continuous": [], "continuous, two forwards": []}
     for i in range(cfg.repeats):
-        for mode in runs:
+        for mode, done in runs.items():
             r = serve(dec, work, cfg.max_seqs, static=mode == "static",
                       packed="two" not in mode)
-            runs[mode].append(r)
+            done.append(r)
             log(f"[{i}] {mode:<10} {r['tok_s']:7.1f} tok/s, makespan {r['makespan_s']:.1f} s, "
                 f"latency mean {r['latency_mean_s']:.1f} s p90 {r['latency_p90_s']:.1f} s")
     med = {m: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for m, rs in runs.items()}
