@@ -55,6 +55,14 @@ def markdown(r: dict, command: str, machine: str) -> str:
         f"copied into free slots, {f['copied_MB']:.1f} MB): {f['fork_s'] * 1e3:.2f} ms; "
         f"prefilling {f['n']} copies of the prompt: {f['prefill_s'] * 1e3:.0f} ms: "
         f"**{f['speedup']:.0f}x** cheaper (medians of {c['repeats']}).", "",
+        *(["## Admission step", "",
+           f"A step that admits one request while {r['admission']['running']} sequences decode "
+           f"(K = 2): packed (decode and prefill in one forward) "
+           f"{r['admission']['packed_s'] * 1e3:.0f} ms, two forwards "
+           f"{r['admission']['two forwards_s'] * 1e3:.0f} ms: **{r['admission']['speedup']:.2f}x**"
+           f"; a decode step alone {r['admission']['decode_s'] * 1e3:.0f} ms (medians of "
+           f"{r['admission']['repeats']}, the two engines alternated).", ""]
+          if "admission" in r else []),
         "## Host reads per decode step", "",
         f"**{r['host_reads_per_step']:.2f}** (B = 4, K = 2, sampled with log-probs; counted by "
         "patching `Tensor.tolist/item/__bool__/__int__/__float__/__index__/numpy`): the packed "

@@ -14,6 +14,7 @@ from engine_fixtures import tiny_llama
 from safedecode import methods
 from safedecode.bench.continuous import (
     EngineBenchConfig,
+    admission_step,
     fork_vs_prefill,
     host_reads_per_step,
     serve,
@@ -43,6 +44,8 @@ def test_engine_bench_measurements_on_the_tiny_model():
     f = fork_vs_prefill(dec, tok, cfg)
     assert f["context"] >= 100 and f["fork_s"] > 0 and f["prefill_s"] > 0 and f["copied_MB"] > 0
     assert host_reads_per_step(dec, steps=3, batch=2) == 1.0
+    adm = admission_step(dec, running=2, repeats=2)
+    assert adm["packed_s"] > 0 and adm["two forwards_s"] > 0 and adm["decode_s"] > 0
 
 
 @pytest.mark.parametrize("script, name", [("bench_engine.py", "engine_cpu_quick"),

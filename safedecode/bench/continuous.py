@@ -12,6 +12,8 @@ reads per decode step.
   makespan and per-request latency (arrival to last token).
 * **Fork.** A request with a ``context``-token prompt forks into ``n`` children (KV copied into
   their slots) vs prefilling ``n`` copies of the same prompt.
+* **Admission step**: a step that admits one request while ``max_seqs - 1`` decode, as one packed
+  forward vs two, against a decode step alone (alternated, medians).
 * **Host reads per decode step**, counted by patching ``Tensor.tolist/item/__bool__/...``.
 """
 
@@ -141,6 +143,43 @@ def fork_vs_prefill(dec, tok, cfg: EngineBenchConfig) -> dict:
             "copied_MB": cfg.fork_n * dec.method.k * ctx * per_col / 2**20}
 
 
+def admission_step(dec, running: int = 7, repeats: int = 9) -> dict:
+    """Median seconds of a decode step over ``running`` sequences, and of a step that also
+    admits one new request, with the admission as one packed forward and as two forwards;
+    the two engines alternate, each measurement a fresh admission (the newcomer is aborted
+    after its first step)."""
+    from safedecode.engine import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=256, ignore_eos=True)  # outlives the measurement
+    engines = {}
+    for packed in (True, False):
+        eng = dec.engine(max_seqs=running + 1, max_len=512, packed=packed)
+        for p in PROMPTS[:running]:
+            eng.add_request(p, sp)
+        eng.step()
+        engines[packed] = eng
+    times: dict[str, list[float]] = {"decode": [], "packed": [], "two forwards": []}
+    with torch.no_grad():
+        for i in range(repeats):
+            for packed, eng in engines.items():
+                _sync(dec)
+                t = time.perf_counter()
+                eng.step()
+                _sync(dec)
+                if packed:
+                    times["decode"].append(time.perf_counter() - t)
+                rid = eng.add_request(PROMPTS[(running + i) % len(PROMPTS)], sp)
+                _sync(dec)
+                t = time.perf_counter()
+                eng.step()
+                _sync(dec)
+                times["packed" if packed else "two forwards"].append(time.perf_counter() - t)
+                eng.abort(rid)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"running": running, "repeats": repeats, **{f"{k}_s": v for k, v in med.items()},
+            "speedup": med["two forwards"] / med["packed"]}
+
+
 def host_reads_per_step(dec, steps: int = 20, batch: int = 4) -> float:
     """Mean reads of device values into Python per decode step (each a sync on a GPU)."""
     from safedecode.engine import SamplingParams
@@ -190,8 +229,12 @@ def run_engine_bench(dec, tok, cfg: EngineBenchConfig,
         f"prefill {fork['prefill_s'] * 1e3:.1f} ms (x{fork['speedup']:.0f})")
     reads = host_reads_per_step(dec)
     log(f"host reads per decode step: {reads:.2f}")
+    adm = admission_step(dec, running=cfg.max_seqs - 1)
+    log(f"admission step over {adm['running']} running: packed {adm['packed_s'] * 1e3:.0f} ms, "
+        f"two forwards {adm['two forwards_s'] * 1e3:.0f} ms (x{adm['speedup']:.2f}); decode "
+        f"alone {adm['decode_s'] * 1e3:.0f} ms")
     return {"config": asdict(cfg), "batching": med, "batching_runs": runs,
             "speedup": med["continuous"]["tok_s"] / med["static"]["tok_s"],
             "packing_speedup": (med["continuous"]["tok_s"]
                                 / med["continuous, two forwards"]["tok_s"]),
-            "fork": fork, "host_reads_per_step": reads}
+            "fork": fork, "host_reads_per_step": reads, "admission": adm}
