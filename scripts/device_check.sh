@@ -103,6 +103,28 @@ for b in (1, 8):
     out = dec.generate(["Why is the sky blue?"] * b, max_new_tokens=32, ignore_eos=True, seed=0)
     torch.cuda.synchronize()
     print(f"B={b}: {[len(r.token_ids) for r in out]} tokens in {time.perf_counter() - t:.2f} s")
+# packed admission steps (decode + prefill in one forward) against two forwards, on the GPU
+from safedecode.engine import SamplingParams
+logits = {}
+for packed in (True, False):
+    eng = dec.engine(max_seqs=4, packed=packed)
+    eng.add_request("Why is the sky blue?", SamplingParams(max_new_tokens=8, ignore_eos=True))
+    eng.step()
+    eng.add_request("Name three rivers in Europe.", SamplingParams(max_new_tokens=8))
+    st = eng.state
+    running = tuple(s.slot for s in eng._live.values() if s.slot >= 0)
+    new = eng.scheduler.admit(st.free_slots)
+    slots = tuple(st.acquire() for _ in new)
+    with torch.no_grad():
+        if packed:
+            d, p = eng.runner.packed(st, running, slots, [s.built for s in new])
+        else:
+            d, p = eng.runner.decode(st, running), eng.runner.prefill(st, slots, [s.built for s in new])
+    logits[packed] = torch.cat([d.flatten(0, 1), p.flatten(0, 1)]).float()
+    print(f"packed={packed}: runner.pack={eng.runner.pack}")
+diff = (logits[True] - logits[False]).abs().max().item()
+same = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+print(f"packed vs two forwards (bf16 logits): max |diff| {diff:.3g}, same argmax {same:.0%}")
 EOF
         run 330 generate $PY -m safedecode bench generate --device cuda --dtype bfloat16 \
             --model "$MODEL" --repeats "${SD_REPEATS:-2}" --new-tokens "${SD_NEW_TOKENS:-128}" \
