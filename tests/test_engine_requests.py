@@ -113,23 +113,76 @@ def test_compaction_moves_the_top_sequence_into_the_hole():
     assert res[a].token_ids == _alone(model, tok, PROMPTS[0], sp)
 
 
-def test_prefill_budget_admits_one_request_per_step_while_others_decode():
+def test_prefill_budget_feeds_prompts_in_chunks_while_others_decode():
+    """With ``max_prefill_tokens`` the prompts of requests that join running ones are fed in
+    chunks of at most that many tokens per step (chunked prefill, in the packed forward):
+    the running streams get a token every step, and every request ends exactly as alone."""
     model, tok = tiny_llama()
-    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4, max_prefill_tokens=1)
-    sp = SamplingParams(max_new_tokens=6, temperature=0.9, seed=4, ignore_eos=True)
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4, max_prefill_tokens=8)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, seed=4, ignore_eos=True)
     ids = [eng.add_request(PROMPTS[0], sp), eng.add_request(PROMPTS[1], sp)]
-    eng.step()  # nothing was running: both admitted at once
-    assert eng.num_waiting() == 0 and eng.num_running() == 2
-    ids += [eng.add_request(p, sp) for p in PROMPTS[2:4]]
-    eng.step()
-    assert eng.num_waiting() == 1  # one at a time while others decode
-    eng.step()
-    assert eng.num_waiting() == 0
+    fed = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: fed.append(kw["input_ids"].numel() if "input_ids" in kw
+                                    else kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        eng.step()  # nothing was running: both prompts whole
+        assert eng.num_waiting() == 0 and not eng._prefilling
+        ids += [eng.add_request(p, SamplingParams(max_new_tokens=5)) for p in PROMPTS[2:4]]
+        fed.clear()
+        steps = 0
+        while eng._prefilling or eng.num_waiting():
+            decoding = eng.num_running() - len(eng._prefilling)
+            outs = eng.step()
+            steps += 1
+            assert {o.request_id for o in outs} >= set(ids[:2])  # no stall
+            assert fed[-1] - 2 * decoding <= 8  # K = 2 rows each + at most 8 prompt tokens
+        assert steps >= 3  # the two prompts (> 8 tokens each, x 2 branches) took chunks
+    finally:
+        handle.remove()
     res = _drain(eng)
-    for rid, p in zip(ids, PROMPTS, strict=False):
-        assert res[rid].token_ids == _alone(model, tok, p, sp)
+    for rid, p, q in zip(ids, PROMPTS, [sp, sp, SamplingParams(max_new_tokens=5),
+                                         SamplingParams(max_new_tokens=5)], strict=False):
+        assert res[rid].token_ids == _alone(model, tok, p, q)
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         SafeDecoder(model, tok, _method()).engine(max_prefill_tokens=0)
+
+
+def test_chunked_prefill_of_rows_of_different_lengths_forks_and_aborts():
+    """Chunks align a sequence's rows at their ends (a soft prompt without the prefix cache
+    makes rows of different lengths); a request's choices fork after its last chunk; aborting
+    a request mid-prefill frees its slot and its choices start over; nothing leaks."""
+    model, tok = tiny_llama()
+    ids_ = tok("You are careful.", add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids_)).detach()
+    method = contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
+    dec = SafeDecoder(model, tok, method, prefix_cache=False)
+
+    def alone(p, sp):
+        e = dec.engine(max_seqs=1)
+        r = e.add_request(p, sp)
+        return _drain(e)[r].token_ids
+
+    eng = dec.engine(max_seqs=6, max_prefill_tokens=5)
+    sp = SamplingParams(max_new_tokens=10, temperature=0.8, seed=9, ignore_eos=True)
+    first = eng.add_request(PROMPTS[4], sp)
+    eng.step()
+    lens = dec.engine().runner.prompt_lengths(eng.build(PROMPTS[1]))
+    assert len(set(lens)) == 2  # the two rows differ in length
+    choices = eng.add_choices(PROMPTS[1], SamplingParams(max_new_tokens=4, seed=2,
+                                                         temperature=1.0), 2)
+    doomed = eng.add_choices(PROMPTS[3], SamplingParams(max_new_tokens=4), 2)
+    eng.step()
+    assert len(eng._prefilling) == 2  # both heads hold slots, fed in chunks
+    eng.abort(doomed[0])  # mid-prefill: its second choice starts over, alone
+    res = _drain(eng)
+    assert eng.state.free_slots == 6 and not eng._prefilling
+    assert res[first].token_ids == alone(PROMPTS[4], sp)
+    for i, rid in enumerate(choices):
+        assert res[rid].token_ids == alone(PROMPTS[1], SamplingParams(
+            max_new_tokens=4, seed=2 + i, temperature=1.0))
+    assert doomed[0] not in res
+    assert res[doomed[1]].token_ids == alone(PROMPTS[3], SamplingParams(max_new_tokens=4))
 
 
 def test_choices_are_forked_at_prefill_and_survive_an_abort_while_waiting():
@@ -329,10 +382,13 @@ class EngineMachine(RuleBasedStateMachine):
     """Greedy requests over a small prompt pool: every finished sequence (forks included) must
     hold a prefix of its prompt's lone greedy run, and slots never leak."""
 
+    budget = None  # max_prefill_tokens (the chunked variant below sets one)
+
     def __init__(self):
         super().__init__()
         model, tok = tiny_llama()
-        self.eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3, max_queue=4)
+        self.eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3, max_queue=4,
+                                                             max_prefill_tokens=self.budget)
         self.prompt: dict[int, int] = {}
         self.want: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -363,7 +419,8 @@ class EngineMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.eng._live)))
         self.eng.abort(rid)
 
-    @precondition(lambda self: self.eng.num_running() > 0 and self.eng.state.free_slots > 0)
+    @precondition(lambda self: self.eng.state.free_slots > 0 and any(
+        s.slot >= 0 and s.built is None for s in self.eng._live.values()))
     @rule(data=st.data())
     def fork(self, data):
         running = sorted(i for i, s in self.eng._live.items() if s.slot >= 0 and s.built is None)
@@ -385,6 +442,18 @@ EngineMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_engine_state_machine = EngineMachine.TestCase
+
+
+class ChunkedEngineMachine(EngineMachine):
+    """The same with prompts fed in chunks of at most 3 tokens while others decode."""
+
+    budget = 3
+
+
+ChunkedEngineMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_chunked_engine_state_machine = ChunkedEngineMachine.TestCase
 
 
 def test_compiled_decode_equals_eager_and_compiles_once():

@@ -81,6 +81,7 @@ class _Seq:
     built: list | None = None  # until prefilled
     kids: list[_Seq] = field(default_factory=list)  # choices forked from it at its prefill
     slot: int = -1
+    fed: int = 0  # prompt tokens (longest row) prefilled so far, while in chunks
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
@@ -145,10 +146,12 @@ class Engine:
     in a queue of ``max_queue``. The KV buffers are allocated at the first forward:
     ``max_seqs x K x max_len`` columns. ``compiled``: run decode forwards under
     ``torch.compile`` (see :class:`~.step.CompiledDecode`; ``SafeDecoder(compile=True)``).
-    ``max_prefill_tokens``: while sequences decode, a step admits waiting requests only up to
-    this many prompt tokens (all branches; at least one request), so a burst of arrivals is
-    prefilled over several steps instead of stalling every running stream in one long step
-    (lower inter-token latency tails, later first tokens; None: admit all that fit).
+    ``max_prefill_tokens``: while sequences decode, a step feeds at most this many prompt
+    tokens (all branches) of the requests that join: with packed forwards a long prompt is
+    prefilled in chunks over several steps (its rows aligned at their ends, its choices forked
+    after the last chunk), oldest first, instead of stalling every running stream in one long
+    step (lower inter-token latency tails, later first tokens). Without packing it admits
+    whole requests up to that many tokens (at least one). None: every prompt whole at once.
     ``packed``: a step that admits requests runs the running sequences' decode and the new
     prompts' prefill as one packed forward (:mod:`.packed`; methods without branch hooks or
     adapters) instead of two.
@@ -194,6 +197,7 @@ class Engine:
         self._ids = itertools.count()
         self._live: dict[int, _Seq] = {}  # waiting or running
         self._done: dict[int, GenerationResult] = {}
+        self._prefilling: list[_Seq] = []  # holding slots, prompt fed in chunks (FIFO)
         self.steps = 0
 
     # -- requests ---------------------------------------------------------------------------
@@ -303,6 +307,14 @@ class Engine:
                 s.kids = [k for k in s.kids if k.id != request_id]
         else:
             self.state.release(seq.slot)
+            if seq in self._prefilling:  # aborted mid-prefill: its choices start over
+                self._prefilling.remove(seq)
+                if seq.kids:
+                    kid, rest = seq.kids[0], seq.kids[1:]
+                    kid.built, kid.kids, seq.kids = seq.built, rest, []
+                    self.scheduler.add_front(kid)
+        for s in self._prefilling:
+            s.kids = [k for k in s.kids if k.id != request_id]
         del self._live[request_id]
 
     def has_unfinished(self) -> bool:
@@ -448,30 +460,52 @@ class Engine:
             by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
             for src, dst in moves:
                 by_slot[src].slot = dst
-        busy = st.in_use() > 0
-        admitted = self.scheduler.admit(
-            st.free_slots - reserve, lambda s: 1 + len(s.kids),
-            lambda s: sum(len(x) for _, x in s.built), self.max_prefill_tokens if busy else None)
+        running = tuple(sorted(s.slot for s in self._live.values()
+                               if s.slot >= 0 and s.built is None))
+        chunked = self.max_prefill_tokens is not None and self.runner.can_pack
+        if chunked:  # every request that fits takes a slot; its prompt is fed within budget
+            held = sum(len(s.kids) for s in self._prefilling)  # slots its choices will take
+            admitted = self.scheduler.admit(st.free_slots - reserve - held,
+                                            lambda s: 1 + len(s.kids))
+        else:
+            admitted = self.scheduler.admit(
+                st.free_slots - reserve, lambda s: 1 + len(s.kids),
+                lambda s: sum(len(x) for _, x in s.built),
+                self.max_prefill_tokens if st.in_use() > 0 else None)
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params
             st.set_params(seq.slot, seed=seq.seed, temperature=p.temperature, top_k=p.top_k,
                           top_p=p.top_p, min_p=p.min_p)
-        running = tuple(sorted(s.slot for s in self._live.values()
-                               if s.slot >= 0 and s.built is None))
+        if chunked:
+            self._prefilling += admitted
+            feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
+        else:
+            feeding, chunks = admitted, None
         parts, order = [], []
-        new = tuple(s.slot for s in admitted)
+        new = tuple(s.slot for s in feeding)
+        built = [s.built for s in feeding]
         mixed = None
-        if admitted and self.runner.can_pack:  # decode + prefill in one forward
-            mixed = self.runner.packed(st, running, new, [s.built for s in admitted])
+        if feeding and self.runner.can_pack:  # decode + prefill in one forward
+            mixed = self.runner.packed(st, running, new, built, chunks)
         if running:
             parts.append(mixed[0] if mixed is not None else self.runner.decode(st, running))
             order += list(running)
+        if mixed is not None:
+            prefilled = mixed[1]
+            ends = [max(self.runner.prompt_lengths(b)) for b in built]
+            admitted = [q for q, (_, b), e in zip(feeding, chunks or [(0, 0)] * len(feeding),
+                                                  ends, strict=True)
+                        if chunks is None or b == e]
+            for q, (_, b) in zip(feeding, chunks or [], strict=False):
+                q.fed = b
+        else:  # no packing (or the first packed try failed): whole prompts, two forwards
+            admitted = feeding
+            prefilled = self.runner.prefill(st, new, built) if feeding else None
+        self._prefilling = [q for q in self._prefilling if q not in admitted]
         if admitted:
-            prefilled = mixed[1] if mixed is not None else \
-                self.runner.prefill(st, new, [s.built for s in admitted])
             parts.append(prefilled)
-            order += list(new)
+            order += [q.slot for q in admitted]
             pick = []  # choices forked after the prefill, before their first token
             for i, s in enumerate(admitted):
                 s.built = None
@@ -518,6 +552,25 @@ class Engine:
             outs.append(StepOutput(seq.id, delta, t, reason,
                                    lp if seq.params.logprobs else None, parent))
         return outs
+
+    def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
+        """The sequences whose prompts are fed this step and their chunks ``(a, b)`` on the
+        longest row (see :meth:`ModelStep.packed`): oldest first, at most ``budget`` tokens
+        over all rows (None: every prompt to its end); the oldest gets at least one token."""
+        feeding, chunks = [], []
+        for q in self._prefilling:
+            lens = self.runner.prompt_lengths(q.built)
+            end = max(lens)
+            if budget is None:
+                b = end
+            elif budget <= 0:
+                break
+            else:
+                b = min(end, q.fed + max(1, budget // len(lens)))
+                budget -= sum(max(0, b - end + n) - max(0, q.fed - end + n) for n in lens)
+            feeding.append(q)
+            chunks.append((q.fed, b))
+        return feeding, chunks
 
     def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int],
                 propose: tuple | None = None) -> list:

@@ -178,10 +178,11 @@ class ModelStep:
         return kv
 
     # -- prefill ----------------------------------------------------------------------------
-    def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]):
-        """Write the shared prefixes of new sequences ``slots`` into their rows; returns per
-        row (sequence-major) the column its new tokens start at, their ids and the soft prefix
-        they start with (None: ids only)."""
+    def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built],
+                     write: list[bool] | None = None):
+        """Write the shared prefixes of new sequences ``slots`` into their rows (those with
+        ``write[i]``; default all); returns per row (sequence-major) the column its new tokens
+        start at, their ids and the soft prefix they start with (None: ids only)."""
         kb, dev = self.method.k, self.device
         shared = self.prefix_cache
         starts, seqs, soft = [], [], []
@@ -190,7 +191,7 @@ class ModelStep:
             for k, (prefix, suffix) in enumerate(per_branch):
                 r = slots[i] * kb + k
                 if shared:
-                    if len(prefix):
+                    if len(prefix) and (write is None or write[i]):
                         groups.setdefault((k, prefix.key), (prefix, []))[1].append(r)
                     starts.append(len(prefix))
                     seqs.append(list(suffix))
@@ -207,6 +208,14 @@ class ModelStep:
             state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev),
                                      self.prefix_kv(k, prefix))
         return starts, seqs, soft
+
+    def prompt_lengths(self, built: Built) -> list[int]:
+        """New tokens (soft prefix included) per branch row of one sequence's prompt: what
+        its prefill feeds after the shared prefix."""
+        if self.prefix_cache:
+            return [len(suffix) for _, suffix in built]
+        return [len(p) + (0 if p.soft is not None else len(p.tail_ids)) + len(x)
+                for p, x in built]
 
     def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
                 ) -> torch.Tensor:
@@ -267,11 +276,18 @@ class ModelStep:
             and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
     def packed(self, state: DecodeState, running: tuple[int, ...], new: tuple[int, ...],
-               built: list[Built]) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+               built: list[Built], chunks: list[tuple[int, int]] | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """Decode ``running`` and prefill ``new`` in one packed forward (:mod:`.packed`);
-        returns their logits ``([n_run, K, V] or None, [n_new, K, V])``, or None (nothing
+        returns their logits ``([n_run, K, V] or None, [n_done, K, V])``, or None (nothing
         done) when this model's attention did not route through the packed function on the
-        first try — the caller then runs :meth:`decode` and :meth:`prefill`."""
+        first try — the caller then runs :meth:`decode` and :meth:`prefill`.
+
+        ``chunks[i] = (a, b)``: feed only part of sequence i's prompt (chunked prefill). Its
+        rows are aligned at their ends (a row ``d`` tokens shorter than the longest starts
+        ``d`` later), ``a .. b`` counts on the longest row, and the logits come back only for
+        the sequences whose chunk ends their prompt (``b`` = the longest row's length), in
+        order. Default: every prompt whole."""
         kb, dev, dt = self.method.k, self.device, self.dtype
         neg = torch.finfo(dt).min
         n_dec, dec_rows, dec_attend, dec_mask = 0, None, 0, None
@@ -286,29 +302,44 @@ class ModelStep:
             tok_rows.append(index)
             tok_cols.append(cols)
             tok_ids.append(state.last[sidx].repeat_interleave(kb))
-        starts, seqs, soft = self._prompt_rows(state, new, built)
+        if chunks is None:
+            chunks = [(0, max(self.prompt_lengths(b))) for b in built]
+        starts, seqs, soft = self._prompt_rows(state, new, built, [a == 0 for a, _ in chunks])
         lengths = [len(q) + (len(p) if p is not None else 0) for q, p in zip(seqs, soft,
                                                                              strict=True)]
-        ends = [st + n for st, n in zip(starts, lengths, strict=True)]
-        n_rows, t = len(seqs), max(lengths)
+        spans, done = [], []  # per row: [lo, hi) of its own tokens fed now
+        for i in range(len(new)):
+            a, b = chunks[i]
+            longest = max(lengths[i * kb:(i + 1) * kb])
+            done.append(b == longest)
+            for n in lengths[i * kb:(i + 1) * kb]:
+                shift = longest - n
+                spans.append((max(0, a - shift), max(0, b - shift)))
+        ends = [st + hi for st, (_, hi) in zip(starts, spans, strict=True)]
+        n_rows, t = len(seqs), max(1, *(hi - lo for lo, hi in spans))
         pf_tok = torch.zeros(n_rows, t, dtype=torch.long)
         pf_valid = torch.zeros(n_rows, t, dtype=torch.bool)
         q_cols = torch.zeros(n_rows, t, dtype=torch.long)  # padding queries: column 0
-        offset, last, ids, cols_pf = n_dec, [], [], []
-        for r, (st, q, n) in enumerate(zip(starts, seqs, lengths, strict=True)):
+        offset, last, ids, cols_pf, soft_at = n_dec, [], [], [], []
+        for r, (st, q, n, (lo, hi)) in enumerate(zip(starts, seqs, lengths, spans,
+                                                     strict=True)):
+            m = hi - lo
             pf_tok[r] = offset
-            pf_tok[r, :n] = torch.arange(offset, offset + n)
-            pf_valid[r, :n] = True
-            q_cols[r, :n] = torch.arange(st, st + n)
-            cols_pf.append(q_cols[r, :n])
-            ids += [self.pad_id] * (n - len(q)) + q  # a soft prefix's places: embedded below
-            offset += n
+            pf_tok[r, :m] = torch.arange(offset, offset + m)
+            pf_valid[r, :m] = True
+            q_cols[r, :m] = torch.arange(st + lo, st + hi)
+            cols_pf.append(q_cols[r, :m])
+            pad = n - len(q)  # a soft prefix's places: embedded below
+            ids += [self.pad_id if j < pad else q[j - pad] for j in range(lo, hi)]
+            soft_at.append(offset)
+            offset += m
             last.append(offset - 1)
         pf_attend = min(state.columns, round_up(max(ends)))
         allowed = torch.arange(pf_attend)[None, None, :] <= q_cols[:, :, None]
         pf_mask = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~allowed, neg)[:, None]
         pf_rows, pf_index, _ = state.layout(new)
-        tok_rows.append(pf_index.repeat_interleave(torch.tensor(lengths, device=dev)))
+        tok_rows.append(pf_index.repeat_interleave(
+            torch.tensor([hi - lo for lo, hi in spans], device=dev)))
         tok_cols.append(torch.cat(cols_pf).to(dev))
         tok_ids.append(torch.tensor(ids, dtype=torch.long, device=dev))
         index, cols = torch.cat(tok_rows), torch.cat(tok_cols)
@@ -319,12 +350,14 @@ class ModelStep:
         if any(p is not None for p in soft):
             emb = self.embed(inputs["input_ids"])
             for r, p in enumerate(soft):
-                if p is not None:
-                    a = last[r] + 1 - lengths[r]
-                    emb[0, a:last[r] + 1] = torch.cat([p.embeds(self.embed), self.embed(
-                        torch.tensor(seqs[r], dtype=torch.long, device=dev))])
+                lo, hi = spans[r]
+                if p is not None and lo < len(p):
+                    emb[0, soft_at[r]:soft_at[r] + min(hi, len(p)) - lo] = \
+                        p.embeds(self.embed)[lo:hi]
             inputs = {"inputs_embeds": emb}
-        keep = torch.cat([torch.arange(n_dec), torch.tensor(last)]).to(dev)
+        keep = torch.cat([torch.arange(n_dec), torch.tensor(
+            [last[i * kb + k] for i in range(len(new)) if done[i] for k in range(kb)],
+            dtype=torch.long)]).to(dev)
         for i, slot in enumerate(new):
             state.set_rows(slot, [ends[i * kb + k] for k in range(kb)])
         state.cache.bind(index, index, cols, 0, packed=True)
@@ -354,7 +387,7 @@ class ModelStep:
         if running:
             state.advance(running, dec_rows, state.layout(running)[1])
         dec = logits[:n_dec].view(len(running), kb, -1) if running else None
-        return dec, logits[n_dec:].view(len(new), kb, -1)
+        return dec, logits[n_dec:].view(sum(done), kb, logits.shape[-1])
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, state: DecodeState, slots: tuple[int, ...]) -> torch.Tensor:

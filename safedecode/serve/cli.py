@@ -31,9 +31,10 @@ def serve_command(
                                                               "the context, at most 2048)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before 429."),
     max_prefill_tokens: int = typer.Option(
-        0, "--max-prefill-tokens", help="Prompt tokens admitted per step while others decode "
-                                        "(0: no limit); small: shorter inter-token latency "
-                                        "tails, less throughput (benchmarks/results/serve_cpu)."),
+        0, "--max-prefill-tokens", help="Prompt tokens prefilled per step while others decode, "
+                                        "long prompts in chunks (0: no limit); small: shorter "
+                                        "inter-token latency tails, later first tokens "
+                                        "(benchmarks/results/serve_cpu)."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
                                      "packed forward (--no-packed: two forwards)."),
