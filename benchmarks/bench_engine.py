@@ -43,7 +43,7 @@ def markdown(r: dict, command: str, machine: str) -> str:
         f"Continuous / static throughput: **{r['speedup']:.2f}x**; decode steps "
         f"{b['static']['steps']} / {b['continuous']['steps']} = "
         f"{b['static']['steps'] / b['continuous']['steps']:.2f}x fewer. On this CPU a step costs "
-        "a fixed part plus a part per row (about 44 ms at 4 rows, 73 ms at 16 for this model), "
+        "a fixed part plus a part per row, "
         "so the emptying tail of a static batch runs cheaper steps, and continuous batching "
         "admits requests about one at a time (a prefill forward each) where static batching "
         "prefills 8 at once: the throughput gain is smaller than the step count's. Where a "
