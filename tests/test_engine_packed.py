@@ -28,11 +28,11 @@ def _soft_method(model, tok):
     return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
 
 
-def _run(dec: SafeDecoder, packed: bool, max_seqs: int = 3):
+def _run(dec: SafeDecoder, packed: bool, max_seqs: int = 3, budget: int | None = None):
     """Requests arriving at different steps, past ``max_seqs`` (queued), one with n = 2
     choices (forked at prefill); returns {index: (tokens, logprobs)}, the forward count and
     the engine."""
-    eng = dec.engine(max_seqs=max_seqs, packed=packed)
+    eng = dec.engine(max_seqs=max_seqs, packed=packed, max_prefill_tokens=budget)
     forwards = []
     handle = dec.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     ids: dict[int, int] = {}
@@ -127,17 +127,20 @@ def test_a_model_on_eager_attention_keeps_two_forwards():
     assert {i: t for i, (t, _) in one.items()} == {i: t for i, (t, _) in two.items()}
 
 
-def test_a_model_whose_attention_does_not_route_falls_back_to_two_forwards(monkeypatch):
+@pytest.mark.parametrize("budget", [None, 4])
+def test_a_model_whose_attention_does_not_route_falls_back_to_two_forwards(monkeypatch,
+                                                                            budget):
     """If the packed attention function is never reached (a model that ignores transformers'
     attention interface), the first packed step notices, warns once and redoes the step with
-    two forwards: the same tokens, no lost or mixed request."""
+    two forwards: the same tokens, no lost or mixed request (with a prefill budget too, where
+    requests were waiting for their chunks)."""
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("acd-text"))
     two, _, _ = _run(dec, packed=False)
     monkeypatch.setattr(step_module, "packed_attention_on", lambda m: contextlib.nullcontext())
     with pytest.warns(UserWarning, match="cannot run packed"):
-        one, _, eng = _run(dec, packed=True)
-    assert eng.runner.pack is False and not eng.runner.can_pack
+        one, _, eng = _run(dec, packed=True, budget=budget)
+    assert eng.runner.pack is False and not eng.runner.can_pack and not eng._prefilling
     assert {i: t for i, (t, _) in one.items()} == {i: t for i, (t, _) in two.items()}
 
 

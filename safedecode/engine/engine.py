@@ -307,8 +307,8 @@ class Engine:
                 s.kids = [k for k in s.kids if k.id != request_id]
         else:
             self.state.release(seq.slot)
-            if seq in self._prefilling:  # aborted mid-prefill: its choices start over
-                self._prefilling.remove(seq)
+            if any(q is seq for q in self._prefilling):  # aborted mid-prefill: its choices
+                self._prefilling = [q for q in self._prefilling if q is not seq]  # start over
                 if seq.kids:
                     kid, rest = seq.kids[0], seq.kids[1:]
                     kid.built, kid.kids, seq.kids = seq.built, rest, []
@@ -480,8 +480,8 @@ class Engine:
         if chunked:
             self._prefilling += admitted
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
-        else:
-            feeding, chunks = admitted, None
+        else:  # whole prompts (any left mid-prefill, should packing have stopped, included)
+            feeding, chunks = self._prefilling + admitted, None
         parts, order = [], []
         new = tuple(s.slot for s in feeding)
         built = [s.built for s in feeding]
@@ -493,16 +493,17 @@ class Engine:
             order += list(running)
         if mixed is not None:
             prefilled = mixed[1]
-            ends = [max(self.runner.prompt_lengths(b)) for b in built]
-            admitted = [q for q, (_, b), e in zip(feeding, chunks or [(0, 0)] * len(feeding),
-                                                  ends, strict=True)
-                        if chunks is None or b == e]
-            for q, (_, b) in zip(feeding, chunks or [], strict=False):
-                q.fed = b
+            admitted = feeding
+            if chunks is not None:  # the prefill ends for those whose chunk reached the end
+                for q, (_, b) in zip(feeding, chunks, strict=True):
+                    q.fed = b
+                admitted = [q for q, b in zip(feeding, built, strict=True)
+                            if q.fed == max(self.runner.prompt_lengths(b))]
         else:  # no packing (or the first packed try failed): whole prompts, two forwards
             admitted = feeding
             prefilled = self.runner.prefill(st, new, built) if feeding else None
-        self._prefilling = [q for q in self._prefilling if q not in admitted]
+        done = {q.id for q in admitted}
+        self._prefilling = [q for q in self._prefilling if q.id not in done]
         if admitted:
             parts.append(prefilled)
             order += [q.slot for q in admitted]
