@@ -169,3 +169,24 @@ def test_the_default_model_packs_and_matches_two_forwards():
         res[packed] = (eng.pop_result(a).token_ids, eng.pop_result(b).token_ids)
         assert eng.runner.pack is packed
     assert res[True] == res[False]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_prompt_lengths_are_what_the_prefill_writes(prefix_cache):
+    """``ModelStep.prompt_lengths`` (what chunked prefill counts to decide a prompt is done) is
+    the number of tokens the prefill writes after the shared prefix, for text, soft and
+    system-prompt branches, with and without the prefix cache."""
+    model, tok = tiny_llama()
+    ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    method = contrastive([Branch(soft_prompt=soft), Branch(system="Be helpful."), Branch()],
+                         [1.5, -0.25, -0.25])
+    eng = SafeDecoder(model, tok, method, prefix_cache=prefix_cache).engine(max_seqs=2)
+    for prompt in PROMPTS[:3]:
+        built = eng.build(prompt)
+        slot = eng.state.acquire()
+        eng.runner.prefill(eng.state, (slot,), [built])
+        written = [eng.state.host_len[slot * 3 + k] - (len(p) if prefix_cache else 0)
+                   for k, (p, _) in enumerate(built)]
+        assert eng.runner.prompt_lengths(built) == written, prompt
+        eng.state.release(slot)

@@ -214,8 +214,7 @@ class ModelStep:
         its prefill feeds after the shared prefix."""
         if self.prefix_cache:
             return [len(suffix) for _, suffix in built]
-        return [len(p) + (0 if p.soft is not None else len(p.tail_ids)) + len(x)
-                for p, x in built]
+        return [len(p) + len(x) for p, x in built]  # len(p): soft, ids and tail together
 
     def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
                 ) -> torch.Tensor:
@@ -305,8 +304,7 @@ class ModelStep:
         if chunks is None:
             chunks = [(0, max(self.prompt_lengths(b))) for b in built]
         starts, seqs, soft = self._prompt_rows(state, new, built, [a == 0 for a, _ in chunks])
-        lengths = [len(q) + (len(p) if p is not None else 0) for q, p in zip(seqs, soft,
-                                                                             strict=True)]
+        lengths = [n for b in built for n in self.prompt_lengths(b)]  # the engine's measure
         spans, done = [], []  # per row: [lo, hi) of its own tokens fed now
         for i in range(len(new)):
             a, b = chunks[i]
