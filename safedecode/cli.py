@@ -95,6 +95,8 @@ def generate(
                                 "tokens as candidates (0: off)."),
     mix: float = typer.Option(0.5, "--mix", help="deal: the plain model's weight in the "
                               "candidates' log P when proposing (0 < mix < 1)."),
+    rollout: str = typer.Option("base", "--rollout", help="deal: who rolls the candidates "
+                                "out: base (the paper) or plain (the undefended model)."),
     gamma: float | None = typer.Option(None, help="safeinfer: scale of the safety vector."),
     layer: int | None = typer.Option(None, help="safeinfer: decoder layer it is added after."),
     safeinfer_lam: float | None = typer.Option(
@@ -128,7 +130,7 @@ def generate(
     if method == "deal":
         kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
                       chunk=chunk, base=base, horizon=horizon, propose=propose,
-                      mix=mix)
+                      mix=mix, rollout=rollout)
     console = Console(stderr=True)
     try:
         if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):

@@ -124,9 +124,14 @@ def test_anchor_loads_with_fields_and_sizes(anchor):
     harmful, safe = load_anchor("harmful"), load_anchor("safe")
     assert len(harmful) + len(safe) == len(anchor)
     assert 140 <= len(harmful) <= 160  # 100 written first + 50 in five new categories (session 11)
-    assert 240 <= len(safe) <= 260  # 100 first + 100 look-alikes (session 8) + 50 (session 12)
+    # 100 first + 100 look-alikes (session 8) + 50 (session 12) + 60 held out (session 17)
+    assert 300 <= len(safe) <= 320
     _assert_fields(harmful, HARMFUL_FIELDS)
-    _assert_fields(safe, SAFE_FIELDS)
+    held = [x for x in safe if "part" in x]
+    _assert_fields([x for x in safe if "part" not in x], SAFE_FIELDS)
+    _assert_fields(held, SAFE_FIELDS + ("part",))
+    assert {x["part"] for x in held} == {"val"}
+    assert len(held) == 60 and all(x["category"].startswith("heldout_") for x in held)
     ids = [x["id"] for x in anchor]
     assert len(ids) == len(set(ids))
     assert all(re.fullmatch(r"h\d{3}", x["id"]) for x in harmful)

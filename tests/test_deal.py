@@ -159,13 +159,15 @@ def test_bad_parameters_are_named():
                       (dict(horizon=0), "horizon"), (dict(horizon=2.5), "horizon"),
                       (dict(propose=-1), "propose: must be"), (dict(propose=1.5), "propose"),
                       (dict(mix=0.0), "mix:"), (dict(mix=1.0), "mix:"), (dict(mix=True), "mix:"),
-                      (dict(mix="0.2"), "mix:")):
+                      (dict(mix="0.2"), "mix:"), (dict(rollout="amateur"), "rollout:")):
         args = {"reward": _digit_reward, **kw}
         with pytest.raises(ValueError, match=match):
             methods.get("deal", **args)
     union = contrastive([Branch(system="a"), Branch(system="b")], [1.0, 0.5], rule="union")
     with pytest.raises(ValueError, match="propose: the base .* no plain branch"):
         methods.get("deal", reward=_digit_reward, base=union, propose=2)
+    with pytest.raises(ValueError, match="rollout: the base .* no plain branch"):
+        methods.get("deal", reward=_digit_reward, base=union, rollout="plain")
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
     with pytest.raises(ValueError, match="generate"):
@@ -194,6 +196,7 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
                          (["--horizon", "0", "--reward", "length"], "horizon"),
                          (["--propose", "-2", "--reward", "length"], "propose"),
                          (["--propose", "1", "--mix", "1.5", "--reward", "length"], "mix:"),
+                         (["--rollout", "amateur", "--reward", "length"], "rollout:"),
                          (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
                          (["--reward", "length", "--stream"], "generate()")):
         r = run(app, [*base, *extra, "Hi"])
@@ -211,7 +214,9 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
     assert "lookahead=8" in methods.get("deal", reward="length:target=9").describe()
     assert len({fp(), fp(k=4), fp(lam=2.0), fp(reward="length:target=10"),
                 fp(base="acd-text"), fp(reward=_digit_reward), fp(horizon=16),
-                fp(horizon=17), fp(propose=2), fp(propose=3), fp(propose=2, mix=0.25)}) == 11
+                fp(horizon=17), fp(propose=2), fp(propose=3), fp(propose=2, mix=0.25),
+                fp(rollout="plain"), fp(rollout="plain", mix=0.25),
+                fp(propose=2, mix=0.25, rollout="plain")}) == 14
     assert fp(propose=2, mix=0.5) == fp(propose=2)  # the default mix leaves earlier keys valid
 
 
@@ -232,6 +237,62 @@ def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk,
     assert spec.engine_method.k == (3 if base == "acd-text" else 2)
     assert spec.sequences_per_request == k + propose
     _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
+
+
+@pytest.mark.parametrize(("base", "k", "propose", "chunk", "horizon", "mix"),
+                         [("acd-text", 2, 0, 1, None, 0.5), ("acd-text", 2, 2, 3, 4, 0.25),
+                          ("self-cd", 2, 1, 2, None, 0.5)])
+def test_plain_rollouts_equal_exhaustive_search_from_scratch(base, k, propose, chunk, horizon,
+                                                             mix):
+    """``rollout="plain"``: every candidate is rolled out by the plain branch's greedy tokens
+    (log P under the mixture), past the horizon the base decodes: equal to the naive search
+    from scratch, batched; the rollouts (and so the answers) differ from the base's own."""
+    model, tok = tiny_llama()
+    kw = dict(k=k, lookahead=3, chunk=chunk, lam=1.0, reward=_digit_reward, propose=propose,
+              mix=mix, horizon=horizon, base=base, alpha=0.5)
+    spec = methods.get("deal", rollout="plain", **kw)
+    assert spec.engine_method.k == (3 if base == "acd-text" else 2)
+    got = _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
+    own = SafeDecoder(model, tok, methods.get("deal", **kw)).generate(PROMPTS[:2],
+                                                                     max_new_tokens=8)
+    assert [r.token_ids for r in got] != [r.token_ids for r in own]
+    if chunk > 1 and horizon is None:  # committed rollout tokens are the plain model's
+        plain = SafeDecoder(model, tok, methods.get("plain"))
+        for p, r in zip(PROMPTS[:2], got, strict=True):
+            head = tok.decode(r.token_ids[:1])
+            cont = plain.generate(tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                + head, raw=True, max_new_tokens=chunk - 1)[0]
+            assert r.token_ids[1:chunk] == cont.token_ids, p
+
+
+def test_engine_step_follows_a_branch_and_names_a_bad_follow():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("self-cd", alpha=0.5))
+    eng = dec.engine(max_seqs=4)
+    sp = SamplingParams(max_new_tokens=5, logprobs=True)
+    a, b = eng.add_request(PROMPTS[0], sp), eng.add_request(PROMPTS[1], sp)
+    first = {o.request_id: o.token_id for o in eng.step()}
+    for bad in ((2, [a]), (0,), "plain", (True, [a]), (1, "ab"), (1, [a], 0.0), (1, [a], 1.5),
+                (1, [a], 0.5, 0), (1, [1.5])):
+        with pytest.raises(ValueError, match="follow: expected"):
+            eng.step(follow=bad)
+    with pytest.raises(ValueError, match="no unfinished request 99"):
+        eng.step(follow=(1, [99]))
+    # branch 1 of self-cd is the plain model: the followed request takes its greedy tokens
+    toks = {a: [first[a]], b: [first[b]]}
+    while eng.has_unfinished():
+        for o in eng.step(follow=(1, [a], 0.3)):
+            toks[o.request_id].append(o.token_id)
+    alone = SafeDecoder(model, tok, methods.get("self-cd", alpha=0.5)).generate(
+        PROMPTS[1], max_new_tokens=5)[0]
+    assert toks[b] == alone.token_ids  # an unfollowed request is the method's own
+    head = tok.decode(toks[a][:1])
+    cont = SafeDecoder(model, tok, methods.get("plain")).generate(
+        tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                add_generation_prompt=True) + head, raw=True,
+        max_new_tokens=4)[0]
+    assert toks[a][1:] == cont.token_ids
 
 
 def test_the_proposal_branch_leaves_the_base_distribution_alone():

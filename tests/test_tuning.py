@@ -40,9 +40,15 @@ def test_split_is_disjoint_complete_and_stratified():
     for split in ("harmful", "safe"):
         whole = Counter(x["category"] for x in items if x["split"] == split)
         held = Counter(x["category"] for x in val if x["split"] == split)
-        for cat, n in whole.items():
-            assert held[cat] == round(VAL_FRACTION * n), (split, cat)
+        marked = {x["category"] for x in items if x["split"] == split and x.get("part") == "val"}
+        for cat, n in whole.items():  # a batch marked part=val is validation whole
+            assert held[cat] == (n if cat in marked else round(VAL_FRACTION * n)), (split, cat)
             assert held[cat] >= 1
+    marked = [x for x in items if x.get("part") == "val"]
+    assert marked and all(x["id"] in v_ids for x in marked)
+    # a marked item moves no other item: the split of the rest is the hash split alone
+    rest = [x for x in items if "part" not in x]
+    assert validation_ids(rest) == v_ids - {x["id"] for x in marked}
     assert {x["split"] for x in load_anchor("harmful", "val")} == {"harmful"}
 
 
@@ -64,8 +70,10 @@ PINNED_VAL_S = "s201,s202,s209,s212,s214,s220,s225,s226,s229,s231,s235,s237,s243
 def test_split_is_stable():
     items = load_anchor()
     ids = sorted(validation_ids(items))
-    pinned = sorted(",".join((PINNED_VAL, PINNED_VAL_H, PINNED_VAL_S)).split(","))
+    held = [f"s{n}" for n in range(301, 361)]  # session 17's held-out batch: validation only
+    pinned = sorted(",".join((PINNED_VAL, PINNED_VAL_H, PINNED_VAL_S)).split(",") + held)
     assert ids == pinned, "the anchor validation split changed"
+    assert not {x["id"] for x in load_anchor(part="train")} & set(held)
     # it depends on the ids alone: reordered input gives the same split
     assert validation_ids(list(reversed(items))) == set(ids)
     assert [x["id"] for x in load_anchor(part="val")] == ids

@@ -109,7 +109,9 @@ class NaiveDeAL:
     step the whole context prefilled again — once for the candidates, once more for each
     candidate's rollout (K branch passes each, a fresh cache per rollout). Greedy rollouts, beam
     1. The baseline of the DeAL benchmark and the reference of its exactness tests (``propose``
-    too: the plain branch's top tokens join the candidates, log P under the mixture)."""
+    too: the plain branch's top tokens join the candidates, log P under the mixture; and
+    ``rollout="plain"``: rollouts by the plain branch's greedy tokens, log P under the same
+    mixture)."""
 
     def __init__(self, model, tokenizer, spec, *, backend: str = "reference") -> None:
         if spec.beam != 1:
@@ -127,11 +129,12 @@ class NaiveDeAL:
                                     backend=self.backend)[0]
 
     @torch.no_grad()
-    def _run(self, embs: list[torch.Tensor], ids: list[int], n: int, eos: set[int]
-             ) -> tuple[list[int], list[float], torch.Tensor, list[torch.Tensor]]:
-        """Prefill prompt + ``ids`` per branch (fresh caches), then up to ``n`` greedy tokens.
-        Returns (tokens, their log-probs, the final log-distribution after ``ids``, the branches'
-        logits there)."""
+    def _run(self, embs: list[torch.Tensor], ids: list[int], n: int, eos: set[int],
+             follow: bool = False) -> tuple[list[int], list[float], torch.Tensor,
+                                            list[torch.Tensor]]:
+        """Prefill prompt + ``ids`` per branch (fresh caches), then up to ``n`` greedy tokens
+        (``follow``: the plain branch's, log-probs under the mixture). Returns (tokens, their
+        log-probs, the final log-distribution after ``ids``, the branches' logits there)."""
         gen, model = self.gen, self.model
         caches, logits = [], []
         for emb in embs:
@@ -147,9 +150,15 @@ class NaiveDeAL:
         lp, toks, lps = first, [], []
         lengths = [e.shape[0] + len(ids) for e in embs]
         for _ in range(n):
-            t = int(torch.sort(lp, descending=True, stable=True).indices[0])
+            if follow:
+                q = torch.log_softmax(logits[self.spec.proposal_branch][0].float(), dim=-1)
+                t = int(torch.sort(q, descending=True, stable=True).indices[0])
+                idx = torch.tensor([t])
+                lps.append(float(mixture_logprob(lp[idx], q[idx], self.spec.mix)[0]))
+            else:
+                t = int(torch.sort(lp, descending=True, stable=True).indices[0])
+                lps.append(float(lp[t]))
             toks.append(t)
-            lps.append(float(lp[t]))
             if t in eos:
                 break
             logits = []
@@ -186,7 +195,7 @@ class NaiveDeAL:
             cands = [(int(t), float(v)) for t, v in zip(top_tok[:spec.k], top_lp[:spec.k],
                                                          strict=True) if v != float("-inf")]
             if spec.propose:  # the plain branch's top tokens too; log P under the mixture
-                q = torch.log_softmax(z[spec.proposal[0]][0].float(), dim=-1)
+                q = torch.log_softmax(z[spec.proposal_branch][0].float(), dim=-1)
                 extra = [int(t) for t in torch.sort(q, descending=True, stable=True).indices
                          [:spec.propose]]
                 toks = [t for t, _ in cands] + [t for t in extra
@@ -200,7 +209,8 @@ class NaiveDeAL:
                 roll, roll_lps = [], []
                 if c not in eos and len(seq) < max_new_tokens:
                     roll, roll_lps, *_ = self._run(
-                        embs, seq, min(spec.lookahead, max_new_tokens - len(seq)), eos)
+                        embs, seq, min(spec.lookahead, max_new_tokens - len(seq)), eos,
+                        follow=spec.rollout == "plain")
                 full = seq + roll
                 h = spec.reward([user], [text_of(full)])[0]
                 ended = (full[-1] in eos) or len(full) >= max_new_tokens

@@ -37,13 +37,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def validation_ids(items: Iterable[dict], fraction: float = VAL_FRACTION) -> set[str]:
-    """The ids of the validation part: in every (split, category) group, the ``round(fraction·n)``
+    """The ids of the validation part: every item marked ``"part": "val"`` (a held-out batch
+    that nothing trains on), and in every other (split, category) group the ``round(fraction·n)``
     items whose salted SHA-256 of the id sorts first. Stable (depends on the ids alone, not on
     file order) and stratified by category."""
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for it in items:
-        groups[(it.get("split"), it.get("category"))].append(str(it["id"]))
     out: set[str] = set()
+    for it in items:
+        if it.get("part") == "val":
+            out.add(str(it["id"]))
+        else:
+            groups[(it.get("split"), it.get("category"))].append(str(it["id"]))
     for ids in groups.values():
         ids.sort(key=lambda i: hashlib.sha256((_SPLIT_SALT + i).encode()).hexdigest())
         out.update(ids[:round(fraction * len(ids))])
@@ -52,7 +56,8 @@ def validation_ids(items: Iterable[dict], fraction: float = VAL_FRACTION) -> set
 
 def load_anchor(split: str | None = None, part: str | None = None) -> list[dict]:
     """The anchor set's items; ``split`` = ``"harmful"`` or ``"safe"`` keeps one split, ``part`` =
-    ``"train"`` or ``"val"`` one part (30% of every category is validation)."""
+    ``"train"`` or ``"val"`` one part (30% of every category is validation, and the held-out
+    batch marked ``"part": "val"``)."""
     if split not in (None, "harmful", "safe"):
         raise ValueError(f"split: expected 'harmful', 'safe' or None, got {split!r}")
     if part not in (None, "train", "val"):

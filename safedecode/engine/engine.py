@@ -440,7 +440,7 @@ class Engine:
 
     @torch.no_grad()
     def step(self, expand: dict[int, int] | None = None,
-             propose: tuple | None = None) -> list[StepOutput]:
+             propose: tuple | None = None, follow: tuple | None = None) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs.
 
         ``expand`` ({id: k}): those sequences do not sample; they take the top-``k`` tokens of
@@ -451,9 +451,14 @@ class Engine:
         top-``kp`` tokens of that branch's own distribution (softmax of its logits) not among
         them; every candidate's log-prob is then under the mixture ``(1 - w) p_final + w
         p_branch`` (``w`` 0.5 by default; a weight-0 branch proposes tokens the final
-        distribution has masked)."""
+        distribution has masked). ``follow`` = ``(branch, ids[, w])``: those sequences (not
+        expanded this step) take the greedy token of that branch's own distribution instead of
+        the sampled one, its log-prob under the same mixture (DeAL's rollouts by the plain
+        model)."""
         expand = dict(expand or {})
         reserve = self._check_expand(expand, propose) if expand or propose is not None else 0
+        if follow is not None:
+            follow = self._check_follow(follow)
         st = self.state
         moves = st.compact()
         if moves:
@@ -535,6 +540,8 @@ class Engine:
                 for j, seq in enumerate(seqs)]
         if expand:
             rows = self._expand(rows, logits, expand, propose)
+        if follow is not None:
+            rows = self._follow(rows, logits, expand, *follow)
         outs = []
         for seq, status, t, lp, parent in rows:
             if not seq.out:
@@ -631,6 +638,50 @@ class Engine:
             st.last[seq.slot] = cands[0][0]
             out[j] = (seq, 0, cands[0][0], cands[0][1], None)
             out += [(kid, 0, tok, lp_, seq.id) for kid, tok, lp_ in kids]
+        return out
+
+    def _check_follow(self, follow: tuple) -> tuple[int, frozenset[int], float]:
+        ok = isinstance(follow, tuple) and len(follow) in (2, 3)
+        if ok:
+            b, ids, w = (*follow, 0.5)[:3]
+            ok = not isinstance(b, bool) and isinstance(b, int) and 0 <= b < self.method.k
+            ok = ok and not isinstance(ids, (str, bytes)) and hasattr(ids, "__iter__")
+            ok = ok and not isinstance(w, bool) and isinstance(w, (int, float)) and 0 < w < 1
+        if ok:
+            ids = frozenset(ids)
+            ok = all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        if not ok:
+            raise ValueError(f"follow: expected (branch in [0, {self.method.k}), sequence ids"
+                             f"[, weight in (0, 1)]), got {follow!r}")
+        for i in ids:
+            self._get(i)
+        return b, ids, float(w)
+
+    def _follow(self, rows: list, logits: torch.Tensor, expand: dict[int, int], branch: int,
+                ids: frozenset[int], w: float) -> list:
+        """Replace the sampled token of each followed sequence by the greedy token of
+        ``branch``'s own distribution (log-prob under the mixture); see :meth:`step`."""
+        from safedecode.ops import contrastive_logprobs
+
+        picked = [j for j, (seq, status, *_) in enumerate(rows)
+                  if seq.id in ids and seq.id not in expand and not status]
+        if not picked:
+            return rows
+        m, st = self.method, self.state
+        z = logits[picked]
+        q = torch.log_softmax(z[:, branch].float(), dim=-1)
+        tok = torch.sort(q, dim=-1, descending=True, stable=True).indices[:, :1]
+        lp = contrastive_logprobs(z.permute(1, 0, 2), self.runner.weights,
+                                  rule=m.rule, anchor=m.anchor, beta=m.beta, temperature=1.0,
+                                  backend=self.runner.backend, check_inputs=False)
+        tok_lp = mixture_logprob(lp.gather(1, tok), q.gather(1, tok), w)
+        slots = torch.tensor([rows[j][0].slot for j in picked], device=st.device)
+        st.last[slots] = tok[:, 0].to(st.last.dtype)
+        host = torch.stack([tok[:, 0].double(), tok_lp[:, 0].double()]).tolist()
+        out = list(rows)
+        for n, j in enumerate(picked):
+            seq, _, _, lp_, parent = rows[j]
+            out[j] = (seq, 0, int(host[0][n]), host[1][n] if lp_ is not None else None, parent)
         return out
 
     def _advance_text(self, seq: _Seq, token: int) -> tuple[str, str | None]:

@@ -70,8 +70,10 @@ def method_fingerprint(method: Method) -> str:
             h.update(f"horizon={method.horizon}".encode())
         if method.propose:
             h.update(f"propose={method.propose}".encode())
-            if method.mix != 0.5:
-                h.update(f"mix={method.mix!r}".encode())
+        if (method.propose or method.rollout != "base") and method.mix != 0.5:
+            h.update(f"mix={method.mix!r}".encode())
+        if method.rollout != "base":
+            h.update(f"rollout={method.rollout}".encode())
         return "deal-" + h.hexdigest()[:11]
     h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
     for b in method.branches:

@@ -26,6 +26,12 @@ one (Self-CD), otherwise a weight-0 branch added to the base (the final distribu
 unchanged; the forward carries one more branch). ``log P`` of every candidate is then under the
 mixture ``(1 - mix) p_base + mix p_plain`` (``mix`` 0.5 by default): a smaller ``mix`` makes a
 token only the plain model proposes need a larger reward margin to win.
+
+``rollout="plain"`` (an extension; ``"base"`` = the paper) rolls every candidate out with the
+plain model's greedy tokens instead of the base method's: the reward then judges each candidate
+by how the undefended model would go on from it, so an answer candidate is previewed as an answer
+rather than as the base's (perhaps over-refusing or garbled) continuation. Rollout tokens' log P
+is under the same mixture; past the horizon the base method decodes, as before.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class DeAL:
     horizon: int | None = None
     propose: int = 0
     mix: float = 0.5
+    rollout: str = "base"
     name: str = "deal"
 
     def __post_init__(self) -> None:
@@ -82,15 +89,23 @@ class DeAL:
                 or not 0 < self.mix < 1:
             raise ValueError(f"mix: the plain model's weight in the proposals' mixture, in "
                              f"(0, 1), got {self.mix!r}")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"rollout: expected one of {', '.join(ROLLOUTS)}, got "
+                             f"{self.rollout!r}")
         if self.propose and _plain_branch(self.base) is None and self.base.rule != "linear":
             raise ValueError(f"propose: the base {self.base.name!r} has no plain branch and its "
                              f"{self.base.rule!r} rule takes no added branch; use propose=0")
+        if self.rollout == "plain" and _plain_branch(self.base) is None \
+                and self.base.rule != "linear":
+            raise ValueError(f"rollout: the base {self.base.name!r} has no plain branch and its "
+                             f"{self.base.rule!r} rule takes no added branch; use "
+                             "rollout='base'")
 
     @functools.cached_property
     def engine_method(self) -> Method:
         """The method the engine runs: the base, plus a weight-0 plain branch when ``propose``
-        needs one the base lacks (its final distribution is the base's)."""
-        if not self.propose or _plain_branch(self.base) is not None:
+        or ``rollout="plain"`` needs one the base lacks (its final distribution is the base's)."""
+        if not (self.propose or self.rollout == "plain") or _plain_branch(self.base) is not None:
             return self.base
         b = self.base
         return Method(b.name, (*b.branches, Branch(name="proposal")), (*b.weights, 0.0),
@@ -103,11 +118,25 @@ class DeAL:
             return None
         return _plain_branch(self.engine_method), self.propose, float(self.mix)
 
+    @property
+    def proposal_branch(self) -> int | None:
+        """The engine method's plain branch (proposals and plain rollouts), or None."""
+        return _plain_branch(self.engine_method)
+
+    def follow(self, ids) -> tuple[int, frozenset[int], float] | None:
+        """``(branch, ids, mix)`` for :meth:`Engine.step`'s ``follow`` in a rollout step, or
+        None (the base method's own tokens)."""
+        if self.rollout != "plain":
+            return None
+        return self.proposal_branch, frozenset(ids), float(self.mix)
+
     def describe(self) -> str:
         return (f"{self.name}: k={self.k}, lookahead={self.lookahead}, lam={self.lam}, "
                 f"beam={self.beam}, chunk={self.chunk}, "
                 f"{'' if self.horizon is None else f'horizon={self.horizon}, '}"
-                f"{f'propose={self.propose}, mix={self.mix}, ' if self.propose else ''}"
+                f"{f'propose={self.propose}, ' if self.propose else ''}"
+                f"{f'mix={self.mix}, ' if self.propose or self.rollout != 'base' else ''}"
+                f"{f'rollout={self.rollout}, ' if self.rollout != 'base' else ''}"
                 f"reward={self.reward.key()}; base "
                 f"{self.base.describe()}")
 
@@ -115,6 +144,9 @@ class DeAL:
     def sequences_per_request(self) -> int:
         """Sequences a request holds at once during a search step (``beam x (k + propose)``)."""
         return self.beam * (self.k + self.propose)
+
+
+ROLLOUTS = ("base", "plain")
 
 
 def _plain_branch(method: Method) -> int | None:
@@ -128,7 +160,7 @@ def _plain_branch(method: Method) -> int | None:
 
 def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: int = 1,
          chunk: int = 1, horizon: int | None = None, propose: int = 0, mix: float = 0.5,
-         base: str | Method = "plain", **base_kwargs) -> DeAL:
+         rollout: str = "base", base: str | Method = "plain", **base_kwargs) -> DeAL:
     """``methods.get("deal", k=4, lookahead=8, lam=1.0, reward="keywords:include=sorry",
     base="acd-text", alpha=0.5)``: DeAL over the named base method (its keyword arguments
     pass through). ``reward``: a :class:`Reward`, a callable ``(prompts, texts) -> scores`` or a
@@ -145,7 +177,7 @@ def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: in
     elif base_kwargs:
         raise ValueError(f"{sorted(base_kwargs)[0]}: not a DeAL parameter")
     return DeAL(base, make_reward(reward), k=k, lookahead=lookahead, lam=lam, beam=beam,
-                chunk=chunk, horizon=horizon, propose=propose, mix=mix)
+                chunk=chunk, horizon=horizon, propose=propose, mix=mix, rollout=rollout)
 
 
 @dataclass
@@ -184,8 +216,9 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     finished: dict[int, GenerationResult] = {}
     results: dict[int, GenerationResult] = {}
 
-    def run(expand: dict[int, int] | None = None):
-        for o in engine.step(expand, spec.proposal if expand else None):
+    def run(expand: dict[int, int] | None = None, rolling=()):
+        follow = spec.follow(rolling) if rolling else None
+        for o in engine.step(expand, spec.proposal if expand else None, follow):
             if o.request_id in free:
                 if o.finish_reason:
                     results[free.pop(o.request_id)] = engine.pop_result(o.request_id)
@@ -205,9 +238,10 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
             base = o.parent if o.parent is not None else o.request_id
             cands[owner[base]].append(_Cand(o.request_id, committed[base]))
         for _ in range(spec.lookahead):
-            if all(c.id in finished for cs in cands.values() for c in cs):
+            rolling = [c.id for cs in cands.values() for c in cs if c.id not in finished]
+            if not rolling:
                 break
-            for _o in run():
+            for _o in run(rolling=rolling):
                 pass
         for i, chosen in _select(engine, cands, prompts, spec, finished).items():
             cs = cands[i]
