@@ -24,7 +24,7 @@ from safedecode.data import (
 )
 from safedecode.eval.datasets import EVALUATION, REGISTRY, VALIDATION, load_dataset
 from safedecode.eval.judges import make_judge
-from safedecode.eval.tune import check_tuning_datasets, expand_grid, score, select
+from safedecode.eval.tune import check_tuning_datasets, expand_grid, render, score, select
 from safedecode.methods.acd import ACDPrompts, load_prompts, save_prompts
 from safedecode.models import embedding_fingerprint
 from safedecode.training.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts
@@ -255,6 +255,27 @@ def test_select_scores_safety_usefulness_and_fluency():
                       "acd:alpha=0.5": (0.9, 0.6, 4.0)}))  # 0.9 - 1.2 - 0.5
     assert sel["chosen"]["acd"]["label"] == "acd:alpha=1.0"
     assert score(0.5, 0.0, None) == float("-inf")
+    assert "held-out" not in render(sel, None, ["a"])  # no held-out batch in this run: no column
+
+
+def test_the_held_out_batch_gets_its_own_column():
+    """The validation-only batch's refusal rate, pooled over its categories per method, beside
+    the benign refusal it is part of."""
+    res = {"summary": {"plain": {"harmful": _group(0.0, 2.0), "benign": _group(0.1, 2.0)},
+                       "acd": {"harmful": _group(1.0, 2.0), "benign": _group(0.4, 2.2)}},
+           "config": {"methods": {"plain": {"name": "plain", "kwargs": {}},
+                                  "acd": {"name": "acd", "kwargs": {}}}},
+           "categories": {
+               "anchor-safe-val@acd": {"heldout_a": {"n": 4, "refusal_rate,keyword": 0.5},
+                                       "heldout_b": {"n": 6, "refusal_rate,keyword": 1.0},
+                                       "cooking": {"n": 10, "refusal_rate,keyword": 0.0}},
+               "anchor-safe-val@plain": {"cooking": {"n": 10, "refusal_rate,keyword": 0.1}}}}
+    sel = select(res)
+    rows = {r["label"]: r for r in sel["rows"]}
+    assert rows["acd"]["heldout_refusal"] == pytest.approx(0.8)  # (2 + 6) / 10
+    assert rows["plain"]["heldout_refusal"] is None
+    table = render(sel, None, ["anchor-harmful-val", "anchor-safe-val"])
+    assert "of it, held-out batch" in table and "| 40.0% | 80.0% |" in table
 
 
 # -- knobs recorded in the prompts file ----------------------------------------------------------

@@ -69,6 +69,23 @@ def _rate(m: dict | None, judge: str = "keyword") -> float | None:
     return None if m is None else m.get(f"refusal_rate,{judge}")
 
 
+HELDOUT = "heldout_"  # category prefix of the anchor set's validation-only batch
+
+
+def _heldout(results: dict, label: str) -> float | None:
+    """Keyword refusal rate pooled over the held-out categories of ``label``'s benign items
+    (the validation-only batch, s301-s360), or None when the run has none."""
+    refused = n = 0
+    for task, cats in results.get("categories", {}).items():
+        if task.rsplit("@", 1)[-1] != label:
+            continue
+        for cat, m in cats.items():
+            if cat.startswith(HELDOUT) and _rate(m) is not None:
+                refused += _rate(m) * m["n"]
+                n += m["n"]
+    return refused / n if n else None
+
+
 def select(results: dict, reference: str = "plain") -> dict:
     """Score every method setting of a harness result (``summary`` by label, with ``harmful``
     and ``benign`` groups) and pick the best setting of each method name by :data:`CRITERION`.
@@ -88,6 +105,7 @@ def select(results: dict, reference: str = "plain") -> dict:
             "label": label, "name": methods[label]["name"], "kwargs": methods[label]["kwargs"],
             "harmful_refusal": hr, "harmful_ci95": h.get("refusal_rate_ci95,keyword"),
             "benign_refusal": br, "benign_ci95": b.get("refusal_rate_ci95,keyword"),
+            "heldout_refusal": _heldout(results, label),
             "harmful_refusal_standard": _rate(h, "keyword-standard"),
             "benign_refusal_standard": _rate(b, "keyword-standard"),
             "harmful_capped": h.get("capped_refusal_rate,keyword"),
@@ -112,10 +130,12 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
              "part; never an evaluation set).", "", f"Selection: {sel['criterion']}.", ""]
     if command:
         lines += ["```bash", command, "```", ""]
-    lines += ["| setting | harmful refusal | benign refusal | standard lists h / b | "
+    held = any(r.get("heldout_refusal") is not None for r in sel["rows"])
+    lines += ["| setting | harmful refusal | benign refusal | "
+              + ("of it, held-out batch | " if held else "") + "standard lists h / b | "
               "capped refusals h / b | PPL h / b | PPL ratio | score | "
               "chosen (best of its method) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+              "|---|---:|---:|" + ("---:|" if held else "") + "---:|---:|---:|---:|---:|:-:|"]
     chosen = {r["label"] for r in sel["chosen"].values()}
     for r in sel["rows"]:
         ppl = " / ".join("—" if v is None else f"{v:.2f}" for v in (r["ppl_harmful"],
@@ -123,6 +143,7 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
         ratio = "—" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         lines.append(
             f"| `{r['label']}` | {_pct(r['harmful_refusal'])} | {_pct(r['benign_refusal'])} | "
+            + (f"{_pct(r.get('heldout_refusal'))} | " if held else "") +
             f"{_pct(r['harmful_refusal_standard'])} / {_pct(r['benign_refusal_standard'])} | "
             f"{_pct(r['harmful_capped'])} / {_pct(r['benign_capped'])} | {ppl} | "
             f"{ratio}{'' if r['feasible'] else ' (over)'} | {r['score']:+.2f} | "
