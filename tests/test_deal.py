@@ -216,7 +216,7 @@ def test_eval_fingerprint_tells_deal_settings_and_rewards_apart():
                 fp(base="acd-text"), fp(reward=_digit_reward), fp(horizon=16),
                 fp(horizon=17), fp(propose=2), fp(propose=3), fp(propose=2, mix=0.25),
                 fp(rollout="plain"), fp(rollout="plain", mix=0.25),
-                fp(propose=2, mix=0.25, rollout="plain")}) == 14
+                fp(propose=2, mix=0.25, rollout="plain"), fp(rollout="both")}) == 15
     assert fp(propose=2, mix=0.5) == fp(propose=2)  # the default mix leaves earlier keys valid
 
 
@@ -239,24 +239,29 @@ def test_proposals_equal_exhaustive_search_from_scratch(base, k, propose, chunk,
     _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
 
 
-@pytest.mark.parametrize(("base", "k", "propose", "chunk", "horizon", "mix"),
-                         [("acd-text", 2, 0, 1, None, 0.5), ("acd-text", 2, 2, 3, 4, 0.25),
-                          ("self-cd", 2, 1, 2, None, 0.5)])
-def test_plain_rollouts_equal_exhaustive_search_from_scratch(base, k, propose, chunk, horizon,
-                                                             mix):
+@pytest.mark.parametrize(("rollout", "base", "k", "propose", "chunk", "horizon", "mix"),
+                         [("plain", "acd-text", 2, 0, 1, None, 0.5),
+                          ("plain", "acd-text", 2, 2, 3, 4, 0.25),
+                          ("plain", "self-cd", 2, 1, 2, None, 0.5),
+                          ("both", "acd-text", 2, 1, 3, None, 0.5),
+                          ("both", "self-cd", 2, 0, 1, 3, 0.25)])
+def test_plain_rollouts_equal_exhaustive_search_from_scratch(rollout, base, k, propose, chunk,
+                                                             horizon, mix):
     """``rollout="plain"``: every candidate is rolled out by the plain branch's greedy tokens
-    (log P under the mixture), past the horizon the base decodes: equal to the naive search
-    from scratch, batched; the rollouts (and so the answers) differ from the base's own."""
+    (log P under the mixture), past the horizon the base decodes; ``"both"``: each candidate
+    both ways. Equal to the naive search from scratch, batched; the answers differ from the
+    base's own rollouts'."""
     model, tok = tiny_llama()
     kw = dict(k=k, lookahead=3, chunk=chunk, lam=1.0, reward=_digit_reward, propose=propose,
               mix=mix, horizon=horizon, base=base, alpha=0.5)
-    spec = methods.get("deal", rollout="plain", **kw)
+    spec = methods.get("deal", rollout=rollout, **kw)
     assert spec.engine_method.k == (3 if base == "acd-text" else 2)
+    assert spec.sequences_per_request == (k + propose) * (2 if rollout == "both" else 1)
     got = _search_equals_naive(model, tok, spec, PROMPTS[:2], 8)
     own = SafeDecoder(model, tok, methods.get("deal", **kw)).generate(PROMPTS[:2],
                                                                      max_new_tokens=8)
     assert [r.token_ids for r in got] != [r.token_ids for r in own]
-    if chunk > 1 and horizon is None:  # committed rollout tokens are the plain model's
+    if rollout == "plain" and chunk > 1 and horizon is None:  # committed: the plain model's
         plain = SafeDecoder(model, tok, methods.get("plain"))
         for p, r in zip(PROMPTS[:2], got, strict=True):
             head = tok.decode(r.token_ids[:1])

@@ -111,7 +111,7 @@ class NaiveDeAL:
     1. The baseline of the DeAL benchmark and the reference of its exactness tests (``propose``
     too: the plain branch's top tokens join the candidates, log P under the mixture; and
     ``rollout="plain"``: rollouts by the plain branch's greedy tokens, log P under the same
-    mixture)."""
+    mixture; ``"both"``: each candidate rolled out both ways, the copies after the base's)."""
 
     def __init__(self, model, tokenizer, spec, *, backend: str = "reference") -> None:
         if spec.beam != 1:
@@ -204,13 +204,18 @@ class NaiveDeAL:
                 mix = mixture_logprob(first[idx], q[idx], spec.mix)
                 cands = list(zip(toks, mix.double().tolist(), strict=True))
             scored = []
-            for rank, (c, c_lp) in enumerate(cands):
+            policies = {"base": (False,), "plain": (True,), "both": (False, True)}[spec.rollout]
+            tries = [(f, c, c_lp) for f in policies for c, c_lp in cands]
+            for rank, (follow, c, c_lp) in enumerate(tries):
                 seq, seq_lps = [*committed, c], [*lps, c_lp]
                 roll, roll_lps = [], []
-                if c not in eos and len(seq) < max_new_tokens:
+                rolls = c not in eos and len(seq) < max_new_tokens
+                if spec.rollout == "both" and follow and not rolls:
+                    continue  # a finished candidate has no plain copy
+                if rolls:
                     roll, roll_lps, *_ = self._run(
                         embs, seq, min(spec.lookahead, max_new_tokens - len(seq)), eos,
-                        follow=spec.rollout == "plain")
+                        follow=follow)
                 full = seq + roll
                 h = spec.reward([user], [text_of(full)])[0]
                 ended = (full[-1] in eos) or len(full) >= max_new_tokens

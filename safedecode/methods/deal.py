@@ -27,11 +27,14 @@ unchanged; the forward carries one more branch). ``log P`` of every candidate is
 mixture ``(1 - mix) p_base + mix p_plain`` (``mix`` 0.5 by default): a smaller ``mix`` makes a
 token only the plain model proposes need a larger reward margin to win.
 
-``rollout="plain"`` (an extension; ``"base"`` = the paper) rolls every candidate out with the
-plain model's greedy tokens instead of the base method's: the reward then judges each candidate
-by how the undefended model would go on from it, so an answer candidate is previewed as an answer
-rather than as the base's (perhaps over-refusing or garbled) continuation. Rollout tokens' log P
-is under the same mixture; past the horizon the base method decodes, as before.
+``rollout`` (an extension; ``"base"`` = the paper) chooses who rolls the candidates out:
+``"plain"`` the plain model's greedy tokens instead of the base method's, so the reward judges an
+answer candidate as the undefended model would go on with it rather than as the base's (perhaps
+over-refusing or garbled) continuation; ``"both"`` rolls every candidate out twice, by the base
+and by the plain model (a fork of the candidate, twice the sequences), and the reward picks among
+all of them, so a refusal stays reachable (the plain model rarely continues one) beside a fluent
+answer. Rollout tokens' log P is under the proposals' mixture; past the horizon the base method
+decodes, as before.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class DeAL:
         if self.propose and _plain_branch(self.base) is None and self.base.rule != "linear":
             raise ValueError(f"propose: the base {self.base.name!r} has no plain branch and its "
                              f"{self.base.rule!r} rule takes no added branch; use propose=0")
-        if self.rollout == "plain" and _plain_branch(self.base) is None \
+        if self.rollout != "base" and _plain_branch(self.base) is None \
                 and self.base.rule != "linear":
             raise ValueError(f"rollout: the base {self.base.name!r} has no plain branch and its "
                              f"{self.base.rule!r} rule takes no added branch; use "
@@ -105,7 +108,7 @@ class DeAL:
     def engine_method(self) -> Method:
         """The method the engine runs: the base, plus a weight-0 plain branch when ``propose``
         or ``rollout="plain"`` needs one the base lacks (its final distribution is the base's)."""
-        if not (self.propose or self.rollout == "plain") or _plain_branch(self.base) is not None:
+        if not (self.propose or self.rollout != "base") or _plain_branch(self.base) is not None:
             return self.base
         b = self.base
         return Method(b.name, (*b.branches, Branch(name="proposal")), (*b.weights, 0.0),
@@ -126,7 +129,7 @@ class DeAL:
     def follow(self, ids) -> tuple[int, frozenset[int], float] | None:
         """``(branch, ids, mix)`` for :meth:`Engine.step`'s ``follow`` in a rollout step, or
         None (the base method's own tokens)."""
-        if self.rollout != "plain":
+        if self.rollout == "base":
             return None
         return self.proposal_branch, frozenset(ids), float(self.mix)
 
@@ -142,11 +145,12 @@ class DeAL:
 
     @property
     def sequences_per_request(self) -> int:
-        """Sequences a request holds at once during a search step (``beam x (k + propose)``)."""
-        return self.beam * (self.k + self.propose)
+        """Sequences a request holds at once during a search step (``beam x (k + propose)``,
+        twice that with ``rollout="both"``)."""
+        return self.beam * (self.k + self.propose) * (2 if self.rollout == "both" else 1)
 
 
-ROLLOUTS = ("base", "plain")
+ROLLOUTS = ("base", "plain", "both")
 
 
 def _plain_branch(method: Method) -> int | None:
@@ -199,7 +203,8 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     need = len(built) * spec.sequences_per_request
     if engine.state.max_seqs < need:
         raise ValueError(f"max_seqs: DeAL needs {need} sequences ({len(built)} requests x beam "
-                         f"{spec.beam} x (k {spec.k} + propose {spec.propose})); the engine "
+                         f"{spec.beam} x (k {spec.k} + propose {spec.propose})"
+                         f"{' x 2 rollouts' if spec.rollout == 'both' else ''}); the engine "
                          f"has {engine.state.max_seqs}")
     if isinstance(params, SamplingParams):
         params = [params] * len(built)
@@ -237,9 +242,19 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         for o in run({sid: spec.k for sid in owner}):
             base = o.parent if o.parent is not None else o.request_id
             cands[owner[base]].append(_Cand(o.request_id, committed[base]))
+        if spec.rollout == "both":  # a copy of every candidate, rolled out by the plain model
+            followed = set()
+            for cs in cands.values():
+                copies = [_Cand(engine.fork(c.id, 1)[0], c.committed) for c in cs
+                          if c.id not in finished]
+                followed.update(c.id for c in copies)
+                cs.extend(copies)
+        else:
+            followed = {c.id for cs in cands.values() for c in cs}
         for _ in range(spec.lookahead):
-            rolling = [c.id for cs in cands.values() for c in cs if c.id not in finished]
-            if not rolling:
+            rolling = [c.id for cs in cands.values() for c in cs
+                       if c.id not in finished and c.id in followed]
+            if all(c.id in finished for cs in cands.values() for c in cs):
                 break
             for _o in run(rolling=rolling):
                 pass
