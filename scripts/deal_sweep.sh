@@ -48,3 +48,10 @@ $PY -m safedecode tune --out $R/deal_tune_s13 -n 64 -m "acd,\
 $D13:propose=2:reward=[harmless:path=$S10]:lam=0.5|1:mix=0.25,\
 $D13:propose=4:reward=[harmless:path=$S10]:lam=0.5:mix=0.25,\
 $D13:propose=2:reward=[harmless:path=$R/harmless_rm_s12]:lam=0.5|1|2|3:mix=0.25"
+# Session 17: the anchor set's held-out batch (s301-s360, 60 look-alikes in OR-Bench's
+# categories, validation only) shows the over-refusal the earlier validation hid (acd 60%, DeAL
+# λ 0.5 42% vs 4% on the earlier validation look-alikes); rollouts by the plain model
+# (rollout=plain|both) (benchmarks/results/deal_sweep/session17).
+D17="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4:propose=2:reward=harmless:mix=0.25"
+$PY -m safedecode tune --out $R/tune_s17 -n 64 -m "acd,$D17:lam=0.5|1,\
+$D17:rollout=plain:lam=0.5,$D17:rollout=both:lam=0.5|1"
