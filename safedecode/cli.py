@@ -96,7 +96,7 @@ def generate(
     mix: float = typer.Option(0.5, "--mix", help="deal: the plain model's weight in the "
                               "candidates' log P when proposing (0 < mix < 1)."),
     rollout: str = typer.Option("base", "--rollout", help="deal: who rolls the candidates "
-                                "out: base (the paper) or plain (the undefended model)."),
+                                "out: base (the paper), plain (the undefended model) or both."),
     gamma: float | None = typer.Option(None, help="safeinfer: scale of the safety vector."),
     layer: int | None = typer.Option(None, help="safeinfer: decoder layer it is added after."),
     safeinfer_lam: float | None = typer.Option(

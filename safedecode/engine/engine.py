@@ -670,7 +670,7 @@ class Engine:
         m, st = self.method, self.state
         z = logits[picked]
         q = torch.log_softmax(z[:, branch].float(), dim=-1)
-        tok = torch.sort(q, dim=-1, descending=True, stable=True).indices[:, :1]
+        tok = q.argmax(dim=-1, keepdim=True)  # ties: the lowest id, as the sort's first
         lp = contrastive_logprobs(z.permute(1, 0, 2), self.runner.weights,
                                   rule=m.rule, anchor=m.anchor, beta=m.beta, temperature=1.0,
                                   backend=self.runner.backend, check_inputs=False)

@@ -107,7 +107,7 @@ class DeAL:
     @functools.cached_property
     def engine_method(self) -> Method:
         """The method the engine runs: the base, plus a weight-0 plain branch when ``propose``
-        or ``rollout="plain"`` needs one the base lacks (its final distribution is the base's)."""
+        or a plain rollout needs one the base lacks (its final distribution is the base's)."""
         if not (self.propose or self.rollout != "base") or _plain_branch(self.base) is not None:
             return self.base
         b = self.base
