@@ -125,13 +125,19 @@ def test_anchor_loads_with_fields_and_sizes(anchor):
     assert len(harmful) + len(safe) == len(anchor)
     assert 140 <= len(harmful) <= 160  # 100 written first + 50 in five new categories (session 11)
     # 100 first + 100 look-alikes (session 8) + 50 (session 12) + 60 held out (session 17)
-    assert 300 <= len(safe) <= 320
+    # + 68 train-only contrast items (session 18)
+    assert 370 <= len(safe) <= 390
     _assert_fields(harmful, HARMFUL_FIELDS)
-    held = [x for x in safe if "part" in x]
+    marked = [x for x in safe if "part" in x]
     _assert_fields([x for x in safe if "part" not in x], SAFE_FIELDS)
-    _assert_fields(held, SAFE_FIELDS + ("part",))
-    assert {x["part"] for x in held} == {"val"}
+    _assert_fields(marked, SAFE_FIELDS + ("part",))
+    held = [x for x in marked if x["part"] == "val"]
+    contrast = [x for x in marked if x["part"] == "train"]
+    assert len(held) + len(contrast) == len(marked)
     assert len(held) == 60 and all(x["category"].startswith("heldout_") for x in held)
+    # four harmless requests for each harmful category, in the train part only
+    assert Counter(x["category"] for x in contrast) == Counter(
+        {f"contrast_{c}": 4 for c in {x["category"] for x in harmful}})
     ids = [x["id"] for x in anchor]
     assert len(ids) == len(set(ids))
     assert all(re.fullmatch(r"h\d{3}", x["id"]) for x in harmful)
@@ -154,7 +160,8 @@ def test_benign_loads_with_fields_and_size(benign):
     ("harmful", 10, 5), ("safe", 8, 5), ("benign", 8, 5)])
 def test_categories_are_non_trivial(which, min_categories, min_per_category):
     items = load_benign() if which == "benign" else load_anchor(which)
-    counts = Counter(x["category"] for x in items)
+    # a train-only batch is not split, so its categories may be smaller (4 contrast items each)
+    counts = Counter(x["category"] for x in items if x.get("part") != "train")
     assert len(counts) >= min_categories, counts
     small = {c: n for c, n in counts.items() if n < min_per_category}
     assert not small, f"{which}: categories with fewer than {min_per_category} items: {small}"

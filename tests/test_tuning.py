@@ -41,14 +41,22 @@ def test_split_is_disjoint_complete_and_stratified():
         whole = Counter(x["category"] for x in items if x["split"] == split)
         held = Counter(x["category"] for x in val if x["split"] == split)
         marked = {x["category"] for x in items if x["split"] == split and x.get("part") == "val"}
-        for cat, n in whole.items():  # a batch marked part=val is validation whole
-            assert held[cat] == (n if cat in marked else round(VAL_FRACTION * n)), (split, cat)
-            assert held[cat] >= 1
+        trained = {x["category"] for x in items if x["split"] == split
+                   and x.get("part") == "train"}
+        for cat, n in whole.items():  # a batch marked part=val (train) is validation (train) whole
+            want = n if cat in marked else 0 if cat in trained else round(VAL_FRACTION * n)
+            assert held[cat] == want, (split, cat)
+            assert held[cat] >= 1 or cat in trained
     marked = [x for x in items if x.get("part") == "val"]
     assert marked and all(x["id"] in v_ids for x in marked)
+    only_train = [x for x in items if x.get("part") == "train"]
+    assert only_train and all(x["id"] in t_ids for x in only_train)
     # a marked item moves no other item: the split of the rest is the hash split alone
     rest = [x for x in items if "part" not in x]
     assert validation_ids(rest) == v_ids - {x["id"] for x in marked}
+    assert validation_ids(rest + only_train) == validation_ids(rest)
+    with pytest.raises(ValueError, match="s999.*part"):
+        validation_ids([{"id": "s999", "split": "safe", "category": "x", "part": "test"}])
     assert {x["split"] for x in load_anchor("harmful", "val")} == {"harmful"}
 
 

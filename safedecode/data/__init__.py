@@ -38,14 +38,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def validation_ids(items: Iterable[dict], fraction: float = VAL_FRACTION) -> set[str]:
     """The ids of the validation part: every item marked ``"part": "val"`` (a held-out batch
-    that nothing trains on), and in every other (split, category) group the ``round(fraction·n)``
-    items whose salted SHA-256 of the id sorts first. Stable (depends on the ids alone, not on
-    file order) and stratified by category."""
+    that nothing trains on), none marked ``"part": "train"`` (a train-only batch), and in every
+    other (split, category) group the ``round(fraction·n)`` items whose salted SHA-256 of the id
+    sorts first. Stable (depends on the ids alone, not on file order) and stratified by
+    category."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     out: set[str] = set()
     for it in items:
-        if it.get("part") == "val":
+        part = it.get("part")
+        if part == "val":
             out.add(str(it["id"]))
+        elif part == "train":
+            continue
+        elif part is not None:
+            raise ValueError(f"anchor item {it.get('id')!r}: part must be 'train' or 'val', "
+                             f"got {part!r}")
         else:
             groups[(it.get("split"), it.get("category"))].append(str(it["id"]))
     for ids in groups.values():
