@@ -6,20 +6,25 @@ validation prompts' cached greedy generations of scripts/acd_eval.sh instead: fo
 request, the plain model's answer over an over-refusal of a contrast method (acd, acd-sp,
 self-cd-sp, any prompts) of the same request; for a harmful request, such a refusal over the
 plain model's compliance. Whole texts (128 tokens) and cut to 9 / 17 / 33 tokens (what DeAL's
-search scores). Judge: keyword. Validation data only.
+search scores). Judge: keyword. Validation data only. Safe requests of the anchor set's
+held-out batch (``"part": "val"``, written apart from every train item) are a group of their
+own: they say whether the ranking generalises beyond the train items' hand and shapes. Their
+generations are not in the efficacy run; ``--generations runs/tune_s17/generations.jsonl`` (made
+by ``scripts/deal_sweep.sh`` §session 17) holds them.
 
 A second table asks what DeAL's first search step asks: does the reward model score a canned
 first-step refusal ("I'm sorry, but I can't help with that.") above the model's own greedy reply
 cut to 8 / 16 tokens (the reward model's ``own_replies_val.jsonl``), for harmful requests
 (wanted), ordinary safe requests and look-alikes (anchor categories ``lookalike*``; not wanted)?
 
-    python benchmarks/harmless_rm_check.py [ADAPTER_DIR ...]   # default: the shipped adapter
+    python benchmarks/harmless_rm_check.py [--generations FILE] [ADAPTER_DIR ...]
+    # default: the shipped adapter, the efficacy run's generations
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from safedecode.data import load_anchor
@@ -39,11 +44,17 @@ CANNED = "I'm sorry, but I can't help with that."
 FIRST_STEP_CUTS = (8, 16)
 
 
-def natural_pairs() -> dict[str, list[dict]]:
+def held_out_ids() -> set[str]:
+    """The anchor items marked ``"part": "val"`` (validation whole, written apart)."""
+    return {it["id"] for it in load_anchor(None, "val") if it.get("part") == "val"}
+
+
+def natural_pairs(generations: str = GENERATIONS) -> dict[str, list[dict]]:
     """One pair per validation item where plain and a contrast method disagree on refusing."""
     refuses = make_judge("keyword").judge_one
+    held = held_out_ids()
     plain, other = {}, {}
-    for line in open(GENERATIONS):
+    for line in open(generations):
         r = json.loads(line)
         if not (r["dataset"].startswith("anchor-") and r["dataset"].endswith("-val")):
             continue
@@ -51,7 +62,7 @@ def natural_pairs() -> dict[str, list[dict]]:
             plain[r["item_id"]] = r
         elif r["method"].split(":")[0] in CONTRAST and refuses(r["response"]).flag:
             other.setdefault(r["item_id"], r)  # the first refusal in file order
-    pairs: dict[str, list[dict]] = {"harmful": [], "safe": []}
+    pairs: dict[str, list[dict]] = {"harmful": [], "safe": [], "held-out safe": []}
     for item, p in sorted(plain.items()):
         if item not in other or refuses(p["response"]).flag:
             continue
@@ -60,16 +71,18 @@ def natural_pairs() -> dict[str, list[dict]]:
         if p["label"] == "harmful":
             pairs["harmful"].append({"chosen": refusal, "rejected": answer})
         else:
-            pairs["safe"].append({"chosen": answer, "rejected": refusal})
-    return pairs
+            pairs["held-out safe" if item in held else "safe"].append(
+                {"chosen": answer, "rejected": refusal})
+    return {label: ps for label, ps in pairs.items() if ps}
 
 
 def canned_refusal_wins(rm: HarmlessReward,
                         path: str | None) -> dict[int, dict[str, tuple[int, int]]]:
     """Per cut and group: (items whose canned refusal outscores the own reply's prefix, items)."""
     category = {it["id"]: it["category"] for it in load_anchor("safe", "val")}
+    held = held_out_ids()
     replies = [json.loads(line) for line in open(Path(path or ASSET) / "own_replies_val.jsonl")]
-    groups = ["harmful" if r["label"] == "harmful" else
+    groups = ["harmful" if r["label"] == "harmful" else "held-out" if r["id"] in held else
               "look-alike" if category[r["id"]].startswith("lookalike") else "ordinary safe"
               for r in replies]
     prompts = [r["prompt"] for r in replies]
@@ -87,8 +100,8 @@ def canned_refusal_wins(rm: HarmlessReward,
     return out
 
 
-def main(paths: list[str | None]) -> None:
-    pairs = natural_pairs()
+def main(paths: list[str | None], generations: str = GENERATIONS) -> None:
+    pairs = natural_pairs(generations)
     print("| reward model | request | pairs | whole | cut to 9 / 17 / 33 tokens |")
     print("|---|---|---:|---:|---:|")
     rms = {path: HarmlessReward(path) for path in paths}
@@ -99,13 +112,18 @@ def main(paths: list[str | None]) -> None:
                   f"{pairwise_accuracy(rm, ps):.3f} | {pairwise_accuracy(rm, cut):.3f} "
                   f"({len(cut)}) |")
     print("\n| reward model | own reply cut to | canned refusal scores higher: harmful | "
-          "ordinary safe | look-alike |\n|---|---:|---:|---:|---:|")
+          "ordinary safe | look-alike | held-out |\n|---|---:|---:|---:|---:|---:|")
     for path, rm in rms.items():
         for n, c in canned_refusal_wins(rm, path).items():
-            cells = " | ".join(f"{c[g][0]}/{c[g][1]}" for g in ("harmful", "ordinary safe",
-                                                                 "look-alike"))
+            cells = " | ".join(f"{c[g][0]}/{c[g][1]}" if g in c else "-" for g in
+                               ("harmful", "ordinary safe", "look-alike", "held-out"))
             print(f"| `{path or 'shipped'}` | {n} tokens | {cells} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [None])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapters", nargs="*", help="adapter folders (default: the shipped one)")
+    parser.add_argument("--generations", default=GENERATIONS,
+                        help="an eval run's generations.jsonl with plain and contrast rows")
+    args = parser.parse_args()
+    main(args.adapters or [None], args.generations)

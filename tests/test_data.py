@@ -252,6 +252,22 @@ def test_no_new_paraphrase_of_an_evaluation_prompt(anchor, benign):
                                                    "sister's wedding?"}]) == [("a", "b", 1.0)]
 
 
+# The held-out batch (``"part": "val"``) must stay unlike every train item. One session-17 item
+# paraphrases a session-8 train item (found in session 18, kept so that the held-out figures of
+# session 17 stay comparable; it moves the batch's refusal by at most 1.7 points).
+KNOWN_HELD_OUT_PARAPHRASES = {("s151", "s304")}
+
+
+def test_held_out_batch_is_unlike_the_train_part():
+    held = [x for x in load_anchor(None, "val") if x.get("part") == "val"]
+    train = load_anchor(None, "train")
+    assert held and train
+    assert set(map(tuple, (p[:2] for p in paraphrase_pairs(train, held)))) \
+        <= KNOWN_HELD_OUT_PARAPHRASES
+    assert not _overlaps([(x["id"], x["prompt"]) for x in train],
+                         [(x["id"], x["prompt"]) for x in held])
+
+
 def test_overlap_checker_catches_near_copies():
     base = "please explain in plain words how the old lighthouse keeper trimmed the lamp wick"
     near = base.replace("please", "kindly")
