@@ -200,6 +200,18 @@ def test_cli_train_reward_rejects_bad_settings_before_loading_anything(tmp_path)
     assert not (tmp_path / "rm").exists()
 
 
+def test_own_replies_for_some_items_keep_the_whole_parts_rotation():
+    from engine_fixtures import tiny_llama
+
+    model, tok = tiny_llama()
+    items = load_anchor(part="val")
+    only = {items[1]["id"], items[7]["id"]}
+    out = own_replies("val", model, tok, max_new_tokens=2, only=only, log=lambda _: None)
+    assert [r["id"] for r in out] == [items[1]["id"], items[7]["id"]]
+    for i, r in zip((1, 7), out, strict=True):
+        assert r["refusal"].startswith(REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)])
+
+
 def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir, tmp_path):
     from safedecode.methods.harmless import _own_pairs
 
@@ -213,15 +225,21 @@ def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir,
     # Same prompts: reused, no model loaded (the model path does not exist).
     pairs = _own_pairs("val", tmp_path, str(tmp_path / "no-model"), 4, lambda _: None)
     assert len(pairs["safe"]) == sum(it["split"] == "safe" for it in items)
-    # Another length asked for, or a prompt changed (the anchor set was edited): generated
-    # again with the model.
-    for length, edit in ((2, False), (4, True)):
-        if edit:
-            kept[0]["prompt"] = "An older prompt."
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        logs = []
-        _own_pairs("val", tmp_path, str(tiny_model_dir), length, logs.append)
-        assert any("generating again" in m for m in logs)
-        again = [json.loads(line) for line in path.read_text().splitlines()]
-        assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
-        assert {r["max_new_tokens"] for r in again} == {length}
+    # Another length asked for: every item generated again with the model.
+    logs = []
+    _own_pairs("val", tmp_path, str(tiny_model_dir), 2, logs.append)
+    assert any(f"generating {len(items)} of {len(items)} items" in m for m in logs)
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
+    assert {r["max_new_tokens"] for r in again} == {2}
+    # A prompt changed or an item missing (the anchor set was edited): only those generated,
+    # the rest reused as they were, in anchor order.
+    kept[0]["prompt"] = "An older prompt."
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept[:-1]))
+    logs = []
+    _own_pairs("val", tmp_path, str(tiny_model_dir), 4, logs.append)
+    assert any(f"generating 2 of {len(items)} items ({len(items) - 2} reused)" in m for m in logs)
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
+    assert [r["reply"] for r in again[1:-1]] == [r["reply"] for r in kept[1:-1]]
+    assert again[0]["reply"] != kept[0]["reply"] and again[-1]["reply"] != kept[-1]["reply"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,19 +80,21 @@ def prefix_pairs(pairs: Sequence[dict], lengths: Sequence[int], tokenizer) -> li
 
 
 def own_replies(part: str, model, tok, *, max_new_tokens: int = 64, batch: int = 32,
-                log=print) -> list[dict]:
-    """The model's own texts for every anchor prompt of ``part``: its greedy plain ``reply``
-    and a ``refusal``, its greedy continuation of a refusal opening (in rotation, kept in the
-    text). Returns ``{"id", "label", "prompt", "reply", "refusal", "max_new_tokens"}`` per item,
-    in anchor order."""
+                only: Collection[str] | None = None, log=print) -> list[dict]:
+    """The model's own texts for every anchor prompt of ``part`` (or the ids in ``only``): its
+    greedy plain ``reply`` and a ``refusal``, its greedy continuation of a refusal opening (in
+    rotation over the whole part, kept in the text). Returns ``{"id", "label", "prompt",
+    "reply", "refusal", "max_new_tokens"}`` per item, in anchor order."""
     from safedecode import methods
     from safedecode.data import load_anchor
     from safedecode.engine import SafeDecoder
 
-    items = load_anchor(None, part)
+    every = load_anchor(None, part)
+    keep = [i for i, it in enumerate(every) if only is None or it["id"] in only]
+    items = [every[i] for i in keep]
     dec = SafeDecoder(model, tok, methods.get("plain"))
     prompts = [it["prompt"] for it in items]
-    openings = [REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)] for i in range(len(items))]
+    openings = [REFUSAL_OPENINGS[i % len(REFUSAL_OPENINGS)] for i in keep]
     forced = [tok.apply_chat_template(conversation(p, "")[:1], tokenize=False,
                                       add_generation_prompt=True) + o
               for p, o in zip(prompts, openings, strict=True)]
@@ -147,26 +149,31 @@ def _looping(text: str) -> bool:
 def _own_pairs(part: str, out: Path, model_path: str | None, max_new_tokens: int,
                log) -> dict[str, list[dict]]:
     """:func:`own_reply_pairs` for ``part``, harmful and safe requests apart; the texts are
-    generated once and kept in ``out/own_replies_{part}.jsonl`` (reused while the anchor part's
-    prompts and the length are the same)."""
+    generated once and kept in ``out/own_replies_{part}.jsonl``, reused item by item (same id,
+    prompt and length): items added to the part since are generated, the rest are not."""
     from safedecode.data import load_anchor
     from safedecode.eval.judges import make_judge
 
     path = out / f"own_replies_{part}.jsonl"
     want = [(it["id"], it["prompt"], max_new_tokens) for it in load_anchor(None, part)]
-    replies = []
-    if path.is_file():  # reused only if made for these prompts at this length
-        replies = [json.loads(line) for line in path.read_text().splitlines()]
-        if [(r["id"], r["prompt"], r.get("max_new_tokens")) for r in replies] != want:
-            log(f"{path}: made for another anchor set or length; generating again")
-            replies = []
-    if not replies:
+    cached: dict[tuple, dict] = {}
+    if path.is_file():  # a row is reused only if made for this prompt at this length
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            cached[(r["id"], r["prompt"], r.get("max_new_tokens"))] = r
+    missing = {w[0] for w in want if w not in cached}
+    if missing:
         from safedecode.models import load_model
 
+        log(f"{path}: generating {len(missing)} of {len(want)} items "
+            f"({len(want) - len(missing)} reused)")
         model, tok = load_model(model_path or "default")
-        replies = own_replies(part, model, tok, max_new_tokens=max_new_tokens, log=log)
+        for r in own_replies(part, model, tok, max_new_tokens=max_new_tokens, only=missing,
+                             log=log):
+            cached[(r["id"], r["prompt"], r["max_new_tokens"])] = r
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in replies))
+        path.write_text("".join(json.dumps(cached[w]) + "\n" for w in want))
+    replies = [cached[w] for w in want]
     judge = make_judge("keyword")
     compliance = {it["id"]: it["compliance"] for it in load_anchor("harmful", part)}
     return {label: own_reply_pairs(replies, compliance, lambda t: judge.judge_one(t).flag,
