@@ -72,7 +72,7 @@ def _rate(m: dict | None, judge: str = "keyword") -> float | None:
 HELDOUT = "heldout_"  # category prefix of the anchor set's validation-only batch
 
 
-def _heldout(results: dict, label: str) -> float | None:
+def heldout_refusal(results: dict, label: str) -> float | None:
     """Keyword refusal rate pooled over the held-out categories of ``label``'s benign items
     (the validation-only batch, s301-s360), or None when the run has none."""
     refused = n = 0
@@ -105,7 +105,7 @@ def select(results: dict, reference: str = "plain") -> dict:
             "label": label, "name": methods[label]["name"], "kwargs": methods[label]["kwargs"],
             "harmful_refusal": hr, "harmful_ci95": h.get("refusal_rate_ci95,keyword"),
             "benign_refusal": br, "benign_ci95": b.get("refusal_rate_ci95,keyword"),
-            "heldout_refusal": _heldout(results, label),
+            "heldout_refusal": heldout_refusal(results, label),
             "harmful_refusal_standard": _rate(h, "keyword-standard"),
             "benign_refusal_standard": _rate(b, "keyword-standard"),
             "harmful_capped": h.get("capped_refusal_rate,keyword"),
