@@ -4,13 +4,13 @@
 # 64 new tokens, plain decoding of the fine-tuned model; perplexity under the plain model).
 # Resumable: a finished configuration is skipped.
 #
-#   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores
+#   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores (+ session 18's block)
+#   scripts/ta_sft_sweep.sh s18     # session 18's block alone (about 25 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=${R:-runs/tasft}
-mkdir -p "$R/val"
-[ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
+STAGE=${1:-all}
 run() {  # name, finetune args...
   local name=$1; shift
   [ -f "$R/val/$name/results.json" ] && return 0
@@ -19,6 +19,9 @@ run() {  # name, finetune args...
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 \
       --adapter "$R/ad/$name" --out "$R/val/$name" > "$R/val/$name.log" 2>&1
 }
+if [ "$STAGE" != s18 ]; then
+mkdir -p "$R/val"
+[ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # lr 2e-4 (the usual LoRA rate) barely moves the EMD of the harmful answers in 3 epochs (0.44 ->
 # 0.55 at λ = 4): the negative-EMD gradient p_j·(C_jy − EMD) vanishes where the model is sure of
 # its harmful token. So the grid's main axis is the learning rate.
@@ -40,4 +43,25 @@ run "ta-sft+refusal_n50_lam1_e3" --method ta-sft+refusal --harmful 50 --lam 1 --
 for m in sft ta-sft+refusal; do
   run "${m}_n50_lam1_e3_lr7e-4" --method "$m" --harmful 50 --lam 1 --epochs 3 --lr 7e-4
   run "${m}_n50_lam1_e1_lr2e-3" --method "$m" --harmful 50 --lam 1 --epochs 1 --lr 2e-3
+done
+fi
+# Session 18: the train part has grown since the data above was made (h101-h150, the train part
+# of the look-alike batches s101-s250 and the 68 train-only contrast items s401-s468): 71 safe
+# answers then, every safe train prompt now. The data is made again and the chosen knobs
+# retrained on it; both adapters (and the untuned model) are judged on the grown validation part,
+# whose held-out batch (s301-s360) tells whether the over-refusal carries beyond the train items
+# (`python benchmarks/ta_sft_summary.py OUT.md none=runs/tasft_s18/val/none ...`).
+R=${R18:-runs/tasft_s18}
+mkdir -p "$R/val"
+[ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
+# the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
+for lr in 7e-4 2e-3; do
+  run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
+      --lr $lr
+done
+for m in none shipped; do
+  [ -f "$R/val/$m/results.json" ] && continue
+  ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
+  $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
+      --out "$R/val/$m" > "$R/val/$m.log" 2>&1
 done
