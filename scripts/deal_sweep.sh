@@ -8,7 +8,7 @@
 # (propose). Session 7's grid (over plain / safe-prompt as well, k 4|8, with the
 # hand-written-only reward model) is in benchmarks/results/deal_val_smollm2-135m.md.
 #
-#   scripts/deal_sweep.sh      # about 90 minutes on 2 CPU cores (45 of them training); resumable
+#   scripts/deal_sweep.sh      # several hours on 2 CPU cores (each reward model ~50 min); resumable
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -55,3 +55,17 @@ $D13:propose=2:reward=[harmless:path=$R/harmless_rm_s12]:lam=0.5|1|2|3:mix=0.25"
 D17="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4:propose=2:reward=harmless:mix=0.25"
 $PY -m safedecode tune --out $R/tune_s17 -n 64 -m "acd,$D17:lam=0.5|1,\
 $D17:rollout=plain:lam=0.5,$D17:rollout=both:lam=0.5|1"
+# Session 18: the reward model retrained on the grown train part (h101-h150 and the train part of
+# s201-s250, which the shipped session-10 model never saw, and the 68 train-only contrast items
+# s401-s468: harmless requests in every harmful category, in the held-out batch's shapes) into
+# $R; ranked on the held-out batch beside the shipped one (the ranking session 17 found at
+# chance), then tuned beside session 17's rows, whose generations are reused
+# (benchmarks/results/deal_sweep/session18).
+[ -f $R/harmless_rm_s18/metrics.json ] || $PY -m safedecode train-reward --out $R/harmless_rm_s18
+$PY benchmarks/harmless_rm_check.py --generations $R/tune_s17/generations.jsonl "" \
+    $R/harmless_rm_s18
+[ -f $R/tune_s18/generations.jsonl ] || \
+    { mkdir -p $R/tune_s18 && cp $R/tune_s17/generations.jsonl $R/tune_s18/; }
+D18="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4:propose=2"
+$PY -m safedecode tune --out $R/tune_s18 -n 64 -m "acd,$D18:reward=harmless:mix=0.25:lam=0.5|1,\
+$D18:reward=[harmless:path=$R/harmless_rm_s18]:mix=0.25:lam=0.5|1"
