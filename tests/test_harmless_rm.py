@@ -179,11 +179,13 @@ def test_shipped_reward_model_ranks_validation_pairs():
         if label == "safe":  # the held-out batch (s301-s360, never trained on) apart
             held = {it["prompt"] for it in load_anchor("safe", "val") if it.get("part") == "val"}
             earlier = [x for x in own if x["chosen"][0]["content"] not in held]
-            assert len(earlier) < len(own)
-            assert pairwise_accuracy(rm, earlier) >= 0.95  # 0.970 (66 pairs)
-    # harmful 0.84 on the validation part grown in session 11 (0.87 on the earlier 28 items);
-    # safe 0.85 with the held-out batch, on which the reward model is weak (0.97 without it)
-    assert metrics["val_own_safe_accuracy"] >= 0.8 and metrics["val_own_harmful_accuracy"] >= 0.8
+            held_out = [x for x in own if x["chosen"][0]["content"] in held]
+            assert earlier and held_out
+            assert pairwise_accuracy(rm, earlier) >= 0.95  # 0.985 (66 pairs)
+            # 0.911 (56 pairs); session 10's adapter, trained without the contrast batch: ~0.71
+            assert pairwise_accuracy(rm, held_out) >= 0.85
+    # harmful 0.84 on the validation part grown in session 11 (0.87 on the earlier 28 items)
+    assert metrics["val_own_safe_accuracy"] >= 0.9 and metrics["val_own_harmful_accuracy"] >= 0.8
 
 
 def test_cli_train_reward_rejects_bad_settings_before_loading_anything(tmp_path):
