@@ -7,6 +7,7 @@
 # The bases' generations are reused from benchmarks/results/efficacy (same cache keys).
 #
 #   scripts/deal_eval.sh       # about 60 minutes per new DeAL setting on 2 CPU cores; resumable
+#                              # (session 18: only DEAL18 is new)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +17,14 @@ SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor
 # The settings `tune` chose: session 10 (runs/deal_tune_propose), with the plain model's top-2
 # tokens proposed beside the base's top-4: the best over all (acd) and over self-cd-sp; session 9
 # (runs/deal_tune_v2), without proposals, kept for the comparison.
-DEAL=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4
+# Sessions 9-17 used session 10's reward model, restored from git here: a reward's cache key is
+# its adapter's hash, so those rows stay cached after the shipped model changed (session 18).
+S10=runs/harmless_rm_s10
+mkdir -p $S10
+for f in adapter_config.json adapter_model.safetensors; do
+    [ -f $S10/$f ] || git show 39acb29:safedecode/methods/assets/harmless_rm/$f > $S10/$f
+done
+DEAL="deal:reward=[harmless:path=$S10]:chunk=8:lookahead=8:horizon=24:k=4"
 DEAL_ACD_P=$DEAL:base=acd:lam=1:propose=2
 DEAL_SCD_P=$DEAL:base=self-cd-sp:lam=1:propose=2
 DEAL_ACD=$DEAL:base=acd:lam=3
@@ -30,6 +38,9 @@ DEAL_ACD_L=$DEAL:base=acd:lam=0.5:propose=2:mix=0.25
 # Session 14 (runs/deal_tune_s13): propose 4 ties λ 0.5's score on validation (97.7% / 5.5%,
 # the same refusals) with a lower benign perplexity, the rule's tie-break.
 DEAL_ACD_P4=$DEAL:base=acd:lam=0.5:propose=4:mix=0.25
+# Session 18 (runs/tune_s18, benchmarks/results/deal_sweep/session18): the shipped reward model,
+# retrained with the contrast batch, at the same knobs (λ 0.5 the rule's choice again).
+DEAL18=deal:reward=harmless:chunk=8:lookahead=8:horizon=24:k=4:base=acd:lam=0.5:propose=2:mix=0.25
 mkdir -p "$E"
 # Copy the bases' cached generations (and their perplexities) that this folder lacks.
 $PY - "$E" "$R/efficacy" <<'PY'
@@ -52,6 +63,6 @@ with open(out / "annotations.jsonl", "a") as f:
                  if json.loads(l)["key"].split("|")[0] in keys)
 print(f"reused {len(new)} cached generations")
 PY
-$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_L,$DEAL_ACD_P4" -d "$SETS" \
+$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_L,$DEAL_ACD_P4,$DEAL18" -d "$SETS" \
     -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m
