@@ -63,8 +63,8 @@ def validation_ids(items: Iterable[dict], fraction: float = VAL_FRACTION) -> set
 
 def load_anchor(split: str | None = None, part: str | None = None) -> list[dict]:
     """The anchor set's items; ``split`` = ``"harmful"`` or ``"safe"`` keeps one split, ``part`` =
-    ``"train"`` or ``"val"`` one part (30% of every category is validation, and the held-out
-    batch marked ``"part": "val"``)."""
+    ``"train"`` or ``"val"`` one part (30% of every category is validation, plus the held-out
+    batch marked ``"part": "val"``; a batch marked ``"part": "train"`` is train only)."""
     if split not in (None, "harmful", "safe"):
         raise ValueError(f"split: expected 'harmful', 'safe' or None, got {split!r}")
     if part not in (None, "train", "val"):
