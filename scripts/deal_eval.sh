@@ -63,6 +63,11 @@ with open(out / "annotations.jsonl", "a") as f:
                  if json.loads(l)["key"].split("|")[0] in keys)
 print(f"reused {len(new)} cached generations")
 PY
-$PY -m safedecode eval -m "plain,safe-prompt,acd,self-cd-sp,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_L,$DEAL_ACD_P4,$DEAL18" -d "$SETS" \
-    -n 128 --out "$E"
+# Session 19: the anchor validation part has 60 more safe items since session 17 (the held-out
+# batch), which every row would have to generate; the run keeps the bases, session 13's row
+# (the same knobs, session 10's reward model) and the new one. The other rows' figures are in
+# efficacy_deal_smollm2-135m.md (their generations stay cached here: ALL=1 adds them back).
+M="plain,safe-prompt,acd,self-cd-sp,$DEAL18,$DEAL_ACD_L"
+[ "${ALL:-0}" = 1 ] && M="$M,$DEAL_ACD,$DEAL_SCD,$DEAL_ACD_P,$DEAL_SCD_P,$DEAL_ACD_M,$DEAL_ACD_P4"
+$PY -m safedecode eval -m "$M" -d "$SETS" -n 128 --out "$E"
 $PY benchmarks/efficacy_summary.py "$E" deal_smollm2-135m

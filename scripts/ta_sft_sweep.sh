@@ -6,6 +6,7 @@
 #
 #   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores (+ session 18's block)
 #   scripts/ta_sft_sweep.sh s18     # session 18's block alone (about 25 minutes)
+#   scripts/ta_sft_sweep.sh s19     # session 19's block alone (about 35 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +20,7 @@ run() {  # name, finetune args...
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 \
       --adapter "$R/ad/$name" --out "$R/val/$name" > "$R/val/$name.log" 2>&1
 }
-if [ "$STAGE" != s18 ]; then
+if [ "$STAGE" = all ]; then
 mkdir -p "$R/val"
 [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # lr 2e-4 (the usual LoRA rate) barely moves the EMD of the harmful answers in 3 epochs (0.44 ->
@@ -55,7 +56,7 @@ R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
 [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-for lr in 7e-4 2e-3; do
+[ "$STAGE" = s19 ] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -65,3 +66,12 @@ for m in none shipped; do
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
       --out "$R/val/$m" > "$R/val/$m.log" 2>&1
 done
+# Session 19: with 238 safe answers the 50 harmful examples (25 prompts, two samples each) are
+# outweighed, so refusal fell with over-refusal. The harmful side grown to 100 and to every
+# harmful example of the train part (207: 104 prompts), at lr 2e-3.
+if [ "$STAGE" = s19 ] || [ "$STAGE" = all ]; then
+  for n in 100 207; do
+    run "ta-sft+refusal_n${n}_lam1_e3_lr2e-3" --method ta-sft+refusal --harmful $n --lam 1 \
+        --epochs 3 --lr 2e-3
+  done
+fi
