@@ -69,3 +69,11 @@ $PY benchmarks/harmless_rm_check.py --generations $R/tune_s17/generations.jsonl 
 D18="deal:chunk=8:lookahead=8:horizon=24:base=acd:k=4:propose=2"
 $PY -m safedecode tune --out $R/tune_s18 -n 64 -m "acd,$D18:reward=harmless:mix=0.25:lam=0.5|1,\
 $D18:reward=[harmless:path=$R/harmless_rm_s18]:mix=0.25:lam=0.5|1"
+# Session 19: on the evaluation sets the shipped reward model at λ 0.5 still refuses 15.8% of
+# look-alikes, nearly all acd's first-step canned refusal, and λ 1 did not lower benign refusal on
+# validation (9.0% both). More of the plain model in the mixture that scores the proposals
+# (mix 0.5, 0.75) is the knob that weighs log P towards plain's answer; session 18's rows reused
+# (benchmarks/results/deal_sweep/session19).
+[ -f $R/tune_s19/generations.jsonl ] || \
+    { mkdir -p $R/tune_s19 && cp $R/tune_s18/generations.jsonl $R/tune_s19/; }
+$PY -m safedecode tune --out $R/tune_s19 -n 64 -m "acd,$D18:reward=harmless:lam=0.5:mix=0.25|0.5|0.75"

@@ -35,3 +35,8 @@ for n in 50 25 100; do
   final "ta-sft+refusal_n$n" --method ta-sft+refusal --harmful "$n" $TAR_KNOBS
   final "ta-sft_n$n" --method ta-sft --harmful "$n" $TA_KNOBS
 done
+# Session 19: the adapter shipped since — TA-SFT + refusal on the grown train part's data
+# (runs/tasft_s18/data.jsonl: 100 harmful examples, 238 safe answers), λ 1, lr 2e-3, 3 epochs,
+# chosen on validation (benchmarks/results/ta_sft_val_smollm2-135m.md §Session 19).
+[ -f "$E/shipped_s19/results.json" ] || $PY -m safedecode eval -m plain -d "$SETS" -n 128 \
+    --adapter ta-sft --out "$E/shipped_s19" > "$E/shipped_s19.log" 2>&1

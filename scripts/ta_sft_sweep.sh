@@ -66,9 +66,9 @@ for m in none shipped; do
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
       --out "$R/val/$m" > "$R/val/$m.log" 2>&1
 done
-# Session 19: with 238 safe answers the 50 harmful examples (25 prompts, two samples each) are
+# Session 19: with 238 safe answers the 50 harmful examples (50 prompts, one sample each) are
 # outweighed, so refusal fell with over-refusal. The harmful side grown to 100 and to every
-# harmful example of the train part (207: 104 prompts), at lr 2e-3.
+# harmful example of the train part (207: 107 prompts), at lr 2e-3.
 if [ "$STAGE" = s19 ] || [ "$STAGE" = all ]; then
   for n in 100 207; do
     run "ta-sft+refusal_n${n}_lam1_e3_lr2e-3" --method ta-sft+refusal --harmful $n --lam 1 \
