@@ -60,6 +60,8 @@ mkdir -p "$R/val"
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
+# `shipped` is whatever adapter the package holds: in session 18 the n = 50 / 71-safe one; since
+# session 19 the n = 100 one below (its cached row in runs/ stays the old adapter's).
 for m in none shipped; do
   [ -f "$R/val/$m/results.json" ] && continue
   ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
