@@ -397,6 +397,9 @@ def finetune(
                                        help="Harmful examples used (the data's first N; "
                                             "default all)."),
     lam: float = typer.Option(1.0, "--lam", help="λ: weight of the negative EMD."),
+    safe_weight: float = typer.Option(1.0, "--safe-weight",
+                                      help="Weight of a safe answer's token against a refusal's "
+                                           "in the CE (more: fewer over-refusals)."),
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),
@@ -416,7 +419,8 @@ def finetune(
         from safedecode.training.ta_sft import TASFTConfig
         from safedecode.training.ta_sft import finetune as run
 
-        cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, epochs=epochs,
+        cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, safe_weight=safe_weight,
+                          epochs=epochs,
                           max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
                           loss_backend=loss_backend)

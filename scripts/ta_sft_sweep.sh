@@ -7,6 +7,7 @@
 #   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores (+ session 18's block)
 #   scripts/ta_sft_sweep.sh s18     # session 18's block alone (about 25 minutes)
 #   scripts/ta_sft_sweep.sh s19     # session 19's block alone (about 35 minutes)
+#   scripts/ta_sft_sweep.sh s20     # session 20's block alone (about 50 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -56,7 +57,7 @@ R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
 [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-[ "$STAGE" = s19 ] || for lr in 7e-4 2e-3; do
+[[ "$STAGE" = s19 || "$STAGE" = s20 ]] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -76,4 +77,15 @@ if [ "$STAGE" = s19 ] || [ "$STAGE" = all ]; then
     run "ta-sft+refusal_n${n}_lam1_e3_lr2e-3" --method ta-sft+refusal --harmful $n --lam 1 \
         --epochs 3 --lr 2e-3
   done
+fi
+# Session 20: the over-refusals are the refusal template on a topic word. The safe answers'
+# weight in the CE (--safe-weight: a safe token against a refusal token) at 100 examples, and at
+# 207 (which reaches 98% refusal but over-refuses 38%).
+if [ "$STAGE" = s20 ]; then
+  for sw in 2 4; do
+    run "ta-sft+refusal_n100_lam1_e3_lr2e-3_sw$sw" --method ta-sft+refusal --harmful 100 --lam 1 \
+        --epochs 3 --lr 2e-3 --safe-weight $sw
+  done
+  run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3" --method ta-sft+refusal --harmful 207 --lam 1 \
+      --epochs 3 --lr 2e-3 --safe-weight 3
 fi

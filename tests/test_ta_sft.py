@@ -19,7 +19,13 @@ from safedecode.ops.linear_emd import (
     fused_linear_emd_loss,
     reference_loss,
 )
-from safedecode.training.ta_sft import DATA_FORMAT, TASFTConfig, examples, load_data
+from safedecode.training.ta_sft import (
+    DATA_FORMAT,
+    Collator,
+    TASFTConfig,
+    examples,
+    load_data,
+)
 
 
 def _problem(n=29, d=12, v=157, dtype=torch.float32, seed=0, device="cpu"):
@@ -169,6 +175,9 @@ def test_config_refuses_negative_lambda_and_bad_knobs():
         TASFTConfig(method="dpo")
     with pytest.raises(ValueError, match="n_harmful must be >= 1"):
         TASFTConfig(n_harmful=0)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"safe_weight \(--safe-weight\) must be"):
+            TASFTConfig(safe_weight=bad)
 
 
 # -- data and training on the tiny model -------------------------------------------------------
@@ -235,6 +244,23 @@ def test_examples_follow_the_method_and_the_chat_template(tmp_path):
         "won't" in tok.decode(sft[0]["response_ids"]) or "not" in tok.decode(sft[0]["response_ids"])
     with pytest.raises(ValueError, match="7 harmful examples asked for, the data has 6"):
         examples(tok, records, TASFTConfig(n_harmful=7))
+
+
+def test_collator_weighs_safe_tokens_against_refusal_tokens(tmp_path):
+    _, tok = tiny_llama()
+    _, records = load_data(_data_file(tmp_path / "d.jsonl"))
+    feats = examples(tok, records, TASFTConfig(method="ta-sft+refusal", n_harmful=2))
+    kinds = [f["kind"] for f in feats]
+    assert set(kinds) == {0, 1, 2}  # safe, harmful (EMD), refusal (CE)
+    per_tok = torch.tensor([k for f in feats for k in [f["kind"]] * len(f["response_ids"])])
+    for sw in (1.0, 3.0):
+        b = Collator(tok.pad_token_id, lam=2.0, safe_weight=sw)(feats)
+        w_ce, w_emd = b["ce_weight"], b["emd_weight"]
+        n_ce = int((per_tok != 1).sum())
+        assert torch.allclose(w_ce[per_tok == 2], torch.full_like(w_ce[per_tok == 2], 1 / n_ce))
+        assert torch.allclose(w_ce[per_tok == 0], torch.full_like(w_ce[per_tok == 0], sw / n_ce))
+        assert torch.all(w_ce[per_tok == 1] == 0) and torch.all(w_emd[per_tok != 1] == 0)
+        assert torch.isclose(w_emd.sum(), torch.tensor(-2.0))  # −λ, whatever the safe weight
 
 
 def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(

@@ -175,13 +175,16 @@ class TASFTConfig:
     """Fine-tuning settings (recorded in the output's ``safedecode.json``).
 
     ``n_harmful``: harmful examples used (the first ``n`` records of the data file; ``None`` =
-    all). ``lam``: λ, the weight of the negative EMD. ``epochs`` or ``max_steps`` (> 0 wins).
+    all). ``lam``: λ, the weight of the negative EMD. ``safe_weight``: how much a safe answer's
+    token weighs against a refusal's in the CE mean (1 = equal; more keeps look-alike requests
+    answered at the cost of refusal). ``epochs`` or ``max_steps`` (> 0 wins).
     ``full``: fine-tune every weight instead of a LoRA adapter on ``targets``.
     """
 
     method: str = "ta-sft"
     n_harmful: int | None = 50
     lam: float = 1.0
+    safe_weight: float = 1.0
     epochs: float = 3.0
     max_steps: int = -1
     lr: float = 2e-4
@@ -203,6 +206,10 @@ class TASFTConfig:
             raise ValueError(f"finetune: method must be one of {METHODS}, got {self.method!r}")
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)) or self.lam < 0:
             raise ValueError(f"finetune: λ (--lam) must be a finite number >= 0, got {self.lam!r}")
+        if not (isinstance(self.safe_weight, (int, float)) and math.isfinite(self.safe_weight)
+                and self.safe_weight > 0):
+            raise ValueError(f"finetune: safe_weight (--safe-weight) must be a finite number > 0, "
+                             f"got {self.safe_weight!r}")
         if self.n_harmful is not None and (isinstance(self.n_harmful, bool)
                                            or not isinstance(self.n_harmful, int)
                                            or self.n_harmful < 1):
@@ -256,10 +263,11 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
 
 class Collator:
     """Packs examples (:func:`safedecode.training.teacher.pack`) and gives every response token
-    its loss weights: ``1/N_ce`` on CE tokens, ``−λ/N_harm`` on harmful tokens (EMD)."""
+    its loss weights: ``w/N_ce`` on CE tokens (``w`` = ``safe_weight`` on safe answers, 1 on
+    refusals), ``−λ/N_harm`` on harmful tokens (EMD)."""
 
-    def __init__(self, pad_id: int, lam: float) -> None:
-        self.pad_id, self.lam = pad_id, lam
+    def __init__(self, pad_id: int, lam: float, safe_weight: float = 1.0) -> None:
+        self.pad_id, self.lam, self.safe_weight = pad_id, lam, safe_weight
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         from .teacher import pack
@@ -268,9 +276,10 @@ class Collator:
         kind = torch.tensor([int(f["kind"]) for f in feats])[p.example]
         emd = kind == KIND_HARMFUL
         ce = ~emd
+        w = torch.where(kind == KIND_SAFE, self.safe_weight, 1.0) * ce.float()
         return {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.pos,
                 "rows": p.rows, "cols": p.cols, "targets": p.targets,
-                "ce_weight": ce.float() / max(1, int(ce.sum())),
+                "ce_weight": w / max(1, int(ce.sum())),
                 "emd_weight": -self.lam * emd.float() / max(1, int(emd.sum()))}
 
 
@@ -384,8 +393,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         disable_tqdm=not progress, remove_unused_columns=False, lr_scheduler_type="constant",
         warmup_steps=0, dataloader_num_workers=0)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
-                               data_collator=Collator(tok.pad_token_id, cfg.lam), cost=cost,
-                               loss_backend=cfg.loss_backend)
+                               data_collator=Collator(tok.pad_token_id, cfg.lam, cfg.safe_weight),
+                               cost=cost, loss_backend=cfg.loss_backend)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.perf_counter() - t0
