@@ -6,10 +6,12 @@
 # validation split. The untuned row reuses benchmarks/results/efficacy's plain generations.
 #
 #   scripts/ta_sft_eval.sh          # about 70 minutes on 2 CPU cores; resumable
+#   scripts/ta_sft_eval.sh shipped  # the shipped adapter's row alone (about 8 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=${R:-runs/tasft}
+STAGE=${1:-all}
 E=benchmarks/results/efficacy-ta-sft
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
 mkdir -p "$E/none"
@@ -30,7 +32,7 @@ final() {  # name, finetune args...
 SFT_KNOBS="--epochs 3 --lr 2e-3"
 TAR_KNOBS="--lam 1 --epochs 3 --lr 7e-4"
 TA_KNOBS="--lam 4 --epochs 3 --lr 2e-4"
-for n in 50 25 100; do
+[ "$STAGE" = shipped ] || for n in 50 25 100; do
   final "sft_n$n" --method sft --harmful "$n" $SFT_KNOBS
   final "ta-sft+refusal_n$n" --method ta-sft+refusal --harmful "$n" $TAR_KNOBS
   final "ta-sft_n$n" --method ta-sft --harmful "$n" $TA_KNOBS

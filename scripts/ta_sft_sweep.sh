@@ -89,3 +89,12 @@ if [ "$STAGE" = s20 ]; then
   run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3" --method ta-sft+refusal --harmful 207 --lam 1 \
       --epochs 3 --lr 2e-3 --safe-weight 3
 fi
+# Session 20, second block: where over-alignment starts at 100 examples — fewer steps (2 epochs,
+# 110 steps) and λ (0 = the refusal CE alone; 2).
+if [ "$STAGE" = s20b ]; then
+  run "ta-sft+refusal_n100_lam1_e2_lr2e-3" --method ta-sft+refusal --harmful 100 --lam 1 \
+      --epochs 2 --lr 2e-3
+  run "sft_n100_e3_lr2e-3" --method sft --harmful 100 --epochs 3 --lr 2e-3
+  run "ta-sft+refusal_n100_lam2_e3_lr2e-3" --method ta-sft+refusal --harmful 100 --lam 2 \
+      --epochs 3 --lr 2e-3
+fi
