@@ -362,24 +362,35 @@ def finetune_data(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t"),
     seed: int = typer.Option(0, help="Seed of the sampling (and of the harmful records' order)."),
+    magpie: int = typer.Option(0, "--magpie",
+                               help="Add N safe records: everyday requests the model writes "
+                                    "itself (Magpie), with its greedy answers."),
+    extend: Path | None = typer.Option(None, "--extend",
+                                       help="Reuse this data file's anchor records (same "
+                                            "model) and make only the --magpie records."),
 ):
     """TA-SFT data: the model's own answers to the anchor set's harmful train prompts (sampled;
     refusals dropped) and to its safe train prompts (greedy)."""
+    from dataclasses import asdict
+
     from safedecode.models import embedding_fingerprint, load_model, model_name
-    from safedecode.training.ta_sft import DataConfig, make_data, save_data
+    from safedecode.training.ta_sft import DataConfig, load_data, make_data, save_data
 
     try:
         cfg = DataConfig(samples_per_prompt=samples, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed)
+                         temperature=temperature, seed=seed, magpie=magpie)
+        head, base = load_data(extend) if extend is not None else ({}, None)
         mdl, tok = load_model(model)
-        records = make_data(mdl, tok, cfg, log=lambda m: typer.echo(m, err=True))
+        if base is not None and head.get("embedding_fingerprint") != embedding_fingerprint(mdl):
+            raise ValueError(f"--extend: {extend} holds answers of another model")
+        records = make_data(mdl, tok, cfg, base=base, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    from dataclasses import asdict
-
-    save_data(out, records, {"model": model_name(mdl),
-                             "embedding_fingerprint": embedding_fingerprint(mdl),
-                             "config": asdict(cfg)})
+    meta = {"model": model_name(mdl), "embedding_fingerprint": embedding_fingerprint(mdl),
+            "config": asdict(cfg)}
+    if extend is not None:
+        meta.update(extends=str(extend), anchor_config=head.get("config"))
+    save_data(out, records, meta)
     n_h = sum(r["kind"] == "harmful" for r in records)
     typer.echo(f"wrote {out}: {n_h} harmful and {len(records) - n_h} safe records")
 

@@ -7,7 +7,8 @@
 #   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores (+ session 18's block)
 #   scripts/ta_sft_sweep.sh s18     # session 18's block alone (about 25 minutes)
 #   scripts/ta_sft_sweep.sh s19     # session 19's block alone (about 35 minutes)
-#   scripts/ta_sft_sweep.sh s20     # session 20's block alone (about 50 minutes)
+#   scripts/ta_sft_sweep.sh s20     # session 20's blocks: s20 (about 50 minutes), s20b (25),
+#                                   # s20c (30: Magpie data, then one adapter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -90,11 +91,21 @@ if [ "$STAGE" = s20 ]; then
       --epochs 3 --lr 2e-3 --safe-weight 3
 fi
 # Session 20, second block: where over-alignment starts at 100 examples — fewer steps (2 epochs,
-# 110 steps) and λ (0 = the refusal CE alone; 2).
+# 110 steps) and λ = 0 (the refusal CE alone: plain SFT on refusals).
 if [ "$STAGE" = s20b ]; then
   run "ta-sft+refusal_n100_lam1_e2_lr2e-3" --method ta-sft+refusal --harmful 100 --lam 1 \
       --epochs 2 --lr 2e-3
   run "sft_n100_e3_lr2e-3" --method sft --harmful 100 --epochs 3 --lr 2e-3
-  run "ta-sft+refusal_n100_lam2_e3_lr2e-3" --method ta-sft+refusal --harmful 100 --lam 2 \
-      --epochs 3 --lr 2e-3
+fi
+# Session 20, third block: retention beyond the anchor set's topics — 200 everyday requests the
+# model writes itself (Magpie), with its own greedy answers, added to the same data.
+if [ "$STAGE" = s20c ]; then
+  D=${R%_s18}_s20
+  mkdir -p "$D"
+  [ -f "$D/data.jsonl" ] || $PY -m safedecode finetune-data --extend "$R/data.jsonl" --magpie 200 \
+      --out "$D/data.jsonl"
+  R0=$R; R=$D; mkdir -p "$R/val"
+  run "ta-sft+refusal_n100_lam1_e3_lr2e-3_magpie200" --method ta-sft+refusal --harmful 100 \
+      --lam 1 --epochs 3 --lr 2e-3
+  R=$R0
 fi

@@ -369,3 +369,34 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_mo
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
         a, b = base.get_parameter(name), tuned.get_parameter(name)
         assert not torch.equal(a, b), f"{name} did not train"
+
+
+def test_magpie_requests_are_the_models_own_and_extend_a_data_file(tmp_path):
+    """`finetune-data --magpie N --extend FILE`: the anchor records of FILE kept as they are, N
+    distinct everyday requests the embedded model writes itself added with its greedy answers
+    (refusals dropped), the file round-trips through `load_data` (no evaluation prompt in it)."""
+    from safedecode.models import embedding_fingerprint, load_model
+    from safedecode.training.ta_sft import DataConfig, make_data, self_requests
+
+    model, tok = load_model("default")
+    asks = self_requests(model, tok, 4, seed=0, log=lambda m: None)
+    assert len(asks) == 4 and len({a.lower() for a in asks}) == 4
+    assert all(3 <= len(a.split()) <= 80 and "<|im_" not in a for a in asks)
+    _, base = load_data(_data_file(tmp_path / "d.jsonl", n_harmful=2, n_safe=2))
+    stale = {"kind": "safe", "id": "magpie-0000", "prompt": "old", "response": "old"}
+    out = make_data(model, tok, DataConfig(magpie=3, max_new_tokens=12), base=base + [stale],
+                    log=lambda m: None)
+    assert out[:len(base)] == base and stale not in out
+    new = out[len(base):]
+    assert 1 <= len(new) <= 3 and all(r["kind"] == "safe" and r["id"].startswith("magpie-")
+                                      and r["response"].strip() for r in new)
+    runner = CliRunner()
+    res = runner.invoke(app, ["finetune-data", "-o", str(tmp_path / "x.jsonl"), "--magpie", "-1"])
+    assert res.exit_code == 2 and "magpie must be an integer >= 0" in res.output
+    other = tmp_path / "other.jsonl"
+    head = {"format": DATA_FORMAT, "embedding_fingerprint": "0" * 16}
+    other.write_text("\n".join(json.dumps(r) for r in [head] + base) + "\n")
+    assert embedding_fingerprint(model) != "0" * 16
+    res = runner.invoke(app, ["finetune-data", "-o", str(tmp_path / "x.jsonl"), "--magpie", "1",
+                              "--extend", str(other)])
+    assert res.exit_code == 2 and "holds answers of another model" in res.output

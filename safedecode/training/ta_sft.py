@@ -16,7 +16,9 @@ as the anchor set's compliance field was), and its safe train prompts with the m
 answers, so that retention does not teach a new style (answers the judge flags as refusals are
 dropped, so that it does not teach over-refusal either). Harmful records are ordered so that the
 first ``n`` give ``n`` examples over as many distinct prompts as possible (the data-efficiency
-curve takes nested prefixes).
+curve takes nested prefixes). ``magpie`` > 0 adds that many safe records of everyday requests
+the model writes itself (Magpie, arXiv 2406.08464: sampled from the chat template up to the user
+turn), answered greedily — retention beyond the anchor set's topics, still in the model's style.
 
 Training (:func:`finetune`, ``safedecode finetune``) runs on transformers' ``Trainer`` (progress,
 checkpoints, resume, seed) with a peft LoRA adapter by default or full fine-tuning; the loss is
@@ -54,27 +56,68 @@ class DataConfig:
     max_new_tokens: int = 64
     seed: int = 0
     batch_size: int = 8
+    magpie: int = 0
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"finetune-data: {name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.magpie, bool) or not isinstance(self.magpie, int) or self.magpie < 0:
+            raise ValueError(f"finetune-data: magpie must be an integer >= 0, got {self.magpie!r}")
         if not (0 < self.temperature <= 5 and 0 < self.top_p <= 1):
             raise ValueError("finetune-data: temperature must be in (0, 5], top_p in (0, 1]")
 
 
-def make_data(model, tokenizer, cfg: DataConfig | None = None, *, log=print) -> list[dict]:
+MAGPIE_T, MAGPIE_TOP_P, MAGPIE_TOKENS = 1.0, 0.95, 64
+
+
+def self_requests(model, tokenizer, n: int, *, seed: int = 0, batch_size: int = 8,
+                  log=print) -> list[str]:
+    """``n`` distinct user requests written by the model itself (Magpie, arXiv 2406.08464):
+    sampled from its chat template cut just before the user's text, kept when the turn ends
+    (EOS) within 64 tokens and has 3-80 words. Stops after ``4n`` attempts."""
+    from safedecode.engine import SafeDecoder
+    from safedecode.engine.branches import plain
+
+    mark = "\u2063query\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - any template error means the same thing here
+        raise ValueError(f"finetune-data --magpie: the tokenizer has no usable chat template "
+                         f"({exc})") from exc
+    if mark not in text:
+        raise ValueError("finetune-data --magpie: the chat template does not show the user turn")
+    pre = text[:text.index(mark)]
+    dec = SafeDecoder(model, tokenizer, plain())
+    out: list[str] = []
+    seen: set[str] = set()
+    tried = 0
+    while len(out) < n and tried < 4 * n:
+        res = dec.generate([pre] * batch_size, raw=True, max_new_tokens=MAGPIE_TOKENS,
+                           temperature=MAGPIE_T, top_p=MAGPIE_TOP_P,
+                           seed=[seed * 1_000_003 + tried + i for i in range(batch_size)])
+        tried += batch_size
+        for r in res:
+            q = " ".join(r.text.split())
+            if r.finish_reason == "eos" and 3 <= len(q.split()) <= 80 and q.lower() not in seen:
+                seen.add(q.lower())
+                out.append(q)
+    log(f"magpie: {min(len(out), n)} requests from {tried} samples")
+    return out[:n]
+
+
+def make_data(model, tokenizer, cfg: DataConfig | None = None, *, log=print,
+              base: list[dict] | None = None) -> list[dict]:
     """Records ``{"kind": "harmful" | "safe", "id", "prompt", "response", "complete", "source"}``
-    (harmful ones also carry the anchor set's written ``refusal``, for the SFT baseline)."""
-    from safedecode.data import load_anchor
+    (harmful ones also carry the anchor set's written ``refusal``, for the SFT baseline).
+    ``base``: the anchor records of an earlier file, reused as they are (only the Magpie records
+    are made again)."""
     from safedecode.engine import SafeDecoder
     from safedecode.engine.branches import plain
     from safedecode.eval.judges import KeywordJudge
-    from safedecode.methods.prompts import ADVERSARIAL
 
     cfg = cfg or DataConfig()
-    harmful, safe = load_anchor("harmful", "train"), load_anchor("safe", "train")
     judge = KeywordJudge()
     kw = dict(max_new_tokens=cfg.max_new_tokens)
 
@@ -85,6 +128,35 @@ def make_data(model, tokenizer, cfg: DataConfig | None = None, *, log=print) -> 
         return out
 
     dec = SafeDecoder(model, tokenizer, plain())
+    if base is not None:
+        records = [r for r in base if not str(r.get("id", "")).startswith("magpie-")]
+    else:
+        records = _anchor_records(dec, run, judge, cfg, log)
+    if cfg.magpie:
+        asks = self_requests(model, tokenizer, cfg.magpie, seed=cfg.seed,
+                             batch_size=cfg.batch_size, log=log)
+        dropped = 0
+        for i, (q, r) in enumerate(zip(asks, run(dec, asks), strict=True)):
+            if not r.text.strip() or judge.judge_one(r.text).flag:
+                dropped += 1
+                continue
+            records.append({"kind": "safe", "id": f"magpie-{i:04d}", "prompt": q,
+                            "response": r.text, "complete": r.finish_reason == "eos",
+                            "source": f"magpie request (T={MAGPIE_T} top_p={MAGPIE_TOP_P}), "
+                                      "plain greedy answer"})
+        log(f"magpie: {len(asks) - dropped} greedy answers ({dropped} refusals dropped)")
+    return records
+
+
+def _anchor_records(dec, run, judge, cfg: DataConfig, log) -> list[dict]:
+    """The anchor train part's records: sampled harmful answers, greedy safe answers."""
+    from safedecode.data import load_anchor
+    from safedecode.engine import SafeDecoder
+    from safedecode.engine.branches import plain
+    from safedecode.methods.prompts import ADVERSARIAL
+
+    model, tokenizer = dec.model, dec.tok
+    harmful, safe = load_anchor("harmful", "train"), load_anchor("safe", "train")
     answers: dict[str, list[tuple[str, bool, str]]] = {it["id"]: [] for it in harmful}
     for k in range(cfg.samples_per_prompt):
         res = run(dec, [it["prompt"] for it in harmful], temperature=cfg.temperature,
