@@ -7,6 +7,7 @@
 #
 #   scripts/ta_sft_eval.sh          # about 70 minutes on 2 CPU cores; resumable
 #   scripts/ta_sft_eval.sh shipped  # the shipped adapter's row alone (about 8 minutes)
+#   (shipped_s19 measured session 19's adapter; it is kept as it is — run it from git history)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -40,5 +41,8 @@ done
 # Session 19: the adapter shipped since — TA-SFT + refusal on the grown train part's data
 # (runs/tasft_s18/data.jsonl: 100 harmful examples, 238 safe answers), λ 1, lr 2e-3, 3 epochs,
 # chosen on validation (benchmarks/results/ta_sft_val_smollm2-135m.md §Session 19).
-[ -f "$E/shipped_s19/results.json" ] || $PY -m safedecode eval -m plain -d "$SETS" -n 128 \
-    --adapter ta-sft --out "$E/shipped_s19" > "$E/shipped_s19.log" 2>&1
+# Session 20: the adapter shipped since — 207 harmful examples, --safe-weight 3, and 170 Magpie
+# safe records (runs/tasft_s20/data.jsonl), the one setting within issue 16's target on
+# validation (§Session 20 there). The session-19 row above measured the adapter shipped then.
+[ -f "$E/shipped_s20/results.json" ] || $PY -m safedecode eval -m plain -d "$SETS" -n 128 \
+    --adapter ta-sft --out "$E/shipped_s20" > "$E/shipped_s20.log" 2>&1

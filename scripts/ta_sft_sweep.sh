@@ -7,8 +7,9 @@
 #   scripts/ta_sft_sweep.sh         # about 25 minutes on 2 CPU cores (+ session 18's block)
 #   scripts/ta_sft_sweep.sh s18     # session 18's block alone (about 25 minutes)
 #   scripts/ta_sft_sweep.sh s19     # session 19's block alone (about 35 minutes)
-#   scripts/ta_sft_sweep.sh s20     # session 20's blocks: s20 (about 50 minutes), s20b (25),
-#                                   # s20c (30: Magpie data, then one adapter)
+#   scripts/ta_sft_sweep.sh s20     # session 20's blocks: s20 (safe weight, about 50 minutes),
+#   scripts/ta_sft_sweep.sh s20c    # (Magpie data, then one adapter: about 30 minutes) and
+#   scripts/ta_sft_sweep.sh s20d    # (both at 207 examples: about 45 minutes), in this order
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -90,14 +91,7 @@ if [ "$STAGE" = s20 ]; then
   run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3" --method ta-sft+refusal --harmful 207 --lam 1 \
       --epochs 3 --lr 2e-3 --safe-weight 3
 fi
-# Session 20, second block: where over-alignment starts at 100 examples — fewer steps (2 epochs,
-# 110 steps) and λ = 0 (the refusal CE alone: plain SFT on refusals).
-if [ "$STAGE" = s20b ]; then
-  run "ta-sft+refusal_n100_lam1_e2_lr2e-3" --method ta-sft+refusal --harmful 100 --lam 1 \
-      --epochs 2 --lr 2e-3
-  run "sft_n100_e3_lr2e-3" --method sft --harmful 100 --epochs 3 --lr 2e-3
-fi
-# Session 20, third block: retention beyond the anchor set's topics — 200 everyday requests the
+# Session 20, second block: retention beyond the anchor set's topics — 200 everyday requests the
 # model writes itself (Magpie), with its own greedy answers, added to the same data.
 if [ "$STAGE" = s20c ]; then
   D=${R%_s18}_s20
@@ -107,5 +101,16 @@ if [ "$STAGE" = s20c ]; then
   R0=$R; R=$D; mkdir -p "$R/val"
   run "ta-sft+refusal_n100_lam1_e3_lr2e-3_magpie200" --method ta-sft+refusal --harmful 100 \
       --lam 1 --epochs 3 --lr 2e-3
+  R=$R0
+fi
+# Session 20, third block: the safe weight at 207 examples (sw 3 cut the over-refusal 38 -> 14%),
+# and with the Magpie data.
+if [ "$STAGE" = s20d ]; then
+  run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw6" --method ta-sft+refusal --harmful 207 --lam 1 \
+      --epochs 3 --lr 2e-3 --safe-weight 6
+  D=${R%_s18}_s20
+  R0=$R; R=$D; mkdir -p "$R/val"
+  run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3_magpie200" --method ta-sft+refusal --harmful 207 \
+      --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3
   R=$R0
 fi
