@@ -41,8 +41,13 @@ done
 # Session 19: the adapter shipped since — TA-SFT + refusal on the grown train part's data
 # (runs/tasft_s18/data.jsonl: 100 harmful examples, 238 safe answers), λ 1, lr 2e-3, 3 epochs,
 # chosen on validation (benchmarks/results/ta_sft_val_smollm2-135m.md §Session 19).
-# Session 20: the adapter shipped since — 207 harmful examples, --safe-weight 3, and 170 Magpie
-# safe records (runs/tasft_s20/data.jsonl), the one setting within issue 16's target on
-# validation (§Session 20 there). The session-19 row above measured the adapter shipped then.
+# Session 20: the adapter shipped since — 207 harmful examples, --safe-weight 3 (the rule's pick on
+# validation, §Session 20 there), and the same with 170 Magpie records (runs/tasft_s20/data.jsonl),
+# which was shipped for the length of one evaluation (its folder's results name it
+# "+ta_sft_lora"). The session-19 row above measured the adapter shipped then.
 [ -f "$E/shipped_s20/results.json" ] || $PY -m safedecode eval -m plain -d "$SETS" -n 128 \
     --adapter ta-sft --out "$E/shipped_s20" > "$E/shipped_s20.log" 2>&1
+M=runs/tasft_s20/ad/ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3_magpie200
+[ "$STAGE" = shipped ] || [ -f "$E/ta-sft+refusal_n207_sw3_magpie/results.json" ] || \
+  $PY -m safedecode eval -m plain -d "$SETS" -n 128 --adapter "$M" \
+      --out "$E/ta-sft+refusal_n207_sw3_magpie" > "$E/ta-sft+refusal_n207_sw3_magpie.log" 2>&1
