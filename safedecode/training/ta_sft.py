@@ -390,8 +390,8 @@ def _trainer_class():
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if self._parts["ce"]:
-                # mean CE over every CE token: safe answers (and refusals, for sft and
-                # ta-sft+refusal); the shipped adapter's history calls it "ce_safe"
+                # CE over every CE token: safe answers (and refusals, for sft and
+                # ta-sft+refusal), safe tokens weighted by safe_weight (a plain mean at 1)
                 logs["ce"] = round(sum(self._parts["ce"]) / len(self._parts["ce"]), 4)
             if self._parts["emd"]:  # the weighted part is −λ·mean EMD
                 logs["neg_lam_emd"] = round(sum(self._parts["emd"]) / len(self._parts["emd"]), 4)
