@@ -64,7 +64,8 @@ mkdir -p "$R/val"
       --lr $lr
 done
 # `shipped` is whatever adapter the package holds: in session 18 the n = 50 / 71-safe one; since
-# session 19 the n = 100 one below (its cached row in runs/ stays the old adapter's).
+# session 19 the n = 100 one below, since session 20 the n = 207 / safe-weight-3 one (a cached
+# row in runs/ stays the adapter of its time).
 for m in none shipped; do
   [ -f "$R/val/$m/results.json" ] && continue
   ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
