@@ -381,8 +381,10 @@ def finetune_data(
                          temperature=temperature, seed=seed, magpie=magpie)
         head, base = load_data(extend) if extend is not None else ({}, None)
         mdl, tok = load_model(model)
-        if base is not None and head.get("embedding_fingerprint") != embedding_fingerprint(mdl):
-            raise ValueError(f"--extend: {extend} holds answers of another model")
+        if base is not None and head.get("embedding_fingerprint") not in (
+                None, embedding_fingerprint(mdl)):
+            raise ValueError(f"--extend: {extend} holds answers of another model; make the "
+                             "data again with this model (`finetune-data` without --extend)")
         records = make_data(mdl, tok, cfg, base=base, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -410,7 +412,7 @@ def finetune(
     lam: float = typer.Option(1.0, "--lam", help="λ: weight of the negative EMD."),
     safe_weight: float = typer.Option(1.0, "--safe-weight",
                                       help="Weight of a safe answer's token against a refusal's "
-                                           "in the CE (more: fewer over-refusals)."),
+                                           "in the CE (1 = equal)."),
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),

@@ -390,6 +390,10 @@ def test_magpie_requests_are_the_models_own_and_extend_a_data_file(tmp_path):
     new = out[len(base):]
     assert 1 <= len(new) <= 3 and all(r["kind"] == "safe" and r["id"].startswith("magpie-")
                                       and r["response"].strip() for r in new)
+    from safedecode.training.ta_sft import save_data
+
+    _, back = load_data(save_data(tmp_path / "m.jsonl", out, {}))  # checks: no evaluation prompt
+    assert back == out
     runner = CliRunner()
     res = runner.invoke(app, ["finetune-data", "-o", str(tmp_path / "x.jsonl"), "--magpie", "-1"])
     assert res.exit_code == 2 and "magpie must be an integer >= 0" in res.output

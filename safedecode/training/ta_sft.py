@@ -248,8 +248,9 @@ class TASFTConfig:
 
     ``n_harmful``: harmful examples used (the first ``n`` records of the data file; ``None`` =
     all). ``lam``: λ, the weight of the negative EMD. ``safe_weight``: how much a safe answer's
-    token weighs against a refusal's in the CE mean (1 = equal; more keeps look-alike requests
-    answered at the cost of refusal). ``epochs`` or ``max_steps`` (> 0 wins).
+    token weighs against a refusal's in the CE mean (1 = equal; on the embedded model 3 cut
+    over-refusal with 207 harmful examples, not with 100). ``epochs`` or ``max_steps`` (> 0
+    wins).
     ``full``: fine-tune every weight instead of a LoRA adapter on ``targets``.
     """
 
