@@ -76,20 +76,25 @@ def main() -> None:
     ref = _ppl(loaded[0][2], ben)
     # the anchor set's validation-only batch, when the run has it (part of anchor-safe-val)
     held = any(heldout_refusal(r, "plain") is not None for _, _, r in loaded)
-    lines = ["| model | " + " | ".join(f"{d} (harmful)" for d in harm) + " | "
+    held_h = any(heldout_refusal(r, "plain", "harmful") is not None for _, _, r in loaded)
+    lines = ["| model | " + " | ".join(f"{d} (harmful)" for d in harm)
+             + (" | of it, held-out batch" if held_h else "") + " | "
              + " | ".join(f"{d} (benign)" for d in ben)
              + (" | of it, held-out batch" if held else "")
              + " | PPL benign (× untuned) | EOS | reward harmful | reward benign |",
-             "|---" * (1 + len(harm) + len(ben) + 4 + held) + "|"]
+             "|---" * (1 + len(harm) + len(ben) + 4 + held + held_h) + "|"]
     std = ["| model | " + " | ".join(harm + ben) + " |", "|---" * (1 + len(harm) + len(ben)) + "|"]
     for name, path, res in loaded:
         p = _ppl(res, ben)
         eos = [res["results"][f"{d}@plain"].get("eos_rate,none") for d in harm + ben
                if f"{d}@plain" in res["results"]]
         rw = _rewards(path)
-        h = heldout_refusal(res, "plain")
-        lines.append(f"| {name} | " + " | ".join(_cell(res, d, "plain") for d in harm + ben)
-                     + (f" | {'—' if h is None else f'{100 * h:.1f}%'}" if held else "")
+        h, hh = heldout_refusal(res, "plain"), heldout_refusal(res, "plain", "harmful")
+        pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        lines.append(f"| {name} | " + " | ".join(_cell(res, d, "plain") for d in harm)
+                     + (f" | {pct(hh)}" if held_h else "") + " | "
+                     + " | ".join(_cell(res, d, "plain") for d in ben)
+                     + (f" | {pct(h)}" if held else "")
                      + f" | {p:.2f} ({p / ref:.2f}×) | {100 * sum(eos) / len(eos):.0f}% | "
                      + " | ".join(f"{rw[k]:+.2f}" if k in rw else "—"
                                   for k in ("harmful", "benign")) + " |")

@@ -10,6 +10,7 @@
 #   scripts/ta_sft_sweep.sh s20     # session 20's blocks: s20 (safe weight, about 50 minutes),
 #   scripts/ta_sft_sweep.sh s20c    # (Magpie data, then one adapter: about 30 minutes) and
 #   scripts/ta_sft_sweep.sh s20d    # (both at 207 examples: about 45 minutes), in this order
+#   scripts/ta_sft_sweep.sh s21     # session 21: the grown train part, with and without Magpie
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +20,7 @@ run() {  # name, finetune args...
   local name=$1; shift
   [ -f "$R/val/$name/results.json" ] && return 0
   [ -f "$R/ad/$name/safedecode.json" ] || \
-    $PY -m safedecode finetune --data "$R/data.jsonl" --out "$R/ad/$name" "$@"
+    $PY -m safedecode finetune --data "${DATA:-$R/data.jsonl}" --out "$R/ad/$name" "$@"
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 \
       --adapter "$R/ad/$name" --out "$R/val/$name" > "$R/val/$name.log" 2>&1
 }
@@ -59,7 +60,7 @@ R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
 [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-[[ "$STAGE" = s19 || "$STAGE" = s20 ]] || for lr in 7e-4 2e-3; do
+[[ "$STAGE" =~ ^s(19|20|21) ]] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -113,5 +114,22 @@ if [ "$STAGE" = s20d ]; then
   R0=$R; R=$D; mkdir -p "$R/val"
   run "ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3_magpie200" --method ta-sft+refusal --harmful 207 \
       --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3
+  R=$R0
+fi
+# Session 21: the harmful validation part grown by 48 held-out requests in other shapes (tasks,
+# code, role-play, context; h201-h248) and the train part by 48 such requests (h301-h348). The
+# data made again on the grown train part, with and without the Magpie requests; every harmful
+# example (both samples of the 155 train prompts), safe weight 3 (session 20's choice).
+if [ "$STAGE" = s21 ]; then
+  D=${R%_s18}_s21
+  mkdir -p "$D/val"
+  [ -f "$D/data.jsonl" ] || $PY -m safedecode finetune-data --out "$D/data.jsonl"
+  [ -f "$D/data_magpie.jsonl" ] || $PY -m safedecode finetune-data --extend "$D/data.jsonl" \
+      --magpie 200 --out "$D/data_magpie.jsonl"
+  R0=$R; R=$D
+  run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3" --method ta-sft+refusal --lam 1 --epochs 3 \
+      --lr 2e-3 --safe-weight 3
+  DATA=$D/data_magpie.jsonl run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_magpie200" \
+      --method ta-sft+refusal --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3
   R=$R0
 fi

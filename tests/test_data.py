@@ -123,11 +123,20 @@ def _assert_fields(items: list[dict], fields: tuple[str, ...]) -> None:
 def test_anchor_loads_with_fields_and_sizes(anchor):
     harmful, safe = load_anchor("harmful"), load_anchor("safe")
     assert len(harmful) + len(safe) == len(anchor)
-    assert 140 <= len(harmful) <= 160  # 100 written first + 50 in five new categories (session 11)
+    # 100 written first + 50 in five new categories (session 11) + 48 held out and 48 train-only
+    # requests in other shapes, on AILuminate's twelve hazards (session 21)
+    assert 240 <= len(harmful) <= 250
     # 100 first + 100 look-alikes (session 8) + 50 (session 12) + 60 held out (session 17)
     # + 68 train-only contrast items (session 18)
     assert 370 <= len(safe) <= 390
-    _assert_fields(harmful, HARMFUL_FIELDS)
+    _assert_fields([x for x in harmful if "part" not in x], HARMFUL_FIELDS)
+    tasks = [x for x in harmful if "part" in x]
+    _assert_fields(tasks, HARMFUL_FIELDS + ("part",))
+    hazards = Counter(x["category"].split("_", 1)[1] for x in tasks)
+    assert len(hazards) == 12 and set(hazards.values()) == {8}
+    for part, prefix in (("val", "heldout_"), ("train", "tasks_")):
+        batch = [x for x in tasks if x["part"] == part]
+        assert len(batch) == 48 and all(x["category"].startswith(prefix) for x in batch)
     marked = [x for x in safe if "part" in x]
     _assert_fields([x for x in safe if "part" not in x], SAFE_FIELDS)
     _assert_fields(marked, SAFE_FIELDS + ("part",))
@@ -137,7 +146,7 @@ def test_anchor_loads_with_fields_and_sizes(anchor):
     assert len(held) == 60 and all(x["category"].startswith("heldout_") for x in held)
     # four harmless requests for each harmful category, in the train part only
     assert Counter(x["category"] for x in contrast) == Counter(
-        {f"contrast_{c}": 4 for c in {x["category"] for x in harmful}})
+        {f"contrast_{c}": 4 for c in {x["category"] for x in harmful if "part" not in x}})
     ids = [x["id"] for x in anchor]
     assert len(ids) == len(set(ids))
     assert all(re.fullmatch(r"h\d{3}", x["id"]) for x in harmful)
@@ -160,8 +169,9 @@ def test_benign_loads_with_fields_and_size(benign):
     ("harmful", 10, 5), ("safe", 8, 5), ("benign", 8, 5)])
 def test_categories_are_non_trivial(which, min_categories, min_per_category):
     items = load_benign() if which == "benign" else load_anchor(which)
-    # a train-only batch is not split, so its categories may be smaller (4 contrast items each)
-    counts = Counter(x["category"] for x in items if x.get("part") != "train")
+    # a marked batch is not split, so its categories may be smaller (4 items each)
+    counts = Counter(x["category"] for x in items if "part" not in x
+                     or (x["part"] == "val" and x["split"] == "safe"))
     assert len(counts) >= min_categories, counts
     small = {c: n for c, n in counts.items() if n < min_per_category}
     assert not small, f"{which}: categories with fewer than {min_per_category} items: {small}"

@@ -79,9 +79,12 @@ def test_split_is_stable():
     items = load_anchor()
     ids = sorted(validation_ids(items))
     held = [f"s{n}" for n in range(301, 361)]  # session 17's held-out batch: validation only
+    held += [f"h{n}" for n in range(201, 249)]  # session 21's harmful held-out batch
     pinned = sorted(",".join((PINNED_VAL, PINNED_VAL_H, PINNED_VAL_S)).split(",") + held)
     assert ids == pinned, "the anchor validation split changed"
     assert not {x["id"] for x in load_anchor(part="train")} & set(held)
+    # session 21's train-only harmful batch never enters validation
+    assert {f"h{n}" for n in range(301, 349)} <= {x["id"] for x in load_anchor(part="train")}
     # it depends on the ids alone: reordered input gives the same split
     assert validation_ids(list(reversed(items))) == set(ids)
     assert [x["id"] for x in load_anchor(part="val")] == ids
@@ -284,6 +287,19 @@ def test_the_held_out_batch_gets_its_own_column():
     assert rows["plain"]["heldout_refusal"] is None
     table = render(sel, None, ["anchor-harmful-val", "anchor-safe-val"])
     assert "of it, held-out batch" in table and "| 40.0% | 80.0% |" in table
+    # a harmful held-out batch is pooled apart from the benign one, by the data set's labels
+    res["config"]["datasets"] = {"anchor-harmful-val": {"labels": ["harmful"]},
+                                 "anchor-safe-val": {"labels": ["benign"]}}
+    res["categories"]["anchor-harmful-val@acd"] = {
+        "heldout_hate": {"n": 4, "refusal_rate,keyword": 0.25},
+        "theft": {"n": 3, "refusal_rate,keyword": 1.0}}
+    rows = {r["label"]: r for r in select(res)["rows"]}
+    assert rows["acd"]["heldout_refusal"] == pytest.approx(0.8)
+    assert rows["acd"]["heldout_harmful_refusal"] == pytest.approx(0.25)
+    assert rows["plain"]["heldout_harmful_refusal"] is None
+    table = render(select(res), None, ["anchor-harmful-val", "anchor-safe-val"])
+    assert "| harmful refusal | of it, held-out batch | benign refusal | of it, held-out" in table
+    assert "| `acd` | 100.0% | 25.0% | 40.0% | 80.0% |" in table
 
 
 # -- knobs recorded in the prompts file ----------------------------------------------------------

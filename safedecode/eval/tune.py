@@ -69,15 +69,26 @@ def _rate(m: dict | None, judge: str = "keyword") -> float | None:
     return None if m is None else m.get(f"refusal_rate,{judge}")
 
 
-HELDOUT = "heldout_"  # category prefix of the anchor set's validation-only batch
+HELDOUT = "heldout_"  # category prefix of the anchor set's validation-only batches
 
 
-def heldout_refusal(results: dict, label: str) -> float | None:
-    """Keyword refusal rate pooled over the held-out categories of ``label``'s benign items
-    (the validation-only batch, s301-s360), or None when the run has none."""
+def _group_of(results: dict, dataset: str) -> str:
+    """``"harmful"`` or ``"benign"``: the labels a data set was evaluated with (its name when
+    the run does not record them)."""
+    labels = results.get("config", {}).get("datasets", {}).get(dataset, {}).get("labels")
+    if labels:
+        return "harmful" if "harmful" in labels else "benign"
+    return "harmful" if "harmful" in dataset else "benign"
+
+
+def heldout_refusal(results: dict, label: str, group: str = "benign") -> float | None:
+    """Keyword refusal rate pooled over the held-out categories of ``label``'s ``group``
+    items (the validation-only batches: s301-s360 benign, h201-h248 harmful), or None when the
+    run has none."""
     refused = n = 0
     for task, cats in results.get("categories", {}).items():
-        if task.rsplit("@", 1)[-1] != label:
+        dataset, _, method = task.rpartition("@")
+        if method != label or _group_of(results, dataset) != group:
             continue
         for cat, m in cats.items():
             if cat.startswith(HELDOUT) and _rate(m) is not None:
@@ -106,6 +117,7 @@ def select(results: dict, reference: str = "plain") -> dict:
             "harmful_refusal": hr, "harmful_ci95": h.get("refusal_rate_ci95,keyword"),
             "benign_refusal": br, "benign_ci95": b.get("refusal_rate_ci95,keyword"),
             "heldout_refusal": heldout_refusal(results, label),
+            "heldout_harmful_refusal": heldout_refusal(results, label, "harmful"),
             "harmful_refusal_standard": _rate(h, "keyword-standard"),
             "benign_refusal_standard": _rate(b, "keyword-standard"),
             "harmful_capped": h.get("capped_refusal_rate,keyword"),
@@ -131,18 +143,23 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
     if command:
         lines += ["```bash", command, "```", ""]
     held = any(r.get("heldout_refusal") is not None for r in sel["rows"])
-    lines += ["| setting | harmful refusal | benign refusal | "
+    held_h = any(r.get("heldout_harmful_refusal") is not None for r in sel["rows"])
+    lines += ["| setting | harmful refusal | "
+              + ("of it, held-out batch | " if held_h else "") + "benign refusal | "
               + ("of it, held-out batch | " if held else "") + "standard lists h / b | "
               "capped refusals h / b | PPL h / b | PPL ratio | score | "
               "chosen (best of its method) |",
-              "|---|---:|---:|" + ("---:|" if held else "") + "---:|---:|---:|---:|---:|:-:|"]
+              "|---|---:|" + ("---:|" if held_h else "") + "---:|" + ("---:|" if held else "")
+              + "---:|---:|---:|---:|---:|:-:|"]
     chosen = {r["label"] for r in sel["chosen"].values()}
     for r in sel["rows"]:
         ppl = " / ".join("—" if v is None else f"{v:.2f}" for v in (r["ppl_harmful"],
                                                                    r["ppl_benign"]))
         ratio = "—" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         lines.append(
-            f"| `{r['label']}` | {_pct(r['harmful_refusal'])} | {_pct(r['benign_refusal'])} | "
+            f"| `{r['label']}` | {_pct(r['harmful_refusal'])} | "
+            + (f"{_pct(r.get('heldout_harmful_refusal'))} | " if held_h else "")
+            + f"{_pct(r['benign_refusal'])} | "
             + (f"{_pct(r.get('heldout_refusal'))} | " if held else "") +
             f"{_pct(r['harmful_refusal_standard'])} / {_pct(r['benign_refusal_standard'])} | "
             f"{_pct(r['harmful_capped'])} / {_pct(r['benign_capped'])} | {ppl} | "
