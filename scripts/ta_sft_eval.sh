@@ -51,3 +51,10 @@ M=runs/tasft_s20/ad/ta-sft+refusal_n207_lam1_e3_lr2e-3_sw3_magpie200
 [ "$STAGE" = shipped ] || [ -f "$E/ta-sft+refusal_n207_sw3_magpie/results.json" ] || \
   $PY -m safedecode eval -m plain -d "$SETS" -n 128 --adapter "$M" \
       --out "$E/ta-sft+refusal_n207_sw3_magpie" > "$E/ta-sft+refusal_n207_sw3_magpie.log" 2>&1
+# Session 21: the adapter shipped since — every harmful example of the grown train part (298: both
+# samples of 155 prompts, the 48 train-only task-shaped requests among them), safe weight 3, the
+# rule's pick on the grown validation part (runs/tasft_s21/data.jsonl; ta_sft_val §Session 21).
+M=runs/tasft_s21/ad/ta-sft+refusal_all_lam1_e3_lr2e-3_sw3
+[ "$STAGE" = shipped ] || [ -f "$E/ta-sft+refusal_all_sw3_tasks/results.json" ] || \
+  $PY -m safedecode eval -m plain -d "$SETS" -n 128 --adapter "$M" \
+      --out "$E/ta-sft+refusal_all_sw3_tasks" > "$E/ta-sft+refusal_all_sw3_tasks.log" 2>&1
