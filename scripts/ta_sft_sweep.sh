@@ -121,6 +121,15 @@ fi
 # data made again on the grown train part, with and without the Magpie requests; every harmful
 # example (both samples of the 155 train prompts), safe weight 3 (session 20's choice).
 if [ "$STAGE" = s21 ]; then
+  # the adapters of sessions 18-20 on the grown part: each folder's generations are reused, only
+  # the 48 new requests are generated (the adapter's folder beside its val folder)
+  for v in "$R"/val/* "${R%_s18}_s20"/val/*; do
+    [ -d "$v" ] || continue
+    ad=(); [ "${v##*/}" = none ] || ad=(--adapter "${v%/val/*}/ad/${v##*/}")
+    [ "${v##*/}" = shipped ] && continue  # the adapter shipped then: its own row is the sw3 one
+    $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
+        --out "$v" > "$v.log" 2>&1
+  done
   D=${R%_s18}_s21
   mkdir -p "$D/val"
   [ -f "$D/data.jsonl" ] || $PY -m safedecode finetune-data --out "$D/data.jsonl"
