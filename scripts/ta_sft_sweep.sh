@@ -11,6 +11,7 @@
 #   scripts/ta_sft_sweep.sh s20c    # (Magpie data, then one adapter: about 30 minutes) and
 #   scripts/ta_sft_sweep.sh s20d    # (both at 207 examples: about 45 minutes), in this order
 #   scripts/ta_sft_sweep.sh s21     # session 21: the grown train part, with and without Magpie
+#   scripts/ta_sft_sweep.sh s21b    # session 21: the shipped recipe again with seed 1 (~25 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -140,5 +141,13 @@ if [ "$STAGE" = s21 ]; then
       --lr 2e-3 --safe-weight 3
   DATA=$D/data_magpie.jsonl run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_magpie200" \
       --method ta-sft+refusal --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3
+  R=$R0
+fi
+# Session 21, second block: how much of a few points on this part is the seed alone — the shipped
+# recipe trained again with seed 1 (LoRA init and data order; the data file is the same).
+if [ "$STAGE" = s21b ]; then
+  R0=$R; R=${R%_s18}_s21
+  run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_seed1" --method ta-sft+refusal --lam 1 --epochs 3 \
+      --lr 2e-3 --safe-weight 3 --seed 1
   R=$R0
 fi
