@@ -74,7 +74,9 @@ def main() -> None:
                                                    for _, _, r in loaded)]
     harm, ben = present(HARMFUL), present(BENIGN)
     ref = _ppl(loaded[0][2], ben)
-    # the anchor set's validation-only batch, when the run has it (part of anchor-safe-val)
+    # the anchor set's validation-only batches, when the run has them (in anchor-safe-val and
+    # anchor-harmful-val): each pooled apart
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     held = any(heldout_refusal(r, "plain") is not None for _, _, r in loaded)
     held_h = any(heldout_refusal(r, "plain", "harmful") is not None for _, _, r in loaded)
     lines = ["| model | " + " | ".join(f"{d} (harmful)" for d in harm)
@@ -90,7 +92,6 @@ def main() -> None:
                if f"{d}@plain" in res["results"]]
         rw = _rewards(path)
         h, hh = heldout_refusal(res, "plain"), heldout_refusal(res, "plain", "harmful")
-        pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         lines.append(f"| {name} | " + " | ".join(_cell(res, d, "plain") for d in harm)
                      + (f" | {pct(hh)}" if held_h else "") + " | "
                      + " | ".join(_cell(res, d, "plain") for d in ben)

@@ -169,7 +169,8 @@ def test_benign_loads_with_fields_and_size(benign):
     ("harmful", 10, 5), ("safe", 8, 5), ("benign", 8, 5)])
 def test_categories_are_non_trivial(which, min_categories, min_per_category):
     items = load_benign() if which == "benign" else load_anchor(which)
-    # a marked batch is not split, so its categories may be smaller (4 items each)
+    # marked batches are not split, so their categories may be smaller: the safe train-only
+    # contrast batch and both harmful batches hold 4 items a category (the safe held-out one 6)
     counts = Counter(x["category"] for x in items if "part" not in x
                      or (x["part"] == "val" and x["split"] == "safe"))
     assert len(counts) >= min_categories, counts
