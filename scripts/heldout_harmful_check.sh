@@ -3,7 +3,8 @@
 # requests (h201-h248: tasks, code, role-play and context on AILuminate's hazards, never trained
 # on) are the only new generations — the rest is reused from the session-19 sweeps' caches.
 # Table: benchmarks/results/heldout_harmful_s21.md (`safedecode tune` picks nothing here; no
-# --record). About 15 minutes on 2 CPU cores.
+# --record). 6 minutes on 2 CPU cores with the session-19 caches in runs/; without them every
+# row is generated whole (several times longer: DeAL dominates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
