@@ -413,6 +413,9 @@ def finetune(
     safe_weight: float = typer.Option(1.0, "--safe-weight",
                                       help="Weight of a safe answer's token against a refusal's "
                                            "in the CE (1 = equal)."),
+    away_refusal: float = typer.Option(0.0, "--away-refusal",
+                                       help="λ_r: weight of the negative EMD away from a refusal "
+                                            "on every safe prompt (0 = off)."),
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),
@@ -433,7 +436,7 @@ def finetune(
         from safedecode.training.ta_sft import finetune as run
 
         cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, safe_weight=safe_weight,
-                          epochs=epochs,
+                          away_refusal=away_refusal, epochs=epochs,
                           max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
                           loss_backend=loss_backend)

@@ -178,6 +178,9 @@ def test_config_refuses_negative_lambda_and_bad_knobs():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match=r"safe_weight \(--safe-weight\) must be"):
             TASFTConfig(safe_weight=bad)
+    for bad in (-0.1, float("inf"), "1"):
+        with pytest.raises(ValueError, match=r"away_refusal \(--away-refusal\) must be"):
+            TASFTConfig(away_refusal=bad)
 
 
 # -- data and training on the tiny model -------------------------------------------------------
@@ -242,6 +245,14 @@ def test_examples_follow_the_method_and_the_chat_template(tmp_path):
     assert ta[-1]["response_ids"][-1] != tok.eos_token_id  # cut off: no end-of-turn taught
     assert "can't" in tok.decode(sft[0]["response_ids"]) or \
         "won't" in tok.decode(sft[0]["response_ids"]) or "not" in tok.decode(sft[0]["response_ids"])
+    away = examples(tok, records, TASFTConfig(method="ta-sft+refusal", n_harmful=4,
+                                              away_refusal=1.0))
+    assert [e["kind"] for e in away] == [1, 2] * 4 + [0, 3] * 6
+    pushed = [tok.decode(e["response_ids"]) for e in away if e["kind"] == 3]
+    assert pushed[0].startswith("I can't help with that.") and pushed[1].startswith("I won't")
+    assert all(e["response_ids"][-1] != tok.eos_token_id for e in away if e["kind"] == 3)
+    assert [e["prompt_ids"] for e in away if e["kind"] == 3] == \
+        [e["prompt_ids"] for e in away if e["kind"] == 0]  # on the safe prompts themselves
     with pytest.raises(ValueError, match="7 harmful examples asked for, the data has 6"):
         examples(tok, records, TASFTConfig(n_harmful=7))
 
@@ -261,6 +272,15 @@ def test_collator_weighs_safe_tokens_against_refusal_tokens(tmp_path):
         assert torch.allclose(w_ce[per_tok == 0], torch.full_like(w_ce[per_tok == 0], sw / n_ce))
         assert torch.all(w_ce[per_tok == 1] == 0) and torch.all(w_emd[per_tok != 1] == 0)
         assert torch.isclose(w_emd.sum(), torch.tensor(-2.0))  # −λ, whatever the safe weight
+    feats = examples(tok, records, TASFTConfig(method="ta-sft+refusal", n_harmful=2,
+                                               away_refusal=0.5))
+    per_tok = torch.tensor([k for f in feats for k in [f["kind"]] * len(f["response_ids"])])
+    b = Collator(tok.pad_token_id, lam=2.0, safe_weight=3.0, away_refusal=0.5)(feats)
+    w_ce, w_emd = b["ce_weight"], b["emd_weight"]
+    assert torch.all(w_ce[per_tok == 3] == 0) and torch.all(w_emd[per_tok == 0] == 0)
+    assert torch.isclose(w_emd[per_tok == 1].sum(), torch.tensor(-2.0))  # −λ on harmful
+    assert torch.isclose(w_emd[per_tok == 3].sum(), torch.tensor(-0.5))  # −λ_r on the away ones
+    assert torch.isclose(w_ce.sum(), w_ce[per_tok != 3].sum())
 
 
 def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(
@@ -317,9 +337,12 @@ def test_cli_finetune_errors_and_generate_adapter(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "is empty" in res.output
     res = runner.invoke(app, ["finetune", "-d", str(data), "-o", str(tmp_path / "a"),
                               "--model", str(tiny_model_dir), "--steps", "1", "--batch-size",
-                              "4", "--method", "sft"])
+                              "4", "--method", "sft", "--away-refusal", "0.5"])
     assert res.exit_code == 0, res.output
     assert "sft, 1 steps" in res.output
+    meta = json.loads((tmp_path / "a" / "safedecode.json").read_text())
+    assert meta["config"]["away_refusal"] == 0.5 and meta["examples"]["away"] == \
+        meta["examples"]["safe"] > 0
     res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--adapter",
                               str(tmp_path / "a"), "-n", "4", "--json"])
     assert res.exit_code == 0, res.output

@@ -7,7 +7,11 @@ harmful answers with a negative semantic EMD, while ordinary SFT on safe data ke
 baseline the paper compares with: the same safe data plus plain SFT on a written refusal for the
 same harmful prompts (CE everywhere). ``method="ta-sft+refusal"`` (a safedecode extension, not in
 the paper) does both for each harmful prompt: CE towards the refusal and −λ·EMD away from the
-model's own answer.
+model's own answer. ``away_refusal`` > 0 (also an extension) mirrors the paper's loss on the
+safe side: for every safe prompt, −λ_r·EMD away from a refusal (the template the fine-tuned
+model over-refuses with, :data:`OVER_REFUSALS`), so that the refusal is pulled towards on the
+harmful prompts and pushed away from on their safe look-alikes — the decision has to come from
+the request, not from its topic words.
 
 Data (:func:`make_data`, ``safedecode finetune-data``): the anchor set's harmful *train* prompts
 with the model's **own** answers (sampled, plain decoding; answers the refusal judge flags are
@@ -41,7 +45,11 @@ import torch
 
 DATA_FORMAT = "safedecode-ta-sft-data/1"
 METHODS = ("ta-sft", "sft", "ta-sft+refusal")
-KIND_SAFE, KIND_HARMFUL, KIND_REFUSAL = 0, 1, 2
+KIND_SAFE, KIND_HARMFUL, KIND_REFUSAL, KIND_AWAY = 0, 1, 2, 3
+# The refusal template the TA-SFT adapters over-refuse safe requests with (read in the
+# evaluation reports: "I can't help with that." to deboning lamb, "I won't write ..."): pushed
+# away from on the safe prompts with ``away_refusal`` (one per prompt, alternating).
+OVER_REFUSALS = ("I can't help with that.", "I won't help with that.")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -251,6 +259,8 @@ class TASFTConfig:
     token weighs against a refusal's in the CE mean (1 = equal; on the embedded model 3 cut
     over-refusal with 207 harmful examples, not with 100). ``epochs`` or ``max_steps`` (> 0
     wins).
+    ``away_refusal``: λ_r, the weight of the negative EMD away from a refusal on every safe
+    prompt (0 = off; see the module docstring).
     ``full``: fine-tune every weight instead of a LoRA adapter on ``targets``.
     """
 
@@ -258,6 +268,7 @@ class TASFTConfig:
     n_harmful: int | None = 50
     lam: float = 1.0
     safe_weight: float = 1.0
+    away_refusal: float = 0.0
     epochs: float = 3.0
     max_steps: int = -1
     lr: float = 2e-4
@@ -283,6 +294,10 @@ class TASFTConfig:
                 and self.safe_weight > 0):
             raise ValueError(f"finetune: safe_weight (--safe-weight) must be a finite number > 0, "
                              f"got {self.safe_weight!r}")
+        if not (isinstance(self.away_refusal, (int, float)) and math.isfinite(self.away_refusal)
+                and self.away_refusal >= 0):
+            raise ValueError(f"finetune: away_refusal (--away-refusal) must be a finite number "
+                             f">= 0, got {self.away_refusal!r}")
         if self.n_harmful is not None and (isinstance(self.n_harmful, bool)
                                            or not isinstance(self.n_harmful, int)
                                            or self.n_harmful < 1):
@@ -304,7 +319,8 @@ class TASFTConfig:
 def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
     """Token-level training examples ``{"prompt_ids", "response_ids", "kind"}``: the first
     ``n_harmful`` harmful records (their own answer for TA-SFT, the refusal for SFT, both for
-    ``ta-sft+refusal``) and every safe record."""
+    ``ta-sft+refusal``) and every safe record (its own answer, and with ``away_refusal`` a
+    refusal from :data:`OVER_REFUSALS` to push away from)."""
     from safedecode.engine.branches import Branch
     from safedecode.engine.prompts import PromptBuilder
 
@@ -318,12 +334,16 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
                              f"has {len(harmful)}")
         harmful = harmful[:cfg.n_harmful]
     out = []
+    n_safe = 0
     for r in harmful + [r for r in records if r["kind"] == "safe"]:
         prefix, suffix = builder.build(Branch(), [{"role": "user", "content": r["prompt"]}], 0)
         prompt = list(prefix.ids) + list(prefix.tail_ids) + list(suffix)  # as at decoding time
         own = (r["response"], bool(r.get("complete", True)))
         if r["kind"] == "safe":
             targets = [(KIND_SAFE, *own)]
+            if cfg.away_refusal > 0:
+                targets.append((KIND_AWAY, OVER_REFUSALS[n_safe % len(OVER_REFUSALS)], False))
+            n_safe += 1
         else:
             targets = ([(KIND_HARMFUL, *own)] if cfg.method != "sft" else []) + \
                 ([(KIND_REFUSAL, r["refusal"], True)] if cfg.method != "ta-sft" else [])
@@ -337,23 +357,27 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
 class Collator:
     """Packs examples (:func:`safedecode.training.teacher.pack`) and gives every response token
     its loss weights: ``w/N_ce`` on CE tokens (``w`` = ``safe_weight`` on safe answers, 1 on
-    refusals), ``−λ/N_harm`` on harmful tokens (EMD)."""
+    refusals), ``−λ/N_harm`` on harmful tokens and ``−λ_r/N_away`` on the refusals pushed away
+    from on safe prompts (EMD)."""
 
-    def __init__(self, pad_id: int, lam: float, safe_weight: float = 1.0) -> None:
+    def __init__(self, pad_id: int, lam: float, safe_weight: float = 1.0,
+                 away_refusal: float = 0.0) -> None:
         self.pad_id, self.lam, self.safe_weight = pad_id, lam, safe_weight
+        self.away_refusal = away_refusal
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         from .teacher import pack
 
         p = pack([(f["prompt_ids"], f["response_ids"]) for f in feats], self.pad_id)
         kind = torch.tensor([int(f["kind"]) for f in feats])[p.example]
-        emd = kind == KIND_HARMFUL
-        ce = ~emd
+        harm, away = kind == KIND_HARMFUL, kind == KIND_AWAY
+        ce = ~(harm | away)
         w = torch.where(kind == KIND_SAFE, self.safe_weight, 1.0) * ce.float()
         return {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.pos,
                 "rows": p.rows, "cols": p.cols, "targets": p.targets,
                 "ce_weight": w / max(1, int(ce.sum())),
-                "emd_weight": -self.lam * emd.float() / max(1, int(emd.sum()))}
+                "emd_weight": -self.lam * harm.float() / max(1, int(harm.sum()))
+                - self.away_refusal * away.float() / max(1, int(away.sum()))}
 
 
 def _trainer_class():
@@ -394,7 +418,7 @@ def _trainer_class():
                 # CE over every CE token: safe answers (and refusals, for sft and
                 # ta-sft+refusal), safe tokens weighted by safe_weight (a plain mean at 1)
                 logs["ce"] = round(sum(self._parts["ce"]) / len(self._parts["ce"]), 4)
-            if self._parts["emd"]:  # the weighted part is −λ·mean EMD
+            if self._parts["emd"]:  # −λ·mean EMD (harmful) − λ_r·mean EMD (away)
                 logs["neg_lam_emd"] = round(sum(self._parts["emd"]) / len(self._parts["emd"]), 4)
             self._parts = {"ce": [], "emd": []}
             super().log(logs, *args, **kwargs)
@@ -466,7 +490,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         disable_tqdm=not progress, remove_unused_columns=False, lr_scheduler_type="constant",
         warmup_steps=0, dataloader_num_workers=0)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
-                               data_collator=Collator(tok.pad_token_id, cfg.lam, cfg.safe_weight),
+                               data_collator=Collator(tok.pad_token_id, cfg.lam, cfg.safe_weight,
+                                                     cfg.away_refusal),
                                cost=cost, loss_backend=cfg.loss_backend)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -478,7 +503,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     else:
         save_adapter(trainer.model, out)
     counts = {k: sum(e["kind"] == v for e in train) for k, v in
-              (("harmful", KIND_HARMFUL), ("refusal", KIND_REFUSAL), ("safe", KIND_SAFE))}
+              (("harmful", KIND_HARMFUL), ("refusal", KIND_REFUSAL), ("safe", KIND_SAFE),
+               ("away", KIND_AWAY))}
     meta = {"format": "safedecode-finetune/1", "method": cfg.method,
             "embedding_fingerprint": fingerprint,
             "base_model": DEFAULT_NAME if model_path is None else model_name(model),
