@@ -12,6 +12,8 @@
 #   scripts/ta_sft_sweep.sh s20d    # (both at 207 examples: about 45 minutes), in this order
 #   scripts/ta_sft_sweep.sh s21     # session 21: the grown train part, with and without Magpie
 #   scripts/ta_sft_sweep.sh s21b    # session 21: the shipped recipe again with seed 1 (~25 min)
+#   scripts/ta_sft_sweep.sh s22     # session 22: away from the refusal on safe prompts, λ_r 1
+#   scripts/ta_sft_sweep.sh s22b    # (two seeds each, about 50 minutes), then λ_r 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -59,9 +61,11 @@ fi
 # (`python benchmarks/ta_sft_summary.py OUT.md none=runs/tasft_s18/val/none ...`).
 R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
-[ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
+# (session 22's blocks need none of this: they train on session 21's data)
+[[ "$STAGE" =~ ^s22 ]] || [ -f "$R/data.jsonl" ] || \
+  $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-[[ "$STAGE" =~ ^s(19|20|21) ]] || for lr in 7e-4 2e-3; do
+[[ "$STAGE" =~ ^s(19|20|21|22) ]] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -69,6 +73,7 @@ done
 # session 19 the n = 100 one below, since session 20 the n = 207 / safe-weight-3 one (a cached
 # row in runs/ stays the adapter of its time).
 for m in none shipped; do
+  [[ "$STAGE" =~ ^s22 ]] && continue
   [ -f "$R/val/$m/results.json" ] && continue
   ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
@@ -149,5 +154,19 @@ if [ "$STAGE" = s21b ]; then
   R0=$R; R=${R%_s18}_s21
   run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_seed1" --method ta-sft+refusal --lam 1 --epochs 3 \
       --lr 2e-3 --safe-weight 3 --seed 1
+  R=$R0
+fi
+# Session 22: the over-refusals are the refusal template on a topic word or a task verb. The
+# paper's loss mirrored on the safe side: −λ_r·EMD away from the template ("I can't / won't help
+# with that.") on every safe train prompt, on top of the shipped recipe; two seeds per setting
+# (session 21: the seed alone moves the score by 0.085). Reference: the shipped recipe, seeds 0
+# and 1 (session 21's rows). s22: λ_r 1 (~50 min); s22b: λ_r 3 (~50 min).
+if [[ "$STAGE" =~ ^s22 ]]; then
+  R0=$R; R=${R%_s18}_s21
+  lr_=1; [ "$STAGE" = s22b ] && lr_=3
+  for seed in 0 1; do
+    run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_away${lr_}_seed$seed" --method ta-sft+refusal \
+        --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 --away-refusal $lr_ --seed $seed
+  done
   R=$R0
 fi
