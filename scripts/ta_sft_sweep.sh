@@ -162,7 +162,7 @@ fi
 # (session 21: the seed alone moves the score by 0.085). Reference: the shipped recipe, seeds 0
 # and 1 (session 21's rows). s22: λ_r 1 (~50 min); s22b: λ_r 3 (~50 min).
 if [[ "$STAGE" =~ ^s22 ]]; then
-  R0=$R; R=${R%_s18}_s21
+  R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
   lr_=1; [ "$STAGE" = s22b ] && lr_=3
   for seed in 0 1; do
     run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_away${lr_}_seed$seed" --method ta-sft+refusal \
