@@ -416,6 +416,9 @@ def finetune(
     away_refusal: float = typer.Option(0.0, "--away-refusal",
                                        help="λ_r: weight of the negative EMD away from a refusal "
                                             "on every safe prompt (0 = off)."),
+    away_tokens: int = typer.Option(0, "--away-tokens",
+                                    help="How many of that refusal's first tokens to push away "
+                                         "from (0 = all)."),
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),
@@ -436,7 +439,8 @@ def finetune(
         from safedecode.training.ta_sft import finetune as run
 
         cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, safe_weight=safe_weight,
-                          away_refusal=away_refusal, epochs=epochs,
+                          away_refusal=away_refusal, away_tokens=away_tokens,
+                          epochs=epochs,
                           max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
                           loss_backend=loss_backend)

@@ -13,7 +13,7 @@
 #   scripts/ta_sft_sweep.sh s21     # session 21: the grown train part, with and without Magpie
 #   scripts/ta_sft_sweep.sh s21b    # session 21: the shipped recipe again with seed 1 (~25 min)
 #   scripts/ta_sft_sweep.sh s22     # session 22: away from the refusal on safe prompts, λ_r 1
-#   scripts/ta_sft_sweep.sh s22b    # (two seeds each, about 50 minutes), then λ_r 3
+#   scripts/ta_sft_sweep.sh s22b    # (two seeds each, about 50 minutes), then its first token
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -160,13 +160,15 @@ fi
 # paper's loss mirrored on the safe side: −λ_r·EMD away from the template ("I can't / won't help
 # with that.") on every safe train prompt, on top of the shipped recipe; two seeds per setting
 # (session 21: the seed alone moves the score by 0.085). Reference: the shipped recipe, seeds 0
-# and 1 (session 21's rows). s22: λ_r 1 (~50 min); s22b: λ_r 3 (~50 min).
+# and 1 (session 21's rows). s22: λ_r 1 on the whole refusal (~50 min) — seed 1 followed "I"
+# with word salad ("I strugg strugg …"), so s22b: λ_r 1 on its first token alone (~50 min).
 if [[ "$STAGE" =~ ^s22 ]]; then
   R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
-  lr_=1; [ "$STAGE" = s22b ] && lr_=3
+  tag=away1; extra=()
+  [ "$STAGE" = s22b ] && { tag=away1_first1; extra=(--away-tokens 1); }
   for seed in 0 1; do
-    run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_away${lr_}_seed$seed" --method ta-sft+refusal \
-        --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 --away-refusal $lr_ --seed $seed
+    run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_${tag}_seed$seed" --method ta-sft+refusal \
+        --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 --away-refusal 1 "${extra[@]}" --seed $seed
   done
   R=$R0
 fi

@@ -181,6 +181,9 @@ def test_config_refuses_negative_lambda_and_bad_knobs():
     for bad in (-0.1, float("inf"), "1"):
         with pytest.raises(ValueError, match=r"away_refusal \(--away-refusal\) must be"):
             TASFTConfig(away_refusal=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"away_tokens \(--away-tokens\) must be"):
+            TASFTConfig(away_tokens=bad)
 
 
 # -- data and training on the tiny model -------------------------------------------------------
@@ -253,6 +256,10 @@ def test_examples_follow_the_method_and_the_chat_template(tmp_path):
     assert all(e["response_ids"][-1] != tok.eos_token_id for e in away if e["kind"] == 3)
     assert [e["prompt_ids"] for e in away if e["kind"] == 3] == \
         [e["prompt_ids"] for e in away if e["kind"] == 0]  # on the safe prompts themselves
+    first = examples(tok, records, TASFTConfig(method="ta-sft+refusal", n_harmful=4,
+                                               away_refusal=1.0, away_tokens=1))
+    assert [e["response_ids"] for e in first if e["kind"] == 3] == \
+        [e["response_ids"][:1] for e in away if e["kind"] == 3]  # the opening token alone
     with pytest.raises(ValueError, match="7 harmful examples asked for, the data has 6"):
         examples(tok, records, TASFTConfig(n_harmful=7))
 

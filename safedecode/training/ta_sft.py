@@ -260,7 +260,9 @@ class TASFTConfig:
     over-refusal with 207 harmful examples, not with 100). ``epochs`` or ``max_steps`` (> 0
     wins).
     ``away_refusal``: λ_r, the weight of the negative EMD away from a refusal on every safe
-    prompt (0 = off; see the module docstring).
+    prompt (0 = off; see the module docstring). ``away_tokens``: how many of that refusal's
+    first tokens are pushed away from (0 = all of it; on the embedded model the later tokens
+    taught it to follow "I" with word salad, see ``ta_sft_val_smollm2-135m.md`` §Session 22).
     ``full``: fine-tune every weight instead of a LoRA adapter on ``targets``.
     """
 
@@ -269,6 +271,7 @@ class TASFTConfig:
     lam: float = 1.0
     safe_weight: float = 1.0
     away_refusal: float = 0.0
+    away_tokens: int = 0
     epochs: float = 3.0
     max_steps: int = -1
     lr: float = 2e-4
@@ -298,6 +301,10 @@ class TASFTConfig:
                 and self.away_refusal >= 0):
             raise ValueError(f"finetune: away_refusal (--away-refusal) must be a finite number "
                              f">= 0, got {self.away_refusal!r}")
+        if isinstance(self.away_tokens, bool) or not isinstance(self.away_tokens, int) \
+                or self.away_tokens < 0:
+            raise ValueError(f"finetune: away_tokens (--away-tokens) must be an integer >= 0, "
+                             f"got {self.away_tokens!r}")
         if self.n_harmful is not None and (isinstance(self.n_harmful, bool)
                                            or not isinstance(self.n_harmful, int)
                                            or self.n_harmful < 1):
@@ -349,6 +356,8 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
                 ([(KIND_REFUSAL, r["refusal"], True)] if cfg.method != "ta-sft" else [])
         for kind, text, closed in targets:
             resp = response_ids(builder, r["prompt"], text, cfg.max_tokens, closed=closed)
+            if kind == KIND_AWAY and cfg.away_tokens:
+                resp = resp[:cfg.away_tokens]
             if resp:
                 out.append({"prompt_ids": prompt, "response_ids": resp, "kind": kind})
     return out
