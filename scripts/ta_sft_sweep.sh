@@ -13,7 +13,8 @@
 #   scripts/ta_sft_sweep.sh s21     # session 21: the grown train part, with and without Magpie
 #   scripts/ta_sft_sweep.sh s21b    # session 21: the shipped recipe again with seed 1 (~25 min)
 #   scripts/ta_sft_sweep.sh s22     # session 22: away from the refusal on safe prompts, λ_r 1
-#   scripts/ta_sft_sweep.sh s22b    # (two seeds each, about 50 minutes), then its first token
+#   scripts/ta_sft_sweep.sh s22b    # (two seeds, ~50 min), its first token alone (one, ~25 min)
+#   scripts/ta_sft_sweep.sh s22c    # and λ_r 0.5 (two seeds, ~50 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -161,14 +162,17 @@ fi
 # with that.") on every safe train prompt, on top of the shipped recipe; two seeds per setting
 # (session 21: the seed alone moves the score by 0.085). Reference: the shipped recipe, seeds 0
 # and 1 (session 21's rows). s22: λ_r 1 on the whole refusal (~50 min) — seed 1 followed "I"
-# with word salad ("I strugg strugg …"), so s22b: λ_r 1 on its first token alone (~50 min).
+# with word salad ("I strugg strugg …"); s22b: λ_r 1 on its first token alone (seed 0, ~25
+# min: it opened with "Ensuring" and looped as well, so seed 1 was not run); s22c: λ_r 0.5 on the
+# whole refusal (~50 min).
 if [[ "$STAGE" =~ ^s22 ]]; then
   R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
-  tag=away1; extra=()
-  [ "$STAGE" = s22b ] && { tag=away1_first1; extra=(--away-tokens 1); }
-  for seed in 0 1; do
+  tag=away1; extra=(--away-refusal 1); seeds="0 1"
+  [ "$STAGE" = s22b ] && { tag=away1_first1; extra=(--away-refusal 1 --away-tokens 1); seeds=0; }
+  [ "$STAGE" = s22c ] && { tag=away0.5; extra=(--away-refusal 0.5); }
+  for seed in $seeds; do
     run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_${tag}_seed$seed" --method ta-sft+refusal \
-        --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 --away-refusal 1 "${extra[@]}" --seed $seed
+        --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 "${extra[@]}" --seed $seed
   done
   R=$R0
 fi
