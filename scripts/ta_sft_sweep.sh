@@ -164,7 +164,7 @@ fi
 # and 1 (session 21's rows). s22: λ_r 1 on the whole refusal (~50 min) — seed 1 followed "I"
 # with word salad ("I strugg strugg …"); s22b: λ_r 1 on its first token alone (seed 0, ~25
 # min: it opened with "Ensuring" and looped as well, so seed 1 was not run); s22c: λ_r 0.5 on the
-# whole refusal (~50 min).
+# whole refusal (~50 min; seed 0 looped 4 times and lost the gain, so seed 1 was stopped).
 if [[ "$STAGE" =~ ^s22 ]]; then
   R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
   tag=away1; extra=(--away-refusal 1); seeds="0 1"
