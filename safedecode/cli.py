@@ -414,8 +414,9 @@ def finetune(
                                       help="Weight of a safe answer's token against a refusal's "
                                            "in the CE (1 = equal)."),
     away_refusal: float = typer.Option(0.0, "--away-refusal",
-                                       help="λ_r: weight of the negative EMD away from a refusal "
-                                            "on every safe prompt (0 = off)."),
+                                       help="Experimental. λ_r: weight of the negative EMD "
+                                            "away from a refusal on every safe prompt (0 = "
+                                            "off)."),
     away_tokens: int = typer.Option(0, "--away-tokens",
                                     help="How many of that refusal's first tokens to push away "
                                          "from (0 = all)."),
