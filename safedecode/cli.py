@@ -420,6 +420,9 @@ def finetune(
     away_tokens: int = typer.Option(0, "--away-tokens",
                                     help="How many of that refusal's first tokens to push away "
                                          "from (0 = all)."),
+    away_loss: str = typer.Option("emd", "--away-loss",
+                                  help="The push away from that refusal: emd (negative EMD) or "
+                                       "unlikelihood."),
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),
@@ -441,6 +444,7 @@ def finetune(
 
         cfg = TASFTConfig(method=method, n_harmful=harmful, lam=lam, safe_weight=safe_weight,
                           away_refusal=away_refusal, away_tokens=away_tokens,
+                          away_loss=away_loss,
                           epochs=epochs,
                           max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,

@@ -25,6 +25,7 @@ from safedecode.training.ta_sft import (
     TASFTConfig,
     examples,
     load_data,
+    unlikelihood_loss,
 )
 
 
@@ -184,6 +185,8 @@ def test_config_refuses_negative_lambda_and_bad_knobs():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match=r"away_tokens \(--away-tokens\) must be"):
             TASFTConfig(away_tokens=bad)
+    with pytest.raises(ValueError, match=r"away_loss \(--away-loss\) must be one of"):
+        TASFTConfig(away_loss="kl")
 
 
 # -- data and training on the tiny model -------------------------------------------------------
@@ -288,6 +291,46 @@ def test_collator_weighs_safe_tokens_against_refusal_tokens(tmp_path):
     assert torch.isclose(w_emd[per_tok == 1].sum(), torch.tensor(-2.0))  # −λ on harmful
     assert torch.isclose(w_emd[per_tok == 3].sum(), torch.tensor(-0.5))  # −λ_r on the away ones
     assert torch.isclose(w_ce.sum(), w_ce[per_tok != 3].sum())
+    assert torch.all(b["ul_weight"] == 0)
+    b = Collator(tok.pad_token_id, lam=2.0, safe_weight=3.0, away_refusal=0.5,
+                 away_loss="unlikelihood")(feats)
+    assert torch.all(b["emd_weight"][per_tok == 3] == 0)  # the away tokens leave the EMD
+    assert torch.isclose(b["emd_weight"].sum(), torch.tensor(-2.0))
+    assert torch.isclose(b["ul_weight"][per_tok == 3].sum(), torch.tensor(0.5))  # +λ_r: minimised
+    assert torch.all(b["ul_weight"][per_tok != 3] == 0)
+
+
+def test_unlikelihood_is_exact_and_hands_the_mass_to_likely_tokens_not_far_ones():
+    """−log(1 − p_y), stable as p_y → 1; a step on it lowers p_y and moves the mass in proportion
+    to the other tokens' probability — unlike −EMD, which sends it to the farthest token."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 6, generator=g), torch.randn(11, 6, generator=g)
+    b, y, wt = torch.randn(11, generator=g), torch.tensor([0, 3, 3, 10, 5]), torch.rand(5)
+    p = torch.softmax(h @ w.T + b, -1)
+    want = (wt * -torch.log1p(-p[torch.arange(5), y])).sum()
+    assert torch.allclose(unlikelihood_loss(h, w, y, wt, b), want, atol=1e-5)
+    sure = torch.tensor([[40.0, 0, 0]], requires_grad=True)  # p_y = 1 − 4e-18 in float32
+    loss = unlikelihood_loss(sure, torch.eye(3), torch.tensor([0]), torch.ones(1))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 30 and torch.isfinite(sure.grad).all()
+    # y = 0 likely, token 1 likely and near it, token 4 unlikely and opposite (as in the EMD test)
+    unit = F.normalize(torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1],
+                                     [-1, 0, 0]]), dim=-1)
+    z0 = torch.tensor([[3.0, 2.0, 0, 0, -1]])
+    moved = {}
+    for name in ("ul", "emd"):
+        z = z0.clone().requires_grad_(True)
+        for _ in range(50):
+            loss = unlikelihood_loss(z, torch.eye(5), torch.tensor([0]), torch.ones(1)) \
+                if name == "ul" else fused_linear_emd_loss(
+                    z, torch.eye(5), torch.tensor([0]), torch.zeros(1), -torch.ones(1), unit)
+            (gz,) = torch.autograd.grad(loss, z)
+            z = (z - 1.0 * gz).detach().requires_grad_(True)
+        moved[name] = torch.softmax(z.detach()[0], 0)
+    p0 = torch.softmax(z0[0], 0)
+    assert moved["ul"][0] < p0[0] / 2 and moved["emd"][0] < p0[0] / 2  # both push y down
+    assert moved["ul"].argmax() == 1 and moved["ul"][4] < 0.1  # to the likely neighbour
+    assert moved["emd"].argmax() == 4  # to the far token
 
 
 def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(
@@ -302,7 +345,8 @@ def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(
     cfg = TASFTConfig(n_harmful=6, max_steps=2, batch_size=4, lr=5e-2, save_steps=1, lam=2.0)
     meta = finetune(data, out, cfg, model_path=str(tiny_model_dir), progress=False,
                     keep_checkpoints=True, log=lambda m: None)
-    assert meta["steps"] == 2 and meta["examples"] == {"harmful": 6, "refusal": 0, "safe": 6}
+    assert meta["steps"] == 2 and \
+        meta["examples"] == {"harmful": 6, "refusal": 0, "safe": 6, "away": 0}
     assert (out / "adapter_model.safetensors").is_file()
     assert any((out / "checkpoints").glob("checkpoint-2"))
     rec = json.loads((out / "safedecode.json").read_text())
@@ -344,12 +388,14 @@ def test_cli_finetune_errors_and_generate_adapter(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "is empty" in res.output
     res = runner.invoke(app, ["finetune", "-d", str(data), "-o", str(tmp_path / "a"),
                               "--model", str(tiny_model_dir), "--steps", "1", "--batch-size",
-                              "4", "--method", "sft", "--away-refusal", "0.5"])
+                              "4", "--method", "sft", "--away-refusal", "0.5", "--away-loss",
+                              "unlikelihood"])
     assert res.exit_code == 0, res.output
     assert "sft, 1 steps" in res.output
     meta = json.loads((tmp_path / "a" / "safedecode.json").read_text())
     assert meta["config"]["away_refusal"] == 0.5 and meta["examples"]["away"] == \
-        meta["examples"]["safe"] > 0
+        meta["examples"]["safe"] > 0 and meta["config"]["away_loss"] == "unlikelihood"
+    assert any("lam_r_ul" in h for h in meta["history"])
     res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--adapter",
                               str(tmp_path / "a"), "-n", "4", "--json"])
     assert res.exit_code == 0, res.output

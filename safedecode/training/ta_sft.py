@@ -11,7 +11,11 @@ model's own answer. ``away_refusal`` > 0 (also an extension) mirrors the paper's
 safe side: for every safe prompt, −λ_r·EMD away from a refusal (the template the fine-tuned
 model over-refuses with, :data:`OVER_REFUSALS`), so that the refusal is pulled towards on the
 harmful prompts and pushed away from on their safe look-alikes — the decision has to come from
-the request, not from its topic words.
+the request, not from its topic words. The push is the negative EMD by default
+(``away_loss="emd"``), or unlikelihood, −log(1 − p(y_t)) (``"unlikelihood"``, Welleck et al.,
+arXiv 1908.04319): the EMD is maximised by moving the mass to the tokens farthest from the
+refusal's (on the embedded model, rare fragments it then loops on), unlikelihood only lowers the
+refusal token's probability and hands the mass to the other tokens as they already stand.
 
 Data (:func:`make_data`, ``safedecode finetune-data``): the anchor set's harmful *train* prompts
 with the model's **own** answers (sampled, plain decoding; answers the refusal judge flags are
@@ -45,6 +49,7 @@ import torch
 
 DATA_FORMAT = "safedecode-ta-sft-data/1"
 METHODS = ("ta-sft", "sft", "ta-sft+refusal")
+AWAY_LOSSES = ("emd", "unlikelihood")
 KIND_SAFE, KIND_HARMFUL, KIND_REFUSAL, KIND_AWAY = 0, 1, 2, 3
 # The refusal template the TA-SFT adapters over-refuse safe requests with (read in the
 # evaluation reports: "I can't help with that." to deboning lamb, "I won't write ..."): pushed
@@ -263,6 +268,7 @@ class TASFTConfig:
     prompt (0 = off; see the module docstring). ``away_tokens``: how many of that refusal's
     first tokens are pushed away from (0 = all of it; on the embedded model the later tokens
     taught it to follow "I" with word salad, see ``ta_sft_val_smollm2-135m.md`` §Session 22).
+    ``away_loss``: ``"emd"`` (negative EMD) or ``"unlikelihood"`` for that push.
     ``full``: fine-tune every weight instead of a LoRA adapter on ``targets``.
     """
 
@@ -272,6 +278,7 @@ class TASFTConfig:
     safe_weight: float = 1.0
     away_refusal: float = 0.0
     away_tokens: int = 0
+    away_loss: str = "emd"
     epochs: float = 3.0
     max_steps: int = -1
     lr: float = 2e-4
@@ -305,6 +312,9 @@ class TASFTConfig:
                 or self.away_tokens < 0:
             raise ValueError(f"finetune: away_tokens (--away-tokens) must be an integer >= 0, "
                              f"got {self.away_tokens!r}")
+        if self.away_loss not in AWAY_LOSSES:
+            raise ValueError(f"finetune: away_loss (--away-loss) must be one of {AWAY_LOSSES}, "
+                             f"got {self.away_loss!r}")
         if self.n_harmful is not None and (isinstance(self.n_harmful, bool)
                                            or not isinstance(self.n_harmful, int)
                                            or self.n_harmful < 1):
@@ -366,13 +376,13 @@ def examples(tokenizer, records: list[dict], cfg: TASFTConfig) -> list[dict]:
 class Collator:
     """Packs examples (:func:`safedecode.training.teacher.pack`) and gives every response token
     its loss weights: ``w/N_ce`` on CE tokens (``w`` = ``safe_weight`` on safe answers, 1 on
-    refusals), ``−λ/N_harm`` on harmful tokens and ``−λ_r/N_away`` on the refusals pushed away
-    from on safe prompts (EMD)."""
+    refusals), ``−λ/N_harm`` on harmful tokens (EMD) and, on the refusals pushed away from on
+    safe prompts, ``−λ_r/N_away`` (EMD) or ``λ_r/N_away`` (unlikelihood, ``ul_weight``)."""
 
     def __init__(self, pad_id: int, lam: float, safe_weight: float = 1.0,
-                 away_refusal: float = 0.0) -> None:
+                 away_refusal: float = 0.0, away_loss: str = "emd") -> None:
         self.pad_id, self.lam, self.safe_weight = pad_id, lam, safe_weight
-        self.away_refusal = away_refusal
+        self.away_refusal, self.away_loss = away_refusal, away_loss
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         from .teacher import pack
@@ -381,12 +391,26 @@ class Collator:
         kind = torch.tensor([int(f["kind"]) for f in feats])[p.example]
         harm, away = kind == KIND_HARMFUL, kind == KIND_AWAY
         ce = ~(harm | away)
+        w_away = self.away_refusal * away.float() / max(1, int(away.sum()))
         w = torch.where(kind == KIND_SAFE, self.safe_weight, 1.0) * ce.float()
         return {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.pos,
                 "rows": p.rows, "cols": p.cols, "targets": p.targets,
                 "ce_weight": w / max(1, int(ce.sum())),
                 "emd_weight": -self.lam * harm.float() / max(1, int(harm.sum()))
-                - self.away_refusal * away.float() / max(1, int(away.sum()))}
+                - (self.away_loss == "emd") * w_away,
+                "ul_weight": (self.away_loss == "unlikelihood") * w_away}
+
+
+def unlikelihood_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                      w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_t w_t · −log(1 − p(y_t))`` with ``p = softmax(hidden @ weight.T + bias)``, computed
+    as ``logsumexp(z) − logsumexp(z without y)`` (exact as p → 1). Plain logits: it runs on the
+    few positions of the refusals pushed away from (≤ 7 per safe prompt), not on every token."""
+    z = (hidden @ weight.T).float()
+    if bias is not None:
+        z = z + bias.float()
+    others = z.scatter(1, target[:, None], float("-inf"))
+    return (w.float() * (torch.logsumexp(z, -1) - torch.logsumexp(others, -1))).sum()
 
 
 def _trainer_class():
@@ -402,7 +426,7 @@ def _trainer_class():
         def __init__(self, *args, cost, loss_backend: str = "auto", **kwargs):
             super().__init__(*args, **kwargs)
             self.cost, self.loss_backend = cost, loss_backend
-            self._parts: dict[str, list[float]] = {"ce": [], "emd": []}
+            self._parts: dict[str, list[float]] = {"ce": [], "emd": [], "ul": []}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             batch = SimpleNamespace(ids=inputs["input_ids"], mask=inputs["attention_mask"],
@@ -420,6 +444,12 @@ def _trainer_class():
                         bias=head.bias, backend=self.loss_backend)
                     loss = loss + part
                     self._parts[name].append(float(part.detach()))
+            wul = inputs.get("ul_weight")
+            if wul is not None and bool((wul != 0).any()):
+                sel = wul != 0
+                part = unlikelihood_loss(h[sel], head.weight, tgt[sel], wul[sel], head.bias)
+                loss = loss + part
+                self._parts["ul"].append(float(part.detach()))
             return (loss, None) if return_outputs else loss
 
         def log(self, logs: dict, *args, **kwargs) -> None:
@@ -429,7 +459,9 @@ def _trainer_class():
                 logs["ce"] = round(sum(self._parts["ce"]) / len(self._parts["ce"]), 4)
             if self._parts["emd"]:  # −λ·mean EMD (harmful) − λ_r·mean EMD (away)
                 logs["neg_lam_emd"] = round(sum(self._parts["emd"]) / len(self._parts["emd"]), 4)
-            self._parts = {"ce": [], "emd": []}
+            if self._parts["ul"]:  # λ_r·mean unlikelihood (away, --away-loss unlikelihood)
+                logs["lam_r_ul"] = round(sum(self._parts["ul"]) / len(self._parts["ul"]), 4)
+            self._parts = {"ce": [], "emd": [], "ul": []}
             super().log(logs, *args, **kwargs)
 
     return TASFTTrainer
@@ -500,7 +532,7 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         warmup_steps=0, dataloader_num_workers=0)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                data_collator=Collator(tok.pad_token_id, cfg.lam, cfg.safe_weight,
-                                                     cfg.away_refusal),
+                                                     cfg.away_refusal, cfg.away_loss),
                                cost=cost, loss_backend=cfg.loss_backend)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
