@@ -14,7 +14,7 @@
 #   scripts/ta_sft_sweep.sh s21b    # session 21: the shipped recipe again with seed 1 (~25 min)
 #   scripts/ta_sft_sweep.sh s22     # session 22: away from the refusal on safe prompts, λ_r 1
 #   scripts/ta_sft_sweep.sh s22b    # (two seeds, ~50 min), its first token alone (one, ~25 min)
-#   scripts/ta_sft_sweep.sh s22c    # and λ_r 0.5 (two seeds, ~50 min)
+#   scripts/ta_sft_sweep.sh s22c    # and λ_r 0.5 (two seeds, ~50 min); s22d: unlikelihood
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -165,11 +165,14 @@ fi
 # with word salad ("I strugg strugg …"); s22b: λ_r 1 on its first token alone (seed 0, ~25
 # min: it opened with "Ensuring" and looped as well, so seed 1 was not run); s22c: λ_r 0.5 on the
 # whole refusal (~50 min; seed 0 looped 4 times and lost the gain, so seed 1 was stopped).
+# s22d: λ_r 1 with unlikelihood instead of the EMD for the push (seed 0 only, ~25 min: the
+# session's time allowed one).
 if [[ "$STAGE" =~ ^s22 ]]; then
   R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
   tag=away1; extra=(--away-refusal 1); seeds="0 1"
   [ "$STAGE" = s22b ] && { tag=away1_first1; extra=(--away-refusal 1 --away-tokens 1); seeds=0; }
   [ "$STAGE" = s22c ] && { tag=away0.5; extra=(--away-refusal 0.5); }
+  [ "$STAGE" = s22d ] && { tag=away1_ul; extra=(--away-refusal 1 --away-loss unlikelihood); seeds=0; }
   for seed in $seeds; do
     run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_${tag}_seed$seed" --method ta-sft+refusal \
         --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 "${extra[@]}" --seed $seed
