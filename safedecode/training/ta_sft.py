@@ -392,13 +392,14 @@ class Collator:
         harm, away = kind == KIND_HARMFUL, kind == KIND_AWAY
         ce = ~(harm | away)
         w_away = self.away_refusal * away.float() / max(1, int(away.sum()))
+        ul = self.away_loss == "unlikelihood"
         w = torch.where(kind == KIND_SAFE, self.safe_weight, 1.0) * ce.float()
         return {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.pos,
                 "rows": p.rows, "cols": p.cols, "targets": p.targets,
                 "ce_weight": w / max(1, int(ce.sum())),
                 "emd_weight": -self.lam * harm.float() / max(1, int(harm.sum()))
-                - (self.away_loss == "emd") * w_away,
-                "ul_weight": (self.away_loss == "unlikelihood") * w_away}
+                - (0.0 if ul else w_away),
+                "ul_weight": w_away if ul else torch.zeros_like(w_away)}
 
 
 def unlikelihood_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
