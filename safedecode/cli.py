@@ -432,6 +432,9 @@ def finetune(
     seed: int = typer.Option(0, help="Seed."),
     save_steps: int = typer.Option(50, "--save-steps", help="Checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    keep_checkpoints: bool = typer.Option(
+        False, "--keep-checkpoints", help="Keep every checkpoint (OUT/checkpoints/checkpoint-N), "
+        "each loadable with --adapter: a curve over training length from one run."),
     cost: Path | None = typer.Option(None, "--cost", help="A semantic-cost file (default: from "
                                      "the model's own embeddings)."),
     loss_backend: str = typer.Option("auto", "--loss-backend", help="auto, torch or triton."),
@@ -450,7 +453,7 @@ def finetune(
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
                           loss_backend=loss_backend)
         meta = run(data, out, cfg, model_path=model, resume=resume, cost_path=cost,
-                   log=lambda m: typer.echo(m, err=True))
+                   keep_checkpoints=keep_checkpoints, log=lambda m: typer.echo(m, err=True))
     except ImportError as exc:
         _fail(f"finetune needs the train extra (pip install 'safedecode[train]'): {exc}")
     except (ValueError, FileNotFoundError) as exc:

@@ -15,6 +15,8 @@
 #   scripts/ta_sft_sweep.sh s22     # session 22: away from the refusal on safe prompts, λ_r 1
 #   scripts/ta_sft_sweep.sh s22b    # (two seeds, ~50 min), its first token alone (one, ~25 min)
 #   scripts/ta_sft_sweep.sh s22c    # and λ_r 0.5 (two seeds, ~50 min); s22d: unlikelihood
+#   scripts/ta_sft_sweep.sh s23     # session 23: the shipped recipe for 5 epochs, every epoch's
+#                                   # checkpoint judged (one run per seed: SEEDS="0 1", ~45 min each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -63,10 +65,10 @@ fi
 R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
 # (session 22's blocks need none of this: they train on session 21's data)
-[[ "$STAGE" =~ ^s22 ]] || [ -f "$R/data.jsonl" ] || \
+[[ "$STAGE" =~ ^s2[23] ]] || [ -f "$R/data.jsonl" ] || \
   $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-[[ "$STAGE" =~ ^s(19|20|21|22) ]] || for lr in 7e-4 2e-3; do
+[[ "$STAGE" =~ ^s(19|20|21|22|23) ]] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -74,7 +76,7 @@ done
 # session 19 the n = 100 one below, since session 20 the n = 207 / safe-weight-3 one (a cached
 # row in runs/ stays the adapter of its time).
 for m in none shipped; do
-  [[ "$STAGE" =~ ^s22 ]] && continue
+  [[ "$STAGE" =~ ^s2[23] ]] && continue
   [ -f "$R/val/$m/results.json" ] && continue
   ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
@@ -176,6 +178,28 @@ if [[ "$STAGE" =~ ^s22 ]]; then
   for seed in $seeds; do
     run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_${tag}_seed$seed" --method ta-sft+refusal \
         --lam 1 --epochs 3 --lr 2e-3 --safe-weight 3 "${extra[@]}" --seed $seed
+  done
+  R=$R0
+fi
+# Session 23: over-alignment against training length at the shipped data size. On the safe train
+# prompts the shipped adapter refuses 3 of 253 (1.2%): its over-refusals are a generalisation
+# gap, not items it failed to fit, so on-policy "away" targets would find nothing to push on.
+# Instead one run of the shipped recipe for 5 epochs keeps every epoch's checkpoint (constant
+# learning rate: the checkpoint at epoch k is the k-epoch run; epoch 3 is the shipped recipe).
+if [ "$STAGE" = s23 ]; then
+  R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
+  for seed in ${SEEDS:-0}; do
+    name="ta-sft+refusal_all_lam1_e5_lr2e-3_sw3_seed$seed"
+    [ -f "$R/ad/$name/safedecode.json" ] || \
+      $PY -m safedecode finetune --data "$R/data.jsonl" --out "$R/ad/$name" \
+          --method ta-sft+refusal --lam 1 --epochs 5 --lr 2e-3 --safe-weight 3 --seed $seed \
+          --save-steps 105 --keep-checkpoints
+    for ep in 2 4 5 3 1; do  # 105 steps an epoch (834 examples, batch 8)
+      v="$R/val/${name}_ep$ep"
+      [ -f "$v/results.json" ] && continue
+      $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 \
+          --adapter "$R/ad/$name/checkpoints/checkpoint-$((105 * ep))" --out "$v" > "$v.log" 2>&1
+    done
   done
   R=$R0
 fi

@@ -348,7 +348,17 @@ def test_finetune_writes_an_adapter_that_loads_resumes_and_changes_the_output(
     assert meta["steps"] == 2 and \
         meta["examples"] == {"harmful": 6, "refusal": 0, "safe": 6, "away": 0}
     assert (out / "adapter_model.safetensors").is_file()
-    assert any((out / "checkpoints").glob("checkpoint-2"))
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-1", "checkpoint-2"]  # every one kept, each self-describing
+    one = json.loads((out / "checkpoints" / "checkpoint-1" / "safedecode.json").read_text())
+    assert one["steps"] == 1 and one["config"]["lam"] == 2.0 and "train_s" not in one
+    assert all(h["step"] <= 1 for h in one["history"])
+    from safedecode.eval.runner import model_fingerprint
+    from safedecode.models import load_model as _load
+
+    early, _ = _load(str(tiny_model_dir), adapter=out / "checkpoints" / "checkpoint-1")
+    final, _ = _load(str(tiny_model_dir), adapter=out)
+    assert model_fingerprint(early) != model_fingerprint(final)  # step 1 is not step 2
     rec = json.loads((out / "safedecode.json").read_text())
     assert rec["config"]["lam"] == 2.0 and rec["data_sha256"]
     assert any("neg_lam_emd" in h for h in rec["history"])

@@ -472,6 +472,17 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _describe_checkpoints(ckpt: Path, meta: dict) -> None:
+    """Write each ``checkpoint-N``'s own ``safedecode.json``: the run's metadata at step N."""
+    for folder in sorted(ckpt.glob("checkpoint-*")):
+        step = int(folder.name.rsplit("-", 1)[1])
+        own = dict(meta, steps=step, checkpoint_of=str(ckpt.parent),
+                   history=[h for h in meta["history"] if h.get("step", 0) <= step
+                            and "loss" in h])
+        own.pop("train_s", None)
+        (folder / "safedecode.json").write_text(json.dumps(own, indent=2) + "\n")
+
+
 def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = None, *,
              model_path: str | None = None, resume: bool = False, progress: bool = True,
              cost_path: str | Path | None = None, keep_checkpoints: bool = False,
@@ -479,8 +490,11 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     """Fine-tune on a :func:`save_data` file; writes a peft adapter (or, with ``full``, the whole
     model and tokenizer) and ``safedecode.json`` (config, data hash, model fingerprint, loss
     history) to ``out``. Checkpoints go to ``out/checkpoints`` every ``save_steps`` steps;
-    ``resume`` continues from the last one (they are removed after a finished run unless
-    ``keep_checkpoints``). Returns the recorded metadata."""
+    ``resume`` continues from the last one. They are removed after a finished run unless
+    ``keep_checkpoints``: then every one is kept and gets its own ``safedecode.json`` (the run's
+    metadata with its ``steps`` and the history up to it), so each loads as an adapter and a
+    single run gives a curve over training length (the learning rate is constant, so the
+    checkpoint at step N is the run that stopped at N). Returns the recorded metadata."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -528,7 +542,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size, seed=cfg.seed,
         data_seed=cfg.seed, report_to=[], logging_steps=5, save_strategy="steps",
-        save_steps=cfg.save_steps, save_total_limit=1, use_cpu=not torch.cuda.is_available(),
+        save_steps=cfg.save_steps, save_total_limit=None if keep_checkpoints else 1,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress, remove_unused_columns=False, lr_scheduler_type="constant",
         warmup_steps=0, dataloader_num_workers=0)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
@@ -555,7 +570,9 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
             "history": [h for h in trainer.state.log_history
                         if "loss" in h or "train_loss" in h]}
     (out / "safedecode.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if not keep_checkpoints:
+    if keep_checkpoints:
+        _describe_checkpoints(ckpt, meta)
+    else:
         shutil.rmtree(ckpt, ignore_errors=True)
     log(f"{cfg.method}: {trainer.state.global_step} steps in {train_s:.0f}s")
     return meta
