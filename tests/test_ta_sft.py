@@ -490,3 +490,22 @@ def test_magpie_requests_are_the_models_own_and_extend_a_data_file(tmp_path):
     res = runner.invoke(app, ["finetune-data", "-o", str(tmp_path / "x.jsonl"), "--magpie", "1",
                               "--extend", str(other)])
     assert res.exit_code == 2 and "holds answers of another model" in res.output
+
+
+def test_finetune_is_reproducible_from_its_seed(tiny_model_dir, tmp_path):
+    """The same seed gives the same adapter (LoRA's initialisation included), another seed not."""
+    from safetensors.torch import load_file
+
+    from safedecode.training.ta_sft import finetune
+
+    data = _data_file(tmp_path / "d.jsonl")
+    weights = []
+    for i, seed in enumerate((0, 0, 1)):
+        cfg = TASFTConfig(n_harmful=6, max_steps=1, batch_size=4, lr=5e-2, seed=seed)
+        torch.manual_seed(100 + i)  # whatever the caller's RNG holds
+        finetune(data, tmp_path / f"a{i}", cfg, model_path=str(tiny_model_dir), progress=False,
+                 log=lambda m: None)
+        weights.append(load_file(str(tmp_path / f"a{i}" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

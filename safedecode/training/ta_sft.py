@@ -496,7 +496,7 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     single run gives a curve over training length (the learning rate is constant, so the
     checkpoint at step N is the run that stopped at N). Returns the recorded metadata."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from safedecode.models import (
         DEFAULT_NAME,
@@ -530,6 +530,10 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         SemanticCost.from_model(model)
     cost.check(model)
     train = examples(tok, records, cfg)
+    # seeded before the adapter exists: peft draws LoRA's A matrices from the global RNG, and
+    # Trainer seeds only after (it would leave the initialisation to chance: same --seed,
+    # different run)
+    set_seed(cfg.seed)
     if cfg.full:
         model.train()
     else:
