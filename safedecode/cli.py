@@ -426,6 +426,8 @@ def finetune(
     epochs: float = typer.Option(3.0, help="Passes over the data."),
     steps: int = typer.Option(-1, "--steps", help="Optimizer steps (overrides --epochs)."),
     lr: float = typer.Option(2e-4, help="Learning rate."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule",
+                                    help="constant, linear or cosine (decay to 0, no warm-up)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     full: bool = typer.Option(False, "--full", help="Fine-tune every weight (no adapter)."),
@@ -449,7 +451,8 @@ def finetune(
                           away_refusal=away_refusal, away_tokens=away_tokens,
                           away_loss=away_loss,
                           epochs=epochs,
-                          max_steps=steps, lr=lr, batch_size=batch_size, lora_r=lora_r,
+                          max_steps=steps, lr=lr, lr_schedule=lr_schedule,
+                          batch_size=batch_size, lora_r=lora_r,
                           lora_alpha=2 * lora_r, full=full, seed=seed, save_steps=save_steps,
                           loss_backend=loss_backend)
         meta = run(data, out, cfg, model_path=model, resume=resume, cost_path=cost,

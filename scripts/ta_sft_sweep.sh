@@ -17,6 +17,8 @@
 #   scripts/ta_sft_sweep.sh s22c    # and λ_r 0.5 (two seeds, ~50 min); s22d: unlikelihood
 #   scripts/ta_sft_sweep.sh s23     # session 23: the shipped recipe for 5 epochs, every epoch's
 #                                   # checkpoint judged (one run per seed: SEEDS="0 1", ~45 min each)
+#   scripts/ta_sft_sweep.sh s23b    # the shipped recipe with the learning rate decaying linearly
+#                                   # to 0 (SEEDS, default 0; ~25 min each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -200,6 +202,18 @@ if [ "$STAGE" = s23 ]; then
       $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 \
           --adapter "$R/ad/$name/checkpoints/checkpoint-$((105 * ep))" --out "$v" > "$v.log" 2>&1
     done
+  done
+  R=$R0
+fi
+# Session 23, second block: both 5-epoch runs wander along the refusal frontier from epoch to
+# epoch (benign refusal 4.5 -> 7.5 -> 11.3 -> 8.3% in one, 10.5 -> 15.8 -> 8.3 -> 13.5% in the
+# other) — what a constant learning rate of 2e-3 does at the end of training. The usual fix: decay
+# it (linearly to 0 over the 3 epochs), so the adapter settles instead of stopping mid-swing.
+if [ "$STAGE" = s23b ]; then
+  R0=$R; R=${R%_s18}_s21; mkdir -p "$R/val"
+  for seed in ${SEEDS:-0}; do
+    run "ta-sft+refusal_all_lam1_e3_lr2e-3lin_sw3_seed$seed" --method ta-sft+refusal --lam 1 \
+        --epochs 3 --lr 2e-3 --lr-schedule linear --safe-weight 3 --seed $seed
   done
   R=$R0
 fi

@@ -187,6 +187,8 @@ def test_config_refuses_negative_lambda_and_bad_knobs():
             TASFTConfig(away_tokens=bad)
     with pytest.raises(ValueError, match=r"away_loss \(--away-loss\) must be one of"):
         TASFTConfig(away_loss="kl")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TASFTConfig(lr_schedule="step")
 
 
 # -- data and training on the tiny model -------------------------------------------------------
@@ -509,3 +511,15 @@ def test_finetune_is_reproducible_from_its_seed(tiny_model_dir, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_finetune_lr_schedule_decays_to_zero(tiny_model_dir, tmp_path):
+    from safedecode.training.ta_sft import finetune
+
+    data = _data_file(tmp_path / "d.jsonl")
+    cfg = TASFTConfig(n_harmful=6, max_steps=10, batch_size=4, lr=1e-2, lr_schedule="linear")
+    meta = finetune(data, tmp_path / "a", cfg, model_path=str(tiny_model_dir), progress=False,
+                    log=lambda m: None)
+    lrs = [h["learning_rate"] for h in meta["history"] if "learning_rate" in h]
+    assert meta["config"]["lr_schedule"] == "linear"
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2 and lrs[-1] < lrs[0] / 2

@@ -50,6 +50,7 @@ import torch
 DATA_FORMAT = "safedecode-ta-sft-data/1"
 METHODS = ("ta-sft", "sft", "ta-sft+refusal")
 AWAY_LOSSES = ("emd", "unlikelihood")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # transformers' names; no warm-up
 KIND_SAFE, KIND_HARMFUL, KIND_REFUSAL, KIND_AWAY = 0, 1, 2, 3
 # The refusal template the TA-SFT adapters over-refuse safe requests with (read in the
 # evaluation reports: "I can't help with that." to deboning lamb, "I won't write ..."): pushed
@@ -282,6 +283,7 @@ class TASFTConfig:
     epochs: float = 3.0
     max_steps: int = -1
     lr: float = 2e-4
+    lr_schedule: str = "constant"
     batch_size: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
@@ -327,6 +329,9 @@ class TASFTConfig:
             raise ValueError(f"finetune: lr must be a finite number > 0, got {self.lr!r}")
         if self.max_steps <= 0 and not self.epochs > 0:
             raise ValueError("finetune: give epochs > 0 or max_steps > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"finetune: lr_schedule (--lr-schedule) must be one of "
+                             f"{LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.loss_backend not in BACKENDS:
             raise ValueError(f"finetune: loss_backend must be one of {BACKENDS}")
         if not self.targets and not self.full:
@@ -493,8 +498,8 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     ``resume`` continues from the last one. They are removed after a finished run unless
     ``keep_checkpoints``: then every one is kept and gets its own ``safedecode.json`` (the run's
     metadata with its ``steps`` and the history up to it), so each loads as an adapter and a
-    single run gives a curve over training length (the learning rate is constant, so the
-    checkpoint at step N is the run that stopped at N). Returns the recorded metadata."""
+    single run gives a curve over training length (with the constant schedule the checkpoint at
+    step N is the run that stopped at N; a decaying one is not). Returns the recorded metadata."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
@@ -548,7 +553,7 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
         data_seed=cfg.seed, report_to=[], logging_steps=5, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=None if keep_checkpoints else 1,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not progress, remove_unused_columns=False, lr_scheduler_type="constant",
+        disable_tqdm=not progress, remove_unused_columns=False, lr_scheduler_type=cfg.lr_schedule,
         warmup_steps=0, dataloader_num_workers=0)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                data_collator=Collator(tok.pad_token_id, cfg.lam, cfg.safe_weight,
