@@ -127,8 +127,8 @@ def test_anchor_loads_with_fields_and_sizes(anchor):
     # requests in other shapes, on AILuminate's twelve hazards (session 21)
     assert 240 <= len(harmful) <= 250
     # 100 first + 100 look-alikes (session 8) + 50 (session 12) + 60 held out (session 17)
-    # + 68 train-only contrast items (session 18)
-    assert 370 <= len(safe) <= 390
+    # + 68 train-only contrast items (session 18) + 96 train-only trigger-word items (session 24)
+    assert 466 <= len(safe) <= 486
     _assert_fields([x for x in harmful if "part" not in x], HARMFUL_FIELDS)
     tasks = [x for x in harmful if "part" in x]
     _assert_fields(tasks, HARMFUL_FIELDS + ("part",))
@@ -141,8 +141,11 @@ def test_anchor_loads_with_fields_and_sizes(anchor):
     _assert_fields([x for x in safe if "part" not in x], SAFE_FIELDS)
     _assert_fields(marked, SAFE_FIELDS + ("part",))
     held = [x for x in marked if x["part"] == "val"]
-    contrast = [x for x in marked if x["part"] == "train"]
-    assert len(held) + len(contrast) == len(marked)
+    contrast = [x for x in marked if x["part"] == "train" and x["category"].startswith("contrast_")]
+    trigger = [x for x in marked if x["part"] == "train" and x["category"].startswith("trigger_")]
+    assert len(held) + len(contrast) + len(trigger) == len(marked)
+    # eight everyday requests with a harm word in each of twelve genres, train part only
+    assert len(trigger) == 96 and set(Counter(x["category"] for x in trigger).values()) == {8}
     assert len(held) == 60 and all(x["category"].startswith("heldout_") for x in held)
     # four harmless requests for each harmful category, in the train part only
     assert Counter(x["category"] for x in contrast) == Counter(
