@@ -19,6 +19,8 @@
 #                                   # checkpoint judged (one run per seed: SEEDS="0 1", ~45 min each)
 #   scripts/ta_sft_sweep.sh s23b    # the shipped recipe with the learning rate decaying linearly
 #                                   # to 0 (SEEDS, default 0; ~25 min each)
+#   scripts/ta_sft_sweep.sh s24     # session 24: the shipped recipe on data grown by 96 train-only
+#                                   # trigger-word requests (SEEDS="0 1"; data 5 min, ~22 min each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -215,6 +217,19 @@ if [ "$STAGE" = s23b ]; then
   for seed in ${SEEDS:-0}; do
     run "ta-sft+refusal_all_lam1_e3_lr2e-3lin_sw3_seed$seed" --method ta-sft+refusal --lam 1 \
         --epochs 3 --lr 2e-3 --lr-schedule linear --safe-weight 3 --seed $seed
+  done
+  R=$R0
+fi
+# Session 24: every knob so far moved along one frontier, and the shipped adapter refuses 3 of
+# its 253 safe train prompts: its over-refusals are a generalisation gap. The lever left is the
+# data: 96 train-only everyday requests with a harm word (s469-s564: eight in each of twelve
+# genres, tasks and questions), answered by the model itself like every safe record.
+if [ "$STAGE" = s24 ]; then
+  R0=$R; R=${R%_s18}_s24; mkdir -p "$R/val"
+  [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
+  for seed in ${SEEDS:-0}; do
+    run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_seed$seed" --method ta-sft+refusal --lam 1 \
+        --epochs 3 --lr 2e-3 --safe-weight 3 --seed $seed
   done
   R=$R0
 fi
