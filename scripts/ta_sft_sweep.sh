@@ -68,11 +68,11 @@ fi
 # (`python benchmarks/ta_sft_summary.py OUT.md none=runs/tasft_s18/val/none ...`).
 R=${R18:-runs/tasft_s18}
 mkdir -p "$R/val"
-# (session 22's blocks need none of this: they train on session 21's data)
-[[ "$STAGE" =~ ^s2[23] ]] || [ -f "$R/data.jsonl" ] || \
+# (the blocks of session 22 on need none of this: they train on their own data)
+[[ "$STAGE" =~ ^s2[2-9] ]] || [ -f "$R/data.jsonl" ] || \
   $PY -m safedecode finetune-data --out "$R/data.jsonl"
 # the chosen knobs (lr 7e-4), and lr 2e-3, which over-refused with the 71 safe answers
-[[ "$STAGE" =~ ^s(19|20|21|22|23) ]] || for lr in 7e-4 2e-3; do
+[[ "$STAGE" =~ ^s(19|2[0-9]) ]] || for lr in 7e-4 2e-3; do
   run "ta-sft+refusal_n50_lam1_e3_lr$lr" --method ta-sft+refusal --harmful 50 --lam 1 --epochs 3 \
       --lr $lr
 done
@@ -80,7 +80,7 @@ done
 # session 19 the n = 100 one below, since session 20 the n = 207 / safe-weight-3 one (a cached
 # row in runs/ stays the adapter of its time).
 for m in none shipped; do
-  [[ "$STAGE" =~ ^s2[23] ]] && continue
+  [[ "$STAGE" =~ ^s2[2-9] ]] && continue
   [ -f "$R/val/$m/results.json" ] && continue
   ad=(); [ $m = shipped ] && ad=(--adapter safedecode/methods/assets/ta_sft_lora)
   $PY -m safedecode eval -m plain -d anchor-harmful-val,anchor-safe-val -n 64 "${ad[@]}" \
