@@ -466,6 +466,33 @@ def finetune(
                f"{meta['examples']}, mean loss {mean:.4f}")
 
 
+@app.command("average-adapters")
+def average_adapters(
+    adapters: list[Path] = typer.Argument(..., help="LoRA adapter folders (e.g. the checkpoints "
+                                                    "of `finetune --keep-checkpoints`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the averaged adapter."),
+    weights: str | None = typer.Option(None, "--weights",
+                                       help="Comma-separated weights, one per adapter "
+                                            "(default equal; normalised to sum 1)."),
+):
+    """Average LoRA adapters exactly (checkpoint averaging): the result's weight delta is the
+    weighted mean of theirs; loadable with --adapter like any adapter."""
+    from safedecode.engine.adapters import average_loras, load_lora, save_lora
+
+    try:
+        try:
+            w = None if weights is None else [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise ValueError(f"average-adapters: --weights must be numbers separated by "
+                             f"commas, got {weights!r}") from None
+        avg = average_loras([load_lora(a) for a in adapters], w, name=out.name)
+        save_lora(avg, out)
+    except ValueError as exc:
+        _fail(f"average-adapters: {exc}" if not str(exc).startswith("average") else str(exc))
+    rank = next(iter(avg.layers.values()))[0].shape[0]
+    typer.echo(f"wrote {out}: the mean of {len(adapters)} adapters (rank {rank})")
+
+
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Show which backends loaded here and why others did not."""

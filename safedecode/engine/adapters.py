@@ -9,7 +9,10 @@ adapter merged, row for row (to float rounding).
 
 :func:`load_lora` reads a peft adapter folder (``adapter_config.json`` +
 ``adapter_model.safetensors``, as ``save_pretrained`` writes it): plain LoRA only (no DoRA, no
-bias, no ``modules_to_save``: those change more than a low-rank delta and are refused by name).
+bias, no ``modules_to_save``: those change more than a low-rank delta and are refused by name);
+:func:`save_lora` writes one back. :func:`average_loras` is checkpoint averaging (a "soup",
+Wortsman et al., arXiv 2203.05482) done exactly: the ranks are concatenated, so the result's delta
+is the weighted mean of the inputs' deltas, not of their A and B factors.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,5 +165,75 @@ def load_lora(path: str | Path, *, name: str | None = None) -> LoraAdapter:
         layers[mod] = (p["lora_A"], p["lora_B"])
     meta_file = folder / "safedecode.json"
     meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    meta = {**meta, "source": str(folder)}
     return LoraAdapter(layers, scale, name or folder.name, meta.get("embedding_fingerprint"),
                        meta.get("base_model", ""), meta)
+
+
+def average_loras(adapters: list[LoraAdapter], weights: list[float] | None = None, *,
+                  name: str = "average") -> LoraAdapter:
+    """The adapter whose delta is ``Σ_i w_i · s_i B_i A_i`` (weights normalised to sum 1; equal by
+    default), exact: ``A = cat_i(w_i s_i A_i)``, ``B = cat_i(B_i)``, scale 1, rank ``Σ r_i``.
+    The adapters must target the same modules with the same shapes, and were trained on one model
+    (the same embedding fingerprint, where recorded)."""
+    if not adapters:
+        raise ValueError("average: no adapters given")
+    w = [1.0] * len(adapters) if weights is None else [float(x) for x in weights]
+    if len(w) != len(adapters):
+        raise ValueError(f"average: {len(w)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"average: weights must be finite, >= 0 and not all 0, got {w}")
+    first = adapters[0]
+    prints = {a.fingerprint for a in adapters} - {None}
+    if len(prints) > 1:
+        raise ValueError("average: the adapters were trained on different models (embedding "
+                         f"fingerprints {sorted(prints)})")
+    for a in adapters[1:]:
+        if set(a.layers) != set(first.layers):
+            diff = sorted(set(a.layers) ^ set(first.layers))
+            raise ValueError(f"average: {a.name!r} and {first.name!r} target different modules "
+                             f"(e.g. {diff[0]!r})")
+        for mod, (a_, b_) in a.layers.items():
+            if (a_.shape[1], b_.shape[0]) != (first.layers[mod][0].shape[1],
+                                              first.layers[mod][1].shape[0]):
+                raise ValueError(f"average: {mod} has other shapes in {a.name!r} than in "
+                                 f"{first.name!r}")
+    total = sum(w)
+    layers = {
+        mod: (torch.cat([a.layers[mod][0].float() * (wi / total * a.scale)
+                         for a, wi in zip(adapters, w, strict=True)]),
+              torch.cat([a.layers[mod][1].float() for a in adapters], dim=1))
+        for mod in first.layers}
+    meta = {**first.meta, "averaged_from": [a.meta.get("source", a.name) for a in adapters],
+            "average_weights": [wi / total for wi in w]}
+    return LoraAdapter(layers, 1.0, name, first.fingerprint, first.base_model, meta)
+
+
+def save_lora(adapter: LoraAdapter, path: str | Path) -> Path:
+    """Write ``adapter`` as a peft LoRA folder (fp16 weights, ``safedecode.json`` with its
+    metadata) that :func:`load_lora` and peft's ``PeftModel.from_pretrained`` both read."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {a.shape[0] for a, _ in adapter.layers.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"save: adapter {adapter.name!r} has per-module ranks {sorted(ranks)}")
+    r = ranks.pop()
+    tensors = {}
+    for mod, (a, b) in adapter.layers.items():
+        tensors[f"{_PEFT_PREFIX}{mod}.lora_A.weight"] = a.detach().cpu().half().contiguous()
+        tensors[f"{_PEFT_PREFIX}{mod}.lora_B.weight"] = b.detach().cpu().half().contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
+              "lora_alpha": adapter.scale * r, "lora_dropout": 0.0, "bias": "none",
+              "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "inference_mode": True, "modules_to_save": None,
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in adapter.layers}),
+              "base_model_name_or_path": adapter.meta.get("base_model_path")}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                                encoding="utf-8")
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    meta = {**{k: v for k, v in adapter.meta.items() if k != "source"},
+            "embedding_fingerprint": adapter.fingerprint, "base_model": adapter.base_model}
+    (folder / "safedecode.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return folder
