@@ -20,7 +20,8 @@
 #   scripts/ta_sft_sweep.sh s23b    # the shipped recipe with the learning rate decaying linearly
 #                                   # to 0 (SEEDS, default 0; ~25 min each)
 #   scripts/ta_sft_sweep.sh s24     # session 24: the shipped recipe on data grown by 96 train-only
-#                                   # trigger-word requests (SEEDS="0 1"; data 5 min, ~22 min each)
+#                                   # trigger-word requests (SEEDS="0 1"; data 5 min, ~22 min each),
+#                                   # and the seeds' adapters averaged (SEEDS="2 3": the replication)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -231,5 +232,10 @@ if [ "$STAGE" = s24 ]; then
     run "ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_seed$seed" --method ta-sft+refusal --lam 1 \
         --epochs 3 --lr 2e-3 --safe-weight 3 --seed $seed
   done
+  # the seeds' adapters averaged exactly (`safedecode average-adapters`) and judged the same way
+  name="ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_avg_seeds${SEEDS:-0}"; name=${name// /}
+  [ -f "$R/ad/$name/safedecode.json" ] || $PY -m safedecode average-adapters -o "$R/ad/$name" \
+      $(for seed in ${SEEDS:-0}; do echo "$R/ad/ta-sft+refusal_all_lam1_e3_lr2e-3_sw3_seed$seed"; done)
+  run "$name"
   R=$R0
 fi
