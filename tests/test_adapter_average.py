@@ -56,6 +56,14 @@ def test_average_is_the_weighted_mean_of_the_deltas(two):
                           atol=1e-6)
 
 
+def test_average_keeps_only_the_metadata_its_inputs_agree_on(two):
+    a, b = (LoraAdapter(x.layers, x.scale, x.name, meta={**x.meta, "method": "sft", "steps": i})
+            for i, x in enumerate(two))
+    meta = average_loras([a, b]).meta
+    assert meta["method"] == "sft" and "steps" not in meta and "source" not in meta
+    assert meta["averaged_from"] == [x.meta["source"] for x in two]
+
+
 def test_saved_average_loads_back_in_both_loaders(two, tmp_path):
     from peft import PeftModel
 

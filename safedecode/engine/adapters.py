@@ -175,7 +175,8 @@ def average_loras(adapters: list[LoraAdapter], weights: list[float] | None = Non
     """The adapter whose delta is ``Σ_i w_i · s_i B_i A_i`` (weights normalised to sum 1; equal by
     default), exact: ``A = cat_i(w_i s_i A_i)``, ``B = cat_i(B_i)``, scale 1, rank ``Σ r_i``.
     The adapters must target the same modules with the same shapes, and were trained on one model
-    (the same embedding fingerprint, where recorded)."""
+    (the same embedding fingerprint, where recorded). Its metadata keeps what all of them agree on
+    (e.g. a run's config, not its step count) and names its sources."""
     if not adapters:
         raise ValueError("average: no adapters given")
     w = [1.0] * len(adapters) if weights is None else [float(x) for x in weights]
@@ -204,7 +205,9 @@ def average_loras(adapters: list[LoraAdapter], weights: list[float] | None = Non
                          for a, wi in zip(adapters, w, strict=True)]),
               torch.cat([a.layers[mod][1].float() for a in adapters], dim=1))
         for mod in first.layers}
-    meta = {**first.meta, "averaged_from": [a.meta.get("source", a.name) for a in adapters],
+    shared = {k: v for k, v in first.meta.items()  # what every input agrees on (not "steps")
+              if k != "source" and all(a.meta.get(k, object()) == v for a in adapters)}
+    meta = {**shared, "averaged_from": [a.meta.get("source", a.name) for a in adapters],
             "average_weights": [wi / total for wi in w]}
     return LoraAdapter(layers, 1.0, name, first.fingerprint, first.base_model, meta)
 
