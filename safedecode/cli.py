@@ -488,7 +488,7 @@ def average_adapters(
         avg = average_loras([load_lora(a) for a in adapters], w, name=out.name)
         save_lora(avg, out)
     except ValueError as exc:
-        _fail(f"average-adapters: {exc}" if not str(exc).startswith("average") else str(exc))
+        _fail(str(exc))
     rank = next(iter(avg.layers.values()))[0].shape[0]
     typer.echo(f"wrote {out}: the mean of {len(adapters)} adapters (rank {rank})")
 

@@ -231,8 +231,7 @@ def save_lora(adapter: LoraAdapter, path: str | Path) -> Path:
               "lora_alpha": adapter.scale * r, "lora_dropout": 0.0, "bias": "none",
               "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
               "inference_mode": True, "modules_to_save": None,
-              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in adapter.layers}),
-              "base_model_name_or_path": adapter.meta.get("base_model_path")}
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in adapter.layers})}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n",
                                                 encoding="utf-8")
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
