@@ -225,6 +225,9 @@ fi
 # its 253 safe train prompts: its over-refusals are a generalisation gap. The lever left is the
 # data: 96 train-only everyday requests with a harm word (s469-s564: eight in each of twelve
 # genres, tasks and questions), answered by the model itself like every safe record.
+# (Seeds 0 / 1: +0.57 / +0.72, no better alone; their exact average +0.76, and seeds 2 + 3's
+# +0.70 — 86.8% / 8.3% on validation, every target met on the evaluation sets under the extended
+# judge; ta_sft_val_smollm2-135m.md and efficacy_ta_sft_smollm2-135m.md §Session 24.)
 if [ "$STAGE" = s24 ]; then
   R0=$R; R=${R%_s18}_s24; mkdir -p "$R/val"
   [ -f "$R/data.jsonl" ] || $PY -m safedecode finetune-data --out "$R/data.jsonl"
