@@ -9,6 +9,9 @@ to compliance and a safe request's answer to a refusal; higher is better for bot
 
     python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta50=runs/x/ta50 ... [--reward]
 
+``--reward`` scores the answers (about a minute per run on 2 cores) and caches the means in the run
+folder under the reward model's key; without it only fresh caches are shown.
+
 The first folder is the reference for the perplexity ratio (the untuned model).
 """
 
@@ -42,17 +45,25 @@ def _ppl(res: dict, sets) -> float | None:
 
 
 def _rewards(run: Path) -> dict[str, float]:
-    """Mean harmlessness reward of the run's answers, on harmful and on benign items."""
-    from safedecode.methods.rewards import make_reward
+    """Mean harmlessness reward of the run's answers, on harmful and on benign items, under the
+    shipped reward model (cached in the run folder with its key; a stale cache is not shown)."""
+    import hashlib
 
+    from safedecode.methods.harmless import ASSET
+
+    key = "harmless:" + hashlib.sha256(
+        (ASSET / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     cache = run / "harmless_reward.json"
-    if cache.is_file():
+    if cache.is_file() and json.loads(cache.read_text()).get("reward") == key:
         return json.loads(cache.read_text())
     if "--reward" not in sys.argv:  # slow on a CPU: only on request
         return {}
+    from safedecode.methods.rewards import make_reward
+
     rows = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines() if x]
     reward = make_reward("harmless")
-    out = {}
+    assert reward.key() == key, (reward.key(), key)
+    out = {"reward": key}
     for label in ("harmful", "benign"):
         sel = [r for r in rows if r.get("label") == label]
         if sel:

@@ -57,10 +57,14 @@ def test_average_is_the_weighted_mean_of_the_deltas(two):
 
 
 def test_average_keeps_only_the_metadata_its_inputs_agree_on(two):
-    a, b = (LoraAdapter(x.layers, x.scale, x.name, meta={**x.meta, "method": "sft", "steps": i})
+    a, b = (LoraAdapter(x.layers, x.scale, x.name,
+                        meta={**x.meta, "method": "sft", "steps": i, "history": [i],
+                              "config": {"lr": 2e-3, "seed": 2 + i}})
             for i, x in enumerate(two))
     meta = average_loras([a, b]).meta
-    assert meta["method"] == "sft" and "steps" not in meta and "source" not in meta
+    assert meta["method"] == "sft" and meta["config"] == {"lr": 2e-3}
+    assert "steps" not in meta and "history" not in meta and "source" not in meta
+    assert meta["averaged_varies"] == {"steps": [0, 1], "config.seed": [2, 3]}
     assert meta["averaged_from"] == [x.meta["source"] for x in two]
 
 

@@ -205,11 +205,32 @@ def average_loras(adapters: list[LoraAdapter], weights: list[float] | None = Non
                          for a, wi in zip(adapters, w, strict=True)]),
               torch.cat([a.layers[mod][1].float() for a in adapters], dim=1))
         for mod in first.layers}
-    shared = {k: v for k, v in first.meta.items()  # what every input agrees on (not "steps")
-              if k != "source" and all(a.meta.get(k, object()) == v for a in adapters)}
-    meta = {**shared, "averaged_from": [a.meta.get("source", a.name) for a in adapters],
+    metas = [{k: v for k, v in a.meta.items() if k != "source"} for a in adapters]
+    varies: dict[str, list] = {}
+    meta = {**_agreed(metas, varies),
+            "averaged_from": [a.meta.get("source", a.name) for a in adapters],
             "average_weights": [wi / total for wi in w]}
+    if varies:
+        meta["averaged_varies"] = varies
     return LoraAdapter(layers, 1.0, name, first.fingerprint, first.base_model, meta)
+
+
+def _agreed(metas: list[dict], varies: dict[str, list], prefix: str = "") -> dict:
+    """What every metadata dict agrees on, recursing into nested dicts (a run's ``config`` keeps
+    its shared knobs); scalars that differ (e.g. ``config.seed``) go to ``varies`` by dotted key."""
+    out = {}
+    for k, v in metas[0].items():
+        vals = [m.get(k, _MISSING) for m in metas]
+        if all(x == v for x in vals):
+            out[k] = v
+        elif all(isinstance(x, dict) for x in vals):
+            out[k] = _agreed(vals, varies, f"{prefix}{k}.")
+        elif all(x is None or isinstance(x, (str, int, float, bool)) for x in vals):
+            varies[f"{prefix}{k}"] = vals
+    return out
+
+
+_MISSING = object()
 
 
 def save_lora(adapter: LoraAdapter, path: str | Path) -> Path:
