@@ -47,12 +47,9 @@ def _ppl(res: dict, sets) -> float | None:
 def _rewards(run: Path) -> dict[str, float]:
     """Mean harmlessness reward of the run's answers, on harmful and on benign items, under the
     shipped reward model (cached in the run folder with its key; a stale cache is not shown)."""
-    import hashlib
+    from safedecode.methods.harmless import reward_key
 
-    from safedecode.methods.harmless import ASSET
-
-    key = "harmless:" + hashlib.sha256(
-        (ASSET / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    key = reward_key()
     cache = run / "harmless_reward.json"
     if cache.is_file() and json.loads(cache.read_text()).get("reward") == key:
         return json.loads(cache.read_text())

@@ -336,6 +336,15 @@ def pairwise_accuracy(rm: HarmlessReward, pairs: Sequence[dict]) -> float:
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
 
 
+def reward_key(path: str | Path | None = None) -> str:
+    """The reward model's identity (a hash of its weights), without loading it: a cache of its
+    scores is fresh only under the same key."""
+    import hashlib
+
+    blob = (Path(path or ASSET) / "adapter_model.safetensors").read_bytes()
+    return f"harmless:{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
 class HarmlessReward(Reward):
     """The trained reward model's scalar score of (prompt, reply) as a chat."""
 
@@ -356,10 +365,7 @@ class HarmlessReward(Reward):
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
 
     def key(self) -> str:
-        import hashlib
-
-        blob = (Path(self.path) / "adapter_model.safetensors").read_bytes()
-        return f"harmless:{hashlib.sha256(blob).hexdigest()[:16]}"
+        return reward_key(self.path)
 
     def __call__(self, prompts, texts) -> list[float]:
         torch = self.torch
