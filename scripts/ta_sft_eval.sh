@@ -33,6 +33,11 @@ final() {  # name, finetune args...
 SFT_KNOBS="--epochs 3 --lr 2e-3"
 TAR_KNOBS="--lam 1 --epochs 3 --lr 7e-4"
 TA_KNOBS="--lam 4 --epochs 3 --lr 2e-4"
+# Session 25: ta-sft at n = 100 was never run on runs/tasft/data.jsonl (that file is gone); it was
+# trained on session 24's file instead (its first 100 harmful examples = 2 answers to 50 prompts;
+# 328 safe answers, not 71), before the loop below would train it on $R/data.jsonl:
+[ "$STAGE" = shipped ] || [ -f "$E/ta-sft_n100/results.json" ] || \
+  R=runs/tasft_s24 final ta-sft_n100 --method ta-sft --harmful 100 $TA_KNOBS
 [ "$STAGE" = shipped ] || for n in 50 25 100; do
   final "sft_n$n" --method sft --harmful "$n" $SFT_KNOBS
   final "ta-sft+refusal_n$n" --method ta-sft+refusal --harmful "$n" $TAR_KNOBS
