@@ -154,12 +154,30 @@ def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_pat
 
 
 
+class _Scored:
+    """A reward that scores each distinct (prompt, text) once across calls."""
+
+    def __init__(self, rm: HarmlessReward) -> None:
+        self.rm, self.seen = rm, {}
+
+    def key(self) -> str:
+        return self.rm.key()
+
+    def __call__(self, prompts, texts) -> list[float]:
+        pairs = list(zip(prompts, texts, strict=True))
+        new = list(dict.fromkeys(p for p in pairs if p not in self.seen))
+        if new:
+            self.seen.update(zip(new, self.rm([p for p, _ in new], [t for _, t in new]),
+                                 strict=True))
+        return [self.seen[p] for p in pairs]
+
+
 def test_shipped_reward_model_ranks_validation_pairs():
     """The adapter shipped for the default model (trained on the anchor train part) ranks the
     held-out validation pairs as its recorded metrics say, and prefers a refusal of a harmful
     request and an answer to a safe one from the evaluation-free anchor data."""
     metrics = json.loads((ASSET / "metrics.json").read_text())
-    rm = HarmlessReward()
+    rm = _Scored(HarmlessReward())  # a third of the texts recur across the checks: score once
     pairs = preference_pairs("val")
     assert len(pairs) == metrics["val_pairs"]  # the validation pairs the metrics were taken on
     assert pairwise_accuracy(rm, pairs) == pytest.approx(metrics["val_accuracy"], abs=1e-9)
