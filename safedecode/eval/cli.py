@@ -45,6 +45,22 @@ def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifie
     return out
 
 
+def _load(model: str, adapter: str | None, **kw):
+    """``(model, tokenizer, base)``: ``base`` is the model before ``adapter`` was merged into a
+    copy of it (the perplexity reference), None without an adapter."""
+    from safedecode.models import load_model, model_name, shipped_adapter
+
+    mdl, tok = load_model(model, **kw)
+    if adapter is None:
+        return mdl, tok, None
+    from safedecode.engine.adapters import load_lora
+
+    lora = load_lora(shipped_adapter(adapter))
+    tuned = lora.merge_into(copy.deepcopy(mdl))
+    tuned.safedecode_name = f"{model_name(mdl)}+{lora.name}"
+    return tuned, tok, mdl
+
+
 def eval_command(
     methods: str | None = typer.Option(
         None, "--methods", "-m",
@@ -144,17 +160,8 @@ def eval_command(
         judge_objs = _judges(judges, keyword_lists, refusal_phrases, classifier,
                              classifier_metric, classifier_positive, classifier_inputs,
                              classifier_template, device)
-        from safedecode.models import load_model, model_name, shipped_adapter
-
         with console.status(f"loading {model} ..."):
-            mdl, tok = load_model(model, dtype=dtype, device=device)
-            base = None
-            if adapter is not None:
-                from safedecode.engine.adapters import load_lora
-
-                lora = load_lora(shipped_adapter(adapter))
-                base, mdl = mdl, lora.merge_into(copy.deepcopy(mdl))
-                mdl.safedecode_name = f"{model_name(base)}+{lora.name}"
+            mdl, tok, base = _load(model, adapter, dtype=dtype, device=device)
         columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:
@@ -192,6 +199,10 @@ def tune_command(
         None, "--record", help="Write the chosen knobs into this file: an ACD prompts file "
                                "(acd, self-cd-sp) or a SafeInfer vector (safeinfer*)."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
+                                       "into the model, or 'ta-sft' (shipped): the grid (and "
+                                       "plain, the reference) decode the adapted model; "
+                                       "perplexity stays under the plain model."),
     limit: int | None = typer.Option(None, "--limit", help="N items of each data set."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
@@ -213,15 +224,14 @@ def tune_command(
         if limit is not None and limit < 1:
             raise ValueError(f"--limit: must be >= 1, got {limit}")
         check_tuning_datasets([load_dataset(d) for d in names])  # before the model loads
-        from safedecode.models import load_model
-
         with console.status(f"loading {model} ..."):
-            mdl, tok = load_model(model)
+            mdl, tok, base = _load(model, adapter)
         with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
                       console=console) as bar:
             sel = tune(mdl, tok, methods, out, datasets=names, limit=limit, record=record,
                        command=command, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, batch_size=batch_size, progress=bar)
+                       top_p=top_p, seed=seed, batch_size=batch_size, progress=bar,
+                       ppl_model=base)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(render(sel, command, names))
