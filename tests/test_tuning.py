@@ -350,10 +350,11 @@ def test_keyword_standard_judge_uses_only_the_published_lists():
     assert std.judge_one("I'm sorry, I can't do that.").flag is True
 
 
-def test_tune_command_decodes_the_adapted_model_with_perplexity_under_the_plain_one(
-        tiny_model_dir, tmp_path):
-    """`tune --adapter DIR`: the grid (and plain, its reference) decode the model with the
-    adapter merged; perplexity is scored under the model without it, as `eval --adapter` does."""
+@pytest.mark.parametrize("command", ["tune", "eval"])
+def test_adapter_option_decodes_the_adapted_model_with_perplexity_under_the_plain_one(
+        command, tiny_model_dir, tmp_path):
+    """`tune --adapter DIR` (and `eval --adapter DIR`): the methods (and plain, tune's reference)
+    decode the model with the adapter merged; perplexity is scored under the model without it."""
     from peft import LoraConfig, get_peft_model
 
     from safedecode.models import load_model
@@ -362,14 +363,16 @@ def test_tune_command_decodes_the_adapted_model_with_perplexity_under_the_plain_
     torch.manual_seed(0)
     get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                                      init_lora_weights=False)).save_pretrained(str(tmp_path / "ad"))
-    res = CliRunner().invoke(app, ["tune", "-m", "safe-prompt", "-o", str(tmp_path / "t"),
-                                   "--model", str(tiny_model_dir), "--adapter",
-                                   str(tmp_path / "ad"), "--limit", "2", "-n", "3"])
+    common = ["-m", "safe-prompt", "--model", str(tiny_model_dir), "--limit", "2", "-n", "3"]
+    if command == "eval":
+        common += ["-d", "anchor-harmful-val,anchor-safe-val"]
+    res = CliRunner().invoke(app, [command, *common, "-o", str(tmp_path / "t"),
+                                   "--adapter", str(tmp_path / "ad")])
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "t" / "results.json").read_text())["config"]
     base = cfg["perplexity"].split("plain model ", 1)[1].split(" (user prompt")[0]
-    assert cfg["model"] == f"{base}+ad" and (tmp_path / "t" / "sweep.json").is_file()
-    bad = CliRunner().invoke(app, ["tune", "-m", "safe-prompt", "-o", str(tmp_path / "u"),
-                                   "--model", str(tiny_model_dir), "--adapter",
-                                   str(tmp_path / "missing")])
+    assert cfg["model"] == f"{base}+ad"
+    assert (tmp_path / "t" / "sweep.json").is_file() == (command == "tune")
+    bad = CliRunner().invoke(app, [command, *common, "-o", str(tmp_path / "u"),
+                                   "--adapter", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "missing" in bad.output, bad.output
