@@ -9,8 +9,8 @@ to compliance and a safe request's answer to a refusal; higher is better for bot
 
     python benchmarks/ta_sft_summary.py OUT.md none=runs/x/none ta50=runs/x/ta50 ... [--reward]
 
-``--reward`` scores the answers (about 2.5 minutes per run on 2 cores) and caches the means in the run
-folder under the reward model's key; without it only fresh caches are shown.
+``--reward`` scores the answers (about 2.5 minutes per run on 2 cores) and caches the means in the
+run folder under the reward model's key; without it only fresh caches are shown.
 
 The first folder is the reference for the perplexity ratio (the untuned model).
 """
