@@ -77,3 +77,12 @@ $D18:reward=[harmless:path=$R/harmless_rm_s18]:mix=0.25:lam=0.5|1"
 [ -f $R/tune_s19/generations.jsonl ] || \
     { mkdir -p $R/tune_s19 && cp $R/tune_s18/generations.jsonl $R/tune_s19/; }
 $PY -m safedecode tune --out $R/tune_s19 -n 64 -m "acd,$D18:reward=harmless:lam=0.5:mix=0.25|0.5|0.75"
+# Session 26: the reward model retrained on the train part grown since session 18 (48 train-only
+# harmful requests in other shapes, h301-h348; 96 everyday requests with a harm word, s469-s564),
+# one epoch (two would take 2.3 h), into $R; tuned beside the shipped one on the validation part
+# (benchmarks/results/deal_sweep/session26).
+[ -f $R/harmless_rm_s26/metrics.json ] || \
+    $PY -m safedecode train-reward --out $R/harmless_rm_s26 --epochs 1
+D26="$D18:reward=[harmless:path=$R/harmless_rm_s26]"
+$PY -m safedecode tune --out $R/tune_s26 -n 64 -m "acd,$D18:reward=harmless:mix=0.25:lam=0.5,\
+$D26:mix=0.25:lam=0.5|1,$D26:lam=0.5:mix=0.5|0.75"
