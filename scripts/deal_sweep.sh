@@ -85,4 +85,5 @@ $PY -m safedecode tune --out $R/tune_s19 -n 64 -m "acd,$D18:reward=harmless:lam=
     $PY -m safedecode train-reward --out $R/harmless_rm_s26 --epochs 1
 D26="$D18:reward=[harmless:path=$R/harmless_rm_s26]"
 $PY -m safedecode tune --out $R/tune_s26 -n 64 -m "acd,$D18:reward=harmless:mix=0.25:lam=0.5,\
-$D26:mix=0.25:lam=0.5|1,$D26:lam=0.5:mix=0.5|0.75"
+$D26:mix=0.25:lam=0.5|1,$D26:lam=0.5:mix=0.5|0.75,\
+$D18:reward=[0.5*harmless+0.5*harmless:path=$R/harmless_rm_s26]:mix=0.25:lam=0.5"
