@@ -81,9 +81,16 @@ $PY -m safedecode tune --out $R/tune_s19 -n 64 -m "acd,$D18:reward=harmless:lam=
 # harmful requests in other shapes, h301-h348; 96 everyday requests with a harm word, s469-s564),
 # one epoch (two would take 2.3 h), into $R; tuned beside the shipped one on the validation part
 # (benchmarks/results/deal_sweep/session26).
-[ -f $R/harmless_rm_s26/metrics.json ] || \
+# The shipped model's own-text replies are reused (greedy, so the same texts); the 144 new train
+# prompts' are generated. The ranking check and the two models' mean came after the first rows.
+if [ ! -f $R/harmless_rm_s26/metrics.json ]; then
+    mkdir -p $R/harmless_rm_s26
+    cp -n $A/harmless_rm/own_replies_*.jsonl $R/harmless_rm_s26/
     $PY -m safedecode train-reward --out $R/harmless_rm_s26 --epochs 1
+fi
 D26="$D18:reward=[harmless:path=$R/harmless_rm_s26]"
 $PY -m safedecode tune --out $R/tune_s26 -n 64 -m "acd,$D18:reward=harmless:mix=0.25:lam=0.5,\
 $D26:mix=0.25:lam=0.5|1,$D26:lam=0.5:mix=0.5|0.75,\
 $D18:reward=[0.5*harmless+0.5*harmless:path=$R/harmless_rm_s26]:mix=0.25:lam=0.5"
+$PY benchmarks/harmless_rm_check.py --generations $R/tune_s26/generations.jsonl "" \
+    $R/harmless_rm_s26
