@@ -15,6 +15,16 @@ app = typer.Typer(help="safedecode: decoding-time safety alignment that costs no
 
 
 
+def _gate_knob(text: str | None) -> float | str | None:
+    """``--gate``: a number (the probe threshold) or a word such as ``off``."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     if (prompt is None) == (file is None):
         _fail("give exactly one of PROMPT or --file")
@@ -106,6 +116,9 @@ def generate(
                                             "safeinfer-vector`."),
     unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
                                       "adapter, soft, text, or an adapter folder."),
+    gate: str | None = typer.Option(None, "--gate", help="safeinfer: 'off', or steer only "
+                                    "requests the harmful-request probe scores above this "
+                                    "logit (needs steer first)."),
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),
@@ -124,7 +137,7 @@ def generate(
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
     si = {"gamma": gamma, "layer": layer, "lam": safeinfer_lam, "vector": vector,
-          "unsafe": unsafe}
+          "unsafe": unsafe, "gate": _gate_knob(gate)}
     if method.startswith("safeinfer"):
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
@@ -137,8 +150,8 @@ def generate(
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
-            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe: only for the "
-                             f"safeinfer methods, not {method!r}")
+            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--gate: only for "
+                             f"the safeinfer methods, not {method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")
@@ -323,6 +336,34 @@ def safeinfer_vector(
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}: {len(sv.heads)} heads, |vector| = {float(sv.vector.norm()):.3f}")
+
+
+@app.command("safeinfer-gate")
+def safeinfer_gate(
+    vector: Path = typer.Option(..., "--vector", help="A SafeInfer vector file (from "
+                                "`safedecode safeinfer-vector`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write: the "
+                             "vector file with the probe added (may be --vector itself)."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    l2: float = typer.Option(0.01, "--l2", help="L2 penalty of the logistic probes."),
+):
+    """Train SafeInfer's gate: a harmful-request probe per decoder layer on the last prompt
+    token, fitted on the anchor set's train part (rates on the validation part are printed and
+    stored); `--gate T` then steers only the requests it scores above T."""
+    from safedecode.methods.harm_probe import train_probe
+    from safedecode.methods.safeinfer import load_vector, save_vector
+    from safedecode.models import load_model
+
+    try:
+        if not l2 >= 0:
+            raise ValueError(f"--l2: must be >= 0, got {l2}")
+        mdl, tok = load_model(model)
+        sv = load_vector(vector, model=mdl)
+        sv.gate = train_probe(mdl, tok, l2=l2, log=lambda m: typer.echo(m, err=True))
+        save_vector(out, sv)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: a probe for each of {sv.gate.num_layers} layers")
 
 
 @app.command("train-unsafe")

@@ -169,8 +169,9 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
 
 
 RECORDED = {"acd": ("alpha", "beta"), "self-cd-sp": ("alpha", "beta"),
-            "safeinfer": ("gamma", "layer", "lam", "steer", "unsafe"),
-            "safeinfer-sa": ("gamma", "layer", "steer"), "safeinfer-sgds": ("lam", "unsafe")}
+            "safeinfer": ("gamma", "layer", "lam", "steer", "unsafe", "gate"),
+            "safeinfer-sa": ("gamma", "layer", "steer", "gate"),
+            "safeinfer-sgds": ("lam", "unsafe")}
 
 
 def record_choice(sel: dict, path: str | Path | None, command: str | None,

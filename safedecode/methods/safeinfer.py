@@ -40,6 +40,7 @@ import torch
 from safedecode.engine.branches import Branch, BranchHook, Method, contrastive
 
 from . import prompts as text_prompts
+from .harm_probe import HarmProbe, gated_add
 
 FORMAT = "safedecode-safeinfer-vector/1"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -95,6 +96,7 @@ class SafetyVector:
     effects: list[list[float]] = field(default_factory=list)  # [L][H] mean gain (nats)
     decoding: dict = field(default_factory=dict)  # knobs chosen on validation, by method
     selection: dict = field(default_factory=dict)  # the sweep that chose them
+    gate: HarmProbe | None = None  # the harmful-request probe of conditional steering
 
     def knob(self, method: str, name: str, default: float) -> float:
         return float(self.decoding.get(method, {}).get(name, default))
@@ -300,8 +302,15 @@ def save_vector(path: str | Path, sv: SafetyVector) -> Path:
             "decoding": json.dumps(sv.decoding, sort_keys=True),
             "selection": json.dumps(sv.selection, sort_keys=True),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    save_file({"vector": sv.vector.detach().to("cpu", torch.float32).contiguous()}, str(path),
-              metadata=meta)
+    tensors = {"vector": sv.vector.detach().to("cpu", torch.float32).contiguous()}
+    if sv.gate is not None:
+        if sv.gate.num_layers != sv.num_layers:
+            raise ValueError(f"SafeInfer vector: the gate has {sv.gate.num_layers} layers, the "
+                             f"model {sv.num_layers}")
+        tensors |= {"gate_weight": sv.gate.weight.detach().cpu().float().contiguous(),
+                    "gate_bias": sv.gate.bias.detach().cpu().float().contiguous()}
+        meta["gate"] = json.dumps(sv.gate.info, sort_keys=True)
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
@@ -321,6 +330,10 @@ def load_vector(path: str | Path | None = None, model=None) -> SafetyVector:
                 raise ValueError(f"SafeInfer vector: {path} is not a safedecode SafeInfer vector "
                                  f"(format {meta.get('format')!r}, expected {FORMAT!r})")
             vec = f.get_tensor("vector")
+            gate = None
+            if "gate_weight" in f.keys():
+                gate = HarmProbe(f.get_tensor("gate_weight"), f.get_tensor("gate_bias"),
+                                 json.loads(meta.get("gate", "{}")))
     except SafetensorError as exc:
         raise ValueError(f"SafeInfer vector: cannot read {path}: {exc}") from exc
     sv = SafetyVector(vec, [tuple(x) for x in json.loads(meta["heads"])], meta["layers_path"],
@@ -328,7 +341,7 @@ def load_vector(path: str | Path | None = None, model=None) -> SafetyVector:
                       meta.get("base_model", "?"), json.loads(meta.get("config", "{}")),
                       json.loads(meta.get("effects", "[]")),
                       json.loads(meta.get("decoding", "{}")),
-                      json.loads(meta.get("selection", "{}")))
+                      json.loads(meta.get("selection", "{}")), gate)
     if model is not None:
         sv.check_model(model)
     return sv
@@ -343,21 +356,45 @@ def add_vector(h: torch.Tensor, vector: torch.Tensor, scale: float) -> torch.Ten
 STEER = {"every": "last", "first": "first"}  # steer= -> BranchHook positions
 
 
+def gate_threshold(gate) -> float | None:
+    """``gate`` knob -> the probe-logit threshold, or None (no gate): ``"off"``/None or a
+    finite number."""
+    if gate is None or gate == "off":
+        return None
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
+        raise ValueError(f"gate: expected 'off' or a finite threshold on the probe's logit, "
+                         f"got {gate!r}")
+    return float(gate)
+
+
 def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "safe",
-                     steer: str = "every") -> Branch:
+                     steer: str = "every", gate: float | str | None = None) -> Branch:
     """A branch (no system prompt) whose decoded positions get ``gamma · vector`` after decoder
     layer ``layer``: every decoded position (``steer="every"``, the paper) or only the one that
     decodes the first new token (``"first"``: it sets the answer's course, later tokens follow
-    their own context)."""
+    their own context). ``gate`` (a threshold; ``"first"`` only): steer only the rows whose
+    request the vector file's harmful-request probe at ``layer`` scores above it
+    (:mod:`.harm_probe`, conditional steering)."""
     if steer not in STEER:
         raise ValueError(f"steer: expected one of {sorted(STEER)}, got {steer!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ValueError(f"gamma: must be a finite number, got {gamma!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < sv.num_layers:
         raise ValueError(f"layer: must be an integer in [0, {sv.num_layers}), got {layer!r}")
-    hook = BranchHook(f"{sv.layers_path}.{layer}",
-                      functools.partial(add_vector, vector=sv.vector, scale=float(gamma)),
-                      positions=STEER[steer])
+    threshold = gate_threshold(gate)
+    if threshold is None:
+        fn = functools.partial(add_vector, vector=sv.vector, scale=float(gamma))
+    else:
+        if steer != "first":
+            raise ValueError("gate: the probe judges the last prompt token, so it needs "
+                             f"steer='first', got steer={steer!r}")
+        if sv.gate is None:
+            raise ValueError("gate: this vector file has no harmful-request probe; add one with "
+                             "`safedecode safeinfer-gate --vector FILE --out FILE`")
+        fn = functools.partial(gated_add, vector=sv.vector, scale=float(gamma),
+                               weight=sv.gate.weight[layer],
+                               bias=float(sv.gate.bias[layer]), threshold=threshold)
+    hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer])
     return Branch(name=name, hooks=(hook,), fingerprint=sv.fingerprint,
                   trained_for=sv.base_model)
 
@@ -400,39 +437,45 @@ def _lam_beta(lam: float) -> float:
     return lam / (1.0 - lam)
 
 
-DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99, "steer": "every"}  # layer: L / 3
+DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99, "steer": "every", "gate": "off"}
+# layer: L / 3
 
 
-def _knobs(sv: SafetyVector, method: str, gamma, layer, lam, steer
-           ) -> tuple[float, int, float, str]:
+def _knobs(sv: SafetyVector, method: str, gamma, layer, lam, steer, gate
+           ) -> tuple[float, int, float, str, float | str]:
     chosen = sv.decoding.get(method, {})
     g = sv.knob(method, "gamma", DEFAULTS["gamma"]) if gamma is None else gamma
     lay = int(chosen.get("layer", sv.num_layers // 3)) if layer is None else layer
     lm = sv.knob(method, "lam", DEFAULTS["lam"]) if lam is None else lam
     st = str(chosen.get("steer", DEFAULTS["steer"])) if steer is None else steer
-    return g, lay, lm, st
+    gt = chosen.get("gate", DEFAULTS["gate"]) if gate is None else gate
+    return g, lay, lm, st, gt
 
 
 def safeinfer(gamma: float | None = None, layer: int | None = None, lam: float | None = None,
               beta: float = 0.0, vector: str | Path | None = None,
-              unsafe: str | Path | None = None, steer: str | None = None) -> Method:
+              unsafe: str | Path | None = None, steer: str | None = None,
+              gate: float | str | None = None) -> Method:
     """SafeInfer: SA (the amplified branch) + sGDS against the unsafe branch, union rule.
     Knobs default to those chosen on the anchor validation split, recorded in the vector file
-    (else γ = 0.5, layer = L/3, λ = 0.99); ``beta`` is the plausibility threshold."""
+    (else γ = 0.5, layer = L/3, λ = 0.99, no gate); ``beta`` is the plausibility threshold;
+    ``gate``: ``"off"`` or the probe threshold of conditional steering (see
+    :func:`amplified_branch`)."""
     sv = load_vector(vector)
-    g, lay, lm, st = _knobs(sv, "safeinfer", gamma, layer, lam, steer)
+    g, lay, lm, st, gt = _knobs(sv, "safeinfer", gamma, layer, lam, steer, gate)
     if unsafe is None:
         unsafe = sv.decoding.get("safeinfer", {}).get("unsafe", "adapter")
-    return contrastive((amplified_branch(sv, g, lay, steer=st), unsafe_branch(unsafe)),
+    return contrastive((amplified_branch(sv, g, lay, steer=st, gate=gt), unsafe_branch(unsafe)),
                        (1.0, _lam_beta(lm)), rule="union", beta=beta, name="safeinfer")
 
 
 def safeinfer_sa(gamma: float | None = None, layer: int | None = None,
-                 vector: str | Path | None = None, steer: str | None = None) -> Method:
+                 vector: str | Path | None = None, steer: str | None = None,
+                 gate: float | str | None = None) -> Method:
     """SafeInfer's safety amplification alone (one steered branch): an ablation."""
     sv = load_vector(vector)
-    g, lay, _, st = _knobs(sv, "safeinfer-sa", gamma, layer, None, steer)
-    return Method("safeinfer-sa", (amplified_branch(sv, g, lay, steer=st),), (1.0,))
+    g, lay, _, st, gt = _knobs(sv, "safeinfer-sa", gamma, layer, None, steer, gate)
+    return Method("safeinfer-sa", (amplified_branch(sv, g, lay, steer=st, gate=gt),), (1.0,))
 
 
 def safeinfer_sgds(lam: float | None = None, beta: float = 0.0,
