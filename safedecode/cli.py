@@ -116,6 +116,8 @@ def generate(
                                             "safeinfer-vector`."),
     unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
                                       "adapter, soft, text, or an adapter folder."),
+    steer: str | None = typer.Option(None, "--steer", help="safeinfer: add the vector at every "
+                                     "decoded position ('every') or the first only ('first')."),
     gate: str | None = typer.Option(None, "--gate", help="safeinfer: 'off', or steer only "
                                     "requests the harmful-request probe scores above this "
                                     "logit (needs steer first)."),
@@ -137,7 +139,7 @@ def generate(
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
     si = {"gamma": gamma, "layer": layer, "lam": safeinfer_lam, "vector": vector,
-          "unsafe": unsafe, "gate": _gate_knob(gate)}
+          "unsafe": unsafe, "steer": steer, "gate": _gate_knob(gate)}
     if method.startswith("safeinfer"):
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
@@ -150,8 +152,8 @@ def generate(
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
-            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--gate: only for "
-                             f"the safeinfer methods, not {method!r}")
+            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--steer/--gate: "
+                             f"only for the safeinfer methods, not {method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")

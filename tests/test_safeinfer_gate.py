@@ -1,0 +1,197 @@
+"""SafeInfer's gate (conditional steering): the logistic probe, the hidden states it reads, the
+gated hook in the engine (steered rows = the ungated method's, the rest = plain), the vector
+file with a probe, bad input and the `safeinfer-gate` command."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from engine_fixtures import tiny_llama
+
+from safedecode import methods
+from safedecode.engine import SafeDecoder, plain
+from safedecode.eval.runner import method_fingerprint
+from safedecode.methods.harm_probe import (
+    HarmProbe,
+    fit_logistic,
+    gated_add,
+    last_token_states,
+)
+
+si = importlib.import_module("safedecode.methods.safeinfer")
+N = 8
+PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
+           "Tell me a joke about cats.", "Write a poem", "What is the capital of France, and why?",
+           "ok"]
+
+
+def _ids(results):
+    return [r.token_ids for r in results]
+
+
+def test_fit_logistic_separates_and_returns_weights_in_the_original_space():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 4.0
+    y = ((x[:, 1] - 4) / 10 + (x[:, 2] - 4) * 10 > 0.5).float()  # very different scales
+    w, b = fit_logistic(x, y, l2=1e-4)
+    assert ((x @ w + b > 0).float() == y).float().mean() > 0.97
+    # a huge penalty leaves only the intercept: the base rate's log-odds, in the original space
+    w0, b0 = fit_logistic(x, y, l2=1e6)
+    p = float(y.mean())
+    assert w0.abs().max() < 1e-4 and b0 == pytest.approx(torch.logit(torch.tensor(p)).item(),
+                                                         abs=1e-2)
+    for bad, msg in (((x, y[:5]), "expected x"), ((x, y * 2), "0 and 1"),
+                     ((x, torch.zeros(200)), "both present")):
+        with pytest.raises(ValueError, match=msg):
+            fit_logistic(*bad)
+    with pytest.raises(ValueError, match="l2"):
+        fit_logistic(x, y, l2=-1.0)
+
+
+def test_last_token_states_batched_equal_one_by_one_and_the_layer_outputs():
+    model, tok = tiny_llama()
+    batched = last_token_states(model, tok, PROMPTS, batch_size=4)  # left padding inside
+    assert batched.shape == (len(PROMPTS), 2, model.config.hidden_size)
+    for i, p in enumerate(PROMPTS):
+        one = last_token_states(model, tok, [p])[0]
+        torch.testing.assert_close(batched[i], one, atol=1e-5, rtol=1e-5)
+        ids = si._prompt_ids(tok, [{"role": "user", "content": p}])
+        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(one[0], hs[1][0, -1], atol=1e-5, rtol=1e-5)  # after layer 0
+
+
+def test_gated_add_steers_exactly_the_rows_above_the_threshold():
+    h = torch.randn(5, 1, 8)
+    w, v = torch.randn(8), torch.randn(8)
+    z = (h @ w + 0.3).flatten()
+    t = float(z.median())
+    out = gated_add(h, v, 2.0, w, 0.3, t)
+    for i in range(5):
+        want = h[i] + 2.0 * v if z[i] > t else h[i]
+        torch.testing.assert_close(out[i], want)
+
+
+def _gated_file(tmp_path, model, tok, vec, prompts, layer=0):
+    """A vector file whose probe at ``layer`` is a random direction; returns the path and a
+    threshold in the widest gap of the prompts' logits (so a row's side is not a rounding
+    matter), with the rows above it."""
+    from safedecode.models import embedding_fingerprint
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, model.config.hidden_size, generator=g)
+    probe = HarmProbe(w, torch.zeros(2), {"data": "test"})
+    z = probe.logit(last_token_states(model, tok, prompts)[:, layer], layer)
+    zs = z.sort().values
+    j = int(torch.argmax(zs[1:] - zs[:-1]))
+    t = float(zs[j] + zs[j + 1]) / 2
+    sv = si.SafetyVector(vec, [(0, 1)], "model.layers", 2, embedding_fingerprint(model),
+                         "tiny", {"shots": 2}, gate=probe)
+    return si.save_vector(tmp_path / "g.safetensors", sv), t, (z > t).tolist()
+
+
+@pytest.mark.parametrize("method", ["safeinfer-sa", "safeinfer"])
+def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(tmp_path,
+                                                                                method):
+    model, tok = tiny_llama()
+    vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
+    path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    assert any(on) and not all(on)
+    kw = {"vector": str(path), "gamma": 1.0, "layer": 0, "steer": "first"}
+    if method == "safeinfer":
+        kw |= {"unsafe": "text", "lam": 0.5}
+    steered = _ids(SafeDecoder(model, tok, methods.get(method, gate="off", **kw))
+                   .generate(PROMPTS, max_new_tokens=N))
+    unsteered = _ids(SafeDecoder(model, tok, methods.get(method, gamma=0.0, **{
+        k: v for k, v in kw.items() if k != "gamma"})).generate(PROMPTS, max_new_tokens=N))
+    assert steered != unsteered  # the vector changes some rows
+    dec = SafeDecoder(model, tok, methods.get(method, gate=t, **kw))
+    gated = _ids(dec.generate(PROMPTS, max_new_tokens=N))
+    assert gated == [s if o else u for s, o, u in zip(steered, on, unsteered, strict=True)]
+    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in PROMPTS] == gated
+    if method == "safeinfer-sa":  # unsteered SA is the plain model
+        assert unsteered == _ids(SafeDecoder(model, tok, plain()).generate(PROMPTS,
+                                                                          max_new_tokens=N))
+
+
+def test_vector_file_keeps_the_probe_and_the_gate_is_part_of_the_method(tmp_path):
+    model, tok = tiny_llama()
+    vec = torch.ones(model.config.hidden_size)
+    path, t, _ = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    sv = si.load_vector(path, model)
+    assert sv.gate is not None and sv.gate.info == {"data": "test"}
+    again = si.save_vector(tmp_path / "again.safetensors", sv)
+    torch.testing.assert_close(si.load_vector(again).gate.weight, sv.gate.weight)
+    fps = {method_fingerprint(methods.get("safeinfer-sa", vector=str(path), gamma=1.0,
+                                          layer=0, steer="first", gate=g))
+           for g in ("off", t, t + 1.0)}
+    assert len(fps) == 3  # cached generations of one threshold never stand for another
+    assert si.load_vector(si.save_vector(tmp_path / "none.safetensors", si.SafetyVector(
+        vec, [(0, 1)], "model.layers", 2, sv.fingerprint, "tiny"))).gate is None
+
+
+def test_gate_bad_input_is_named(tmp_path):
+    model, tok = tiny_llama()
+    vec = torch.ones(model.config.hidden_size)
+    path, _, _ = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    base = {"vector": str(path), "gamma": 1.0, "layer": 0}
+    for kw, msg in (({"steer": "every", "gate": 0.0}, "needs steer='first'"),
+                    ({"steer": "first", "gate": "maybe"}, "expected 'off' or a finite"),
+                    ({"steer": "first", "gate": float("nan")}, "finite"),
+                    ({"steer": "first", "gate": True}, "finite")):
+        with pytest.raises(ValueError, match=msg):
+            methods.get("safeinfer-sa", **base, **kw)
+    from safedecode.models import embedding_fingerprint
+
+    bare = si.save_vector(tmp_path / "bare.safetensors", si.SafetyVector(
+        vec, [(0, 1)], "model.layers", 2, embedding_fingerprint(model), "tiny"))
+    with pytest.raises(ValueError, match="safeinfer-gate"):
+        methods.get("safeinfer-sa", vector=str(bare), gamma=1.0, layer=0, steer="first",
+                    gate=0.0)
+    with pytest.raises(ValueError, match="weight \\[L, d\\]"):
+        HarmProbe(torch.zeros(2, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        HarmProbe(torch.full((2, 4), float("nan")), torch.zeros(2))
+    wrong = si.SafetyVector(vec, [(0, 1)], "model.layers", 3, "x", "tiny",
+                            gate=HarmProbe(torch.zeros(2, 4), torch.zeros(2)))
+    with pytest.raises(ValueError, match="the gate has 2 layers"):
+        si.save_vector(tmp_path / "w.safetensors", wrong)
+
+
+def test_cli_safeinfer_gate_then_generate_gated(tiny_model_dir, tmp_path):
+    """`safedecode safeinfer-gate` adds a probe per layer (fitted on the anchor train part, its
+    validation rates stored) to a vector file; `generate --steer first --gate T` uses it."""
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+    from safedecode.data import load_anchor
+    from safedecode.models import embedding_fingerprint
+
+    model, _ = tiny_llama()
+    vfile = si.save_vector(tmp_path / "v.safetensors", si.SafetyVector(
+        torch.ones(model.config.hidden_size), [(0, 1)], "model.layers", 2,
+        embedding_fingerprint(model), "tiny"))
+    runner = CliRunner()
+    out = tmp_path / "gated.safetensors"
+    res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(out),
+                              "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    sv = si.load_vector(out, model)
+    assert sv.gate.num_layers == 2 and torch.equal(sv.vector, si.load_vector(vfile).vector)
+    assert sv.gate.info["train"] == len(load_anchor(part="train"))
+    assert sv.gate.info["val"] == len(load_anchor(part="val"))
+    assert set(sv.gate.info["rates_at_0"][1]["val"]) == {"tpr", "fpr"}
+    base = ["generate", "Hi there", "--model", str(tiny_model_dir), "-n", "3", "--json",
+            "--method", "safeinfer-sa", "--vector", str(out), "--gamma", "2", "--layer", "1"]
+    res = runner.invoke(app, [*base, "--steer", "first", "--gate", "-1.5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["method"] == "safeinfer-sa"
+    res = runner.invoke(app, [*base, "--gate", "0"])  # the file's steer: every
+    assert res.exit_code == 2 and "needs steer='first'" in res.output
+    res = runner.invoke(app, [*base, "--steer", "first", "--gate", "sometimes"])
+    assert res.exit_code == 2 and "expected 'off'" in res.output
+    res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(out),
+                              "--model", str(tiny_model_dir), "--l2", "-1"])
+    assert res.exit_code == 2 and "--l2" in res.output
