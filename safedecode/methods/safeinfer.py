@@ -17,6 +17,12 @@ at the positions being decoded, on the safe branch's rows only (a ``positions="l
 unsafe branch is a LoRA adapter on its rows (the paper fine-tunes the model on harmful answers;
 :func:`train_unsafe_adapter`), OPO's adversarial soft prompt, or a text prompt.
 
+**The gate** (a safedecode addition, conditional activation steering): with ``steer="first"`` and
+``gate=T``, the vector is added only to the rows whose request a harmful-request probe on the same
+layer's hidden state scores above ``T`` (:mod:`.harm_probe`; fitted on the anchor train part by
+``safedecode safeinfer-gate`` and stored in the vector file). On a small model the function vector
+is an unconditional "refuse" direction; the gate makes it conditional.
+
 The reference code adds the vector to batch element 0 only, runs the two models one after the
 other with two KV caches and ignores its length cap; here every row of the branch is steered at
 every step, both branches run in one batched forward over one KV cache.
