@@ -4,6 +4,8 @@
 # behaviours, the three benign sets) plus the anchor validation split, greedy, 128 new tokens.
 # Knobs come from the shipped vector file (chosen on validation only: scripts/safeinfer_sweep.sh).
 # plain / safe-prompt generations are reused from benchmarks/results/efficacy (same cache keys).
+# Since session 27 the shipped knobs are gated (conditional steering, the probe in the vector
+# file); the earlier ungated choices stay as rows of their own (their generations are cached).
 #
 #   scripts/safeinfer_eval.sh       # about 35 minutes on 2 CPU cores; resumable
 set -euo pipefail
@@ -11,6 +13,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-$PY -m safedecode eval -m "plain,safe-prompt,safeinfer-sa,safeinfer-sgds,safeinfer" -d "$SETS" \
+UNGATED="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
+UNGATED+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
+$PY -m safedecode eval -m "plain,safe-prompt,$UNGATED,safeinfer-sa,safeinfer-sgds,safeinfer" \
+    -d "$SETS" \
     -n 128 --out "$R/efficacy-safeinfer"
 $PY benchmarks/efficacy_summary.py "$R/efficacy-safeinfer" safeinfer_smollm2-135m
