@@ -5,10 +5,31 @@
 # merged into one folder; the last command (all cached) selects and records in the vector file.
 #
 #   scripts/safeinfer_sweep.sh      # about 90 minutes on 2 CPU cores
+#   scripts/safeinfer_sweep.sh s27  # session 27 only: the gate (probe + gated knobs), 45 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 A=safedecode/methods/assets
+if [[ ${1:-} == s27 ]]; then
+    # The probe (anchor train part) added to the shipped vector, then the gated knobs chosen on
+    # validation beside the ungated ones shipped before (safeinfer_val_smollm2-135m.md §Session
+    # 27; rule: benchmarks/results/safeinfer_sweep_s27/rule.md). The run's rows `safeinfer` and
+    # `safeinfer-sa` were the then-shipped knobs, spelled out here (same cache keys).
+    V=runs/s27/si_gate.safetensors
+    mkdir -p runs/s27
+    $PY -m safedecode safeinfer-gate --vector $A/safeinfer_smollm2-135m-instruct.safetensors --out $V
+    M="plain,safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
+    M+=",safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off,safeinfer-sgds"
+    M+=",safeinfer-sa:vector=$V:steer=first:gamma=1:layer=14:gate=off"
+    M+=",safeinfer-sa:vector=$V:steer=first:gamma=1:layer=10|14:gate=0|-1|-2"
+    M+=",safeinfer-sa:vector=$V:steer=first:gamma=2:layer=14:gate=-1"
+    M+=",safeinfer-sa:vector=$V:steer=first:gamma=1:layer=17:gate=-1"
+    M+=",safeinfer:vector=$V:steer=first:gamma=1:layer=14:gate=0|-1:unsafe=opposite:lam=0.5"
+    M+=",safeinfer:vector=$V:steer=first:gamma=1:layer=14:gate=-1:unsafe=adapter:lam=0.5"
+    $PY -m safedecode tune --out runs/s27/tune1 -n 64 --record $V -m "$M"
+    cp $V $A/safeinfer_smollm2-135m-instruct.safetensors
+    exit 0
+fi
 $PY -m safedecode safeinfer-vector --out $A/safeinfer_smollm2-135m-instruct.safetensors
 $PY -m safedecode train-unsafe --out $A/unsafe_lora
 $PY -m safedecode train-unsafe --opposite --out $A/unsafe_opposite_lora
