@@ -102,12 +102,15 @@ def markdown(r: dict, command: str, machine: str) -> str:
         f"# SafeInfer, {DEFAULT_NAME} (cpu)", "",
         f"`{command}` ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})", "", machine, "",
         f"Greedy, {r['tokens']} new tokens per request (EOS ignored), median of "
-        f"{r['repeats']} runs each. SafeInfer = `methods.get(\"safeinfer\")` with the shipped "
-        "vector and unsafe adapter (two branches: the amplified one with the steering hook, the "
-        "unsafe one with the LoRA delta on its rows; one forward per step). *hf generate*: "
-        "transformers' `generate` of the plain model (left-padded batch). *plain engine*: "
-        "safedecode's engine, one branch. *naive*: the steered model, then the merged unsafe "
-        "model, each with its own DynamicCache, the union rule in torch.", "",
+        f"{r['repeats']} runs each. SafeInfer = `methods.get(\"safeinfer\")` at its shipped "
+        "knobs (the vector file's recorded ones: the harmful-request gate included, which adds "
+        "one dot product per row at prefill) with the shipped unsafe adapter (two branches: the "
+        "amplified one with the steering hook, the unsafe one with the LoRA delta on its rows; "
+        "one forward per step). *hf generate*: transformers' `generate` of the plain model "
+        "(left-padded batch). *plain engine*: safedecode's engine, one branch. *naive*: the "
+        "steered model (the vector added to every row at every step, as the reference code "
+        "adds it), then the merged unsafe model, each with its own DynamicCache, the union rule "
+        "in torch.", "",
         "```", r["method"], "```", "",
         "| B | hf generate tok/s | plain engine tok/s | SafeInfer tok/s | naive SafeInfer tok/s "
         "| SafeInfer / hf | SafeInfer / plain engine | SafeInfer / naive |",

@@ -139,7 +139,9 @@ class Method:
             if b.adapter is not None:
                 what += f" + LoRA adapter {b.adapter.name!r}"
             if b.hooks:
-                what += " + hooks on " + ", ".join(h.module for h in b.hooks)
+                what += " + hooks on " + ", ".join(
+                    f"{h.module} ({h.positions}: {getattr(h.fn, 'func', h.fn).__name__})"
+                    for h in b.hooks)
             parts.append(f"  [{i}] {b.name or 'branch'}: {what}")
         return "\n".join(parts)
 
