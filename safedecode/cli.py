@@ -117,10 +117,11 @@ def generate(
     unsafe: str | None = typer.Option(None, "--unsafe", help="safeinfer: the unsafe branch: "
                                       "adapter, soft, text, or an adapter folder."),
     steer: str | None = typer.Option(None, "--steer", help="safeinfer: add the vector at every "
-                                     "decoded position ('every') or the first only ('first')."),
+                                     "decoded position ('every'), the first only ('first') or "
+                                     "the request's prompt positions ('prompt')."),
     gate: str | None = typer.Option(None, "--gate", help="safeinfer: 'off', or steer only "
                                     "requests the harmful-request probe scores above this "
-                                    "logit (needs steer first)."),
+                                    "logit (needs steer first or prompt)."),
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),

@@ -145,6 +145,47 @@ def test_first_position_steering_acts_at_prefill_only():
     assert every != want  # steering every position is a different thing
 
 
+def test_prompt_position_steering_steers_the_request_s_own_tokens_at_prefill_only():
+    """positions="prompt": every position of the request's own prompt (the suffix after the
+    branch's shared prefix) is steered in the prefill forward and nothing later — equal to a
+    hook on a one-prompt prefill by hand; batched = unbatched = prefix caching off."""
+    from safedecode.engine.prompts import PromptBuilder, normalise_prompt
+
+    model, tok = tiny_llama()
+    vec = _vector(model)
+    builder = PromptBuilder(tok)
+    want = []
+    for i, p in enumerate(MIXED_PROMPTS):
+        _, suffix = builder.build(Branch(), normalise_prompt(p, i), i)
+        n_own, calls = len(suffix), {"n": 0}
+
+        def steer_prompt(module, args, output, n=n_own, calls=calls):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                return output
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            assert h.shape[1] > n  # the shared prefix (the template's head) is left alone
+            h[:, -n:] += vec
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        handle = model.model.layers[0].register_forward_hook(steer_prompt)
+        try:
+            want += _ids(NaiveContrastGenerator(model, tok, plain()).generate(
+                [p], max_new_tokens=N))
+        finally:
+            handle.remove()
+    m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
+                                              positions="prompt"),))], [1.0])
+    dec = SafeDecoder(model, tok, m)
+    assert _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
+    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == want
+    off = SafeDecoder(model, tok, m, prefix_cache=False)
+    assert _ids(off.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
+    first = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
+                                                  positions="first"),))], [1.0])
+    assert _ids(SafeDecoder(model, tok, first).generate(MIXED_PROMPTS, max_new_tokens=N)) \
+        != want  # more than the last prompt token
+
+
 def _vector_file(tmp_path, model, vec, layers=2):
     from safedecode.models import embedding_fingerprint
 

@@ -18,6 +18,7 @@ from safedecode.methods.harm_probe import (
     HarmProbe,
     fit_logistic,
     gated_add,
+    gated_add_rows,
     last_token_states,
 )
 
@@ -74,6 +75,18 @@ def test_gated_add_steers_exactly_the_rows_above_the_threshold():
         torch.testing.assert_close(out[i], want)
 
 
+def test_gated_add_rows_judges_each_row_by_its_last_position():
+    h = torch.randn(5, 4, 8)
+    w, v = torch.randn(8), torch.randn(8)
+    z = h[:, -1] @ w + 0.3
+    t = float(z.median())
+    out = gated_add_rows(h, v, 2.0, w, 0.3, t)
+    for i in range(5):  # every position of a row above the threshold, none of the others
+        torch.testing.assert_close(out[i], h[i] + 2.0 * v if z[i] > t else h[i])
+    torch.testing.assert_close(gated_add_rows(h[:, -1:], v, 2.0, w, 0.3, t),
+                               gated_add(h[:, -1:], v, 2.0, w, 0.3, t))  # one position: same
+
+
 def _gated_file(tmp_path, model, tok, vec, prompts, layer=0):
     """A vector file whose probe at ``layer`` is a random direction; returns the path and a
     threshold in the widest gap of the prompts' logits (so a row's side is not a rounding
@@ -92,14 +105,15 @@ def _gated_file(tmp_path, model, tok, vec, prompts, layer=0):
     return si.save_vector(tmp_path / "g.safetensors", sv), t, (z > t).tolist()
 
 
-@pytest.mark.parametrize("method", ["safeinfer-sa", "safeinfer"])
+@pytest.mark.parametrize("method,steer", [("safeinfer-sa", "first"), ("safeinfer", "first"),
+                                          ("safeinfer-sa", "prompt"), ("safeinfer", "prompt")])
 def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(tmp_path,
-                                                                                method):
+                                                                                method, steer):
     model, tok = tiny_llama()
     vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
     path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
     assert any(on) and not all(on)
-    kw = {"vector": str(path), "gamma": 1.0, "layer": 0, "steer": "first"}
+    kw = {"vector": str(path), "gamma": 1.0, "layer": 0, "steer": steer}
     if method == "safeinfer":
         kw |= {"unsafe": "text", "lam": 0.5}
     steered = _ids(SafeDecoder(model, tok, methods.get(method, gate="off", **kw))

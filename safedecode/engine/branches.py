@@ -25,7 +25,7 @@ from .adapters import LoraAdapter
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-POSITIONS = ("all", "last", "first")
+POSITIONS = ("all", "last", "first", "prompt")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,12 @@ class BranchHook:
     prefix KV). ``"last"``: only the positions being decoded, i.e. the last prompt token at
     prefill and the fed token at every step (``fn`` gets ``[rows, 1, d]``); the shared prefix is
     left alone. ``"first"``: only the last prompt token (the position that decodes the first new
-    token). ``fn`` must not change the shape."""
+    token). ``"prompt"``: the request's own prompt positions at prefill — the suffix after the
+    branch's shared prefix (with prefix caching off the same positions, the rest of the prompt
+    left alone); ``fn`` gets the row's whole padded prefill ``[rows, t, d]``, left-padded so the
+    last position is the last prompt token, and only its output at those positions is kept. The
+    steered states stay in the KV cache, so every later token attends to them. ``fn`` must not
+    change the shape."""
 
     module: str
     fn: HookFn

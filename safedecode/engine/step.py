@@ -80,6 +80,7 @@ class ModelStep:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.weights = list(method.weights)
         self._hook_rows: dict[int, slice] = {}
+        self._prompt_mask: torch.Tensor | None = None  # [rows, t]: the suffix positions
         self.adapters = {k: br.adapter.to(self.device, self.dtype)
                          for k, br in enumerate(method.branches) if br.adapter is not None}
         self._effects = {phase: self._branch_effects(phase)
@@ -88,12 +89,13 @@ class ModelStep:
 
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
-    def _forward_context(self, hook_rows: dict[int, slice], phase: str = "decode"
-                         ) -> Iterator[None]:
+    def _forward_context(self, hook_rows: dict[int, slice], phase: str = "decode",
+                         prompt_mask: torch.Tensor | None = None) -> Iterator[None]:
         """Install the branches' effects for one forward whose rows of branch k are
         ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
-        ``"prefill"`` (its last position decodes the first token) or ``"decode"``."""
-        self._hook_rows = hook_rows
+        ``"prefill"`` (its last position decodes the first token) or ``"decode"``.
+        ``prompt_mask`` (prefill): ``[rows, t]``, the positions ``"prompt"`` hooks act on."""
+        self._hook_rows, self._prompt_mask = hook_rows, prompt_mask
         handles = [module.register_forward_hook(fn) for module, fn in self._effects[phase]]
         try:
             with routed(self._gemm):
@@ -101,7 +103,11 @@ class ModelStep:
         finally:
             for h in handles:
                 h.remove()
-            self._hook_rows = {}
+            self._hook_rows, self._prompt_mask = {}, None
+
+    @property
+    def _has_prompt_hooks(self) -> bool:
+        return any(h.positions == "prompt" for br in self.method.branches for h in br.hooks)
 
     def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
         """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
@@ -110,30 +116,34 @@ class ModelStep:
         for k, br in enumerate(self.method.branches):
             for hook in br.hooks:
                 if (phase == "prefix" and hook.positions != "all") or \
-                        (phase == "decode" and hook.positions == "first"):
+                        (phase == "decode" and hook.positions in ("first", "prompt")):
                     continue
                 try:
                     module = self.model.get_submodule(hook.module)
                 except AttributeError:
                     raise ValueError(f"branch {k} ({br.name or 'branch'}): its hook's module "
                                      f"{hook.module!r} is not in the model") from None
-                out.append((module, self._make_hook(k, hook.fn, hook.positions != "all")))
+                out.append((module, self._make_hook(k, hook.fn, hook.positions)))
         for k, adapter in self.adapters.items():
             out += [(self.model.get_submodule(name), self._make_adapter_hook(k, adapter, name))
                     for name in adapter.layers]
         return out
 
-    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor], last: bool):
+    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor], positions: str):
         def run(module, args, output):
             rows = self._hook_rows.get(k)
             if rows is None:
                 return output
             h = output[0] if isinstance(output, tuple) else output
             h = h.clone()
-            if last:
-                h[rows, -1:] = fn(h[rows, -1:])
-            else:
+            if positions == "all":
                 h[rows] = fn(h[rows])
+            elif positions == "prompt":
+                hs = h[rows]
+                keep = self._prompt_mask[rows].to(h.device)[..., None]
+                h[rows] = torch.where(keep, fn(hs), hs)
+            else:
+                h[rows, -1:] = fn(h[rows, -1:])
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return run
 
@@ -152,9 +162,9 @@ class ModelStep:
         kb = self.method.k
         return {k: slice(k, None, kb) for k in range(kb)}
 
-    def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode", **inputs
-                 ) -> torch.Tensor:
-        with self._forward_context(hook_rows, phase):
+    def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode",
+                 prompt_mask: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        with self._forward_context(hook_rows, phase, prompt_mask):
             out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -258,8 +268,12 @@ class ModelStep:
             state.set_rows(s, [ends[i * kb + k] for k in range(kb)])
         cols = cols.to(dev)
         state.cache.bind(rows, index, cols, attend)
+        prompt_mask = None
+        if self._has_prompt_hooks:  # each row's suffix: its last len(suffix) positions
+            own = torch.tensor([len(suffix) for per_branch in built for _, suffix in per_branch])
+            prompt_mask = torch.arange(t)[None] >= t - own[:, None]
         logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
-                               attention_mask=mask.to(dev),
+                               prompt_mask=prompt_mask, attention_mask=mask.to(dev),
                                position_ids=pos.to(dev), **inputs)
         return logits.view(len(slots), kb, -1)
 

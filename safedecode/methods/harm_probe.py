@@ -152,3 +152,12 @@ def gated_add(h: torch.Tensor, vector: torch.Tensor, scale: float, weight: torch
     each position is judged by its own state)."""
     on = (h.float() @ weight.to(h.device) + bias > threshold).to(h.dtype).unsqueeze(-1)
     return h + scale * on * vector.to(h.dtype).to(h.device)
+
+
+def gated_add_rows(h: torch.Tensor, vector: torch.Tensor, scale: float, weight: torch.Tensor,
+                   bias: float, threshold: float) -> torch.Tensor:
+    """``h + scale · vector`` at every position of the rows whose probe logit *at the last
+    position* exceeds ``threshold`` (``h [rows, t, d]``, left-padded: the last position is the
+    last prompt token) — the gated hook of ``steer="prompt"``."""
+    on = (h[:, -1:].float() @ weight.to(h.device) + bias > threshold).to(h.dtype).unsqueeze(-1)
+    return h + scale * on * vector.to(h.dtype).to(h.device)

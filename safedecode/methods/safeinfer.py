@@ -46,7 +46,7 @@ import torch
 from safedecode.engine.branches import Branch, BranchHook, Method, contrastive
 
 from . import prompts as text_prompts
-from .harm_probe import HarmProbe, gated_add
+from .harm_probe import HarmProbe, gated_add, gated_add_rows
 
 FORMAT = "safedecode-safeinfer-vector/1"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -359,7 +359,7 @@ def add_vector(h: torch.Tensor, vector: torch.Tensor, scale: float) -> torch.Ten
     return h + scale * vector.to(h.dtype).to(h.device)
 
 
-STEER = {"every": "last", "first": "first"}  # steer= -> BranchHook positions
+STEER = {"every": "last", "first": "first", "prompt": "prompt"}  # steer= -> hook positions
 
 
 def gate_threshold(gate) -> float | None:
@@ -378,8 +378,11 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
     """A branch (no system prompt) whose decoded positions get ``gamma · vector`` after decoder
     layer ``layer``: every decoded position (``steer="every"``, the paper) or only the one that
     decodes the first new token (``"first"``: it sets the answer's course, later tokens follow
-    their own context). ``gate`` (a threshold; ``"first"`` only): steer only the rows whose
-    request the vector file's harmful-request probe at ``layer`` scores above it
+    their own context) or every position of the request's own prompt at prefill (``"prompt"``:
+    the user turn from its first token to the last, whose steered states stay in the KV cache
+    for every later token; nothing is added while decoding). ``gate`` (a threshold;
+    ``"first"`` or ``"prompt"``): steer only the rows whose request the vector file's
+    harmful-request probe at ``layer`` scores above it at the last prompt token
     (:mod:`.harm_probe`, conditional steering)."""
     if steer not in STEER:
         raise ValueError(f"steer: expected one of {sorted(STEER)}, got {steer!r}")
@@ -391,13 +394,14 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
     if threshold is None:
         fn = functools.partial(add_vector, vector=sv.vector, scale=float(gamma))
     else:
-        if steer != "first":
+        if steer == "every":
             raise ValueError("gate: the probe judges the last prompt token, so it needs "
-                             f"steer='first', got steer={steer!r}")
+                             f"steer='first' or 'prompt', got steer={steer!r}")
         if sv.gate is None:
             raise ValueError("gate: this vector file has no harmful-request probe; add one with "
                              "`safedecode safeinfer-gate --vector FILE --out FILE`")
-        fn = functools.partial(gated_add, vector=sv.vector, scale=float(gamma),
+        fn = functools.partial(gated_add if steer == "first" else gated_add_rows,
+                               vector=sv.vector, scale=float(gamma),
                                weight=sv.gate.weight[layer],
                                bias=float(sv.gate.bias[layer]), threshold=threshold)
     hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer])
