@@ -130,6 +130,35 @@ def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(
                                                                           max_new_tokens=N))
 
 
+def test_gated_prompt_steering_under_continuous_batching_equals_lone_runs(tmp_path):
+    """Requests joining running ones at different steps (and finishing in between) decode as
+    each does alone: the gate and the prompt steering act in each request's own prefill."""
+    from safedecode.engine import SamplingParams
+
+    model, tok = tiny_llama()
+    vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
+    path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    m = methods.get("safeinfer", vector=str(path), gamma=1.0, layer=0, steer="prompt", gate=t,
+                    unsafe="text", lam=0.5)
+    eng = SafeDecoder(model, tok, m).engine(max_seqs=2)
+    sps = [SamplingParams(max_new_tokens=3 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+    ids, done = [], {}
+    for i, (p, sp) in enumerate(zip(PROMPTS, sps, strict=True)):
+        ids.append(eng.add_request(p, sp))
+        for _ in range(i % 3):  # arrivals at different step boundaries
+            for o in eng.step():
+                if o.finish_reason:
+                    done[o.request_id] = eng.pop_result(o.request_id)
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finish_reason:
+                done[o.request_id] = eng.pop_result(o.request_id)
+    alone = SafeDecoder(model, tok, m)
+    for rid, p, sp in zip(ids, PROMPTS, sps, strict=True):
+        assert done[rid].token_ids == alone.generate([p], max_new_tokens=sp.max_new_tokens,
+                                                     ignore_eos=True)[0].token_ids, p
+
+
 def test_vector_file_keeps_the_probe_and_the_gate_is_part_of_the_method(tmp_path):
     model, tok = tiny_llama()
     vec = torch.ones(model.config.hidden_size)
