@@ -6,10 +6,32 @@
 #
 #   scripts/safeinfer_sweep.sh      # about 90 minutes on 2 CPU cores
 #   scripts/safeinfer_sweep.sh s27  # session 27 only: the gate (probe + gated knobs), 45 minutes
+#   scripts/safeinfer_sweep.sh s28  # session 28 only: steer=prompt (nothing shipped), 40 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 A=safedecode/methods/assets
+if [[ ${1:-} == s28 ]]; then
+    # Where to add the vector for gated rows (rule and stages:
+    # benchmarks/results/safeinfer_sweep_s28/). Stage 1, a prototype outside the engine; stage 2
+    # and its extension, `tune` against the shipped rows. No row passed: nothing recorded into
+    # the shipped file (the runs record into a copy).
+    D=benchmarks/results/safeinfer_sweep_s28
+    for v in "F 1" "P 1" "FE 1" "P 0.5" "FE 0.5" "PE 0.5"; do $PY $D/proto.py $v 0; done
+    V=runs/s28/si.safetensors
+    mkdir -p runs/s28
+    cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
+    M="plain,safeinfer,safeinfer-sa"
+    M+=",safeinfer-sa:vector=$V:steer=prompt:gamma=0.5|1:layer=14:gate=0|-1"
+    M+=",safeinfer:vector=$V:steer=prompt:gamma=0.5:layer=14:gate=0|-1:unsafe=opposite:lam=0.5"
+    $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
+    cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
+    M="plain,safeinfer,safeinfer-sa"
+    M+=",safeinfer:vector=$V:steer=prompt:gamma=0.5:layer=14:gate=0|-1|1:unsafe=opposite:lam=0.5"
+    M+=",safeinfer:vector=$V:steer=prompt:gamma=1:layer=14:gate=0:unsafe=opposite:lam=0.5"
+    $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
+    exit 0
+fi
 if [[ ${1:-} == s27 ]]; then
     # The probe (anchor train part) added to the shipped vector, then the gated knobs chosen on
     # validation beside the ungated ones shipped before (safeinfer_val_smollm2-135m.md §Session
