@@ -81,6 +81,8 @@ class ModelStep:
         self.weights = list(method.weights)
         self._hook_rows: dict[int, slice] = {}
         self._prompt_mask: torch.Tensor | None = None  # [rows, t]: the suffix positions
+        self._prompt_hooks = any(h.positions == "prompt" for br in method.branches
+                                 for h in br.hooks)
         self.adapters = {k: br.adapter.to(self.device, self.dtype)
                          for k, br in enumerate(method.branches) if br.adapter is not None}
         self._effects = {phase: self._branch_effects(phase)
@@ -105,9 +107,6 @@ class ModelStep:
                 h.remove()
             self._hook_rows, self._prompt_mask = {}, None
 
-    @property
-    def _has_prompt_hooks(self) -> bool:
-        return any(h.positions == "prompt" for br in self.method.branches for h in br.hooks)
 
     def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
         """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
@@ -140,7 +139,7 @@ class ModelStep:
                 h[rows] = fn(h[rows])
             elif positions == "prompt":
                 hs = h[rows]
-                keep = self._prompt_mask[rows].to(h.device)[..., None]
+                keep = self._prompt_mask[rows][..., None]
                 h[rows] = torch.where(keep, fn(hs), hs)
             else:
                 h[rows, -1:] = fn(h[rows, -1:])
@@ -269,9 +268,9 @@ class ModelStep:
         cols = cols.to(dev)
         state.cache.bind(rows, index, cols, attend)
         prompt_mask = None
-        if self._has_prompt_hooks:  # each row's suffix: its last len(suffix) positions
+        if self._prompt_hooks:  # each row's suffix: its last len(suffix) positions
             own = torch.tensor([len(suffix) for per_branch in built for _, suffix in per_branch])
-            prompt_mask = torch.arange(t)[None] >= t - own[:, None]
+            prompt_mask = (torch.arange(t)[None] >= t - own[:, None]).to(dev)
         logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
                                prompt_mask=prompt_mask, attention_mask=mask.to(dev),
                                position_ids=pos.to(dev), **inputs)
