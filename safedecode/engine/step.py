@@ -107,7 +107,6 @@ class ModelStep:
                 h.remove()
             self._hook_rows, self._prompt_mask = {}, None
 
-
     def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
         """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
         positions, adapters in every phase."""
