@@ -116,31 +116,49 @@ def test_steering_hook_changes_exactly_its_branch_rows():
         assert _ids(dec2.generate(MIXED_PROMPTS, max_new_tokens=N)) == plain_rows  # others not
 
 
+def _hand_steered_prefill(model, tok, vec, n_steered) -> list[list[int]]:
+    """The plain model's greedy ids for MIXED_PROMPTS, one prompt at a time, with ``vec`` added
+    by hand after layer 0 to the last ``n_steered(i, prompt)`` positions of the prefill forward
+    only."""
+    want = []
+    for i, p in enumerate(MIXED_PROMPTS):
+        n, calls = n_steered(i, p), {"n": 0}
+
+        def steer(module, args, output, n=n, calls=calls):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                return output
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            assert h.shape[1] > n  # the shared prefix (the template's head) is left alone
+            h[:, -n:] += vec
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        handle = model.model.layers[0].register_forward_hook(steer)
+        try:
+            want += _ids(NaiveContrastGenerator(model, tok, plain()).generate(
+                [p], max_new_tokens=N))
+        finally:
+            handle.remove()
+    return want
+
+
+def _steered_engine_ids(model, tok, vec, positions: str, **decoder) -> list[list[int]]:
+    """The engine's ids with a ``positions`` hook adding ``vec``: batched, after checking that
+    each prompt alone gives the same."""
+    m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
+                                              positions=positions),))], [1.0])
+    dec = SafeDecoder(model, tok, m, **decoder)
+    ids = _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N))
+    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == ids
+    return ids
+
+
 def test_first_position_steering_acts_at_prefill_only():
     """positions="first": only the last prompt token is steered (the first new token's
     position), equal to a hook on the prefill forward alone; batched = unbatched."""
     model, tok = tiny_llama()
     vec = _vector(model)
-    calls = {"n": 0}
-
-    def steer_first(module, args, output):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            return output
-        h = (output[0] if isinstance(output, tuple) else output).clone()
-        h[:, -1:] += vec
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-    handle = model.model.layers[0].register_forward_hook(steer_first)
-    try:
-        want = _ids(NaiveContrastGenerator(model, tok, plain()).generate(MIXED_PROMPTS,
-                                                                         max_new_tokens=N))
-    finally:
-        handle.remove()
-    m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
-                                              positions="first"),))], [1.0])
-    dec = SafeDecoder(model, tok, m)
-    assert _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
-    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == want
+    want = _hand_steered_prefill(model, tok, vec, lambda i, p: 1)
+    assert _steered_engine_ids(model, tok, vec, "first") == want
     every = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS)
     assert every != want  # steering every position is a different thing
 
@@ -154,36 +172,11 @@ def test_prompt_position_steering_steers_the_request_s_own_tokens_at_prefill_onl
     model, tok = tiny_llama()
     vec = _vector(model)
     builder = PromptBuilder(tok)
-    want = []
-    for i, p in enumerate(MIXED_PROMPTS):
-        _, suffix = builder.build(Branch(), normalise_prompt(p, i), i)
-        n_own, calls = len(suffix), {"n": 0}
-
-        def steer_prompt(module, args, output, n=n_own, calls=calls):
-            calls["n"] += 1
-            if calls["n"] > 1:
-                return output
-            h = (output[0] if isinstance(output, tuple) else output).clone()
-            assert h.shape[1] > n  # the shared prefix (the template's head) is left alone
-            h[:, -n:] += vec
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-        handle = model.model.layers[0].register_forward_hook(steer_prompt)
-        try:
-            want += _ids(NaiveContrastGenerator(model, tok, plain()).generate(
-                [p], max_new_tokens=N))
-        finally:
-            handle.remove()
-    m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
-                                              positions="prompt"),))], [1.0])
-    dec = SafeDecoder(model, tok, m)
-    assert _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
-    assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == want
-    off = SafeDecoder(model, tok, m, prefix_cache=False)
-    assert _ids(off.generate(MIXED_PROMPTS, max_new_tokens=N)) == want
-    first = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
-                                                  positions="first"),))], [1.0])
-    assert _ids(SafeDecoder(model, tok, first).generate(MIXED_PROMPTS, max_new_tokens=N)) \
-        != want  # more than the last prompt token
+    want = _hand_steered_prefill(model, tok, vec, lambda i, p: len(
+        builder.build(Branch(), normalise_prompt(p, i), i)[1]))
+    assert _steered_engine_ids(model, tok, vec, "prompt") == want
+    assert _steered_engine_ids(model, tok, vec, "prompt", prefix_cache=False) == want
+    assert _steered_engine_ids(model, tok, vec, "first") != want  # more than the last token
 
 
 def _vector_file(tmp_path, model, vec, layers=2):
