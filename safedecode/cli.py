@@ -121,7 +121,7 @@ def generate(
                                      "the request's prompt positions ('prompt')."),
     gate: str | None = typer.Option(None, "--gate", help="safeinfer: 'off', or steer only "
                                     "requests the harmful-request probe scores above this "
-                                    "logit (needs steer first or prompt)."),
+                                    "logit."),
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),

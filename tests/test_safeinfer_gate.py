@@ -105,8 +105,8 @@ def _gated_file(tmp_path, model, tok, vec, prompts, layer=0):
     return si.save_vector(tmp_path / "g.safetensors", sv), t, (z > t).tolist()
 
 
-@pytest.mark.parametrize("method,steer", [("safeinfer-sa", "first"), ("safeinfer", "first"),
-                                          ("safeinfer-sa", "prompt"), ("safeinfer", "prompt")])
+@pytest.mark.parametrize("method,steer", [(m, s) for s in ("first", "prompt", "every")
+                                          for m in ("safeinfer-sa", "safeinfer")])
 def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(tmp_path,
                                                                                 method, steer):
     model, tok = tiny_llama()
@@ -130,15 +130,17 @@ def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(
                                                                           max_new_tokens=N))
 
 
-def test_gated_prompt_steering_under_continuous_batching_equals_lone_runs(tmp_path):
-    """Requests joining running ones at different steps (and finishing in between) decode as
-    each does alone: the gate and the prompt steering act in each request's own prefill."""
+@pytest.mark.parametrize("steer", ["prompt", "every"])
+def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, steer):
+    """Requests joining running ones at different steps (and finishing in between, the live
+    slots compacted) decode as each does alone: the gate judges each request's own prefill and
+    (``every``) its decision moves with the request's rows."""
     from safedecode.engine import SamplingParams
 
     model, tok = tiny_llama()
     vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
     path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
-    m = methods.get("safeinfer", vector=str(path), gamma=1.0, layer=0, steer="prompt", gate=t,
+    m = methods.get("safeinfer", vector=str(path), gamma=1.0, layer=0, steer=steer, gate=t,
                     unsafe="text", lam=0.5)
     eng = SafeDecoder(model, tok, m).engine(max_seqs=2)
     sps = [SamplingParams(max_new_tokens=3 + i, ignore_eos=True) for i in range(len(PROMPTS))]
@@ -159,6 +161,45 @@ def test_gated_prompt_steering_under_continuous_batching_equals_lone_runs(tmp_pa
                                                      ignore_eos=True)[0].token_ids, p
 
 
+def test_forked_choices_keep_the_gate_decision(tmp_path):
+    """Choices forked at prefill (one prefill, n sequences) keep their request's gate decision:
+    each equals a lone request with its seed, steered rows and unsteered rows alike."""
+    from safedecode.engine import SamplingParams
+
+    model, tok = tiny_llama()
+    vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
+    path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    m = methods.get("safeinfer-sa", vector=str(path), gamma=1.0, layer=0, steer="every",
+                    gate=t)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+    for p in (PROMPTS[on.index(True)], PROMPTS[on.index(False)]):
+        eng = SafeDecoder(model, tok, m).engine(max_seqs=3)
+        ids = eng.add_choices(p, sp, 3)
+        done = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finish_reason:
+                    done[o.request_id] = eng.pop_result(o.request_id)
+        for i, rid in enumerate(ids):
+            alone = SafeDecoder(model, tok, m).engine(max_seqs=1)
+            one = alone.add_request(p, sp.with_seed(7 + i))
+            while alone.has_unfinished():
+                for o in alone.step():
+                    if o.finish_reason:
+                        done[("alone", i)] = alone.pop_result(one)
+            assert done[rid].token_ids == done[("alone", i)].token_ids, (p, i)
+
+
+def test_a_gated_hook_is_named_in_its_errors():
+    from safedecode.engine import Branch, BranchHook
+
+    with pytest.raises(ValueError, match="positions must not be 'all'"):
+        BranchHook("model.layers.0", lambda h: h, positions="all", gate=lambda h: h[:, 0] > 0)
+    g = BranchHook("model.layers.0", lambda h: h, positions="last", gate=lambda h: h[:, 0] > 0)
+    with pytest.raises(ValueError, match="at most one gated hook"):
+        Branch(hooks=(g, g))
+
+
 def test_vector_file_keeps_the_probe_and_the_gate_is_part_of_the_method(tmp_path):
     model, tok = tiny_llama()
     vec = torch.ones(model.config.hidden_size)
@@ -168,9 +209,9 @@ def test_vector_file_keeps_the_probe_and_the_gate_is_part_of_the_method(tmp_path
     again = si.save_vector(tmp_path / "again.safetensors", sv)
     torch.testing.assert_close(si.load_vector(again).gate.weight, sv.gate.weight)
     fps = {method_fingerprint(methods.get("safeinfer-sa", vector=str(path), gamma=1.0,
-                                          layer=0, steer="first", gate=g))
-           for g in ("off", t, t + 1.0)}
-    assert len(fps) == 3  # cached generations of one threshold never stand for another
+                                          layer=0, steer=st, gate=g))
+           for g in ("off", t, t + 1.0) for st in ("first", "every")}
+    assert len(fps) == 6  # cached generations of one threshold never stand for another
     assert si.load_vector(si.save_vector(tmp_path / "none.safetensors", si.SafetyVector(
         vec, [(0, 1)], "model.layers", 2, sv.fingerprint, "tiny"))).gate is None
 
@@ -180,8 +221,7 @@ def test_gate_bad_input_is_named(tmp_path):
     vec = torch.ones(model.config.hidden_size)
     path, _, _ = _gated_file(tmp_path, model, tok, vec, PROMPTS)
     base = {"vector": str(path), "gamma": 1.0, "layer": 0}
-    for kw, msg in (({"steer": "every", "gate": 0.0}, "needs steer='first'"),
-                    ({"steer": "first", "gate": "maybe"}, "expected 'off' or a finite"),
+    for kw, msg in (({"steer": "first", "gate": "maybe"}, "expected 'off' or a finite"),
                     ({"steer": "first", "gate": float("nan")}, "finite"),
                     ({"steer": "first", "gate": True}, "finite")):
         with pytest.raises(ValueError, match=msg):
@@ -205,7 +245,7 @@ def test_gate_bad_input_is_named(tmp_path):
 
 def test_cli_safeinfer_gate_then_generate_gated(tiny_model_dir, tmp_path):
     """`safedecode safeinfer-gate` adds a probe per layer (fitted on the anchor train part, its
-    validation rates stored) to a vector file; `generate --steer first --gate T` uses it."""
+    validation rates stored) to a vector file; `generate --gate T` uses it (any steer)."""
     from typer.testing import CliRunner
 
     from safedecode.cli import app
@@ -232,7 +272,7 @@ def test_cli_safeinfer_gate_then_generate_gated(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["method"] == "safeinfer-sa"
     res = runner.invoke(app, [*base, "--gate", "0"])  # the file's steer: every
-    assert res.exit_code == 2 and "needs steer='first'" in res.output
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*base, "--steer", "first", "--gate", "sometimes"])
     assert res.exit_code == 2 and "expected 'off'" in res.output
     res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(out),

@@ -42,16 +42,28 @@ class BranchHook:
     left alone); ``fn`` gets the row's whole padded prefill ``[rows, t, d]``, left-padded so the
     last position is the last prompt token, and only its output at those positions is kept. The
     steered states stay in the KV cache, so every later token attends to them. ``fn`` must not
-    change the shape."""
+    change the shape.
+
+    ``gate`` (optional; not with ``"all"``): a condition judged once per request, at prefill, on
+    this module's output at the last prompt token (``[rows, d]`` -> bool ``[rows]``); ``fn`` then
+    acts only on the rows where it held, in that forward and every later one — the decision is
+    kept with the request's rows (forks and batch changes keep it). Conditional activation
+    steering: judge the request, steer every token of its answer. At most one gated hook per
+    branch."""
 
     module: str
     fn: HookFn
     positions: str = "all"
+    gate: HookFn | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise ValueError(f"BranchHook.positions: expected one of {POSITIONS}, got "
                              f"{self.positions!r}")
+        if self.gate is not None and (self.positions == "all" or not callable(self.gate)):
+            raise ValueError("BranchHook.gate: a callable judged on each request's last prompt "
+                             "token, so positions must not be 'all' (the shared prefix has "
+                             f"no request); got positions={self.positions!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +97,9 @@ class Branch:
                 raise ValueError("Branch.soft_prompt: contains NaN or inf")
             if self.system is not None:
                 raise ValueError("Branch: give either system text or a soft_prompt, not both")
+        if sum(h.gate is not None for h in self.hooks) > 1:
+            raise ValueError("Branch.hooks: at most one gated hook per branch (its decision is "
+                             "kept per row)")
 
     @functools.cached_property
     def _key(self) -> str:
@@ -145,7 +160,8 @@ class Method:
                 what += f" + LoRA adapter {b.adapter.name!r}"
             if b.hooks:
                 what += " + hooks on " + ", ".join(
-                    f"{h.module} ({h.positions}: {getattr(h.fn, 'func', h.fn).__name__})"
+                    f"{h.module} ({h.positions}{', gated' if h.gate else ''}: "
+                    f"{getattr(h.fn, 'func', h.fn).__name__})"
                     for h in b.hooks)
             parts.append(f"  [{i}] {b.name or 'branch'}: {what}")
         return "\n".join(parts)

@@ -51,6 +51,7 @@ class DecodeState:
         self.top_k = torch.zeros(max_seqs, dtype=torch.long, device=device)
         self.top_p = torch.ones(max_seqs, dtype=torch.float32, device=device)
         self.min_p = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.gate_on = torch.zeros(rows, dtype=torch.bool, device=device)  # a gated hook's call
         self.host_len = [0] * rows
         self._free = list(range(max_seqs))
         self._layouts: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
@@ -120,6 +121,7 @@ class DecodeState:
             self.host_len[r] = n
         rows = slice(slot * self.k, (slot + 1) * self.k)
         self.lens[rows] = torch.tensor(lengths, dtype=torch.long)
+        self.gate_on[rows] = False
         self.bias[rows] = self.neg
         for j, n in enumerate(lengths):
             self.bias[slot * self.k + j, :n] = 0.0
@@ -136,7 +138,8 @@ class DecodeState:
                 hl[s * k + j] += 1
 
     def fork(self, parent: int, children: list[int]) -> None:
-        """Copy the parent's rows (KV, length, mask, sampling state) into ``children``."""
+        """Copy the parent's rows (KV, length, mask, gate decisions, sampling state) into
+        ``children``."""
         k = self.k
         n_cols = max(self.host_len[parent * k + j] for j in range(k))
         src = torch.tensor([parent * k + j for _ in children for j in range(k)],
@@ -145,6 +148,7 @@ class DecodeState:
                            dtype=torch.long, device=self.device)
         self.cache.copy_rows(src, dst, n_cols)
         self.lens[dst] = self.lens[src]
+        self.gate_on[dst] = self.gate_on[src]
         self.bias[dst] = self.bias[src]
         ch = torch.tensor(children, dtype=torch.long, device=self.device)
         for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p):

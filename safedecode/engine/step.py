@@ -21,7 +21,7 @@ import torch
 from safedecode.ops import contrastive_sample_with_status
 from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
-from .branches import Method
+from .branches import BranchHook, Method
 from .cache import PrefixStore, SlotCache, cache_kwargs
 from .packed import PackPlan, packed_attention_on
 from .prompts import Prefix
@@ -83,6 +83,8 @@ class ModelStep:
         self._prompt_mask: torch.Tensor | None = None  # [rows, t]: the suffix positions
         self._prompt_hooks = any(h.positions == "prompt" for br in method.branches
                                  for h in br.hooks)
+        self._gated = any(h.gate is not None for br in method.branches for h in br.hooks)
+        self._gate_on: torch.Tensor | None = None
         self.adapters = {k: br.adapter.to(self.device, self.dtype)
                          for k, br in enumerate(method.branches) if br.adapter is not None}
         self._effects = {phase: self._branch_effects(phase)
@@ -92,12 +94,15 @@ class ModelStep:
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
     def _forward_context(self, hook_rows: dict[int, slice], phase: str = "decode",
-                         prompt_mask: torch.Tensor | None = None) -> Iterator[None]:
+                         prompt_mask: torch.Tensor | None = None,
+                         gate_on: torch.Tensor | None = None) -> Iterator[None]:
         """Install the branches' effects for one forward whose rows of branch k are
         ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
         ``"prefill"`` (its last position decodes the first token) or ``"decode"``.
-        ``prompt_mask`` (prefill): ``[rows, t]``, the positions ``"prompt"`` hooks act on."""
-        self._hook_rows, self._prompt_mask = hook_rows, prompt_mask
+        ``prompt_mask`` (prefill): ``[rows, t]``, the positions ``"prompt"`` hooks act on.
+        ``gate_on``: the gated hooks' decisions for this forward's rows (a view the prefill
+        writes and later steps read; see :class:`DecodeState`)."""
+        self._hook_rows, self._prompt_mask, self._gate_on = hook_rows, prompt_mask, gate_on
         handles = [module.register_forward_hook(fn) for module, fn in self._effects[phase]]
         try:
             with routed(self._gemm):
@@ -105,7 +110,7 @@ class ModelStep:
         finally:
             for h in handles:
                 h.remove()
-            self._hook_rows, self._prompt_mask = {}, None
+            self._hook_rows, self._prompt_mask, self._gate_on = {}, None, None
 
     def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
         """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
@@ -121,19 +126,29 @@ class ModelStep:
                 except AttributeError:
                     raise ValueError(f"branch {k} ({br.name or 'branch'}): its hook's module "
                                      f"{hook.module!r} is not in the model") from None
-                out.append((module, self._make_hook(k, hook.fn, hook.positions)))
+                out.append((module, self._make_hook(k, hook, phase)))
         for k, adapter in self.adapters.items():
             out += [(self.model.get_submodule(name), self._make_adapter_hook(k, adapter, name))
                     for name in adapter.layers]
         return out
 
-    def _make_hook(self, k: int, fn: Callable[[torch.Tensor], torch.Tensor], positions: str):
+    def _make_hook(self, k: int, hook: BranchHook, phase: str):
+        positions, gate = hook.positions, hook.gate
+
         def run(module, args, output):
             rows = self._hook_rows.get(k)
             if rows is None:
                 return output
             h = output[0] if isinstance(output, tuple) else output
             h = h.clone()
+            fn = hook.fn
+            if gate is not None:  # judged at prefill, kept with the rows for later steps
+                if phase == "prefill":
+                    self._gate_on[rows] = gate(h[rows, -1]).to(torch.bool)
+                on = self._gate_on[rows][:, None, None]
+
+                def fn(x, on=on):
+                    return torch.where(on, hook.fn(x), x)
             if positions == "all":
                 h[rows] = fn(h[rows])
             elif positions == "prompt":
@@ -161,8 +176,9 @@ class ModelStep:
         return {k: slice(k, None, kb) for k in range(kb)}
 
     def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode",
-                 prompt_mask: torch.Tensor | None = None, **inputs) -> torch.Tensor:
-        with self._forward_context(hook_rows, phase, prompt_mask):
+                 prompt_mask: torch.Tensor | None = None, gate_on: torch.Tensor | None = None,
+                 **inputs) -> torch.Tensor:
+        with self._forward_context(hook_rows, phase, prompt_mask, gate_on):
             out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -270,9 +286,12 @@ class ModelStep:
         if self._prompt_hooks:  # each row's suffix: its last len(suffix) positions
             own = torch.tensor([len(suffix) for per_branch in built for _, suffix in per_branch])
             prompt_mask = (torch.arange(t)[None] >= t - own[:, None]).to(dev)
+        gate_on = state.gate_on[index].clone() if self._gated else None  # the hooks write it
         logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
-                               prompt_mask=prompt_mask, attention_mask=mask.to(dev),
-                               position_ids=pos.to(dev), **inputs)
+                               prompt_mask=prompt_mask, gate_on=gate_on,
+                               attention_mask=mask.to(dev), position_ids=pos.to(dev), **inputs)
+        if gate_on is not None:
+            state.gate_on[index] = gate_on
         return logits.view(len(slots), kb, -1)
 
     # -- decode and prefill in one forward ---------------------------------------------------
@@ -418,7 +437,8 @@ class ModelStep:
             logits = self.compiled(ids, mask, cols, state.cache)
         else:
             logits = self._forward(state.cache, self._branch_rows(), input_ids=ids,
-                                   attention_mask=mask, position_ids=cols)
+                                   attention_mask=mask, position_ids=cols,
+                                   gate_on=state.gate_on[index] if self._gated else None)
         state.advance(slots, rows, index)
         return logits.view(len(slots), kb, -1)
 

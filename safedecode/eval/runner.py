@@ -83,6 +83,9 @@ def method_fingerprint(method: Method) -> str:
         for hook in b.hooks:
             h.update(f"{hook.module}:{hook.positions}".encode())
             _hash_value(h, hook.fn)
+            if hook.gate is not None:  # (absent: the keys of ungated hooks stay as they were)
+                h.update(b"gate")
+                _hash_value(h, hook.gate)
         if b.adapter is not None:
             h.update(b.adapter.key().encode())
     return h.hexdigest()[:16]

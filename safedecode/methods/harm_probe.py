@@ -161,3 +161,11 @@ def gated_add_rows(h: torch.Tensor, vector: torch.Tensor, scale: float, weight: 
     last prompt token) — the gated hook of ``steer="prompt"``."""
     on = (h[:, -1:].float() @ weight.to(h.device) + bias > threshold).to(h.dtype).unsqueeze(-1)
     return h + scale * on * vector.to(h.dtype).to(h.device)
+
+
+def probe_above(h: torch.Tensor, weight: torch.Tensor, bias: float, threshold: float
+                ) -> torch.Tensor:
+    """Whether each row's probe logit ``h · weight + bias`` exceeds ``threshold``
+    (``h [rows, d]`` -> bool ``[rows]``): the engine-level gate of ``steer="every"``, judged
+    once per request at prefill and kept for every decode step (:class:`BranchHook` ``gate``)."""
+    return h.float() @ weight.to(h.device) + bias > threshold

@@ -17,11 +17,13 @@ at the positions being decoded, on the safe branch's rows only (a ``positions="l
 unsafe branch is a LoRA adapter on its rows (the paper fine-tunes the model on harmful answers;
 :func:`train_unsafe_adapter`), OPO's adversarial soft prompt, or a text prompt.
 
-**The gate** (a safedecode addition, conditional activation steering): with ``steer="first"`` and
-``gate=T``, the vector is added only to the rows whose request a harmful-request probe on the same
-layer's hidden state scores above ``T`` (:mod:`.harm_probe`; fitted on the anchor train part by
-``safedecode safeinfer-gate`` and stored in the vector file). On a small model the function vector
-is an unconditional "refuse" direction; the gate makes it conditional.
+**The gate** (a safedecode addition, conditional activation steering): with ``gate=T`` the
+vector is added only to the rows whose request a harmful-request probe on the same layer's
+hidden state at the last prompt token scores above ``T`` (:mod:`.harm_probe`; fitted on the
+anchor train part by ``safedecode safeinfer-gate`` and stored in the vector file), at the
+positions ``steer`` names (with ``"every"`` the engine keeps the decision for every step). On
+a small model the function vector is an unconditional "refuse" direction; the gate makes it
+conditional.
 
 The reference code adds the vector to batch element 0 only, runs the two models one after the
 other with two KV caches and ignores its length cap; here every row of the branch is steered at
@@ -46,7 +48,7 @@ import torch
 from safedecode.engine.branches import Branch, BranchHook, Method, contrastive
 
 from . import prompts as text_prompts
-from .harm_probe import HarmProbe, gated_add, gated_add_rows
+from .harm_probe import HarmProbe, gated_add, gated_add_rows, probe_above
 
 FORMAT = "safedecode-safeinfer-vector/1"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -380,10 +382,12 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
     decodes the first new token (``"first"``: it sets the answer's course, later tokens follow
     their own context) or every position of the request's own prompt at prefill (``"prompt"``:
     the user turn from its first token to the last, whose steered states stay in the KV cache
-    for every later token; nothing is added while decoding). ``gate`` (a threshold;
-    ``"first"`` or ``"prompt"``): steer only the rows whose request the vector file's
-    harmful-request probe at ``layer`` scores above it at the last prompt token
-    (:mod:`.harm_probe`, conditional steering)."""
+    for every later token; nothing is added while decoding). ``gate`` (a threshold): steer
+    only the rows whose request the vector file's harmful-request probe at ``layer`` scores
+    above it at the last prompt token (:mod:`.harm_probe`, conditional steering). With
+    ``"first"`` and ``"prompt"`` the decision is made and used in the prefill forward (inside
+    the hook's function); with ``"every"`` the engine keeps it for every decode step
+    (``BranchHook.gate``)."""
     if steer not in STEER:
         raise ValueError(f"steer: expected one of {sorted(STEER)}, got {steer!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
@@ -391,20 +395,20 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < sv.num_layers:
         raise ValueError(f"layer: must be an integer in [0, {sv.num_layers}), got {layer!r}")
     threshold = gate_threshold(gate)
-    if threshold is None:
-        fn = functools.partial(add_vector, vector=sv.vector, scale=float(gamma))
-    else:
-        if steer == "every":
-            raise ValueError("gate: the probe judges the last prompt token, so it needs "
-                             f"steer='first' or 'prompt', got steer={steer!r}")
+    fn = functools.partial(add_vector, vector=sv.vector, scale=float(gamma))
+    row_gate = None
+    if threshold is not None:
         if sv.gate is None:
             raise ValueError("gate: this vector file has no harmful-request probe; add one with "
                              "`safedecode safeinfer-gate --vector FILE --out FILE`")
-        fn = functools.partial(gated_add if steer == "first" else gated_add_rows,
-                               vector=sv.vector, scale=float(gamma),
-                               weight=sv.gate.weight[layer],
-                               bias=float(sv.gate.bias[layer]), threshold=threshold)
-    hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer])
+        probe = {"weight": sv.gate.weight[layer], "bias": float(sv.gate.bias[layer]),
+                 "threshold": threshold}
+        if steer == "every":
+            row_gate = functools.partial(probe_above, **probe)
+        else:
+            fn = functools.partial(gated_add if steer == "first" else gated_add_rows,
+                                   vector=sv.vector, scale=float(gamma), **probe)
+    hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer], gate=row_gate)
     return Branch(name=name, hooks=(hook,), fingerprint=sv.fingerprint,
                   trained_for=sv.base_model)
 
