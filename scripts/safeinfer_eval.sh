@@ -6,6 +6,8 @@
 # plain / safe-prompt generations are reused from benchmarks/results/efficacy (same cache keys).
 # Since session 27 the shipped knobs are gated (conditional steering, the probe in the vector
 # file); the earlier ungated choices stay as rows of their own (their generations are cached).
+# Since session 28 SA steers every position of its gated rows; session 27's SA (the first
+# position) stays as a row of its own.
 #
 #   scripts/safeinfer_eval.sh       # about 35 minutes on 2 CPU cores; resumable
 set -euo pipefail
@@ -15,6 +17,7 @@ R=benchmarks/results
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
 UNGATED="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
 UNGATED+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
+UNGATED+=",safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # session 27's SA (gated)
 $PY -m safedecode eval -m "plain,safe-prompt,$UNGATED,safeinfer-sa,safeinfer-sgds,safeinfer" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy-safeinfer"

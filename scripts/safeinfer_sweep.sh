@@ -6,7 +6,7 @@
 #
 #   scripts/safeinfer_sweep.sh      # about 90 minutes on 2 CPU cores
 #   scripts/safeinfer_sweep.sh s27  # session 27 only: the gate (probe + gated knobs), 45 minutes
-#   scripts/safeinfer_sweep.sh s28  # session 28 only: steer=prompt (nothing shipped), 40 minutes
+#   scripts/safeinfer_sweep.sh s28  # session 28 only: steer=prompt / every, 55 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,22 +14,41 @@ A=safedecode/methods/assets
 if [[ ${1:-} == s28 ]]; then
     # Where to add the vector for gated rows (rule and stages:
     # benchmarks/results/safeinfer_sweep_s28/). Stage 1, a prototype outside the engine; stage 2
-    # and its extension, `tune` against the shipped rows. No row passed: nothing recorded into
-    # the shipped file (the runs record into a copy).
+    # and its extension, `tune` against the shipped rows: no row passed. Stage 2b below.
     D=benchmarks/results/safeinfer_sweep_s28
     for v in "F 1" "P 1" "FE 1" "P 0.5" "FE 0.5" "PE 0.5"; do $PY $D/proto.py $v 0; done
     V=runs/s28/si.safetensors
     mkdir -p runs/s28
     cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
-    M="plain,safeinfer,safeinfer-sa"
+    SA27="safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # shipped before stage 2b
+    M="plain,safeinfer,$SA27"
     M+=",safeinfer-sa:vector=$V:steer=prompt:gamma=0.5|1:layer=14:gate=0|-1"
     M+=",safeinfer:vector=$V:steer=prompt:gamma=0.5:layer=14:gate=0|-1:unsafe=opposite:lam=0.5"
     $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
     cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
-    M="plain,safeinfer,safeinfer-sa"
+    M="plain,safeinfer,$SA27"
     M+=",safeinfer:vector=$V:steer=prompt:gamma=0.5:layer=14:gate=0|-1|1:unsafe=opposite:lam=0.5"
     M+=",safeinfer:vector=$V:steer=prompt:gamma=1:layer=14:gate=0:unsafe=opposite:lam=0.5"
     $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
+    # Stage 2b: the gate with steer=every (the engine keeps each request's decision). The SA
+    # row with gate 0 passed the rule (tune's own pick, gate -1, refused one held-out
+    # look-alike too many); it is recorded into the shipped file below.
+    cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
+    M="plain,safeinfer,$SA27"
+    M+=",safeinfer-sa:vector=$V:steer=every:gamma=0.5:layer=14:gate=0|-1"
+    M+=",safeinfer:vector=$V:steer=every:gamma=0.5:layer=14:gate=0|-1:unsafe=opposite:lam=0.5"
+    $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
+    $PY - <<'PY'
+import json
+from safedecode.eval.tune import record_choice
+d = json.load(open("runs/s28/tune/sweep.json"))
+row = next(r for r in d["rows"] if r["label"].startswith("safeinfer-sa:") and "every" in r["label"]
+           and r["label"].endswith("gate=0"))
+row["kwargs"]["vector"] = "safedecode/methods/assets/safeinfer_smollm2-135m-instruct.safetensors"
+record_choice({"chosen": {"safeinfer-sa": row}, "criterion": d["criterion"], "rows": d["rows"]},
+              row["kwargs"]["vector"], d["command"] + "  # safeinfer-sa: the gate-0 row (rule, "
+              "stage 2b)", d["datasets"])
+PY
     exit 0
 fi
 if [[ ${1:-} == s27 ]]; then
