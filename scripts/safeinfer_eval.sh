@@ -15,10 +15,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor-safe-val
-UNGATED="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
-UNGATED+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
-UNGATED+=",safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # session 27's SA (gated)
-$PY -m safedecode eval -m "plain,safe-prompt,$UNGATED,safeinfer-sa,safeinfer-sgds,safeinfer" \
+EARLIER="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
+EARLIER+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
+EARLIER+=",safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # session 27's SA (gated)
+$PY -m safedecode eval -m "plain,safe-prompt,$EARLIER,safeinfer-sa,safeinfer-sgds,safeinfer" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy-safeinfer"
 $PY benchmarks/efficacy_summary.py "$R/efficacy-safeinfer" safeinfer_smollm2-135m
