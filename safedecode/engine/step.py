@@ -100,8 +100,9 @@ class ModelStep:
         ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
         ``"prefill"`` (its last position decodes the first token) or ``"decode"``.
         ``prompt_mask`` (prefill): ``[rows, t]``, the positions ``"prompt"`` hooks act on.
-        ``gate_on``: the gated hooks' decisions for this forward's rows (a view the prefill
-        writes and later steps read; see :class:`DecodeState`)."""
+        ``gate_on``: the gated hooks' decisions for this forward's rows (at prefill a copy the
+        hooks write, stored back into :class:`DecodeState` after the forward; later steps read
+        it)."""
         self._hook_rows, self._prompt_mask, self._gate_on = hook_rows, prompt_mask, gate_on
         handles = [module.register_forward_hook(fn) for module, fn in self._effects[phase]]
         try:
