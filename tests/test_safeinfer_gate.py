@@ -130,6 +130,17 @@ def test_gated_steering_equals_the_steered_method_on_rows_above_and_plain_below(
                                                                           max_new_tokens=N))
 
 
+def _drain(eng, steps: int | None = None) -> dict:
+    """Step ``eng`` (``steps`` times, or until nothing is left); the finished results by id."""
+    done, n = {}, 0
+    while eng.has_unfinished() and (steps is None or n < steps):
+        n += 1
+        for o in eng.step():
+            if o.finish_reason:
+                done[o.request_id] = eng.pop_result(o.request_id)
+    return done
+
+
 @pytest.mark.parametrize("steer", ["prompt", "every"])
 def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, steer):
     """Requests joining running ones at different steps (and finishing in between, the live
@@ -148,13 +159,8 @@ def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, ste
     for i, (p, sp) in enumerate(zip(PROMPTS, sps, strict=True)):
         ids.append(eng.add_request(p, sp))
         for _ in range(i % 3):  # arrivals at different step boundaries
-            for o in eng.step():
-                if o.finish_reason:
-                    done[o.request_id] = eng.pop_result(o.request_id)
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finish_reason:
-                done[o.request_id] = eng.pop_result(o.request_id)
+            done |= _drain(eng, steps=1)
+    done |= _drain(eng)
     alone = SafeDecoder(model, tok, m)
     for rid, p, sp in zip(ids, PROMPTS, sps, strict=True):
         assert done[rid].token_ids == alone.generate([p], max_new_tokens=sp.max_new_tokens,
@@ -175,19 +181,11 @@ def test_forked_choices_keep_the_gate_decision(tmp_path):
     for p in (PROMPTS[on.index(True)], PROMPTS[on.index(False)]):
         eng = SafeDecoder(model, tok, m).engine(max_seqs=3)
         ids = eng.add_choices(p, sp, 3)
-        done = {}
-        while eng.has_unfinished():
-            for o in eng.step():
-                if o.finish_reason:
-                    done[o.request_id] = eng.pop_result(o.request_id)
+        done = _drain(eng)
         for i, rid in enumerate(ids):
             alone = SafeDecoder(model, tok, m).engine(max_seqs=1)
             one = alone.add_request(p, sp.with_seed(7 + i))
-            while alone.has_unfinished():
-                for o in alone.step():
-                    if o.finish_reason:
-                        done[("alone", i)] = alone.pop_result(one)
-            assert done[rid].token_ids == done[("alone", i)].token_ids, (p, i)
+            assert done[rid].token_ids == _drain(alone)[one].token_ids, (p, i)
 
 
 def test_a_gated_hook_is_named_in_its_errors():

@@ -99,7 +99,7 @@ class Branch:
                 raise ValueError("Branch: give either system text or a soft_prompt, not both")
         if sum(h.gate is not None for h in self.hooks) > 1:
             raise ValueError("Branch.hooks: at most one gated hook per branch (its decision is "
-                             "kept per row)")
+                             "kept per row); combine the conditions into one gate function")
 
     @functools.cached_property
     def _key(self) -> str:
