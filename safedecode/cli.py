@@ -15,8 +15,8 @@ app = typer.Typer(help="safedecode: decoding-time safety alignment that costs no
 
 
 
-def _gate_knob(text: str | None) -> float | str | None:
-    """``--gate``: a number (the probe threshold) or a word such as ``off``."""
+def _number_or_word(text: str | None) -> float | str | None:
+    """``--gate`` / ``--window``: a number or a word such as ``off``."""
     if text is None:
         return None
     try:
@@ -122,6 +122,11 @@ def generate(
     gate: str | None = typer.Option(None, "--gate", help="safeinfer: 'off', or steer only "
                                     "requests the harmful-request probe scores above this "
                                     "logit."),
+    window: str | None = typer.Option(None, "--window", help="safeinfer (steer every): 'off', "
+                                      "or steer only the first N new tokens."),
+    stop: str | None = typer.Option(None, "--stop", help="safeinfer (gated): 'off', or "
+                                    "'sentence': a flagged request's answer ends at its first "
+                                    "sentence end after the window."),
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),
@@ -140,7 +145,8 @@ def generate(
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
     si = {"gamma": gamma, "layer": layer, "lam": safeinfer_lam, "vector": vector,
-          "unsafe": unsafe, "steer": steer, "gate": _gate_knob(gate)}
+          "unsafe": unsafe, "steer": steer, "gate": _number_or_word(gate),
+          "window": _number_or_word(window), "stop": stop}
     if method.startswith("safeinfer"):
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
@@ -153,8 +159,8 @@ def generate(
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
-            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--steer/--gate: "
-                             f"only for the safeinfer methods, not {method!r}")
+            raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--steer/--gate/"
+                             f"--window/--stop: only for the safeinfer methods, not {method!r}")
         meth = methods.get(method, **kwargs)
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")

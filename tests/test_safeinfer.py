@@ -80,9 +80,16 @@ def test_adapter_logprobs_match_the_merged_model(adapter):
         assert sum(r.logprobs) == pytest.approx(-v, abs=1e-3)
 
 
-def _steered_naive(model, tok, vector, layer, gamma, prompts, system=None):
-    """Greedy under a global hook adding gamma * vector at the last position of every forward."""
+def _steered_naive(model, tok, vector, layer, gamma, prompts, system=None, window=None):
+    """Greedy under a global hook adding gamma * vector at the last position of every forward
+    (of the first ``window`` forwards: the prefill decodes new token 1, forward j + 1 token
+    j + 1)."""
+    calls = {"n": 0}
+
     def steer(module, args, output):
+        calls["n"] += 1
+        if window is not None and calls["n"] > window:
+            return output
         h = (output[0] if isinstance(output, tuple) else output).clone()
         h[:, -1:] += gamma * vector
         return (h, *output[1:]) if isinstance(output, tuple) else h
@@ -141,11 +148,12 @@ def _hand_steered_prefill(model, tok, vec, n_steered) -> list[list[int]]:
     return want
 
 
-def _steered_engine_ids(model, tok, vec, positions: str, **decoder) -> list[list[int]]:
+def _steered_engine_ids(model, tok, vec, positions: str, window: int | None = None,
+                        **decoder) -> list[list[int]]:
     """The engine's ids with a ``positions`` hook adding ``vec``: batched, after checking that
     each prompt alone gives the same."""
     m = contrastive([Branch(hooks=(BranchHook("model.layers.0", lambda h: h + vec,
-                                              positions=positions),))], [1.0])
+                                              positions=positions, window=window),))], [1.0])
     dec = SafeDecoder(model, tok, m, **decoder)
     ids = _ids(dec.generate(MIXED_PROMPTS, max_new_tokens=N))
     assert [dec.generate([p], max_new_tokens=N)[0].token_ids for p in MIXED_PROMPTS] == ids
@@ -161,6 +169,23 @@ def test_first_position_steering_acts_at_prefill_only():
     assert _steered_engine_ids(model, tok, vec, "first") == want
     every = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS)
     assert every != want  # steering every position is a different thing
+
+
+def test_a_steering_window_steers_the_first_w_new_tokens_only():
+    """window=W: the last prompt token and the positions decoding new tokens 2..W are steered,
+    later ones not — equal to a hook on the first W forwards by hand; batched = unbatched;
+    W = 1 is the first-position hook."""
+    model, tok = tiny_llama()
+    vec = _vector(model)
+    every = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS)
+    for w in (1, 3):
+        want = _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS, window=w)
+        assert _steered_engine_ids(model, tok, vec, "last", window=w) == want
+        assert want != every  # the window ends inside the N tokens
+    assert _steered_engine_ids(model, tok, vec, "last", window=1) == \
+        _steered_engine_ids(model, tok, vec, "first")
+    assert _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS, window=3) != \
+        _steered_naive(model, tok, vec, 0, 1.0, MIXED_PROMPTS, window=1)
 
 
 def test_prompt_position_steering_steers_the_request_s_own_tokens_at_prefill_only():

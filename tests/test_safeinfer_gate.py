@@ -23,6 +23,7 @@ from safedecode.methods.harm_probe import (
 )
 
 si = importlib.import_module("safedecode.methods.safeinfer")
+stops = importlib.import_module("safedecode.engine.stops")
 N = 8
 PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
            "Tell me a joke about cats.", "Write a poem", "What is the capital of France, and why?",
@@ -141,18 +142,23 @@ def _drain(eng, steps: int | None = None) -> dict:
     return done
 
 
-@pytest.mark.parametrize("steer", ["prompt", "every"])
-def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, steer):
+@pytest.mark.parametrize("knobs", [{"steer": "prompt"}, {"steer": "every"},
+                                   {"steer": "every", "window": 2, "stop": "sentence"}])
+def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, knobs,
+                                                                   monkeypatch):
     """Requests joining running ones at different steps (and finishing in between, the live
     slots compacted) decode as each does alone: the gate judges each request's own prefill and
-    (``every``) its decision moves with the request's rows."""
+    (``every``) its decision, window and stop move with the request's rows (every token counts
+    as a sentence end here, so the stop acts on every flagged request)."""
     from safedecode.engine import SamplingParams
 
+    monkeypatch.setattr(stops, "sentence_end_table",
+                        lambda tok, vocab, skip: torch.ones(vocab, dtype=torch.bool))
     model, tok = tiny_llama()
     vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
     path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
-    m = methods.get("safeinfer", vector=str(path), gamma=1.0, layer=0, steer=steer, gate=t,
-                    unsafe="text", lam=0.5)
+    m = methods.get("safeinfer", vector=str(path), gamma=1.0, layer=0, gate=t,
+                    unsafe="text", lam=0.5, **knobs)
     eng = SafeDecoder(model, tok, m).engine(max_seqs=2)
     sps = [SamplingParams(max_new_tokens=3 + i, ignore_eos=True) for i in range(len(PROMPTS))]
     ids, done = [], {}
@@ -165,6 +171,45 @@ def test_gated_steering_under_continuous_batching_equals_lone_runs(tmp_path, ste
     for rid, p, sp in zip(ids, PROMPTS, sps, strict=True):
         assert done[rid].token_ids == alone.generate([p], max_new_tokens=sp.max_new_tokens,
                                                      ignore_eos=True)[0].token_ids, p
+
+
+def test_sentence_stop_ends_flagged_answers_at_their_first_sentence_end(tmp_path,
+                                                                        monkeypatch):
+    """stop="sentence": a flagged request whose last token (at or past its window) ends a
+    sentence gets the end-of-turn token next and finishes; unflagged requests go on past the
+    same tokens; the rest of each answer is the windowed method's."""
+    model, tok = tiny_llama()
+    vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
+    path, t, on = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    kw = {"vector": str(path), "gamma": 1.0, "layer": 0, "steer": "every", "gate": t,
+          "window": 2}
+    free = _ids(SafeDecoder(model, tok, methods.get("safeinfer-sa", **kw))
+                .generate(PROMPTS, max_new_tokens=N))
+    flagged = [i for i, o in enumerate(on) if o]
+    ends = {free[i][3] for i in flagged} | {free[on.index(False)][1]}  # "sentence ends" here
+    table = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    table[list(ends)] = True
+    monkeypatch.setattr(stops, "sentence_end_table", lambda tok, vocab, skip: table)
+    got = SafeDecoder(model, tok, methods.get("safeinfer-sa", stop="sentence", **kw)).generate(
+        PROMPTS, max_new_tokens=N)
+    eos = tok.eos_token_id
+    for i, (f, g) in enumerate(zip(free, got, strict=True)):
+        if not on[i]:
+            assert g.token_ids == f
+            continue
+        cut = next(j for j in range(1, N) if f[j] in ends)  # 2 new tokens (the window) first
+        assert g.token_ids == f[:cut + 1] + [eos] and g.finish_reason == "eos", i
+    assert any(set(free[i]) & ends for i in range(len(PROMPTS)) if not on[i])
+
+
+def test_sentence_end_table_marks_tokens_ending_a_sentence():
+    tok = tiny_llama()[1]
+    table = stops.sentence_end_table(tok, len(tok) + 5, frozenset({tok.eos_token_id}))
+    for text in (".", "!", "?", " end."):
+        assert table[tok.convert_tokens_to_ids(tok.tokenize(text))[-1]], text
+    for text in ("hello", ",", " and"):
+        assert not table[tok.convert_tokens_to_ids(tok.tokenize(text))[-1]], text
+    assert not table[tok.eos_token_id] and not table[len(tok):].any()
 
 
 def test_forked_choices_keep_the_gate_decision(tmp_path):
@@ -196,6 +241,11 @@ def test_a_gated_hook_is_named_in_its_errors():
     g = BranchHook("model.layers.0", lambda h: h, positions="last", gate=lambda h: h[:, 0] > 0)
     with pytest.raises(ValueError, match="at most one gated hook"):
         Branch(hooks=(g, g))
+    for kw, msg in (({"window": 0}, "window"), ({"window": 2, "positions": "first"}, "window"),
+                    ({"stop": "sentence"}, "without a gate"),
+                    ({"stop": "paragraph", "gate": g.gate}, "stop")):
+        with pytest.raises(ValueError, match=msg):
+            BranchHook("model.layers.0", lambda h: h, **{"positions": "last", **kw})
 
 
 def test_vector_file_keeps_the_probe_and_the_gate_is_part_of_the_method(tmp_path):
@@ -221,7 +271,12 @@ def test_gate_bad_input_is_named(tmp_path):
     base = {"vector": str(path), "gamma": 1.0, "layer": 0}
     for kw, msg in (({"steer": "first", "gate": "maybe"}, "expected 'off' or a finite"),
                     ({"steer": "first", "gate": float("nan")}, "finite"),
-                    ({"steer": "first", "gate": True}, "finite")):
+                    ({"steer": "first", "gate": True}, "finite"),
+                    ({"steer": "every", "window": 0}, "window: expected 'off' or a number"),
+                    ({"steer": "every", "window": 2.5}, "window: expected"),
+                    ({"steer": "first", "window": 2}, "steer must be 'every'"),
+                    ({"steer": "every", "stop": "sentence"}, "needs a gate"),
+                    ({"steer": "every", "gate": 0.0, "stop": "word"}, "BranchHook.stop")):
         with pytest.raises(ValueError, match=msg):
             methods.get("safeinfer-sa", **base, **kw)
     from safedecode.models import embedding_fingerprint
@@ -271,6 +326,13 @@ def test_cli_safeinfer_gate_then_generate_gated(tiny_model_dir, tmp_path):
     assert json.loads(res.stdout)["method"] == "safeinfer-sa"
     res = runner.invoke(app, [*base, "--gate", "0"])  # the file's steer: every
     assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--gate", "0", "--window", "2", "--stop", "sentence"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--window", "2", "--stop", "sentence"])  # no gate
+    assert res.exit_code == 2 and "needs a gate" in res.output
+    res = runner.invoke(app, ["generate", "Hi", "--model", str(tiny_model_dir), "--window",
+                              "2"])
+    assert res.exit_code == 2 and "--window/--stop: only for the safeinfer" in res.output
     res = runner.invoke(app, [*base, "--steer", "first", "--gate", "sometimes"])
     assert res.exit_code == 2 and "expected 'off'" in res.output
     res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(out),

@@ -26,6 +26,7 @@ HookFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 POSITIONS = ("all", "last", "first", "prompt")
+STOPS = ("sentence",)
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,23 @@ class BranchHook:
     acts only on the rows where it held, in that forward and every later one — the decision is
     kept with the request's rows (forks and batch changes keep it). Conditional activation
     steering: judge the request, steer every token of its answer. At most one gated hook per
-    branch."""
+    branch.
+
+    ``window`` (``"last"`` only): act at the last prompt token and the positions that decode a
+    request's first ``window`` new tokens, then no more — steer the start of an answer.
+
+    ``stop="sentence"`` (gated hooks only; one per method): on the rows where the gate held,
+    once the request has ``window`` new tokens (one without a window), the first token whose
+    text ends a sentence (``.``, ``!`` or ``?``) is followed by the end-of-turn token: the
+    flagged request's answer ends with its steered opening. The stop picks the token the
+    request samples (DeAL's expanded and followed tokens are its own)."""
 
     module: str
     fn: HookFn
     positions: str = "all"
     gate: HookFn | None = None
+    window: int | None = None
+    stop: str | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
@@ -64,6 +76,16 @@ class BranchHook:
             raise ValueError("BranchHook.gate: a callable judged on each request's last prompt "
                              "token, so positions must not be 'all' (the shared prefix has "
                              f"no request); got positions={self.positions!r}")
+        if self.window is not None and (isinstance(self.window, bool)
+                                        or not isinstance(self.window, int) or self.window < 1
+                                        or self.positions != "last"):
+            raise ValueError("BranchHook.window: a number of new tokens >= 1 for a hook at the "
+                             f"decoded positions (positions='last'); got window={self.window!r}"
+                             f", positions={self.positions!r}")
+        if self.stop is not None and (self.stop not in STOPS or self.gate is None):
+            raise ValueError(f"BranchHook.stop: one of {STOPS} on a gated hook (it ends the "
+                             f"answers of the requests the gate flags); got stop={self.stop!r}"
+                             f"{'' if self.gate is not None else ' without a gate'}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,7 +182,9 @@ class Method:
                 what += f" + LoRA adapter {b.adapter.name!r}"
             if b.hooks:
                 what += " + hooks on " + ", ".join(
-                    f"{h.module} ({h.positions}{', gated' if h.gate else ''}: "
+                    f"{h.module} ({h.positions}{', gated' if h.gate else ''}"
+                    f"{f', window {h.window}' if h.window else ''}"
+                    f"{f', {h.stop} stop' if h.stop else ''}: "
                     f"{getattr(h.fn, 'func', h.fn).__name__})"
                     for h in b.hooks)
             parts.append(f"  [{i}] {b.name or 'branch'}: {what}")

@@ -31,6 +31,7 @@ from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
 from .step import Built, CompiledDecode, ModelStep
+from .stops import sentence_stop
 
 DEFAULT_MAX_LEN = 2048
 
@@ -194,6 +195,9 @@ class Engine:
                                  dtype=self.runner.dtype)
         self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
         self.true_eos = eos_ids(model, tokenizer)
+        if any(h.stop for br in method.branches for h in br.hooks):
+            self.runner.stop = sentence_stop(method, model, tokenizer, self.true_eos,
+                                             self.runner.device)
         self._ids = itertools.count()
         self._live: dict[int, _Seq] = {}  # waiting or running
         self._done: dict[int, GenerationResult] = {}

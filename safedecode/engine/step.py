@@ -26,6 +26,7 @@ from .cache import PrefixStore, SlotCache, cache_kwargs
 from .packed import PackPlan, packed_attention_on
 from .prompts import Prefix
 from .state import DecodeState, round_up
+from .stops import SentenceStop
 
 Built = Sequence[tuple[Prefix, list[int]]]  # per branch: (shared prefix, suffix ids)
 
@@ -85,6 +86,9 @@ class ModelStep:
                                  for h in br.hooks)
         self._gated = any(h.gate is not None for br in method.branches for h in br.hooks)
         self._gate_on: torch.Tensor | None = None
+        self._windowed = any(h.window for br in method.branches for h in br.hooks)
+        self._steps: torch.Tensor | None = None  # [rows] new tokens so far (windowed hooks)
+        self.stop: SentenceStop | None = None  # set by the engine (it knows the tokenizer)
         self.adapters = {k: br.adapter.to(self.device, self.dtype)
                          for k, br in enumerate(method.branches) if br.adapter is not None}
         self._effects = {phase: self._branch_effects(phase)
@@ -95,15 +99,17 @@ class ModelStep:
     @contextlib.contextmanager
     def _forward_context(self, hook_rows: dict[int, slice], phase: str = "decode",
                          prompt_mask: torch.Tensor | None = None,
-                         gate_on: torch.Tensor | None = None) -> Iterator[None]:
+                         gate_on: torch.Tensor | None = None,
+                         steps: torch.Tensor | None = None) -> Iterator[None]:
         """Install the branches' effects for one forward whose rows of branch k are
         ``hook_rows[k]``. ``phase``: ``"prefix"`` (a shared prefix: no decoded position),
         ``"prefill"`` (its last position decodes the first token) or ``"decode"``.
         ``prompt_mask`` (prefill): ``[rows, t]``, the positions ``"prompt"`` hooks act on.
         ``gate_on``: the gated hooks' decisions for this forward's rows (at prefill a copy the
         hooks write, stored back into :class:`DecodeState` after the forward; later steps read
-        it)."""
+        it). ``steps`` (decode, windowed hooks): each row's new tokens so far."""
         self._hook_rows, self._prompt_mask, self._gate_on = hook_rows, prompt_mask, gate_on
+        self._steps = steps
         handles = [module.register_forward_hook(fn) for module, fn in self._effects[phase]]
         try:
             with routed(self._gemm):
@@ -112,6 +118,7 @@ class ModelStep:
             for h in handles:
                 h.remove()
             self._hook_rows, self._prompt_mask, self._gate_on = {}, None, None
+            self._steps = None
 
     def _branch_effects(self, phase: str) -> list[tuple[torch.nn.Module, Callable]]:
         """(module, forward hook) of every branch effect that acts in ``phase``: hooks by their
@@ -134,7 +141,7 @@ class ModelStep:
         return out
 
     def _make_hook(self, k: int, hook: BranchHook, phase: str):
-        positions, gate = hook.positions, hook.gate
+        positions, gate, window = hook.positions, hook.gate, hook.window
 
         def run(module, args, output):
             rows = self._hook_rows.get(k)
@@ -142,13 +149,16 @@ class ModelStep:
                 return output
             h = output[0] if isinstance(output, tuple) else output
             h = h.clone()
-            fn = hook.fn
+            fn, on = hook.fn, None
             if gate is not None:  # judged at prefill, kept with the rows for later steps
                 if phase == "prefill":
                     self._gate_on[rows] = gate(h[rows, -1]).to(torch.bool)
-                on = self._gate_on[rows][:, None, None]
-
-                def fn(x, on=on):
+                on = self._gate_on[rows]
+            if window is not None and phase == "decode":  # fed token j decodes token j + 1
+                inside = self._steps[rows] < window
+                on = inside if on is None else on & inside
+            if on is not None:
+                def fn(x, on=on[:, None, None]):
                     return torch.where(on, hook.fn(x), x)
             if positions == "all":
                 h[rows] = fn(h[rows])
@@ -178,8 +188,8 @@ class ModelStep:
 
     def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode",
                  prompt_mask: torch.Tensor | None = None, gate_on: torch.Tensor | None = None,
-                 **inputs) -> torch.Tensor:
-        with self._forward_context(hook_rows, phase, prompt_mask, gate_on):
+                 steps: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        with self._forward_context(hook_rows, phase, prompt_mask, gate_on, steps):
             out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -439,7 +449,9 @@ class ModelStep:
         else:
             logits = self._forward(state.cache, self._branch_rows(), input_ids=ids,
                                    attention_mask=mask, position_ids=cols,
-                                   gate_on=state.gate_on[index] if self._gated else None)
+                                   gate_on=state.gate_on[index] if self._gated else None,
+                                   steps=state.step[sidx].repeat_interleave(kb)
+                                   if self._windowed else None)
         state.advance(slots, rows, index)
         return logits.view(len(slots), kb, -1)
 
@@ -456,6 +468,11 @@ class ModelStep:
             temperature=state.temperature[sidx], top_k=state.top_k[sidx],
             top_p=state.top_p[sidx], min_p=state.min_p[sidx], seed=state.seed[sidx],
             step=state.step[sidx], return_logprobs=logprobs, backend=self.backend)
+        if self.stop is not None:  # a flagged answer that has just ended a sentence ends
+            cut = self.stop.apply(state, sidx, m.k, tokens) & (status == 0)
+            tokens = torch.where(cut, self.stop.eos, tokens)
+            if logprobs:
+                lps = torch.where(cut, 0.0, lps)  # the rule leaves it no other token
         state.last[sidx] = tokens.clamp(min=0)
         state.step.index_add_(0, sidx, torch.ones_like(sidx))
         parts = [tokens.double(), status.double()]

@@ -86,6 +86,8 @@ def method_fingerprint(method: Method) -> str:
             if hook.gate is not None:  # (absent: the keys of ungated hooks stay as they were)
                 h.update(b"gate")
                 _hash_value(h, hook.gate)
+            if hook.window is not None or hook.stop is not None:  # likewise
+                h.update(f"window={hook.window}:stop={hook.stop}".encode())
         if b.adapter is not None:
             h.update(b.adapter.key().encode())
     return h.hexdigest()[:16]

@@ -169,8 +169,8 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
 
 
 RECORDED = {"acd": ("alpha", "beta"), "self-cd-sp": ("alpha", "beta"),
-            "safeinfer": ("gamma", "layer", "lam", "steer", "unsafe", "gate"),
-            "safeinfer-sa": ("gamma", "layer", "steer", "gate"),
+            "safeinfer": ("gamma", "layer", "lam", "steer", "unsafe", "gate", "window", "stop"),
+            "safeinfer-sa": ("gamma", "layer", "steer", "gate", "window", "stop"),
             "safeinfer-sgds": ("lam", "unsafe")}
 
 

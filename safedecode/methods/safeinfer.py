@@ -375,8 +375,21 @@ def gate_threshold(gate) -> float | None:
     return float(gate)
 
 
+def window_knob(window) -> int | None:
+    """``window`` knob -> the number of new tokens steered, or None (every one): ``"off"``/None
+    or an integer >= 1."""
+    if window is None or window == "off":
+        return None
+    if isinstance(window, float) and window.is_integer():
+        window = int(window)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected 'off' or a number of new tokens >= 1, got {window!r}")
+    return window
+
+
 def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "safe",
-                     steer: str = "every", gate: float | str | None = None) -> Branch:
+                     steer: str = "every", gate: float | str | None = None,
+                     window: int | str | None = None, stop: str | None = None) -> Branch:
     """A branch (no system prompt) whose decoded positions get ``gamma · vector`` after decoder
     layer ``layer``: every decoded position (``steer="every"``, the paper) or only the one that
     decodes the first new token (``"first"``: it sets the answer's course, later tokens follow
@@ -387,14 +400,24 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
     above it at the last prompt token (:mod:`.harm_probe`, conditional steering). With
     ``"first"`` and ``"prompt"`` the decision is made and used in the prefill forward (inside
     the hook's function); with ``"every"`` the engine keeps it for every decode step
-    (``BranchHook.gate``)."""
+    (``BranchHook.gate``). ``window`` (``"every"`` only): steer the positions of the first
+    ``window`` new tokens only. ``stop="sentence"`` (``"every"`` with a gate): a flagged
+    request's answer ends at the first sentence end after its ``window`` tokens
+    (``BranchHook.stop``)."""
     if steer not in STEER:
         raise ValueError(f"steer: expected one of {sorted(STEER)}, got {steer!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ValueError(f"gamma: must be a finite number, got {gamma!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < sv.num_layers:
         raise ValueError(f"layer: must be an integer in [0, {sv.num_layers}), got {layer!r}")
-    threshold = gate_threshold(gate)
+    threshold, steps = gate_threshold(gate), window_knob(window)
+    stop = None if stop in (None, "off") else stop
+    if (steps is not None or stop is not None) and steer != "every":
+        raise ValueError(f"window/stop: they act on decoded positions, so steer must be "
+                         f"'every'; got steer={steer!r}")
+    if stop is not None and threshold is None:
+        raise ValueError(f"stop={stop!r}: ends the answers of the requests the gate flags, so "
+                         "it needs a gate (a threshold)")
     fn = functools.partial(add_vector, vector=sv.vector, scale=float(gamma))
     row_gate = None
     if threshold is not None:
@@ -408,7 +431,8 @@ def amplified_branch(sv: SafetyVector, gamma: float, layer: int, name: str = "sa
         else:
             fn = functools.partial(gated_add if steer == "first" else gated_add_rows,
                                    vector=sv.vector, scale=float(gamma), **probe)
-    hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer], gate=row_gate)
+    hook = BranchHook(f"{sv.layers_path}.{layer}", fn, positions=STEER[steer], gate=row_gate,
+                      window=steps, stop=stop)
     return Branch(name=name, hooks=(hook,), fingerprint=sv.fingerprint,
                   trained_for=sv.base_model)
 
@@ -451,45 +475,55 @@ def _lam_beta(lam: float) -> float:
     return lam / (1.0 - lam)
 
 
-DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99, "steer": "every", "gate": "off"}
-# layer: L / 3
+DEFAULTS = {"gamma": 0.5, "layer": None, "lam": 0.99, "steer": "every", "gate": "off",
+            "window": "off", "stop": "off"}  # layer: L / 3
+STEERING = ("gamma", "layer", "steer", "gate", "window", "stop")  # amplified_branch's knobs
 
 
-def _knobs(sv: SafetyVector, method: str, gamma, layer, lam, steer, gate
-           ) -> tuple[float, int, float, str, float | str]:
+def _knobs(sv: SafetyVector, method: str, **given) -> dict:
+    """Every knob: the one given, else the one recorded for ``method``, else the default."""
     chosen = sv.decoding.get(method, {})
-    g = sv.knob(method, "gamma", DEFAULTS["gamma"]) if gamma is None else gamma
-    lay = int(chosen.get("layer", sv.num_layers // 3)) if layer is None else layer
-    lm = sv.knob(method, "lam", DEFAULTS["lam"]) if lam is None else lam
-    st = str(chosen.get("steer", DEFAULTS["steer"])) if steer is None else steer
-    gt = chosen.get("gate", DEFAULTS["gate"]) if gate is None else gate
-    return g, lay, lm, st, gt
+    out = {k: chosen.get(k, d) if given.get(k) is None else given[k]
+           for k, d in DEFAULTS.items()}
+    for k in ("gamma", "lam"):
+        if given.get(k) is None:
+            out[k] = float(out[k])
+    if given.get("layer") is None:
+        out["layer"] = int(sv.num_layers // 3 if out["layer"] is None else out["layer"])
+    out["steer"] = str(out["steer"])
+    return out
 
 
 def safeinfer(gamma: float | None = None, layer: int | None = None, lam: float | None = None,
               beta: float = 0.0, vector: str | Path | None = None,
               unsafe: str | Path | None = None, steer: str | None = None,
-              gate: float | str | None = None) -> Method:
+              gate: float | str | None = None, window: int | str | None = None,
+              stop: str | None = None) -> Method:
     """SafeInfer: SA (the amplified branch) + sGDS against the unsafe branch, union rule.
     Knobs default to those chosen on the anchor validation split, recorded in the vector file
     (else γ = 0.5, layer = L/3, λ = 0.99, no gate); ``beta`` is the plausibility threshold;
-    ``gate``: ``"off"`` or the probe threshold of conditional steering (see
-    :func:`amplified_branch`)."""
+    ``gate``: ``"off"`` or the probe threshold of conditional steering; ``window`` /
+    ``stop``: how a flagged answer is steered and ended (see :func:`amplified_branch`)."""
     sv = load_vector(vector)
-    g, lay, lm, st, gt = _knobs(sv, "safeinfer", gamma, layer, lam, steer, gate)
+    kn = _knobs(sv, "safeinfer", gamma=gamma, layer=layer, lam=lam, steer=steer, gate=gate,
+                window=window, stop=stop)
     if unsafe is None:
         unsafe = sv.decoding.get("safeinfer", {}).get("unsafe", "adapter")
-    return contrastive((amplified_branch(sv, g, lay, steer=st, gate=gt), unsafe_branch(unsafe)),
-                       (1.0, _lam_beta(lm)), rule="union", beta=beta, name="safeinfer")
+    safe = amplified_branch(sv, **{k: kn[k] for k in STEERING})
+    return contrastive((safe, unsafe_branch(unsafe)), (1.0, _lam_beta(kn["lam"])),
+                       rule="union", beta=beta, name="safeinfer")
 
 
 def safeinfer_sa(gamma: float | None = None, layer: int | None = None,
                  vector: str | Path | None = None, steer: str | None = None,
-                 gate: float | str | None = None) -> Method:
+                 gate: float | str | None = None, window: int | str | None = None,
+                 stop: str | None = None) -> Method:
     """SafeInfer's safety amplification alone (one steered branch): an ablation."""
     sv = load_vector(vector)
-    g, lay, _, st, gt = _knobs(sv, "safeinfer-sa", gamma, layer, None, steer, gate)
-    return Method("safeinfer-sa", (amplified_branch(sv, g, lay, steer=st, gate=gt),), (1.0,))
+    kn = _knobs(sv, "safeinfer-sa", gamma=gamma, layer=layer, steer=steer, gate=gate,
+                window=window, stop=stop)
+    return Method("safeinfer-sa", (amplified_branch(sv, **{k: kn[k] for k in STEERING}),),
+                  (1.0,))
 
 
 def safeinfer_sgds(lam: float | None = None, beta: float = 0.0,
