@@ -7,7 +7,8 @@
 # Since session 27 the shipped knobs are gated (conditional steering, the probe in the vector
 # file); the earlier ungated choices stay as rows of their own (their generations are cached).
 # Since session 28 SA steers every position of its gated rows; session 27's SA (the first
-# position) stays as a row of its own.
+# position) stays as a row of its own. Since session 29 SA steers the first 8 new tokens of its
+# gated rows and ends them at the first sentence end; session 28's SA stays as a row.
 #
 #   scripts/safeinfer_eval.sh       # about 35 minutes on 2 CPU cores; resumable
 set -euo pipefail
@@ -18,6 +19,7 @@ SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor
 EARLIER="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
 EARLIER+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
 EARLIER+=",safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # session 27's SA (gated)
+EARLIER+=",safeinfer-sa:steer=every:gamma=0.5:layer=14:gate=0"  # session 28's SA
 $PY -m safedecode eval -m "plain,safe-prompt,$EARLIER,safeinfer-sa,safeinfer-sgds,safeinfer" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy-safeinfer"

@@ -469,7 +469,7 @@ class ModelStep:
             top_p=state.top_p[sidx], min_p=state.min_p[sidx], seed=state.seed[sidx],
             step=state.step[sidx], return_logprobs=logprobs, backend=self.backend)
         if self.stop is not None:  # a flagged answer that has just ended a sentence ends
-            cut = self.stop.apply(state, sidx, m.k, tokens) & (status == 0)
+            cut = self.stop.apply(state, sidx, m.k) & (status == 0)
             tokens = torch.where(cut, self.stop.eos, tokens)
             if logprobs:
                 lps = torch.where(cut, 0.0, lps)  # the rule leaves it no other token

@@ -38,9 +38,9 @@ class SentenceStop:
     ends: torch.Tensor  # [vocab] bool, on the device
     eos: int  # the token emitted
 
-    def apply(self, state, sidx: torch.Tensor, k: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Bool ``[n]``: the sequences ``sidx`` (about to get ``tokens``) whose next token
-        is the end of turn: gated, with ``after`` new tokens, the last one ending a sentence."""
+    def apply(self, state, sidx: torch.Tensor, k: int) -> torch.Tensor:
+        """Bool ``[n]``: the sequences ``sidx`` (``k`` rows each) whose next token is the end of
+        turn: gated, with ``after`` new tokens, the last one ending a sentence."""
         return (state.gate_on[sidx * k + self.branch] & (state.step[sidx] >= self.after)
                 & self.ends[state.last[sidx]])
 

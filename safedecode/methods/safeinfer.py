@@ -25,6 +25,12 @@ positions ``steer`` names (with ``"every"`` the engine keeps the decision for ev
 a small model the function vector is an unconditional "refuse" direction; the gate makes it
 conditional.
 
+**Window and stop** (safedecode additions, for gated ``steer="every"``): ``window=W`` steers
+only the positions of the first ``W`` new tokens; ``stop="sentence"`` ends a flagged request's
+answer at its first sentence end after them. Steered at every token, this model's refusal
+never ends (it rambles on, and often back into the harmful content); steered for its opening
+and stopped, it is one sentence.
+
 The reference code adds the vector to batch element 0 only, runs the two models one after the
 other with two KV caches and ignores its length cap; here every row of the branch is steered at
 every step, both branches run in one batched forward over one KV cache.
