@@ -7,10 +7,40 @@
 #   scripts/safeinfer_sweep.sh      # about 90 minutes on 2 CPU cores
 #   scripts/safeinfer_sweep.sh s27  # session 27 only: the gate (probe + gated knobs), 45 minutes
 #   scripts/safeinfer_sweep.sh s28  # session 28 only: steer=prompt / every, 55 minutes
+#   scripts/safeinfer_sweep.sh s29  # session 29 only: window and sentence stop, 35 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 A=safedecode/methods/assets
+if [[ ${1:-} == s29 ]]; then
+    # A steering window and a sentence stop for SA's gated rows (rule and stages:
+    # benchmarks/results/safeinfer_sweep_s29/). Stage 1, the prototype at 128 tokens; stage 2,
+    # `tune` against the shipped rows (their generations cached from session 28's run). The SA
+    # row passed and is recorded into the shipped file below; the SafeInfer row refused one
+    # held-out look-alike too many.
+    D=benchmarks/results/safeinfer_sweep_s29
+    for v in "0 0.5" "16 0.5" "8 0.5" "32 0.5" "8 0.5 S" "16 0.5 S"; do $PY $D/proto.py $v; done
+    V=runs/s29/si.safetensors
+    mkdir -p runs/s29
+    cp $A/safeinfer_smollm2-135m-instruct.safetensors $V
+    W="steer=every:gamma=0.5:layer=14:gate=0"
+    M="plain,safeinfer:steer=first:gamma=1:layer=14:gate=0:unsafe=opposite:lam=0.5"
+    M+=",safeinfer-sa:$W,safeinfer-sa:vector=$V:$W:window=8:stop=sentence"
+    M+=",safeinfer:vector=$V:$W:window=8:stop=sentence:unsafe=opposite:lam=0.5"
+    $PY -m safedecode tune --out runs/s28/tune -n 64 --record $V -m "$M"
+    $PY - <<'PY'
+import json
+from safedecode.eval.tune import record_choice
+d = json.load(open("runs/s28/tune/sweep.json"))
+row = next(r for r in d["rows"] if r["label"].startswith("safeinfer-sa:")
+           and "stop=sentence" in r["label"])
+row["kwargs"]["vector"] = "safedecode/methods/assets/safeinfer_smollm2-135m-instruct.safetensors"
+record_choice({"chosen": {"safeinfer-sa": row}, "criterion": d["criterion"], "rows": d["rows"]},
+              row["kwargs"]["vector"], d["command"] + "  # safeinfer-sa only: the SafeInfer row "
+              "refused 3 held-out look-alikes (rule: at most 2)", d["datasets"])
+PY
+    exit 0
+fi
 if [[ ${1:-} == s28 ]]; then
     # Where to add the vector for gated rows (rule and stages:
     # benchmarks/results/safeinfer_sweep_s28/). Stage 1, a prototype outside the engine; stage 2

@@ -202,6 +202,32 @@ def test_sentence_stop_ends_flagged_answers_at_their_first_sentence_end(tmp_path
     assert any(set(free[i]) & ends for i in range(len(PROMPTS)) if not on[i])
 
 
+def test_recorded_window_and_stop_are_read_and_dropped_outside_their_setting(tmp_path):
+    """A recorded window / stop is a default like any knob; a given steer other than "every"
+    (or gate "off", for the stop) leaves that setting, so they are dropped, not an error; given
+    explicitly they are checked."""
+    from safedecode.eval.tune import record_choice
+
+    model, tok = tiny_llama()
+    vec = torch.ones(model.config.hidden_size)
+    path, t, _ = _gated_file(tmp_path, model, tok, vec, PROMPTS)
+    row = {"kwargs": {"gamma": 1.0, "layer": 0, "steer": "every", "gate": t, "window": 2,
+                      "stop": "sentence", "vector": str(path)}}
+    record_choice({"chosen": {"safeinfer-sa": row}, "criterion": "c", "rows": []}, path, "cmd",
+                  ["anchor-harmful-val"])
+
+    def hook(**kw):
+        h = methods.get("safeinfer-sa", vector=str(path), **kw).branches[0].hooks[0]
+        return h.positions, h.gate is not None, h.window, h.stop
+
+    assert hook() == ("last", True, 2, "sentence")
+    assert hook(steer="first") == ("first", False, None, None)  # gated inside its function
+    assert hook(gate="off") == ("last", False, 2, None)
+    assert hook(window="off", stop="off") == ("last", True, None, None)
+    with pytest.raises(ValueError, match="steer must be 'every'"):
+        hook(steer="first", window=2)
+
+
 def test_sentence_end_table_marks_tokens_ending_a_sentence():
     tok = tiny_llama()[1]
     table = stops.sentence_end_table(tok, len(tok) + 5, frozenset({tok.eos_token_id}))

@@ -497,6 +497,13 @@ def _knobs(sv: SafetyVector, method: str, **given) -> dict:
     if given.get("layer") is None:
         out["layer"] = int(sv.num_layers // 3 if out["layer"] is None else out["layer"])
     out["steer"] = str(out["steer"])
+    # a recorded window / stop belongs to its recorded setting (steer "every", gated): dropped,
+    # not an error, when the knobs given leave that setting
+    if given.get("window") is None and out["steer"] != "every":
+        out["window"] = DEFAULTS["window"]
+    if given.get("stop") is None and (out["steer"] != "every"
+                                      or gate_threshold(out["gate"]) is None):
+        out["stop"] = DEFAULTS["stop"]
     return out
 
 
