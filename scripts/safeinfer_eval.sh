@@ -19,7 +19,7 @@ SETS=harmbench,benign,benign-lookalike,benign-ordinary,anchor-harmful-val,anchor
 EARLIER="safeinfer-sa:steer=first:gamma=0.5:layer=10:gate=off"
 EARLIER+=",safeinfer:steer=first:gamma=0.75:layer=10:unsafe=opposite:lam=0.5:gate=off"
 EARLIER+=",safeinfer-sa:steer=first:gamma=1:layer=14:gate=-1"  # session 27's SA (gated)
-EARLIER+=",safeinfer-sa:steer=every:gamma=0.5:layer=14:gate=0"  # session 28's SA
+EARLIER+=",safeinfer-sa:steer=every:gamma=0.5:layer=14:gate=0:window=off:stop=off"  # s28 SA
 $PY -m safedecode eval -m "plain,safe-prompt,$EARLIER,safeinfer-sa,safeinfer-sgds,safeinfer" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy-safeinfer"
