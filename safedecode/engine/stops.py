@@ -8,6 +8,7 @@ draws, on the device, without a host read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,11 @@ from .branches import Method
 SENTENCE_ENDS = (".", "!", "?")
 
 
+@functools.lru_cache(maxsize=8)  # decoding every token costs ~0.3 s; engines are made per call
 def sentence_end_table(tokenizer, vocab: int, skip: frozenset[int] = frozenset()
                        ) -> torch.Tensor:
     """``[vocab]`` bool: the tokens whose text, trailing spaces removed, ends a sentence (ids
-    past the tokenizer's and ``skip`` are False)."""
+    past the tokenizer's and ``skip`` are False). Cached per tokenizer; not to be changed."""
     n = min(vocab, len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in range(n)])
     table = torch.zeros(vocab, dtype=torch.bool)
