@@ -375,6 +375,35 @@ def safeinfer_gate(
     typer.echo(f"wrote {out}: a probe for each of {sv.gate.num_layers} layers")
 
 
+@app.command("acd-gate")
+def acd_gate(
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write: the "
+                             "prompts file with the probe added (may be --prompts itself)."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="An ACD prompts file (from "
+                                        "`safedecode optimize`; default: the shipped pair)."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    layer: int | None = typer.Option(None, "--layer", help="Decoder layer read (default L/2)."),
+    l2: float = typer.Option(0.01, "--l2", help="L2 penalty of the logistic probe."),
+):
+    """Train a gated ACD's probe: harmful vs safe requests (anchor train part) on the SP
+    branch's hidden state at the last prompt token; `acd:gate=T` then contrasts only the
+    requests it scores above T (the others decode from SP alone)."""
+    from safedecode.methods.acd import fit_gate, save_prompts
+    from safedecode.models import load_model
+
+    try:
+        if not l2 >= 0:
+            raise ValueError(f"--l2: must be >= 0, got {l2}")
+        mdl, tok = load_model(model)
+        p = fit_gate(mdl, tok, prompts, layer=layer, l2=l2)
+        save_prompts(out, p)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    info = p.gate_info
+    typer.echo(f"wrote {out}: a probe on {info['module']} (validation at 0: harmful "
+               f"{info['val_tpr_at_0']:.1%}, safe {info['val_fpr_at_0']:.1%})")
+
+
 @app.command("train-unsafe")
 def train_unsafe(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the peft adapter."),

@@ -146,7 +146,12 @@ class Branch:
 
 @dataclass(frozen=True, eq=False)
 class Method:
-    """Branches + the combination rule of the fused op."""
+    """Branches + the combination rule of the fused op.
+
+    ``contrast_gate`` (a branch index; optional): the contrast only for the requests whose
+    gated hook on that branch held; the others decode from the anchor branch alone (the other
+    branches' logits are made uniform — linear rule, the anchor's weight 1 — or the anchor's
+    own — union rule —, so the op gives exactly the anchor's distribution)."""
 
     name: str
     branches: tuple[Branch, ...]
@@ -154,6 +159,7 @@ class Method:
     rule: str = "linear"
     anchor: int = 0
     beta: float = 0.0
+    contrast_gate: int | None = None
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -165,6 +171,16 @@ class Method:
             raise ValueError(f"method {self.name!r}: anchor {self.anchor} out of range")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"method {self.name!r}: beta must be in [0, 1], got {self.beta}")
+        g = self.contrast_gate
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(self.branches) \
+                    or not any(h.gate is not None for h in self.branches[g].hooks):
+                raise ValueError(f"method {self.name!r}: contrast_gate must index a branch with "
+                                 f"a gated hook (its gate decides), got {g!r}")
+            if self.rule == "linear" and self.weights[self.anchor] != 1.0:
+                raise ValueError(f"method {self.name!r}: contrast_gate with the linear rule needs "
+                                 f"the anchor's weight 1 (ungated requests then decode from the "
+                                 f"anchor alone), got {self.weights[self.anchor]}")
 
     @property
     def k(self) -> int:
@@ -172,7 +188,9 @@ class Method:
 
     def describe(self) -> str:
         parts = [f"{self.name}: K={self.k}, rule={self.rule}, weights={list(self.weights)}, "
-                 f"anchor={self.anchor}, beta={self.beta}"]
+                 f"anchor={self.anchor}, beta={self.beta}"
+                 + (f", contrast gated by branch {self.contrast_gate}"
+                    if self.contrast_gate is not None else "")]
         for i, b in enumerate(self.branches):
             what = ("soft prompt " + "x".join(map(str, b.soft_prompt.shape))
                     if b.soft_prompt is not None else

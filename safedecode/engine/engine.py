@@ -533,6 +533,7 @@ class Engine:
         if not order:
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        logits = self.runner.gate_contrast(st, tuple(order), logits)  # before DeAL's expansion
         by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
         seqs = [by_slot[s] for s in order]
         want_lp = any(s.params.logprobs for s in seqs)

@@ -456,6 +456,22 @@ class ModelStep:
         return logits.view(len(slots), kb, -1)
 
     # -- sampling ---------------------------------------------------------------------------
+    def gate_contrast(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor
+                      ) -> torch.Tensor:
+        """``[n, K, V]`` logits of ``slots`` with :attr:`Method.contrast_gate` applied: the
+        requests whose gate did not hold get the anchor's distribution from the op (the other
+        branches uniform under the linear rule, the anchor's own under the union rule)."""
+        m = self.method
+        if m.contrast_gate is None:
+            return logits
+        _, _, sidx = state.layout(slots)
+        on = state.gate_on[sidx * m.k + m.contrast_gate][:, None, None]
+        a = m.anchor
+        other = logits[:, a:a + 1] if m.rule == "union" else torch.zeros_like(logits[:, :1])
+        keep = torch.tensor([k == a or w == 0 for k, w in enumerate(m.weights)],
+                            device=logits.device)  # weight-0 branches (DeAL's proposals) kept
+        return torch.where(on | keep[None, :, None], logits, other)
+
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
                logprobs: bool) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's

@@ -168,7 +168,7 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RECORDED = {"acd": ("alpha", "beta"), "self-cd-sp": ("alpha", "beta"),
+RECORDED = {"acd": ("alpha", "beta", "gate"), "self-cd-sp": ("alpha", "beta"),
             "safeinfer": ("gamma", "layer", "lam", "steer", "unsafe", "gate", "window", "stop"),
             "safeinfer-sa": ("gamma", "layer", "steer", "gate", "window", "stop"),
             "safeinfer-sgds": ("lam", "unsafe")}

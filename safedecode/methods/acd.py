@@ -10,6 +10,8 @@ model, which ``acd`` (and ``safedecode generate --method acd``) uses unless give
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from safedecode.engine.branches import Branch, Method, contrastive
+from safedecode.engine.branches import Branch, BranchHook, Method, contrastive
 
 from . import prompts as text_prompts
 
@@ -44,6 +46,11 @@ class ACDPrompts:
     # ..}}), and the sweep that chose them (command, table, criterion): see `safedecode tune`.
     decoding: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
+    # The harmful-request probe of a gated ACD (`safedecode acd-gate`): ``h · weight + bias`` on
+    # the output of ``gate_info["module"]`` at the SP branch's last prompt token.
+    gate_weight: torch.Tensor | None = None  # [d]
+    gate_bias: float = 0.0
+    gate_info: dict = field(default_factory=dict)
 
     def knob(self, method: str, name: str, default: float) -> float:
         """The validated value of ``name`` for ``method``, else ``default``."""
@@ -79,6 +86,11 @@ def save_prompts(path: str | Path, acd_prompts: ACDPrompts) -> Path:
     tensors = {"safeguard": acd_prompts.safeguard.detach().to("cpu", torch.float32).contiguous(),
                "adversarial": acd_prompts.adversarial.detach().to("cpu", torch.float32)
                .contiguous()}
+    if acd_prompts.gate_weight is not None:
+        tensors["gate_weight"] = acd_prompts.gate_weight.detach().to("cpu", torch.float32) \
+            .contiguous()
+        tensors["gate_bias"] = torch.tensor([float(acd_prompts.gate_bias)])
+        meta["gate"] = json.dumps(acd_prompts.gate_info, sort_keys=True)
     save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -98,13 +110,16 @@ def load_prompts(path: str | Path | None = None, model=None) -> ACDPrompts:
                 raise ValueError(f"ACD prompts: {path} is not a safedecode ACD prompt file "
                                  f"(format {meta.get('format')!r}, expected {FORMAT!r})")
             sp, ap = f.get_tensor("safeguard"), f.get_tensor("adversarial")
+            gw = f.get_tensor("gate_weight") if "gate_weight" in f.keys() else None
+            gb = float(f.get_tensor("gate_bias")[0]) if gw is not None else 0.0
     except SafetensorError as exc:
         raise ValueError(f"ACD prompts: cannot read {path}: {exc}") from exc
     out = ACDPrompts(sp, ap, meta["embedding_fingerprint"], meta.get("base_model", "?"),
                      json.loads(meta.get("training_config", "{}")),
                      json.loads(meta.get("history", "[]")),
                      json.loads(meta.get("decoding", "{}")),
-                     json.loads(meta.get("selection", "{}")))
+                     json.loads(meta.get("selection", "{}")),
+                     gw, gb, json.loads(meta.get("gate", "{}")))
     if model is not None:
         out.check_model(model)
     return out
@@ -138,14 +153,69 @@ def ACD(safeguard: PromptLike | ACDPrompts = text_prompts.SAFEGUARD,  # noqa: N8
 
 
 def acd(alpha: float | None = None, beta: float | None = None,
-        prompts: str | Path | None = None) -> Method:
+        prompts: str | Path | None = None, gate: float | str | None = None) -> Method:
     """ACD with optimised soft prompts (``prompts``: a file from ``safedecode optimize``; default:
     the pair shipped for the embedded SmolLM2-135M-Instruct). ``alpha`` / ``beta`` default to the
-    values chosen on the anchor validation split and recorded in the file (else 0.5 / 0)."""
+    values chosen on the anchor validation split and recorded in the file (else 0.5 / 0).
+    ``gate``: ``"off"`` or a threshold: the contrast only for requests the file's harmful-request
+    probe (``safedecode acd-gate``) scores above it at the SP branch's last prompt token; the
+    others decode from SP alone (``Method.contrast_gate``)."""
+    from .harm_probe import probe_above
+    from .safeinfer import gate_threshold
+
     p = load_prompts(prompts)
     a = p.knob("acd", "alpha", 0.5) if alpha is None else alpha
     b = p.knob("acd", "beta", 0.0) if beta is None else beta
-    return ACD(p, None, a, b, name="acd")
+    method = ACD(p, None, a, b, name="acd")
+    t = gate_threshold(p.decoding.get("acd", {}).get("gate", "off") if gate is None else gate)
+    if t is None:
+        return method
+    if p.gate_weight is None:
+        raise ValueError("gate: this ACD prompts file has no harmful-request probe; add one "
+                         "with `safedecode acd-gate --prompts FILE --out FILE`")
+    judge = functools.partial(probe_above, weight=p.gate_weight, bias=p.gate_bias, threshold=t)
+    sp = method.branches[0]
+    hook = BranchHook(p.gate_info["module"], _unchanged, positions="first", gate=judge)
+    return dataclasses.replace(method, branches=(dataclasses.replace(sp, hooks=(hook,)),
+                                                 *method.branches[1:]), contrast_gate=0)
+
+
+def _unchanged(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def fit_gate(model, tok, prompts: str | Path | None = None, *, layer: int | None = None,
+             l2: float = 0.01) -> ACDPrompts:
+    """The prompts file with a harmful-request probe for a gated ACD: logistic regression on
+    the SP branch's hidden state after decoder layer ``layer`` (default L/2) at the last prompt
+    token, fitted on the anchor **train** part; validation rates at threshold 0 recorded."""
+    from safedecode.data import load_anchor
+
+    from .harm_probe import branch_last_states, fit_logistic
+    from .safeinfer import decoder_layers
+
+    p = load_prompts(prompts, model=model)
+    path, layers = decoder_layers(model)
+    layer = len(layers) // 2 if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+        raise ValueError(f"--layer: must be an integer in [0, {len(layers)}), got {layer!r}")
+    module = f"{path}.{layer}"
+    base = ACD(p, None, p.knob("acd", "alpha", 0.5), 0.0, name="acd")
+    train, val = load_anchor(part="train"), load_anchor(part="val")
+
+    def xy(items):
+        x = branch_last_states(model, tok, base, 0, module, [it["prompt"] for it in items])
+        return x, torch.tensor([it["split"] == "harmful" for it in items])
+
+    (xt, yt), (xv, yv) = xy(train), xy(val)
+    w, b = fit_logistic(xt, yt.float(), l2=l2)
+    on = xv @ w + b > 0
+    p.gate_weight, p.gate_bias = w, float(b)
+    p.gate_info = {"module": module, "layer": layer, "branch": "SP", "l2": l2,
+                   "data": "anchor train part (harmful vs safe)", "train": len(train),
+                   "val": len(val), "val_tpr_at_0": round(float(on[yv].float().mean()), 4),
+                   "val_fpr_at_0": round(float(on[~yv].float().mean()), 4)}
+    return p
 
 
 def acd_text(alpha: float = 0.5, beta: float = 0.0, safeguard: str = text_prompts.SAFEGUARD,

@@ -169,3 +169,34 @@ def probe_above(h: torch.Tensor, weight: torch.Tensor, bias: float, threshold: f
     (``h [rows, d]`` -> bool ``[rows]``): the engine-level gate of ``steer="every"``, judged
     once per request at prefill and kept for every decode step (:class:`BranchHook` ``gate``)."""
     return h.float() @ weight.to(h.device) + bias > threshold
+
+
+@torch.no_grad()
+def branch_last_states(model, tok, method, branch: int, module: str, prompts: Sequence[str], *,
+                       batch_size: int = 16) -> torch.Tensor:
+    """The output of ``module`` at the last prompt token of ``method``'s branch ``branch``, as
+    the engine renders it (system text, soft prompt, adapter): ``[n, d]`` fp32. Read by a gated
+    hook that steers nothing."""
+    import dataclasses
+
+    from safedecode.engine import BranchHook, SafeDecoder
+
+    got: list[torch.Tensor] = []
+
+    def grab(h: torch.Tensor) -> torch.Tensor:
+        got.append(h.float().clone())
+        return torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+
+    br = method.branches[branch]
+    hook = BranchHook(module, _unchanged, positions="first", gate=grab)
+    branches = list(method.branches)
+    branches[branch] = dataclasses.replace(br, hooks=(*br.hooks, hook))
+    dec = SafeDecoder(model, tok, dataclasses.replace(method, branches=tuple(branches),
+                                                      contrast_gate=None))
+    for s in range(0, len(prompts), batch_size):
+        dec.generate(list(prompts[s:s + batch_size]), max_new_tokens=1)
+    return torch.cat(got).cpu()
+
+
+def _unchanged(h: torch.Tensor) -> torch.Tensor:
+    return h

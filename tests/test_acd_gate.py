@@ -1,0 +1,116 @@
+"""A gated contrast (``Method.contrast_gate``): the contrast only for the requests a gated hook
+flags, the anchor branch alone for the rest — and the gated ACD built on it (the probe on the SP
+branch's rendering, the prompts file that stores it, `safedecode acd-gate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+
+import pytest
+import torch
+from engine_fixtures import tiny_llama
+
+from safedecode import methods
+from safedecode.engine import Branch, BranchHook, Method, SafeDecoder
+from safedecode.methods.harm_probe import branch_last_states, probe_above
+from safedecode.models import embedding_fingerprint
+
+N = 6
+PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
+           "Tell me a joke about cats.", "Write a poem", "What is the capital of France, and why?",
+           "ok"]
+MODULE = "model.layers.0"
+acd_mod = importlib.import_module("safedecode.methods.acd")  # the module, not the method
+
+
+def _judge(model, tok, branch: Branch):
+    """A gate on ``branch``'s rendering: a random direction, the threshold in the widest gap of
+    the prompts' logits; returns (gate function, the rows above it)."""
+    w = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    x = branch_last_states(model, tok, Method("one", (branch,), (1.0,)), 0, MODULE, PROMPTS)
+    z = (x @ w).sort()
+    j = int(torch.argmax(z.values[1:] - z.values[:-1]))
+    t = float(z.values[j] + z.values[j + 1]) / 2
+    on = (x @ w > t).tolist()
+    assert any(on) and not all(on)
+    return (lambda h: probe_above(h, w, 0.0, t)), on
+
+
+@pytest.mark.parametrize("rule,weights", [("linear", (1.0, -0.5)), ("union", (1.0, 2.0))])
+def test_contrast_gate_gives_flagged_requests_the_contrast_and_the_rest_the_anchor(rule,
+                                                                                   weights):
+    model, tok = tiny_llama()
+    sp, ap = Branch(system="Be safe.", name="SP"), Branch(system="Be evil.", name="AP")
+    gate, on = _judge(model, tok, sp)
+    judged = dataclasses.replace(sp, hooks=(BranchHook(MODULE, lambda h: h, positions="first",
+                                                       gate=gate),))
+    full = Method("c", (sp, ap), weights, rule)
+    gated = Method("c", (judged, ap), weights, rule, contrast_gate=0)
+    alone = Method("sp", (sp,), (1.0,))
+    kw = {"max_new_tokens": N, "return_logprobs": True}
+    f, a = (SafeDecoder(model, tok, m).generate(PROMPTS, **kw) for m in (full, alone))
+    dec = SafeDecoder(model, tok, gated)
+    g = dec.generate(PROMPTS, **kw)
+    assert [r.token_ids for r in f] != [r.token_ids for r in a]  # the contrast matters
+    for i, o in enumerate(on):
+        want = f[i] if o else a[i]
+        assert g[i].token_ids == want.token_ids, i
+        assert g[i].logprobs == pytest.approx(want.logprobs, abs=1e-4), i  # the distribution
+    assert [dec.generate([p], **kw)[0].token_ids for p in PROMPTS] == [r.token_ids for r in g]
+
+
+def test_contrast_gate_bad_input_is_named():
+    sp, ap = Branch(system="a"), Branch(system="b")
+    with pytest.raises(ValueError, match="a gated hook"):
+        Method("c", (sp, ap), (1.0, -0.5), contrast_gate=0)
+    judged = Branch(hooks=(BranchHook(MODULE, lambda h: h, positions="first",
+                                      gate=lambda h: h[:, 0] > 0),))
+    with pytest.raises(ValueError, match="anchor's weight 1"):
+        Method("c", (judged, ap), (1.5, -0.5), contrast_gate=0)
+    with pytest.raises(ValueError, match="contrast_gate must index"):
+        Method("c", (judged, ap), (1.0, -0.5), contrast_gate=2)
+
+
+def _tiny_prompts(tmp_path, model):
+    g = torch.Generator().manual_seed(5)
+    d = model.config.hidden_size
+    p = acd_mod.ACDPrompts(torch.randn(2, d, generator=g) * 0.1,
+                           torch.randn(2, d, generator=g) * 0.1, embedding_fingerprint(model),
+                           "tiny")
+    return acd_mod.save_prompts(tmp_path / "p.safetensors", p)
+
+
+def test_cli_acd_gate_then_a_gated_acd(tiny_model_dir, tmp_path):
+    """`safedecode acd-gate` fits the probe on the SP branch (anchor train part) into the
+    prompts file; `acd:gate=T` then judges SP's rows with it and contrasts only flagged ones."""
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+    from safedecode.data import load_anchor
+
+    model, tok = tiny_llama()
+    path = _tiny_prompts(tmp_path, model)
+    out = tmp_path / "gated.safetensors"
+    res = CliRunner().invoke(app, ["acd-gate", "--prompts", str(path), "--out", str(out),
+                                   "--model", str(tiny_model_dir), "--layer", "1"])
+    assert res.exit_code == 0, res.output
+    p = acd_mod.load_prompts(out, model)
+    assert p.gate_weight.shape == (model.config.hidden_size,) and math.isfinite(p.gate_bias)
+    assert p.gate_info["module"] == "model.layers.1"
+    assert p.gate_info["train"] == len(load_anchor(part="train"))
+    assert torch.equal(p.safeguard, acd_mod.load_prompts(path).safeguard)
+    m = methods.get("acd", prompts=str(out), gate=0.0)
+    assert m.contrast_gate == 0 and m.branches[0].hooks[0].gate is not None
+    assert methods.get("acd", prompts=str(out)).contrast_gate is None  # gate off by default
+    # with the threshold far below every logit, every request is contrasted: plain acd
+    lo = methods.get("acd", prompts=str(out), gate=-1e9)
+    assert [r.token_ids for r in SafeDecoder(model, tok, lo).generate(PROMPTS, max_new_tokens=N)
+            ] == [r.token_ids for r in SafeDecoder(model, tok, methods.get(
+                "acd", prompts=str(out))).generate(PROMPTS, max_new_tokens=N)]
+    with pytest.raises(ValueError, match="acd-gate"):
+        methods.get("acd", prompts=str(path), gate=0.0)
+    res = CliRunner().invoke(app, ["acd-gate", "--prompts", str(path), "--out", str(out),
+                                   "--model", str(tiny_model_dir), "--layer", "9"])
+    assert res.exit_code == 2 and "--layer" in res.output
