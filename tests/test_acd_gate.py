@@ -38,17 +38,24 @@ def _judge(model, tok, branch: Branch):
     return (lambda h: probe_above(h, w, 0.0, t)), on
 
 
-@pytest.mark.parametrize("rule,weights", [("linear", (1.0, -0.5)), ("union", (1.0, 2.0))])
-def test_contrast_gate_gives_flagged_requests_the_contrast_and_the_rest_the_anchor(rule,
-                                                                                   weights):
+@pytest.mark.parametrize("rule,weights,fallback", [
+    ("linear", (1.0, -0.5), "anchor"), ("union", (1.0, 2.0), "anchor"),
+    ("linear", (1.0, -0.5), "plain")])  # (the union rule takes exactly two branches)
+def test_contrast_gate_gives_flagged_requests_the_contrast_and_the_rest_the_fallback(
+        rule, weights, fallback):
     model, tok = tiny_llama()
     sp, ap = Branch(system="Be safe.", name="SP"), Branch(system="Be evil.", name="AP")
     gate, on = _judge(model, tok, sp)
     judged = dataclasses.replace(sp, hooks=(BranchHook(MODULE, lambda h: h, positions="first",
                                                        gate=gate),))
     full = Method("c", (sp, ap), weights, rule)
-    gated = Method("c", (judged, ap), weights, rule, contrast_gate=0)
-    alone = Method("sp", (sp,), (1.0,))
+    if fallback == "anchor":
+        gated = Method("c", (judged, ap), weights, rule, contrast_gate=0)
+        alone = Method("sp", (sp,), (1.0,))
+    else:  # a weight-0 plain branch
+        gated = Method("c", (judged, ap, Branch(name="plain")), (*weights, 0.0), rule,
+                       contrast_gate=0, fallback=2)
+        alone = Method("plain", (Branch(name="plain"),), (1.0,))
     kw = {"max_new_tokens": N, "return_logprobs": True}
     f, a = (SafeDecoder(model, tok, m).generate(PROMPTS, **kw) for m in (full, alone))
     dec = SafeDecoder(model, tok, gated)
@@ -71,6 +78,8 @@ def test_contrast_gate_bad_input_is_named():
         Method("c", (judged, ap), (1.5, -0.5), contrast_gate=0)
     with pytest.raises(ValueError, match="contrast_gate must index"):
         Method("c", (judged, ap), (1.0, -0.5), contrast_gate=2)
+    with pytest.raises(ValueError, match="fallback must index"):
+        Method("c", (judged, ap), (1.0, -0.5), contrast_gate=0, fallback=5)
 
 
 def _tiny_prompts(tmp_path, model):
@@ -103,6 +112,7 @@ def test_cli_acd_gate_then_a_gated_acd(tiny_model_dir, tmp_path):
     assert torch.equal(p.safeguard, acd_mod.load_prompts(path).safeguard)
     m = methods.get("acd", prompts=str(out), gate=0.0)
     assert m.contrast_gate == 0 and m.branches[0].hooks[0].gate is not None
+    assert m.fallback == 2 and m.branches[2].system is None and m.weights[2] == 0.0
     assert methods.get("acd", prompts=str(out)).contrast_gate is None  # gate off by default
     # with the threshold far below every logit, every request is contrasted: plain acd
     lo = methods.get("acd", prompts=str(out), gate=-1e9)

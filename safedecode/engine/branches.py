@@ -149,9 +149,11 @@ class Method:
     """Branches + the combination rule of the fused op.
 
     ``contrast_gate`` (a branch index; optional): the contrast only for the requests whose
-    gated hook on that branch held; the others decode from the anchor branch alone (the other
-    branches' logits are made uniform — linear rule, the anchor's weight 1 — or the anchor's
-    own — union rule —, so the op gives exactly the anchor's distribution)."""
+    gated hook on that branch held; the others decode from branch ``fallback`` alone (default:
+    the anchor; a weight-0 branch such as the plain model works too): its logits take the
+    anchor's place and the other weighted branches' logits are made uniform (linear rule, the
+    anchor's weight 1) or the fallback's (union rule), so the op gives exactly the fallback's
+    distribution."""
 
     name: str
     branches: tuple[Branch, ...]
@@ -160,6 +162,7 @@ class Method:
     anchor: int = 0
     beta: float = 0.0
     contrast_gate: int | None = None
+    fallback: int | None = None
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -177,6 +180,11 @@ class Method:
                     or not any(h.gate is not None for h in self.branches[g].hooks):
                 raise ValueError(f"method {self.name!r}: contrast_gate must index a branch with "
                                  f"a gated hook (its gate decides), got {g!r}")
+            fb = self.fallback
+            if fb is not None and (isinstance(fb, bool) or not isinstance(fb, int)
+                                   or not 0 <= fb < len(self.branches)):
+                raise ValueError(f"method {self.name!r}: fallback must index a branch, got "
+                                 f"{fb!r}")
             if self.rule == "linear" and self.weights[self.anchor] != 1.0:
                 raise ValueError(f"method {self.name!r}: contrast_gate with the linear rule needs "
                                  f"the anchor's weight 1 (ungated requests then decode from the "
@@ -189,7 +197,8 @@ class Method:
     def describe(self) -> str:
         parts = [f"{self.name}: K={self.k}, rule={self.rule}, weights={list(self.weights)}, "
                  f"anchor={self.anchor}, beta={self.beta}"
-                 + (f", contrast gated by branch {self.contrast_gate}"
+                 + (f", contrast gated by branch {self.contrast_gate} (else branch "
+                    f"{self.anchor if self.fallback is None else self.fallback} alone)"
                     if self.contrast_gate is not None else "")]
         for i, b in enumerate(self.branches):
             what = ("soft prompt " + "x".join(map(str, b.soft_prompt.shape))

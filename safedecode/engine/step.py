@@ -458,19 +458,21 @@ class ModelStep:
     # -- sampling ---------------------------------------------------------------------------
     def gate_contrast(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor
                       ) -> torch.Tensor:
-        """``[n, K, V]`` logits of ``slots`` with :attr:`Method.contrast_gate` applied: the
-        requests whose gate did not hold get the anchor's distribution from the op (the other
-        branches uniform under the linear rule, the anchor's own under the union rule)."""
+        """``[n, K, V]`` logits of ``slots`` with :attr:`Method.contrast_gate` applied: for the
+        requests whose gate did not hold, the fallback branch's logits in the anchor's place and
+        the other weighted branches uniform (linear rule) or the fallback's (union rule), so the
+        op gives the fallback's distribution; weight-0 branches (DeAL's proposals) kept."""
         m = self.method
         if m.contrast_gate is None:
             return logits
         _, _, sidx = state.layout(slots)
         on = state.gate_on[sidx * m.k + m.contrast_gate][:, None, None]
         a = m.anchor
-        other = logits[:, a:a + 1] if m.rule == "union" else torch.zeros_like(logits[:, :1])
-        keep = torch.tensor([k == a or w == 0 for k, w in enumerate(m.weights)],
-                            device=logits.device)  # weight-0 branches (DeAL's proposals) kept
-        return torch.where(on | keep[None, :, None], logits, other)
+        fb = logits[:, (a if m.fallback is None else m.fallback):][:, :1]
+        other = fb if m.rule == "union" else torch.zeros_like(fb)
+        off = torch.cat([fb if k == a else logits[:, k:k + 1] if w == 0 else other
+                         for k, w in enumerate(m.weights)], dim=1)
+        return torch.where(on, logits, off)
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
                logprobs: bool) -> torch.Tensor:

@@ -77,7 +77,7 @@ def method_fingerprint(method: Method) -> str:
         return "deal-" + h.hexdigest()[:11]
     h.update(repr((method.name, method.rule, method.weights, method.anchor, method.beta)).encode())
     if method.contrast_gate is not None:  # (absent: earlier keys unchanged)
-        h.update(f"contrast_gate={method.contrast_gate}".encode())
+        h.update(f"contrast_gate={method.contrast_gate}:fallback={method.fallback}".encode())
     for b in method.branches:
         h.update(repr(b.system).encode())
         if b.soft_prompt is not None:

@@ -159,7 +159,8 @@ def acd(alpha: float | None = None, beta: float | None = None,
     values chosen on the anchor validation split and recorded in the file (else 0.5 / 0).
     ``gate``: ``"off"`` or a threshold: the contrast only for requests the file's harmful-request
     probe (``safedecode acd-gate``) scores above it at the SP branch's last prompt token; the
-    others decode from SP alone (``Method.contrast_gate``)."""
+    others decode from the plain model alone (a third, weight-0 branch: SP alone over-refuses
+    as much as ACD; ``Method.contrast_gate``)."""
     from .harm_probe import probe_above
     from .safeinfer import gate_threshold
 
@@ -174,10 +175,11 @@ def acd(alpha: float | None = None, beta: float | None = None,
         raise ValueError("gate: this ACD prompts file has no harmful-request probe; add one "
                          "with `safedecode acd-gate --prompts FILE --out FILE`")
     judge = functools.partial(probe_above, weight=p.gate_weight, bias=p.gate_bias, threshold=t)
-    sp = method.branches[0]
+    sp, ap = method.branches
     hook = BranchHook(p.gate_info["module"], _unchanged, positions="first", gate=judge)
-    return dataclasses.replace(method, branches=(dataclasses.replace(sp, hooks=(hook,)),
-                                                 *method.branches[1:]), contrast_gate=0)
+    return dataclasses.replace(method, branches=(dataclasses.replace(sp, hooks=(hook,)), ap,
+                                                 Branch(name="plain")),
+                               weights=(*method.weights, 0.0), contrast_gate=0, fallback=2)
 
 
 def _unchanged(h: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ class DeAL:
             return self.base
         b = self.base
         return Method(b.name, (*b.branches, Branch(name="proposal")), (*b.weights, 0.0),
-                      b.rule, b.anchor, b.beta, b.contrast_gate)
+                      b.rule, b.anchor, b.beta, b.contrast_gate, b.fallback)
 
     @property
     def proposal(self) -> tuple[int, int, float] | None:
