@@ -7,7 +7,7 @@ Hidden states after layer 14 at the last prompt token of each branch of the ship
 them; `fit`: a probe fitted on ACD's own rendering (anchor train part, L2 0.01), read on the
 validation part.
 
-    .venv/bin/python benchmarks/results/acd_probe_s29/probe.py transfer|fit
+    .venv/bin/python benchmarks/results/acd_gate_s29/probe.py transfer|fit
 """
 from __future__ import annotations
 
