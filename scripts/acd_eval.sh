@@ -4,6 +4,9 @@
 # 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) of the two contrast methods
 # on 10 items of each set (a smoke-sized check of greedy's picture; time-boxed on 2 cores).
 # Knobs come from the shipped prompts file (chosen by scripts/acd_sweep.sh on validation only).
+# Since session 29 the file also holds a harmful-request probe (`safedecode acd-gate --layer 14`)
+# and `acd:gate=0` is ACD's contrast on the requests it flags, the plain model elsewhere
+# (chosen on validation: benchmarks/results/acd_gate_s29/).
 #
 #   scripts/acd_eval.sh            # about 45 minutes on 2 CPU cores; resumable
 set -euo pipefail
@@ -17,7 +20,7 @@ SELF_SP=safedecode/methods/assets/self-cd-sp_smollm2-135m-instruct.safetensors
 # trained on 20 look-alikes), kept for the comparison and for Self-CD over an over-refusing SP
 OLD=benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors
 $PY -m safedecode eval \
-    -m "plain,safe-prompt,acd-sp,acd,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
+    -m "plain,safe-prompt,acd-sp,acd,acd:gate=0,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
