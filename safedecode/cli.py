@@ -384,18 +384,23 @@ def acd_gate(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
     layer: int | None = typer.Option(None, "--layer", help="Decoder layer read (default L/2)."),
     l2: float = typer.Option(0.01, "--l2", help="L2 penalty of the logistic probe."),
+    forms: str = typer.Option("none", "--forms", help="Train requests also in these "
+                              "content-neutral forms, label kept: 'none', 'all' or a comma "
+                              "list of context, detail, persona, greeting."),
 ):
     """Train a gated ACD's probe: harmful vs safe requests (anchor train part) on the SP
     branch's hidden state at the last prompt token; `acd:gate=T` then contrasts only the
-    requests it scores above T (the others decode from SP alone)."""
+    requests it scores above T (the others decode from the plain model)."""
+    from safedecode.data.forms import parse_forms
     from safedecode.methods.acd import fit_gate, save_prompts
     from safedecode.models import load_model
 
     try:
         if not l2 >= 0:
             raise ValueError(f"--l2: must be >= 0, got {l2}")
+        parse_forms(forms)  # a bad name fails before the model loads
         mdl, tok = load_model(model)
-        p = fit_gate(mdl, tok, prompts, layer=layer, l2=l2)
+        p = fit_gate(mdl, tok, prompts, layer=layer, l2=l2, forms=forms)
         save_prompts(out, p)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

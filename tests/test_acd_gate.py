@@ -124,6 +124,44 @@ def test_cli_acd_gate_then_a_gated_acd(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(app, ["acd-gate", "--prompts", str(path), "--out", str(out),
                                    "--model", str(tiny_model_dir), "--layer", "9"])
     assert res.exit_code == 2 and "--layer" in res.output
+    # --forms: the train requests again in content-neutral forms (label kept) change the probe
+    formed = tmp_path / "formed.safetensors"
+    res = CliRunner().invoke(app, ["acd-gate", "--prompts", str(path), "--out", str(formed),
+                                   "--model", str(tiny_model_dir), "--layer", "1",
+                                   "--forms", "detail"])
+    assert res.exit_code == 0, res.output
+    f = acd_mod.load_prompts(formed, model)
+    assert f.gate_info["forms"] == ["detail"] and p.gate_info["forms"] == []
+    assert f.gate_info["train"] == p.gate_info["train"]
+    assert not torch.allclose(f.gate_weight, p.gate_weight)
+    res = CliRunner().invoke(app, ["acd-gate", "--prompts", str(path), "--out", str(formed),
+                                   "--model", str(tiny_model_dir), "--forms", "detail,code"])
+    assert res.exit_code == 2 and "'code'" in res.output and "greeting" in res.output
+
+
+def test_forms_keep_each_label_and_wrap_each_request():
+    """`in_forms` appends every item once per form, the request inside the new prompt and
+    every other field (the label) unchanged; names are checked."""
+    from safedecode.data.forms import TRAIN_FORMS, in_forms, parse_forms
+
+    items = [{"id": "h1", "split": "harmful", "prompt": "Do a bad thing."},
+             {"id": "s1", "split": "safe", "prompt": "Bake bread.", "answer": "Knead it."}]
+    assert parse_forms("none") == parse_forms(None) == ()
+    assert parse_forms("all") == tuple(TRAIN_FORMS)
+    assert parse_forms("greeting, detail,greeting") == ("greeting", "detail")
+    with pytest.raises(ValueError, match="unknown form"):
+        parse_forms("detail,shouting")
+    out = in_forms(items, parse_forms("all"), ["Some passage."])
+    assert out[:2] == items and len(out) == 2 * (1 + len(TRAIN_FORMS))
+    for it in out[2:]:
+        src = items[0] if it["id"] == "h1" else items[1]
+        assert src["prompt"] in it["prompt"] and it["prompt"] != src["prompt"]
+        assert {k: v for k, v in it.items() if k not in ("prompt", "form")} == {
+            k: v for k, v in src.items() if k != "prompt"}
+    assert {it["form"] for it in out[2:]} == set(TRAIN_FORMS)
+    assert "Some passage." in next(it for it in out if it.get("form") == "context")["prompt"]
+    with pytest.raises(ValueError, match="context passage"):
+        in_forms(items, ("context",), [])
 
 
 def test_shipped_gated_acd_contrasts_a_harmful_request_and_leaves_a_harmless_one_plain():

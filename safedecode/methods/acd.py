@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,15 +188,19 @@ def _unchanged(h: torch.Tensor) -> torch.Tensor:
 
 
 def fit_gate(model, tok, prompts: str | Path | None = None, *, layer: int | None = None,
-             l2: float = 0.01) -> ACDPrompts:
+             l2: float = 0.01, forms: str | Sequence[str] | None = None) -> ACDPrompts:
     """The prompts file with a harmful-request probe for a gated ACD: logistic regression on
     the SP branch's hidden state after decoder layer ``layer`` (default L/2) at the last prompt
-    token, fitted on the anchor **train** part; validation rates at threshold 0 recorded."""
+    token, fitted on the anchor **train** part — plus, with ``forms`` (``"all"`` or names from
+    :data:`safedecode.data.forms.TRAIN_FORMS`), every train request again in each of those
+    content-neutral forms, label kept; validation rates at threshold 0 recorded."""
     from safedecode.data import load_anchor
+    from safedecode.data.forms import in_forms, parse_forms
 
     from .harm_probe import branch_last_states, fit_logistic
     from .safeinfer import decoder_layers
 
+    forms = parse_forms(forms)
     p = load_prompts(prompts, model=model)
     path, layers = decoder_layers(model)
     layer = len(layers) // 2 if layer is None else layer
@@ -204,6 +209,9 @@ def fit_gate(model, tok, prompts: str | Path | None = None, *, layer: int | None
     module = f"{path}.{layer}"
     base = ACD(p, None, p.knob("acd", "alpha", 0.5), 0.0, name="acd")
     train, val = load_anchor(part="train"), load_anchor(part="val")
+    n_train = len(train)
+    train = in_forms(train, forms, [it["answer"] for it in train
+                                    if it["split"] == "safe" and it.get("answer")])
 
     def xy(items):
         x = branch_last_states(model, tok, base, 0, module, [it["prompt"] for it in items])
@@ -214,7 +222,8 @@ def fit_gate(model, tok, prompts: str | Path | None = None, *, layer: int | None
     on = xv @ w + b > 0
     p.gate_weight, p.gate_bias = w, float(b)
     p.gate_info = {"module": module, "layer": layer, "branch": "SP", "l2": l2,
-                   "data": "anchor train part (harmful vs safe)", "train": len(train),
+                   "data": "anchor train part (harmful vs safe)", "train": n_train,
+                   "forms": list(forms),
                    "val": len(val), "val_tpr_at_0": round(float(on[yv].float().mean()), 4),
                    "val_fpr_at_0": round(float(on[~yv].float().mean()), 4)}
     return p
