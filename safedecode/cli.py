@@ -347,6 +347,10 @@ def safeinfer_vector(
     typer.echo(f"wrote {out}: {len(sv.heads)} heads, |vector| = {float(sv.vector.norm()):.3f}")
 
 
+FORMS_HELP = ("Train requests also in these content-neutral forms, label kept: 'none', 'all' "
+              "or a comma list of context, detail, persona, greeting.")
+
+
 @app.command("safeinfer-gate")
 def safeinfer_gate(
     vector: Path = typer.Option(..., "--vector", help="A SafeInfer vector file (from "
@@ -355,10 +359,12 @@ def safeinfer_gate(
                              "vector file with the probe added (may be --vector itself)."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
     l2: float = typer.Option(0.01, "--l2", help="L2 penalty of the logistic probes."),
+    forms: str = typer.Option("none", "--forms", help=FORMS_HELP),
 ):
     """Train SafeInfer's gate: a harmful-request probe per decoder layer on the last prompt
     token, fitted on the anchor set's train part (rates on the validation part are printed and
     stored); `--gate T` then steers only the requests it scores above T."""
+    from safedecode.data.forms import parse_forms
     from safedecode.methods.harm_probe import train_probe
     from safedecode.methods.safeinfer import load_vector, save_vector
     from safedecode.models import load_model
@@ -366,9 +372,11 @@ def safeinfer_gate(
     try:
         if not l2 >= 0:
             raise ValueError(f"--l2: must be >= 0, got {l2}")
+        parse_forms(forms)  # a bad name fails before the model loads
         mdl, tok = load_model(model)
         sv = load_vector(vector, model=mdl)
-        sv.gate = train_probe(mdl, tok, l2=l2, log=lambda m: typer.echo(m, err=True))
+        sv.gate = train_probe(mdl, tok, l2=l2, forms=forms,
+                              log=lambda m: typer.echo(m, err=True))
         save_vector(out, sv)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -384,9 +392,7 @@ def acd_gate(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
     layer: int | None = typer.Option(None, "--layer", help="Decoder layer read (default L/2)."),
     l2: float = typer.Option(0.01, "--l2", help="L2 penalty of the logistic probe."),
-    forms: str = typer.Option("none", "--forms", help="Train requests also in these "
-                              "content-neutral forms, label kept: 'none', 'all' or a comma "
-                              "list of context, detail, persona, greeting."),
+    forms: str = typer.Option("none", "--forms", help=FORMS_HELP),
 ):
     """Train a gated ACD's probe: harmful vs safe requests (anchor train part) on the SP
     branch's hidden state at the last prompt token; `acd:gate=T` then contrasts only the

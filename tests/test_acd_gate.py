@@ -160,6 +160,7 @@ def test_forms_keep_each_label_and_wrap_each_request():
             k: v for k, v in src.items() if k != "prompt"}
     assert {it["form"] for it in out[2:]} == set(TRAIN_FORMS)
     assert "Some passage." in next(it for it in out if it.get("form") == "context")["prompt"]
+    assert "Knead it." in in_forms(items, ("context",))[2]["prompt"]  # default: safe answers
     with pytest.raises(ValueError, match="context passage"):
         in_forms(items, ("context",), [])
 

@@ -364,6 +364,18 @@ def test_cli_safeinfer_gate_then_generate_gated(tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(out),
                               "--model", str(tiny_model_dir), "--l2", "-1"])
     assert res.exit_code == 2 and "--l2" in res.output
+    # --forms: the train requests again in content-neutral forms change every layer's probe
+    formed = tmp_path / "formed.safetensors"
+    res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(formed),
+                              "--model", str(tiny_model_dir), "--forms", "greeting"])
+    assert res.exit_code == 0, res.output
+    fg = si.load_vector(formed, model).gate
+    assert fg.info["forms"] == ["greeting"] and sv.gate.info["forms"] == []
+    assert fg.info["train"] == sv.gate.info["train"]
+    assert not torch.allclose(fg.weight, sv.gate.weight)
+    res = runner.invoke(app, ["safeinfer-gate", "--vector", str(vfile), "--out", str(formed),
+                              "--model", str(tiny_model_dir), "--forms", "loud"])
+    assert res.exit_code == 2 and "unknown form" in res.output
 
 
 def test_shipped_gate_steers_a_harmful_request_and_leaves_a_harmless_one_alone():

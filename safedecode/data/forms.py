@@ -42,11 +42,13 @@ def parse_forms(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def in_forms(items: Sequence[dict], forms: Sequence[str], context: Sequence[str]
-             ) -> list[dict]:
+def in_forms(items: Sequence[dict], forms: Sequence[str],
+             context: Sequence[str] | None = None) -> list[dict]:
     """``items`` followed by a copy of each in every form of ``forms`` (``prompt`` rewritten,
     ``form`` set, every other field — the label — kept). ``context``: passages for the
-    ``context`` form (the anchor train part's safe answers)."""
+    ``context`` form (default: the ``answer`` of the safe items among ``items``)."""
+    if context is None:
+        context = [it["answer"] for it in items if it.get("split") == "safe" and it.get("answer")]
     if "context" in forms and not context:
         raise ValueError("forms: the 'context' form needs at least one context passage")
     out = list(items)

@@ -210,8 +210,7 @@ def fit_gate(model, tok, prompts: str | Path | None = None, *, layer: int | None
     base = ACD(p, None, p.knob("acd", "alpha", 0.5), 0.0, name="acd")
     train, val = load_anchor(part="train"), load_anchor(part="val")
     n_train = len(train)
-    train = in_forms(train, forms, [it["answer"] for it in train
-                                    if it["split"] == "safe" and it.get("answer")])
+    train = in_forms(train, forms)
 
     def xy(items):
         x = branch_last_states(model, tok, base, 0, module, [it["prompt"] for it in items])

@@ -115,12 +115,19 @@ def _rates(logit: torch.Tensor, harmful: torch.Tensor) -> dict:
             "fpr": round(float(pos[~harmful].float().mean()), 4)}
 
 
-def train_probe(model, tok, *, l2: float = 0.01, batch_size: int = 8, log=print) -> HarmProbe:
-    """Fit the probe of every layer on the anchor set's train part (harmful = 1, safe = 0) and
-    measure each on the validation part (rates at threshold 0, stored in ``info``)."""
+def train_probe(model, tok, *, l2: float = 0.01, batch_size: int = 8,
+                forms: str | Sequence[str] | None = None, log=print) -> HarmProbe:
+    """Fit the probe of every layer on the anchor set's train part (harmful = 1, safe = 0) —
+    with ``forms``, also on every train request in each of those content-neutral forms
+    (:mod:`safedecode.data.forms`) — and measure each on the validation part (rates at
+    threshold 0, stored in ``info``)."""
     from safedecode.data import check_not_evaluation, load_anchor
+    from safedecode.data.forms import in_forms, parse_forms
 
+    forms = parse_forms(forms)
     parts = {p: load_anchor(part=p) for p in ("train", "val")}
+    n_train = len(parts["train"])
+    parts["train"] = in_forms(parts["train"], forms)
     states, labels = {}, {}
     for p, items in parts.items():
         prompts = [it["prompt"] for it in items]
@@ -140,7 +147,7 @@ def train_probe(model, tok, *, l2: float = 0.01, batch_size: int = 8, log=print)
             f" | validation tpr {rates['val']['tpr']:.3f} fpr {rates['val']['fpr']:.3f}")
     info = {"data": "anchor train part (harmful vs safe requests), last prompt token, "
                     "template default system prompt",
-            "l2": l2, "train": len(parts["train"]), "val": len(parts["val"]),
+            "l2": l2, "train": n_train, "forms": list(forms), "val": len(parts["val"]),
             "rates_at_0": by_layer}
     return HarmProbe(torch.stack(ws), torch.tensor(bs, dtype=torch.float32), info)
 
