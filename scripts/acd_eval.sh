@@ -19,11 +19,12 @@ SELF_SP=safedecode/methods/assets/self-cd-sp_smollm2-135m-instruct.safetensors
 # the prompts shipped before the anchor set's 100 look-alikes (session 7's self-cd-sp: variant A,
 # trained on 20 look-alikes), kept for the comparison and for Self-CD over an over-refusing SP
 OLD=benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors
-# session 30: the probe also fitted on the train requests in four content-neutral forms
-# (`safedecode acd-gate --layer 14 --forms all`; benchmarks/results/acd_gate_s30/)
-FORMS=benchmarks/results/acd_gate_s30/acd_gate_forms.safetensors
+# the gate's probe: since session 30 the shipped file's is also fitted on the train requests in
+# four content-neutral forms (`safedecode acd-gate --layer 14 --forms all`;
+# benchmarks/results/acd_gate_s30/); session 29's probe (train requests as written) kept here:
+S29=benchmarks/results/acd_gate_s29/acd_gate.safetensors
 $PY -m safedecode eval \
-    -m "plain,safe-prompt,acd-sp,acd,acd:gate=0,acd:prompts=$FORMS:gate=0,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
+    -m "plain,safe-prompt,acd-sp,acd,acd:gate=0,acd:prompts=$S29:gate=0,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
