@@ -54,21 +54,7 @@ def main() -> None:
     n, yt, yv, held = d["n_train"], d["y_train"], d["y_val"], d["held_val"]
     probes = {"shipped (train plain)": fit_logistic(d["train"][:n], yt[:n].float(), l2=L2),
               "forms (train plain + T1-T4)": fit_logistic(d["train"], yt.float(), l2=L2)}
-    cols = list(d["val"])
-    print("Validation part, flagged at logit 0: harmful / safe (held-out look-alikes in "
-          "brackets).\n")
-    print("| probe | " + " | ".join(cols) + " | form score (V1-V4) |")
-    print("|---|" + "---:|" * (len(cols) + 1))
-    for name, (w, b) in probes.items():
-        cells, score = [], []
-        for c in cols:
-            on = d["val"][c] @ w + b > 0
-            h, s = on[yv].float().mean(), on[~yv].float().mean()
-            cells.append(f"{h:.1%} / {s:.1%} ({on[~yv & held].float().mean():.1%})")
-            if c != "plain":
-                score.append(float(h - s))
-        print(f"| {name} | " + " | ".join(cells) + f" | {sum(score) / len(score):+.3f} |")
-
+    acd_forms.print_table(probes, d["val"], yv, held)
 
 if __name__ == "__main__":
     main()
