@@ -2,8 +2,8 @@
 
 A harmful-request probe read at the last prompt token learns how the anchor requests are
 written (one or two plain sentences) as much as what they ask: on the anchor validation part a
-"numbered list of at least ten items" suffix makes the shipped gate's probe flag 82% of safe
-requests, and a code block before a request hides 75% of harmful ones
+"numbered list of at least ten items" suffix made session 29's gated-ACD probe flag 82% of
+safe requests, and a code block before a request hid 75% of harmful ones
 (``benchmarks/results/acd_gate_s30/``). Wrapping every train request in a few such forms,
 label unchanged, teaches the probe that the form carries no harm.
 

@@ -184,6 +184,9 @@ def acd(alpha: float | None = None, beta: float | None = None,
 
 
 def _unchanged(h: torch.Tensor) -> torch.Tensor:
+    """The identity: the function of a hook that only gates (the gated ACD's, and
+    ``harm_probe.branch_last_states``'s). Its module and name are part of the gated ACD's cache
+    key (``eval.runner.method_fingerprint``), so it stays here."""
     return h
 
 

@@ -188,6 +188,8 @@ def branch_last_states(model, tok, method, branch: int, module: str, prompts: Se
 
     from safedecode.engine import BranchHook, SafeDecoder
 
+    from .acd import _unchanged
+
     got: list[torch.Tensor] = []
 
     def grab(h: torch.Tensor) -> torch.Tensor:
@@ -203,7 +205,3 @@ def branch_last_states(model, tok, method, branch: int, module: str, prompts: Se
     for s in range(0, len(prompts), batch_size):
         dec.generate(list(prompts[s:s + batch_size]), max_new_tokens=1)
     return torch.cat(got).cpu()
-
-
-def _unchanged(h: torch.Tensor) -> torch.Tensor:
-    return h
