@@ -2,7 +2,7 @@
 # The final efficacy report of issue 13 on the embedded model: every method on every evaluation set
 # (all 200 HarmBench behaviours, the three benign sets) plus the anchor validation split, greedy,
 # 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) of the two contrast methods
-# on 10 items of each set (a smoke-sized check of greedy's picture; time-boxed on 2 cores).
+# and the gated ACD on 10 items of each set (a smoke-sized check of greedy's picture; time-boxed on 2 cores).
 # Knobs come from the shipped prompts file (chosen by scripts/acd_sweep.sh on validation only).
 # Since session 29 the file also holds a harmful-request probe (`safedecode acd-gate --layer 14`)
 # and `acd:gate=0` is ACD's contrast on the requests it flags, the plain model elsewhere
@@ -28,7 +28,7 @@ $PY -m safedecode eval \
     -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
-  $PY -m safedecode eval -m self-cd-sp,acd -d "$SETS" -n 128 --limit 10 -t 0.7 \
+  $PY -m safedecode eval -m self-cd-sp,acd,acd:gate=0 -d "$SETS" -n 128 --limit 10 -t 0.7 \
       --top-p 0.9 --seed "$s" --out "$R/efficacy-sampled/seed$s"
 done
 $PY benchmarks/efficacy_summary.py "$R/efficacy" smollm2-135m \
