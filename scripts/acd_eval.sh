@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The final efficacy report of issue 13 on the embedded model: every method on every evaluation set
 # (all 200 HarmBench behaviours, the three benign sets) plus the anchor validation split, greedy,
-# 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) of the two contrast methods
-# and the gated ACD on 10 items of each set (a smoke-sized check of greedy's picture; time-boxed on 2 cores).
+# 128 new tokens; then sampled decoding (T 0.7, top-p 0.9, three seeds) of the two contrast
+# methods and the gated ACD on 10 items of each set (a smoke-sized check of greedy's picture;
+# time-boxed on 2 cores).
 # Knobs come from the shipped prompts file (chosen by scripts/acd_sweep.sh on validation only).
 # Since session 29 the file also holds a harmful-request probe (`safedecode acd-gate --layer 14`)
 # and `acd:gate=0` is ACD's contrast on the requests it flags, the plain model elsewhere

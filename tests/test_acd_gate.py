@@ -146,7 +146,7 @@ def test_forms_keep_each_label_and_wrap_each_request():
 
     items = [{"id": "h1", "split": "harmful", "prompt": "Do a bad thing."},
              {"id": "s1", "split": "safe", "prompt": "Bake bread.", "answer": "Knead it."}]
-    assert parse_forms("none") == parse_forms(None) == ()
+    assert parse_forms("none") == parse_forms(None) == parse_forms(()) == ()
     assert parse_forms("all") == tuple(TRAIN_FORMS)
     assert parse_forms("greeting, detail,greeting") == ("greeting", "detail")
     with pytest.raises(ValueError, match="unknown form"):
@@ -163,6 +163,8 @@ def test_forms_keep_each_label_and_wrap_each_request():
     assert "Knead it." in in_forms(items, ("context",))[2]["prompt"]  # default: safe answers
     with pytest.raises(ValueError, match="context passage"):
         in_forms(items, ("context",), [])
+    with pytest.raises(ValueError, match="unknown form"):
+        in_forms(items, ("shouting",))
 
 
 def test_shipped_gated_acd_contrasts_a_harmful_request_and_leaves_a_harmless_one_plain():

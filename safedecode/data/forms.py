@@ -28,9 +28,10 @@ TRAIN_FORMS: dict[str, Wrapper] = {
 
 
 def parse_forms(spec: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``"none"`` / ``None`` -> ``()``, ``"all"`` -> every train form, else a comma list of names
-    from :data:`TRAIN_FORMS` (an unknown name is a ``ValueError`` naming the known ones)."""
-    if spec is None or spec == "none":
+    """``"none"`` / ``None`` / an empty sequence -> ``()``, ``"all"`` -> every train form, else
+    a comma list (or a sequence) of names from :data:`TRAIN_FORMS` (an unknown name is a
+    ``ValueError`` naming the known ones)."""
+    if spec is None or spec == "none" or (not isinstance(spec, str) and not spec):
         return ()
     if spec == "all":
         return tuple(TRAIN_FORMS)
@@ -42,11 +43,13 @@ def parse_forms(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def in_forms(items: Sequence[dict], forms: Sequence[str],
+def in_forms(items: Sequence[dict], forms: str | Sequence[str] | None,
              context: Sequence[str] | None = None) -> list[dict]:
-    """``items`` followed by a copy of each in every form of ``forms`` (``prompt`` rewritten,
-    ``form`` set, every other field — the label — kept). ``context``: passages for the
-    ``context`` form (default: the ``answer`` of the safe items among ``items``)."""
+    """``items`` followed by a copy of each in every form of ``forms`` (names or a spec, as
+    :func:`parse_forms`; ``prompt`` rewritten, ``form`` set, every other field — the label —
+    kept). ``context``: passages for the ``context`` form (default: the ``answer`` of the safe
+    items among ``items``)."""
+    forms = parse_forms(forms)
     if context is None:
         context = [it["answer"] for it in items if it.get("split") == "safe" and it.get("answer")]
     if "context" in forms and not context:

@@ -76,7 +76,7 @@ def main() -> None:
     d = features(Path(sys.argv[1]))
     yt, yv, held = d["y_train"], d["y_val"], d["held_val"]
     probes = {
-        "shipped (train plain)": fit_logistic(d["train"]["plain"], yt.float(), l2=L2),
+        "session 29's (train plain)": fit_logistic(d["train"]["plain"], yt.float(), l2=L2),
         "augmented (train plain + T1-T4)": fit_logistic(
             torch.cat(list(d["train"].values())),
             yt.repeat(len(d["train"])).float(), l2=L2),
