@@ -72,7 +72,7 @@ def generate(
     method: str = typer.Option("plain", "--method", "-m",
                                help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd, "
                                     "self-cd-sp, safeinfer, safeinfer-sa, safeinfer-sgds, "
-                                    "deal"),
+                                    "deal, route"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -88,7 +88,7 @@ def generate(
     acd_prompts: Path | None = typer.Option(
         None, "--acd-prompts",
         help="Soft prompts from `safedecode optimize` (acd, acd-sp, self-cd-sp)."),
-    reward: str | None = typer.Option(None, "--reward", help="deal: the reward, e.g. "
+    reward: str | None = typer.Option(None, "--reward", help="deal, route: the reward, e.g. "
                                       "'keywords:include=sorry|cannot', 'length:target=64', "
                                       "'classifier:path=DIR', '2*a+b'."),
     deal_k: int = typer.Option(4, "--deal-k", help="deal: candidates per search step."),
@@ -97,10 +97,14 @@ def generate(
     beam: int = typer.Option(1, "--beam", help="deal: sequences kept per request."),
     chunk: int = typer.Option(1, "--chunk", help="deal: tokens committed per search step "
                                                  "(1: the paper; more: fewer steps)."),
-    base: str = typer.Option("plain", "--base", help="deal: the method whose distribution "
-                                                     "gives the candidates."),
+    base: str | None = typer.Option(None, "--base", help="deal: the method whose distribution "
+                                    "gives the candidates (default plain); route: the method "
+                                    "routed against the plain model (default acd)."),
     horizon: int | None = typer.Option(None, "--horizon", help="deal: search only the first "
-                                       "N tokens, then decode with the base method."),
+                                       "N tokens, then decode with the base method; route: "
+                                       "the tokens of both answers the reward compares (16)."),
+    margin: float | None = typer.Option(None, "--margin", help="route: keep the base's answer "
+                                        "when h(base) - h(plain) > this (default -2)."),
     propose: int = typer.Option(0, "--propose", help="deal: also the plain model's top-N "
                                 "tokens as candidates (0: off)."),
     mix: float = typer.Option(0.5, "--mix", help="deal: the plain model's weight in the "
@@ -151,11 +155,16 @@ def generate(
         kwargs.update({k: v for k, v in si.items() if v is not None})
     if method == "deal":
         kwargs.update(k=deal_k, lookahead=lookahead, lam=lam, reward=reward, beam=beam,
-                      chunk=chunk, base=base, horizon=horizon, propose=propose,
+                      chunk=chunk, base=base or "plain", horizon=horizon, propose=propose,
                       mix=mix, rollout=rollout)
+    if method == "route":
+        kwargs.update({k: v for k, v in (("reward", reward), ("base", base),
+                                         ("horizon", horizon), ("margin", margin))
+                       if v is not None})
     console = Console(stderr=True)
     try:
-        if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal"):
+        if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal",
+                                                       "route"):
             raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
                              f"{method!r}")
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):

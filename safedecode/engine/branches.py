@@ -149,7 +149,8 @@ class Method:
     """Branches + the combination rule of the fused op.
 
     ``contrast_gate`` (a branch index; optional): the contrast only for the requests whose
-    gated hook on that branch held; the others decode from branch ``fallback`` alone (default:
+    gated hook on that branch held (or, without such a hook, whose caller said so:
+    ``Engine.add_built(gates=...)``); the others decode from branch ``fallback`` alone (default:
     the anchor; a weight-0 branch such as the plain model works too): its logits take the
     anchor's place and the other weighted branches' logits are made uniform (linear rule, the
     anchor's weight 1) or the fallback's (union rule), so the op gives exactly the fallback's
@@ -176,10 +177,9 @@ class Method:
             raise ValueError(f"method {self.name!r}: beta must be in [0, 1], got {self.beta}")
         g = self.contrast_gate
         if g is not None:
-            if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(self.branches) \
-                    or not any(h.gate is not None for h in self.branches[g].hooks):
-                raise ValueError(f"method {self.name!r}: contrast_gate must index a branch with "
-                                 f"a gated hook (its gate decides), got {g!r}")
+            if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(self.branches):
+                raise ValueError(f"method {self.name!r}: contrast_gate must index a branch, got "
+                                 f"{g!r}")
             fb = self.fallback
             if fb is not None and (isinstance(fb, bool) or not isinstance(fb, int)
                                    or not 0 <= fb < len(self.branches)):

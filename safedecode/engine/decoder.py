@@ -68,16 +68,18 @@ class SafeDecoder:
     ``compile=True`` runs decode steps under ``torch.compile`` (static shapes; the first call
     of each batch shape compiles: minutes on a CPU). For requests that arrive and leave while
     others run, use :meth:`engine`. ``method`` may be a :class:`~safedecode.methods.DeAL`
-    search: ``generate`` then runs the search over the engine (``on_step`` reports progress).
+    search or a :class:`~safedecode.methods.Route`: ``generate`` then runs it over the engine
+    (``on_step`` reports progress).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  compile: bool = False) -> None:  # noqa: A002 - the natural name
         from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
+        from safedecode.methods.route import Route
 
         self.search = None
-        if isinstance(method, DeAL):  # a search around a base method
+        if isinstance(method, (DeAL, Route)):  # a search around a base method
             self.search, method = method, method.engine_method
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
@@ -121,19 +123,24 @@ class SafeDecoder:
                **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded."""
         if self.search is not None:
-            raise ValueError("stream: a DeAL search commits tokens only after its lookahead; "
-                             "use generate()")
+            raise ValueError(f"stream: a {self.search.name} search commits tokens only after "
+                             "its lookahead; use generate()")
         yield from self._run(prompts, params, None, {}, raw)
 
     def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:
-        from safedecode.methods.deal import search
+        from safedecode.methods.deal import search as deal_search
+        from safedecode.methods.route import Route
+        from safedecode.methods.route import search as route_search
 
+        search = route_search if isinstance(self.search, Route) else deal_search
+        name = self.search.name
         params = dict(params)
         on_step = params.pop("on_step", None)
         if streamer is not None:
-            raise ValueError("streamer: a DeAL search commits tokens only after its lookahead")
+            raise ValueError(f"streamer: a {name} search commits tokens only after its "
+                             "lookahead")
         if isinstance(prompts, TokenPrompts):
-            raise ValueError("prompts: DeAL scores text; give string or chat prompts")
+            raise ValueError(f"prompts: {name} scores text; give string or chat prompts")
         built, per_request = self._requests(prompts, params, raw)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]

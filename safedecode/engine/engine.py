@@ -87,6 +87,7 @@ class _Seq:
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
+    gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -238,9 +239,13 @@ class Engine:
         return self.add_built([(empty, [int(t) for t in seq]) for seq in ids], params)[0]
 
     def add_built(self, built: Built, params: SamplingParams | None = None, *,
-                  index: int = 0, n: int = 1) -> list[int]:
+                  index: int = 0, n: int = 1, gates: Sequence[bool] | None = None) -> list[int]:
         """Queue ``n`` choices of a request already split into (prefix, suffix) per branch;
-        returns their ids (see :meth:`add_choices`)."""
+        returns their ids (see :meth:`add_choices`). ``gates``: one :attr:`Method.contrast_gate`
+        decision per choice, in place of the gated hook's (a method whose gate branch has no
+        gated hook needs them): ``(True, False)`` decodes the contrast and the fallback side by
+        side from one prefill (the reward router's two answers)."""
+        self._check_gates(gates, n)
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -263,13 +268,27 @@ class Engine:
             seqs.append(_Seq(rid, params, seed + i, lens, eos,
                              IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos),
                              root=seqs[0].id if seqs else rid,
-                             built=list(built) if i == 0 else None, t_add=time.perf_counter()))
+                             built=list(built) if i == 0 else None, t_add=time.perf_counter(),
+                             gate=None if gates is None else bool(gates[i])))
         head = seqs[0]
         head.kids = seqs[1:]
         self.scheduler.add(head)
         for seq in seqs:
             self._live[seq.id] = seq
         return [seq.id for seq in seqs]
+
+    def _check_gates(self, gates: Sequence[bool] | None, n: int) -> None:
+        g = self.method.contrast_gate
+        if gates is None:
+            if g is not None and not any(h.gate is not None for h in self.method.branches[g].hooks):
+                raise ValueError(f"gates: method {self.method.name!r} has no gated hook to "
+                                 "decide its contrast gate; give one decision per choice")
+            return
+        if g is None:
+            raise ValueError(f"gates: method {self.method.name!r} has no contrast_gate to decide")
+        if isinstance(gates, (str, bytes)) or not isinstance(gates, Sequence) \
+                or len(gates) != n or not all(isinstance(x, bool) for x in gates):
+            raise ValueError(f"gates: expected {n} booleans (one per choice), got {gates!r}")
 
     def check_fits(self, built: Built, max_new_tokens: int, index: int = 0) -> None:
         """Raise ``ValueError`` unless the prompt + ``max_new_tokens`` fit the context."""
@@ -517,6 +536,7 @@ class Engine:
             parts.append(prefilled)
             order += [q.slot for q in admitted]
             pick = []  # choices forked after the prefill, before their first token
+            forced = [s for s in admitted for s in (s, *s.kids) if s.gate is not None]
             for i, s in enumerate(admitted):
                 s.built = None
                 if s.kids:
@@ -530,6 +550,10 @@ class Engine:
                     s.kids = []
             if pick:
                 parts.append(prefilled[torch.tensor(pick, device=prefilled.device)])
+            if forced:  # the caller's gate decisions replace the hook's (or stand alone)
+                g, k = self.method.contrast_gate, self.method.k
+                st.gate_on[torch.tensor([q.slot * k + g for q in forced], device=st.device)] = \
+                    torch.tensor([q.gate for q in forced], device=st.device)
         if not order:
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -139,7 +139,7 @@ def eval_command(
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
         specs = parse_methods(methods or ",".join(n for n in methods_mod.REGISTRY
-                                                  if n != "deal"),  # deal needs a reward
+                                                  if n not in ("deal", "route")),  # searches
                               {"alpha": alpha, "beta": beta})
         usable = []
         for s in specs:  # bad method arguments fail before the model loads

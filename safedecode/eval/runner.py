@@ -60,8 +60,13 @@ def method_fingerprint(method: Method) -> str:
     """Content hash of a method: rule, weights, anchor, β, and each branch's system prompt, soft
     prompt and hooks (stable across processes, unlike object ids)."""
     from safedecode.methods.deal import DeAL
+    from safedecode.methods.route import Route
 
     h = hashlib.sha256()
+    if isinstance(method, Route):  # its base, knobs and reward
+        h.update(method_fingerprint(method.base).encode())
+        h.update(repr((method.horizon, float(method.margin), method.reward.key())).encode())
+        return "route-" + h.hexdigest()[:10]
     if isinstance(method, DeAL):  # a search: its base method, settings and reward
         h.update(method_fingerprint(method.base).encode())
         h.update(repr((method.k, method.lookahead, method.lam, method.beam, method.chunk,

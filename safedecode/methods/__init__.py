@@ -12,6 +12,7 @@ from safedecode.engine.branches import Branch, Method, contrastive, plain
 from . import prompts
 from .acd import ACD, acd, acd_sp, acd_text
 from .deal import DeAL, deal
+from .route import Route, route
 from .safeinfer import safeinfer, safeinfer_sa, safeinfer_sgds
 from .self_cd import SelfCD, self_cd, self_cd_sp
 
@@ -33,12 +34,14 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "safeinfer-sa": safeinfer_sa,
     "safeinfer-sgds": safeinfer_sgds,
     "deal": deal,
+    "route": route,
 }
 
 
-def get(name: str, **kwargs) -> Method | DeAL:
+def get(name: str, **kwargs) -> Method | DeAL | Route:
     """Build a method by name; unknown names and bad arguments raise ValueError. ``deal``
-    returns a :class:`DeAL` search around a base method (``SafeDecoder`` runs either)."""
+    returns a :class:`DeAL` search and ``route`` a :class:`Route` around a base method
+    (``SafeDecoder`` runs any of them)."""
     if name not in REGISTRY:
         raise ValueError(f"method: unknown {name!r}; choose one of {sorted(REGISTRY)}")
     try:
@@ -48,5 +51,5 @@ def get(name: str, **kwargs) -> Method | DeAL:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal",
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal", "Route", "route",
            "safeinfer", "safeinfer_sa", "safeinfer_sgds"]

@@ -71,7 +71,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     built = [(name, methods.get(name, **_method_kwargs(name, spec.method_kwargs)))
              for name in spec.methods]
     for name, meth in built:
-        if isinstance(meth, methods.DeAL):
+        if isinstance(meth, (methods.DeAL, methods.Route)):
             raise ValueError(f"--method {name}: search methods are not served (yet): use "
                              "`safedecode generate` or `safedecode eval`")
     model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device)

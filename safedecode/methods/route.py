@@ -1,0 +1,145 @@
+"""The reward router: a safety method or the plain model, chosen per request by a reward model.
+
+A contrast method such as ACD refuses nearly every harmful request and too many harmless ones,
+mostly with a canned refusal in its first tokens; the plain model answers both. The router
+decodes both side by side for the first ``horizon`` tokens — one prefill, two choices of one
+request (:meth:`Engine.add_built` ``gates=(True, False)``: the base's contrast, and its plain
+fallback branch) — then lets a reward model (:mod:`.rewards`; the ``harmless`` one by default)
+score the two beginnings against the request and keeps the base's answer when
+``h(base) - h(plain) > margin``, else the plain model's. The loser's slot is freed at once and
+the winner goes on alone, so a request costs two sequences for ``horizon`` tokens, one reward
+call, then one. With greedy decoding the answer is exactly the winner's own greedy answer.
+
+The knobs shipped for the default model (``horizon`` 16, ``margin`` -2, base ``acd``) were
+chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from safedecode.engine.branches import Branch, Method
+from safedecode.engine.engine import Engine, GenerationResult
+from safedecode.engine.sampling import SamplingParams
+from safedecode.engine.step import Built
+
+from .rewards import Reward, make_reward
+
+
+@dataclass(frozen=True)
+class Route:
+    """Route each request to ``base`` or the plain model by ``reward`` on their first
+    ``horizon`` tokens (see the module docstring)."""
+
+    base: Method
+    reward: Reward
+    horizon: int = 16
+    margin: float = -2.0
+    name: str = "route"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Method):
+            raise ValueError(f"base: expected a Method, got {type(self.base).__name__}")
+        if self.base.contrast_gate is not None:
+            raise ValueError(f"base: {self.base.name!r} is already gated; route the ungated "
+                             "method (the router is its gate)")
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) \
+                or self.horizon < 1:
+            raise ValueError(f"horizon: must be an integer >= 1, got {self.horizon!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) \
+                or self.margin != self.margin or abs(self.margin) == float("inf"):
+            raise ValueError(f"margin: must be a finite number, got {self.margin!r}")
+        self.engine_method  # noqa: B018 - the base must take a contrast gate: fail here
+
+    @cached_property
+    def engine_method(self) -> Method:
+        """The base plus a weight-0 plain branch, its contrast gated per choice (on: the base's
+        distribution; off: the plain model's)."""
+        m = self.base
+        try:
+            return dataclasses.replace(m, branches=(*m.branches, Branch(name="plain")),
+                                       weights=(*m.weights, 0.0), contrast_gate=m.anchor,
+                                       fallback=m.k)
+        except ValueError as exc:
+            raise ValueError(f"base: {m.name!r} cannot be routed ({exc})") from exc
+
+    sequences_per_request = 2
+
+    def describe(self) -> str:
+        return (f"{self.name}: horizon={self.horizon}, margin={self.margin}, "
+                f"reward={self.reward.key()}; base {self.base.describe()}")
+
+
+def route(base: str | Method = "acd", reward=None, horizon: int = 16, margin: float = -2.0,
+          **base_kwargs) -> Route:
+    """``methods.get("route", base="acd", reward="harmless", horizon=16, margin=-2)``: the
+    reward router over the named base method (its keyword arguments pass through). ``reward``
+    as :func:`~.rewards.make_reward` takes it; default ``"harmless"``."""
+    if isinstance(base, str):
+        from safedecode import methods
+
+        if base in ("deal", "route"):
+            raise ValueError(f"base: the router's base must be a decoding method, not {base!r}")
+        base = methods.get(base, **base_kwargs)
+    elif base_kwargs:
+        raise ValueError(f"{sorted(base_kwargs)[0]}: not a route parameter")
+    return Route(base, make_reward("harmless" if reward is None else reward),
+                 horizon=horizon, margin=margin)
+
+
+def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+           params: SamplingParams | Sequence[SamplingParams], spec: Route,
+           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    """Route every request (``built[i]``, scored against ``prompts[i]``) in ``engine`` (on
+    ``spec.engine_method``, with no other requests and two sequences per request); returns one
+    result per request. ``on_step(requests_done, requests)`` after each engine step."""
+    if engine.has_unfinished():
+        raise ValueError("engine: the router needs an engine with no other requests")
+    if engine.method is not spec.engine_method:
+        raise ValueError("engine: the router needs an engine on spec.engine_method")
+    if isinstance(params, SamplingParams):
+        params = [params] * len(built)
+    if len(params) != len(built) or len(prompts) != len(built):
+        raise ValueError(f"params, prompts: expected {len(built)} of each")
+    if engine.state.max_seqs < 2 * len(built):
+        raise ValueError(f"max_seqs: the router needs {2 * len(built)} sequences (two per "
+                         f"request); the engine has {engine.state.max_seqs}")
+    pairs = {i: tuple(engine.add_built(b, p, index=i, n=2, gates=(True, False)))
+             for i, (b, p) in enumerate(zip(built, params, strict=True))}
+    owner = {sid: i for i, pair in pairs.items() for sid in pair}
+    open_pairs = dict(pairs)  # not decided yet
+    ended: dict[int, GenerationResult] = {}  # finished sequences of open pairs
+    results: dict[int, GenerationResult] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finish_reason:
+                i = owner[o.request_id]
+                r = engine.pop_result(o.request_id)
+                if i in open_pairs:
+                    ended[o.request_id] = r
+                else:
+                    results[i] = r
+        ready = [i for i, pair in open_pairs.items()
+                 if all(s in ended or len(engine.tokens(s)) >= spec.horizon for s in pair)]
+        if ready:
+            texts = [ended[s].text if s in ended else engine.text(s)
+                     for i in ready for s in pairs[i]]
+            h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
+            for n, i in enumerate(ready):
+                base, plain = pairs[i]
+                win, lose = (base, plain) if h[2 * n] - h[2 * n + 1] > spec.margin \
+                    else (plain, base)
+                if lose in ended:
+                    del ended[lose]
+                else:
+                    engine.release(lose)
+                if win in ended:
+                    results[i] = ended.pop(win)
+                del open_pairs[i]
+        if on_step is not None:
+            on_step(len(results), len(built))
+    return [results[i] for i in range(len(built))]
+

@@ -1,0 +1,158 @@
+"""The reward router (safedecode.methods.route): exactness against the two methods it routes
+between, decoded alone, on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import tiny_llama
+
+from safedecode import methods
+from safedecode.engine import SafeDecoder, SamplingParams
+from safedecode.engine.branches import Branch, Method
+from safedecode.eval.runner import method_fingerprint
+from safedecode.methods.route import search
+
+PROMPTS = ["Why is the sky blue?", "Name a colour.", "Hi", "Tell me a story about a cat."]
+BASE = {"base": "acd-text", "alpha": 0.5}
+
+
+def _vowels(prompts, texts):
+    """A known function of the text: its vowels minus half its spaces."""
+    return [sum(ch in "aeiou" for ch in t) - 0.5 * t.count(" ") for t in texts]
+
+
+def _alone(model, tok, name: str, **kw) -> list:
+    return SafeDecoder(model, tok, methods.get(name, **kw)).generate(PROMPTS, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("horizon", [1, 4, 10])
+def test_route_picks_by_the_reward_and_equals_the_winner_decoded_alone(horizon):
+    model, tok = tiny_llama()
+    base = _alone(model, tok, "acd-text", alpha=0.5)
+    plain = _alone(model, tok, "plain")
+    assert [b.token_ids for b in base] != [p.token_ids for p in plain]  # something to route
+    spec = methods.get("route", reward=_vowels, horizon=horizon, margin=0.5, **BASE)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=10)
+    picked = set()
+    for p, b, q, g in zip(PROMPTS, base, plain, got, strict=True):
+        cut = [tok.decode(r.token_ids[:horizon], skip_special_tokens=True) for r in (b, q)]
+        hb, hq = _vowels([p, p], cut)
+        want = b if hb - hq > 0.5 else q
+        picked.add(want is b)
+        assert g.token_ids == want.token_ids, p
+        assert g.text == want.text
+    assert picked == {True, False}  # both sides were chosen somewhere
+    # each prompt alone gives the same answer (no row of one request touches another's)
+    one = [SafeDecoder(model, tok, spec).generate([p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert [r.token_ids for r in one] == [r.token_ids for r in got]
+
+
+def test_margin_extremes_give_each_method_and_slots_are_freed():
+    model, tok = tiny_llama()
+    base = _alone(model, tok, "acd-text", alpha=0.5)
+    plain = _alone(model, tok, "plain")
+    for margin, want in ((-1e9, base), (1e9, plain)):
+        spec = methods.get("route", reward=_vowels, horizon=3, margin=margin, **BASE)
+        dec = SafeDecoder(model, tok, spec)
+        eng = dec.engine(max_seqs=2 * len(PROMPTS))
+        built = [eng.build(p) for p in PROMPTS]
+        got = search(eng, built, PROMPTS, SamplingParams(max_new_tokens=10), spec)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert not eng.has_unfinished() and eng.state.free_slots == 2 * len(PROMPTS)
+
+
+def test_sampled_route_is_seeded():
+    model, tok = tiny_llama()
+    spec = methods.get("route", reward=_vowels, horizon=4, **BASE)
+    dec = SafeDecoder(model, tok, spec)
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    a, b = dec.generate(PROMPTS, **kw), dec.generate(PROMPTS, **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert all(len(r.token_ids) >= 1 for r in a)
+
+
+def test_gates_decode_the_contrast_and_the_fallback_side_by_side():
+    """Engine.add_built(gates=...): the choice gated on decodes the contrast, the one gated
+    off the fallback branch alone — each equal to that method decoded alone."""
+    model, tok = tiny_llama()
+    spec = methods.get("route", reward=_vowels, **BASE)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=4)
+    on, off = eng.add_built(eng.build("Hi"), SamplingParams(max_new_tokens=6), n=2,
+                            gates=(True, False))
+    while eng.has_unfinished():
+        eng.step()
+    got = [eng.pop_result(i).token_ids for i in (on, off)]
+    want = [SafeDecoder(model, tok, methods.get(n, **kw)).generate(["Hi"], max_new_tokens=6)[0]
+            .token_ids for n, kw in (("acd-text", {"alpha": 0.5}), ("plain", {}))]
+    assert got == want
+
+
+def test_bad_input_is_named():
+    model, tok = tiny_llama()
+    for kw, match in (({"horizon": 0}, "horizon: must be"), ({"horizon": True}, "horizon"),
+                      ({"margin": float("nan")}, "margin: must be a finite"),
+                      ({"margin": "high"}, "margin"), ({"base": "deal"}, "decoding method"),
+                      ({"base": "acd-text", "gamma": 1.0}, "gamma"),
+                      ({"reward": "nope"}, "unknown 'nope'")):
+        with pytest.raises(ValueError, match=match):
+            methods.get("route", **({"reward": _vowels, **BASE} | kw))
+    with pytest.raises(ValueError, match="already gated"):
+        methods.get("route", reward=_vowels, base=methods.get("acd", gate=0))
+    with pytest.raises(ValueError, match="cannot be routed"):  # the linear rule's anchor != 1
+        methods.get("route", reward=_vowels, base="self-cd")
+    # a contrast gate with no gated hook: the engine asks for the decisions
+    m = Method("c", (Branch(system="a"), Branch(system="b"), Branch()), (1.0, -0.5, 0.0),
+               contrast_gate=0, fallback=2)
+    eng = SafeDecoder(model, tok, m).engine(max_seqs=2)
+    with pytest.raises(ValueError, match="no gated hook to decide"):
+        eng.add_choices("Hi", None, 1)
+    for gates in ((True,), (True, 1), "ab"):
+        with pytest.raises(ValueError, match="gates: expected 2 booleans"):
+            eng.add_built(eng.build("Hi"), None, n=2, gates=gates)
+    plain_eng = SafeDecoder(model, tok, methods.get("plain")).engine(max_seqs=2)
+    with pytest.raises(ValueError, match="no contrast_gate"):
+        plain_eng.add_built(plain_eng.build("Hi"), None, gates=(True,))
+    dec = SafeDecoder(model, tok, methods.get("route", reward=_vowels, **BASE))
+    with pytest.raises(ValueError, match="generate()"):
+        list(dec.stream("Hi", max_new_tokens=2))
+
+
+def test_fingerprint_tells_route_settings_apart():
+    fp = {method_fingerprint(methods.get("route", **({"reward": "length:target=8"} | BASE | kw)))
+          for kw in ({}, {"margin": -2.0}, {"margin": 0}, {"horizon": 8},
+                     {"reward": "length:target=9"})}
+    assert len(fp) == 4  # margin -2 (the default) and -2.0 are one setting
+    assert all(f.startswith("route-") for f in fp)
+    base = method_fingerprint(methods.get("acd-text", alpha=0.5))
+    assert base not in fp
+
+
+def test_cli_generate_route_and_its_errors(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    run = CliRunner().invoke
+    cmd = ["generate", "--model", str(tiny_model_dir), "--method", "route", "-n", "5",
+           "--base", "acd-text", "--reward", "keywords:include=the"]
+    r = run(app, [*cmd, "--horizon", "2", "--margin", "0", "--json", "Hi"])
+    assert r.exit_code == 0, r.output
+    assert '"method": "route"' in r.output and '"tokens": 5' in r.output
+    for extra, match in ((["--horizon", "0"], "horizon: must be"),
+                         (["--base", "deal"], "decoding method"),
+                         (["--stream"], "generate()")):
+        r = run(app, [*cmd, *extra, "Hi"])
+        assert r.exit_code == 2 and match in r.output, (extra, r.output)
+
+
+def test_route_on_a_padded_batch_matches_torch_reference():
+    """Greedy route with a reward that always keeps the base equals the base's greedy tokens
+    under the reference backend too (the gate override works whatever the op backend)."""
+    model, tok = tiny_llama()
+    spec = methods.get("route", reward=_vowels, margin=-1e9, horizon=2, **BASE)
+    got = SafeDecoder(model, tok, spec, backend="reference").generate(PROMPTS, max_new_tokens=6)
+    want = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5), backend="reference"
+                       ).generate(PROMPTS, max_new_tokens=6)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert torch.tensor([len(r.token_ids) for r in got]).le(6).all()
