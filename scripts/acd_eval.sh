@@ -9,6 +9,10 @@
 # and `acd:gate=0` is ACD's contrast on the requests it flags, the plain model elsewhere
 # (chosen on validation: benchmarks/results/acd_gate_s29/).
 #
+# Since session 31 `route` is the reward router over `acd` (the `harmless` reward model compares
+# acd's and the plain model's first 16 tokens; margin -2; chosen on validation:
+# benchmarks/results/route_s31/).
+#
 #   scripts/acd_eval.sh            # about 45 minutes on 2 CPU cores; resumable
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +29,11 @@ OLD=benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors
 # benchmarks/results/acd_gate_s30/); session 29's probe (train requests as written) kept here:
 S29=benchmarks/results/acd_gate_s29/acd_gate.safetensors
 $PY -m safedecode eval \
-    -m "plain,safe-prompt,acd-sp,acd,acd:gate=0,acd:prompts=$S29:gate=0,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
+    -m "plain,safe-prompt,acd-sp,acd,acd:gate=0,route,acd:prompts=$S29:gate=0,acd-sp:prompts=$SELF_SP,self-cd-sp,acd-sp:prompts=$OLD,self-cd-sp:prompts=$OLD" \
     -d "$SETS" \
     -n 128 --out "$R/efficacy"
 for s in 0 1 2; do
-  $PY -m safedecode eval -m self-cd-sp,acd,acd:gate=0 -d "$SETS" -n 128 --limit 10 -t 0.7 \
+  $PY -m safedecode eval -m self-cd-sp,acd,acd:gate=0,route -d "$SETS" -n 128 --limit 10 -t 0.7 \
       --top-p 0.9 --seed "$s" --out "$R/efficacy-sampled/seed$s"
 done
 $PY benchmarks/efficacy_summary.py "$R/efficacy" smollm2-135m \

@@ -51,5 +51,6 @@ def get(name: str, **kwargs) -> Method | DeAL | Route:
 
 
 __all__ = ["get", "REGISTRY", "Method", "Branch", "plain", "contrastive", "safe_prompt",
-           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal", "Route", "route",
+           "ACD", "acd", "acd_text", "acd_sp", "SelfCD", "self_cd", "self_cd_sp", "DeAL", "deal",
+           "Route", "route",
            "safeinfer", "safeinfer_sa", "safeinfer_sgds"]

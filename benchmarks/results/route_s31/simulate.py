@@ -5,7 +5,8 @@ the cached greedy answers of `plain` and the shipped `acd`; the request takes `a
 when h(acd) - h(plain) > tau, else plain's. Greedy, so the routed answer is exactly the winner's
 cached 128-token generation. Nothing here reads HarmBench or the benign evaluation sets.
 
-    .venv/bin/python benchmarks/results/route_s31/simulate.py > benchmarks/results/route_s31/sweep.md
+    .venv/bin/python benchmarks/results/route_s31/simulate.py \
+        > benchmarks/results/route_s31/sweep.md
 """
 from __future__ import annotations
 
