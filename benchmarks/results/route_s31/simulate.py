@@ -7,6 +7,10 @@ cached 128-token generation. Nothing here reads HarmBench or the benign evaluati
 
     .venv/bin/python benchmarks/results/route_s31/simulate.py \
         > benchmarks/results/route_s31/sweep.md
+    # stage 2: the TA-SFT model's own answers and acd's on it
+    .venv/bin/python benchmarks/results/route_s31/simulate.py \
+        benchmarks/results/efficacy-ta-sft/ta-sft+refusal_grown_avg_seeds23 \
+        benchmarks/results/route_s31/tasft_acd_val > benchmarks/results/route_s31/sweep_tasft.md
 """
 from __future__ import annotations
 
@@ -26,21 +30,21 @@ SETS = ("anchor-harmful-val", "anchor-safe-val")
 HS, TAUS = (8, 16, 24, 32), (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
 
-def cached(names: tuple[str, ...]) -> dict[str, dict[str, dict]]:
-    fps = {method_fingerprint(methods.get(n)): n for n in names}
-    out: dict[str, dict[str, dict]] = {n: {} for n in names}
-    for line in open(CACHE / "generations.jsonl"):
+def cached(name: str, folder: Path) -> dict[str, dict]:
+    """``name``'s validation answers in an evaluation folder, by item id, with their PPL."""
+    fp = method_fingerprint(methods.get(name))
+    out: dict[str, dict] = {}
+    for line in open(folder / "generations.jsonl"):
         r = json.loads(line)
-        if r["method_fingerprint"] in fps and r["dataset"] in SETS:
-            out[fps[r["method_fingerprint"]]][r["item_id"]] = r
+        if r["method_fingerprint"] == fp and r["dataset"] in SETS:
+            out[r["item_id"]] = r
     ppl = {}
-    for line in open(CACHE / "annotations.jsonl"):
+    for line in open(folder / "annotations.jsonl"):
         a = json.loads(line)
         if a["kind"] == "ppl":
             ppl[a["key"].split("|")[0]] = a["value"]
-    for recs in out.values():
-        for r in recs.values():
-            r["ppl"] = ppl.get(r["key"])
+    for r in out.values():
+        r["ppl"] = ppl.get(r["key"])
     return out
 
 
@@ -48,7 +52,11 @@ def main() -> None:
     from safedecode.methods.rewards import make_reward
     from safedecode.models import load_default
 
-    gens = cached(("plain", "acd"))
+    plain_dir, acd_dir = (Path(a) for a in (sys.argv[1:3] if len(sys.argv) > 2
+                                            else (CACHE, CACHE)))
+    gens = {"plain": cached("plain", plain_dir), "acd": cached("acd", acd_dir)}
+    fps = {r["model_fingerprint"] for g in gens.values() for r in g.values()}
+    assert len(fps) == 1, f"answers from more than one model: {fps}"
     ids = sorted(gens["plain"])
     assert set(ids) == set(gens["acd"]) and len(ids) == 224, (len(ids), len(gens["acd"]))
     anchor = {it["id"]: it for it in load_anchor(part="val")}
@@ -73,7 +81,8 @@ def main() -> None:
         return math.exp(sum(r["ppl"]["nll"] for r in recs) / sum(r["ppl"]["tokens"] for r in recs))
 
     safe = [i for i in ids if not harmful[i]]
-    plain_ppl = ppl([gens["plain"][i] for i in safe])
+    untuned = cached("plain", CACHE)  # PPL ratios against the untuned model's answers
+    plain_ppl = ppl([untuned[i] for i in safe])
 
     def row(name: str, pick: dict[str, str]) -> tuple[float, str]:
         def rate(sel, judge="keyword"):
@@ -92,7 +101,9 @@ def main() -> None:
 
     print("Anchor validation part (91 harmful, 48 of them held-out; 133 safe, 60 held-out), "
           "greedy, 128 tokens, keyword judge; standard lists beside. Routed to `acd` when "
-          "h(acd) - h(plain) > τ on the first H tokens.\n")
+          "h(acd) - h(plain) > τ on the first H tokens. Answers: `plain` from "
+          f"`{plain_dir}`, `acd` from `{acd_dir}`; PPL ratio against the untuned model's "
+          "answers.\n")
     print("| setting | harmful | held-out harmful | safe | held-out safe | standard lists "
           "(harmful / safe) | to acd | PPL ratio | score |")
     print("|---|" + "---:|" * 8)
@@ -107,8 +118,9 @@ def main() -> None:
             if best is None or s > best[0] + 1e-12:
                 best = (s, n, t)
     print(f"\nChosen by the rule: H {best[1]}, τ {best[2]:+g} (score {best[0]:+.3f}).")
-    json.dump({f"{n}|{m}": v for (n, m), v in h.items()},
-              open(Path(__file__).with_name("scores.json"), "w"))
+    if len(sys.argv) <= 2:
+        json.dump({f"{n}|{m}": v for (n, m), v in h.items()},
+                  open(Path(__file__).with_name("scores.json"), "w"))
 
 
 if __name__ == "__main__":
