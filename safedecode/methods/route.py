@@ -8,7 +8,9 @@ fallback branch) — then lets a reward model (:mod:`.rewards`; the ``harmless``
 score the two beginnings against the request and keeps the base's answer when
 ``h(base) - h(plain) > margin``, else the plain model's. The loser's slot is freed at once and
 the winner goes on alone, so a request costs two sequences for ``horizon`` tokens, one reward
-call, then one. With greedy decoding the answer is exactly the winner's own greedy answer.
+call, then one. With greedy decoding the answer is exactly the winner's own greedy answer;
+sampled, the base's answer draws with the request's seed and the plain model's with seed + 1
+(two choices of one request).
 
 The knobs shipped for the default model (``horizon`` 16, ``margin`` -2, base ``acd``) were
 chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
