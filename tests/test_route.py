@@ -3,6 +3,8 @@ between, decoded alone, on a tiny random model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from engine_fixtures import tiny_llama
@@ -156,3 +158,29 @@ def test_route_on_a_padded_batch_matches_torch_reference():
                        ).generate(PROMPTS, max_new_tokens=6)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert torch.tensor([len(r.token_ids) for r in got]).le(6).all()
+
+
+def test_eval_runs_the_router_and_caches_it(tmp_path):
+    """`safedecode eval` takes a route spec (a bracketed reward), generates each item once and
+    reports it; the answers equal the router run directly."""
+    from safedecode.eval.datasets import Dataset, Item
+    from safedecode.eval.runner import evaluate
+
+    model, tok = tiny_llama()
+    items = [Item(f"i{i}", p, "misc", "benign") for i, p in enumerate(PROMPTS)]
+    sets = [Dataset("tiny", items, "memory")]
+    spec = "route:base=acd-text:alpha=0.5:reward=[keywords:include=the|a]:horizon=3:margin=0"
+    kw = dict(datasets=sets, out_dir=tmp_path / "run", ppl=False, max_new_tokens=6,
+              batch_size=3)
+    res = evaluate(model, tok, methods=[spec], **kw)
+    assert res["summary"][spec]["benign"]["n"] == len(PROMPTS)
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "generations.jsonl")]
+    assert len(recs) == len(PROMPTS) and all(r["method_fingerprint"].startswith("route-")
+                                             for r in recs)
+    direct = SafeDecoder(model, tok, methods.get(
+        "route", base="acd-text", alpha=0.5, reward="keywords:include=the|a", horizon=3,
+        margin=0)).generate(PROMPTS, max_new_tokens=6)
+    assert {r["item_id"]: r["token_ids"] for r in recs} == {
+        f"i{i}": r.token_ids for i, r in enumerate(direct)}
+    evaluate(model, tok, methods=[spec], **kw)  # cached: nothing generated again
+    assert len(open(tmp_path / "run" / "generations.jsonl").readlines()) == len(PROMPTS)
