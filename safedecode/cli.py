@@ -165,8 +165,8 @@ def generate(
     try:
         if acd_prompts is not None and method not in ("acd", "acd-sp", "self-cd-sp", "deal",
                                                        "route"):
-            raise ValueError("--acd-prompts: only for --method acd, acd-sp or self-cd-sp, not "
-                             f"{method!r}")
+            raise ValueError("--acd-prompts: only for --method acd, acd-sp, self-cd-sp, deal or "
+                             f"route, not {method!r}")
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
             raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--steer/--gate/"
                              f"--window/--stop: only for the safeinfer methods, not {method!r}")

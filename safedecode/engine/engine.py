@@ -536,7 +536,7 @@ class Engine:
             parts.append(prefilled)
             order += [q.slot for q in admitted]
             pick = []  # choices forked after the prefill, before their first token
-            forced = [s for s in admitted for s in (s, *s.kids) if s.gate is not None]
+            forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
             for i, s in enumerate(admitted):
                 s.built = None
                 if s.kids:
