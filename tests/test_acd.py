@@ -260,4 +260,5 @@ def test_cli_optimize_writes_prompts_that_load(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "epochs" in bad.output
     wrong = CliRunner().invoke(app, ["generate", "--method", "plain", "--acd-prompts", str(out),
                                      "hello"])
-    assert wrong.exit_code == 2 and "only for --method acd, acd-sp, self-cd-sp, deal or route" in wrong.output
+    assert wrong.exit_code == 2
+    assert "only for --method acd, acd-sp, self-cd-sp, deal or route" in wrong.output
