@@ -19,4 +19,9 @@ $PY $S/simulate.py $TASFT $S/tasft_acd_val > $S/sweep_tasft.md
 # the chosen setting (H 8, margin 0), once, on every evaluation set
 $PY -m safedecode eval -m route:horizon=8:margin=0 -d "$SETS" -n 128 --adapter ta-sft \
     --out $S/tasft_eval
+# sampled (T 0.7, top-p 0.9, three seeds, 10 items per set)
+for s in 0 1 2; do
+  $PY -m safedecode eval -m route:horizon=8:margin=0 -d "$SETS" -n 128 --limit 10 -t 0.7 \
+      --top-p 0.9 --seed "$s" --adapter ta-sft --out $S/tasft_sampled/seed$s
+done
 $PY benchmarks/bench_route.py
