@@ -116,8 +116,27 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="no contrast_gate"):
         plain_eng.add_built(plain_eng.build("Hi"), None, gates=(True,))
     dec = SafeDecoder(model, tok, methods.get("route", reward=_vowels, **BASE))
-    with pytest.raises(ValueError, match="generate()"):
-        list(dec.stream("Hi", max_new_tokens=2))
+    with pytest.raises(ValueError, match="streamer: a route search"):
+        dec.generate("Hi", max_new_tokens=2, streamer=object())
+
+
+@pytest.mark.parametrize("horizon", [2, 20])
+def test_stream_yields_the_kept_answers_text(horizon):
+    """Streaming: each request's deltas (held back until the reward chose, then as decoded)
+    join to exactly the text generate() returns, ending with its finish reason."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("route", reward=_vowels, horizon=horizon,
+                                              margin=0.5, **BASE))
+    want = dec.generate(PROMPTS, max_new_tokens=10)
+    got: dict[int, list] = {}
+    for ev in dec.stream(PROMPTS, max_new_tokens=10):
+        got.setdefault(ev.index, []).append(ev)
+    assert sorted(got) == list(range(len(PROMPTS)))
+    for i, evs in got.items():
+        assert "".join(e.text for e in evs) == want[i].text
+        assert [e.token_id for e in evs] == want[i].token_ids
+        assert evs[-1].finish_reason == want[i].finish_reason
+        assert all(e.finish_reason is None for e in evs[:-1])
 
 
 def test_fingerprint_tells_route_settings_apart():
@@ -141,9 +160,10 @@ def test_cli_generate_route_and_its_errors(tiny_model_dir):
     r = run(app, [*cmd, "--horizon", "2", "--margin", "0", "--json", "Hi"])
     assert r.exit_code == 0, r.output
     assert '"method": "route"' in r.output and '"tokens": 5' in r.output
+    r = run(app, [*cmd, "--horizon", "2", "--stream", "Hi"])
+    assert r.exit_code == 0 and r.output.strip(), r.output
     for extra, match in ((["--horizon", "0"], "horizon: must be"),
-                         (["--base", "deal"], "decoding method"),
-                         (["--stream"], "generate()")):
+                         (["--base", "deal"], "decoding method")):
         r = run(app, [*cmd, *extra, "Hi"])
         assert r.exit_code == 2 and match in r.output, (extra, r.output)
 

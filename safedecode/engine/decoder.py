@@ -121,18 +121,24 @@ class SafeDecoder:
 
     def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
                **params) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields text deltas as they are decoded."""
+        """Like :meth:`generate`, but yields text deltas as they are decoded (a ``route``
+        request's once the reward has chosen its answer)."""
+        from safedecode.methods.route import Route
+        from safedecode.methods.route import stream as route_stream
+
+        if isinstance(self.search, Route):
+            eng, built, texts, per_request, _ = self._search_setup(prompts, params, None, raw)
+            for i, out, _ in route_stream(eng, built, texts, per_request, self.search):
+                yield StreamEvent(i, out.text, out.token_id, out.finish_reason)
+            return
         if self.search is not None:
             raise ValueError(f"stream: a {self.search.name} search commits tokens only after "
                              "its lookahead; use generate()")
         yield from self._run(prompts, params, None, {}, raw)
 
-    def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:
-        from safedecode.methods.deal import search as deal_search
-        from safedecode.methods.route import Route
-        from safedecode.methods.route import search as route_search
-
-        search = route_search if isinstance(self.search, Route) else deal_search
+    def _search_setup(self, prompts, params: dict, streamer, raw: bool):
+        """A search's engine and inputs: (engine, built prompts, the texts its reward scores,
+        params per request, on_step)."""
         name = self.search.name
         params = dict(params)
         on_step = params.pop("on_step", None)
@@ -152,6 +158,16 @@ class SafeDecoder:
         context = getattr(self.model.config, "max_position_embeddings", None)
         eng = self.engine(max_seqs=len(built) * self.search.sequences_per_request,
                           max_len=max(2, min(need, context or need)))
+        return eng, built, texts, per_request, on_step
+
+    def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:
+        from safedecode.methods.deal import search as deal_search
+        from safedecode.methods.route import Route
+        from safedecode.methods.route import search as route_search
+
+        search = route_search if isinstance(self.search, Route) else deal_search
+        eng, built, texts, per_request, on_step = self._search_setup(prompts, params, streamer,
+                                                                     raw)
         t0 = time.perf_counter()
         results = search(eng, built, texts, per_request, self.search, on_step)
         for r in results:

@@ -10,7 +10,8 @@ score the two beginnings against the request and keeps the base's answer when
 the winner goes on alone, so a request costs two sequences for ``horizon`` tokens, one reward
 call, then one. With greedy decoding the answer is exactly the winner's own greedy answer;
 sampled, the base's answer draws with the request's seed and the plain model's with seed + 1
-(two choices of one request).
+(two choices of one request). :func:`stream` (``SafeDecoder.stream``) yields the kept answer's
+text once the reward has chosen it (its first ``horizon`` tokens at once), then as decoded.
 
 The knobs shipped for the default model (``horizon`` 16, ``margin`` -2, base ``acd``) were
 chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
@@ -19,12 +20,12 @@ chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 from safedecode.engine.branches import Branch, Method
-from safedecode.engine.engine import Engine, GenerationResult
+from safedecode.engine.engine import Engine, GenerationResult, StepOutput
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
@@ -92,12 +93,13 @@ def route(base: str | Method = "acd", reward=None, horizon: int = 16, margin: fl
                  horizon=horizon, margin=margin)
 
 
-def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
-           params: SamplingParams | Sequence[SamplingParams], spec: Route,
-           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+           params: SamplingParams | Sequence[SamplingParams], spec: Route
+           ) -> Iterator[tuple[int, StepOutput, GenerationResult | None]]:
     """Route every request (``built[i]``, scored against ``prompts[i]``) in ``engine`` (on
-    ``spec.engine_method``, with no other requests and two sequences per request); returns one
-    result per request. ``on_step(requests_done, requests)`` after each engine step."""
+    ``spec.engine_method``, with no other requests and two sequences per request), yielding
+    ``(i, output, result)`` for each step output of request ``i``'s kept answer — held back until
+    the reward has chosen it, then as decoded; ``result`` is set on the last one."""
     if engine.has_unfinished():
         raise ValueError("engine: the router needs an engine with no other requests")
     if engine.method is not spec.engine_method:
@@ -112,36 +114,44 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     pairs = {i: tuple(engine.add_built(b, p, index=i, n=2, gates=(True, False)))
              for i, (b, p) in enumerate(zip(built, params, strict=True))}
     owner = {sid: i for i, pair in pairs.items() for sid in pair}
-    open_pairs = dict(pairs)  # not decided yet
-    ended: dict[int, GenerationResult] = {}  # finished sequences of open pairs
-    results: dict[int, GenerationResult] = {}
+    held: dict[int, list[StepOutput]] = {sid: [] for sid in owner}  # undecided: outputs so far
+    ended: dict[int, GenerationResult] = {}  # finished sequences of undecided requests
     while engine.has_unfinished():
         for o in engine.step():
-            if o.finish_reason:
-                i = owner[o.request_id]
-                r = engine.pop_result(o.request_id)
-                if i in open_pairs:
-                    ended[o.request_id] = r
-                else:
-                    results[i] = r
-        ready = [i for i, pair in open_pairs.items()
-                 if all(s in ended or len(engine.tokens(s)) >= spec.horizon for s in pair)]
-        if ready:
-            texts = [ended[s].text if s in ended else engine.text(s)
-                     for i in ready for s in pairs[i]]
-            h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
-            for n, i in enumerate(ready):
-                base, plain = pairs[i]
-                win, lose = (base, plain) if h[2 * n] - h[2 * n + 1] > spec.margin \
-                    else (plain, base)
-                if lose in ended:
-                    del ended[lose]
-                else:
-                    engine.release(lose)
-                if win in ended:
-                    results[i] = ended.pop(win)
-                del open_pairs[i]
-        if on_step is not None:
-            on_step(len(results), len(built))
-    return [results[i] for i in range(len(built))]
+            result = engine.pop_result(o.request_id) if o.finish_reason else None
+            if o.request_id in held:
+                held[o.request_id].append(o)
+                if result is not None:
+                    ended[o.request_id] = result
+            else:
+                yield owner[o.request_id], o, result
+        ready = [i for i, pair in pairs.items() if pair[0] in held
+                 and all(s in ended or len(engine.tokens(s)) >= spec.horizon for s in pair)]
+        if not ready:
+            continue
+        texts = [ended[s].text if s in ended else engine.text(s)
+                 for i in ready for s in pairs[i]]
+        h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
+        for n, i in enumerate(ready):
+            base, plain = pairs[i]
+            win, lose = (base, plain) if h[2 * n] - h[2 * n + 1] > spec.margin else (plain, base)
+            if lose not in ended:
+                engine.release(lose)
+            del held[lose]
+            ended.pop(lose, None)
+            for o in held.pop(win):
+                yield i, o, ended.pop(win) if o.finish_reason else None
 
+
+def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+           params: SamplingParams | Sequence[SamplingParams], spec: Route,
+           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    """:func:`stream`'s results, one per request; ``on_step(requests_done, requests)`` as
+    requests finish."""
+    results: dict[int, GenerationResult] = {}
+    for i, _, result in stream(engine, built, prompts, params, spec):
+        if result is not None:
+            results[i] = result
+            if on_step is not None:
+                on_step(len(results), len(built))
+    return [results[i] for i in range(len(built))]
