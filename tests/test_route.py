@@ -204,3 +204,14 @@ def test_eval_runs_the_router_and_caches_it(tmp_path):
         f"i{i}": r.token_ids for i, r in enumerate(direct)}
     evaluate(model, tok, methods=[spec], **kw)  # cached: nothing generated again
     assert len(open(tmp_path / "run" / "generations.jsonl").readlines()) == len(PROMPTS)
+
+
+def test_on_step_reports_every_engine_step():
+    model, tok = tiny_llama()
+    calls = []
+    spec = methods.get("route", reward=_vowels, horizon=3, **BASE)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=6,
+                                                 on_step=lambda d, n: calls.append((d, n)))
+    assert len(calls) >= 6 and all(n == len(PROMPTS) for _, n in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back
+    assert calls[-1][0] == len(got) == len(PROMPTS)

@@ -94,12 +94,14 @@ def route(base: str | Method = "acd", reward=None, horizon: int = 16, margin: fl
 
 
 def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
-           params: SamplingParams | Sequence[SamplingParams], spec: Route
+           params: SamplingParams | Sequence[SamplingParams], spec: Route,
+           on_step: Callable[[int, int], None] | None = None
            ) -> Iterator[tuple[int, StepOutput, GenerationResult | None]]:
     """Route every request (``built[i]``, scored against ``prompts[i]``) in ``engine`` (on
     ``spec.engine_method``, with no other requests and two sequences per request), yielding
     ``(i, output, result)`` for each step output of request ``i``'s kept answer — held back until
-    the reward has chosen it, then as decoded; ``result`` is set on the last one."""
+    the reward has chosen it, then as decoded; ``result`` is set on the last one.
+    ``on_step(requests_done, requests)`` after each engine step."""
     if engine.has_unfinished():
         raise ValueError("engine: the router needs an engine with no other requests")
     if engine.method is not spec.engine_method:
@@ -116,6 +118,7 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     owner = {sid: i for i, pair in pairs.items() for sid in pair}
     held: dict[int, list[StepOutput]] = {sid: [] for sid in owner}  # undecided: outputs so far
     ended: dict[int, GenerationResult] = {}  # finished sequences of undecided requests
+    done = 0
     while engine.has_unfinished():
         for o in engine.step():
             result = engine.pop_result(o.request_id) if o.finish_reason else None
@@ -124,14 +127,14 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
                 if result is not None:
                     ended[o.request_id] = result
             else:
+                done += result is not None
                 yield owner[o.request_id], o, result
         ready = [i for i, pair in pairs.items() if pair[0] in held
                  and all(s in ended or len(engine.tokens(s)) >= spec.horizon for s in pair)]
-        if not ready:
-            continue
-        texts = [ended[s].text if s in ended else engine.text(s)
-                 for i in ready for s in pairs[i]]
-        h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
+        if ready:
+            texts = [ended[s].text if s in ended else engine.text(s)
+                     for i in ready for s in pairs[i]]
+            h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
         for n, i in enumerate(ready):
             base, plain = pairs[i]
             win, lose = (base, plain) if h[2 * n] - h[2 * n + 1] > spec.margin else (plain, base)
@@ -140,18 +143,18 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
             del held[lose]
             ended.pop(lose, None)
             for o in held.pop(win):
-                yield i, o, ended.pop(win) if o.finish_reason else None
+                result = ended.pop(win) if o.finish_reason else None
+                done += result is not None
+                yield i, o, result
+        if on_step is not None:
+            on_step(done, len(built))
 
 
 def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            params: SamplingParams | Sequence[SamplingParams], spec: Route,
            on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
-    """:func:`stream`'s results, one per request; ``on_step(requests_done, requests)`` as
-    requests finish."""
-    results: dict[int, GenerationResult] = {}
-    for i, _, result in stream(engine, built, prompts, params, spec):
-        if result is not None:
-            results[i] = result
-            if on_step is not None:
-                on_step(len(results), len(built))
+    """:func:`stream`'s results, one per request; ``on_step(requests_done, requests)`` after
+    each engine step."""
+    results = {i: r for i, _, r in stream(engine, built, prompts, params, spec, on_step)
+               if r is not None}
     return [results[i] for i in range(len(built))]
