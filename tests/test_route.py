@@ -11,8 +11,9 @@ from engine_fixtures import tiny_llama
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
-from safedecode.engine.branches import Branch, Method
+from safedecode.engine.branches import Branch, Method, contrastive
 from safedecode.eval.runner import method_fingerprint
+from safedecode.methods.rewards import make_reward
 from safedecode.methods.route import search
 
 PROMPTS = ["Why is the sky blue?", "Name a colour.", "Hi", "Tell me a story about a cat."]
@@ -99,6 +100,8 @@ def test_bad_input_is_named():
                       ({"reward": "nope"}, "unknown 'nope'")):
         with pytest.raises(ValueError, match=match):
             methods.get("route", **({"reward": _vowels, **BASE} | kw))
+    with pytest.raises(ValueError, match="reward: expected a Reward"):
+        methods.Route(methods.get("acd-text"), _vowels)
     with pytest.raises(ValueError, match="already gated"):
         methods.get("route", reward=_vowels, base=methods.get("acd", gate=0))
     with pytest.raises(ValueError, match="cannot be routed"):  # the linear rule's anchor != 1
@@ -215,3 +218,16 @@ def test_on_step_reports_every_engine_step():
     assert len(calls) >= 6 and all(n == len(PROMPTS) for _, n in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back
     assert calls[-1][0] == len(got) == len(PROMPTS)
+
+
+def test_a_base_with_its_own_plain_branch_falls_back_to_it():
+    """No branch is added where the base already has the plain model (one row fewer per
+    choice), and the gated-off choice still decodes exactly the plain model."""
+    model, tok = tiny_llama()
+    base = contrastive((Branch(system="Be safe.", name="safe"), Branch(name="plain")),
+                       (1.0, -0.5), name="c")
+    spec = methods.Route(base, make_reward(_vowels), horizon=2, margin=1e9)
+    assert spec.engine_method.k == base.k and spec.engine_method.fallback == 1
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=6)
+    want = _alone(model, tok, "plain")
+    assert [r.token_ids for r in got] == [r.token_ids[:6] for r in want]

@@ -20,6 +20,7 @@ chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,7 @@ from safedecode.engine.engine import Engine, GenerationResult, StepOutput
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
+from .deal import _plain_branch
 from .rewards import Reward, make_reward
 
 
@@ -53,16 +55,23 @@ class Route:
                 or self.horizon < 1:
             raise ValueError(f"horizon: must be an integer >= 1, got {self.horizon!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) \
-                or self.margin != self.margin or abs(self.margin) == float("inf"):
+                or not math.isfinite(self.margin):
             raise ValueError(f"margin: must be a finite number, got {self.margin!r}")
+        if not isinstance(self.reward, Reward):
+            raise ValueError("reward: expected a Reward (see safedecode.methods.rewards; "
+                             "methods.get('route', reward=...) also takes a spec or a callable)")
         self.engine_method  # noqa: B018 - the base must take a contrast gate: fail here
 
     @cached_property
     def engine_method(self) -> Method:
-        """The base plus a weight-0 plain branch, its contrast gated per choice (on: the base's
-        distribution; off: the plain model's)."""
+        """The base with its contrast gated per choice (on: the base's distribution; off: the
+        plain model's) — its own plain branch as the fallback where it has one, else a weight-0
+        plain branch added."""
         m = self.base
+        plain = _plain_branch(m)
         try:
+            if plain is not None:
+                return dataclasses.replace(m, contrast_gate=m.anchor, fallback=plain)
             return dataclasses.replace(m, branches=(*m.branches, Branch(name="plain")),
                                        weights=(*m.weights, 0.0), contrast_gate=m.anchor,
                                        fallback=m.k)
