@@ -24,4 +24,6 @@ for s in 0 1 2; do
   $PY -m safedecode eval -m route:horizon=8:margin=0 -d "$SETS" -n 128 --limit 10 -t 0.7 \
       --top-p 0.9 --seed "$s" --adapter ta-sft --out $S/tasft_sampled/seed$s
 done
+# where the evaluated answers came from, and the benign PPL as the efficacy tables pool it
+$PY $S/answers.py > $S/answers.md
 $PY benchmarks/bench_route.py
