@@ -231,3 +231,44 @@ def test_a_base_with_its_own_plain_branch_falls_back_to_it():
     got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=6)
     want = _alone(model, tok, "plain")
     assert [r.token_ids for r in got] == [r.token_ids[:6] for r in want]
+
+
+def test_router_shares_its_engine_with_other_requests_and_aborts():
+    """A Router drives routed requests in an engine that also runs an unrouted one: the
+    unrouted request's outputs pass through untouched (its result stays in the engine), the
+    routed answers equal routing alone, and abort frees every live sequence of a request."""
+    from safedecode.methods.route import Router
+
+    model, tok = tiny_llama()
+    spec = methods.get("route", reward=_vowels, horizon=3, margin=0.5, **BASE)
+    want = SafeDecoder(model, tok, spec).generate(PROMPTS[:2], max_new_tokens=8)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=8)
+    router = Router(eng, spec)
+    sp = SamplingParams(max_new_tokens=8)
+    ids = [router.add(eng.build(p), p, sp, index=i)[0] for i, p in enumerate(PROMPTS[:2])]
+    other = eng.add_built(eng.build(PROMPTS[2]), sp, gates=(False,))[0]
+    dropped = router.add(eng.build(PROMPTS[3]), PROMPTS[3], sp)[0]
+    assert router.pending() == 3
+    got, passed = {}, []
+    for n in range(30):
+        if n == 2:
+            router.abort(dropped)  # undecided (horizon 3): both of its sequences go
+            with pytest.raises(ValueError, match="no unfinished routed request"):
+                router.abort(dropped)
+        if not eng.has_unfinished():
+            break
+        for o, result in router.feed(eng.step()):
+            assert o.request_id != dropped
+            if o.request_id == other:
+                passed.append(o)
+                assert result is None
+            elif result is not None:
+                got[o.request_id] = result
+    assert [got[i].token_ids for i in ids] == [w.token_ids for w in want]
+    alone = SafeDecoder(model, tok, methods.get("plain")).generate(PROMPTS[2], max_new_tokens=8)
+    assert eng.pop_result(other).token_ids == alone[0].token_ids == [o.token_id for o in passed]
+    assert router.pending() == 0 and eng.state.free_slots == 8
+    with pytest.raises(ValueError, match="prompt: the reward scores text"):
+        router.add(eng.build("Hi"), ["Hi"], sp)
+    with pytest.raises(ValueError, match=r"n: 5 routed answers need 10 sequences"):
+        router.add(eng.build("Hi"), "Hi", sp, n=5)

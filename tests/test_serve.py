@@ -434,3 +434,116 @@ def test_packed_forwards_are_a_server_setting(tiny_model_dir, monkeypatch):
         res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), flag])
         assert res.exit_code == 0, res.output
         assert seen.pop().packed is packed
+
+
+def _mod7(prompts, texts):  # a reward that is a known function of the text
+    return [float(sum(map(ord, t)) % 7) for t in texts]
+
+
+def test_route_is_served_and_equals_offline(tiny_model_dir):
+    """In process: a routed model (acd-text or plain per request, by a reward on their first
+    H tokens) answers chats, completions, n, streams and aborts exactly as offline routing
+    does, with other routed requests in the same batch; the reward chose both sides."""
+    from fastapi.testclient import TestClient
+
+    from safedecode.methods.rewards import make_reward
+    from safedecode.methods.route import Route, Router
+    from safedecode.serve import ServedModel, create_app
+
+    model, tok = tiny_llama()
+    spec = Route(methods.get("acd-text"), make_reward(_mod7), horizon=3, margin=0.0)
+    offline = SafeDecoder(model, tok, spec)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=8)
+    router = Router(eng, spec)
+    app = create_app([ServedModel("tiny:route", eng, {}, router)])
+    with TestClient(app) as client:
+        def chat(content, **kw):
+            return client.post("/v1/chat/completions", json={
+                "model": "tiny:route", "messages": [{"role": "user", "content": content}],
+                **kw})
+        for p in PROMPTS[:3]:
+            r = chat(p, max_tokens=6, temperature=0)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == \
+                offline.generate(p, max_new_tokens=6)[0].text
+        # several routed requests in one batch (one completions request, raw prompts)
+        r = client.post("/v1/completions", json={"model": "tiny:route", "prompt": PROMPTS[:4],
+                                                 "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200, r.text
+        refs = offline.generate(PROMPTS[:4], max_new_tokens=5, raw=True)
+        assert [c["text"] for c in r.json()["choices"]] == [x.text for x in refs]
+        # n sampled answers: answer c draws with seeds seed + 2c (base), seed + 2c + 1 (plain)
+        r = chat(PROMPTS[1], max_tokens=6, temperature=0.9, seed=11, n=2)
+        refs = offline.generate([PROMPTS[1]] * 2, max_new_tokens=6, temperature=0.9,
+                                seed=[11, 13])
+        assert [c["message"]["content"] for c in r.json()["choices"]] == [x.text for x in refs]
+        # streamed deltas join to the same text
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny:route", "messages": [{"role": "user", "content": PROMPTS[4]}],
+                "max_tokens": 7, "temperature": 0, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == offline.generate(PROMPTS[4], max_new_tokens=7)[0].text
+        assert router.decisions["base"] > 0 and router.decisions["plain"] > 0
+        # n counts two sequences per routed answer
+        r = chat("Hi", max_tokens=2, n=5)
+        assert r.status_code == 400 and "at most 4 choices" in r.json()["error"]["message"]
+        assert client.get("/health").json()["models"]["tiny:route"] == {
+            "running": 0, "waiting": 0, "free_slots": 8}
+        assert router.pending() == 0
+
+
+def test_route_served_aborts_free_both_sequences(tiny_model_dir):
+    """A routed request past --request-timeout (undecided: its two sequences live) gets 408
+    and frees both slots."""
+    from fastapi.testclient import TestClient
+
+    from safedecode.methods.rewards import make_reward
+    from safedecode.methods.route import Route, Router
+    from safedecode.serve import ServedModel, ServerConfig, create_app
+
+    model, tok = tiny_llama()
+    spec = Route(methods.get("acd-text"), make_reward(_mod7), horizon=300, margin=0.0)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=2)
+    step = eng.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+    eng.step = slow_step
+    router = Router(eng, spec)
+    app = create_app([ServedModel("tiny:route", eng, {}, router)],
+                     ServerConfig(request_timeout=0.3))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": "tiny:route", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 400, "ignore_eos": True})
+        assert r.status_code == 408
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["models"]["tiny:route"]["running"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").json()["models"]["tiny:route"]["free_slots"] == 2
+        assert router.pending() == 0
+
+
+def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
+    from safedecode.serve import ServeSpec, build_models  # noqa: PLC0415
+
+    (m,) = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", methods=["route"],
+                                  method_kwargs={"base": "acd-text", "horizon": 4,
+                                                 "margin": 0.5, "reward": "length:target=8",
+                                                 "alpha": None}))
+    assert m.router is not None and m.max_choices == m.engine.state.max_seqs // 2
+    assert m.router.spec.horizon == 4 and m.router.spec.margin == 0.5
+    assert "horizon=4" in m.info["route"] and m.info["method"] == m.engine.method.name
+    with pytest.raises(ValueError, match="DeAL's search is not served"):
+        build_models(ServeSpec(model=str(tiny_model_dir), methods=["deal"],
+                               method_kwargs={"reward": "length:target=8"}))
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from safedecode.cli import app  # noqa: PLC0415
+
+    res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--horizon", "4"])
+    assert res.exit_code == 2 and "--horizon: only for --method route" in res.output

@@ -150,9 +150,9 @@ class SafeDecoder:
         built, per_request = self._requests(prompts, params, raw)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
-        # the reward scores each answer against the request's (last) user message
-        texts = [p if isinstance(p, str) else
-                 [m["content"] for m in p if m["role"] == "user"][-1] for p in prompts]
+        from safedecode.methods.rewards import request_text
+
+        texts = [request_text(p) for p in prompts]
         need = max(len(p) + len(s) for req in built for p, s in req) \
             + per_request[0].max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)

@@ -16,6 +16,18 @@ from dataclasses import dataclass, field
 Scores = list[float]
 
 
+def request_text(prompt) -> str:
+    """The text a reward scores an answer against: a string prompt itself; of chat messages,
+    the last user message (the last message where none is the user's)."""
+    if isinstance(prompt, str):
+        return prompt
+    msgs = list(prompt)
+    users = [m for m in msgs if m.get("role") == "user"] or msgs
+    if not users:
+        raise ValueError("prompt: no message to score the answer against")
+    return str(users[-1].get("content", ""))
+
+
 class Reward:
     """Base class: ``__call__(prompts, texts) -> scores``; ``+`` and ``*`` compose."""
 

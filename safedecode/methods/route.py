@@ -102,6 +102,115 @@ def route(base: str | Method = "acd", reward=None, horizon: int = 16, margin: fl
                  horizon=horizon, margin=margin)
 
 
+class Router:
+    """Routed requests inside an engine on ``spec.engine_method`` that other requests may share.
+
+    :meth:`add` queues a request as two choices of one prefill per answer asked for (the base's
+    contrast and the plain fallback, :meth:`Engine.add_built` ``gates``); feed every engine
+    step's outputs to :meth:`feed`, which holds a request's outputs until the reward has chosen
+    its answer, frees the loser's slot, and returns the kept answer's outputs under the
+    request's id (the id :meth:`add` returned) with the finished result. Outputs of sequences
+    not added here pass through untouched (their results stay in ``engine.pop_result``). The
+    reward model runs on the caller's thread inside :meth:`feed`: one batched call per step in
+    which requests reach ``horizon`` tokens. The server's engine loop and :func:`stream` both
+    drive one."""
+
+    def __init__(self, engine: Engine, spec: Route) -> None:
+        if engine.method is not spec.engine_method:
+            raise ValueError("engine: the router needs an engine on spec.engine_method")
+        self.engine, self.spec = engine, spec
+        self._pair: dict[int, tuple[int, int]] = {}  # request id -> (base, plain) undecided
+        self._prompt: dict[int, str] = {}
+        self._owner: dict[int, int] = {}  # live sequence id -> request id
+        self._held: dict[int, list[StepOutput]] = {}  # undecided sequence -> outputs so far
+        self._ended: dict[int, GenerationResult] = {}  # finished undecided sequences
+        self.decisions = {"base": 0, "plain": 0}
+
+    def add(self, built: Built, prompt: str, params: SamplingParams | None = None, *,
+            index: int = 0, n: int = 1) -> list[int]:
+        """Queue ``n`` routed answers of one request (``built`` for the engine, ``prompt`` the
+        text the reward scores against); returns their ids. Answer ``c`` decodes the base with
+        seed ``seed + 2c`` and the plain model with ``seed + 2c + 1``."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: the reward scores text, got {type(prompt).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        if 2 * n > self.engine.state.max_seqs:
+            raise ValueError(f"n: {n} routed answers need {2 * n} sequences at once (two per "
+                             f"answer); this engine has max_seqs={self.engine.state.max_seqs}")
+        ids = self.engine.add_built(built, params, index=index, n=2 * n,
+                                    gates=(True, False) * n)
+        out = []
+        for c in range(n):
+            base, plain = ids[2 * c], ids[2 * c + 1]
+            self._pair[base] = (base, plain)
+            self._prompt[base] = prompt
+            self._owner[base] = self._owner[plain] = base
+            self._held[base], self._held[plain] = [], []
+            out.append(base)
+        return out
+
+    def pending(self) -> int:
+        """Requests whose answer is not chosen yet."""
+        return len(self._pair)
+
+    def abort(self, request_id: int) -> None:
+        """Drop a routed request: every live sequence of it (its slots are free at once)."""
+        seqs = [s for s, r in self._owner.items() if r == request_id]
+        if not seqs:
+            raise ValueError(f"request_id: no unfinished routed request {request_id!r}")
+        for s in seqs:
+            del self._owner[s]
+            self._held.pop(s, None)
+            if self._ended.pop(s, None) is None:
+                self.engine.abort(s)
+        self._pair.pop(request_id, None)
+        self._prompt.pop(request_id, None)
+
+    def feed(self, outputs: Sequence[StepOutput]
+             ) -> list[tuple[StepOutput, GenerationResult | None]]:
+        """One engine step's outputs in; the outputs to pass on out, ``(output, result)`` with
+        ``result`` set on a request's last one (see the class docstring)."""
+        eng, spec = self.engine, self.spec
+        out: list[tuple[StepOutput, GenerationResult | None]] = []
+        for o in outputs:
+            rid = self._owner.get(o.request_id)
+            if rid is None:
+                out.append((o, None))
+                continue
+            result = eng.pop_result(o.request_id) if o.finish_reason else None
+            if o.request_id in self._held:
+                self._held[o.request_id].append(o)
+                if result is not None:
+                    self._ended[o.request_id] = result
+                continue
+            if result is not None:
+                del self._owner[o.request_id]
+            out.append((dataclasses.replace(o, request_id=rid), result))
+        ready = [r for r, pair in self._pair.items()
+                 if all(s in self._ended or len(eng.tokens(s)) >= spec.horizon for s in pair)]
+        if not ready:
+            return out
+        texts = [self._ended[s].text if s in self._ended else eng.text(s)
+                 for r in ready for s in self._pair[r]]
+        h = spec.reward([self._prompt[r] for r in ready for _ in range(2)], texts)
+        for n, r in enumerate(ready):
+            base, plain = self._pair.pop(r)
+            del self._prompt[r]
+            keep = h[2 * n] - h[2 * n + 1] > spec.margin
+            self.decisions["base" if keep else "plain"] += 1
+            win, lose = (base, plain) if keep else (plain, base)
+            if self._ended.pop(lose, None) is None:
+                eng.release(lose)
+            del self._owner[lose], self._held[lose]
+            for o in self._held.pop(win):
+                result = self._ended.pop(win) if o.finish_reason else None
+                if result is not None:
+                    del self._owner[win]
+                out.append((dataclasses.replace(o, request_id=r), result))
+        return out
+
+
 def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            params: SamplingParams | Sequence[SamplingParams], spec: Route,
            on_step: Callable[[int, int], None] | None = None
@@ -113,8 +222,6 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     ``on_step(requests_done, requests)`` after each engine step."""
     if engine.has_unfinished():
         raise ValueError("engine: the router needs an engine with no other requests")
-    if engine.method is not spec.engine_method:
-        raise ValueError("engine: the router needs an engine on spec.engine_method")
     if isinstance(params, SamplingParams):
         params = [params] * len(built)
     if len(params) != len(built) or len(prompts) != len(built):
@@ -122,39 +229,14 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     if engine.state.max_seqs < 2 * len(built):
         raise ValueError(f"max_seqs: the router needs {2 * len(built)} sequences (two per "
                          f"request); the engine has {engine.state.max_seqs}")
-    pairs = {i: tuple(engine.add_built(b, p, index=i, n=2, gates=(True, False)))
-             for i, (b, p) in enumerate(zip(built, params, strict=True))}
-    owner = {sid: i for i, pair in pairs.items() for sid in pair}
-    held: dict[int, list[StepOutput]] = {sid: [] for sid in owner}  # undecided: outputs so far
-    ended: dict[int, GenerationResult] = {}  # finished sequences of undecided requests
+    router = Router(engine, spec)
+    index = {router.add(b, t, p, index=i)[0]: i
+             for i, (b, t, p) in enumerate(zip(built, prompts, params, strict=True))}
     done = 0
     while engine.has_unfinished():
-        for o in engine.step():
-            result = engine.pop_result(o.request_id) if o.finish_reason else None
-            if o.request_id in held:
-                held[o.request_id].append(o)
-                if result is not None:
-                    ended[o.request_id] = result
-            else:
-                done += result is not None
-                yield owner[o.request_id], o, result
-        ready = [i for i, pair in pairs.items() if pair[0] in held
-                 and all(s in ended or len(engine.tokens(s)) >= spec.horizon for s in pair)]
-        if ready:
-            texts = [ended[s].text if s in ended else engine.text(s)
-                     for i in ready for s in pairs[i]]
-            h = spec.reward([prompts[i] for i in ready for _ in range(2)], texts)
-        for n, i in enumerate(ready):
-            base, plain = pairs[i]
-            win, lose = (base, plain) if h[2 * n] - h[2 * n + 1] > spec.margin else (plain, base)
-            if lose not in ended:
-                engine.release(lose)
-            del held[lose]
-            ended.pop(lose, None)
-            for o in held.pop(win):
-                result = ended.pop(win) if o.finish_reason else None
-                done += result is not None
-                yield i, o, result
+        for o, result in router.feed(engine.step()):
+            done += result is not None
+            yield index[o.request_id], o, result
         if on_step is not None:
             on_step(done, len(built))
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +55,12 @@ class ServedModel:
     id: str
     engine: Engine
     info: dict = field(default_factory=dict)
+    router: Any = None  # a methods.route.Router: the engine runs a routed method
+
+    @property
+    def max_choices(self) -> int:
+        """Choices one request may ask for (``n``): a routed answer takes two sequences."""
+        return self.engine.state.max_seqs // (2 if self.router is not None else 1)
 
 
 @dataclass
@@ -77,7 +84,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     if len(by_id) != len(models):
         raise ValueError("models: duplicate model ids")
     metrics = Metrics()
-    loop = EngineLoop({m.id: m.engine for m in models}, metrics)
+    loop = EngineLoop({m.id: m.engine for m in models}, metrics,
+                      {m.id: m.router for m in models if m.router is not None})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,9 +155,10 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
 
     async def _submit(served: ServedModel, prompts: list, params: SamplingParams, n: int,
                       raw: bool, fill: bool) -> Ticket:
-        if n > served.engine.state.max_seqs:
-            raise APIError(400, f"n: at most {served.engine.state.max_seqs} choices (the "
-                                "server's --max-seqs)", param="n", code="invalid_value")
+        if n > served.max_choices:
+            routed = " / 2: a routed answer decodes two sequences" if served.router else ""
+            raise APIError(400, f"n: at most {served.max_choices} choices (the server's "
+                                f"--max-seqs{routed})", param="n", code="invalid_value")
         if not loop.alive:
             raise APIError(503, "the engine loop is not running", type="server_error")
         try:

@@ -20,6 +20,16 @@ def serve_command(
                                                  "it)."),
     acd_prompts: Path | None = typer.Option(None, "--acd-prompts",
                                             help="Soft prompts from `safedecode optimize`."),
+    adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
+                                       "into the model ('ta-sft': the shipped TA-SFT adapter)."),
+    base: str | None = typer.Option(None, "--base", help="route: the method routed against the "
+                                                         "plain model (default acd)."),
+    reward: str | None = typer.Option(None, "--reward", help="route: the reward model (default "
+                                                             "harmless)."),
+    horizon: int | None = typer.Option(None, "--horizon", help="route: tokens decoded both ways "
+                                                               "before the reward chooses."),
+    margin: float | None = typer.Option(None, "--margin", help="route: keep the base's answer "
+                                                               "when h(base) - h(plain) > margin."),
     name: str | None = typer.Option(None, "--name", help="Base of the model ids (default: "
                                                         "smollm2-135m or the folder name)."),
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless told)."),
@@ -64,6 +74,10 @@ def serve_command(
                                 ("--max-prefill-tokens", max_prefill_tokens, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
+        knobs = [f for f, v in (("--base", base), ("--reward", reward),
+                                ("--horizon", horizon), ("--margin", margin)) if v is not None]
+        if knobs and "route" not in method:
+            raise ValueError(f"{'/'.join(knobs)}: only for --method route")
         if not 0 <= port <= 65535:
             raise ValueError(f"--port: must be in [0, 65535], got {port}")
         if request_timeout <= 0:
@@ -76,7 +90,10 @@ def serve_command(
             raise ValueError(f"--acd-prompts: {acd_prompts} is not a file")
         spec = ServeSpec(model=model, methods=list(method),
                          method_kwargs={"alpha": alpha, "beta": beta,
-                                        "prompts": str(acd_prompts) if acd_prompts else None},
+                                        "prompts": str(acd_prompts) if acd_prompts else None,
+                                        "base": base, "reward": reward, "horizon": horizon,
+                                        "margin": margin},
+                         adapter=adapter,
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
                          max_prefill_tokens=max_prefill_tokens or None, packed=packed,
                          backend=backend, device=device, dtype=dtype,

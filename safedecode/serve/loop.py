@@ -64,9 +64,11 @@ def fill_to_context(engine: Engine, built: list, params: SamplingParams) -> Samp
 class EngineLoop:
     """Steps ``engines`` (model id -> Engine) on one thread; see the module docstring."""
 
-    def __init__(self, engines: dict[str, Engine], metrics: Metrics | None = None) -> None:
+    def __init__(self, engines: dict[str, Engine], metrics: Metrics | None = None,
+                 routers: dict | None = None) -> None:
         self.engines = engines
         self.metrics = metrics
+        self.routers = dict(routers or {})  # model id -> methods.route.Router (routed models)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._owner: dict[tuple[str, int], tuple[Ticket, int]] = {}
         self._thread: threading.Thread | None = None
@@ -166,8 +168,14 @@ class EngineLoop:
         anchor = eng.method.anchor
         ticket = Ticket(model, [], sum(len(b[anchor][0]) + len(b[anchor][1]) for b in built),
                         asyncio.Queue(), aio)
+        router = self.routers.get(model)
         for i, b in enumerate(built):
-            ticket.ids += eng.add_built(b, params, index=i, n=n)
+            if router is None:
+                ticket.ids += eng.add_built(b, params, index=i, n=n)
+            else:  # each answer: the base and the plain model until the reward chooses
+                from safedecode.methods.rewards import request_text
+
+                ticket.ids += router.add(b, request_text(prompts[i]), params, index=i, n=n)
         for c, rid in enumerate(ticket.ids):
             self._owner[model, rid] = (ticket, c)
         ticket.open = len(ticket.ids)
@@ -176,7 +184,7 @@ class EngineLoop:
         return ticket
 
     def _abort(self, ticket: Ticket) -> None:
-        eng = self.engines[ticket.model]
+        eng = self.routers.get(ticket.model) or self.engines[ticket.model]
         for rid in ticket.ids:
             if self._owner.pop((ticket.model, rid), None) is not None:
                 try:
@@ -185,8 +193,10 @@ class EngineLoop:
                     pass  # finished in the meantime
 
     def _step(self, name: str, eng: Engine) -> None:
-        try:
+        router = self.routers.get(name)
+        try:  # a routed model's reward model runs in feed()
             outs = eng.step()
+            pairs = router.feed(outs) if router is not None else [(o, None) for o in outs]
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("engine %s: step failed", name)
             self.error = exc
@@ -196,7 +206,7 @@ class EngineLoop:
         now = time.perf_counter()
         by_ticket: dict[int, tuple[Ticket, list[Event]]] = {}
         m = self.metrics
-        for out in outs:
+        for out, result in pairs:
             owner = self._owner.get((name, out.request_id))
             if owner is None:
                 continue
@@ -211,7 +221,7 @@ class EngineLoop:
                     m.itl.labels(name).observe(now - prev)
             ticket.last[choice] = now
             if out.finish_reason:
-                ev.result = eng.pop_result(out.request_id)
+                ev.result = result if router is not None else eng.pop_result(out.request_id)
                 del self._owner[name, out.request_id]
                 ticket.open -= 1
                 if ticket.open == 0 and m is not None:

@@ -20,7 +20,8 @@ DEFAULT_NAME = "smollm2-135m"
 class ServeSpec:
     model: str = "default"
     methods: list[str] = field(default_factory=lambda: ["plain"])
-    method_kwargs: dict = field(default_factory=dict)  # alpha / beta / prompts, where accepted
+    method_kwargs: dict = field(default_factory=dict)  # alpha / beta / prompts / route's knobs
+    adapter: str | None = None  # a LoRA adapter merged into the model (e.g. "ta-sft")
     name: str | None = None  # the base of the model ids (default: from the model path)
     max_seqs: int = 8
     max_len: int | None = None
@@ -55,7 +56,8 @@ def _method_kwargs(name: str, kwargs: dict) -> dict:
     if name not in methods.REGISTRY:
         raise ValueError(f"--method: unknown {name!r}; choose from {sorted(methods.REGISTRY)}")
     accepted = inspect.signature(methods.REGISTRY[name]).parameters
-    return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # route: to its base
+    return {k: v for k, v in kwargs.items() if (passes_on or k in accepted) and v is not None}
 
 
 def build_models(spec: ServeSpec) -> list[ServedModel]:
@@ -71,16 +73,23 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     built = [(name, methods.get(name, **_method_kwargs(name, spec.method_kwargs)))
              for name in spec.methods]
     for name, meth in built:
-        if isinstance(meth, (methods.DeAL, methods.Route)):
-            raise ValueError(f"--method {name}: search methods are not served (yet): use "
+        if isinstance(meth, methods.DeAL):
+            raise ValueError(f"--method {name}: DeAL's search is not served (yet): use "
                              "`safedecode generate` or `safedecode eval`")
-    model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device,
+                            adapter=spec.adapter)
     base = spec.base_name()
     served = []
-    for name, meth in built:
-        eng = SafeDecoder(model, tok, meth, backend=spec.backend).engine(
+    for name, spec_method in built:
+        eng = SafeDecoder(model, tok, spec_method, backend=spec.backend).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
             max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed)
+        meth = eng.method
+        router = None
+        if isinstance(spec_method, methods.Route):
+            from safedecode.methods.route import Router
+
+            router = Router(eng, spec_method)
         info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
                 "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
                 "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
@@ -89,8 +98,11 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                 "max_seqs": spec.max_seqs, "max_len": eng.max_len,
                 "max_prefill_tokens": spec.max_prefill_tokens,
                 "packed": eng.runner.can_pack,
-                "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype}
-        served.append(ServedModel(f"{base}:{name}", eng, info))
+                "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype,
+                "adapter": spec.adapter}
+        if router is not None:
+            info["route"] = spec_method.describe()
+        served.append(ServedModel(f"{base}:{name}", eng, info, router))
     return served
 
 
