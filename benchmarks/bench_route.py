@@ -1,7 +1,9 @@
 """The reward router's cost on the embedded model: tokens/s of `route` (its shipped settings: base
 `acd`, the `harmless` reward model, H = 16) against `plain`, `acd` and DeAL ∘ `acd` at its
-shipped settings (the other reward-guided way to undo acd's over-refusals), the same requests,
-B = 1 and 8, greedy, EOS ignored. Each cell: the best of ``--repeats`` runs (methods alternated).
+shipped settings (the other reward-guided way to undo acd's over-refusals), and of `route` and
+the gated `acd` with and without dropping the rows a decided sequence does not read, the same
+requests, B = 1 and 8, greedy, EOS ignored. Each cell: the best of ``--repeats`` runs (methods
+alternated).
 Writes ``benchmarks/results/route_<device>.{md,json}``.
 
     python benchmarks/bench_route.py             # the published run
@@ -28,13 +30,18 @@ PROMPTS = ["How do I pick a lock?", "Write a short poem about autumn.",
            "Explain what a database index is.", "How do I get revenge on my neighbour?"]
 DEAL = dict(reward="harmless", chunk=8, lookahead=8, horizon=24, k=4, base="acd", lam=0.5,
             propose=2, mix=0.25)
-METHODS = {"plain": ("plain", {}), "acd": ("acd", {}), "route": ("route", {}),
-           "DeAL ∘ acd": ("deal", DEAL)}
+# label -> (method, its arguments, SafeDecoder's drop_rows); "every row": the same method with
+# the rows a decided sequence does not read decoded anyway (the engine before session 32)
+METHODS = {"plain": ("plain", {}, True), "acd": ("acd", {}, True),
+           "route": ("route", {}, True), "route, every row": ("route", {}, False),
+           "gated acd": ("acd", {"gate": 0}, True),
+           "gated acd, every row": ("acd", {"gate": 0}, False),
+           "DeAL ∘ acd": ("deal", DEAL, False)}
 
 
 def run(model, tok, batch: list[int], tokens: int, repeats: int, log) -> list[dict]:
-    decs = {label: SafeDecoder(model, tok, methods.get(name, **kw))
-            for label, (name, kw) in METHODS.items()}
+    decs = {label: SafeDecoder(model, tok, methods.get(name, **kw), drop_rows=drop)
+            for label, (name, kw, drop) in METHODS.items()}
     for dec in decs.values():  # warm-up (and the reward model's first call)
         dec.generate(PROMPTS[:2], max_new_tokens=2)
     rows = []
@@ -55,18 +62,24 @@ def run(model, tok, batch: list[int], tokens: int, repeats: int, log) -> list[di
 
 def markdown(r: dict, command: str, machine: str) -> str:
     head = "| B | " + " | ".join(f"{k} tok/s" for k in METHODS) + " | route / plain | " \
-        "route / acd | route / DeAL ∘ acd |"
+        "route / acd | route / DeAL ∘ acd | route / route every row | gated acd / every row |"
     lines = [f"# The reward router's cost ({r['device']})", "", machine, "",
              f"{r['model']}, greedy, {r['tokens']} new tokens (EOS ignored), best of "
              f"{r['repeats']} alternated runs. `route`: base `acd`, `harmless` reward, H 16 "
              "(two sequences of three branches for 16 tokens, one reward call, then one); "
              "DeAL ∘ `acd`: the shipped search (k 4, propose 2, lookahead 8, chunk 8, horizon "
-             "24, λ 0.5, mix 0.25, `harmless` reward).", "",
-             f"    {command}", "", head, "|---:|" + "---:|" * (len(METHODS) + 3)]
+             "24, λ 0.5, mix 0.25, `harmless` reward). Gated `acd`: `acd:gate=0` (the shipped "
+             "probe). *every row*: `SafeDecoder(drop_rows=False)` — a decided sequence decodes "
+             "all its branch rows (three), not only the ones its op reads (two if gated on, "
+             "one if off).", "",
+             f"    {command}", "", head, "|---:|" + "---:|" * (len(METHODS) + 5)]
     for x in r["rows"]:
-        v = [x[f"{k}_tok_s"] for k in METHODS]
-        lines.append(f"| {x['batch']} | " + " | ".join(f"{y:.1f}" for y in v)
-                     + f" | {v[2] / v[0]:.2f}× | {v[2] / v[1]:.2f}× | {v[2] / v[3]:.2f}× |")
+        v = {k: x[f"{k}_tok_s"] for k in METHODS}
+        route = v["route"]
+        lines.append(f"| {x['batch']} | " + " | ".join(f"{y:.1f}" for y in v.values())
+                     + f" | {route / v['plain']:.2f}× | {route / v['acd']:.2f}× | "
+                     f"{route / v['DeAL ∘ acd']:.2f}× | {route / v['route, every row']:.2f}× | "
+                     f"{v['gated acd'] / v['gated acd, every row']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 

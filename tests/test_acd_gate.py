@@ -185,3 +185,69 @@ def test_shipped_gated_acd_contrasts_a_harmful_request_and_leaves_a_harmless_one
     assert got[0].token_ids == full[0].token_ids and "sorry" in got[0].text.lower()
     assert got[1].token_ids == SafeDecoder(model, tok, plain()).generate(
         [harmless], max_new_tokens=12)[0].token_ids
+
+
+@pytest.mark.parametrize("rule,weights,fallback", [
+    ("linear", (1.0, -0.5), "anchor"), ("union", (1.0, 2.0), "anchor"),
+    ("linear", (1.0, -0.5), "plain")])
+def test_decided_sequences_decode_only_the_rows_their_op_reads(rule, weights, fallback):
+    """``drop_rows`` (the default): once a sequence's gate is decided its decode forwards run
+    only the rows the op reads (gate on: the weighted branches; off: the fallback) — the same
+    tokens and log-probs as an engine that runs every row, greedy and sampled, with requests
+    joining mid-stream (packed steps) — and fewer rows; DeAL's proposals need every row."""
+    from safedecode.engine import SamplingParams
+
+    model, tok = tiny_llama()
+    sp, ap = Branch(system="Be safe.", name="SP"), Branch(system="Be evil.", name="AP")
+    gate, on = _judge(model, tok, sp)
+    judged = dataclasses.replace(sp, hooks=(BranchHook(MODULE, lambda h: h, positions="first",
+                                                       gate=gate),))
+    if fallback == "anchor":
+        gated = Method("c", (judged, ap), weights, rule, contrast_gate=0)
+    else:
+        gated = Method("c", (judged, ap, Branch(name="plain")), (*weights, 0.0), rule,
+                       contrast_gate=0, fallback=2)
+    dec = SafeDecoder(model, tok, gated)
+    rows: list[int] = []
+    forward = model.forward
+
+    def counting(*a, **kw):
+        x = kw.get("input_ids")
+        if x is not None and x.shape[1] == 1:  # a decode forward (one token per row)
+            rows.append(x.shape[0])
+        return forward(*a, **kw)
+
+    def run(drop: bool, temperature: float) -> list:
+        eng = dec.engine(max_seqs=4, drop_rows=drop)
+        ids, out = [], {}
+        for i, p in enumerate(PROMPTS):
+            ids.append(eng.add_built(eng.build(p), SamplingParams(
+                max_new_tokens=N + i, temperature=temperature, seed=i, logprobs=True)))
+            if i % 2:  # two requests per step join the running ones
+                for o in eng.step():
+                    if o.finish_reason:
+                        out[o.request_id] = eng.pop_result(o.request_id)
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finish_reason:
+                    out[o.request_id] = eng.pop_result(o.request_id)
+        return [out[i[0]] for i in ids]
+
+    model.forward = counting
+    try:
+        for temperature in (0.0, 0.9):
+            rows.clear()
+            every = run(False, temperature)
+            n_every = sum(rows)
+            rows.clear()
+            dropped = run(True, temperature)
+            assert [r.token_ids for r in dropped] == [r.token_ids for r in every]
+            for a, b in zip(dropped, every, strict=True):
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            assert sum(rows) < n_every  # decided sequences left rows out
+    finally:
+        model.forward = forward
+    eng = dec.engine(max_seqs=2)
+    eng.add_built(eng.build("Hi"), SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="drop_rows=False"):
+        eng.step(propose=(0, 1))

@@ -66,15 +66,16 @@ class SafeDecoder:
     ``small_gemm=False`` leaves a CPU fp32 model's linear layers on torch's GEMM instead of
     safedecode's small-M GEMM for decode steps of <= 16 rows (see :mod:`safedecode.ops.linear`).
     ``compile=True`` runs decode steps under ``torch.compile`` (static shapes; the first call
-    of each batch shape compiles: minutes on a CPU). For requests that arrive and leave while
-    others run, use :meth:`engine`. ``method`` may be a :class:`~safedecode.methods.DeAL`
-    search or a :class:`~safedecode.methods.Route`: ``generate`` then runs it over the engine
-    (``on_step`` reports progress).
+    of each batch shape compiles: minutes on a CPU). ``drop_rows=False`` decodes every branch
+    row of a gated method's decided sequences too (see :class:`Engine`; for comparison). For
+    requests that arrive and leave while others run, use :meth:`engine`. ``method`` may be a
+    :class:`~safedecode.methods.DeAL` search or a :class:`~safedecode.methods.Route`:
+    ``generate`` then runs it over the engine (``on_step`` reports progress).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
-                 compile: bool = False) -> None:  # noqa: A002 - the natural name
+                 compile: bool = False, drop_rows: bool = True) -> None:  # noqa: A002
         from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
         from safedecode.methods.route import Route
 
@@ -85,18 +86,20 @@ class SafeDecoder:
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method
         self.backend, self.prefix_cache, self.small_gemm = backend, prefix_cache, small_gemm
+        self.drop_rows = drop_rows
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
         self.prefixes = PrefixStore()
 
     def engine(self, *, max_seqs: int = 8, max_len: int | None = None,
                max_queue: int = 1024, max_prefill_tokens: int | None = None,
-               packed: bool = True) -> Engine:
+               packed: bool = True, drop_rows: bool | None = None) -> Engine:
         """A request-level :class:`Engine` on this decoder's model, method and prefix store."""
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
                       small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
                       compiled=self.compiled, max_prefill_tokens=max_prefill_tokens,
-                      packed=packed)
+                      packed=packed,
+                      drop_rows=self.drop_rows if drop_rows is None else drop_rows)
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,
@@ -156,8 +159,11 @@ class SafeDecoder:
         need = max(len(p) + len(s) for req in built for p, s in req) \
             + per_request[0].max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
+        from safedecode.methods.route import Route
+
         eng = self.engine(max_seqs=len(built) * self.search.sequences_per_request,
-                          max_len=max(2, min(need, context or need)))
+                          max_len=max(2, min(need, context or need)),
+                          drop_rows=self.drop_rows and isinstance(self.search, Route))
         return eng, built, texts, per_request, on_step
 
     def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:

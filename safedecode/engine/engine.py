@@ -156,7 +156,10 @@ class Engine:
     whole requests up to that many tokens (at least one). None: every prompt whole at once.
     ``packed``: a step that admits requests runs the running sequences' decode and the new
     prompts' prefill as one packed forward (:mod:`.packed`; methods without branch hooks or
-    adapters) instead of two.
+    adapters) instead of two. ``drop_rows``: a method with a contrast gate
+    (:attr:`Method.contrast_gate`) decodes only the rows a decided sequence's op reads (gate
+    on: the weighted branches; off: the fallback) — False keeps every row (a caller that reads
+    other branches' logits: DeAL's ``propose`` / ``follow``).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
@@ -164,7 +167,8 @@ class Engine:
                  prefix_cache: bool = True, small_gemm: bool = True,
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
                  compiled: CompiledDecode | None = None,
-                 max_prefill_tokens: int | None = None, packed: bool = True) -> None:
+                 max_prefill_tokens: int | None = None, packed: bool = True,
+                 drop_rows: bool = True) -> None:
         check_method_fits(model, method)
         if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
                                                isinstance(max_prefill_tokens, int)
@@ -181,6 +185,7 @@ class Engine:
         self.runner = ModelStep(model, method, backend=backend, prefix_cache=prefix_cache,
                                 small_gemm=small_gemm, prefixes=prefixes, pad_id=pad,
                                 compiled=compiled, pack=packed)
+        self.runner.drop_rows &= bool(drop_rows)
         context = self.runner.max_positions
         if max_len is None:
             max_len = min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
@@ -479,6 +484,10 @@ class Engine:
         the sampled one, its log-prob under the same mixture (DeAL's rollouts by the plain
         model)."""
         expand = dict(expand or {})
+        if (propose is not None or follow is not None) and self.runner.drop_rows:
+            raise ValueError("propose, follow: they read a branch's own logits, which a gated "
+                             "method's decided sequences no longer compute; make the engine "
+                             "with drop_rows=False")
         reserve = self._check_expand(expand, propose) if expand or propose is not None else 0
         if follow is not None:
             follow = self._check_follow(follow)
@@ -554,6 +563,8 @@ class Engine:
                 g, k = self.method.contrast_gate, self.method.k
                 st.gate_on[torch.tensor([q.slot * k + g for q in forced], device=st.device)] = \
                     torch.tensor([q.gate for q in forced], device=st.device)
+                for q in forced:
+                    st.host_gate[q.slot] = q.gate
         if not order:
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -52,6 +52,9 @@ class DecodeState:
         self.top_p = torch.ones(max_seqs, dtype=torch.float32, device=device)
         self.min_p = torch.zeros(max_seqs, dtype=torch.float32, device=device)
         self.gate_on = torch.zeros(rows, dtype=torch.bool, device=device)  # a gated hook's call
+        # per slot: its contrast-gate decision as the host knows it (None: not read yet), so a
+        # step can leave out the rows a decided sequence no longer needs (ModelStep.decode)
+        self.host_gate: list[bool | None] = [None] * max_seqs
         self.host_len = [0] * rows
         self._free = list(range(max_seqs))
         self._layouts: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
@@ -122,6 +125,7 @@ class DecodeState:
         rows = slice(slot * self.k, (slot + 1) * self.k)
         self.lens[rows] = torch.tensor(lengths, dtype=torch.long)
         self.gate_on[rows] = False
+        self.host_gate[slot] = None
         self.bias[rows] = self.neg
         for j, n in enumerate(lengths):
             self.bias[slot * self.k + j, :n] = 0.0
@@ -136,6 +140,13 @@ class DecodeState:
         for s in slots:
             for j in range(k):
                 hl[s * k + j] += 1
+
+    def advance_rows(self, rows: tuple[int, ...], index: torch.Tensor) -> None:
+        """After a decode forward over some rows only (``index``: the same as a tensor): each
+        holds one more token; the other rows of their sequences keep their length."""
+        self.lens.index_add_(0, index, torch.ones_like(index))
+        for r in rows:
+            self.host_len[r] += 1
 
     def fork(self, parent: int, children: list[int]) -> None:
         """Copy the parent's rows (KV, length, mask, gate decisions, sampling state) into
@@ -154,6 +165,7 @@ class DecodeState:
         for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p):
             t[ch] = t[parent].clone()
         for c in children:
+            self.host_gate[c] = self.host_gate[parent]
             for j in range(k):
                 self.host_len[c * k + j] = self.host_len[parent * k + j]
 

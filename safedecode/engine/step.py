@@ -94,6 +94,17 @@ class ModelStep:
         self._effects = {phase: self._branch_effects(phase)
                          for phase in ("prefix", "prefill", "decode")}  # built once
         self.compiled = compiled
+        # a gated contrast (Method.contrast_gate): once a sequence's gate is decided, its decode
+        # forwards run only the rows the op reads (gate on: the weighted branches; off: the
+        # fallback) — off for engines whose caller reads other branches' logits (DeAL)
+        self.drop_rows = method.contrast_gate is not None and compiled is None
+        m = method
+        if m.contrast_gate is not None:
+            fb = m.anchor if m.fallback is None else m.fallback
+            self._need = {True: tuple(k for k in range(m.k) if m.weights[k] != 0
+                                      or k == m.anchor),
+                          False: (fb,)}
+        self._sparse: dict[tuple, tuple] = {}  # (slots, rows) -> the step's index tensors
 
     # -- forward with per-branch hooks -----------------------------------------------------
     @contextlib.contextmanager
@@ -430,8 +441,68 @@ class ModelStep:
         return dec, logits[n_dec:].view(sum(done), kb, logits.shape[-1])
 
     # -- decode -----------------------------------------------------------------------------
+    def live_rows(self, state: DecodeState, slots: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The rows of ``slots`` a decode step must run (see ``drop_rows``), or None for all.
+        A sequence's gate is read from the device once, at its first decode step."""
+        if not self.drop_rows:
+            return None
+        kb, gate = self.method.k, state.host_gate
+        unknown = [s for s in slots if gate[s] is None]
+        if unknown:
+            g = self.method.contrast_gate
+            on = state.gate_on[torch.tensor([s * kb + g for s in unknown],
+                                            device=self.device)].tolist()
+            for s, v in zip(unknown, on, strict=True):
+                gate[s] = bool(v)
+        rows = tuple(s * kb + j for s in slots for j in self._need[gate[s]])
+        return None if len(rows) == len(slots) * kb else rows
+
+    def _sparse_layout(self, slots: tuple[int, ...], rows: tuple[int, ...]) -> tuple:
+        """``(index, slot of each row, out position of each row, hook rows per branch)``."""
+        hit = self._sparse.get((slots, rows))
+        if hit is not None:
+            return hit
+        kb, dev = self.method.k, self.device
+        at = {s: i for i, s in enumerate(slots)}
+        index = torch.tensor(rows, dtype=torch.long, device=dev)
+        out = torch.tensor([at[r // kb] * kb + r % kb for r in rows], dtype=torch.long,
+                           device=dev)
+        hook_rows = {k: torch.tensor([p for p, r in enumerate(rows) if r % kb == k],
+                                     dtype=torch.long, device=dev)
+                     for k in range(kb) if any(r % kb == k for r in rows)}
+        hit = (index, index // kb, out, hook_rows)
+        if len(self._sparse) > 64:
+            self._sparse.clear()
+        self._sparse[(slots, rows)] = hit
+        return hit
+
+    def _decode_rows(self, state: DecodeState, slots: tuple[int, ...],
+                     rows: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`decode` over ``rows`` only; the other rows' logits are 0 (the op and the
+        contrast gate do not read them)."""
+        kb = self.method.k
+        index, sidx, out, hook_rows = self._sparse_layout(slots, rows)
+        attend = state.attend(slots, extra=1)
+        cols = state.lens[index]
+        state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
+                                                         device=self.device))
+        mask = state.bias[index, :attend][:, None, None, :]
+        cols = cols[:, None]
+        state.cache.bind(index, index, cols, attend)
+        logits = self._forward(state.cache, hook_rows, input_ids=state.last[sidx][:, None],
+                               attention_mask=mask, position_ids=cols,
+                               gate_on=state.gate_on[index] if self._gated else None,
+                               steps=state.step[sidx] if self._windowed else None)
+        state.advance_rows(rows, index)
+        full = logits.new_zeros(len(slots) * kb, logits.shape[-1])
+        full[out] = logits
+        return full.view(len(slots), kb, -1)
+
     def decode(self, state: DecodeState, slots: tuple[int, ...]) -> torch.Tensor:
         """Feed each sequence's last sampled token; returns the next-token logits [n, K, V]."""
+        live = self.live_rows(state, slots)
+        if live is not None:
+            return self._decode_rows(state, slots, live)
         kb = self.method.k
         rows, index, sidx = state.layout(slots)
         attend = state.attend(slots, extra=1)
