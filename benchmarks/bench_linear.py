@@ -28,7 +28,7 @@ from safedecode.ops.linear import small_gemm_linears
 
 OUT = Path(__file__).parent / "results" / "linear_cpu.md"
 HIDDEN, INTER, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
-ROWS = (1, 2, 4, 8, 16)
+ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
 
 def layers() -> torch.nn.ModuleList:
@@ -93,7 +93,7 @@ def main() -> None:
                   "| K | rows M | torch µs | small-M µs | torch GFLOP/s | small-M GFLOP/s |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for k in (HIDDEN, INTER):
-            for m in (2, 8, 16):
+            for m in (2, 8, 16, 32, 64):
                 tt, ts = warm_us(k, m)
                 flop = 2 * m * 1024 * k
                 row = (f"| {k} | {m} | {tt:.1f} | {ts:.1f} | {flop / tt / 1e3:.0f} | "

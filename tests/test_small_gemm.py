@@ -116,8 +116,8 @@ def test_linear_function_and_its_errors():
     _close(y.reshape(3, 24), x.reshape(3, 40), w, b)
     with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
         sg.linear(x.double(), w)
-    with pytest.raises(ValueError, match="x has 17 rows"):
-        sg.linear(torch.randn(17, 40), w)
+    with pytest.raises(ValueError, match=f"x has {sg.MAX_ROWS + 1} rows"):
+        sg.linear(torch.randn(sg.MAX_ROWS + 1, 40), w)
     with pytest.raises(ValueError, match="x has 41 features"):
         sg.linear(torch.randn(2, 41), w)
     with pytest.raises(ValueError, match="bias must have shape"):
@@ -179,22 +179,22 @@ def test_calls_it_does_not_cover_go_to_torch(monkeypatch):
     lin = net[0]
     with sg.small_gemm_linears(net):
         with torch.no_grad():
-            x = torch.randn(16, 32)
+            x = torch.randn(sg.MAX_ROWS, 32)
             torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
-            assert calls == [16]
-            for other in (torch.randn(17, 32),                  # too many rows
+            assert calls == [sg.MAX_ROWS]
+            for other in (torch.randn(sg.MAX_ROWS + 1, 32),     # too many rows
                           torch.randn(2, 64)[:, ::2],           # not contiguous
                           torch.randn(0, 32)):
                 assert torch.equal(lin(other), F.linear(other, lin.weight, lin.bias))
-            assert calls == [16]
+            assert calls == [sg.MAX_ROWS]
         x = torch.randn(2, 32, requires_grad=True)              # autograd: torch's path
         lin(x).sum().backward()
-        assert x.grad is not None and calls == [16]
+        assert x.grad is not None and calls == [sg.MAX_ROWS]
         with torch.no_grad():                                   # weight replaced: new weight used
             lin.weight = nn.Parameter(torch.randn(48, 32))
             x = torch.randn(2, 32)
             assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-            assert calls == [16]
+            assert calls == [sg.MAX_ROWS]
 
 
 def test_decoder_greedy_tokens_same_with_and_without_small_gemm(monkeypatch):

@@ -1,6 +1,6 @@
 // y = x W^T (+ bias) for a few rows of x: the linear layers of one decode step.
 //
-// At decode time a linear layer sees 1 to 16 rows (requests x branches) against a weight matrix
+// At decode time a linear layer sees 1 to 64 rows (requests x branches) against a weight matrix
 // that does not fit in cache, so the step is bound by reading the weights. torch's CPU GEMM slows
 // down for a few rows (2 rows ~10 % slower than 1, 8 rows ~2x: benchmarks/bench_linear.py); this
 // kernel streams each row of W once per call: NB rows (a slab) at a time, kept in L1 while every

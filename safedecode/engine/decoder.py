@@ -64,7 +64,7 @@ class SafeDecoder:
 
     ``prefix_cache=False`` prefills every row's whole prompt (for comparison);
     ``small_gemm=False`` leaves a CPU fp32 model's linear layers on torch's GEMM instead of
-    safedecode's small-M GEMM for decode steps of <= 16 rows (see :mod:`safedecode.ops.linear`).
+    safedecode's small-M GEMM for forwards of <= 64 rows (see :mod:`safedecode.ops.linear`).
     ``compile=True`` runs decode steps under ``torch.compile`` (static shapes; the first call
     of each batch shape compiles: minutes on a CPU). ``drop_rows=False`` decodes every branch
     row of a gated method's decided sequences too (see :class:`Engine`; for comparison). For

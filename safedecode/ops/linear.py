@@ -1,10 +1,11 @@
 """Decode-time linear layers on the C++ small-M GEMM (CPU, fp32).
 
-A decode step multiplies 1-16 rows (requests x branches) by every weight matrix of the model, so
-it is bound by reading the weights. torch's CPU GEMM reads them at close to bandwidth for one row
-but slows down for a few rows (measured on this project's CPU: 2 rows ~10 % slower than 1, 8 rows
-~2x slower); ``safedecode._C.linear_small`` streams each weight matrix once for up to
-:data:`MAX_ROWS` rows (see ``csrc/cpu/small_gemm.cpp`` and ``benchmarks/bench_linear.py``).
+A decode step multiplies a few rows (requests x branches) by every weight matrix of the model, so
+it is bound by reading the weights. torch's CPU GEMM slows down for a few rows (measured on this
+project's CPUs: on one, 2 rows ~10 % slower than 1 and 8 rows ~2x; on another 2.1-3.3x the
+small-M GEMM's time from 1 to 64 rows); ``safedecode._C.linear_small`` streams each weight
+matrix once for up to :data:`MAX_ROWS` rows (see ``csrc/cpu/small_gemm.cpp`` and
+``benchmarks/bench_linear.py``).
 
 :func:`small_gemm_linears` routes the model's ``nn.Linear`` modules through it for the duration of
 a ``with`` block. Calls it does not cover (more rows, other dtypes or devices, autograd, weight
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 16
+MAX_ROWS = 64  # was 16; 2.3-2.4x torch at 24-64 rows (benchmarks/results/linear_cpu.md)
 
 
 def available() -> bool:
@@ -35,7 +36,8 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            num_threads: int = 0) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on the small-M GEMM, for fp32 CPU tensors with <= 16 rows.
+    """``F.linear(x, weight, bias)`` on the small-M GEMM, for fp32 CPU tensors of at most
+    :data:`MAX_ROWS` rows.
 
     ``weight`` must be contiguous ``[N, K]``; ``x`` is ``[..., K]``. Raises ``ValueError`` for
     inputs the kernel does not take (use :func:`small_gemm_linears` for automatic fallback).
@@ -162,7 +164,7 @@ def _register_op() -> None:
 
 def op_forwards(model: nn.Module) -> dict[nn.Module, Callable]:
     """Per fp32 CPU ``nn.Linear`` of ``model``: a ``forward`` that calls the small-M GEMM as
-    the ``safedecode::linear_small`` operator for <= 16 rows (else ``F.linear``). For compiled
+    the ``safedecode::linear_small`` operator for <= MAX_ROWS rows (else ``F.linear``). For compiled
     decode steps: install them with :func:`routed` (the same objects every call, so compiled
     graphs stay valid)."""
     if not available():
