@@ -272,3 +272,28 @@ def test_router_shares_its_engine_with_other_requests_and_aborts():
         router.add(eng.build("Hi"), ["Hi"], sp)
     with pytest.raises(ValueError, match=r"n: 5 routed answers need 10 sequences"):
         router.add(eng.build("Hi"), "Hi", sp, n=5)
+
+
+def test_router_aborts_a_request_still_waiting_and_the_rest_go_on():
+    """With two slots, a second routed request waits in the queue (its two choices as one
+    unit); aborting it there frees nothing it does not hold, and the first answers as alone."""
+    from safedecode.methods.route import Router
+
+    model, tok = tiny_llama()
+    spec = methods.get("route", reward=_vowels, horizon=2, margin=0.5, **BASE)
+    want = SafeDecoder(model, tok, spec).generate(PROMPTS[0], max_new_tokens=6)[0]
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=2)
+    router = Router(eng, spec)
+    sp = SamplingParams(max_new_tokens=6)
+    first = router.add(eng.build(PROMPTS[0]), PROMPTS[0], sp)[0]
+    waiting = router.add(eng.build(PROMPTS[1]), PROMPTS[1], sp)[0]
+    router.feed(eng.step())
+    assert eng.num_waiting() == 1
+    router.abort(waiting)
+    assert eng.num_waiting() == 0 and router.pending() == 1
+    got = None
+    while eng.has_unfinished():
+        for o, result in router.feed(eng.step()):
+            assert o.request_id == first
+            got = result or got
+    assert got.token_ids == want.token_ids and eng.state.free_slots == 2

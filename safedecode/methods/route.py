@@ -10,8 +10,11 @@ score the two beginnings against the request and keeps the base's answer when
 the winner goes on alone, so a request costs two sequences for ``horizon`` tokens, one reward
 call, then one. With greedy decoding the answer is exactly the winner's own greedy answer;
 sampled, the base's answer draws with the request's seed and the plain model's with seed + 1
-(two choices of one request). :func:`stream` (``SafeDecoder.stream``) yields the kept answer's
-text once the reward has chosen it (its first ``horizon`` tokens at once), then as decoded.
+(two choices of one request). :class:`Router` holds that state per request inside an engine
+that other requests may share (``safedecode serve --method route`` drives one per engine);
+:func:`stream` (``SafeDecoder.stream``) runs one and yields the kept answer's text once the
+reward has chosen it (its first ``horizon`` tokens at once), then as decoded. Once decided, a
+sequence decodes only the rows its side reads (the engine's ``drop_rows``).
 
 The knobs shipped for the default model (``horizon`` 16, ``margin`` -2, base ``acd``) were
 chosen on the anchor set's validation part (``benchmarks/results/route_s31``).
