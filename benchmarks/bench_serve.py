@@ -125,8 +125,15 @@ READING = (
     "ratios are measured within one server (one configuration) each.")
 
 
+def _sequences_per_request(method: str) -> int:
+    """A routed request decodes two sequences until its reward chooses; others one."""
+    from safedecode import methods
+
+    return 2 if isinstance(methods.get(method), methods.Route) else 1
+
+
 def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dict:
-    max_seqs = max(levels)
+    max_seqs = max(levels) * _sequences_per_request(args.method)
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(
             ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
              "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
@@ -145,6 +152,11 @@ def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dic
                   file=sys.stderr, flush=True)
     return {"max_prefill_tokens": budget or None, "packed": packed, "levels": results,
             "targets": targets(results)}
+
+
+def _k(method) -> int:
+    """Branch rows per sequence (a routed method: its engine method's)."""
+    return getattr(method, "engine_method", method).k
 
 
 def main() -> None:
@@ -178,7 +190,8 @@ def main() -> None:
     png = stem.with_suffix(".png")
     r = {"benchmark": "serve", "device": args.device, "dtype": args.dtype, "model": args.model,
          "quick": args.quick, "command": command,
-         "method": args.method, "k": methods.get(args.method).k, "max_seqs": max(levels),
+         "method": args.method, "k": _k(methods.get(args.method)),
+         "max_seqs": max(levels) * _sequences_per_request(args.method),
          "max_tokens": args.max_tokens, "spread": args.spread, "runs": runs, "reading": READING,
          "machine": describe(args.device), "plot": str(png)}
     plot(runs, png)
