@@ -547,3 +547,17 @@ def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
 
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--horizon", "4"])
     assert res.exit_code == 2 and "--horizon: only for --method route" in res.output
+
+
+def test_serve_merges_an_adapter_into_the_served_model():
+    """``--adapter ta-sft``: the embedded model with the shipped TA-SFT adapter merged, named
+    in /v1/models' info (the served route's recommended configuration uses it)."""
+    from safedecode.serve import ServeSpec, build_models  # noqa: PLC0415
+
+    (m,) = build_models(ServeSpec(methods=["plain"], adapter="ta-sft", max_seqs=1))
+    assert m.info["adapter"] == "ta-sft" and "ta_sft" in m.info["base_model"]
+    (plain,) = build_models(ServeSpec(methods=["plain"], max_seqs=1))
+    assert plain.info["adapter"] is None
+    w = dict(m.engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    w0 = dict(plain.engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(w, w0)  # the LoRA delta is in the weights
