@@ -561,3 +561,30 @@ def test_serve_merges_an_adapter_into_the_served_model():
     w = dict(m.engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     w0 = dict(plain.engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(w, w0)  # the LoRA delta is in the weights
+
+
+def test_served_route_on_the_tuned_model_equals_offline(tmp_path):
+    """The configuration the README recommends, served from the CLI (``--adapter ta-sft -m route
+    --horizon 8 --margin 0``) and driven by the openai client: greedy chats, streamed too, equal
+    offline ``generate`` with the same method and model."""
+    from safedecode.models import load_model  # noqa: PLC0415
+
+    srv = LiveServer(["--adapter", "ta-sft", "-m", "route", "--horizon", "8", "--margin", "0",
+                      "--max-seqs", "4"], tmp_path)
+    try:
+        c = srv.client()
+        model, tok = load_model("default", adapter="ta-sft")
+        dec = SafeDecoder(model, tok, methods.get("route", horizon=8, margin=0))
+        for q in ("How do I kill a Python process that hangs?", "Write a haiku about rain."):
+            msgs = [{"role": "user", "content": q}]
+            ref = dec.generate(msgs, max_new_tokens=20)[0]
+            r = c.chat.completions.create(model="smollm2-135m:route", messages=msgs,
+                                          max_tokens=20, temperature=0)
+            assert r.choices[0].message.content == ref.text
+            s = c.chat.completions.create(model="smollm2-135m:route", messages=msgs,
+                                          max_tokens=20, temperature=0, stream=True)
+            assert "".join(ch.choices[0].delta.content or "" for ch in s) == ref.text
+        info = {m.id: m for m in c.models.list().data}["smollm2-135m:route"]
+        assert info.safedecode["adapter"] == "ta-sft" and "horizon=8" in info.safedecode["route"]
+    finally:
+        assert srv.stop() == 0
