@@ -194,7 +194,8 @@ def test_decided_sequences_decode_only_the_rows_their_op_reads(rule, weights, fa
     """``drop_rows`` (the default): once a sequence's gate is decided its decode forwards run
     only the rows the op reads (gate on: the weighted branches; off: the fallback) — the same
     tokens and log-probs as an engine that runs every row, greedy and sampled, with requests
-    joining mid-stream (packed steps) — and fewer rows; DeAL's proposals need every row."""
+    joining mid-stream (packed steps) — and fewer rows, with no host read of their own (the gates
+    come back with the step's tokens); DeAL's proposals need every row."""
     from safedecode.engine import SamplingParams
 
     model, tok = tiny_llama()
@@ -233,7 +234,16 @@ def test_decided_sequences_decode_only_the_rows_their_op_reads(rule, weights, fa
                     out[o.request_id] = eng.pop_result(o.request_id)
         return [out[i[0]] for i in ids]
 
+    from safedecode.engine.step import ModelStep
+
+    live_rows = ModelStep.live_rows
+
+    def known(self, state, slots):  # every gate came back with an earlier step's tokens
+        assert not self.drop_rows or all(state.host_gate[s] is not None for s in slots)
+        return live_rows(self, state, slots)
+
     model.forward = counting
+    ModelStep.live_rows = known
     try:
         for temperature in (0.0, 0.9):
             rows.clear()
@@ -247,6 +257,7 @@ def test_decided_sequences_decode_only_the_rows_their_op_reads(rule, weights, fa
             assert sum(rows) < n_every  # decided sequences left rows out
     finally:
         model.forward = forward
+        ModelStep.live_rows = live_rows
     eng = dec.engine(max_seqs=2)
     eng.add_built(eng.build("Hi"), SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="drop_rows=False"):

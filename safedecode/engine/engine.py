@@ -576,6 +576,11 @@ class Engine:
         vals = packed.tolist()  # the step's one device-to-host transfer
         self.steps += 1
         now = time.perf_counter()
+        if self.runner.drop_rows:  # the gates, read with the tokens: no read of their own
+            gate = st.host_gate
+            for s, on in zip(order, vals[-1], strict=True):
+                if gate[s] is None:
+                    gate[s] = bool(on)
         rows = [(seq, int(vals[1][j]), int(vals[0][j]), vals[2][j] if want_lp else None, None)
                 for j, seq in enumerate(seqs)]
         if expand:

@@ -443,7 +443,8 @@ class ModelStep:
     # -- decode -----------------------------------------------------------------------------
     def live_rows(self, state: DecodeState, slots: tuple[int, ...]) -> tuple[int, ...] | None:
         """The rows of ``slots`` a decode step must run (see ``drop_rows``), or None for all.
-        A sequence's gate is read from the device once, at its first decode step."""
+        A sequence's gate comes back with its first step's tokens (:meth:`sample`); one not
+        known yet is read here (a sequence decoded outside :class:`Engine.step`)."""
         if not self.drop_rows:
             return None
         kb, gate = self.method.k, state.host_gate
@@ -567,4 +568,6 @@ class ModelStep:
         parts = [tokens.double(), status.double()]
         if logprobs:
             parts.append(lps.double())
+        if self.drop_rows:  # each sequence's gate, read with the step (DecodeState.host_gate)
+            parts.append(state.gate_on[sidx * m.k + m.contrast_gate].double())
         return torch.stack(parts)
