@@ -297,3 +297,68 @@ def test_router_aborts_a_request_still_waiting_and_the_rest_go_on():
             assert o.request_id == first
             got = result or got
     assert got.token_ids == want.token_ids and eng.state.free_slots == 2
+
+
+def test_router_scores_on_a_thread_while_the_engine_steps():
+    """With a scorer (one worker thread), a slow reward runs while the engine goes on stepping:
+    both sides keep decoding until a later feed() finds the score, and the answers, the
+    decisions and the freed slots equal the inline router's. A request aborted while scored is
+    dropped when its score comes back; requests whose sides end before the score comes back
+    are collected by feed(wait=...)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safedecode.methods.route import Router
+
+    model, tok = tiny_llama()
+    gate = threading.Event()
+    calls: list[str] = []
+
+    def slow(prompts, texts):
+        calls.append(threading.current_thread().name)
+        assert gate.wait(10), "the test never let the reward go"
+        return _vowels(prompts, texts)
+
+    spec = methods.get("route", reward=_vowels, horizon=3, margin=0.5, **BASE)
+    want = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=9)
+    threaded = methods.Route(spec.base, make_reward(slow), horizon=3, margin=0.5)
+    eng = SafeDecoder(model, tok, threaded).engine(max_seqs=10)
+    with ThreadPoolExecutor(1, thread_name_prefix="rm") as pool:
+        router = Router(eng, threaded, scorer=pool)
+        sp = SamplingParams(max_new_tokens=9)
+        ids = [router.add(eng.build(p), p, sp, index=i)[0] for i, p in enumerate(PROMPTS)]
+        dropped = router.add(eng.build(PROMPTS[0]), PROMPTS[0], sp)[0]
+        got: dict[int, object] = {}
+        for _ in range(5):  # horizon 3: scored after step 3; the engine steps on meanwhile
+            assert router.feed(eng.step()) == []  # held: no answer chosen yet
+        assert router.scoring() == 1 and router.pending() == 5
+        assert all(eng.num_tokens(i) == 5 for i in ids)  # base sides went on decoding
+        router.abort(dropped)  # while its score is in flight
+        gate.set()
+        deadline = time.monotonic() + 10
+        while (eng.has_unfinished() or router.scoring()) and time.monotonic() < deadline:
+            outs = eng.step() if eng.has_unfinished() else []
+            for o, result in router.feed(outs, wait=0.5):
+                assert o.request_id != dropped
+                if result is not None:
+                    got[o.request_id] = result
+        assert calls and set(calls) == {"rm_0"}
+        assert [got[i].token_ids for i in ids] == [w.token_ids for w in want]
+        assert [got[i].text for i in ids] == [w.text for w in want]
+        assert router.pending() == 0 and router.scoring() == 0
+        assert eng.state.free_slots == 10
+        # sides that end before the score is back (max_new_tokens == horizon)
+        gate.clear()
+        rid = router.add(eng.build(PROMPTS[1]), PROMPTS[1], SamplingParams(max_new_tokens=3))[0]
+        for _ in range(3):
+            assert router.feed(eng.step()) == []
+        assert not eng.has_unfinished() and router.scoring() == 1
+        assert router.feed([], wait=0.01) == []  # not back yet: nothing, no hang
+        gate.set()
+        out = router.feed([], wait=5)
+        assert [o.request_id for o, _ in out] == [rid] * 3 and out[-1][1] is not None
+        short = SafeDecoder(model, tok, spec).generate(PROMPTS[1], max_new_tokens=3)[0]
+        assert out[-1][1].token_ids == short.token_ids and eng.state.free_slots == 10
+    with pytest.raises(ValueError, match="scorer: expected a concurrent.futures.Executor"):
+        Router(eng, threaded, scorer=object())

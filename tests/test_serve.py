@@ -440,10 +440,20 @@ def _mod7(prompts, texts):  # a reward that is a known function of the text
     return [float(sum(map(ord, t)) % 7) for t in texts]
 
 
-def test_route_is_served_and_equals_offline(tiny_model_dir):
+def _slow_mod7(prompts, texts):  # the same, slow enough that the engine steps meanwhile
+    time.sleep(0.03)
+    return _mod7(prompts, texts)
+
+
+@pytest.mark.parametrize("scorer", ["inline", "thread"])
+def test_route_is_served_and_equals_offline(tiny_model_dir, scorer):
     """In process: a routed model (acd-text or plain per request, by a reward on their first
     H tokens) answers chats, completions, n, streams and aborts exactly as offline routing
-    does, with other routed requests in the same batch; the reward chose both sides."""
+    does, with other routed requests in the same batch; the reward chose both sides. With the
+    reward on a thread of its own (the server's default) a slow reward leaves the answers as
+    they are."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi.testclient import TestClient
 
     from safedecode.methods.rewards import make_reward
@@ -453,8 +463,10 @@ def test_route_is_served_and_equals_offline(tiny_model_dir):
     model, tok = tiny_llama()
     spec = Route(methods.get("acd-text"), make_reward(_mod7), horizon=3, margin=0.0)
     offline = SafeDecoder(model, tok, spec)
+    if scorer == "thread":
+        spec = Route(spec.base, make_reward(_slow_mod7), horizon=3, margin=0.0)
     eng = SafeDecoder(model, tok, spec).engine(max_seqs=8)
-    router = Router(eng, spec)
+    router = Router(eng, spec, scorer=ThreadPoolExecutor(1) if scorer == "thread" else None)
     app = create_app([ServedModel("tiny:route", eng, {}, router)])
     with TestClient(app) as client:
         def chat(content, **kw):
@@ -536,6 +548,7 @@ def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
                                                  "margin": 0.5, "reward": "length:target=8",
                                                  "alpha": None}))
     assert m.router is not None and m.max_choices == m.engine.state.max_seqs // 2
+    assert m.router.scorer is not None and m.info["reward_thread"] is True
     assert m.router.spec.horizon == 4 and m.router.spec.margin == 0.5
     assert "horizon=4" in m.info["route"] and m.info["method"] == m.engine.method.name
     with pytest.raises(ValueError, match="DeAL's search is not served"):
@@ -547,6 +560,13 @@ def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
 
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--horizon", "4"])
     assert res.exit_code == 2 and "--horizon: only for --method route" in res.output
+    res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--reward-inline"])
+    assert res.exit_code == 2 and "--reward-thread/--reward-inline: only for --method route" \
+        in res.output
+    (m,) = build_models(ServeSpec(model=str(tiny_model_dir), methods=["route"],
+                                  reward_thread=False,
+                                  method_kwargs={"base": "acd-text", "reward": "length"}))
+    assert m.router.scorer is None and m.info["reward_thread"] is False
 
 
 def test_serve_merges_an_adapter_into_the_served_model():

@@ -428,6 +428,11 @@ class Engine:
         """The tokens a live request has generated so far."""
         return list(self._get(request_id).out)
 
+    def num_tokens(self, request_id: int) -> int:
+        """How many tokens a live request has generated so far (:meth:`tokens` without the
+        copy)."""
+        return len(self._get(request_id).out)
+
     def text(self, request_id: int) -> str:
         """The text a live request has generated so far (stop strings cut, nothing held
         back)."""

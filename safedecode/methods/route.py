@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -114,15 +116,25 @@ class Router:
     its answer, frees the loser's slot, and returns the kept answer's outputs under the
     request's id (the id :meth:`add` returned) with the finished result. Outputs of sequences
     not added here pass through untouched (their results stay in ``engine.pop_result``). The
-    reward model runs on the caller's thread inside :meth:`feed`: one batched call per step in
-    which requests reach ``horizon`` tokens. The server's engine loop and :func:`stream` both
-    drive one."""
+    server's engine loop and :func:`stream` both drive one.
 
-    def __init__(self, engine: Engine, spec: Route) -> None:
+    The reward model scores, in one batched call, the requests that reach ``horizon`` tokens in
+    a step: by default inside :meth:`feed`, on the caller's thread. With ``scorer`` (an
+    executor, e.g. one worker thread) the call runs there instead and the engine goes on
+    stepping meanwhile — both sides of a request keep decoding (their outputs held) until a
+    later :meth:`feed` finds its score done — so the other requests' tokens are not held up by
+    the reward model (the server's inter-token latency). The texts scored are the same first
+    ``horizon`` tokens either way, so the decisions, and the answers, are the same."""
+
+    def __init__(self, engine: Engine, spec: Route, *, scorer: Executor | None = None) -> None:
         if engine.method is not spec.engine_method:
             raise ValueError("engine: the router needs an engine on spec.engine_method")
-        self.engine, self.spec = engine, spec
+        if scorer is not None and not isinstance(scorer, Executor):
+            raise ValueError(f"scorer: expected a concurrent.futures.Executor, got "
+                             f"{type(scorer).__name__}")
+        self.engine, self.spec, self.scorer = engine, spec, scorer
         self._pair: dict[int, tuple[int, int]] = {}  # request id -> (base, plain) undecided
+        self._scoring: dict[Future, list[int]] = {}  # reward calls in flight -> request ids
         self._prompt: dict[int, str] = {}
         self._owner: dict[int, int] = {}  # live sequence id -> request id
         self._held: dict[int, list[StepOutput]] = {}  # undecided sequence -> outputs so far
@@ -157,6 +169,11 @@ class Router:
         """Requests whose answer is not chosen yet."""
         return len(self._pair)
 
+    def scoring(self) -> int:
+        """Reward calls in flight on ``scorer`` (their requests may have no sequence left to
+        step: :meth:`feed` with ``wait`` collects them)."""
+        return len(self._scoring)
+
     def abort(self, request_id: int) -> None:
         """Drop a routed request: every live sequence of it (its slots are free at once)."""
         seqs = [s for s, r in self._owner.items() if r == request_id]
@@ -170,10 +187,12 @@ class Router:
         self._pair.pop(request_id, None)
         self._prompt.pop(request_id, None)
 
-    def feed(self, outputs: Sequence[StepOutput]
+    def feed(self, outputs: Sequence[StepOutput], *, wait: float = 0.0
              ) -> list[tuple[StepOutput, GenerationResult | None]]:
         """One engine step's outputs in; the outputs to pass on out, ``(output, result)`` with
-        ``result`` set on a request's last one (see the class docstring)."""
+        ``result`` set on a request's last one (see the class docstring). ``wait``: with a
+        ``scorer``, seconds to wait for a reward call in flight when none is done yet (for a
+        caller with nothing to step meanwhile)."""
         eng, spec = self.engine, self.spec
         out: list[tuple[StepOutput, GenerationResult | None]] = []
         for o in outputs:
@@ -190,28 +209,43 @@ class Router:
             if result is not None:
                 del self._owner[o.request_id]
             out.append((dataclasses.replace(o, request_id=rid), result))
-        ready = [r for r, pair in self._pair.items()
-                 if all(s in self._ended or len(eng.tokens(s)) >= spec.horizon for s in pair)]
-        if not ready:
-            return out
-        texts = [self._ended[s].text if s in self._ended else eng.text(s)
-                 for r in ready for s in self._pair[r]]
-        h = spec.reward([self._prompt[r] for r in ready for _ in range(2)], texts)
-        for n, r in enumerate(ready):
+        busy = {r for rids in self._scoring.values() for r in rids}
+        ready = [r for r, pair in self._pair.items() if r not in busy
+                 and all(s in self._ended or eng.num_tokens(s) >= spec.horizon for s in pair)]
+        if ready:
+            texts = [self._ended[s].text if s in self._ended else eng.text(s)
+                     for r in ready for s in self._pair[r]]
+            prompts = [self._prompt[r] for r in ready for _ in range(2)]
+            if self.scorer is None:
+                self._decide(ready, spec.reward(prompts, texts), out)
+            else:
+                self._scoring[self.scorer.submit(spec.reward, prompts, texts)] = ready
+        if self._scoring:
+            if wait > 0 and not any(f.done() for f in self._scoring):
+                futures_wait(self._scoring, timeout=wait, return_when=FIRST_COMPLETED)
+            for f in [f for f in self._scoring if f.done()]:
+                self._decide(self._scoring.pop(f), f.result(), out)
+        return out
+
+    def _decide(self, rids: list[int], h, out: list) -> None:
+        """Keep each request's base or plain answer by its two scores in ``h`` (requests
+        aborted while scored are skipped); the kept answer's held outputs go to ``out``."""
+        for n, r in enumerate(rids):
+            if r not in self._pair:
+                continue
             base, plain = self._pair.pop(r)
             del self._prompt[r]
-            keep = h[2 * n] - h[2 * n + 1] > spec.margin
+            keep = h[2 * n] - h[2 * n + 1] > self.spec.margin
             self.decisions["base" if keep else "plain"] += 1
             win, lose = (base, plain) if keep else (plain, base)
             if self._ended.pop(lose, None) is None:
-                eng.release(lose)
+                self.engine.release(lose)
             del self._owner[lose], self._held[lose]
             for o in self._held.pop(win):
                 result = self._ended.pop(win) if o.finish_reason else None
                 if result is not None:
                     del self._owner[win]
                 out.append((dataclasses.replace(o, request_id=r), result))
-        return out
 
 
 def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],

@@ -30,6 +30,11 @@ def serve_command(
                                                                "before the reward chooses."),
     margin: float | None = typer.Option(None, "--margin", help="route: keep the base's answer "
                                                                "when h(base) - h(plain) > margin."),
+    reward_thread: bool | None = typer.Option(None, "--reward-thread/--reward-inline",
+                                       help="route: the reward model scores on a thread of its "
+                                            "own while the engine steps (--reward-inline: "
+                                            "between two steps, holding every stream up; "
+                                            "default: a thread)."),
     name: str | None = typer.Option(None, "--name", help="Base of the model ids (default: "
                                                         "smollm2-135m or the folder name)."),
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless told)."),
@@ -75,7 +80,9 @@ def serve_command(
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
         knobs = [f for f, v in (("--base", base), ("--reward", reward),
-                                ("--horizon", horizon), ("--margin", margin)) if v is not None]
+                                ("--horizon", horizon), ("--margin", margin),
+                                ("--reward-thread/--reward-inline", reward_thread))
+                 if v is not None]
         if knobs and "route" not in method:
             raise ValueError(f"{'/'.join(knobs)}: only for --method route")
         if not 0 <= port <= 65535:
@@ -96,6 +103,7 @@ def serve_command(
                          adapter=adapter,
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
                          max_prefill_tokens=max_prefill_tokens or None, packed=packed,
+                         reward_thread=reward_thread is not False,
                          backend=backend, device=device, dtype=dtype,
                          api_key=api_key or os.environ.get(
                              "SAFEDECODE_API_KEY"), request_timeout=request_timeout,

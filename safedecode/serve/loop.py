@@ -86,6 +86,9 @@ class EngineLoop:
             self._cmds.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
+        for router in self.routers.values():
+            if router.scorer is not None:
+                router.scorer.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
@@ -115,7 +118,8 @@ class EngineLoop:
 
     # -- the thread ---------------------------------------------------------------------------
     def _busy(self) -> bool:
-        return any(e.has_unfinished() for e in self.engines.values())
+        return (any(e.has_unfinished() for e in self.engines.values())
+                or any(r.scoring() for r in self.routers.values()))
 
     def _run(self) -> None:
         while True:
@@ -134,6 +138,8 @@ class EngineLoop:
             for name, eng in self.engines.items():
                 if eng.has_unfinished():
                     self._step(name, eng)
+                elif name in self.routers and self.routers[name].scoring():
+                    self._step(name, eng, idle=True)  # only reward calls left: collect them
 
     def _command(self, cmd) -> None:
         kind = cmd[0]
@@ -192,17 +198,20 @@ class EngineLoop:
                 except ValueError:
                     pass  # finished in the meantime
 
-    def _step(self, name: str, eng: Engine) -> None:
+    def _step(self, name: str, eng: Engine, idle: bool = False) -> None:
+        """One engine step and its outputs to their tickets; ``idle``: no step, only the
+        router's reward calls in flight (waited for briefly, so commands still get in)."""
         router = self.routers.get(name)
-        try:  # a routed model's reward model runs in feed()
-            outs = eng.step()
-            pairs = router.feed(outs) if router is not None else [(o, None) for o in outs]
+        try:  # a routed model's reward model runs in feed() or on its scorer thread
+            outs = [] if idle else eng.step()
+            pairs = (router.feed(outs, wait=0.05 if idle else 0.0) if router is not None
+                     else [(o, None) for o in outs])
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("engine %s: step failed", name)
             self.error = exc
             self._fail_all(name, eng, exc)
             return
-        self.steps += 1
+        self.steps += not idle
         now = time.perf_counter()
         by_ticket: dict[int, tuple[Ticket, list[Event]]] = {}
         m = self.metrics

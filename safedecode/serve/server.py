@@ -28,6 +28,7 @@ class ServeSpec:
     max_queue: int = 256
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
+    reward_thread: bool = True  # route: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "float32"
@@ -79,7 +80,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device,
                             adapter=spec.adapter)
     base = spec.base_name()
-    served = []
+    served, scorer = [], None
     for name, spec_method in built:
         eng = SafeDecoder(model, tok, spec_method, backend=spec.backend).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
@@ -87,9 +88,13 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
         meth = eng.method
         router = None
         if isinstance(spec_method, methods.Route):
+            from concurrent.futures import ThreadPoolExecutor
+
             from safedecode.methods.route import Router
 
-            router = Router(eng, spec_method)
+            if spec.reward_thread and scorer is None:  # one thread: reward calls never overlap
+                scorer = ThreadPoolExecutor(1, thread_name_prefix="safedecode-reward")
+            router = Router(eng, spec_method, scorer=scorer if spec.reward_thread else None)
         info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
                 "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
                 "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
@@ -102,6 +107,7 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                 "adapter": spec.adapter}
         if router is not None:
             info["route"] = spec_method.describe()
+            info["reward_thread"] = spec.reward_thread
         served.append(ServedModel(f"{base}:{name}", eng, info, router))
     return served
 
