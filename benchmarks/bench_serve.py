@@ -45,7 +45,8 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     for run in runs:
-        levels, tag = run["levels"], _tag(run["max_prefill_tokens"], run.get("packed", True))
+        levels = run["levels"]
+        tag = _tag(run["max_prefill_tokens"], run.get("packed", True), run.get("reward_thread"))
         c = [x["concurrency"] for x in levels]
         ax[0].plot(c, [x["tok_s"] for x in levels], "o-", label=tag)
         for a, key in ((ax[1], "ttft"), (ax[2], "itl")):
@@ -64,9 +65,10 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _tag(budget: int | None, packed: bool = True) -> str:
+def _tag(budget: int | None, packed: bool = True, reward_thread: bool | None = None) -> str:
     tag = f"prefill budget {budget}" if budget else "no prefill budget"
-    return tag + ("" if packed else ", two forwards")
+    reward = {None: "", True: ", reward on a thread", False: ", reward inline"}[reward_thread]
+    return tag + ("" if packed else ", two forwards") + reward
 
 
 def _table(run: dict) -> list[str]:
@@ -75,8 +77,10 @@ def _table(run: dict) -> list[str]:
             f"{x['itl_p50_s'] * 1e3:.0f} | {x['itl_p99_s'] * 1e3:.0f} |" for x in run["levels"]]
     flag = run["max_prefill_tokens"] or 0
     packed = run.get("packed", True)
-    flags = f"--max-prefill-tokens {flag}" + ("" if packed else " --no-packed")
-    return [f"## `{flags}` ({_tag(run['max_prefill_tokens'], packed)})", "",
+    reward = run.get("reward_thread")
+    flags = (f"--max-prefill-tokens {flag}" + ("" if packed else " --no-packed")
+             + {None: "", True: " --reward-thread", False: " --reward-inline"}[reward])
+    return [f"## `{flags}` ({_tag(run['max_prefill_tokens'], packed, reward)})", "",
             "| concurrency | requests | errors | tokens/s | TTFT p50 ms | TTFT p99 ms | "
             "ITL p50 ms | ITL p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
             *(f"- {line}" for line in run["targets"]["lines"]), ""]
@@ -132,12 +136,16 @@ def _sequences_per_request(method: str) -> int:
     return 2 if isinstance(methods.get(method), methods.Route) else 1
 
 
-def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dict:
+def run_config(args, levels: list[int], budget: int, packed: bool = True,
+               reward_thread: bool | None = None) -> dict:
+    """One server setting's levels; ``reward_thread`` (routed methods): the reward on a
+    thread of its own or inline (None: the server's default)."""
     max_seqs = max(levels) * _sequences_per_request(args.method)
+    reward = {None: [], True: ["--reward-thread"], False: ["--reward-inline"]}[reward_thread]
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(
             ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
              "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
-             "--packed" if packed else "--no-packed",
+             "--packed" if packed else "--no-packed", *reward,
              "--device", args.device, "--dtype", args.dtype, "--name", "bench"],
             Path(tmp)) as srv:
         model_id = f"bench:{args.method}"
@@ -148,10 +156,11 @@ def run_config(args, levels: list[int], budget: int, packed: bool = True) -> dic
             res = asyncio.run(run_level(srv.url, model_id, c, n, args.max_tokens,
                                         time_limit=600, seed=1000 * c, spread=args.spread))
             results.append(res.summary())
-            print(json.dumps({"max_prefill_tokens": budget, "packed": packed, **results[-1]}),
+            print(json.dumps({"max_prefill_tokens": budget, "packed": packed,
+                              "reward_thread": reward_thread, **results[-1]}),
                   file=sys.stderr, flush=True)
-    return {"max_prefill_tokens": budget or None, "packed": packed, "levels": results,
-            "targets": targets(results)}
+    return {"max_prefill_tokens": budget or None, "packed": packed,
+            "reward_thread": reward_thread, "levels": results, "targets": targets(results)}
 
 
 def _k(method) -> int:
@@ -172,8 +181,14 @@ def main() -> None:
                     help="server settings to compare (0: no budget)")
     ap.add_argument("--forwards", nargs="*", choices=["packed", "two"], default=["packed"],
                     help="admission steps as one packed forward and/or as two (--no-packed)")
+    ap.add_argument("--reward", nargs="*", choices=["thread", "inline"], default=None,
+                    help="routed methods: the reward on a thread of its own (the server's "
+                         "default) and/or inline, between two steps")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    routed = _sequences_per_request(args.method) == 2
+    if args.reward and not routed:
+        ap.error("--reward: only for a routed method (--method route)")
     try:
         require_device(args.device)
     except BenchError as exc:
@@ -181,8 +196,9 @@ def main() -> None:
     levels = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 32])
     out = args.out or (OUT / "quick" if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_config(args, levels, b, f == "packed") for f in args.forwards
-            for b in args.max_prefill_tokens]
+    rewards = [r == "thread" for r in args.reward] if args.reward else [None]
+    runs = [run_config(args, levels, b, f == "packed", r) for r in rewards
+            for f in args.forwards for b in args.max_prefill_tokens]
     from safedecode import methods
 
     command = shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])
