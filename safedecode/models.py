@@ -192,12 +192,17 @@ def default_model_dir() -> Path:
     return converted
 
 
-def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu"):
+def load_default(dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 adapter: str | Path | None = None):
     """Load the embedded default model, SmolLM2-135M-Instruct, offline. Returns (model, tokenizer).
 
     The first call dequantises the GGUF file (~25 s here) and keeps a safetensors copy under
     :func:`cache_dir`; a later process loads that copy instead (~9 s here, Python imports included).
+    ``adapter``: a LoRA folder or a shipped adapter's name (``"ta-sft"``) merged into it, as in
+    :func:`load_model`.
     """
+    if adapter is not None:
+        return load_model("default", dtype, device, adapter=adapter)
     folder, gguf = default_model_path()
     converted = _converted_dir()
     if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():

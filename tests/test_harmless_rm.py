@@ -154,6 +154,54 @@ def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_pat
 
 
 
+def test_shared_prefix_scores_equal_whole_sequence_scores(tiny_model_dir):
+    """Texts grouped by prompt run their common token prefix once and their tails over its
+    cache: the same scores as scoring every whole sequence, for groups of every shape (a
+    shared reply prefix, a text that is another's prefix, equal texts, a prompt alone, more
+    texts than a batch), in any order."""
+    import torch
+
+    from safedecode.methods.harmless import _base
+
+    rm = HarmlessReward.__new__(HarmlessReward)  # the scoring paths on a tiny random model
+    rm.model, rm.tok = _base(str(tiny_model_dir))
+    rm.model.eval()
+    rm.torch, rm.batch_size, rm.path = torch, 3, "tiny"
+    long = "Tell me, in a few words, how bread is baked at home in an oven."
+    cases = [("How do I bake bread?", "Mix flour and water, then"),
+             ("Hi", "Hello there"),
+             ("How do I bake bread?", "Mix flour and water, then knead"),
+             (long, "Sure"),
+             ("How do I bake bread?", "Mix flour"),
+             ("How do I bake bread?", "Mix flour"),
+             (long, "I can't help with that."),
+             ("How do I bake bread?", "No."),
+             ("How do I bake bread?", "Mix flour and water, then bake it for an hour.")]
+    prompts, texts = [p for p, _ in cases], [t for _, t in cases]
+    rm.share_prefix = False
+    whole = rm(prompts, texts)
+    rm.share_prefix = True
+    calls = []
+    forward = rm.model.base_model.forward
+
+    def counting(*args, **kw):
+        calls.append(kw["input_ids"].numel())
+        return forward(*args, **kw)
+    rm.model.base_model.forward = counting
+    shared = rm(prompts, texts)
+    del rm.model.base_model.forward
+    assert shared == pytest.approx(whole, abs=1e-4)
+    assert len(set(round(x, 3) for x in whole)) > 5  # the texts do score differently
+    ids = [rm.tok.apply_chat_template([{"role": "user", "content": p},
+                                       {"role": "assistant", "content": t}], tokenize=True,
+                                      return_dict=True)["input_ids"] for p, t in cases]
+    assert sum(calls) < 0.6 * len(cases) * max(map(len, ids))  # distinct tokens, not all
+    perm = [8, 3, 0, 6, 1, 5, 2, 7, 4]
+    again = rm([prompts[i] for i in perm], [texts[i] for i in perm])
+    assert again == pytest.approx([whole[i] for i in perm], abs=1e-4)
+    assert rm([], []) == []
+
+
 class _Scored:
     """A reward that scores each distinct (prompt, text) once across calls."""
 

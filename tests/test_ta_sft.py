@@ -424,11 +424,16 @@ def test_shipped_adapter_refuses_changes_the_output_and_combines_with_decoding_m
     from safedecode import methods
     from safedecode.engine import SafeDecoder
     from safedecode.eval.judges import KeywordJudge
-    from safedecode.models import embedding_fingerprint, load_model
+    from safedecode.models import embedding_fingerprint, load_default, load_model
 
     base, tok = load_model("default")
     tuned, _ = load_model("default", adapter="ta-sft")
     assert embedding_fingerprint(base) == embedding_fingerprint(tuned)
+    same, _ = load_default(adapter="ta-sft")  # the README's first example
+    assert same.safedecode_name == tuned.safedecode_name != base.safedecode_name
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(same.state_dict()[w], tuned.state_dict()[w])
+    assert not torch.equal(base.state_dict()[w], tuned.state_dict()[w])
     prompt = [it["prompt"] for it in load_anchor("harmful", "train")][:2]
     a = SafeDecoder(base, tok, methods.get("plain")).generate(prompt, max_new_tokens=24)
     b = SafeDecoder(tuned, tok, methods.get("plain")).generate(prompt, max_new_tokens=24)

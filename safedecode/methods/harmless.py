@@ -346,12 +346,18 @@ def reward_key(path: str | Path | None = None) -> str:
 
 
 class HarmlessReward(Reward):
-    """The trained reward model's scalar score of (prompt, reply) as a chat."""
+    """The trained reward model's scalar score of (prompt, reply) as a chat.
+
+    Texts scored against the same prompt (a router's two beginnings, DeAL's candidates and
+    their rollouts) share their chat-formatted prompt and often a committed reply prefix: with
+    ``share_prefix`` (the default) each group's longest common token prefix is run once and its
+    KV cache is reused for every text's own tail, so a call costs the distinct tokens, not the
+    total. Scores equal the unshared forward's (``share_prefix=False``) up to float rounding."""
 
     name = "harmless"
 
     def __init__(self, path: str | None = None, *, model_path: str | None = None,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, share_prefix: bool = True) -> None:
         import torch
         from peft import PeftModel
 
@@ -363,32 +369,98 @@ class HarmlessReward(Reward):
         base, tok = _base(model_path)
         self.model = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
+        self.share_prefix = share_prefix
 
     def key(self) -> str:
         return reward_key(self.path)
 
     def __call__(self, prompts, texts) -> list[float]:
-        torch = self.torch
         if len(prompts) != len(texts):
             raise ValueError(f"harmless reward: {len(prompts)} prompts for {len(texts)} texts")
         ids = [self.tok.apply_chat_template(conversation(p, t), tokenize=True,
                                             return_dict=True)["input_ids"]
                for p, t in zip(prompts, texts, strict=True)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
+        if self.share_prefix:
+            return self._score_shared(ids, prompts)
+        return self._score(ids)
+
+    def _pad(self, seqs: Sequence[Sequence[int]]):
+        """Right-padded ``[n, width]`` ids and their attention mask."""
+        torch = self.torch
+        batch = torch.full((len(seqs), max(map(len, seqs))), self.tok.pad_token_id,
+                           dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for j, seq in enumerate(seqs):
+            batch[j, :len(seq)] = torch.tensor(seq)
+            mask[j, :len(seq)] = 1
+        return batch, mask
+
+    def _score(self, ids: list[list[int]]) -> list[float]:
+        """Every text's whole sequence, batches of like lengths."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [0.0] * len(ids)
-        pad = self.tok.pad_token_id
         for i in range(0, len(order), self.batch_size):
             rows = order[i:i + self.batch_size]
-            width = max(len(ids[r]) for r in rows)
-            batch = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(batch)
-            for j, r in enumerate(rows):
-                batch[j, :len(ids[r])] = torch.tensor(ids[r])
-                mask[j, :len(ids[r])] = 1
-            with torch.no_grad():
+            batch, mask = self._pad([ids[r] for r in rows])
+            with self.torch.no_grad():
                 scores = self.model(input_ids=batch, attention_mask=mask).logits[:, 0].tolist()
             for r, score in zip(rows, scores, strict=True):
                 out[r] = score
+        return out
+
+    def _score_shared(self, ids: list[list[int]], prompts) -> list[float]:
+        """Texts grouped by prompt; per group its common prefix once, then every tail over its
+        cache (at least one token each: the score reads the last token's state)."""
+        from safedecode.engine.cache import cache_kwargs
+
+        torch = self.torch
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        cuts = {}
+        for p, rows in groups.items():
+            cut = min(len(ids[r]) for r in rows) - 1
+            first = ids[rows[0]]
+            for r in rows[1:]:
+                seq = ids[r]
+                n = 0
+                while n < cut and seq[n] == first[n]:
+                    n += 1
+                cut = n
+            cuts[p] = cut
+        out = [0.0] * len(ids)
+        alone = [r for p in groups if not cuts[p] for r in groups[p]]  # nothing to share
+        for r, score in zip(alone, self._score([ids[r] for r in alone]), strict=True):
+            out[r] = score
+        order = sorted((p for p in groups if cuts[p]), key=lambda p: cuts[p])  # like lengths
+        body, head = self.model.base_model, self.model.score
+        chunk: list[str] = []
+        for n, p in enumerate(order):
+            chunk.append(p)
+            rows = sum(len(groups[q]) for q in chunk)
+            if n + 1 < len(order) and rows + len(groups[order[n + 1]]) <= self.batch_size:
+                continue
+            prefixes = [ids[groups[q][0]][:cuts[q]] for q in chunk]
+            members = [(g, r) for g, q in enumerate(chunk) for r in groups[q]]
+            tails = [ids[r][cuts[chunk[g]]:] for g, r in members]
+            with torch.no_grad():
+                pre, pre_mask = self._pad(prefixes)
+                cache = body(input_ids=pre, attention_mask=pre_mask,
+                             use_cache=True).past_key_values
+                pick = torch.tensor([g for g, _ in members])
+                cache.reorder_cache(pick)
+                past_mask = pre_mask[pick]
+                tail, tail_mask = self._pad(tails)
+                start = torch.tensor([cuts[chunk[g]] for g, _ in members])
+                positions = start[:, None] + torch.arange(tail.shape[1])[None, :]
+                hidden = body(input_ids=tail, attention_mask=torch.cat([past_mask, tail_mask], 1),
+                              position_ids=positions,
+                              **cache_kwargs(body, cache)).last_hidden_state
+                last = tail_mask.sum(1) - 1
+                scores = head(hidden[torch.arange(len(members)), last])[:, 0].tolist()
+            for (_, r), score in zip(members, scores, strict=True):
+                out[r] = score
+            chunk = []
         return out
 
 
