@@ -434,6 +434,18 @@ def test_packed_forwards_are_a_server_setting(tiny_model_dir, monkeypatch):
         res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), flag])
         assert res.exit_code == 0, res.output
         assert seen.pop().packed is packed
+    # the prefill budget: 32 prompt tokens per step on a CPU unless told (0: none)
+    for flags, budget in (([], 32), (["--max-prefill-tokens", "0"], None),
+                          (["--max-prefill-tokens", "48"], 48)):
+        res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), *flags])
+        assert res.exit_code == 0, res.output
+        assert seen.pop().max_prefill_tokens == budget
+    from safedecode.serve.cli import prefill_budget  # noqa: PLC0415
+
+    assert prefill_budget(None, "cuda") is None and prefill_budget(None, "cuda:1") is None
+    assert prefill_budget(None, "cpu") == 32 and prefill_budget(16, "cuda") == 16
+    res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--max-prefill-tokens", "-1"])
+    assert res.exit_code == 2 and "--max-prefill-tokens: must be >= 0" in res.output
 
 
 def _mod7(prompts, texts):  # a reward that is a known function of the text

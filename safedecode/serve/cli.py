@@ -9,6 +9,16 @@ import typer
 
 from safedecode.cli_errors import fail
 
+CPU_PREFILL_BUDGET = 32  # benchmarks/results/serve_cpu.md: the p99 inter-token latency tail
+
+
+def prefill_budget(given: int | None, device: str) -> int | None:
+    """The engine's ``max_prefill_tokens`` for ``--max-prefill-tokens`` (None: the device's
+    default — :data:`CPU_PREFILL_BUDGET` on a CPU, no limit on a GPU; 0: no limit)."""
+    if given is None:
+        return CPU_PREFILL_BUDGET if device == "cpu" else None
+    return given or None
+
 
 def serve_command(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -45,11 +55,13 @@ def serve_command(
     max_len: int | None = typer.Option(None, "--max-len", help="Tokens per sequence (default: "
                                                               "the context, at most 2048)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before 429."),
-    max_prefill_tokens: int = typer.Option(
-        0, "--max-prefill-tokens", help="Prompt tokens prefilled per step while others decode, "
-                                        "long prompts in chunks (0: no limit); small: shorter "
-                                        "inter-token latency tails, later first tokens "
-                                        "(benchmarks/results/serve_cpu)."),
+    max_prefill_tokens: int | None = typer.Option(
+        None, "--max-prefill-tokens", help="Prompt tokens prefilled per step while others decode, "
+                                           "long prompts in chunks (0: no limit; default: 32 on "
+                                           "a CPU, where a step costs in proportion to its "
+                                           "tokens, no limit on a GPU); small: shorter "
+                                           "inter-token latency tails, later first tokens under "
+                                           "a burst (benchmarks/results/serve_cpu)."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
                                      "packed forward (--no-packed: two forwards)."),
@@ -76,7 +88,7 @@ def serve_command(
         for what, value, lo in (("--max-seqs", max_seqs, 1), ("--max-queue", max_queue, 0),
                                 ("--default-max-tokens", default_max_tokens, 1),
                                 ("--replicas", replicas, 1),
-                                ("--max-prefill-tokens", max_prefill_tokens, 0)):
+                                ("--max-prefill-tokens", max_prefill_tokens or 0, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
         knobs = [f for f, v in (("--base", base), ("--reward", reward),
@@ -102,7 +114,8 @@ def serve_command(
                                         "margin": margin},
                          adapter=adapter,
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
-                         max_prefill_tokens=max_prefill_tokens or None, packed=packed,
+                         max_prefill_tokens=prefill_budget(max_prefill_tokens, device),
+                         packed=packed,
                          reward_thread=reward_thread is not False,
                          backend=backend, device=device, dtype=dtype,
                          api_key=api_key or os.environ.get(
