@@ -124,7 +124,9 @@ READING = (
     "plus a share per token, so packing saves the fixed part of every admission step: those "
     "steps get shorter (the inter-token latency tail) and throughput rises where admissions are "
     "frequent (high concurrency). A prefill budget admits about one request per step: "
-    "admission steps are short but more frequent. The configurations run one after another, "
+    "admission steps are short but more frequent; `safedecode serve` uses 32 on a CPU unless "
+    "told (no limit on a GPU; runs of both: `serve_budget_s33/`). The configurations run one "
+    "after another, "
     "so a drift of the machine's speed during the run shows in absolute tokens/s; the targets' "
     "ratios are measured within one server (one configuration) each.")
 
