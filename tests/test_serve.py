@@ -518,6 +518,50 @@ def test_route_is_served_and_equals_offline(tiny_model_dir, scorer):
         assert router.pending() == 0
 
 
+@pytest.mark.parametrize("scorer", ["inline", "thread"])
+def test_route_served_reward_failure_is_a_500_and_frees_the_slots(tiny_model_dir, scorer):
+    """A reward model that raises fails its requests with OpenAI's error shape (500), frees
+    both sequences of each, and the engine loop goes on serving (inline or on its thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from safedecode.methods.rewards import make_reward
+    from safedecode.methods.route import Route, Router
+    from safedecode.serve import ServedModel, create_app
+
+    calls = []
+
+    def flaky(prompts, texts):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            raise RuntimeError("reward model out of memory")
+        return _mod7(prompts, texts)
+
+    model, tok = tiny_llama()
+    spec = Route(methods.get("acd-text"), make_reward(flaky), horizon=2, margin=0.0)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=4)
+    router = Router(eng, spec, scorer=ThreadPoolExecutor(1) if scorer == "thread" else None)
+    app = create_app([ServedModel("tiny:route", eng, {}, router)])
+    with TestClient(app) as client:
+        def chat():
+            return client.post("/v1/chat/completions", json={
+                "model": "tiny:route", "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5, "temperature": 0})
+        r = chat()
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert "reward model out of memory" in err["message"] and err["type"] == "server_error"
+        assert client.get("/health").json()["models"]["tiny:route"]["free_slots"] == 4
+        r = chat()  # the loop lives on: the next request is answered
+        assert r.status_code == 200, r.text
+        offline = SafeDecoder(model, tok, Route(spec.base, make_reward(_mod7), horizon=2,
+                                                margin=0.0))
+        want = offline.generate([{"role": "user", "content": "Hi"}], max_new_tokens=5)[0]
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+        assert router.pending() == 0 and router.scoring() == 0
+
+
 def test_route_served_aborts_free_both_sequences(tiny_model_dir):
     """A routed request past --request-timeout (undecided: its two sequences live) gets 408
     and frees both slots."""

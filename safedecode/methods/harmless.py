@@ -380,7 +380,8 @@ class HarmlessReward(Reward):
         ids = [self.tok.apply_chat_template(conversation(p, t), tokenize=True,
                                             return_dict=True)["input_ids"]
                for p, t in zip(prompts, texts, strict=True)]
-        if self.share_prefix:
+        if self.share_prefix and isinstance(getattr(self.model, "score", None),
+                                            self.torch.nn.Linear):  # a decoder's score head
             return self._score_shared(ids, prompts)
         return self._score(ids)
 
