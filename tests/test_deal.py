@@ -170,8 +170,6 @@ def test_bad_parameters_are_named():
         methods.get("deal", reward=_digit_reward, base=union, rollout="plain")
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("deal", reward=_digit_reward))
-    with pytest.raises(ValueError, match="generate"):
-        list(dec.stream("Hi"))
     from safedecode.methods.deal import search
 
     eng = dec.engine(max_seqs=8)
@@ -191,14 +189,21 @@ def test_cli_generate_deal_and_its_errors(tiny_model_dir):
                   "2", "--propose", "1", "--json", "Hi"])
     assert r.exit_code == 0, r.output
     assert '"method": "deal"' in r.output and '"tokens": 6' in r.output
+    streamed = run(app, [*base, "--reward", "keywords:include=the", "--deal-k", "2",
+                         "--lookahead", "2", "--chunk", "2", "--stream", "Hi"])
+    assert streamed.exit_code == 0, streamed.output
+    model, tok = tiny_llama()
+    want = SafeDecoder(model, tok, methods.get(
+        "deal", reward="keywords:include=the", k=2, lookahead=2, chunk=2)).generate(
+        "Hi", max_new_tokens=6)[0]
+    assert streamed.output == want.text + "\n"
     for extra, match in ((["--deal-k", "0", "--reward", "length"], "k: must be"),
                          (["--lookahead", "-1", "--reward", "length"], "lookahead"),
                          (["--horizon", "0", "--reward", "length"], "horizon"),
                          (["--propose", "-2", "--reward", "length"], "propose"),
                          (["--propose", "1", "--mix", "1.5", "--reward", "length"], "mix:"),
                          (["--rollout", "amateur", "--reward", "length"], "rollout:"),
-                         (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward"),
-                         (["--reward", "length", "--stream"], "generate()")):
+                         (["--reward", "nope"], "unknown 'nope'"), ([], "needs a reward")):
         r = run(app, [*base, *extra, "Hi"])
         assert r.exit_code == 2 and match in r.output, (extra, r.output)
 
@@ -355,3 +360,35 @@ def test_mixture_logprob():
         want = torch.log((1 - w) * lp.exp() + w * q.exp())
         assert torch.allclose(mixture_logprob(lp, q, w), want, atol=1e-6)
         assert torch.allclose(mixture_logprob(lp, q, w).exp().sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("kw", [dict(k=2, lookahead=2), dict(k=3, lookahead=2, chunk=3),
+                                dict(k=2, lookahead=2, beam=2, chunk=2),
+                                dict(k=2, lookahead=3, chunk=2, horizon=4),
+                                dict(k=2, lookahead=2, propose=1, rollout="both", chunk=2)])
+def test_stream_yields_final_tokens_as_the_search_commits_them(kw):
+    """``SafeDecoder.stream`` on DeAL: every request's events join to generate()'s text and
+    tokens (greedy and sampled, with a stop string), each token once, the result on the last
+    event; tokens arrive while the search goes on (before the last search step), not all at
+    the end."""
+    model, tok = tiny_llama()
+    spec = methods.get("deal", reward=_digit_reward, base="acd-text", **kw)
+    dec = SafeDecoder(model, tok, spec)
+    prompts = ["Hi", "Tell me a story about a cat.", "Name a colour."]
+    for params in (dict(max_new_tokens=12), dict(max_new_tokens=12, temperature=0.9, seed=3),
+                   dict(max_new_tokens=12, stop=["e"])):
+        want = dec.generate(prompts, **params)
+        events, steps = [], []  # steps: events seen when each search step ended
+
+        def on_step(done, n, events=events, steps=steps):
+            steps.append(len(events))
+        for ev in dec.stream(prompts, on_step=on_step, **params):
+            events.append(ev)
+        for i, w in enumerate(want):
+            mine = [e for e in events if e.index == i]
+            assert "".join(e.text for e in mine) == w.text
+            assert [e.token_id for e in mine if e.token_id is not None] == w.token_ids
+            assert [e.finish_reason for e in mine[:-1]] == [None] * (len(mine) - 1)
+            assert mine[-1].finish_reason == w.finish_reason
+        if "stop" not in params and spec.beam == 1:  # tokens after the first step and later
+            assert 0 < steps[0] < len(events)

@@ -125,19 +125,23 @@ class SafeDecoder:
     def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
                **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded (a ``route``
-        request's once the reward has chosen its answer)."""
+        request's once the reward has chosen its answer; a ``deal`` request's as its search
+        commits them, and as decoded past its horizon)."""
+        from safedecode.methods.deal import stream as deal_stream
         from safedecode.methods.route import Route
         from safedecode.methods.route import stream as route_stream
 
+        if self.search is None:
+            yield from self._run(prompts, params, None, {}, raw)
+            return
+        eng, built, texts, per_request, on_step = self._search_setup(prompts, params, None, raw)
         if isinstance(self.search, Route):
-            eng, built, texts, per_request, _ = self._search_setup(prompts, params, None, raw)
-            for i, out, _ in route_stream(eng, built, texts, per_request, self.search):
+            for i, out, _ in route_stream(eng, built, texts, per_request, self.search, on_step):
                 yield StreamEvent(i, out.text, out.token_id, out.finish_reason)
             return
-        if self.search is not None:
-            raise ValueError(f"stream: a {self.search.name} search commits tokens only after "
-                             "its lookahead; use generate()")
-        yield from self._run(prompts, params, None, {}, raw)
+        for i, token, text, result in deal_stream(eng, built, texts, per_request, self.search,
+                                                  on_step):
+            yield StreamEvent(i, text, token, result and result.finish_reason)
 
     def _search_setup(self, prompts, params: dict, streamer, raw: bool):
         """A search's engine and inputs: (engine, built prompts, the texts its reward scores,

@@ -424,6 +424,13 @@ class Engine:
             seq.detok.add(t)
         self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
 
+    def detokenizer(self, request_id: int) -> IncrementalDetokenizer:
+        """A fresh detokeniser with a live request's stop strings and end tokens: its tokens
+        fed to it stream the same text deltas as the engine's own (for a caller that decides
+        later which tokens are final, as DeAL's search does)."""
+        seq = self._get(request_id)
+        return IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos)
+
     def tokens(self, request_id: int) -> list[int]:
         """The tokens a live request has generated so far."""
         return list(self._get(request_id).out)

@@ -35,13 +35,17 @@ and by the plain model (a fork of the candidate, twice the sequences), and the r
 all of them, so a refusal stays reachable (the plain model rarely continues one) beside a fluent
 answer. Rollout tokens' log P is under the proposals' mixture; past the horizon the base method
 decodes, as before.
+
+:func:`stream` (``SafeDecoder.stream``) yields each answer's tokens as they become final: the
+ones a search step commits (with a beam, the prefix every kept sequence shares), then, past the
+horizon, each token as decoded; :func:`search` collects its results.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from safedecode.engine.branches import Branch, Method
@@ -190,13 +194,18 @@ class _Cand:
     committed: int  # tokens committed before this candidate's token
 
 
-def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            params: SamplingParams | Sequence[SamplingParams], spec: DeAL,
-           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+           on_step: Callable[[int, int], None] | None = None
+           ) -> Iterator[tuple[int, int | None, str, GenerationResult | None]]:
     """Run DeAL for every request (``built[i]``, scored against ``prompts[i]``, decoded with
     ``params`` or ``params[i]``) in ``engine`` (which must hold ``len(built) x
-    spec.sequences_per_request`` sequences); returns one result per request.
-    ``on_step(requests_done, requests)`` after each search step."""
+    spec.sequences_per_request`` sequences), yielding ``(i, token_id, text, result)`` for each
+    token of request ``i``'s answer once it is final — committed by a search step (with a beam,
+    the part every kept sequence shares), decoded past the horizon, or the winning rollout's
+    rest — with its text delta; ``result`` is set on the request's last event (``token_id``
+    ``None`` where it carries no token of its own). ``on_step(requests_done, requests)`` after
+    each search step."""
     if engine.has_unfinished():
         raise ValueError("engine: DeAL's search needs an engine with no other requests (each "
                          "search step must expand every frontier sequence at once)")
@@ -219,14 +228,36 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     committed = dict.fromkeys(roots, 0)
     free: dict[int, int] = {}  # sequence -> request: past the horizon, decoded by the base
     finished: dict[int, GenerationResult] = {}
-    results: dict[int, GenerationResult] = {}
+    done = 0
+    detok = {i: engine.detokenizer(r) for i, r in enumerate(roots)}
+    sent = dict.fromkeys(range(len(built)), 0)  # tokens of each answer already yielded
+    events: list[tuple[int, int | None, str, GenerationResult | None]] = []
+
+    def final(i: int, tokens: Sequence[int], result: GenerationResult | None = None) -> None:
+        """``tokens`` (request ``i``'s answer so far, or ``result``'s) are final: queue the
+        ones not yielded yet."""
+        nonlocal done
+        if result is not None:
+            tokens = result.token_ids
+        new = [(i, t, detok[i].add(t), None) for t in tokens[sent[i]:]]
+        sent[i] = max(sent[i], len(tokens))
+        if result is not None:
+            done += 1
+            last = new.pop() if new else (i, None, "", None)
+            new.append((last[0], last[1], last[2] + detok[i].flush(), result))
+        events.extend(new)
 
     def run(expand: dict[int, int] | None = None, rolling=()):
         follow = spec.follow(rolling) if rolling else None
         for o in engine.step(expand, spec.proposal if expand else None, follow):
             if o.request_id in free:
+                i = free[o.request_id]
                 if o.finish_reason:
-                    results[free.pop(o.request_id)] = engine.pop_result(o.request_id)
+                    del free[o.request_id]
+                    final(i, (), engine.pop_result(o.request_id))
+                elif o.token_id >= 0:  # past the horizon every token is final
+                    events.append((i, o.token_id, detok[i].add(o.token_id), None))
+                    sent[i] += 1
                 continue
             if o.finish_reason:
                 finished[o.request_id] = engine.pop_result(o.request_id)
@@ -236,6 +267,8 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         if not frontier:
             for _ in run():
                 pass
+            yield from events
+            events.clear()
             continue
         owner = {sid: i for i, seqs in frontier.items() for sid in seqs}
         cands: dict[int, list[_Cand]] = {i: [] for i in frontier}
@@ -261,7 +294,7 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         for i, chosen in _select(engine, cands, prompts, spec, finished).items():
             cs = cands[i]
             if chosen[0].id in finished:  # the best rollout ended: that is the answer
-                results[i] = finished[chosen[0].id]
+                final(i, (), finished[chosen[0].id])
                 for c in cs:
                     if c.id not in finished:
                         engine.release(c.id)
@@ -269,14 +302,15 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
                 continue
             keep = [c for c in chosen if c.id not in finished]
             ends = spec.horizon is not None and min(
-                keep[0].committed + spec.chunk, len(engine.tokens(keep[0].id))) >= spec.horizon
+                keep[0].committed + spec.chunk, engine.num_tokens(keep[0].id)) >= spec.horizon
             if ends:  # the search is over for this request: the best goes on alone
                 keep = keep[:1]
             engine.keep([c.id for c in keep])
             for c in keep:
-                n = min(c.committed + spec.chunk, len(engine.tokens(c.id)))
+                n = min(c.committed + spec.chunk, engine.num_tokens(c.id))
                 engine.truncate(c.id, n)
                 committed[c.id] = n
+            final(i, _common_prefix([engine.tokens(c.id) for c in keep]))
             if ends:
                 free[keep[0].id] = i
                 del frontier[i]
@@ -285,8 +319,30 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         for cs in cands.values():  # this step's losers and winners are settled
             for c in cs:
                 finished.pop(c.id, None)
+        yield from events
+        events.clear()
         if on_step is not None:
-            on_step(len(results), len(built))
+            on_step(done, len(built))
+    yield from events
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix every sequence of ``seqs`` shares."""
+    first = list(seqs[0])
+    n = len(first)
+    for seq in seqs[1:]:
+        n = min(n, len(seq))
+        n = next((j for j in range(n) if seq[j] != first[j]), n)
+    return first[:n]
+
+
+def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
+           params: SamplingParams | Sequence[SamplingParams], spec: DeAL,
+           on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    """:func:`stream`'s results, one per request; ``on_step(requests_done, requests)`` after
+    each search step."""
+    results = {i: r for i, _, _, r in stream(engine, built, prompts, params, spec, on_step)
+               if r is not None}
     return [results[i] for i in range(len(built))]
 
 
