@@ -3,11 +3,16 @@ between, decoded alone, on a tiny random model."""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 
 import pytest
 import torch
 from engine_fixtures import tiny_llama
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
@@ -362,3 +367,121 @@ def test_router_scores_on_a_thread_while_the_engine_steps():
         assert out[-1][1].token_ids == short.token_ids and eng.state.free_slots == 10
     with pytest.raises(ValueError, match="scorer: expected a concurrent.futures.Executor"):
         Router(eng, threaded, scorer=object())
+
+
+# -- a stateful fuzz: routed and unrouted requests, aborts, a reward inline or on a thread ------
+_FUZZ_SPEC = dict(reward=_vowels, horizon=3, margin=0.5, **BASE)
+
+
+@functools.cache
+def _alone_tokens(name: str, which: int, n: int) -> tuple[int, ...]:
+    model, tok = tiny_llama()
+    kw = {"alpha": BASE["alpha"]} if name != "plain" else {}
+    dec = SafeDecoder(model, tok, methods.get(name, **kw))
+    return tuple(dec.generate(PROMPTS[which], max_new_tokens=n, ignore_eos=True)[0].token_ids)
+
+
+@functools.cache
+def _routed_reference(which: int, n: int) -> tuple[int, ...]:
+    """The base's or the plain model's answer decoded alone, whichever the reward keeps on
+    their first ``horizon`` tokens (computed here, not by the router)."""
+    _, tok = tiny_llama()
+    base, plain = (_alone_tokens(m, which, n) for m in (BASE["base"], "plain"))
+    cut = [tok.decode(t[:_FUZZ_SPEC["horizon"]], skip_special_tokens=True) for t in (base, plain)]
+    hb, hq = _vowels([PROMPTS[which]] * 2, cut)
+    return base if hb - hq > _FUZZ_SPEC["margin"] else plain
+
+
+class RouterMachine(RuleBasedStateMachine):
+    """Random adds of routed and unrouted requests, steps and aborts in one engine: every
+    finished routed answer equals routing it alone, unrouted ones equal the plain model's, no
+    output belongs to an aborted or unknown request, and no slot leaks (the reward inline, or
+    on a thread while the engine steps)."""
+
+    threaded = False
+
+    def __init__(self):
+        super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
+        from safedecode.methods.route import Router
+
+        model, tok = tiny_llama()
+        spec = methods.get("route", **_FUZZ_SPEC)
+        if self.threaded:  # slow enough that the engine steps while it scores
+            spec = methods.Route(spec.base, make_reward(_slow_vowels), horizon=3, margin=0.5)
+        self.pool = ThreadPoolExecutor(1) if self.threaded else None
+        self.eng = SafeDecoder(model, tok, spec).engine(max_seqs=6)
+        self.router = Router(self.eng, spec, scorer=self.pool)
+        self.routed: dict[int, tuple[int, int]] = {}  # request id -> (prompt, tokens)
+        self.plain: dict[int, tuple[int, int]] = {}
+        self.gone: set[int] = set()
+
+    def teardown(self):
+        deadline = time.monotonic() + 30
+        while (self.eng.has_unfinished() or self.router.scoring()) and \
+                time.monotonic() < deadline:
+            self.step()
+        assert self.router.pending() == 0 and self.router.scoring() == 0
+        assert self.eng.state.free_slots == 6 and not self.eng.has_unfinished()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, 6), routed=st.booleans())
+    def add(self, which, n, routed):
+        sp = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        built = self.eng.build(PROMPTS[which])
+        if routed:
+            self.routed[self.router.add(built, PROMPTS[which], sp)[0]] = (which, n)
+        else:
+            self.plain[self.eng.add_built(built, sp, gates=(False,))[0]] = (which, n)
+
+    @rule()
+    def step(self):
+        outs = self.eng.step() if self.eng.has_unfinished() else []
+        for o, result in self.router.feed(outs, wait=0.05 if not outs else 0.0):
+            assert o.request_id not in self.gone
+            if o.request_id in self.plain:
+                assert result is None
+                if o.finish_reason:
+                    got = self.eng.pop_result(o.request_id).token_ids
+                    assert tuple(got) == _alone_tokens("plain", *self.plain.pop(o.request_id))
+                continue
+            assert o.request_id in self.routed
+            if result is not None:
+                assert tuple(result.token_ids) == _routed_reference(
+                    *self.routed.pop(o.request_id))
+
+    @precondition(lambda self: self.routed)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.routed)))
+        self.router.abort(rid)
+        del self.routed[rid]
+        self.gone.add(rid)
+        with pytest.raises(ValueError, match="no unfinished routed request"):
+            self.router.abort(rid)
+
+    @invariant()
+    def no_slot_leaks(self):
+        live = self.eng._live.values()
+        used = sorted(s.slot for s in live if s.slot >= 0)
+        assert len(used) == len(set(used))
+        assert self.eng.state.free_slots + len(used) == 6
+
+
+def _slow_vowels(prompts, texts):
+    time.sleep(0.004)
+    return _vowels(prompts, texts)
+
+
+class ThreadedRouterMachine(RouterMachine):
+    threaded = True
+
+
+_FUZZ = settings(max_examples=25, stateful_step_count=25, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
+RouterMachine.TestCase.settings = _FUZZ
+ThreadedRouterMachine.TestCase.settings = _FUZZ
+test_router_state_machine = RouterMachine.TestCase
+test_threaded_router_state_machine = ThreadedRouterMachine.TestCase
