@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -310,7 +311,7 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
                 n = min(c.committed + spec.chunk, engine.num_tokens(c.id))
                 engine.truncate(c.id, n)
                 committed[c.id] = n
-            final(i, _common_prefix([engine.tokens(c.id) for c in keep]))
+            final(i, os.path.commonprefix([engine.tokens(c.id) for c in keep]))
             if ends:
                 free[keep[0].id] = i
                 del frontier[i]
@@ -324,16 +325,6 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         if on_step is not None:
             on_step(done, len(built))
     yield from events
-
-
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
-    """The longest token prefix every sequence of ``seqs`` shares."""
-    first = list(seqs[0])
-    n = len(first)
-    for seq in seqs[1:]:
-        n = min(n, len(seq))
-        n = next((j for j in range(n) if seq[j] != first[j]), n)
-    return first[:n]
 
 
 def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],

@@ -24,6 +24,7 @@ refusal of a harmful request over its compliance.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -418,17 +419,8 @@ class HarmlessReward(Reward):
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
-        cuts = {}
-        for p, rows in groups.items():
-            cut = min(len(ids[r]) for r in rows) - 1
-            first = ids[rows[0]]
-            for r in rows[1:]:
-                seq = ids[r]
-                n = 0
-                while n < cut and seq[n] == first[n]:
-                    n += 1
-                cut = n
-            cuts[p] = cut
+        cuts = {p: min(len(os.path.commonprefix([ids[r] for r in rows])),
+                       min(len(ids[r]) for r in rows) - 1) for p, rows in groups.items()}
         out = [0.0] * len(ids)
         alone = [r for p in groups if not cuts[p] for r in groups[p]]  # nothing to share
         for r, score in zip(alone, self._score([ids[r] for r in alone]), strict=True):
