@@ -196,6 +196,7 @@ def test_shared_prefix_scores_equal_whole_sequence_scores(tiny_model_dir):
                                        {"role": "assistant", "content": t}], tokenize=True,
                                       return_dict=True)["input_ids"] for p, t in cases]
     assert sum(calls) < 0.6 * len(cases) * max(map(len, ids))  # distinct tokens, not all
+    assert rm.to("cpu") is rm and rm(prompts, texts) == pytest.approx(shared, abs=1e-6)
     perm = [8, 3, 0, 6, 1, 5, 2, 7, 4]
     again = rm([prompts[i] for i in perm], [texts[i] for i in perm])
     assert again == pytest.approx([whole[i] for i in perm], abs=1e-4)

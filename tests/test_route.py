@@ -485,3 +485,28 @@ RouterMachine.TestCase.settings = _FUZZ
 ThreadedRouterMachine.TestCase.settings = _FUZZ
 test_router_state_machine = RouterMachine.TestCase
 test_threaded_router_state_machine = ThreadedRouterMachine.TestCase
+
+
+def test_a_search_puts_its_reward_next_to_the_model():
+    """SafeDecoder moves a search's reward (weighted parts too) to the policy model's device,
+    so a GPU-served model's reward model runs on the GPU; rewards without a model ignore it."""
+    from safedecode.methods.rewards import Reward
+
+    class Placed(Reward):
+        def __init__(self):
+            self.devices = []
+
+        def to(self, device):
+            self.devices.append(torch.device(device))
+            return self
+
+        def __call__(self, prompts, texts):
+            return _vowels(prompts, texts)
+
+    model, tok = tiny_llama()
+    one, two = Placed(), Placed()
+    SafeDecoder(model, tok, methods.get("route", reward=one + 2 * two, **BASE))
+    SafeDecoder(model, tok, methods.get("deal", reward=one, k=2))
+    assert one.devices == [torch.device("cpu")] * 2 and two.devices == [torch.device("cpu")]
+    kw = make_reward("keywords:include=sorry")
+    assert kw.to("cpu") is kw

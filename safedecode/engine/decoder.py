@@ -82,6 +82,9 @@ class SafeDecoder:
         self.search = None
         if isinstance(method, (DeAL, Route)):  # a search around a base method
             self.search, method = method, method.engine_method
+            param = next(model.parameters(), None)
+            if param is not None:  # its reward model next to the policy (a GPU, say)
+                self.search.reward.to(param.device)
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method

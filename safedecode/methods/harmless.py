@@ -375,6 +375,10 @@ class HarmlessReward(Reward):
     def key(self) -> str:
         return reward_key(self.path)
 
+    def to(self, device) -> HarmlessReward:
+        self.model.to(device)
+        return self
+
     def __call__(self, prompts, texts) -> list[float]:
         if len(prompts) != len(texts):
             raise ValueError(f"harmless reward: {len(prompts)} prompts for {len(texts)} texts")
@@ -395,7 +399,8 @@ class HarmlessReward(Reward):
         for j, seq in enumerate(seqs):
             batch[j, :len(seq)] = torch.tensor(seq)
             mask[j, :len(seq)] = 1
-        return batch, mask
+        device = self.model.device  # built on the host, moved once
+        return batch.to(device), mask.to(device)
 
     def _score(self, ids: list[list[int]]) -> list[float]:
         """Every text's whole sequence, batches of like lengths."""
@@ -405,7 +410,8 @@ class HarmlessReward(Reward):
             rows = order[i:i + self.batch_size]
             batch, mask = self._pad([ids[r] for r in rows])
             with self.torch.no_grad():
-                scores = self.model(input_ids=batch, attention_mask=mask).logits[:, 0].tolist()
+                scores = self.model(input_ids=batch,
+                                    attention_mask=mask).logits[:, 0].float().tolist()
             for r, score in zip(rows, scores, strict=True):
                 out[r] = score
         return out
@@ -440,17 +446,19 @@ class HarmlessReward(Reward):
                 pre, pre_mask = self._pad(prefixes)
                 cache = body(input_ids=pre, attention_mask=pre_mask,
                              use_cache=True).past_key_values
-                pick = torch.tensor([g for g, _ in members])
+                device = pre.device
+                pick = torch.tensor([g for g, _ in members], device=device)
                 cache.reorder_cache(pick)
                 past_mask = pre_mask[pick]
                 tail, tail_mask = self._pad(tails)
-                start = torch.tensor([cuts[chunk[g]] for g, _ in members])
-                positions = start[:, None] + torch.arange(tail.shape[1])[None, :]
+                start = torch.tensor([cuts[chunk[g]] for g, _ in members], device=device)
+                positions = start[:, None] + torch.arange(tail.shape[1], device=device)[None, :]
                 hidden = body(input_ids=tail, attention_mask=torch.cat([past_mask, tail_mask], 1),
                               position_ids=positions,
                               **cache_kwargs(body, cache)).last_hidden_state
                 last = tail_mask.sum(1) - 1
-                scores = head(hidden[torch.arange(len(members)), last])[:, 0].tolist()
+                at = torch.arange(len(members), device=device)
+                scores = head(hidden[at, last])[:, 0].float().tolist()
             for (_, r), score in zip(members, scores, strict=True):
                 out[r] = score
             chunk = []

@@ -40,6 +40,11 @@ class Reward:
         """A stable identity (for caching evaluation results): the settings' repr."""
         return repr(self)
 
+    def to(self, device) -> Reward:
+        """Put the reward's model (if it has one) on ``device``; returns ``self``. A search on a
+        model calls it with that model's device, so a GPU-served model's reward runs there."""
+        return self
+
     def __add__(self, other: Reward) -> Weighted:
         return Weighted([(1.0, self), (1.0, _as_reward(other))])
 
@@ -85,6 +90,11 @@ class Weighted(Reward):
 
     def key(self) -> str:
         return "+".join(f"{w!r}*{r.key()}" for w, r in self.parts)
+
+    def to(self, device) -> Weighted:
+        for _, r in self.parts:
+            r.to(device)
+        return self
 
     def __add__(self, other) -> Weighted:
         return Weighted([*self.parts, (1.0, _as_reward(other))])
@@ -185,6 +195,10 @@ class ClassifierReward(Reward):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
 
+    def to(self, device) -> ClassifierReward:
+        self.model.to(device)
+        return self
+
     def __call__(self, prompts, texts) -> Scores:
         import torch
 
@@ -192,7 +206,8 @@ class ClassifierReward(Reward):
         for i in range(0, len(texts), self.batch_size):
             enc = self.tok(list(prompts[i:i + self.batch_size]),
                            list(texts[i:i + self.batch_size]), return_tensors="pt",
-                           padding=True, truncation=True, max_length=512)
+                           padding=True, truncation=True, max_length=512
+                           ).to(self.model.device)
             with torch.no_grad():
                 logits = self.model(**enc).logits.float()
             if logits.shape[-1] == 1:  # a reward model's scalar head
