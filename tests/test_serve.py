@@ -440,10 +440,18 @@ def test_packed_forwards_are_a_server_setting(tiny_model_dir, monkeypatch):
         res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), *flags])
         assert res.exit_code == 0, res.output
         assert seen.pop().max_prefill_tokens == budget
-    from safedecode.serve.cli import prefill_budget  # noqa: PLC0415
+    from safedecode.serve.server import prefill_budget  # noqa: PLC0415
 
     assert prefill_budget(None, "cuda") is None and prefill_budget(None, "cuda:1") is None
     assert prefill_budget(None, "cpu") == 32 and prefill_budget(16, "cuda") == 16
+    pytest.importorskip("ray", reason="the ray extra is part of `make setup` (dev)")
+    from safedecode.serve import ray_app  # noqa: PLC0415
+
+    specs = []
+    monkeypatch.setattr(ray_app, "deployment", lambda spec, *a, **kw: specs.append(spec))
+    ray_app.app({"model": str(tiny_model_dir)})  # `serve run` gets the CLI's CPU default
+    ray_app.app({"model": str(tiny_model_dir), "max_prefill_tokens": "0"})
+    assert [s.max_prefill_tokens for s in specs] == [32, None]
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--max-prefill-tokens", "-1"])
     assert res.exit_code == 2 and "--max-prefill-tokens: must be >= 0" in res.output
 

@@ -9,16 +9,6 @@ import typer
 
 from safedecode.cli_errors import fail
 
-CPU_PREFILL_BUDGET = 32  # benchmarks/results/serve_cpu.md: the p99 inter-token latency tail
-
-
-def prefill_budget(given: int | None, device: str) -> int | None:
-    """The engine's ``max_prefill_tokens`` for ``--max-prefill-tokens`` (None: the device's
-    default — :data:`CPU_PREFILL_BUDGET` on a CPU, no limit on a GPU; 0: no limit)."""
-    if given is None:
-        return CPU_PREFILL_BUDGET if device == "cpu" else None
-    return given or None
-
 
 def serve_command(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -84,6 +74,7 @@ def serve_command(
     """Serve methods over HTTP with OpenAI's API (chat, completions, streaming, n, seed)."""
     try:
         from safedecode.serve import ServeSpec
+        from safedecode.serve.server import prefill_budget
 
         for what, value, lo in (("--max-seqs", max_seqs, 1), ("--max-queue", max_queue, 0),
                                 ("--default-max-tokens", default_max_tokens, 1),

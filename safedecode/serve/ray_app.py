@@ -15,7 +15,7 @@ import os
 from ray import serve
 
 from .app import replica_id
-from .server import ServeSpec, build_app
+from .server import ServeSpec, build_app, prefill_budget
 
 
 @serve.ingress()
@@ -50,9 +50,13 @@ def deployment(spec: ServeSpec, replicas: int, *, cpus_per_replica: float = 1.0)
 
 def app(args: dict):
     """Application builder for ``serve run safedecode.serve.ray_app:app key=value ...``:
-    ``model``, ``methods`` (comma-separated), ``replicas``, ``max_seqs``, ``name``."""
+    ``model``, ``methods`` (comma-separated), ``replicas``, ``max_seqs``, ``name``,
+    ``max_prefill_tokens`` (default: as ``safedecode serve``, 32 on a CPU)."""
+    budget = args.get("max_prefill_tokens")
     spec = ServeSpec(model=args.get("model", "default"),
                      methods=[m for m in args.get("methods", "plain").split(",") if m],
-                     name=args.get("name"), max_seqs=int(args.get("max_seqs", 8)))
+                     name=args.get("name"), max_seqs=int(args.get("max_seqs", 8)),
+                     max_prefill_tokens=prefill_budget(None if budget is None else int(budget),
+                                                       "cpu"))
     return deployment(spec, int(args.get("replicas", 1)),
                       cpus_per_replica=float(args.get("cpus_per_replica", 1)))

@@ -48,6 +48,18 @@ class ServeSpec:
         return asdict(self)
 
 
+CPU_PREFILL_BUDGET = 32  # benchmarks/results/serve_budget_s33: the p99 inter-token latency tail
+
+
+def prefill_budget(given: int | None, device: str) -> int | None:
+    """``max_prefill_tokens`` for a server on ``device`` asked for ``given`` (None: the
+    device's default — :data:`CPU_PREFILL_BUDGET` on a CPU, where a step costs in proportion
+    to its tokens, no limit on a GPU; 0: no limit)."""
+    if given is None:
+        return CPU_PREFILL_BUDGET if device == "cpu" else None
+    return given or None
+
+
 def _method_kwargs(name: str, kwargs: dict) -> dict:
     """The subset of ``kwargs`` that method ``name`` takes."""
     import inspect
