@@ -44,13 +44,16 @@ horizon, each token as decoded; :func:`search` collects its results.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from safedecode.engine.branches import Branch, Method
-from safedecode.engine.engine import Engine, GenerationResult
+from safedecode.engine.detokenizer import IncrementalDetokenizer
+from safedecode.engine.engine import Engine, GenerationResult, StepOutput
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
@@ -195,6 +198,260 @@ class _Cand:
     committed: int  # tokens committed before this candidate's token
 
 
+@dataclass
+class _Answer:
+    """One answer's search (see :class:`Searcher`)."""
+
+    id: int
+    built: Built
+    prompt: str
+    params: SamplingParams  # the caller's
+    index: int
+    phase: str = "queued"  # queued -> expand <-> rollout -> (free) -> done
+    frontier: list[int] = field(default_factory=list)  # sequences the next step expands
+    committed: dict[int, int] = field(default_factory=dict)  # sequence -> committed tokens
+    cands: list[_Cand] = field(default_factory=list)  # this search step's candidates
+    followed: set[int] = field(default_factory=set)  # candidates the plain model rolls out
+    finished: dict[int, GenerationResult] = field(default_factory=dict)  # ended candidates
+    left: int = 0  # rollout steps left
+    free: int | None = None  # past the horizon: the sequence decoding on alone
+    detok: IncrementalDetokenizer | None = None
+    sent: int = 0  # tokens of the answer already handed out
+
+    def live(self) -> list[int]:
+        """The answer's sequences still in the engine."""
+        if self.phase == "free":
+            return [self.free]
+        if self.phase == "rollout":
+            return [c.id for c in self.cands if c.id not in self.finished]
+        return list(self.frontier)
+
+
+class Searcher:
+    """DeAL's search, one answer at a time, inside an engine on ``spec.engine_method``.
+
+    Every answer moves through its own phases — its frontier expanded to the top-``k``
+    candidates in one engine step, the candidates rolled out ``lookahead`` steps, the reward
+    called, the best kept and rolled back to what is committed — so answers added at any time
+    share the engine's batched steps (the server), each at its own phase. Drive it with
+    :meth:`step` (or ``engine.step(**searcher.step_args())`` then :meth:`feed`); it returns
+    each answer's tokens once final, as :class:`StepOutput` under the answer's id (the id
+    :meth:`add` returned; ``token_id`` -1 on a last output that carries no token of its own)
+    with the :class:`GenerationResult` on its last one. Answers whose candidates reach the
+    reward in the same step are scored in one batched call.
+
+    An answer holds up to ``spec.sequences_per_request`` sequences at once; the searcher starts
+    one only when that many slots are sure to be free (it queues the others), so an expansion
+    never lacks a slot. Every sequence of the engine must come from this searcher (a request
+    added to the engine behind its back could take the slots an expansion counts on).
+    """
+
+    def __init__(self, engine: Engine, spec: DeAL) -> None:
+        if engine.method is not spec.engine_method:
+            raise ValueError("engine: DeAL's search needs an engine on spec.engine_method (the "
+                             "base method, with the proposal branch when propose > 0)")
+        if spec.sequences_per_request > engine.state.max_seqs:
+            raise ValueError(f"max_seqs: a DeAL answer holds up to {spec.sequences_per_request} "
+                             f"sequences (beam {spec.beam} x (k {spec.k} + propose "
+                             f"{spec.propose}){' x 2 rollouts' if spec.rollout == 'both' else ''}"
+                             f"); the engine has {engine.state.max_seqs}")
+        self.engine, self.spec = engine, spec
+        self._ids = itertools.count()
+        self._answers: dict[int, _Answer] = {}  # unfinished answers by id
+        self._queue: deque[_Answer] = deque()
+        self._owner: dict[int, _Answer] = {}  # engine sequence -> its answer
+        self.search_steps = 0  # reward calls made (one per step in which some search chose)
+
+    # -- requests ----------------------------------------------------------------------------
+    def add(self, built: Built, prompt: str, params: SamplingParams | None = None, *,
+            index: int = 0, n: int = 1) -> list[int]:
+        """Queue ``n`` answers of one request (``built`` for the engine, ``prompt`` the text the
+        reward scores against); returns their ids. Answer ``c`` draws with seed ``seed + c``
+        (each its own prefill: one answer's fork family is released as a whole)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: the reward scores text, got {type(prompt).__name__}")
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        self.engine.check_fits(built, params.max_new_tokens, index)
+        if params.seed is not None and params.seed + n - 1 >= 2**63:
+            raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {params.seed} with n={n}")
+        ids = []
+        for c in range(n):
+            p = params if params.seed is None else replace(params, seed=params.seed + c)
+            a = _Answer(next(self._ids), built, prompt, p, index)
+            self._answers[a.id] = a
+            self._queue.append(a)
+            ids.append(a.id)
+        return ids
+
+    def pending(self) -> int:
+        """Answers not finished yet (queued or searching)."""
+        return len(self._answers)
+
+    def num_waiting(self) -> int:
+        """Answers queued for their slots."""
+        return len(self._queue)
+
+    def scoring(self) -> int:
+        """Reward calls in flight off the engine's thread: none (the search scores inline)."""
+        return 0
+
+    def abort(self, request_id: int) -> None:
+        """Drop an unfinished answer: every live sequence of it (its slots are free at once)."""
+        a = self._answers.pop(request_id, None) if isinstance(request_id, int) else None
+        if a is None:
+            raise ValueError(f"request_id: no unfinished DeAL answer {request_id!r}")
+        if a.phase == "queued":
+            self._queue.remove(a)
+            return
+        for sid in a.live():
+            self.engine.abort(sid)
+        for sid in [s for s, owner in self._owner.items() if owner is a]:
+            del self._owner[sid]
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[tuple[StepOutput, GenerationResult | None]]:
+        """One engine step with this searcher's arguments, its outputs fed back."""
+        return self.feed(self.engine.step(**self.step_args()))
+
+    def step_args(self) -> dict:
+        """Start the queued answers that fit, then the keyword arguments of the next
+        :meth:`Engine.step`: the frontiers to expand (with the proposals) and the rollouts
+        the plain model follows."""
+        eng, spec = self.engine, self.spec
+        held = spec.sequences_per_request * (len(self._answers) - len(self._queue))
+        while self._queue and held + spec.sequences_per_request <= eng.state.max_seqs:
+            a = self._queue.popleft()
+            root = eng.add_built(a.built, replace(a.params, logprobs=True), index=a.index)[0]
+            a.phase, a.frontier, a.committed = "expand", [root], {root: 0}
+            a.detok = eng.detokenizer(root)
+            self._owner[root] = a
+            held += spec.sequences_per_request
+        expand = {sid: spec.k for a in self._answers.values() if a.phase == "expand"
+                  for sid in a.frontier}
+        args: dict = {}
+        if expand:
+            args["expand"], args["propose"] = expand, spec.proposal
+        rolling = [c.id for a in self._answers.values() if a.phase == "rollout"
+                   for c in a.cands if c.id in a.followed and c.id not in a.finished]
+        if rolling and spec.rollout != "base":
+            args["follow"] = spec.follow(rolling)
+        return args
+
+    def feed(self, outputs: Sequence[StepOutput]
+             ) -> list[tuple[StepOutput, GenerationResult | None]]:
+        """One engine step's outputs in; the answers' final tokens out (see the class
+        docstring). Outputs of sequences not started here pass through untouched."""
+        eng, spec = self.engine, self.spec
+        out: list[tuple[StepOutput, GenerationResult | None]] = []
+        rolled = [a for a in self._answers.values() if a.phase == "rollout"]
+        expanded: dict[int, _Answer] = {}
+        for o in outputs:
+            a = self._owner.get(o.request_id if o.parent is None else o.parent)
+            if a is None:
+                out.append((o, None))
+                continue
+            result = eng.pop_result(o.request_id) if o.finish_reason else None
+            if a.phase == "free":
+                if result is not None:
+                    self._final(a, (), out, result)
+                elif o.token_id >= 0:  # past the horizon every token is final
+                    lp = o.logprob if a.params.logprobs else None
+                    out.append((StepOutput(a.id, a.detok.add(o.token_id), o.token_id,
+                                           logprob=lp), None))
+                    a.sent += 1
+                continue
+            if a.phase == "expand":  # the frontier's (and their forks') candidate tokens
+                base = o.parent if o.parent is not None else o.request_id
+                a.cands.append(_Cand(o.request_id, a.committed[base]))
+                self._owner[o.request_id] = a
+                expanded[a.id] = a
+            if result is not None:
+                a.finished[o.request_id] = result
+        for a in rolled:
+            a.left -= 1
+        for a in expanded.values():
+            a.phase, a.left = "rollout", spec.lookahead
+            if spec.rollout == "both":  # a copy of every candidate, rolled out by the plain model
+                copies = [_Cand(eng.fork(c.id, 1)[0], c.committed) for c in a.cands
+                          if c.id not in a.finished]
+                for c in copies:
+                    self._owner[c.id] = a
+                a.followed = {c.id for c in copies}
+                a.cands += copies
+            else:
+                a.followed = {c.id for c in a.cands}
+        ready = [a for a in self._answers.values() if a.phase == "rollout" and (
+            a.left <= 0 or all(c.id in a.finished for c in a.cands))]
+        if ready:
+            finished = {sid: r for a in ready for sid, r in a.finished.items()}
+            chosen = _select(eng, {a.id: a.cands for a in ready},
+                             {a.id: a.prompt for a in ready}, spec, finished)
+            self.search_steps += 1
+            for a in ready:
+                self._commit(a, chosen[a.id], out)
+        return out
+
+    def _commit(self, a: _Answer, chosen: list[_Cand], out: list) -> None:
+        """Keep an answer's chosen candidates, rolled back to what is committed; hand out what
+        became final."""
+        eng, spec = self.engine, self.spec
+        if chosen[0].id in a.finished:  # the best rollout ended: that is the answer
+            for c in a.cands:
+                if c.id not in a.finished:
+                    eng.release(c.id)
+            self._final(a, (), out, a.finished[chosen[0].id])
+            return
+        keep = [c for c in chosen if c.id not in a.finished]
+        ends = spec.horizon is not None and min(
+            keep[0].committed + spec.chunk, eng.num_tokens(keep[0].id)) >= spec.horizon
+        if ends:  # the search is over for this answer: the best goes on alone
+            keep = keep[:1]
+        eng.keep([c.id for c in keep])
+        for c in a.cands:
+            if c.id not in {k.id for k in keep}:
+                self._owner.pop(c.id, None)
+        a.committed = {}
+        for c in keep:
+            n = min(c.committed + spec.chunk, eng.num_tokens(c.id))
+            eng.truncate(c.id, n)
+            a.committed[c.id] = n
+        a.cands, a.finished, a.followed = [], {}, set()
+        self._final(a, os.path.commonprefix([eng.tokens(c.id) for c in keep]), out,
+                    logprobs=eng.logprobs(keep[0].id))
+        if ends:
+            a.phase, a.free, a.frontier = "free", keep[0].id, []
+        else:
+            a.phase, a.frontier = "expand", [c.id for c in keep]
+
+    def _final(self, a: _Answer, tokens: Sequence[int], out: list,
+               result: GenerationResult | None = None, logprobs: Sequence[float] = ()) -> None:
+        """``tokens`` (the answer so far, or ``result``'s) are final: hand out the ones not
+        handed out yet; with ``result`` the answer is over."""
+        if result is not None:
+            tokens, logprobs = result.token_ids, result.logprobs or ()
+        want = a.params.logprobs
+        new = [StepOutput(a.id, a.detok.add(t), t,
+                          logprob=logprobs[j] if want and j < len(logprobs) else None)
+               for j, t in enumerate(tokens[a.sent:], start=a.sent)]
+        a.sent = max(a.sent, len(tokens))
+        if result is None:
+            out += [(o, None) for o in new]
+            return
+        last = new.pop() if new else StepOutput(a.id, "", -1)
+        out += [(o, None) for o in new]
+        out.append((replace(last, text=last.text + a.detok.flush(),
+                            finish_reason=result.finish_reason), result))
+        a.phase = "done"
+        del self._answers[a.id]
+        for sid in [s for s, owner in self._owner.items() if owner is a]:
+            del self._owner[sid]
+
+
 def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            params: SamplingParams | Sequence[SamplingParams], spec: DeAL,
            on_step: Callable[[int, int], None] | None = None
@@ -206,7 +463,7 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     the part every kept sequence shares), decoded past the horizon, or the winning rollout's
     rest — with its text delta; ``result`` is set on the request's last event (``token_id``
     ``None`` where it carries no token of its own). ``on_step(requests_done, requests)`` after
-    each search step."""
+    each search step. Runs a :class:`Searcher`."""
     if engine.has_unfinished():
         raise ValueError("engine: DeAL's search needs an engine with no other requests (each "
                          "search step must expand every frontier sequence at once)")
@@ -220,111 +477,17 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         params = [params] * len(built)
     if len(params) != len(built) or len(prompts) != len(built):
         raise ValueError(f"params, prompts: expected {len(built)} of each")
-    if engine.method is not spec.engine_method:
-        raise ValueError("engine: DeAL's search needs an engine on spec.engine_method (the base "
-                         "method, with the proposal branch when propose > 0)")
-    roots = [engine.add_built(b, replace(p, logprobs=True), index=i)[0]
-             for i, (b, p) in enumerate(zip(built, params, strict=True))]
-    frontier = {i: [r] for i, r in enumerate(roots)}
-    committed = dict.fromkeys(roots, 0)
-    free: dict[int, int] = {}  # sequence -> request: past the horizon, decoded by the base
-    finished: dict[int, GenerationResult] = {}
+    searcher = Searcher(engine, spec)
+    index = {searcher.add(b, t, p, index=i)[0]: i
+             for i, (b, t, p) in enumerate(zip(built, prompts, params, strict=True))}
     done = 0
-    detok = {i: engine.detokenizer(r) for i, r in enumerate(roots)}
-    sent = dict.fromkeys(range(len(built)), 0)  # tokens of each answer already yielded
-    events: list[tuple[int, int | None, str, GenerationResult | None]] = []
-
-    def final(i: int, tokens: Sequence[int], result: GenerationResult | None = None) -> None:
-        """``tokens`` (request ``i``'s answer so far, or ``result``'s) are final: queue the
-        ones not yielded yet."""
-        nonlocal done
-        if result is not None:
-            tokens = result.token_ids
-        new = [(i, t, detok[i].add(t), None) for t in tokens[sent[i]:]]
-        sent[i] = max(sent[i], len(tokens))
-        if result is not None:
-            done += 1
-            last = new.pop() if new else (i, None, "", None)
-            new.append((last[0], last[1], last[2] + detok[i].flush(), result))
-        events.extend(new)
-
-    def run(expand: dict[int, int] | None = None, rolling=()):
-        follow = spec.follow(rolling) if rolling else None
-        for o in engine.step(expand, spec.proposal if expand else None, follow):
-            if o.request_id in free:
-                i = free[o.request_id]
-                if o.finish_reason:
-                    del free[o.request_id]
-                    final(i, (), engine.pop_result(o.request_id))
-                elif o.token_id >= 0:  # past the horizon every token is final
-                    events.append((i, o.token_id, detok[i].add(o.token_id), None))
-                    sent[i] += 1
-                continue
-            if o.finish_reason:
-                finished[o.request_id] = engine.pop_result(o.request_id)
-            yield o
-
-    while frontier or free:
-        if not frontier:
-            for _ in run():
-                pass
-            yield from events
-            events.clear()
-            continue
-        owner = {sid: i for i, seqs in frontier.items() for sid in seqs}
-        cands: dict[int, list[_Cand]] = {i: [] for i in frontier}
-        for o in run({sid: spec.k for sid in owner}):
-            base = o.parent if o.parent is not None else o.request_id
-            cands[owner[base]].append(_Cand(o.request_id, committed[base]))
-        if spec.rollout == "both":  # a copy of every candidate, rolled out by the plain model
-            followed = set()
-            for cs in cands.values():
-                copies = [_Cand(engine.fork(c.id, 1)[0], c.committed) for c in cs
-                          if c.id not in finished]
-                followed.update(c.id for c in copies)
-                cs.extend(copies)
-        else:
-            followed = {c.id for cs in cands.values() for c in cs}
-        for _ in range(spec.lookahead):
-            rolling = [c.id for cs in cands.values() for c in cs
-                       if c.id not in finished and c.id in followed]
-            if all(c.id in finished for cs in cands.values() for c in cs):
-                break
-            for _o in run(rolling=rolling):
-                pass
-        for i, chosen in _select(engine, cands, prompts, spec, finished).items():
-            cs = cands[i]
-            if chosen[0].id in finished:  # the best rollout ended: that is the answer
-                final(i, (), finished[chosen[0].id])
-                for c in cs:
-                    if c.id not in finished:
-                        engine.release(c.id)
-                del frontier[i]
-                continue
-            keep = [c for c in chosen if c.id not in finished]
-            ends = spec.horizon is not None and min(
-                keep[0].committed + spec.chunk, engine.num_tokens(keep[0].id)) >= spec.horizon
-            if ends:  # the search is over for this request: the best goes on alone
-                keep = keep[:1]
-            engine.keep([c.id for c in keep])
-            for c in keep:
-                n = min(c.committed + spec.chunk, engine.num_tokens(c.id))
-                engine.truncate(c.id, n)
-                committed[c.id] = n
-            final(i, os.path.commonprefix([engine.tokens(c.id) for c in keep]))
-            if ends:
-                free[keep[0].id] = i
-                del frontier[i]
-            else:
-                frontier[i] = [c.id for c in keep]
-        for cs in cands.values():  # this step's losers and winners are settled
-            for c in cs:
-                finished.pop(c.id, None)
-        yield from events
-        events.clear()
-        if on_step is not None:
+    while searcher.pending():
+        steps = searcher.search_steps
+        for o, result in searcher.step():
+            done += result is not None
+            yield index[o.request_id], (o.token_id if o.token_id >= 0 else None), o.text, result
+        if on_step is not None and searcher.search_steps > steps:
             on_step(done, len(built))
-    yield from events
 
 
 def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
@@ -337,7 +500,7 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     return [results[i] for i in range(len(built))]
 
 
-def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Sequence[str],
+def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int, str],
             spec: DeAL, finished: dict[int, GenerationResult]) -> dict[int, list[_Cand]]:
     """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
     token); the candidates of all requests in one reward call."""
