@@ -102,6 +102,60 @@ def test_batched_equals_one_at_a_time_and_sampled_rollouts_are_seeded():
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
+@pytest.mark.parametrize("kw", [dict(k=3, lookahead=2, chunk=2),
+                                dict(k=2, lookahead=1, beam=2, horizon=3),
+                                dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3)])
+def test_searcher_answers_at_their_own_phases_equal_each_alone(kw):
+    """Answers added to a :class:`Searcher` at different steps (so one expands while another
+    rolls out or decodes past its horizon), more than the engine holds at once (the rest
+    queue), greedy and seeded: each equals its own search run alone; an answer aborted
+    mid-search frees every sequence it held; bad inputs are named."""
+    import importlib
+
+    Searcher = importlib.import_module("safedecode.methods.deal").Searcher
+    model, tok = tiny_llama()
+    spec = methods.get("deal", reward=_digit_reward, base="acd-text", alpha=0.5, **kw)
+    dec = SafeDecoder(model, tok, spec)
+    eng = dec.engine(max_seqs=2 * spec.sequences_per_request, drop_rows=False)
+    searcher = Searcher(eng, spec)
+    asks = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=6 + i % 3, temperature=t, seed=s))
+            for i, (t, s) in enumerate([(0.0, None), (0.9, 5), (0.0, None), (0.9, 8),
+                                        (0.0, None)])]
+    got, ids, aborted = {}, {}, None
+    for step in range(400):
+        if step % 2 == 0 and len(ids) < len(asks):  # one more answer every other step
+            p, sp = asks[len(ids)]
+            ids[searcher.add(eng.build(p), p, sp)[0]] = len(ids)
+        if step == 3:  # a sixth answer, aborted once it searches
+            aborted = searcher.add(eng.build(PROMPTS[0]), PROMPTS[0],
+                                   SamplingParams(max_new_tokens=30))[0]
+        if aborted is not None and aborted >= 0 and \
+                searcher._answers[aborted].phase == "rollout":
+            searcher.abort(aborted)
+            aborted = -1
+        started = searcher.pending() - searcher.num_waiting()  # each within its peak
+        assert eng.state.max_seqs - eng.state.free_slots <= started * spec.sequences_per_request
+        for o, r in searcher.step():
+            if r is not None:
+                got[ids[o.request_id]] = r
+        if len(got) == len(asks) and not searcher.pending():
+            break
+    assert aborted == -1 and not eng.has_unfinished()
+    assert eng.state.free_slots == eng.state.max_seqs
+    for i, (p, sp) in enumerate(asks):
+        want = dec.generate(p, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
+                            seed=sp.seed)[0]
+        assert got[i].token_ids == want.token_ids and got[i].text == want.text, i
+    with pytest.raises(ValueError, match="no unfinished DeAL answer 99"):
+        searcher.abort(99)
+    with pytest.raises(ValueError, match="prompt: the reward scores text"):
+        searcher.add(eng.build("Hi"), ["Hi"])
+    with pytest.raises(ValueError, match="n: must be"):
+        searcher.add(eng.build("Hi"), "Hi", n=0)
+    with pytest.raises(ValueError, match="max_seqs: a DeAL answer holds up to"):
+        Searcher(dec.engine(max_seqs=spec.sequences_per_request - 1, drop_rows=False), spec)
+
+
 def test_forked_candidates_equal_rollouts_from_scratch():
     """A candidate's rollout on a forked state equals decoding prompt + committed + candidate
     from scratch."""

@@ -217,6 +217,7 @@ class _Answer:
     free: int | None = None  # past the horizon: the sequence decoding on alone
     detok: IncrementalDetokenizer | None = None
     sent: int = 0  # tokens of the answer already handed out
+    forks: int = 0  # copies forked for plain rollouts (their seeds)
 
     def live(self) -> list[int]:
         """The answer's sequences still in the engine."""
@@ -309,7 +310,10 @@ class Searcher:
             self._queue.remove(a)
             return
         for sid in a.live():
-            self.engine.abort(sid)
+            try:
+                self.engine.abort(sid)
+            except ValueError:
+                pass  # ended in a step whose outputs never reached feed() (a failed step)
         for sid in [s for s, owner in self._owner.items() if owner is a]:
             del self._owner[sid]
 
@@ -377,8 +381,8 @@ class Searcher:
         for a in expanded.values():
             a.phase, a.left = "rollout", spec.lookahead
             if spec.rollout == "both":  # a copy of every candidate, rolled out by the plain model
-                copies = [_Cand(eng.fork(c.id, 1)[0], c.committed) for c in a.cands
-                          if c.id not in a.finished]
+                copies = [_Cand(eng.fork(c.id, 1, self._fork_seed(a))[0], c.committed)
+                          for c in a.cands if c.id not in a.finished]
                 for c in copies:
                     self._owner[c.id] = a
                 a.followed = {c.id for c in copies}
@@ -395,6 +399,15 @@ class Searcher:
             for a in ready:
                 self._commit(a, chosen[a.id], out)
         return out
+
+    @staticmethod
+    def _fork_seed(a: _Answer) -> list[int] | None:
+        """A seeded answer's next fork seed, from its own seed and forks so far (not from
+        engine ids, which depend on what else runs: the same draws served as alone)."""
+        if a.params.seed is None:
+            return None
+        a.forks += 1
+        return [(a.params.seed * 1_000_003 + 7919 * a.forks) % 2**62]
 
     def _commit(self, a: _Answer, chosen: list[_Cand], out: list) -> None:
         """Keep an answer's chosen candidates, rolled back to what is committed; hand out what

@@ -169,6 +169,15 @@ class Router:
         """Requests whose answer is not chosen yet."""
         return len(self._pair)
 
+    def num_waiting(self) -> int:
+        """Requests queued here for slots: none (they wait in the engine's queue)."""
+        return 0
+
+    def step_args(self) -> dict:
+        """Keyword arguments of the next :meth:`Engine.step`: none (a routed request's two
+        sides decode as sampled)."""
+        return {}
+
     def scoring(self) -> int:
         """Reward calls in flight on ``scorer`` (their requests may have no sequence left to
         step: :meth:`feed` with ``wait`` collects them)."""

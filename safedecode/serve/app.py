@@ -55,12 +55,18 @@ class ServedModel:
     id: str
     engine: Engine
     info: dict = field(default_factory=dict)
-    router: Any = None  # a methods.route.Router: the engine runs a routed method
+    router: Any = None  # a methods.route.Router or deal.Searcher: the engine runs a search
+
+    @property
+    def sequences_per_answer(self) -> int:
+        """Sequences one answer holds at once (a routed answer two, a DeAL answer up to
+        ``beam x (k + propose)``)."""
+        return 1 if self.router is None else self.router.spec.sequences_per_request
 
     @property
     def max_choices(self) -> int:
-        """Choices one request may ask for (``n``): a routed answer takes two sequences."""
-        return self.engine.state.max_seqs // (2 if self.router is not None else 1)
+        """Choices one request may ask for (``n``)."""
+        return self.engine.state.max_seqs // self.sequences_per_answer
 
 
 @dataclass
@@ -156,7 +162,9 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     async def _submit(served: ServedModel, prompts: list, params: SamplingParams, n: int,
                       raw: bool, fill: bool) -> Ticket:
         if n > served.max_choices:
-            routed = " / 2: a routed answer decodes two sequences" if served.router else ""
+            per = served.sequences_per_answer
+            routed = (f" / {per}: a {served.router.spec.name} answer holds {per} sequences"
+                      if per > 1 else "")
             raise APIError(400, f"n: at most {served.max_choices} choices (the server's "
                                 f"--max-seqs{routed})", param="n", code="invalid_value")
         if not loop.alive:

@@ -14,7 +14,9 @@ def serve_command(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
     method: list[str] = typer.Option(["plain"], "--method", "-m",
                                      help="A method to serve (repeat for several); each is the "
-                                          "model id <name>:<method>."),
+                                          "model id <name>:<method>. Knobs as `safedecode "
+                                          "eval` takes them: "
+                                          "'deal:reward=harmless:k=4:chunk=8'."),
     alpha: float | None = typer.Option(None, help="Contrast strength (methods that take it)."),
     beta: float | None = typer.Option(None, help="Plausibility threshold (methods that take "
                                                  "it)."),
@@ -22,12 +24,13 @@ def serve_command(
                                             help="Soft prompts from `safedecode optimize`."),
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
                                        "into the model ('ta-sft': the shipped TA-SFT adapter)."),
-    base: str | None = typer.Option(None, "--base", help="route: the method routed against the "
-                                                         "plain model (default acd)."),
-    reward: str | None = typer.Option(None, "--reward", help="route: the reward model (default "
-                                                             "harmless)."),
+    base: str | None = typer.Option(None, "--base", help="route / deal: the method routed against "
+                                                         "the plain model / searched over."),
+    reward: str | None = typer.Option(None, "--reward", help="route / deal: the reward (route's "
+                                                             "default: harmless)."),
     horizon: int | None = typer.Option(None, "--horizon", help="route: tokens decoded both ways "
-                                                               "before the reward chooses."),
+                                                               "before the reward chooses; "
+                                                               "deal: tokens searched."),
     margin: float | None = typer.Option(None, "--margin", help="route: keep the base's answer "
                                                                "when h(base) - h(plain) > margin."),
     reward_thread: bool | None = typer.Option(None, "--reward-thread/--reward-inline",
@@ -82,12 +85,18 @@ def serve_command(
                                 ("--max-prefill-tokens", max_prefill_tokens or 0, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
-        knobs = [f for f, v in (("--base", base), ("--reward", reward),
-                                ("--horizon", horizon), ("--margin", margin),
-                                ("--reward-thread/--reward-inline", reward_thread))
-                 if v is not None]
-        if knobs and "route" not in method:
-            raise ValueError(f"{'/'.join(knobs)}: only for --method route")
+        from safedecode.eval.runner import parse_methods
+
+        names = {m.name for entry in method for m in parse_methods(entry)}
+        for knobs, takers in (((("--base", base), ("--reward", reward), ("--horizon", horizon)),
+                               ("route", "deal")),
+                              ((("--margin", margin),
+                                ("--reward-thread/--reward-inline", reward_thread)),
+                               ("route",))):
+            given = [f for f, v in knobs if v is not None]
+            if given and not names & set(takers):
+                raise ValueError(f"{'/'.join(given)}: only for --method "
+                                 f"{' or '.join(takers)}")
         if not 0 <= port <= 65535:
             raise ValueError(f"--port: must be in [0, 65535], got {port}")
         if request_timeout <= 0:

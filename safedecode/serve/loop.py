@@ -68,7 +68,9 @@ class EngineLoop:
                  routers: dict | None = None) -> None:
         self.engines = engines
         self.metrics = metrics
-        self.routers = dict(routers or {})  # model id -> methods.route.Router (routed models)
+        # model id -> the per-request state of a search method over its engine: a
+        # methods.route.Router or a methods.deal.Searcher (add / abort / step_args / feed)
+        self.routers = dict(routers or {})
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._owner: dict[tuple[str, int], tuple[Ticket, int]] = {}
         self._thread: threading.Thread | None = None
@@ -117,8 +119,18 @@ class EngineLoop:
         return fut
 
     # -- the thread ---------------------------------------------------------------------------
+    def _waiting(self, name: str) -> int:
+        """Requests of a model queued for slots (the engine's queue and its searcher's)."""
+        router = self.routers.get(name)
+        return self.engines[name].num_waiting() + (router.num_waiting() if router else 0)
+
+    def _has_work(self, name: str) -> bool:
+        """Whether model ``name`` has sequences to step (or searches queued to start)."""
+        router = self.routers.get(name)
+        return self.engines[name].has_unfinished() or bool(router and router.num_waiting())
+
     def _busy(self) -> bool:
-        return (any(e.has_unfinished() for e in self.engines.values())
+        return (any(self._has_work(name) for name in self.engines)
                 or any(r.scoring() for r in self.routers.values()))
 
     def _run(self) -> None:
@@ -136,7 +148,7 @@ class EngineLoop:
                 except queue.Empty:
                     cmd = None
             for name, eng in self.engines.items():
-                if eng.has_unfinished():
+                if self._has_work(name):
                     self._step(name, eng)
                 elif name in self.routers and self.routers[name].scoring():
                     self._step(name, eng, idle=True)  # only reward calls left: collect them
@@ -168,8 +180,8 @@ class EngineLoop:
             params = fill_to_context(eng, built, params)
         for i, b in enumerate(built):
             eng.check_fits(b, params.max_new_tokens, i)
-        if eng.num_waiting() + len(built) > eng.scheduler.max_queue:
-            raise QueueFull(f"max_queue: {eng.num_waiting()} requests already wait for a slot "
+        if self._waiting(model) + len(built) > eng.scheduler.max_queue:
+            raise QueueFull(f"max_queue: {self._waiting(model)} requests already wait for a slot "
                             f"(max_queue={eng.scheduler.max_queue}); retry after some finish")
         anchor = eng.method.anchor
         ticket = Ticket(model, [], sum(len(b[anchor][0]) + len(b[anchor][1]) for b in built),
@@ -178,7 +190,7 @@ class EngineLoop:
         for i, b in enumerate(built):
             if router is None:
                 ticket.ids += eng.add_built(b, params, index=i, n=n)
-            else:  # each answer: the base and the plain model until the reward chooses
+            else:  # a search: each answer's sequences are the router's / searcher's
                 from safedecode.methods.rewards import request_text
 
                 ticket.ids += router.add(b, request_text(prompts[i]), params, index=i, n=n)
@@ -202,8 +214,8 @@ class EngineLoop:
         """One engine step and its outputs to their tickets; ``idle``: no step, only the
         router's reward calls in flight (waited for briefly, so commands still get in)."""
         router = self.routers.get(name)
-        try:  # a routed model's reward model runs in feed() or on its scorer thread
-            outs = [] if idle else eng.step()
+        try:  # a search's reward model runs in feed() (or on the router's scorer thread)
+            outs = [] if idle else eng.step(**(router.step_args() if router else {}))
             pairs = (router.feed(outs, wait=0.05 if idle else 0.0) if router is not None
                      else [(o, None) for o in outs])
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
@@ -239,7 +251,7 @@ class EngineLoop:
         for ticket, events in by_ticket.values():
             ticket.aio.call_soon_threadsafe(ticket.events.put_nowait, events)
         if m is not None:
-            m.queue_depth.labels(name).set(eng.num_waiting())
+            m.queue_depth.labels(name).set(self._waiting(name))
             m.running.labels(name).set(eng.num_running())
 
     def _fail_all(self, name: str, eng: Engine, exc: BaseException) -> None:

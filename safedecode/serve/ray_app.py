@@ -14,6 +14,8 @@ import os
 
 from ray import serve
 
+from safedecode.eval.runner import split_spec
+
 from .app import replica_id
 from .server import ServeSpec, build_app, prefill_budget
 
@@ -54,7 +56,7 @@ def app(args: dict):
     ``max_prefill_tokens`` (default: as ``safedecode serve``, 32 on a CPU)."""
     budget = args.get("max_prefill_tokens")
     spec = ServeSpec(model=args.get("model", "default"),
-                     methods=[m for m in args.get("methods", "plain").split(",") if m],
+                     methods=[m for m in split_spec(args.get("methods", "plain"), ",") if m],
                      name=args.get("name"), max_seqs=int(args.get("max_seqs", 8)),
                      max_prefill_tokens=prefill_budget(None if budget is None else int(budget),
                                                        "cpu"))

@@ -69,8 +69,24 @@ def _method_kwargs(name: str, kwargs: dict) -> dict:
     if name not in methods.REGISTRY:
         raise ValueError(f"--method: unknown {name!r}; choose from {sorted(methods.REGISTRY)}")
     accepted = inspect.signature(methods.REGISTRY[name]).parameters
-    passes_on = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # route: to its base
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # to a search's base
     return {k: v for k, v in kwargs.items() if (passes_on or k in accepted) and v is not None}
+
+
+def parse_served(entries: list[str], shared: dict) -> list[tuple[str, dict]]:
+    """``--method`` entries (``name`` or ``name:key=value[:key=value]``, as ``safedecode eval``
+    takes them: ``deal:reward=harmless:k=4``) as ``(name, kwargs)``: ``shared`` (the CLI's
+    knobs) where the method takes them, the entry's own on top."""
+    from safedecode.eval.runner import parse_methods
+
+    if not entries:
+        raise ValueError("--method: give at least one method")
+    parsed = [m for e in entries for m in parse_methods(e)]
+    names = [m.name for m in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--method: a method is given twice in {entries} (each is served as "
+                         "<name>:<method>)")
+    return [(m.name, {**_method_kwargs(m.name, shared), **m.kwargs}) for m in parsed]
 
 
 def build_models(spec: ServeSpec) -> list[ServedModel]:
@@ -79,27 +95,30 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     from safedecode.engine import SafeDecoder
     from safedecode.models import load_model, model_name
 
-    if not spec.methods:
-        raise ValueError("--method: give at least one method")
-    if len(set(spec.methods)) != len(spec.methods):
-        raise ValueError(f"--method: a method is given twice in {spec.methods}")
-    built = [(name, methods.get(name, **_method_kwargs(name, spec.method_kwargs)))
-             for name in spec.methods]
+    built = [(name, methods.get(name, **kwargs))
+             for name, kwargs in parse_served(spec.methods, spec.method_kwargs)]
     for name, meth in built:
-        if isinstance(meth, methods.DeAL):
-            raise ValueError(f"--method {name}: DeAL's search is not served (yet): use "
-                             "`safedecode generate` or `safedecode eval`")
+        if isinstance(meth, methods.DeAL) and meth.sequences_per_request > spec.max_seqs:
+            raise ValueError(f"--max-seqs: a {name} answer holds up to "
+                             f"{meth.sequences_per_request} sequences ({meth.describe()}); "
+                             f"--max-seqs is {spec.max_seqs}")
     model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device,
                             adapter=spec.adapter)
     base = spec.base_name()
     served, scorer = [], None
     for name, spec_method in built:
+        deal = isinstance(spec_method, methods.DeAL)
         eng = SafeDecoder(model, tok, spec_method, backend=spec.backend).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
-            max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed)
+            max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed,
+            drop_rows=False if deal else None)  # DeAL's proposals read every branch's logits
         meth = eng.method
         router = None
-        if isinstance(spec_method, methods.Route):
+        if deal:
+            from safedecode.methods.deal import Searcher
+
+            router = Searcher(eng, spec_method)
+        elif isinstance(spec_method, methods.Route):
             from concurrent.futures import ThreadPoolExecutor
 
             from safedecode.methods.route import Router
@@ -117,7 +136,9 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                 "packed": eng.runner.can_pack,
                 "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype,
                 "adapter": spec.adapter}
-        if router is not None:
+        if deal:
+            info["deal"] = spec_method.describe()
+        elif router is not None:
             info["route"] = spec_method.describe()
             info["reward_thread"] = spec.reward_thread
         served.append(ServedModel(f"{base}:{name}", eng, info, router))
