@@ -131,11 +131,19 @@ READING = (
     "ratios are measured within one server (one configuration) each.")
 
 
-def _sequences_per_request(method: str) -> int:
-    """A routed request decodes two sequences until its reward chooses; others one."""
-    from safedecode import methods
+def _built(method: str):
+    """``--method`` (a name or ``name:key=value...``, as `safedecode serve -m` takes it) built,
+    with its registry name."""
+    from safedecode.eval.runner import parse_methods
 
-    return 2 if isinstance(methods.get(method), methods.Route) else 1
+    (spec,) = parse_methods(method)
+    return spec.name, spec.build()
+
+
+def _sequences_per_request(method: str) -> int:
+    """Sequences one answer holds at once: a routed one two until its reward chooses, a DeAL
+    one its search's; others one."""
+    return getattr(_built(method)[1], "sequences_per_request", 1)
 
 
 def run_config(args, levels: list[int], budget: int, packed: bool = True,
@@ -150,7 +158,7 @@ def run_config(args, levels: list[int], budget: int, packed: bool = True,
              "--packed" if packed else "--no-packed", *reward,
              "--device", args.device, "--dtype", args.dtype, "--name", "bench"],
             Path(tmp)) as srv:
-        model_id = f"bench:{args.method}"
+        model_id = f"bench:{_built(args.method)[0]}"
         asyncio.run(run_level(srv.url, model_id, 1, 2, 4))  # warm-up: first-call costs
         results = []
         for c in levels:
@@ -188,7 +196,9 @@ def main() -> None:
                          "default) and/or inline, between two steps")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    routed = _sequences_per_request(args.method) == 2
+    from safedecode import methods
+
+    routed = isinstance(_built(args.method)[1], methods.Route)
     if args.reward and not routed:
         ap.error("--reward: only for a routed method (--method route)")
     try:
@@ -201,14 +211,12 @@ def main() -> None:
     rewards = [r == "thread" for r in args.reward] if args.reward else [None]
     runs = [run_config(args, levels, b, f == "packed", r) for r in rewards
             for f in args.forwards for b in args.max_prefill_tokens]
-    from safedecode import methods
-
     command = shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])
     stem = out / f"serve_{args.device}"
     png = stem.with_suffix(".png")
     r = {"benchmark": "serve", "device": args.device, "dtype": args.dtype, "model": args.model,
          "quick": args.quick, "command": command,
-         "method": args.method, "k": _k(methods.get(args.method)),
+         "method": args.method, "k": _k(_built(args.method)[1]),
          "max_seqs": max(levels) * _sequences_per_request(args.method),
          "max_tokens": args.max_tokens, "spread": args.spread, "runs": runs, "reading": READING,
          "machine": describe(args.device), "plot": str(png)}

@@ -604,7 +604,105 @@ def test_route_served_aborts_free_both_sequences(tiny_model_dir):
         assert router.pending() == 0
 
 
-def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
+def test_deal_is_served_and_equals_offline(tiny_model_dir):
+    """In process: DeAL (acd-text candidates, a reward that is a known function of the text)
+    answers chats, raw completions (more answers than the engine holds at once: the rest
+    queue and start as others end, so answers search at different phases), n seeded choices
+    and streams exactly as offline DeAL does; n counts every sequence an answer holds."""
+    from fastapi.testclient import TestClient
+
+    from safedecode.methods.deal import Searcher
+    from safedecode.serve import ServedModel, create_app
+
+    model, tok = tiny_llama()
+    spec = methods.get("deal", reward=_mod7, base="acd-text", k=3, lookahead=2, chunk=2)
+    offline = SafeDecoder(model, tok, spec)
+    eng = offline.engine(max_seqs=7, drop_rows=False)  # two answers at once (3 each)
+    searcher = Searcher(eng, spec)
+    app = create_app([ServedModel("tiny:deal", eng, {}, searcher)])
+    with TestClient(app) as client:
+        def chat(content, **kw):
+            return client.post("/v1/chat/completions", json={
+                "model": "tiny:deal", "messages": [{"role": "user", "content": content}],
+                **kw})
+        for p in PROMPTS[:2]:
+            r = chat(p, max_tokens=6, temperature=0)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == \
+                offline.generate(p, max_new_tokens=6)[0].text
+        r = client.post("/v1/completions", json={"model": "tiny:deal", "prompt": PROMPTS[:5],
+                                                 "max_tokens": 7, "temperature": 0})
+        assert r.status_code == 200, r.text
+        refs = [offline.generate(p, max_new_tokens=7, raw=True)[0] for p in PROMPTS[:5]]
+        assert [c["text"] for c in r.json()["choices"]] == [x.text for x in refs]
+        assert [c["finish_reason"] for c in r.json()["choices"]] == \
+            [x.finish_reason for x in refs]
+        r = chat(PROMPTS[1], max_tokens=6, temperature=0.9, seed=11, n=2)  # seeds 11, 12
+        refs = [offline.generate(PROMPTS[1], max_new_tokens=6, temperature=0.9, seed=s)[0]
+                for s in (11, 12)]
+        assert [c["message"]["content"] for c in r.json()["choices"]] == [x.text for x in refs]
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny:deal", "messages": [{"role": "user", "content": PROMPTS[4]}],
+                "max_tokens": 9, "temperature": 0, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == offline.generate(PROMPTS[4], max_new_tokens=9)[0].text
+        assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 1
+        r = chat("Hi", max_tokens=2, n=3)
+        assert r.status_code == 400 and "at most 2 choices" in r.json()["error"]["message"] \
+            and "a deal answer holds 3 sequences" in r.json()["error"]["message"]
+        assert client.get("/health").json()["models"]["tiny:deal"] == {
+            "running": 0, "waiting": 0, "free_slots": 7}
+        assert searcher.pending() == 0 and searcher.search_steps > 0
+
+
+def test_deal_served_failures_free_every_sequence(tiny_model_dir):
+    """A reward that raises fails its requests with a 500 in OpenAI's shape and frees every
+    sequence; a request past --request-timeout mid-search gets 408 and frees its slots too;
+    the loop serves the next request."""
+    from fastapi.testclient import TestClient
+
+    from safedecode.methods.deal import Searcher
+    from safedecode.serve import ServedModel, ServerConfig, create_app
+
+    calls = []
+
+    def flaky(prompts, texts):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            raise RuntimeError("reward model out of memory")
+        if len(calls) > 3:
+            time.sleep(0.02)  # slow enough for the timeout below
+        return _mod7(prompts, texts)
+
+    model, tok = tiny_llama()
+    spec = methods.get("deal", reward=flaky, base="acd-text", k=2, lookahead=2)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=4, drop_rows=False)
+    app = create_app([ServedModel("tiny:deal", eng, {}, Searcher(eng, spec))],
+                     ServerConfig(request_timeout=0.5))
+    with TestClient(app) as client:
+        def chat(max_tokens):
+            return client.post("/v1/chat/completions", json={
+                "model": "tiny:deal", "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+
+        def health():
+            return client.get("/health").json()["models"]["tiny:deal"]
+        r = chat(4)
+        assert r.status_code == 500, r.text
+        assert "reward model out of memory" in r.json()["error"]["message"]
+        assert health()["free_slots"] == 4
+        r = chat(2)
+        assert r.status_code == 200, r.text
+        assert chat(400).status_code == 408
+        deadline = time.monotonic() + 10
+        while health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health()["free_slots"] == 4
+
+
+def test_serve_builds_routed_and_deal_models(tiny_model_dir):
     from safedecode.serve import ServeSpec, build_models  # noqa: PLC0415
 
     (m,) = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", methods=["route"],
@@ -615,15 +713,27 @@ def test_serve_builds_a_routed_model_and_refuses_deal(tiny_model_dir):
     assert m.router.scorer is not None and m.info["reward_thread"] is True
     assert m.router.spec.horizon == 4 and m.router.spec.margin == 0.5
     assert "horizon=4" in m.info["route"] and m.info["method"] == m.engine.method.name
-    with pytest.raises(ValueError, match="DeAL's search is not served"):
-        build_models(ServeSpec(model=str(tiny_model_dir), methods=["deal"],
-                               method_kwargs={"reward": "length:target=8"}))
+    (d,) = build_models(ServeSpec(model=str(tiny_model_dir), name="tiny", methods=[
+        "deal:k=3:lookahead=2:chunk=2:base=acd-text"], method_kwargs={
+        "reward": "length:target=8", "horizon": 6}))  # the CLI's --reward / --horizon
+    assert d.id == "tiny:deal" and d.max_choices == d.engine.state.max_seqs // 3
+    assert d.router.spec.k == 3 and d.router.spec.horizon == 6 and "k=3" in d.info["deal"]
+    assert not d.engine.runner.drop_rows
+    with pytest.raises(ValueError, match="--max-seqs: a deal answer holds up to 12"):
+        build_models(ServeSpec(model=str(tiny_model_dir), methods=["deal:k=4:beam=3"],
+                               method_kwargs={"reward": "length"}))
+    with pytest.raises(ValueError, match="given twice"):
+        build_models(ServeSpec(model=str(tiny_model_dir), methods=["deal:k=2", "deal:k=3"],
+                               method_kwargs={"reward": "length"}))
     from typer.testing import CliRunner  # noqa: PLC0415
 
     from safedecode.cli import app  # noqa: PLC0415
 
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--horizon", "4"])
-    assert res.exit_code == 2 and "--horizon: only for --method route" in res.output
+    assert res.exit_code == 2 and "--horizon: only for --method route or deal" in res.output
+    res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "-m", "deal",
+                                   "--margin", "1"])
+    assert res.exit_code == 2 and "--margin: only for --method route" in res.output
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--reward-inline"])
     assert res.exit_code == 2 and "--reward-thread/--reward-inline: only for --method route" \
         in res.output

@@ -346,10 +346,11 @@ class Searcher:
             args["follow"] = spec.follow(rolling)
         return args
 
-    def feed(self, outputs: Sequence[StepOutput]
+    def feed(self, outputs: Sequence[StepOutput], *, wait: float = 0.0
              ) -> list[tuple[StepOutput, GenerationResult | None]]:
         """One engine step's outputs in; the answers' final tokens out (see the class
-        docstring). Outputs of sequences not started here pass through untouched."""
+        docstring). Outputs of sequences not started here pass through untouched. (``wait``:
+        the router's; nothing is scored off this thread.)"""
         eng, spec = self.engine, self.spec
         out: list[tuple[StepOutput, GenerationResult | None]] = []
         rolled = [a for a in self._answers.values() if a.phase == "rollout"]

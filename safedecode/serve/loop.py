@@ -89,8 +89,9 @@ class EngineLoop:
             self._thread.join(timeout)
             self._thread = None
         for router in self.routers.values():
-            if router.scorer is not None:
-                router.scorer.shutdown(wait=False, cancel_futures=True)
+            scorer = getattr(router, "scorer", None)  # a router's reward thread
+            if scorer is not None:
+                scorer.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
