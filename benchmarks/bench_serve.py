@@ -156,6 +156,7 @@ def run_config(args, levels: list[int], budget: int, packed: bool = True,
             ["--model", args.model, "-m", args.method, "--max-seqs", str(max_seqs),
              "--max-queue", str(4 * max_seqs), "--max-prefill-tokens", str(budget),
              "--packed" if packed else "--no-packed", *reward,
+             *(["--max-len", str(args.max_len)] if args.max_len else []),
              "--device", args.device, "--dtype", args.dtype, "--name", "bench"],
             Path(tmp)) as srv:
         model_id = f"bench:{_built(args.method)[0]}"
@@ -194,6 +195,8 @@ def main() -> None:
     ap.add_argument("--reward", nargs="*", choices=["thread", "inline"], default=None,
                     help="routed methods: the reward on a thread of its own (the server's "
                          "default) and/or inline, between two steps")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="the server's --max-len (KV per sequence; a search's many sequences)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from safedecode import methods

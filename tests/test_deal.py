@@ -5,11 +5,15 @@ bad parameters."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from engine_fixtures import tiny_llama
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from safedecode import methods
 from safedecode.bench.naive import NaiveDeAL
@@ -446,3 +450,86 @@ def test_stream_yields_final_tokens_as_the_search_commits_them(kw):
             assert mine[-1].finish_reason == w.finish_reason
         if "stop" not in params and spec.beam == 1:  # tokens after the first step and later
             assert 0 < steps[0] < len(events)
+
+
+# -- a stateful fuzz: answers added, stepped and aborted at random in one shared engine ------
+_FUZZ_KW = dict(k=2, lookahead=1, chunk=2, horizon=4, propose=1, mix=0.3, reward=_digit_reward,
+                base="acd-text", alpha=0.5)
+
+
+@functools.cache
+def _deal_alone(which: int, n: int, seed: int | None) -> tuple[int, ...]:
+    """The answer DeAL gives the prompt run alone (its own engine, nothing else in it)."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("deal", **_FUZZ_KW))
+    return tuple(dec.generate(PROMPTS[which], max_new_tokens=n, ignore_eos=True,
+                              temperature=0.0 if seed is None else 0.9, seed=seed)[0].token_ids)
+
+
+class SearcherMachine(RuleBasedStateMachine):
+    """Random adds (greedy or seeded, more than the engine holds at once), steps and aborts:
+    every finished answer equals its search run alone, no output belongs to an aborted or
+    unknown answer, an answer never holds more than its peak, and no slot leaks."""
+
+    def __init__(self):
+        super().__init__()
+        import importlib
+
+        searcher = importlib.import_module("safedecode.methods.deal").Searcher
+        model, tok = tiny_llama()
+        self.spec = methods.get("deal", **_FUZZ_KW)
+        self.eng = SafeDecoder(model, tok, self.spec).engine(
+            max_seqs=2 * self.spec.sequences_per_request + 1, drop_rows=False)
+        self.searcher = searcher(self.eng, self.spec)
+        self.open: dict[int, tuple[int, int, int | None]] = {}  # id -> (prompt, n, seed)
+        self.added: list[int] = []
+        self.gone: set[int] = set()
+
+    def teardown(self):
+        for _ in range(200):
+            if not self.searcher.pending():
+                break
+            self.step()
+        assert self.searcher.pending() == 0 and not self.open
+        assert self.eng.state.free_slots == self.eng.state.max_seqs
+
+    @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, 7),
+          seed=st.one_of(st.none(), st.integers(0, 50)))
+    def add(self, which, n, seed):
+        sp = SamplingParams(max_new_tokens=n, ignore_eos=True,
+                            temperature=0.0 if seed is None else 0.9, seed=seed)
+        rid = self.searcher.add(self.eng.build(PROMPTS[which]), PROMPTS[which], sp)[0]
+        self.open[rid] = (which, n, seed)
+        self.added.append(rid)
+
+    @rule()
+    def step(self):
+        for o, result in self.searcher.step():
+            assert o.request_id in self.open and o.request_id not in self.gone
+            if result is not None:
+                assert tuple(result.token_ids) == _deal_alone(*self.open.pop(o.request_id))
+
+    @precondition(lambda self: self.added)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(self.added))
+        if rid in self.open:
+            self.searcher.abort(rid)
+            del self.open[rid]
+            self.gone.add(rid)
+        with pytest.raises(ValueError, match="no unfinished DeAL answer"):
+            self.searcher.abort(rid)
+
+    @invariant()
+    def within_peaks_and_no_slot_leaks(self):
+        live = [s.slot for s in self.eng._live.values() if s.slot >= 0]
+        assert len(live) == len(set(live))
+        assert self.eng.state.free_slots + len(live) == self.eng.state.max_seqs
+        started = self.searcher.pending() - self.searcher.num_waiting()
+        assert len(self.eng._live) <= started * self.spec.sequences_per_request
+
+
+SearcherMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30,
+                                             deadline=None,
+                                             suppress_health_check=[HealthCheck.too_slow])
+test_searcher_state_machine = SearcherMachine.TestCase

@@ -36,9 +36,11 @@ all of them, so a refusal stays reachable (the plain model rarely continues one)
 answer. Rollout tokens' log P is under the proposals' mixture; past the horizon the base method
 decodes, as before.
 
-:func:`stream` (``SafeDecoder.stream``) yields each answer's tokens as they become final: the
-ones a search step commits (with a beam, the prefix every kept sequence shares), then, past the
-horizon, each token as decoded; :func:`search` collects its results.
+A :class:`Searcher` holds every answer's search as its own phase machine (expand, roll out,
+score, commit), so answers added at any time share one engine's batched steps (``safedecode serve
+-m deal``). :func:`stream` (``SafeDecoder.stream``) runs one and yields each answer's tokens as
+they become final: the ones a search step commits (with a beam, the prefix every kept sequence
+shares), then, past the horizon, each token as decoded; :func:`search` collects its results.
 """
 
 from __future__ import annotations
