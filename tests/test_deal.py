@@ -106,13 +106,16 @@ def test_batched_equals_one_at_a_time_and_sampled_rollouts_are_seeded():
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
-@pytest.mark.parametrize("kw", [dict(k=3, lookahead=2, chunk=2),
-                                dict(k=2, lookahead=1, beam=2, horizon=3),
-                                dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3)])
-def test_searcher_answers_at_their_own_phases_equal_each_alone(kw):
+@pytest.mark.parametrize(("kw", "budget"), [
+    (dict(k=3, lookahead=2, chunk=2), None),
+    (dict(k=2, lookahead=1, beam=2, horizon=3), None),
+    (dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3), None),
+    (dict(k=3, lookahead=2, chunk=2, horizon=4), 4)])
+def test_searcher_answers_at_their_own_phases_equal_each_alone(kw, budget):
     """Answers added to a :class:`Searcher` at different steps (so one expands while another
     rolls out or decodes past its horizon), more than the engine holds at once (the rest
-    queue), greedy and seeded: each equals its own search run alone; an answer aborted
+    queue), greedy and seeded, with prompts prefilled whole or a few tokens per step (the
+    server's prefill budget): each equals its own search run alone; an answer aborted
     mid-search frees every sequence it held; bad inputs are named."""
     import importlib
 
@@ -120,7 +123,8 @@ def test_searcher_answers_at_their_own_phases_equal_each_alone(kw):
     model, tok = tiny_llama()
     spec = methods.get("deal", reward=_digit_reward, base="acd-text", alpha=0.5, **kw)
     dec = SafeDecoder(model, tok, spec)
-    eng = dec.engine(max_seqs=2 * spec.sequences_per_request, drop_rows=False)
+    eng = dec.engine(max_seqs=2 * spec.sequences_per_request, drop_rows=False,
+                     max_prefill_tokens=budget)
     searcher = Searcher(eng, spec)
     asks = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=6 + i % 3, temperature=t, seed=s))
             for i, (t, s) in enumerate([(0.0, None), (0.9, 5), (0.0, None), (0.9, 8),
