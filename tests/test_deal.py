@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -106,26 +107,39 @@ def test_batched_equals_one_at_a_time_and_sampled_rollouts_are_seeded():
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
-@pytest.mark.parametrize(("kw", "budget"), [
-    (dict(k=3, lookahead=2, chunk=2), None),
-    (dict(k=2, lookahead=1, beam=2, horizon=3), None),
-    (dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3), None),
-    (dict(k=3, lookahead=2, chunk=2, horizon=4), 4)])
-def test_searcher_answers_at_their_own_phases_equal_each_alone(kw, budget):
+def _slow_digit_reward(prompts, texts):  # slow enough that the engine steps meanwhile
+    time.sleep(0.01)
+    return _digit_reward(prompts, texts)
+
+
+@pytest.mark.parametrize(("kw", "budget", "threaded"), [
+    (dict(k=3, lookahead=2, chunk=2), None, False),
+    (dict(k=2, lookahead=1, beam=2, horizon=3), None, False),
+    (dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3), None, False),
+    (dict(k=3, lookahead=2, chunk=2, horizon=4), 4, False),
+    (dict(k=3, lookahead=2, chunk=2), None, True),
+    (dict(k=2, lookahead=2, propose=1, rollout="both", mix=0.3, horizon=5), 4, True)])
+def test_searcher_answers_at_their_own_phases_equal_each_alone(kw, budget, threaded):
     """Answers added to a :class:`Searcher` at different steps (so one expands while another
     rolls out or decodes past its horizon), more than the engine holds at once (the rest
     queue), greedy and seeded, with prompts prefilled whole or a few tokens per step (the
-    server's prefill budget): each equals its own search run alone; an answer aborted
-    mid-search frees every sequence it held; bad inputs are named."""
+    server's prefill budget), the reward inline or on a thread (a slow one: the scored
+    answers' candidates are held while the others step): each equals its own search run
+    alone; an answer aborted mid-search frees every sequence it held; bad inputs are named."""
     import importlib
+    from concurrent.futures import ThreadPoolExecutor
 
     Searcher = importlib.import_module("safedecode.methods.deal").Searcher
     model, tok = tiny_llama()
     spec = methods.get("deal", reward=_digit_reward, base="acd-text", alpha=0.5, **kw)
     dec = SafeDecoder(model, tok, spec)
-    eng = dec.engine(max_seqs=2 * spec.sequences_per_request, drop_rows=False,
-                     max_prefill_tokens=budget)
-    searcher = Searcher(eng, spec)
+    if threaded:
+        spec = methods.get("deal", reward=_slow_digit_reward, base="acd-text", alpha=0.5, **kw)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=2 * spec.sequences_per_request,
+                                               drop_rows=False, max_prefill_tokens=budget)
+    pool = ThreadPoolExecutor(1) if threaded else None
+    searcher = Searcher(eng, spec, scorer=pool)
+    held = 0
     asks = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=6 + i % 3, temperature=t, seed=s))
             for i, (t, s) in enumerate([(0.0, None), (0.9, 5), (0.0, None), (0.9, 8),
                                         (0.0, None)])]
@@ -143,13 +157,17 @@ def test_searcher_answers_at_their_own_phases_equal_each_alone(kw, budget):
             aborted = -1
         started = searcher.pending() - searcher.num_waiting()  # each within its peak
         assert eng.state.max_seqs - eng.state.free_slots <= started * spec.sequences_per_request
-        for o, r in searcher.step():
+        args = searcher.step_args()
+        held += bool(args.get("hold"))
+        outs = eng.step(**args)
+        for o, r in searcher.feed(outs, wait=0.0 if outs else 0.02):  # as the server's loop
             if r is not None:
                 got[ids[o.request_id]] = r
         if len(got) == len(asks) and not searcher.pending():
             break
-    assert aborted == -1 and not eng.has_unfinished()
+    assert aborted == -1 and not eng.has_unfinished() and searcher.scoring() == 0
     assert eng.state.free_slots == eng.state.max_seqs
+    assert (held > 0) == threaded  # the engine stepped while a reward call ran
     for i, (p, sp) in enumerate(asks):
         want = dec.generate(p, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
                             seed=sp.seed)[0]
@@ -161,7 +179,12 @@ def test_searcher_answers_at_their_own_phases_equal_each_alone(kw, budget):
     with pytest.raises(ValueError, match="n: must be"):
         searcher.add(eng.build("Hi"), "Hi", n=0)
     with pytest.raises(ValueError, match="max_seqs: a DeAL answer holds up to"):
-        Searcher(dec.engine(max_seqs=spec.sequences_per_request - 1, drop_rows=False), spec)
+        Searcher(dec.engine(max_seqs=spec.sequences_per_request - 1, drop_rows=False),
+                 dec.search)
+    with pytest.raises(ValueError, match="scorer: expected a concurrent.futures.Executor"):
+        Searcher(eng, spec, scorer=object())
+    if pool is not None:
+        pool.shutdown()
 
 
 def test_forked_candidates_equal_rollouts_from_scratch():
@@ -475,16 +498,21 @@ class SearcherMachine(RuleBasedStateMachine):
     every finished answer equals its search run alone, no output belongs to an aborted or
     unknown answer, an answer never holds more than its peak, and no slot leaks."""
 
+    threaded = False
+
     def __init__(self):
         super().__init__()
         import importlib
+        from concurrent.futures import ThreadPoolExecutor
 
         searcher = importlib.import_module("safedecode.methods.deal").Searcher
         model, tok = tiny_llama()
-        self.spec = methods.get("deal", **_FUZZ_KW)
+        kw = {**_FUZZ_KW, "reward": _slow_digit_reward} if self.threaded else _FUZZ_KW
+        self.spec = methods.get("deal", **kw)
         self.eng = SafeDecoder(model, tok, self.spec).engine(
             max_seqs=2 * self.spec.sequences_per_request + 1, drop_rows=False)
-        self.searcher = searcher(self.eng, self.spec)
+        self.pool = ThreadPoolExecutor(1) if self.threaded else None
+        self.searcher = searcher(self.eng, self.spec, scorer=self.pool)
         self.open: dict[int, tuple[int, int, int | None]] = {}  # id -> (prompt, n, seed)
         self.added: list[int] = []
         self.gone: set[int] = set()
@@ -496,6 +524,8 @@ class SearcherMachine(RuleBasedStateMachine):
             self.step()
         assert self.searcher.pending() == 0 and not self.open
         assert self.eng.state.free_slots == self.eng.state.max_seqs
+        if self.pool is not None:
+            self.pool.shutdown()
 
     @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, 7),
           seed=st.one_of(st.none(), st.integers(0, 50)))
@@ -508,7 +538,8 @@ class SearcherMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
-        for o, result in self.searcher.step():
+        outs = self.eng.step(**self.searcher.step_args())
+        for o, result in self.searcher.feed(outs, wait=0.0 if outs else 0.02):
             assert o.request_id in self.open and o.request_id not in self.gone
             if result is not None:
                 assert tuple(result.token_ids) == _deal_alone(*self.open.pop(o.request_id))
@@ -533,7 +564,13 @@ class SearcherMachine(RuleBasedStateMachine):
         assert len(self.eng._live) <= started * self.spec.sequences_per_request
 
 
-SearcherMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30,
-                                             deadline=None,
-                                             suppress_health_check=[HealthCheck.too_slow])
+class ThreadedSearcherMachine(SearcherMachine):
+    threaded = True
+
+
+_FUZZ = settings(max_examples=20, stateful_step_count=30, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
+SearcherMachine.TestCase.settings = _FUZZ
+ThreadedSearcherMachine.TestCase.settings = _FUZZ
 test_searcher_state_machine = SearcherMachine.TestCase
+test_threaded_searcher_state_machine = ThreadedSearcherMachine.TestCase

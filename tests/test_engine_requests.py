@@ -276,6 +276,40 @@ def test_truncate_rolls_back_text_kv_and_seed_stream():
     assert res.token_ids == ref.token_ids and res.text == ref.text
 
 
+def test_held_sequences_sit_steps_out_and_go_on_unchanged():
+    """``step(hold=ids)``: held running sequences get no token while the others decode (and new
+    requests are admitted); released, they go on as if never held — greedy and seeded. Bad
+    holds are named."""
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=4)
+    asks = [(PROMPTS[0], SamplingParams(max_new_tokens=9)),
+            (PROMPTS[1], SamplingParams(max_new_tokens=8, temperature=0.9, seed=3)),
+            (PROMPTS[2], SamplingParams(max_new_tokens=7))]
+    a, b = (eng.add_request(p, sp) for p, sp in asks[:2])
+    eng.step()
+    eng.step()
+    results, c = {}, None
+    for n in range(4):  # a and b held while c joins and decodes
+        if n == 1:
+            c = eng.add_request(*asks[2])
+        outs = eng.step(hold=[a, b])
+        assert {o.request_id for o in outs} <= {c} and len(eng.tokens(a)) == 2
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finish_reason:
+                results[o.request_id] = eng.pop_result(o.request_id).token_ids
+    for rid, (p, sp) in zip((a, b, c), asks, strict=True):
+        assert results[rid] == _alone(model, tok, p, sp)
+    d = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    for hold, match in (([99], "no unfinished request 99"), ([d], "not been prefilled"),
+                        ("ab", "hold: expected sequence ids"), ([True], "hold: expected")):
+        with pytest.raises(ValueError, match=match):
+            eng.step(hold=hold)
+    eng.step()
+    with pytest.raises(ValueError, match="also expanded"):
+        eng.step(expand={d: 2}, hold=[d])
+
+
 def test_abort_frees_the_slot_and_waiting_requests_join():
     model, tok = tiny_llama()
     eng = SafeDecoder(model, tok, _method()).engine(max_seqs=1, max_queue=2)

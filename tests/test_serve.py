@@ -604,21 +604,26 @@ def test_route_served_aborts_free_both_sequences(tiny_model_dir):
         assert router.pending() == 0
 
 
-def test_deal_is_served_and_equals_offline(tiny_model_dir):
+@pytest.mark.parametrize("scorer", ["inline", "thread"])
+def test_deal_is_served_and_equals_offline(tiny_model_dir, scorer):
     """In process: DeAL (acd-text candidates, a reward that is a known function of the text)
     answers chats, raw completions (more answers than the engine holds at once: the rest
     queue and start as others end, so answers search at different phases), n seeded choices
-    and streams exactly as offline DeAL does; n counts every sequence an answer holds."""
+    and streams exactly as offline DeAL does, with the reward inline or on a thread of its own
+    (a slow one); n counts every sequence an answer holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi.testclient import TestClient
 
     from safedecode.methods.deal import Searcher
     from safedecode.serve import ServedModel, create_app
 
     model, tok = tiny_llama()
-    spec = methods.get("deal", reward=_mod7, base="acd-text", k=3, lookahead=2, chunk=2)
-    offline = SafeDecoder(model, tok, spec)
-    eng = offline.engine(max_seqs=7, drop_rows=False)  # two answers at once (3 each)
-    searcher = Searcher(eng, spec)
+    kw = dict(base="acd-text", k=3, lookahead=2, chunk=2)
+    offline = SafeDecoder(model, tok, methods.get("deal", reward=_mod7, **kw))
+    spec = methods.get("deal", reward=_slow_mod7 if scorer == "thread" else _mod7, **kw)
+    eng = SafeDecoder(model, tok, spec).engine(max_seqs=7, drop_rows=False)  # 2 answers at once
+    searcher = Searcher(eng, spec, scorer=ThreadPoolExecutor(1) if scorer == "thread" else None)
     app = create_app([ServedModel("tiny:deal", eng, {}, searcher)])
     with TestClient(app) as client:
         def chat(content, **kw):
@@ -655,12 +660,16 @@ def test_deal_is_served_and_equals_offline(tiny_model_dir):
         assert client.get("/health").json()["models"]["tiny:deal"] == {
             "running": 0, "waiting": 0, "free_slots": 7}
         assert searcher.pending() == 0 and searcher.search_steps > 0
+        assert searcher.scoring() == 0
 
 
-def test_deal_served_failures_free_every_sequence(tiny_model_dir):
+@pytest.mark.parametrize("scorer", ["inline", "thread"])
+def test_deal_served_failures_free_every_sequence(tiny_model_dir, scorer):
     """A reward that raises fails its requests with a 500 in OpenAI's shape and frees every
     sequence; a request past --request-timeout mid-search gets 408 and frees its slots too;
-    the loop serves the next request."""
+    the loop serves the next request (the reward inline or on its thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi.testclient import TestClient
 
     from safedecode.methods.deal import Searcher
@@ -679,7 +688,8 @@ def test_deal_served_failures_free_every_sequence(tiny_model_dir):
     model, tok = tiny_llama()
     spec = methods.get("deal", reward=flaky, base="acd-text", k=2, lookahead=2)
     eng = SafeDecoder(model, tok, spec).engine(max_seqs=4, drop_rows=False)
-    app = create_app([ServedModel("tiny:deal", eng, {}, Searcher(eng, spec))],
+    pool = ThreadPoolExecutor(1) if scorer == "thread" else None
+    app = create_app([ServedModel("tiny:deal", eng, {}, Searcher(eng, spec, scorer=pool))],
                      ServerConfig(request_timeout=0.5))
     with TestClient(app) as client:
         def chat(max_tokens):
@@ -718,7 +728,8 @@ def test_serve_builds_routed_and_deal_models(tiny_model_dir):
         "reward": "length:target=8", "horizon": 6}))  # the CLI's --reward / --horizon
     assert d.id == "tiny:deal" and d.max_choices == d.engine.state.max_seqs // 3
     assert d.router.spec.k == 3 and d.router.spec.horizon == 6 and "k=3" in d.info["deal"]
-    assert not d.engine.runner.drop_rows
+    assert not d.engine.runner.drop_rows and d.router.scorer is not None
+    assert d.info["reward_thread"] is True
     with pytest.raises(ValueError, match="--max-seqs: a deal answer holds up to 12"):
         build_models(ServeSpec(model=str(tiny_model_dir), methods=["deal:k=4:beam=3"],
                                method_kwargs={"reward": "length"}))

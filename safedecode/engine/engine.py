@@ -480,7 +480,8 @@ class Engine:
 
     @torch.no_grad()
     def step(self, expand: dict[int, int] | None = None,
-             propose: tuple | None = None, follow: tuple | None = None) -> list[StepOutput]:
+             propose: tuple | None = None, follow: tuple | None = None,
+             hold: Iterable[int] = ()) -> list[StepOutput]:
         """Admit, prefill, decode and sample once; returns this step's outputs.
 
         ``expand`` ({id: k}): those sequences do not sample; they take the top-``k`` tokens of
@@ -494,8 +495,11 @@ class Engine:
         distribution has masked). ``follow`` = ``(branch, ids[, w])``: those sequences (not
         expanded this step) take the greedy token of that branch's own distribution instead of
         the sampled one, its log-prob under the same mixture (DeAL's rollouts by the plain
-        model)."""
+        model). ``hold`` (ids): those running sequences sit this step out — no forward row,
+        no token, their KV, position and seed stream as they were (a search waiting for its
+        reward while the others decode)."""
         expand = dict(expand or {})
+        held = self._check_hold(hold, expand) if hold else frozenset()
         if (propose is not None or follow is not None) and self.runner.drop_rows:
             raise ValueError("propose, follow: they read a branch's own logits, which a gated "
                              "method's decided sequences no longer compute; make the engine "
@@ -510,7 +514,7 @@ class Engine:
             for src, dst in moves:
                 by_slot[src].slot = dst
         running = tuple(sorted(s.slot for s in self._live.values()
-                               if s.slot >= 0 and s.built is None))
+                               if s.slot >= 0 and s.built is None and s.id not in held))
         chunked = self.max_prefill_tokens is not None and self.runner.can_pack
         if chunked:  # every request that fits takes a slot; its prompt is fed within budget
             held = sum(len(s.kids) for s in self._prefilling)  # slots its choices will take
@@ -696,6 +700,18 @@ class Engine:
             out[j] = (seq, 0, cands[0][0], cands[0][1], None)
             out += [(kid, 0, tok, lp_, seq.id) for kid, tok, lp_ in kids]
         return out
+
+    def _check_hold(self, hold: Iterable[int], expand: dict[int, int]) -> frozenset[int]:
+        if isinstance(hold, (str, bytes)) or not hasattr(hold, "__iter__"):
+            raise ValueError(f"hold: expected sequence ids, got {hold!r}")
+        held = frozenset(hold)
+        for rid in held:
+            if isinstance(rid, bool) or not isinstance(rid, int):
+                raise ValueError(f"hold: expected sequence ids, got {rid!r}")
+            self._running(rid, "hold")
+            if rid in expand:
+                raise ValueError(f"hold: sequence {rid} is also expanded this step")
+        return held
 
     def _check_follow(self, follow: tuple) -> tuple[int, frozenset[int], float]:
         ok = isinstance(follow, tuple) and len(follow) in (2, 3)

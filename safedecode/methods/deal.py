@@ -51,6 +51,8 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 
 from safedecode.engine.branches import Branch, Method
@@ -209,7 +211,7 @@ class _Answer:
     prompt: str
     params: SamplingParams  # the caller's
     index: int
-    phase: str = "queued"  # queued -> expand <-> rollout -> (free) -> done
+    phase: str = "queued"  # queued -> expand <-> rollout (-> scoring) -> (free) -> done
     frontier: list[int] = field(default_factory=list)  # sequences the next step expands
     committed: dict[int, int] = field(default_factory=dict)  # sequence -> committed tokens
     cands: list[_Cand] = field(default_factory=list)  # this search step's candidates
@@ -225,7 +227,7 @@ class _Answer:
         """The answer's sequences still in the engine."""
         if self.phase == "free":
             return [self.free]
-        if self.phase == "rollout":
+        if self.phase in ("rollout", "scoring"):
             return [c.id for c in self.cands if c.id not in self.finished]
         return list(self.frontier)
 
@@ -247,9 +249,18 @@ class Searcher:
     one only when that many slots are sure to be free (it queues the others), so an expansion
     never lacks a slot. Every sequence of the engine must come from this searcher (a request
     added to the engine behind its back could take the slots an expansion counts on).
+
+    By default the reward runs inside :meth:`feed`, on the caller's thread, every other answer
+    waiting for it. With ``scorer`` (an executor, e.g. one worker thread) the call runs there:
+    the scored answers' candidates sit the engine's steps out (``hold``) while the other
+    answers go on, and a later :meth:`feed` that finds the score done commits them. The same
+    texts are scored and the held candidates do not move, so the answers are the same.
     """
 
-    def __init__(self, engine: Engine, spec: DeAL) -> None:
+    def __init__(self, engine: Engine, spec: DeAL, *, scorer: Executor | None = None) -> None:
+        if scorer is not None and not isinstance(scorer, Executor):
+            raise ValueError(f"scorer: expected a concurrent.futures.Executor, got "
+                             f"{type(scorer).__name__}")
         if engine.method is not spec.engine_method:
             raise ValueError("engine: DeAL's search needs an engine on spec.engine_method (the "
                              "base method, with the proposal branch when propose > 0)")
@@ -258,7 +269,8 @@ class Searcher:
                              f"sequences (beam {spec.beam} x (k {spec.k} + propose "
                              f"{spec.propose}){' x 2 rollouts' if spec.rollout == 'both' else ''}"
                              f"); the engine has {engine.state.max_seqs}")
-        self.engine, self.spec = engine, spec
+        self.engine, self.spec, self.scorer = engine, spec, scorer
+        self._scoring: dict[Future, tuple[list[_Answer], list[float]]] = {}  # calls in flight
         self._ids = itertools.count()
         self._answers: dict[int, _Answer] = {}  # unfinished answers by id
         self._queue: deque[_Answer] = deque()
@@ -300,8 +312,8 @@ class Searcher:
         return len(self._queue)
 
     def scoring(self) -> int:
-        """Reward calls in flight off the engine's thread: none (the search scores inline)."""
-        return 0
+        """Reward calls in flight on ``scorer`` (:meth:`feed` with ``wait`` collects them)."""
+        return len(self._scoring)
 
     def abort(self, request_id: int) -> None:
         """Drop an unfinished answer: every live sequence of it (its slots are free at once)."""
@@ -346,13 +358,17 @@ class Searcher:
                    for c in a.cands if c.id in a.followed and c.id not in a.finished]
         if rolling and spec.rollout != "base":
             args["follow"] = spec.follow(rolling)
+        held = [sid for a in self._answers.values() if a.phase == "scoring" for sid in a.live()]
+        if held:
+            args["hold"] = held
         return args
 
     def feed(self, outputs: Sequence[StepOutput], *, wait: float = 0.0
              ) -> list[tuple[StepOutput, GenerationResult | None]]:
         """One engine step's outputs in; the answers' final tokens out (see the class
-        docstring). Outputs of sequences not started here pass through untouched. (``wait``:
-        the router's; nothing is scored off this thread.)"""
+        docstring). Outputs of sequences not started here pass through untouched. ``wait``:
+        with a ``scorer``, seconds to wait for a reward call in flight when none is done yet
+        (for a caller whose step had nothing to decode)."""
         eng, spec = self.engine, self.spec
         out: list[tuple[StepOutput, GenerationResult | None]] = []
         rolled = [a for a in self._answers.values() if a.phase == "rollout"]
@@ -396,11 +412,28 @@ class Searcher:
             a.left <= 0 or all(c.id in a.finished for c in a.cands))]
         if ready:
             finished = {sid: r for a in ready for sid, r in a.finished.items()}
-            chosen = _select(eng, {a.id: a.cands for a in ready},
-                             {a.id: a.prompt for a in ready}, spec, finished)
-            self.search_steps += 1
-            for a in ready:
-                self._commit(a, chosen[a.id], out)
+            cands = {a.id: a.cands for a in ready}
+            if self.scorer is None:
+                chosen = _select(eng, cands, {a.id: a.prompt for a in ready}, spec, finished)
+                self.search_steps += 1
+                for a in ready:
+                    self._commit(a, chosen[a.id], out)
+            else:  # scored beside the engine; the candidates sit the steps out until then
+                texts, logp = _gather(eng, cands, finished)
+                prompts = [a.prompt for a in ready for _ in a.cands]
+                self._scoring[self.scorer.submit(spec.reward, prompts, texts)] = (ready, logp)
+                for a in ready:
+                    a.phase = "scoring"
+        if self._scoring:
+            if wait > 0 and not any(f.done() for f in self._scoring):
+                futures_wait(self._scoring, timeout=wait, return_when=FIRST_COMPLETED)
+            for f in [f for f in self._scoring if f.done()]:
+                scored, logp = self._scoring.pop(f)
+                chosen = _rank({a.id: a.cands for a in scored}, logp, f.result(), spec)
+                self.search_steps += 1
+                for a in scored:
+                    if a.id in self._answers:  # not aborted meanwhile
+                        self._commit(a, chosen[a.id], out)
         return out
 
     @staticmethod
@@ -516,12 +549,12 @@ def search(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
     return [results[i] for i in range(len(built))]
 
 
-def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int, str],
-            spec: DeAL, finished: dict[int, GenerationResult]) -> dict[int, list[_Cand]]:
-    """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
-    token); the candidates of all requests in one reward call."""
-    texts, logp, who = [], [], []
-    for i, cs in cands.items():
+def _gather(engine: Engine, cands: dict[int, list[_Cand]],
+            finished: dict[int, GenerationResult]) -> tuple[list[str], list[float]]:
+    """Every candidate's text so far (its rollout's) and ``log P`` of its committed part and
+    its own token, in ``cands`` order."""
+    texts, logp = [], []
+    for cs in cands.values():
         for c in cs:
             if c.id in finished:
                 r = finished[c.id]
@@ -530,8 +563,13 @@ def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int,
                 lps, text = engine.logprobs(c.id), engine.text(c.id)
             logp.append(sum(lps[:c.committed + 1]))
             texts.append(text)
-            who.append(i)
-    h = spec.reward([prompts[i] for i in who], texts)
+    return texts, logp
+
+
+def _rank(cands: dict[int, list[_Cand]], logp: Sequence[float], h: Sequence[float],
+          spec: DeAL) -> dict[int, list[_Cand]]:
+    """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
+    token)."""
     out, at = {}, 0
     for i, cs in cands.items():
         score = [logp[at + j] + spec.lam * h[at + j] for j in range(len(cs))]
@@ -539,3 +577,12 @@ def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int,
         out[i] = [cs[j] for j in order[:spec.beam]]
         at += len(cs)
     return out
+
+
+def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int, str],
+            spec: DeAL, finished: dict[int, GenerationResult]) -> dict[int, list[_Cand]]:
+    """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
+    token); the candidates of all requests in one reward call."""
+    texts, logp = _gather(engine, cands, finished)
+    h = spec.reward([prompts[i] for i, cs in cands.items() for _ in cs], texts)
+    return _rank(cands, logp, h, spec)

@@ -34,10 +34,10 @@ def serve_command(
     margin: float | None = typer.Option(None, "--margin", help="route: keep the base's answer "
                                                                "when h(base) - h(plain) > margin."),
     reward_thread: bool | None = typer.Option(None, "--reward-thread/--reward-inline",
-                                       help="route: the reward model scores on a thread of its "
-                                            "own while the engine steps (--reward-inline: "
-                                            "between two steps, holding every stream up; "
-                                            "default: a thread)."),
+                                       help="route / deal: the reward model scores on a "
+                                            "thread of its own while the engine steps "
+                                            "(--reward-inline: between two steps, holding "
+                                            "every stream up; default: a thread)."),
     name: str | None = typer.Option(None, "--name", help="Base of the model ids (default: "
                                                         "smollm2-135m or the folder name)."),
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless told)."),
@@ -88,11 +88,10 @@ def serve_command(
         from safedecode.eval.runner import parse_methods
 
         names = {m.name for entry in method for m in parse_methods(entry)}
-        for knobs, takers in (((("--base", base), ("--reward", reward), ("--horizon", horizon)),
-                               ("route", "deal")),
-                              ((("--margin", margin),
+        for knobs, takers in (((("--base", base), ("--reward", reward), ("--horizon", horizon),
                                 ("--reward-thread/--reward-inline", reward_thread)),
-                               ("route",))):
+                               ("route", "deal")),
+                              ((("--margin", margin),), ("route",))):
             given = [f for f, v in knobs if v is not None]
             if given and not names & set(takers):
                 raise ValueError(f"{'/'.join(given)}: only for --method "

@@ -217,8 +217,8 @@ class EngineLoop:
         router = self.routers.get(name)
         try:  # a search's reward model runs in feed() (or on the router's scorer thread)
             outs = [] if idle else eng.step(**(router.step_args() if router else {}))
-            pairs = (router.feed(outs, wait=0.05 if idle else 0.0) if router is not None
-                     else [(o, None) for o in outs])
+            pairs = (router.feed(outs, wait=0.05 if not outs else 0.0)  # nothing decoded:
+                     if router is not None else [(o, None) for o in outs])  # wait for a score
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("engine %s: step failed", name)
             self.error = exc

@@ -28,7 +28,7 @@ class ServeSpec:
     max_queue: int = 256
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
-    reward_thread: bool = True  # route: the reward model scores beside the engine loop
+    reward_thread: bool = True  # route / deal: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "float32"
@@ -114,18 +114,16 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
             drop_rows=False if deal else None)  # DeAL's proposals read every branch's logits
         meth = eng.method
         router = None
-        if deal:
-            from safedecode.methods.deal import Searcher
-
-            router = Searcher(eng, spec_method)
-        elif isinstance(spec_method, methods.Route):
+        if deal or isinstance(spec_method, methods.Route):
             from concurrent.futures import ThreadPoolExecutor
 
+            from safedecode.methods.deal import Searcher
             from safedecode.methods.route import Router
 
             if spec.reward_thread and scorer is None:  # one thread: reward calls never overlap
                 scorer = ThreadPoolExecutor(1, thread_name_prefix="safedecode-reward")
-            router = Router(eng, spec_method, scorer=scorer if spec.reward_thread else None)
+            router = (Searcher if deal else Router)(
+                eng, spec_method, scorer=scorer if spec.reward_thread else None)
         info = {"base_model": model_name(model), "method": meth.name, "k": meth.k,
                 "rule": meth.rule, "weights": list(meth.weights), "anchor": meth.anchor,
                 "beta": meth.beta, "branches": [b.name or (b.system and "system prompt")
@@ -136,10 +134,8 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
                 "packed": eng.runner.can_pack,
                 "backend": eng.runner.backend, "device": spec.device, "dtype": spec.dtype,
                 "adapter": spec.adapter}
-        if deal:
-            info["deal"] = spec_method.describe()
-        elif router is not None:
-            info["route"] = spec_method.describe()
+        if router is not None:
+            info["deal" if deal else "route"] = spec_method.describe()
             info["reward_thread"] = spec.reward_thread
         served.append(ServedModel(f"{base}:{name}", eng, info, router))
     return served
