@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--forwards", nargs="*", choices=["packed", "two"], default=["packed"],
                     help="admission steps as one packed forward and/or as two (--no-packed)")
     ap.add_argument("--reward", nargs="*", choices=["thread", "inline"], default=None,
-                    help="routed methods: the reward on a thread of its own (the server's "
+                    help="route / deal: the reward on a thread of its own (the server's "
                          "default) and/or inline, between two steps")
     ap.add_argument("--max-len", type=int, default=None,
                     help="the server's --max-len (KV per sequence; a search's many sequences)")
@@ -201,9 +201,9 @@ def main() -> None:
     args = ap.parse_args()
     from safedecode import methods
 
-    routed = isinstance(_built(args.method)[1], methods.Route)
-    if args.reward and not routed:
-        ap.error("--reward: only for a routed method (--method route)")
+    searched = isinstance(_built(args.method)[1], (methods.Route, methods.DeAL))
+    if args.reward and not searched:
+        ap.error("--reward: only for a method with a reward model (route, deal)")
     try:
         require_device(args.device)
     except BenchError as exc:
