@@ -450,8 +450,10 @@ def test_packed_forwards_are_a_server_setting(tiny_model_dir, monkeypatch):
     specs = []
     monkeypatch.setattr(ray_app, "deployment", lambda spec, *a, **kw: specs.append(spec))
     ray_app.app({"model": str(tiny_model_dir)})  # `serve run` gets the CLI's CPU default
-    ray_app.app({"model": str(tiny_model_dir), "max_prefill_tokens": "0"})
+    ray_app.app({"model": str(tiny_model_dir), "max_prefill_tokens": "0",
+                 "methods": "plain,deal:k=2:reward=[keywords:include=a,b]"})
     assert [s.max_prefill_tokens for s in specs] == [32, None]
+    assert specs[1].methods == ["plain", "deal:k=2:reward=[keywords:include=a,b]"]
     res = CliRunner().invoke(app, ["serve", "--model", "/no/such", "--max-prefill-tokens", "-1"])
     assert res.exit_code == 2 and "--max-prefill-tokens: must be >= 0" in res.output
 
