@@ -633,10 +633,13 @@ def test_deal_is_served_and_equals_offline(tiny_model_dir, scorer):
                 "model": "tiny:deal", "messages": [{"role": "user", "content": content}],
                 **kw})
         for p in PROMPTS[:2]:
-            r = chat(p, max_tokens=6, temperature=0)
+            r = chat(p, max_tokens=6, temperature=0, logprobs=True)
             assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["message"]["content"] == \
-                offline.generate(p, max_new_tokens=6)[0].text
+            want = offline.generate(p, max_new_tokens=6, return_logprobs=True)[0]
+            got = r.json()["choices"][0]
+            assert got["message"]["content"] == want.text
+            assert [x["logprob"] for x in got["logprobs"]["content"]] == \
+                pytest.approx(want.logprobs, abs=1e-6)
         r = client.post("/v1/completions", json={"model": "tiny:deal", "prompt": PROMPTS[:5],
                                                  "max_tokens": 7, "temperature": 0})
         assert r.status_code == 200, r.text
