@@ -460,9 +460,10 @@ class Searcher:
             keep[0].committed + spec.chunk, eng.num_tokens(keep[0].id)) >= spec.horizon
         if ends:  # the search is over for this answer: the best goes on alone
             keep = keep[:1]
-        eng.keep([c.id for c in keep])
+        kept = {c.id for c in keep}
+        eng.keep(kept)
         for c in a.cands:
-            if c.id not in {k.id for k in keep}:
+            if c.id not in kept:
                 self._owner.pop(c.id, None)
         a.committed = {}
         for c in keep:
