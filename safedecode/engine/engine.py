@@ -70,6 +70,18 @@ class StepOutput:
     parent: int | None = None  # set on a sequence forked by ``step(expand=...)``
 
 
+def checked_params(params: SamplingParams | None, n: int = 1) -> SamplingParams:
+    """``params`` (None: the defaults) for ``n`` choices of one request, or a ``ValueError``
+    naming what is wrong."""
+    if params is None:
+        params = SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+    return params
+
+
 @dataclass
 class _Seq:
     id: int
@@ -251,12 +263,7 @@ class Engine:
         gated hook needs them): ``(True, False)`` decodes the contrast and the fallback side by
         side from one prefill (the reward router's two answers)."""
         self._check_gates(gates, n)
-        if params is None:
-            params = SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        params = checked_params(params, n)
         if n > self.state.max_seqs:
             raise ValueError(f"n: {n} choices need {n} slots at once; this engine has "
                              f"max_seqs={self.state.max_seqs}")

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 
 from safedecode.engine.branches import Branch, Method
 from safedecode.engine.detokenizer import IncrementalDetokenizer
-from safedecode.engine.engine import Engine, GenerationResult, StepOutput
+from safedecode.engine.engine import Engine, GenerationResult, StepOutput, checked_params
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
@@ -285,12 +285,7 @@ class Searcher:
         (each its own prefill: one answer's fork family is released as a whole)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: the reward scores text, got {type(prompt).__name__}")
-        if params is None:
-            params = SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+        params = checked_params(params, n)
         self.engine.check_fits(built, params.max_new_tokens, index)
         if params.seed is not None and params.seed + n - 1 >= 2**63:
             raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {params.seed} with n={n}")
