@@ -25,7 +25,7 @@ _select = deal_mod._select
 _first = {"step": True}
 
 
-def _traced(engine, cands, prompts, spec, finished):
+def _traced(engine, cands, prompts, spec, finished, *rest):
     if _first["step"]:
         for i, cs in cands.items():
             texts, lps = [], []
@@ -38,7 +38,7 @@ def _traced(engine, cands, prompts, spec, finished):
                 print(f"   log P {lp:7.2f}  h {h:7.2f}  score {lp + spec.lam * h:7.2f}  "
                       f"{text[:70]!r}")
         _first["step"] = False
-    return _select(engine, cands, prompts, spec, finished)
+    return _select(engine, cands, prompts, spec, finished, *rest)
 
 
 def main(rms: str, ids: str, lam: str = "0.5") -> None:

@@ -520,6 +520,9 @@ def test_route_is_served_and_equals_offline(tiny_model_dir, scorer):
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
         assert text == offline.generate(PROMPTS[4], max_new_tokens=7)[0].text
         assert router.decisions["base"] > 0 and router.decisions["plain"] > 0
+        calls = [line for line in client.get("/metrics").text.splitlines()
+                 if line.startswith('safedecode_reward_call_seconds_count{model="tiny:route"}')]
+        assert len(calls) == 1 and float(calls[0].split()[-1]) > 0
         # n counts two sequences per routed answer
         r = chat("Hi", max_tokens=2, n=5)
         assert r.status_code == 400 and "at most 4 choices" in r.json()["error"]["message"]
@@ -666,6 +669,9 @@ def test_deal_is_served_and_equals_offline(tiny_model_dir, scorer):
             "running": 0, "waiting": 0, "free_slots": 7}
         assert searcher.pending() == 0 and searcher.search_steps > 0
         assert searcher.scoring() == 0
+        calls = [line for line in client.get("/metrics").text.splitlines()
+                 if line.startswith('safedecode_reward_call_seconds_count{model="tiny:deal"}')]
+        assert len(calls) == 1 and float(calls[0].split()[-1]) == searcher.search_steps
 
 
 @pytest.mark.parametrize("scorer", ["inline", "thread"])

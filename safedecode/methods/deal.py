@@ -61,7 +61,7 @@ from safedecode.engine.engine import Engine, GenerationResult, StepOutput, check
 from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
-from .rewards import Reward, make_reward
+from .rewards import Reward, make_reward, timed
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ class Searcher:
                              f"); the engine has {engine.state.max_seqs}")
         self.engine, self.spec, self.scorer = engine, spec, scorer
         self._scoring: dict[Future, tuple[list[_Answer], list[float]]] = {}  # calls in flight
+        self.reward_times: deque[float] = deque(maxlen=4096)  # s per reward call (a server drains)
         self._ids = itertools.count()
         self._answers: dict[int, _Answer] = {}  # unfinished answers by id
         self._queue: deque[_Answer] = deque()
@@ -409,14 +410,16 @@ class Searcher:
             finished = {sid: r for a in ready for sid, r in a.finished.items()}
             cands = {a.id: a.cands for a in ready}
             if self.scorer is None:
-                chosen = _select(eng, cands, {a.id: a.prompt for a in ready}, spec, finished)
+                chosen = _select(eng, cands, {a.id: a.prompt for a in ready}, spec, finished,
+                                 self.reward_times)
                 self.search_steps += 1
                 for a in ready:
                     self._commit(a, chosen[a.id], out)
             else:  # scored beside the engine; the candidates sit the steps out until then
                 texts, logp = _gather(eng, cands, finished)
                 prompts = [a.prompt for a in ready for _ in a.cands]
-                self._scoring[self.scorer.submit(spec.reward, prompts, texts)] = (ready, logp)
+                self._scoring[self.scorer.submit(timed, spec.reward, prompts, texts,
+                                                 self.reward_times)] = (ready, logp)
                 for a in ready:
                     a.phase = "scoring"
         if self._scoring:
@@ -576,9 +579,12 @@ def _rank(cands: dict[int, list[_Cand]], logp: Sequence[float], h: Sequence[floa
 
 
 def _select(engine: Engine, cands: dict[int, list[_Cand]], prompts: Mapping[int, str],
-            spec: DeAL, finished: dict[int, GenerationResult]) -> dict[int, list[_Cand]]:
+            spec: DeAL, finished: dict[int, GenerationResult],
+            times: deque | None = None) -> dict[int, list[_Cand]]:
     """Each request's best ``spec.beam`` candidates by ``log P + lam * h`` (ties: the likelier
-    token); the candidates of all requests in one reward call."""
+    token); the candidates of all requests in one reward call (its time appended to
+    ``times``)."""
     texts, logp = _gather(engine, cands, finished)
-    h = spec.reward([prompts[i] for i, cs in cands.items() for _ in cs], texts)
+    h = timed(spec.reward, [prompts[i] for i, cs in cands.items() for _ in cs], texts,
+              deque() if times is None else times)
     return _rank(cands, logp, h, spec)

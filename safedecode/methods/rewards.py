@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 Scores = list[float]
+
+
+def timed(reward: Callable, prompts: Sequence[str], texts: Sequence[str],
+          times: deque) -> Scores:
+    """``reward(prompts, texts)``, its wall time appended to ``times`` (a deque, so a server's
+    engine loop can drain it while a reward thread appends: its reward-call metric)."""
+    t0 = time.perf_counter()
+    try:
+        return reward(prompts, texts)
+    finally:
+        times.append(time.perf_counter() - t0)
 
 
 def request_text(prompt) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future
 from concurrent.futures import wait as futures_wait
@@ -36,7 +37,7 @@ from safedecode.engine.sampling import SamplingParams
 from safedecode.engine.step import Built
 
 from .deal import _plain_branch
-from .rewards import Reward, make_reward
+from .rewards import Reward, make_reward, timed
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Router:
         self._held: dict[int, list[StepOutput]] = {}  # undecided sequence -> outputs so far
         self._ended: dict[int, GenerationResult] = {}  # finished undecided sequences
         self.decisions = {"base": 0, "plain": 0}
+        self.reward_times: deque[float] = deque(maxlen=4096)  # s per reward call (a server drains)
 
     def add(self, built: Built, prompt: str, params: SamplingParams | None = None, *,
             index: int = 0, n: int = 1) -> list[int]:
@@ -226,9 +228,10 @@ class Router:
                      for r in ready for s in self._pair[r]]
             prompts = [self._prompt[r] for r in ready for _ in range(2)]
             if self.scorer is None:
-                self._decide(ready, spec.reward(prompts, texts), out)
+                self._decide(ready, timed(spec.reward, prompts, texts, self.reward_times), out)
             else:
-                self._scoring[self.scorer.submit(spec.reward, prompts, texts)] = ready
+                self._scoring[self.scorer.submit(timed, spec.reward, prompts, texts,
+                                                 self.reward_times)] = ready
         if self._scoring:
             if wait > 0 and not any(f.done() for f in self._scoring):
                 futures_wait(self._scoring, timeout=wait, return_when=FIRST_COMPLETED)

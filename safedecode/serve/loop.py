@@ -228,6 +228,8 @@ class EngineLoop:
         now = time.perf_counter()
         by_ticket: dict[int, tuple[Ticket, list[Event]]] = {}
         m = self.metrics
+        while m is not None and router is not None and router.reward_times:  # (its thread's
+            m.reward.labels(name).observe(router.reward_times.popleft())     # calls too)
         for out, result in pairs:
             owner = self._owner.get((name, out.request_id))
             if owner is None:

@@ -8,7 +8,8 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 
 class Metrics:
-    """Requests, tokens, queue depth, occupancy, time to first token, inter-token latency."""
+    """Requests, tokens, queue depth, occupancy, time to first token, inter-token latency,
+    reward-model calls."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -28,6 +29,9 @@ class Metrics:
                              "consecutive tokens", ["model"], buckets=_LATENCY, registry=r)
         self.e2e = Histogram("safedecode_request_latency_seconds", "From arrival to the last "
                              "token", ["model"], buckets=_LATENCY, registry=r)
+        self.reward = Histogram("safedecode_reward_call_seconds", "One batched reward-model "
+                                "call of a route or DeAL model", ["model"], buckets=_LATENCY,
+                                registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
