@@ -511,3 +511,45 @@ def test_compiled_decode_equals_eager_and_compiles_once():
     hook = BranchHook("model.layers.0", lambda h: h)
     with pytest.raises(ValueError, match="compile"):
         SafeDecoder(model, tok, contrastive([Branch(hooks=(hook,))], [1.0]), compile=True)
+
+
+@pytest.mark.parametrize("name", ["acd-text", "route", "deal"])
+def test_generate_max_batch_is_continuous_batching_with_the_same_answers(name):
+    """``generate(max_batch=N, on_result=cb)``: at most N requests decode at once (a search's
+    answers with their sequences), the others join as earlier ones finish; the answers equal
+    all-at-once generation (greedy and seeded), and ``cb`` sees each result once, as it
+    finishes. Bad values are named."""
+    model, tok = tiny_llama()
+    kw = {"acd-text": dict(alpha=0.5), "route": dict(base="acd-text", reward="length:target=4",
+                                                     horizon=2),
+          "deal": dict(base="acd-text", reward="keywords:include=a", k=2, lookahead=2)}[name]
+    dec = SafeDecoder(model, tok, methods.get(name, **kw))
+    prompts = PROMPTS[:5]
+    made = []
+    orig = dec.engine
+
+    def engine(**ekw):
+        made.append(ekw["max_seqs"])
+        return orig(**ekw)
+    dec.engine = engine
+    seen: list = []
+    for decoding in (dict(max_new_tokens=6), dict(max_new_tokens=6, temperature=0.9, seed=4)):
+        seen.clear()
+        got = dec.generate(prompts, max_batch=2, on_result=lambda i, r: seen.append((i, r)),
+                           **decoding)
+        want = dec.generate(prompts, **decoding)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert sorted(i for i, _ in seen) == list(range(5))  # each once, as it finished
+        assert all(r is got[i] for i, r in seen)
+    per = getattr(dec.search, "sequences_per_request", 1)
+    assert made == [2 * per, 5 * per] * 2
+    streamed = {}
+    for ev in dec.stream(prompts, max_batch=2, max_new_tokens=6):
+        streamed[ev.index] = streamed.get(ev.index, "") + ev.text
+    assert [streamed[i] for i in range(5)] == [
+        r.text for r in dec.generate(prompts, max_new_tokens=6)]
+    for bad, match in ((dict(max_batch=0), "max_batch: must be"),
+                       (dict(max_batch=True), "max_batch: must be"),
+                       (dict(on_result=3), "on_result: expected a callable")):
+        with pytest.raises(ValueError, match=match):
+            dec.generate(prompts, max_new_tokens=2, **bad)

@@ -72,14 +72,19 @@ def test_store_has_one_writer(tmp_path):
 def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
     model, tok = tiny_llama()
     orig = SafeDecoder.generate
-    calls, crashed = [], []
+    calls, stored, crashed = [], [], []
 
-    def crashing(self, prompts, **kw):
+    def crashing(self, prompts, **kw):  # answers are stored as they finish
         calls.append(len(prompts))
-        if len(calls) == 4 and not crashed:
-            crashed.append(True)
-            raise RuntimeError("simulated crash")  # a kill in the middle of the run
-        return orig(self, prompts, **kw)
+        keep = kw["on_result"]
+
+        def counting(i, r):
+            keep(i, r)
+            stored.append(i)
+            if len(stored) == 10 and not crashed:
+                crashed.append(True)
+                raise RuntimeError("simulated crash")  # a kill in the middle of a data set
+        return orig(self, prompts, **{**kw, "on_result": counting})
 
     monkeypatch.setattr(SafeDecoder, "generate", crashing)
     run = dict(methods=["plain", "self-cd"], datasets=_sets(), **GEN)
@@ -87,7 +92,7 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
         evaluate(model, tok, out_dir=tmp_path / "run", **run)
     gen_file = tmp_path / "run" / "generations.jsonl"
     before = _lines(gen_file)
-    assert len(before) == sum(calls[:3]) == 7  # batches of 3, 3 and 1 (data set h)
+    assert calls == [7, 5] and len(before) == 10  # data set h whole, 3 of b (plain)
     with gen_file.open("a") as f:
         f.write(before[-1][: len(before[-1]) // 2])  # and a torn last line
 
@@ -97,7 +102,7 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
     assert after[:len(before)] == before  # finished items kept as they were
     keys = [json.loads(x)["key"] for x in after]
     assert len(keys) == len(set(keys)) == 2 * 12  # nothing lost, nothing twice
-    assert sum(calls) == 24 - 7  # only the unfinished items were generated
+    assert calls == [2, 7, 5]  # only the unfinished items were generated
     assert {t: v["n"] for t, v in res["results"].items()} == {
         "h@plain": 7, "h@self-cd": 7, "b@plain": 5, "b@self-cd": 5}
 

@@ -5,7 +5,7 @@ cache; branch prefixes computed once and shared by every request and call)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,16 @@ class TokenPrompts:
         return out
 
 
+def _check_max_batch(max_batch, on_result) -> int | None:
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                  or max_batch < 1):
+        raise ValueError(f"max_batch: must be an integer >= 1 or None, got {max_batch!r}")
+    if on_result is not None and not callable(on_result):
+        raise ValueError(f"on_result: expected a callable (i, result), got "
+                         f"{type(on_result).__name__}")
+    return max_batch
+
+
 class SafeDecoder:
     """Generate with a :class:`Method` on a Hugging Face causal LM.
 
@@ -106,7 +116,9 @@ class SafeDecoder:
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,
-                 streamer=None, raw: bool = False, **params) -> list[GenerationResult]:
+                 streamer=None, raw: bool = False, max_batch: int | None = None,
+                 on_result: Callable[[int, GenerationResult], None] | None = None,
+                 **params) -> list[GenerationResult]:
         """Generate for each prompt (a string or chat messages); returns one result each.
 
         Keywords are :class:`SamplingParams` fields (``max_new_tokens``, ``temperature``,
@@ -114,11 +126,15 @@ class SafeDecoder:
         that end a request besides EOS), ``seed`` (one int for all requests, one per request, or
         None), ``return_logprobs``; ``streamer``: a transformers streamer (``put``/``end``) for a
         single prompt; ``raw``: string prompts continued as they are (no chat template).
+        ``max_batch``: at most this many requests decode at once, the others joining as earlier
+        ones finish (continuous batching; default: all at once); ``on_result(i, result)``:
+        called as each request finishes (so a long call's work is kept as it goes).
         """
+        max_batch = _check_max_batch(max_batch, on_result)
         if self.search is not None:
-            return self._search(prompts, params, streamer, raw)
+            return self._search(prompts, params, streamer, raw, max_batch, on_result)
         results: dict[int, GenerationResult] = {}
-        for _ in self._run(prompts, params, streamer, results, raw):
+        for _ in self._run(prompts, params, streamer, results, raw, max_batch, on_result):
             pass
         bad = [r for r in results.values() if r.error]
         if bad:
@@ -126,27 +142,38 @@ class SafeDecoder:
         return [results[i] for i in range(len(results))]
 
     def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
-               **params) -> Iterator[StreamEvent]:
+               max_batch: int | None = None, **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded (a ``route``
         request's once the reward has chosen its answer; a ``deal`` request's as its search
         commits them, and as decoded past its horizon)."""
+        max_batch = _check_max_batch(max_batch, None)
+        if self.search is None:
+            yield from self._run(prompts, params, None, {}, raw, max_batch)
+            return
+        for i, token, text, result in self._search_stream(prompts, params, None, raw,
+                                                          max_batch):
+            yield StreamEvent(i, text, token, result and result.finish_reason)
+
+    def _search_stream(self, prompts, params: dict, streamer, raw: bool,
+                       max_batch: int | None
+                       ) -> Iterator[tuple[int, int | None, str, GenerationResult | None]]:
+        """A search's ``(i, token_id, text, result)`` events (``result`` on request ``i``'s
+        last)."""
         from safedecode.methods.deal import stream as deal_stream
         from safedecode.methods.route import Route
         from safedecode.methods.route import stream as route_stream
 
-        if self.search is None:
-            yield from self._run(prompts, params, None, {}, raw)
-            return
-        eng, built, texts, per_request, on_step = self._search_setup(prompts, params, None, raw)
+        eng, built, texts, per_request, on_step = self._search_setup(prompts, params, streamer,
+                                                                     raw, max_batch)
         if isinstance(self.search, Route):
-            for i, out, _ in route_stream(eng, built, texts, per_request, self.search, on_step):
-                yield StreamEvent(i, out.text, out.token_id, out.finish_reason)
+            for i, out, result in route_stream(eng, built, texts, per_request, self.search,
+                                               on_step):
+                yield i, (out.token_id if out.token_id >= 0 else None), out.text, result
             return
-        for i, token, text, result in deal_stream(eng, built, texts, per_request, self.search,
-                                                  on_step):
-            yield StreamEvent(i, text, token, result and result.finish_reason)
+        yield from deal_stream(eng, built, texts, per_request, self.search, on_step)
 
-    def _search_setup(self, prompts, params: dict, streamer, raw: bool):
+    def _search_setup(self, prompts, params: dict, streamer, raw: bool,
+                      max_batch: int | None = None):
         """A search's engine and inputs: (engine, built prompts, the texts its reward scores,
         params per request, on_step)."""
         name = self.search.name
@@ -168,21 +195,22 @@ class SafeDecoder:
         context = getattr(self.model.config, "max_position_embeddings", None)
         from safedecode.methods.route import Route
 
-        eng = self.engine(max_seqs=len(built) * self.search.sequences_per_request,
+        at_once = min(len(built), max_batch or len(built))
+        eng = self.engine(max_seqs=at_once * self.search.sequences_per_request,
                           max_len=max(2, min(need, context or need)),
                           drop_rows=self.drop_rows and isinstance(self.search, Route))
         return eng, built, texts, per_request, on_step
 
-    def _search(self, prompts, params: dict, streamer, raw: bool) -> list[GenerationResult]:
-        from safedecode.methods.deal import search as deal_search
-        from safedecode.methods.route import Route
-        from safedecode.methods.route import search as route_search
-
-        search = route_search if isinstance(self.search, Route) else deal_search
-        eng, built, texts, per_request, on_step = self._search_setup(prompts, params, streamer,
-                                                                     raw)
+    def _search(self, prompts, params: dict, streamer, raw: bool, max_batch: int | None,
+                on_result) -> list[GenerationResult]:
         t0 = time.perf_counter()
-        results = search(eng, built, texts, per_request, self.search, on_step)
+        got: dict[int, GenerationResult] = {}
+        for i, _, _, result in self._search_stream(prompts, params, streamer, raw, max_batch):
+            if result is not None:
+                got[i] = result
+                if on_result is not None:
+                    on_result(i, result)
+        results = [got[i] for i in range(len(got))]
         for r in results:
             r.timing["call_s"] = time.perf_counter() - t0
         bad = [r for r in results if r.error]
@@ -222,8 +250,8 @@ class SafeDecoder:
         base = SamplingParams.from_kwargs(**params)
         return built, [base.with_seed(s) for s in seeds]
 
-    def _run(self, prompts, params: dict, streamer, results: dict,
-             raw: bool = False) -> Iterator[StreamEvent]:
+    def _run(self, prompts, params: dict, streamer, results: dict, raw: bool = False,
+             max_batch: int | None = None, on_result=None) -> Iterator[StreamEvent]:
         built, per_request = self._requests(prompts, params, raw)
         b = len(built)
         if streamer is not None and b != 1:
@@ -233,7 +261,8 @@ class SafeDecoder:
         context = getattr(self.model.config, "max_position_embeddings", None)
         if self.compiled is not None:  # fewer distinct shapes: fewer compilations
             need = round_up(need, 256)
-        eng = self.engine(max_seqs=b, max_len=max(2, min(need, context or need)))
+        eng = self.engine(max_seqs=min(b, max_batch or b),
+                          max_len=max(2, min(need, context or need)))
         ids = [eng.add_built(req, sp, index=i)[0] for i, (req, sp) in enumerate(
             zip(built, per_request, strict=True))]
         index = {rid: i for i, rid in enumerate(ids)}
@@ -246,7 +275,10 @@ class SafeDecoder:
                 if streamer is not None and out.token_id >= 0:
                     streamer.put(torch.tensor([out.token_id]))
                 if out.finish_reason:
-                    results[index[out.request_id]] = eng.pop_result(out.request_id)
+                    i = index[out.request_id]
+                    results[i] = eng.pop_result(out.request_id)
+                    if on_result is not None:
+                        on_result(i, results[i])
                 yield StreamEvent(index[out.request_id], out.text, out.token_id,
                                   out.finish_reason)
         for r in results.values():

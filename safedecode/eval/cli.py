@@ -82,7 +82,8 @@ def eval_command(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, help="Seed of every request's sampling stream."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Requests per engine batch."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests decoded at once "
+                                   "(continuous batching: the next joins as one ends)."),
     alpha: float | None = typer.Option(None, help="Contrast strength for methods that take it."),
     beta: float | None = typer.Option(None, help="Plausibility threshold for methods that "
                                                  "take it."),
@@ -208,7 +209,8 @@ def tune_command(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, help="Seed of every request's sampling stream."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Requests per engine batch."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests decoded at once "
+                                   "(continuous batching: the next joins as one ends)."),
 ):
     """Choose knobs on the anchor validation split (never on an evaluation set)."""
     from rich.console import Console

@@ -83,12 +83,14 @@ def perplexity(nll_sum: float, n_tokens: int) -> float | None:
 def throughput(records: Sequence[dict]) -> dict:
     """Speed of a method from its generation records.
 
-    ``tokens_per_s``: new tokens over the summed wall time of the batches they were made in
-    (each batch counted once); ``latency_s_*``: per request, from its batch's start to its end.
+    ``tokens_per_s``: new tokens over the summed wall time of the generate calls ("batches")
+    they were made in, each counted once (a record's ``batch_s`` is its call's time until it
+    finished: the call's wall time is its largest); ``latency_s_*``: per request, from its
+    call's start to its end.
     """
     batches: dict[str, float] = {}
     for r in records:
-        batches.setdefault(r["batch"], r["batch_s"])
+        batches[r["batch"]] = max(batches.get(r["batch"], 0.0), r["batch_s"])
     wall = sum(batches.values())
     tokens = sum(r["new_tokens"] for r in records)
     lat = [r["latency_s"] for r in records]

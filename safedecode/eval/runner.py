@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from safedecode.engine.branches import Method
+from safedecode.engine.engine import GenerationResult
 from safedecode.models import model_name
 
 from .datasets import Dataset, Item
@@ -214,6 +215,31 @@ def parse_methods(spec: str, overrides: dict | None = None) -> list[MethodSpec]:
 
 
 # -- generation ------------------------------------------------------------------------------
+def _store_as_finished(store: JsonlStore, items: list, common: dict, progress, task):
+    """An ``on_result(i, result)`` for :meth:`SafeDecoder.generate` over ``items`` ((data set,
+    item, key) each) that stores each answer as it finishes: ``batch_size`` decode at once and
+    the next joins as one ends (continuous batching), and an interrupted run keeps its work.
+    ``batch_s``: the call's time until this answer finished."""
+    t0 = time.perf_counter()
+
+    def keep(i: int, r: GenerationResult) -> None:
+        if r.error:  # generate() raises it once the others are stored
+            return
+        d, it, key = items[i]
+        store.append({
+            **common, "key": key, "dataset": d.name, "item_id": it.id,
+            "category": it.category, "label": it.label, "prompt": it.prompt,
+            "response": r.text, "token_ids": list(map(int, r.token_ids)),
+            "finish_reason": r.finish_reason, "new_tokens": len(r.token_ids),
+            "latency_s": r.timing.get("total_s"), "prefill_s": r.timing.get("prefill_s"),
+            "decode_s": r.timing.get("decode_s"), "batch_s": time.perf_counter() - t0,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        store.sync()
+        if task is not None:
+            progress.advance(task, 1)
+    return keep
+
+
 def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Dataset],
                  store: JsonlStore, *, decoding: dict, batch_size: int = 16,
                  backend: str = "auto", progress=None) -> list[dict]:
@@ -245,28 +271,14 @@ def generate_all(model, tok, methods: dict[str, Method], datasets: Sequence[Data
                    for _, it, _ in todo}
         for ds in datasets:  # one data set at a time, shortest prompts first (less padding)
             mine = sorted((x for x in todo if x[0] is ds), key=lambda x: lengths[x[1].prompt])
-            for i in range(0, len(mine), batch_size):
-                chunk = mine[i:i + batch_size]
-                t0 = time.perf_counter()
-                results = dec.generate([it.prompt for _, it, _ in chunk], **decoding)
-                wall = time.perf_counter() - t0
-                batch = uuid.uuid4().hex[:12]
-                for (d, it, key), r in zip(chunk, results, strict=True):
-                    store.append({
-                        "key": key, "model": mname, "model_fingerprint": model_fp,
-                        "method": label, "method_fingerprint": method_fp, "dataset": d.name,
-                        "item_id": it.id, "category": it.category, "label": it.label,
-                        "prompt": it.prompt, "response": r.text,
-                        "token_ids": list(map(int, r.token_ids)),
-                        "finish_reason": r.finish_reason, "new_tokens": len(r.token_ids),
-                        "latency_s": r.timing.get("total_s"),
-                        "prefill_s": r.timing.get("prefill_s"),
-                        "decode_s": r.timing.get("decode_s"),
-                        "batch": batch, "batch_s": wall, "batch_size": len(chunk),
-                        "decoding": decoding, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                store.sync()
-                if task is not None:
-                    progress.advance(task, len(chunk))
+            if not mine:
+                continue
+            common = {"model": mname, "model_fingerprint": model_fp, "method": label,
+                      "method_fingerprint": method_fp, "batch": uuid.uuid4().hex[:12],
+                      "batch_size": batch_size, "decoding": decoding}
+            keep = _store_as_finished(store, mine, common, progress, task)
+            dec.generate([it.prompt for _, it, _ in mine], max_batch=batch_size, on_result=keep,
+                         **decoding)
     return [{**store[k], "method": label} for label, k in wanted]
 
 

@@ -505,22 +505,17 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            on_step: Callable[[int, int], None] | None = None
            ) -> Iterator[tuple[int, int | None, str, GenerationResult | None]]:
     """Run DeAL for every request (``built[i]``, scored against ``prompts[i]``, decoded with
-    ``params`` or ``params[i]``) in ``engine`` (which must hold ``len(built) x
-    spec.sequences_per_request`` sequences), yielding ``(i, token_id, text, result)`` for each
-    token of request ``i``'s answer once it is final — committed by a search step (with a beam,
-    the part every kept sequence shares), decoded past the horizon, or the winning rollout's
-    rest — with its text delta; ``result`` is set on the request's last event (``token_id``
-    ``None`` where it carries no token of its own). ``on_step(requests_done, requests)`` after
-    each search step. Runs a :class:`Searcher`."""
+    ``params`` or ``params[i]``) in ``engine`` (as many at once as it holds answers of
+    ``spec.sequences_per_request`` sequences; the others queued), yielding
+    ``(i, token_id, text, result)`` for each token of request ``i``'s answer once it is final —
+    committed by a search step (with a beam, the part every kept sequence shares), decoded past
+    the horizon, or the winning rollout's rest — with its text delta; ``result`` is set on the
+    request's last event (``token_id`` ``None`` where it carries no token of its own).
+    ``on_step(requests_done, requests)`` after each search step. Runs a :class:`Searcher`."""
     if engine.has_unfinished():
-        raise ValueError("engine: DeAL's search needs an engine with no other requests (each "
-                         "search step must expand every frontier sequence at once)")
-    need = len(built) * spec.sequences_per_request
-    if engine.state.max_seqs < need:
-        raise ValueError(f"max_seqs: DeAL needs {need} sequences ({len(built)} requests x beam "
-                         f"{spec.beam} x (k {spec.k} + propose {spec.propose})"
-                         f"{' x 2 rollouts' if spec.rollout == 'both' else ''}); the engine "
-                         f"has {engine.state.max_seqs}")
+        raise ValueError("engine: DeAL's search needs an engine with no other requests (the "
+                         "searcher counts on every free slot; serve requests through one "
+                         "Searcher instead)")
     if isinstance(params, SamplingParams):
         params = [params] * len(built)
     if len(params) != len(built) or len(prompts) != len(built):

@@ -265,7 +265,8 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
            on_step: Callable[[int, int], None] | None = None
            ) -> Iterator[tuple[int, StepOutput, GenerationResult | None]]:
     """Route every request (``built[i]``, scored against ``prompts[i]``) in ``engine`` (on
-    ``spec.engine_method``, with no other requests and two sequences per request), yielding
+    ``spec.engine_method``, with no other requests; two sequences per request decoded at once,
+    the others queued), yielding
     ``(i, output, result)`` for each step output of request ``i``'s kept answer — held back until
     the reward has chosen it, then as decoded; ``result`` is set on the last one.
     ``on_step(requests_done, requests)`` after each engine step."""
@@ -275,9 +276,9 @@ def stream(engine: Engine, built: Sequence[Built], prompts: Sequence[str],
         params = [params] * len(built)
     if len(params) != len(built) or len(prompts) != len(built):
         raise ValueError(f"params, prompts: expected {len(built)} of each")
-    if engine.state.max_seqs < 2 * len(built):
-        raise ValueError(f"max_seqs: the router needs {2 * len(built)} sequences (two per "
-                         f"request); the engine has {engine.state.max_seqs}")
+    if engine.state.max_seqs < 2:
+        raise ValueError(f"max_seqs: the router needs two sequences per request; the engine "
+                         f"has {engine.state.max_seqs}")
     router = Router(engine, spec)
     index = {router.add(b, t, p, index=i)[0]: i
              for i, (b, t, p) in enumerate(zip(built, prompts, params, strict=True))}
