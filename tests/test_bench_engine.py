@@ -49,7 +49,9 @@ def test_engine_bench_measurements_on_the_tiny_model():
 
 
 @pytest.mark.parametrize("script, name", [("bench_engine.py", "engine_cpu_quick"),
-                                          ("bench_deal.py", "deal_cpu_quick")])
+                                          ("bench_deal.py", "deal_cpu_quick"),
+                                          ("bench_eval_batching.py",
+                                           "eval_batching_cpu_quick")])
 def test_benchmark_scripts_take_any_model(tmp_path, tiny_model_dir, script, name):
     """``--model/--dtype/--device`` (what a GPU run of these scripts uses) on the tiny model."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--model",
