@@ -89,9 +89,8 @@ class EngineLoop:
             self._thread.join(timeout)
             self._thread = None
         for router in self.routers.values():
-            scorer = getattr(router, "scorer", None)  # a router's reward thread
-            if scorer is not None:
-                scorer.shutdown(wait=False, cancel_futures=True)
+            if router.scorer is not None:  # the reward thread (shared by the searches)
+                router.scorer.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
@@ -216,9 +215,12 @@ class EngineLoop:
         router's reward calls in flight (waited for briefly, so commands still get in)."""
         router = self.routers.get(name)
         try:  # a search's reward model runs in feed() (or on the router's scorer thread)
-            outs = [] if idle else eng.step(**(router.step_args() if router else {}))
-            pairs = (router.feed(outs, wait=0.05 if not outs else 0.0)  # nothing decoded:
-                     if router is not None else [(o, None) for o in outs])  # wait for a score
+            args = router.step_args() if router is not None and not idle else {}
+            outs = [] if idle else eng.step(**args)
+            # every sequence held for its score (or none left): wait for one rather than spin
+            stalled = idle or eng.num_running() == len(args.get("hold", ()))
+            pairs = (router.feed(outs, wait=0.05 if stalled else 0.0) if router is not None
+                     else [(o, None) for o in outs])
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("engine %s: step failed", name)
             self.error = exc
