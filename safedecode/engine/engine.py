@@ -506,7 +506,7 @@ class Engine:
         no token, their KV, position and seed stream as they were (a search waiting for its
         reward while the others decode)."""
         expand = dict(expand or {})
-        held = self._check_hold(hold, expand) if hold else frozenset()
+        sitting = self._check_hold(hold, expand) if hold else frozenset()
         if (propose is not None or follow is not None) and self.runner.drop_rows:
             raise ValueError("propose, follow: they read a branch's own logits, which a gated "
                              "method's decided sequences no longer compute; make the engine "
@@ -521,7 +521,7 @@ class Engine:
             for src, dst in moves:
                 by_slot[src].slot = dst
         running = tuple(sorted(s.slot for s in self._live.values()
-                               if s.slot >= 0 and s.built is None and s.id not in held))
+                               if s.slot >= 0 and s.built is None and s.id not in sitting))
         chunked = self.max_prefill_tokens is not None and self.runner.can_pack
         if chunked:  # every request that fits takes a slot; its prompt is fed within budget
             held = sum(len(s.kids) for s in self._prefilling)  # slots its choices will take
