@@ -560,8 +560,10 @@ class SearcherMachine(RuleBasedStateMachine):
         live = [s.slot for s in self.eng._live.values() if s.slot >= 0]
         assert len(live) == len(set(live))
         assert self.eng.state.free_slots + len(live) == self.eng.state.max_seqs
-        started = self.searcher.pending() - self.searcher.num_waiting()
-        assert len(self.eng._live) <= started * self.spec.sequences_per_request
+        answers = self.searcher._answers.values()  # each within its peak (past the horizon 1)
+        assert len(self.eng._live) <= sum(1 if a.phase == "free" else
+                                          self.spec.sequences_per_request
+                                          for a in answers if a.phase != "queued")
 
 
 class ThreadedSearcherMachine(SearcherMachine):

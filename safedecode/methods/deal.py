@@ -245,10 +245,11 @@ class Searcher:
     with the :class:`GenerationResult` on its last one. Answers whose candidates reach the
     reward in the same step are scored in one batched call.
 
-    An answer holds up to ``spec.sequences_per_request`` sequences at once; the searcher starts
-    one only when that many slots are sure to be free (it queues the others), so an expansion
-    never lacks a slot. Every sequence of the engine must come from this searcher (a request
-    added to the engine behind its back could take the slots an expansion counts on).
+    An answer holds up to ``spec.sequences_per_request`` sequences at once (one once past its
+    horizon); the searcher starts one only when that many slots are sure to be free (it queues
+    the others), so an expansion never lacks a slot. Every sequence of the engine must come
+    from this searcher (a request added to the engine behind its back could take the slots an
+    expansion counts on).
 
     By default the reward runs inside :meth:`feed`, on the caller's thread, every other answer
     waiting for it. With ``scorer`` (an executor, e.g. one worker thread) the call runs there:
@@ -337,14 +338,16 @@ class Searcher:
         :meth:`Engine.step`: the frontiers to expand (with the proposals) and the rollouts
         the plain model follows."""
         eng, spec = self.engine, self.spec
-        held = spec.sequences_per_request * (len(self._answers) - len(self._queue))
-        while self._queue and held + spec.sequences_per_request <= eng.state.max_seqs:
+        peak = spec.sequences_per_request  # past its horizon an answer holds one for good
+        reserved = sum(1 if a.phase == "free" else peak for a in self._answers.values()
+                       if a.phase != "queued")
+        while self._queue and reserved + peak <= eng.state.max_seqs:
             a = self._queue.popleft()
             root = eng.add_built(a.built, replace(a.params, logprobs=True), index=a.index)[0]
             a.phase, a.frontier, a.committed = "expand", [root], {root: 0}
             a.detok = eng.detokenizer(root)
             self._owner[root] = a
-            held += spec.sequences_per_request
+            reserved += peak
         expand = {sid: spec.k for a in self._answers.values() if a.phase == "expand"
                   for sid in a.frontier}
         args: dict = {}
