@@ -54,13 +54,14 @@ def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     return prompts
 
 
-def _search_progress(bar, task, name: str, first: int):
-    """A DeAL ``on_step`` callback that shows the search step and the finished requests."""
+def _search_progress(bar, task, name: str):
+    """A search's ``on_step`` callback that shows its step (the bar itself advances as
+    requests finish)."""
     steps = [0]
 
     def on_step(done: int, total: int) -> None:
         steps[0] += 1
-        bar.update(task, completed=first + done, description=f"{name}: search step {steps[0]}")
+        bar.update(task, description=f"{name}: search step {steps[0]}")
     return on_step
 
 
@@ -81,7 +82,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Requests per engine batch."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
+                                   "next joins as one ends)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is decoded (1 prompt)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
@@ -190,15 +192,12 @@ def generate(
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return
-        results = []
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"{meth.name}", total=len(prompts))
-            for i in range(0, len(prompts), batch_size):
-                part = prompts[i:i + batch_size]
-                if dec.search is not None:  # a long search: show its steps
-                    kw["on_step"] = _search_progress(bar, task, meth.name, i)
-                results.extend(dec.generate(part, **kw))
-                bar.update(task, completed=i + len(part))
+            if dec.search is not None:  # a long search: show its steps
+                kw["on_step"] = _search_progress(bar, task, meth.name)
+            results = dec.generate(prompts, max_batch=batch_size,  # continuous batching
+                                   on_result=lambda i, r: bar.advance(task), **kw)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     for p, r in zip(prompts, results, strict=True):

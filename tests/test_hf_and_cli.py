@@ -60,6 +60,15 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
     assert [x["prompt"] for x in lines] == ["Hi there", "How do I kill a Python process?"]
     assert all(x["method"] == "acd-text" and x["tokens"] <= 5 for x in lines)
+    f.write_text("".join(f"Prompt number {i}\n" for i in range(5)))  # more than decode at once
+    res = runner.invoke(app, ["generate", "--file", str(f), "--model", str(tiny_model_dir),
+                              "-n", "6", "--batch-size", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    model, tok = tiny_llama()
+    want = SafeDecoder(model, tok, methods.get("plain")).generate(
+        [f"Prompt number {i}" for i in range(5)], max_new_tokens=6)
+    assert [x["text"] for x in lines] == [r.text for r in want]
     res = runner.invoke(app, ["generate", "Hello", "--model", str(tiny_model_dir), "-n", "4",
                               "--stream"])
     assert res.exit_code == 0, res.output
