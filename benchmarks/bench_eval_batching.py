@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from safedecode import methods
 from safedecode.bench.machine import add_model_options, load_bench_model
 from safedecode.bench.report import write_script_result
 from safedecode.data import load_anchor
 from safedecode.engine import SafeDecoder
+from safedecode.eval.runner import parse_methods
 from safedecode.models import model_name
 
 OUT = Path(__file__).parent / "results"
@@ -35,8 +35,9 @@ def run(model, tok, names: list[str], n: int, batch: int, tokens: int, repeats: 
                + load_anchor("harmful", "train")[:half]]
     prompts.sort(key=lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))
     rows = []
-    for name in names:
-        dec = SafeDecoder(model, tok, methods.get(name))
+    for spec in parse_methods(",".join(names)):  # names or eval's knob strings
+        name = spec.label
+        dec = SafeDecoder(model, tok, spec.build())
         dec.generate(prompts[:2], max_new_tokens=2)  # warm-up
         best = {"static": float("inf"), "continuous": float("inf")}
         for _ in range(repeats):
@@ -81,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated (default plain,acd; --quick: plain,acd-text, which "
-                         "runs on any model)")
+                    help="comma-separated, names or eval's knob strings (default plain,acd; "
+                         "--quick: plain,acd-text, which runs on any model)")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=128)
@@ -99,7 +100,7 @@ def main() -> None:
         ap.error(str(exc))
     n, tokens, repeats = (8, 16, 1) if args.quick else (args.requests, args.tokens, args.repeats)
     batch = min(args.batch, 4) if args.quick else args.batch
-    names = (args.methods or ("plain,acd-text" if args.quick else "plain,acd")).split(",")
+    names = [args.methods or ("plain,acd-text" if args.quick else "plain,acd")]
     rows = run(model, tok, names, n, batch, tokens, repeats,
                lambda m: print(m, file=sys.stderr, flush=True))
     r = {"rows": rows, "tokens": tokens, "batch": batch, "repeats": repeats,
