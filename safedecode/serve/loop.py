@@ -217,10 +217,11 @@ class EngineLoop:
         try:  # a search's reward model runs in feed() (or on the router's scorer thread)
             args = router.step_args() if router is not None and not idle else {}
             outs = [] if idle else eng.step(**args)
-            # every sequence held for its score (or none left): wait for one rather than spin
-            stalled = idle or eng.num_running() == len(args.get("hold", ()))
-            pairs = (router.feed(outs, wait=0.05 if stalled else 0.0) if router is not None
-                     else [(o, None) for o in outs])
+            if router is None:
+                pairs = [(o, None) for o in outs]
+            else:  # every sequence held for its score (or none left): wait rather than spin
+                stalled = idle or (not outs and eng.num_running() == len(args.get("hold", ())))
+                pairs = router.feed(outs, wait=0.05 if stalled else 0.0)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("engine %s: step failed", name)
             self.error = exc
