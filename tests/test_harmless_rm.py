@@ -154,19 +154,89 @@ def test_training_on_a_tiny_model_writes_a_usable_reward(tiny_model_dir, tmp_pat
 
 
 
+def _tiny_reward(model_dir, *, keep_prefixes: int = 32, batch_size: int = 3) -> HarmlessReward:
+    """The harmless reward's scoring paths on a tiny random model (no adapter)."""
+    import torch
+
+    from safedecode.methods.harmless import PrefixStore, _base
+
+    rm = HarmlessReward.__new__(HarmlessReward)
+    rm.model, rm.tok = _base(str(model_dir))
+    rm.model.eval()
+    rm.torch, rm.batch_size, rm.path, rm.share_prefix = torch, batch_size, "tiny", True
+    rm.prefixes = PrefixStore(keep_prefixes)
+    return rm
+
+
+def _counting_forward(rm: HarmlessReward) -> list[int]:
+    """Patch the reward's body to record the tokens of each forward; returns the record."""
+    calls: list[int] = []
+    forward = rm.model.base_model.forward
+
+    def counting(*args, **kw):
+        calls.append(kw["input_ids"].numel())
+        return forward(*args, **kw)
+    rm.model.base_model.forward = counting
+    return calls
+
+
+def test_stored_prefixes_across_calls_score_as_whole_sequences(tiny_model_dir):
+    """A DeAL answer's search steps: each call scores candidates after a longer committed
+    reply. With each prompt's prefix stored across calls the scores equal whole-sequence
+    scoring — after the reply grew, after it was cut back (a truncation), for a prompt seen
+    once beside a stored one, past the store's size — and the calls after the first run fewer
+    tokens than sharing within a call alone."""
+    import copy
+
+    from safedecode.methods.harmless import PrefixStore
+
+    rm = _tiny_reward(tiny_model_dir, keep_prefixes=2)
+    within = _tiny_reward(tiny_model_dir, keep_prefixes=0)  # shares within a call only
+    whole = _tiny_reward(tiny_model_dir, keep_prefixes=0)
+    whole.share_prefix = False
+    within.model, whole.model = copy.deepcopy(rm.model), copy.deepcopy(rm.model)  # one head
+    p, q, r = "How do I bake bread at home?", "Name a pirate captain.", "Hi"
+    steps = [
+        [(p, "Mix flour" + t) for t in (" and water", " with salt", ", then")],
+        [(p, "Mix flour and water, then" + t) for t in (" knead", " rest it", " bake")]
+        + [(q, "Captain" + t) for t in (" Flint", " Blackbeard")],
+        [(p, "Mix flour and water, then knead it" + t) for t in (" well.", " for ten")]
+        + [(q, "Captain Flint" + t) for t in (" of Treasure Island.", "!")],
+        [(p, "Mix flour" + t) for t in (" first.", " and yeast.")],  # cut back
+        [(r, "Hello" + t) for t in ("!", " there")]
+        + [(q, "Captain Flint, who" + t) for t in (" hid gold.", " sailed.")],
+        [(p, "Mix flour and yeast" + t) for t in (".", ", then wait.")],  # p was dropped
+    ]
+    ran, fresh = _counting_forward(rm), _counting_forward(within)
+    for n, step in enumerate(steps):
+        prompts, texts = [a for a, _ in step], [b for _, b in step]
+        expected = whole(prompts, texts)
+        ran.clear()
+        fresh.clear()
+        assert rm(prompts, texts) == pytest.approx(expected, abs=1e-4), n
+        assert within(prompts, texts) == pytest.approx(expected, abs=1e-4), n
+        assert len(rm.prefixes) <= 2
+        if n in (1, 2, 3):  # every prompt's prefix stored but q's at its first call
+            assert sum(ran) < sum(fresh), (n, ran, fresh)
+        if n == 5:  # p fell out of the store (size 2): nothing to reuse
+            assert sum(ran) == sum(fresh)
+    assert len({round(x, 3) for x in whole([a for a, _ in steps[1]],
+                                           [b for _, b in steps[1]])}) > 3
+    with pytest.raises(ValueError, match="keep_prefixes"):
+        PrefixStore(-1)
+    none = PrefixStore(0)
+    none.put("a", [1, 2], [])
+    assert len(none) == 0 and none.get("a", [1, 2]) == (0, None)
+
+
 def test_shared_prefix_scores_equal_whole_sequence_scores(tiny_model_dir):
     """Texts grouped by prompt run their common token prefix once and their tails over its
     cache: the same scores as scoring every whole sequence, for groups of every shape (a
     shared reply prefix, a text that is another's prefix, equal texts, a prompt alone, more
     texts than a batch), in any order."""
-    import torch
 
-    from safedecode.methods.harmless import _base
 
-    rm = HarmlessReward.__new__(HarmlessReward)  # the scoring paths on a tiny random model
-    rm.model, rm.tok = _base(str(tiny_model_dir))
-    rm.model.eval()
-    rm.torch, rm.batch_size, rm.path = torch, 3, "tiny"
+    rm = _tiny_reward(tiny_model_dir)  # the later calls reuse the first's stored prefixes
     long = "Tell me, in a few words, how bread is baked at home in an oven."
     cases = [("How do I bake bread?", "Mix flour and water, then"),
              ("Hi", "Hello there"),
@@ -181,13 +251,7 @@ def test_shared_prefix_scores_equal_whole_sequence_scores(tiny_model_dir):
     rm.share_prefix = False
     whole = rm(prompts, texts)
     rm.share_prefix = True
-    calls = []
-    forward = rm.model.base_model.forward
-
-    def counting(*args, **kw):
-        calls.append(kw["input_ids"].numel())
-        return forward(*args, **kw)
-    rm.model.base_model.forward = counting
+    calls = _counting_forward(rm)
     shared = rm(prompts, texts)
     del rm.model.base_model.forward
     assert shared == pytest.approx(whole, abs=1e-4)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -346,6 +348,44 @@ def reward_key(path: str | Path | None = None) -> str:
     return f"harmless:{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
+class PrefixStore:
+    """Each key's last token prefix and its KV (per layer ``(keys, values)``, ``[heads,
+    tokens, dim]``), at most ``size`` keys, the least recently used dropped first (0: none)."""
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"keep_prefixes: a number of prompts >= 0, got {size!r}")
+        self.size = size
+        self._items: OrderedDict[str, tuple[list[int], list]] = OrderedDict()
+        self._lock = threading.Lock()  # a reward thread and the caller's may both score
+
+    def get(self, key: str, ids: Sequence[int]) -> tuple[int, list | None]:
+        """How many leading tokens of ``ids`` the stored prefix of ``key`` covers, and its KV."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return 0, None
+            self._items.move_to_end(key)
+        n = len(os.path.commonprefix([item[0], list(ids)]))
+        return (n, item[1]) if n else (0, None)
+
+    def put(self, key: str, ids: Sequence[int], kv: list) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._items[key] = (list(ids), kv)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class HarmlessReward(Reward):
     """The trained reward model's scalar score of (prompt, reply) as a chat.
 
@@ -353,12 +393,18 @@ class HarmlessReward(Reward):
     their rollouts) share their chat-formatted prompt and often a committed reply prefix: with
     ``share_prefix`` (the default) each group's longest common token prefix is run once and its
     KV cache is reused for every text's own tail, so a call costs the distinct tokens, not the
-    total. Scores equal the unshared forward's (``share_prefix=False``) up to float rounding."""
+    total. Scores equal the unshared forward's (``share_prefix=False``) up to float rounding.
+
+    Across calls, each prompt's last shared prefix stays cached (``keep_prefixes`` prompts, least
+    recently scored dropped first): a DeAL answer's next search step runs only the reply it
+    committed since, not its chat-formatted prompt again. A stored prefix is reused only as far
+    as its token ids match."""
 
     name = "harmless"
 
     def __init__(self, path: str | None = None, *, model_path: str | None = None,
-                 batch_size: int = 16, share_prefix: bool = True) -> None:
+                 batch_size: int = 16, share_prefix: bool = True,
+                 keep_prefixes: int = 32) -> None:
         import torch
         from peft import PeftModel
 
@@ -371,12 +417,14 @@ class HarmlessReward(Reward):
         self.model = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
         self.share_prefix = share_prefix
+        self.prefixes = PrefixStore(keep_prefixes)
 
     def key(self) -> str:
         return reward_key(self.path)
 
     def to(self, device) -> HarmlessReward:
         self.model.to(device)
+        self.prefixes.clear()  # stored on the old device
         return self
 
     def __call__(self, prompts, texts) -> list[float]:
@@ -416,6 +464,56 @@ class HarmlessReward(Reward):
                 out[r] = score
         return out
 
+    def _run_prefixes(self, keys: list[str], prefixes: list[list[int]]):
+        """The KV cache of every prefix (a row each; ``keys[g]``'s prompt) and its attention
+        mask ``[n, columns]``: what each prompt's stored prefix covers is copied in, the rest
+        runs in one forward (rows right-padded, so a row's columns may have holes), and every
+        prefix is stored for the next call."""
+        from transformers.cache_utils import DynamicCache
+
+        from safedecode.engine.cache import cache_kwargs
+
+        torch, body = self.torch, self.model.base_model
+        stored = [self.prefixes.get(k, ids) for k, ids in zip(keys, prefixes, strict=True)]
+        done = [n for n, _ in stored]
+        width = max(done)
+        device = self.model.device
+        past_mask = torch.zeros(len(keys), width, dtype=torch.long, device=device)
+        cache = None
+        if width:
+            layers = []
+            for layer in range(len(next(kv for _, kv in stored if kv is not None))):
+                k0, v0 = next(kv[layer] for _, kv in stored if kv is not None)
+                k = k0.new_zeros(len(keys), k0.shape[0], width, k0.shape[-1])
+                v = v0.new_zeros(len(keys), v0.shape[0], width, v0.shape[-1])
+                for g, (n, kv) in enumerate(stored):
+                    if n:
+                        k[g, :, :n] = kv[layer][0][:, :n]
+                        v[g, :, :n] = kv[layer][1][:, :n]
+                layers.append((k, v))
+            cache = DynamicCache(ddp_cache_data=layers)
+            for g, n in enumerate(done):
+                past_mask[g, :n] = 1
+        rest = [ids[n:] for ids, n in zip(prefixes, done, strict=True)]
+        if any(rest):
+            run, run_mask = self._pad(rest)
+            positions = torch.tensor(done, device=device)[:, None] + \
+                torch.arange(run.shape[1], device=device)[None, :]
+            mask = torch.cat([past_mask, run_mask], 1)
+            past = cache_kwargs(body, cache) if cache is not None else {"use_cache": True}
+            cache = body(input_ids=run, attention_mask=mask, position_ids=positions,
+                         **past).past_key_values
+        else:
+            run_mask = past_mask[:, :0]
+            mask = past_mask
+        for g, (key, ids) in enumerate(zip(keys, prefixes, strict=True)):
+            cols = torch.cat([torch.arange(done[g], device=device),
+                              width + torch.arange(len(rest[g]), device=device)])
+            self.prefixes.put(key, ids, [(lay.keys[g].index_select(1, cols),
+                                          lay.values[g].index_select(1, cols))
+                                         for lay in cache.layers])
+        return cache, mask
+
     def _score_shared(self, ids: list[list[int]], prompts) -> list[float]:
         """Texts grouped by prompt; per group its common prefix once, then every tail over its
         cache (at least one token each: the score reads the last token's state)."""
@@ -443,10 +541,8 @@ class HarmlessReward(Reward):
             members = [(g, r) for g, q in enumerate(chunk) for r in groups[q]]
             tails = [ids[r][cuts[chunk[g]]:] for g, r in members]
             with torch.no_grad():
-                pre, pre_mask = self._pad(prefixes)
-                cache = body(input_ids=pre, attention_mask=pre_mask,
-                             use_cache=True).past_key_values
-                device = pre.device
+                cache, pre_mask = self._run_prefixes(chunk, prefixes)
+                device = pre_mask.device
                 pick = torch.tensor([g for g, _ in members], device=device)
                 cache.reorder_cache(pick)
                 past_mask = pre_mask[pick]
