@@ -227,7 +227,8 @@ def test_rewards_compose_and_parse():
     assert parsed(["p", "p"], texts) == pytest.approx(both(["p", "p"], texts))
     for bad, match in (("nope", "unknown"), ("keywords", "include"),
                        ("length:target=0", "target"), ("keywords:foo=1", "foo"),
-                       ("classifier", "path")):
+                       ("classifier", "path"), ("harmless:keep=-1", "keep="),
+                       ("harmless:keep=all", "keep=")):
         with pytest.raises(ValueError, match=match):
             make_reward(bad)
     with pytest.raises(ValueError, match="non-finite"):

@@ -229,6 +229,14 @@ def test_stored_prefixes_across_calls_score_as_whole_sequences(tiny_model_dir):
     assert len(none) == 0 and none.get("a", [1, 2]) == (0, None)
 
 
+def test_reward_spec_sets_the_prefix_store():
+    """``harmless:keep=N`` sizes the store (0 turns it off); the default keeps 32 prompts."""
+    from safedecode.methods.rewards import make_reward
+
+    assert make_reward("harmless:keep=0").prefixes.size == 0
+    assert make_reward("harmless").prefixes.size == 32
+
+
 def test_shared_prefix_scores_equal_whole_sequence_scores(tiny_model_dir):
     """Texts grouped by prompt run their common token prefix once and their tails over its
     cache: the same scores as scoring every whole sequence, for groups of every shape (a

@@ -395,7 +395,7 @@ class HarmlessReward(Reward):
     KV cache is reused for every text's own tail, so a call costs the distinct tokens, not the
     total. Scores equal the unshared forward's (``share_prefix=False``) up to float rounding.
 
-    Across calls, each prompt's last shared prefix stays cached (``keep_prefixes`` prompts, least
+    Across calls, each prompt's last shared prefix stays stored (``keep_prefixes`` prompts, least
     recently scored dropped first): a DeAL answer's next search step runs only the reply it
     committed since, not its chat-formatted prompt again. A stored prefix is reused only as far
     as its token ids match."""
@@ -504,9 +504,10 @@ class HarmlessReward(Reward):
             cache = body(input_ids=run, attention_mask=mask, position_ids=positions,
                          **past).past_key_values
         else:
-            run_mask = past_mask[:, :0]
             mask = past_mask
         for g, (key, ids) in enumerate(zip(keys, prefixes, strict=True)):
+            if not self.prefixes.size:
+                break
             cols = torch.cat([torch.arange(done[g], device=device),
                               width + torch.arange(len(rest[g]), device=device)])
             self.prefixes.put(key, ids, [(lay.keys[g].index_select(1, cols),
@@ -561,6 +562,6 @@ class HarmlessReward(Reward):
         return out
 
 
-def harmlessness_reward(path: str | None = None) -> HarmlessReward:
+def harmlessness_reward(path: str | None = None, *, keep_prefixes: int = 32) -> HarmlessReward:
     """The ``harmless`` reward: the shipped adapter (or one at ``path``)."""
-    return HarmlessReward(path)
+    return HarmlessReward(path, keep_prefixes=keep_prefixes)

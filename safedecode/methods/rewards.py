@@ -232,8 +232,9 @@ class ClassifierReward(Reward):
 
 def make_reward(spec: str | Reward | Callable) -> Reward:
     """A reward from a spec: ``keywords:include=a|b:exclude=c``, ``length:target=64``,
-    ``classifier:path=DIR[:label=1]``, ``harmless[:path=DIR]`` (the harmlessness reward
-    model, :mod:`.harmless`; the shipped one for the default model), several joined with ``+``
+    ``classifier:path=DIR[:label=1]``, ``harmless[:path=DIR][:keep=32]`` (the harmlessness
+    reward model, :mod:`.harmless`; the shipped one for the default model; ``keep``: prompts
+    whose scored prefix stays stored across calls, 0 for none), several joined with ``+``
     and weighted with ``W*`` (``2*keywords:...``) — or a :class:`Reward` / callable as it is."""
     if not isinstance(spec, str):
         return _as_reward(spec)
@@ -269,10 +270,14 @@ def _one(name: str, kw: dict[str, str]) -> Reward:
             _only(name, kw, {"target"})
             return Length(int(kw.get("target", 64)))
         if name == "harmless":
-            _only(name, kw, {"path"})
+            _only(name, kw, {"path", "keep"})
             from .harmless import harmlessness_reward
 
-            return harmlessness_reward(kw.get("path"))
+            keep = kw.get("keep", "32")
+            if not keep.isdigit():
+                raise ValueError(f"reward 'harmless': keep= is how many prompts' prefixes to "
+                                 f"store across calls (an integer >= 0), got {keep!r}")
+            return harmlessness_reward(kw.get("path"), keep_prefixes=int(keep))
         if name == "classifier":
             _only(name, kw, {"path", "label"})
             if "path" not in kw:
