@@ -229,6 +229,28 @@ def test_stored_prefixes_across_calls_score_as_whole_sequences(tiny_model_dir):
     assert len(none) == 0 and none.get("a", [1, 2]) == (0, None)
 
 
+def test_deal_answers_equal_with_the_prefix_store_on_and_off(tiny_model_dir):
+    """DeAL's search over the reward model, its committed reply growing step by step (chunk 1
+    and 2, a beam of 2): the same answers with each prompt's prefix stored across calls as
+    without, and the store holds the prompts after the search."""
+    from engine_fixtures import tiny_llama
+
+    from safedecode.methods.harmless import PrefixStore
+
+    rm = _tiny_reward(tiny_model_dir)
+    model, tok = tiny_llama()
+    prompts = ["Hi", "How do I bake bread?", "Name a pirate captain."]
+    for knobs in (dict(k=3, lookahead=2), dict(k=2, lookahead=3, chunk=2, beam=2)):
+        knobs["lam"] = 1e4  # the reward decides the ranking
+        dec = SafeDecoder(model, tok, methods.get("deal", reward=rm, **knobs))
+        answers = {}
+        for keep in (0, 32):
+            rm.prefixes = PrefixStore(keep)
+            answers[keep] = [r.token_ids for r in dec.generate(prompts, max_new_tokens=8)]
+        assert answers[32] == answers[0], knobs
+        assert len(rm.prefixes) == len(prompts)
+
+
 def test_reward_spec_sets_the_prefix_store():
     """``harmless:keep=N`` sizes the store (0 turns it off); the default keeps 32 prompts."""
     from safedecode.methods.rewards import make_reward
