@@ -65,6 +65,25 @@ def _search_progress(bar, task, name: str):
     return on_step
 
 
+def _one_method(entry: str) -> tuple[str, dict]:
+    """``--method`` as a name and its own knobs (``name:key=value[:key=value]``, as ``eval``
+    takes one method)."""
+    from safedecode.eval.runner import parse_methods
+
+    try:
+        parsed = parse_methods(entry)
+    except ValueError as exc:  # eval's option is --methods
+        raise ValueError(str(exc).replace("--methods:", "--method:", 1)) from None
+    if len(parsed) != 1:
+        raise ValueError(f"--method: one method, got {len(parsed)} in {entry!r}")
+    choices = [k for k, v in parsed[0].kwargs.items()  # a reward's keyword lists hold '|'
+               if k != "reward" and isinstance(v, str) and "|" in v]
+    if choices:
+        raise ValueError(f"--method: {choices[0]}= lists choices ('|'), which `safedecode "
+                         "tune` compares; give one value")
+    return parsed[0].name, dict(parsed[0].kwargs)
+
+
 @app.command()
 def generate(
     prompt: str | None = typer.Argument(None, help="The user message."),
@@ -73,7 +92,8 @@ def generate(
     method: str = typer.Option("plain", "--method", "-m",
                                help="plain, safe-prompt, acd, acd-text, acd-sp, self-cd, "
                                     "self-cd-sp, safeinfer, safeinfer-sa, safeinfer-sgds, "
-                                    "deal, route"),
+                                    "deal, route; knobs as `eval` takes them "
+                                    "('deal:base=acd:k=4') override the flags"),
     alpha: float | None = typer.Option(None, help="The method's contrast strength."),
     beta: float | None = typer.Option(None, help="Plausibility threshold in [0, 1]."),
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
@@ -148,6 +168,10 @@ def generate(
     from safedecode.models import load_model
 
     prompts = _read_prompts(prompt, file)
+    try:
+        method, own = _one_method(method)
+    except ValueError as exc:
+        _fail(str(exc))
     kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("prompts", acd_prompts))
               if v is not None}
     si = {"gamma": gamma, "layer": layer, "lam": safeinfer_lam, "vector": vector,
@@ -172,7 +196,7 @@ def generate(
         if not method.startswith("safeinfer") and any(v is not None for v in si.values()):
             raise ValueError("--gamma/--layer/--safeinfer-lam/--vector/--unsafe/--steer/--gate/"
                              f"--window/--stop: only for the safeinfer methods, not {method!r}")
-        meth = methods.get(method, **kwargs)
+        meth = methods.get(method, **{**kwargs, **own})
         if batch_size < 1:
             raise ValueError("--batch-size: must be >= 1")
         if stream and len(prompts) != 1:

@@ -252,10 +252,15 @@ def test_deal_answers_equal_with_the_prefix_store_on_and_off(tiny_model_dir):
 
 
 def test_reward_spec_sets_the_prefix_store():
-    """``harmless:keep=N`` sizes the store (0 turns it off); the default keeps 32 prompts."""
+    """``harmless:keep=N`` sizes the store (0 turns it off); the default keeps 32 prompts.
+    Loading it warns nothing (a user's terminal shows no library deprecation)."""
+    import warnings
+
     from safedecode.methods.rewards import make_reward
 
-    assert make_reward("harmless:keep=0").prefixes.size == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_reward("harmless:keep=0").prefixes.size == 0
     assert make_reward("harmless").prefixes.size == 32
 
 

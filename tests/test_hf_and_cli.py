@@ -74,10 +74,28 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_cli_generate_takes_a_knob_string(tiny_model_dir):
+    """``-m 'acd-text:alpha=3'`` is ``-m acd-text --alpha 3``, and a knob in the string wins
+    over its flag (as ``safedecode serve -m`` has it)."""
+    def texts(*args: str) -> list[str]:
+        res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),
+                                       "-n", "8", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return [json.loads(x)["text"] for x in res.stdout.strip().splitlines()]
+
+    strong = texts("-m", "acd-text", "--alpha", "3")
+    assert texts("-m", "acd-text:alpha=3") == strong
+    assert texts("-m", "acd-text:alpha=3", "--alpha", "0.1") == strong
+    assert texts("-m", "acd-text", "--alpha", "0.1") != strong  # the knob does matter here
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
         (["generate", "x", "--method", "nope"], "unknown"),
+        (["generate", "x", "-m", "self-cd:alpha=0.3|0.5"], "alpha= lists choices"),
+        (["generate", "x", "-m", "acd,plain"], "one method, got 2"),
+        (["generate", "x", "-m", "acd:alpha"], "--method: 'acd:alpha'"),
         (["generate", "x", "-t", "-1"], "temperature"),
         (["generate", "x", "--top-p", "2"], "top_p"),
         (["generate"], "PROMPT"),

@@ -27,6 +27,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -414,7 +415,9 @@ class HarmlessReward(Reward):
                              "`safedecode train-reward --out DIR`)")
         self.path = path
         base, tok = _base(model_path)
-        self.model = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+        with warnings.catch_warnings():  # peft asks transformers a name it deprecates
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            self.model = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
         self.tok, self.batch_size, self.torch = tok, batch_size, torch
         self.share_prefix = share_prefix
         self.prefixes = PrefixStore(keep_prefixes)
