@@ -182,7 +182,8 @@ def deal(k: int = 4, lookahead: int = 8, lam: float = 1.0, reward=None, beam: in
     pass through). ``reward``: a :class:`Reward`, a callable ``(prompts, texts) -> scores`` or a
     spec string (:func:`~.rewards.make_reward`)."""
     if reward is None:
-        raise ValueError("reward: DeAL needs a reward (e.g. 'keywords:include=sorry|cannot', "
+        raise ValueError("reward: DeAL needs a reward (e.g. 'harmless', the shipped "
+                         "harmlessness reward model, 'keywords:include=sorry|cannot', "
                          "'length:target=64', 'classifier:path=DIR', or a callable)")
     if isinstance(base, str):
         from safedecode import methods
