@@ -565,6 +565,7 @@ class HarmlessReward(Reward):
         return out
 
 
-def harmlessness_reward(path: str | None = None, *, keep_prefixes: int = 32) -> HarmlessReward:
-    """The ``harmless`` reward: the shipped adapter (or one at ``path``)."""
-    return HarmlessReward(path, keep_prefixes=keep_prefixes)
+def harmlessness_reward(path: str | None = None, **kwargs) -> HarmlessReward:
+    """The ``harmless`` reward: the shipped adapter (or one at ``path``); ``kwargs`` as
+    :class:`HarmlessReward` takes them."""
+    return HarmlessReward(path, **kwargs)

@@ -232,10 +232,11 @@ class ClassifierReward(Reward):
 
 def make_reward(spec: str | Reward | Callable) -> Reward:
     """A reward from a spec: ``keywords:include=a|b:exclude=c``, ``length:target=64``,
-    ``classifier:path=DIR[:label=1]``, ``harmless[:path=DIR][:keep=32]`` (the harmlessness
+    ``classifier:path=DIR[:label=1]``, ``harmless[:path=DIR][:keep=N]`` (the harmlessness
     reward model, :mod:`.harmless`; the shipped one for the default model; ``keep``: prompts
-    whose scored prefix stays stored across calls, 0 for none), several joined with ``+``
-    and weighted with ``W*`` (``2*keywords:...``) — or a :class:`Reward` / callable as it is."""
+    whose scored prefix stays stored across calls, 32 by default, 0 for none), several joined
+    with ``+`` and weighted with ``W*`` (``2*keywords:...``) — or a :class:`Reward` / callable
+    as it is."""
     if not isinstance(spec, str):
         return _as_reward(spec)
     parts = [p.strip() for p in spec.split("+") if p.strip()]
@@ -273,11 +274,12 @@ def _one(name: str, kw: dict[str, str]) -> Reward:
             _only(name, kw, {"path", "keep"})
             from .harmless import harmlessness_reward
 
-            keep = kw.get("keep", "32")
-            if not keep.isdigit():
+            keep = kw.get("keep")
+            if keep is not None and not keep.isdigit():
                 raise ValueError(f"reward 'harmless': keep= is how many prompts' prefixes to "
                                  f"store across calls (an integer >= 0), got {keep!r}")
-            return harmlessness_reward(kw.get("path"), keep_prefixes=int(keep))
+            return harmlessness_reward(kw.get("path"),
+                                       **({} if keep is None else {"keep_prefixes": int(keep)}))
         if name == "classifier":
             _only(name, kw, {"path", "label"})
             if "path" not in kw:
