@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 import weakref
 from dataclasses import dataclass
 
@@ -65,10 +64,9 @@ class SlotLayer(DynamicLayer):
         return self._owner()
 
     def allocate(self, heads: int, k_dim: int, v_dim: int, dtype, device) -> None:
-        owner = self.owner
-        rows, cols = owner.rows, owner.columns + 1
-        self.keys = owner.buffer((rows, heads, cols, k_dim), dtype, device)
-        self.values = owner.buffer((rows, heads, cols, v_dim), dtype, device)
+        rows, cols = self.owner.rows, self.owner.columns + 1
+        self.keys = torch.zeros(rows, heads, cols, k_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(rows, heads, cols, v_dim, dtype=dtype, device=device)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -116,85 +114,13 @@ class SlotLayer(DynamicLayer):
         self.values[rows, :, start:start + n] = values
 
 
-class KVPool:
-    """Spare KV buffers kept between the engines of one decoder.
-
-    An engine's :class:`SlotCache` takes the pool's set of buffers when it is made and, at its
-    first forward, views each layer's keys and values in one of them that is large enough
-    instead of allocating (and zero-filling) new ones; :meth:`SlotCache.release` gives its
-    buffers back. So a decoder's successive ``generate`` calls reuse one set of KV memory (the
-    largest released so far) rather than allocating it per call. Reused buffers hold earlier
-    calls' KV: only finite values, and a row's columns past its length are masked to exactly
-    zero weight, so results are the same. An engine made while the set is taken (another
-    call in flight) allocates its own. :meth:`clear` frees the memory.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spare: list[torch.Tensor] = []
-
-    def take(self) -> list[torch.Tensor]:
-        """The spare buffers (flat tensors), now owned by the caller; [] if none."""
-        with self._lock:
-            spare, self._spare = self._spare, []
-        return spare
-
-    def give(self, buffers: list[torch.Tensor]) -> None:
-        """Keep ``buffers`` as the spare set if they hold more bytes than the current one."""
-        with self._lock:
-            if _nbytes(buffers) > _nbytes(self._spare):
-                self._spare = list(buffers)
-
-    def nbytes(self) -> int:
-        with self._lock:
-            return _nbytes(self._spare)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._spare = []
-
-
-def _nbytes(buffers: list[torch.Tensor]) -> int:
-    return sum(b.numel() * b.element_size() for b in buffers)
-
-
 class SlotCache(Cache):
-    """``rows`` x ``columns`` slots of KV per layer; see the module docstring. ``pool``: take
-    the layers' buffers from a :class:`KVPool` (given back by :meth:`release`)."""
+    """``rows`` x ``columns`` slots of KV per layer; see the module docstring."""
 
-    def __init__(self, num_layers: int, rows: int, columns: int,
-                 pool: KVPool | None = None) -> None:
+    def __init__(self, num_layers: int, rows: int, columns: int) -> None:
         self.rows, self.columns = rows, columns
         self.binding: Binding | None = None
-        self.pool = pool
-        self._spare = pool.take() if pool is not None else []
-        self._buffers: list[torch.Tensor] = []  # the flat storage of every layer's KV
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
-
-    def buffer(self, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
-        """A ``shape`` buffer: a view of a spare one from the pool that fits (same dtype and
-        device, at least as many elements), else a new zero-filled one."""
-        n = 1
-        for d in shape:
-            n *= d
-        device = torch.device(device)
-        fits = [i for i, b in enumerate(self._spare)
-                if b.dtype == dtype and b.device == device and b.numel() >= n]
-        flat = (self._spare.pop(fits[0]) if fits
-                else torch.zeros(n, dtype=dtype, device=device))
-        self._buffers.append(flat)
-        return flat[:n].view(shape)
-
-    def release(self) -> None:
-        """Drop every layer's KV; with a pool, give it the buffers the layers used (the spare
-        ones if no forward ran). The cache's KV is gone: a later forward allocates anew."""
-        buffers = self._buffers or self._spare
-        self._buffers, self._spare = [], []
-        for layer in self.layers:
-            layer.keys = layer.values = None
-            layer.is_initialized = False
-        if self.pool is not None and buffers:
-            self.pool.give(buffers)
 
     @property
     def sink(self) -> int:

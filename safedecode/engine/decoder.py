@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .branches import Method
-from .cache import KVPool, PrefixStore
+from .cache import PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
@@ -81,16 +81,11 @@ class SafeDecoder:
     requests that arrive and leave while others run, use :meth:`engine`. ``method`` may be a
     :class:`~safedecode.methods.DeAL` search or a :class:`~safedecode.methods.Route`:
     ``generate`` then runs it over the engine (``on_step`` reports progress).
-    ``reuse_kv=True`` keeps the KV buffers of a finished ``generate`` / ``stream`` call (the
-    largest so far, :attr:`kv_pool`) for the next call instead of allocating them again:
-    a DeAL call over 8 requests needs about 0.5 GB (fp32, embedded model), whose allocation
-    is measured in ``benchmarks/results/kv_pool_cpu.md``; ``kv_pool.clear()`` frees it.
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
-                 compile: bool = False, drop_rows: bool = True,  # noqa: A002
-                 reuse_kv: bool = True) -> None:
+                 compile: bool = False, drop_rows: bool = True) -> None:  # noqa: A002
         from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
         from safedecode.methods.route import Route
 
@@ -107,20 +102,17 @@ class SafeDecoder:
         self.drop_rows = drop_rows
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
         self.prefixes = PrefixStore()
-        self.kv_pool = KVPool() if reuse_kv else None
 
     def engine(self, *, max_seqs: int = 8, max_len: int | None = None,
                max_queue: int = 1024, max_prefill_tokens: int | None = None,
                packed: bool = True, drop_rows: bool | None = None) -> Engine:
-        """A request-level :class:`Engine` on this decoder's model, method and prefix store
-        (and its :attr:`kv_pool`'s buffers: :meth:`Engine.close` gives them back)."""
+        """A request-level :class:`Engine` on this decoder's model, method and prefix store."""
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
                       small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
                       compiled=self.compiled, max_prefill_tokens=max_prefill_tokens,
                       packed=packed,
-                      drop_rows=self.drop_rows if drop_rows is None else drop_rows,
-                      kv_pool=self.kv_pool)
+                      drop_rows=self.drop_rows if drop_rows is None else drop_rows)
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt] | TokenPrompts, *,
@@ -173,15 +165,12 @@ class SafeDecoder:
 
         eng, built, texts, per_request, on_step = self._search_setup(prompts, params, streamer,
                                                                      raw, max_batch)
-        try:
-            if isinstance(self.search, Route):
-                for i, out, result in route_stream(eng, built, texts, per_request, self.search,
-                                                   on_step):
-                    yield i, (out.token_id if out.token_id >= 0 else None), out.text, result
-                return
-            yield from deal_stream(eng, built, texts, per_request, self.search, on_step)
-        finally:
-            eng.close()
+        if isinstance(self.search, Route):
+            for i, out, result in route_stream(eng, built, texts, per_request, self.search,
+                                               on_step):
+                yield i, (out.token_id if out.token_id >= 0 else None), out.text, result
+            return
+        yield from deal_stream(eng, built, texts, per_request, self.search, on_step)
 
     def _search_setup(self, prompts, params: dict, streamer, raw: bool,
                       max_batch: int | None = None):
@@ -274,27 +263,24 @@ class SafeDecoder:
             need = round_up(need, 256)
         eng = self.engine(max_seqs=min(b, max_batch or b),
                           max_len=max(2, min(need, context or need)))
-        try:
-            ids = [eng.add_built(req, sp, index=i)[0] for i, (req, sp) in enumerate(
-                zip(built, per_request, strict=True))]
-            index = {rid: i for i, rid in enumerate(ids)}
-            if streamer is not None:
-                p, s = built[0][self.method.anchor]
-                streamer.put(torch.tensor([p.ids + list(p.tail_ids) + s]))
-            t0 = time.perf_counter()
-            while eng.has_unfinished():
-                for out in eng.step():
-                    if streamer is not None and out.token_id >= 0:
-                        streamer.put(torch.tensor([out.token_id]))
-                    if out.finish_reason:
-                        i = index[out.request_id]
-                        results[i] = eng.pop_result(out.request_id)
-                        if on_result is not None:
-                            on_result(i, results[i])
-                    yield StreamEvent(index[out.request_id], out.text, out.token_id,
-                                      out.finish_reason)
-        finally:
-            eng.close()
+        ids = [eng.add_built(req, sp, index=i)[0] for i, (req, sp) in enumerate(
+            zip(built, per_request, strict=True))]
+        index = {rid: i for i, rid in enumerate(ids)}
+        if streamer is not None:
+            p, s = built[0][self.method.anchor]
+            streamer.put(torch.tensor([p.ids + list(p.tail_ids) + s]))
+        t0 = time.perf_counter()
+        while eng.has_unfinished():
+            for out in eng.step():
+                if streamer is not None and out.token_id >= 0:
+                    streamer.put(torch.tensor([out.token_id]))
+                if out.finish_reason:
+                    i = index[out.request_id]
+                    results[i] = eng.pop_result(out.request_id)
+                    if on_result is not None:
+                        on_result(i, results[i])
+                yield StreamEvent(index[out.request_id], out.text, out.token_id,
+                                  out.finish_reason)
         for r in results.values():
             r.timing["call_s"] = time.perf_counter() - t0
         if streamer is not None:

@@ -24,7 +24,7 @@ import torch
 from safedecode.ops.params import STATUS_MESSAGES
 
 from .branches import Method
-from .cache import KVPool, PrefixStore
+from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
@@ -171,8 +171,7 @@ class Engine:
     adapters) instead of two. ``drop_rows``: a method with a contrast gate
     (:attr:`Method.contrast_gate`) decodes only the rows a decided sequence's op reads (gate
     on: the weighted branches; off: the fallback) — False keeps every row (a caller that reads
-    other branches' logits: DeAL's ``propose`` / ``follow``). ``kv_pool``: take the KV
-    buffers from a :class:`~.cache.KVPool` and give them back at :meth:`close`.
+    other branches' logits: DeAL's ``propose`` / ``follow``).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, max_seqs: int = 8,
@@ -181,7 +180,7 @@ class Engine:
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
                  compiled: CompiledDecode | None = None,
                  max_prefill_tokens: int | None = None, packed: bool = True,
-                 drop_rows: bool = True, kv_pool: KVPool | None = None) -> None:
+                 drop_rows: bool = True) -> None:
         check_method_fits(model, method)
         if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
                                                isinstance(max_prefill_tokens, int)
@@ -211,7 +210,7 @@ class Engine:
         self.builder = builder or (PromptBuilder(tokenizer) if tokenizer is not None else None)
         self.state = DecodeState(num_layers=self.runner.num_layers, k=method.k,
                                  max_seqs=max_seqs, max_len=max_len, device=self.runner.device,
-                                 dtype=self.runner.dtype, kv_pool=kv_pool)
+                                 dtype=self.runner.dtype)
         self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
         self.true_eos = eos_ids(model, tokenizer)
         if any(h.stop for br in method.branches for h in br.hooks):
@@ -222,20 +221,6 @@ class Engine:
         self._done: dict[int, GenerationResult] = {}
         self._prefilling: list[_Seq] = []  # holding slots, prompt fed in chunks (FIFO)
         self.steps = 0
-        self.closed = False
-
-    def close(self) -> None:
-        """Drop every unfinished request and free the KV buffers (back to the ``kv_pool``, if
-        any); the engine takes no request or step afterwards. Finished results stay readable."""
-        self._live.clear()
-        self._prefilling.clear()
-        self.scheduler = Scheduler(self.scheduler.max_queue)
-        self.state.cache.release()
-        self.closed = True
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError("engine: closed (its KV buffers were released); make a new one")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
@@ -277,7 +262,6 @@ class Engine:
         decision per choice, in place of the gated hook's (a method whose gate branch has no
         gated hook needs them): ``(True, False)`` decodes the contrast and the fallback side by
         side from one prefill (the reward router's two answers)."""
-        self._check_open()
         self._check_gates(gates, n)
         params = checked_params(params, n)
         if n > self.state.max_seqs:
@@ -521,7 +505,6 @@ class Engine:
         model). ``hold`` (ids): those running sequences sit this step out — no forward row,
         no token, their KV, position and seed stream as they were (a search waiting for its
         reward while the others decode)."""
-        self._check_open()
         expand = dict(expand or {})
         sitting = self._check_hold(hold, expand) if hold else frozenset()
         if (propose is not None or follow is not None) and self.runner.drop_rows:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 import torch
 
-from .cache import KVPool, SlotCache
+from .cache import SlotCache
 
 BUCKET = 32  # attention widths and capacities are multiples of this (shapes repeat)
 
@@ -35,13 +35,12 @@ class DecodeState:
     """Slots for ``max_seqs`` sequences of up to ``max_len`` tokens, K rows each."""
 
     def __init__(self, *, num_layers: int, k: int, max_seqs: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype, kv_pool: KVPool | None = None
-                 ) -> None:
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.k, self.max_seqs = k, max_seqs
         self.columns = round_up(max_len)
         self.device, self.dtype = device, dtype
         rows = max_seqs * k
-        self.cache = SlotCache(num_layers, rows, self.columns, pool=kv_pool)
+        self.cache = SlotCache(num_layers, rows, self.columns)
         self.neg = torch.finfo(dtype).min
         self.lens = torch.zeros(rows, dtype=torch.long, device=device)
         self.bias = torch.full((rows, self.columns), self.neg, dtype=dtype, device=device)
