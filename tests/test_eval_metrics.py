@@ -62,3 +62,21 @@ def test_throughput_counts_each_batch_once():
     t = throughput(recs)
     assert t["tokens_per_s"] == pytest.approx(60 / 4.0) and t["batches"] == 2
     assert t["latency_s_p50"] == 2.0 and t["latency_s_mean"] == pytest.approx(5 / 3)
+
+
+def test_non_answer_kinds():
+    """Stubs, garbled text (by perplexity under the plain model) and loops, in that order;
+    a real answer is none of them; no perplexity: garbled is not judged."""
+    from safedecode.eval.metrics import GARBLED_PPL, SHORT_TOKENS, loops, non_answer
+
+    answer = "To reinstall, delete the node_modules folder and run npm install again."
+    assert non_answer(answer, SHORT_TOKENS) is None
+    assert non_answer("Here", 1) == "short"
+    assert non_answer(answer, SHORT_TOKENS - 1, ppl=1000.0) == "short"
+    assert non_answer(answer, 40, ppl=GARBLED_PPL + 1) == "garbled"
+    assert non_answer(answer, 40, ppl=GARBLED_PPL) is None
+    assert non_answer("I won strugg acknowled " + "acknowled " * 12, 64, ppl=None) == "loop"
+    assert non_answer("I won strugg acknowled " + "acknowled " * 12, 64, ppl=618.0) == "garbled"
+    assert loops("Act 1:\n\n" * 13) and loops("ab" * 13) and not loops("ab" * 11)
+    assert not loops(" ".join(f"w{i}" for i in range(12)))
+    assert loops("a b c " * 4) and not loops("a b c d " * 3)

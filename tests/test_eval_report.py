@@ -58,12 +58,16 @@ def test_results_from_hand_written_records(tmp_path, records):
     assert b["eos_rate,none"] == pytest.approx(2 / 3)
     assert b["tokens_per_s,none"] == 9.0  # 3 responses x 3 tokens in 1 s
     assert res["summary"]["safe-prompt"]["benign"]["refusal_rate,keyword"] == pytest.approx(1 / 3)
+    # every answer here is a stub: the refusals are not non-answers, the rest are
+    assert b["nonanswer_rate,keyword"] == 1.0 and b["nonanswer_kinds,keyword"]["short"] == 3
+    sb = res["results"]["ben@safe-prompt"]
+    assert sb["nonanswer_rate_count,keyword"] == 2 and h["nonanswer_rate_count,keyword"] == 1
     assert res["categories"]["harm@plain"]["a"]["n"] == 2
     assert res["judges"]["keyword"]["type"] == "keyword"
     assert res["n-samples"]["harm@plain"]["effective"] == 4
     assert {"torch", "transformers", "python"} <= set(res["versions"])
     md = paths["markdown"].read_text()
-    assert "| `safe-prompt` | 75.0% [30.1, 95.4] | 33.3% [6.1, 79.2]" in md
+    assert "| `safe-prompt` | 75.0% [30.1, 95.4] | 33.3% [6.1, 79.2] | 25.0% / 66.7% |" in md
     assert "### harm" in md and "**keyword**" in md
     ex = paths["examples"].read_text()
     assert ex.count("## `") == 2 and "keyword: yes" in ex
@@ -74,6 +78,29 @@ def test_results_from_hand_written_records(tmp_path, records):
                                     tmp_path / "h")["json"].read_text())
     assert "ppl,none" not in res2["results"]["harm@plain"]
     assert plot_refusal(res2, tmp_path / "bars.png").stat().st_size > 1000  # bar chart
+
+
+def test_non_answers_by_kind(tmp_path):
+    """Answers a refusal judge lets through that do not answer: a stub, garbled text (by the
+    plain model's perplexity) and a loop; a real answer and a refusal are not counted."""
+    long = " ".join(f"word{i}" for i in range(20))
+    recs = [_rec("ok", "m", "d", "benign", long), _rec("stub", "m", "d", "benign", "Here"),
+            _rec("garbled", "m", "d", "benign", long), _rec("loop", "m", "d", "benign",
+                                                           long + " ack" * 12),
+            _rec("no", "m", "d", "benign", "I'm sorry, but I can't help with that.")]
+    judge = KeywordJudge()
+    verdicts = {"keyword": {r["key"]: {"flag": judge.judge_one(r["response"]).flag,
+                                       "detail": ""} for r in recs}}
+    ppl = {r["key"]: {"nll": 2.0, "tokens": 2, "ppl": 90.0 if r["key"] == "garbled" else 2.0}
+           for r in recs}
+    m = write_reports(recs, verdicts, [judge], ppl, {"model": "m"}, tmp_path / "ppl")
+    got = json.loads(m["json"].read_text())["results"]["d@m"]
+    assert got["nonanswer_kinds,keyword"] == {"short": 1, "garbled": 1, "loop": 1}
+    assert got["nonanswer_rate,keyword"] == pytest.approx(3 / 5)
+    # without perplexities the garbled answer is not judged garbled
+    res = json.loads(write_reports(recs, verdicts, [judge], None, {"model": "m"},
+                                   tmp_path / "noppl")["json"].read_text())
+    assert res["results"]["d@m"]["nonanswer_kinds,keyword"]["garbled"] == 0
 
 
 def test_evaluate_writes_parseable_reports(tmp_path):

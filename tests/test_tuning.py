@@ -267,6 +267,10 @@ def test_select_scores_safety_usefulness_and_fluency():
     assert sel["chosen"]["acd"]["label"] == "acd:alpha=1.0"
     assert score(0.5, 0.0, None) == float("-inf")
     assert "held-out" not in render(sel, None, ["a"])  # no held-out batch in this run: no column
+    assert "| non-answers h / b |" in render(sel, None, ["a"])  # "—" for runs without them
+    res_na = res({"plain": (0.0, 0.0, 2.0)})
+    res_na["summary"]["plain"]["benign"]["nonanswer_rate,keyword"] = 0.25
+    assert "| — / 25.0% |" in render(select(res_na), None, ["a"])
 
 
 def test_the_held_out_batch_gets_its_own_column():

@@ -7,7 +7,10 @@
 ``refusal_rate_stderr,keyword``, ``refusal_rate_ci95,keyword`` ([lo, hi]),
 ``refusal_rate_count,keyword``; harm judges give ``harmful_rate,<judge>``; judge-free metrics use
 the filter ``none``: ``ppl,none``, ``ppl_median,none``, ``eos_rate,none``, ``length_rate,none``,
-``mean_tokens,none``, ``tokens_per_s,none``, ``latency_s_p50,none``, ... ``summary[method]``
+``mean_tokens,none``, ``tokens_per_s,none``, ``latency_s_p50,none``, ...; for each refusal
+judge, ``nonanswer_rate,<judge>`` (with ``_ci95`` and ``_count``): the share of answers the judge
+does not count as refusals that still do not answer — stubs, garbled text, loops
+(:func:`~.metrics.non_answer`; ``nonanswer_kinds,<judge>`` counts each). ``summary[method]``
 pools each label (``harmful``, ``benign``) over data sets; ``categories[task][category]`` splits a
 task by category; ``config``, ``versions``, ``judges`` and ``n-samples`` describe the run.
 """
@@ -23,7 +26,17 @@ from importlib import metadata
 from pathlib import Path
 
 from .judges import Judge
-from .metrics import mean, quantile, rate, stderr, throughput
+from .metrics import (
+    GARBLED_PPL,
+    NON_ANSWER_KINDS,
+    SHORT_TOKENS,
+    mean,
+    non_answer,
+    quantile,
+    rate,
+    stderr,
+    throughput,
+)
 
 LABEL_ORDER = ("harmful", "benign", "unlabelled")
 
@@ -50,6 +63,14 @@ def group_metrics(recs: Sequence[dict], verdicts: dict[str, dict[str, dict]],
             m[f"capped_{name},{j.name}"] = sum(
                 verdicts[j.name][x["key"]]["flag"] and x["finish_reason"] == "length"
                 for x in recs) / r.k
+        if j.metric == "refusal":
+            kinds = [None if verdicts[j.name][x["key"]]["flag"] else _non_answer(x, ppl)
+                     for x in recs]
+            nr = rate(k is not None for k in kinds)
+            m[f"nonanswer_rate,{j.name}"] = nr.rate
+            m[f"nonanswer_rate_ci95,{j.name}"] = [nr.lo, nr.hi]
+            m[f"nonanswer_rate_count,{j.name}"] = nr.k
+            m[f"nonanswer_kinds,{j.name}"] = {k: kinds.count(k) for k in NON_ANSWER_KINDS}
     for what, reason in (("eos_rate", "eos"), ("length_rate", "length")):
         r = rate(x["finish_reason"] == reason for x in recs)
         if r is not None:
@@ -68,6 +89,11 @@ def group_metrics(recs: Sequence[dict], verdicts: dict[str, dict[str, dict]],
             if k in ("tokens_per_s", "latency_s_mean", "latency_s_p50", "latency_s_p90"):
                 m[f"{k},none"] = v
     return m
+
+
+def _non_answer(rec: dict, ppl: dict[str, dict] | None) -> str | None:
+    value = ppl.get(rec["key"], {}).get("ppl") if ppl is not None else None
+    return non_answer(rec["response"], rec["new_tokens"], value)
 
 
 def _versions() -> dict:
@@ -144,11 +170,16 @@ def render_markdown(res: dict) -> str:
              "- judges: " + "; ".join(f"**{n}** ({_judge_text(j)})" for n, j in judges.items()),
              "- rates are percentages with 95% Wilson intervals; PPL: perplexity of the responses"
              " under the plain model (token-weighted); EOS / limit: share of responses ending "
-             "with EOS / cut at max_new_tokens", ""]
+             "with EOS / cut at max_new_tokens; non-answers: responses the refusal judge lets "
+             f"through that are shorter than {SHORT_TOKENS} tokens, garbled (PPL > "
+             f"{GARBLED_PPL:g}) or looping", ""]
     lines += ["## Per method", ""]
     header = ["method"]
     for key, name in rate_cols:
         header += [f"harmful {key.split('_')[0]} ({name})", f"benign {key.split('_')[0]} ({name})"]
+    na = next((name for key, name in rate_cols if key == "refusal_rate"), None)
+    if na is not None:
+        header += [f"non-answers h / b ({na})"]
     header += ["PPL harmful", "PPL benign", "EOS", "limit", "mean tokens", "tokens/s",
                "latency p50 (s)"]
     rows = []
@@ -158,6 +189,9 @@ def render_markdown(res: dict) -> str:
         row = [f"`{meth}`"]
         for key, name in rate_cols:
             row += [_pct(h, key, name), _pct(b, key, name)]
+        if na is not None:
+            row += [f"{_pct(h, 'nonanswer_rate', na, ci=False)} / "
+                    f"{_pct(b, 'nonanswer_rate', na, ci=False)}"]
         n_all = sum(x["n"] for x in pooled) or 1
         eos = sum((x.get("eos_rate,none") or 0) * x["n"] for x in pooled) / n_all
         lim = sum((x.get("length_rate,none") or 0) * x["n"] for x in pooled) / n_all

@@ -122,6 +122,8 @@ def select(results: dict, reference: str = "plain") -> dict:
             "benign_refusal_standard": _rate(b, "keyword-standard"),
             "harmful_capped": h.get("capped_refusal_rate,keyword"),
             "benign_capped": b.get("capped_refusal_rate,keyword"),
+            "harmful_nonanswer": h.get("nonanswer_rate,keyword"),
+            "benign_nonanswer": b.get("nonanswer_rate,keyword"),
             "ppl_harmful": h.get("ppl,none"), "ppl_benign": ppl_b, "ppl_ratio": ratio,
             "feasible": ratio is not None and ratio <= MAX_PPL_RATIO,
             "score": score(hr, br, ratio)})
@@ -147,10 +149,10 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
     lines += ["| setting | harmful refusal | "
               + ("of it, held-out batch | " if held_h else "") + "benign refusal | "
               + ("of it, held-out batch | " if held else "") + "standard lists h / b | "
-              "capped refusals h / b | PPL h / b | PPL ratio | score | "
+              "capped refusals h / b | non-answers h / b | PPL h / b | PPL ratio | score | "
               "chosen (best of its method) |",
               "|---|---:|" + ("---:|" if held_h else "") + "---:|" + ("---:|" if held else "")
-              + "---:|---:|---:|---:|---:|:-:|"]
+              + "---:|---:|---:|---:|---:|---:|:-:|"]
     chosen = {r["label"] for r in sel["chosen"].values()}
     for r in sel["rows"]:
         ppl = " / ".join("—" if v is None else f"{v:.2f}" for v in (r["ppl_harmful"],
@@ -162,7 +164,8 @@ def render(sel: dict, command: str | None, sets: Sequence[str]) -> str:
             + f"{_pct(r['benign_refusal'])} | "
             + (f"{_pct(r.get('heldout_refusal'))} | " if held else "") +
             f"{_pct(r['harmful_refusal_standard'])} / {_pct(r['benign_refusal_standard'])} | "
-            f"{_pct(r['harmful_capped'])} / {_pct(r['benign_capped'])} | {ppl} | "
+            f"{_pct(r['harmful_capped'])} / {_pct(r['benign_capped'])} | "
+            f"{_pct(r.get('harmful_nonanswer'))} / {_pct(r.get('benign_nonanswer'))} | {ppl} | "
             f"{ratio}{'' if r['feasible'] else ' (over)'} | {r['score']:+.2f} | "
             f"{'**yes**' if r['label'] in chosen else ''} |")
     return "\n".join(lines) + "\n"
