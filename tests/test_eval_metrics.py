@@ -80,3 +80,5 @@ def test_non_answer_kinds():
     assert loops("Act 1:\n\n" * 13) and loops("ab" * 13) and not loops("ab" * 11)
     assert not loops(" ".join(f"w{i}" for i in range(12)))
     assert loops("a b c " * 4) and not loops("a b c d " * 3)
+    assert not loops("| Date | Amount |\n|" + "-" * 30 + "|" + "-" * 30 + "|")
+    assert not loops("." * 40)

@@ -105,11 +105,14 @@ def throughput(records: Sequence[dict]) -> dict:
 
 
 def loops(text: str) -> bool:
-    """The text ends in a loop: its last 12 words hold at most 3 distinct ones, or a 1-4
-    character pattern repeats 12 times in a row."""
+    """The text loops: its last 12 words hold at most 3 distinct ones, or a 1-4 character
+    pattern with a letter or digit repeats 12 times in a row (a markdown rule ``|-----|`` or a
+    row of dots does not count)."""
     words = text.split()
-    return ((len(words) >= 12 and len(set(words[-12:])) <= 3)
-            or re.search(r"(.{1,4})\1{12,}", text, flags=re.S) is not None)
+    if len(words) >= 12 and len(set(words[-12:])) <= 3:
+        return True
+    return any(any(ch.isalnum() for ch in m.group(1))
+               for m in re.finditer(r"(.{1,4})\1{12,}", text, flags=re.S))
 
 
 def non_answer(text: str, new_tokens: int, ppl: float | None = None) -> str | None:
