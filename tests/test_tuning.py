@@ -273,6 +273,28 @@ def test_select_scores_safety_usefulness_and_fluency():
     assert "| — / 25.0% |" in render(select(res_na), None, ["a"])
 
 
+def test_counting_non_answers_changes_the_pick():
+    """With ``count_non_answers`` a benign stub costs as much as a refusal: the setting that
+    turned its refusals into stubs loses; without it, it wins. Rates missing: a named error."""
+    def group(refusal, non_answers):
+        return {**_group(refusal, 2.0), "nonanswer_rate,keyword": non_answers}
+
+    res = {"summary": {"plain": {"harmful": group(0.0, 0.0), "benign": group(0.05, 0.01)},
+                       "x:a=1": {"harmful": group(0.9, 0.0), "benign": group(0.04, 0.10)},
+                       "x:a=2": {"harmful": group(0.9, 0.0), "benign": group(0.06, 0.01)}},
+           "config": {"methods": {k: {"name": k.split(":")[0], "kwargs": {}}
+                                  for k in ("plain", "x:a=1", "x:a=2")}}}
+    assert select(res)["chosen"]["x"]["label"] == "x:a=1"
+    sel = select(res, count_non_answers=True)
+    assert sel["chosen"]["x"]["label"] == "x:a=2"
+    assert sel["criterion"].startswith("maximise score = harmful refusal - 2 x (benign refusal "
+                                       "+ benign non-answers)")
+    assert {r["label"]: r["score"] for r in sel["rows"]}["x:a=1"] == pytest.approx(0.9 - 0.28)
+    del res["summary"]["x:a=2"]["benign"]["nonanswer_rate,keyword"]
+    with pytest.raises(ValueError, match="count_non_answers: no non-answer rate for 'x:a=2'"):
+        select(res, count_non_answers=True)
+
+
 def test_the_held_out_batch_gets_its_own_column():
     """The validation-only batch's refusal rate, pooled over its categories per method, beside
     the benign refusal it is part of."""
@@ -377,6 +399,13 @@ def test_adapter_option_decodes_the_adapted_model_with_perplexity_under_the_plai
     base = cfg["perplexity"].split("plain model ", 1)[1].split(" (user prompt")[0]
     assert cfg["model"] == f"{base}+ad"
     assert (tmp_path / "t" / "sweep.json").is_file() == (command == "tune")
+    if command == "tune":  # the same cached answers, non-answers counted in the score
+        res = CliRunner().invoke(app, [command, *common, "-o", str(tmp_path / "t"),
+                                       "--adapter", str(tmp_path / "ad"), "--count-non-answers"])
+        assert res.exit_code == 0, res.output
+        sweep = json.loads((tmp_path / "t" / "sweep.json").read_text())
+        assert "benign non-answers" in sweep["criterion"]
+        assert all(r["benign_nonanswer"] is not None for r in sweep["rows"])
     bad = CliRunner().invoke(app, [command, *common, "-o", str(tmp_path / "u"),
                                    "--adapter", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "missing" in bad.output, bad.output

@@ -211,6 +211,10 @@ def tune_command(
     seed: int = typer.Option(0, help="Seed of every request's sampling stream."),
     batch_size: int = typer.Option(16, "--batch-size", help="Requests decoded at once "
                                    "(continuous batching: the next joins as one ends)."),
+    count_non_answers: bool = typer.Option(
+        False, "--count-non-answers",
+        help="Score a benign request answered by a stub (< 16 tokens), garbled text or a loop "
+             "as if refused (default: only refusals count; the table shows both)."),
 ):
     """Choose knobs on the anchor validation split (never on an evaluation set)."""
     from rich.console import Console
@@ -233,7 +237,7 @@ def tune_command(
             sel = tune(mdl, tok, methods, out, datasets=names, limit=limit, record=record,
                        command=command, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed, batch_size=batch_size, progress=bar,
-                       ppl_model=base)
+                       ppl_model=base, count_non_answers=count_non_answers)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(render(sel, command, names))
