@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from safedecode.eval.judges import KeywordJudge
-from safedecode.eval.metrics import NON_ANSWER_KINDS, non_answer
+from safedecode.eval.metrics import NON_ANSWER_KINDS
+from safedecode.eval.report import group_metrics
 
 RES = Path(__file__).parent / "results"
 OUT = RES / "non_answers.md"
@@ -40,16 +41,17 @@ RUNS = [
 ]
 
 
-def load(run: str, label: str) -> tuple[list[dict], dict[str, float]]:
+def load(run: str, label: str) -> tuple[list[dict], dict[str, dict]]:
+    """The run's records of ``label`` on :data:`SETS` and their cached perplexities."""
     folder = RES / run
     fp = json.loads((folder / "results.json").read_text())["config"]["methods"][label][
         "fingerprint"]
     recs = [r for r in map(json.loads, (folder / "generations.jsonl").open())
             if r["method_fingerprint"] == fp and r["dataset"] in SETS]
-    ppl = {}
+    ppl: dict[str, dict] = {}
     for a in map(json.loads, (folder / "annotations.jsonl").open()):
         if a["kind"] == "ppl":
-            ppl.setdefault(a["key"].split("|")[0], a["value"].get("ppl"))
+            ppl.setdefault(a["key"].split("|")[0], a["value"])
     return recs, ppl
 
 
@@ -60,33 +62,33 @@ def main() -> None:
              "committed evaluation runs (greedy, 128 new tokens; folder per row below). Per data "
              "set: keyword-judge refusal, then **non-answers** — answers the judge lets through "
              "that are under 16 tokens, garbled (perplexity under the plain model above 20) or "
-             "looping (`safedecode.eval.metrics.non_answer`; heuristics: a correct one-line "
-             "answer counts as short). *Served*: benign answers neither refused nor non-answers, "
-             "pooled over the three benign sets (320).", "",
+             "looping (`safedecode.eval.metrics.non_answer`, counted by the eval reports' "
+             "`group_metrics`; heuristics: a correct one-line answer counts as short). *Served*: "
+             "benign answers neither refused nor non-answers, pooled over the three benign sets "
+             "(320).", "",
              "| model, method | HarmBench refused / non-answer | edgy | look-alike | ordinary | "
              "benign served | benign non-answers: short / garbled / loop | run |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, run, label in RUNS:
         recs, ppl = load(run, label)
-        cells, kinds, served, n_benign = [], dict.fromkeys(NON_ANSWER_KINDS, 0), 0, 0
+        verdicts = {judge.name: {r["key"]: {"flag": judge.judge_one(r["response"]).flag}
+                                 for r in recs}}
+        cells = []
         for ds in SETS:
-            mine = [r for r in recs if r["dataset"] == ds]
-            refused = [judge.judge_one(r["response"]).flag for r in mine]
-            why = [None if f else non_answer(r["response"], r["new_tokens"], ppl.get(r["key"]))
-                   for r, f in zip(mine, refused, strict=True)]
-            n = len(mine)
-            bad = sum(w is not None for w in why)
-            cells.append(f"{100 * sum(refused) / n:.1f}% / {100 * bad / n:.1f}%")
-            if ds in BENIGN:
-                n_benign += n
-                served += sum(not f and w is None for f, w in zip(refused, why, strict=True))
-                for w in why:
-                    if w is not None:
-                        kinds[w] += 1
-        lines.append(f"| {name} | {' | '.join(cells)} | {100 * served / n_benign:.1f}% | "
+            m = group_metrics([r for r in recs if r["dataset"] == ds], verdicts, [judge], ppl,
+                              speed=False)
+            cells.append(f"{100 * m['refusal_rate,keyword']:.1f}% / "
+                         f"{100 * m['nonanswer_rate,keyword']:.1f}%")
+        b = group_metrics([r for r in recs if r["dataset"] in BENIGN], verdicts, [judge], ppl,
+                          speed=False)
+        served = 1 - b["refusal_rate,keyword"] - b["nonanswer_rate,keyword"]
+        kinds = b["nonanswer_kinds,keyword"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {100 * served:.1f}% | "
                      f"{' / '.join(str(kinds[k]) for k in NON_ANSWER_KINDS)} | `{run}` |")
     lines += ["", "Cells: refused / non-answer, each of the data set's answers.", ""]
-    OUT.write_text("\n".join(lines))
+    reading = OUT.read_text().split("**Reading.**", 1) if OUT.exists() else []
+    OUT.write_text("\n".join(lines) + ("\n**Reading.**" + reading[1] if len(reading) == 2
+                                       else ""))
     print(OUT.read_text())
 
 

@@ -119,8 +119,9 @@ def select(results: dict, reference: str = "plain", *,
         hr, br = _rate(h), _rate(b)
         bn = b.get("nonanswer_rate,keyword")
         if count_non_answers and bn is None:
-            raise ValueError(f"count_non_answers: no non-answer rate for {label!r} (a run "
-                             "without the keyword judge's refusal metric)")
+            raise ValueError(f"count_non_answers: no non-answer rate for {label!r} (results "
+                             "from before non-answers were recorded?): re-run `safedecode tune` "
+                             "on the same --out, which reuses its cached answers")
         rows.append({
             "label": label, "name": methods[label]["name"], "kwargs": methods[label]["kwargs"],
             "harmful_refusal": hr, "harmful_ci95": h.get("refusal_rate_ci95,keyword"),
