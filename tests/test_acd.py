@@ -103,6 +103,24 @@ def test_shipped_self_cd_sp_prompts():
     assert meta.selection["datasets"] == ["anchor-harmful-val", "anchor-safe-val"]
 
 
+def test_self_cd_sp_emphasis_form_contrasts_the_sp_with_itself_plus_a_safety_text():
+    """Self-CD's own form over the SP: p = SP + safety text, 0 = SP (not the plain model)."""
+    meta = load_prompts(DEFAULT_PROMPTS)
+    m = methods.get("self-cd-sp", prompts=str(DEFAULT_PROMPTS), contrast="emphasis", beta=0.1)
+    p, base = m.branches
+    assert m.weights == pytest.approx((-1.5, 2.5)) and m.anchor == 0 and m.beta == 0.1
+    assert torch.equal(p.soft_prompt, meta.safeguard) and p.system == prompts.SAFEGUARD
+    assert torch.equal(base.soft_prompt, meta.safeguard) and base.system is None
+    assert p.fingerprint == base.fingerprint == meta.fingerprint
+    own = methods.get("self-cd-sp", prompts=str(DEFAULT_PROMPTS), contrast="emphasis",
+                      emphasis="Be careful.", alpha=1.5)
+    assert own.branches[0].system == "Be careful." and own.weights == pytest.approx((-0.5, 1.5))
+    with pytest.raises(ValueError, match="contrast"):
+        methods.get("self-cd-sp", contrast="emphatic")
+    with pytest.raises(ValueError, match="emphasis"):
+        methods.get("self-cd-sp", contrast="emphasis", emphasis="  ")
+
+
 def _hand_logprobs(model, tok, system: str, instruction: str, response: str) -> torch.Tensor:
     """Log-probs of the response tokens, from the full chat-template token ids (no soft prompt)."""
     user = [{"role": "system", "content": system}, {"role": "user", "content": instruction}]

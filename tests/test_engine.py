@@ -242,6 +242,29 @@ def test_soft_prompt_of_text_embeddings_equals_text_branch():
         SafeDecoder(model, tok, contrastive([Branch(soft_prompt=torch.zeros(3, 7))], [1.0]))
 
 
+def test_soft_prompt_followed_by_system_text_equals_the_text_branch():
+    """A branch with a soft prompt and system text renders the text after the soft prompt in the
+    system message: with the soft prompt made of a text's embeddings it equals the text branch
+    of the two texts joined (Self-CD's emphasis over an optimised SP uses this)."""
+    model, tok = tiny_llama()
+    head, extra = "You are careful.", "Be safe."
+    ids = tok(head, add_special_tokens=False)["input_ids"]
+    assert tok(f"{head}\n{extra}", add_special_tokens=False)["input_ids"][:len(ids)] == ids
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    a = _ids(SafeDecoder(model, tok, plain(f"{head}\n{extra}"))
+             .generate(MIXED_PROMPTS, max_new_tokens=8))
+    both = contrastive([Branch(soft_prompt=soft, system=extra)], [1.0])
+    b = _ids(SafeDecoder(model, tok, both).generate(MIXED_PROMPTS, max_new_tokens=8))
+    c = _ids(NaiveContrastGenerator(model, tok, both).generate(MIXED_PROMPTS, max_new_tokens=8))
+    soft_only = _ids(SafeDecoder(model, tok, contrastive([Branch(soft_prompt=soft)], [1.0]))
+                     .generate(MIXED_PROMPTS, max_new_tokens=8))
+    assert a == b == c
+    assert b != soft_only  # the text is there
+    assert Branch(soft_prompt=soft, system=extra).key() != Branch(soft_prompt=soft).key()
+    with pytest.raises(ValueError, match="empty text"):
+        Branch(soft_prompt=soft, system=" ")
+
+
 def test_engine_raises_no_warning_from_transformers():
     """The engine uses transformers' current cache API: any warning from its calls is an error
     (the deprecated ``past_key_values=`` argument warned in every ``make demo``)."""

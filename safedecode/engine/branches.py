@@ -90,7 +90,8 @@ class BranchHook:
 
 @dataclass(frozen=True, eq=False)
 class Branch:
-    """One prompt branch: ``system`` text, or a ``soft_prompt`` [n, d], or neither.
+    """One prompt branch: ``system`` text, a ``soft_prompt`` [n, d], both (the text follows the
+    soft prompt in the system message), or neither.
 
     ``fingerprint``: the :func:`safedecode.models.embedding_fingerprint` of the model a soft prompt
     was trained for; the engine refuses to run it on another model.
@@ -117,8 +118,8 @@ class Branch:
                 raise ValueError("Branch.soft_prompt: expected a [n, d] tensor with n >= 1")
             if not torch.isfinite(sp).all():
                 raise ValueError("Branch.soft_prompt: contains NaN or inf")
-            if self.system is not None:
-                raise ValueError("Branch: give either system text or a soft_prompt, not both")
+            if self.system is not None and not self.system.strip():
+                raise ValueError("Branch.system: empty text after a soft prompt; leave it None")
         if sum(h.gate is not None for h in self.hooks) > 1:
             raise ValueError("Branch.hooks: at most one gated hook per branch (its decision is "
                              "kept per row); combine the conditions into one gate function")
@@ -201,10 +202,11 @@ class Method:
                     f"{self.anchor if self.fallback is None else self.fallback} alone)"
                     if self.contrast_gate is not None else "")]
         for i, b in enumerate(self.branches):
+            text = (repr(b.system[:60] + ("..." if len(b.system) > 60 else ""))
+                    if b.system is not None else None)
             what = ("soft prompt " + "x".join(map(str, b.soft_prompt.shape))
-                    if b.soft_prompt is not None else
-                    repr(b.system[:60] + ("..." if len(b.system) > 60 else ""))
-                    if b.system is not None else "template default")
+                    + (f" + {text}" if text else "")
+                    if b.soft_prompt is not None else text or "template default")
             if b.adapter is not None:
                 what += f" + LoRA adapter {b.adapter.name!r}"
             if b.hooks:

@@ -115,8 +115,8 @@ class PromptBuilder:
             raise ValueError(
                 f"prompts[{index}]: has a system message, but this method's branches set their "
                 "own system prompts; put it in the method's branches instead")
-        if branch.soft_prompt is not None:
-            system = _SOFT
+        if branch.soft_prompt is not None:  # its text, if any, follows it in the system slot
+            system = _SOFT if branch.system is None else f"{_SOFT}\n{branch.system}"
         else:
             system = own[0]["content"] if own else branch.system
         if raw and (own or len(rest) != 1):

@@ -3,10 +3,17 @@
 Over-refusal comes from the safety prompt's pull on harmless requests; subtracting the difference
 ``lp_p - lp_0`` removes it: ``s = lp_p - alpha (lp_p - lp_0) = (1 - alpha) lp_p + alpha lp_0``,
 anchored on branch p (the plausibility mask follows the safety-prompted model).
+
+Over an optimised safeguarding prompt (SP) there are two forms (``self_cd_sp(contrast=...)``):
+``"plain"`` — p = SP, 0 = no system prompt (the SP's pull that the plain model lacks is taken
+away, its refusals of harmful requests included); ``"emphasis"`` — Self-CD's own construction
+over the deployed SP: p = SP followed by a safety text, 0 = SP alone, α > 1, so only what the
+extra emphasis adds (over-refusal, where both already refuse a harmful request) is removed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,8 +24,9 @@ from . import prompts
 
 
 def SelfCD(safety_prompt: str | torch.Tensor | Branch = prompts.SAFETY_EMPHASIS,  # noqa: N802
-           alpha: float = 2.5, beta: float = 0.0, *, name: str = "self-cd") -> Method:
-    """Self-CD over branches p and 0 (the template's default system prompt).
+           alpha: float = 2.5, beta: float = 0.0, *, name: str = "self-cd",
+           base: Branch | None = None) -> Method:
+    """Self-CD over branches p and 0 (``base``; default: the template's default system prompt).
 
     p is any branch: a text ``safety_prompt``, a ``[n, d]`` soft prompt, or a :class:`Branch`
     (e.g. ACD's optimised safeguarding prompt, :func:`self_cd_sp`)."""
@@ -33,8 +41,10 @@ def SelfCD(safety_prompt: str | torch.Tensor | Branch = prompts.SAFETY_EMPHASIS,
     else:
         raise ValueError("safety_prompt: must be non-empty text, a [n, d] soft prompt or a "
                          "Branch")
-    return contrastive((p, Branch(name="0")), (1.0 - float(alpha), float(alpha)), beta=beta,
-                       name=name)
+    if base is not None and not isinstance(base, Branch):
+        raise ValueError(f"base: expected a Branch or None, got {type(base).__name__}")
+    return contrastive((p, base if base is not None else Branch(name="0")),
+                       (1.0 - float(alpha), float(alpha)), beta=beta, name=name)
 
 
 def self_cd(alpha: float = 2.5, beta: float = 0.0,
@@ -43,16 +53,32 @@ def self_cd(alpha: float = 2.5, beta: float = 0.0,
     return SelfCD(safety_prompt, alpha, beta)
 
 
+CONTRASTS = ("plain", "emphasis")
+
+
 def self_cd_sp(alpha: float | None = None, beta: float | None = None,
-               prompts: str | Path | None = None) -> Method:
-    """Self-CD whose p branch is an OPO-optimised safeguarding prompt: it removes the part of SP's
-    pull that the plain model does not share. ``prompts``: a file from ``safedecode optimize``
-    (default: the pair chosen for this method on validation for the embedded model, which may
-    differ from ``acd``'s). ``alpha`` / ``beta`` default to the values chosen on the anchor
-    validation split and recorded in the file (else 0.5 / 0)."""
+               prompts: str | Path | None = None, contrast: str = "plain",
+               emphasis: str = prompts.SAFEGUARD) -> Method:
+    """Self-CD whose p branch is an OPO-optimised safeguarding prompt (SP). ``prompts``: a file
+    from ``safedecode optimize`` (default: the pair chosen for this method on validation for the
+    embedded model, which may differ from ``acd``'s).
+
+    ``contrast="plain"``: p = SP, 0 = the plain model — it removes the part of SP's pull that the
+    plain model does not share; ``alpha`` / ``beta`` default to the values chosen on the anchor
+    validation split and recorded in the file (else 0.5 / 0). ``contrast="emphasis"``: p = SP
+    followed by the ``emphasis`` system text, 0 = SP — Self-CD's own form over the SP (α > 1
+    extrapolates away from the emphasised branch); ``alpha`` / ``beta`` default to 2.5 / 0."""
     from .acd import SELF_CD_SP_PROMPTS, sp_branch
 
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast: expected one of {CONTRASTS}, got {contrast!r}")
     branch, p = sp_branch(SELF_CD_SP_PROMPTS if prompts is None else prompts)
+    if contrast == "emphasis":
+        if not isinstance(emphasis, str) or not emphasis.strip():
+            raise ValueError("emphasis: must be non-empty text")
+        emphasised = dataclasses.replace(branch, system=emphasis, name="sp+emphasis")
+        return SelfCD(emphasised, 2.5 if alpha is None else alpha, 0.0 if beta is None else beta,
+                      name="self-cd-sp", base=branch)
     a = p.knob("self-cd-sp", "alpha", 0.5) if alpha is None else alpha
     b = p.knob("self-cd-sp", "beta", 0.0) if beta is None else beta
     return SelfCD(branch, a, b, name="self-cd-sp")
