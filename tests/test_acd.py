@@ -119,6 +119,8 @@ def test_self_cd_sp_emphasis_form_contrasts_the_sp_with_itself_plus_a_safety_tex
         methods.get("self-cd-sp", contrast="emphatic")
     with pytest.raises(ValueError, match="emphasis"):
         methods.get("self-cd-sp", contrast="emphasis", emphasis="  ")
+    with pytest.raises(ValueError, match="only with contrast='emphasis'"):
+        methods.get("self-cd-sp", emphasis="Be careful.")
 
 
 def _hand_logprobs(model, tok, system: str, instruction: str, response: str) -> torch.Tensor:

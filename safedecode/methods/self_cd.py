@@ -21,6 +21,7 @@ import torch
 from safedecode.engine.branches import Branch, Method, contrastive
 
 from . import prompts
+from .prompts import SAFEGUARD
 
 
 def SelfCD(safety_prompt: str | torch.Tensor | Branch = prompts.SAFETY_EMPHASIS,  # noqa: N802
@@ -58,7 +59,7 @@ CONTRASTS = ("plain", "emphasis")
 
 def self_cd_sp(alpha: float | None = None, beta: float | None = None,
                prompts: str | Path | None = None, contrast: str = "plain",
-               emphasis: str = prompts.SAFEGUARD) -> Method:
+               emphasis: str | None = None) -> Method:
     """Self-CD whose p branch is an OPO-optimised safeguarding prompt (SP). ``prompts``: a file
     from ``safedecode optimize`` (default: the pair chosen for this method on validation for the
     embedded model, which may differ from ``acd``'s).
@@ -66,14 +67,19 @@ def self_cd_sp(alpha: float | None = None, beta: float | None = None,
     ``contrast="plain"``: p = SP, 0 = the plain model — it removes the part of SP's pull that the
     plain model does not share; ``alpha`` / ``beta`` default to the values chosen on the anchor
     validation split and recorded in the file (else 0.5 / 0). ``contrast="emphasis"``: p = SP
-    followed by the ``emphasis`` system text, 0 = SP — Self-CD's own form over the SP (α > 1
-    extrapolates away from the emphasised branch); ``alpha`` / ``beta`` default to 2.5 / 0."""
+    followed by the ``emphasis`` system text (default: the standard safeguarding prompt), 0 = SP
+    — Self-CD's own form over the SP (α > 1 extrapolates away from the emphasised branch);
+    ``alpha`` / ``beta`` default to 2.5 / 0."""
     from .acd import SELF_CD_SP_PROMPTS, sp_branch
 
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast: expected one of {CONTRASTS}, got {contrast!r}")
     branch, p = sp_branch(SELF_CD_SP_PROMPTS if prompts is None else prompts)
+    if contrast != "emphasis" and emphasis is not None:
+        raise ValueError("emphasis: only with contrast='emphasis' (the plain form has no "
+                         "emphasised branch)")
     if contrast == "emphasis":
+        emphasis = SAFEGUARD if emphasis is None else emphasis
         if not isinstance(emphasis, str) or not emphasis.strip():
             raise ValueError("emphasis: must be non-empty text")
         emphasised = dataclasses.replace(branch, system=emphasis, name="sp+emphasis")
