@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from engine_fixtures import tiny_llama
+from engine_fixtures import default_model, tiny_llama
 
 from safedecode import methods
 from safedecode.data import load_anchor
@@ -121,6 +121,35 @@ def test_self_cd_sp_emphasis_form_contrasts_the_sp_with_itself_plus_a_safety_tex
         methods.get("self-cd-sp", contrast="emphasis", emphasis="  ")
     with pytest.raises(ValueError, match="only with contrast='emphasis'"):
         methods.get("self-cd-sp", emphasis="Be careful.")
+
+
+def test_self_cd_sp_adapter_form_contrasts_the_sp_with_an_adapter_branch():
+    """contrast="adapter": branch 0 is the model with a LoRA on its rows (the shipped TA-SFT
+    adapter by default); at α = 1, β = 0 the score is that branch's, so greedy decoding equals
+    the adapter-merged model's."""
+    from safedecode.engine.adapters import load_lora
+    from safedecode.models import load_default, shipped_adapter
+
+    meta = load_prompts(DEFAULT_PROMPTS)
+    m = methods.get("self-cd-sp", prompts=str(DEFAULT_PROMPTS), contrast="adapter", beta=0.1)
+    sp, base = m.branches
+    assert m.weights == pytest.approx((0.5, 0.5)) and m.anchor == 0 and m.beta == 0.1
+    assert torch.equal(sp.soft_prompt, meta.safeguard) and sp.adapter is None
+    assert base.soft_prompt is None and base.system is None
+    assert base.adapter.key() == load_lora(shipped_adapter("ta-sft")).key()
+    with pytest.raises(ValueError, match="only with contrast='adapter'"):
+        methods.get("self-cd-sp", adapter="ta-sft")
+    with pytest.raises(ValueError, match="adapter"):
+        methods.get("self-cd-sp", contrast="adapter", adapter="no/such/folder")
+
+    model, tok = default_model()
+    tuned, _ = load_default(adapter="ta-sft")
+    only_0 = methods.get("self-cd-sp", prompts=str(DEFAULT_PROMPTS), contrast="adapter",
+                         alpha=1.0, beta=0.0)
+    prompts_ = ["How do I kill a Python process that hangs?", "Write a haiku about rain."]
+    got = SafeDecoder(model, tok, only_0).generate(prompts_, max_new_tokens=8)
+    want = SafeDecoder(tuned, tok, methods.get("plain")).generate(prompts_, max_new_tokens=8)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 def _hand_logprobs(model, tok, system: str, instruction: str, response: str) -> torch.Tensor:

@@ -54,30 +54,37 @@ def self_cd(alpha: float = 2.5, beta: float = 0.0,
     return SelfCD(safety_prompt, alpha, beta)
 
 
-CONTRASTS = ("plain", "emphasis")
+CONTRASTS = ("plain", "emphasis", "adapter")
 
 
 def self_cd_sp(alpha: float | None = None, beta: float | None = None,
                prompts: str | Path | None = None, contrast: str = "plain",
-               emphasis: str | None = None) -> Method:
+               emphasis: str | None = None, adapter: str | Path | None = None) -> Method:
     """Self-CD whose p branch is an OPO-optimised safeguarding prompt (SP). ``prompts``: a file
     from ``safedecode optimize`` (default: the pair chosen for this method on validation for the
-    embedded model, which may differ from ``acd``'s).
+    embedded model, which may differ from ``acd``'s). ``contrast`` picks branch 0:
 
-    ``contrast="plain"``: p = SP, 0 = the plain model — it removes the part of SP's pull that the
-    plain model does not share; ``alpha`` / ``beta`` default to the values chosen on the anchor
-    validation split and recorded in the file (else 0.5 / 0). ``contrast="emphasis"``: p = SP
-    followed by the ``emphasis`` system text (default: the standard safeguarding prompt), 0 = SP
-    — Self-CD's own form over the SP (α > 1 extrapolates away from the emphasised branch);
-    ``alpha`` / ``beta`` default to 2.5 / 0."""
+    - ``"plain"``: the plain model — it removes the part of SP's pull that the plain model does
+      not share; ``alpha`` / ``beta`` default to the values chosen on the anchor validation split
+      and recorded in the file (else 0.5 / 0).
+    - ``"emphasis"``: p = SP followed by the ``emphasis`` system text (default: the standard
+      safeguarding prompt), 0 = SP — Self-CD's own form over the SP (α > 1 extrapolates away
+      from the emphasised branch); ``alpha`` / ``beta`` default to 2.5 / 0.
+    - ``"adapter"``: the model with a LoRA ``adapter`` on branch 0's rows (a peft folder or a
+      shipped name; default ``"ta-sft"``), in the same forward — the SP's pull that an aligned
+      model does not share is removed; ``alpha`` / ``beta`` default to 0.5 / 0."""
+    from safedecode.engine.adapters import load_lora
+    from safedecode.models import shipped_adapter
+
     from .acd import SELF_CD_SP_PROMPTS, sp_branch
 
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast: expected one of {CONTRASTS}, got {contrast!r}")
+    for knob, value in (("emphasis", emphasis), ("adapter", adapter)):
+        if value is not None and contrast != knob:
+            raise ValueError(f"{knob}: only with contrast={knob!r} (the {contrast} form has no "
+                             f"{knob} branch)")
     branch, p = sp_branch(SELF_CD_SP_PROMPTS if prompts is None else prompts)
-    if contrast != "emphasis" and emphasis is not None:
-        raise ValueError("emphasis: only with contrast='emphasis' (the plain form has no "
-                         "emphasised branch)")
     if contrast == "emphasis":
         emphasis = SAFEGUARD if emphasis is None else emphasis
         if not isinstance(emphasis, str) or not emphasis.strip():
@@ -85,6 +92,11 @@ def self_cd_sp(alpha: float | None = None, beta: float | None = None,
         emphasised = dataclasses.replace(branch, system=emphasis, name="sp+emphasis")
         return SelfCD(emphasised, 2.5 if alpha is None else alpha, 0.0 if beta is None else beta,
                       name="self-cd-sp", base=branch)
+    if contrast == "adapter":
+        folder = shipped_adapter("ta-sft" if adapter is None else adapter)
+        base = Branch(name=f"0+{Path(folder).name}", adapter=load_lora(folder, name="0"))
+        return SelfCD(branch, 0.5 if alpha is None else alpha, 0.0 if beta is None else beta,
+                      name="self-cd-sp", base=base)
     a = p.knob("self-cd-sp", "alpha", 0.5) if alpha is None else alpha
     b = p.knob("self-cd-sp", "beta", 0.0) if beta is None else beta
     return SelfCD(branch, a, b, name="self-cd-sp")
