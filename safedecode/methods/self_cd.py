@@ -4,11 +4,12 @@ Over-refusal comes from the safety prompt's pull on harmless requests; subtracti
 ``lp_p - lp_0`` removes it: ``s = lp_p - alpha (lp_p - lp_0) = (1 - alpha) lp_p + alpha lp_0``,
 anchored on branch p (the plausibility mask follows the safety-prompted model).
 
-Over an optimised safeguarding prompt (SP) there are two forms (``self_cd_sp(contrast=...)``):
-``"plain"`` — p = SP, 0 = no system prompt (the SP's pull that the plain model lacks is taken
-away, its refusals of harmful requests included); ``"emphasis"`` — Self-CD's own construction
-over the deployed SP: p = SP followed by a safety text, 0 = SP alone, α > 1, so only what the
-extra emphasis adds (over-refusal, where both already refuse a harmful request) is removed.
+Over an optimised safeguarding prompt (SP), ``self_cd_sp(contrast=...)`` picks branch 0:
+``"plain"`` — no system prompt (the SP's pull that the plain model lacks is taken away, its
+refusals of harmful requests included); ``"emphasis"`` — Self-CD's own construction over the
+deployed SP: p = SP followed by a safety text, 0 = SP alone, α > 1, so only what the extra
+emphasis adds is removed; ``"adapter"`` — the model with a LoRA adapter (e.g. TA-SFT) on its
+rows. Measured on the embedded model: ``benchmarks/results/self_cd_*_s37/``.
 """
 
 from __future__ import annotations
