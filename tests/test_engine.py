@@ -149,13 +149,36 @@ def test_unknown_method_and_bad_method_args():
         SafeDecoder(model, tok, "acd")
 
 
-def test_system_message_conflicts_with_branch_prompts():
+def test_a_requests_system_message_joins_every_branch_after_its_own_prompt():
+    """A request's system message (a deployment's system prompt) follows each branch's own
+    system text or soft prompt: = the same method with the two texts joined in its branches."""
     model, tok = tiny_llama()
-    msgs = [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]
-    with pytest.raises(ValueError, match="system"):
-        SafeDecoder(model, tok, METHODS[2]()).generate([msgs], max_new_tokens=2)
-    # A plain branch without its own system prompt takes the request's.
-    assert SafeDecoder(model, tok, plain()).generate([msgs], max_new_tokens=2)[0].token_ids
+    own = "You answer questions about gardening."
+    msgs = [[{"role": "system", "content": own}, {"role": "user", "content": p}]
+            for p in ("hi", "How do I kill aphids?")]
+    text = contrastive([Branch(system="Be safe."), Branch(system="Be bold.")], [1.0, -0.5])
+    joined = contrastive([Branch(system=f"Be safe.\n{own}"), Branch(system=f"Be bold.\n{own}")],
+                         [1.0, -0.5])
+    got = _ids(SafeDecoder(model, tok, text).generate(msgs, max_new_tokens=6))
+    assert got == _ids(SafeDecoder(model, tok, joined).generate(
+        [m[1:] for m in msgs], max_new_tokens=6))
+    assert got == _ids(NaiveContrastGenerator(model, tok, text).generate(msgs, max_new_tokens=6))
+    assert got != _ids(SafeDecoder(model, tok, text).generate([m[1:] for m in msgs],
+                                                              max_new_tokens=6))
+    # A soft prompt, then the branch's text, then the request's.
+    ids = tok("Be safe.", add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    soft_m = contrastive([Branch(soft_prompt=soft), Branch()], [1.0, 0.0])
+    as_text = contrastive([Branch(system=f"Be safe.\n{own}"), Branch(system=own)], [1.0, 0.0])
+    assert _ids(SafeDecoder(model, tok, soft_m).generate(msgs, max_new_tokens=6)) == \
+        _ids(SafeDecoder(model, tok, as_text).generate([m[1:] for m in msgs], max_new_tokens=6))
+    # A plain branch takes the request's system message as it is (an empty one included).
+    empty = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
+    assert SafeDecoder(model, tok, plain()).generate([empty], max_new_tokens=2)[0].token_ids
+    two = [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+           {"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="more than one system message"):
+        SafeDecoder(model, tok, text).generate([two], max_new_tokens=2)
 
 
 def test_streaming_deltas_add_up_and_transformers_streamer():

@@ -76,6 +76,16 @@ def test_chat_greedy_seeded_and_n_equal_offline(server, offline, method):
     assert len({ch.message.content for ch in r.choices}) > 1  # forked, but drawn apart
 
 
+def test_chat_with_a_system_message_on_a_contrast_method_equals_offline(server, offline):
+    """A deployment's system message is served on a method whose branches have their own
+    prompts (it joins each branch after its prompt), as offline."""
+    msgs = [{"role": "system", "content": "You are a gardening assistant."},
+            {"role": "user", "content": PROMPTS[4]}]
+    r = server.client().chat.completions.create(model="tiny:acd-text", messages=msgs,
+                                                max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == offline("acd-text", [msgs], max_new_tokens=8)[0].text
+
+
 def test_chat_stop_logprobs_and_top_k(server, offline):
     c = server.client()
     msgs = [{"role": "user", "content": PROMPTS[2]}]

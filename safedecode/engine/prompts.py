@@ -103,6 +103,18 @@ class PromptBuilder:
         return self._prefix_text[system, raw]
 
     # -- per branch and request ---------------------------------------------------------------
+    @staticmethod
+    def system_text(branch: Branch, own: str | None) -> str | None:
+        """The system message of ``branch`` for a request whose own system message is ``own``:
+        the branch's soft prompt (its placeholder), then its text, then the request's (a
+        deployment's system prompt joins every branch, after the branch's own prompt, so the
+        contrast stays between the branches' prompts). None: the template's default."""
+        if branch.soft_prompt is None and branch.system is None:
+            return own  # the plain branch: the request's system message as it is
+        parts = [_SOFT] if branch.soft_prompt is not None else []
+        parts += [t for t in (branch.system, own) if t]
+        return "\n".join(parts)
+
     def build(self, branch: Branch, messages: list[Message], index: int,
               raw: bool = False) -> tuple[Prefix, list[int]]:
         """(shared prefix, suffix token ids) of ``messages`` under ``branch``; ``raw``: one
@@ -111,14 +123,7 @@ class PromptBuilder:
         rest = [m for m in messages if m["role"] != "system"]
         if len(own) > 1:
             raise ValueError(f"prompts[{index}]: more than one system message")
-        if own and (branch.system is not None or branch.soft_prompt is not None):
-            raise ValueError(
-                f"prompts[{index}]: has a system message, but this method's branches set their "
-                "own system prompts; put it in the method's branches instead")
-        if branch.soft_prompt is not None:  # its text, if any, follows it in the system slot
-            system = _SOFT if branch.system is None else f"{_SOFT}\n{branch.system}"
-        else:
-            system = own[0]["content"] if own else branch.system
+        system = self.system_text(branch, own[0]["content"] if own else None)
         if raw and (own or len(rest) != 1):
             raise ValueError(f"prompts[{index}]: a raw prompt is one user text")
         full = self.render(system, rest, raw)
