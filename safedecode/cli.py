@@ -104,6 +104,9 @@ def generate(
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
     batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
                                    "next joins as one ends)."),
+    system: str | None = typer.Option(None, "--system", help="A system message for every "
+                                      "prompt (a deployment's system prompt: it follows each "
+                                      "branch's own prompt)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is decoded (1 prompt)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
@@ -210,8 +213,11 @@ def generate(
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed)
+        requests = prompts if system is None else [
+            [{"role": "system", "content": system}, {"role": "user", "content": p}]
+            for p in prompts]
         if stream:
-            for ev in dec.stream(prompts, **kw):
+            for ev in dec.stream(requests, **kw):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -220,7 +226,7 @@ def generate(
             task = bar.add_task(f"{meth.name}", total=len(prompts))
             if dec.search is not None:  # a long search: show its steps
                 kw["on_step"] = _search_progress(bar, task, meth.name)
-            results = dec.generate(prompts, max_batch=batch_size,  # continuous batching
+            results = dec.generate(requests, max_batch=batch_size,  # continuous batching
                                    on_result=lambda i, r: bar.advance(task), **kw)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -74,6 +74,22 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_cli_generate_with_a_system_message(tiny_model_dir):
+    """``--system`` puts a system message before every prompt, on a contrast method too."""
+    model, tok = tiny_llama()
+    system, prompt = "You are a gardening assistant.", "How do I kill aphids?"
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    for method in ("plain", "acd-text"):
+        res = CliRunner().invoke(app, ["generate", prompt, "--model", str(tiny_model_dir),
+                                       "-m", method, "-n", "6", "--json", "--system", system])
+        assert res.exit_code == 0, res.output
+        dec = SafeDecoder(model, tok, methods.get(method))
+        assert json.loads(res.stdout)["text"] == dec.generate([msgs], max_new_tokens=6)[0].text
+    plain_dec = SafeDecoder(model, tok, methods.get("plain"))
+    assert plain_dec.generate([msgs], max_new_tokens=6)[0].text != \
+        plain_dec.generate([prompt], max_new_tokens=6)[0].text  # the message is there
+
+
 def test_cli_generate_takes_a_knob_string(tiny_model_dir):
     """``-m 'acd-text:alpha=3'`` is ``-m acd-text --alpha 3``, and a knob in the string wins
     over its flag (as ``safedecode serve -m`` has it)."""
