@@ -92,6 +92,35 @@ def test_prefix_is_computed_once_and_reused():
     assert dec.prefixes.misses == 2 and dec.prefixes.hits >= 2
 
 
+def test_prefix_store_keeps_the_most_recently_used_prefixes():
+    """Requests with many distinct system messages do not grow the prefix store without
+    bound: the least recently used prefix is dropped, and recomputed (same answer) if needed."""
+    from safedecode.engine.cache import LRU, PrefixStore
+
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, METHODS[2]())  # two branches: two prefixes per message
+
+    def req(i):
+        return [{"role": "system", "content": f"Deployment {i}."},
+                {"role": "user", "content": "How do I kill aphids?"}]
+    dec.prefixes = PrefixStore(3)
+    first = _ids(dec.generate([req(0)], max_new_tokens=4))
+    for i in range(1, 5):
+        dec.generate([req(i)], max_new_tokens=4)
+    assert len(dec.prefixes) == 3 and dec.prefixes.evicted == 10 - 3
+    misses = dec.prefixes.misses
+    assert _ids(dec.generate([req(0)], max_new_tokens=4)) == first
+    assert dec.prefixes.misses == misses + 2  # both of its prefixes were dropped: recomputed
+    assert len(dec.builder._prefixes) <= dec.builder._prefixes.size
+    lru = LRU(2)
+    lru["a"], lru["b"] = 1, 2
+    assert lru["a"] == 1  # a read makes "a" the most recent
+    lru["c"] = 3
+    assert list(lru) == ["a", "c"] and lru.evicted == 1
+    with pytest.raises(ValueError, match="size"):
+        LRU(0)
+
+
 def test_requests_finishing_early_do_not_change_the_others():
     """A request that stops early frees its slot; the others' tokens are those of lone runs."""
     model, tok = tiny_llama()

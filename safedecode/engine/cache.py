@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -152,16 +153,50 @@ class SlotCache(Cache):
         return total
 
 
-class PrefixStore:
-    """Per-branch prefix KV, computed once and reused by every request and every later call."""
+class LRU(OrderedDict):
+    """A dict of at most ``size`` entries; reading or writing an entry makes it the most
+    recent, and the least recently used is dropped first."""
 
-    def __init__(self) -> None:
-        self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: a number of entries >= 1, got {size!r}")
+        super().__init__()
+        self.size = size
+        self.evicted = 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+            self.evicted += 1
+
+
+class PrefixStore:
+    """Per-branch prefix KV, computed once and reused by every request and every later call;
+    at most ``size`` prefixes, the least recently used dropped first (requests with many
+    distinct system messages would otherwise grow it without bound; a dropped prefix is
+    recomputed when next needed)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._kv: LRU = LRU(size)
         self.hits = 0
         self.misses = 0
 
     def __contains__(self, key: str) -> bool:
         return key in self._kv
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    @property
+    def evicted(self) -> int:
+        return self._kv.evicted
 
     def get(self, key: str):
         self.hits += 1

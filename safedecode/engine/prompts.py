@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .branches import Branch
+from .cache import LRU
 
 Message = dict
 Prompt = str | Sequence[Message]
@@ -78,8 +79,9 @@ class PromptBuilder:
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self._prefix_text: dict[str | None, str] = {}
-        self._prefixes: dict[tuple, Prefix] = {}
+        # Bounded: requests may bring any number of distinct system messages.
+        self._prefix_text: LRU = LRU(1024)
+        self._prefixes: LRU = LRU(1024)
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False) -> str:
