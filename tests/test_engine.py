@@ -103,11 +103,14 @@ def test_prefix_store_keeps_the_most_recently_used_prefixes():
     def req(i):
         return [{"role": "system", "content": f"Deployment {i}."},
                 {"role": "user", "content": "How do I kill aphids?"}]
-    dec.prefixes = PrefixStore(3)
     first = _ids(dec.generate([req(0)], max_new_tokens=4))
-    for i in range(1, 5):
+    one_request = dec.prefixes.nbytes  # its two prefixes (the template default's were not made)
+    assert len(dec.prefixes) == 2 and one_request > 0
+    dec.prefixes = PrefixStore(max_bytes=one_request)
+    for i in range(5):
         dec.generate([req(i)], max_new_tokens=4)
-    assert len(dec.prefixes) == 3 and dec.prefixes.evicted == 10 - 3
+    assert len(dec.prefixes) == 2 and dec.prefixes.evicted == 10 - 2
+    assert dec.prefixes.nbytes <= one_request
     misses = dec.prefixes.misses
     assert _ids(dec.generate([req(0)], max_new_tokens=4)) == first
     assert dec.prefixes.misses == misses + 2  # both of its prefixes were dropped: recomputed
@@ -119,6 +122,8 @@ def test_prefix_store_keeps_the_most_recently_used_prefixes():
     assert list(lru) == ["a", "c"] and lru.evicted == 1
     with pytest.raises(ValueError, match="size"):
         LRU(0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixStore(max_bytes=-1)
 
 
 def test_requests_finishing_early_do_not_change_the_others():

@@ -153,6 +153,54 @@ class SlotCache(Cache):
         return total
 
 
+class PrefixStore:
+    """Per-branch prefix KV, computed once and reused by every request and every later call.
+
+    At most ``max_bytes`` of KV (default 512 MiB; the newest prefix is always kept): the least
+    recently used prefix is dropped first, and recomputed when next needed. Requests may bring
+    any number of distinct system messages, each with its own prefixes: unbounded, the store
+    would grow with them."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes: a number of bytes >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._kv: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._bytes: dict[str, int] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evicted = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kv
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def get(self, key: str):
+        self.hits += 1
+        self._kv.move_to_end(key)
+        return self._kv[key]
+
+    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.misses += 1
+        self._kv[key] = kv
+        self._kv.move_to_end(key)
+        self._bytes[key] = sum(k.nbytes + v.nbytes for k, v in kv)
+        while len(self._kv) > 1 and self.nbytes > self.max_bytes:
+            old, _ = self._kv.popitem(last=False)
+            del self._bytes[old]
+            self.evicted += 1
+
+    def clear(self) -> None:
+        self._kv.clear()
+        self._bytes.clear()
+
+
 class LRU(OrderedDict):
     """A dict of at most ``size`` entries; reading or writing an entry makes it the most
     recent, and the least recently used is dropped first."""
@@ -175,36 +223,3 @@ class LRU(OrderedDict):
         while len(self) > self.size:
             self.popitem(last=False)
             self.evicted += 1
-
-
-class PrefixStore:
-    """Per-branch prefix KV, computed once and reused by every request and every later call;
-    at most ``size`` prefixes, the least recently used dropped first (requests with many
-    distinct system messages would otherwise grow it without bound; a dropped prefix is
-    recomputed when next needed)."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._kv: LRU = LRU(size)
-        self.hits = 0
-        self.misses = 0
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._kv
-
-    def __len__(self) -> int:
-        return len(self._kv)
-
-    @property
-    def evicted(self) -> int:
-        return self._kv.evicted
-
-    def get(self, key: str):
-        self.hits += 1
-        return self._kv[key]
-
-    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.misses += 1
-        self._kv[key] = kv
-
-    def clear(self) -> None:
-        self._kv.clear()
