@@ -374,6 +374,7 @@ def test_load_client_counts_requests_tokens_and_latencies(server):
     (["--dtype", "int8"], "dtype: must be one of"),
     (["--max-seqs", "0"], "--max-seqs: must be >= 1"),
     (["--port", "70000"], "--port: must be in [0, 65535]"),
+    (["--prefix-store-mb", "-1"], "--prefix-store-mb: must be >= 0"),
 ])
 def test_serve_rejects_bad_options_before_loading(args, message):
     from typer.testing import CliRunner  # noqa: PLC0415
@@ -773,6 +774,9 @@ def test_serve_builds_routed_and_deal_models(tiny_model_dir):
                                   reward_thread=False,
                                   method_kwargs={"base": "acd-text", "reward": "length"}))
     assert m.router.scorer is None and m.info["reward_thread"] is False
+    (m,) = build_models(ServeSpec(model=str(tiny_model_dir), methods=["acd-text"],
+                                  prefix_store_mb=3))
+    assert m.engine.runner.prefixes.max_bytes == 3 * 2**20  # --prefix-store-mb reaches it
 
 
 def test_serve_merges_an_adapter_into_the_served_model():

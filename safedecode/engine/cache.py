@@ -153,6 +153,9 @@ class SlotCache(Cache):
         return total
 
 
+PREFIX_STORE_BYTES = 512 * 2**20  # the default bound of a decoder's prefix store
+
+
 class PrefixStore:
     """Per-branch prefix KV, computed once and reused by every request and every later call.
 
@@ -161,7 +164,7 @@ class PrefixStore:
     any number of distinct system messages, each with its own prefixes: unbounded, the store
     would grow with them."""
 
-    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+    def __init__(self, max_bytes: int = PREFIX_STORE_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes: a number of bytes >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .branches import Method
-from .cache import PrefixStore
+from .cache import PREFIX_STORE_BYTES, PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
@@ -81,11 +81,14 @@ class SafeDecoder:
     requests that arrive and leave while others run, use :meth:`engine`. ``method`` may be a
     :class:`~safedecode.methods.DeAL` search or a :class:`~safedecode.methods.Route`:
     ``generate`` then runs it over the engine (``on_step`` reports progress).
+    ``prefix_store_bytes``: the most prefix KV kept across calls (the least recently used
+    branch prefix dropped first; see :class:`~safedecode.engine.cache.PrefixStore`).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
-                 compile: bool = False, drop_rows: bool = True) -> None:  # noqa: A002
+                 compile: bool = False, drop_rows: bool = True,  # noqa: A002
+                 prefix_store_bytes: int = PREFIX_STORE_BYTES) -> None:
         from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
         from safedecode.methods.route import Route
 
@@ -101,7 +104,7 @@ class SafeDecoder:
         self.backend, self.prefix_cache, self.small_gemm = backend, prefix_cache, small_gemm
         self.drop_rows = drop_rows
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
-        self.prefixes = PrefixStore()
+        self.prefixes = PrefixStore(prefix_store_bytes)
 
     def engine(self, *, max_seqs: int = 8, max_len: int | None = None,
                max_queue: int = 1024, max_prefill_tokens: int | None = None,

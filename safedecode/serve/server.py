@@ -28,6 +28,7 @@ class ServeSpec:
     max_queue: int = 256
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
+    prefix_store_mb: int = 512  # per served method: branch-prefix KV kept across requests
     reward_thread: bool = True  # route / deal: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
@@ -108,7 +109,8 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     served, scorer = [], None
     for name, spec_method in built:
         deal = isinstance(spec_method, methods.DeAL)
-        eng = SafeDecoder(model, tok, spec_method, backend=spec.backend).engine(
+        eng = SafeDecoder(model, tok, spec_method, backend=spec.backend,
+                          prefix_store_bytes=spec.prefix_store_mb * 2**20).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
             max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed,
             drop_rows=False if deal else None)  # DeAL's proposals read every branch's logits
