@@ -55,11 +55,11 @@ def serve_command(
                                            "tokens, no limit on a GPU); small: shorter "
                                            "inter-token latency tails, later first tokens under "
                                            "a burst (benchmarks/results/serve_cpu)."),
-    prefix_store_mb: int = typer.Option(512, "--prefix-store-mb",
-                                        help="Branch-prefix KV kept across requests, per served "
-                                             "method (MiB; the least recently used dropped "
-                                             "first: requests with many distinct system "
-                                             "messages each bring their own prefixes)."),
+    prefix_store_mb: int | None = typer.Option(
+        None, "--prefix-store-mb", help="Branch-prefix KV kept across requests, per served "
+                                        "method (MiB; default: the engine's, 512; the least "
+                                        "recently used dropped first: requests with distinct "
+                                        "system messages each bring their own prefixes)."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
                                      "packed forward (--no-packed: two forwards)."),
@@ -88,7 +88,7 @@ def serve_command(
                                 ("--default-max-tokens", default_max_tokens, 1),
                                 ("--replicas", replicas, 1),
                                 ("--max-prefill-tokens", max_prefill_tokens or 0, 0),
-                                ("--prefix-store-mb", prefix_store_mb, 0)):
+                                ("--prefix-store-mb", prefix_store_mb or 0, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
         from safedecode.eval.runner import parse_methods
@@ -120,7 +120,9 @@ def serve_command(
                          adapter=adapter,
                          name=name, max_seqs=max_seqs, max_len=max_len, max_queue=max_queue,
                          max_prefill_tokens=prefill_budget(max_prefill_tokens, device),
-                         packed=packed, prefix_store_mb=prefix_store_mb,
+                         packed=packed,
+                         **({} if prefix_store_mb is None else
+                            {"prefix_store_mb": prefix_store_mb}),
                          reward_thread=reward_thread is not False,
                          backend=backend, device=device, dtype=dtype,
                          api_key=api_key or os.environ.get(

@@ -11,6 +11,8 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from safedecode.engine.cache import PREFIX_STORE_BYTES
+
 from .app import ServedModel, ServerConfig, create_app
 
 DEFAULT_NAME = "smollm2-135m"
@@ -28,7 +30,7 @@ class ServeSpec:
     max_queue: int = 256
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
-    prefix_store_mb: int = 512  # per served method: branch-prefix KV kept across requests
+    prefix_store_mb: int = PREFIX_STORE_BYTES // 2**20  # per served method: prefix KV kept
     reward_thread: bool = True  # route / deal: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
