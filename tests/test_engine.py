@@ -114,7 +114,11 @@ def test_prefix_store_keeps_the_most_recently_used_prefixes():
     misses = dec.prefixes.misses
     assert _ids(dec.generate([req(0)], max_new_tokens=4)) == first
     assert dec.prefixes.misses == misses + 2  # both of its prefixes were dropped: recomputed
-    assert len(dec.builder._prefixes) <= dec.builder._prefixes.size
+    dec.builder._prefixes, dec.builder._prefix_text = LRU(2), LRU(1)  # the renders too
+    for i in range(1, 4):
+        dec.generate([req(i)], max_new_tokens=4)
+    assert len(dec.builder._prefixes) == 2 and dec.builder._prefixes.evicted >= 4
+    assert _ids(dec.generate([req(0)], max_new_tokens=4)) == first  # re-rendered: same answer
     lru = LRU(2)
     lru["a"], lru["b"] = 1, 2
     assert lru["a"] == 1  # a read makes "a" the most recent
