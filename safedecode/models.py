@@ -136,6 +136,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     return model, tok
 
 
+def text_config(model):
+    """The text decoder's config (a multimodal model's ``get_text_config()``)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def embedding_fingerprint(model) -> str:
     """A short hash of the model's input-embedding table (rounded to bfloat16, so it is the same
     whether the model is loaded in fp32, bf16 or fp16): soft prompts are tied to it."""

@@ -45,3 +45,43 @@ MIXED_PROMPTS = [
     [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."},
      {"role": "user", "content": "Please?"}],
 ]
+
+
+WINDOW = 8  # the sliding window of tiny_arch's windowed models: far below the test prompts
+
+# name -> (config class, model class, config keywords): one model per attention layout
+ARCHS = {
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
+    "qwen2-mixed": ("Qwen2Config", "Qwen2ForCausalLM",
+                    {"use_sliding_window": True, "sliding_window": WINDOW,
+                     "max_window_layers": 1}),  # layer 0 full, layer 1 windowed
+    "gemma2-mixed": ("Gemma2Config", "Gemma2ForCausalLM",
+                     {"sliding_window": WINDOW, "head_dim": 16}),
+    "gemma3-mixed": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                     {"sliding_window": WINDOW, "head_dim": 16,
+                      "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3-window": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": WINDOW}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+}
+
+
+@functools.cache
+def tiny_arch(name: str, seed: int = 0):
+    """A 2-layer random model of another architecture than Llama (``ARCHS``), with the default
+    model's tokenizer."""
+    import transformers
+
+    cfg_cls, model_cls, extra = ARCHS[name]
+    tok = default_tokenizer()
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+           "bos_token_id": tok.bos_token_id, "vocab_size": len(tok)}
+    if name == "gpt2":
+        size = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}
+    else:
+        size = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 512}
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**size, **ids, **extra)
+    return getattr(transformers, model_cls)(cfg).eval(), tok

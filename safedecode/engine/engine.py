@@ -26,6 +26,7 @@ from safedecode.ops.params import STATUS_MESSAGES
 from .branches import Method
 from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
+from .masks import LayerMasks
 from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
@@ -106,10 +107,12 @@ class _Seq:
 
 
 def check_method_fits(model, method: Method) -> None:
-    """Raise ``ValueError`` if ``method``'s soft prompts or adapters do not fit ``model``."""
+    """Raise ``ValueError`` if ``method``'s soft prompts or adapters do not fit ``model``, or
+    the model has attention layers the engine cannot mask (:class:`~.masks.LayerMasks`)."""
     if not isinstance(method, Method):
         raise ValueError(f"method: expected a safedecode Method, got {type(method).__name__}; "
                          "see safedecode.methods.get()")
+    LayerMasks.of(model)
     width = model.get_input_embeddings().weight.shape[1]
     for i, br in enumerate(method.branches):
         if br.adapter is not None:

@@ -37,7 +37,9 @@ class PackPlan:
     Tokens ``0 .. n_dec-1`` are decode tokens (one per row ``dec_rows``); the rest are prompt
     tokens: ``pf_tok[i, j]`` is the pack index of prompt row ``pf_rows[i]``'s j-th new token
     (``pf_valid`` marks the real ones; the others repeat a real index and are dropped).
-    Masks are additive, ``[rows, 1, q, attend]``."""
+    Masks are additive, ``[rows, 1, q, attend]``; ``dec_slid``/``pf_slid`` are the same with
+    the sliding ``window`` applied (:class:`~.masks.LayerMasks`), for the layers whose attention
+    call names that window."""
 
     n_dec: int
     dec_rows: slice | torch.Tensor | None
@@ -48,7 +50,11 @@ class PackPlan:
     pf_valid: torch.Tensor | None
     pf_attend: int
     pf_mask: torch.Tensor | None
+    window: int | None = None
+    dec_slid: torch.Tensor | None = None
+    pf_slid: torch.Tensor | None = None
     calls: int = 0  # layers that ran through packed_attention (the routing check)
+    slid_calls: int = 0  # of them, with the sliding window
 
 
 def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -60,20 +66,28 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if plan is None:
         raise RuntimeError(f"the {NAME!r} attention runs only inside a safedecode packed forward")
     plan.calls += 1
+    window = kwargs.get("sliding_window")
+    dec_mask, pf_mask = plan.dec_mask, plan.pf_mask
+    if window is not None and plan.window is not None:
+        if window != plan.window:
+            raise ValueError(f"packed attention: a layer's sliding window is {window}, the "
+                             f"model's config says {plan.window}")
+        plan.slid_calls += 1
+        dec_mask, pf_mask = plan.dec_slid, plan.pf_slid
     q = query[0]  # [H, N, D]
     out = query.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [N, H, D]
     if plan.n_dec:
         qd = q[:, :plan.n_dec].transpose(0, 1)[:, :, None]  # [n_dec, H, 1, D]
         a = plan.dec_attend
         od, _ = sdpa_attention_forward(module, qd, key[plan.dec_rows, :, :a],
-                                       value[plan.dec_rows, :, :a], plan.dec_mask,
+                                       value[plan.dec_rows, :, :a], dec_mask,
                                        scaling=scaling, dropout=0.0)
         out[:plan.n_dec] = od[:, 0]
     if plan.pf_rows is not None:
         qp = q[:, plan.pf_tok].transpose(0, 1)  # [R, H, t, D]
         a = plan.pf_attend
         op, _ = sdpa_attention_forward(module, qp, key[plan.pf_rows, :, :a],
-                                       value[plan.pf_rows, :, :a], plan.pf_mask,
+                                       value[plan.pf_rows, :, :a], pf_mask,
                                        scaling=scaling, dropout=0.0)  # [R, t, H, D]
         out[plan.pf_tok[plan.pf_valid]] = op[plan.pf_valid]
     return out[None], None

@@ -18,11 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from safedecode.models import text_config
 from safedecode.ops import contrastive_sample_with_status
 from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
 from .branches import BranchHook, Method
 from .cache import PrefixStore, SlotCache, cache_kwargs
+from .masks import LayerMasks
 from .packed import PackPlan, packed_attention_on
 from .prompts import Prefix
 from .state import DecodeState, round_up
@@ -75,8 +77,8 @@ class ModelStep:
         self.small_gemm = small_gemm and self.device.type == "cpu"
         self._gemm = eager_forwards(model) if self.small_gemm else {}  # built once
         self.pad_id = pad_id
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
+        cfg = text_config(model)
+        self.masks = LayerMasks.of(model)  # sliding windows (a ValueError for other kinds)
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.weights = list(method.weights)
@@ -217,7 +219,7 @@ class ModelStep:
                             device=self.device).triu_(1)
         self._forward(cache, {k: slice(0, 1)}, phase="prefix",
                       inputs_embeds=prefix.embeds(self.embed)[None],
-                      position_ids=cols, attention_mask=causal[None, None])
+                      position_ids=cols, attention_mask=self.masks(causal[None, None], cols))
         kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
               for layer in cache.layers]
         self.prefixes.put(prefix.key, kv)
@@ -289,6 +291,7 @@ class ModelStep:
         allowed[:, :, 0] |= ~real  # padding queries attend to column 0 only (finite rows)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)[:, None]
+        mask = self.masks(mask.to(dev), torch.where(real, cols, 0))  # padding: column 0
         if self.max_positions:
             pos.clamp_(max=self.max_positions - 1)
         inputs: dict = {"input_ids": ids.to(dev)}
@@ -311,7 +314,7 @@ class ModelStep:
         gate_on = state.gate_on[index].clone() if self._gated else None  # the hooks write it
         logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
                                prompt_mask=prompt_mask, gate_on=gate_on,
-                               attention_mask=mask.to(dev), position_ids=pos.to(dev), **inputs)
+                               attention_mask=mask, position_ids=pos.to(dev), **inputs)
         if gate_on is not None:
             state.gate_on[index] = gate_on
         return logits.view(len(slots), kb, -1)
@@ -342,7 +345,7 @@ class ModelStep:
         order. Default: every prompt whole."""
         kb, dev, dt = self.method.k, self.device, self.dtype
         neg = torch.finfo(dt).min
-        n_dec, dec_rows, dec_attend, dec_mask = 0, None, 0, None
+        n_dec, dec_rows, dec_attend, dec_mask, dec_slid = 0, None, 0, None, None
         tok_rows, tok_cols, tok_ids = [], [], []
         if running:
             dec_rows, index, sidx = state.layout(running)
@@ -350,6 +353,7 @@ class ModelStep:
             cols = state.lens[index]
             state.bias.index_put_((index, cols), torch.zeros((), dtype=dt, device=dev))
             dec_mask = state.bias[dec_rows, :dec_attend][:, None, None, :]
+            dec_slid = self.masks.slide(dec_mask, cols[:, None])
             n_dec = len(running) * kb
             tok_rows.append(index)
             tok_cols.append(cols)
@@ -394,8 +398,10 @@ class ModelStep:
         tok_cols.append(torch.cat(cols_pf).to(dev))
         tok_ids.append(torch.tensor(ids, dtype=torch.long, device=dev))
         index, cols = torch.cat(tok_rows), torch.cat(tok_cols)
+        pf_mask = pf_mask.to(dev)
         plan = PackPlan(n_dec, dec_rows, dec_attend, dec_mask, pf_rows, pf_tok.to(dev),
-                        pf_valid.to(dev), pf_attend, pf_mask.to(dev))
+                        pf_valid.to(dev), pf_attend, pf_mask, window=self.masks.window,
+                        dec_slid=dec_slid, pf_slid=self.masks.slide(pf_mask, q_cols))
         pos = cols.clamp(max=self.max_positions - 1) if self.max_positions else cols
         inputs: dict = {"input_ids": torch.cat(tok_ids)[None]}
         if any(p is not None for p in soft):
@@ -419,9 +425,11 @@ class ModelStep:
                                  position_ids=pos[None], **cache_kwargs(self.model,
                                                                         state.cache),
                                  logits_to_keep=keep, safedecode_pack=plan)
-            routed_ok = plan.calls == self.num_layers
-            error = None if routed_ok else (f"{plan.calls} of {self.num_layers} layers ran "
-                                            "the packed attention")
+            routed_ok = plan.calls == self.num_layers and \
+                plan.slid_calls == self.masks.sliding_layers
+            error = None if routed_ok else (
+                f"{plan.calls} of {self.num_layers} layers ran the packed attention, "
+                f"{plan.slid_calls} of {self.masks.sliding_layers} with a sliding window")
         except (RuntimeError, TypeError, ValueError, KeyError) as exc:
             if self.pack:
                 raise
@@ -487,8 +495,8 @@ class ModelStep:
         cols = state.lens[index]
         state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
                                                          device=self.device))
-        mask = state.bias[index, :attend][:, None, None, :]
         cols = cols[:, None]
+        mask = self.masks(state.bias[index, :attend][:, None, None, :], cols)
         state.cache.bind(index, index, cols, attend)
         logits = self._forward(state.cache, hook_rows, input_ids=state.last[sidx][:, None],
                                attention_mask=mask, position_ids=cols,
@@ -513,8 +521,8 @@ class ModelStep:
         ids = state.last[sidx].repeat_interleave(kb)[:, None]
         if self.compiled is not None:  # static shapes: attend over every column (masked)
             attend = state.columns
-        mask = state.bias[rows, :attend][:, None, None, :]
         cols = cols[:, None]
+        mask = self.masks(state.bias[rows, :attend][:, None, None, :], cols)
         state.cache.bind(rows, index, cols, attend)
         if self.compiled is not None:
             logits = self.compiled(ids, mask, cols, state.cache)

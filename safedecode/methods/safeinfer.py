@@ -77,9 +77,10 @@ def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
 
 def head_shape(model) -> tuple[int, int, int]:
     """(layers, heads, head dim)."""
+    from safedecode.models import text_config
+
     _, layers = decoder_layers(model)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
+    cfg = text_config(model)
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return len(layers), heads, hd

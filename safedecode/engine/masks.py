@@ -1,0 +1,80 @@
+"""Attention masks for the model's layer kinds: full causal attention and sliding windows.
+
+The engine builds its own additive masks (slots, shared prefixes and packed forwards do not fit
+the masks transformers derives from a 2-D padding mask), and a 4-D mask reaches every layer as
+it is: transformers applies a layer's sliding window only to masks it builds itself. So the
+window is applied here, in column space (a row's column is its token's position): a query at
+column ``q`` may see key column ``j`` when ``q - window < j <= q``, as transformers'
+``sliding_window_overlay``. Models that mix the kinds (``config.layer_types``: Gemma 2/3,
+Qwen2 with windowed layers, Cohere2, GPT-OSS ...) take ``{layer type: mask}``; models whose
+every layer is windowed (``config.sliding_window`` without ``layer_types``: Mistral, Phi-3,
+Starcoder2, ...) take the windowed mask alone. Other layer kinds (chunked, linear or recurrent
+attention) are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safedecode.models import text_config
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """Which of a model's layers attend through a sliding window, and the masks they take.
+
+    ``window``: the window in tokens (None: every layer attends to every earlier column);
+    ``keyed``: the model takes ``{layer type: mask}``; ``sliding_layers``: how many layers
+    use the window."""
+
+    window: int | None = None
+    keyed: bool = False
+    sliding_layers: int = 0
+
+    @classmethod
+    def of(cls, model) -> LayerMasks:
+        """The layout of ``model``'s attention; a ``ValueError`` names a layer kind the engine
+        cannot mask."""
+        cfg = text_config(model)
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if types is not None:
+            unknown = sorted(set(types) - {FULL, SLIDING})
+            if unknown:
+                raise ValueError(f"model: layer types {unknown} (config.layer_types) are not "
+                                 f"supported by safedecode's engine; it runs {FULL!r} and "
+                                 f"{SLIDING!r} layers")
+            n = sum(t == SLIDING for t in types)
+            if n == 0:
+                return cls()
+            if not isinstance(window, int) or window < 1:
+                raise ValueError(f"model: {n} layers are {SLIDING!r} but config.sliding_window "
+                                 f"is {window!r}")
+            return cls(window=window, keyed=True, sliding_layers=n)
+        if window is None:
+            return cls()
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"model: config.sliding_window must be a positive int or None, got "
+                             f"{window!r}")
+        return cls(window=window, sliding_layers=cfg.num_hidden_layers)
+
+    def slide(self, mask: torch.Tensor, q_cols: torch.Tensor) -> torch.Tensor:
+        """``mask`` (additive, ``[rows, 1, q, keys]``, key j = column j) with the keys outside
+        each query's window masked; ``q_cols``: ``[rows, q]`` the queries' columns (a padding
+        query: 0, so that it keeps a finite row)."""
+        if self.window is None or mask.shape[-1] <= self.window:
+            return mask  # no query can be further than the window from any key
+        keys = torch.arange(mask.shape[-1], device=mask.device)
+        old = keys <= (q_cols.to(mask.device)[..., None] - self.window)
+        return mask.masked_fill(old[:, None], torch.finfo(mask.dtype).min)
+
+    def __call__(self, mask: torch.Tensor, q_cols: torch.Tensor) -> torch.Tensor | dict:
+        """What the model's ``attention_mask`` takes for the full-attention ``mask``."""
+        if self.window is None:
+            return mask
+        slid = self.slide(mask, q_cols)
+        return {FULL: mask, SLIDING: slid} if self.keyed else slid

@@ -1,0 +1,140 @@
+"""The engine on other architectures than Llama: sliding-window attention (every layer, or mixed
+with full layers), absolute positions, q/k norms. Each must give exactly what transformers'
+``generate`` gives, batched, continuous and packed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engine_fixtures import ARCHS, WINDOW, tiny_arch, tiny_llama
+
+from safedecode import methods
+from safedecode.engine import SafeDecoder, SamplingParams
+from safedecode.engine.masks import LayerMasks
+
+PROMPTS = ["How do I kill a Python process that hangs forever on a lock?",
+           "Name a colour."]
+NEW = 16
+WINDOWED = [n for n in ARCHS if "window" in n or "mixed" in n]
+
+
+def _hf_greedy(model, tok, prompt: str, system: str | None = None
+               ) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their log-probabilities."""
+    chat = [{"role": "user", "content": prompt}]
+    if system is not None:
+        chat.insert(0, {"role": "system", "content": system})
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    assert ids.shape[1] > 2 * WINDOW  # the window cuts every prompt
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                         do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
+                         return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    lps = [torch.log_softmax(z[0].float(), -1)[t].item() for z, t in zip(out.logits, tokens,
+                                                                         strict=True)]
+    return tokens, lps
+
+
+def _assert_same(model, tok, results, system: str | None = None, prompts=PROMPTS) -> None:
+    for p, r in zip(prompts, results, strict=True):
+        tokens, lps = _hf_greedy(model, tok, p, system)
+        assert r.token_ids == tokens, p
+        assert r.logprobs == pytest.approx(lps, abs=1e-4), p
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_greedy_equals_transformers_generate(name):
+    model, tok = tiny_arch(name)
+    out = SafeDecoder(model, tok, methods.get("plain")).generate(
+        PROMPTS, max_new_tokens=NEW, ignore_eos=True, return_logprobs=True)
+    _assert_same(model, tok, out)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_a_shared_system_prefix_equals_transformers_generate(name):
+    """`safe-prompt`: the branch's system prompt (longer than the window) is prefilled once
+    into the prefix store and copied into each row; the answers are transformers'."""
+    model, tok = tiny_arch(name)
+    method = methods.get("safe-prompt")
+    system = method.branches[0].system
+    assert len(tok(system)["input_ids"]) > 2 * WINDOW
+    dec = SafeDecoder(model, tok, method)
+    prompts = ["Hi", PROMPTS[0]]  # "Hi": the first new tokens' windows reach into the prefix
+    for _ in range(2):  # the second call reads the stored prefix
+        out = dec.generate(prompts, max_new_tokens=NEW, ignore_eos=True,
+                           return_logprobs=True)
+        _assert_same(model, tok, out, system, prompts)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_without_the_window_the_answers_differ(name, monkeypatch):
+    """The check above can fail: with the window left out, a windowed model's answer is not
+    transformers'."""
+    model, tok = tiny_arch(name)
+    monkeypatch.setattr(LayerMasks, "slide", lambda self, mask, q_cols: mask)
+    out = SafeDecoder(model, tok, methods.get("plain")).generate(
+        PROMPTS, max_new_tokens=NEW, ignore_eos=True)
+    assert any(r.token_ids != _hf_greedy(model, tok, p)[0] for p, r in zip(PROMPTS, out,
+                                                                           strict=True))
+
+
+def _continuous(dec: SafeDecoder, packed: bool) -> tuple[dict, object]:
+    eng = dec.engine(max_seqs=2, packed=packed)
+    params = [SamplingParams(max_new_tokens=NEW, ignore_eos=True),
+              SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3,
+                             ignore_eos=True),
+              SamplingParams(max_new_tokens=12, ignore_eos=True)]
+    prompts = PROMPTS + ["Why is the sky blue, and why are sunsets red at the end of the day?"]
+    ids = []
+    for p, sp in zip(prompts, params, strict=True):
+        ids.append(eng.add_request(p, sp))
+        eng.step()  # the next request joins while this one decodes
+    while eng.has_unfinished():
+        eng.step()
+    outs = {i: eng.pop_result(rid).token_ids for i, rid in enumerate(ids)}
+    alone = {}
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        one = dec.engine(max_seqs=1, packed=packed)
+        rid = one.add_request(p, sp)
+        while one.has_unfinished():
+            one.step()
+        alone[i] = one.pop_result(rid).token_ids
+    return outs, alone, eng
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_contrast_with_shared_prefixes_continuous_and_packed_equals_lone_runs(name):
+    """K = 2 (`acd-text`: both branches' system prompts, longer than the window, computed once
+    and shared), requests joining while others decode: packed forwards, two-forward steps and
+    lone runs agree."""
+    model, tok = tiny_arch(name)
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    packed, alone, eng = _continuous(dec, packed=True)
+    two, _, _ = _continuous(dec, packed=False)
+    assert packed == alone == two
+    sdpa = model.config._attn_implementation == "sdpa"
+    assert (eng.runner.pack is True) == sdpa  # packed forwards run on SDPA models (Gemma 2
+    # runs eager attention for its soft-capping: two forwards)
+
+
+def test_layer_kinds_the_engine_cannot_mask_are_named():
+    model, tok = tiny_llama()
+    model = copy.deepcopy(model)
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        SafeDecoder(model, tok, methods.get("plain"))
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    model.config.sliding_window = None
+    with pytest.raises(ValueError, match="sliding_window"):
+        SafeDecoder(model, tok, methods.get("plain"))
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "gemma3-mixed", "qwen3"])
+def test_layer_masks_read_the_config(name):
+    masks = LayerMasks.of(tiny_arch(name)[0])
+    expect = {"mistral-window": (WINDOW, False, 2), "gemma3-mixed": (WINDOW, True, 1),
+              "qwen3": (None, False, 0)}[name]
+    assert (masks.window, masks.keyed, masks.sliding_layers) == expect
