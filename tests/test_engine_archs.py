@@ -81,8 +81,9 @@ def test_without_the_window_the_answers_differ(name, monkeypatch):
                                                                            strict=True))
 
 
-def _continuous(dec: SafeDecoder, packed: bool) -> tuple[dict, object]:
-    eng = dec.engine(max_seqs=2, packed=packed)
+def _continuous(dec: SafeDecoder, packed: bool, budget: int | None = None
+                ) -> tuple[dict, dict, object]:
+    eng = dec.engine(max_seqs=2, packed=packed, max_prefill_tokens=budget)
     params = [SamplingParams(max_new_tokens=NEW, ignore_eos=True),
               SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3,
                              ignore_eos=True),
@@ -108,13 +109,14 @@ def _continuous(dec: SafeDecoder, packed: bool) -> tuple[dict, object]:
 @pytest.mark.parametrize("name", WINDOWED)
 def test_contrast_with_shared_prefixes_continuous_and_packed_equals_lone_runs(name):
     """K = 2 (`acd-text`: both branches' system prompts, longer than the window, computed once
-    and shared), requests joining while others decode: packed forwards, two-forward steps and
-    lone runs agree."""
+    and shared), requests joining while others decode: packed forwards, two-forward steps,
+    prompts fed in chunks and lone runs agree."""
     model, tok = tiny_arch(name)
     dec = SafeDecoder(model, tok, methods.get("acd-text"))
     packed, alone, eng = _continuous(dec, packed=True)
     two, _, _ = _continuous(dec, packed=False)
-    assert packed == alone == two
+    chunked, _, _ = _continuous(dec, packed=True, budget=WINDOW + 3)  # prompts fed in chunks
+    assert packed == alone == two == chunked
     sdpa = model.config._attn_implementation == "sdpa"
     assert (eng.runner.pack is True) == sdpa  # packed forwards run on SDPA models (Gemma 2
     # runs eager attention for its soft-capping: two forwards)
@@ -138,3 +140,14 @@ def test_layer_masks_read_the_config(name):
     expect = {"mistral-window": (WINDOW, False, 2), "gemma3-mixed": (WINDOW, True, 1),
               "qwen3": (None, False, 0)}[name]
     assert (masks.window, masks.keyed, masks.sliding_layers) == expect
+
+
+def test_compiled_decode_of_a_mixed_model_equals_eager():
+    """`compile=True` with a {layer type: mask} model (the masks enter the graph as a dict)."""
+    model, tok = tiny_arch("gemma3-mixed")
+    prompts = ["Hi", PROMPTS[0]]
+    eager = SafeDecoder(model, tok, methods.get("acd-text")).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    comp = SafeDecoder(model, tok, methods.get("acd-text"), compile=True).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    assert [r.token_ids for r in comp] == [r.token_ids for r in eager]
