@@ -151,3 +151,24 @@ def test_compiled_decode_of_a_mixed_model_equals_eager():
     comp = SafeDecoder(model, tok, methods.get("acd-text"), compile=True).generate(
         prompts, max_new_tokens=12, ignore_eos=True)
     assert [r.token_ids for r in comp] == [r.token_ids for r in eager]
+
+
+def _vowels(prompts, texts):
+    return [sum(ch in "aeiou" for ch in t) - 0.5 * t.count(" ") for t in texts]
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "gemma3-mixed"])
+def test_deal_on_forked_windowed_states_equals_the_search_from_scratch(name):
+    """DeAL forks and truncates windowed rows; each step equals the naive search that
+    recomputes everything from the prompt with transformers' own masks."""
+    from safedecode.bench.naive import NaiveDeAL
+
+    model, tok = tiny_arch(name)
+    spec = methods.get("deal", k=3, lookahead=3, chunk=2, lam=1.0, reward=_vowels,
+                       base="acd-text", alpha=0.5)
+    got = SafeDecoder(model, tok, spec).generate(PROMPTS, max_new_tokens=10)
+    naive = NaiveDeAL(model, tok, spec)
+    for p, r in zip(PROMPTS, got, strict=True):
+        ref = naive.generate(p, max_new_tokens=10)
+        assert r.token_ids == ref.token_ids, p
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4), p
