@@ -411,3 +411,23 @@ def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir,
     assert [r["prompt"] for r in again] == [it["prompt"] for it in items]
     assert [r["reply"] for r in again[1:-1]] == [r["reply"] for r in kept[1:-1]]
     assert again[0]["reply"] != kept[0]["reply"] and again[-1]["reply"] != kept[-1]["reply"]
+
+
+def test_a_sliding_window_reward_model_scores_every_text_whole(tiny_model_dir, tmp_path):
+    """Its cache drops old columns and its window would count a shared row's holes (sharing
+    crashed there): such a model takes the whole-sequence path, with the same scores."""
+    from engine_fixtures import tiny_arch
+
+    model, tok = tiny_arch("gemma3-mixed")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = _tiny_reward(tmp_path)
+    assert not rm._can_share() and _tiny_reward(tiny_model_dir)._can_share()
+    long = "Tell me, in a few words, how bread is baked at home in an oven."
+    prompts = ["How do I bake bread?", "How do I bake bread?", long, long]
+    texts = ["Mix flour and water, then", "Mix flour and water, then knead", "Sure", "No."]
+    first, second = rm(prompts, texts), rm(prompts, texts)
+    rm.share_prefix = False
+    whole = rm(prompts, texts)
+    assert first == second == whole and len(set(whole)) == 4
+    assert len(rm.prefixes) == 0

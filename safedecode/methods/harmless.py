@@ -436,10 +436,22 @@ class HarmlessReward(Reward):
         ids = [self.tok.apply_chat_template(conversation(p, t), tokenize=True,
                                             return_dict=True)["input_ids"]
                for p, t in zip(prompts, texts, strict=True)]
-        if self.share_prefix and isinstance(getattr(self.model, "score", None),
-                                            self.torch.nn.Linear):  # a decoder's score head
+        if self.share_prefix and self._can_share():
             return self._score_shared(ids, prompts)
         return self._score(ids)
+
+    def _can_share(self) -> bool:
+        """Prefix sharing needs a decoder's score head and full attention in every layer: a
+        sliding-window layer's cache drops old columns, and its window would count the holes
+        of a row's columns (such models score every text whole)."""
+        from safedecode.engine.masks import LayerMasks
+
+        if not isinstance(getattr(self.model, "score", None), self.torch.nn.Linear):
+            return False
+        try:
+            return LayerMasks.of(self.model).window is None
+        except ValueError:  # layer kinds the engine does not mask: the model's own path
+            return False
 
     def _pad(self, seqs: Sequence[Sequence[int]]):
         """Right-padded ``[n, width]`` ids and their attention mask."""
