@@ -61,6 +61,10 @@ ARCHS = {
                      {"sliding_window": WINDOW, "head_dim": 16,
                       "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3-window": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": WINDOW}),
+    "gptoss-mixed": ("GptOssConfig", "GptOssForCausalLM",  # attention sinks, eager, MoE
+                     {"sliding_window": WINDOW, "head_dim": 16, "num_local_experts": 4,
+                      "num_experts_per_tok": 2,
+                      "layer_types": ["sliding_attention", "full_attention"]}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
 }
