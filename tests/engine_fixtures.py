@@ -56,7 +56,8 @@ ARCHS = {
                     {"use_sliding_window": True, "sliding_window": WINDOW,
                      "max_window_layers": 1}),  # layer 0 full, layer 1 windowed
     "gemma2-mixed": ("Gemma2Config", "Gemma2ForCausalLM",
-                     {"sliding_window": WINDOW, "head_dim": 16}),
+                     {"sliding_window": WINDOW, "head_dim": 16,
+                      "final_logit_softcapping": 2.0}),  # low: it caps a random model's logits
     "gemma3-mixed": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                      {"sliding_window": WINDOW, "head_dim": 16,
                       "layer_types": ["sliding_attention", "full_attention"]}),
@@ -66,6 +67,9 @@ ARCHS = {
                       "num_experts_per_tok": 2,
                       "layer_types": ["sliding_attention", "full_attention"]}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    # logits changed after the lm_head: scaled (Cohere, Granite), soft-capped (Gemma 2, above)
+    "cohere-scaled": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite-scaled": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
 }
 

@@ -528,3 +528,19 @@ def test_finetune_lr_schedule_decays_to_zero(tiny_model_dir, tmp_path):
     lrs = [h["learning_rate"] for h in meta["history"] if "learning_rate" in h]
     assert meta["config"]["lr_schedule"] == "linear"
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2 and lrs[-1] < lrs[0] / 2
+
+
+def test_finetune_refuses_a_model_that_soft_caps_its_logits(tmp_path):
+    """The fused loss computes the lm_head's logits; Gemma's final soft-capping is not in it
+    (a scale, Cohere's or Granite's, is folded in: tests/test_teacher.py checks the scores)."""
+    from engine_fixtures import tiny_arch
+
+    from safedecode.training.ta_sft import finetune
+
+    model, tok = tiny_arch("gemma2-mixed")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = _data_file(tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        finetune(data, tmp_path / "out", TASFTConfig(n_harmful=6, max_steps=1),
+                 model_path=str(tmp_path / "m"), progress=False, log=lambda m: None)

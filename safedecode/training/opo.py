@@ -191,7 +191,7 @@ def response_distributions(model, builder: PromptBuilder, soft: torch.Tensor,
     """Teacher-forced next-token log-distributions at every response token under ``soft`` as
     system prompt: ``(lp [N, V], target [N], row [N])`` with N the batch's response tokens and
     ``row`` the example each belongs to. Differentiable in ``soft``."""
-    from .teacher import pack, response_hidden, unwrap
+    from .teacher import head_logits, pack, response_hidden
 
     emb = model.get_input_embeddings()
     dev, dt = emb.weight.device, emb.weight.dtype
@@ -210,7 +210,7 @@ def response_distributions(model, builder: PromptBuilder, soft: torch.Tensor,
     x = x.index_put((torch.arange(len(pairs), device=dev)[:, None].expand(-1, n), idx),
                     soft.to(dt).expand(len(pairs), -1, -1))
     h = response_hidden(model, packed, inputs_embeds=x)
-    logits = unwrap(model).get_output_embeddings()(h).float()
+    logits = head_logits(model, h).float()
     return torch.log_softmax(logits, dim=-1), packed.targets, packed.example
 
 

@@ -424,7 +424,7 @@ def _trainer_class():
 
     from safedecode.ops.linear_emd import fused_linear_emd_loss
 
-    from .teacher import response_hidden, unwrap
+    from .teacher import check_head, response_hidden, unwrap
 
     class TASFTTrainer(Trainer):
         """``Trainer`` whose loss is the fused linear CE / EMD loss on the response tokens."""
@@ -440,6 +440,11 @@ def _trainer_class():
                                     cols=inputs["cols"])
             h = response_hidden(model, batch)
             head = unwrap(model).get_output_embeddings()
+            scale = check_head(model).scale  # Cohere's / Granite's logit scale: folded into h
+            if scale != 1.0:
+                if head.bias is not None:
+                    raise ValueError("finetune: a scaled lm_head with a bias is not supported")
+                h = h * scale
             wce, wemd, tgt = inputs["ce_weight"], inputs["emd_weight"], inputs["targets"]
             loss = h.new_zeros((), dtype=torch.float32)
             for name, sel, w_ce, w_emd in (("ce", wce != 0, wce, torch.zeros_like(wemd)),
@@ -513,6 +518,7 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     from safedecode.ops.linear_emd import SemanticCost
 
     from .save import save_adapter
+    from .teacher import check_head
 
     cfg = cfg or TASFTConfig()
     data_path, out = Path(data_path), Path(out)
@@ -534,6 +540,11 @@ def finetune(data_path: str | Path, out: str | Path, cfg: TASFTConfig | None = N
     cost = SemanticCost.load(cost_path) if cost_path is not None else \
         SemanticCost.from_model(model)
     cost.check(model)
+    transform = check_head(model)
+    if transform.cap is not None:
+        raise ValueError(f"finetune: {type(model).__name__} soft-caps its logits "
+                         f"(final_logit_softcapping {transform.cap}); TA-SFT's fused loss "
+                         "computes the lm_head's logits without it")
     train = examples(tok, records, cfg)
     # seeded before the adapter exists: peft draws LoRA's A matrices from the global RNG, and
     # Trainer seeds only after (it would leave the initialisation to chance: same --seed,

@@ -9,12 +9,17 @@ and TA-SFT's training loss:
 - :func:`response_hidden` runs the decoder body and returns the final hidden states at exactly
   those positions (differentiable; the lm_head is left to the caller, so a fused loss never sees
   ``[T, V]`` logits);
+- :func:`head_logits` turns those hidden states into the model's logits: the lm_head and what
+  some families apply after it (:class:`LogitTransform`), checked once per model against its
+  own forward (:func:`check_head`);
 - :func:`response_logprobs` is the no-grad summary: summed log-prob and token count per pair.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -112,6 +117,82 @@ def response_hidden(model, packed: Packed, inputs_embeds: torch.Tensor | None = 
     return hidden[packed.rows, packed.cols]
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM does to ``lm_head(hidden)`` before returning its logits:
+    ``cap · tanh(scale · z / cap)`` (``cap`` None: ``scale · z``). ``scale``: Cohere's
+    ``logit_scale``, 1 / Granite's ``logits_scaling``; ``cap``: Gemma's
+    ``final_logit_softcapping``."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @classmethod
+    def of(cls, model) -> LogitTransform:
+        from safedecode.models import text_config
+
+        lm = unwrap(model)
+        cfg = text_config(lm)
+        scale = 1.0
+        own = getattr(lm, "logit_scale", None)  # Cohere: an attribute of the causal LM
+        if isinstance(own, (int, float)):
+            scale *= float(own)
+        div = getattr(cfg, "logits_scaling", None)  # Granite
+        if isinstance(div, (int, float)) and div:
+            scale /= float(div)
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        return cls(scale, float(cap) if cap else None)
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.cap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_head(model) -> LogitTransform:
+    """``model``'s :class:`LogitTransform`, verified once per model: on a few tokens,
+    :func:`head_logits` of the decoder body's hidden states must equal the model's own forward
+    (a family that changes its logits in another way is a ``ValueError``, not a silent
+    perplexity)."""
+    lm = unwrap(model)
+    hit = _CHECKED.get(lm)
+    if hit is not None:
+        return hit
+    transform = LogitTransform.of(lm)
+    param = next(lm.parameters())
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, 7, device=param.device) * 7919 % vocab)[None]
+    with torch.no_grad():
+        own = lm(input_ids=ids, use_cache=False).logits.float()
+        out = decoder_body(lm)(input_ids=ids, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        ours = transform(lm.get_output_embeddings()(hidden)).float()
+    tol = 1e-3 * max(1.0, own.abs().max().item()) if param.dtype == torch.float32 else \
+        3e-2 * max(1.0, own.abs().max().item())
+    err = (own - ours).abs().max().item()
+    if not math.isfinite(err) or err > tol:
+        raise ValueError(f"teacher forcing: {type(lm).__name__}'s logits are not its lm_head "
+                         f"of the final hidden states (after {transform}): off by {err:.3g}; "
+                         "safedecode cannot score its tokens from hidden states")
+    _CHECKED[lm] = transform
+    return transform
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from final hidden states ``[..., d]`` (the lm_head, then the family's
+    :class:`LogitTransform`; checked once per model by :func:`check_head`)."""
+    return check_head(model)(unwrap(model).get_output_embeddings()(hidden))
+
+
 def response_logprobs(model, pairs: Sequence[Pair], *, batch_size: int = 16, pad_id: int = 0,
                       around: Callable[[torch.Tensor], AbstractContextManager] | None = None
                       ) -> list[tuple[float, int]]:
@@ -124,12 +205,11 @@ def response_logprobs(model, pairs: Sequence[Pair], *, batch_size: int = 16, pad
     order = sorted((i for i in range(len(pairs)) if len(pairs[i][1])),
                    key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     device = next(model.parameters()).device
-    head = unwrap(model).get_output_embeddings()
     for s in range(0, len(order), batch_size):
         packed = pack(pairs, pad_id, order[s:s + batch_size]).to(device)
         ctx = around(packed.last_prompt) if around is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            logits = head(response_hidden(model, packed)).float()
+            logits = head_logits(model, response_hidden(model, packed)).float()
             lp = torch.log_softmax(logits, -1).gather(-1, packed.targets[:, None])[:, 0]
         sums = torch.zeros(len(pairs), dtype=torch.float64).index_add_(
             0, packed.example.cpu(), lp.double().cpu())
