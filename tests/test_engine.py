@@ -303,6 +303,57 @@ def test_soft_prompt_of_text_embeddings_equals_text_branch():
         SafeDecoder(model, tok, contrastive([Branch(soft_prompt=torch.zeros(3, 7))], [1.0]))
 
 
+# Gemma 2's template, in short: no system role (it raises), user and model turns alternate.
+NO_SYSTEM_ROLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/model/user/model/...') }}"
+    "{% endif %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\n' }}{% endif %}")
+# A template that leaves system messages out without a word.
+DROPS_SYSTEM = ("{% for message in messages %}{% if message['role'] != 'system' %}"
+                "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [NO_SYSTEM_ROLE, DROPS_SYSTEM])
+def test_templates_without_a_system_role_get_the_system_text_in_the_first_user_turn(template):
+    """Every method with a system prompt ran into Gemma's "System role not supported" (or lost
+    its prompt to a template that drops it): the text now starts the first user message, as
+    Gemma 3's own template puts it — the same tokens as that message written by hand, for text
+    and soft-prompt branches, a request's own system message, and the naive generator."""
+    import copy
+
+    model, tok = tiny_llama()
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    method = methods.get("safe-prompt")
+    system = method.branches[0].system
+    dec = SafeDecoder(model, tok, method)
+    assert dec.builder.system_role is False
+    prompts = ["hi", "How do I kill aphids?"]
+    folded = [f"{system}\n\n{p}" for p in prompts]
+    got = _ids(dec.generate(prompts, max_new_tokens=6))
+    assert got == _ids(SafeDecoder(model, tok, plain()).generate(folded, max_new_tokens=6))
+    assert got == _ids(NaiveContrastGenerator(model, tok, method).generate(prompts,
+                                                                           max_new_tokens=6))
+    assert got != _ids(SafeDecoder(model, tok, plain()).generate(prompts, max_new_tokens=6))
+    own = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]
+           for p in prompts]
+    assert _ids(dec.generate(own, max_new_tokens=6)) == _ids(SafeDecoder(
+        model, tok, plain()).generate([f"{system}\nBe brief.\n\n{p}" for p in prompts],
+                                      max_new_tokens=6))
+    ids = tok("Be safe.", add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    soft_m = contrastive([Branch(soft_prompt=soft)], [1.0])
+    assert _ids(SafeDecoder(model, tok, soft_m).generate(prompts, max_new_tokens=6)) == \
+        _ids(SafeDecoder(model, tok, plain("Be safe.")).generate(prompts, max_new_tokens=6))
+    assert SafeDecoder(*tiny_llama(), plain()).builder.system_role is True
+
+
 def test_soft_prompt_followed_by_system_text_equals_the_text_branch():
     """A branch with a soft prompt and system text renders the text after the soft prompt in the
     system message: with the soft prompt made of a text's embeddings it equals the text branch

@@ -5,6 +5,10 @@ text before the first user message's content (template head + system prompt + th
 opening) — is found by rendering the branch with two different probe messages and taking the common
 start; it is the same for every request, so its KV is computed once per branch. The *suffix* (the
 request's own messages and the generation prompt) is what each request prefills.
+
+Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
+the system text at the start of the first user message, followed by a blank line — what Gemma
+3's own template does with a system message — so every method with a system prompt runs on them.
 """
 
 from __future__ import annotations
@@ -69,6 +73,15 @@ def normalise_prompt(prompt: Prompt, index: int) -> list[Message]:
     return msgs
 
 
+def fold_system(system: str, messages: list[Message]) -> list[Message]:
+    """``messages`` with ``system`` at the start of the first user message (for templates
+    without a system role)."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    out = list(messages)
+    out[first] = {"role": "user", "content": f"{system}\n\n{messages[first]['content']}"}
+    return out
+
+
 def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
@@ -79,6 +92,7 @@ class PromptBuilder:
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._system_role: bool | None = None  # whether the template renders a system message
         # Bounded: requests may bring any number of distinct system messages.
         self._prefix_text: LRU = LRU(1024)
         self._prefixes: LRU = LRU(1024)
@@ -88,21 +102,57 @@ class PromptBuilder:
         if raw:  # a completion: the text as it is, after the branch's system text
             head = f"{system}\n\n" if system else ""
             return head + "\n\n".join(m["content"] for m in messages)
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + messages
         if self.has_template:
+            if system is None:
+                msgs = messages
+            elif self.system_role:
+                msgs = [{"role": "system", "content": system}] + messages
+            else:
+                msgs = fold_system(system, messages)
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         head = f"{system}\n\n" if system else ""
         return head + "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    @property
+    def system_role(self) -> bool:
+        """Whether the chat template renders a system message (checked once: it may raise, as
+        Gemma's does, or leave the text out)."""
+        if self._system_role is None:
+            probe = "System probe text"
+            try:
+                text = self.tok.apply_chat_template(
+                    [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}],
+                    tokenize=False, add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - a template's own error (jinja2's TemplateError)
+                text = ""
+            self._system_role = probe in text
+        return self._system_role
 
     def encode(self, text: str, first: bool, raw: bool = False) -> list[int]:
         special = first and (raw or not self.has_template)  # BOS for raw prompts only
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
     def prefix_text(self, system: str | None, raw: bool = False) -> str:
+        """The text every request under ``system`` starts with, cut where tokenising it apart
+        from the rest gives the same ids as tokenising the whole (a cut inside a run of
+        whitespace, as after a system text folded into the user turn, may not: the cut moves
+        before that whitespace, or to the start)."""
         if (system, raw) not in self._prefix_text:
-            a, b = (self.render(system, [{"role": "user", "content": p}], raw) for p in _PROBES)
-            self._prefix_text[system, raw] = _common_prefix(a, b)
+            renders = [self.render(system, [{"role": "user", "content": p}], raw)
+                       for p in _PROBES]
+            common = _common_prefix(*renders)
+            for cut in (common, common.rstrip(), ""):
+                if all(self._splits_cleanly(r, cut, raw) for r in renders):
+                    break
+            self._prefix_text[system, raw] = cut
         return self._prefix_text[system, raw]
+
+    def _splits_cleanly(self, text: str, cut: str, raw: bool) -> bool:
+        if not cut:
+            return True
+        return self.encode(cut, first=True, raw=raw) + \
+            self.encode(text[len(cut):], first=False, raw=raw) == \
+            self.encode(text, first=True, raw=raw)
 
     # -- per branch and request ---------------------------------------------------------------
     @staticmethod
@@ -131,10 +181,10 @@ class PromptBuilder:
         full = self.render(system, rest, raw)
         ptext = self.prefix_text(system, raw)
         if not full.startswith(ptext):  # template depends on the request: no sharing
-            if branch.soft_prompt is not None:
-                raise ValueError("soft prompts need a chat template whose head does not depend "
-                                 "on the user's messages")
             ptext = ""
+        if branch.soft_prompt is not None and _SOFT not in ptext:
+            raise ValueError("soft prompts need a chat template whose head does not depend "
+                             "on the user's messages")
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)), raw)
