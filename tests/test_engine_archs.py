@@ -132,6 +132,13 @@ def test_layer_kinds_the_engine_cannot_mask_are_named():
     model.config.sliding_window = None
     with pytest.raises(ValueError, match="sliding_window"):
         SafeDecoder(model, tok, methods.get("plain"))
+    # a state-space model (transformers names its layers 'linear_attention')
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32,
+                                         num_hidden_layers=2, state_size=4))
+    with pytest.raises(ValueError, match="linear_attention"):
+        SafeDecoder(mamba, tok, methods.get("plain"))
 
 
 @pytest.mark.parametrize("name", ["mistral-window", "gemma3-mixed", "qwen3"])
