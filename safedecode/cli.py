@@ -633,6 +633,33 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
 
 
 @app.command()
+def check(
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index>."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", "-n"),
+    long_prompt: bool = typer.Option(True, "--long-prompt/--no-long-prompt",
+                                     help="For a sliding-window model, also a prompt longer "
+                                          "than the window (when the context allows)."),
+):
+    """Check that safedecode runs a model exactly: its attention layers, chat template, logits,
+    and the engine's answers against transformers' (exit status 1 if a check fails)."""
+    from safedecode.check import render, run_checks
+    from safedecode.models import load_model
+
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    try:
+        mdl, tok = load_model(model, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    checks = run_checks(mdl, tok, max_new_tokens=max_new_tokens, long_prompt=long_prompt)
+    typer.echo(render(checks))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n")):
     """Safe decoding on the embedded default model, offline (as `python -m safedecode.demo`)."""
     from safedecode.demo import main as demo_main

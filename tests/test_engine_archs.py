@@ -139,6 +139,11 @@ def test_layer_kinds_the_engine_cannot_mask_are_named():
                                          num_hidden_layers=2, state_size=4))
     with pytest.raises(ValueError, match="linear_attention"):
         SafeDecoder(mamba, tok, methods.get("plain"))
+    from safedecode.check import render, run_checks
+
+    checks = run_checks(mamba, tok)  # `safedecode check` stops there, saying why
+    assert [(c.name, c.ok) for c in checks] == [("attention layers", False)]
+    assert "linear_attention" in render(checks) and "does not reproduce" in render(checks)
 
 
 @pytest.mark.parametrize("name", ["mistral-window", "gemma3-mixed", "qwen3"])
@@ -179,3 +184,27 @@ def test_deal_on_forked_windowed_states_equals_the_search_from_scratch(name):
         ref = naive.generate(p, max_new_tokens=10)
         assert r.token_ids == ref.token_ids, p
         assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4), p
+
+
+def test_cli_check_passes_a_windowed_model_and_fails_a_broken_engine(tmp_path, monkeypatch):
+    """`safedecode check`: the model's layers, template and logits described, the engine's
+    answers = transformers' (a prompt longer than the window among them); with the window left
+    out of the engine's masks it fails, exit status 1, naming the prompt."""
+    from typer.testing import CliRunner
+
+    from safedecode.cli import app
+
+    model, tok = tiny_arch("gemma2-mixed")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    res = CliRunner().invoke(app, ["check", "--model", str(tmp_path), "-n", "8"])
+    assert res.exit_code == 0, res.output
+    assert f"sliding window of {WINDOW} on 1 of 2 layers" in res.output
+    assert "soft-capped at 2" in res.output and "runs this model exactly" in res.output
+    assert res.output.count("ok    K = 1 vs transformers") == 4  # 3 prompts + the long one
+    monkeypatch.setattr(LayerMasks, "slide", lambda self, mask, q_cols: mask)
+    res = CliRunner().invoke(app, ["check", "--model", str(tmp_path), "-n", "8"])
+    assert res.exit_code == 1 and "FAIL  K = 1 vs transformers" in res.output, res.output
+    assert "does not reproduce this model" in res.output
+    res = CliRunner().invoke(app, ["check", "--model", str(tmp_path), "-n", "0"])
+    assert res.exit_code == 2 and "--max-new-tokens" in res.output
