@@ -117,3 +117,38 @@ def test_cleanup_tokenizers_take_the_exact_path(tok):
     ids = tok("a , b , c", add_special_tokens=False)["input_ids"]
     d, deltas = _stream(Cleaning(), ids)
     assert d.exact and d.text == "a, b, c" and "".join(deltas) == "a, b, c"
+
+
+@functools.cache
+def _sentencepiece_like():
+    """A Llama / Mistral / Gemma-style tokenizer: '▁' for spaces, byte fallback for characters
+    outside its vocabulary, a decoder that strips the first space (trained here, tiny)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    raw.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=500,
+                                                            special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.sampled_from(TEXTS), st.text(max_size=40)),
+       st.lists(st.integers(3, 499), max_size=30))
+def test_sentencepiece_style_tokens_stream_as_the_whole_decode(text, ids):
+    """Leading-space stripping and byte-fallback pieces of a multi-byte character: the deltas
+    add up to the whole decode, for real texts and arbitrary ids."""
+    tok = _sentencepiece_like()
+    for seq in (tok(text, add_special_tokens=False)["input_ids"], ids):
+        _, deltas = _stream(tok, seq)
+        assert "".join(deltas) == tok.decode(seq, skip_special_tokens=True)
+    emoji = tok("🚀 ok", add_special_tokens=False)["input_ids"]
+    assert len(emoji) > 4  # the rocket is four byte pieces
+    _, deltas = _stream(tok, emoji)
+    assert any("🚀" in x for x in deltas) and not any("\ufffd" in x for x in deltas)
