@@ -107,8 +107,8 @@ class PromptBuilder:
                 msgs = messages
             elif self.system_role:
                 msgs = [{"role": "system", "content": system}] + messages
-            else:
-                msgs = fold_system(system, messages)
+            else:  # no system role: the text opens the first user message
+                msgs = fold_system(system, messages) if system else messages
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         head = f"{system}\n\n" if system else ""
         return head + "\n\n".join(m["content"] for m in messages) + "\n\n"
