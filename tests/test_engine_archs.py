@@ -208,3 +208,32 @@ def test_cli_check_passes_a_windowed_model_and_fails_a_broken_engine(tmp_path, m
     assert "does not reproduce this model" in res.output
     res = CliRunner().invoke(app, ["check", "--model", str(tmp_path), "-n", "0"])
     assert res.exit_code == 2 and "--max-new-tokens" in res.output
+
+
+def test_windowed_layers_read_only_the_columns_a_query_can_see(monkeypatch):
+    """A decode step's sliding-window layers read from the oldest column any query can see
+    (rounded down to 32), the full layers every column; the answers stay transformers' (the
+    tests above run with this on)."""
+    from safedecode.engine.cache import SlotLayer
+
+    model, tok = tiny_arch("gemma3-mixed")  # layer 0 windowed, layer 1 full
+    widths: dict[bool, list[int]] = {True: [], False: []}
+    update = SlotLayer.update
+
+    def record(self, *args, **kw):
+        k, v = update(self, *args, **kw)
+        if not self.owner.binding.packed and args[0].shape[2] == 1:  # decode steps
+            widths[self.sliding].append(k.shape[2])
+        return k, v
+    monkeypatch.setattr(SlotLayer, "update", record)
+    prompt = "Tell me a long story about " + "a fox and a dog, " * 20
+    out = SafeDecoder(model, tok, methods.get("plain")).generate(
+        [prompt], max_new_tokens=NEW, ignore_eos=True, return_logprobs=True)
+    n = len(tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                    add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"])
+    assert widths[True] and len(widths[True]) == len(widths[False])
+    assert all(w <= WINDOW + 64 for w in widths[True])  # two 32-column roundings at most
+    assert all(f >= n for f in widths[False]) and min(widths[False]) > WINDOW + 64
+    tokens, lps = _hf_greedy(model, tok, prompt)
+    assert out[0].token_ids == tokens and out[0].logprobs == pytest.approx(lps, abs=1e-4)

@@ -48,13 +48,15 @@ class Binding:
     cols: torch.Tensor  # [R, q] column each input token's KV is written to
     attend: int  # columns attention reads: 0 .. attend-1
     packed: bool = False  # a packed forward: ``index``/``cols`` are per token ``[N]``
+    start: int = 0  # sliding-window layers read columns start .. attend-1
 
 
 class SlotLayer(DynamicLayer):
     """One layer's keys and values in fixed buffers, written at the bound columns."""
 
-    def __init__(self, owner: SlotCache) -> None:
+    def __init__(self, owner: SlotCache, sliding: bool = False) -> None:
         super().__init__()
+        self.sliding = sliding  # a sliding-window layer: reads from the binding's start
         # a weak reference: the owner holds its layers, so a strong one would make a reference
         # cycle that keeps every layer's KV buffers alive until a full garbage collection (a
         # long DeAL evaluation grew ~1.3 GB per batch that way)
@@ -88,7 +90,8 @@ class SlotLayer(DynamicLayer):
         self.keys[idx, :, b.cols] = key_states.transpose(1, 2).to(self.dtype)
         self.values[idx, :, b.cols] = value_states.transpose(1, 2).to(self.dtype)
         # a slice of rows is a view; an index tensor gathers those rows' first ``attend`` columns
-        return self.keys[b.rows, :, :b.attend], self.values[b.rows, :, :b.attend]
+        lo = b.start if self.sliding else 0
+        return self.keys[b.rows, :, lo:b.attend], self.values[b.rows, :, lo:b.attend]
 
     def get_seq_length(self) -> int:
         b = self.owner.binding
@@ -116,12 +119,15 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotCache(Cache):
-    """``rows`` x ``columns`` slots of KV per layer; see the module docstring."""
+    """``rows`` x ``columns`` slots of KV per layer; see the module docstring. ``sliding[i]``:
+    layer i attends through a sliding window (it reads from the binding's ``start``)."""
 
-    def __init__(self, num_layers: int, rows: int, columns: int) -> None:
+    def __init__(self, num_layers: int, rows: int, columns: int,
+                 sliding: tuple[bool, ...] = ()) -> None:
         self.rows, self.columns = rows, columns
         self.binding: Binding | None = None
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        flags = sliding or (False,) * num_layers
+        super().__init__(layers=[SlotLayer(self, s) for s in flags])
 
     @property
     def sink(self) -> int:
@@ -129,8 +135,8 @@ class SlotCache(Cache):
         return self.columns
 
     def bind(self, rows: slice | torch.Tensor, index: torch.Tensor, cols: torch.Tensor,
-             attend: int, packed: bool = False) -> None:
-        self.binding = Binding(rows, index, cols, attend, packed)
+             attend: int, packed: bool = False, start: int = 0) -> None:
+        self.binding = Binding(rows, index, cols, attend, packed, start)
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
         """Copy the first ``n`` columns of rows ``src`` into rows ``dst`` (fork)."""

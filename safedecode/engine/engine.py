@@ -213,7 +213,7 @@ class Engine:
         self.builder = builder or (PromptBuilder(tokenizer) if tokenizer is not None else None)
         self.state = DecodeState(num_layers=self.runner.num_layers, k=method.k,
                                  max_seqs=max_seqs, max_len=max_len, device=self.runner.device,
-                                 dtype=self.runner.dtype)
+                                 dtype=self.runner.dtype, sliding=self.runner.masks.sliding)
         self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
         self.true_eos = eos_ids(model, tokenizer)
         if any(h.stop for br in method.branches for h in br.hooks):

@@ -28,12 +28,16 @@ class LayerMasks:
     """Which of a model's layers attend through a sliding window, and the masks they take.
 
     ``window``: the window in tokens (None: every layer attends to every earlier column);
-    ``keyed``: the model takes ``{layer type: mask}``; ``sliding_layers``: how many layers
-    use the window."""
+    ``keyed``: the model takes ``{layer type: mask}``; ``sliding``: per layer, whether it uses
+    the window."""
 
     window: int | None = None
     keyed: bool = False
-    sliding_layers: int = 0
+    sliding: tuple[bool, ...] = ()
+
+    @property
+    def sliding_layers(self) -> int:
+        return sum(self.sliding)
 
     @classmethod
     def of(cls, model) -> LayerMasks:
@@ -48,19 +52,19 @@ class LayerMasks:
                 raise ValueError(f"model: layer types {unknown} (config.layer_types) are not "
                                  f"supported by safedecode's engine; it runs {FULL!r} and "
                                  f"{SLIDING!r} layers")
-            n = sum(t == SLIDING for t in types)
-            if n == 0:
+            sliding = tuple(t == SLIDING for t in types)
+            if not any(sliding):
                 return cls()
             if not isinstance(window, int) or window < 1:
-                raise ValueError(f"model: {n} layers are {SLIDING!r} but config.sliding_window "
-                                 f"is {window!r}")
-            return cls(window=window, keyed=True, sliding_layers=n)
+                raise ValueError(f"model: {sum(sliding)} layers are {SLIDING!r} but "
+                                 f"config.sliding_window is {window!r}")
+            return cls(window=window, keyed=True, sliding=sliding)
         if window is None:
             return cls()
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"model: config.sliding_window must be a positive int or None, got "
                              f"{window!r}")
-        return cls(window=window, sliding_layers=cfg.num_hidden_layers)
+        return cls(window=window, sliding=(True,) * cfg.num_hidden_layers)
 
     def slide(self, mask: torch.Tensor, q_cols: torch.Tensor) -> torch.Tensor:
         """``mask`` (additive, ``[rows, 1, q, keys]``, key j = column j) with the keys outside
@@ -72,9 +76,20 @@ class LayerMasks:
         old = keys <= (q_cols.to(mask.device)[..., None] - self.window)
         return mask.masked_fill(old[:, None], torch.finfo(mask.dtype).min)
 
-    def __call__(self, mask: torch.Tensor, q_cols: torch.Tensor) -> torch.Tensor | dict:
-        """What the model's ``attention_mask`` takes for the full-attention ``mask``."""
+    def start(self, shortest: int) -> int:
+        """The first column a decode step's windowed layers need to read when its shortest
+        row's query sits at column ``shortest``: the oldest key any query can see, rounded
+        down to a multiple of 32 (so that the widths repeat); 0 without a window."""
+        if self.window is None:
+            return 0
+        return max(0, (shortest - self.window + 1) // 32 * 32)
+
+    def __call__(self, mask: torch.Tensor, q_cols: torch.Tensor, start: int = 0
+                 ) -> torch.Tensor | dict:
+        """What the model's ``attention_mask`` takes for the full-attention ``mask``; the
+        windowed layers' mask from column ``start`` on (their keys are read from there: the
+        cache's binding says the same)."""
         if self.window is None:
             return mask
-        slid = self.slide(mask, q_cols)
+        slid = self.slide(mask, q_cols)[..., start:]
         return {FULL: mask, SLIDING: slid} if self.keyed else slid

@@ -35,12 +35,13 @@ class DecodeState:
     """Slots for ``max_seqs`` sequences of up to ``max_len`` tokens, K rows each."""
 
     def __init__(self, *, num_layers: int, k: int, max_seqs: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype,
+                 sliding: tuple[bool, ...] = ()) -> None:
         self.k, self.max_seqs = k, max_seqs
         self.columns = round_up(max_len)
         self.device, self.dtype = device, dtype
         rows = max_seqs * k
-        self.cache = SlotCache(num_layers, rows, self.columns)
+        self.cache = SlotCache(num_layers, rows, self.columns, sliding)
         self.neg = torch.finfo(dtype).min
         self.lens = torch.zeros(rows, dtype=torch.long, device=device)
         self.bias = torch.full((rows, self.columns), self.neg, dtype=dtype, device=device)
@@ -100,6 +101,10 @@ class DecodeState:
         if len(self._layouts) > 64:
             self._layouts.popitem(last=False)
         return out
+
+    def shortest(self, rows) -> int:
+        """The fewest tokens any of ``rows`` holds (host side: no device read)."""
+        return min(self.host_len[r] for r in rows)
 
     def attend(self, slots, extra: int = 0) -> int:
         """Attention width for ``slots``: the longest row + ``extra`` columns, bucketed."""

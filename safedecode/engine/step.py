@@ -496,8 +496,9 @@ class ModelStep:
         state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
                                                          device=self.device))
         cols = cols[:, None]
-        mask = self.masks(state.bias[index, :attend][:, None, None, :], cols)
-        state.cache.bind(index, index, cols, attend)
+        start = self.masks.start(state.shortest(rows)) if self.masks.window is not None else 0
+        mask = self.masks(state.bias[index, :attend][:, None, None, :], cols, start)
+        state.cache.bind(index, index, cols, attend, start=start)
         logits = self._forward(state.cache, hook_rows, input_ids=state.last[sidx][:, None],
                                attention_mask=mask, position_ids=cols,
                                gate_on=state.gate_on[index] if self._gated else None,
@@ -519,11 +520,14 @@ class ModelStep:
         state.bias.index_put_((index, cols), torch.zeros((), dtype=self.dtype,
                                                          device=self.device))
         ids = state.last[sidx].repeat_interleave(kb)[:, None]
+        start = 0
         if self.compiled is not None:  # static shapes: attend over every column (masked)
             attend = state.columns
+        elif self.masks.window is not None:  # windowed layers read the columns a query sees
+            start = self.masks.start(min(state.shortest(state.rows_of(s)) for s in slots))
         cols = cols[:, None]
-        mask = self.masks(state.bias[rows, :attend][:, None, None, :], cols)
-        state.cache.bind(rows, index, cols, attend)
+        mask = self.masks(state.bias[rows, :attend][:, None, None, :], cols, start)
+        state.cache.bind(rows, index, cols, attend, start=start)
         if self.compiled is not None:
             logits = self.compiled(ids, mask, cols, state.cache)
         else:
