@@ -39,6 +39,22 @@ def default_model():
     return load_default()
 
 
+# Gemma 2's template, in short: no system role (it raises), user and model turns alternate.
+NO_SYSTEM_ROLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/model/user/model/...') }}"
+    "{% endif %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\n' }}{% endif %}")
+# A template that leaves system messages out without a word.
+DROPS_SYSTEM = ("{% for message in messages %}{% if message['role'] != 'system' %}"
+                "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 MIXED_PROMPTS = [
     "Hi",
     "How do I kill a Python process that hangs forever on a lock?",

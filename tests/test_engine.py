@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import MIXED_PROMPTS, default_model, tiny_llama
+from engine_fixtures import (
+    DROPS_SYSTEM,
+    MIXED_PROMPTS,
+    NO_SYSTEM_ROLE,
+    default_model,
+    tiny_llama,
+)
 
 from safedecode import methods
 from safedecode.bench.naive import NaiveContrastGenerator
@@ -301,22 +307,6 @@ def test_soft_prompt_of_text_embeddings_equals_text_branch():
     assert a == b == c == d
     with pytest.raises(ValueError, match="width"):
         SafeDecoder(model, tok, contrastive([Branch(soft_prompt=torch.zeros(3, 7))], [1.0]))
-
-
-# Gemma 2's template, in short: no system role (it raises), user and model turns alternate.
-NO_SYSTEM_ROLE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/model/user/model/...') }}"
-    "{% endif %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim"
-    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<start_of_turn>model\n' }}{% endif %}")
-# A template that leaves system messages out without a word.
-DROPS_SYSTEM = ("{% for message in messages %}{% if message['role'] != 'system' %}"
-                "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                "'<|im_end|>\n' }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.mark.parametrize("template", [NO_SYSTEM_ROLE, DROPS_SYSTEM])

@@ -237,3 +237,30 @@ def test_windowed_layers_read_only_the_columns_a_query_can_see(monkeypatch):
     assert all(f >= n for f in widths[False]) and min(widths[False]) > WINDOW + 64
     tokens, lps = _hf_greedy(model, tok, prompt)
     assert out[0].token_ids == tokens and out[0].logprobs == pytest.approx(lps, abs=1e-4)
+
+
+def test_served_windowed_model_with_a_template_without_system_role_equals_offline(tmp_path):
+    """The server on a Gemma-3-shaped model whose template has no system role: a chat with a
+    system message on a contrast method (both branches' prompts and the deployment's folded
+    into the user turn, longer than the window) = offline `generate`."""
+    from engine_fixtures import NO_SYSTEM_ROLE
+    from serve_fixtures import LiveServer
+
+    model, tok = tiny_arch("gemma3-mixed")
+    tok = copy.deepcopy(tok)
+    tok.chat_template = NO_SYSTEM_ROLE
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    msgs = [{"role": "system", "content": "You are a gardening assistant."},
+            {"role": "user", "content": "How do I kill aphids on my roses?"}]
+    ref = SafeDecoder(model, tok, methods.get("acd-text")).generate([msgs], max_new_tokens=10)
+    (tmp_path / "serve").mkdir()
+    srv = LiveServer(["--model", str(tmp_path / "m"), "--name", "g", "-m", "acd-text"],
+                     tmp_path / "serve")
+    try:
+        r = srv.client().chat.completions.create(model="g:acd-text", messages=msgs,
+                                                 max_tokens=10, temperature=0)
+        assert r.choices[0].message.content == ref[0].text
+        assert r.usage.prompt_tokens == ref[0].prompt_tokens[0]
+    finally:
+        assert srv.stop() == 0
