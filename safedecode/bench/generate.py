@@ -165,12 +165,14 @@ class Setup:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def hf_inputs(self, system: str | None, prompts: list[str]):
-        """Left-padded (ids, mask) of the chat-templated prompts for transformers ``generate``."""
-        msgs = [[{"role": "user", "content": p}] for p in prompts]
-        if system:
-            msgs = [[{"role": "system", "content": system}, *m] for m in msgs]
-        texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                 for m in msgs]
+        """Left-padded (ids, mask) of the chat-templated prompts for transformers ``generate``
+        (rendered as the engine renders them: a template without a system role gets the system
+        text in the user turn)."""
+        from safedecode.engine.prompts import PromptBuilder
+
+        builder = PromptBuilder(self.tok)
+        texts = [builder.render(system or None, [{"role": "user", "content": p}])
+                 for p in prompts]
         self.tok.padding_side = "left"
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
