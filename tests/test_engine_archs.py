@@ -1,6 +1,8 @@
 """The engine on other architectures than Llama: sliding-window attention (every layer, or mixed
-with full layers), absolute positions, q/k norms. Each must give exactly what transformers'
-``generate`` gives, batched, continuous and packed."""
+with full layers), absolute positions, q/k norms, attention sinks, logits changed after the
+lm_head. Each must give exactly what transformers' ``generate`` gives, batched, continuous,
+packed, served and under DeAL's forks; layer kinds the engine cannot mask are named errors; and
+``safedecode check`` says so for a user's model."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def _hf_greedy(model, tok, prompt: str, system: str | None = None
     ids = ids if torch.is_tensor(ids) else ids["input_ids"]
     assert ids.shape[1] > 2 * WINDOW  # the window cuts every prompt
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                         do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
-                         return_dict_in_generate=True)
+                         min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id,
+                         output_logits=True, return_dict_in_generate=True)  # EOS ignored
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     lps = [torch.log_softmax(z[0].float(), -1)[t].item() for z, t in zip(out.logits, tokens,
                                                                          strict=True)]
