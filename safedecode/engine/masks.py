@@ -14,6 +14,7 @@ attention) are refused by name.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,12 @@ import torch
 from safedecode.models import text_config
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, made once per width (widths repeat: they are bucketed)."""
+    return torch.arange(n, device=device)
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,9 @@ class LayerMasks:
             unknown = sorted(set(types) - {FULL, SLIDING})
             if unknown:
                 raise ValueError(f"model: layer types {unknown} (config.layer_types) are not "
-                                 f"supported by safedecode's engine; it runs {FULL!r} and "
-                                 f"{SLIDING!r} layers")
+                                 f"supported by safedecode's engine, which runs {FULL!r} and "
+                                 f"{SLIDING!r} layers only; decode this model with "
+                                 "transformers' own generate")
             sliding = tuple(t == SLIDING for t in types)
             if not any(sliding):
                 return cls()
@@ -72,8 +80,8 @@ class LayerMasks:
         query: 0, so that it keeps a finite row)."""
         if self.window is None or mask.shape[-1] <= self.window:
             return mask  # no query can be further than the window from any key
-        keys = torch.arange(mask.shape[-1], device=mask.device)
-        old = keys <= (q_cols.to(mask.device)[..., None] - self.window)
+        old = _columns(mask.shape[-1], mask.device) <= \
+            (q_cols.to(mask.device)[..., None] - self.window)
         return mask.masked_fill(old[:, None], torch.finfo(mask.dtype).min)
 
     def start(self, shortest: int) -> int:

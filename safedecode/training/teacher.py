@@ -182,7 +182,8 @@ def check_head(model) -> LogitTransform:
     if not math.isfinite(err) or err > tol:
         raise ValueError(f"teacher forcing: {type(lm).__name__}'s logits are not its lm_head "
                          f"of the final hidden states (after {transform}): off by {err:.3g}; "
-                         "safedecode cannot score its tokens from hidden states")
+                         "safedecode cannot score its tokens from hidden states (for "
+                         "`safedecode eval`, --no-ppl skips the perplexity)")
     _CHECKED[lm] = transform
     return transform
 
