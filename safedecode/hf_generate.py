@@ -7,15 +7,56 @@ engine. Like transformers' own ``negative_prompt_ids``, the caller renders every
 left-padded, with ``safedecode_branch_masks`` or the pad token marking padding) are branches
 1..K-1. Sampling
 settings come from the generation config (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-``min_p``, ``max_new_tokens``); the result is ``[B, T + new]`` token ids, padded like transformers'.
+``min_p``, ``max_new_tokens``, ``eos_token_id``); the result is ``[B, T + new]`` token ids, padded
+like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``). Anything
+else that would change the tokens — another logits processor (``repetition_penalty``,
+``min_new_tokens``, ``bad_words_ids``, a caller's own), a stopping criterion other than the length
+and EOS, beam search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never
+silently dropped.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.generation import (
+    EosTokenCriteria,
+    GenerateDecoderOnlyOutput,
+    MaxLengthCriteria,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from safedecode.engine.branches import Method
 from safedecode.engine.decoder import SafeDecoder, TokenPrompts
+from safedecode.engine.engine import eos_ids
+
+# the warpers whose settings the engine applies itself (read from the generation config)
+_HONOURED = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# where transformers' own processors come from, for the error message
+_OPTION = {"RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+           "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+           "NoBadWordsLogitsProcessor": "bad_words_ids",
+           "SequenceBiasLogitsProcessor": "sequence_bias",
+           "MinLengthLogitsProcessor": "min_length / min_new_tokens",
+           "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+           "SuppressTokensLogitsProcessor": "suppress_tokens",
+           "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
+           "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
+           "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
+           "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
+           "TypicalLogitsWarper": "typical_p", "EpsilonLogitsWarper": "epsilon_cutoff",
+           "EtaLogitsWarper": "eta_cutoff", "TopHLogitsWarper": "top_h",
+           "InfNanRemoveLogitsProcessor": "remove_invalid_values",
+           "LogitNormalization": "renormalize_logits",
+           "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+           "ClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+           "WatermarkLogitsProcessor": "watermarking_config",
+           "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+           "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn"}
+_UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions",
+                        "output_hidden_states")
 
 
 def _rows(ids: torch.Tensor, mask: torch.Tensor | None, pad: int | None) -> list[list[int]]:
@@ -35,12 +76,14 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
                     safedecode_method: Method | None = None,
                     safedecode_branch_ids: list[torch.Tensor] | None = None,
                     safedecode_branch_masks: list[torch.Tensor] | None = None,
-                    safedecode_backend: str = "auto", **model_kwargs) -> torch.LongTensor:
+                    safedecode_backend: str = "auto", **model_kwargs
+                    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
     """Decode with a safedecode method from inside ``model.generate`` (see the module doc)."""
     if not isinstance(safedecode_method, Method):
         raise ValueError("safedecode_method: pass a safedecode Method, e.g. "
                          "safedecode.methods.get('acd-text')")
     gc = generation_config
+    _check_supported(gc, logits_processor, stopping_criteria, model_kwargs)
     pad = gc.pad_token_id if gc is not None else None
     extra = list(safedecode_branch_ids or [])
     if len(extra) != safedecode_method.k - 1:
@@ -59,16 +102,64 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
         else gc.max_length - input_ids.shape[1]
     dec = SafeDecoder(model, None, safedecode_method, backend=safedecode_backend)
     sampled = bool(gc.do_sample)
+    # the generation config's end-of-sequence ids replace the model's own (as in transformers)
+    eos = _eos(gc)
+    ends = {} if eos is None or eos == eos_ids(model, None) else \
+        {"ignore_eos": True, "stop": sorted(eos)}
     results = dec.generate(
         TokenPrompts(ids), max_new_tokens=max_new,
         temperature=float(gc.temperature or 1.0) if sampled else 0.0,
         top_k=int(gc.top_k or 0) if sampled else 0,
         top_p=float(gc.top_p if gc.top_p is not None else 1.0) if sampled else 1.0,
         min_p=float(gc.min_p or 0.0) if sampled else 0.0,
-        seed=None, streamer=streamer)
-    fill = pad if pad is not None else 0
-    out = torch.full((input_ids.shape[0], max_new), fill, dtype=torch.long,
+        seed=None, streamer=streamer, **ends)
+    fill = pad
+    if fill is None:  # transformers pads with the (first) EOS id then
+        t = getattr(gc, "_pad_token_tensor", None)
+        fill = int(t.reshape(-1)[0]) if t is not None else min(eos or {0})
+    width = max((len(r.token_ids) for r in results), default=0)  # transformers stops there too
+    out = torch.full((input_ids.shape[0], width), fill, dtype=torch.long,
                      device=input_ids.device)
     for i, r in enumerate(results):
         out[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
-    return torch.cat([input_ids, out], dim=1)
+    seqs = torch.cat([input_ids, out], dim=1)
+    if gc is not None and gc.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=seqs)
+    return seqs
+
+
+def _eos(gc) -> frozenset[int] | None:
+    e = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if e is None:
+        return None
+    return frozenset([int(e)] if isinstance(e, int) else (int(x) for x in e))
+
+
+def _check_supported(gc, processors, criteria, model_kwargs: dict) -> None:
+    """A ``ValueError`` naming the first generation setting the engine would not honour."""
+    for p in processors or ():
+        if not isinstance(p, _HONOURED):
+            name = type(p).__name__
+            where = f"`{_OPTION[name]}`" if name in _OPTION else "a `logits_processor` you passed"
+            raise ValueError(f"{name} (from {where}) is not supported with safedecode's "
+                             "custom_generate: it samples from the method's distribution with "
+                             "temperature, top_k, top_p and min_p only")
+    for c in criteria or ():
+        if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
+            raise ValueError(f"{type(c).__name__} is not supported with safedecode's "
+                             "custom_generate: it stops at max_new_tokens and the EOS ids only")
+    if gc is not None:
+        if (gc.num_beams or 1) > 1:
+            raise ValueError(f"num_beams={gc.num_beams}: beam search is not supported with "
+                             "safedecode's custom_generate (greedy or sampling only)")
+        for name in _UNSUPPORTED_OUTPUTS:
+            if getattr(gc, name, False):
+                raise ValueError(f"{name}=True is not supported with safedecode's "
+                                 "custom_generate (it returns the sequences only)")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError("a filled cache (past_key_values) is not supported with safedecode's "
+                         "custom_generate: pass the whole prompt")
+    for name in ("assistant_model", "inputs_embeds"):
+        if model_kwargs.get(name) is not None:
+            raise ValueError(f"{name} is not supported with safedecode's custom_generate")

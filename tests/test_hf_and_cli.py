@@ -50,6 +50,58 @@ def test_custom_generate_matches_the_engine():
                        custom_generate=safedecode.custom_generate, safedecode_method=m)
 
 
+def _plain_batch(tok, prompts):
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(p if isinstance(p, list) else
+                                     [{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_custom_generate_equals_transformers_generate():
+    """K = 1 through the hook = transformers' own greedy decode: the same ids, the same
+    padding after EOS, the same width, with the model's EOS and with EOS ids of the call."""
+    model, tok = tiny_llama()
+    m = methods.get("plain")
+    ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
+    t = ids.shape[1]
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+    early = int(first[0, t + 2])  # an EOS id of the call that ends the first answer early
+    for kw in ({}, {"eos_token_id": [tok.eos_token_id, early]},
+               {"return_dict_in_generate": True}):
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id, **kw)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id,
+                             custom_generate=safedecode.custom_generate, safedecode_method=m,
+                             **kw)
+        if kw.get("return_dict_in_generate"):
+            ref, got = ref.sequences, got.sequences
+        assert got.tolist() == ref.tolist(), kw
+        if "eos_token_id" in kw:  # it did end there, padded after
+            assert int(got[0, t + 2]) == early
+            assert (got[0, t + 3:] == tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"min_new_tokens": 3}, "min_new_tokens"),
+    ({"bad_words_ids": [[5]]}, "bad_words_ids"),
+    ({"num_beams": 2}, "num_beams=2"),
+    ({"return_dict_in_generate": True, "output_scores": True}, "output_scores"),
+    ({"max_time": 5.0}, "MaxTimeCriteria"),
+])
+def test_custom_generate_refuses_what_it_would_ignore(kw, match):
+    model, tok = tiny_llama()
+    ids, mask = _plain_batch(tok, MIXED_PROMPTS[:1])
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                       pad_token_id=tok.pad_token_id, custom_generate=safedecode.custom_generate,
+                       safedecode_method=methods.get("plain"), **kw)
+
+
 def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     runner = CliRunner()
     f = tmp_path / "prompts.txt"
