@@ -68,8 +68,9 @@ def test_custom_generate_equals_transformers_generate():
     t = ids.shape[1]
     first = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                            pad_token_id=tok.pad_token_id)
-    early = int(first[0, t + 2])  # an EOS id of the call that ends the first answer early
-    for kw in ({}, {"eos_token_id": [tok.eos_token_id, early]},
+    # EOS ids of the call that end every answer by its third token: a narrower output
+    early = sorted({int(x) for x in first[:, t + 2]})
+    for kw in ({}, {"eos_token_id": [tok.eos_token_id, *early]},
                {"return_dict_in_generate": True}):
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              pad_token_id=tok.pad_token_id, **kw)
@@ -80,9 +81,8 @@ def test_custom_generate_equals_transformers_generate():
         if kw.get("return_dict_in_generate"):
             ref, got = ref.sequences, got.sequences
         assert got.tolist() == ref.tolist(), kw
-        if "eos_token_id" in kw:  # it did end there, padded after
-            assert int(got[0, t + 2]) == early
-            assert (got[0, t + 3:] == tok.pad_token_id).all()
+        if "eos_token_id" in kw:  # they did end there
+            assert got.shape[1] <= t + 3
 
 
 @pytest.mark.parametrize("kw, match", [
