@@ -105,6 +105,39 @@ def test_chat_stop_logprobs_and_top_k(server, offline):
     assert r.choices[0].message.content == ref.text
 
 
+def test_top_logprobs_equal_offline(server, offline):
+    """Chat ``top_logprobs`` and completions ``logprobs=N``, whole and streamed, = offline."""
+    c = server.client()
+    msgs = [{"role": "user", "content": PROMPTS[5]}]
+    ref = offline("acd-text", PROMPTS[5], max_new_tokens=5, return_logprobs=True,
+                  top_logprobs=3)[0]
+    tok = tiny_llama()[1]
+
+    def texts(step):
+        return [tok.decode([i]) for i, _ in step]
+    r = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=5,
+                                  temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert [[t.token for t in x.top_logprobs] for x in content] == \
+        [texts(s) for s in ref.top_logprobs]
+    assert [[t.logprob for t in x.top_logprobs] for x in content][2] == \
+        pytest.approx([lp for _, lp in ref.top_logprobs[2]], abs=1e-5)
+    stream = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3,
+                                       stream=True)
+    streamed = [[t.token for t in x.top_logprobs] for ch in stream for choice in ch.choices
+                if choice.logprobs for x in choice.logprobs.content]
+    assert streamed == [texts(s) for s in ref.top_logprobs]
+    raw = offline("plain", "Once upon a time", raw=True, max_new_tokens=4,
+                  return_logprobs=True, top_logprobs=2)[0]
+    r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=4,
+                             temperature=0, logprobs=2)
+    top = r.choices[0].logprobs.top_logprobs
+    assert [list(d) for d in top] == [texts(s) for s in raw.top_logprobs]
+    assert top[0][tok.decode([raw.top_logprobs[0][0][0]])] == \
+        pytest.approx(raw.top_logprobs[0][0][1], abs=1e-5)
+
+
 def test_completions_equal_offline_raw_prompts(server, offline):
     c = server.client()
     prompts = ["Once upon a time", "The capital of France is"]
@@ -203,7 +236,9 @@ def test_errors_in_openai_shape(server):
         (dict(model="tiny:plain", messages=msgs, n=9), openai.BadRequestError, "n"),
         (dict(model="tiny:plain", messages=msgs, presence_penalty=0.5),
          openai.BadRequestError, "presence_penalty"),
-        (dict(model="tiny:plain", messages=msgs, logprobs=True, top_logprobs=3),
+        (dict(model="tiny:plain", messages=msgs, top_logprobs=3),
+         openai.BadRequestError, "top_logprobs"),
+        (dict(model="tiny:plain", messages=msgs, logprobs=True, top_logprobs=21),
          openai.BadRequestError, "top_logprobs"),
         (dict(model="tiny:plain", messages=[{"role": "tool", "content": "x"}]),
          openai.BadRequestError, "messages[0].role"),

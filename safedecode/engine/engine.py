@@ -56,6 +56,8 @@ class GenerationResult:
     logprobs: list[float] | None = None
     timing: dict = field(default_factory=dict)
     error: str | None = None
+    # per token, with SamplingParams.top_logprobs: the best (id, log-prob) pairs of its step
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -69,6 +71,7 @@ class StepOutput:
     finish_reason: str | None = None
     logprob: float | None = None
     parent: int | None = None  # set on a sequence forked by ``step(expand=...)``
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def checked_params(params: SamplingParams | None, n: int = 1) -> SamplingParams:
@@ -98,6 +101,7 @@ class _Seq:
     fed: int = 0  # prompt tokens (longest row) prefilled so far, while in chunks
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
     gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
@@ -400,7 +404,8 @@ class Engine:
         for s in seeds:
             kid = copy.copy(parent)
             kid.id, kid.seed, kid.slot = next(self._ids), s, self.state.acquire()
-            kid.out, kid.logprobs = list(parent.out), list(parent.logprobs)
+            kid.out, kid.logprobs, kid.tops = list(parent.out), list(parent.logprobs), \
+                list(parent.tops)
             kid.detok = parent.detok.clone()
             kids.append(kid)
             self._live[kid.id] = kid
@@ -428,7 +433,7 @@ class Engine:
         seq = self._running(request_id, "truncate")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(seq.out):
             raise ValueError(f"n: must be an integer in [1, {len(seq.out)}], got {n!r}")
-        seq.out, seq.logprobs = seq.out[:n], seq.logprobs[:n]
+        seq.out, seq.logprobs, seq.tops = seq.out[:n], seq.logprobs[:n], seq.tops[:n]
         seq.detok = IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos)
         for t in seq.out:
             seq.detok.add(t)
@@ -598,7 +603,8 @@ class Engine:
         by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
         seqs = [by_slot[s] for s in order]
         want_lp = any(s.params.logprobs for s in seqs)
-        packed = self.runner.sample(st, tuple(order), logits, want_lp)
+        top = max(s.params.top_logprobs for s in seqs)
+        packed = self.runner.sample(st, tuple(order), logits, want_lp, top)
         vals = packed.tolist()  # the step's one device-to-host transfer
         self.steps += 1
         now = time.perf_counter()
@@ -609,6 +615,14 @@ class Engine:
                     gate[s] = bool(on)
         rows = [(seq, int(vals[1][j]), int(vals[0][j]), vals[2][j] if want_lp else None, None)
                 for j, seq in enumerate(seqs)]
+        tops = {}
+        if top:  # the rows after the log-probs: `top` of ids, then `top` of log-probs
+            base = 3 if want_lp else 2
+            for j, seq in enumerate(seqs):
+                if n := seq.params.top_logprobs:
+                    tops[seq.id] = [(int(vals[base + i][j]), vals[base + top + i][j])
+                                    for i in range(n)
+                                    if vals[base + top + i][j] != float("-inf")]
         if expand:
             rows = self._expand(rows, logits, expand, propose)
         if follow is not None:
@@ -625,11 +639,14 @@ class Engine:
             seq.out.append(t)
             if seq.params.logprobs:
                 seq.logprobs.append(lp)
+            best = tops.get(seq.id) if parent is None else None
+            if best is not None:
+                seq.tops.append(best)
             delta, reason = self._advance_text(seq, t)
             if reason:
                 self._finish(seq, reason, now)
             outs.append(StepOutput(seq.id, delta, t, reason,
-                                   lp if seq.params.logprobs else None, parent))
+                                   lp if seq.params.logprobs else None, parent, best))
         return outs
 
     def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
@@ -695,7 +712,8 @@ class Engine:
                 kid = copy.copy(seq)
                 kid.id, kid.slot = next(self._ids), st.acquire()
                 kid.seed = (seq.seed + i) % 2**62
-                kid.out, kid.logprobs = list(seq.out), list(seq.logprobs)
+                kid.out, kid.logprobs, kid.tops = list(seq.out), list(seq.logprobs), \
+                    list(seq.tops)
                 kid.detok = seq.detok.clone()
                 self._live[kid.id] = kid
                 kids.append((kid, t, lp_))
@@ -787,6 +805,7 @@ class Engine:
         self._done[seq.id] = GenerationResult(
             text=seq.detok.text, token_ids=seq.out, finish_reason=reason,
             prompt_tokens=seq.prompt_len, logprobs=seq.logprobs if seq.params.logprobs else None,
+            top_logprobs=seq.tops if seq.params.top_logprobs else None,
             timing={"prefill_s": seq.t_first - seq.t_add, "decode_s": decode_s,
                     "total_s": seq.t_done - seq.t_add, "new_tokens": n,
                     "tokens_per_s": n / decode_s if decode_s > 0 else float("inf")},

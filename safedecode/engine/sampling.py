@@ -23,6 +23,9 @@ def _float(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> 
     return v
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. Requests with different parameters share one batch.
@@ -32,7 +35,10 @@ class SamplingParams:
     added); the same seed gives the same tokens whatever else is in the batch. ``stop``: strings
     that end the request (cut from its text, never streamed); ``stop_token_ids``: ids that end it
     (kept in ``token_ids``). ``ignore_eos`` keeps decoding past end-of-sequence tokens.
-    ``logprobs`` records each chosen token's log-probability under the final distribution.
+    ``logprobs`` records each chosen token's log-probability under the final distribution;
+    ``top_logprobs`` (with ``logprobs``, at most :data:`MAX_TOP_LOGPROBS`) also records that
+    many most likely tokens of it at each step, with their log-probabilities (fewer where the
+    final set — after the plausibility mask, top-k, top-p and min-p — is smaller).
     """
 
     max_new_tokens: int = 128
@@ -44,6 +50,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     stop_token_ids: tuple[int, ...] = field(default=())
     logprobs: bool = False
+    top_logprobs: int = 0
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +77,13 @@ class SamplingParams:
         for name in ("logprobs", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        _int("top_logprobs", self.top_logprobs, 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs: must be <= {MAX_TOP_LOGPROBS}, got "
+                             f"{self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=True (return_logprobs=True in "
+                             "generate)")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from safedecode.models import text_config
-from safedecode.ops import contrastive_sample_with_status
+from safedecode.ops import contrastive_logprobs, contrastive_sample_with_status
 from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
 from .branches import BranchHook, Method
@@ -558,18 +558,34 @@ class ModelStep:
                          for k, w in enumerate(m.weights)], dim=1)
         return torch.where(on, logits, off)
 
+    def _top(self, logits: torch.Tensor, knobs: dict, top: int) -> list[torch.Tensor]:
+        """The ``top`` best tokens of each row's final distribution: ``top`` rows of ids and
+        ``top`` of log-probs, ``[top, n]`` each (rows with bad logits: all ``-inf``)."""
+        lp = contrastive_logprobs(logits.permute(1, 0, 2), self.weights, check_inputs=False,
+                                  **knobs)
+        vals, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        ids, order = ids.sort(dim=-1)  # ties: lowest id first, as the greedy choice
+        vals = vals.gather(1, order)
+        vals, order = vals.sort(dim=-1, descending=True, stable=True)
+        ids = ids.gather(1, order)
+        return [*ids.double().T, *vals.double().T]
+
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
-               logprobs: bool) -> torch.Tensor:
+               logprobs: bool, top: int = 0) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
-        next input and advances its step. Returns ``[tokens; status (; logprobs)]`` as one
-        float64 tensor on the device (the caller reads it back with one transfer)."""
+        next input and advances its step. Returns ``[tokens; status (; logprobs)
+        (; top ids; top log-probs)]`` as one float64 tensor on the device (the caller reads it
+        back with one transfer); ``top`` > 0 adds the ``top`` most likely tokens of each row's
+        final distribution (``top`` rows of ids, then ``top`` of log-probs, best first, lowest
+        id first on ties; ``-inf`` past the final set)."""
         m = self.method
         _, _, sidx = state.layout(slots)
+        knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
+                     temperature=state.temperature[sidx], top_k=state.top_k[sidx],
+                     top_p=state.top_p[sidx], min_p=state.min_p[sidx], backend=self.backend)
         tokens, lps, status = contrastive_sample_with_status(
-            logits.permute(1, 0, 2), self.weights, rule=m.rule, anchor=m.anchor, beta=m.beta,
-            temperature=state.temperature[sidx], top_k=state.top_k[sidx],
-            top_p=state.top_p[sidx], min_p=state.min_p[sidx], seed=state.seed[sidx],
-            step=state.step[sidx], return_logprobs=logprobs, backend=self.backend)
+            logits.permute(1, 0, 2), self.weights, seed=state.seed[sidx],
+            step=state.step[sidx], return_logprobs=logprobs, **knobs)
         if self.stop is not None:  # a flagged answer that has just ended a sentence ends
             cut = self.stop.apply(state, sidx, m.k) & (status == 0)
             tokens = torch.where(cut, self.stop.eos, tokens)
@@ -580,6 +596,8 @@ class ModelStep:
         parts = [tokens.double(), status.double()]
         if logprobs:
             parts.append(lps.double())
+        if top:
+            parts += self._top(logits, knobs, top)
         if self.drop_rows:  # each sequence's gate, read with the step (DecodeState.host_gate)
             parts.append(state.gate_on[sidx * m.k + m.contrast_gate].double())
         return torch.stack(parts)

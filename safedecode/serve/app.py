@@ -76,6 +76,11 @@ class ServerConfig:
     default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context)
 
 
+def _one(top):
+    """One streamed token's best tokens as the per-token list the logprobs builders take."""
+    return None if top is None else [top]
+
+
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -249,7 +254,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
                         if ev.result.finish_reason == "error":
                             yield _sse(APIError(500, ev.result.error or "generation failed",
                                                 type="server_error").body())
-                    lp = (out.token_id, out.logprob) if out.logprob is not None else None
+                    lp = (out.token_id, out.logprob, out.top_logprobs) \
+                        if out.logprob is not None else None
                     if out.text or lp is not None or reason:
                         yield _sse(chunk(ev.choice, out.text, lp, reason, False))
             if final_usage:
@@ -268,7 +274,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     async def _answer(req, request: Request, ticket: Ticket, *, prefix: str, obj: str,
                       chunk_obj: str, choice, chunk_choice):
         """The response (JSON or SSE) around per-choice builders: ``choice(i, result)`` and
-        ``chunk_choice(i, text, (token, logprob) | None, finish_reason, first) -> dict|None``."""
+        ``chunk_choice(i, text, (token, logprob, top) | None, finish_reason, first) ->
+        dict | None`` (``top``: the step's best ``(id, logprob)`` pairs, or None)."""
         rid, created = new_id(prefix), now()
 
         def envelope(kind: str, choices: list) -> dict:
@@ -301,7 +308,7 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
 
         def choice(i, r):
             return {"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs)
+                    "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs, r.top_logprobs)
                     if req.logprobs else None,
                     "finish_reason": FINISH.get(r.finish_reason, "stop")}
 
@@ -309,7 +316,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text or not reason else {})
             return {"index": c, "delta": delta, "finish_reason": reason,
-                    "logprobs": chat_logprobs(tok, [lp[0]], [lp[1]]) if lp else None}
+                    "logprobs": chat_logprobs(tok, [lp[0]], [lp[1]], _one(lp[2]))
+                    if lp else None}
 
         return await _answer(req, request, ticket, prefix="chatcmpl", obj="chat.completion",
                              chunk_obj="chat.completion.chunk", choice=choice,
@@ -326,7 +334,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
 
         def choice(i, r):
             return {"index": i, "text": r.text,
-                    "logprobs": completion_logprobs(tok, r.token_ids, r.logprobs)
+                    "logprobs": completion_logprobs(tok, r.token_ids, r.logprobs,
+                                                    r.top_logprobs)
                     if req.logprobs is not None else None,
                     "finish_reason": FINISH.get(r.finish_reason, "stop")}
 
@@ -334,7 +343,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
             if first:
                 return None
             return {"index": c, "text": text, "finish_reason": reason,
-                    "logprobs": completion_logprobs(tok, [lp[0]], [lp[1]]) if lp else None}
+                    "logprobs": completion_logprobs(tok, [lp[0]], [lp[1]], _one(lp[2]))
+                    if lp else None}
 
         return await _answer(req, request, ticket, prefix="cmpl", obj="text_completion",
                              chunk_obj="text_completion", choice=choice,

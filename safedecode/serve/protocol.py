@@ -70,7 +70,7 @@ class _Common(BaseModel):
             raise bad_param("logit_bias", "not supported by safedecode")
 
     def sampling_params(self, *, max_tokens: int | None, default_max_tokens: int,
-                        logprobs: bool) -> SamplingParams:
+                        logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         """The request's :class:`SamplingParams`; ``max_tokens`` None: ``default_max_tokens``."""
         self._unsupported()
         if isinstance(self.n, bool) or self.n < 1:
@@ -85,7 +85,8 @@ class _Common(BaseModel):
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": self.top_k or 0, "min_p": self.min_p or 0.0, "seed": self.seed,
-            "stop": tuple(stop), "logprobs": logprobs, "ignore_eos": self.ignore_eos}
+            "stop": tuple(stop), "logprobs": logprobs, "top_logprobs": top_logprobs,
+            "ignore_eos": self.ignore_eos}
         names = {"max_new_tokens": "max_tokens"}
         try:
             return SamplingParams(**kw)
@@ -134,16 +135,16 @@ class ChatCompletionRequest(_Common):
         return out
 
     def params(self, default_max_tokens: int) -> SamplingParams:
-        if self.top_logprobs:
-            raise bad_param("top_logprobs", "not supported (the chosen tokens' log-"
-                                            "probabilities only: logprobs=true)")
+        top = self.top_logprobs or 0
+        if top and not self.logprobs:
+            raise bad_param("top_logprobs", "needs logprobs=true")
         mt = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         param = "max_completion_tokens" if self.max_completion_tokens is not None \
             else "max_tokens"
         try:
             return self.sampling_params(max_tokens=mt, default_max_tokens=default_max_tokens,
-                                        logprobs=self.logprobs)
+                                        logprobs=self.logprobs, top_logprobs=top)
         except APIError as exc:
             if exc.param == "max_tokens":
                 exc.param = param
@@ -179,12 +180,16 @@ class CompletionRequest(_Common):
             raise bad_param("suffix", "not supported")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_param("best_of", "not supported (only best_of == n)")
-        if self.logprobs not in (None, 0):
-            raise bad_param("logprobs", "only 0 is supported (the chosen tokens' log-"
-                                        "probabilities, no alternatives)")
-        return self.sampling_params(max_tokens=self.max_tokens,
-                                    default_max_tokens=default_max_tokens,
-                                    logprobs=self.logprobs is not None)
+        try:
+            return self.sampling_params(max_tokens=self.max_tokens,
+                                        default_max_tokens=default_max_tokens,
+                                        logprobs=self.logprobs is not None,
+                                        top_logprobs=self.logprobs or 0)
+        except APIError as exc:  # completions name the number of alternatives `logprobs`
+            if exc.param == "top_logprobs":
+                exc.param = "logprobs"
+                exc.message = exc.message.replace("top_logprobs", "logprobs", 1)
+            raise
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -204,23 +209,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+Tops = list[list[tuple[int, float]]] | None  # per token: its step's best (id, log-prob)
+
+
+def _token(tokenizer, t: int) -> str:
+    return tokenizer.decode([t], skip_special_tokens=False)
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float],
+                  tops: Tops = None) -> dict:
+    """Chat's ``logprobs`` object: each token with its log-prob and its step's best tokens."""
     content = []
-    for t, lp in zip(token_ids, logprobs, strict=False):
-        text = tokenizer.decode([t], skip_special_tokens=False)
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+        text = _token(tokenizer, t)
+        best = []
+        for u, ulp in (tops[i] if tops is not None and i < len(tops) else ()):
+            utext = _token(tokenizer, u)
+            best.append({"token": utext, "logprob": ulp, "bytes": list(utext.encode())})
         content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
-                        "top_logprobs": []})
+                        "top_logprobs": best})
     return {"content": content}
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
-    tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float],
+                        tops: Tops = None) -> dict:
+    """Completions' ``logprobs`` object (``top_logprobs``: per token ``{text: log-prob}``)."""
+    tokens = [_token(tokenizer, t) for t in token_ids]
     offsets, at = [], 0
     for text in tokens:
         offsets.append(at)
         at += len(text)
+    best = None
+    if tops is not None:
+        best = [{_token(tokenizer, u): ulp for u, ulp in step} for step in tops[:len(tokens)]]
     return {"tokens": tokens, "token_logprobs": list(logprobs[:len(tokens)]),
-            "top_logprobs": None, "text_offset": offsets}
+            "top_logprobs": best, "text_offset": offsets}
 
 
 class ModelCard(BaseModel):
