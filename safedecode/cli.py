@@ -101,6 +101,11 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
+    frequency_penalty: float = typer.Option(
+        0.0, "--frequency-penalty", help="Lower a token's logit by this per time it was "
+        "generated, on every branch (OpenAI's, in [-2, 2])."),
+    presence_penalty: float = typer.Option(
+        0.0, "--presence-penalty", help="Lower a token's logit by this once it was generated."),
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
     batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
                                    "next joins as one ends)."),
@@ -207,12 +212,14 @@ def generate(
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens: must be >= 1")
         SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p)
+                       top_p=top_p, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty)
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, seed=seed)
+                  top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty)
         requests = prompts if system is None else [
             [{"role": "system", "content": system}, {"role": "user", "content": p}]
             for p in prompts]

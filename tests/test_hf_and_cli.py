@@ -126,6 +126,20 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_cli_generate_with_penalties(tiny_model_dir):
+    """``--frequency-penalty`` / ``--presence-penalty`` reach the engine: = offline."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    for kw, flags in (({"frequency_penalty": -2.0}, ["--frequency-penalty", "-2"]),
+                      ({"presence_penalty": -2.0}, ["--presence-penalty", "-2"])):
+        want = dec.generate("Hi there", max_new_tokens=6, **kw)[0].text
+        assert want != dec.generate("Hi there", max_new_tokens=6)[0].text
+        res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),
+                                       "-n", "6", *flags])
+        assert res.exit_code == 0, res.output
+        assert res.stdout.rstrip("\n") == want
+
+
 def test_cli_generate_with_a_system_message(tiny_model_dir):
     """``--system`` puts a system message before every prompt, on a contrast method too."""
     model, tok = tiny_llama()
@@ -166,6 +180,7 @@ def test_cli_generate_takes_a_knob_string(tiny_model_dir):
         (["generate", "x", "-m", "acd:alpha"], "--method: 'acd:alpha'"),
         (["generate", "x", "-t", "-1"], "temperature"),
         (["generate", "x", "--top-p", "2"], "top_p"),
+        (["generate", "x", "--frequency-penalty", "3"], "frequency_penalty"),
         (["generate"], "PROMPT"),
         (["generate", "x", "--method", "plain", "--alpha", "0.5"], "plain"),
         (["generate", "x", "--model", "/nonexistent/model"], "model"),

@@ -138,6 +138,22 @@ def test_top_logprobs_equal_offline(server, offline):
         pytest.approx(raw.top_logprobs[0][0][1], abs=1e-5)
 
 
+def test_penalties_and_logit_bias_equal_offline(server, offline):
+    c = server.client()
+    msgs = [{"role": "user", "content": PROMPTS[6]}]
+    kw = {"frequency_penalty": 1.5, "presence_penalty": 0.3}
+    ref = offline("acd-text", PROMPTS[6], max_new_tokens=8, logit_bias={1234: 4.0}, **kw)[0]
+    assert ref.token_ids.count(1234) > 1  # the bias and the penalty both act
+    r = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=8,
+                                  temperature=0, logit_bias={"1234": 4.0}, **kw)
+    assert r.choices[0].message.content == ref.text
+    raw = offline("plain", "Once upon a time", raw=True, max_new_tokens=6,
+                  logit_bias={1234: 4.0}, **kw)[0]
+    r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=6,
+                             temperature=0, logit_bias={"1234": 4.0}, **kw)
+    assert r.choices[0].text == raw.text
+
+
 def test_completions_equal_offline_raw_prompts(server, offline):
     c = server.client()
     prompts = ["Once upon a time", "The capital of France is"]
@@ -234,8 +250,14 @@ def test_errors_in_openai_shape(server):
         (dict(model="tiny:plain", messages=msgs, max_tokens=0), openai.BadRequestError,
          "max_tokens"),
         (dict(model="tiny:plain", messages=msgs, n=9), openai.BadRequestError, "n"),
-        (dict(model="tiny:plain", messages=msgs, presence_penalty=0.5),
+        (dict(model="tiny:plain", messages=msgs, presence_penalty=2.5),
          openai.BadRequestError, "presence_penalty"),
+        (dict(model="tiny:plain", messages=msgs, logit_bias={"5": 101}),
+         openai.BadRequestError, "logit_bias"),
+        (dict(model="tiny:plain", messages=msgs, logit_bias={"x": 1}),
+         openai.BadRequestError, "logit_bias"),
+        (dict(model="tiny:plain", messages=msgs, logit_bias={"99999999": 1}),
+         openai.BadRequestError, "logit_bias"),
         (dict(model="tiny:plain", messages=msgs, top_logprobs=3),
          openai.BadRequestError, "top_logprobs"),
         (dict(model="tiny:plain", messages=msgs, logprobs=True, top_logprobs=21),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safedecode.models import text_config
 from safedecode.ops.params import STATUS_MESSAGES
 
 from .branches import Method
@@ -147,6 +148,14 @@ def mixture_logprob(lp: torch.Tensor, q: torch.Tensor, w: float = 0.5) -> torch.
     return torch.logaddexp(lp, q + math.log(w / (1 - w))) + math.log(1 - w)
 
 
+def output_vocab(model) -> int:
+    """The number of logits the model gives per position."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(text_config(model).vocab_size)
+
+
 def eos_ids(model, tokenizer) -> frozenset[int]:
     """End-of-sequence ids of the model's generation config and the tokenizer."""
     ids: set[int] = set()
@@ -217,7 +226,8 @@ class Engine:
         self.builder = builder or (PromptBuilder(tokenizer) if tokenizer is not None else None)
         self.state = DecodeState(num_layers=self.runner.num_layers, k=method.k,
                                  max_seqs=max_seqs, max_len=max_len, device=self.runner.device,
-                                 dtype=self.runner.dtype, sliding=self.runner.masks.sliding)
+                                 dtype=self.runner.dtype, sliding=self.runner.masks.sliding,
+                                 vocab=output_vocab(model))
         self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
         self.true_eos = eos_ids(model, tokenizer)
         if any(h.stop for br in method.branches for h in br.hooks):
@@ -275,6 +285,7 @@ class Engine:
             raise ValueError(f"n: {n} choices need {n} slots at once; this engine has "
                              f"max_seqs={self.state.max_seqs}")
         self.check_fits(built, params.max_new_tokens, index)
+        self.check_params(params)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         if seed + n - 1 >= 2**63:
             raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {seed} with n={n}")
@@ -308,6 +319,15 @@ class Engine:
         if isinstance(gates, (str, bytes)) or not isinstance(gates, Sequence) \
                 or len(gates) != n or not all(isinstance(x, bool) for x in gates):
             raise ValueError(f"gates: expected {n} booleans (one per choice), got {gates!r}")
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ``ValueError`` for parameters this model cannot honour (a logit bias on a
+        token id outside its vocabulary)."""
+        v = self.state.vocab
+        bad = [t for t, _ in params.logit_bias if t >= v]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary "
+                             f"of {v} tokens")
 
     def check_fits(self, built: Built, max_new_tokens: int, index: int = 0) -> None:
         """Raise ``ValueError`` unless the prompt + ``max_new_tokens`` fit the context."""
@@ -438,6 +458,8 @@ class Engine:
         for t in seq.out:
             seq.detok.add(t)
         self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
+        if seq.params.adjusts_logits:
+            self.state.recount(seq.slot, seq.out)
 
     def detokenizer(self, request_id: int) -> IncrementalDetokenizer:
         """A fresh detokeniser with a live request's stop strings and end tokens: its tokens
@@ -545,6 +567,7 @@ class Engine:
             p = seq.params
             st.set_params(seq.slot, seed=seq.seed, temperature=p.temperature, top_k=p.top_k,
                           top_p=p.top_p, min_p=p.min_p)
+            st.set_adjust(seq.slot, p.presence_penalty, p.frequency_penalty, p.logit_bias)
         if chunked:
             self._prefilling += admitted
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)

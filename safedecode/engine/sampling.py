@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 
@@ -39,6 +39,11 @@ class SamplingParams:
     ``top_logprobs`` (with ``logprobs``, at most :data:`MAX_TOP_LOGPROBS`) also records that
     many most likely tokens of it at each step, with their log-probabilities (fewer where the
     final set — after the plausibility mask, top-k, top-p and min-p — is smaller).
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]) lower each token's
+    logit by that much once it has been generated / per time it has been generated, and
+    ``logit_bias`` (``{token id: bias in [-100, 100]}``) adds to it, on every branch's logits
+    before the contrast (for a linear rule whose weights sum to 1, as every shipped contrast's
+    do, that is the final score).
     """
 
     max_new_tokens: int = 128
@@ -52,6 +57,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -84,6 +92,9 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=True (return_logprobs=True in "
                              "generate)")
+        _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
@@ -112,5 +123,26 @@ class SamplingParams:
         return cls(stop=tuple(strings),
                    stop_token_ids=tuple(ids) + tuple(kw.pop("stop_token_ids", ())), **kw)
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (or its items) as sorted ``(id, bias)`` pairs, checked."""
+    if isinstance(bias, Mapping):
+        bias = list(bias.items())
+    elif isinstance(bias, (str, bytes)) or not isinstance(bias, Sequence):
+        raise ValueError(f"logit_bias: expected a mapping of token ids to biases, got {bias!r}")
+    out: dict[int, float] = {}
+    for item in bias:
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"logit_bias: expected (token id, bias) pairs, got {item!r}")
+        t, b = item
+        _int("logit_bias", t, 0)
+        out[t] = _float(f"logit_bias[{t}]", b, -100.0, 100.0)
+    return tuple(sorted(out.items()))

@@ -36,7 +36,7 @@ class DecodeState:
 
     def __init__(self, *, num_layers: int, k: int, max_seqs: int, max_len: int,
                  device: torch.device, dtype: torch.dtype,
-                 sliding: tuple[bool, ...] = ()) -> None:
+                 sliding: tuple[bool, ...] = (), vocab: int = 0) -> None:
         self.k, self.max_seqs = k, max_seqs
         self.columns = round_up(max_len)
         self.device, self.dtype = device, dtype
@@ -52,6 +52,14 @@ class DecodeState:
         self.top_k = torch.zeros(max_seqs, dtype=torch.long, device=device)
         self.top_p = torch.ones(max_seqs, dtype=torch.float32, device=device)
         self.min_p = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        # penalties and logit bias (SamplingParams.adjusts_logits): per slot; the [slots, V]
+        # counts of generated tokens and biases are allocated for the first request using them
+        self.vocab = vocab
+        self.adjusted = [False] * max_seqs  # host side: whether a slot's logits are adjusted
+        self.presence = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.frequency = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.counts: torch.Tensor | None = None
+        self.logit_bias: torch.Tensor | None = None
         self.gate_on = torch.zeros(rows, dtype=torch.bool, device=device)  # a gated hook's call
         # per slot: its contrast-gate decision as the host knows it (None: not read yet), so a
         # step can leave out the rows a decided sequence no longer needs (ModelStep.decode)
@@ -122,6 +130,49 @@ class DecodeState:
         self.top_p[slot] = top_p
         self.min_p[slot] = min_p
 
+    def set_adjust(self, slot: int, presence: float, frequency: float,
+                   logit_bias: tuple[tuple[int, float], ...]) -> None:
+        """A new sequence's penalties and logit bias (its counts start at zero)."""
+        on = bool(presence or frequency or logit_bias)
+        self.adjusted[slot] = on
+        if not on:
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(self.max_seqs, self.vocab, dtype=torch.float32,
+                                      device=self.device)
+            self.logit_bias = torch.zeros_like(self.counts)
+        self.presence[slot], self.frequency[slot] = presence, frequency
+        self.counts[slot] = 0.0
+        self.logit_bias[slot] = 0.0
+        if logit_bias:
+            ids, vals = zip(*logit_bias, strict=True)
+            self.logit_bias[slot, list(ids)] = torch.tensor(vals, device=self.device)
+
+    def adjust(self, slots: tuple[int, ...], sidx: torch.Tensor,
+               logits: torch.Tensor) -> torch.Tensor:
+        """``[n, K, V]`` logits of ``slots`` with their penalties and bias applied to every
+        branch (the same tensor when no slot has any)."""
+        if not any(self.adjusted[s] for s in slots):
+            return logits
+        c = self.counts[sidx]
+        adj = self.logit_bias[sidx] - self.frequency[sidx, None] * c \
+            - self.presence[sidx, None] * (c > 0)
+        return logits.float() + adj[:, None, :]
+
+    def record(self, sidx: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count each slot's sampled token (for the penalties)."""
+        if self.counts is not None:
+            self.counts.index_put_((sidx, tokens.clamp(min=0)),
+                                   torch.ones_like(tokens, dtype=torch.float32),
+                                   accumulate=True)
+
+    def recount(self, slot: int, tokens: list[int]) -> None:
+        """A sequence's counts from its generated ``tokens`` (after a truncation)."""
+        if self.counts is not None:
+            self.counts[slot] = torch.bincount(
+                torch.tensor(tokens, dtype=torch.long), minlength=self.vocab
+            )[:self.vocab].float().to(self.device)
+
     def set_rows(self, slot: int, lengths: list[int]) -> None:
         """A new sequence's rows hold ``lengths[k]`` tokens (written by its prefill)."""
         for j, n in enumerate(lengths):
@@ -167,9 +218,14 @@ class DecodeState:
         self.gate_on[dst] = self.gate_on[src]
         self.bias[dst] = self.bias[src]
         ch = torch.tensor(children, dtype=torch.long, device=self.device)
-        for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p):
+        for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p,
+                  self.presence, self.frequency):
             t[ch] = t[parent].clone()
+        if self.counts is not None:
+            self.counts[ch] = self.counts[parent].clone()
+            self.logit_bias[ch] = self.logit_bias[parent].clone()
         for c in children:
+            self.adjusted[c] = self.adjusted[parent]
             self.host_gate[c] = self.host_gate[parent]
             for j in range(k):
                 self.host_len[c * k + j] = self.host_len[parent * k + j]

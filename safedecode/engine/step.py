@@ -580,6 +580,7 @@ class ModelStep:
         id first on ties; ``-inf`` past the final set)."""
         m = self.method
         _, _, sidx = state.layout(slots)
+        logits = state.adjust(slots, sidx, logits)  # penalties and logit bias, if any asked
         knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
                      temperature=state.temperature[sidx], top_k=state.top_k[sidx],
                      top_p=state.top_p[sidx], min_p=state.min_p[sidx], backend=self.backend)
@@ -592,6 +593,7 @@ class ModelStep:
             if logprobs:
                 lps = torch.where(cut, 0.0, lps)  # the rule leaves it no other token
         state.last[sidx] = tokens.clamp(min=0)
+        state.record(sidx, tokens)
         state.step.index_add_(0, sidx, torch.ones_like(sidx))
         parts = [tokens.double(), status.double()]
         if logprobs:

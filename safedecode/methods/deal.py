@@ -289,9 +289,10 @@ class Searcher:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: the reward scores text, got {type(prompt).__name__}")
         params = checked_params(params, n)
-        if params.top_logprobs:
-            raise ValueError("top_logprobs: not supported by deal (its tokens are chosen by a "
-                             "search over rollouts, not drawn from one distribution)")
+        for name in ("top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
+            if getattr(params, name):
+                raise ValueError(f"{name}: not supported by deal (its tokens are chosen by a "
+                                 "search over rollouts, not drawn from one distribution)")
         self.engine.check_fits(built, params.max_new_tokens, index)
         if params.seed is not None and params.seed + n - 1 >= 2**63:
             raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {params.seed} with n={n}")

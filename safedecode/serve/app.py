@@ -76,6 +76,10 @@ class ServerConfig:
     default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context)
 
 
+# request fields whose errors found at admission (the model's vocabulary, the method) name them
+_PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty"}
+
+
 def _one(top):
     """One streamed token's best tokens as the per-token list the logprobs builders take."""
     return None if top is None else [top]
@@ -181,6 +185,9 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
             raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
         except ValueError as exc:
+            field = str(exc).partition(":")[0]
+            if field in _PARAM_FIELDS:  # a parameter the model or method cannot honour
+                raise APIError(400, str(exc), param=field, code="invalid_value") from None
             param = "prompt" if raw else "messages"
             msg = str(exc).replace("max_new_tokens", "max_tokens")
             code = "context_length_exceeded" if isinstance(exc, ContextTooLong) \

@@ -62,17 +62,19 @@ class _Common(BaseModel):
     min_p: float | None = None
     ignore_eos: bool = False
 
-    def _unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_param(name, "not supported by safedecode (only 0)")
-        if self.logit_bias:
-            raise bad_param("logit_bias", "not supported by safedecode")
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's ``{"token id": bias}`` with integer ids."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = value
+            except ValueError:
+                raise bad_param("logit_bias", f"keys are token ids, got {key!r}") from None
+        return out
 
     def sampling_params(self, *, max_tokens: int | None, default_max_tokens: int,
                         logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         """The request's :class:`SamplingParams`; ``max_tokens`` None: ``default_max_tokens``."""
-        self._unsupported()
         if isinstance(self.n, bool) or self.n < 1:
             raise bad_param("n", f"must be >= 1, got {self.n!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -85,6 +87,9 @@ class _Common(BaseModel):
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": self.top_k or 0, "min_p": self.min_p or 0.0, "seed": self.seed,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": self._logit_bias(),
             "stop": tuple(stop), "logprobs": logprobs, "top_logprobs": top_logprobs,
             "ignore_eos": self.ignore_eos}
         names = {"max_new_tokens": "max_tokens"}
@@ -92,6 +97,9 @@ class _Common(BaseModel):
             return SamplingParams(**kw)
         except ValueError as exc:
             field, _, msg = str(exc).partition(": ")
+            if "[" in field:  # logit_bias[id]: the parameter, the message naming the entry
+                raise APIError(400, str(exc), param=field.split("[")[0],
+                               code="invalid_value") from None
             param = names.get(field, field)
             raise bad_param(param, msg or str(exc)) from None
 

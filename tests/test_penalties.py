@@ -1,0 +1,125 @@
+"""Presence / frequency penalties and logit bias (``SamplingParams``): the engine's tokens equal a
+from-scratch loop that applies them to every branch's logits, per request in a shared batch,
+through forks and truncations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import tiny_llama
+
+from safedecode import methods
+from safedecode.engine import SafeDecoder, SamplingParams
+from safedecode.engine.engine import eos_ids
+from safedecode.ops import contrastive_sample
+
+PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
+           "Name a colour."]
+
+
+@pytest.fixture(scope="module")
+def acd():
+    model, tok = tiny_llama()
+    return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
+
+
+def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: float = 0.0,
+                  bias: dict[int, float] | None = None) -> list[int]:
+    """Greedy tokens with the penalties and bias added to each branch's logits, every step
+    recomputed without a cache."""
+    m, eos = dec.method, eos_ids(dec.model, dec.tok)
+    ids = []
+    for branch in m.branches:
+        prefix, suffix = dec.builder.build(branch, [{"role": "user", "content": prompt}], 0)
+        ids.append(prefix.ids + suffix)
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            z = torch.stack([dec.model(torch.tensor([x + out])).logits[0, -1] for x in ids])
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=z.shape[-1])
+        adj = -frequency * counts.float() - presence * (counts > 0).float()
+        for t, b in (bias or {}).items():
+            adj[t] += b
+        tok = int(contrastive_sample((z + adj)[:, None, :], list(m.weights), rule=m.rule,
+                                     anchor=m.anchor, beta=m.beta, temperature=0.0,
+                                     backend="reference")[0])
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("kw", [{"frequency": -2.0}, {"presence": -2.0},
+                                {"frequency": 1.5, "bias": {1234: 4.0}},
+                                {"presence": 1.0, "frequency": 0.5, "bias": {1234: 4.0}}])
+def test_penalties_equal_the_loop_from_scratch(acd, kw):
+    """Negative penalties make the random model repeat itself; positive ones break the
+    repetition a bias causes. Either way the tokens = the loop from scratch."""
+    bias = kw.get("bias", {})
+    res = acd.generate(PROMPTS, max_new_tokens=10, presence_penalty=kw.get("presence", 0.0),
+                       frequency_penalty=kw.get("frequency", 0.0), logit_bias=bias)
+    without = acd.generate(PROMPTS, max_new_tokens=10, logit_bias=bias)
+    for prompt, r in zip(PROMPTS, res, strict=True):
+        assert r.token_ids == _from_scratch(acd, prompt, 10, **kw), prompt
+    assert [r.token_ids for r in res] != [r.token_ids for r in without]  # they did something
+
+
+def test_logit_bias_forces_and_bans_tokens(acd):
+    plain = acd.generate(PROMPTS[1], max_new_tokens=8)[0].token_ids
+    banned = {t: -100.0 for t in plain}
+    r = acd.generate(PROMPTS[1], max_new_tokens=8, logit_bias=banned)[0]
+    assert not set(r.token_ids) & set(plain)
+    assert r.token_ids == _from_scratch(acd, PROMPTS[1], 8, bias=banned)
+    forced = acd.generate(PROMPTS[1], max_new_tokens=4, logit_bias={1234: 100.0})[0]
+    assert forced.token_ids == [1234] * 4
+
+
+def test_adjusted_and_plain_requests_share_steps(acd):
+    """Each request keeps its own penalties in one batch, the others untouched; the middle
+    one ends first, so the last moves down a slot with its counts (compaction)."""
+    kws = [{"frequency_penalty": 2.0, "max_new_tokens": 8}, {"max_new_tokens": 2},
+           {"logit_bias": {1234: 4.0}, "frequency_penalty": 1.5, "max_new_tokens": 8}]
+    eng = acd.engine(max_seqs=4)
+    ids = [eng.add_request(p, SamplingParams(**kw)) for p, kw in zip(PROMPTS, kws, strict=True)]
+    while eng.has_unfinished():
+        eng.step()
+    for rid, p, kw in zip(ids, PROMPTS, kws, strict=True):
+        assert eng.pop_result(rid).token_ids == acd.generate(p, **kw)[0].token_ids
+
+
+def test_fork_and_truncate_keep_the_counts(acd):
+    """A fork continues with its parent's counts; a truncated sequence counts only the tokens
+    it kept: both decode what the request alone decodes (greedy)."""
+    kw = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}}  # 1234 three times, then not
+    params = SamplingParams(max_new_tokens=10, **kw)
+    alone = acd.generate(PROMPTS[2], max_new_tokens=10, **kw)[0].token_ids
+    assert alone[:3] == [1234] * 3 and 1234 not in alone[3:]
+    eng = acd.engine(max_seqs=4)
+    a = eng.add_request(PROMPTS[2], params)
+    for _ in range(4):
+        eng.step()
+    kid = eng.fork(a, 1)[0]
+    for _ in range(3):
+        eng.step()
+    eng.truncate(a, 2)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.pop_result(kid).token_ids == alone
+    assert eng.pop_result(a).token_ids == alone
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"logit_bias": {5: 101.0}}, r"logit_bias\[5\]"),
+    ({"logit_bias": {-3: 1.0}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "pairs"),
+])
+def test_bad_adjustments_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_logit_bias_outside_the_vocabulary_is_named(acd):
+    with pytest.raises(ValueError, match="logit_bias: token id 10000000 is outside"):
+        acd.generate("Hi", max_new_tokens=2, logit_bias={10_000_000: 1.0})
