@@ -405,16 +405,25 @@ def test_one_host_transfer_per_decode_step(monkeypatch):
 MAX_NEW = 6
 
 
+# a penalised request: the bias makes token 1234 likely, the penalty stops it after a few, so
+# its tokens depend on its own counts (kept through forks, slot moves and others' aborts)
+ADJUST = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}}
+
+
 @functools.cache
-def _greedy_reference(which: int) -> tuple[int, ...]:
+def _greedy_reference(which: int, adjusted: bool = False) -> tuple[int, ...]:
     model, tok = tiny_llama()
-    return tuple(_alone(model, tok, PROMPTS[which], SamplingParams(max_new_tokens=MAX_NEW,
-                                                           ignore_eos=True)))
+    return tuple(_alone(model, tok, PROMPTS[which], _params(MAX_NEW, adjusted)))
+
+
+def _params(n: int, adjusted: bool) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, **(ADJUST if adjusted else {}))
 
 
 class EngineMachine(RuleBasedStateMachine):
-    """Greedy requests over a small prompt pool: every finished sequence (forks included) must
-    hold a prefix of its prompt's lone greedy run, and slots never leak."""
+    """Greedy requests over a small prompt pool, some with penalties and a logit bias: every
+    finished sequence (forks included) must hold a prefix of its prompt's lone greedy run with
+    its parameters, and slots never leak."""
 
     budget = None  # max_prefill_tokens (the chunked variant below sets one)
 
@@ -423,19 +432,19 @@ class EngineMachine(RuleBasedStateMachine):
         model, tok = tiny_llama()
         self.eng = SafeDecoder(model, tok, _method()).engine(max_seqs=3, max_queue=4,
                                                              max_prefill_tokens=self.budget)
-        self.prompt: dict[int, int] = {}
+        self.prompt: dict[int, tuple[int, bool]] = {}
         self.want: dict[int, int] = {}
         self.finished: set[int] = set()
 
-    @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, MAX_NEW))
-    def add(self, which, n):
+    @rule(which=st.integers(0, len(PROMPTS) - 1), n=st.integers(1, MAX_NEW),
+          adjusted=st.booleans())
+    def add(self, which, n, adjusted):
         if self.eng.num_waiting() >= 4:
             with pytest.raises(ValueError, match="max_queue"):
                 self.eng.add_request(PROMPTS[which])
             return
-        rid = self.eng.add_request(PROMPTS[which], SamplingParams(max_new_tokens=n,
-                                                                  ignore_eos=True))
-        self.prompt[rid], self.want[rid] = which, n
+        rid = self.eng.add_request(PROMPTS[which], _params(n, adjusted))
+        self.prompt[rid], self.want[rid] = (which, adjusted), n
 
     @rule()
     def step(self):
@@ -443,7 +452,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert o.request_id in self.prompt
             if o.finish_reason:
                 res = self.eng.pop_result(o.request_id)
-                ref = _greedy_reference(self.prompt[o.request_id])
+                ref = _greedy_reference(*self.prompt[o.request_id])
                 assert tuple(res.token_ids) == ref[:self.want[o.request_id]]
                 self.finished.add(o.request_id)
 
