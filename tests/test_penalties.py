@@ -123,3 +123,19 @@ def test_bad_adjustments_are_named(kw, match):
 def test_logit_bias_outside_the_vocabulary_is_named(acd):
     with pytest.raises(ValueError, match="logit_bias: token id 10000000 is outside"):
         acd.generate("Hi", max_new_tokens=2, logit_bias={10_000_000: 1.0})
+
+
+def test_a_slot_reused_after_a_biased_request_is_clean(acd):
+    """A plain request in the slot a biased one left, stepping beside another biased one
+    (so the step adjusts every row), decodes as it does alone (found by the stateful test)."""
+    eng = acd.engine(max_seqs=2)
+    biased = SamplingParams(max_new_tokens=1, logit_bias={1234: 100.0})
+    eng.add_request(PROMPTS[0], biased)
+    eng.step()
+    plain = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=3))
+    other = eng.add_request(PROMPTS[1], biased)
+    while eng.has_unfinished():
+        eng.step()
+    alone = acd.generate(PROMPTS[0], max_new_tokens=3)[0].token_ids
+    assert eng.pop_result(plain).token_ids == alone
+    assert eng.pop_result(other).token_ids == [1234]

@@ -135,13 +135,14 @@ class DecodeState:
         """A new sequence's penalties and logit bias (its counts start at zero)."""
         on = bool(presence or frequency or logit_bias)
         self.adjusted[slot] = on
-        if not on:
-            return
+        self.presence[slot], self.frequency[slot] = presence, frequency
         if self.counts is None:
+            if not on:
+                return
             self.counts = torch.zeros(self.max_seqs, self.vocab, dtype=torch.float32,
                                       device=self.device)
             self.logit_bias = torch.zeros_like(self.counts)
-        self.presence[slot], self.frequency[slot] = presence, frequency
+        # zeroed for every new sequence: a step adjusts all its rows once any asks
         self.counts[slot] = 0.0
         self.logit_bias[slot] = 0.0
         if logit_bias:
