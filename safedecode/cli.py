@@ -106,6 +106,9 @@ def generate(
         "generated, on every branch (OpenAI's, in [-2, 2])."),
     presence_penalty: float = typer.Option(
         0.0, "--presence-penalty", help="Lower a token's logit by this once it was generated."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="transformers' repetition penalty (> 0, 1 = off) "
+        "over each branch's prompt and the answer."),
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
     batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
                                    "next joins as one ends)."),
@@ -213,13 +216,13 @@ def generate(
             raise ValueError("--max-new-tokens: must be >= 1")
         SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, frequency_penalty=frequency_penalty,
-                       presence_penalty=presence_penalty)
+                       presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
-                  presence_penalty=presence_penalty)
+                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
         requests = prompts if system is None else [
             [{"role": "system", "content": system}, {"role": "user", "content": p}]
             for p in prompts]

@@ -7,12 +7,12 @@ engine. Like transformers' own ``negative_prompt_ids``, the caller renders every
 left-padded, with ``safedecode_branch_masks`` or the pad token marking padding) are branches
 1..K-1. Sampling
 settings come from the generation config (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-``min_p``, ``max_new_tokens``, ``eos_token_id``); the result is ``[B, T + new]`` token ids, padded
-like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``). Anything
-else that would change the tokens — another logits processor (``repetition_penalty``,
-``min_new_tokens``, ``bad_words_ids``, a caller's own), a stopping criterion other than the length
-and EOS, beam search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never
-silently dropped.
+``min_p``, ``max_new_tokens``, ``eos_token_id``, ``repetition_penalty`` — over each branch's own
+prompt and the answer, at K = 1 transformers' own); the result is ``[B, T + new]`` token ids,
+padded like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``).
+Anything else that would change the tokens — another logits processor (``min_new_tokens``,
+``bad_words_ids``, a caller's own), a stopping criterion other than the length and EOS, beam
+search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from transformers.generation import (
     GenerateDecoderOnlyOutput,
     MaxLengthCriteria,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -35,8 +36,7 @@ from safedecode.engine.engine import eos_ids
 # the warpers whose settings the engine applies itself (read from the generation config)
 _HONOURED = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # where transformers' own processors come from, for the error message
-_OPTION = {"RepetitionPenaltyLogitsProcessor": "repetition_penalty",
-           "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+_OPTION = {"NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
            "NoBadWordsLogitsProcessor": "bad_words_ids",
            "SequenceBiasLogitsProcessor": "sequence_bias",
            "MinLengthLogitsProcessor": "min_length / min_new_tokens",
@@ -112,6 +112,7 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
         top_k=int(gc.top_k or 0) if sampled else 0,
         top_p=float(gc.top_p if gc.top_p is not None else 1.0) if sampled else 1.0,
         min_p=float(gc.min_p or 0.0) if sampled else 0.0,
+        repetition_penalty=float(gc.repetition_penalty or 1.0),
         seed=None, streamer=streamer, **ends)
     fill = pad
     if fill is None:  # transformers pads with the (first) EOS id then
@@ -138,6 +139,10 @@ def _eos(gc) -> frozenset[int] | None:
 def _check_supported(gc, processors, criteria, model_kwargs: dict) -> None:
     """A ``ValueError`` naming the first generation setting the engine would not honour."""
     for p in processors or ():
+        if isinstance(p, RepetitionPenaltyLogitsProcessor) and gc is not None \
+                and p.penalty == gc.repetition_penalty \
+                and not isinstance(p.prompt_ignore_length, int):
+            continue  # transformers' own (it skips the left padding): the engine applies it
         if not isinstance(p, _HONOURED):
             name = type(p).__name__
             where = f"`{_OPTION[name]}`" if name in _OPTION else "a `logits_processor` you passed"

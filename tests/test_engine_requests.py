@@ -407,7 +407,7 @@ MAX_NEW = 6
 
 # a penalised request: the bias makes token 1234 likely, the penalty stops it after a few, so
 # its tokens depend on its own counts (kept through forks, slot moves and others' aborts)
-ADJUST = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}}
+ADJUST = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}, "repetition_penalty": 2.0}
 
 
 @functools.cache

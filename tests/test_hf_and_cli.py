@@ -61,7 +61,8 @@ def _plain_batch(tok, prompts):
 
 def test_custom_generate_equals_transformers_generate():
     """K = 1 through the hook = transformers' own greedy decode: the same ids, the same
-    padding after EOS, the same width, with the model's EOS and with EOS ids of the call."""
+    padding after EOS, the same width, with the model's EOS and with EOS ids of the call, and
+    under a repetition penalty (over the prompt and the answer, as transformers')."""
     model, tok = tiny_llama()
     m = methods.get("plain")
     ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
@@ -71,7 +72,7 @@ def test_custom_generate_equals_transformers_generate():
     # EOS ids of the call that end every answer by its third token: a narrower output
     early = sorted({int(x) for x in first[:, t + 2]})
     for kw in ({}, {"eos_token_id": [tok.eos_token_id, *early]},
-               {"return_dict_in_generate": True}):
+               {"return_dict_in_generate": True}, {"repetition_penalty": 0.3}):
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              pad_token_id=tok.pad_token_id, **kw)
         got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
@@ -83,10 +84,11 @@ def test_custom_generate_equals_transformers_generate():
         assert got.tolist() == ref.tolist(), kw
         if "eos_token_id" in kw:  # they did end there
             assert got.shape[1] <= t + 3
+        if "repetition_penalty" in kw:  # it changed the answers
+            assert got.tolist() != first.tolist()
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"repetition_penalty": 1.3}, "repetition_penalty"),
     ({"min_new_tokens": 3}, "min_new_tokens"),
     ({"bad_words_ids": [[5]]}, "bad_words_ids"),
     ({"num_beams": 2}, "num_beams=2"),
@@ -127,11 +129,13 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
 
 
 def test_cli_generate_with_penalties(tiny_model_dir):
-    """``--frequency-penalty`` / ``--presence-penalty`` reach the engine: = offline."""
+    """``--frequency-penalty``, ``--presence-penalty``, ``--repetition-penalty`` reach the
+    engine: = offline."""
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("plain"))
     for kw, flags in (({"frequency_penalty": -2.0}, ["--frequency-penalty", "-2"]),
-                      ({"presence_penalty": -2.0}, ["--presence-penalty", "-2"])):
+                      ({"presence_penalty": -2.0}, ["--presence-penalty", "-2"]),
+                      ({"repetition_penalty": 0.3}, ["--repetition-penalty", "0.3"])):
         want = dec.generate("Hi there", max_new_tokens=6, **kw)[0].text
         assert want != dec.generate("Hi there", max_new_tokens=6)[0].text
         res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),

@@ -24,9 +24,10 @@ def acd():
 
 
 def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: float = 0.0,
-                  bias: dict[int, float] | None = None) -> list[int]:
-    """Greedy tokens with the penalties and bias added to each branch's logits, every step
-    recomputed without a cache."""
+                  bias: dict[int, float] | None = None, repetition: float = 1.0) -> list[int]:
+    """Greedy tokens with the penalties and bias applied to each branch's logits (the
+    repetition penalty over that branch's prompt and the answer), every step recomputed
+    without a cache."""
     m, eos = dec.method, eos_ids(dec.model, dec.tok)
     ids = []
     for branch in m.branches:
@@ -36,6 +37,10 @@ def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: fl
     for _ in range(n):
         with torch.no_grad():
             z = torch.stack([dec.model(torch.tensor([x + out])).logits[0, -1] for x in ids])
+        for k, x in enumerate(ids):  # transformers' RepetitionPenaltyLogitsProcessor
+            seen = torch.tensor(sorted(set(x + out)))
+            zk = z[k, seen]
+            z[k, seen] = torch.where(zk < 0, zk * repetition, zk / repetition)
         counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=z.shape[-1])
         adj = -frequency * counts.float() - presence * (counts > 0).float()
         for t, b in (bias or {}).items():
@@ -51,13 +56,17 @@ def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: fl
 
 @pytest.mark.parametrize("kw", [{"frequency": -2.0}, {"presence": -2.0},
                                 {"frequency": 1.5, "bias": {1234: 4.0}},
-                                {"presence": 1.0, "frequency": 0.5, "bias": {1234: 4.0}}])
+                                {"presence": 1.0, "frequency": 0.5, "bias": {1234: 4.0}},
+                                {"repetition": 0.3}, {"repetition": 4.0},
+                                {"repetition": 0.5, "frequency": 0.5, "bias": {1234: 2.0}}])
 def test_penalties_equal_the_loop_from_scratch(acd, kw):
-    """Negative penalties make the random model repeat itself; positive ones break the
-    repetition a bias causes. Either way the tokens = the loop from scratch."""
+    """Negative penalties (a repetition penalty < 1) make the random model repeat itself;
+    positive ones break the repetition a bias causes (or avoid the prompt's tokens). Either
+    way the tokens = the loop from scratch."""
     bias = kw.get("bias", {})
     res = acd.generate(PROMPTS, max_new_tokens=10, presence_penalty=kw.get("presence", 0.0),
-                       frequency_penalty=kw.get("frequency", 0.0), logit_bias=bias)
+                       frequency_penalty=kw.get("frequency", 0.0), logit_bias=bias,
+                       repetition_penalty=kw.get("repetition", 1.0))
     without = acd.generate(PROMPTS, max_new_tokens=10, logit_bias=bias)
     for prompt, r in zip(PROMPTS, res, strict=True):
         assert r.token_ids == _from_scratch(acd, prompt, 10, **kw), prompt
@@ -139,3 +148,23 @@ def test_a_slot_reused_after_a_biased_request_is_clean(acd):
     alone = acd.generate(PROMPTS[0], max_new_tokens=3)[0].token_ids
     assert eng.pop_result(plain).token_ids == alone
     assert eng.pop_result(other).token_ids == [1234]
+
+
+def test_repetition_penalty_through_fork_and_truncate(acd):
+    """Under a strong repetition penalty a fork goes on with its parent's context, and a
+    sequence rolled back to 3 tokens forgets the ones it dropped (which it would take again):
+    both decode what the request alone decodes."""
+    kw = {"repetition_penalty": 4.0}
+    alone = acd.generate(PROMPTS[1], max_new_tokens=10, **kw)[0].token_ids
+    eng = acd.engine(max_seqs=2)
+    a = eng.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, **kw))
+    for _ in range(4):
+        eng.step()
+    kid = eng.fork(a, 1)[0]
+    for _ in range(3):
+        eng.step()
+    eng.truncate(a, 3)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.pop_result(a).token_ids == alone
+    assert eng.pop_result(kid).token_ids == alone

@@ -152,6 +152,11 @@ def test_penalties_and_logit_bias_equal_offline(server, offline):
     r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=6,
                              temperature=0, logit_bias={"1234": 4.0}, **kw)
     assert r.choices[0].text == raw.text
+    rep = offline("acd-text", PROMPTS[6], max_new_tokens=8, repetition_penalty=0.3)[0]
+    assert rep.text != offline("acd-text", PROMPTS[6], max_new_tokens=8)[0].text
+    r = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=8,
+                                  temperature=0, extra_body={"repetition_penalty": 0.3})
+    assert r.choices[0].message.content == rep.text
 
 
 def test_completions_equal_offline_raw_prompts(server, offline):
@@ -256,6 +261,8 @@ def test_errors_in_openai_shape(server):
          openai.BadRequestError, "logit_bias"),
         (dict(model="tiny:plain", messages=msgs, logit_bias={"x": 1}),
          openai.BadRequestError, "logit_bias"),
+        (dict(model="tiny:plain", messages=msgs, extra_body={"repetition_penalty": 0}),
+         openai.BadRequestError, "repetition_penalty"),
         (dict(model="tiny:plain", messages=msgs, logit_bias={"99999999": 1}),
          openai.BadRequestError, "logit_bias"),
         (dict(model="tiny:plain", messages=msgs, top_logprobs=3),

@@ -106,6 +106,7 @@ class _Seq:
     finish: str | None = None
     error: str | None = None
     gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
+    context: list[list[int]] | None = None  # prompt ids per branch (repetition penalty)
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -460,6 +461,8 @@ class Engine:
         self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
         if seq.params.adjusts_logits:
             self.state.recount(seq.slot, seq.out)
+        if seq.context is not None:
+            self.state.reseen(seq.slot, seq.context, seq.out)
 
     def detokenizer(self, request_id: int) -> IncrementalDetokenizer:
         """A fresh detokeniser with a live request's stop strings and end tokens: its tokens
@@ -567,7 +570,10 @@ class Engine:
             p = seq.params
             st.set_params(seq.slot, seed=seq.seed, temperature=p.temperature, top_k=p.top_k,
                           top_p=p.top_p, min_p=p.min_p)
-            st.set_adjust(seq.slot, p.presence_penalty, p.frequency_penalty, p.logit_bias)
+            if p.repetition_penalty != 1.0:  # each branch's prompt ids, kept for truncate
+                seq.context = [list(pre.ids) + list(suf) for pre, suf in seq.built]
+            st.set_adjust(seq.slot, p.presence_penalty, p.frequency_penalty, p.logit_bias,
+                          p.repetition_penalty, seq.context)
         if chunked:
             self._prefilling += admitted
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)

@@ -39,11 +39,13 @@ class SamplingParams:
     ``top_logprobs`` (with ``logprobs``, at most :data:`MAX_TOP_LOGPROBS`) also records that
     many most likely tokens of it at each step, with their log-probabilities (fewer where the
     final set — after the plausibility mask, top-k, top-p and min-p — is smaller).
-    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]) lower each token's
-    logit by that much once it has been generated / per time it has been generated, and
-    ``logit_bias`` (``{token id: bias in [-100, 100]}``) adds to it, on every branch's logits
-    before the contrast (for a linear rule whose weights sum to 1, as every shipped contrast's
-    do, that is the final score).
+    ``repetition_penalty`` (transformers' / vLLM's, > 0, 1 = off) divides the positive logits
+    of tokens already in a branch's context (its prompt and the answer so far) by itself and
+    multiplies the negative ones; then ``logit_bias`` (``{token id: bias in [-100, 100]}``) is
+    added and ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]) subtract that
+    much once a token has been generated / per time it has been generated — all on every
+    branch's logits before the contrast (for a linear rule whose weights sum to 1, as every
+    shipped contrast's do, the bias and the two penalties shift the final score exactly).
     """
 
     max_new_tokens: int = 128
@@ -59,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -94,6 +97,7 @@ class SamplingParams:
                              "generate)")
         _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, lo_open=True)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -126,7 +130,8 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether penalties or a logit bias change this request's logits."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
 
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)

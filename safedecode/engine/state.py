@@ -60,6 +60,8 @@ class DecodeState:
         self.frequency = torch.zeros(max_seqs, dtype=torch.float32, device=device)
         self.counts: torch.Tensor | None = None
         self.logit_bias: torch.Tensor | None = None
+        self.repetition = torch.ones(max_seqs, dtype=torch.float32, device=device)
+        self.seen: torch.Tensor | None = None  # [rows, V]: tokens in each row's context
         self.gate_on = torch.zeros(rows, dtype=torch.bool, device=device)  # a gated hook's call
         # per slot: its contrast-gate decision as the host knows it (None: not read yet), so a
         # step can leave out the rows a decided sequence no longer needs (ModelStep.decode)
@@ -131,11 +133,16 @@ class DecodeState:
         self.min_p[slot] = min_p
 
     def set_adjust(self, slot: int, presence: float, frequency: float,
-                   logit_bias: tuple[tuple[int, float], ...]) -> None:
-        """A new sequence's penalties and logit bias (its counts start at zero)."""
-        on = bool(presence or frequency or logit_bias)
+                   logit_bias: tuple[tuple[int, float], ...], repetition: float = 1.0,
+                   context: list[list[int]] | None = None) -> None:
+        """A new sequence's penalties and logit bias (its counts start at zero);
+        ``repetition`` != 1 needs ``context``: each branch's prompt ids."""
+        on = bool(presence or frequency or logit_bias or repetition != 1.0)
         self.adjusted[slot] = on
         self.presence[slot], self.frequency[slot] = presence, frequency
+        self.repetition[slot] = repetition
+        if repetition != 1.0:
+            self.reseen(slot, context, [])
         if self.counts is None:
             if not on:
                 return
@@ -155,17 +162,40 @@ class DecodeState:
         branch (the same tensor when no slot has any)."""
         if not any(self.adjusted[s] for s in slots):
             return logits
+        z = logits.float()
+        if self.seen is not None:  # repetition penalty (1 on the other rows: no change)
+            p = self.repetition[sidx][:, None, None]
+            seen = self.seen.view(self.max_seqs, self.k, -1)[sidx]
+            z = torch.where(seen, torch.where(z < 0, z * p, z / p), z)
+        if self.counts is None:
+            return z
         c = self.counts[sidx]
         adj = self.logit_bias[sidx] - self.frequency[sidx, None] * c \
             - self.presence[sidx, None] * (c > 0)
-        return logits.float() + adj[:, None, :]
+        return z + adj[:, None, :]
 
     def record(self, sidx: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count each slot's sampled token (for the penalties)."""
+        t = tokens.clamp(min=0)
         if self.counts is not None:
-            self.counts.index_put_((sidx, tokens.clamp(min=0)),
-                                   torch.ones_like(tokens, dtype=torch.float32),
+            self.counts.index_put_((sidx, t), torch.ones_like(tokens, dtype=torch.float32),
                                    accumulate=True)
+        if self.seen is not None:
+            branch = torch.arange(self.k, device=self.device)
+            self.seen.view(self.max_seqs, self.k, -1)[sidx[:, None], branch[None, :],
+                                                       t[:, None]] = True
+
+    def reseen(self, slot: int, context: list[list[int]], tokens: list[int]) -> None:
+        """A sequence's repetition-penalty tokens: each branch's prompt ``context`` and its
+        generated ``tokens``."""
+        if self.seen is None:
+            self.seen = torch.zeros(self.max_seqs * self.k, self.vocab, dtype=torch.bool,
+                                    device=self.device)
+        for j, ids in enumerate(context):
+            row = self.seen[slot * self.k + j]
+            row.zero_()
+            keep = [t for t in (*ids, *tokens) if t < self.vocab]
+            row[torch.tensor(keep, dtype=torch.long, device=self.device)] = True
 
     def recount(self, slot: int, tokens: list[int]) -> None:
         """A sequence's counts from its generated ``tokens`` (after a truncation)."""
@@ -216,11 +246,13 @@ class DecodeState:
                            dtype=torch.long, device=self.device)
         self.cache.copy_rows(src, dst, n_cols)
         self.lens[dst] = self.lens[src]
+        if self.seen is not None:
+            self.seen[dst] = self.seen[src]
         self.gate_on[dst] = self.gate_on[src]
         self.bias[dst] = self.bias[src]
         ch = torch.tensor(children, dtype=torch.long, device=self.device)
         for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p,
-                  self.presence, self.frequency):
+                  self.presence, self.frequency, self.repetition):
             t[ch] = t[parent].clone()
         if self.counts is not None:
             self.counts[ch] = self.counts[parent].clone()

@@ -233,6 +233,9 @@ class _Answer:
         return list(self.frontier)
 
 
+_DEFAULTS = SamplingParams()
+
+
 class Searcher:
     """DeAL's search, one answer at a time, inside an engine on ``spec.engine_method``.
 
@@ -289,8 +292,9 @@ class Searcher:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: the reward scores text, got {type(prompt).__name__}")
         params = checked_params(params, n)
-        for name in ("top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
-            if getattr(params, name):
+        for name in ("top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+                     "repetition_penalty"):
+            if getattr(params, name) != getattr(_DEFAULTS, name):
                 raise ValueError(f"{name}: not supported by deal (its tokens are chosen by a "
                                  "search over rollouts, not drawn from one distribution)")
         self.engine.check_fits(built, params.max_new_tokens, index)

@@ -77,7 +77,8 @@ class ServerConfig:
 
 
 # request fields whose errors found at admission (the model's vocabulary, the method) name them
-_PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty"}
+_PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"}
 
 
 def _one(top):

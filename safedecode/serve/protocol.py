@@ -3,8 +3,8 @@
 Requests are pydantic models (unknown fields are ignored, as OpenAI's own server does for fields
 it does not know); each turns into a prompt and a :class:`SamplingParams` with
 :meth:`sampling_params`, raising :class:`APIError` (400, naming the parameter) for values the
-engine cannot honour. safedecode's own sampling fields (``top_k``, ``min_p``, ``ignore_eos``) are
-accepted as extra body fields, as vLLM does.
+engine cannot honour. safedecode's own sampling fields (``top_k``, ``min_p``, ``ignore_eos``,
+``repetition_penalty``) are accepted as extra body fields, as vLLM does.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class _Common(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
+    repetition_penalty: float | None = None
 
     def _logit_bias(self) -> dict[int, float]:
         """OpenAI's ``{"token id": bias}`` with integer ids."""
@@ -90,6 +91,8 @@ class _Common(BaseModel):
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
             "logit_bias": self._logit_bias(),
+            "repetition_penalty": 1.0 if self.repetition_penalty is None
+            else self.repetition_penalty,
             "stop": tuple(stop), "logprobs": logprobs, "top_logprobs": top_logprobs,
             "ignore_eos": self.ignore_eos}
         names = {"max_new_tokens": "max_tokens"}
