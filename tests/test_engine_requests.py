@@ -386,12 +386,15 @@ class _SyncCounter:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-def test_one_host_transfer_per_decode_step(monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"top_logprobs": 5, "frequency_penalty": 0.5,
+                                        "logit_bias": {7: 1.0}, "repetition_penalty": 1.2}])
+def test_one_host_transfer_per_decode_step(monkeypatch, extra):
+    """Also with the best tokens, penalties and a logit bias asked: one read per step."""
     model, tok = tiny_llama()
     eng = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).engine(max_seqs=4)
     for p in PROMPTS[:3]:
         eng.add_request(p, SamplingParams(max_new_tokens=20, temperature=0.7, seed=1,
-                                          logprobs=True))
+                                          logprobs=True, **extra))
     eng.step()  # admission + prefill
     counter = _SyncCounter(monkeypatch)
     for _ in range(5):
