@@ -23,11 +23,21 @@ def acd():
     return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
 
 
+@pytest.fixture(scope="module")
+def decoders(acd):
+    """Weights (1, -0.5) (sum 0.5, the anchor 1), self-cd's (-1.5, 2.5) (the anchor negative),
+    and (1, -1) (sum 0: a bias on the branches alike would cancel)."""
+    model, tok = acd.model, acd.tok
+    return {"acd-text": acd, "self-cd": SafeDecoder(model, tok, methods.get("self-cd")),
+            "acd-text-1": SafeDecoder(model, tok, methods.get("acd-text", alpha=1.0))}
+
+
 def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: float = 0.0,
                   bias: dict[int, float] | None = None, repetition: float = 1.0) -> list[int]:
-    """Greedy tokens with the penalties and bias applied to each branch's logits (the
-    repetition penalty over that branch's prompt and the answer), every step recomputed
-    without a cache."""
+    """Greedy tokens, every step recomputed without a cache: the repetition penalty on each
+    branch's logits over that branch's prompt and the answer; the bias and penalties on the
+    final score and on the anchor (its plausibility mask) — as an extra branch of weight
+    ``1 - w_anchor`` holding them, beside the anchor's logits plus them."""
     m, eos = dec.method, eos_ids(dec.model, dec.tok)
     ids = []
     for branch in m.branches:
@@ -45,7 +55,10 @@ def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: fl
         adj = -frequency * counts.float() - presence * (counts > 0).float()
         for t, b in (bias or {}).items():
             adj[t] += b
-        tok = int(contrastive_sample((z + adj)[:, None, :], list(m.weights), rule=m.rule,
+        z[m.anchor] += adj
+        w_a = m.weights[m.anchor]
+        branches, weights = [*z, adj], [*m.weights, 1.0 - w_a]
+        tok = int(contrastive_sample(torch.stack(branches)[:, None, :], weights, rule=m.rule,
                                      anchor=m.anchor, beta=m.beta, temperature=0.0,
                                      backend="reference")[0])
         out.append(tok)
@@ -54,16 +67,20 @@ def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: fl
     return out
 
 
-@pytest.mark.parametrize("kw", [{"frequency": -2.0}, {"presence": -2.0},
-                                {"frequency": 1.5, "bias": {1234: 4.0}},
-                                {"presence": 1.0, "frequency": 0.5, "bias": {1234: 4.0}},
-                                {"repetition": 0.3}, {"repetition": 4.0},
-                                {"repetition": 0.5, "frequency": 0.5, "bias": {1234: 2.0}}])
-def test_penalties_equal_the_loop_from_scratch(acd, kw):
+KWS = [{"frequency": -2.0}, {"presence": -2.0}, {"frequency": 1.5, "bias": {1234: 4.0}},
+       {"presence": 1.0, "frequency": 0.5, "bias": {1234: 4.0}}, {"repetition": 0.3},
+       {"repetition": 4.0}, {"repetition": 0.5, "frequency": 0.5, "bias": {1234: 2.0}}]
+
+
+# (1, -1) already repeats one token: negative penalties alone leave nothing to change there
+@pytest.mark.parametrize("name, kw", [
+    (name, kw) for name in ("acd-text", "self-cd", "acd-text-1") for kw in KWS
+    if not (name == "acd-text-1" and set(kw) <= {"frequency", "presence"})])
+def test_penalties_equal_the_loop_from_scratch(decoders, name, kw):
     """Negative penalties (a repetition penalty < 1) make the random model repeat itself;
     positive ones break the repetition a bias causes (or avoid the prompt's tokens). Either
     way the tokens = the loop from scratch."""
-    bias = kw.get("bias", {})
+    bias, acd = kw.get("bias", {}), decoders[name]
     res = acd.generate(PROMPTS, max_new_tokens=10, presence_penalty=kw.get("presence", 0.0),
                        frequency_penalty=kw.get("frequency", 0.0), logit_bias=bias,
                        repetition_penalty=kw.get("repetition", 1.0))

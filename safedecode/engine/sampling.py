@@ -41,11 +41,11 @@ class SamplingParams:
     final set — after the plausibility mask, top-k, top-p and min-p — is smaller).
     ``repetition_penalty`` (transformers' / vLLM's, > 0, 1 = off) divides the positive logits
     of tokens already in a branch's context (its prompt and the answer so far) by itself and
-    multiplies the negative ones; then ``logit_bias`` (``{token id: bias in [-100, 100]}``) is
-    added and ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]) subtract that
-    much once a token has been generated / per time it has been generated — all on every
-    branch's logits before the contrast (for a linear rule whose weights sum to 1, as every
-    shipped contrast's do, the bias and the two penalties shift the final score exactly).
+    multiplies the negative ones, on every branch's logits; then ``logit_bias`` (``{token id:
+    bias in [-100, 100]}``) is added and ``presence_penalty`` / ``frequency_penalty``
+    (OpenAI's, in [-2, 2]) subtract that much once a token has been generated / per time it has
+    been generated — to the method's final score, and to the anchor branch the plausibility
+    mask reads (:func:`~safedecode.engine.step.adjust_coefficients`).
     """
 
     max_new_tokens: int = 128

@@ -156,10 +156,12 @@ class DecodeState:
             ids, vals = zip(*logit_bias, strict=True)
             self.logit_bias[slot, list(ids)] = torch.tensor(vals, device=self.device)
 
-    def adjust(self, slots: tuple[int, ...], sidx: torch.Tensor,
-               logits: torch.Tensor) -> torch.Tensor:
-        """``[n, K, V]`` logits of ``slots`` with their penalties and bias applied to every
-        branch (the same tensor when no slot has any)."""
+    def adjust(self, slots: tuple[int, ...], sidx: torch.Tensor, logits: torch.Tensor,
+               coef: torch.Tensor) -> torch.Tensor:
+        """``[n, K, V]`` logits of ``slots`` with their repetition penalty applied to every
+        branch, and their bias and presence / frequency penalties to branch k times
+        ``coef[k]`` (see :func:`~.step.adjust_coefficients`); the same tensor when no slot has
+        any."""
         if not any(self.adjusted[s] for s in slots):
             return logits
         z = logits.float()
@@ -172,7 +174,7 @@ class DecodeState:
         c = self.counts[sidx]
         adj = self.logit_bias[sidx] - self.frequency[sidx, None] * c \
             - self.presence[sidx, None] * (c > 0)
-        return z + adj[:, None, :]
+        return z + adj[:, None, :] * coef[None, :, None]
 
     def record(self, sidx: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count each slot's sampled token (for the penalties)."""

@@ -60,6 +60,25 @@ class CompiledDecode:
             return self.fn(ids, mask, pos, cache)
 
 
+def adjust_coefficients(method: Method) -> torch.Tensor:
+    """``[K]``: how much of a request's logit bias and penalties each branch's logits take so
+    that the op's final score moves by exactly them and the anchor (the plausibility mask) by
+    them too. Linear rule: the anchor 1, the other weighted branches the least-norm share of
+    ``1 - w_anchor`` (``c_k = (1 - w_a) w_k / sum w_j^2``), weight-0 branches 0; the union rule
+    (log-softmax of each branch) 1 on both branches, which moves its score by them up to a
+    per-row constant."""
+    w = torch.tensor(method.weights, dtype=torch.float32)
+    if method.rule != "linear":
+        return torch.ones_like(w)
+    a = method.anchor
+    others = w.clone()
+    others[a] = 0.0
+    norm = float((others * others).sum())
+    c = others * ((1.0 - float(w[a])) / norm) if norm > 0 else torch.zeros_like(w)
+    c[a] = 1.0
+    return c
+
+
 class ModelStep:
     """Runs ``model`` for the rows of a :class:`DecodeState` (see the module docstring)."""
 
@@ -82,6 +101,7 @@ class ModelStep:
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.weights = list(method.weights)
+        self.adjust_coef = adjust_coefficients(method).to(self.device)
         self._hook_rows: dict[int, slice] = {}
         self._prompt_mask: torch.Tensor | None = None  # [rows, t]: the suffix positions
         self._prompt_hooks = any(h.positions == "prompt" for br in method.branches
@@ -580,7 +600,7 @@ class ModelStep:
         id first on ties; ``-inf`` past the final set)."""
         m = self.method
         _, _, sidx = state.layout(slots)
-        logits = state.adjust(slots, sidx, logits)  # penalties and logit bias, if any asked
+        logits = state.adjust(slots, sidx, logits, self.adjust_coef)  # penalties, bias
         knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
                      temperature=state.temperature[sidx], top_k=state.top_k[sidx],
                      top_p=state.top_p[sidx], min_p=state.min_p[sidx], backend=self.backend)
