@@ -45,7 +45,8 @@ class SamplingParams:
     bias in [-100, 100]}``) is added and ``presence_penalty`` / ``frequency_penalty``
     (OpenAI's, in [-2, 2]) subtract that much once a token has been generated / per time it has
     been generated — to the method's final score, and to the anchor branch the plausibility
-    mask reads (:func:`~safedecode.engine.step.adjust_coefficients`).
+    mask reads (the union rule: to both branches; see
+    :func:`~safedecode.engine.step.adjust_coefficients`).
     """
 
     max_new_tokens: int = 128

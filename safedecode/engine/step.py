@@ -64,9 +64,9 @@ def adjust_coefficients(method: Method) -> torch.Tensor:
     """``[K]``: how much of a request's logit bias and penalties each branch's logits take so
     that the op's final score moves by exactly them and the anchor (the plausibility mask) by
     them too. Linear rule: the anchor 1, the other weighted branches the least-norm share of
-    ``1 - w_anchor`` (``c_k = (1 - w_a) w_k / sum w_j^2``), weight-0 branches 0; the union rule
-    (log-softmax of each branch) 1 on both branches, which moves its score by them up to a
-    per-row constant."""
+    ``1 - w_anchor`` (``c_k = (1 - w_a) w_k / sum w_j^2``), weight-0 branches 0. The union rule
+    (SafeInfer) has no such share (its score is not linear in the logits): both branches take
+    them whole — the union of the two adjusted distributions."""
     w = torch.tensor(method.weights, dtype=torch.float32)
     if method.rule != "linear":
         return torch.ones_like(w)
