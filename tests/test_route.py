@@ -70,6 +70,23 @@ def test_margin_extremes_give_each_method_and_slots_are_freed():
         assert not eng.has_unfinished() and eng.state.free_slots == 2 * len(PROMPTS)
 
 
+def test_route_keeps_the_winners_top_logprobs_and_penalties():
+    """Per-request extras on a routed answer are the winning method's own: at each margin
+    extreme, the tokens, log-probs and best tokens of that method decoded alone with them."""
+    model, tok = tiny_llama()
+    kw = dict(max_new_tokens=8, return_logprobs=True, top_logprobs=3, frequency_penalty=1.5,
+              logit_bias={1234: 4.0}, repetition_penalty=1.3)
+    for margin, name, mkw in ((-1e9, "acd-text", {"alpha": 0.5}), (1e9, "plain", {})):
+        want = SafeDecoder(model, tok, methods.get(name, **mkw)).generate(PROMPTS, **kw)
+        spec = methods.get("route", reward=_vowels, horizon=3, margin=margin, **BASE)
+        got = SafeDecoder(model, tok, spec).generate(PROMPTS, **kw)
+        for g, w in zip(got, want, strict=True):
+            assert g.token_ids == w.token_ids and 1234 in g.token_ids
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+            assert [[i for i, _ in s] for s in g.top_logprobs] == \
+                [[i for i, _ in s] for s in w.top_logprobs]
+
+
 def test_sampled_route_is_seeded():
     model, tok = tiny_llama()
     spec = methods.get("route", reward=_vowels, horizon=4, **BASE)
