@@ -54,6 +54,14 @@ def _read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     return prompts
 
 
+def _token_logprobs(tok, r) -> list[dict]:
+    """Each generated token with its log-prob and its step's best tokens (``--logprobs``)."""
+    tops = r.top_logprobs or [[]] * len(r.token_ids)
+    return [{"token": tok.decode([t]), "id": t, "logprob": lp,
+             "top": [{"token": tok.decode([u]), "id": u, "logprob": ulp} for u, ulp in best]}
+            for t, lp, best in zip(r.token_ids, r.logprobs or [], tops, strict=False)]
+
+
 def _search_progress(bar, task, name: str):
     """A search's ``on_step`` callback that shows its step (the bar itself advances as
     requests finish)."""
@@ -117,6 +125,9 @@ def generate(
                                       "branch's own prompt)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is decoded (1 prompt)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result."),
+    logprobs: int | None = typer.Option(
+        None, "--logprobs", help="With --json: each token's log-probability under the method's "
+        "final distribution and that many of its best tokens (0-20)."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
     acd_prompts: Path | None = typer.Option(
         None, "--acd-prompts",
@@ -212,17 +223,22 @@ def generate(
             raise ValueError("--batch-size: must be >= 1")
         if stream and len(prompts) != 1:
             raise ValueError("--stream: give a single prompt")
+        if logprobs is not None and not as_json:
+            raise ValueError("--logprobs: needs --json (the log-probs are a JSON field)")
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens: must be >= 1")
         SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, frequency_penalty=frequency_penalty,
-                       presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
+                       presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                       logprobs=logprobs is not None, top_logprobs=logprobs or 0)
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
+        if logprobs is not None:
+            kw.update(return_logprobs=True, top_logprobs=logprobs)
         requests = prompts if system is None else [
             [{"role": "system", "content": system}, {"role": "user", "content": p}]
             for p in prompts]
@@ -242,9 +258,12 @@ def generate(
         _fail(str(exc))
     for p, r in zip(prompts, results, strict=True):
         if as_json:
-            typer.echo(json.dumps({"prompt": p, "method": meth.name, "text": r.text,
-                                   "finish_reason": r.finish_reason, "tokens": len(r.token_ids),
-                                   "timing": r.timing}))
+            out = {"prompt": p, "method": meth.name, "text": r.text,
+                   "finish_reason": r.finish_reason, "tokens": len(r.token_ids),
+                   "timing": r.timing}
+            if logprobs is not None:
+                out["logprobs"] = _token_logprobs(tok, r)
+            typer.echo(json.dumps(out))
         else:
             typer.echo(r.text if len(prompts) == 1 else f"### {p}\n{r.text}\n")
 

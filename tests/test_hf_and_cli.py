@@ -144,6 +144,23 @@ def test_cli_generate_with_penalties(tiny_model_dir):
         assert res.stdout.rstrip("\n") == want
 
 
+def test_cli_generate_logprobs_in_json(tiny_model_dir):
+    """``--json --logprobs N``: each token's log-prob and its step's N best = offline."""
+    model, tok = tiny_llama()
+    want = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).generate(
+        "Hi there", max_new_tokens=5, return_logprobs=True, top_logprobs=2)[0]
+    res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),
+                                   "-m", "acd-text:alpha=0.5", "-n", "5", "--json",
+                                   "--logprobs", "2"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["logprobs"]
+    assert [t["id"] for t in got] == want.token_ids
+    assert [t["logprob"] for t in got] == pytest.approx(want.logprobs, abs=1e-5)
+    assert [[u["id"] for u in t["top"]] for t in got] == \
+        [[i for i, _ in s] for s in want.top_logprobs]
+    assert got[0]["token"] == tok.decode([want.token_ids[0]])
+
+
 def test_cli_generate_with_a_system_message(tiny_model_dir):
     """``--system`` puts a system message before every prompt, on a contrast method too."""
     model, tok = tiny_llama()
@@ -185,6 +202,8 @@ def test_cli_generate_takes_a_knob_string(tiny_model_dir):
         (["generate", "x", "-t", "-1"], "temperature"),
         (["generate", "x", "--top-p", "2"], "top_p"),
         (["generate", "x", "--frequency-penalty", "3"], "frequency_penalty"),
+        (["generate", "x", "--logprobs", "2"], "--logprobs: needs --json"),
+        (["generate", "x", "--json", "--logprobs", "21"], "top_logprobs"),
         (["generate"], "PROMPT"),
         (["generate", "x", "--method", "plain", "--alpha", "0.5"], "plain"),
         (["generate", "x", "--model", "/nonexistent/model"], "model"),
