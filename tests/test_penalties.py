@@ -185,3 +185,20 @@ def test_repetition_penalty_through_fork_and_truncate(acd):
         eng.step()
     assert eng.pop_result(a).token_ids == alone
     assert eng.pop_result(kid).token_ids == alone
+
+
+def test_choices_of_one_prompt_keep_the_repetition_context(acd):
+    """``n`` choices are forked after one prefill: each truncated choice still knows its
+    prompt for the repetition penalty (sampled, seeded: each = its seed alone)."""
+    kw = {"repetition_penalty": 4.0, "temperature": 0.01}
+    eng = acd.engine(max_seqs=3)
+    ids = eng.add_choices(PROMPTS[1], SamplingParams(max_new_tokens=8, seed=7, **kw), 2)
+    for _ in range(5):
+        eng.step()
+    for rid in ids:
+        eng.truncate(rid, 2)
+    while eng.has_unfinished():
+        eng.step()
+    for i, rid in enumerate(ids):
+        alone = acd.generate(PROMPTS[1], max_new_tokens=8, seed=7 + i, **kw)[0].token_ids
+        assert eng.pop_result(rid).token_ids == alone

@@ -610,7 +610,7 @@ class Engine:
                 s.built = None
                 if s.kids:
                     for kid in s.kids:
-                        kid.slot = st.acquire()
+                        kid.slot, kid.context = st.acquire(), s.context
                     st.fork(s.slot, [kid.slot for kid in s.kids])
                     st.seed[torch.tensor([kid.slot for kid in s.kids])] = torch.tensor(
                         [kid.seed for kid in s.kids], dtype=torch.long).to(st.device)
