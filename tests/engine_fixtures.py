@@ -34,6 +34,21 @@ def tiny_llama(seed: int = 0, max_positions: int = 512):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+# prompts of the per-request sampling tests (top_logprobs, penalties)
+SAMPLING_PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
+                    "Name a colour."]
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_acd_decoder():
+    """``acd-text`` (alpha 0.5, beta 0.1) on :func:`tiny_llama`: a contrast with a mask."""
+    from safedecode import methods
+    from safedecode.engine import SafeDecoder
+
+    model, tok = tiny_llama()
+    return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
+
+
 @functools.lru_cache(maxsize=1)
 def default_model():
     return load_default()

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import tiny_llama
+from engine_fixtures import SAMPLING_PROMPTS, tiny_acd_decoder
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
 from safedecode.engine.engine import eos_ids
 from safedecode.ops import contrastive_sample
 
-PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
-           "Name a colour."]
+PROMPTS = SAMPLING_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def acd():
-    model, tok = tiny_llama()
-    return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
+    return tiny_acd_decoder()
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,18 @@ import math
 
 import pytest
 import torch
-from engine_fixtures import tiny_llama
+from engine_fixtures import SAMPLING_PROMPTS, tiny_acd_decoder, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
 from safedecode.ops import contrastive_logprobs
 
-PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on a lock?",
-           "Name a colour."]
+PROMPTS = SAMPLING_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def acd():
-    model, tok = tiny_llama()
-    return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
+    return tiny_acd_decoder()
 
 
 def _reference(dec, prompt: str, out: list[int], temperature: float = 1.0,
