@@ -263,6 +263,11 @@ def test_errors_in_openai_shape(server):
          openai.BadRequestError, "logit_bias"),
         (dict(model="tiny:plain", messages=msgs, extra_body={"repetition_penalty": 0}),
          openai.BadRequestError, "repetition_penalty"),
+        (dict(model="tiny:plain", messages=msgs, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}]),
+         openai.BadRequestError, "tools"),
+        (dict(model="tiny:plain", messages=msgs, response_format={"type": "json_object"}),
+         openai.BadRequestError, "response_format"),
         (dict(model="tiny:plain", messages=msgs, logit_bias={"99999999": 1}),
          openai.BadRequestError, "logit_bias"),
         (dict(model="tiny:plain", messages=msgs, top_logprobs=3),
@@ -285,6 +290,10 @@ def test_errors_in_openai_shape(server):
         c.chat.completions.create(model="tiny:plain", messages=[
             {"role": "user", "content": "hi " * 600}])
     assert info.value.body["code"] == "context_length_exceeded"
+    ok = c.chat.completions.create(model="tiny:plain", messages=msgs, max_tokens=2,
+                                   response_format={"type": "text"}, user="u1",
+                                   metadata={"k": "v"}, tool_choice="none")
+    assert ok.choices[0].finish_reason  # fields that change nothing are accepted
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").chat.completions.create(model="tiny:plain",
                                                                messages=msgs)

@@ -1,7 +1,9 @@
 """OpenAI's request and response shapes for ``/v1/chat/completions`` and ``/v1/completions``.
 
-Requests are pydantic models (unknown fields are ignored, as OpenAI's own server does for fields
-it does not know); each turns into a prompt and a :class:`SamplingParams` with
+Requests are pydantic models: fields that would change what the answer is — tool calling, a
+structured ``response_format``, audio — are a 400 naming them (answering them with free text
+would break the client silently); other unknown fields (``user``, ``metadata``, ``store``, ...)
+are ignored, as vLLM does. Each request turns into a prompt and a :class:`SamplingParams` with
 :meth:`sampling_params`, raising :class:`APIError` (400, naming the parameter) for values the
 engine cannot honour. safedecode's own sampling fields (``top_k``, ``min_p``, ``ignore_eos``,
 ``repetition_penalty``) are accepted as extra body fields, as vLLM does.
@@ -42,7 +44,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to be checked (_refuse_output_changes)
 
     model: str
     max_tokens: int | None = None
@@ -63,6 +65,23 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     repetition_penalty: float | None = None
 
+    def _refuse_output_changes(self) -> None:
+        """A 400 for a field asking for output safedecode does not produce."""
+        extra = self.model_extra or {}
+        for name in ("tools", "functions", "audio", "prediction"):
+            if extra.get(name):
+                raise bad_param(name, "not supported by safedecode (text generation only)")
+        for name in ("tool_choice", "function_call"):
+            if extra.get(name) not in (None, "none"):
+                raise bad_param(name, "not supported by safedecode (text generation only)")
+        fmt = extra.get("response_format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise bad_param("response_format", "only {\"type\": \"text\"} is supported "
+                                               "(no JSON mode or schema)")
+        modalities = extra.get("modalities")
+        if modalities is not None and list(modalities) != ["text"]:
+            raise bad_param("modalities", "only [\"text\"] is supported")
+
     def _logit_bias(self) -> dict[int, float]:
         """OpenAI's ``{"token id": bias}`` with integer ids."""
         out = {}
@@ -76,6 +95,7 @@ class _Common(BaseModel):
     def sampling_params(self, *, max_tokens: int | None, default_max_tokens: int,
                         logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         """The request's :class:`SamplingParams`; ``max_tokens`` None: ``default_max_tokens``."""
+        self._refuse_output_changes()
         if isinstance(self.n, bool) or self.n < 1:
             raise bad_param("n", f"must be >= 1, got {self.n!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
