@@ -49,6 +49,24 @@ def tiny_acd_decoder():
     return SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5, beta=0.1))
 
 
+def final_from_scratch(dec, prompt: str, out: list[int], temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``[len(out), V]``: the final log-distribution before each generated token, from one
+    forward per branch over prompt + answer (no cache, no batching)."""
+    from safedecode.ops import contrastive_logprobs
+
+    m, logits = dec.method, []
+    for branch in m.branches:
+        prefix, suffix = dec.builder.build(branch, [{"role": "user", "content": prompt}], 0)
+        ids = prefix.ids + suffix
+        with torch.no_grad():
+            z = dec.model(torch.tensor([ids + out])).logits[0]
+        logits.append(z[len(ids) - 1:len(ids) - 1 + len(out)])
+    return contrastive_logprobs(torch.stack(logits), list(m.weights), rule=m.rule,
+                                anchor=m.anchor, beta=m.beta, temperature=temperature,
+                                top_k=top_k, top_p=top_p, backend="reference")
+
+
 @functools.lru_cache(maxsize=1)
 def default_model():
     return load_default()

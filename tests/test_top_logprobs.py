@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from engine_fixtures import SAMPLING_PROMPTS, tiny_acd_decoder, tiny_llama
+from engine_fixtures import SAMPLING_PROMPTS, final_from_scratch, tiny_acd_decoder, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
-from safedecode.ops import contrastive_logprobs
 
 PROMPTS = SAMPLING_PROMPTS
 
@@ -21,28 +20,11 @@ def acd():
     return tiny_acd_decoder()
 
 
-def _reference(dec, prompt: str, out: list[int], temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """``[len(out), V]``: the final log-distribution before each generated token, from one
-    forward per branch over prompt + answer (no cache, no batching)."""
-    m, logits = dec.method, []
-    for k, branch in enumerate(m.branches):
-        prefix, suffix = dec.builder.build(branch, [{"role": "user", "content": prompt}], 0)
-        ids = prefix.ids + suffix
-        with torch.no_grad():
-            z = dec.model(torch.tensor([ids + out])).logits[0]
-        logits.append(z[len(ids) - 1:len(ids) - 1 + len(out)])
-        assert k < m.k
-    return contrastive_logprobs(torch.stack(logits), list(m.weights), rule=m.rule,
-                                anchor=m.anchor, beta=m.beta, temperature=temperature,
-                                top_k=top_k, top_p=top_p, backend="reference")
-
-
 def test_greedy_top_logprobs_equal_the_distribution_from_scratch(acd):
     res = acd.generate(PROMPTS, max_new_tokens=8, return_logprobs=True, top_logprobs=5)
     for prompt, r in zip(PROMPTS, res, strict=True):
         assert len(r.top_logprobs) == len(r.token_ids) == len(r.logprobs)
-        ref = _reference(acd, prompt, r.token_ids)
+        ref = final_from_scratch(acd, prompt, r.token_ids)
         for t, (tok, lp, best) in enumerate(zip(r.token_ids, r.logprobs, r.top_logprobs,
                                                 strict=True)):
             assert len(best) == 5
@@ -60,7 +42,7 @@ def test_sampled_top_logprobs_follow_temperature_top_k_and_top_p(acd):
                        seed=3, return_logprobs=True, top_logprobs=20)
     short = set()
     for prompt, r in zip(PROMPTS, res, strict=True):
-        ref = _reference(acd, prompt, r.token_ids, temperature=0.7, top_k=12, top_p=0.8)
+        ref = final_from_scratch(acd, prompt, r.token_ids, temperature=0.7, top_k=12, top_p=0.8)
         for t, (tok, lp, best) in enumerate(zip(r.token_ids, r.logprobs, r.top_logprobs,
                                                 strict=True)):
             kept = int(torch.isfinite(ref[t]).sum())

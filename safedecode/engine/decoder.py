@@ -144,6 +144,50 @@ class SafeDecoder:
             raise ValueError(bad[0].error)
         return [results[i] for i in range(len(results))]
 
+    def score(self, prompts: Prompt | Sequence[Prompt],
+              continuations: str | Sequence[int] | Sequence[str | Sequence[int]], *,
+              raw: bool = False, max_batch: int = 16, **params) -> list[GenerationResult]:
+        """The log-probabilities of given answers under this method, token by token: each
+        prompt's continuation (a string, tokenised without special tokens, or token ids) is
+        fed as if decoded — the same branches, prompts, hooks and adapters as
+        :meth:`generate` — and each result's ``logprobs`` are its tokens' log-probs under the
+        final distribution (``-inf`` where the plausibility mask or top-k / top-p excludes
+        one); their sum is the answer's log-likelihood under the method. Keywords: the
+        distribution's :class:`SamplingParams` knobs (``temperature``, penalties,
+        ``top_logprobs`` to see what it preferred). ``max_batch``: requests scored at once."""
+        if self.search is not None:
+            raise ValueError("score: not supported by a search method (deal, route: they "
+                             "choose among answers rather than draw from one distribution)")
+        if self.tok is None:
+            raise ValueError("score: this decoder has no tokenizer")
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], dict))
+        plist = [prompts] if single else list(prompts)
+        if single:
+            continuations = [continuations]
+        if len(continuations) != len(plist):
+            raise ValueError(f"continuations: expected {len(plist)} (one per prompt), got "
+                             f"{len(continuations)}")
+        ids = [self.tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str)
+               else list(c) for c in continuations]
+        base = SamplingParams.from_kwargs(**{"return_logprobs": True, **params})
+        eng = self.engine(max_seqs=max(1, min(max_batch, len(plist))))
+        rids: list[int | None] = [None] * len(plist)
+        done: dict[int, GenerationResult] = {}
+        nxt = 0
+        while nxt < len(plist) or eng.has_unfinished():
+            while nxt < len(plist) and eng.state.free_slots - eng.num_waiting() > 0:
+                rids[nxt] = eng.add_scored(plist[nxt], ids[nxt], base, raw=raw)
+                nxt += 1
+            for out in eng.step():
+                if out.finish_reason:
+                    done[out.request_id] = eng.pop_result(out.request_id)
+        results = [done[r] for r in rids]
+        bad = [r for r in results if r.error]
+        if bad:
+            raise ValueError(bad[0].error)
+        return results
+
     def stream(self, prompts: Prompt | Sequence[Prompt], *, raw: bool = False,
                max_batch: int | None = None, **params) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as they are decoded (a ``route``

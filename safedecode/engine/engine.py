@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -107,6 +107,7 @@ class _Seq:
     error: str | None = None
     gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
     context: list[list[int]] | None = None  # prompt ids per branch (repetition penalty)
+    forced: list[int] | None = None  # the tokens it takes instead of sampling (add_scored)
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -263,6 +264,27 @@ class Engine:
             raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string")
         msgs = normalise_prompt(prompt, index)
         return [self.builder.build(br, msgs, index, raw=raw) for br in self.method.branches]
+
+    def add_scored(self, prompt: Prompt, continuation: Sequence[int],
+                   params: SamplingParams | None = None, *, raw: bool = False) -> int:
+        """Queue a request that takes the tokens ``continuation`` instead of sampling: its
+        result's ``logprobs`` are theirs under the method's final distribution, step by step
+        through the same forwards as a generated answer (branch prompts, soft prompts, hooks,
+        adapters), ``-inf`` where that distribution excludes the token (the plausibility mask,
+        top-k / top-p). ``params``: the distribution's knobs (temperature, top_*, penalties,
+        ``top_logprobs``); its length, EOS and log-prob settings are set here."""
+        if isinstance(continuation, (str, bytes)) or not isinstance(continuation, Sequence) \
+                or not continuation:
+            raise ValueError("continuation: expected a non-empty list of token ids")
+        v = self.state.vocab
+        for t in continuation:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
+                raise ValueError(f"continuation: token ids in [0, {v}), got {t!r}")
+        p = replace(checked_params(params), max_new_tokens=len(continuation), ignore_eos=True,
+                    logprobs=True, stop=(), stop_token_ids=())
+        rid = self.add_built(self.build(prompt, raw=raw), p)[0]
+        self._live[rid].forced = list(continuation)
+        return rid
 
     def add_tokens(self, ids: Sequence[Sequence[int]], params: SamplingParams | None = None
                    ) -> int:
@@ -633,7 +655,11 @@ class Engine:
         seqs = [by_slot[s] for s in order]
         want_lp = any(s.params.logprobs for s in seqs)
         top = max(s.params.top_logprobs for s in seqs)
-        packed = self.runner.sample(st, tuple(order), logits, want_lp, top)
+        forced = None
+        if any(s.forced for s in seqs):
+            forced = torch.tensor([s.forced[len(s.out)] if s.forced else -1 for s in seqs],
+                                  dtype=torch.long).to(st.device)
+        packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced)
         vals = packed.tolist()  # the step's one device-to-host transfer
         self.steps += 1
         now = time.perf_counter()

@@ -578,11 +578,15 @@ class ModelStep:
                          for k, w in enumerate(m.weights)], dim=1)
         return torch.where(on, logits, off)
 
-    def _top(self, logits: torch.Tensor, knobs: dict, top: int) -> list[torch.Tensor]:
-        """The ``top`` best tokens of each row's final distribution: ``top`` rows of ids and
-        ``top`` of log-probs, ``[top, n]`` each (rows with bad logits: all ``-inf``)."""
-        lp = contrastive_logprobs(logits.permute(1, 0, 2), self.weights, check_inputs=False,
-                                  **knobs)
+    def _final(self, logits: torch.Tensor, knobs: dict) -> torch.Tensor:
+        """``[n, V]``: each row's final log-distribution (rows with bad logits: all -inf)."""
+        return contrastive_logprobs(logits.permute(1, 0, 2), self.weights, check_inputs=False,
+                                    **knobs)
+
+    @staticmethod
+    def _top(lp: torch.Tensor, top: int) -> list[torch.Tensor]:
+        """The ``top`` best tokens of each row of ``lp``: ``top`` rows of ids and ``top`` of
+        log-probs, ``[top, n]`` each."""
         vals, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
         ids, order = ids.sort(dim=-1)  # ties: lowest id first, as the greedy choice
         vals = vals.gather(1, order)
@@ -591,13 +595,16 @@ class ModelStep:
         return [*ids.double().T, *vals.double().T]
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
-               logprobs: bool, top: int = 0) -> torch.Tensor:
+               logprobs: bool, top: int = 0, forced: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
         next input and advances its step. Returns ``[tokens; status (; logprobs)
         (; top ids; top log-probs)]`` as one float64 tensor on the device (the caller reads it
         back with one transfer); ``top`` > 0 adds the ``top`` most likely tokens of each row's
         final distribution (``top`` rows of ids, then ``top`` of log-probs, best first, lowest
-        id first on ties; ``-inf`` past the final set)."""
+        id first on ties; ``-inf`` past the final set). ``forced`` (``[n]``, -1: sample): the
+        token each row takes instead of sampling (scoring a given text), its log-prob under
+        the final distribution (``-inf`` where that excludes it)."""
         m = self.method
         _, _, sidx = state.layout(slots)
         logits = state.adjust(slots, sidx, logits, self.adjust_coef)  # penalties, bias
@@ -607,8 +614,17 @@ class ModelStep:
         tokens, lps, status = contrastive_sample_with_status(
             logits.permute(1, 0, 2), self.weights, seed=state.seed[sidx],
             step=state.step[sidx], return_logprobs=logprobs, **knobs)
+        final = self._final(logits, knobs) if top or forced is not None else None
+        if forced is not None:
+            on = forced >= 0
+            given = forced.clamp(min=0)
+            tokens = torch.where(on & (status == 0), given, tokens)
+            if logprobs:
+                lps = torch.where(on, final.gather(1, given[:, None])[:, 0], lps)
         if self.stop is not None:  # a flagged answer that has just ended a sentence ends
             cut = self.stop.apply(state, sidx, m.k) & (status == 0)
+            if forced is not None:
+                cut &= forced < 0
             tokens = torch.where(cut, self.stop.eos, tokens)
             if logprobs:
                 lps = torch.where(cut, 0.0, lps)  # the rule leaves it no other token
@@ -619,7 +635,7 @@ class ModelStep:
         if logprobs:
             parts.append(lps.double())
         if top:
-            parts += self._top(logits, knobs, top)
+            parts += self._top(final, top)
         if self.drop_rows:  # each sequence's gate, read with the step (DecodeState.host_gate)
             parts.append(state.gate_on[sidx * m.k + m.contrast_gate].double())
         return torch.stack(parts)
