@@ -689,6 +689,52 @@ def check(
 
 
 @app.command()
+def score(
+    prompt: str = typer.Argument(..., help="The request."),
+    answer: str = typer.Argument(..., help="The answer to score under each method."),
+    method: list[str] = typer.Option(["plain"], "--method", "-m",
+                                     help="A method (knobs as `eval` takes them: "
+                                          "'acd-text:alpha=0.5'); repeat to compare."),
+    model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
+    adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder merged "
+                                       "into the model, or 'ta-sft'."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per method, with each "
+                                 "token's log-prob."),
+):
+    """The log-likelihood of a given answer under each method's final distribution (what the
+    method makes of an answer: a refusal's or a compliance's likelihood under ACD vs plain)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from safedecode import methods
+    from safedecode.engine import SafeDecoder
+    from safedecode.models import load_model
+
+    try:
+        specs = [_one_method(m) for m in method]
+        meths = [methods.get(name, **own) for name, own in specs]
+        mdl, tok = load_model(model, adapter=adapter)
+        results = [SafeDecoder(mdl, tok, m).score(prompt, answer)[0] for m in meths]
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    table = Table("method", "log-likelihood", "per token", "tokens", "excluded")
+    for m, r in zip(meths, results, strict=True):
+        total = sum(r.logprobs)
+        excluded = sum(lp == float("-inf") for lp in r.logprobs)
+        if as_json:
+            typer.echo(json.dumps({"method": m.name, "loglik": total, "tokens": len(r.logprobs),
+                                   "excluded": excluded,
+                                   "logprobs": _token_logprobs(tok, r)}))
+        table.add_row(m.name, f"{total:.2f}", f"{total / len(r.logprobs):.3f}",
+                      str(len(r.logprobs)), str(excluded))
+    if not as_json:
+        Console().print(table)
+        if any(lp == float("-inf") for r in results for lp in r.logprobs):
+            typer.echo("excluded: tokens the method's plausibility mask leaves out "
+                       "(log-prob -inf)")
+
+
+@app.command()
 def demo(max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n")):
     """Safe decoding on the embedded default model, offline (as `python -m safedecode.demo`)."""
     from safedecode.demo import main as demo_main

@@ -161,6 +161,30 @@ def test_cli_generate_logprobs_in_json(tiny_model_dir):
     assert got[0]["token"] == tok.decode([want.token_ids[0]])
 
 
+def test_cli_score_compares_methods(tiny_model_dir):
+    """``safedecode score PROMPT ANSWER -m ... -m ...``: each method's log-likelihood of the
+    answer = ``SafeDecoder.score``; a table by default, JSON lines with ``--json``."""
+    model, tok = tiny_llama()
+    args = ["score", "Hi there", "Hello, how are you?", "--model", str(tiny_model_dir),
+            "-m", "plain", "-m", "acd-text:alpha=0.5"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert [x["method"] for x in lines] == ["plain", "acd-text"]
+    for x, name in zip(lines, ("plain", "acd-text"), strict=True):
+        kw = {"alpha": 0.5} if name == "acd-text" else {}
+        want = SafeDecoder(model, tok, methods.get(name, **kw)).score(
+            "Hi there", "Hello, how are you?")[0]
+        assert x["loglik"] == pytest.approx(sum(want.logprobs), abs=1e-3)
+        assert [t["id"] for t in x["logprobs"]] == want.token_ids
+    assert lines[0]["loglik"] != lines[1]["loglik"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "log-likelihood" in res.stdout and "acd-text" in res.stdout
+    res = CliRunner().invoke(app, ["score", "Hi", "Yo", "--model", str(tiny_model_dir),
+                                   "-m", "nope"])
+    assert res.exit_code != 0 and "nope" in res.output
+
+
 def test_cli_generate_with_a_system_message(tiny_model_dir):
     """``--system`` puts a system message before every prompt, on a contrast method too."""
     model, tok = tiny_llama()
