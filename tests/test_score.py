@@ -60,6 +60,8 @@ def test_score_in_batches_equals_alone_and_keeps_top_logprobs(acd):
 def test_score_bad_input_is_named(acd):
     with pytest.raises(ValueError, match="continuations: expected 3"):
         acd.score(PROMPTS, [[1]])
+    with pytest.raises(ValueError, match="one per prompt"):
+        acd.score(PROMPTS, "abc")
     with pytest.raises(ValueError, match="continuation: token ids in"):
         acd.score("Hi", [10**9])
     with pytest.raises(ValueError, match="continuation: expected a non-empty"):

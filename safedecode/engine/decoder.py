@@ -165,6 +165,8 @@ class SafeDecoder:
         plist = [prompts] if single else list(prompts)
         if single:
             continuations = [continuations]
+        elif isinstance(continuations, str):
+            raise ValueError("continuations: give one per prompt (a list)")
         if len(continuations) != len(plist):
             raise ValueError(f"continuations: expected {len(plist)} (one per prompt), got "
                              f"{len(continuations)}")
