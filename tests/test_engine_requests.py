@@ -340,6 +340,24 @@ def test_every_sampling_field_out_of_range_names_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_raw_token_id_prompts_follow_each_branch_system_text():
+    """A raw prompt given as ids: each branch's system text and separator tokenised alone,
+    then the ids as they are; bad ids named."""
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, _method()).engine(max_seqs=2)
+    built = eng.build([5, 6, 7], raw=True)
+    for branch, (prefix, suffix) in zip(eng.method.branches, built, strict=True):
+        head = f"{branch.system}\n\n" if branch.system else ""
+        assert list(prefix.ids) == (tok(head)["input_ids"] if head else [])
+        assert suffix == [5, 6, 7]
+    assert any(b.system for b in eng.method.branches)  # a branch with a text prompt
+    for bad in ([5, -1], [10**9]):
+        with pytest.raises(ValueError, match=r"prompts\[0\]"):
+            eng.build(bad, raw=True)
+    with pytest.raises(ValueError, match="raw"):
+        eng.build([5, 6], raw=False)
+
+
 def test_bad_engine_calls_name_what_was_wrong():
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, _method())

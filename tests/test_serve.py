@@ -17,7 +17,7 @@ from engine_fixtures import default_model, tiny_llama
 from serve_fixtures import LiveServer
 
 from safedecode import methods
-from safedecode.engine import SafeDecoder
+from safedecode.engine import SafeDecoder, SamplingParams
 
 KEY = "sk-test"
 PROMPTS = ["Hi", "Why is the sky blue?", "Name a colour.", "Tell me a joke",
@@ -159,6 +159,31 @@ def test_penalties_and_logit_bias_equal_offline(server, offline):
     assert r.choices[0].message.content == rep.text
 
 
+def test_completions_take_token_id_prompts(server):
+    """Token-id prompts (one list, or a list of lists), as vLLM takes them: for `plain` the
+    same answer as the text they encode; for a method with branch prompts the same as the
+    engine given those ids offline (each branch's system text, then the ids)."""
+    c = server.client()
+    tok = tiny_llama()[1]
+    text = "Once upon a time"
+    ids = tok(text)["input_ids"]
+    by_text = c.completions.create(model="tiny:plain", prompt=text, max_tokens=6, temperature=0)
+    by_ids = c.completions.create(model="tiny:plain", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    model, _ = tiny_llama()
+    eng = SafeDecoder(model, tok, methods.get("acd-text")).engine(max_seqs=2)
+    want = []
+    for p in (ids, ids[:2]):
+        rid = eng.add_request(p, SamplingParams(max_new_tokens=6), raw=True)
+        while eng.has_unfinished():
+            eng.step()
+        want.append(eng.pop_result(rid).text)
+    r = c.completions.create(model="tiny:acd-text", prompt=[ids, ids[:2]], max_tokens=6,
+                             temperature=0)
+    assert [ch.text for ch in r.choices] == want
+
+
 def test_completions_equal_offline_raw_prompts(server, offline):
     c = server.client()
     prompts = ["Once upon a time", "The capital of France is"]
@@ -298,7 +323,10 @@ def test_errors_in_openai_shape(server):
         server.client(api_key="wrong").chat.completions.create(model="tiny:plain",
                                                                messages=msgs)
     with pytest.raises(openai.BadRequestError) as info:
-        c.completions.create(model="tiny:plain", prompt=[1, 2, 3])
+        c.completions.create(model="tiny:plain", prompt=[1, 2, 10**9])
+    assert info.value.body["param"] == "prompt" and "token ids" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="tiny:plain", prompt=[[1, 2], []])
     assert info.value.body["param"] == "prompt"
     r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=30)

@@ -256,12 +256,24 @@ class Engine:
         ids; they are admitted together when ``n`` slots are free."""
         return self.add_built(self.build(prompt, raw=raw), params, n=n)
 
-    def build(self, prompt: Prompt, *, raw: bool = False, index: int = 0) -> Built:
-        """``prompt`` split into (shared prefix, suffix ids) per branch."""
+    def build(self, prompt: Prompt | Sequence[int], *, raw: bool = False,
+              index: int = 0) -> Built:
+        """``prompt`` split into (shared prefix, suffix ids) per branch; a raw prompt may be
+        token ids (after each branch's own system text, as they are)."""
         if self.builder is None:
             raise ValueError("prompt: this engine has no tokenizer; use add_tokens()")
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
+                and all(isinstance(t, int) for t in prompt):
+            if not raw:
+                raise ValueError(f"prompts[{index}]: token ids are a raw (completion) prompt: "
+                                 "pass raw=True")
+            v = self.state.vocab
+            if any(not 0 <= t < v for t in prompt):
+                raise ValueError(f"prompts[{index}]: token ids must be in [0, {v})")
+            return [self.builder.build_ids(br, prompt, index) for br in self.method.branches]
         if raw and not isinstance(prompt, str):
-            raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string")
+            raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string "
+                             "or token ids")
         msgs = normalise_prompt(prompt, index)
         return [self.builder.build(br, msgs, index, raw=raw) for br in self.method.branches]
 

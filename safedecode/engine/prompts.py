@@ -191,6 +191,22 @@ class PromptBuilder:
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
 
+    def build_ids(self, branch: Branch, ids: Sequence[int], index: int
+                  ) -> tuple[Prefix, list[int]]:
+        """(prefix, suffix) of a raw prompt given as token ids: the branch's own system text
+        (as a raw prompt starts with it) tokenised alone, then ``ids`` as they are (no BOS
+        added: a client sending ids sends what it wants, as vLLM takes them)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError(f"prompts[{index}]: expected a non-empty list of token ids")
+        system = self.system_text(branch, None)
+        head = self.render(system, [], raw=True) if system else ""
+        key = (branch.key(), system, head, "ids")
+        if key not in self._prefixes:
+            self._prefixes[key] = self._make_prefix(branch, head, "|".join(map(str, key)),
+                                                    raw=True)
+        return self._prefixes[key], list(ids)
+
     def _make_prefix(self, branch: Branch, ptext: str, key: str, raw: bool) -> Prefix:
         if branch.soft_prompt is None:
             return Prefix(key, self.encode(ptext, first=True, raw=raw) if ptext else [])

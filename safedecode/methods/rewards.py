@@ -29,12 +29,16 @@ def timed(reward: Callable, prompts: Sequence[str], texts: Sequence[str],
         times.append(time.perf_counter() - t0)
 
 
-def request_text(prompt) -> str:
+def request_text(prompt, tokenizer=None) -> str:
     """The text a reward scores an answer against: a string prompt itself; of chat messages,
-    the last user message (the last message where none is the user's)."""
+    the last user message (the last message where none is the user's); token ids, decoded."""
     if isinstance(prompt, str):
         return prompt
     msgs = list(prompt)
+    if msgs and all(isinstance(t, int) for t in msgs):
+        if tokenizer is None:
+            raise ValueError("prompt: token ids need the tokenizer to be scored")
+        return tokenizer.decode(msgs, skip_special_tokens=True)
     users = [m for m in msgs if m.get("role") == "user"] or msgs
     if not users:
         raise ValueError("prompt: no message to score the answer against")

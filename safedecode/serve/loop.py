@@ -193,7 +193,8 @@ class EngineLoop:
             else:  # a search: each answer's sequences are the router's / searcher's
                 from safedecode.methods.rewards import request_text
 
-                ticket.ids += router.add(b, request_text(prompts[i]), params, index=i, n=n)
+                ticket.ids += router.add(b, request_text(prompts[i], eng.tok), params,
+                                         index=i, n=n)
         for c, rid in enumerate(ticket.ids):
             self._owner[model, rid] = (ticket, c)
         ticket.open = len(ticket.ids)

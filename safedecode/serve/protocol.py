@@ -191,16 +191,17 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     max_tokens: int | None = 16  # OpenAI's default for completions
 
-    def prompts(self) -> list[str]:
-        """The prompt(s) as strings (token-id prompts are refused)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s): strings, or token ids (one list, or a list of lists)."""
         p = self.prompt
-        if isinstance(p, str):
+        if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
             p = [p]
-        if not p or not all(isinstance(x, str) for x in p):
-            raise bad_param("prompt", "expected a string or a non-empty list of strings "
-                                      "(token-id prompts are not supported)")
+        if not p or not all(isinstance(x, str) or (isinstance(x, list) and x and all(
+                isinstance(t, int) for t in x)) for x in p):
+            raise bad_param("prompt", "expected a string, a list of strings, token ids or a "
+                                      "list of token id lists (none empty)")
         for i, x in enumerate(p):
-            if not x.strip():
+            if isinstance(x, str) and not x.strip():
                 raise bad_param("prompt", f"prompt {i} is empty")
         return list(p)
 
