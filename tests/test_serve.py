@@ -184,6 +184,44 @@ def test_completions_take_token_id_prompts(server):
     assert [ch.text for ch in r.choices] == want
 
 
+def test_completions_echo_scores_the_prompt(server):
+    """``echo``: the prompt's own log-probs lead (the first None); with ``max_tokens`` 0 and
+    `plain` they are the model's teacher-forced ones; with a contrast they = the engine's
+    scoring offline, followed by the answer continued from the same ids."""
+    c = server.client()
+    model, tok = tiny_llama()
+    text = "Once upon a time there was"
+    ids = tok(text)["input_ids"]
+    r = c.completions.create(model="tiny:plain", prompt=text, echo=True, max_tokens=0,
+                             logprobs=1, temperature=0)
+    ch = r.choices[0]
+    assert ch.text == text and ch.finish_reason == "length"
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert ch.logprobs.token_logprobs[0] is None
+    assert ch.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert [list(d) for d in ch.logprobs.top_logprobs[1:]] == \
+        [[tok.decode([int(lp[t - 1].argmax())])] for t in range(1, len(ids))]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+
+    eng = SafeDecoder(model, tok, methods.get("acd-text")).engine(max_seqs=2)
+    sid = eng.add_scored(ids[:1], ids[1:], raw=True)
+    gid = eng.add_request(ids, SamplingParams(max_new_tokens=3, logprobs=True), raw=True)
+    while eng.has_unfinished():
+        eng.step()
+    scored, gen = eng.pop_result(sid), eng.pop_result(gid)
+    r = c.completions.create(model="tiny:acd-text", prompt=ids, echo=True, max_tokens=3,
+                             logprobs=0, temperature=0)
+    ch = r.choices[0]
+    assert ch.text == tok.decode(ids) + gen.text
+    assert ch.logprobs.token_logprobs[1:len(ids)] == pytest.approx(scored.logprobs, abs=1e-4)
+    assert ch.logprobs.token_logprobs[len(ids):] == pytest.approx(gen.logprobs, abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="tiny:plain", prompt=text, echo=True, stream=True)
+    assert info.value.body["param"] == "echo"
+
+
 def test_completions_equal_offline_raw_prompts(server, offline):
     c = server.client()
     prompts = ["Once upon a time", "The capital of France is"]
@@ -919,3 +957,17 @@ def test_served_route_on_the_tuned_model_equals_offline(tmp_path):
         assert info.safedecode["adapter"] == "ta-sft" and "horizon=8" in info.safedecode["route"]
     finally:
         assert srv.stop() == 0
+
+
+def test_excluded_tokens_are_a_finite_json_logprob():
+    """A token the method's distribution excludes (-inf, possible when scoring a given text)
+    is sent as -9999.0: JSON has no -inf."""
+    from safedecode.serve.protocol import NEG_INF_LOGPROB, completion_logprobs
+
+    tok = tiny_llama()[1]
+    out = completion_logprobs(tok, [5, 6, 7], [None, float("-inf"), -1.5],
+                              [None, [(6, float("-inf"))], [(7, -1.5)]])
+    assert out["token_logprobs"] == [None, NEG_INF_LOGPROB, -1.5]
+    assert out["top_logprobs"][0] is None and list(out["top_logprobs"][1].values()) == \
+        [NEG_INF_LOGPROB]
+    json.dumps(out, allow_nan=False)  # what the server's JSON encoder requires

@@ -78,7 +78,7 @@ class ServerConfig:
 
 # request fields whose errors found at admission (the model's vocabulary, the method) name them
 _PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty"}
+                 "repetition_penalty", "echo"}
 
 
 def _one(top):
@@ -170,7 +170,7 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         return served
 
     async def _submit(served: ServedModel, prompts: list, params: SamplingParams, n: int,
-                      raw: bool, fill: bool) -> Ticket:
+                      raw: bool, fill: bool, score: bool = False) -> Ticket:
         if n > served.max_choices:
             per = served.sequences_per_answer
             routed = (f" / {per}: a {served.router.spec.name} answer holds {per} sequences"
@@ -181,7 +181,7 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
             raise APIError(503, "the engine loop is not running", type="server_error")
         try:
             return await asyncio.wrap_future(loop.submit(served.id, prompts, params, n, raw,
-                                                         fill=fill))
+                                                         fill=fill, score=score))
         except QueueFull as exc:
             raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
@@ -336,6 +336,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         served = _model(req.model, request)
         prompts = req.prompts()
         params = req.params(cfg.default_max_tokens)
+        if req.echo:
+            return await _echo(req, request, served, prompts, params)
         ticket = await _submit(served, prompts, params, req.n, raw=True,
                                fill=req.max_tokens is None)
         tok = served.engine.tok
@@ -357,6 +359,49 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         return await _answer(req, request, ticket, prefix="cmpl", obj="text_completion",
                              chunk_obj="text_completion", choice=choice,
                              chunk_choice=chunk_choice)
+
+    async def _echo(req: CompletionRequest, request: Request, served: ServedModel,
+                    prompts: list, params: SamplingParams) -> dict:
+        """``echo``: each prompt, tokenised once, scored under the method (its tokens after
+        the first, as :meth:`Engine.add_scored` does), then continued from those ids unless
+        ``max_tokens`` is 0; the prompt's log-probs lead the choice's (the first ``None``)."""
+        eng = served.engine
+        tok = eng.tok
+        ids = [p if isinstance(p, list) else eng.builder.encode(p, first=True, raw=True)
+               for p in prompts]
+        longer = [x for x in ids if len(x) > 1]
+        scored = []
+        if longer:
+            scored = await _collect(await _submit(served, longer, params, 1, raw=True,
+                                                  fill=False, score=True), request)
+        gen = None
+        if not req.scores_only:
+            gen = await _collect(await _submit(served, ids, params, req.n, raw=True,
+                                               fill=req.max_tokens is None), request)
+        it = iter(scored)
+        choices, completion = [], 0
+        for i, (p, x) in enumerate(zip(prompts, ids, strict=True)):
+            s = next(it) if len(x) > 1 else None
+            lps = [None, *(s.logprobs if s else [])]
+            tops = [None, *(s.top_logprobs or [] if s else [])] if params.top_logprobs else None
+            head = p if isinstance(p, str) else tok.decode(x)
+            for c in range(req.n):
+                g = gen[i * req.n + c] if gen is not None else None
+                out_ids = x + (g.token_ids if g else [])
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        tok, out_ids, lps + ((g.logprobs or []) if g else []),
+                        None if tops is None else tops + ((g.top_logprobs or []) if g else []))
+                completion += len(g.token_ids) if g else 0
+                choices.append({"index": len(choices), "text": head + (g.text if g else ""),
+                                "logprobs": logprobs,
+                                "finish_reason": FINISH.get(g.finish_reason, "stop")
+                                if g else "length"})
+        _count(request, "ok")
+        return {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
+                "model": req.model, "choices": choices,
+                "usage": usage(sum(map(len, ids)), completion)}
 
     @app.get("/v1/models")
     async def list_models():

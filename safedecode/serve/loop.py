@@ -98,13 +98,15 @@ class EngineLoop:
 
     # -- commands (any thread) ----------------------------------------------------------------
     def submit(self, model: str, prompts: list, params: SamplingParams, n: int,
-               raw: bool, *, fill: bool = False) -> Future:
+               raw: bool, *, fill: bool = False, score: bool = False) -> Future:
         """Queue ``n`` choices of each prompt; the future resolves to a :class:`Ticket` (or
         raises the engine's ``ValueError`` / ``QueueFull``) at the next step boundary.
-        ``fill``: ``params.max_new_tokens`` is a cap, lowered to the room the prompt leaves."""
+        ``fill``: ``params.max_new_tokens`` is a cap, lowered to the room the prompt leaves.
+        ``score``: each prompt (token ids, at least 2) is scored instead — its first token the
+        prompt, the rest forced (:meth:`Engine.add_scored`; ``n`` 1)."""
         fut: Future = Future()
         aio = asyncio.get_running_loop()
-        self._cmds.put(("add", fut, model, prompts, params, n, raw, fill, aio))
+        self._cmds.put(("add", fut, model, prompts, params, n, raw, fill, aio, score))
         return fut
 
     def abort(self, ticket: Ticket) -> None:
@@ -156,11 +158,12 @@ class EngineLoop:
     def _command(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, fut, model, prompts, params, n, raw, fill, aio = cmd
+            _, fut, model, prompts, params, n, raw, fill, aio, score = cmd
             if not fut.set_running_or_notify_cancel():
                 return
             try:
-                fut.set_result(self._add(model, prompts, params, n, raw, fill, aio))
+                add = self._add_scored if score else self._add
+                fut.set_result(add(model, prompts, params, n, raw, fill, aio))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(exc)
         elif kind == "abort":
@@ -200,6 +203,23 @@ class EngineLoop:
         ticket.open = len(ticket.ids)
         if self.metrics is not None:
             self.metrics.prompt_tokens.labels(model).inc(ticket.prompt_tokens)
+        return ticket
+
+    def _add_scored(self, model: str, prompts: list, params: SamplingParams, n: int,
+                    raw: bool, fill: bool, aio) -> Ticket:
+        eng = self.engines[model]
+        if model in self.routers:
+            raise ValueError("echo: a search method does not score a given text")
+        if self._waiting(model) + len(prompts) > eng.scheduler.max_queue:
+            raise QueueFull(f"max_queue: {self._waiting(model)} requests already wait for a slot "
+                            f"(max_queue={eng.scheduler.max_queue}); retry after some finish")
+        for i, ids in enumerate(prompts):  # every prompt checked before any is queued
+            eng.check_fits(eng.build(ids, raw=True, index=i), 0, i)
+        ticket = Ticket(model, [], sum(map(len, prompts)), asyncio.Queue(), aio)
+        for i, ids in enumerate(prompts):
+            ticket.ids.append(eng.add_scored(ids[:1], ids[1:], params, raw=True))
+            self._owner[model, ticket.ids[-1]] = (ticket, i)
+        ticket.open = len(ticket.ids)
         return ticket
 
     def _abort(self, ticket: Ticket) -> None:

@@ -205,15 +205,20 @@ class CompletionRequest(_Common):
                 raise bad_param("prompt", f"prompt {i} is empty")
         return list(p)
 
+    @property
+    def scores_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt's log-probs, nothing generated."""
+        return self.echo and self.max_tokens == 0
+
     def params(self, default_max_tokens: int) -> SamplingParams:
-        if self.echo:
-            raise bad_param("echo", "not supported")
+        if self.echo and self.stream:
+            raise bad_param("echo", "not supported with stream")
         if self.suffix:
             raise bad_param("suffix", "not supported")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_param("best_of", "not supported (only best_of == n)")
         try:
-            return self.sampling_params(max_tokens=self.max_tokens,
+            return self.sampling_params(max_tokens=1 if self.scores_only else self.max_tokens,
                                         default_max_tokens=default_max_tokens,
                                         logprobs=self.logprobs is not None,
                                         top_logprobs=self.logprobs or 0)
@@ -273,9 +278,17 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float],
         at += len(text)
     best = None
     if tops is not None:
-        best = [{_token(tokenizer, u): ulp for u, ulp in step} for step in tops[:len(tokens)]]
-    return {"tokens": tokens, "token_logprobs": list(logprobs[:len(tokens)]),
+        best = [None if step is None else {_token(tokenizer, u): _finite(ulp) for u, ulp in step}
+                for step in tops[:len(tokens)]]
+    return {"tokens": tokens, "token_logprobs": [_finite(x) for x in logprobs[:len(tokens)]],
             "top_logprobs": best, "text_offset": offsets}
+
+
+NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: a token the method's distribution excludes
+
+
+def _finite(lp: float | None) -> float | None:
+    return NEG_INF_LOGPROB if lp == float("-inf") else lp
 
 
 class ModelCard(BaseModel):
