@@ -356,6 +356,13 @@ def test_raw_token_id_prompts_follow_each_branch_system_text():
             eng.build(bad, raw=True)
     with pytest.raises(ValueError, match="raw"):
         eng.build([5, 6], raw=False)
+    # generate takes them too: one id list, or several; for `plain` = the text they encode
+    plain = SafeDecoder(model, tok, methods.get("plain"))
+    ids = tok("Once upon a time")["input_ids"]
+    by_text = plain.generate("Once upon a time", raw=True, max_new_tokens=5)[0].token_ids
+    assert plain.generate(ids, raw=True, max_new_tokens=5)[0].token_ids == by_text
+    two = plain.generate([ids, ids[:2]], raw=True, max_new_tokens=5)
+    assert two[0].token_ids == by_text and len(two) == 2
 
 
 def test_bad_engine_calls_name_what_was_wrong():

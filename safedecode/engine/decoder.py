@@ -12,8 +12,8 @@ import torch
 
 from .branches import Method
 from .cache import PREFIX_STORE_BYTES, PrefixStore
-from .engine import Engine, GenerationResult, check_method_fits
-from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
+from .engine import Engine, GenerationResult, check_method_fits, output_vocab
+from .prompts import Prefix, Prompt, PromptBuilder, is_token_ids
 from .sampling import SamplingParams
 from .state import round_up
 from .step import CompiledDecode
@@ -275,15 +275,14 @@ class SafeDecoder:
             built = prompts.built(kb)
         else:
             if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                            and isinstance(prompts[0], dict)):
+                                            and isinstance(prompts[0], dict)) \
+                    or (raw and is_token_ids(prompts)):
                 prompts = [prompts]
             if not isinstance(prompts, Sequence) or len(prompts) == 0:
                 raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
-            if raw and not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompts: raw (completion) prompts must be strings")
-            msgs = [normalise_prompt(p, i) for i, p in enumerate(prompts)]
-            built = [[self.builder.build(br, m, i, raw=raw) for br in self.method.branches]
-                     for i, m in enumerate(msgs)]
+            vocab = output_vocab(self.model)
+            built = [self.builder.build_request(self.method.branches, p, i, raw=raw,
+                                                vocab=vocab) for i, p in enumerate(prompts)]
         b = len(built)
         params = dict(params)
         seed = params.pop("seed", None)

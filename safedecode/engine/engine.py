@@ -28,7 +28,7 @@ from .branches import Method
 from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
-from .prompts import Prefix, Prompt, PromptBuilder, normalise_prompt
+from .prompts import Prefix, Prompt, PromptBuilder
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
@@ -262,20 +262,8 @@ class Engine:
         token ids (after each branch's own system text, as they are)."""
         if self.builder is None:
             raise ValueError("prompt: this engine has no tokenizer; use add_tokens()")
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
-                and all(isinstance(t, int) for t in prompt):
-            if not raw:
-                raise ValueError(f"prompts[{index}]: token ids are a raw (completion) prompt: "
-                                 "pass raw=True")
-            v = self.state.vocab
-            if any(not 0 <= t < v for t in prompt):
-                raise ValueError(f"prompts[{index}]: token ids must be in [0, {v})")
-            return [self.builder.build_ids(br, prompt, index) for br in self.method.branches]
-        if raw and not isinstance(prompt, str):
-            raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string "
-                             "or token ids")
-        msgs = normalise_prompt(prompt, index)
-        return [self.builder.build(br, msgs, index, raw=raw) for br in self.method.branches]
+        return self.builder.build_request(self.method.branches, prompt, index, raw=raw,
+                                          vocab=self.state.vocab)
 
     def add_scored(self, prompt: Prompt, continuation: Sequence[int],
                    params: SamplingParams | None = None, *, raw: bool = False) -> int:

@@ -73,6 +73,12 @@ def normalise_prompt(prompt: Prompt, index: int) -> list[Message]:
     return msgs
 
 
+def is_token_ids(prompt) -> bool:
+    """Whether ``prompt`` is a non-empty list of token ids (a raw prompt given as ids)."""
+    return isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) \
+        and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
 def fold_system(system: str, messages: list[Message]) -> list[Message]:
     """``messages`` with ``system`` at the start of the first user message (for templates
     without a system role)."""
@@ -190,6 +196,24 @@ class PromptBuilder:
             self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)), raw)
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
+
+    def build_request(self, branches: Sequence[Branch], prompt, index: int, *,
+                      raw: bool = False, vocab: int | None = None
+                      ) -> list[tuple[Prefix, list[int]]]:
+        """A request (a string, chat messages, or — raw — token ids below ``vocab``) split
+        into (shared prefix, suffix ids) for each branch, or a ``ValueError`` naming it."""
+        if is_token_ids(prompt):
+            if not raw:
+                raise ValueError(f"prompts[{index}]: token ids are a raw (completion) prompt: "
+                                 "pass raw=True")
+            if vocab is not None and any(not 0 <= t < vocab for t in prompt):
+                raise ValueError(f"prompts[{index}]: token ids must be in [0, {vocab})")
+            return [self.build_ids(br, prompt, index) for br in branches]
+        if raw and not isinstance(prompt, str):
+            raise ValueError(f"prompts[{index}]: a raw (completion) prompt must be a string "
+                             "or token ids")
+        msgs = normalise_prompt(prompt, index)
+        return [self.build(br, msgs, index, raw=raw) for br in branches]
 
     def build_ids(self, branch: Branch, ids: Sequence[int], index: int
                   ) -> tuple[Prefix, list[int]]:
