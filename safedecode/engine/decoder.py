@@ -125,10 +125,12 @@ class SafeDecoder:
         """Generate for each prompt (a string or chat messages); returns one result each.
 
         Keywords are :class:`SamplingParams` fields (``max_new_tokens``, ``temperature``,
-        ``top_k``, ``top_p``, ``min_p``, ``ignore_eos``), plus ``stop`` (strings or token ids
-        that end a request besides EOS), ``seed`` (one int for all requests, one per request, or
-        None), ``return_logprobs``; ``streamer``: a transformers streamer (``put``/``end``) for a
-        single prompt; ``raw``: string prompts continued as they are (no chat template).
+        ``top_k``, ``top_p``, ``min_p``, ``ignore_eos``, ``top_logprobs``, the penalties,
+        ``logit_bias``), plus ``stop`` (strings or token ids that end a request besides EOS),
+        ``seed`` (one int for all requests, one per request, or None), ``return_logprobs``;
+        ``streamer``: a transformers streamer (``put``/``end``) for a
+        single prompt; ``raw``: string prompts continued as they are (no chat template), or
+        token-id prompts (after each branch's own system text).
         ``max_batch``: at most this many requests decode at once, the others joining as earlier
         ones finish (continuous batching; default: all at once); ``on_result(i, result)``:
         called as each request finishes (so a long call's work is kept as it goes).
