@@ -217,6 +217,9 @@ def test_completions_echo_scores_the_prompt(server):
     assert ch.text == tok.decode(ids) + gen.text
     assert ch.logprobs.token_logprobs[1:len(ids)] == pytest.approx(scored.logprobs, abs=1e-4)
     assert ch.logprobs.token_logprobs[len(ids):] == pytest.approx(gen.logprobs, abs=1e-4)
+    r = c.completions.create(model="tiny:acd-text", prompt=ids, echo=True, max_tokens=3,
+                             temperature=0)  # no log-probs asked: the text only
+    assert r.choices[0].text == tok.decode(ids) + gen.text and r.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError) as info:
         c.completions.create(model="tiny:plain", prompt=text, echo=True, stream=True)
     assert info.value.body["param"] == "echo"

@@ -369,7 +369,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         tok = eng.tok
         ids = [p if isinstance(p, list) else eng.builder.encode(p, first=True, raw=True)
                for p in prompts]
-        longer = [x for x in ids if len(x) > 1]
+        # the prompt is scored only when log-probs are asked (else echo is the text alone)
+        longer = [x for x in ids if len(x) > 1] if req.logprobs is not None else []
         scored = []
         if longer:
             scored = await _collect(await _submit(served, longer, params, 1, raw=True,
@@ -381,7 +382,7 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
         it = iter(scored)
         choices, completion = [], 0
         for i, (p, x) in enumerate(zip(prompts, ids, strict=True)):
-            s = next(it) if len(x) > 1 else None
+            s = next(it) if len(x) > 1 and longer else None
             lps = [None, *(s.logprobs if s else [])]
             tops = [None, *(s.top_logprobs or [] if s else [])] if params.top_logprobs else None
             head = p if isinstance(p, str) else tok.decode(x)
