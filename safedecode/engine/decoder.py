@@ -161,7 +161,8 @@ class SafeDecoder:
             raise ValueError("score: not supported by a search method (deal, route: they "
                              "choose among answers rather than draw from one distribution)")
         if self.tok is None:
-            raise ValueError("score: this decoder has no tokenizer")
+            raise ValueError("score: this decoder has no tokenizer (make it with "
+                             "SafeDecoder(model, tokenizer, method))")
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], dict))
         plist = [prompts] if single else list(prompts)

@@ -56,6 +56,7 @@ class DecodeState:
         # counts of generated tokens and biases are allocated for the first request using them
         self.vocab = vocab
         self.adjusted = [False] * max_seqs  # host side: whether a slot's logits are adjusted
+        self.repeating = [False] * max_seqs  # host side: whether its repetition penalty is on
         self.presence = torch.zeros(max_seqs, dtype=torch.float32, device=device)
         self.frequency = torch.zeros(max_seqs, dtype=torch.float32, device=device)
         self.counts: torch.Tensor | None = None
@@ -139,6 +140,7 @@ class DecodeState:
         ``repetition`` != 1 needs ``context``: each branch's prompt ids."""
         on = bool(presence or frequency or logit_bias or repetition != 1.0)
         self.adjusted[slot] = on
+        self.repeating[slot] = repetition != 1.0
         self.presence[slot], self.frequency[slot] = presence, frequency
         self.repetition[slot] = repetition
         if repetition != 1.0:
@@ -165,7 +167,7 @@ class DecodeState:
         if not any(self.adjusted[s] for s in slots):
             return logits
         z = logits.float()
-        if self.seen is not None:  # repetition penalty (1 on the other rows: no change)
+        if any(self.repeating[s] for s in slots):  # (a penalty of 1 on the others: no change)
             p = self.repetition[sidx][:, None, None]
             seen = self.seen.view(self.max_seqs, self.k, -1)[sidx]
             z = torch.where(seen, torch.where(z < 0, z * p, z / p), z)
@@ -261,6 +263,7 @@ class DecodeState:
             self.logit_bias[ch] = self.logit_bias[parent].clone()
         for c in children:
             self.adjusted[c] = self.adjusted[parent]
+            self.repeating[c] = self.repeating[parent]
             self.host_gate[c] = self.host_gate[parent]
             for j in range(k):
                 self.host_len[c * k + j] = self.host_len[parent * k + j]

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from safedecode.engine.prompts import is_token_ids
+
 Scores = list[float]
 
 
@@ -35,7 +37,7 @@ def request_text(prompt, tokenizer=None) -> str:
     if isinstance(prompt, str):
         return prompt
     msgs = list(prompt)
-    if msgs and all(isinstance(t, int) for t in msgs):
+    if is_token_ids(msgs):
         if tokenizer is None:
             raise ValueError("prompt: token ids need the tokenizer to be scored")
         return tokenizer.decode(msgs, skip_special_tokens=True)
