@@ -200,3 +200,18 @@ def test_choices_of_one_prompt_keep_the_repetition_context(acd):
     for i, rid in enumerate(ids):
         alone = acd.generate(PROMPTS[1], max_new_tokens=8, seed=7 + i, **kw)[0].token_ids
         assert eng.pop_result(rid).token_ids == alone
+
+
+def test_a_fork_stepping_alone_keeps_its_repetition_penalty(acd):
+    """The parent aborted after the fork: the child steps alone and still penalises."""
+    kw = {"repetition_penalty": 4.0}
+    alone = acd.generate(PROMPTS[1], max_new_tokens=10, **kw)[0].token_ids
+    eng = acd.engine(max_seqs=2)
+    a = eng.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, **kw))
+    for _ in range(3):
+        eng.step()
+    kid = eng.fork(a, 1)[0]
+    eng.abort(a)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.pop_result(kid).token_ids == alone
