@@ -203,12 +203,14 @@ def test_choices_of_one_prompt_keep_the_repetition_context(acd):
 
 
 def test_a_fork_stepping_alone_keeps_its_repetition_penalty(acd):
-    """The parent aborted after the fork: the child steps alone and still penalises."""
+    """A fork moved down twice (its parent aborted, then a plain request ending below it)
+    steps alone into a slot a plain request left, and still penalises."""
     kw = {"repetition_penalty": 4.0}
     alone = acd.generate(PROMPTS[1], max_new_tokens=10, **kw)[0].token_ids
-    eng = acd.engine(max_seqs=2)
+    eng = acd.engine(max_seqs=3)
+    eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5))
     a = eng.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, **kw))
-    for _ in range(3):
+    for _ in range(2):
         eng.step()
     kid = eng.fork(a, 1)[0]
     eng.abort(a)
