@@ -117,6 +117,12 @@ def generate(
     repetition_penalty: float = typer.Option(
         1.0, "--repetition-penalty", help="transformers' repetition penalty (> 0, 1 = off) "
         "over each branch's prompt and the answer."),
+    min_tokens: int = typer.Option(
+        0, "--min-tokens", help="No end-of-sequence token (nor stop string) before this many "
+        "new tokens."),
+    bad_word: list[str] | None = typer.Option(
+        None, "--bad-word", help="A word the answer may not contain (repeatable; banned "
+        "token by token, as vLLM's bad_words)."),
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
     batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
                                    "next joins as one ends)."),
@@ -227,18 +233,16 @@ def generate(
             raise ValueError("--logprobs: needs --json (the log-probs are a JSON field)")
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens: must be >= 1")
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, frequency_penalty=frequency_penalty,
-                       presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-                       logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                  min_tokens=min_tokens, bad_words=tuple(bad_word or ()))
+        if logprobs is not None:
+            kw.update(return_logprobs=True, top_logprobs=logprobs)
+        SamplingParams.from_kwargs(**kw)  # bad values named before the model loads
         with console.status(f"loading {model} ..."):
             mdl, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         dec = SafeDecoder(mdl, tok, meth, backend=backend)
-        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
-                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
-        if logprobs is not None:
-            kw.update(return_logprobs=True, top_logprobs=logprobs)
         requests = prompts if system is None else [
             [{"role": "system", "content": system}, {"role": "user", "content": p}]
             for p in prompts]

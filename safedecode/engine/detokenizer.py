@@ -26,11 +26,14 @@ class IncrementalDetokenizer:
 
     With stop strings, the last ``max(len(stop)) - 1`` characters are held back until it is
     clear that they do not start a stop string, so nothing of a stop string is ever streamed;
-    :meth:`flush` releases the rest when the request ends.
+    :meth:`flush` releases the rest when the request ends. Stop strings are looked for once
+    ``min_tokens`` tokens are in (a match found then may start earlier, as in vLLM).
     """
 
-    def __init__(self, tokenizer, *, stop: Sequence[str] = (), skip_ids: Iterable[int] = ()):
+    def __init__(self, tokenizer, *, stop: Sequence[str] = (), skip_ids: Iterable[int] = (),
+                 min_tokens: int = 0):
         self.tok = tokenizer
+        self.min_tokens = min_tokens  # stop strings are searched from this many tokens on
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.skip = set(skip_ids)
@@ -76,7 +79,8 @@ class IncrementalDetokenizer:
         return self._release()
 
     def _set_text(self, text: str, new_from: int) -> None:
-        for s in self.stop:  # only a match that ends in the new characters can be new
+        # only a match that ends in the new characters can be new
+        for s in self.stop if len(self.ids) >= self.min_tokens else ():
             at = text.find(s, max(0, new_from - len(s) + 1))
             if at >= 0:
                 text, self.stopped = text[:at], True

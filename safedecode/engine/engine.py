@@ -108,6 +108,12 @@ class _Seq:
     gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
     context: list[list[int]] | None = None  # prompt ids per branch (repetition penalty)
     forced: list[int] | None = None  # the tokens it takes instead of sampling (add_scored)
+    # banned words (SamplingParams.bad_words*): one-token ones, always banned; longer ones as
+    # (the tokens before the last, the last), banned where the context ends in the former;
+    # the context is the anchor branch's prompt tail (bad_ctx) and the answer
+    bad_one: tuple[int, ...] = ()
+    bad_seqs: tuple[tuple[list[int], int], ...] = ()
+    bad_ctx: list[int] = field(default_factory=list)
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -280,8 +286,9 @@ class Engine:
         for t in continuation:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
                 raise ValueError(f"continuation: token ids in [0, {v}), got {t!r}")
-        p = replace(checked_params(params), max_new_tokens=len(continuation), ignore_eos=True,
-                    logprobs=True, stop=(), stop_token_ids=())
+        p = checked_params(params)
+        p = replace(p, max_new_tokens=len(continuation), ignore_eos=True, logprobs=True,
+                    stop=(), stop_token_ids=(), min_tokens=min(p.min_tokens, len(continuation)))
         rid = self.add_built(self.build(prompt, raw=raw), p)[0]
         self._live[rid].forced = list(continuation)
         return rid
@@ -309,20 +316,34 @@ class Engine:
                              f"max_seqs={self.state.max_seqs}")
         self.check_fits(built, params.max_new_tokens, index)
         self.check_params(params)
+        words = self.bad_word_ids(params)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         if seed + n - 1 >= 2**63:
             raise ValueError(f"seed: seed + n - 1 must be < 2**63, got {seed} with n={n}")
         eos = (frozenset() if params.ignore_eos else self.true_eos) \
             | frozenset(params.stop_token_ids)
+        if params.min_tokens and params.allowed_token_ids is not None \
+                and set(params.allowed_token_ids) <= eos:
+            raise ValueError("min_tokens: every token in allowed_token_ids ends the request, so "
+                             "none is left before min_tokens")
         lens = [len(p) + len(s) for p, s in built]
+        longer = tuple((list(w[:-1]), w[-1]) for w in words if len(w) > 1)
+        ctx = []
+        if longer:  # the anchor branch's prompt tail: a word may start in the prompt
+            pre, suf = built[self.method.anchor]
+            ctx = ([*pre.tail_ids] if pre.soft is not None else [*pre.ids]) + list(suf)
+            ctx = ctx[len(ctx) - max(len(p) for p, _ in longer):]
         seqs = []
         for i in range(n):
             rid = next(self._ids)
             seqs.append(_Seq(rid, params, seed + i, lens, eos,
-                             IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos),
+                             IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos,
+                                                    min_tokens=params.min_tokens),
                              root=seqs[0].id if seqs else rid,
                              built=list(built) if i == 0 else None, t_add=time.perf_counter(),
-                             gate=None if gates is None else bool(gates[i])))
+                             gate=None if gates is None else bool(gates[i]),
+                             bad_one=tuple(w[0] for w in words if len(w) == 1),
+                             bad_seqs=longer, bad_ctx=ctx))
         head = seqs[0]
         head.kids = seqs[1:]
         self.scheduler.add(head)
@@ -344,13 +365,39 @@ class Engine:
             raise ValueError(f"gates: expected {n} booleans (one per choice), got {gates!r}")
 
     def check_params(self, params: SamplingParams) -> None:
-        """Raise ``ValueError`` for parameters this model cannot honour (a logit bias on a
-        token id outside its vocabulary)."""
+        """Raise ``ValueError`` for parameters this model cannot honour (a token id outside
+        its vocabulary in ``logit_bias``, ``allowed_token_ids``, ``bad_words_ids``; bad words
+        without a tokenizer)."""
         v = self.state.vocab
-        bad = [t for t, _ in params.logit_bias if t >= v]
-        if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary "
-                             f"of {v} tokens")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words_ids", [t for w in params.bad_words_ids for t in w])):
+            bad = [t for t in ids if t >= v]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the model's "
+                                 f"vocabulary of {v} tokens")
+        if params.bad_words and self.tok is None:
+            raise ValueError("bad_words: this engine has no tokenizer to tokenise them; give "
+                             "bad_words_ids")
+
+    def bad_word_ids(self, params: SamplingParams) -> list[tuple[int, ...]]:
+        """``params``' banned words as token-id sequences: ``bad_words_ids`` as given, and
+        each of ``bad_words`` tokenised as it is and after a space where that gives another
+        first token and as many tokens (vLLM's rule: the word at the start of the text and
+        inside it)."""
+        out = list(params.bad_words_ids)
+        v = self.state.vocab
+        for word in params.bad_words:
+            first = None
+            for space in ("", " "):
+                ids = tuple(self.tok(space + word.lstrip(), add_special_tokens=False)
+                            ["input_ids"])
+                if not ids or any(t >= v for t in ids):
+                    continue
+                if first is None or (ids[0] != first[0] and len(ids) == len(first)):
+                    out.append(ids)
+                    first = first or ids
+        return out
 
     def check_fits(self, built: Built, max_new_tokens: int, index: int = 0) -> None:
         """Raise ``ValueError`` unless the prompt + ``max_new_tokens`` fit the context."""
@@ -477,7 +524,7 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(seq.out):
             raise ValueError(f"n: must be an integer in [1, {len(seq.out)}], got {n!r}")
         seq.out, seq.logprobs, seq.tops = seq.out[:n], seq.logprobs[:n], seq.tops[:n]
-        seq.detok = IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos)
+        seq.detok = self._detokenizer(seq)
         for t in seq.out:
             seq.detok.add(t)
         self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
@@ -491,7 +538,11 @@ class Engine:
         fed to it stream the same text deltas as the engine's own (for a caller that decides
         later which tokens are final, as DeAL's search does)."""
         seq = self._get(request_id)
-        return IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos)
+        return self._detokenizer(seq)
+
+    def _detokenizer(self, seq: _Seq) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos,
+                                      min_tokens=seq.params.min_tokens)
 
     def tokens(self, request_id: int) -> list[int]:
         """The tokens a live request has generated so far."""
@@ -596,6 +647,8 @@ class Engine:
                 seq.context = [list(pre.ids) + list(suf) for pre, suf in seq.built]
             st.set_adjust(seq.slot, p.presence_penalty, p.frequency_penalty, p.logit_bias,
                           p.repetition_penalty, seq.context)
+            st.set_bans(seq.slot, banned=seq.bad_one, allowed=p.allowed_token_ids,
+                        ends=sorted(seq.eos), min_tokens=p.min_tokens)
         if chunked:
             self._prefilling += admitted
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
@@ -659,7 +712,8 @@ class Engine:
         if any(s.forced for s in seqs):
             forced = torch.tensor([s.forced[len(s.out)] if s.forced else -1 for s in seqs],
                                   dtype=torch.long).to(st.device)
-        packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced)
+        packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
+                                    self._word_bans(seqs))
         vals = packed.tolist()  # the step's one device-to-host transfer
         self.steps += 1
         now = time.perf_counter()
@@ -703,6 +757,20 @@ class Engine:
             outs.append(StepOutput(seq.id, delta, t, reason,
                                    lp if seq.params.logprobs else None, parent, best))
         return outs
+
+    @staticmethod
+    def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int]] | None:
+        """This step's ``(rows, tokens)`` banned by the sequences' longer bad words: a
+        word's last token where the context ends in the tokens before it."""
+        rows, toks = [], []
+        for j, seq in enumerate(seqs):
+            for head, last in seq.bad_seqs:
+                n = len(head)
+                tail = seq.out[-n:] if len(seq.out) >= n else (seq.bad_ctx + seq.out)[-n:]
+                if tail == head:
+                    rows.append(j)
+                    toks.append(last)
+        return (rows, toks) if rows else None
 
     def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
         """The sequences whose prompts are fed this step and their chunks ``(a, b)`` on the

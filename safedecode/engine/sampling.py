@@ -47,6 +47,15 @@ class SamplingParams:
     been generated — to the method's final score, and to the anchor branch the plausibility
     mask reads (the union rule: to both branches; see
     :func:`~safedecode.engine.step.adjust_coefficients`).
+
+    Tokens can be banned outright (vLLM's names; excluded from the method's final
+    distribution, and from the anchor the plausibility mask reads, so the mask keeps tokens
+    near the best *allowed* one): ``min_tokens`` bans the request's end tokens (EOS unless
+    ``ignore_eos``, ``stop_token_ids``) and turns off its stop strings until that many tokens
+    are generated; ``bad_words`` (strings, tokenised by the engine with and without a leading
+    space, as vLLM does) and ``bad_words_ids`` (token-id sequences, transformers' form) ban a
+    word's last token wherever the tokens before it end the context (the prompt of the
+    method's anchor branch and the answer); ``allowed_token_ids`` bans every other token.
     """
 
     max_new_tokens: int = 128
@@ -64,6 +73,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    min_tokens: int = 0
+    bad_words: tuple[str, ...] = field(default=())
+    bad_words_ids: tuple[tuple[int, ...], ...] = field(default=())
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -100,6 +113,19 @@ class SamplingParams:
         _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, lo_open=True)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        _int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens: must be <= max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_tokens}")
+        object.__setattr__(self, "bad_words", _strings("bad_words", self.bad_words))
+        object.__setattr__(self, "bad_words_ids", _id_lists("bad_words_ids",
+                                                            self.bad_words_ids))
+        if self.allowed_token_ids is not None:
+            allowed = _ids("allowed_token_ids", self.allowed_token_ids)
+            if not allowed:
+                raise ValueError("allowed_token_ids: expected at least one token id (None: "
+                                 "every token)")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
@@ -134,8 +160,38 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.repetition_penalty != 1.0)
 
+    @property
+    def bans_tokens(self) -> bool:
+        """Whether this request bans tokens (``min_tokens``, bad words, an allowed list)."""
+        return bool(self.min_tokens or self.bad_words or self.bad_words_ids
+                    or self.allowed_token_ids is not None)
+
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)
+
+
+def _ids(name: str, ids) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"{name}: expected a list of token ids, got {ids!r}")
+    return tuple(_int(name, t, 0) for t in ids)
+
+
+def _id_lists(name: str, lists) -> tuple[tuple[int, ...], ...]:
+    if isinstance(lists, (str, bytes)) or not isinstance(lists, Sequence):
+        raise ValueError(f"{name}: expected a list of token-id lists, got {lists!r}")
+    out = tuple(_ids(name, x) for x in lists)
+    if any(not x for x in out):
+        raise ValueError(f"{name}: expected non-empty token-id lists, got {lists!r}")
+    return out
+
+
+def _strings(name: str, words) -> tuple[str, ...]:
+    if isinstance(words, str) or not isinstance(words, Sequence):
+        raise ValueError(f"{name}: expected a list of strings, got {words!r}")
+    for w in words:
+        if not isinstance(w, str) or not w.strip():
+            raise ValueError(f"{name}: expected non-blank strings, got {w!r}")
+    return tuple(words)
 
 
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -63,6 +64,12 @@ class DecodeState:
         self.logit_bias: torch.Tensor | None = None
         self.repetition = torch.ones(max_seqs, dtype=torch.float32, device=device)
         self.seen: torch.Tensor | None = None  # [rows, V]: tokens in each row's context
+        # banned tokens (SamplingParams.bans_tokens): per slot, allocated for the first request
+        # that bans any; `ends` are banned while the slot's step < its min_tokens
+        self.banning = [False] * max_seqs  # host side: whether a slot bans tokens
+        self.min_tokens = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self.banned: torch.Tensor | None = None  # [slots, V] bool
+        self.ends: torch.Tensor | None = None  # [slots, V] bool
         self.gate_on = torch.zeros(rows, dtype=torch.bool, device=device)  # a gated hook's call
         # per slot: its contrast-gate decision as the host knows it (None: not read yet), so a
         # step can leave out the rows a decided sequence no longer needs (ModelStep.decode)
@@ -158,15 +165,54 @@ class DecodeState:
             ids, vals = zip(*logit_bias, strict=True)
             self.logit_bias[slot, list(ids)] = torch.tensor(vals, device=self.device)
 
+    def set_bans(self, slot: int, *, banned: Sequence[int] = (),
+                 allowed: Sequence[int] | None = None, ends: Sequence[int] = (),
+                 min_tokens: int = 0) -> None:
+        """A new sequence's banned tokens: ``banned``, every token but ``allowed`` (None: no
+        such list), and ``ends`` while fewer than ``min_tokens`` tokens are generated."""
+        ends = [t for t in ends if t < self.vocab] if min_tokens else []
+        on = bool(banned) or allowed is not None or bool(ends)
+        self.banning[slot] = on
+        self.min_tokens[slot] = min_tokens
+        if self.banned is None:
+            if not on:
+                return
+            self.banned = torch.zeros(self.max_seqs, self.vocab, dtype=torch.bool,
+                                      device=self.device)
+            self.ends = torch.zeros_like(self.banned)
+        row = self.banned[slot]  # set for every new sequence: a step bans for all its rows
+        row.fill_(allowed is not None)
+        if allowed is not None:
+            row[torch.tensor(list(allowed), dtype=torch.long, device=self.device)] = False
+        if banned:
+            row[torch.tensor(list(banned), dtype=torch.long, device=self.device)] = True
+        self.ends[slot] = False
+        if ends:
+            self.ends[slot, torch.tensor(ends, dtype=torch.long, device=self.device)] = True
+
     def adjust(self, slots: tuple[int, ...], sidx: torch.Tensor, logits: torch.Tensor,
-               coef: torch.Tensor) -> torch.Tensor:
+               coef: torch.Tensor, bans: tuple[list[int], list[int]] | None = None
+               ) -> torch.Tensor:
         """``[n, K, V]`` logits of ``slots`` with their repetition penalty applied to every
-        branch, and their bias and presence / frequency penalties to branch k times
-        ``coef[k]`` (see :func:`~.step.adjust_coefficients`); the same tensor when no slot has
-        any."""
-        if not any(self.adjusted[s] for s in slots):
-            return logits
-        z = logits.float()
+        branch, their bias and presence / frequency penalties to branch k times ``coef[k]``
+        (see :func:`~.step.adjust_coefficients`), then their banned tokens ``-inf`` on every
+        branch (the op excludes them), and ``bans`` (``(batch rows, token ids)``: this step's
+        bans the host worked out) too; the same tensor when no slot has any."""
+        z = logits
+        if any(self.adjusted[s] for s in slots):
+            z = self._penalise(slots, sidx, logits.float(), coef)
+        if any(self.banning[s] for s in slots):
+            ban = self.banned[sidx] | (self.ends[sidx]
+                                       & (self.step[sidx] < self.min_tokens[sidx])[:, None])
+            z = z.masked_fill(ban[:, None, :], float("-inf"))
+        if bans is not None:
+            z = z.clone() if z is logits else z
+            rows, toks = (torch.tensor(x, dtype=torch.long, device=z.device) for x in bans)
+            z[rows, :, toks] = float("-inf")
+        return z
+
+    def _penalise(self, slots: tuple[int, ...], sidx: torch.Tensor, z: torch.Tensor,
+                  coef: torch.Tensor) -> torch.Tensor:
         if any(self.repeating[s] for s in slots):  # (a penalty of 1 on the others: no change)
             p = self.repetition[sidx][:, None, None]
             seen = self.seen.view(self.max_seqs, self.k, -1)[sidx]
@@ -256,13 +302,17 @@ class DecodeState:
         self.bias[dst] = self.bias[src]
         ch = torch.tensor(children, dtype=torch.long, device=self.device)
         for t in (self.last, self.step, self.temperature, self.top_k, self.top_p, self.min_p,
-                  self.presence, self.frequency, self.repetition):
+                  self.presence, self.frequency, self.repetition, self.min_tokens):
             t[ch] = t[parent].clone()
         if self.counts is not None:
             self.counts[ch] = self.counts[parent].clone()
             self.logit_bias[ch] = self.logit_bias[parent].clone()
+        if self.banned is not None:
+            self.banned[ch] = self.banned[parent].clone()
+            self.ends[ch] = self.ends[parent].clone()
         for c in children:
             self.adjusted[c] = self.adjusted[parent]
+            self.banning[c] = self.banning[parent]
             self.repeating[c] = self.repeating[parent]
             self.host_gate[c] = self.host_gate[parent]
             for j in range(k):

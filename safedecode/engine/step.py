@@ -595,8 +595,8 @@ class ModelStep:
         return [*ids.double().T, *vals.double().T]
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
-               logprobs: bool, top: int = 0, forced: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               logprobs: bool, top: int = 0, forced: torch.Tensor | None = None,
+               bans: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
         next input and advances its step. Returns ``[tokens; status (; logprobs)
         (; top ids; top log-probs)]`` as one float64 tensor on the device (the caller reads it
@@ -604,10 +604,11 @@ class ModelStep:
         final distribution (``top`` rows of ids, then ``top`` of log-probs, best first, lowest
         id first on ties; ``-inf`` past the final set). ``forced`` (``[n]``, -1: sample): the
         token each row takes instead of sampling (scoring a given text), its log-prob under
-        the final distribution (``-inf`` where that excludes it)."""
+        the final distribution (``-inf`` where that excludes it). ``bans``: this step's
+        ``(rows, token ids)`` excluded besides the slots' own (:meth:`DecodeState.adjust`)."""
         m = self.method
         _, _, sidx = state.layout(slots)
-        logits = state.adjust(slots, sidx, logits, self.adjust_coef)  # penalties, bias
+        logits = state.adjust(slots, sidx, logits, self.adjust_coef, bans)  # penalties, bans
         knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
                      temperature=state.temperature[sidx], top_k=state.top_k[sidx],
                      top_p=state.top_p[sidx], min_p=state.min_p[sidx], backend=self.backend)
@@ -622,7 +623,8 @@ class ModelStep:
             if logprobs:
                 lps = torch.where(on, final.gather(1, given[:, None])[:, 0], lps)
         if self.stop is not None:  # a flagged answer that has just ended a sentence ends
-            cut = self.stop.apply(state, sidx, m.k) & (status == 0)
+            cut = self.stop.apply(state, sidx, m.k) & (status == 0) \
+                & (state.step[sidx] >= state.min_tokens[sidx])
             if forced is not None:
                 cut &= forced < 0
             tokens = torch.where(cut, self.stop.eos, tokens)

@@ -78,7 +78,8 @@ class ServerConfig:
 
 # request fields whose errors found at admission (the model's vocabulary, the method) name them
 _PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "echo"}
+                 "repetition_penalty", "echo", "min_tokens", "bad_words", "bad_words_ids",
+                 "allowed_token_ids"}
 
 
 def _one(top):

@@ -5,8 +5,9 @@ structured ``response_format``, audio — are a 400 naming them (answering them 
 would break the client silently); other unknown fields (``user``, ``metadata``, ``store``, ...)
 are ignored, as vLLM does. Each request turns into a prompt and a :class:`SamplingParams` with
 :meth:`sampling_params`, raising :class:`APIError` (400, naming the parameter) for values the
-engine cannot honour. safedecode's own sampling fields (``top_k``, ``min_p``, ``ignore_eos``,
-``repetition_penalty``) are accepted as extra body fields, as vLLM does.
+engine cannot honour. vLLM's extra sampling fields (``top_k``, ``min_p``, ``ignore_eos``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``bad_words``,
+``allowed_token_ids``) are accepted as extra body fields, as vLLM does.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class _Common(BaseModel):
     min_p: float | None = None
     ignore_eos: bool = False
     repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def _refuse_output_changes(self) -> None:
         """A 400 for a field asking for output safedecode does not produce."""
@@ -114,7 +119,11 @@ class _Common(BaseModel):
             "repetition_penalty": 1.0 if self.repetition_penalty is None
             else self.repetition_penalty,
             "stop": tuple(stop), "logprobs": logprobs, "top_logprobs": top_logprobs,
-            "ignore_eos": self.ignore_eos}
+            "ignore_eos": self.ignore_eos, "min_tokens": self.min_tokens,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "bad_words": tuple(self.bad_words or ()),
+            "allowed_token_ids": None if self.allowed_token_ids is None
+            else tuple(self.allowed_token_ids)}
         names = {"max_new_tokens": "max_tokens"}
         try:
             return SamplingParams(**kw)
