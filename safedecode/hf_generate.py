@@ -8,11 +8,13 @@ left-padded, with ``safedecode_branch_masks`` or the pad token marking padding) 
 1..K-1. Sampling
 settings come from the generation config (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
 ``min_p``, ``max_new_tokens``, ``eos_token_id``, ``repetition_penalty`` — over each branch's own
-prompt and the answer, at K = 1 transformers' own); the result is ``[B, T + new]`` token ids,
-padded like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``).
-Anything else that would change the tokens — another logits processor (``min_new_tokens``,
-``bad_words_ids``, a caller's own), a stopping criterion other than the length and EOS, beam
-search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently dropped.
+prompt and the answer, at K = 1 transformers' own — and the bans ``min_new_tokens``,
+``min_length``, ``bad_words_ids``, ``suppress_tokens``, as token bans of the method's final
+distribution); the result is ``[B, T + new]`` token ids, padded like transformers' (a
+``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``). Anything else that would
+change the tokens — another logits processor (``sequence_bias``, ``no_repeat_ngram_size``, a
+caller's own), a stopping criterion other than the length and EOS, beam search,
+``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently dropped.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from transformers.generation import (
     EosTokenCriteria,
     GenerateDecoderOnlyOutput,
     MaxLengthCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -35,13 +41,12 @@ from safedecode.engine.engine import eos_ids
 
 # the warpers whose settings the engine applies itself (read from the generation config)
 _HONOURED = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# the processors that ban tokens, read into the engine's bans (_bans)
+_BANS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
+         SuppressTokensLogitsProcessor)
 # where transformers' own processors come from, for the error message
 _OPTION = {"NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
-           "NoBadWordsLogitsProcessor": "bad_words_ids",
            "SequenceBiasLogitsProcessor": "sequence_bias",
-           "MinLengthLogitsProcessor": "min_length / min_new_tokens",
-           "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
-           "SuppressTokensLogitsProcessor": "suppress_tokens",
            "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
            "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
            "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
@@ -113,7 +118,8 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
         top_p=float(gc.top_p if gc.top_p is not None else 1.0) if sampled else 1.0,
         min_p=float(gc.min_p or 0.0) if sampled else 0.0,
         repetition_penalty=float(gc.repetition_penalty or 1.0),
-        seed=None, streamer=streamer, **ends)
+        seed=None, streamer=streamer, **ends,
+        **_bans(logits_processor, input_ids.shape[1], max_new))
     fill = pad
     if fill is None:  # transformers pads with the (first) EOS id then
         t = getattr(gc, "_pad_token_tensor", None)
@@ -136,6 +142,25 @@ def _eos(gc) -> frozenset[int] | None:
     return frozenset([int(e)] if isinstance(e, int) else (int(x) for x in e))
 
 
+def _bans(processors, width: int, max_new: int) -> dict:
+    """The engine's ``min_tokens`` and ``bad_words_ids`` for transformers' banning processors
+    (``width``: the padded prompt width, which ``min_length`` counts)."""
+    min_tokens, words = 0, []
+    for p in processors or ():
+        if isinstance(p, MinNewTokensLengthLogitsProcessor):
+            min_tokens = max(min_tokens, p.min_new_tokens)
+        elif isinstance(p, MinLengthLogitsProcessor):
+            min_tokens = max(min_tokens, p.min_length - width)
+        elif isinstance(p, NoBadWordsLogitsProcessor):  # EOS-only words already dropped
+            words += [list(w) for w in p.sequence_bias]
+        elif isinstance(p, SuppressTokensLogitsProcessor):
+            words += [[int(t)] for t in p.suppress_tokens.tolist()]
+    out = {"min_tokens": min(min_tokens, max_new)} if min_tokens > 0 else {}
+    if words:
+        out["bad_words_ids"] = words
+    return out
+
+
 def _check_supported(gc, processors, criteria, model_kwargs: dict) -> None:
     """A ``ValueError`` naming the first generation setting the engine would not honour."""
     for p in processors or ():
@@ -143,12 +168,13 @@ def _check_supported(gc, processors, criteria, model_kwargs: dict) -> None:
                 and p.penalty == gc.repetition_penalty \
                 and not isinstance(p.prompt_ignore_length, int):
             continue  # transformers' own (it skips the left padding): the engine applies it
-        if not isinstance(p, _HONOURED):
+        if not isinstance(p, _HONOURED + _BANS):
             name = type(p).__name__
             where = f"`{_OPTION[name]}`" if name in _OPTION else "a `logits_processor` you passed"
             raise ValueError(f"{name} (from {where}) is not supported with safedecode's "
                              "custom_generate: it samples from the method's distribution with "
-                             "temperature, top_k, top_p and min_p only")
+                             "temperature, top_k, top_p, min_p, the repetition penalty and "
+                             "token bans only")
     for c in criteria or ():
         if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
             raise ValueError(f"{type(c).__name__} is not supported with safedecode's "

@@ -392,8 +392,11 @@ class Engine:
             for space in ("", " "):
                 ids = tuple(self.tok(space + word.lstrip(), add_special_tokens=False)
                             ["input_ids"])
-                if not ids or any(t >= v for t in ids):
+                if not ids:
                     continue
+                if any(t >= v for t in ids):
+                    raise ValueError(f"bad_words: {word!r} tokenises to ids outside the "
+                                     f"model's vocabulary of {v} tokens: {list(ids)}")
                 if first is None or (ids[0] != first[0] and len(ids) == len(first)):
                     out.append(ids)
                     first = first or ids
