@@ -39,6 +39,14 @@ SAMPLING_PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on 
                     "Name a colour."]
 
 
+def one_token_words(tok, text: str) -> list[str]:
+    """The words of ``text`` that are one token both alone and after a space: as a bad word
+    (vLLM's rule) such a word is banned at the start of a text and inside it."""
+    def n(w: str) -> int:
+        return len(tok(w, add_special_tokens=False)["input_ids"])
+    return [w for w in text.split() if n(w) == n(" " + w) == 1]
+
+
 @functools.lru_cache(maxsize=1)
 def tiny_acd_decoder():
     """``acd-text`` (alpha 0.5, beta 0.1) on :func:`tiny_llama`: a contrast with a mask."""

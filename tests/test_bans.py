@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import SAMPLING_PROMPTS, tiny_acd_decoder
+from engine_fixtures import SAMPLING_PROMPTS, one_token_words, tiny_acd_decoder
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
@@ -148,9 +148,7 @@ def test_bad_words_are_tokenised_as_vllm_does(acd):
         want += [a] + ([b] if b[0] != a[0] and len(b) == len(a) else [])
     assert words == want and len(words) > 2
     base = _plain_answer(acd, PROMPTS[1], 12)
-    ids = lambda w: tok(w, add_special_tokens=False)["input_ids"]  # noqa: E731
-    word = next(w for w in (tok.decode([t]).strip() for t in base)  # one token either way
-                if w and ids(" " + w) in [[t] for t in base] and len(ids(w)) == 1)
+    word = one_token_words(tok, tok.decode(base))[0]
     r = acd.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True, bad_words=[word])[0]
     spelled = {tuple(w) for w in eng.bad_word_ids(SamplingParams(bad_words=(word,)))}
     assert all((t,) not in spelled for t in r.token_ids) and r.token_ids != base

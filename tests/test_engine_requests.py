@@ -434,8 +434,11 @@ MAX_NEW = 6
 
 
 # a penalised request: the bias makes token 1234 likely, the penalty stops it after a few, so
-# its tokens depend on its own counts (kept through forks, slot moves and others' aborts)
-ADJUST = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}, "repetition_penalty": 2.0}
+# its tokens depend on its own counts (kept through forks, slot moves and others' aborts);
+# 1234 never twice in a row (a two-token bad word, read from its own tokens) and token 5
+# never (its ban row)
+ADJUST = {"frequency_penalty": 1.5, "logit_bias": {1234: 4.0}, "repetition_penalty": 2.0,
+          "bad_words_ids": ((1234, 1234), (5,))}
 
 
 @functools.cache

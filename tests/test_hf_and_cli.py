@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from engine_fixtures import MIXED_PROMPTS, tiny_llama
+from engine_fixtures import MIXED_PROMPTS, one_token_words, tiny_llama
 from typer.testing import CliRunner
 
 import safedecode
@@ -88,9 +88,36 @@ def test_custom_generate_equals_transformers_generate():
             assert got.tolist() != first.tolist()
 
 
+def test_custom_generate_bans_tokens_as_transformers():
+    """transformers' banning settings through the hook = its own greedy decode: one- and
+    two-token bad words (one spanning the prompt's last token and the answer's first),
+    suppressed tokens, and ``min_new_tokens`` / ``min_length`` holding off EOS ids that
+    would end every answer by its third token."""
+    model, tok = tiny_llama()
+    m = methods.get("plain")
+    ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
+    t = ids.shape[1]
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+    a = first[0, t:].tolist()
+    early = [tok.eos_token_id, *sorted({int(x) for x in first[:, t + 2]})]
+    for kw in ({"bad_words_ids": [[a[1]], [a[3], a[4]], [int(ids[0, -1]), a[0]]]},
+               {"suppress_tokens": [a[2], a[5]]},
+               {"eos_token_id": early, "min_new_tokens": 6},
+               {"eos_token_id": early, "min_length": t + 5}):
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id, **kw)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id,
+                             custom_generate=safedecode.custom_generate, safedecode_method=m,
+                             **kw)
+        assert got.tolist() == ref.tolist(), kw
+        assert got[0].tolist() != first[0].tolist(), kw  # it changed an answer
+
+
 @pytest.mark.parametrize("kw, match", [
-    ({"min_new_tokens": 3}, "min_new_tokens"),
-    ({"bad_words_ids": [[5]]}, "bad_words_ids"),
+    ({"sequence_bias": {(5,): 1.0}}, "sequence_bias"),
+    ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
     ({"num_beams": 2}, "num_beams=2"),
     ({"return_dict_in_generate": True, "output_scores": True}, "output_scores"),
     ({"max_time": 5.0}, "MaxTimeCriteria"),
@@ -129,13 +156,16 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
 
 
 def test_cli_generate_with_penalties(tiny_model_dir):
-    """``--frequency-penalty``, ``--presence-penalty``, ``--repetition-penalty`` reach the
-    engine: = offline."""
+    """``--frequency-penalty``, ``--presence-penalty``, ``--repetition-penalty``,
+    ``--bad-word`` and ``--min-tokens`` reach the engine: = offline."""
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("plain"))
+    word = one_token_words(tok, dec.generate("Hi there", max_new_tokens=6)[0].text)[0]
     for kw, flags in (({"frequency_penalty": -2.0}, ["--frequency-penalty", "-2"]),
                       ({"presence_penalty": -2.0}, ["--presence-penalty", "-2"]),
-                      ({"repetition_penalty": 0.3}, ["--repetition-penalty", "0.3"])):
+                      ({"repetition_penalty": 0.3}, ["--repetition-penalty", "0.3"]),
+                      ({"bad_words": [word], "min_tokens": 6},
+                       ["--bad-word", word, "--min-tokens", "6"])):
         want = dec.generate("Hi there", max_new_tokens=6, **kw)[0].text
         assert want != dec.generate("Hi there", max_new_tokens=6)[0].text
         res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),
@@ -232,6 +262,9 @@ def test_cli_generate_takes_a_knob_string(tiny_model_dir):
         (["generate", "x", "--method", "plain", "--alpha", "0.5"], "plain"),
         (["generate", "x", "--model", "/nonexistent/model"], "model"),
         (["generate", "x", "-n", "0"], "max-new-tokens"),
+        (["generate", "x", "-n", "4", "--min-tokens", "5"],
+         "min_tokens: must be <= max_new_tokens"),
+        (["generate", "x", "--bad-word", " "], "bad_words"),
         (["generate", "x", "--device", "tpu"], "device: expected cpu, cuda or cuda:<index>"),
         (["generate", "x", "--dtype", "int8"], "dtype: must be one of"),
     ],

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from engine_fixtures import default_model, tiny_llama
+from engine_fixtures import default_model, one_token_words, tiny_llama
 from serve_fixtures import LiveServer
 
 from safedecode import methods
@@ -157,6 +157,28 @@ def test_penalties_and_logit_bias_equal_offline(server, offline):
     r = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=8,
                                   temperature=0, extra_body={"repetition_penalty": 0.3})
     assert r.choices[0].message.content == rep.text
+
+
+def test_token_bans_equal_offline(server, offline):
+    """vLLM's ``min_tokens``, ``stop_token_ids``, ``bad_words``, ``allowed_token_ids`` as extra
+    body fields: chat and completions = the engine offline."""
+    c = server.client()
+    msgs = [{"role": "user", "content": PROMPTS[6]}]
+    base = offline("acd-text", PROMPTS[6], max_new_tokens=8, ignore_eos=True)[0].token_ids
+    ban = {"allowed_token_ids": sorted(set(base[::2]) | {7, 99}), "min_tokens": 4,
+           "stop_token_ids": [base[0]]}
+    ref = offline("acd-text", PROMPTS[6], max_new_tokens=8, **ban)[0]
+    assert ref.token_ids != base and len(ref.token_ids) > 4
+    r = c.chat.completions.create(model="tiny:acd-text", messages=msgs, max_tokens=8,
+                                  temperature=0, extra_body=ban)
+    assert r.choices[0].message.content == ref.text
+    raw = offline("plain", "Once upon a time", raw=True, max_new_tokens=6)[0]
+    word = one_token_words(tiny_llama()[1], raw.text)[0]
+    ref = offline("plain", "Once upon a time", raw=True, max_new_tokens=6, bad_words=[word])[0]
+    assert word not in ref.text.split()
+    r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=6,
+                             temperature=0, extra_body={"bad_words": [word]})
+    assert r.choices[0].text == ref.text
 
 
 def test_completions_take_token_id_prompts(server):
@@ -336,6 +358,12 @@ def test_errors_in_openai_shape(server):
          openai.BadRequestError, "response_format"),
         (dict(model="tiny:plain", messages=msgs, logit_bias={"99999999": 1}),
          openai.BadRequestError, "logit_bias"),
+        (dict(model="tiny:plain", messages=msgs, extra_body={"allowed_token_ids": [10**8]}),
+         openai.BadRequestError, "allowed_token_ids"),
+        (dict(model="tiny:plain", messages=msgs, max_tokens=4, extra_body={"min_tokens": 5}),
+         openai.BadRequestError, "min_tokens"),
+        (dict(model="tiny:plain", messages=msgs, extra_body={"bad_words": [" "]}),
+         openai.BadRequestError, "bad_words"),
         (dict(model="tiny:plain", messages=msgs, top_logprobs=3),
          openai.BadRequestError, "top_logprobs"),
         (dict(model="tiny:plain", messages=msgs, logprobs=True, top_logprobs=21),
