@@ -1,7 +1,8 @@
 """What the per-request extras cost a decode step: ``top_logprobs``, presence / frequency
-penalties with a logit bias, and the repetition penalty, each against the same requests without
-them, one machine, one run. The embedded model, ``acd-text`` (K = 2), B requests decoding
-together, sampled and seeded, EOS ignored. Writes ``benchmarks/results/sampling_extras_cpu.md``.
+penalties with a logit bias, the repetition penalty and token bans, each against the same
+requests without them, one machine, one run. The embedded model, ``acd-text`` (K = 2), B
+requests decoding together, sampled and seeded, EOS ignored. Writes
+``benchmarks/results/sampling_extras_cpu.md``.
 
     python benchmarks/bench_sampling_extras.py [--batch 8] [--tokens 64] [--repeats 3]
 """
@@ -24,14 +25,19 @@ PROMPTS = ["Write a short poem about the sea.", "How do I bake sourdough bread?"
            "Explain how a bicycle gear works.", "Give me three tips for a job interview.",
            "What is the capital of Australia and why?", "Describe a sunset over the desert.",
            "How do I kill a Python process that hangs?", "Summarise the plot of Hamlet."]
+# one- and several-token words (the longer ones checked on the host every step)
+BAD_WORDS = ("water", "bread", "the sea", "process that", "Hamlet's uncle", "gear ratio")
 MODES = {
     "none (logprobs only)": {},
     "top_logprobs=5": {"top_logprobs": 5},
     "presence + frequency + logit_bias": {"presence_penalty": 0.5, "frequency_penalty": 0.5,
                                           "logit_bias": {28: -5.0, 30: 2.0}},
     "repetition_penalty=1.2": {"repetition_penalty": 1.2},
+    "min_tokens + bad_words": {"min_tokens": 48, "bad_words": BAD_WORDS},
+    "allowed_token_ids (V / 2)": {"allowed_token_ids": tuple(range(0, 49152, 2))},
     "all of them": {"top_logprobs": 5, "presence_penalty": 0.5, "frequency_penalty": 0.5,
-                    "logit_bias": {28: -5.0, 30: 2.0}, "repetition_penalty": 1.2},
+                    "logit_bias": {28: -5.0, 30: 2.0}, "repetition_penalty": 1.2,
+                    "min_tokens": 48, "bad_words": BAD_WORDS},
 }
 
 

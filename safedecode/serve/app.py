@@ -78,8 +78,7 @@ class ServerConfig:
 
 # request fields whose errors found at admission (the model's vocabulary, the method) name them
 _PARAM_FIELDS = {"logit_bias", "top_logprobs", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "echo", "min_tokens", "bad_words", "bad_words_ids",
-                 "allowed_token_ids"}
+                 "repetition_penalty", "echo", "min_tokens", "bad_words", "allowed_token_ids"}
 
 
 def _one(top):
