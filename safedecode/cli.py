@@ -123,6 +123,9 @@ def generate(
     bad_word: list[str] | None = typer.Option(
         None, "--bad-word", help="A word the answer may not contain (repeatable; banned "
         "token by token, as vLLM's bad_words)."),
+    no_repeat_ngram_size: int = typer.Option(
+        0, "--no-repeat-ngram-size", help="Never repeat an n-gram of the prompt and the answer "
+        "(transformers'; 0 = off)."),
     seed: int | None = typer.Option(None, help="Seed of the sampling stream."),
     batch_size: int = typer.Option(8, "--batch-size", help="Requests decoded at once (the "
                                    "next joins as one ends)."),
@@ -236,7 +239,8 @@ def generate(
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, seed=seed, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-                  min_tokens=min_tokens, bad_words=tuple(bad_word or ()))
+                  min_tokens=min_tokens, bad_words=tuple(bad_word or ()),
+                  no_repeat_ngram_size=no_repeat_ngram_size)
         if logprobs is not None:
             kw.update(return_logprobs=True, top_logprobs=logprobs)
         SamplingParams.from_kwargs(**kw)  # bad values named before the model loads

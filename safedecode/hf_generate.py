@@ -9,12 +9,13 @@ left-padded, with ``safedecode_branch_masks`` or the pad token marking padding) 
 settings come from the generation config (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
 ``min_p``, ``max_new_tokens``, ``eos_token_id``, ``repetition_penalty`` — over each branch's own
 prompt and the answer, at K = 1 transformers' own — and the bans ``min_new_tokens``,
-``min_length``, ``bad_words_ids``, ``suppress_tokens``, as token bans of the method's final
-distribution); the result is ``[B, T + new]`` token ids, padded like transformers' (a
-``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``). Anything else that would
-change the tokens — another logits processor (``sequence_bias``, ``no_repeat_ngram_size``, a
-caller's own), a stopping criterion other than the length and EOS, beam search,
-``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently dropped.
+``min_length``, ``bad_words_ids``, ``suppress_tokens``, ``no_repeat_ngram_size``, as token
+bans of the method's final distribution); the result is ``[B, T + new]`` token ids, padded
+like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``).
+Anything else that would change the tokens — another logits processor (``sequence_bias``,
+``typical_p``, a caller's own), a stopping criterion other than the length and EOS, beam
+search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers.generation import (
     MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
@@ -43,10 +45,9 @@ from safedecode.engine.engine import eos_ids
 _HONOURED = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # the processors that ban tokens, read into the engine's bans (_bans)
 _BANS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
-         SuppressTokensLogitsProcessor)
+         SuppressTokensLogitsProcessor, NoRepeatNGramLogitsProcessor)
 # where transformers' own processors come from, for the error message
-_OPTION = {"NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
-           "SequenceBiasLogitsProcessor": "sequence_bias",
+_OPTION = {"SequenceBiasLogitsProcessor": "sequence_bias",
            "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
            "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
            "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
@@ -143,9 +144,10 @@ def _eos(gc) -> frozenset[int] | None:
 
 
 def _bans(processors, width: int, max_new: int) -> dict:
-    """The engine's ``min_tokens`` and ``bad_words_ids`` for transformers' banning processors
-    (``width``: the padded prompt width, which ``min_length`` counts)."""
-    min_tokens, words = 0, []
+    """The engine's ``min_tokens``, ``bad_words_ids`` and ``no_repeat_ngram_size`` for
+    transformers' banning processors (``width``: the padded prompt width, which
+    ``min_length`` counts)."""
+    min_tokens, words, ngram = 0, [], 0
     for p in processors or ():
         if isinstance(p, MinNewTokensLengthLogitsProcessor):
             min_tokens = max(min_tokens, p.min_new_tokens)
@@ -155,7 +157,11 @@ def _bans(processors, width: int, max_new: int) -> dict:
             words += [list(w) for w in p.sequence_bias]
         elif isinstance(p, SuppressTokensLogitsProcessor):
             words += [[int(t)] for t in p.suppress_tokens.tolist()]
+        elif isinstance(p, NoRepeatNGramLogitsProcessor):
+            ngram = p.ngram_size
     out = {"min_tokens": min(min_tokens, max_new)} if min_tokens > 0 else {}
+    if ngram:
+        out["no_repeat_ngram_size"] = ngram
     if words:
         out["bad_words_ids"] = words
     return out

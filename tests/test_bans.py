@@ -40,11 +40,12 @@ def _branch_ids(dec, prompt: str) -> list[list[int]]:
 
 
 def _from_scratch(dec, prompt: str, n: int, *, banned=(), allowed=None, words=(),
-                  ends=(), min_tokens: int = 0) -> list[int]:
+                  ends=(), min_tokens: int = 0, ngram: int = 0) -> list[int]:
     """Greedy tokens, every step recomputed without a cache: ``banned``, the tokens outside
     ``allowed``, each of ``words``' last token where the anchor branch's prompt + the answer
-    end in the tokens before it, and ``ends`` (with the model's EOS) while fewer than
-    ``min_tokens`` are out, all ``-inf`` on every branch."""
+    end in the tokens before it, every token that would repeat an ``ngram``-gram of that
+    context, and ``ends`` (with the model's EOS) while fewer than ``min_tokens`` are out, all
+    ``-inf`` on every branch."""
     m = dec.method
     stop = set(eos_ids(dec.model, dec.tok)) | set(ends)
     ids = _branch_ids(dec, prompt)
@@ -62,6 +63,11 @@ def _from_scratch(dec, prompt: str, n: int, *, banned=(), allowed=None, words=()
         for w in words:
             if len(w) > 1 and context[len(context) - len(w) + 1:] == list(w[:-1]):
                 ban[w[-1]] = True
+        if ngram:  # the n-grams whose first n - 1 tokens end the context: their last
+            head = context[len(context) - ngram + 1:] if ngram > 1 else []
+            for i in range(len(context) - ngram + 1):
+                if context[i:i + ngram - 1] == head:
+                    ban[context[i + ngram - 1]] = True
         if len(out) < min_tokens:
             ban[sorted(stop)] = True
         z[:, ban] = float("-inf")
@@ -91,11 +97,17 @@ def test_bans_equal_the_loop_from_scratch(decoders, name):
     base = _plain_answer(dec, prompt)
     last_prompt = _branch_ids(dec, prompt)[dec.method.anchor][-1]
     allowed = sorted(set(base[::2]) | {7, 99, 1234})
+    # the prompt's last tokens and enough others for 10 tokens, none twice, none the prompt's
+    wide = sorted(set(_branch_ids(dec, prompt)[dec.method.anchor][-6:]) | set(range(100, 112)))
     cases = [
         ({"bad_words_ids": [[base[1]], [base[4]]]}, {"banned": [base[1], base[4]]}),
         ({"bad_words_ids": [[base[2], base[3]]]}, {"words": [(base[2], base[3])]}),
         ({"bad_words_ids": [[last_prompt, base[0]]]}, {"words": [(last_prompt, base[0])]}),
         ({"allowed_token_ids": allowed}, {"allowed": allowed}),
+        ({"no_repeat_ngram_size": 1, "allowed_token_ids": wide},
+         {"ngram": 1, "allowed": wide}),
+        ({"no_repeat_ngram_size": 2, "allowed_token_ids": allowed},
+         {"ngram": 2, "allowed": allowed}),
         ({"stop_token_ids": [base[1]], "min_tokens": 4},
          {"ends": [base[1]], "min_tokens": 4}),
     ]
@@ -103,6 +115,9 @@ def test_bans_equal_the_loop_from_scratch(decoders, name):
         got = dec.generate(prompt, max_new_tokens=10, **kw)[0].token_ids
         assert got == _from_scratch(dec, prompt, 10, **spec), kw
         assert got != base[:len(got)], kw  # it changed the answer
+        if "no_repeat_ngram_size" in kw:  # (an allowed list makes the model repeat itself)
+            only = {"allowed_token_ids": kw["allowed_token_ids"]}
+            assert got != dec.generate(prompt, max_new_tokens=10, **only)[0].token_ids
     early = dec.generate(prompt, max_new_tokens=10, stop_token_ids=[base[1]])[0]
     assert len(early.token_ids) == 2  # without min_tokens the stop id ends it at once
 
@@ -190,6 +205,7 @@ def test_fork_and_truncate_keep_the_bans(acd):
     held = acd.generate(PROMPTS[1], **kw)[0].token_ids
     assert len(held) == 9 and held[-1] == eos and set(held) <= set(allowed)
     kw["bad_words_ids"] = [[held[4], held[5]]]
+    kw["no_repeat_ngram_size"] = 3
     alone = acd.generate(PROMPTS[1], **kw)[0].token_ids
     assert len(alone) == 9 and alone != held
     eng = acd.engine(max_seqs=3)
@@ -205,6 +221,30 @@ def test_fork_and_truncate_keep_the_bans(acd):
         eng.step()
     assert eng.pop_result(kid).token_ids == alone
     assert eng.pop_result(a).token_ids == alone
+
+
+def test_a_fork_keeps_its_own_ngrams(acd):
+    """Sampled with its own seed, a fork repeats n-grams of its own answer only: running its
+    parent beside it (other tokens) changes nothing."""
+    kw = {"allowed_token_ids": list(range(100, 112)), "no_repeat_ngram_size": 2,
+          "temperature": 1.0, "seed": 5, "max_new_tokens": 16}
+    kids = []
+    for alone in (True, False):
+        eng = acd.engine(max_seqs=2)
+        a = eng.add_request(PROMPTS[1], SamplingParams(**kw))
+        for _ in range(3):
+            eng.step()
+        kid = eng.fork(a, 1, seeds=[77])[0]
+        if alone:
+            eng.abort(a)
+        while eng.has_unfinished():
+            eng.step()
+        kids.append(eng.pop_result(kid).token_ids)
+        if not alone:
+            assert eng.pop_result(a).token_ids[3:] != kids[-1][3:]  # they went apart
+    assert kids[0] == kids[1]
+    pairs = list(zip(kids[0], kids[0][1:], strict=False))
+    assert len(set(pairs)) == len(pairs)  # no bigram twice
 
 
 def test_banned_tokens_leave_the_distribution(acd):
@@ -228,6 +268,7 @@ def test_banned_tokens_leave_the_distribution(acd):
     ({"bad_words_ids": [5]}, "bad_words_ids"),
     ({"bad_words": ["  "]}, "bad_words"),
     ({"bad_words": "word"}, "bad_words"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
 ])
 def test_bad_bans_are_named(kw, match):
     with pytest.raises(ValueError, match=match):

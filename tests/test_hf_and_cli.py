@@ -91,8 +91,8 @@ def test_custom_generate_equals_transformers_generate():
 def test_custom_generate_bans_tokens_as_transformers():
     """transformers' banning settings through the hook = its own greedy decode: one- and
     two-token bad words (one spanning the prompt's last token and the answer's first),
-    suppressed tokens, and ``min_new_tokens`` / ``min_length`` holding off EOS ids that
-    would end every answer by its third token."""
+    suppressed tokens, repeated bigrams (of the prompt too), and ``min_new_tokens`` /
+    ``min_length`` holding off EOS ids that would end every answer by its third token."""
     model, tok = tiny_llama()
     m = methods.get("plain")
     ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
@@ -103,6 +103,7 @@ def test_custom_generate_bans_tokens_as_transformers():
     early = [tok.eos_token_id, *sorted({int(x) for x in first[:, t + 2]})]
     for kw in ({"bad_words_ids": [[a[1]], [a[3], a[4]], [int(ids[0, -1]), a[0]]]},
                {"suppress_tokens": [a[2], a[5]]},
+               {"no_repeat_ngram_size": 2, "repetition_penalty": 0.3},  # (it repeats itself)
                {"eos_token_id": early, "min_new_tokens": 6},
                {"eos_token_id": early, "min_length": t + 5}):
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
@@ -112,12 +113,15 @@ def test_custom_generate_bans_tokens_as_transformers():
                              custom_generate=safedecode.custom_generate, safedecode_method=m,
                              **kw)
         assert got.tolist() == ref.tolist(), kw
-        assert got[0].tolist() != first[0].tolist(), kw  # it changed an answer
+        without = first if "repetition_penalty" not in kw else model.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+            pad_token_id=tok.pad_token_id, repetition_penalty=0.3)
+        assert got.tolist() != without.tolist(), kw  # the ban changed an answer
 
 
 @pytest.mark.parametrize("kw, match", [
     ({"sequence_bias": {(5,): 1.0}}, "sequence_bias"),
-    ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
+    ({"exponential_decay_length_penalty": (2, 1.5)}, "exponential_decay_length_penalty"),
     ({"num_beams": 2}, "num_beams=2"),
     ({"return_dict_in_generate": True, "output_scores": True}, "output_scores"),
     ({"max_time": 5.0}, "MaxTimeCriteria"),
@@ -157,7 +161,8 @@ def test_cli_generate_file_json_and_stream(tiny_model_dir, tmp_path):
 
 def test_cli_generate_with_penalties(tiny_model_dir):
     """``--frequency-penalty``, ``--presence-penalty``, ``--repetition-penalty``,
-    ``--bad-word`` and ``--min-tokens`` reach the engine: = offline."""
+    ``--bad-word``, ``--min-tokens`` and ``--no-repeat-ngram-size`` reach the engine: =
+    offline."""
     model, tok = tiny_llama()
     dec = SafeDecoder(model, tok, methods.get("plain"))
     word = one_token_words(tok, dec.generate("Hi there", max_new_tokens=6)[0].text)[0]
@@ -165,7 +170,9 @@ def test_cli_generate_with_penalties(tiny_model_dir):
                       ({"presence_penalty": -2.0}, ["--presence-penalty", "-2"]),
                       ({"repetition_penalty": 0.3}, ["--repetition-penalty", "0.3"]),
                       ({"bad_words": [word], "min_tokens": 6},
-                       ["--bad-word", word, "--min-tokens", "6"])):
+                       ["--bad-word", word, "--min-tokens", "6"]),
+                      ({"no_repeat_ngram_size": 2, "repetition_penalty": 0.3},
+                       ["--no-repeat-ngram-size", "2", "--repetition-penalty", "0.3"])):
         want = dec.generate("Hi there", max_new_tokens=6, **kw)[0].text
         assert want != dec.generate("Hi there", max_new_tokens=6)[0].text
         res = CliRunner().invoke(app, ["generate", "Hi there", "--model", str(tiny_model_dir),

@@ -28,6 +28,7 @@ from .branches import Method
 from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
+from .ngrams import NGramBans
 from .prompts import Prefix, Prompt, PromptBuilder
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
@@ -114,6 +115,7 @@ class _Seq:
     bad_one: tuple[int, ...] = ()
     bad_seqs: tuple[tuple[list[int], int], ...] = ()
     bad_ctx: list[int] = field(default_factory=list)
+    ngrams: NGramBans | None = None  # SamplingParams.no_repeat_ngram_size
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -328,11 +330,13 @@ class Engine:
                              "none is left before min_tokens")
         lens = [len(p) + len(s) for p, s in built]
         longer = tuple((list(w[:-1]), w[-1]) for w in words if len(w) > 1)
-        ctx = []
-        if longer:  # the anchor branch's prompt tail: a word may start in the prompt
-            pre, suf = built[self.method.anchor]
-            ctx = ([*pre.tail_ids] if pre.soft is not None else [*pre.ids]) + list(suf)
-            ctx = ctx[len(ctx) - max(len(p) for p, _ in longer):]
+        # the anchor branch's prompt (after a soft prompt): a banned word or a repeated
+        # n-gram may start there
+        pre, suf = built[self.method.anchor]
+        context = ([*pre.tail_ids] if pre.soft is not None else [*pre.ids]) + list(suf)
+        ctx = context[len(context) - max(len(p) for p, _ in longer):] if longer else []
+        ngrams = NGramBans(params.no_repeat_ngram_size, context) \
+            if params.no_repeat_ngram_size else None
         seqs = []
         for i in range(n):
             rid = next(self._ids)
@@ -343,7 +347,8 @@ class Engine:
                              built=list(built) if i == 0 else None, t_add=time.perf_counter(),
                              gate=None if gates is None else bool(gates[i]),
                              bad_one=tuple(w[0] for w in words if len(w) == 1),
-                             bad_seqs=longer, bad_ctx=ctx))
+                             bad_seqs=longer, bad_ctx=ctx,
+                             ngrams=ngrams.copy() if ngrams is not None and i else ngrams))
         head = seqs[0]
         head.kids = seqs[1:]
         self.scheduler.add(head)
@@ -500,6 +505,8 @@ class Engine:
             kid.out, kid.logprobs, kid.tops = list(parent.out), list(parent.logprobs), \
                 list(parent.tops)
             kid.detok = parent.detok.clone()
+            if parent.ngrams is not None:
+                kid.ngrams = parent.ngrams.copy()
             kids.append(kid)
             self._live[kid.id] = kid
         self.state.fork(parent.slot, [c.slot for c in kids])
@@ -535,6 +542,8 @@ class Engine:
             self.state.recount(seq.slot, seq.out)
         if seq.context is not None:
             self.state.reseen(seq.slot, seq.context, seq.out)
+        if seq.ngrams is not None:
+            seq.ngrams = seq.ngrams.rebuilt(seq.out)
 
     def detokenizer(self, request_id: int) -> IncrementalDetokenizer:
         """A fresh detokeniser with a live request's stop strings and end tokens: its tokens
@@ -749,6 +758,8 @@ class Engine:
                 outs.append(StepOutput(seq.id, seq.detok.flush(), -1, "error"))
                 continue
             seq.out.append(t)
+            if seq.ngrams is not None:
+                seq.ngrams.add(t)
             if seq.params.logprobs:
                 seq.logprobs.append(lp)
             best = tops.get(seq.id) if parent is None else None
@@ -763,10 +774,15 @@ class Engine:
 
     @staticmethod
     def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int]] | None:
-        """This step's ``(rows, tokens)`` banned by the sequences' longer bad words: a
-        word's last token where the context ends in the tokens before it."""
+        """This step's ``(rows, tokens)`` banned by the sequences' longer bad words (a
+        word's last token where the context ends in the tokens before it) and repeated
+        n-grams."""
         rows, toks = [], []
         for j, seq in enumerate(seqs):
+            if seq.ngrams is not None:
+                banned = seq.ngrams.banned()
+                rows += [j] * len(banned)
+                toks += sorted(banned)
             for head, last in seq.bad_seqs:
                 n = len(head)
                 tail = seq.out[-n:] if len(seq.out) >= n else (seq.bad_ctx + seq.out)[-n:]
@@ -841,6 +857,8 @@ class Engine:
                 kid.out, kid.logprobs, kid.tops = list(seq.out), list(seq.logprobs), \
                     list(seq.tops)
                 kid.detok = seq.detok.clone()
+                if seq.ngrams is not None:
+                    kid.ngrams = seq.ngrams.copy()
                 self._live[kid.id] = kid
                 kids.append((kid, t, lp_))
             if kids:

@@ -55,7 +55,9 @@ class SamplingParams:
     are generated; ``bad_words`` (strings, tokenised by the engine with and without a leading
     space, as vLLM does) and ``bad_words_ids`` (token-id sequences, transformers' form) ban a
     word's last token wherever the tokens before it end the context (the prompt of the
-    method's anchor branch and the answer); ``allowed_token_ids`` bans every other token.
+    method's anchor branch and the answer); ``allowed_token_ids`` bans every other token;
+    ``no_repeat_ngram_size`` n (transformers') bans every token that would repeat an n-gram of
+    that context.
     """
 
     max_new_tokens: int = 128
@@ -77,6 +79,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = field(default=())
     bad_words_ids: tuple[tuple[int, ...], ...] = field(default=())
     allowed_token_ids: tuple[int, ...] | None = None
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -114,6 +117,7 @@ class SamplingParams:
         _float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, lo_open=True)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         _int("min_tokens", self.min_tokens, 0)
+        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if self.min_tokens > self.max_new_tokens:
             raise ValueError(f"min_tokens: must be <= max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_tokens}")
@@ -162,9 +166,10 @@ class SamplingParams:
 
     @property
     def bans_tokens(self) -> bool:
-        """Whether this request bans tokens (``min_tokens``, bad words, an allowed list)."""
+        """Whether this request bans tokens (``min_tokens``, bad words, an allowed list,
+        repeated n-grams)."""
         return bool(self.min_tokens or self.bad_words or self.bad_words_ids
-                    or self.allowed_token_ids is not None)
+                    or self.allowed_token_ids is not None or self.no_repeat_ngram_size)
 
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)

@@ -294,7 +294,7 @@ class Searcher:
         params = checked_params(params, n)
         for name in ("top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
                      "repetition_penalty", "min_tokens", "bad_words", "bad_words_ids",
-                     "allowed_token_ids"):
+                     "allowed_token_ids", "no_repeat_ngram_size"):
             if getattr(params, name) != getattr(_DEFAULTS, name):
                 raise ValueError(f"{name}: not supported by deal (its tokens are chosen by a "
                                  "search over rollouts, not drawn from one distribution)")
