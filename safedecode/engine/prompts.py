@@ -6,6 +6,12 @@ opening) — is found by rendering the branch with two different probe messages 
 start; it is the same for every request, so its KV is computed once per branch. The *suffix* (the
 request's own messages and the generation prompt) is what each request prefills.
 
+A conversation's earlier turns (everything before its last user message: a few-shot prompt, a
+chat's history) join the prefix once a request with the same history under the same branch has
+been seen before: from the second such request on, the history's KV is computed once and reused
+(a history seen once costs nothing more). Not for branches whose hooks act on the request's own
+prompt positions (``BranchHook(positions="prompt")``: the history is part of that prompt).
+
 Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
 the system text at the start of the first user message, followed by a blank line — what Gemma
 3's own template does with a system message — so every method with a system prompt runs on them.
@@ -13,6 +19,7 @@ the system text at the start of the first user message, followed by a blank line
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,18 +100,23 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 class PromptBuilder:
-    """Renders branch prefixes and request suffixes for one tokenizer."""
+    """Renders branch prefixes and request suffixes for one tokenizer; ``share_history``: a
+    conversation's earlier turns join the prefix once seen twice (see the module doc)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, share_history: bool = True) -> None:
         self.tok = tokenizer
+        self.share_history = share_history
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self._system_role: bool | None = None  # whether the template renders a system message
         # Bounded: requests may bring any number of distinct system messages.
         self._prefix_text: LRU = LRU(1024)
         self._prefixes: LRU = LRU(1024)
+        self._histories: LRU = LRU(4096)  # conversation histories seen: how often
 
     # -- rendering ---------------------------------------------------------------------------
-    def render(self, system: str | None, messages: list[Message], raw: bool = False) -> str:
+    def render(self, system: str | None, messages: list[Message], raw: bool = False,
+               generation: bool = True) -> str:
+        """The prompt text (``generation``: with the template's generation prompt)."""
         if raw:  # a completion: the text as it is, after the branch's system text
             head = f"{system}\n\n" if system else ""
             return head + "\n\n".join(m["content"] for m in messages)
@@ -115,7 +127,8 @@ class PromptBuilder:
                 msgs = [{"role": "system", "content": system}] + messages
             else:  # no system role: the text opens the first user message
                 msgs = fold_system(system, messages) if system else messages
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.tok.apply_chat_template(msgs, tokenize=False,
+                                                add_generation_prompt=generation)
         head = f"{system}\n\n" if system else ""
         return head + "\n\n".join(m["content"] for m in messages) + "\n\n"
 
@@ -188,14 +201,38 @@ class PromptBuilder:
         ptext = self.prefix_text(system, raw)
         if not full.startswith(ptext):  # template depends on the request: no sharing
             ptext = ""
+        ptext = self._history(branch, system, rest, full, raw) or ptext
         if branch.soft_prompt is not None and _SOFT not in ptext:
             raise ValueError("soft prompts need a chat template whose head does not depend "
                              "on the user's messages")
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
-            self._prefixes[key] = self._make_prefix(branch, ptext, "|".join(map(str, key)), raw)
+            name = "|".join(map(str, key))
+            if len(name) > 512:  # a long system text or history: named by its digest
+                name = "prefix:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+            self._prefixes[key] = self._make_prefix(branch, ptext, name, raw)
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
+
+    def _history(self, branch: Branch, system: str | None, rest: list[Message], full: str,
+                 raw: bool) -> str | None:
+        """The text of ``rest``'s turns before its last user message, when a request with the
+        same history under this branch came before and the text splits off cleanly; else
+        None (see the module doc)."""
+        if not self.share_history or raw or not self.has_template or len(rest) < 2 \
+                or rest[-1]["role"] != "user" \
+                or any(h.positions == "prompt" for h in branch.hooks):
+            return None
+        try:
+            text = self.render(system, rest[:-1], generation=False)
+        except Exception:  # noqa: BLE001 - a template that wants a user turn last
+            return None
+        key = (branch.key(), system, text)
+        seen = self._histories.get(key, 0) + 1
+        self._histories[key] = seen
+        if seen < 2 or not full.startswith(text) or not self._splits_cleanly(full, text, raw):
+            return None
+        return text
 
     def build_request(self, branches: Sequence[Branch], prompt, index: int, *,
                       raw: bool = False, vocab: int | None = None

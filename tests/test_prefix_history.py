@@ -1,0 +1,116 @@
+"""A conversation's earlier turns shared as a prefix (``PromptBuilder``): from the second request
+with the same history on, its KV is computed once and reused; the answers equal those without
+any prefix cache, for text, soft-prompt and windowed branches, whole or in chunks; a history seen
+once, or a branch whose hook acts on the prompt, is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import tiny_arch, tiny_llama
+
+from safedecode import methods
+from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+
+HISTORY = [{"role": "user", "content": "What is two plus two? Answer with a number."},
+           {"role": "assistant", "content": "Four."},
+           {"role": "user", "content": "And three plus three, written as a word?"},
+           {"role": "assistant", "content": "Six."}]
+QUESTIONS = ["And four plus four?", "Name a colour.", "Why is the sky blue?"]
+
+
+def _other(i: int) -> list:
+    """A history no other request has (``i`` makes it new)."""
+    return [{"role": "user", "content": f"Hi number {i}"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]
+
+
+def _prompts(system: str | None = None, i: int = 0) -> list:
+    head = [{"role": "system", "content": system}] if system else []
+    return [head + HISTORY + [{"role": "user", "content": q}] for q in QUESTIONS] + [
+        head + _other(i)]
+
+
+def _method(name: str, model, tok):
+    if name == "soft":
+        ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
+        soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+        return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
+    return methods.get(name)
+
+
+@pytest.mark.parametrize("name, arch, system", [
+    ("plain", None, None), ("acd-text", None, "You answer briefly."), ("soft", None, None),
+    ("acd-text", "mistral-window", None)])
+@pytest.mark.parametrize("budget", [None, 16])
+def test_shared_histories_give_the_answers_of_no_prefix_cache(name, arch, system, budget):
+    """Two calls of the same prompts (three sharing a history, one alone), whole prompts or
+    chunked prefill: tokens and log-probs = the decoder without any prefix cache; the shared
+    history's KV is stored once per branch, the lone one's never."""
+    model, tok = tiny_arch(arch) if arch else tiny_llama()
+    m = _method(name, model, tok)
+    dec = SafeDecoder(model, tok, m)
+    before = None
+    for call in range(2):
+        prompts = _prompts(system, call)
+        ref = SafeDecoder(model, tok, m, prefix_cache=False).generate(
+            prompts, max_new_tokens=6, return_logprobs=True)
+        eng = dec.engine(max_seqs=4, max_prefill_tokens=budget)
+        ids = [eng.add_request(p, SamplingParams(max_new_tokens=6, logprobs=True))
+               for p in prompts]
+        while eng.has_unfinished():
+            eng.step()
+        got = [eng.pop_result(i) for i in ids]
+        for g, r in zip(got, ref, strict=True):
+            assert g.token_ids == r.token_ids
+            assert g.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+        before = before if before is not None else len(dec.prefixes)
+    # the history: one entry per branch with a prefix, added at its second sighting
+    assert len(dec.prefixes) == before
+    built = dec.builder.build(m.branches[0], prompts[0], 0)
+    alone = SafeDecoder(model, tok, m).builder.build(m.branches[0], prompts[0], 0)
+    assert len(built[0]) > len(alone[0]) and len(built[1]) < len(alone[1])
+    other = dec.builder.build(m.branches[0], _prompts(system, 99)[-1], 0)  # seen once
+    assert len(other[0]) == len(alone[0])
+
+
+def test_the_history_joins_the_prefix_at_its_second_sighting():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    br = dec.method.branches[0]
+    first = dec.builder.build(br, _prompts()[0], 0)
+    second = dec.builder.build(br, _prompts()[1], 1)
+    assert len(second[0]) > len(first[0])
+    # the prefix + suffix ids are the prompt's ids either way
+    whole = first[0].ids + first[1]
+    again = dec.builder.build(br, _prompts()[0], 0)
+    assert again[0].ids + again[1] == whole and len(again[1]) < len(first[1])
+
+
+def test_a_branch_hooked_on_the_prompt_keeps_its_history_in_the_suffix():
+    """A hook on the request's prompt positions acts on the history too: it is never moved
+    into the (unhooked) prefix, and the answers equal the decoder without a prefix cache."""
+    model, tok = tiny_llama()
+    hook = BranchHook("model.layers.0", lambda h: h * 1.5, positions="prompt")
+    m = contrastive([Branch(system="Be safe.", hooks=(hook,)), Branch()], [1.5, -0.5])
+    dec = SafeDecoder(model, tok, m)
+    prompts = _prompts()
+    for _ in range(2):
+        got = dec.generate(prompts, max_new_tokens=5)
+    ref = SafeDecoder(model, tok, m, prefix_cache=False).generate(prompts, max_new_tokens=5)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    hooked = dec.builder.build(m.branches[0], prompts[0], 0)
+    assert len(hooked[0]) == len(SafeDecoder(model, tok, m).builder.build(
+        m.branches[0], prompts[0], 0)[0])
+    assert len(dec.builder.build(m.branches[1], prompts[0], 0)[1]) < len(hooked[1])
+
+
+def test_share_history_off():
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    dec.builder.share_history = False
+    for _ in range(2):
+        built = dec.builder.build(dec.method.branches[0], _prompts()[0], 0)
+    assert len(built[0]) == len(SafeDecoder(model, tok, methods.get("plain")).builder.build(
+        dec.method.branches[0], _prompts()[0], 0)[0])
