@@ -227,7 +227,8 @@ class PromptBuilder:
             text = self.render(system, rest[:-1], generation=False)
         except Exception:  # noqa: BLE001 - a template that wants a user turn last
             return None
-        key = (branch.key(), system, text)
+        key = hashlib.blake2b(f"{branch.key()}|{system}|{text}".encode(),
+                              digest_size=16).digest()  # a history can be long: its digest
         seen = self._histories.get(key, 0) + 1
         self._histories[key] = seen
         if seen < 2 or not full.startswith(text) or not self._splits_cleanly(full, text, raw):

@@ -1,0 +1,114 @@
+"""What sharing a conversation's history as a prefix buys: B requests that end a common few-shot
+chat with their own question (the history's KV computed once, from the second request on)
+against the same engine with history sharing off, and B requests with histories of their own
+(nothing to share: the cost of looking). One machine, one run, alternated calls. The embedded
+model, ``acd-text`` (K = 2), greedy. Writes ``benchmarks/results/prefix_history_cpu.md``.
+
+    python benchmarks/bench_prefix_history.py [--batch 8] [--shots 10] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from safedecode import methods
+from safedecode.bench.machine import describe, machine_line
+from safedecode.engine import SafeDecoder
+from safedecode.models import load_default
+
+OUT = Path(__file__).parent / "results" / "prefix_history_cpu.md"
+SHOTS = [("What is the capital of France?", "Paris is the capital of France."),
+         ("How many legs does a spider have?", "A spider has eight legs."),
+         ("What gas do plants take in?", "Plants take in carbon dioxide from the air."),
+         ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+         ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea "
+                                                 "level."),
+         ("How many continents are there?", "There are seven continents."),
+         ("What is the largest planet?", "Jupiter is the largest planet in the solar system."),
+         ("What do bees make?", "Bees make honey and beeswax."),
+         ("What is the square root of 81?", "The square root of 81 is 9."),
+         ("Which ocean is the largest?", "The Pacific Ocean is the largest ocean."),
+         ("What language is spoken in Brazil?", "Portuguese is spoken in Brazil."),
+         ("How many days are in a leap year?", "A leap year has 366 days.")]
+QUESTIONS = ["What is the capital of Japan?", "How many legs does an ant have?",
+             "Who painted the Mona Lisa?", "What is the freezing point of water?",
+             "What is the smallest prime number?", "Which planet is called the red planet?",
+             "What do cows drink?", "How many hours are in a day?"]
+
+
+def _history(shots: int, offset: int = 0) -> list[dict]:
+    msgs = []
+    for i in range(shots):
+        q, a = SHOTS[(i + offset) % len(SHOTS)]
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=16, help="new tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    model, tok = load_default()
+    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
+    shared = [_history(args.shots) + [{"role": "user", "content": q}] for q in qs]
+    # each request a history of its own (the shots rotated) and a call-specific first turn,
+    # so no history is ever seen twice
+    cases = {"shared history": lambda r: shared,
+             "own histories": lambda r: [
+                 [{"role": "user", "content": f"Call {r}, request {i}: hello."},
+                  {"role": "assistant", "content": "Hello!"}] + _history(args.shots, i)[2:]
+                 + [{"role": "user", "content": q}] for i, q in enumerate(qs)]}
+    runs: dict[tuple[str, bool], list[float]] = {(c, on): [] for c in cases for on in (0, 1)}
+    ttft: dict[tuple[str, bool], list[float]] = {k: [] for k in runs}
+    answers = {}
+    for rep in range(args.repeats + 1):  # the first round warms up
+        for case, prompts in cases.items():
+            for on in (False, True):
+                dec = SafeDecoder(model, tok, methods.get("acd-text"))  # a fresh store
+                dec.builder.share_history = on
+                batch = prompts(rep)
+                t = time.perf_counter()
+                out = dec.generate(batch, max_new_tokens=args.tokens)
+                wall = time.perf_counter() - t
+                if rep:
+                    runs[case, on].append(wall)
+                    ttft[case, on].append(max(r.timing["prefill_s"] for r in out))
+                answers.setdefault((case, rep), []).append([r.token_ids for r in out])
+    for key, got in answers.items():  # the same answers either way
+        assert got[0] == got[1], key
+    n_hist = len(tok.apply_chat_template(_history(args.shots), tokenize=True))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    first = {k: statistics.median(v) for k, v in ttft.items()}
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [
+        "# A conversation's history shared as a prefix (cpu)", "",
+        f"`{cmd}`", "", machine_line(describe("cpu")), "",
+        f"The embedded model (SmolLM2-135M-Instruct), `acd-text` (K = 2), greedy, B = "
+        f"{args.batch} requests in one `generate` call, {args.tokens} new tokens each; a "
+        f"{args.shots}-shot chat history ({n_hist} tokens) before each request's question. "
+        "*Shared history*: every request ends the same history with its own question (a "
+        "few-shot prompt); *own histories*: no two requests share one (nothing to reuse: the "
+        "cost of looking). Each call on a fresh decoder (empty prefix store), with "
+        "`PromptBuilder.share_history` off and on; median of "
+        f"{args.repeats} alternated rounds after a warm-up; the same tokens either way "
+        "(checked). First token = the slowest request's time to its first token.", "",
+        "| requests | history sharing | call s | first token s | call vs off |",
+        "|---|---|---:|---:|---:|"]
+    for case in cases:
+        for on in (False, True):
+            lines.append(f"| {case} | {'on' if on else 'off'} | {med[case, on]:.2f} | "
+                         f"{first[case, on]:.2f} | {med[case, False] / med[case, on]:.2f}x |")
+    OUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
