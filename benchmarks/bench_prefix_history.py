@@ -84,7 +84,8 @@ def main() -> None:
                 answers.setdefault((case, rep), []).append([r.token_ids for r in out])
     for key, got in answers.items():  # the same answers either way
         assert got[0] == got[1], key
-    n_hist = len(tok.apply_chat_template(_history(args.shots), tokenize=True))
+    n_hist = len(tok(tok.apply_chat_template(_history(args.shots), tokenize=False),
+                     add_special_tokens=False)["input_ids"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     first = {k: statistics.median(v) for k, v in ttft.items()}
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)

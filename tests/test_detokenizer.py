@@ -98,6 +98,27 @@ def test_stop_string_spanning_tokens_is_cut_and_never_streamed(tok):
     assert "END" not in streamed
 
 
+def test_kept_stop_string_ends_the_text_and_min_tokens_delays_the_search(tok):
+    """``keep_stop``: the stop string is the text's end (streamed whole); ``min_tokens``: a
+    stop string in the first tokens is passed by, the next one found."""
+    text = "Sure. The answer is forty-two. END OF ANSWER and then more text."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d, deltas = _stream(tok, ids, stop=["END OF ANSWER"], keep_stop=True)
+    assert "".join(deltas) == d.text == "Sure. The answer is forty-two. END OF ANSWER"
+    d, _ = _stream(tok, ids, stop=["."])
+    assert d.text == "Sure"
+    d, deltas = _stream(tok, ids, stop=["."], min_tokens=3)
+    assert "".join(deltas) == d.text == "Sure. The answer is forty-two"
+
+
+def test_special_tokens_as_text(tok):
+    ids = [1, *tok("Hi", add_special_tokens=False)["input_ids"], 2]
+    assert "".join(_stream(tok, ids)[1]) == "Hi"
+    d, deltas = _stream(tok, ids, skip_special=False)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=False) == d.text
+    assert d.text.startswith(tok.convert_ids_to_tokens(1))
+
+
 def test_skip_ids_and_no_tokenizer(tok):
     eos = tok.eos_token_id
     ids = tok("Hi there", add_special_tokens=False)["input_ids"]

@@ -274,6 +274,17 @@ def test_stop_strings_and_ids_and_eos():
     short = dec.generate(["Say hi."], max_new_tokens=3)[0]
     assert short.finish_reason in ("length", "eos") and len(short.token_ids) <= 3
     assert short.timing["tokens_per_s"] > 0
+    # vLLM's include_stop_str_in_output: the stop string ends the text, the tokens the same
+    kept = dec.generate(prompt, max_new_tokens=40, stop=[stop],
+                        include_stop_str_in_output=True)[0]
+    assert kept.text == full.text[:full.text.find(stop) + len(stop)]
+    assert kept.token_ids == cut.token_ids and kept.finish_reason == "stop"
+    # skip_special_tokens=False: special tokens (here the only ones allowed) are text
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    shown = dec.generate(prompt, max_new_tokens=3, allowed_token_ids=[special],
+                         skip_special_tokens=False)[0]
+    assert shown.text == "<|im_start|>" * 3
+    assert dec.generate(prompt, max_new_tokens=3, allowed_token_ids=[special])[0].text == ""
 
 
 def test_branch_hooks_act_on_their_rows_only():

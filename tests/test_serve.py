@@ -160,8 +160,9 @@ def test_penalties_and_logit_bias_equal_offline(server, offline):
 
 
 def test_token_bans_equal_offline(server, offline):
-    """vLLM's ``min_tokens``, ``stop_token_ids``, ``bad_words``, ``allowed_token_ids`` as extra
-    body fields: chat and completions = the engine offline."""
+    """vLLM's ``min_tokens``, ``stop_token_ids``, ``bad_words``, ``allowed_token_ids``,
+    ``include_stop_str_in_output`` as extra body fields: chat and completions = the engine
+    offline."""
     c = server.client()
     msgs = [{"role": "user", "content": PROMPTS[6]}]
     base = offline("acd-text", PROMPTS[6], max_new_tokens=8, ignore_eos=True)[0].token_ids
@@ -179,6 +180,14 @@ def test_token_bans_equal_offline(server, offline):
     r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=6,
                              temperature=0, extra_body={"bad_words": [word]})
     assert r.choices[0].text == ref.text
+    stop = raw.text.split()[1]  # vLLM's include_stop_str_in_output
+    ref = offline("plain", "Once upon a time", raw=True, max_new_tokens=6, stop=[stop],
+                  include_stop_str_in_output=True)[0]
+    assert ref.text.endswith(stop) and ref.finish_reason == "stop"
+    r = c.completions.create(model="tiny:plain", prompt="Once upon a time", max_tokens=6,
+                             temperature=0, stop=[stop],
+                             extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "stop"
 
 
 def test_completions_take_token_id_prompts(server):

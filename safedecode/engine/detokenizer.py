@@ -7,7 +7,7 @@ in an incomplete UTF-8 sequence (``"\\ufffd"``), so multi-byte characters split 
 byte-level tokens come out whole. Stop strings are searched only in the tail that can hold a new
 match, so one that spans tokens is found and the text is cut before it.
 
-The concatenated deltas equal ``tokenizer.decode(ids, skip_special_tokens=True)``. A tokenizer that
+The concatenated deltas equal ``tokenizer.decode(ids, skip_special_tokens=...)``. A tokenizer that
 cleans up tokenisation spaces (``clean_up_tokenization_spaces=True``) can change earlier characters
 when later tokens arrive; for those the window is the whole output (the exact, O(n) path).
 """
@@ -28,11 +28,15 @@ class IncrementalDetokenizer:
     clear that they do not start a stop string, so nothing of a stop string is ever streamed;
     :meth:`flush` releases the rest when the request ends. Stop strings are looked for once
     ``min_tokens`` tokens are in (a match found then may start earlier, as in vLLM).
+    ``keep_stop``: the stop string ends the text rather than being cut (vLLM's
+    ``include_stop_str_in_output``); ``skip_special``: special tokens are not text.
     """
 
     def __init__(self, tokenizer, *, stop: Sequence[str] = (), skip_ids: Iterable[int] = (),
-                 min_tokens: int = 0):
+                 min_tokens: int = 0, keep_stop: bool = False, skip_special: bool = True):
         self.tok = tokenizer
+        self.keep_stop = keep_stop  # the stop string ends the text instead of being cut
+        self.skip_special = skip_special  # special tokens (other than skip_ids) are not text
         self.min_tokens = min_tokens  # stop strings are searched from this many tokens on
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -55,7 +59,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids or self.tok is None:  # no tokenizer (token-id prompts): no text
             return ""
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tok.decode(ids, skip_special_tokens=self.skip_special,
+                               clean_up_tokenization_spaces=False)
 
     def add(self, token: int) -> str:
         """Append ``token``; return the text that is now final (possibly empty). A stop string
@@ -64,7 +69,7 @@ class IncrementalDetokenizer:
             return ""
         self.ids.append(int(token))
         if self.exact:  # whole-output decode: earlier characters may change
-            full = self.tok.decode(self.ids, skip_special_tokens=True)
+            full = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
             if full.endswith(REPLACEMENT):
                 return ""
             self.read = len(self.ids)
@@ -83,7 +88,7 @@ class IncrementalDetokenizer:
         for s in self.stop if len(self.ids) >= self.min_tokens else ():
             at = text.find(s, max(0, new_from - len(s) + 1))
             if at >= 0:
-                text, self.stopped = text[:at], True
+                text, self.stopped = text[:at + (len(s) if self.keep_stop else 0)], True
         self.text = text
 
     def _release(self, final: bool = False) -> str:

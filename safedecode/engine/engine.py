@@ -341,8 +341,7 @@ class Engine:
         for i in range(n):
             rid = next(self._ids)
             seqs.append(_Seq(rid, params, seed + i, lens, eos,
-                             IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos,
-                                                    min_tokens=params.min_tokens),
+                             self._detok(params, eos),
                              root=seqs[0].id if seqs else rid,
                              built=list(built) if i == 0 else None, t_add=time.perf_counter(),
                              gate=None if gates is None else bool(gates[i]),
@@ -553,8 +552,13 @@ class Engine:
         return self._detokenizer(seq)
 
     def _detokenizer(self, seq: _Seq) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tok, stop=seq.params.stop, skip_ids=seq.eos,
-                                      min_tokens=seq.params.min_tokens)
+        return self._detok(seq.params, seq.eos)
+
+    def _detok(self, params: SamplingParams, eos: frozenset[int]) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tok, stop=params.stop, skip_ids=eos,
+                                      min_tokens=params.min_tokens,
+                                      keep_stop=params.include_stop_str_in_output,
+                                      skip_special=params.skip_special_tokens)
 
     def tokens(self, request_id: int) -> list[int]:
         """The tokens a live request has generated so far."""

@@ -33,8 +33,10 @@ class SamplingParams:
     ``temperature`` 0 is greedy (lowest token id on ties); ``top_k`` 0, ``top_p`` 1 and ``min_p``
     0 are off. ``seed`` keys the counter-based draw (None: a random seed when the request is
     added); the same seed gives the same tokens whatever else is in the batch. ``stop``: strings
-    that end the request (cut from its text, never streamed); ``stop_token_ids``: ids that end it
-    (kept in ``token_ids``). ``ignore_eos`` keeps decoding past end-of-sequence tokens.
+    that end the request (cut from its text, never streamed; kept at its end with
+    ``include_stop_str_in_output``); ``stop_token_ids``: ids that end it (kept in
+    ``token_ids``). ``skip_special_tokens`` (default True): special tokens are left out of the
+    text (the end tokens always are). ``ignore_eos`` keeps decoding past end-of-sequence tokens.
     ``logprobs`` records each chosen token's log-probability under the final distribution;
     ``top_logprobs`` (with ``logprobs``, at most :data:`MAX_TOP_LOGPROBS`) also records that
     many most likely tokens of it at each step, with their log-probabilities (fewer where the
@@ -80,6 +82,8 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] = field(default=())
     allowed_token_ids: tuple[int, ...] | None = None
     no_repeat_ngram_size: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -102,7 +106,8 @@ class SamplingParams:
                              f"{self.stop_token_ids!r}")
         for t in self.stop_token_ids:
             _int("stop_token_ids", t, 0)
-        for name in ("logprobs", "ignore_eos"):
+        for name in ("logprobs", "ignore_eos", "include_stop_str_in_output",
+                     "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
         _int("top_logprobs", self.top_logprobs, 0)

@@ -7,7 +7,8 @@ are ignored, as vLLM does. Each request turns into a prompt and a :class:`Sampli
 :meth:`sampling_params`, raising :class:`APIError` (400, naming the parameter) for values the
 engine cannot honour. vLLM's extra sampling fields (``top_k``, ``min_p``, ``ignore_eos``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``bad_words``,
-``allowed_token_ids``) are accepted as extra body fields, as vLLM does.
+``allowed_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``) are accepted
+as extra body fields, as vLLM does.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def _refuse_output_changes(self) -> None:
         """A 400 for a field asking for output safedecode does not produce."""
@@ -123,7 +126,9 @@ class _Common(BaseModel):
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "bad_words": tuple(self.bad_words or ()),
             "allowed_token_ids": None if self.allowed_token_ids is None
-            else tuple(self.allowed_token_ids)}
+            else tuple(self.allowed_token_ids),
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens}
         names = {"max_new_tokens": "max_tokens"}
         try:
             return SamplingParams(**kw)
