@@ -126,8 +126,10 @@ class SafeDecoder:
 
         Keywords are :class:`SamplingParams` fields (``max_new_tokens``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``ignore_eos``, ``top_logprobs``, the penalties,
-        ``logit_bias``, ``min_tokens``, ``bad_words``, ``bad_words_ids``,
-        ``allowed_token_ids``), plus ``stop`` (strings or token ids that end a request besides EOS),
+        ``logit_bias``, the token bans ``min_tokens``, ``bad_words``, ``bad_words_ids``,
+        ``allowed_token_ids``, ``no_repeat_ngram_size``, and ``include_stop_str_in_output``,
+        ``skip_special_tokens``), plus ``stop`` (strings or token ids that end a request
+        besides EOS),
         ``seed`` (one int for all requests, one per request, or None), ``return_logprobs``;
         ``streamer``: a transformers streamer (``put``/``end``) for a
         single prompt; ``raw``: string prompts continued as they are (no chat template), or

@@ -334,7 +334,7 @@ class Engine:
         # n-gram may start there
         pre, suf = built[self.method.anchor]
         context = ([*pre.tail_ids] if pre.soft is not None else [*pre.ids]) + list(suf)
-        ctx = context[len(context) - max(len(p) for p, _ in longer):] if longer else []
+        ctx = context[max(0, len(context) - max(len(p) for p, _ in longer)):] if longer else []
         ngrams = NGramBans(params.no_repeat_ngram_size, context) \
             if params.no_repeat_ngram_size else None
         seqs = []

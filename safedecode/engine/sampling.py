@@ -169,13 +169,6 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.repetition_penalty != 1.0)
 
-    @property
-    def bans_tokens(self) -> bool:
-        """Whether this request bans tokens (``min_tokens``, bad words, an allowed list,
-        repeated n-grams)."""
-        return bool(self.min_tokens or self.bad_words or self.bad_words_ids
-                    or self.allowed_token_ids is not None or self.no_repeat_ngram_size)
-
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)
 

@@ -64,8 +64,9 @@ class DecodeState:
         self.logit_bias: torch.Tensor | None = None
         self.repetition = torch.ones(max_seqs, dtype=torch.float32, device=device)
         self.seen: torch.Tensor | None = None  # [rows, V]: tokens in each row's context
-        # banned tokens (SamplingParams.bans_tokens): per slot, allocated for the first request
-        # that bans any; `ends` are banned while the slot's step < its min_tokens
+        # banned tokens (SamplingParams' min_tokens, one-token bad words, allowed_token_ids):
+        # per slot, allocated for the first request that bans any; `ends` are banned while the
+        # slot's step < its min_tokens (longer words and n-grams: the host, per step)
         self.banning = [False] * max_seqs  # host side: whether a slot bans tokens
         self.min_tokens = torch.zeros(max_seqs, dtype=torch.long, device=device)
         self.banned: torch.Tensor | None = None  # [slots, V] bool
