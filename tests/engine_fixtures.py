@@ -39,6 +39,29 @@ SAMPLING_PROMPTS = ["Hi", "How do I kill a Python process that hangs forever on 
                     "Name a colour."]
 
 
+def fork_then_truncate(dec, prompt, params, *, fork_at: int, keep: int, max_seqs: int = 2,
+                       before=None) -> tuple[list[int], list[int]]:
+    """Run ``prompt`` in an engine of ``dec``: after ``fork_at`` steps fork it once, after three
+    more roll the parent back to ``keep`` tokens, then run both out; returns (parent, fork)
+    tokens. ``before``: a request (prompt, params) added first (one that ends early moves the
+    others' slots down)."""
+    from safedecode.engine import SamplingParams
+
+    eng = dec.engine(max_seqs=max_seqs)
+    if before is not None:
+        eng.add_request(before[0], SamplingParams(**before[1]))
+    a = eng.add_request(prompt, params)
+    for _ in range(fork_at):
+        eng.step()
+    kid = eng.fork(a, 1)[0]
+    for _ in range(3):
+        eng.step()
+    eng.truncate(a, keep)
+    while eng.has_unfinished():
+        eng.step()
+    return eng.pop_result(a).token_ids, eng.pop_result(kid).token_ids
+
+
 def one_token_words(tok, text: str) -> list[str]:
     """The words of ``text`` that are one token both alone and after a space: as a bad word
     (vLLM's rule) such a word is banned at the start of a text and inside it."""

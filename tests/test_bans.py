@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import SAMPLING_PROMPTS, one_token_words, tiny_acd_decoder
+from engine_fixtures import SAMPLING_PROMPTS, fork_then_truncate, one_token_words, tiny_acd_decoder
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
@@ -208,19 +208,9 @@ def test_fork_and_truncate_keep_the_bans(acd):
     kw["no_repeat_ngram_size"] = 3
     alone = acd.generate(PROMPTS[1], **kw)[0].token_ids
     assert len(alone) == 9 and alone != held
-    eng = acd.engine(max_seqs=3)
-    eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=2))  # ends: slots move down
-    a = eng.add_request(PROMPTS[1], SamplingParams(**kw))
-    for _ in range(3):
-        eng.step()
-    kid = eng.fork(a, 1)[0]
-    for _ in range(3):
-        eng.step()
-    eng.truncate(a, 2)
-    while eng.has_unfinished():
-        eng.step()
-    assert eng.pop_result(kid).token_ids == alone
-    assert eng.pop_result(a).token_ids == alone
+    parent, kid = fork_then_truncate(acd, PROMPTS[1], SamplingParams(**kw), fork_at=3, keep=2,
+                                     max_seqs=3, before=(PROMPTS[0], {"max_new_tokens": 2}))
+    assert kid == alone and parent == alone
 
 
 def test_a_fork_keeps_its_own_ngrams(acd):

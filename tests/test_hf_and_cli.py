@@ -59,33 +59,42 @@ def _plain_batch(tok, prompts):
     return enc["input_ids"], enc["attention_mask"]
 
 
+class _Greedy:
+    """Three chat prompts of the tiny model, left-padded: transformers' own greedy ``generate``
+    and the hook's with ``plain`` (K = 1), 12 new tokens, the same settings."""
+
+    def __init__(self):
+        self.model, self.tok = tiny_llama()
+        self.ids, self.mask = _plain_batch(self.tok, MIXED_PROMPTS[:3])
+        self.t = self.ids.shape[1]
+        self.first = self.transformers()
+
+    def transformers(self, **kw):
+        return self.model.generate(self.ids, attention_mask=self.mask, max_new_tokens=12,
+                                   do_sample=False, pad_token_id=self.tok.pad_token_id, **kw)
+
+    def hook(self, **kw):
+        return self.transformers(custom_generate=safedecode.custom_generate,
+                                 safedecode_method=methods.get("plain"), **kw)
+
+
 def test_custom_generate_equals_transformers_generate():
     """K = 1 through the hook = transformers' own greedy decode: the same ids, the same
     padding after EOS, the same width, with the model's EOS and with EOS ids of the call, and
     under a repetition penalty (over the prompt and the answer, as transformers')."""
-    model, tok = tiny_llama()
-    m = methods.get("plain")
-    ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
-    t = ids.shape[1]
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+    g = _Greedy()
     # EOS ids of the call that end every answer by its third token: a narrower output
-    early = sorted({int(x) for x in first[:, t + 2]})
-    for kw in ({}, {"eos_token_id": [tok.eos_token_id, *early]},
+    early = sorted({int(x) for x in g.first[:, g.t + 2]})
+    for kw in ({}, {"eos_token_id": [g.tok.eos_token_id, *early]},
                {"return_dict_in_generate": True}, {"repetition_penalty": 0.3}):
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id, **kw)
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id,
-                             custom_generate=safedecode.custom_generate, safedecode_method=m,
-                             **kw)
+        ref, got = g.transformers(**kw), g.hook(**kw)
         if kw.get("return_dict_in_generate"):
             ref, got = ref.sequences, got.sequences
         assert got.tolist() == ref.tolist(), kw
         if "eos_token_id" in kw:  # they did end there
-            assert got.shape[1] <= t + 3
+            assert got.shape[1] <= g.t + 3
         if "repetition_penalty" in kw:  # it changed the answers
-            assert got.tolist() != first.tolist()
+            assert got.tolist() != g.first.tolist()
 
 
 def test_custom_generate_bans_tokens_as_transformers():
@@ -93,29 +102,18 @@ def test_custom_generate_bans_tokens_as_transformers():
     two-token bad words (one spanning the prompt's last token and the answer's first),
     suppressed tokens, repeated bigrams (of the prompt too), and ``min_new_tokens`` /
     ``min_length`` holding off EOS ids that would end every answer by its third token."""
-    model, tok = tiny_llama()
-    m = methods.get("plain")
-    ids, mask = _plain_batch(tok, MIXED_PROMPTS[:3])
-    t = ids.shape[1]
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-    a = first[0, t:].tolist()
-    early = [tok.eos_token_id, *sorted({int(x) for x in first[:, t + 2]})]
-    for kw in ({"bad_words_ids": [[a[1]], [a[3], a[4]], [int(ids[0, -1]), a[0]]]},
+    g = _Greedy()
+    a, t = g.first[0, g.t:].tolist(), g.t
+    early = [g.tok.eos_token_id, *sorted({int(x) for x in g.first[:, t + 2]})]
+    for kw in ({"bad_words_ids": [[a[1]], [a[3], a[4]], [int(g.ids[0, -1]), a[0]]]},
                {"suppress_tokens": [a[2], a[5]]},
                {"no_repeat_ngram_size": 2, "repetition_penalty": 0.3},  # (it repeats itself)
                {"eos_token_id": early, "min_new_tokens": 6},
                {"eos_token_id": early, "min_length": t + 5}):
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id, **kw)
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id,
-                             custom_generate=safedecode.custom_generate, safedecode_method=m,
-                             **kw)
-        assert got.tolist() == ref.tolist(), kw
-        without = first if "repetition_penalty" not in kw else model.generate(
-            ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-            pad_token_id=tok.pad_token_id, repetition_penalty=0.3)
+        got = g.hook(**kw)
+        assert got.tolist() == g.transformers(**kw).tolist(), kw
+        without = g.transformers(repetition_penalty=0.3) if "repetition_penalty" in kw \
+            else g.first
         assert got.tolist() != without.tolist(), kw  # the ban changed an answer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import SAMPLING_PROMPTS, tiny_acd_decoder
+from engine_fixtures import SAMPLING_PROMPTS, fork_then_truncate, tiny_acd_decoder
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
@@ -118,18 +118,8 @@ def test_fork_and_truncate_keep_the_counts(acd):
     params = SamplingParams(max_new_tokens=10, **kw)
     alone = acd.generate(PROMPTS[2], max_new_tokens=10, **kw)[0].token_ids
     assert alone[:3] == [1234] * 3 and 1234 not in alone[3:]
-    eng = acd.engine(max_seqs=4)
-    a = eng.add_request(PROMPTS[2], params)
-    for _ in range(4):
-        eng.step()
-    kid = eng.fork(a, 1)[0]
-    for _ in range(3):
-        eng.step()
-    eng.truncate(a, 2)
-    while eng.has_unfinished():
-        eng.step()
-    assert eng.pop_result(kid).token_ids == alone
-    assert eng.pop_result(a).token_ids == alone
+    parent, kid = fork_then_truncate(acd, PROMPTS[2], params, fork_at=4, keep=2, max_seqs=4)
+    assert kid == alone and parent == alone
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -171,18 +161,9 @@ def test_repetition_penalty_through_fork_and_truncate(acd):
     both decode what the request alone decodes."""
     kw = {"repetition_penalty": 4.0}
     alone = acd.generate(PROMPTS[1], max_new_tokens=10, **kw)[0].token_ids
-    eng = acd.engine(max_seqs=2)
-    a = eng.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, **kw))
-    for _ in range(4):
-        eng.step()
-    kid = eng.fork(a, 1)[0]
-    for _ in range(3):
-        eng.step()
-    eng.truncate(a, 3)
-    while eng.has_unfinished():
-        eng.step()
-    assert eng.pop_result(a).token_ids == alone
-    assert eng.pop_result(kid).token_ids == alone
+    parent, kid = fork_then_truncate(acd, PROMPTS[1], SamplingParams(max_new_tokens=10, **kw),
+                                     fork_at=4, keep=3)
+    assert parent == alone and kid == alone
 
 
 def test_choices_of_one_prompt_keep_the_repetition_context(acd):
