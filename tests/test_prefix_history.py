@@ -88,6 +88,26 @@ def test_the_history_joins_the_prefix_at_its_second_sighting():
     assert again[0].ids + again[1] == whole and len(again[1]) < len(first[1])
 
 
+def test_one_calls_requests_that_share_a_history_all_share_it():
+    """``generate`` tells the builder what its prompts share: the first request with a
+    history the others have shares it too; a history only one prompt has is not shared."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    fresh = SafeDecoder(model, tok, methods.get("acd-text")).builder
+    dec.builder.expect(dec.method.branches, _prompts())
+    for br in dec.method.branches:
+        first = dec.builder.build(br, _prompts()[0], 0)
+        assert len(first[0]) > len(fresh.build(br, _prompts()[0], 0)[0])
+        lone = dec.builder.build(br, _prompts()[-1], 3)
+        assert len(lone[0]) == len(fresh.build(br, _prompts()[-1], 3)[0])
+    calls = SafeDecoder(model, tok, methods.get("acd-text"))
+    got = calls.generate(_prompts(), max_new_tokens=4)
+    assert len(calls.prefixes) == 2 * 1 + 2  # the branches' system prefixes and the history
+    ref = SafeDecoder(model, tok, methods.get("acd-text"), prefix_cache=False)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref.generate(
+        _prompts(), max_new_tokens=4)]
+
+
 def test_a_branch_hooked_on_the_prompt_keeps_its_history_in_the_suffix():
     """A hook on the request's prompt positions acts on the history too: it is never moved
     into the (unhooked) prefix, and the answers equal the decoder without a prefix cache."""

@@ -287,6 +287,8 @@ class SafeDecoder:
             if not isinstance(prompts, Sequence) or len(prompts) == 0:
                 raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
             vocab = output_vocab(self.model)
+            if self.builder is not None:  # histories this call's requests share
+                self.builder.expect(self.method.branches, prompts, raw)
             built = [self.builder.build_request(self.method.branches, p, i, raw=raw,
                                                 vocab=vocab) for i, p in enumerate(prompts)]
         b = len(built)

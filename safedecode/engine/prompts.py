@@ -214,11 +214,10 @@ class PromptBuilder:
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
 
-    def _history(self, branch: Branch, system: str | None, rest: list[Message], full: str,
-                 raw: bool) -> str | None:
-        """The text of ``rest``'s turns before its last user message, when a request with the
-        same history under this branch came before and the text splits off cleanly; else
-        None (see the module doc)."""
+    def _history_of(self, branch: Branch, system: str | None, rest: list[Message],
+                    raw: bool) -> tuple[str, bytes] | None:
+        """The text of ``rest``'s turns before its last user message under ``branch`` and its
+        digest (a history can be long), or None where no history is shared."""
         if not self.share_history or raw or not self.has_template or len(rest) < 2 \
                 or rest[-1]["role"] != "user" \
                 or any(h.positions == "prompt" for h in branch.hooks):
@@ -227,13 +226,46 @@ class PromptBuilder:
             text = self.render(system, rest[:-1], generation=False)
         except Exception:  # noqa: BLE001 - a template that wants a user turn last
             return None
-        key = hashlib.blake2b(f"{branch.key()}|{system}|{text}".encode(),
-                              digest_size=16).digest()  # a history can be long: its digest
+        return text, hashlib.blake2b(f"{branch.key()}|{system}|{text}".encode(),
+                                     digest_size=16).digest()
+
+    def _history(self, branch: Branch, system: str | None, rest: list[Message], full: str,
+                 raw: bool) -> str | None:
+        """The history text (:meth:`_history_of`) when a request with the same history under
+        this branch came before and the text splits off cleanly; else None."""
+        found = self._history_of(branch, system, rest, raw)
+        if found is None:
+            return None
+        text, key = found
         seen = self._histories.get(key, 0) + 1
         self._histories[key] = seen
         if seen < 2 or not full.startswith(text) or not self._splits_cleanly(full, text, raw):
             return None
         return text
+
+    def expect(self, branches: Sequence[Branch], prompts: Sequence, raw: bool = False) -> None:
+        """Count the histories that two or more of ``prompts`` (one call's requests) share as
+        seen already, so the first of them shares the prefix too (a few-shot batch)."""
+        if not self.share_history or raw or len(prompts) < 2:
+            return
+        counts: dict[bytes, int] = {}
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str) or is_token_ids(prompt):
+                continue
+            try:
+                msgs = normalise_prompt(prompt, i)
+            except ValueError:  # the build names it
+                continue
+            own = [m["content"] for m in msgs if m["role"] == "system"]
+            rest = [m for m in msgs if m["role"] != "system"]
+            for branch in branches:
+                system = self.system_text(branch, own[0] if own else None)
+                found = self._history_of(branch, system, rest, raw)
+                if found is not None:
+                    counts[found[1]] = counts.get(found[1], 0) + 1
+        for key, n in counts.items():
+            if n > 1 and key not in self._histories:
+                self._histories[key] = 1
 
     def build_request(self, branches: Sequence[Branch], prompt, index: int, *,
                       raw: bool = False, vocab: int | None = None
