@@ -9,8 +9,10 @@ request's own messages and the generation prompt) is what each request prefills.
 A conversation's earlier turns (everything before its last user message: a few-shot prompt, a
 chat's history) join the prefix once a request with the same history under the same branch has
 been seen before: from the second such request on, the history's KV is computed once and reused
-(a history seen once costs nothing more). Not for branches whose hooks act on the request's own
-prompt positions (``BranchHook(positions="prompt")``: the history is part of that prompt).
+(a history seen once costs nothing more). :meth:`PromptBuilder.expect` counts a call's requests
+ahead, so the first of several sharing a history in one call shares it too. Not for branches
+whose hooks act on the request's own prompt positions (``BranchHook(positions="prompt")``: the
+history is part of that prompt).
 
 Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
 the system text at the start of the first user message, followed by a blank line — what Gemma
