@@ -327,7 +327,8 @@ class Engine:
         if params.min_tokens and params.allowed_token_ids is not None \
                 and set(params.allowed_token_ids) <= eos:
             raise ValueError("min_tokens: every token in allowed_token_ids ends the request, so "
-                             "none is left before min_tokens")
+                             "none is left before min_tokens; allow a token that does not end "
+                             "it, or drop min_tokens")
         lens = [len(p) + len(s) for p, s in built]
         longer = tuple((list(w[:-1]), w[-1]) for w in words if len(w) > 1)
         # the anchor branch's prompt (after a soft prompt): a banned word or a repeated
@@ -533,7 +534,7 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(seq.out):
             raise ValueError(f"n: must be an integer in [1, {len(seq.out)}], got {n!r}")
         seq.out, seq.logprobs, seq.tops = seq.out[:n], seq.logprobs[:n], seq.tops[:n]
-        seq.detok = self._detokenizer(seq)
+        seq.detok = self._detok(seq.params, seq.eos)
         for t in seq.out:
             seq.detok.add(t)
         self.state.truncate(seq.slot, [p + n - 1 for p in seq.prompt_len], seq.out[-1], n)
@@ -549,9 +550,6 @@ class Engine:
         fed to it stream the same text deltas as the engine's own (for a caller that decides
         later which tokens are final, as DeAL's search does)."""
         seq = self._get(request_id)
-        return self._detokenizer(seq)
-
-    def _detokenizer(self, seq: _Seq) -> IncrementalDetokenizer:
         return self._detok(seq.params, seq.eos)
 
     def _detok(self, params: SamplingParams, eos: frozenset[int]) -> IncrementalDetokenizer:

@@ -97,6 +97,14 @@ def fold_system(system: str, messages: list[Message]) -> list[Message]:
     return out
 
 
+def split_system(messages: list[Message], index: int) -> tuple[str | None, list[Message]]:
+    """A request's own system message (None: none) and its other messages."""
+    own = [m for m in messages if m["role"] == "system"]
+    if len(own) > 1:
+        raise ValueError(f"prompts[{index}]: more than one system message")
+    return (own[0]["content"] if own else None), [m for m in messages if m["role"] != "system"]
+
+
 def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
@@ -192,12 +200,9 @@ class PromptBuilder:
               raw: bool = False) -> tuple[Prefix, list[int]]:
         """(shared prefix, suffix token ids) of ``messages`` under ``branch``; ``raw``: one
         user message continued as it is (no chat template)."""
-        own = [m for m in messages if m["role"] == "system"]
-        rest = [m for m in messages if m["role"] != "system"]
-        if len(own) > 1:
-            raise ValueError(f"prompts[{index}]: more than one system message")
-        system = self.system_text(branch, own[0]["content"] if own else None)
-        if raw and (own or len(rest) != 1):
+        own, rest = split_system(messages, index)
+        system = self.system_text(branch, own)
+        if raw and (own is not None or len(rest) != 1):
             raise ValueError(f"prompts[{index}]: a raw prompt is one user text")
         full = self.render(system, rest, raw)
         ptext = self.prefix_text(system, raw)
@@ -255,13 +260,11 @@ class PromptBuilder:
             if isinstance(prompt, str) or is_token_ids(prompt):
                 continue
             try:
-                msgs = normalise_prompt(prompt, i)
+                own, rest = split_system(normalise_prompt(prompt, i), i)
             except ValueError:  # the build names it
                 continue
-            own = [m["content"] for m in msgs if m["role"] == "system"]
-            rest = [m for m in msgs if m["role"] != "system"]
             for branch in branches:
-                system = self.system_text(branch, own[0] if own else None)
+                system = self.system_text(branch, own)
                 found = self._history_of(branch, system, rest, raw)
                 if found is not None:
                     counts[found[1]] = counts.get(found[1], 0) + 1
