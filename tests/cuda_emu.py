@@ -1,7 +1,8 @@
 """Build the CUDA kernels against the CPU emulator (csrc/cuda/emu) and wrap them like a backend.
 
 Used by tests/test_cuda_emulated.py: it checks the kernels' logic (radix selects, compaction,
-scans, draw) on machines without a GPU. Threads are OS threads, so keep the cases small.
+scans, draw) on machines without a GPU. Each CUDA thread is a fiber (csrc/cuda/emu/emu.h), every
+barrier a round of switches: keep the cases small.
 """
 
 from __future__ import annotations

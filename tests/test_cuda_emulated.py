@@ -1,5 +1,5 @@
 """The CUDA kernels' logic against the reference without a GPU: csrc/cuda compiled with g++ against
-the CPU emulator (csrc/cuda/emu: one OS thread per CUDA thread, barriers for __syncthreads and warp
+the CPU emulator (csrc/cuda/emu: a fiber per CUDA thread, barriers for __syncthreads and warp
 shuffles). Covers the radix selects, the shared-memory candidate list and its global-memory
 fallback, the ordered scans and the draw. Rounding of expf/logf is the host's, not the GPU's.
 """
@@ -159,3 +159,38 @@ def test_no_shared_memory_races():
     if res.returncode != 0 and "fsanitize=thread" in res.stderr and "cannot find" in res.stderr:
         pytest.skip("ThreadSanitizer runtime not installed")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+def test_a_barrier_some_threads_skip_stops_with_a_message(tmp_path):
+    """A divergent __syncthreads (undefined on a GPU, often a hang) ends the emulated run with a
+    message, and threads that all reach their barriers see each other's shared-memory writes."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    src = tmp_path / "k.cpp"
+    src.write_text("""
+#include "emu.h"
+#include <cstdio>
+__global__ void k(int skip, int* out) {
+  __shared__ int s[64];
+  s[threadIdx.x] = threadIdx.x;
+  if (static_cast<int>(threadIdx.x) != skip) __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];
+}
+int main(int argc, char**) {
+  static int out[128];
+  emu::launch(k, dim3(2), dim3(64), 0, argc > 1 ? 5 : -1, out);
+  for (int i = 0; i < 128; ++i) if (out[i] != 63 - i % 64) return 1;
+  std::puts("ok");
+}
+""")
+    emu_dir = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emu"
+    exe = tmp_path / "k"
+    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-DSD_EMULATE",
+                    f"-I{emu_dir}", str(src), "-o", str(exe)], check=True)
+    ok = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", (ok.returncode, ok.stdout)
+    bad = subprocess.run([str(exe), "skip"], check=False, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "deadlock" in bad.stderr, (bad.returncode, bad.stderr)

@@ -1,17 +1,33 @@
 // A tiny CPU emulator of the CUDA features the safedecode kernels use, so their logic can be tested
-// on machines without a GPU: each CUDA thread is an OS thread, blocks run one after another,
-// __syncthreads and warp collectives are barriers, `__shared__` variables are statics (shared by
-// the threads of the one running block). Build with g++ -std=c++20 -DSD_EMULATE
-// -ffp-contract=off. It checks logic and synchronisation, not speed or GPU rounding of expf/logf.
+// on machines without a GPU: blocks run one after another, __syncthreads and warp collectives are
+// barriers, `__shared__` variables are statics (shared by the threads of the one running block).
+// Each CUDA thread is a fiber (its own stack, switched in user space on one OS thread): a thread
+// runs until it waits at a barrier, then the block's next thread runs, so a run is the same every
+// time however busy the machine is. A barrier that some threads never reach (a divergent
+// __syncthreads) stops the program with a message instead of hanging. Under ThreadSanitizer the
+// fibers are TSan fibers that synchronise only through the barriers (and atomics), so a missing
+// barrier around shared memory is a reported race (scripts/check_cuda_races.sh).
+// Build with g++ -std=c++20 -DSD_EMULATE -ffp-contract=off. It checks logic and synchronisation,
+// not speed or GPU rounding of expf/logf.
 #pragma once
 
-#include <barrier>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define SD_EMU_TSAN 1
+#endif
+// The emulator's own bookkeeping (who waits where) is not the kernels' memory: TSan skips it.
+#define SD_EMU_INTERNAL __attribute__((no_sanitize_thread, noinline))
 
 struct dim3 {
   unsigned x, y, z;
@@ -27,18 +43,140 @@ struct alignas(16) uint4 {
 
 namespace emu {
 
+inline thread_local dim3 t_thread_idx;
+
+struct Barrier;
+
+// One CUDA thread of the running block.
+struct Fiber {
+  ucontext_t ctx;
+  const Barrier* waits_on = nullptr;  // blocked until that barrier's phase moves on
+  unsigned phase = 0;
+  bool done = false;
+};
+
+// The running block's fibers, their stacks (reused from block to block) and the scheduler.
+struct Scheduler {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  std::function<void()> body;
+  int current = -1;
+#ifdef SD_EMU_TSAN
+  std::vector<void*> tsan;  // a TSan fiber per thread, reused like the stacks
+  void* tsan_main = nullptr;
+  char finished = 0;  // sync object: a thread's whole run happens before the block's end
+#endif
+};
+inline Scheduler g_sched;
+constexpr size_t kFiberStack = 256 * 1024;
+
+SD_EMU_INTERNAL inline void to_scheduler(Fiber& f) {
+#ifdef SD_EMU_TSAN
+  __tsan_switch_to_fiber(g_sched.tsan_main, __tsan_switch_to_fiber_no_sync);
+#endif
+  swapcontext(&f.ctx, &g_sched.main);
+}
+
+// A barrier of n threads: the last to arrive goes on, the others wait for the phase to move.
+// For TSan, arriving releases and leaving acquires the phase's sync object (two alternate: no
+// thread can arrive at phase p + 2 before every thread has left phase p). Switches between
+// threads do not synchronise, so two threads' accesses are ordered by barriers only.
+struct Barrier {
+  explicit Barrier(int n) : expected(n) {}
+  SD_EMU_INTERNAL void arrive_and_wait() {
+    const unsigned my = phase;
+#ifdef SD_EMU_TSAN
+    __tsan_release(&sync[my & 1u]);
+#endif
+    if (++arrived == expected) {
+      arrived = 0;
+      ++phase;
+    } else {
+      Fiber& f = g_sched.fibers[g_sched.current];
+      f.waits_on = this;
+      f.phase = my;
+      to_scheduler(f);
+    }
+#ifdef SD_EMU_TSAN
+    __tsan_acquire(&sync[my & 1u]);
+#endif
+  }
+  int expected, arrived = 0;
+  unsigned phase = 0;
+  char sync[2] = {};
+};
+
+SD_EMU_INTERNAL inline void fiber_entry() {
+  g_sched.body();
+  g_sched.fibers[g_sched.current].done = true;
+#ifdef SD_EMU_TSAN
+  __tsan_release(&g_sched.finished);
+  __tsan_switch_to_fiber(g_sched.tsan_main, __tsan_switch_to_fiber_no_sync);
+#endif
+}  // uc_link returns to the scheduler
+
+// Runs body() as threads 0..nt-1 until all return: round after round, each thread that is not
+// waiting runs to its next barrier (or its end). Under TSan, what the launching code wrote
+// happens before each thread starts, and each thread's run before the block's end.
+SD_EMU_INTERNAL inline void run_fibers(int nt, std::function<void()> body) {
+  Scheduler& s = g_sched;
+  s.body = std::move(body);
+  s.fibers.assign(nt, Fiber{});
+  while (static_cast<int>(s.stacks.size()) < nt) s.stacks.emplace_back(new char[kFiberStack]);
+#ifdef SD_EMU_TSAN
+  s.tsan_main = __tsan_get_current_fiber();
+  while (static_cast<int>(s.tsan.size()) < nt) s.tsan.push_back(__tsan_create_fiber(0));
+#endif
+  for (int t = 0; t < nt; ++t) {
+    Fiber& f = s.fibers[t];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = s.stacks[t].get();
+    f.ctx.uc_stack.ss_size = kFiberStack;
+    f.ctx.uc_link = &s.main;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  for (int live = nt, started = 0; live > 0; started = 1) {
+    bool ran = false;
+    live = 0;
+    for (int t = 0; t < nt; ++t) {
+      Fiber& f = s.fibers[t];
+      if (f.done) continue;
+      if (f.waits_on == nullptr || f.waits_on->phase != f.phase) {
+        f.waits_on = nullptr;
+        s.current = t;
+        t_thread_idx = dim3(static_cast<unsigned>(t));
+#ifdef SD_EMU_TSAN
+        __tsan_switch_to_fiber(s.tsan[t], started ? __tsan_switch_to_fiber_no_sync : 0);
+#endif
+        swapcontext(&s.main, &f.ctx);
+        ran = true;
+      }
+      live += f.done ? 0 : 1;
+    }
+    if (live > 0 && !ran) {
+      std::fprintf(stderr, "emu: deadlock: %d threads wait at a barrier the others never reach\n",
+                   live);
+      std::abort();
+    }
+  }
+  s.current = -1;
+#ifdef SD_EMU_TSAN
+  __tsan_acquire(&s.finished);
+#endif
+}
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   alignas(16) unsigned char slot[32][16];
 };
 
 struct Block {
   explicit Block(int nt) : bar(nt), warps(new Warp[(nt + 31) / 32]) {}
-  std::barrier<> bar;
+  Barrier bar;
   std::unique_ptr<Warp[]> warps;
 };
 
-inline thread_local dim3 t_thread_idx;
 inline dim3 g_block_idx, g_block_dim, g_grid_dim;
 inline Block* g_block = nullptr;
 inline unsigned char* g_dyn_smem = nullptr;
@@ -86,14 +224,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
         g_block_idx = dim3(x, y, z);
         Block blk(nt);
         g_block = &blk;
-        std::vector<std::thread> threads;
-        threads.reserve(nt);
-        for (int t = 0; t < nt; ++t)
-          threads.emplace_back([&, t] {
-            t_thread_idx = dim3(static_cast<unsigned>(t));
-            kernel(args...);
-          });
-        for (auto& th : threads) th.join();
+        run_fibers(nt, [&] { kernel(args...); });
         g_block = nullptr;
       }
 }

@@ -1,6 +1,7 @@
 // Data-race check of the CUDA kernels' synchronisation: runs them in the CPU emulator under
-// ThreadSanitizer (one OS thread per CUDA thread; __syncthreads and warp shuffles are barriers, so
-// a missing barrier around shared memory is a reported race). Used by scripts/check_cuda_races.sh:
+// ThreadSanitizer (each CUDA thread a TSan fiber, ordered only by __syncthreads and the warp
+// shuffles' barriers, so a missing barrier around shared memory is a reported race). Used by
+// scripts/check_cuda_races.sh:
 //   g++ -std=c++20 -O1 -g -fsanitize=thread -ffp-contract=off -DSD_EMULATE -pthread race_check.cpp
 // Arguments: V cap rule (rule 0 linear, 1 union). Exit status 66 (TSan) on any race.
 #include <cmath>
