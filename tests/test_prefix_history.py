@@ -134,3 +134,56 @@ def test_share_history_off():
         built = dec.builder.build(dec.method.branches[0], _prompts()[0], 0)
     assert len(built[0]) == len(SafeDecoder(model, tok, methods.get("plain")).builder.build(
         dec.method.branches[0], _prompts()[0], 0)[0])
+
+
+def _grow(chats: list, answers: list, turn: int) -> None:
+    """Each chat's next request: its answer, then a new user turn."""
+    for chat, text in zip(chats, answers, strict=True):
+        chat += [{"role": "assistant", "content": text},
+                 {"role": "user", "content": f"Tell me more, part {turn}."}]
+
+
+@pytest.mark.parametrize("name, arch, system", [
+    ("plain", None, None), ("acd-text", None, "You answer briefly."), ("soft", None, None),
+    ("acd-text", "qwen2-mixed", None)])  # a full layer beside a windowed one: both see the base
+def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
+    """Three chats, four turns, each turn's request its chat so far + the answer + a new
+    question: tokens and log-probs = the decoder without a prefix cache, and from the second
+    turn on each history's KV extends the turn before's — the model computes only the new
+    messages' columns (the branches' own prefixes the first time)."""
+    model, tok = tiny_arch(arch) if arch else tiny_llama()
+    m = _method(name, model, tok)
+    dec = SafeDecoder(model, tok, m)
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    head = [{"role": "system", "content": system}] if system else []
+    chats = [head + [{"role": "user", "content": f"Question {i}: what do cats eat?"}]
+             for i in range(3)]
+    last = None  # per chat and branch: the prefix's length the turn before
+    for turn in range(4):
+        before = dec.prefixes.computed_tokens
+        got = dec.generate(chats, max_new_tokens=6, return_logprobs=True)
+        exp = ref.generate(chats, max_new_tokens=6, return_logprobs=True)
+        for g, r in zip(got, exp, strict=True):
+            assert g.token_ids == r.token_ids
+            assert g.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+        lens = [len(dec.builder.build(br, c, 0)[0]) for c in chats for br in m.branches]
+        if last is not None:  # the history shared at once, only its new columns computed
+            assert all(n > p for n, p in zip(lens, last, strict=True)), turn
+            assert dec.prefixes.computed_tokens - before == sum(lens) - sum(last), turn
+        last = lens
+        _grow(chats, [g.text for g in got], turn)
+
+
+def test_a_chat_that_changes_an_earlier_turn_is_not_a_growing_one():
+    """Only a request that continues one seen before (its messages + answer + a user turn)
+    shares its history at once; one whose earlier turns differ waits for a second sighting."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    br = dec.method.branches[0]
+    first = [{"role": "user", "content": "What do cats eat?"}]
+    alone = dec.builder.build(br, first, 0)
+    grown = first + [{"role": "assistant", "content": "Fish."},
+                     {"role": "user", "content": "And dogs?"}]
+    assert len(dec.builder.build(br, grown, 0)[0]) > len(alone[0])
+    edited = [{"role": "user", "content": "What do cows eat?"}] + grown[1:]
+    assert len(dec.builder.build(br, edited, 0)[0]) == len(alone[0])

@@ -179,6 +179,7 @@ class PrefixStore:
         self.hits = 0
         self.misses = 0
         self.evicted = 0
+        self.computed_tokens = 0  # columns computed by the model (an extended prefix: its new)
 
     def __contains__(self, key: str) -> bool:
         return key in self._kv
@@ -195,8 +196,11 @@ class PrefixStore:
         self._kv.move_to_end(key)
         return self._kv[key]
 
-    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]],
+            computed: int | None = None) -> None:
+        """Store ``key``'s KV, of which ``computed`` columns (default: all) were computed."""
         self.misses += 1
+        self.computed_tokens += kv[0][0].shape[2] if computed is None else computed
         self._kv[key] = kv
         self._kv.move_to_end(key)
         self._bytes[key] = sum(k.nbytes + v.nbytes for k, v in kv)

@@ -10,9 +10,12 @@ A conversation's earlier turns (everything before its last user message: a few-s
 chat's history) join the prefix once a request with the same history under the same branch has
 been seen before: from the second such request on, the history's KV is computed once and reused
 (a history seen once costs nothing more). :meth:`PromptBuilder.expect` counts a call's requests
-ahead, so the first of several sharing a history in one call shares it too. Not for branches
-whose hooks act on the request's own prompt positions (``BranchHook(positions="prompt")``: the
-history is part of that prompt).
+ahead, so the first of several sharing a history in one call shares it too. A chat that grows —
+a request whose messages are an earlier request's plus that request's answer and a new user
+turn — shares its history at once, and its prefix is the earlier turn's prefix extended
+(``Prefix.base``): only the new turns' KV is computed, on top of the stored one. Not for
+branches whose hooks act on the request's own prompt positions (``BranchHook(positions=
+"prompt")``: the history is part of that prompt).
 
 Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
 the system text at the start of the first user message, followed by a blank line — what Gemma
@@ -22,6 +25,7 @@ the system text at the start of the first user message, followed by a blank line
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +50,10 @@ class Prefix:
     ids: list[int]  # text branches: all ids; soft branches: ids before the soft prompt
     soft: torch.Tensor | None = None
     tail_ids: tuple[int, ...] = ()
+    # an earlier prefix this one extends (the same ids / soft prompt first): where its KV is
+    # still stored, only the columns after ``base_len`` are computed
+    base: str | None = None
+    base_len: int = 0
 
     def __len__(self) -> int:
         n = len(self.ids) + len(self.tail_ids)
@@ -109,6 +117,15 @@ def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
 
+def _extends(prefix: Prefix, base: Prefix) -> bool:
+    """Whether ``prefix`` starts with ``base``'s ids (and soft prompt) and goes on."""
+    if len(base) >= len(prefix) or (base.soft is None) != (prefix.soft is None):
+        return False
+    if base.soft is None:
+        return prefix.ids[:len(base.ids)] == base.ids
+    return prefix.ids == base.ids and prefix.tail_ids[:len(base.tail_ids)] == base.tail_ids
+
+
 class PromptBuilder:
     """Renders branch prefixes and request suffixes for one tokenizer; ``share_history``: a
     conversation's earlier turns join the prefix once seen twice (see the module doc)."""
@@ -122,6 +139,7 @@ class PromptBuilder:
         self._prefix_text: LRU = LRU(1024)
         self._prefixes: LRU = LRU(1024)
         self._histories: LRU = LRU(4096)  # conversation histories seen: how often
+        self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False,
@@ -208,18 +226,59 @@ class PromptBuilder:
         ptext = self.prefix_text(system, raw)
         if not full.startswith(ptext):  # template depends on the request: no sharing
             ptext = ""
-        ptext = self._history(branch, system, rest, full, raw) or ptext
+        growing = self._turn(branch, system, rest, raw)
+        history = self._history(branch, system, rest, full, raw, growing)
+        bases = [ptext]  # what a history's prefix may extend: the branch's own prefix, and ...
+        if history is not None:
+            if growing and len(rest) >= 4:  # ... the history of the chat's request before
+                found = self._history_of(branch, system, rest[:-2], raw)
+                bases.insert(0, found[0] if found else None)
+            ptext = history
         if branch.soft_prompt is not None and _SOFT not in ptext:
             raise ValueError("soft prompts need a chat template whose head does not depend "
                              "on the user's messages")
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
-            name = "|".join(map(str, key))
-            if len(name) > 512:  # a long system text or history: named by its digest
-                name = "prefix:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
-            self._prefixes[key] = self._make_prefix(branch, ptext, name, raw)
+            prefix = self._make_prefix(branch, ptext, self._name(key), raw)
+            if history is not None:
+                self._link_base(prefix, [(branch.key(), system, b, raw) for b in bases if b])
+            self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
+
+    @staticmethod
+    def _name(key: tuple) -> str:
+        name = "|".join(map(str, key))
+        if len(name) > 512:  # a long system text or history: named by its digest
+            name = "prefix:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+        return name
+
+    def _link_base(self, prefix: Prefix, keys: list[tuple]) -> None:
+        """Point ``prefix`` at the first of the prefixes ``keys`` that it extends token for
+        token (a chat template may tokenise a boundary differently: then none)."""
+        for key in keys:
+            base = self._prefixes.get(key)
+            if base is not None and _extends(prefix, base):
+                prefix.base, prefix.base_len = base.key, len(base)
+                return
+
+    def _turn(self, branch: Branch, system: str | None, rest: list[Message], raw: bool
+              ) -> bool:
+        """Record ``rest`` as a request under ``branch``; True when it grows a chat: the
+        request before it in the conversation (its messages less the last answer and user
+        turn) was seen."""
+        if not self.share_history or raw or not self.has_template:
+            return False
+
+        def digest(msgs: list[Message]) -> bytes:
+            text = json.dumps(msgs, sort_keys=True, default=str)
+            return hashlib.blake2b(f"{branch.key()}|{system}|{text}".encode(),
+                                   digest_size=16).digest()
+
+        growing = len(rest) >= 3 and rest[-2]["role"] == "assistant" \
+            and digest(rest[:-2]) in self._turns
+        self._turns[digest(rest)] = True
+        return growing
 
     def _history_of(self, branch: Branch, system: str | None, rest: list[Message],
                     raw: bool) -> tuple[str, bytes] | None:
@@ -237,16 +296,18 @@ class PromptBuilder:
                                      digest_size=16).digest()
 
     def _history(self, branch: Branch, system: str | None, rest: list[Message], full: str,
-                 raw: bool) -> str | None:
+                 raw: bool, growing: bool = False) -> str | None:
         """The history text (:meth:`_history_of`) when a request with the same history under
-        this branch came before and the text splits off cleanly; else None."""
+        this branch came before (or the request ``growing`` a chat) and the text splits off
+        cleanly; else None."""
         found = self._history_of(branch, system, rest, raw)
         if found is None:
             return None
         text, key = found
         seen = self._histories.get(key, 0) + 1
         self._histories[key] = seen
-        if seen < 2 or not full.startswith(text) or not self._splits_cleanly(full, text, raw):
+        if (seen < 2 and not growing) or not full.startswith(text) \
+                or not self._splits_cleanly(full, text, raw):
             return None
         return text
 

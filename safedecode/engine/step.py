@@ -228,21 +228,27 @@ class ModelStep:
 
     # -- prefixes ---------------------------------------------------------------------------
     def prefix_kv(self, k: int, prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store."""
+        """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store; a
+        prefix that extends a stored one (``Prefix.base``: a growing chat's history) computes
+        only its columns after the base's, on top of the base's KV."""
         if prefix.key in self.prefixes:
             return self.prefixes.get(prefix.key)
-        n = len(prefix)
+        n, dev = len(prefix), self.device
+        b = prefix.base_len if prefix.base is not None and prefix.base in self.prefixes else 0
         cache = SlotCache(self.num_layers, 1, n)
-        cols = torch.arange(n, device=self.device)[None]
-        cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=self.device), cols, n)
+        if b:
+            cache.write_prefix(torch.zeros(1, dtype=torch.long, device=dev),
+                               self.prefixes.get(prefix.base))
+        cols = torch.arange(b, n, device=dev)[None]
+        cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=dev), cols, n)
         causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype,
-                            device=self.device).triu_(1)
+                            device=dev).triu_(1)[b:]
         self._forward(cache, {k: slice(0, 1)}, phase="prefix",
-                      inputs_embeds=prefix.embeds(self.embed)[None],
+                      inputs_embeds=prefix.embeds(self.embed)[None, b:],
                       position_ids=cols, attention_mask=self.masks(causal[None, None], cols))
         kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
               for layer in cache.layers]
-        self.prefixes.put(prefix.key, kv)
+        self.prefixes.put(prefix.key, kv, computed=n - b)
         return kv
 
     # -- prefill ----------------------------------------------------------------------------
