@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.safedecode-installed
 SRCS   := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup demo test test-fast lint sanitize cuda-check triton-check bench bench-quick bench-pytest clean
+.PHONY: setup demo test test-fast test-heavy lint sanitize cuda-check triton-check bench bench-quick bench-pytest clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup lint cuda-check triton-check
 
 test-fast: setup
 	$(PY) -m pytest -q -x -k "not triton"
+
+# The full forms of checks that `make test` runs on a sample (marked heavy; minutes each).
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,12 @@
 """What sharing a conversation's history as a prefix buys: B requests that end a common few-shot
 chat with their own question (the history's KV computed once, from the second request on)
-against the same engine with history sharing off, and B requests with histories of their own
-(nothing to share: the cost of looking). One machine, one run, alternated calls. The embedded
-model, ``acd-text`` (K = 2), greedy. Writes ``benchmarks/results/prefix_history_cpu.md``.
+against the same engine with history sharing off, B requests with histories of their own
+(nothing to share: the cost of looking), and B chats that grow turn by turn (each turn's history
+extends the turn before's stored prefix: only the new turns are computed). One machine, one run,
+alternated calls. The embedded model, ``acd-text`` (K = 2), greedy. Writes
+``benchmarks/results/prefix_history_cpu.md``.
 
-    python benchmarks/bench_prefix_history.py [--batch 8] [--shots 10] [--tokens 16]
+    python benchmarks/bench_prefix_history.py [--batch 8] [--shots 10] [--tokens 16] [--turns 5]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=16, help="new tokens per request")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=5, help="turns of the growing chats")
     args = ap.parse_args()
     model, tok = load_default()
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
@@ -107,8 +110,65 @@ def main() -> None:
         for on in (False, True):
             lines.append(f"| {case} | {'on' if on else 'off'} | {med[case, on]:.2f} | "
                          f"{first[case, on]:.2f} | {med[case, False] / med[case, on]:.2f}x |")
+    lines += growing_chats(model, tok, args)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def growing_chats(model, tok, args) -> list[str]:
+    """B chats over ``args.turns`` turns, each turn one ``generate`` call on one decoder (its
+    store kept): each request = the chat so far + its answer + a new question. Per turn, the
+    call and first-token time with history sharing off and on (median of the rounds)."""
+    def chats(r: int) -> list[list[dict]]:  # each its own history: a call-specific first turn
+        return [[{"role": "user", "content": f"Round {r}, chat {i}: hello."},
+                 {"role": "assistant", "content": "Hello!"}] + _history(args.shots, i)[2:]
+                + [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+                for i in range(args.batch)]
+
+    wall: dict[tuple[int, bool], list[float]] = {}
+    first: dict[tuple[int, bool], list[float]] = {}
+    tokens: dict[int, int] = {}
+    for rep in range(args.repeats + 1):  # the first round warms up
+        answers = {}
+        for on in (False, True):
+            dec = SafeDecoder(model, tok, methods.get("acd-text"))
+            dec.builder.share_history = on
+            batch = chats(rep)
+            for turn in range(args.turns):
+                t = time.perf_counter()
+                out = dec.generate(batch, max_new_tokens=args.tokens)
+                if rep:
+                    wall.setdefault((turn, on), []).append(time.perf_counter() - t)
+                    first.setdefault((turn, on), []).append(
+                        max(r.timing["prefill_s"] for r in out))
+                tokens[turn] = max(len(tok(tok.apply_chat_template(c, tokenize=False),
+                                           add_special_tokens=False)["input_ids"])
+                                   for c in batch)
+                answers.setdefault(turn, []).append([r.token_ids for r in out])
+                for i, (c, r) in enumerate(zip(batch, out, strict=True)):
+                    c += [{"role": "assistant", "content": r.text},
+                          {"role": "user", "content": QUESTIONS[(i + turn + 1) % len(QUESTIONS)]}]
+        for turn, got in answers.items():  # the same answers either way
+            assert got[0] == got[1], (rep, turn)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    fst = {k: statistics.median(v) for k, v in first.items()}
+    lines = [
+        "", "## Growing chats", "",
+        f"{args.batch} chats in one `generate` call per turn, on one decoder over "
+        f"{args.turns} turns; each chat starts with its own {args.shots}-shot history and each "
+        f"turn's request is the chat so far, its last answer ({args.tokens} tokens) and a new "
+        "question. With sharing on, a chat's history joins the prefix from its second turn "
+        "(computed whole once) and from its third each turn's prefix extends the one before: "
+        "only the new answer and question are computed. Median of "
+        f"{args.repeats} rounds after a warm-up; the same tokens either way (checked).", "",
+        "| turn | longest prompt (tokens) | call s off | call s on | first token s off | "
+        "first token s on | call off / on |",
+        "|---:|---:|---:|---:|---:|---:|---:|"]
+    for turn in range(args.turns):
+        lines.append(f"| {turn + 1} | {tokens[turn]} | {med[turn, False]:.2f} | "
+                     f"{med[turn, True]:.2f} | {fst[turn, False]:.2f} | {fst[turn, True]:.2f} | "
+                     f"{med[turn, False] / med[turn, True]:.2f}x |")
+    return lines
 
 
 if __name__ == "__main__":
