@@ -64,9 +64,9 @@ def test_packed_steps_equal_two_forward_steps_in_fewer_forwards(which):
         dec = SafeDecoder(model, tok, _soft_method(model, tok),
                           prefix_cache=which == "soft")
     two, n_two, eng_two = _run(dec, packed=False)
-    computed = dec.prefixes.misses  # a prefix computed in a step is a forward of its own (the
-    one, n_one, eng_one = _run(dec, packed=True)  # chat's history, at its second sighting)
-    computed = dec.prefixes.misses - computed
+    computed = dec.prefixes.forwards  # prefixes computed in a step are a forward of their own
+    one, n_one, eng_one = _run(dec, packed=True)  # (the chat's history, at its second sighting)
+    computed = dec.prefixes.forwards - computed
     assert eng_one.runner.pack is True and eng_two.runner.pack is False
     assert eng_one.state.free_slots == eng_one.state.max_seqs
     assert set(one) == set(two) == {0, 1, 10, 11, 3, 4}

@@ -150,7 +150,8 @@ def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
     """Three chats, four turns, each turn's request its chat so far + the answer + a new
     question: tokens and log-probs = the decoder without a prefix cache, and from the second
     turn on each history's KV extends the turn before's — the model computes only the new
-    messages' columns (the branches' own prefixes the first time)."""
+    messages' columns (the branches' own prefixes the first time), the chats' histories
+    together in one forward per branch."""
     model, tok = tiny_arch(arch) if arch else tiny_llama()
     m = _method(name, model, tok)
     dec = SafeDecoder(model, tok, m)
@@ -160,7 +161,7 @@ def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
              for i in range(3)]
     last = None  # per chat and branch: the prefix's length the turn before
     for turn in range(4):
-        before = dec.prefixes.computed_tokens
+        before, forwards = dec.prefixes.computed_tokens, dec.prefixes.forwards
         got = dec.generate(chats, max_new_tokens=6, return_logprobs=True)
         exp = ref.generate(chats, max_new_tokens=6, return_logprobs=True)
         for g, r in zip(got, exp, strict=True):
@@ -170,6 +171,8 @@ def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
         if last is not None:  # the history shared at once, only its new columns computed
             assert all(n > p for n, p in zip(lens, last, strict=True)), turn
             assert dec.prefixes.computed_tokens - before == sum(lens) - sum(last), turn
+            # the three chats' new prefixes: one forward per branch (rows padded)
+            assert dec.prefixes.forwards - forwards == len(m.branches), turn
         last = lens
         _grow(chats, [g.text for g in got], turn)
 
@@ -187,3 +190,25 @@ def test_a_chat_that_changes_an_earlier_turn_is_not_a_growing_one():
     assert len(dec.builder.build(br, grown, 0)[0]) > len(alone[0])
     edited = [{"role": "user", "content": "What do cows eat?"}] + grown[1:]
     assert len(dec.builder.build(br, edited, 0)[0]) == len(alone[0])
+
+
+def test_a_chats_extended_history_is_dropped_first():
+    """A store with room for about one turn and a half of three chats' histories under two
+    branches: each turn's histories still extend the turn before's, because the histories a
+    turn extended are dropped first (not the other branch's, still to be extended)."""
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    dec = SafeDecoder(model, tok, m)
+    chats = [[{"role": "user", "content": f"Question {i}: what do cats eat?"}] for i in range(3)]
+    last = None
+    for turn in range(4):
+        if turn == 2:
+            dec.prefixes.max_bytes = int(dec.prefixes.nbytes * 1.5)
+        before = dec.prefixes.computed_tokens
+        got = dec.generate(chats, max_new_tokens=6)
+        lens = sum(len(dec.builder.build(br, c, 0)[0]) for c in chats for br in m.branches)
+        if last is not None:
+            assert dec.prefixes.computed_tokens - before == lens - last, turn
+        last = lens
+        _grow(chats, [g.text for g in got], turn)
+    assert dec.prefixes.evicted > 0 and dec.prefixes.nbytes <= dec.prefixes.max_bytes

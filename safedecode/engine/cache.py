@@ -180,6 +180,7 @@ class PrefixStore:
         self.misses = 0
         self.evicted = 0
         self.computed_tokens = 0  # columns computed by the model (an extended prefix: its new)
+        self.forwards = 0  # the model forwards that computed them (several prefixes in one)
 
     def __contains__(self, key: str) -> bool:
         return key in self._kv
@@ -208,6 +209,11 @@ class PrefixStore:
             old, _ = self._kv.popitem(last=False)
             del self._bytes[old]
             self.evicted += 1
+
+    def demote(self, key: str) -> None:
+        """Make ``key`` the first to be dropped (a chat's history its next turn extended)."""
+        if key in self._kv:
+            self._kv.move_to_end(key, last=False)
 
     def clear(self) -> None:
         self._kv.clear()

@@ -51,9 +51,11 @@ class Prefix:
     soft: torch.Tensor | None = None
     tail_ids: tuple[int, ...] = ()
     # an earlier prefix this one extends (the same ids / soft prompt first): where its KV is
-    # still stored, only the columns after ``base_len`` are computed
+    # still stored, only the columns after ``base_len`` are computed; ``base_spent``: the base
+    # is the chat's previous history, rarely wanted again once extended (dropped first)
     base: str | None = None
     base_len: int = 0
+    base_spent: bool = False
 
     def __len__(self) -> int:
         n = len(self.ids) + len(self.tail_ids)
@@ -256,10 +258,11 @@ class PromptBuilder:
     def _link_base(self, prefix: Prefix, keys: list[tuple]) -> None:
         """Point ``prefix`` at the first of the prefixes ``keys`` that it extends token for
         token (a chat template may tokenise a boundary differently: then none)."""
-        for key in keys:
+        for i, key in enumerate(keys):
             base = self._prefixes.get(key)
             if base is not None and _extends(prefix, base):
                 prefix.base, prefix.base_len = base.key, len(base)
+                prefix.base_spent = i < len(keys) - 1  # the last: the branch's own prefix
                 return
 
     def _turn(self, branch: Branch, system: str | None, rest: list[Message], raw: bool

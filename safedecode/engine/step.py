@@ -228,28 +228,53 @@ class ModelStep:
 
     # -- prefixes ---------------------------------------------------------------------------
     def prefix_kv(self, k: int, prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store; a
-        prefix that extends a stored one (``Prefix.base``: a growing chat's history) computes
-        only its columns after the base's, on top of the base's KV."""
-        if prefix.key in self.prefixes:
-            return self.prefixes.get(prefix.key)
-        n, dev = len(prefix), self.device
-        b = prefix.base_len if prefix.base is not None and prefix.base in self.prefixes else 0
-        cache = SlotCache(self.num_layers, 1, n)
-        if b:
-            cache.write_prefix(torch.zeros(1, dtype=torch.long, device=dev),
-                               self.prefixes.get(prefix.base))
-        cols = torch.arange(b, n, device=dev)[None]
-        cache.bind(slice(0, 1), torch.zeros(1, dtype=torch.long, device=dev), cols, n)
-        causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype,
-                            device=dev).triu_(1)[b:]
-        self._forward(cache, {k: slice(0, 1)}, phase="prefix",
-                      inputs_embeds=prefix.embeds(self.embed)[None, b:],
-                      position_ids=cols, attention_mask=self.masks(causal[None, None], cols))
-        kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
-              for layer in cache.layers]
-        self.prefixes.put(prefix.key, kv, computed=n - b)
-        return kv
+        """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store."""
+        return self.prefix_kvs(k, [prefix])[prefix.key]
+
+    def prefix_kvs(self, k: int, prefixes: Sequence[Prefix]
+                   ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Branch ``k``'s prefix KVs by key; the ones not stored are computed together in one
+        forward (rows left-padded to the longest), each that extends a stored prefix
+        (``Prefix.base``: a growing chat's history) only from the base's end, on top of the
+        base's KV."""
+        out = {p.key: self.prefixes.get(p.key) for p in prefixes if p.key in self.prefixes}
+        todo = list({p.key: p for p in prefixes if p.key not in out}.values())
+        if not todo:
+            return out
+        dev, n_rows = self.device, len(todo)
+        bases = [p.base_len if p.base is not None and p.base in self.prefixes else 0
+                 for p in todo]
+        ends = [len(p) for p in todo]
+        t, attend = max(e - b for e, b in zip(ends, bases, strict=True)), max(ends)
+        cache = SlotCache(self.num_layers, n_rows, attend)
+        cols = torch.full((n_rows, t), cache.sink, dtype=torch.long)
+        emb = torch.zeros(n_rows, t, self.embed.weight.shape[1], dtype=self.embed.weight.dtype,
+                          device=dev)
+        for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
+            if b:
+                cache.write_prefix(torch.tensor([r], device=dev), self.prefixes.get(p.base))
+            cols[r, t - (e - b):] = torch.arange(b, e)
+            emb[r, t - (e - b):] = p.embeds(self.embed)[b:]
+        j = torch.arange(attend)
+        real = cols < cache.sink
+        allowed = (j[None, None, :] <= cols[:, :, None]) & real[:, :, None]
+        allowed[:, :, 0] |= ~real  # padding queries attend to column 0 only (finite rows)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)[:, None].to(dev)
+        q_cols = torch.where(real, cols, 0).to(dev)
+        cols = cols.to(dev)
+        cache.bind(slice(0, n_rows), torch.arange(n_rows, device=dev), cols, attend)
+        self._forward(cache, {k: slice(0, n_rows)}, phase="prefix", inputs_embeds=emb,
+                      position_ids=q_cols, attention_mask=self.masks(mask, q_cols))
+        self.prefixes.forwards += 1
+        for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
+            kv = [(layer.keys[r:r + 1, :, :e].clone(), layer.values[r:r + 1, :, :e].clone())
+                  for layer in cache.layers]
+            self.prefixes.put(p.key, kv, computed=e - b)
+            out[p.key] = kv
+            if b and p.base_spent:
+                self.prefixes.demote(p.base)
+        return out
 
     # -- prefill ----------------------------------------------------------------------------
     def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built],
@@ -278,9 +303,12 @@ class ModelStep:
                     else:
                         seqs.append(list(suffix))
                         soft.append(prefix)
-        for (k, _), (prefix, r) in groups.items():
-            state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev),
-                                     self.prefix_kv(k, prefix))
+        by_branch: dict[int, list[Prefix]] = {}
+        for (k, _), (prefix, _rows) in groups.items():
+            by_branch.setdefault(k, []).append(prefix)
+        kv = {k: self.prefix_kvs(k, ps) for k, ps in by_branch.items()}  # one forward each
+        for (k, key), (_, r) in groups.items():
+            state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev), kv[k][key])
         return starts, seqs, soft
 
     def prompt_lengths(self, built: Built) -> list[int]:
