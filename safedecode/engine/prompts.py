@@ -230,11 +230,12 @@ class PromptBuilder:
             ptext = ""
         growing = self._turn(branch, system, rest, raw)
         history = self._history(branch, system, rest, full, raw, growing)
-        bases = [ptext]  # what a history's prefix may extend: the branch's own prefix, and ...
+        bases = []  # what a history's prefix may extend, and whether that one is then spent
         if history is not None:
-            if growing and len(rest) >= 4:  # ... the history of the chat's request before
+            if growing and len(rest) >= 4:  # the history of the chat's request before
                 found = self._history_of(branch, system, rest[:-2], raw)
-                bases.insert(0, found[0] if found else None)
+                bases += [(found[0], True)] if found else []
+            bases += [(ptext, False)] if ptext else []  # the branch's own prefix
             ptext = history
         if branch.soft_prompt is not None and _SOFT not in ptext:
             raise ValueError("soft prompts need a chat template whose head does not depend "
@@ -242,8 +243,8 @@ class PromptBuilder:
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             prefix = self._make_prefix(branch, ptext, self._name(key), raw)
-            if history is not None:
-                self._link_base(prefix, [(branch.key(), system, b, raw) for b in bases if b])
+            self._link_base(prefix, [((branch.key(), system, text, raw), spent)
+                                     for text, spent in bases])
             self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         return self._prefixes[key], suffix
@@ -255,14 +256,14 @@ class PromptBuilder:
             name = "prefix:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
         return name
 
-    def _link_base(self, prefix: Prefix, keys: list[tuple]) -> None:
-        """Point ``prefix`` at the first of the prefixes ``keys`` that it extends token for
-        token (a chat template may tokenise a boundary differently: then none)."""
-        for i, key in enumerate(keys):
+    def _link_base(self, prefix: Prefix, bases: list[tuple[tuple, bool]]) -> None:
+        """Point ``prefix`` at the first of ``bases`` (builder key, spent once extended) that
+        it extends token for token (a chat template may tokenise a boundary differently: then
+        none)."""
+        for key, spent in bases:
             base = self._prefixes.get(key)
             if base is not None and _extends(prefix, base):
-                prefix.base, prefix.base_len = base.key, len(base)
-                prefix.base_spent = i < len(keys) - 1  # the last: the branch's own prefix
+                prefix.base, prefix.base_len, prefix.base_spent = base.key, len(base), spent
                 return
 
     def _turn(self, branch: Branch, system: str | None, rest: list[Message], raw: bool
