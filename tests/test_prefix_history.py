@@ -11,6 +11,7 @@ from engine_fixtures import tiny_arch, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+from safedecode.engine.cache import TURN_STORE_BYTES
 
 HISTORY = [{"role": "user", "content": "What is two plus two? Answer with a number."},
            {"role": "assistant", "content": "Four."},
@@ -124,6 +125,8 @@ def test_a_branch_hooked_on_the_prompt_keeps_its_history_in_the_suffix():
     assert len(hooked[0]) == len(SafeDecoder(model, tok, m).builder.build(
         m.branches[0], prompts[0], 0)[0])
     assert len(dec.builder.build(m.branches[1], prompts[0], 0)[1]) < len(hooked[1])
+    # finished turns kept for the unhooked branch only (its answer's KV had no hook on it)
+    assert len(dec.turns) == len(prompts)
 
 
 def test_share_history_off():
@@ -146,15 +149,17 @@ def _grow(chats: list, answers: list, turn: int) -> None:
 @pytest.mark.parametrize("name, arch, system", [
     ("plain", None, None), ("acd-text", None, "You answer briefly."), ("soft", None, None),
     ("acd-text", "qwen2-mixed", None)])  # a full layer beside a windowed one: both see the base
-def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
+@pytest.mark.parametrize("keep", [True, False], ids=["turns-kept", "histories-only"])
+def test_a_growing_chat_computes_only_its_new_turns(name, arch, system, keep):
     """Three chats, four turns, each turn's request its chat so far + the answer + a new
     question: tokens and log-probs = the decoder without a prefix cache, and from the second
-    turn on each history's KV extends the turn before's — the model computes only the new
-    messages' columns (the branches' own prefixes the first time), the chats' histories
-    together in one forward per branch."""
+    turn on each history's KV extends the turn before's kept prompt + answer — the model
+    computes only a few columns of each history — or, with no turns kept, the turn before's
+    history: exactly the new messages' columns. The chats' together in one forward per
+    branch."""
     model, tok = tiny_arch(arch) if arch else tiny_llama()
     m = _method(name, model, tok)
-    dec = SafeDecoder(model, tok, m)
+    dec = SafeDecoder(model, tok, m, turn_store_bytes=TURN_STORE_BYTES if keep else 0)
     ref = SafeDecoder(model, tok, m, prefix_cache=False)
     head = [{"role": "system", "content": system}] if system else []
     chats = [head + [{"role": "user", "content": f"Question {i}: what do cats eat?"}]
@@ -168,9 +173,17 @@ def test_a_growing_chat_computes_only_its_new_turns(name, arch, system):
             assert g.token_ids == r.token_ids
             assert g.logprobs == pytest.approx(r.logprobs, abs=1e-4)
         lens = [len(dec.builder.build(br, c, 0)[0]) for c in chats for br in m.branches]
-        if last is not None:  # the history shared at once, only its new columns computed
+        if last is not None:  # the history shared at once, only its new columns computed:
             assert all(n > p for n, p in zip(lens, last, strict=True)), turn
-            assert dec.prefixes.computed_tokens - before == sum(lens) - sum(last), turn
+            # fewer than the new messages' (the turn before's prompt + answer KV was kept:
+            # its last token, the end of the turn, and what its text tokenises differently)
+            computed = dec.prefixes.computed_tokens - before
+            if keep:
+                assert 0 < computed <= (sum(lens) - sum(last)) / 2, (turn, computed)
+                assert len(dec.turns) == 3 * (turn + 1) * len(m.branches)
+            else:
+                assert computed == sum(lens) - sum(last), turn
+                assert len(dec.turns) == 0
             # the three chats' new prefixes: one forward per branch (rows padded)
             assert dec.prefixes.forwards - forwards == len(m.branches), turn
         last = lens
@@ -198,7 +211,7 @@ def test_a_chats_extended_history_is_dropped_first():
     turn extended are dropped first (not the other branch's, still to be extended)."""
     model, tok = tiny_llama()
     m = methods.get("acd-text")
-    dec = SafeDecoder(model, tok, m)
+    dec = SafeDecoder(model, tok, m, turn_store_bytes=0)  # histories extend histories
     chats = [[{"role": "user", "content": f"Question {i}: what do cats eat?"}] for i in range(3)]
     last = None
     for turn in range(4):

@@ -143,6 +143,11 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.copy_rows(src, dst, n)
 
+    def read(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of row ``row``'s first ``n`` columns per layer, ``[1, H, n, D]``."""
+        return [(layer.keys[row:row + 1, :, :n].clone(), layer.values[row:row + 1, :, :n].clone())
+                for layer in self.layers]
+
     def write_prefix(self, rows: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
                      ) -> None:
         """Write a shared prefix's per-layer KV ``[1, H, P, D]`` into columns ``0 .. P-1``."""
@@ -160,6 +165,7 @@ class SlotCache(Cache):
 
 
 PREFIX_STORE_BYTES = 512 * 2**20  # the default bound of a decoder's prefix store
+TURN_STORE_BYTES = 256 * 2**20  # ... and of its finished chat turns' KV (Engine._keep_turn)
 
 
 class PrefixStore:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .branches import Method
-from .cache import PREFIX_STORE_BYTES, PrefixStore
+from .cache import PREFIX_STORE_BYTES, TURN_STORE_BYTES, PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits, output_vocab
 from .prompts import Prefix, Prompt, PromptBuilder, is_token_ids
 from .sampling import SamplingParams
@@ -83,12 +83,15 @@ class SafeDecoder:
     ``generate`` then runs it over the engine (``on_step`` reports progress).
     ``prefix_store_bytes``: the most prefix KV kept across calls (the least recently used
     branch prefix dropped first; see :class:`~safedecode.engine.cache.PrefixStore`).
+    ``turn_store_bytes``: the most KV of finished chat requests kept for their next turn (a
+    chat that grows extends it; 0: none kept).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  compile: bool = False, drop_rows: bool = True,  # noqa: A002
-                 prefix_store_bytes: int = PREFIX_STORE_BYTES) -> None:
+                 prefix_store_bytes: int = PREFIX_STORE_BYTES,
+                 turn_store_bytes: int = TURN_STORE_BYTES) -> None:
         from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
         from safedecode.methods.route import Route
 
@@ -105,6 +108,7 @@ class SafeDecoder:
         self.drop_rows = drop_rows
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
         self.prefixes = PrefixStore(prefix_store_bytes)
+        self.turns = PrefixStore(turn_store_bytes)
 
     def engine(self, *, max_seqs: int = 8, max_len: int | None = None,
                max_queue: int = 1024, max_prefill_tokens: int | None = None,
@@ -113,6 +117,7 @@ class SafeDecoder:
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
                       small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
+                      turns=self.turns,
                       compiled=self.compiled, max_prefill_tokens=max_prefill_tokens,
                       packed=packed,
                       drop_rows=self.drop_rows if drop_rows is None else drop_rows)

@@ -116,6 +116,9 @@ class _Seq:
     bad_seqs: tuple[tuple[list[int], int], ...] = ()
     bad_ctx: list[int] = field(default_factory=list)
     ngrams: NGramBans | None = None  # SamplingParams.no_repeat_ngram_size
+    # a chat request's turn digest, prefix and suffix per branch (None: a branch with hooks),
+    # to keep its prompt + answer KV for the chat's next turn (Engine._keep_turn)
+    turn: list[tuple[bytes, Prefix, list[int]] | None] | None = None
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -206,7 +209,7 @@ class Engine:
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
                  compiled: CompiledDecode | None = None,
                  max_prefill_tokens: int | None = None, packed: bool = True,
-                 drop_rows: bool = True) -> None:
+                 drop_rows: bool = True, turns: PrefixStore | None = None) -> None:
         check_method_fits(model, method)
         if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
                                                isinstance(max_prefill_tokens, int)
@@ -222,7 +225,7 @@ class Engine:
             pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None) or 0
         self.runner = ModelStep(model, method, backend=backend, prefix_cache=prefix_cache,
                                 small_gemm=small_gemm, prefixes=prefixes, pad_id=pad,
-                                compiled=compiled, pack=packed)
+                                compiled=compiled, pack=packed, turns=turns)
         self.runner.drop_rows &= bool(drop_rows)
         context = self.runner.max_positions
         if max_len is None:
@@ -696,6 +699,7 @@ class Engine:
             pick = []  # choices forked after the prefill, before their first token
             forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
             for i, s in enumerate(admitted):
+                s.turn = self._turn_of(s.built) if not s.kids else None
                 s.built = None
                 if s.kids:
                     for kid in s.kids:
@@ -942,8 +946,41 @@ class Engine:
             delta += seq.detok.flush()
         return delta, reason
 
+    def _turn_of(self, built: Built) -> list | None:
+        """Per branch (turn digest, prefix, suffix) of a chat request whose KV is worth
+        keeping for its next turn; None where none is (no prefix cache, not a chat request).
+        Branches with hooks are left out: their answer's KV was computed under decode-phase
+        hooks a prefix never runs."""
+        if self.builder is None or not self.runner.prefix_cache \
+                or not self.runner.turns.max_bytes:
+            return None
+        out = [None if br.hooks else (self.builder.turn_of(pre, suf), pre, suf)
+               for br, (pre, suf) in zip(self.method.branches, built, strict=True)]
+        out = [x if x is not None and x[0] is not None else None for x in out]
+        return out if any(out) else None
+
+    def _keep_turn(self, seq: _Seq) -> None:
+        """Store a finished chat request's KV (prompt and answer, all but the last token,
+        which was never fed) per branch as a prefix its chat's next turn may extend."""
+        fed = seq.out[:-1]
+        kb = self.method.k
+        for k, entry in enumerate(seq.turn):
+            if entry is None:
+                continue
+            turn, pre, suf = entry
+            key = f"turn:{turn.hex()}"
+            if pre.soft is None:
+                done = Prefix(key, [*pre.ids, *suf, *fed])
+            else:
+                done = Prefix(key, list(pre.ids), pre.soft, (*pre.tail_ids, *suf, *fed))
+            self.runner.turns.put(key, self.state.cache.read(seq.slot * kb + k, len(done)),
+                                  computed=0)
+            self.builder.finished(turn, done)
+
     def _finish(self, seq: _Seq, reason: str, now: float) -> None:
         seq.finish, seq.t_done = reason, now
+        if seq.turn is not None and seq.out:
+            self._keep_turn(seq)
         self.state.release(seq.slot)
         del self._live[seq.id]
         decode_s = seq.t_done - seq.t_first

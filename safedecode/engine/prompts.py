@@ -119,13 +119,38 @@ def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
 
-def _extends(prefix: Prefix, base: Prefix) -> bool:
-    """Whether ``prefix`` starts with ``base``'s ids (and soft prompt) and goes on."""
-    if len(base) >= len(prefix) or (base.soft is None) != (prefix.soft is None):
-        return False
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _shared(prefix: Prefix, base: Prefix) -> int:
+    """How many leading positions ``prefix`` has in common with ``base`` (ids, then the soft
+    prompt and the ids after it), at most one short of ``prefix``'s length."""
+    if (base.soft is None) != (prefix.soft is None):
+        return 0
     if base.soft is None:
-        return prefix.ids[:len(base.ids)] == base.ids
-    return prefix.ids == base.ids and prefix.tail_ids[:len(base.tail_ids)] == base.tail_ids
+        n = _common(prefix.ids, base.ids)
+    elif prefix.ids != base.ids or base.soft is not prefix.soft and not torch.equal(
+            base.soft, prefix.soft):
+        return 0
+    else:
+        n = len(prefix.ids) + prefix.soft.shape[0] + _common(prefix.tail_ids, base.tail_ids)
+    return min(n, len(prefix) - 1)
+
+
+def _link_base(prefix: Prefix, bases: Sequence[tuple[Prefix | None, bool]]) -> None:
+    """Point ``prefix`` at the one of ``bases`` (prefix or None, spent once extended) it has
+    the longest start in common with (ids compared: a template may tokenise a boundary
+    differently, and a kept answer's ids may differ from its text's)."""
+    best = max(((_shared(prefix, b), -i, b, spent) for i, (b, spent) in enumerate(bases)
+                if b is not None), default=None, key=lambda x: x[:2])
+    if best is not None and best[0] > 0:
+        prefix.base, prefix.base_len, prefix.base_spent = best[2].key, best[0], best[3]
 
 
 class PromptBuilder:
@@ -142,6 +167,8 @@ class PromptBuilder:
         self._prefixes: LRU = LRU(1024)
         self._histories: LRU = LRU(4096)  # conversation histories seen: how often
         self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
+        self._built_turns: LRU = LRU(4096)  # (prefix key, suffix) -> the turn's digest
+        self._finished: LRU = LRU(4096)  # a turn's digest -> its finished sequence's prefix
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False,
@@ -228,14 +255,18 @@ class PromptBuilder:
         ptext = self.prefix_text(system, raw)
         if not full.startswith(ptext):  # template depends on the request: no sharing
             ptext = ""
-        growing = self._turn(branch, system, rest, raw)
-        history = self._history(branch, system, rest, full, raw, growing)
+        turn, before = self._turn(branch, system, rest, raw)
+        history = self._history(branch, system, rest, full, raw, before is not None)
         bases = []  # what a history's prefix may extend, and whether that one is then spent
         if history is not None:
-            if growing and len(rest) >= 4:  # the history of the chat's request before
-                found = self._history_of(branch, system, rest[:-2], raw)
-                bases += [(found[0], True)] if found else []
-            bases += [(ptext, False)] if ptext else []  # the branch's own prefix
+            if before is not None:  # the chat's request before: its whole sequence, if kept
+                bases.append((self._finished.get(before), True))  # (Engine.keep_turn) ...
+                if len(rest) >= 4:  # ... and its history
+                    found = self._history_of(branch, system, rest[:-2], raw)
+                    bases += [(self._prefixes.get((branch.key(), system, found[0], raw)),
+                               True)] if found else []
+            if ptext:  # the branch's own prefix
+                bases.append((self._prefixes.get((branch.key(), system, ptext, raw)), False))
             ptext = history
         if branch.soft_prompt is not None and _SOFT not in ptext:
             raise ValueError("soft prompts need a chat template whose head does not depend "
@@ -243,11 +274,23 @@ class PromptBuilder:
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             prefix = self._make_prefix(branch, ptext, self._name(key), raw)
-            self._link_base(prefix, [((branch.key(), system, text, raw), spent)
-                                     for text, spent in bases])
+            _link_base(prefix, bases)
             self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
-        return self._prefixes[key], suffix
+        prefix = self._prefixes[key]
+        if turn is not None:
+            self._built_turns[prefix.key, tuple(suffix)] = turn
+        return prefix, suffix
+
+    def turn_of(self, prefix: Prefix, suffix: Sequence[int]) -> bytes | None:
+        """The digest of the chat request :meth:`build` split into ``prefix`` and ``suffix``
+        (None: not a chat request, or forgotten)."""
+        return self._built_turns.get((prefix.key, tuple(suffix)))
+
+    def finished(self, turn: bytes, sequence: Prefix) -> None:
+        """Remember ``sequence`` (a finished request's prompt and answer, its KV stored
+        under ``sequence.key``) as what the chat's next turn may extend."""
+        self._finished[turn] = sequence
 
     @staticmethod
     def _name(key: tuple) -> str:
@@ -256,33 +299,25 @@ class PromptBuilder:
             name = "prefix:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
         return name
 
-    def _link_base(self, prefix: Prefix, bases: list[tuple[tuple, bool]]) -> None:
-        """Point ``prefix`` at the first of ``bases`` (builder key, spent once extended) that
-        it extends token for token (a chat template may tokenise a boundary differently: then
-        none)."""
-        for key, spent in bases:
-            base = self._prefixes.get(key)
-            if base is not None and _extends(prefix, base):
-                prefix.base, prefix.base_len, prefix.base_spent = base.key, len(base), spent
-                return
-
     def _turn(self, branch: Branch, system: str | None, rest: list[Message], raw: bool
-              ) -> bool:
-        """Record ``rest`` as a request under ``branch``; True when it grows a chat: the
-        request before it in the conversation (its messages less the last answer and user
-        turn) was seen."""
+              ) -> tuple[bytes | None, bytes | None]:
+        """Record ``rest`` as a chat request under ``branch``: (its digest, the digest of the
+        request before it in the conversation — its messages less the last answer and user
+        turn — where that was seen: the request grows a chat). (None, None) where histories
+        are not shared."""
         if not self.share_history or raw or not self.has_template:
-            return False
+            return None, None
 
         def digest(msgs: list[Message]) -> bytes:
             text = json.dumps(msgs, sort_keys=True, default=str)
             return hashlib.blake2b(f"{branch.key()}|{system}|{text}".encode(),
                                    digest_size=16).digest()
 
-        growing = len(rest) >= 3 and rest[-2]["role"] == "assistant" \
-            and digest(rest[:-2]) in self._turns
-        self._turns[digest(rest)] = True
-        return growing
+        before = digest(rest[:-2]) if len(rest) >= 3 and rest[-2]["role"] == "assistant" \
+            else None
+        turn = digest(rest)
+        self._turns[turn] = True
+        return turn, before if before in self._turns else None
 
     def _history_of(self, branch: Branch, system: str | None, rest: list[Message],
                     raw: bool) -> tuple[str, bytes] | None:

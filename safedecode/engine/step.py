@@ -23,7 +23,7 @@ from safedecode.ops import contrastive_logprobs, contrastive_sample_with_status
 from safedecode.ops.linear import eager_forwards, op_forwards, routed
 
 from .branches import BranchHook, Method
-from .cache import PrefixStore, SlotCache, cache_kwargs
+from .cache import TURN_STORE_BYTES, PrefixStore, SlotCache, cache_kwargs
 from .masks import LayerMasks
 from .packed import PackPlan, packed_attention_on
 from .prompts import Prefix
@@ -85,11 +85,14 @@ class ModelStep:
     def __init__(self, model, method: Method, *, backend: str = "auto",
                  prefix_cache: bool = True, small_gemm: bool = True,
                  prefixes: PrefixStore | None = None, pad_id: int = 0,
-                 compiled: CompiledDecode | None = None, pack: bool = True) -> None:
+                 compiled: CompiledDecode | None = None, pack: bool = True,
+                 turns: PrefixStore | None = None) -> None:
         self.model, self.method, self.backend = model, method, backend
         self.pack: bool | None = None if pack else False  # None: not tried yet
         self.prefix_cache = prefix_cache
         self.prefixes = prefixes if prefixes is not None else PrefixStore()
+        # finished chat requests' prompt + answer KV, which their next turn may extend
+        self.turns = turns if turns is not None else PrefixStore(TURN_STORE_BYTES)
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
@@ -242,8 +245,9 @@ class ModelStep:
         if not todo:
             return out
         dev, n_rows = self.device, len(todo)
-        bases = [p.base_len if p.base is not None and p.base in self.prefixes else 0
-                 for p in todo]
+        stores = [self.turns if p.base in self.turns else self.prefixes for p in todo]
+        bases = [min(p.base_len, len(p) - 1) if p.base is not None and p.base in store else 0
+                 for p, store in zip(todo, stores, strict=True)]
         ends = [len(p) for p in todo]
         t, attend = max(e - b for e, b in zip(ends, bases, strict=True)), max(ends)
         cache = SlotCache(self.num_layers, n_rows, attend)
@@ -251,8 +255,9 @@ class ModelStep:
         emb = torch.zeros(n_rows, t, self.embed.weight.shape[1], dtype=self.embed.weight.dtype,
                           device=dev)
         for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
-            if b:
-                cache.write_prefix(torch.tensor([r], device=dev), self.prefixes.get(p.base))
+            if b:  # the base's first b columns (it may go on differently)
+                cache.write_prefix(torch.tensor([r], device=dev), [
+                    (k_[:, :, :b], v_[:, :, :b]) for k_, v_ in stores[r].get(p.base)])
             cols[r, t - (e - b):] = torch.arange(b, e)
             emb[r, t - (e - b):] = p.embeds(self.embed)[b:]
         j = torch.arange(attend)
@@ -268,12 +273,11 @@ class ModelStep:
                       position_ids=q_cols, attention_mask=self.masks(mask, q_cols))
         self.prefixes.forwards += 1
         for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
-            kv = [(layer.keys[r:r + 1, :, :e].clone(), layer.values[r:r + 1, :, :e].clone())
-                  for layer in cache.layers]
+            kv = cache.read(r, e)
             self.prefixes.put(p.key, kv, computed=e - b)
             out[p.key] = kv
             if b and p.base_spent:
-                self.prefixes.demote(p.base)
+                stores[r].demote(p.base)
         return out
 
     # -- prefill ----------------------------------------------------------------------------
