@@ -554,6 +554,7 @@ def test_load_client_counts_requests_tokens_and_latencies(server):
     (["--max-seqs", "0"], "--max-seqs: must be >= 1"),
     (["--port", "70000"], "--port: must be in [0, 65535]"),
     (["--prefix-store-mb", "-1"], "--prefix-store-mb: must be >= 0"),
+    (["--turn-store-mb", "-2"], "--turn-store-mb: must be >= 0"),
 ])
 def test_serve_rejects_bad_options_before_loading(args, message):
     from typer.testing import CliRunner  # noqa: PLC0415
@@ -954,8 +955,9 @@ def test_serve_builds_routed_and_deal_models(tiny_model_dir):
                                   method_kwargs={"base": "acd-text", "reward": "length"}))
     assert m.router.scorer is None and m.info["reward_thread"] is False
     (m,) = build_models(ServeSpec(model=str(tiny_model_dir), methods=["acd-text"],
-                                  prefix_store_mb=3))
+                                  prefix_store_mb=3, turn_store_mb=0))
     assert m.engine.runner.prefixes.max_bytes == 3 * 2**20  # --prefix-store-mb reaches it
+    assert m.engine.runner.turns.max_bytes == 0  # --turn-store-mb too
 
 
 def test_serve_merges_an_adapter_into_the_served_model():
@@ -1011,3 +1013,26 @@ def test_excluded_tokens_are_a_finite_json_logprob():
     assert out["top_logprobs"][0] is None and list(out["top_logprobs"][1].values()) == \
         [NEG_INF_LOGPROB]
     json.dumps(out, allow_nan=False)  # what the server's JSON encoder requires
+
+
+def test_a_growing_served_chat_equals_offline_and_prefills_its_new_turn(server):
+    """A chat sent turn by turn (each request the chat so far, the last answer and a new
+    question): the answers equal a decoder without any prefix cache, and from the second
+    turn the server computes only a few prefix columns — the turn before's prompt and
+    answer were kept (/health reports the prefix cache)."""
+    model, tok = tiny_llama()
+    ref = SafeDecoder(model, tok, methods.get("acd-text"), prefix_cache=False)
+    c = server.client()
+    chat = [{"role": "user", "content": "Name three garden birds, please."}]
+    for turn in range(3):
+        before = _health(server)["models"]["tiny:acd-text"]["prefix_cache"]
+        r = c.chat.completions.create(model="tiny:acd-text", messages=chat, max_tokens=6,
+                                      temperature=0)
+        after = _wait_idle(server)["models"]["tiny:acd-text"]["prefix_cache"]
+        text = r.choices[0].message.content
+        assert text == ref.generate([chat], max_new_tokens=6)[0].text, turn
+        if turn:  # both branches' histories: a few columns each, not the whole exchange
+            assert 0 < after["computed_tokens"] - before["computed_tokens"] <= 2 * 6, turn
+        assert after["turns"] - before["turns"] == 2  # this turn's, one per branch
+        chat += [{"role": "assistant", "content": text},
+                 {"role": "user", "content": f"And {turn + 2} more?"}]

@@ -420,7 +420,13 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
             return JSONResponse({"status": "engine loop stopped"}, status_code=503)
         occ = await asyncio.wrap_future(loop.call(lambda: {
             mid: {"running": e.num_running(), "waiting": e.num_waiting(),
-                  "free_slots": e.state.free_slots} for mid, e in loop.engines.items()}))
+                  "free_slots": e.state.free_slots,
+                  # prefix KV: stored prefixes, the columns the model computed for them, and
+                  # the finished chat turns kept for their next turn
+                  "prefix_cache": {"prefixes": len(e.runner.prefixes),
+                                   "computed_tokens": e.runner.prefixes.computed_tokens,
+                                   "turns": len(e.runner.turns)}}
+            for mid, e in loop.engines.items()}))
         return {"status": "ok", "steps": loop.steps, "models": occ}
 
     @app.get("/metrics")

@@ -60,6 +60,10 @@ def serve_command(
                                         "method (MiB; default: the engine's, 512; the least "
                                         "recently used dropped first: requests with distinct "
                                         "system messages each bring their own prefixes)."),
+    turn_store_mb: int | None = typer.Option(
+        None, "--turn-store-mb", help="KV of finished chat requests kept for their next turn, "
+                                      "per served method (MiB; default 256; 0: none): a chat "
+                                      "that grows prefills only its new turn."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
                                      "packed forward (--no-packed: two forwards)."),
@@ -88,7 +92,8 @@ def serve_command(
                                 ("--default-max-tokens", default_max_tokens, 1),
                                 ("--replicas", replicas, 1),
                                 ("--max-prefill-tokens", max_prefill_tokens or 0, 0),
-                                ("--prefix-store-mb", prefix_store_mb or 0, 0)):
+                                ("--prefix-store-mb", prefix_store_mb or 0, 0),
+                                ("--turn-store-mb", turn_store_mb or 0, 0)):
             if value < lo:
                 raise ValueError(f"{what}: must be >= {lo}, got {value}")
         from safedecode.eval.runner import parse_methods
@@ -123,6 +128,7 @@ def serve_command(
                          packed=packed,
                          **({} if prefix_store_mb is None else
                             {"prefix_store_mb": prefix_store_mb}),
+                         **({} if turn_store_mb is None else {"turn_store_mb": turn_store_mb}),
                          reward_thread=reward_thread is not False,
                          backend=backend, device=device, dtype=dtype,
                          api_key=api_key or os.environ.get(

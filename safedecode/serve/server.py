@@ -11,7 +11,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safedecode.engine.cache import PREFIX_STORE_BYTES
+from safedecode.engine.cache import PREFIX_STORE_BYTES, TURN_STORE_BYTES
 
 from .app import ServedModel, ServerConfig, create_app
 
@@ -31,6 +31,7 @@ class ServeSpec:
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
     prefix_store_mb: int = PREFIX_STORE_BYTES // 2**20  # per served method: prefix KV kept
+    turn_store_mb: int = TURN_STORE_BYTES // 2**20  # ... and finished chat turns' KV
     reward_thread: bool = True  # route / deal: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
@@ -112,7 +113,8 @@ def build_models(spec: ServeSpec) -> list[ServedModel]:
     for name, spec_method in built:
         deal = isinstance(spec_method, methods.DeAL)
         eng = SafeDecoder(model, tok, spec_method, backend=spec.backend,
-                          prefix_store_bytes=spec.prefix_store_mb * 2**20).engine(
+                          prefix_store_bytes=spec.prefix_store_mb * 2**20,
+                          turn_store_bytes=spec.turn_store_mb * 2**20).engine(
             max_seqs=spec.max_seqs, max_len=spec.max_len, max_queue=spec.max_queue,
             max_prefill_tokens=spec.max_prefill_tokens, packed=spec.packed,
             drop_rows=False if deal else None)  # DeAL's proposals read every branch's logits
