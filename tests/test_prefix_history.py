@@ -225,3 +225,25 @@ def test_a_chats_extended_history_is_dropped_first():
         last = lens
         _grow(chats, [g.text for g in got], turn)
     assert dec.prefixes.evicted > 0 and dec.prefixes.nbytes <= dec.prefixes.max_bytes
+
+
+def test_a_history_whose_kept_turn_was_dropped_extends_the_earlier_history():
+    """A turn store that keeps one finished request: the other chats' histories extend their
+    earlier history instead (never computed whole again), with the same answers."""
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    dec = SafeDecoder(model, tok, m, turn_store_bytes=1)  # the newest entry only
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    chats = [[{"role": "user", "content": f"Question {i}: what do cats eat?"}] for i in range(3)]
+    last = None
+    for turn in range(4):
+        before = dec.prefixes.computed_tokens
+        got = dec.generate(chats, max_new_tokens=6)
+        assert [g.token_ids for g in got] == [
+            r.token_ids for r in ref.generate(chats, max_new_tokens=6)]
+        lens = sum(len(dec.builder.build(br, c, 0)[0]) for c in chats for br in m.branches)
+        if turn >= 2:  # from the third turn, an earlier history to fall back on
+            assert 0 < dec.prefixes.computed_tokens - before < lens - last, turn
+        last = lens
+        _grow(chats, [g.text for g in got], turn)
+    assert len(dec.turns) == 1

@@ -12,8 +12,10 @@ been seen before: from the second such request on, the history's KV is computed 
 (a history seen once costs nothing more). :meth:`PromptBuilder.expect` counts a call's requests
 ahead, so the first of several sharing a history in one call shares it too. A chat that grows —
 a request whose messages are an earlier request's plus that request's answer and a new user
-turn — shares its history at once, and its prefix is the earlier turn's prefix extended
-(``Prefix.base``): only the new turns' KV is computed, on top of the stored one. Not for
+turn — shares its history at once, and its prefix extends what is stored of the earlier turn
+(``Prefix.bases``, over their longest common start): the earlier request's whole prompt and
+answer where the engine kept them (``Engine._keep_turn``), else its history; only the rest is
+computed, on top of the stored KV. Not for
 branches whose hooks act on the request's own prompt positions (``BranchHook(positions=
 "prompt")``: the history is part of that prompt).
 
@@ -50,12 +52,10 @@ class Prefix:
     ids: list[int]  # text branches: all ids; soft branches: ids before the soft prompt
     soft: torch.Tensor | None = None
     tail_ids: tuple[int, ...] = ()
-    # an earlier prefix this one extends (the same ids / soft prompt first): where its KV is
-    # still stored, only the columns after ``base_len`` are computed; ``base_spent``: the base
-    # is the chat's previous history, rarely wanted again once extended (dropped first)
-    base: str | None = None
-    base_len: int = 0
-    base_spent: bool = False
+    # earlier prefixes this one starts like, the longest common start first: (key, positions
+    # in common, spent: a chat's earlier turn, rarely wanted again once extended). The first
+    # still stored is the base: only the columns after the common start are computed
+    bases: tuple[tuple[str, int, bool], ...] = ()
 
     def __len__(self) -> int:
         n = len(self.ids) + len(self.tail_ids)
@@ -143,14 +143,13 @@ def _shared(prefix: Prefix, base: Prefix) -> int:
     return min(n, len(prefix) - 1)
 
 
-def _link_base(prefix: Prefix, bases: Sequence[tuple[Prefix | None, bool]]) -> None:
-    """Point ``prefix`` at the one of ``bases`` (prefix or None, spent once extended) it has
-    the longest start in common with (ids compared: a template may tokenise a boundary
+def _link_bases(prefix: Prefix, bases: Sequence[tuple[Prefix | None, bool]]) -> None:
+    """Give ``prefix`` the ones of ``bases`` (prefix or None, spent once extended) it starts
+    like, the longest common start first (ids compared: a template may tokenise a boundary
     differently, and a kept answer's ids may differ from its text's)."""
-    best = max(((_shared(prefix, b), -i, b, spent) for i, (b, spent) in enumerate(bases)
-                if b is not None), default=None, key=lambda x: x[:2])
-    if best is not None and best[0] > 0:
-        prefix.base, prefix.base_len, prefix.base_spent = best[2].key, best[0], best[3]
+    found = [(_shared(prefix, b), b.key, spent) for b, spent in bases if b is not None]
+    prefix.bases = tuple((key, n, spent) for n, key, spent in
+                         sorted(found, key=lambda x: -x[0]) if n > 0)
 
 
 class PromptBuilder:
@@ -274,7 +273,7 @@ class PromptBuilder:
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             prefix = self._make_prefix(branch, ptext, self._name(key), raw)
-            _link_base(prefix, bases)
+            _link_bases(prefix, bases)
             self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
         prefix = self._prefixes[key]

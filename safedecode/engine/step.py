@@ -238,16 +238,15 @@ class ModelStep:
                    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Branch ``k``'s prefix KVs by key; the ones not stored are computed together in one
         forward (rows left-padded to the longest), each that extends a stored prefix
-        (``Prefix.base``: a growing chat's history) only from the base's end, on top of the
+        (``Prefix.bases``: a growing chat's history) only from the base's end, on top of the
         base's KV."""
         out = {p.key: self.prefixes.get(p.key) for p in prefixes if p.key in self.prefixes}
         todo = list({p.key: p for p in prefixes if p.key not in out}.values())
         if not todo:
             return out
         dev, n_rows = self.device, len(todo)
-        stores = [self.turns if p.base in self.turns else self.prefixes for p in todo]
-        bases = [min(p.base_len, len(p) - 1) if p.base is not None and p.base in store else 0
-                 for p, store in zip(todo, stores, strict=True)]
+        picks = [self._base(p) for p in todo]
+        bases = [pick[2] if pick else 0 for pick in picks]
         ends = [len(p) for p in todo]
         t, attend = max(e - b for e, b in zip(ends, bases, strict=True)), max(ends)
         cache = SlotCache(self.num_layers, n_rows, attend)
@@ -257,7 +256,7 @@ class ModelStep:
         for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
             if b:  # the base's first b columns (it may go on differently)
                 cache.write_prefix(torch.tensor([r], device=dev), [
-                    (k_[:, :, :b], v_[:, :, :b]) for k_, v_ in stores[r].get(p.base)])
+                    (k_[:, :, :b], v_[:, :, :b]) for k_, v_ in picks[r][0].get(picks[r][1])])
             cols[r, t - (e - b):] = torch.arange(b, e)
             emb[r, t - (e - b):] = p.embeds(self.embed)[b:]
         j = torch.arange(attend)
@@ -276,9 +275,18 @@ class ModelStep:
             kv = cache.read(r, e)
             self.prefixes.put(p.key, kv, computed=e - b)
             out[p.key] = kv
-            if b and p.base_spent:
-                stores[r].demote(p.base)
+            if b and picks[r][3]:
+                picks[r][0].demote(picks[r][1])
         return out
+
+    def _base(self, prefix: Prefix) -> tuple[PrefixStore, str, int, bool] | None:
+        """The first of ``prefix.bases`` still stored: (its store, key, columns to take,
+        spent), or None."""
+        for key, n, spent in prefix.bases:
+            for store in (self.turns, self.prefixes):
+                if key in store:
+                    return store, key, min(n, len(prefix) - 1), spent
+        return None
 
     # -- prefill ----------------------------------------------------------------------------
     def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built],

@@ -62,7 +62,7 @@ def serve_command(
                                         "system messages each bring their own prefixes)."),
     turn_store_mb: int | None = typer.Option(
         None, "--turn-store-mb", help="KV of finished chat requests kept for their next turn, "
-                                      "per served method (MiB; default 256; 0: none): a chat "
+                                      "per served method (MiB; default 512; 0: none): a chat "
                                       "that grows prefills only its new turn."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
