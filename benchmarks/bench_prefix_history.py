@@ -2,8 +2,8 @@
 chat with their own question (the history's KV computed once, from the second request on)
 against the same engine with history sharing off, B requests with histories of their own
 (nothing to share: the cost of looking), and B chats that grow turn by turn (each turn's history
-extends the turn before's stored prefix: only the new turns are computed). One machine, one run,
-alternated calls. The embedded model, ``acd-text`` (K = 2), greedy. Writes
+extends the turn before's kept prompt + answer: only the new question is computed). One
+machine, one run, alternated calls. The embedded model, ``acd-text`` (K = 2), greedy. Writes
 ``benchmarks/results/prefix_history_cpu.md``.
 
     python benchmarks/bench_prefix_history.py [--batch 8] [--shots 10] [--tokens 16] [--turns 5]
@@ -157,9 +157,10 @@ def growing_chats(model, tok, args) -> list[str]:
         f"{args.batch} chats in one `generate` call per turn, on one decoder over "
         f"{args.turns} turns; each chat starts with its own {args.shots}-shot history and each "
         f"turn's request is the chat so far, its last answer ({args.tokens} tokens) and a new "
-        "question. With sharing on, a chat's history joins the prefix from its second turn "
-        "(computed whole once) and from its third each turn's prefix extends the one before: "
-        "only the new answer and question are computed. Median of "
+        "question. With sharing on, each finished request's prompt and answer KV is kept "
+        "(`turn_store_bytes`, 512 MiB) and from the second turn each chat's history extends "
+        "it: only the last answer token and the turn's end are computed as prefix, then the "
+        "new question as the request's own part. Median of "
         f"{args.repeats} rounds after a warm-up; the same tokens either way (checked).", "",
         "| turn | longest prompt (tokens) | call s off | call s on | first token s off | "
         "first token s on | call off / on |",

@@ -508,6 +508,7 @@ class Engine:
             kid.out, kid.logprobs, kid.tops = list(parent.out), list(parent.logprobs), \
                 list(parent.tops)
             kid.detok = parent.detok.clone()
+            kid.turn = None  # one of many continuations: the parent's is the one kept
             if parent.ngrams is not None:
                 kid.ngrams = parent.ngrams.copy()
             kids.append(kid)
