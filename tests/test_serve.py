@@ -1025,10 +1025,10 @@ def test_a_growing_served_chat_equals_offline_and_prefills_its_new_turn(server):
     c = server.client()
     chat = [{"role": "user", "content": "Name three garden birds, please."}]
     for turn in range(3):
-        before = _health(server)["models"]["tiny:acd-text"]["prefix_cache"]
+        before = _health(server)["prefix_cache"]["tiny:acd-text"]
         r = c.chat.completions.create(model="tiny:acd-text", messages=chat, max_tokens=6,
                                       temperature=0)
-        after = _wait_idle(server)["models"]["tiny:acd-text"]["prefix_cache"]
+        after = _wait_idle(server)["prefix_cache"]["tiny:acd-text"]
         text = r.choices[0].message.content
         assert text == ref.generate([chat], max_new_tokens=6)[0].text, turn
         if turn:  # both branches' histories: a few columns each, not the whole exchange

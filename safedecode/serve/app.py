@@ -418,16 +418,15 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     async def health():
         if not loop.alive:
             return JSONResponse({"status": "engine loop stopped"}, status_code=503)
-        occ = await asyncio.wrap_future(loop.call(lambda: {
-            mid: {"running": e.num_running(), "waiting": e.num_waiting(),
-                  "free_slots": e.state.free_slots,
-                  # prefix KV: stored prefixes, the columns the model computed for them, and
-                  # the finished chat turns kept for their next turn
-                  "prefix_cache": {"prefixes": len(e.runner.prefixes),
-                                   "computed_tokens": e.runner.prefixes.computed_tokens,
-                                   "turns": len(e.runner.turns)}}
-            for mid, e in loop.engines.items()}))
-        return {"status": "ok", "steps": loop.steps, "models": occ}
+        occ, cache = await asyncio.wrap_future(loop.call(lambda: (
+            {mid: {"running": e.num_running(), "waiting": e.num_waiting(),
+                   "free_slots": e.state.free_slots} for mid, e in loop.engines.items()},
+            # prefix KV: stored prefixes, the columns the model computed for them, and the
+            # finished chat turns kept for their next turn
+            {mid: {"prefixes": len(e.runner.prefixes),
+                   "computed_tokens": e.runner.prefixes.computed_tokens,
+                   "turns": len(e.runner.turns)} for mid, e in loop.engines.items()})))
+        return {"status": "ok", "steps": loop.steps, "models": occ, "prefix_cache": cache}
 
     @app.get("/metrics")
     async def prometheus():
