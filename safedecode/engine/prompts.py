@@ -167,7 +167,7 @@ class PromptBuilder:
         self._histories: LRU = LRU(4096)  # conversation histories seen: how often
         self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
         self._built_turns: LRU = LRU(4096)  # (prefix key, suffix) -> the turn's digest
-        self._finished: LRU = LRU(4096)  # a turn's digest -> its finished sequence's prefix
+        self._finished: LRU = LRU(1024)  # a turn's digest -> its finished sequence (ids)
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False,
