@@ -217,7 +217,8 @@ class PrefixStore:
             self.evicted += 1
 
     def demote(self, key: str) -> None:
-        """Make ``key`` the first to be dropped (a chat's history its next turn extended)."""
+        """Make ``key`` the first to be dropped (what a chat's next turn extended: its kept
+        turn or its history, rarely wanted again)."""
         if key in self._kv:
             self._kv.move_to_end(key, last=False)
 

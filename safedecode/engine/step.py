@@ -259,17 +259,10 @@ class ModelStep:
                     (k_[:, :, :b], v_[:, :, :b]) for k_, v_ in picks[r][0].get(picks[r][1])])
             cols[r, t - (e - b):] = torch.arange(b, e)
             emb[r, t - (e - b):] = p.embeds(self.embed)[b:]
-        j = torch.arange(attend)
-        real = cols < cache.sink
-        allowed = (j[None, None, :] <= cols[:, :, None]) & real[:, :, None]
-        allowed[:, :, 0] |= ~real  # padding queries attend to column 0 only (finite rows)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min)[:, None].to(dev)
-        q_cols = torch.where(real, cols, 0).to(dev)
-        cols = cols.to(dev)
-        cache.bind(slice(0, n_rows), torch.arange(n_rows, device=dev), cols, attend)
+        mask, q_cols = self._padded_mask(cols, cache.sink, attend)
+        cache.bind(slice(0, n_rows), torch.arange(n_rows, device=dev), cols.to(dev), attend)
         self._forward(cache, {k: slice(0, n_rows)}, phase="prefix", inputs_embeds=emb,
-                      position_ids=q_cols, attention_mask=self.masks(mask, q_cols))
+                      position_ids=q_cols.to(dev), attention_mask=mask)
         self.prefixes.forwards += 1
         for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
             kv = cache.read(r, e)
@@ -287,6 +280,20 @@ class ModelStep:
                 if key in store:
                     return store, key, min(n, len(prefix) - 1), spent
         return None
+
+    def _padded_mask(self, cols: torch.Tensor, sink: int, attend: int):
+        """For left-padded rows whose tokens sit at columns ``cols`` ``[rows, t]`` (``sink``:
+        padding): the model's attention mask over the first ``attend`` columns (causal, the
+        model's windows applied; a padding query sees column 0 only, so its row stays finite)
+        and the query columns (padding: 0)."""
+        j = torch.arange(attend)
+        real = cols < sink
+        allowed = (j[None, None, :] <= cols[:, :, None]) & real[:, :, None]
+        allowed[:, :, 0] |= ~real
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)[:, None]
+        q_cols = torch.where(real, cols, 0)
+        return self.masks(mask.to(self.device), q_cols), q_cols
 
     # -- prefill ----------------------------------------------------------------------------
     def _prompt_rows(self, state: DecodeState, slots: tuple[int, ...], built: list[Built],
@@ -351,13 +358,7 @@ class ModelStep:
                 ids[r, t - n:] = torch.tensor(seq, dtype=torch.long)
         ends = [st + n for st, n in zip(starts, lengths, strict=True)]
         attend = min(state.columns, round_up(max(ends)))
-        j = torch.arange(attend)
-        real = cols < state.cache.sink
-        allowed = (j[None, None, :] <= cols[:, :, None]) & real[:, :, None]
-        allowed[:, :, 0] |= ~real  # padding queries attend to column 0 only (finite rows)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min)[:, None]
-        mask = self.masks(mask.to(dev), torch.where(real, cols, 0))  # padding: column 0
+        mask, _ = self._padded_mask(cols, state.cache.sink, attend)
         if self.max_positions:
             pos.clamp_(max=self.max_positions - 1)
         inputs: dict = {"input_ids": ids.to(dev)}
