@@ -1,10 +1,12 @@
-"""What sharing a conversation's history as a prefix buys: B requests that end a common few-shot
-chat with their own question (the history's KV computed once, from the second request on)
-against the same engine with history sharing off, B requests with histories of their own
-(nothing to share: the cost of looking), and B chats that grow turn by turn (each turn's history
-extends the turn before's kept prompt + answer: only the new question is computed). One
-machine, one run, alternated calls. The embedded model, ``acd-text`` (K = 2), greedy. Writes
-``benchmarks/results/prefix_history_cpu.md``.
+"""What sharing what requests have in common as a prefix buys: B requests that end a common
+few-shot chat with their own question (the history's KV computed once, from the first request
+on), B raw completions that continue a common few-shot text (its leading tokens' KV computed
+once), the same few-shot text scored against several continuations per question (lm-eval's
+multiple choice), each against the same engine with sharing off; B requests with histories of
+their own (nothing to share: the cost of looking); and B chats that grow turn by turn (each
+turn's history extends the turn before's kept prompt + answer: only the new question is
+computed; leading tokens alone beside it). One machine, one run, alternated calls. The embedded
+model, ``acd-text`` (K = 2), greedy. Writes ``benchmarks/results/prefix_history_cpu.md``.
 
     python benchmarks/bench_prefix_history.py [--batch 8] [--shots 10] [--tokens 16] [--turns 5]
 """
@@ -51,6 +53,22 @@ def _history(shots: int, offset: int = 0) -> list[dict]:
     return msgs
 
 
+CHOICES = [" Yes.", " No.", " I am not sure.", " It depends."]
+MODES = {"off": (False, False), "leading tokens": (False, True), "on": (True, True)}
+
+
+def _decoder(model, tok, mode: str) -> SafeDecoder:
+    """A fresh decoder (an empty prefix store) with sharing ``mode`` (``MODES``)."""
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    dec.builder.share_history, dec.builder.share_tokens = MODES[mode]
+    return dec
+
+
+def _fewshot_text(shots: int) -> str:
+    return "".join(f"Q: {q}\nA: {a}\n\n" for q, a in (SHOTS[i % len(SHOTS)]
+                                                    for i in range(shots)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -64,52 +82,74 @@ def main() -> None:
     shared = [_history(args.shots) + [{"role": "user", "content": q}] for q in qs]
     # each request a history of its own (the shots rotated) and a call-specific first turn,
     # so no history is ever seen twice
-    cases = {"shared history": lambda r: shared,
+    text = _fewshot_text(args.shots)
+    cases = {"shared chat history": lambda r: shared,
+             "few-shot completions (raw)": lambda r: [text + f"Q: {q}\nA:" for q in qs],
              "own histories": lambda r: [
                  [{"role": "user", "content": f"Call {r}, request {i}: hello."},
                   {"role": "assistant", "content": "Hello!"}] + _history(args.shots, i)[2:]
                  + [{"role": "user", "content": q}] for i, q in enumerate(qs)]}
     runs: dict[tuple[str, bool], list[float]] = {(c, on): [] for c in cases for on in (0, 1)}
     ttft: dict[tuple[str, bool], list[float]] = {k: [] for k in runs}
+    scored = f"scoring {len(CHOICES)} continuations (raw)"
+    runs.update({(scored, on): [] for on in (0, 1)})
     answers = {}
     for rep in range(args.repeats + 1):  # the first round warms up
         for case, prompts in cases.items():
             for on in (False, True):
-                dec = SafeDecoder(model, tok, methods.get("acd-text"))  # a fresh store
-                dec.builder.share_history = on
+                dec = _decoder(model, tok, "on" if on else "off")
                 batch = prompts(rep)
                 t = time.perf_counter()
-                out = dec.generate(batch, max_new_tokens=args.tokens)
+                out = dec.generate(batch, max_new_tokens=args.tokens, raw="raw" in case)
                 wall = time.perf_counter() - t
                 if rep:
                     runs[case, on].append(wall)
                     ttft[case, on].append(max(r.timing["prefill_s"] for r in out))
                 answers.setdefault((case, rep), []).append([r.token_ids for r in out])
+        for on in (False, True):  # every question against each of CHOICES
+            dec = _decoder(model, tok, "on" if on else "off")
+            t = time.perf_counter()
+            out = dec.score([text + f"Q: {q}\nA:" for q in qs for _ in CHOICES],
+                            CHOICES * len(qs), raw=True)
+            if rep:
+                runs[scored, on].append(time.perf_counter() - t)
+            answers.setdefault((scored, rep), []).append([r.logprobs for r in out])
     for key, got in answers.items():  # the same answers either way
-        assert got[0] == got[1], key
+        if key[0] == scored:
+            assert all(abs(a - b) < 1e-3 for x, y in zip(*got, strict=True)
+                       for a, b in zip(x, y, strict=True)), key
+        else:
+            assert got[0] == got[1], key
     n_hist = len(tok(tok.apply_chat_template(_history(args.shots), tokenize=False),
                      add_special_tokens=False)["input_ids"])
+    n_text = len(tok(text)["input_ids"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     first = {k: statistics.median(v) for k, v in ttft.items()}
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines = [
-        "# A conversation's history shared as a prefix (cpu)", "",
+        "# What requests share, shared as a prefix: chat histories and leading tokens (cpu)",
+        "",
         f"`{cmd}`", "", machine_line(describe("cpu")), "",
         f"The embedded model (SmolLM2-135M-Instruct), `acd-text` (K = 2), greedy, B = "
-        f"{args.batch} requests in one `generate` call, {args.tokens} new tokens each; a "
-        f"{args.shots}-shot chat history ({n_hist} tokens) before each request's question. "
-        "*Shared history*: every request ends the same history with its own question (a "
-        "few-shot prompt); *own histories*: no two requests share one (nothing to reuse: the "
-        "cost of looking). Each call on a fresh decoder (empty prefix store), with "
-        "`PromptBuilder.share_history` off and on; median of "
-        f"{args.repeats} alternated rounds after a warm-up; the same tokens either way "
-        "(checked). First token = the slowest request's time to its first token.", "",
-        "| requests | history sharing | call s | first token s | call vs off |",
+        f"{args.batch} requests in one `generate` call, {args.tokens} new tokens each. "
+        f"*Shared chat history*: every request ends the same {args.shots}-shot chat history "
+        f"({n_hist} tokens) with its own question; *few-shot completions*: every request "
+        f"continues the same {args.shots}-shot text ({n_text} tokens) after its own question "
+        "(a raw prompt: shared by its leading tokens); *scoring*: each of those prompts "
+        f"scored against {len(CHOICES)} continuations (`SafeDecoder.score`, "
+        f"{args.batch * len(CHOICES)} requests; log-probs only); *own histories*: no two "
+        "requests share a history or a start (nothing to reuse: the cost of looking). Each "
+        "call on a fresh decoder (empty prefix store), with `PromptBuilder.share_history` and "
+        "`share_tokens` both off and both on; median of "
+        f"{args.repeats} alternated rounds after a warm-up; the same tokens (log-probs) either "
+        "way (checked). First token = the slowest request's time to its first token.", "",
+        "| requests | sharing | call s | first token s | call vs off |",
         "|---|---|---:|---:|---:|"]
-    for case in cases:
+    for case in [*cases, scored]:
         for on in (False, True):
+            fst = f"{first[case, on]:.2f}" if (case, on) in first else "–"
             lines.append(f"| {case} | {'on' if on else 'off'} | {med[case, on]:.2f} | "
-                         f"{first[case, on]:.2f} | {med[case, False] / med[case, on]:.2f}x |")
+                         f"{fst} | {med[case, False] / med[case, on]:.2f}x |")
     lines += growing_chats(model, tok, args)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -125,21 +165,20 @@ def growing_chats(model, tok, args) -> list[str]:
                 + [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
                 for i in range(args.batch)]
 
-    wall: dict[tuple[int, bool], list[float]] = {}
-    first: dict[tuple[int, bool], list[float]] = {}
+    wall: dict[tuple[int, str], list[float]] = {}
+    first: dict[tuple[int, str], list[float]] = {}
     tokens: dict[int, int] = {}
     for rep in range(args.repeats + 1):  # the first round warms up
         answers = {}
-        for on in (False, True):
-            dec = SafeDecoder(model, tok, methods.get("acd-text"))
-            dec.builder.share_history = on
+        for mode in MODES:
+            dec = _decoder(model, tok, mode)
             batch = chats(rep)
             for turn in range(args.turns):
                 t = time.perf_counter()
                 out = dec.generate(batch, max_new_tokens=args.tokens)
                 if rep:
-                    wall.setdefault((turn, on), []).append(time.perf_counter() - t)
-                    first.setdefault((turn, on), []).append(
+                    wall.setdefault((turn, mode), []).append(time.perf_counter() - t)
+                    first.setdefault((turn, mode), []).append(
                         max(r.timing["prefill_s"] for r in out))
                 tokens[turn] = max(len(tok(tok.apply_chat_template(c, tokenize=False),
                                            add_special_tokens=False)["input_ids"])
@@ -148,8 +187,8 @@ def growing_chats(model, tok, args) -> list[str]:
                 for i, (c, r) in enumerate(zip(batch, out, strict=True)):
                     c += [{"role": "assistant", "content": r.text},
                           {"role": "user", "content": QUESTIONS[(i + turn + 1) % len(QUESTIONS)]}]
-        for turn, got in answers.items():  # the same answers either way
-            assert got[0] == got[1], (rep, turn)
+        for turn, got in answers.items():  # the same answers every way
+            assert all(g == got[0] for g in got), (rep, turn)
     med = {k: statistics.median(v) for k, v in wall.items()}
     fst = {k: statistics.median(v) for k, v in first.items()}
     lines = [
@@ -157,18 +196,23 @@ def growing_chats(model, tok, args) -> list[str]:
         f"{args.batch} chats in one `generate` call per turn, on one decoder over "
         f"{args.turns} turns; each chat starts with its own {args.shots}-shot history and each "
         f"turn's request is the chat so far, its last answer ({args.tokens} tokens) and a new "
-        "question. With sharing on, each finished request's prompt and answer KV is kept "
+        "question. *On*: each finished request's prompt and answer KV is kept "
         "(`turn_store_bytes`, 512 MiB) and from the second turn each chat's history extends "
         "it: only the last answer token and the turn's end are computed as prefix, then the "
-        "new question as the request's own part. Median of "
-        f"{args.repeats} rounds after a warm-up; the same tokens either way (checked).", "",
-        "| turn | longest prompt (tokens) | call s off | call s on | first token s off | "
-        "first token s on | call off / on |",
-        "|---:|---:|---:|---:|---:|---:|---:|"]
+        "new question as the request's own part. *Leading tokens* (`share_history` off, "
+        "`share_tokens` on): a turn's request starts like the turn before's, so its whole "
+        "blocks that the earlier prompt had are shared (the earlier prompt's, not its "
+        "answer's: those were decoded, not kept). Median of "
+        f"{args.repeats} rounds after a warm-up; the same tokens every way (checked).", "",
+        "| turn | longest prompt (tokens) | call s off | call s leading tokens | call s on | "
+        "first token s off | first token s leading tokens | first token s on | "
+        "call off / leading tokens | call off / on |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for turn in range(args.turns):
-        lines.append(f"| {turn + 1} | {tokens[turn]} | {med[turn, False]:.2f} | "
-                     f"{med[turn, True]:.2f} | {fst[turn, False]:.2f} | {fst[turn, True]:.2f} | "
-                     f"{med[turn, False] / med[turn, True]:.2f}x |")
+        lines.append(f"| {turn + 1} | {tokens[turn]} | " + " | ".join(
+            f"{med[turn, m]:.2f}" for m in MODES) + " | " + " | ".join(
+            f"{fst[turn, m]:.2f}" for m in MODES) + " | " + " | ".join(
+            f"{med[turn, 'off'] / med[turn, m]:.2f}x" for m in ("leading tokens", "on")) + " |")
     return lines
 
 

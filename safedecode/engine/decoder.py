@@ -185,12 +185,13 @@ class SafeDecoder:
                else list(c) for c in continuations]
         base = SamplingParams.from_kwargs(**{"return_logprobs": True, **params})
         eng = self.engine(max_seqs=max(1, min(max_batch, len(plist))))
+        built = eng.build_many(plist, raw=raw)  # what the prompts share, shared from the first
         rids: list[int | None] = [None] * len(plist)
         done: dict[int, GenerationResult] = {}
         nxt = 0
         while nxt < len(plist) or eng.has_unfinished():
             while nxt < len(plist) and eng.state.free_slots - eng.num_waiting() > 0:
-                rids[nxt] = eng.add_scored(plist[nxt], ids[nxt], base, raw=raw)
+                rids[nxt] = eng.add_scored_built(built[nxt], ids[nxt], base)
                 nxt += 1
             for out in eng.step():
                 if out.finish_reason:
@@ -292,10 +293,11 @@ class SafeDecoder:
             if not isinstance(prompts, Sequence) or len(prompts) == 0:
                 raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
             vocab = output_vocab(self.model)
-            if self.builder is not None:  # histories this call's requests share
-                self.builder.expect(self.method.branches, prompts, raw)
-            built = [self.builder.build_request(self.method.branches, p, i, raw=raw,
-                                                vocab=vocab) for i, p in enumerate(prompts)]
+            if self.builder is None:
+                raise ValueError("prompts: this decoder has no tokenizer: give TokenPrompts, or "
+                                 "make it with SafeDecoder(model, tokenizer, method)")
+            built = self.builder.build_requests(self.method.branches, prompts, raw=raw,
+                                                vocab=vocab)
         b = len(built)
         params = dict(params)
         seed = params.pop("seed", None)

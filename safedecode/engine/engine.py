@@ -276,6 +276,14 @@ class Engine:
         return self.builder.build_request(self.method.branches, prompt, index, raw=raw,
                                           vocab=self.state.vocab)
 
+    def build_many(self, prompts: Sequence, *, raw: bool = False) -> list[Built]:
+        """:meth:`build` for one call's prompts: what two or more of them share (a history,
+        leading tokens) is shared from the first of them on."""
+        if self.builder is None:
+            raise ValueError("prompt: this engine has no tokenizer; use add_tokens()")
+        return self.builder.build_requests(self.method.branches, prompts, raw=raw,
+                                           vocab=self.state.vocab)
+
     def add_scored(self, prompt: Prompt, continuation: Sequence[int],
                    params: SamplingParams | None = None, *, raw: bool = False) -> int:
         """Queue a request that takes the tokens ``continuation`` instead of sampling: its
@@ -284,6 +292,11 @@ class Engine:
         adapters), ``-inf`` where that distribution excludes the token (the plausibility mask,
         top-k / top-p). ``params``: the distribution's knobs (temperature, top_*, penalties,
         ``top_logprobs``); its length, EOS and log-prob settings are set here."""
+        return self.add_scored_built(self.build(prompt, raw=raw), continuation, params)
+
+    def add_scored_built(self, built: Built, continuation: Sequence[int],
+                         params: SamplingParams | None = None) -> int:
+        """:meth:`add_scored` for a request already split (:meth:`build_many`)."""
         if isinstance(continuation, (str, bytes)) or not isinstance(continuation, Sequence) \
                 or not continuation:
             raise ValueError("continuation: expected a non-empty list of token ids")
@@ -294,7 +307,7 @@ class Engine:
         p = checked_params(params)
         p = replace(p, max_new_tokens=len(continuation), ignore_eos=True, logprobs=True,
                     stop=(), stop_token_ids=(), min_tokens=min(p.min_tokens, len(continuation)))
-        rid = self.add_built(self.build(prompt, raw=raw), p)[0]
+        rid = self.add_built(built, p)[0]
         self._live[rid].forced = list(continuation)
         return rid
 

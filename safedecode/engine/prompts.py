@@ -19,6 +19,14 @@ computed, on top of the stored KV. Not for
 branches whose hooks act on the request's own prompt positions (``BranchHook(positions=
 "prompt")``: the history is part of that prompt).
 
+Any request's leading tokens are shared too (``PromptBuilder.share_tokens``, what vLLM
+calls automatic prefix caching): its suffix is cut into blocks of ``TOKEN_BLOCK`` ids, each named
+by a digest chained from the branch's prefix through the blocks before it; where two requests
+(of one call, or one earlier) have at least ``MIN_SHARED_TOKENS`` of those blocks in common, the
+run joins the prefix — a few-shot completion, a document several questions follow, a context
+scored against several continuations. A run's KV extends the longest stored run of the same chain
+it starts like (or is cut from a longer one), so only new blocks are computed.
+
 Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
 the system text at the start of the first user message, followed by a blank line — what Gemma
 3's own template does with a system message — so every method with a system prompt runs on them.
@@ -29,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +51,8 @@ Prompt = str | Sequence[Message]
 
 _PROBES = ("Alpha probe message", "Bravo probe message")
 _SOFT = "\ue000"  # stands in for a soft prompt while rendering (a private-use character)
+TOKEN_BLOCK = 16  # ids per block of a request's leading tokens (shared whole blocks only)
+MIN_SHARED_TOKENS = 32  # a shorter common run is not worth a prefix of its own
 
 
 @dataclass
@@ -56,6 +67,9 @@ class Prefix:
     # in common, spent: a chat's earlier turn, rarely wanted again once extended). The first
     # still stored is the base: only the columns after the common start are computed
     bases: tuple[tuple[str, int, bool], ...] = ()
+    # the branch's own prefix (its system text and template head): a request's leading tokens
+    # may extend it (``PromptBuilder._share_leading``)
+    head: bool = False
 
     def __len__(self) -> int:
         n = len(self.ids) + len(self.tail_ids)
@@ -152,13 +166,27 @@ def _link_bases(prefix: Prefix, bases: Sequence[tuple[Prefix | None, bool]]) -> 
                          sorted(found, key=lambda x: -x[0]) if n > 0)
 
 
+def _chain(seed: str, suffix: Sequence[int]) -> list[bytes]:
+    """Digests of ``suffix``'s whole blocks of ``TOKEN_BLOCK`` ids (its last id left out),
+    each chained from ``seed`` through the blocks before it."""
+    out, d = [], hashlib.blake2b(seed.encode(), digest_size=16).digest()
+    for i in range(0, (len(suffix) - 1) // TOKEN_BLOCK * TOKEN_BLOCK, TOKEN_BLOCK):
+        block = array("q", suffix[i:i + TOKEN_BLOCK]).tobytes()
+        d = hashlib.blake2b(d + block, digest_size=16).digest()
+        out.append(d)
+    return out
+
+
 class PromptBuilder:
     """Renders branch prefixes and request suffixes for one tokenizer; ``share_history``: a
-    conversation's earlier turns join the prefix once seen twice (see the module doc)."""
+    conversation's earlier turns join the prefix once seen twice; ``share_tokens``: so do
+    requests' common leading tokens (see the module doc)."""
 
-    def __init__(self, tokenizer, share_history: bool = True) -> None:
+    def __init__(self, tokenizer, share_history: bool = True, share_tokens: bool = True
+                 ) -> None:
         self.tok = tokenizer
         self.share_history = share_history
+        self.share_tokens = share_tokens
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self._system_role: bool | None = None  # whether the template renders a system message
         # Bounded: requests may bring any number of distinct system messages.
@@ -168,6 +196,8 @@ class PromptBuilder:
         self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
         self._built_turns: LRU = LRU(4096)  # (prefix key, suffix) -> the turn's digest
         self._finished: LRU = LRU(1024)  # a turn's digest -> its finished sequence (ids)
+        self._blocks: LRU = LRU(1 << 16)  # a token block's chained digest -> requests seen
+        self._through: LRU = LRU(1 << 16)  # a block's digest -> a longer run made through it
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False,
@@ -273,6 +303,7 @@ class PromptBuilder:
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             prefix = self._make_prefix(branch, ptext, self._name(key), raw)
+            prefix.head = history is None
             _link_bases(prefix, bases)
             self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
@@ -371,11 +402,27 @@ class PromptBuilder:
             if n > 1 and key not in self._histories:
                 self._histories[key] = 1
 
+    def build_requests(self, branches: Sequence[Branch], prompts: Sequence, *,
+                       raw: bool = False, vocab: int | None = None
+                       ) -> list[list[tuple[Prefix, list[int]]]]:
+        """One call's requests, each split as by :meth:`build_request`; histories and leading
+        tokens that two or more of them share are shared from the first of them on."""
+        self.expect(branches, prompts, raw)
+        return self._share_leading(branches, [
+            self._build_request(branches, p, i, raw=raw, vocab=vocab)
+            for i, p in enumerate(prompts)])
+
     def build_request(self, branches: Sequence[Branch], prompt, index: int, *,
                       raw: bool = False, vocab: int | None = None
                       ) -> list[tuple[Prefix, list[int]]]:
         """A request (a string, chat messages, or — raw — token ids below ``vocab``) split
         into (shared prefix, suffix ids) for each branch, or a ``ValueError`` naming it."""
+        return self._share_leading(branches, [self._build_request(
+            branches, prompt, index, raw=raw, vocab=vocab)])[0]
+
+    def _build_request(self, branches: Sequence[Branch], prompt, index: int, *,
+                       raw: bool = False, vocab: int | None = None
+                       ) -> list[tuple[Prefix, list[int]]]:
         if is_token_ids(prompt):
             if not raw:
                 raise ValueError(f"prompts[{index}]: token ids are a raw (completion) prompt: "
@@ -388,6 +435,68 @@ class PromptBuilder:
                              "or token ids")
         msgs = normalise_prompt(prompt, index)
         return [self.build(br, msgs, index, raw=raw) for br in branches]
+
+    # -- leading tokens ----------------------------------------------------------------------
+    def _share_leading(self, branches: Sequence[Branch],
+                       requests: list[list[tuple[Prefix, list[int]]]]
+                       ) -> list[list[tuple[Prefix, list[int]]]]:
+        """``requests`` (per request, (prefix, suffix) per branch) with each suffix's leading
+        blocks that another request — of these or one seen before — starts with too moved into
+        the prefix, where they are at least ``MIN_SHARED_TOKENS`` ids and the prefix is the
+        branch's own (not a history; not a branch hooked on the prompt positions). The last
+        suffix id always stays: the request's first token is drawn from its output."""
+        if not self.share_tokens:
+            return requests
+        hooked = [any(h.positions == "prompt" for h in br.hooks) for br in branches]
+        chains = []
+        for req in requests:  # count every request's blocks first: one call's share at once
+            row = []
+            for (prefix, suffix), skip in zip(req, hooked, strict=True):
+                digests = [] if skip or not prefix.head else _chain(prefix.key, suffix)
+                for d in digests:
+                    self._blocks[d] = self._blocks.get(d, 0) + 1
+                row.append(digests)
+            chains.append(row)
+        out = []
+        for req, row in zip(requests, chains, strict=True):
+            new = []
+            for (prefix, suffix), digests in zip(req, row, strict=True):
+                n = 0
+                while n < len(digests) and self._blocks.get(digests[n], 0) >= 2:
+                    n += 1
+                new.append(self._extend(prefix, suffix, digests[:n])
+                           if n * TOKEN_BLOCK >= MIN_SHARED_TOKENS else (prefix, suffix))
+            out.append(new)
+        return out
+
+    def _extend(self, head: Prefix, suffix: list[int], digests: list[bytes]
+                ) -> tuple[Prefix, list[int]]:
+        """(``head`` + the suffix's first ``len(digests)`` blocks, the rest of the suffix)."""
+        n = len(digests) * TOKEN_BLOCK
+        key = ("tokens", head.key, digests[-1])
+        if key not in self._prefixes:
+            run = tuple(suffix[:n])
+            name = self._name(key[:2] + (digests[-1].hex(),))
+            prefix = Prefix(name, head.ids + list(run)) if head.soft is None else \
+                Prefix(name, list(head.ids), head.soft, head.tail_ids + run)
+            # what it may extend or be cut from: a longer run made through its last block,
+            # the longest shorter runs of the same chain, the branch's own prefix
+            found = [self._through.get(digests[-1])] + [
+                ("tokens", head.key, d) for d in reversed(digests[:-1])
+                if ("tokens", head.key, d) in self._prefixes][:3]
+            _link_bases(prefix, [(self._prefixes.get(f), False) for f in found if f] +
+                        [(head, False)])
+            self._prefixes[key] = prefix
+            for d in digests[:-1]:  # the longest run made through each block
+                longer = self._prefixes.get(self._through.get(d))
+                if longer is None or len(longer) < len(prefix):
+                    self._through[d] = key
+        prefix = self._prefixes[key]
+        rest = list(suffix[n:])
+        turn = self._built_turns.get((head.key, tuple(suffix)))
+        if turn is not None:  # a chat request: its finished turn is still worth keeping
+            self._built_turns[prefix.key, tuple(rest)] = turn
+        return prefix, rest
 
     def build_ids(self, branch: Branch, ids: Sequence[int], index: int
                   ) -> tuple[Prefix, list[int]]:
@@ -403,6 +512,7 @@ class PromptBuilder:
         if key not in self._prefixes:
             self._prefixes[key] = self._make_prefix(branch, head, "|".join(map(str, key)),
                                                     raw=True)
+            self._prefixes[key].head = True
         return self._prefixes[key], list(ids)
 
     def _make_prefix(self, branch: Branch, ptext: str, key: str, raw: bool) -> Prefix:

@@ -178,7 +178,7 @@ class EngineLoop:
     def _add(self, model: str, prompts: list, params: SamplingParams, n: int, raw: bool,
              fill: bool, aio) -> Ticket:
         eng = self.engines[model]
-        built = [eng.build(p, raw=raw, index=i) for i, p in enumerate(prompts)]
+        built = eng.build_many(prompts, raw=raw)
         if fill:
             params = fill_to_context(eng, built, params)
         for i, b in enumerate(built):

@@ -1,0 +1,161 @@
+"""Requests' common leading tokens shared as a prefix (``PromptBuilder.share_tokens``, vLLM's
+automatic prefix caching): whole blocks of ``TOKEN_BLOCK`` ids that two requests start with join
+the branch's prefix, their KV computed once; a run extends the stored run of its chain it starts
+like, or is cut from a longer one. The answers equal those without any prefix cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import tiny_arch, tiny_llama
+
+from safedecode import methods
+from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+from safedecode.engine.prompts import MIN_SHARED_TOKENS, TOKEN_BLOCK
+
+CONTEXT = " ".join(f"Q: what is {i} plus {i}? A: {2 * i}." for i in range(10))
+TAILS = [" Q: what is 20 plus 20? A:", " Q: what is 31 plus 31? A:", " Q: name a colour. A:"]
+
+
+def _method(name: str, model, tok):
+    if name == "soft":
+        ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
+        soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+        return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
+    return methods.get(name)
+
+
+def _prompts(kind: str, tok, lone: str) -> list:
+    texts = [CONTEXT + t for t in TAILS] + [lone]
+    if kind == "raw":
+        return texts
+    if kind == "ids":
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [[{"role": "user", "content": t}] for t in texts]  # chat: a document, then asks
+
+
+def _run(dec, prompts, raw, budget):
+    eng = dec.engine(max_seqs=4, max_prefill_tokens=budget)
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=5, logprobs=True), raw=raw)
+           for p in prompts]
+    while eng.has_unfinished():
+        eng.step()
+    return [eng.pop_result(i) for i in ids]
+
+
+@pytest.mark.parametrize("name, arch, kind", [
+    ("plain", None, "raw"), ("acd-text", None, "ids"), ("soft", None, "chat"),
+    ("soft", None, "raw"), ("acd-text", "mistral-window", "chat")])
+@pytest.mark.parametrize("budget", [None, 16])
+def test_shared_leading_tokens_give_the_answers_of_no_prefix_cache(name, arch, kind, budget):
+    """Requests that start alike (a few-shot completion, a document then a question), one by
+    one through the engine, whole prompts or chunked prefill, twice: tokens and log-probs = the
+    decoder without any prefix cache; from the second request on each branch's prefix holds
+    the common blocks, a request with its own start keeps the branch's own prefix."""
+    model, tok = tiny_arch(arch) if arch else tiny_llama()
+    m = _method(name, model, tok)
+    dec = SafeDecoder(model, tok, m)
+    raw = kind != "chat"
+    for call in range(2):
+        prompts = _prompts(kind, tok, f"Call {call}: something else entirely, {call}.")
+        ref = SafeDecoder(model, tok, m, prefix_cache=False).generate(
+            prompts, raw=raw, max_new_tokens=5, return_logprobs=True)
+        got = _run(dec, prompts, raw, budget)
+        for g, r in zip(got, ref, strict=True):
+            assert g.token_ids == r.token_ids
+            assert g.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+    # one call's requests: the three that start alike share from the first on, the lone not
+    built = SafeDecoder(model, tok, m).builder.build_requests(m.branches, prompts, raw=raw)
+    heads = SafeDecoder(model, tok, m).builder.build_request(m.branches, prompts[0], 0,
+                                                             raw=raw)
+    for k in range(m.k):
+        grown = [len(b[k][0]) - len(heads[k][0]) for b in built]
+        assert min(grown[:3]) >= MIN_SHARED_TOKENS and grown[3] == 0
+        assert all(g % TOKEN_BLOCK == 0 for g in grown)
+
+
+def test_a_run_extends_the_shorter_runs_of_its_chain_or_is_cut_from_a_longer_one():
+    """Token-id completions on ``plain`` (an empty branch prefix): the first pair's common run
+    is computed whole; a pair sharing less is cut from it (one column computed: a request's
+    last prefix position is always recomputed); a pair sharing more extends it by the new
+    blocks only. The answers = no prefix cache throughout."""
+    model, tok = tiny_llama()
+    m = methods.get("plain")
+    dec, ref = SafeDecoder(model, tok, m), SafeDecoder(model, tok, m, prefix_cache=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(10, 40000, (100,), generator=g).tolist()
+    calls = [([x + [1, 2, 3], x + [4, 5, 6]], 96),  # (prompts, columns computed)
+             ([x[:64] + [7] * 40, x[:64] + [8] * 40], 1),
+             ([x + [9] * 60, x + [9] * 60 + [1]], 144 - 96)]
+    for prompts, computed in calls:
+        before = dec.prefixes.computed_tokens
+        got = dec.generate(prompts, raw=True, max_new_tokens=4, return_logprobs=True)
+        assert dec.prefixes.computed_tokens - before == computed
+        for a, b in zip(got, ref.generate(prompts, raw=True, max_new_tokens=4,
+                                          return_logprobs=True), strict=True):
+            assert a.token_ids == b.token_ids
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert len(dec.prefixes) == 3
+
+
+def test_scoring_one_context_against_several_continuations_computes_it_once():
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    dec = SafeDecoder(model, tok, m)
+    conts = [" 40.", " forty.", " I do not know.", " 40, since 20 + 20 = 40."]
+    prompt = CONTEXT + TAILS[0]
+    got = dec.score([prompt] * 4, conts, raw=True)
+    ref = SafeDecoder(model, tok, m, prefix_cache=False).score([prompt] * 4, conts, raw=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    # one prefix per branch, the context's whole blocks computed once
+    built = dec.builder.build_request(m.branches, prompt, 0, raw=True)
+    assert len(dec.prefixes) == m.k
+    assert dec.prefixes.computed_tokens == sum(len(p) for p, _ in built)
+    assert all(len(s) <= TOKEN_BLOCK for _, s in built)
+
+
+def test_what_is_not_shared():
+    """A common start shorter than ``MIN_SHARED_TOKENS``; a branch hooked on the prompt
+    positions (its hook acts on them: they stay its own); ``share_tokens`` off."""
+    model, tok = tiny_llama()
+    hook = BranchHook("model.layers.0", lambda h: h * 1.5, positions="prompt")
+    m = contrastive([Branch(system="Be safe.", hooks=(hook,)), Branch()], [1.5, -0.5])
+    dec = SafeDecoder(model, tok, m)
+    fresh = SafeDecoder(model, tok, m).builder
+    prompts = [CONTEXT + t for t in TAILS]
+    got = dec.generate(prompts, raw=True, max_new_tokens=4)
+    assert [g.token_ids for g in got] == [r.token_ids for r in SafeDecoder(
+        model, tok, m, prefix_cache=False).generate(prompts, raw=True, max_new_tokens=4)]
+    hooked, unhooked = dec.builder.build_request(m.branches, prompts[0], 0, raw=True)
+    alone = fresh.build_request(m.branches, prompts[0], 0, raw=True)
+    assert len(hooked[0]) == len(alone[0][0]) and len(unhooked[0]) > len(alone[1][0])
+    short = [CONTEXT[:40] + " one", CONTEXT[:40] + " two"]
+    for p in short + short:
+        built = dec.builder.build_request(m.branches, p, 0, raw=True)
+    assert len(built[1][0]) == len(alone[1][0])  # under 32 tokens in common
+    dec.builder.share_tokens = False
+    off = dec.builder.build_request(m.branches, prompts[0], 0, raw=True)
+    assert [len(p) for p, _ in off] == [len(p) for p, _ in alone]
+
+
+def test_a_chat_request_sharing_leading_tokens_still_keeps_its_turn():
+    """A chat's first request shares its start with another (a document both ask about); its
+    answer is still kept as a turn, and the chat's next turn extends it (a few columns)."""
+    model, tok = tiny_llama()
+    m = methods.get("plain")
+    dec = SafeDecoder(model, tok, m)
+    first = [[{"role": "user", "content": CONTEXT + t}] for t in TAILS[:2]]
+    out = dec.generate(first, max_new_tokens=5)
+    assert len(dec.turns) == 2
+    grown = [c + [{"role": "assistant", "content": o.text},
+                  {"role": "user", "content": "And then?"}] for c, o in
+             zip(first, out, strict=True)]
+    before = dec.prefixes.computed_tokens
+    got = dec.generate(grown, max_new_tokens=5, return_logprobs=True)
+    assert dec.prefixes.computed_tokens - before <= 2 * 4
+    ref = SafeDecoder(model, tok, m, prefix_cache=False).generate(
+        grown, max_new_tokens=5, return_logprobs=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
