@@ -159,3 +159,37 @@ def test_a_chat_request_sharing_leading_tokens_still_keeps_its_turn():
     for a, b in zip(got, ref, strict=True):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["acd-text", "soft"])
+def test_a_long_prefix_is_computed_within_the_prefill_budget_while_others_decode(name):
+    """Under ``max_prefill_tokens`` a prefix that is not stored (here the requests' common
+    start) is computed over several steps, at most the budget per step, while a sequence
+    decodes; its chunks' entries are dropped once it is whole; the answers = no prefix cache."""
+    model, tok = tiny_llama()
+    m = _method(name, model, tok)
+    dec = SafeDecoder(model, tok, m)
+    eng = dec.engine(max_seqs=4, max_prefill_tokens=16)
+    params = SamplingParams(max_new_tokens=5, logprobs=True)
+    long = SamplingParams(max_new_tokens=80, ignore_eos=True, logprobs=True)
+    first = eng.add_request("Hello there.", long)
+    eng.step()  # it decodes from here on
+    prompts = [CONTEXT + t for t in TAILS]
+    ids = [eng.add_request(p, params, raw=True) for p in prompts]
+    per_step = []
+    while eng.has_unfinished():
+        before = dec.prefixes.computed_tokens
+        eng.step()
+        per_step.append(dec.prefixes.computed_tokens - before)
+    assert max(per_step) <= 16
+    shared = dec.builder.build_request(m.branches, prompts[2], 2, raw=True)
+    assert sum(per_step) >= sum(len(p) for p, _ in shared) - 2 * 67  # beyond the heads
+    assert not [key for key in dec.prefixes._kv if "#" in key]
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    want = ref.generate(["Hello there."], max_new_tokens=80, ignore_eos=True,
+                        return_logprobs=True) + ref.generate(prompts, raw=True, max_new_tokens=5,
+                                                            return_logprobs=True)
+    for rid, r in zip([first, *ids], want, strict=True):
+        got = eng.pop_result(rid)
+        assert got.token_ids == r.token_ids
+        assert got.logprobs == pytest.approx(r.logprobs, abs=1e-4)

@@ -1036,3 +1036,24 @@ def test_a_growing_served_chat_equals_offline_and_prefills_its_new_turn(server):
         assert after["turns"] - before["turns"] == 2  # this turn's, one per branch
         chat += [{"role": "assistant", "content": text},
                  {"role": "user", "content": f"And {turn + 2} more?"}]
+
+
+def test_served_completions_that_start_alike_share_their_leading_tokens(server):
+    """One completions request with three prompts that continue a common text: the answers
+    equal a decoder without any prefix cache, and the common text's KV is computed once per
+    branch (from the first prompt on), not three times."""
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    context = " ".join(f"Fact {i}: the number {i} doubled is {2 * i}." for i in range(20))
+    prompts = [context + f" Question {q}: what is it doubled?" for q in ("one", "two", "three")]
+    before = _health(server)["prefix_cache"]["tiny:acd-text"]
+    r = server.client().completions.create(model="tiny:acd-text", prompt=prompts, max_tokens=5,
+                                           temperature=0)
+    after = _wait_idle(server)["prefix_cache"]["tiny:acd-text"]
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    assert texts == [g.text for g in ref.generate(prompts, raw=True, max_new_tokens=5)]
+    n_context = len(tok(context, add_special_tokens=False)["input_ids"])
+    one = SafeDecoder(model, tok, m).builder.build_request(m.branches, prompts[0], 0, raw=True)
+    computed = after["computed_tokens"] - before["computed_tokens"]
+    assert m.k * (n_context - 2 * 16) <= computed <= sum(len(p) + len(s) for p, s in one)

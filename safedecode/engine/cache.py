@@ -187,6 +187,9 @@ class PrefixStore:
         self.evicted = 0
         self.computed_tokens = 0  # columns computed by the model (an extended prefix: its new)
         self.forwards = 0  # the model forwards that computed them (several prefixes in one)
+        # prefixes computed in chunks (ModelStep.advance_prefix): key -> columns so far,
+        # stored under "key#columns" until extended
+        self.partial: LRU = LRU(1024)
 
     def __contains__(self, key: str) -> bool:
         return key in self._kv
@@ -215,6 +218,11 @@ class PrefixStore:
             old, _ = self._kv.popitem(last=False)
             del self._bytes[old]
             self.evicted += 1
+
+    def drop(self, key: str) -> None:
+        """Forget ``key``'s KV (if stored)."""
+        if self._kv.pop(key, None) is not None:
+            del self._bytes[key]
 
     def demote(self, key: str) -> None:
         """Make ``key`` the first to be dropped (what a chat's next turn extended: its kept

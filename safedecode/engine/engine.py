@@ -814,9 +814,19 @@ class Engine:
     def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
         """The sequences whose prompts are fed this step and their chunks ``(a, b)`` on the
         longest row (see :meth:`ModelStep.packed`): oldest first, at most ``budget`` tokens
-        over all rows (None: every prompt to its end); the oldest gets at least one token."""
+        over all rows (None: every prompt to its end); the oldest gets at least one token.
+        Under a budget, a sequence's prefixes that are not stored are computed first, within
+        the budget and over as many steps as it takes (``ModelStep.advance_prefix``: a long
+        history or common start is no single long stall for the sequences decoding)."""
         feeding, chunks = [], []
         for q in self._prefilling:
+            if budget is not None and q.fed == 0:
+                for k, prefix in self.runner.prefix_missing(q.built):
+                    if budget <= 0:
+                        break
+                    budget -= self.runner.advance_prefix(k, prefix, budget)
+                if self.runner.prefix_missing(q.built):
+                    break  # its prefixes are not all computed yet: it and those after wait
             lens = self.runner.prompt_lengths(q.built)
             end = max(lens)
             if budget is None:

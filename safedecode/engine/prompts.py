@@ -75,6 +75,14 @@ class Prefix:
         n = len(self.ids) + len(self.tail_ids)
         return n + (self.soft.shape[0] if self.soft is not None else 0)
 
+    def cut(self, n: int, key: str) -> Prefix:
+        """The first ``n`` positions of this prefix, named ``key`` (a soft prompt is not cut:
+        at least the ids before it and all of it are kept)."""
+        if self.soft is None:
+            return Prefix(key, self.ids[:n])
+        head = len(self.ids) + self.soft.shape[0]
+        return Prefix(key, list(self.ids), self.soft, self.tail_ids[:max(0, n - head)])
+
     def embeds(self, embed: torch.nn.Module) -> torch.Tensor:
         """[P, d] input embeddings of the prefix."""
         dev = embed.weight.device

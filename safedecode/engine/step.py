@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -272,6 +273,37 @@ class ModelStep:
                 picks[r][0].demote(picks[r][1])
         return out
 
+    def prefix_missing(self, built: Built) -> list[tuple[int, Prefix]]:
+        """The branches (index, prefix) of one sequence whose prefix KV is not stored."""
+        if not self.prefix_cache:
+            return []
+        return [(k, p) for k, (p, _) in enumerate(built) if len(p) and p.key not in self.prefixes]
+
+    def advance_prefix(self, k: int, prefix: Prefix, budget: int) -> int:
+        """Compute up to ``budget`` more columns of branch ``k``'s ``prefix`` (chunked
+        prefill of a long prefix while others decode): on top of its part computed so far (a
+        store entry of its own, dropped once extended) or of its best stored base; stored
+        whole under its key once done. Returns the columns computed."""
+        done = self.prefixes.partial.get(prefix.key)
+        part = f"{prefix.key}#{done}" if done is not None else None
+        if part is None or part not in self.prefixes:
+            pick = self._base(prefix)
+            done, part = (pick[2] if pick else 0), None
+        bases = ((part, done, True), *prefix.bases) if part else prefix.bases
+        cut = prefix.cut(done + max(1, budget), "")
+        whole = len(cut) >= len(prefix)
+        step = replace(prefix if whole else cut, bases=bases,
+                       key=prefix.key if whole else f"{prefix.key}#{len(cut)}")
+        before = self.prefixes.computed_tokens
+        self.prefix_kvs(k, [step])
+        if part is not None:
+            self.prefixes.drop(part)
+        if whole:
+            self.prefixes.partial.pop(prefix.key, None)
+        else:
+            self.prefixes.partial[prefix.key] = len(cut)
+        return self.prefixes.computed_tokens - before
+
     def _base(self, prefix: Prefix) -> tuple[PrefixStore, str, int, bool] | None:
         """The first of ``prefix.bases`` still stored: (its store, key, columns to take,
         spent), or None."""
@@ -456,6 +488,9 @@ class ModelStep:
             soft_at.append(offset)
             offset += m
             last.append(offset - 1)
+        # a row with no token in this chunk (shorter than its sequence's longest, which it
+        # joins later) points its padding at the packed tokens' end: a token that exists
+        pf_tok.clamp_(max=offset - 1)
         pf_attend = min(state.columns, round_up(max(ends)))
         allowed = torch.arange(pf_attend)[None, None, :] <= q_cols[:, :, None]
         pf_mask = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~allowed, neg)[:, None]
