@@ -23,6 +23,7 @@ from pathlib import Path
 from safedecode import methods
 from safedecode.bench.machine import describe, machine_line
 from safedecode.engine import SafeDecoder
+from safedecode.engine.decoder import TokenPrompts
 from safedecode.models import load_default
 
 OUT = Path(__file__).parent / "results" / "prefix_history_cpu.md"
@@ -83,8 +84,15 @@ def main() -> None:
     # each request a history of its own (the shots rotated) and a call-specific first turn,
     # so no history is ever seen twice
     text = _fewshot_text(args.shots)
+    # each branch's prompt rendered by the caller, as transformers' generate hands them to
+    # custom_generate (TokenPrompts): no branch prefix split off, leading tokens shared
+    render = _decoder(model, tok, "off").builder
+    m = methods.get("acd-text")
+    rendered = TokenPrompts([[p.ids + s for p, s in (render.build(br, q, 0) for q in shared)]
+                             for br in m.branches])
     cases = {"shared chat history": lambda r: shared,
              "few-shot completions (raw)": lambda r: [text + f"Q: {q}\nA:" for q in qs],
+             "rendered prompts (custom_generate)": lambda r: rendered,
              "own histories": lambda r: [
                  [{"role": "user", "content": f"Call {r}, request {i}: hello."},
                   {"role": "assistant", "content": "Hello!"}] + _history(args.shots, i)[2:]
@@ -99,6 +107,8 @@ def main() -> None:
             for on in (False, True):
                 dec = _decoder(model, tok, "on" if on else "off")
                 batch = prompts(rep)
+                if isinstance(batch, TokenPrompts):  # shared unless the prefix cache is off
+                    dec = SafeDecoder(model, None, m, prefix_cache=on)
                 t = time.perf_counter()
                 out = dec.generate(batch, max_new_tokens=args.tokens, raw="raw" in case)
                 wall = time.perf_counter() - t
@@ -135,7 +145,10 @@ def main() -> None:
         f"*Shared chat history*: every request ends the same {args.shots}-shot chat history "
         f"({n_hist} tokens) with its own question; *few-shot completions*: every request "
         f"continues the same {args.shots}-shot text ({n_text} tokens) after its own question "
-        "(a raw prompt: shared by its leading tokens); *scoring*: each of those prompts "
+        "(a raw prompt: shared by its leading tokens); *rendered prompts*: the shared-history "
+        "requests rendered per branch by the caller, as `model.generate(custom_generate=...)` "
+        "hands them over (`TokenPrompts`: no branch prefix split off; leading tokens shared, "
+        "off = `prefix_cache=False`); *scoring*: each of the completions' prompts "
         f"scored against {len(CHOICES)} continuations (`SafeDecoder.score`, "
         f"{args.batch * len(CHOICES)} requests; log-probs only); *own histories*: no two "
         "requests share a history or a start (nothing to reuse: the cost of looking). Each "

@@ -11,6 +11,7 @@ from engine_fixtures import tiny_arch, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+from safedecode.engine.decoder import TokenPrompts
 from safedecode.engine.prompts import MIN_SHARED_TOKENS, TOKEN_BLOCK
 
 CONTEXT = " ".join(f"Q: what is {i} plus {i}? A: {2 * i}." for i in range(10))
@@ -193,3 +194,26 @@ def test_a_long_prefix_is_computed_within_the_prefill_budget_while_others_decode
         got = eng.pop_result(rid)
         assert got.token_ids == r.token_ids
         assert got.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def test_rendered_prompts_share_their_common_start():
+    """``TokenPrompts`` (``custom_generate``'s path: each branch's prompt rendered by the
+    caller, no branch prefix split off): the requests' common leading tokens under each branch
+    are computed once; the answers = no prefix cache."""
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    builder = SafeDecoder(model, tok, m).builder
+    builder.share_tokens = False
+    prompts = [CONTEXT + t for t in TAILS]
+    ids = [[p.ids + s for p, s in (builder.build(br, [{"role": "user", "content": q}], 0)
+                                   for q in prompts)] for br in m.branches]
+    dec = SafeDecoder(model, None, m)
+    got = dec.generate(TokenPrompts(ids), max_new_tokens=5, return_logprobs=True)
+    ref = SafeDecoder(model, None, m, prefix_cache=False).generate(
+        TokenPrompts(ids), max_new_tokens=5, return_logprobs=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert len(dec.prefixes) == m.k  # one common run per branch
+    total = sum(len(x) for branch in ids for x in branch)
+    assert m.k * MIN_SHARED_TOKENS <= dec.prefixes.computed_tokens <= total / len(prompts)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .branches import Method
+from .branches import Branch, Method
 from .cache import PREFIX_STORE_BYTES, TURN_STORE_BYTES, PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits, output_vocab
-from .prompts import Prefix, Prompt, PromptBuilder, is_token_ids
+from .prompts import Prefix, Prompt, PromptBuilder, TokenRuns, is_token_ids
 from .sampling import SamplingParams
 from .state import round_up
 from .step import CompiledDecode
@@ -33,8 +33,9 @@ class StreamEvent:
 
 @dataclass
 class TokenPrompts:
-    """Already-rendered prompts: ``ids[k][b]`` is request b's token ids under branch k (no prefix
-    sharing: used by :func:`safedecode.custom_generate`)."""
+    """Already-rendered prompts: ``ids[k][b]`` is request b's token ids under branch k (used by
+    :func:`safedecode.custom_generate`): no branch prefix is split off, but the leading tokens
+    two requests of a call have in common under a branch are shared (``TokenRuns``)."""
 
     ids: list[list[list[int]]]
 
@@ -42,11 +43,12 @@ class TokenPrompts:
     def batch(self) -> int:
         return len(self.ids[0])
 
-    def built(self, k: int) -> list[list[tuple[Prefix, list[int]]]]:
-        """``[request][branch] -> (empty prefix, ids)``."""
+    def built(self, branches: Sequence[Branch]) -> list[list[tuple[Prefix, list[int]]]]:
+        """``[request][branch] -> (the branch's empty prefix, ids)``."""
+        k = len(branches)
         if len(self.ids) != k or any(len(x) != self.batch for x in self.ids):
             raise ValueError(f"expected prompt ids for {k} branches x {self.batch} requests")
-        empty = Prefix("raw", [])
+        heads = [Prefix(f"ids|{br.key()}", [], head=True) for br in branches]
         out = []
         for i in range(self.batch):
             row = []
@@ -54,7 +56,7 @@ class TokenPrompts:
                 seq = self.ids[kk][i]
                 if not seq:
                     raise ValueError(f"branch {kk}, request {i}: empty prompt")
-                row.append((empty, [int(t) for t in seq]))
+                row.append((heads[kk], [int(t) for t in seq]))
             out.append(row)
         return out
 
@@ -107,6 +109,8 @@ class SafeDecoder:
         self.backend, self.prefix_cache, self.small_gemm = backend, prefix_cache, small_gemm
         self.drop_rows = drop_rows
         self.builder = PromptBuilder(tokenizer) if tokenizer is not None else None
+        # requests' common leading tokens (a rendered prompt's too: TokenPrompts)
+        self.runs = self.builder.runs if self.builder is not None else TokenRuns()
         self.prefixes = PrefixStore(prefix_store_bytes)
         self.turns = PrefixStore(turn_store_bytes)
 
@@ -282,9 +286,10 @@ class SafeDecoder:
     # -- the loop ----------------------------------------------------------------------------
     def _requests(self, prompts, params: dict, raw: bool = False):
         """Validate everything before any forward pass: (built prompts, params per request)."""
-        kb = self.method.k
         if isinstance(prompts, TokenPrompts):
-            built = prompts.built(kb)
+            built = prompts.built(self.method.branches)
+            if self.prefix_cache:
+                built = self.runs.share(self.method.branches, built)
         else:
             if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                             and isinstance(prompts[0], dict)) \

@@ -19,13 +19,14 @@ computed, on top of the stored KV. Not for
 branches whose hooks act on the request's own prompt positions (``BranchHook(positions=
 "prompt")``: the history is part of that prompt).
 
-Any request's leading tokens are shared too (``PromptBuilder.share_tokens``, what vLLM
-calls automatic prefix caching): its suffix is cut into blocks of ``TOKEN_BLOCK`` ids, each named
-by a digest chained from the branch's prefix through the blocks before it; where two requests
-(of one call, or one earlier) have at least ``MIN_SHARED_TOKENS`` of those blocks in common, the
-run joins the prefix — a few-shot completion, a document several questions follow, a context
-scored against several continuations. A run's KV extends the longest stored run of the same chain
-it starts like (or is cut from a longer one), so only new blocks are computed.
+Any request's leading tokens are shared too (``TokenRuns``; ``PromptBuilder.share_tokens``
+switches it; what vLLM calls automatic prefix caching): its suffix is cut into blocks of
+``TOKEN_BLOCK`` ids, each named by a digest chained from the branch's prefix through the blocks
+before it; where two requests (of one call, or one earlier) have at least ``MIN_SHARED_TOKENS``
+of those blocks in common, the run joins the prefix — a few-shot completion, a document several
+questions follow, a context scored against several continuations. A run's KV extends the longest
+stored run of the same chain it starts like (or is cut from a longer one), so only new blocks
+are computed.
 
 Templates without a system role (Gemma's, early Mistral's: they raise, or drop the message) get
 the system text at the start of the first user message, followed by a blank line — what Gemma
@@ -68,7 +69,7 @@ class Prefix:
     # still stored is the base: only the columns after the common start are computed
     bases: tuple[tuple[str, int, bool], ...] = ()
     # the branch's own prefix (its system text and template head): a request's leading tokens
-    # may extend it (``PromptBuilder._share_leading``)
+    # may extend it (``TokenRuns.share``)
     head: bool = False
 
     def __len__(self) -> int:
@@ -185,6 +186,69 @@ def _chain(seed: str, suffix: Sequence[int]) -> list[bytes]:
     return out
 
 
+class TokenRuns:
+    """Requests' common leading tokens, shared as prefixes (see the module doc): which blocks
+    were seen how often, and the runs made of them (bounded LRUs)."""
+
+    def __init__(self) -> None:
+        self._blocks: LRU = LRU(1 << 16)  # a token block's chained digest -> requests seen
+        self._through: LRU = LRU(1 << 16)  # a block's digest -> the longest run made through it
+        self._runs: LRU = LRU(4096)  # (head key, last block's digest) -> the run's prefix
+
+    def share(self, branches: Sequence[Branch], requests: list[list[tuple[Prefix, list[int]]]]
+              ) -> list[list[tuple[Prefix, list[int]]]]:
+        """``requests`` (per request, (prefix, suffix) per branch) with each suffix's leading
+        blocks that another request — of these or one seen before — starts with too moved into
+        the prefix, where they are at least ``MIN_SHARED_TOKENS`` ids and the prefix is the
+        branch's own (``Prefix.head``: not a history; not a branch hooked on the prompt
+        positions). The last suffix id always stays: the request's first token is drawn from
+        its output."""
+        hooked = [any(h.positions == "prompt" for h in br.hooks) for br in branches]
+        chains = []
+        for req in requests:  # count every request's blocks first: one call's share at once
+            row = []
+            for (prefix, suffix), skip in zip(req, hooked, strict=True):
+                digests = [] if skip or not prefix.head else _chain(prefix.key, suffix)
+                for d in digests:
+                    self._blocks[d] = self._blocks.get(d, 0) + 1
+                row.append(digests)
+            chains.append(row)
+        out = []
+        for req, row in zip(requests, chains, strict=True):
+            new = []
+            for (prefix, suffix), digests in zip(req, row, strict=True):
+                n = 0
+                while n < len(digests) and self._blocks.get(digests[n], 0) >= 2:
+                    n += 1
+                new.append(self._extend(prefix, suffix, digests[:n])
+                           if n * TOKEN_BLOCK >= MIN_SHARED_TOKENS else (prefix, suffix))
+            out.append(new)
+        return out
+
+    def _extend(self, head: Prefix, suffix: list[int], digests: list[bytes]
+                ) -> tuple[Prefix, list[int]]:
+        """(``head`` + the suffix's first ``len(digests)`` blocks, the rest of the suffix)."""
+        n = len(digests) * TOKEN_BLOCK
+        key = (head.key, digests[-1])
+        if key not in self._runs:
+            run = tuple(suffix[:n])
+            name = PromptBuilder._name(("tokens", head.key, digests[-1].hex()))
+            prefix = Prefix(name, head.ids + list(run)) if head.soft is None else \
+                Prefix(name, list(head.ids), head.soft, head.tail_ids + run)
+            # what it may extend or be cut from: a longer run made through its last block,
+            # the longest shorter runs of the same chain, the branch's own prefix
+            found = [self._through.get(digests[-1])] + [
+                (head.key, d) for d in reversed(digests[:-1]) if (head.key, d) in self._runs][:3]
+            _link_bases(prefix, [(self._runs.get(f), False) for f in found if f] +
+                        [(head, False)])
+            self._runs[key] = prefix
+            for d in digests[:-1]:  # the longest run made through each block
+                longer = self._runs.get(self._through.get(d))
+                if longer is None or len(longer) < len(prefix):
+                    self._through[d] = key
+        return self._runs[key], list(suffix[n:])
+
+
 class PromptBuilder:
     """Renders branch prefixes and request suffixes for one tokenizer; ``share_history``: a
     conversation's earlier turns join the prefix once seen twice; ``share_tokens``: so do
@@ -204,8 +268,7 @@ class PromptBuilder:
         self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
         self._built_turns: LRU = LRU(4096)  # (prefix key, suffix) -> the turn's digest
         self._finished: LRU = LRU(1024)  # a turn's digest -> its finished sequence (ids)
-        self._blocks: LRU = LRU(1 << 16)  # a token block's chained digest -> requests seen
-        self._through: LRU = LRU(1 << 16)  # a block's digest -> a longer run made through it
+        self.runs = TokenRuns()  # requests' common leading tokens
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, system: str | None, messages: list[Message], raw: bool = False,
@@ -448,63 +511,17 @@ class PromptBuilder:
     def _share_leading(self, branches: Sequence[Branch],
                        requests: list[list[tuple[Prefix, list[int]]]]
                        ) -> list[list[tuple[Prefix, list[int]]]]:
-        """``requests`` (per request, (prefix, suffix) per branch) with each suffix's leading
-        blocks that another request — of these or one seen before — starts with too moved into
-        the prefix, where they are at least ``MIN_SHARED_TOKENS`` ids and the prefix is the
-        branch's own (not a history; not a branch hooked on the prompt positions). The last
-        suffix id always stays: the request's first token is drawn from its output."""
+        """``requests`` with their common leading tokens shared (:meth:`TokenRuns.share`); a
+        chat request split anew keeps its turn (``turn_of``)."""
         if not self.share_tokens:
             return requests
-        hooked = [any(h.positions == "prompt" for h in br.hooks) for br in branches]
-        chains = []
-        for req in requests:  # count every request's blocks first: one call's share at once
-            row = []
-            for (prefix, suffix), skip in zip(req, hooked, strict=True):
-                digests = [] if skip or not prefix.head else _chain(prefix.key, suffix)
-                for d in digests:
-                    self._blocks[d] = self._blocks.get(d, 0) + 1
-                row.append(digests)
-            chains.append(row)
-        out = []
-        for req, row in zip(requests, chains, strict=True):
-            new = []
-            for (prefix, suffix), digests in zip(req, row, strict=True):
-                n = 0
-                while n < len(digests) and self._blocks.get(digests[n], 0) >= 2:
-                    n += 1
-                new.append(self._extend(prefix, suffix, digests[:n])
-                           if n * TOKEN_BLOCK >= MIN_SHARED_TOKENS else (prefix, suffix))
-            out.append(new)
+        out = self.runs.share(branches, requests)
+        for old, new in zip(requests, out, strict=True):
+            for (pre, suf), (run, rest) in zip(old, new, strict=True):
+                turn = self._built_turns.get((pre.key, tuple(suf))) if run is not pre else None
+                if turn is not None:  # its finished turn is still worth keeping
+                    self._built_turns[run.key, tuple(rest)] = turn
         return out
-
-    def _extend(self, head: Prefix, suffix: list[int], digests: list[bytes]
-                ) -> tuple[Prefix, list[int]]:
-        """(``head`` + the suffix's first ``len(digests)`` blocks, the rest of the suffix)."""
-        n = len(digests) * TOKEN_BLOCK
-        key = ("tokens", head.key, digests[-1])
-        if key not in self._prefixes:
-            run = tuple(suffix[:n])
-            name = self._name(key[:2] + (digests[-1].hex(),))
-            prefix = Prefix(name, head.ids + list(run)) if head.soft is None else \
-                Prefix(name, list(head.ids), head.soft, head.tail_ids + run)
-            # what it may extend or be cut from: a longer run made through its last block,
-            # the longest shorter runs of the same chain, the branch's own prefix
-            found = [self._through.get(digests[-1])] + [
-                ("tokens", head.key, d) for d in reversed(digests[:-1])
-                if ("tokens", head.key, d) in self._prefixes][:3]
-            _link_bases(prefix, [(self._prefixes.get(f), False) for f in found if f] +
-                        [(head, False)])
-            self._prefixes[key] = prefix
-            for d in digests[:-1]:  # the longest run made through each block
-                longer = self._prefixes.get(self._through.get(d))
-                if longer is None or len(longer) < len(prefix):
-                    self._through[d] = key
-        prefix = self._prefixes[key]
-        rest = list(suffix[n:])
-        turn = self._built_turns.get((head.key, tuple(suffix)))
-        if turn is not None:  # a chat request: its finished turn is still worth keeping
-            self._built_turns[prefix.key, tuple(rest)] = turn
-        return prefix, rest
 
     def build_ids(self, branch: Branch, ids: Sequence[int], index: int
                   ) -> tuple[Prefix, list[int]]:
