@@ -217,3 +217,26 @@ def test_rendered_prompts_share_their_common_start():
     assert len(dec.prefixes) == m.k  # one common run per branch
     total = sum(len(x) for branch in ids for x in branch)
     assert m.k * MIN_SHARED_TOKENS <= dec.prefixes.computed_tokens <= total / len(prompts)
+
+
+def test_the_branches_prefixes_computed_in_one_forward_keep_their_own_effects():
+    """Every branch's new prefixes are computed in one forward: a hook on one branch (acting
+    on all positions, the prefix's too) changes its rows only — the answers = no prefix cache,
+    and a hookless twin of the method gives other answers."""
+    model, tok = tiny_llama()
+    hook = BranchHook("model.layers.0", lambda h: h * 3.0, positions="all")
+    m = contrastive([Branch(system="Be safe.", hooks=(hook,)), Branch()], [1.5, -0.5])
+    twin = contrastive([Branch(system="Be safe."), Branch()], [1.5, -0.5])
+    prompts = [CONTEXT + t for t in TAILS]
+    dec = SafeDecoder(model, tok, m)
+    got = dec.generate(prompts, raw=True, max_new_tokens=6, return_logprobs=True)
+    assert dec.prefixes.forwards == 1 and len(dec.prefixes) >= m.k  # every branch's runs
+    ref = SafeDecoder(model, tok, m, prefix_cache=False).generate(
+        prompts, raw=True, max_new_tokens=6, return_logprobs=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    other = SafeDecoder(model, tok, twin).generate(prompts, raw=True, max_new_tokens=6,
+                                                   return_logprobs=True)
+    assert any(a.logprobs != pytest.approx(b.logprobs, abs=1e-3)
+               for a, b in zip(got, other, strict=True))

@@ -233,16 +233,25 @@ class ModelStep:
     # -- prefixes ---------------------------------------------------------------------------
     def prefix_kv(self, k: int, prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Branch ``k``'s prefix KV per layer ``[1, H, P, D]``, computed once per store."""
-        return self.prefix_kvs(k, [prefix])[prefix.key]
+        return self.prefix_kvs({k: [prefix]})[prefix.key]
 
-    def prefix_kvs(self, k: int, prefixes: Sequence[Prefix]
+    def prefix_kvs(self, by_branch: dict[int, Sequence[Prefix]]
                    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Branch ``k``'s prefix KVs by key; the ones not stored are computed together in one
-        forward (rows left-padded to the longest), each that extends a stored prefix
-        (``Prefix.bases``: a growing chat's history) only from the base's end, on top of the
-        base's KV."""
-        out = {p.key: self.prefixes.get(p.key) for p in prefixes if p.key in self.prefixes}
-        todo = list({p.key: p for p in prefixes if p.key not in out}.values())
+        """The prefix KVs of each branch ``k``'s ``by_branch[k]``, by key (a key names its
+        branch); the ones not stored are computed together in one forward (rows left-padded to
+        the longest, each branch's rows under its effects), each that extends a stored prefix
+        (``Prefix.bases``: a growing chat's history, a longer common start) only from the
+        base's end, on top of the base's KV."""
+        out, todo, hook_rows = {}, [], {}
+        for k, prefixes in by_branch.items():
+            first = len(todo)
+            for p in prefixes:
+                if p.key in self.prefixes:
+                    out[p.key] = self.prefixes.get(p.key)
+                elif p.key not in out and all(p.key != q.key for q in todo):
+                    todo.append(p)
+            if len(todo) > first:
+                hook_rows[k] = slice(first, len(todo))
         if not todo:
             return out
         dev, n_rows = self.device, len(todo)
@@ -262,7 +271,7 @@ class ModelStep:
             emb[r, t - (e - b):] = p.embeds(self.embed)[b:]
         mask, q_cols = self._padded_mask(cols, cache.sink, attend)
         cache.bind(slice(0, n_rows), torch.arange(n_rows, device=dev), cols.to(dev), attend)
-        self._forward(cache, {k: slice(0, n_rows)}, phase="prefix", inputs_embeds=emb,
+        self._forward(cache, hook_rows, phase="prefix", inputs_embeds=emb,
                       position_ids=q_cols.to(dev), attention_mask=mask)
         self.prefixes.forwards += 1
         for r, (p, b, e) in enumerate(zip(todo, bases, ends, strict=True)):
@@ -295,7 +304,7 @@ class ModelStep:
         step = replace(prefix if whole else cut, bases=bases,
                        key=prefix.key if whole else f"{prefix.key}#{len(cut)}")
         before = self.prefixes.computed_tokens
-        self.prefix_kvs(k, [step])
+        self.prefix_kvs({k: [step]})
         if part is not None:
             self.prefixes.drop(part)
         if whole:
@@ -357,9 +366,9 @@ class ModelStep:
         by_branch: dict[int, list[Prefix]] = {}
         for (k, _), (prefix, _rows) in groups.items():
             by_branch.setdefault(k, []).append(prefix)
-        kv = {k: self.prefix_kvs(k, ps) for k, ps in by_branch.items()}  # one forward each
-        for (k, key), (_, r) in groups.items():
-            state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev), kv[k][key])
+        kv = self.prefix_kvs(by_branch)  # one forward for all branches
+        for (_, key), (_, r) in groups.items():
+            state.cache.write_prefix(torch.tensor(r, dtype=torch.long, device=dev), kv[key])
         return starts, seqs, soft
 
     def prompt_lengths(self, built: Built) -> list[int]:
