@@ -11,6 +11,7 @@ from engine_fixtures import tiny_arch, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+from safedecode.engine.cache import TURN_STORE_BYTES
 from safedecode.engine.decoder import TokenPrompts
 from safedecode.engine.prompts import MIN_SHARED_TOKENS, TOKEN_BLOCK
 
@@ -240,3 +241,33 @@ def test_the_branches_prefixes_computed_in_one_forward_keep_their_own_effects():
                                                    return_logprobs=True)
     assert any(a.logprobs != pytest.approx(b.logprobs, abs=1e-3)
                for a, b in zip(got, other, strict=True))
+
+
+@pytest.mark.parametrize("name", ["plain", "acd-text", "soft"])
+def test_a_finished_request_is_kept_for_the_requests_that_start_like_it(name):
+    """One request at a time (as a server gets them), token-id completions: a finished
+    request's prompt + answer KV is kept, so the next request that starts like it — another
+    question on the same text, or the same text continued after the answer — computes one
+    column per branch on top of it, at its first sighting, and the continuation shares
+    through the answer; without a turn store the common start is computed whole, and the
+    continuation shares no more than the first prompt's blocks. Answers = no prefix cache."""
+    model, tok = tiny_llama()
+    m = _method(name, model, tok)
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    x = torch.randint(10, 40000, (110,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = {"max_new_tokens": 6, "ignore_eos": True, "return_logprobs": True}
+    for keep in (True, False):
+        dec = SafeDecoder(model, tok, m, turn_store_bytes=TURN_STORE_BYTES if keep else 0)
+        first = dec.generate([x], raw=True, **params)[0]
+        other = x[:100] + [11] * 10  # shares 6 whole blocks (96 ids) with x
+        more = x + first.token_ids + [12] * 20  # x, the answer (5 fed, kept), more
+        # kept: one column each (``more``'s run is longer than ``other``'s, through x's last
+        # block and the answer: cut from x's kept KV, not ``other``'s stored run, which would
+        # cost nothing); not kept: ``other``'s run whole, then ``more`` reuses it
+        for b, kept, alone in ((other, m.k, 96), (more, m.k, 0)):
+            before = dec.prefixes.computed_tokens
+            got = dec.generate([b], raw=True, **params)[0]
+            assert dec.prefixes.computed_tokens - before == (kept if keep else m.k * alone)
+            want = ref.generate([b], raw=True, **params)[0]
+            assert got.token_ids == want.token_ids
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)

@@ -48,7 +48,7 @@ class TokenPrompts:
         k = len(branches)
         if len(self.ids) != k or any(len(x) != self.batch for x in self.ids):
             raise ValueError(f"expected prompt ids for {k} branches x {self.batch} requests")
-        heads = [Prefix(f"ids|{br.key()}", [], head=True) for br in branches]
+        heads = [Prefix(f"ids|{br.key()}", []).as_head() for br in branches]
         out = []
         for i in range(self.batch):
             row = []

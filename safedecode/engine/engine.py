@@ -13,9 +13,11 @@ steps (DeAL's lookahead search); see :mod:`.state` for the slot layout and their
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import math
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -116,9 +118,10 @@ class _Seq:
     bad_seqs: tuple[tuple[list[int], int], ...] = ()
     bad_ctx: list[int] = field(default_factory=list)
     ngrams: NGramBans | None = None  # SamplingParams.no_repeat_ngram_size
-    # a chat request's turn digest, prefix and suffix per branch (None: a branch with hooks),
-    # to keep its prompt + answer KV for the chat's next turn (Engine._keep_turn)
-    turn: list[tuple[bytes, Prefix, list[int]] | None] | None = None
+    # per branch (a chat request's turn digest or None, prefix, suffix; None: not kept), to
+    # keep its prompt + answer KV for the chat's next turn or requests starting like it
+    # (Engine._keep_turn)
+    turn: list[tuple[bytes | None, Prefix, list[int]] | None] | None = None
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -971,35 +974,49 @@ class Engine:
         return delta, reason
 
     def _turn_of(self, built: Built) -> list | None:
-        """Per branch (turn digest, prefix, suffix) of a chat request whose KV is worth
-        keeping for its next turn; None where none is (no prefix cache, not a chat request).
-        Branches with hooks are left out: their answer's KV was computed under decode-phase
-        hooks a prefix never runs."""
+        """Per branch (turn digest or None, prefix, suffix) of a request whose KV is worth
+        keeping when it finishes: a chat request's for its next turn, any request's that starts
+        with its branch's own prefix for the requests that start like it (``TokenRuns.kept``);
+        None where none is (no prefix cache or turn store). Branches with hooks are left out:
+        their answer's KV was computed under decode-phase hooks a prefix never runs."""
         if self.builder is None or not self.runner.prefix_cache \
                 or not self.runner.turns.max_bytes:
             return None
-        out = [None if br.hooks else (self.builder.turn_of(pre, suf), pre, suf)
-               for br, (pre, suf) in zip(self.method.branches, built, strict=True)]
-        out = [x if x is not None and x[0] is not None else None for x in out]
+        out = []
+        for br, (pre, suf) in zip(self.method.branches, built, strict=True):
+            turn = None if br.hooks else self.builder.turn_of(pre, suf)
+            keep = not br.hooks and (turn is not None or (
+                pre.chain is not None and self.builder.share_tokens))
+            out.append((turn, pre, suf) if keep else None)
         return out if any(out) else None
 
     def _keep_turn(self, seq: _Seq) -> None:
-        """Store a finished chat request's KV (prompt and answer, all but the last token,
-        which was never fed) per branch as a prefix its chat's next turn may extend."""
+        """Store a finished request's KV (prompt and answer, all but the last token, which was
+        never fed) per branch as a prefix its chat's next turn, or a request starting like it,
+        may extend."""
         fed = seq.out[:-1]
         kb = self.method.k
         for k, entry in enumerate(seq.turn):
             if entry is None:
                 continue
             turn, pre, suf = entry
-            key = f"turn:{turn.hex()}"
+            if turn is not None:
+                key = f"turn:{turn.hex()}"
+            else:  # named by what it holds
+                ids = array("q", [*pre.ids, *pre.tail_ids, *suf, *fed]).tobytes()
+                key = "kept:" + hashlib.blake2b(pre.key.encode() + ids,
+                                                digest_size=16).hexdigest()
             if pre.soft is None:
                 done = Prefix(key, [*pre.ids, *suf, *fed])
             else:
                 done = Prefix(key, list(pre.ids), pre.soft, (*pre.tail_ids, *suf, *fed))
+            done.chain = pre.chain
             self.runner.turns.put(key, self.state.cache.read(seq.slot * kb + k, len(done)),
                                   computed=0)
-            self.builder.finished(turn, done)
+            if turn is not None:
+                self.builder.finished(turn, done)
+            if done.chain is not None:
+                self.builder.runs.kept(done)
 
     def _finish(self, seq: _Seq, reason: str, now: float) -> None:
         seq.finish, seq.t_done = reason, now

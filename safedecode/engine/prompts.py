@@ -68,9 +68,25 @@ class Prefix:
     # in common, spent: a chat's earlier turn, rarely wanted again once extended). The first
     # still stored is the base: only the columns after the common start are computed
     bases: tuple[tuple[str, int, bool], ...] = ()
-    # the branch's own prefix (its system text and template head): a request's leading tokens
-    # may extend it (``TokenRuns.share``)
-    head: bool = False
+    # (key, length) of the branch's own prefix (its system text and template head) this one
+    # is or extends by a request's leading tokens (``TokenRuns``); None: neither (a history)
+    chain: tuple[str, int] | None = None
+
+    @property
+    def head(self) -> bool:
+        """Whether this is a branch's own prefix, which leading tokens may extend."""
+        return self.chain is not None and self.chain[0] == self.key
+
+    def as_head(self) -> Prefix:
+        """Mark this as a branch's own prefix; returns it."""
+        self.chain = (self.key, len(self))
+        return self
+
+    def after(self, n: int) -> list[int]:
+        """The token ids of the positions from ``n`` on (``n`` past any soft prompt)."""
+        if self.soft is None:
+            return list(self.ids[n:])
+        return list(self.tail_ids[n - len(self.ids) - self.soft.shape[0]:])
 
     def __len__(self) -> int:
         n = len(self.ids) + len(self.tail_ids)
@@ -175,11 +191,12 @@ def _link_bases(prefix: Prefix, bases: Sequence[tuple[Prefix | None, bool]]) -> 
                          sorted(found, key=lambda x: -x[0]) if n > 0)
 
 
-def _chain(seed: str, suffix: Sequence[int]) -> list[bytes]:
-    """Digests of ``suffix``'s whole blocks of ``TOKEN_BLOCK`` ids (its last id left out),
-    each chained from ``seed`` through the blocks before it."""
+def _chain(seed: str, suffix: Sequence[int], last: bool = False) -> list[bytes]:
+    """Digests of ``suffix``'s whole blocks of ``TOKEN_BLOCK`` ids (its last id left out
+    unless ``last``), each chained from ``seed`` through the blocks before it."""
     out, d = [], hashlib.blake2b(seed.encode(), digest_size=16).digest()
-    for i in range(0, (len(suffix) - 1) // TOKEN_BLOCK * TOKEN_BLOCK, TOKEN_BLOCK):
+    end = len(suffix) if last else len(suffix) - 1
+    for i in range(0, end // TOKEN_BLOCK * TOKEN_BLOCK, TOKEN_BLOCK):
         block = array("q", suffix[i:i + TOKEN_BLOCK]).tobytes()
         d = hashlib.blake2b(d + block, digest_size=16).digest()
         out.append(d)
@@ -235,6 +252,7 @@ class TokenRuns:
             name = PromptBuilder._name(("tokens", head.key, digests[-1].hex()))
             prefix = Prefix(name, head.ids + list(run)) if head.soft is None else \
                 Prefix(name, list(head.ids), head.soft, head.tail_ids + run)
+            prefix.chain = head.chain
             # what it may extend or be cut from: a longer run made through its last block,
             # the longest shorter runs of the same chain, the branch's own prefix
             found = [self._through.get(digests[-1])] + [
@@ -247,6 +265,23 @@ class TokenRuns:
                 if longer is None or len(longer) < len(prefix):
                     self._through[d] = key
         return self._runs[key], list(suffix[n:])
+
+    def kept(self, sequence: Prefix) -> None:
+        """Record ``sequence`` (a finished request's prompt and answer, its KV kept under
+        ``sequence.key``; ``chain``: the branch prefix it starts with) as seen: a later run of
+        its chain may be cut from it, and a request that starts like it — the answer
+        included — shares that start from its first sighting."""
+        head_key, n = sequence.chain
+        digests = _chain(head_key, sequence.after(n), last=True)
+        if not digests:
+            return
+        key = (head_key, "kept", digests[-1])
+        self._runs[key] = sequence
+        for d in digests:
+            self._blocks[d] = max(self._blocks.get(d, 0), 1)
+            longer = self._runs.get(self._through.get(d))
+            if longer is None or len(longer) <= len(sequence):
+                self._through[d] = key
 
 
 class PromptBuilder:
@@ -374,7 +409,8 @@ class PromptBuilder:
         key = (branch.key(), system, ptext, raw)
         if key not in self._prefixes:
             prefix = self._make_prefix(branch, ptext, self._name(key), raw)
-            prefix.head = history is None
+            if history is None:
+                prefix.as_head()
             _link_bases(prefix, bases)
             self._prefixes[key] = prefix
         suffix = self.encode(full[len(ptext):], first=not ptext, raw=raw)
@@ -537,7 +573,7 @@ class PromptBuilder:
         if key not in self._prefixes:
             self._prefixes[key] = self._make_prefix(branch, head, "|".join(map(str, key)),
                                                     raw=True)
-            self._prefixes[key].head = True
+            self._prefixes[key].as_head()
         return self._prefixes[key], list(ids)
 
     def _make_prefix(self, branch: Branch, ptext: str, key: str, raw: bool) -> Prefix:
