@@ -92,6 +92,8 @@ def main() -> None:
                              for br in m.branches])
     cases = {"shared chat history": lambda r: shared,
              "few-shot completions (raw)": lambda r: [text + f"Q: {q}\nA:" for q in qs],
+             "few-shot completions (raw), one per call": lambda r: [
+                 text + f"Q: {q}\nA:" for q in qs],
              "rendered prompts (custom_generate)": lambda r: rendered,
              "own histories": lambda r: [
                  [{"role": "user", "content": f"Call {r}, request {i}: hello."},
@@ -110,7 +112,11 @@ def main() -> None:
                 if isinstance(batch, TokenPrompts):  # shared unless the prefix cache is off
                     dec = SafeDecoder(model, None, m, prefix_cache=on)
                 t = time.perf_counter()
-                out = dec.generate(batch, max_new_tokens=args.tokens, raw="raw" in case)
+                if "one per call" in case:  # as a server gets them: one after another
+                    out = [dec.generate([p], max_new_tokens=args.tokens, raw=True)[0]
+                           for p in batch]
+                else:
+                    out = dec.generate(batch, max_new_tokens=args.tokens, raw="raw" in case)
                 wall = time.perf_counter() - t
                 if rep:
                     runs[case, on].append(wall)
@@ -145,7 +151,9 @@ def main() -> None:
         f"*Shared chat history*: every request ends the same {args.shots}-shot chat history "
         f"({n_hist} tokens) with its own question; *few-shot completions*: every request "
         f"continues the same {args.shots}-shot text ({n_text} tokens) after its own question "
-        "(a raw prompt: shared by its leading tokens); *rendered prompts*: the shared-history "
+        "(a raw prompt: shared by its leading tokens), in one call or *one per call* (as a "
+        "server gets them: the first request's prompt and answer KV is kept when it finishes, "
+        "and the next one's common start is cut from it); *rendered prompts*: the shared-history "
         "requests rendered per branch by the caller, as `model.generate(custom_generate=...)` "
         "hands them over (`TokenPrompts`: no branch prefix split off; leading tokens shared, "
         "off = `prefix_cache=False`); *scoring*: each of the completions' prompts "
@@ -209,13 +217,12 @@ def growing_chats(model, tok, args) -> list[str]:
         f"{args.batch} chats in one `generate` call per turn, on one decoder over "
         f"{args.turns} turns; each chat starts with its own {args.shots}-shot history and each "
         f"turn's request is the chat so far, its last answer ({args.tokens} tokens) and a new "
-        "question. *On*: each finished request's prompt and answer KV is kept "
+        "question. Each finished request's prompt and answer KV is kept "
         "(`turn_store_bytes`, 512 MiB) and from the second turn each chat's history extends "
-        "it: only the last answer token and the turn's end are computed as prefix, then the "
-        "new question as the request's own part. *Leading tokens* (`share_history` off, "
-        "`share_tokens` on): a turn's request starts like the turn before's, so its whole "
-        "blocks that the earlier prompt had are shared (the earlier prompt's, not its "
-        "answer's: those were decoded, not kept). Median of "
+        "it (*on*): only the last answer token and the turn's end are computed as prefix, then "
+        "the new question as the request's own part. *Leading tokens* (`share_history` off, "
+        "`share_tokens` on): a turn's request starts like the turn before's prompt and "
+        "answer, so its whole blocks through them are shared, cut from the kept KV. Median of "
         f"{args.repeats} rounds after a warm-up; the same tokens every way (checked).", "",
         "| turn | longest prompt (tokens) | call s off | call s leading tokens | call s on | "
         "first token s off | first token s leading tokens | first token s on | "

@@ -173,3 +173,19 @@ def tiny_arch(name: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(**size, **ids, **extra)
     return getattr(transformers, model_cls)(cfg).eval(), tok
+
+
+def soft_method(model, tok):
+    """A soft-prompt branch (the embedded text "You are careful.") contrasted with plain."""
+    from safedecode.engine import Branch, contrastive
+
+    ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
+    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
+
+
+def method_named(name: str, model, tok):
+    """``methods.get(name)``, or :func:`soft_method` for ``"soft"``."""
+    from safedecode import methods
+
+    return soft_method(model, tok) if name == "soft" else methods.get(name)

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from engine_fixtures import MIXED_PROMPTS, tiny_llama
+from engine_fixtures import MIXED_PROMPTS, soft_method, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
@@ -20,12 +20,6 @@ PARAMS = [SamplingParams(max_new_tokens=9, logprobs=True),
           SamplingParams(max_new_tokens=7, temperature=1.0, top_k=20, seed=11, logprobs=True),
           SamplingParams(max_new_tokens=4, min_p=0.1, temperature=0.7, seed=5, logprobs=True),
           SamplingParams(max_new_tokens=6, logprobs=True)]
-
-
-def _soft_method(model, tok):
-    ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
-    soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
-    return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
 
 
 def _run(dec: SafeDecoder, packed: bool, max_seqs: int = 3, budget: int | None = None):
@@ -61,7 +55,7 @@ def test_packed_steps_equal_two_forward_steps_in_fewer_forwards(which):
     if which in ("plain", "acd-text"):
         dec = SafeDecoder(model, tok, methods.get(which))
     else:
-        dec = SafeDecoder(model, tok, _soft_method(model, tok),
+        dec = SafeDecoder(model, tok, soft_method(model, tok),
                           prefix_cache=which == "soft")
     two, n_two, eng_two = _run(dec, packed=False)
     computed = dec.prefixes.forwards  # prefixes computed in a step are a forward of their own

@@ -6,8 +6,7 @@ once, or a branch whose hook acts on the prompt, is left as it was."""
 from __future__ import annotations
 
 import pytest
-import torch
-from engine_fixtures import tiny_arch, tiny_llama
+from engine_fixtures import method_named, tiny_arch, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
@@ -33,14 +32,6 @@ def _prompts(system: str | None = None, i: int = 0) -> list:
         head + _other(i)]
 
 
-def _method(name: str, model, tok):
-    if name == "soft":
-        ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
-        soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
-        return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
-    return methods.get(name)
-
-
 @pytest.mark.parametrize("name, arch, system", [
     ("plain", None, None), ("acd-text", None, "You answer briefly."), ("soft", None, None),
     ("acd-text", "mistral-window", None)])
@@ -50,7 +41,7 @@ def test_shared_histories_give_the_answers_of_no_prefix_cache(name, arch, system
     chunked prefill: tokens and log-probs = the decoder without any prefix cache; the shared
     history's KV is stored once per branch, the lone one's never."""
     model, tok = tiny_arch(arch) if arch else tiny_llama()
-    m = _method(name, model, tok)
+    m = method_named(name, model, tok)
     dec = SafeDecoder(model, tok, m)
     before = None
     for call in range(2):
@@ -158,7 +149,7 @@ def test_a_growing_chat_computes_only_its_new_turns(name, arch, system, keep):
     history: exactly the new messages' columns. The chats' together in one forward per
     branch."""
     model, tok = tiny_arch(arch) if arch else tiny_llama()
-    m = _method(name, model, tok)
+    m = method_named(name, model, tok)
     dec = SafeDecoder(model, tok, m, turn_store_bytes=TURN_STORE_BYTES if keep else 0)
     ref = SafeDecoder(model, tok, m, prefix_cache=False)
     head = [{"role": "system", "content": system}] if system else []

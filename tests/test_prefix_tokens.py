@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import tiny_arch, tiny_llama
+from engine_fixtures import method_named, tiny_arch, tiny_llama
 
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
@@ -17,14 +17,6 @@ from safedecode.engine.prompts import MIN_SHARED_TOKENS, TOKEN_BLOCK
 
 CONTEXT = " ".join(f"Q: what is {i} plus {i}? A: {2 * i}." for i in range(10))
 TAILS = [" Q: what is 20 plus 20? A:", " Q: what is 31 plus 31? A:", " Q: name a colour. A:"]
-
-
-def _method(name: str, model, tok):
-    if name == "soft":
-        ids = tok("You are careful.", add_special_tokens=False)["input_ids"]
-        soft = model.get_input_embeddings()(torch.tensor(ids)).detach()
-        return contrastive([Branch(soft_prompt=soft), Branch()], [1.5, -0.5])
-    return methods.get(name)
 
 
 def _prompts(kind: str, tok, lone: str) -> list:
@@ -55,7 +47,7 @@ def test_shared_leading_tokens_give_the_answers_of_no_prefix_cache(name, arch, k
     decoder without any prefix cache; from the second request on each branch's prefix holds
     the common blocks, a request with its own start keeps the branch's own prefix."""
     model, tok = tiny_arch(arch) if arch else tiny_llama()
-    m = _method(name, model, tok)
+    m = method_named(name, model, tok)
     dec = SafeDecoder(model, tok, m)
     raw = kind != "chat"
     for call in range(2):
@@ -169,7 +161,7 @@ def test_a_long_prefix_is_computed_within_the_prefill_budget_while_others_decode
     start) is computed over several steps, at most the budget per step, while a sequence
     decodes; its chunks' entries are dropped once it is whole; the answers = no prefix cache."""
     model, tok = tiny_llama()
-    m = _method(name, model, tok)
+    m = method_named(name, model, tok)
     dec = SafeDecoder(model, tok, m)
     eng = dec.engine(max_seqs=4, max_prefill_tokens=16)
     params = SamplingParams(max_new_tokens=5, logprobs=True)
@@ -252,7 +244,7 @@ def test_a_finished_request_is_kept_for_the_requests_that_start_like_it(name):
     through the answer; without a turn store the common start is computed whole, and the
     continuation shares no more than the first prompt's blocks. Answers = no prefix cache."""
     model, tok = tiny_llama()
-    m = _method(name, model, tok)
+    m = method_named(name, model, tok)
     ref = SafeDecoder(model, tok, m, prefix_cache=False)
     x = torch.randint(10, 40000, (110,), generator=torch.Generator().manual_seed(1)).tolist()
     params = {"max_new_tokens": 6, "ignore_eos": True, "return_logprobs": True}
