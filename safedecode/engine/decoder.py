@@ -85,8 +85,8 @@ class SafeDecoder:
     ``generate`` then runs it over the engine (``on_step`` reports progress).
     ``prefix_store_bytes``: the most prefix KV kept across calls (the least recently used
     branch prefix dropped first; see :class:`~safedecode.engine.cache.PrefixStore`).
-    ``turn_store_bytes``: the most KV of finished chat requests kept for their next turn (a
-    chat that grows extends it; 0: none kept).
+    ``turn_store_bytes``: the most KV of finished requests kept (prompt and answer; a chat
+    that grows extends it, a request that starts like one shares its start; 0: none kept).
     """
 
     def __init__(self, model, tokenizer, method: Method, *, backend: str = "auto",

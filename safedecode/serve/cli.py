@@ -61,9 +61,10 @@ def serve_command(
                                         "recently used dropped first: requests with distinct "
                                         "system messages each bring their own prefixes)."),
     turn_store_mb: int | None = typer.Option(
-        None, "--turn-store-mb", help="KV of finished chat requests kept for their next turn, "
-                                      "per served method (MiB; default 512; 0: none): a chat "
-                                      "that grows prefills only its new turn."),
+        None, "--turn-store-mb", help="KV of finished requests kept, per served method (MiB; "
+                                      "default 512; 0: none): a chat that grows prefills only "
+                                      "its new turn, a request that starts like a finished one "
+                                      "shares that start."),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="A step that admits requests decodes and prefills in one "
                                      "packed forward (--no-packed: two forwards)."),

@@ -31,7 +31,7 @@ class ServeSpec:
     max_prefill_tokens: int | None = None
     packed: bool = True  # decode + prefill in one forward (Engine(packed=))
     prefix_store_mb: int = PREFIX_STORE_BYTES // 2**20  # per served method: prefix KV kept
-    turn_store_mb: int = TURN_STORE_BYTES // 2**20  # ... and finished chat turns' KV
+    turn_store_mb: int = TURN_STORE_BYTES // 2**20  # ... and finished requests' KV
     reward_thread: bool = True  # route / deal: the reward model scores beside the engine loop
     backend: str = "auto"
     device: str = "cpu"
