@@ -242,13 +242,14 @@ class ModelStep:
         the longest, each branch's rows under its effects), each that extends a stored prefix
         (``Prefix.bases``: a growing chat's history, a longer common start) only from the
         base's end, on top of the base's KV."""
-        out, todo, hook_rows = {}, [], {}
+        out, todo, hook_rows, seen = {}, [], {}, set()
         for k, prefixes in by_branch.items():
             first = len(todo)
             for p in prefixes:
                 if p.key in self.prefixes:
                     out[p.key] = self.prefixes.get(p.key)
-                elif p.key not in out and all(p.key != q.key for q in todo):
+                elif p.key not in out and p.key not in seen:
+                    seen.add(p.key)
                     todo.append(p)
             if len(todo) > first:
                 hook_rows[k] = slice(first, len(todo))
