@@ -263,3 +263,14 @@ def test_a_finished_request_is_kept_for_the_requests_that_start_like_it(name):
             want = ref.generate([b], raw=True, **params)[0]
             assert got.token_ids == want.token_ids
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_a_finished_request_too_short_to_share_is_not_kept():
+    """A raw request with fewer than ``MIN_SHARED_TOKENS`` ids after its branch's prefix
+    (answer included) is not copied into the turn store; a longer one is."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    dec.generate([[5, 6, 7, 8]], raw=True, max_new_tokens=4, ignore_eos=True)
+    assert len(dec.turns) == 0
+    dec.generate([list(range(10, 50))], raw=True, max_new_tokens=4, ignore_eos=True)
+    assert len(dec.turns) == 1

@@ -31,7 +31,7 @@ from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
 from .ngrams import NGramBans
-from .prompts import Prefix, Prompt, PromptBuilder
+from .prompts import MIN_SHARED_TOKENS, Prefix, Prompt, PromptBuilder
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
@@ -1000,6 +1000,9 @@ class Engine:
             if entry is None:
                 continue
             turn, pre, suf = entry
+            if turn is None and len(pre) + len(suf) + len(fed) - pre.chain[1] < \
+                    MIN_SHARED_TOKENS:
+                continue  # too short for any request to share: not worth the copy
             if turn is not None:
                 key = f"turn:{turn.hex()}"
             else:  # named by what it holds
