@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import json
 
+import lm_eval  # extra "harness", part of the dev install
 import pytest
 import torch
 from engine_fixtures import tiny_llama
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 from serve_fixtures import LiveServer
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder
-
-lm_eval = pytest.importorskip("lm_eval")  # extra "harness"; in the dev install
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from safedecode.eval.harness import SafeDecodeLM, main  # noqa: E402
+from safedecode.eval.harness import SafeDecodeLM, main
 
 KEY = "sk-test"
 DOCS = [{"question": "The sky on a clear day is", "choices": ["blue", "green", "loud"],
@@ -59,7 +57,9 @@ def tasks(tmp_path_factory):
         (root / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
             f"    test: {data}\n  cache_dir: {root / 'cache'}\ntest_split: test\n{body}")
-    return TaskManager(include_path=str(root))
+    manager = TaskManager(include_path=str(root))
+    manager.root = root
+    return manager
 
 
 def _evaluate(model, tasks, names, **kw) -> dict:
@@ -184,5 +184,21 @@ def test_bad_arguments_name_what_is_wrong(decoders):
     lm = SafeDecodeLM(decoder=decoders["plain"])
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([Instance("generate_until", {}, ("Hi", {"num_beams": 2}), 0)])
-    with pytest.raises(SystemExit):  # lm-eval's own parser, with the model registered
-        main(["--model", "safedecode", "--tasks"])
+
+
+
+def test_command_line_loads_a_model_and_method_spec(tasks, decoders, tiny_model_dir, tmp_path):
+    """``safedecode-lm-eval``: lm-eval's command line, the ``safedecode`` model loaded from
+    ``model_args`` (a model folder, a method spec with a knob) = the same method offline."""
+    main(["--model", "safedecode", "--model_args",
+          f"pretrained={tiny_model_dir},method=acd-text:alpha=0.5", "--batch_size", "4",
+          "--tasks", "sd_choice", "--include_path", str(tasks.root), "--output_path",
+          str(tmp_path), "--log_samples"])
+    (path,) = tmp_path.rglob("samples_sd_choice_*.jsonl")
+    got = [json.loads(line) for line in path.read_text().splitlines()]
+    got = [[float(r[0][0]) for r in d["resps"]] for d in sorted(got, key=lambda d: d["doc_id"])]
+    acd = decoders["acd-text"]
+    dec = SafeDecoder(acd.model, acd.tok, methods.get("acd-text", alpha=0.5))
+    want = _lls(_evaluate(SafeDecodeLM(decoder=dec), tasks, ["sd_choice"])["sd_choice"])
+    for a, b in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)

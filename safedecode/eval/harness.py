@@ -5,7 +5,8 @@ a method's accuracy on lm-eval's tasks (MMLU, ARC, HellaSwag, GSM8K ...) beside 
 model's. Extra ``harness`` (``pip install safedecode[harness]``)::
 
     safedecode-lm-eval --model safedecode \\
-        --model_args pretrained=default,method=acd,adapter=ta-sft --tasks arc_easy --limit 100
+        --model_args pretrained=default,method=acd,adapter=ta-sft --tasks arc_easy --limit 100 \\
+        --batch_size 16  # requests decoding at once (lm-eval's default is 1)
 
 (or ``python -m safedecode.eval.harness``) is lm-eval's own command line with the model
 ``safedecode`` registered (``model_args``: ``pretrained`` a local model folder or ``default``,
@@ -25,6 +26,7 @@ system message that joins every branch. A served method is measured the same way
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 
 try:
@@ -62,8 +64,13 @@ class SafeDecodeLM(TemplateLM):
         if decoder is None:
             from safedecode.engine import SafeDecoder
             from safedecode.eval.runner import parse_methods
-            from safedecode.models import load_model
+            from safedecode.models import cuda_unavailable, load_model
 
+            if str(device or "cpu").startswith("cuda") and cuda_unavailable():
+                # lm-eval's command line asks for cuda:0 by default; its HF model falls back too
+                logging.getLogger(__name__).warning("device %s: %s; using cpu", device,
+                                                    cuda_unavailable())
+                device = "cpu"
             specs = parse_methods(str(method))
             if len(specs) != 1:
                 raise ValueError(f"method: one method spec, got {method!r}")
