@@ -6,6 +6,8 @@ model's, a contrast method's equal its scores, the server's equal the offline on
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import lm_eval  # extra "harness", part of the dev install
 import pytest
@@ -20,6 +22,7 @@ from safedecode.engine import SafeDecoder
 from safedecode.eval.harness import SafeDecodeLM, main
 
 KEY = "sk-test"
+SYSTEM = "Answer in one word."
 DOCS = [{"question": "The sky on a clear day is", "choices": ["blue", "green", "loud"],
          "answer": 0},
         {"question": "Two plus two equals", "choices": ["three", "four"], "answer": 1},
@@ -112,7 +115,9 @@ def test_plain_equals_lm_evals_own_hf_model_and_a_contrast_its_scores(tasks, dec
 def test_served_method_under_local_completions_equals_offline(tasks, decoders, tiny_model_dir,
                                                               tmp_path, monkeypatch):
     """lm-eval's ``local-completions`` against ``safedecode serve`` (token-id prompts, echo
-    log-probs; greedy generations with a stop string) = the offline ``safedecode`` model."""
+    log-probs; greedy generations with a stop string) = the offline ``safedecode`` model; its
+    ``local-chat-completions`` with a chat template and a system instruction = the offline
+    model's chat path (each branch renders the messages)."""
     srv = LiveServer(["--model", str(tiny_model_dir), "--name", "tiny", "-m", "acd-text",
                       "--api-key", KEY], tmp_path)
     try:
@@ -121,6 +126,10 @@ def test_served_method_under_local_completions_equals_offline(tasks, decoders, t
                 f"tokenizer={tiny_model_dir},max_retries=1,max_length=512")
         served = _evaluate("local-completions", tasks, ["sd_choice", "sd_gen"],
                            model_args=args)
+        chat_args = f"model=tiny:acd-text,base_url={srv.url}/v1/chat/completions,max_retries=1"
+        served_chat = _evaluate("local-chat-completions", tasks, ["sd_gen"],
+                                model_args=chat_args, apply_chat_template=True,
+                                system_instruction=SYSTEM)
     finally:
         assert srv.stop() == 0
     offline = _evaluate(SafeDecodeLM(decoder=decoders["acd-text"]), tasks,
@@ -128,6 +137,9 @@ def test_served_method_under_local_completions_equals_offline(tasks, decoders, t
     for a, b in zip(_lls(served["sd_choice"]), _lls(offline["sd_choice"]), strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     assert served["sd_gen"] == offline["sd_gen"]
+    offline_chat = _evaluate(SafeDecodeLM(decoder=decoders["acd-text"]), tasks, ["sd_gen"],
+                             apply_chat_template=True, system_instruction=SYSTEM)
+    assert served_chat["sd_gen"] == offline_chat["sd_gen"] != offline["sd_gen"]
     assert all(isinstance(d[0][0], str) and "\n" not in d[0][0] for d in offline["sd_gen"])
     assert any(d[0][0] for d in offline["sd_gen"])
 
@@ -185,6 +197,13 @@ def test_bad_arguments_name_what_is_wrong(decoders):
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([Instance("generate_until", {}, ("Hi", {"num_beams": 2}), 0)])
 
+
+    # registering ours leaves lm-eval's own models findable (its registry fills lazily)
+    code = ("import safedecode.eval.harness; from lm_eval.api.registry import get_model; "
+            "print(get_model('local-completions').__name__, get_model('safedecode').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["LocalCompletionsAPI", "SafeDecodeLM"], out.stderr[-2000:]
 
 
 def test_command_line_loads_a_model_and_method_spec(tasks, decoders, tiny_model_dir, tmp_path):

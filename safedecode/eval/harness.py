@@ -30,6 +30,9 @@ import logging
 from collections.abc import Sequence
 
 try:
+    # lm-eval's own models are registered first (lm_eval.models): its registry fills itself
+    # lazily only while empty, so registering ours first would hide them
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as exc:  # pragma: no cover - the extra is part of the dev install
