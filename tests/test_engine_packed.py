@@ -87,7 +87,7 @@ def test_packed_prefill_alone_equals_padded_prefill_for_prompts_of_mixed_lengths
             eng.state.acquire()
         built = [s.built for s in seqs]
         if packed:
-            dec_logits, logits[packed] = eng.runner.packed(eng.state, (), slots, built)
+            dec_logits, logits[packed], _ = eng.runner.packed(eng.state, (), slots, built)
             assert dec_logits is None
         else:
             logits[packed] = eng.runner.prefill(eng.state, slots, built)

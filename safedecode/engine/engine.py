@@ -39,6 +39,9 @@ from .step import Built, CompiledDecode, ModelStep
 from .stops import sentence_stop
 
 DEFAULT_MAX_LEN = 2048
+# a scored answer's tokens fed with its prompt per admission step, at most (their logits kept:
+# this many × K × vocabulary floats)
+FORCED_PREFILL_TOKENS = 1024
 
 __all__ = ["Engine", "GenerationResult", "StepOutput", "QueueFull", "ContextTooLong",
            "check_method_fits", "eos_ids"]
@@ -111,6 +114,9 @@ class _Seq:
     gate: bool | None = None  # the contrast gate's decision, set by the caller (add_built)
     context: list[list[int]] | None = None  # prompt ids per branch (repetition penalty)
     forced: list[int] | None = None  # the tokens it takes instead of sampling (add_scored)
+    # forced tokens fed with the prompt, scored from the prefill's logits (Engine._feed_forced)
+    extra: int = 0
+    prompt_built: list | None = None  # its prompt before they were appended
     # banned words (SamplingParams.bad_words*): one-token ones, always banned; longer ones as
     # (the tokens before the last, the last), banned where the context ends in the former;
     # the context is the anchor branch's prompt tail (bad_ctx) and the answer
@@ -254,6 +260,8 @@ class Engine:
         self._done: dict[int, GenerationResult] = {}
         self._prefilling: list[_Seq] = []  # holding slots, prompt fed in chunks (FIFO)
         self.steps = 0
+        # scored answers' tokens fed with their prompts per step (0: one per step, decoded)
+        self.forced_prefill_tokens = FORCED_PREFILL_TOKENS
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
@@ -685,20 +693,24 @@ class Engine:
                         ends=sorted(seq.eos), min_tokens=p.min_tokens)
         if chunked:
             self._prefilling += admitted
+            if not running:  # every prompt fed whole this step
+                self._feed_forced([q for q in self._prefilling if q.fed == 0])
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
         else:  # whole prompts (any left mid-prefill, should packing have stopped, included)
             feeding, chunks = self._prefilling + admitted, None
+            self._feed_forced(feeding)
+        extra = [q.extra for q in feeding] if any(q.extra for q in feeding) else None
         parts, order = [], []
         new = tuple(s.slot for s in feeding)
         built = [s.built for s in feeding]
-        mixed = None
+        mixed = extras = None
         if feeding and self.runner.can_pack:  # decode + prefill in one forward
-            mixed = self.runner.packed(st, running, new, built, chunks)
+            mixed = self.runner.packed(st, running, new, built, chunks, extra)
         if running:
             parts.append(mixed[0] if mixed is not None else self.runner.decode(st, running))
             order += list(running)
         if mixed is not None:
-            prefilled = mixed[1]
+            prefilled, extras = mixed[1], mixed[2]
             admitted = feeding
             if chunks is not None:  # the prefill ends for those whose chunk reached the end
                 for q, (_, b) in zip(feeding, chunks, strict=True):
@@ -707,7 +719,11 @@ class Engine:
                             if q.fed == max(self.runner.prompt_lengths(b))]
         else:  # no packing (or the first packed try failed): whole prompts, two forwards
             admitted = feeding
-            prefilled = self.runner.prefill(st, new, built) if feeding else None
+            prefilled = None
+            if feeding and extra is not None:
+                prefilled, extras = self.runner.prefill(st, new, built, extra)
+            elif feeding:
+                prefilled = self.runner.prefill(st, new, built)
         done = {q.id for q in admitted}
         self._prefilling = [q for q in self._prefilling if q.id not in done]
         if admitted:
@@ -716,8 +732,8 @@ class Engine:
             pick = []  # choices forked after the prefill, before their first token
             forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
             for i, s in enumerate(admitted):
-                s.turn = self._turn_of(s.built) if not s.kids else None
-                s.built = None
+                s.turn = self._turn_of(s.prompt_built or s.built) if not s.kids else None
+                s.built = s.prompt_built = None
                 if s.kids:
                     for kid in s.kids:
                         kid.slot, kid.context = st.acquire(), s.context
@@ -745,8 +761,10 @@ class Engine:
         top = max(s.params.top_logprobs for s in seqs)
         forced = None
         if any(s.forced for s in seqs):
-            forced = torch.tensor([s.forced[len(s.out)] if s.forced else -1 for s in seqs],
+            forced = torch.tensor([s.forced[len(s.out) + s.extra] if s.forced else -1
+                                   for s in seqs],
                                   dtype=torch.long).to(st.device)
+        early = self._forced_scores(feeding, extras, top) if extras else {}
         packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
                                     self._word_bans(seqs))
         vals = packed.tolist()  # the step's one device-to-host transfer
@@ -775,6 +793,15 @@ class Engine:
         for seq, status, t, lp, parent in rows:
             if not seq.out:
                 seq.t_first = now
+            for t0, lp0, best0 in early.get(seq.id, ()):  # fed with its prompt, scored there
+                seq.out.append(t0)
+                if seq.params.logprobs:
+                    seq.logprobs.append(lp0)
+                if best0 is not None:
+                    seq.tops.append(best0)
+                delta, _ = self._advance_text(seq, t0)
+                outs.append(StepOutput(seq.id, delta, t0, None,
+                                       lp0 if seq.params.logprobs else None, None, best0))
             if status:
                 seq.error = f"request {seq.id}: {STATUS_MESSAGES.get(status, status)}"
                 self._finish(seq, "error", now)
@@ -794,6 +821,56 @@ class Engine:
             outs.append(StepOutput(seq.id, delta, t, reason,
                                    lp if seq.params.logprobs else None, parent, best))
         return outs
+
+    def _feed_forced(self, feeding: list[_Seq]) -> None:
+        """Append the given tokens of the scored sequences among ``feeding``, whose prompts
+        are fed whole this step (all but the last token, at most
+        :attr:`forced_prefill_tokens` in all), to their prompts (``_Seq.extra``), so that one
+        forward scores them instead of one decode step each. Only where a prefill and decode
+        steps give the same distributions: no penalties, bans or logit bias (their state
+        follows the decoded tokens), no forked choices, :attr:`ModelStep.scores_in_prefill`."""
+        budget = self.forced_prefill_tokens
+        if not budget or not self.runner.scores_in_prefill:
+            return
+        st = self.state
+        for s in feeding:
+            if budget <= 0:
+                break
+            if s.forced and not s.out and not s.extra and not s.kids and s.gate is None \
+                    and s.ngrams is None and not s.bad_seqs and not st.adjusted[s.slot] \
+                    and not st.banning[s.slot] and len(s.forced) > 1:
+                e = min(len(s.forced) - 1, budget)
+                s.prompt_built = s.built
+                s.built = [(pre, [*suf, *s.forced[:e]]) for pre, suf in s.built]
+                s.extra, budget = e, budget - e
+
+    def _forced_scores(self, feeding: list[_Seq], extras: list, top: int
+                       ) -> dict[int, list[tuple[int, float, list | None]]]:
+        """Per scored sequence just prefilled with its given tokens: (token, log-prob, best
+        alternatives or None) of each, from the prefill's logits; its step count advanced."""
+        st = self.state
+        seqs = [s for s, x in zip(feeding, extras, strict=True) if x is not None]
+        if not seqs:
+            return {}
+        tokens = [s.forced[:s.extra] for s in seqs]
+        vals = self.runner.forced_scores(
+            st, tuple(s.slot for s in seqs),
+            [x for x in extras if x is not None], tokens, top).tolist()  # one more read
+        slots = torch.tensor([s.slot for s in seqs], device=st.device)
+        st.step.index_add_(0, slots, torch.tensor([s.extra for s in seqs], device=st.device))
+        out, at = {}, 0
+        for s, ts in zip(seqs, tokens, strict=True):
+            n = s.params.top_logprobs
+            rows = []
+            for j, t in enumerate(ts):
+                best = None
+                if n:
+                    best = [(int(vals[1 + i][at + j]), vals[1 + top + i][at + j])
+                            for i in range(n) if vals[1 + top + i][at + j] != float("-inf")]
+                rows.append((t, vals[0][at + j], best))
+            out[s.id], at = rows, at + len(ts)
+            s.extra = 0
+        return out
 
     @staticmethod
     def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int]] | None:

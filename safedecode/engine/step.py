@@ -225,10 +225,12 @@ class ModelStep:
 
     def _forward(self, cache: SlotCache, hook_rows, phase: str = "decode",
                  prompt_mask: torch.Tensor | None = None, gate_on: torch.Tensor | None = None,
-                 steps: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+                 steps: torch.Tensor | None = None, keep: int = 1, **inputs) -> torch.Tensor:
+        """The model's logits at each row's last position ``[rows, V]`` (``keep`` > 1: its last
+        ``keep`` positions, ``[rows, keep, V]``)."""
         with self._forward_context(hook_rows, phase, prompt_mask, gate_on, steps):
-            out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=1)
-        return out.logits[:, -1, :]
+            out = self.model(**inputs, **cache_kwargs(self.model, cache), logits_to_keep=keep)
+        return out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]
 
     # -- prefixes ---------------------------------------------------------------------------
     def prefix_kv(self, k: int, prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -379,10 +381,14 @@ class ModelStep:
             return [len(suffix) for _, suffix in built]
         return [len(p) + len(x) for p, x in built]  # len(p): soft, ids and tail together
 
-    def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built]
-                ) -> torch.Tensor:
+    def prefill(self, state: DecodeState, slots: tuple[int, ...], built: list[Built],
+                extra: Sequence[int] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Write the prompts of new sequences ``slots`` (``built[i][k]`` = prefix and suffix of
-        sequence i under branch k) into their rows; returns their next-token logits [n, K, V]."""
+        sequence i under branch k) into their rows; returns their next-token logits [n, K, V].
+        ``extra[i]`` = e > 0: also the logits ``[e, K, V]`` of sequence i's e positions before
+        its last (a scored answer's tokens fed with the prompt: :meth:`forced_scores`), as a
+        second value (one per sequence, None where e = 0)."""
         kb, dev = self.method.k, self.device
         rows, index, _ = state.layout(slots)
         starts, seqs, soft = self._prompt_rows(state, slots, built)
@@ -421,12 +427,19 @@ class ModelStep:
             own = torch.tensor([len(suffix) for per_branch in built for _, suffix in per_branch])
             prompt_mask = (torch.arange(t)[None] >= t - own[:, None]).to(dev)
         gate_on = state.gate_on[index].clone() if self._gated else None  # the hooks write it
+        most = max(extra) if extra else 0
         logits = self._forward(state.cache, self._branch_rows(), phase="prefill",
-                               prompt_mask=prompt_mask, gate_on=gate_on,
+                               prompt_mask=prompt_mask, gate_on=gate_on, keep=most + 1,
                                attention_mask=mask, position_ids=pos.to(dev), **inputs)
         if gate_on is not None:
             state.gate_on[index] = gate_on
-        return logits.view(len(slots), kb, -1)
+        if extra is None:
+            return logits.view(len(slots), kb, -1)
+        if not most:
+            return logits.view(len(slots), kb, -1), [None] * len(slots)
+        extras = [logits[i * kb:(i + 1) * kb, most - e:most].transpose(0, 1) if e else None
+                  for i, e in enumerate(extra)]  # rows end-aligned: their last positions
+        return logits[:, -1].reshape(len(slots), kb, -1), extras
 
     # -- decode and prefill in one forward ---------------------------------------------------
     @property
@@ -440,12 +453,15 @@ class ModelStep:
             and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
     def packed(self, state: DecodeState, running: tuple[int, ...], new: tuple[int, ...],
-               built: list[Built], chunks: list[tuple[int, int]] | None = None
-               ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+               built: list[Built], chunks: list[tuple[int, int]] | None = None,
+               extra: Sequence[int] | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor, list | None] | None:
         """Decode ``running`` and prefill ``new`` in one packed forward (:mod:`.packed`);
-        returns their logits ``([n_run, K, V] or None, [n_done, K, V])``, or None (nothing
-        done) when this model's attention did not route through the packed function on the
-        first try — the caller then runs :meth:`decode` and :meth:`prefill`.
+        returns their logits ``([n_run, K, V] or None, [n_done, K, V], extras)``, or None
+        (nothing done) when this model's attention did not route through the packed function
+        on the first try — the caller then runs :meth:`decode` and :meth:`prefill`.
+        ``extra`` (whole prompts only): as :meth:`prefill`'s; ``extras`` then has one entry
+        per new sequence (None without ``extra``).
 
         ``chunks[i] = (a, b)``: feed only part of sequence i's prompt (chunked prefill). Its
         rows are aligned at their ends (a row ``d`` tokens shorter than the longest starts
@@ -524,8 +540,11 @@ class ModelStep:
                     emb[0, soft_at[r]:soft_at[r] + min(hi, len(p)) - lo] = \
                         p.embeds(self.embed)[lo:hi]
             inputs = {"inputs_embeds": emb}
+        more = [] if extra is None else [  # a scored answer's positions before the last
+            last[i * kb + k] - e + p for i, e in enumerate(extra) if done[i]
+            for p in range(e) for k in range(kb)]
         keep = torch.cat([torch.arange(n_dec), torch.tensor(
-            [last[i * kb + k] for i in range(len(new)) if done[i] for k in range(kb)],
+            [last[i * kb + k] for i in range(len(new)) if done[i] for k in range(kb)] + more,
             dtype=torch.long)]).to(dev)
         for i, slot in enumerate(new):
             state.set_rows(slot, [ends[i * kb + k] for k in range(kb)])
@@ -558,7 +577,15 @@ class ModelStep:
         if running:
             state.advance(running, dec_rows, state.layout(running)[1])
         dec = logits[:n_dec].view(len(running), kb, -1) if running else None
-        return dec, logits[n_dec:].view(sum(done), kb, logits.shape[-1])
+        at = n_dec + sum(done) * kb
+        pre = logits[n_dec:at].view(sum(done), kb, logits.shape[-1])
+        if extra is None:
+            return dec, pre, None
+        extras = []
+        for i, e in enumerate(extra):
+            extras.append(logits[at:at + e * kb].view(e, kb, -1) if e and done[i] else None)
+            at += e * kb if done[i] else 0
+        return dec, pre, extras
 
     # -- decode -----------------------------------------------------------------------------
     def live_rows(self, state: DecodeState, slots: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -685,6 +712,37 @@ class ModelStep:
         vals, order = vals.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(1, order)
         return [*ids.double().T, *vals.double().T]
+
+    def forced_scores(self, state: DecodeState, slots: tuple[int, ...],
+                      logits: list[torch.Tensor], tokens: list[list[int]], top: int = 0
+                      ) -> torch.Tensor:
+        """The given ``tokens[i]`` of sequence ``slots[i]`` scored at the positions whose
+        logits ``[e_i, K, V]`` the prefill kept (:meth:`prefill`'s ``extra``): ``[1 (+ 2 top),
+        Σ e_i]`` float64 — each token's log-prob under the final distribution (the same op as
+        :meth:`sample`'s ``forced``; the sequences have no penalties or bans), then ``top``
+        rows of the best ids and ``top`` of their log-probs."""
+        m = self.method
+        _, _, sidx = state.layout(slots)
+        rep = torch.tensor([len(t) for t in tokens], device=sidx.device)
+        idx = sidx.repeat_interleave(rep)
+        knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
+                     temperature=state.temperature[idx], top_k=state.top_k[idx],
+                     top_p=state.top_p[idx], min_p=state.min_p[idx], backend=self.backend)
+        final = self._final(torch.cat(logits), knobs)
+        given = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long,
+                             device=final.device)
+        parts = [final.gather(1, given[:, None])[:, 0].double()]
+        if top:
+            parts += self._top(final, top)
+        return torch.stack(parts)
+
+    @property
+    def scores_in_prefill(self) -> bool:
+        """Whether a scored answer's tokens may be fed with its prompt and scored from that
+        forward's logits: no branch hooks or adapters (a prefill and a decode step would run
+        them differently), no contrast gate, no sentence-stop rule."""
+        return not self._effects["prefill"] and not self._effects["decode"] \
+            and self.method.contrast_gate is None and self.stop is None
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
                logprobs: bool, top: int = 0, forced: torch.Tensor | None = None,

@@ -1,0 +1,160 @@
+"""A scored answer's tokens fed with its prompt: one forward scores them all (the prefill's
+logits at their positions) instead of one decode step per token — the same log-probs, top
+alternatives and tokens as decoding them, for every kind of branch and attention the engine
+runs, packed beside decoding sequences or alone; within a budget; not where a prefill would
+differ from decode steps (penalties, bans, hooks) nor beyond the prefill budget of a server."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from engine_fixtures import method_named, tiny_arch, tiny_llama
+
+from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+
+TEXT = ("Once upon a time there was a little fox who lived at the edge of a very old wood, "
+        "and every morning it walked down to the river to drink.")
+
+
+def _run(dec, jobs, *, fast: int | None, max_seqs: int = 4, running: bool = False, **eng_kw):
+    """Score ``jobs`` ((prompt ids, continuation, params)) in one engine; ``fast``: its
+    ``forced_prefill_tokens`` (None: the default). ``running``: a generated request decodes
+    first, so the scored ones join a packed step beside it. Returns (results, steps)."""
+    eng = dec.engine(max_seqs=max_seqs, **eng_kw)
+    if fast is not None:
+        eng.forced_prefill_tokens = fast
+    ids = []
+    if running:
+        ids.append(eng.add_request("Hello there", SamplingParams(max_new_tokens=12,
+                                                                 temperature=0)))
+        eng.step()
+    ids += [eng.add_scored(p, c, params, raw=True) for p, c, params in jobs]
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    return [eng.pop_result(i) for i in ids], steps
+
+
+def _same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids and x.text == y.text
+        if x.logprobs is not None:
+            for p, q in zip(x.logprobs, y.logprobs, strict=True):
+                assert (math.isinf(p) and p == q) or p == pytest.approx(q, abs=2e-5)
+        if x.top_logprobs is not None:
+            assert [[i for i, _ in t] for t in x.top_logprobs] == \
+                [[i for i, _ in t] for t in y.top_logprobs]
+            for t, u in zip(x.top_logprobs, y.top_logprobs, strict=True):
+                assert [v for _, v in t] == pytest.approx([v for _, v in u], abs=2e-5)
+
+
+def _jobs(tok):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    return [(ids[:4], ids[4:], SamplingParams(logprobs=True, top_logprobs=3)),
+            (ids[:9], ids[9:14], SamplingParams(logprobs=True, temperature=0.7, top_k=20)),
+            (ids[:2], ids[2:3], SamplingParams(logprobs=True))]
+
+
+@pytest.mark.parametrize("kind", ["plain", "acd-text", "soft", "qwen2-mixed", "gemma2-mixed"])
+@pytest.mark.parametrize("running", [False, True])
+def test_scored_in_the_prefill_equals_decoded(kind, running):
+    """plain / acd-text / a soft prompt on Llama (packed forward), a half-windowed Qwen2
+    (packed), a windowed, soft-capped Gemma 2 (eager attention: the two-forward prefill); alone
+    or joining a decoding sequence: every result = the one-token-per-step engine, and the
+    scored requests take one step instead of one per token."""
+    if kind in ("plain", "acd-text", "soft"):
+        model, tok = tiny_llama()
+        m = method_named(kind, model, tok)
+    else:
+        model, tok = tiny_arch(kind)
+        m = method_named("acd-text", model, tok)
+    jobs = _jobs(tok)
+    slow, n_slow = _run(SafeDecoder(model, tok, m), jobs, fast=0, running=running)
+    fast, n_fast = _run(SafeDecoder(model, tok, m), jobs, fast=None, running=running)
+    _same(fast, slow)
+    longest = max(len(c) for _, c, _ in jobs)
+    if running:  # the decoding request has 11 steps to go
+        assert (n_slow, n_fast) == (max(11, longest), 11)
+    else:
+        assert (n_slow, n_fast) == (longest, 1)
+    scored = fast[-len(jobs):]
+    assert any(math.isinf(v) for r in scored for v in r.logprobs)  # top-k excluded some
+    assert all(math.isfinite(v) for v in scored[0].logprobs)
+
+
+def test_budget_splits_between_prefill_and_decode():
+    """At most ``forced_prefill_tokens`` tokens per step are fed with prompts (oldest first);
+    the rest of an answer is decoded, with the same results."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    jobs = _jobs(tok)[:2]
+    n0, n1 = len(jobs[0][1]), len(jobs[1][1])
+    slow, _ = _run(dec, jobs, fast=0)
+    part, steps = _run(dec, jobs, fast=5)  # 5 of the first's, none of the second's
+    _same(part, slow)
+    assert steps == max(n0 - 5, n1)
+    part, steps = _run(dec, jobs, fast=n0 + 1)  # all of the first's, 2 of the second's
+    _same(part, slow)
+    assert steps == n1 - 2
+
+
+def test_not_where_a_prefill_differs_from_decoding():
+    """Penalties and logit bias (state that follows the decoded tokens), bans, a branch hook,
+    and a server's prefill budget while others decode: decoded one token per step (same
+    results, as many steps as tokens)."""
+    model, tok = tiny_llama()
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    n = len(ids) - 3
+    for params in (SamplingParams(logprobs=True, presence_penalty=0.5),
+                   SamplingParams(logprobs=True, repetition_penalty=1.3),
+                   SamplingParams(logprobs=True, logit_bias={5: 2.0}),
+                   SamplingParams(logprobs=True, bad_words_ids=((7, 8),))):
+        fast, steps = _run(dec, [(ids[:3], ids[3:], params)], fast=None)
+        _same(fast, _run(dec, [(ids[:3], ids[3:], params)], fast=0)[0])
+        assert steps == n, params
+    hook = BranchHook("model.layers.0", lambda h: h * 1.5, positions="all")
+    hooked = SafeDecoder(model, tok, contrastive([Branch(system="Be safe.", hooks=(hook,)),
+                                                  Branch()], [1.5, -0.5]))
+    assert _run(hooked, [(ids[:3], ids[3:], SamplingParams())], fast=None)[1] == n
+    # a prefill budget: fed whole when nothing decodes, one per step beside a decoding request
+    job = [(ids[:3], ids[3:], SamplingParams(logprobs=True))]
+    assert _run(dec, job, fast=None, max_prefill_tokens=8)[1] == 1
+    beside, steps = _run(dec, job, fast=None, max_prefill_tokens=8, running=True)
+    _same(beside, _run(dec, job, fast=0, running=True)[0])
+    assert steps == max(11, n)
+
+
+def test_score_of_a_long_answer_equals_decoded():
+    """``SafeDecoder.score`` of a 60-token answer (what a loglikelihood client and ``echo``
+    get): log-probs = the decoded ones."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    ids = tok(TEXT * 2, add_special_tokens=False)["input_ids"][:64]
+    got = dec.score([ids[:4]], [ids[4:]], raw=True)[0]
+    want, steps = _run(dec, [(ids[:4], ids[4:], SamplingParams(logprobs=True))], fast=0)
+    assert steps == 60 and got.token_ids == ids[4:]
+    assert got.logprobs == pytest.approx(want[0].logprobs, abs=2e-5)
+
+
+def test_a_scored_request_is_kept_for_what_follows_it():
+    """Its prompt + answer KV is kept as a decoded one's (the text continued after the scored
+    answer shares it: a few columns computed) and = the decoder without a prefix cache."""
+    model, tok = tiny_llama()
+    m = method_named("acd-text", model, tok)
+    ids = tok(TEXT * 2, add_special_tokens=False)["input_ids"]
+    dec = SafeDecoder(model, tok, m)
+    dec.score([ids[:40]], [ids[40:60]], raw=True)
+    built = dec.builder.build_request(m.branches, ids[:40], 0, raw=True)
+    kept = sorted(kv[0][0].shape[-2] for kv in dec.turns._kv.values())
+    assert kept == sorted(len(p) + len(s) + 19 for p, s in built)  # prompt + answer[:-1]
+    before = dec.prefixes.computed_tokens + dec.turns.computed_tokens
+    got = dec.generate([ids[:64]], raw=True, max_new_tokens=4, return_logprobs=True)[0]
+    computed = dec.prefixes.computed_tokens + dec.turns.computed_tokens - before
+    assert computed <= 2 * m.k
+    want = SafeDecoder(model, tok, m, prefix_cache=False).generate(
+        [ids[:64]], raw=True, max_new_tokens=4, return_logprobs=True)[0]
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == pytest.approx(want.logprobs, abs=2e-5)
