@@ -1,9 +1,11 @@
 """lm-evaluation-harness on safedecode vs lm-eval's own HF model: a multiple-choice task (a
-5-shot preamble, then a question, four answers) through lm-eval's evaluator, on the embedded
-model. ``plain`` under the ``safedecode`` model against lm-eval's ``HFLM`` (same model, same
-batch size): wall time, accuracy, the largest log-likelihood difference; ``acd-text`` (K = 2)
-beside them, what a contrast method costs to evaluate. One machine, one run, alternated
-repeats. Writes ``benchmarks/results/lm_eval_cpu.md``.
+5-shot preamble, then a question, four answers) and a rolling log-likelihood task (texts of a
+few hundred tokens: perplexity) through lm-eval's evaluator, on the embedded model. ``plain``
+under the ``safedecode`` model against lm-eval's ``HFLM`` (same model, same batch size): wall
+time, the metric, the largest log-likelihood difference; the same with scored answers decoded
+one token per step (``forced_prefill_tokens = 0``, as before they were fed with the prompt);
+``acd-text`` (K = 2) beside them, what a contrast method costs to evaluate. One machine, one
+run, alternated repeats. Writes ``benchmarks/results/lm_eval_cpu.md``.
 
     python benchmarks/bench_lm_eval.py [--docs 40] [--batch 8] [--repeats 2]
 """

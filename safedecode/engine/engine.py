@@ -680,6 +680,8 @@ class Engine:
                 st.free_slots - reserve, lambda s: 1 + len(s.kids),
                 lambda s: sum(len(x) for _, x in s.built),
                 self.max_prefill_tokens if st.in_use() > 0 else None)
+        if not chunked or not running:  # scored answers fed with their prompts this step
+            admitted = self._defer_scored(admitted)
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params
@@ -822,6 +824,34 @@ class Engine:
                                    lp if seq.params.logprobs else None, parent, best))
         return outs
 
+    @staticmethod
+    def _scores_early(s: _Seq) -> bool:
+        """Whether scored sequence ``s`` may have its given tokens fed with its prompt: no
+        penalties, logit bias, bans or forked choices (their state follows decoded tokens)."""
+        p = s.params
+        return bool(s.forced) and len(s.forced) > 1 and not s.out and not s.kids \
+            and s.gate is None and s.ngrams is None and not s.bad_seqs and not s.bad_one \
+            and p.presence_penalty == 0 and p.frequency_penalty == 0 \
+            and p.repetition_penalty == 1.0 and not p.logit_bias \
+            and p.allowed_token_ids is None and not p.min_tokens
+
+    def _defer_scored(self, admitted: list[_Seq]) -> list[_Seq]:
+        """``admitted`` up to the first scored sequence whose given tokens would pass
+        :attr:`forced_prefill_tokens` for this step (the first sequence always stays); the
+        rest go back to the head of the queue, in order, to be fed whole in a later step
+        rather than decoded one token per step."""
+        budget = self.forced_prefill_tokens
+        if not budget or not self.runner.scores_in_prefill:
+            return admitted
+        spent = 0
+        for i, s in enumerate(admitted):
+            spent += len(s.forced) - 1 if self._scores_early(s) else 0
+            if i and spent > budget:
+                for q in reversed(admitted[i:]):
+                    self.scheduler.add_front(q)
+                return admitted[:i]
+        return admitted
+
     def _feed_forced(self, feeding: list[_Seq]) -> None:
         """Append the given tokens of the scored sequences among ``feeding``, whose prompts
         are fed whole this step (all but the last token, at most
@@ -836,9 +866,8 @@ class Engine:
         for s in feeding:
             if budget <= 0:
                 break
-            if s.forced and not s.out and not s.extra and not s.kids and s.gate is None \
-                    and s.ngrams is None and not s.bad_seqs and not st.adjusted[s.slot] \
-                    and not st.banning[s.slot] and len(s.forced) > 1:
+            if not s.extra and self._scores_early(s) and not st.adjusted[s.slot] \
+                    and not st.banning[s.slot]:
                 e = min(len(s.forced) - 1, budget)
                 s.prompt_built = s.built
                 s.built = [(pre, [*suf, *s.forced[:e]]) for pre, suf in s.built]
