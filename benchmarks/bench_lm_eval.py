@@ -13,6 +13,7 @@ run, alternated repeats. Writes ``benchmarks/results/lm_eval_cpu.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import statistics
@@ -28,6 +29,7 @@ from lm_eval.tasks import TaskManager
 from safedecode import methods
 from safedecode.bench.machine import describe, git_commit, machine_line
 from safedecode.engine import SafeDecoder
+from safedecode.engine import engine as engine_mod
 from safedecode.eval.harness import SafeDecodeLM
 from safedecode.models import load_default
 
@@ -54,80 +56,127 @@ def _docs(n: int) -> list[dict]:
     return out
 
 
-def _task(root: Path, docs: list[dict]) -> TaskManager:
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (root / "bench_mc.yaml").write_text(
-        f"task: bench_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\n  cache_dir: {root / 'cache'}\ntest_split: test\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
-        "target_delimiter: \" \"\nmetric_list:\n  - metric: acc\n")
+def _texts(n: int) -> list[dict]:
+    """Texts of a few hundred tokens for the rolling log-likelihood task."""
+    out = []
+    for i in range(n):
+        facts = FACTS[i % len(FACTS):] + FACTS[:i % len(FACTS)]
+        out.append({"text": " ".join(f"{q} The answer is {a}." for q, a in facts * 3)})
+    return out
+
+
+def _task(root: Path, docs: list[dict], texts: list[dict]) -> TaskManager:
+    common = "dataset_path: json\ntest_split: test\n"
+    for name, rows, body in (
+            ("bench_mc", docs, "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+             "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+             "target_delimiter: \" \"\nmetric_list:\n  - metric: acc\n"),
+            ("bench_roll", texts, "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
+             "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n")):
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in rows))
+        (root / f"{name}.yaml").write_text(
+            f"task: {name}\n{common}dataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"  cache_dir: {root / 'cache'}\n{body}")
     return TaskManager(include_path=str(root))
 
 
-def _run(lm, tasks) -> tuple[float, float, list[float]]:
+METRIC = {"bench_mc": "acc,none", "bench_roll": "word_perplexity,none"}
+
+
+def _run(lm, tasks, task: str) -> tuple[float, float, list[float]]:
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=tasks,
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tasks,
                                   log_samples=True, bootstrap_iters=0)
     dt = time.perf_counter() - t0
-    samples = sorted(out["samples"]["bench_mc"], key=lambda s: s["doc_id"])
-    lls = [r[0][0] for s in samples for r in s["resps"]]
-    return dt, out["results"]["bench_mc"]["acc,none"], lls
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    lls = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0])
+           for s in samples for r in s["resps"]]
+    return dt, out["results"][task][METRIC[task]], lls
+
+
+@contextlib.contextmanager
+def _forced_prefill(tokens: int | None):
+    """Engines made inside use ``forced_prefill_tokens = tokens`` (None: the default)."""
+    old = engine_mod.FORCED_PREFILL_TOKENS
+    if tokens is not None:
+        engine_mod.FORCED_PREFILL_TOKENS = tokens
+    try:
+        yield
+    finally:
+        engine_mod.FORCED_PREFILL_TOKENS = old
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=40)
+    ap.add_argument("--texts", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model, tok = load_default()
-    lms = {"lm-eval HFLM": HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch),
-           "safedecode plain": SafeDecodeLM(decoder=SafeDecoder(model, tok,
-                                                                  methods.get("plain")),
-                                            batch_size=args.batch),
-           "safedecode acd-text": SafeDecodeLM(decoder=SafeDecoder(model, tok,
-                                                                     methods.get("acd-text")),
-                                               batch_size=args.batch)}
-    times: dict[str, list[float]] = {k: [] for k in lms}
-    acc, lls = {}, {}
+
+    def ours(method: str) -> SafeDecodeLM:
+        return SafeDecodeLM(decoder=SafeDecoder(model, tok, methods.get(method)),
+                            batch_size=args.batch)
+
+    # name: (lm, forced_prefill_tokens)
+    lms = {"lm-eval HFLM": (HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch), None),
+           "safedecode plain": (ours("plain"), None),
+           "safedecode plain, answers decoded": (ours("plain"), 0),
+           "safedecode acd-text": (ours("acd-text"), None)}
+    tasks_run = ("bench_mc", "bench_roll")
+    times = {(k, t): [] for k in lms for t in tasks_run}
+    metric, lls = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = _task(Path(tmp), _docs(args.docs))
+        tasks = _task(Path(tmp), _docs(args.docs), _texts(args.texts))
         for _ in range(args.repeats):
-            for name, lm in lms.items():
-                dt, acc[name], lls[name] = _run(lm, tasks)
-                times[name].append(dt)
-                print(f"{name}: {dt:.1f} s, acc {acc[name]:.3f}", flush=True)
+            for task in tasks_run:
+                for name, (lm, forced) in lms.items():
+                    with _forced_prefill(forced):
+                        dt, metric[name, task], lls[name, task] = _run(lm, tasks, task)
+                    times[name, task].append(dt)
+                    print(f"{task} {name}: {dt:.1f} s, {metric[name, task]:.4f}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    diff = max(abs(a - b) for a, b in zip(lls["safedecode plain"], lls["lm-eval HFLM"],
-                                          strict=True))
-    n_req = len(lls["lm-eval HFLM"])
-    rows = "\n".join(f"| {k} | {med[k]:.1f} | {n_req / med[k]:.1f} | {acc[k]:.3f} | "
-                     + ", ".join(f"{t:.1f}" for t in times[k]) + " |" for k in lms)
-    ratio = med["lm-eval HFLM"] / med["safedecode plain"]
+    sections = []
+    for task in tasks_run:
+        ref = lls["lm-eval HFLM", task]
+        diff = max(abs(a - b) for a, b in zip(lls["safedecode plain", task], ref, strict=True))
+        rows = "\n".join(
+            f"| {k} | {med[k, task]:.1f} | {len(ref) / med[k, task]:.1f} | "
+            f"{metric[k, task]:.4g} | " + ", ".join(f"{t:.1f}" for t in times[k, task]) + " |"
+            for k in lms)
+        ratio = med["lm-eval HFLM", task] / med["safedecode plain", task]
+        fed = med["safedecode plain, answers decoded", task] / med["safedecode plain", task]
+        what = (f"{args.docs} questions after one 5-shot preamble, four answers each "
+                f"({len(ref)} log-likelihood requests)" if task == "bench_mc" else
+                f"{args.texts} texts of {len(tok(_texts(1)[0]['text'])['input_ids'])} tokens "
+                "or so, one rolling window each")
+        sections.append(f"""## {task}: {what}
+
+| model | wall s | requests/s | {METRIC[task].split(',')[0]} | each run, s |
+|---|---:|---:|---:|---|
+{rows}
+
+`safedecode plain` / lm-eval's HFLM: **{ratio:.2f}×** the speed; its answers fed with the
+prompt / decoded one token per step: **{fed:.2f}×**; the largest log-likelihood difference
+from HFLM {diff:.2e} (float32).
+""")
     OUT.write_text(f"""# lm-evaluation-harness: safedecode vs lm-eval's own HF model
 
 `python {shlex.join(['benchmarks/bench_lm_eval.py', *sys.argv[1:]])}`
 
 {machine_line(describe("cpu"))}, commit {git_commit()}
 
-The embedded model; a multiple-choice task through `lm_eval.simple_evaluate`: {args.docs}
-questions after one 5-shot preamble, four answers each ({n_req} log-likelihood requests),
-batch size {args.batch}, median of {args.repeats} alternated runs (evaluator overhead included).
+The embedded model through `lm_eval.simple_evaluate` (evaluator overhead included), batch size
+{args.batch}, median of {args.repeats} alternated runs (the first of each includes its
+warm-up). The safedecode model computes a context's KV once for its answers and a common
+preamble once for all requests (`SafeDecoder.score`'s shared leading tokens), and feeds a
+scored answer's tokens with its prompt (one forward scores them, at most 1024 tokens per step;
+"answers decoded": one engine step per token, as before); `acd-text` runs two branches per
+request.
 
-| model | wall s | requests/s | acc | each run, s |
-|---|---:|---:|---:|---|
-{rows}
-
-`safedecode plain` / lm-eval's HFLM: **{ratio:.2f}×** the speed; the largest log-likelihood
-difference between them {diff:.2e} (float32). The safedecode model computes a context's KV once for
-its four answers and the common preamble once for all requests (`SafeDecoder.score`'s shared
-leading tokens), but scores a continuation one token per engine step, as it feeds an answer,
-where the HF model teacher-forces it in one forward; `acd-text` runs two branches per request.
-The first run of each includes its warm-up.
-""")
+""" + "\n".join(sections))
     print(OUT.read_text())
 
 

@@ -162,18 +162,24 @@ def test_chat_requests_render_each_branch_and_rolling_windows_add_up(decoders):
 
     plain = decoders["plain"]
     lm = SafeDecodeLM(decoder=plain)
+    from lm_eval.models.huggingface import HFLM
+
+    text = "The fox walked down to the river to drink, as it did every morning."
+    req = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    hf = HFLM(pretrained=plain.model, tokenizer=plain.tok).loglikelihood_rolling(req)
+    assert lm.loglikelihood_rolling(req) == pytest.approx(hf, abs=2e-4)  # BOS first, as HF's
     lm.max_length = 16  # windows of 15 tokens over a 46-token text
     text = " ".join(f"word{i}" for i in range(20))
     ids = plain.tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 32
     (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    seq = torch.tensor([[plain.tok.eos_token_id, *ids]])
+    seq = torch.tensor([[lm.prefix_token_id, *ids]])
     with torch.no_grad():  # each window sees at most 15 tokens: compute them as lm-eval cuts
         from lm_eval import utils
 
         want = 0.0
         for ctx_ids, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                ids, plain.tok.eos_token_id, 15, 1)):
+                ids, lm.prefix_token_id, 15, 1)):
             inp = torch.tensor([ctx_ids + cont])
             lp = torch.log_softmax(plain.model(inp).logits[0].float(), -1)
             want += sum(float(lp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont))

@@ -103,6 +103,13 @@ class SafeDecodeLM(TemplateLM):
         return self.tokenizer.eos_token_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """The token before a text with no context (rolling windows, an empty context): BOS
+        where the tokenizer has one, as lm-eval's HF model takes it, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return self.eot_token_id if bos is None else bos
+
+    @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
 
