@@ -164,11 +164,13 @@ class SafeDecoder:
         """The log-probabilities of given answers under this method, token by token: each
         prompt's continuation (a string, tokenised without special tokens, or token ids) is
         fed as if decoded — the same branches, prompts, hooks and adapters as
-        :meth:`generate` — and each result's ``logprobs`` are its tokens' log-probs under the
-        final distribution (``-inf`` where the plausibility mask or top-k / top-p excludes
-        one); their sum is the answer's log-likelihood under the method. Keywords: the
-        distribution's :class:`SamplingParams` knobs (``temperature``, penalties,
-        ``top_logprobs`` to see what it preferred). ``max_batch``: requests scored at once."""
+        :meth:`generate`; in one forward with the prompt where that gives the same
+        (:meth:`Engine.add_scored`) — and each result's ``logprobs`` are its tokens'
+        log-probs under the final distribution (``-inf`` where the plausibility mask or top-k
+        / top-p excludes one); their sum is the answer's log-likelihood under the method.
+        Keywords: the distribution's :class:`SamplingParams` knobs (``temperature``,
+        penalties, ``top_logprobs`` to see what it preferred). ``max_batch``: requests scored
+        at once."""
         if self.search is not None:
             raise ValueError("score: not supported by a search method (deal, route: they "
                              "choose among answers rather than draw from one distribution)")

@@ -298,11 +298,14 @@ class Engine:
     def add_scored(self, prompt: Prompt, continuation: Sequence[int],
                    params: SamplingParams | None = None, *, raw: bool = False) -> int:
         """Queue a request that takes the tokens ``continuation`` instead of sampling: its
-        result's ``logprobs`` are theirs under the method's final distribution, step by step
-        through the same forwards as a generated answer (branch prompts, soft prompts, hooks,
-        adapters), ``-inf`` where that distribution excludes the token (the plausibility mask,
-        top-k / top-p). ``params``: the distribution's knobs (temperature, top_*, penalties,
-        ``top_logprobs``); its length, EOS and log-prob settings are set here."""
+        result's ``logprobs`` are theirs under the method's final distribution, through the
+        same branches as a generated answer (branch prompts, soft prompts, hooks, adapters),
+        ``-inf`` where that distribution excludes the token (the plausibility mask, top-k /
+        top-p). Where a prefill gives what decode steps would (no penalties, bias or bans; no
+        hooks, adapters or gate) the tokens are fed with the prompt and scored from that
+        forward (:attr:`forced_prefill_tokens` per step), else one step each. ``params``: the
+        distribution's knobs (temperature, top_*, penalties, ``top_logprobs``); its length,
+        EOS and log-prob settings are set here."""
         return self.add_scored_built(self.build(prompt, raw=raw), continuation, params)
 
     def add_scored_built(self, built: Built, continuation: Sequence[int],
