@@ -159,3 +159,48 @@ def test_a_scored_request_is_kept_for_what_follows_it():
         [ids[:64]], raw=True, max_new_tokens=4, return_logprobs=True)[0]
     assert got.token_ids == want.token_ids
     assert got.logprobs == pytest.approx(want.logprobs, abs=2e-5)
+
+
+def _reads_in_step(eng) -> int:
+    """Device-to-host reads (each a sync on a GPU) in one ``eng.step()``."""
+    import torch
+
+    names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    count = [0]
+
+    def wrap(orig):
+        def counted(t, *a, **kw):
+            count[0] += 1
+            return orig(t, *a, **kw)
+        return counted
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, wrap(saved[n]))
+        eng.step()
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+    return count[0]
+
+
+def test_fed_answers_read_back_with_the_step():
+    """An admission step that scores answers fed with their prompts reads the device as often
+    as one that admits a generated request: their scores ride in the step's transfer."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    reads = []
+    for scored in (False, True):
+        eng = dec.engine(max_seqs=4)
+        eng.add_request("Hello there", SamplingParams(max_new_tokens=8))
+        eng.step()
+        if scored:
+            eng.add_scored(ids[:4], ids[4:], SamplingParams(logprobs=True, top_logprobs=2),
+                           raw=True)
+        else:
+            eng.add_request(ids[:4], SamplingParams(max_new_tokens=8), raw=True)
+        reads.append(_reads_in_step(eng))
+        assert eng.num_running() == (1 if scored else 2)  # the scored one finished
+    assert reads[0] == reads[1]

@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -769,10 +769,17 @@ class Engine:
             forced = torch.tensor([s.forced[len(s.out) + s.extra] if s.forced else -1
                                    for s in seqs],
                                   dtype=torch.long).to(st.device)
-        early = self._forced_scores(feeding, extras, top) if extras else {}
+        early = self._forced_scores(feeding, extras, top) if extras else None
         packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
                                     self._word_bans(seqs))
-        vals = packed.tolist()  # the step's one device-to-host transfer
+        if early is None:
+            vals = packed.tolist()  # the step's one device-to-host transfer
+            early = {}
+        else:  # the fed answers' scores ride in the same transfer
+            flat = torch.cat([packed.flatten(), early[1].flatten()]).tolist()
+            cut = packed.numel()
+            vals = [flat[i:i + packed.shape[1]] for i in range(0, cut, packed.shape[1])]
+            early = early[0](flat[cut:])
         self.steps += 1
         now = time.perf_counter()
         if self.runner.drop_rows:  # the gates, read with the tokens: no read of their own
@@ -877,32 +884,38 @@ class Engine:
                 s.extra, budget = e, budget - e
 
     def _forced_scores(self, feeding: list[_Seq], extras: list, top: int
-                       ) -> dict[int, list[tuple[int, float, list | None]]]:
-        """Per scored sequence just prefilled with its given tokens: (token, log-prob, best
-        alternatives or None) of each, from the prefill's logits; its step count advanced."""
+                       ) -> tuple[Callable[[list[float]], dict], torch.Tensor] | None:
+        """The scores of the given tokens just fed with their sequences' prompts, from the
+        prefill's logits, on the device (:meth:`ModelStep.forced_scores`), and a function
+        that reads them back once transferred (flat): per sequence id, (token, log-prob, best
+        alternatives or None) of each. The sequences' step counts are advanced."""
         st = self.state
         seqs = [s for s, x in zip(feeding, extras, strict=True) if x is not None]
         if not seqs:
-            return {}
+            return None
         tokens = [s.forced[:s.extra] for s in seqs]
-        vals = self.runner.forced_scores(
-            st, tuple(s.slot for s in seqs),
-            [x for x in extras if x is not None], tokens, top).tolist()  # one more read
+        scores = self.runner.forced_scores(st, tuple(s.slot for s in seqs),
+                                           [x for x in extras if x is not None], tokens, top)
         slots = torch.tensor([s.slot for s in seqs], device=st.device)
         st.step.index_add_(0, slots, torch.tensor([s.extra for s in seqs], device=st.device))
-        out, at = {}, 0
-        for s, ts in zip(seqs, tokens, strict=True):
-            n = s.params.top_logprobs
-            rows = []
-            for j, t in enumerate(ts):
-                best = None
-                if n:
-                    best = [(int(vals[1 + i][at + j]), vals[1 + top + i][at + j])
-                            for i in range(n) if vals[1 + top + i][at + j] != float("-inf")]
-                rows.append((t, vals[0][at + j], best))
-            out[s.id], at = rows, at + len(ts)
+        for s in seqs:
             s.extra = 0
-        return out
+        width = scores.shape[1]
+
+        def read(flat: list[float]) -> dict[int, list[tuple[int, float, list | None]]]:
+            vals = [flat[i:i + width] for i in range(0, len(flat), width)]
+            out, at = {}, 0
+            for s, ts in zip(seqs, tokens, strict=True):
+                n, rows = s.params.top_logprobs, []
+                for j, t in enumerate(ts):
+                    best = None
+                    if n:
+                        best = [(int(vals[1 + i][at + j]), vals[1 + top + i][at + j])
+                                for i in range(n) if vals[1 + top + i][at + j] != float("-inf")]
+                    rows.append((t, vals[0][at + j], best))
+                out[s.id], at = rows, at + len(ts)
+            return out
+        return read, scores
 
     @staticmethod
     def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int]] | None:
