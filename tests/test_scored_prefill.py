@@ -204,3 +204,19 @@ def test_fed_answers_read_back_with_the_step():
         reads.append(_reads_in_step(eng))
         assert eng.num_running() == (1 if scored else 2)  # the scored one finished
     assert reads[0] == reads[1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2-mixed"])
+def test_the_two_forward_prefill_shares_the_budget_between_its_rows(kind):
+    """The packed forward keeps exactly the positions it needs; the two-forward prefill (eager
+    attention) keeps as many of every row as its longest answer needs, so each fed answer is
+    cut to the budget over the sequences fed together (the rest decoded; same results)."""
+    model, tok = tiny_llama() if kind == "llama" else tiny_arch(kind)
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    jobs = [(ids[:3], ids[3:12], SamplingParams(logprobs=True)),  # 8 given tokens to feed
+            (ids[:5], ids[5:8], SamplingParams(logprobs=True)),  # 2
+            (ids[:7], ids[7:10], SamplingParams(logprobs=True))]  # 2
+    fast, steps = _run(dec, jobs, fast=12)
+    _same(fast, _run(dec, jobs, fast=0)[0])
+    assert steps == (1 if kind == "llama" else 1 + 8 - 12 // 3)

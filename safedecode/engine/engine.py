@@ -873,12 +873,14 @@ class Engine:
         if not budget or not self.runner.scores_in_prefill:
             return
         st = self.state
+        # the two-forward prefill keeps as many positions of every row as its longest needs
+        most = budget if self.runner.can_pack else max(1, budget // max(1, len(feeding)))
         for s in feeding:
             if budget <= 0:
                 break
             if not s.extra and self._scores_early(s) and not st.adjusted[s.slot] \
                     and not st.banning[s.slot]:
-                e = min(len(s.forced) - 1, budget)
+                e = min(len(s.forced) - 1, budget, most)
                 s.prompt_built = s.built
                 s.built = [(pre, [*suf, *s.forced[:e]]) for pre, suf in s.built]
                 s.extra, budget = e, budget - e
