@@ -11,6 +11,7 @@ import math
 import pytest
 from engine_fixtures import method_named, tiny_arch, tiny_llama
 
+from safedecode.bench.continuous import host_reads
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
 
 TEXT = ("Once upon a time there was a little fox who lived at the edge of a very old wood, "
@@ -163,25 +164,8 @@ def test_a_scored_request_is_kept_for_what_follows_it():
 
 def _reads_in_step(eng) -> int:
     """Device-to-host reads (each a sync on a GPU) in one ``eng.step()``."""
-    import torch
-
-    names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    count = [0]
-
-    def wrap(orig):
-        def counted(t, *a, **kw):
-            count[0] += 1
-            return orig(t, *a, **kw)
-        return counted
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, wrap(saved[n]))
+    with host_reads() as count:
         eng.step()
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
     return count[0]
 
 

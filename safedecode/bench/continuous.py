@@ -19,10 +19,11 @@ reads per decode step.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -189,6 +190,17 @@ def host_reads_per_step(dec, steps: int = 20, batch: int = 4) -> float:
         eng.add_request(p, SamplingParams(max_new_tokens=steps + 2, temperature=0.7, seed=0,
                                           ignore_eos=True))
     eng.step()
+    with host_reads() as count:
+        for _ in range(steps):
+            eng.step()
+    return count[0] / steps
+
+
+@contextlib.contextmanager
+def host_reads() -> Iterator[list[int]]:
+    """Count the reads of device values into Python (each a sync on a GPU) made inside: yields
+    a one-item list whose item is the count so far (``Tensor.tolist/item/__bool__/...``
+    patched meanwhile)."""
     names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
     saved = {n: getattr(torch.Tensor, n) for n in names}
     count = [0]
@@ -202,12 +214,10 @@ def host_reads_per_step(dec, steps: int = 20, batch: int = 4) -> float:
     try:
         for n in names:
             setattr(torch.Tensor, n, wrap(saved[n]))
-        for _ in range(steps):
-            eng.step()
+        yield count
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
-    return count[0] / steps
 
 
 def run_engine_bench(dec, tok, cfg: EngineBenchConfig,
