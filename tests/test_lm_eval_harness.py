@@ -193,8 +193,9 @@ def test_chat_requests_render_each_branch_and_rolling_windows_add_up(decoders):
 def test_bad_arguments_name_what_is_wrong(decoders):
     with pytest.raises(ValueError, match="unknown.*temprature"):
         SafeDecodeLM(decoder=decoders["plain"], temprature=1)
-    with pytest.raises(ValueError, match="batch_size"):
-        SafeDecodeLM(decoder=decoders["plain"], batch_size=0)
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="batch_size"):
+            SafeDecodeLM(decoder=decoders["plain"], batch_size=bad)
     with pytest.raises(ValueError, match="max_gen_toks"):
         SafeDecodeLM(decoder=decoders["plain"], max_gen_toks=0)
     with pytest.raises(ValueError, match="unknown method"):

@@ -84,9 +84,12 @@ class SafeDecodeLM(TemplateLM):
         self.tokenizer = decoder.tok
         if self.tokenizer is None:
             raise ValueError("decoder: lm-eval needs a decoder with a tokenizer")
-        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        try:  # lm-eval's "auto" searches for the largest batch: the engine's default here
+            self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        except ValueError:
+            self.batch_size = 0
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size!r}")
+            raise ValueError(f"batch_size: an integer >= 1 or 'auto', got {batch_size!r}")
         if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) \
                 or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks: a positive integer, got {max_gen_toks!r}")
