@@ -201,6 +201,10 @@ def test_bad_arguments_name_what_is_wrong(decoders):
     with pytest.raises(ValueError, match="unknown method"):
         SafeDecodeLM(method="acdd")
     lm = SafeDecodeLM(decoder=decoders["plain"])
+    lm.max_length = 4  # a continuation that leaves its context no room
+    with pytest.raises(ValueError, match="context: 4 tokens to score"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("Hi", " one two three four"), 0)])
+    lm = SafeDecodeLM(decoder=decoders["plain"])
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([Instance("generate_until", {}, ("Hi", {"num_beams": 2}), 0)])
 

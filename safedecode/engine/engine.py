@@ -769,17 +769,18 @@ class Engine:
             forced = torch.tensor([s.forced[len(s.out) + s.extra] if s.forced else -1
                                    for s in seqs],
                                   dtype=torch.long).to(st.device)
-        early = self._forced_scores(feeding, extras, top) if extras else None
+        fed = self._forced_scores(feeding, extras, top) if extras else None
         packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
                                     self._word_bans(seqs))
-        if early is None:
+        early = {}  # per sequence id: its fed answer tokens' (token, log-prob, best)
+        if fed is None:
             vals = packed.tolist()  # the step's one device-to-host transfer
-            early = {}
         else:  # the fed answers' scores ride in the same transfer
-            flat = torch.cat([packed.flatten(), early[1].flatten()]).tolist()
+            read, scores = fed
+            flat = torch.cat([packed.flatten(), scores.flatten()]).tolist()
             cut = packed.numel()
             vals = [flat[i:i + packed.shape[1]] for i in range(0, cut, packed.shape[1])]
-            early = early[0](flat[cut:])
+            early = read(flat[cut:])
         self.steps += 1
         now = time.perf_counter()
         if self.runner.drop_rows:  # the gates, read with the tokens: no read of their own

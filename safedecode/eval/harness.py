@@ -172,8 +172,9 @@ class SafeDecodeLM(TemplateLM):
     def _fit(self, context: list[int], need: int) -> list[int]:
         room = self.max_length - need
         if room < 1:
-            raise ValueError(f"loglikelihood: a continuation of {need} tokens leaves no room "
-                             f"for its context in {self.max_length} tokens")
+            raise ValueError(f"context: {need} tokens to score or generate leave no room for "
+                             f"it in this model's {self.max_length}; use a shorter "
+                             "continuation or max_gen_toks")
         return context[-room:]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
