@@ -13,8 +13,9 @@ import torch
 from .branches import Branch, Method
 from .cache import PREFIX_STORE_BYTES, TURN_STORE_BYTES, PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits, output_vocab
-from .prompts import Prefix, Prompt, PromptBuilder, TokenRuns, is_token_ids
+from .prompts import Prefix, Prompt, PromptBuilder, TokenRuns, is_token_ids, request_text
 from .sampling import SamplingParams
+from .search import Search
 from .state import round_up
 from .step import CompiledDecode
 
@@ -94,11 +95,8 @@ class SafeDecoder:
                  compile: bool = False, drop_rows: bool = True,  # noqa: A002
                  prefix_store_bytes: int = PREFIX_STORE_BYTES,
                  turn_store_bytes: int = TURN_STORE_BYTES) -> None:
-        from safedecode.methods.deal import DeAL  # methods import the engine: not at the top
-        from safedecode.methods.route import Route
-
         self.search = None
-        if isinstance(method, (DeAL, Route)):  # a search around a base method
+        if isinstance(method, Search):  # a search around a base method (DeAL, route)
             self.search, method = method, method.engine_method
             param = next(model.parameters(), None)
             if param is not None:  # its reward model next to the policy (a GPU, say)
@@ -226,18 +224,9 @@ class SafeDecoder:
                        ) -> Iterator[tuple[int, int | None, str, GenerationResult | None]]:
         """A search's ``(i, token_id, text, result)`` events (``result`` on request ``i``'s
         last)."""
-        from safedecode.methods.deal import stream as deal_stream
-        from safedecode.methods.route import Route
-        from safedecode.methods.route import stream as route_stream
-
         eng, built, texts, per_request, on_step = self._search_setup(prompts, params, streamer,
                                                                      raw, max_batch)
-        if isinstance(self.search, Route):
-            for i, out, result in route_stream(eng, built, texts, per_request, self.search,
-                                               on_step):
-                yield i, (out.token_id if out.token_id >= 0 else None), out.text, result
-            return
-        yield from deal_stream(eng, built, texts, per_request, self.search, on_step)
+        yield from self.search.events(eng, built, texts, per_request, on_step)
 
     def _search_setup(self, prompts, params: dict, streamer, raw: bool,
                       max_batch: int | None = None):
@@ -254,18 +243,14 @@ class SafeDecoder:
         built, per_request = self._requests(prompts, params, raw)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
-        from safedecode.methods.rewards import request_text
-
         texts = [request_text(p) for p in prompts]
         need = max(len(p) + len(s) for req in built for p, s in req) \
             + per_request[0].max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
-        from safedecode.methods.route import Route
-
         at_once = min(len(built), max_batch or len(built))
         eng = self.engine(max_seqs=at_once * self.search.sequences_per_request,
                           max_len=max(2, min(need, context or need)),
-                          drop_rows=self.drop_rows and isinstance(self.search, Route))
+                          drop_rows=self.drop_rows and self.search.drop_rows)
         return eng, built, texts, per_request, on_step
 
     def _search(self, prompts, params: dict, streamer, raw: bool, max_batch: int | None,

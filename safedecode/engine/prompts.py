@@ -582,3 +582,19 @@ class PromptBuilder:
         head, tail = ptext.split(_SOFT, 1)
         return Prefix(key, self.encode(head, first=True, raw=raw), branch.soft_prompt.detach(),
                       tuple(self.encode(tail, first=False, raw=raw)))
+
+
+def request_text(prompt, tokenizer=None) -> str:
+    """The text a reward scores an answer against: a string prompt itself; of chat messages,
+    the last user message (the last message where none is the user's); token ids, decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    msgs = list(prompt)
+    if is_token_ids(msgs):
+        if tokenizer is None:
+            raise ValueError("prompt: token ids need the tokenizer to be scored")
+        return tokenizer.decode(msgs, skip_special_tokens=True)
+    users = [m for m in msgs if m.get("role") == "user"] or msgs
+    if not users:
+        raise ValueError("prompt: no message to score the answer against")
+    return str(users[-1].get("content", ""))

@@ -59,13 +59,14 @@ from safedecode.engine.branches import Branch, Method
 from safedecode.engine.detokenizer import IncrementalDetokenizer
 from safedecode.engine.engine import Engine, GenerationResult, StepOutput, checked_params
 from safedecode.engine.sampling import SamplingParams
+from safedecode.engine.search import Search
 from safedecode.engine.step import Built
 
 from .rewards import Reward, make_reward, timed
 
 
 @dataclass(frozen=True)
-class DeAL:
+class DeAL(Search):
     """Search settings around a base :class:`Method` (see the module docstring)."""
 
     base: Method
@@ -160,6 +161,12 @@ class DeAL:
         """Sequences a request holds at once during a search step (``beam x (k + propose)``,
         twice that with ``rollout="both"``)."""
         return self.beam * (self.k + self.propose) * (2 if self.rollout == "both" else 1)
+
+    def events(self, engine: Engine, built: Sequence[Built], texts: Sequence[str],
+               params: SamplingParams | Sequence[SamplingParams],
+               on_step: Callable[[int, int], None] | None = None):
+        """:func:`stream` (the :class:`Search` contract)."""
+        return stream(engine, built, texts, params, self, on_step)
 
 
 ROLLOUTS = ("base", "plain", "both")

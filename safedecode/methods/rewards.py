@@ -15,8 +15,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from safedecode.engine.prompts import is_token_ids
-
 Scores = list[float]
 
 
@@ -29,22 +27,6 @@ def timed(reward: Callable, prompts: Sequence[str], texts: Sequence[str],
         return reward(prompts, texts)
     finally:
         times.append(time.perf_counter() - t0)
-
-
-def request_text(prompt, tokenizer=None) -> str:
-    """The text a reward scores an answer against: a string prompt itself; of chat messages,
-    the last user message (the last message where none is the user's); token ids, decoded."""
-    if isinstance(prompt, str):
-        return prompt
-    msgs = list(prompt)
-    if is_token_ids(msgs):
-        if tokenizer is None:
-            raise ValueError("prompt: token ids need the tokenizer to be scored")
-        return tokenizer.decode(msgs, skip_special_tokens=True)
-    users = [m for m in msgs if m.get("role") == "user"] or msgs
-    if not users:
-        raise ValueError("prompt: no message to score the answer against")
-    return str(users[-1].get("content", ""))
 
 
 class Reward:

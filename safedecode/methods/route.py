@@ -34,6 +34,7 @@ from functools import cached_property
 from safedecode.engine.branches import Branch, Method
 from safedecode.engine.engine import Engine, GenerationResult, StepOutput
 from safedecode.engine.sampling import SamplingParams
+from safedecode.engine.search import Search
 from safedecode.engine.step import Built
 
 from .deal import _plain_branch
@@ -41,7 +42,7 @@ from .rewards import Reward, make_reward, timed
 
 
 @dataclass(frozen=True)
-class Route:
+class Route(Search):
     """Route each request to ``base`` or the plain model by ``reward`` on their first
     ``horizon`` tokens (see the module docstring)."""
 
@@ -85,6 +86,15 @@ class Route:
             raise ValueError(f"base: {m.name!r} cannot be routed ({exc})") from exc
 
     sequences_per_request = 2
+    drop_rows = True  # the kept answer's rows read no branch's own logits once chosen
+
+    def events(self, engine: Engine, built: Sequence[Built], texts: Sequence[str],
+               params: SamplingParams | Sequence[SamplingParams],
+               on_step: Callable[[int, int], None] | None = None):
+        """:func:`stream`'s outputs as ``(i, token_id, text, result)`` (the :class:`Search`
+        contract)."""
+        for i, out, result in stream(engine, built, texts, params, self, on_step):
+            yield i, (out.token_id if out.token_id >= 0 else None), out.text, result
 
     def describe(self) -> str:
         return (f"{self.name}: horizon={self.horizon}, margin={self.margin}, "

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from safedecode.engine import Engine, GenerationResult, SamplingParams, StepOutput
+from safedecode.engine.prompts import request_text
 from safedecode.engine.scheduler import QueueFull
 
 from .metrics import Metrics
@@ -194,8 +195,6 @@ class EngineLoop:
             if router is None:
                 ticket.ids += eng.add_built(b, params, index=i, n=n)
             else:  # a search: each answer's sequences are the router's / searcher's
-                from safedecode.methods.rewards import request_text
-
                 ticket.ids += router.add(b, request_text(prompts[i], eng.tok), params,
                                          index=i, n=n)
         for c, rid in enumerate(ticket.ids):

@@ -13,7 +13,7 @@ import time
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder, SamplingParams
-from safedecode.methods.rewards import request_text
+from safedecode.engine.prompts import request_text
 from safedecode.methods.route import Router
 from safedecode.models import load_default
 
