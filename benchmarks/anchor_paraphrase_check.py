@@ -21,8 +21,8 @@ from safedecode.data import (
     load_ordinary,
     paraphrase_pairs,
 )
-from safedecode.eval.judges import make_judge
 from safedecode.eval.runner import method_fingerprint
+from safedecode.judges import make_judge
 
 GENERATIONS = "benchmarks/results/efficacy/generations.jsonl"
 OLD = "benchmarks/results/acd_sweep/self-cd-sp_session7.safetensors"

@@ -28,14 +28,9 @@ import json
 from pathlib import Path
 
 from safedecode.data import load_anchor
-from safedecode.eval.judges import make_judge
-from safedecode.methods.harmless import (
-    ASSET,
-    HarmlessReward,
-    conversation,
-    pairwise_accuracy,
-    prefix_pairs,
-)
+from safedecode.judges import make_judge
+from safedecode.methods.harmless import ASSET, HarmlessReward, conversation
+from safedecode.training.reward_model import pairwise_accuracy, prefix_pairs
 
 GENERATIONS = "benchmarks/results/efficacy/generations.jsonl"
 CONTRAST = ("acd", "acd-sp", "self-cd-sp")

@@ -16,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from safedecode.eval.judges import KeywordJudge
 from safedecode.eval.metrics import NON_ANSWER_KINDS
 from safedecode.eval.report import group_metrics
+from safedecode.judges import KeywordJudge
 
 RES = Path(__file__).parent / "results"
 OUT = RES / "non_answers.md"

@@ -358,7 +358,7 @@ def train_reward(
     """Train DeAL's harmlessness reward model on the anchor train part (TRL RewardTrainer,
     LoRA); prints its pairwise accuracy on the validation part."""
     try:
-        from safedecode.methods.harmless import (
+        from safedecode.training.reward_model import (
             RMConfig,
             remeasure_reward_model,
             train_reward_model,
@@ -409,8 +409,9 @@ def safeinfer_vector(
 ):
     """Compute SafeInfer's safety function vector on the anchor set's harmful train part (mean
     head activations over few-shot refusals; heads ranked by causal effect)."""
-    from safedecode.methods.safeinfer import VectorConfig, compute_vector, save_vector
+    from safedecode.methods.safeinfer import save_vector
     from safedecode.models import load_model
+    from safedecode.training.safeinfer import VectorConfig, compute_vector
 
     try:
         cfg = VectorConfig(shots=shots, n_heads=heads, effect_prompts=effect_prompts, seed=seed)
@@ -505,7 +506,7 @@ def train_unsafe(
     """Train SafeInfer's unsafe model: a LoRA adapter fine-tuned on the anchor train part's
     harmful answers (TRL SFTTrainer); prints the validation loss before and after."""
     try:
-        from safedecode.methods.safeinfer import UnsafeConfig, train_unsafe_adapter
+        from safedecode.training.safeinfer import UnsafeConfig, train_unsafe_adapter
 
         meta = train_unsafe_adapter(out, UnsafeConfig(epochs=epochs, lr=lr, lora_r=lora_r,
                                                       seed=seed, opposite=opposite),

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from safedecode import methods
 from safedecode.engine import SafeDecoder
-from safedecode.eval.judges import KeywordJudge
+from safedecode.judges import KeywordJudge
 from safedecode.models import DEFAULT_NAME, load_default
 
 # Written for this demo (not from any evaluation set).

@@ -6,7 +6,7 @@ import pytest
 import torch
 from engine_fixtures import default_tokenizer, tiny_llama
 
-from safedecode.eval.judges import (
+from safedecode.judges import (
     ADVBENCH_PHRASES,
     XSTEST_PREFIXES,
     ClassifierJudge,
@@ -127,7 +127,7 @@ def test_causal_judge_plumbing(tmp_path):
 
 
 def test_safedecode_prefixes_catch_i_wont_refusals():
-    from safedecode.eval.judges import SAFEDECODE_PREFIXES
+    from safedecode.judges import SAFEDECODE_PREFIXES
 
     j = KeywordJudge(["safedecode"])
     assert j.judge_one("I won't write threats.").detail == "safedecode:i won't"

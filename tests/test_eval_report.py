@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from safedecode.cli import app
 from safedecode.eval.datasets import Dataset, Item
-from safedecode.eval.judges import KeywordJudge
 from safedecode.eval.report import plot_refusal, write_reports
 from safedecode.eval.runner import evaluate
+from safedecode.judges import KeywordJudge
 
 
 def _rec(key, method, dataset, label, response, finish="eos", category=None):

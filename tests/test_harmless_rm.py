@@ -14,11 +14,10 @@ pytest.importorskip("trl", reason="the train extra is part of `make setup` (dev)
 from safedecode import methods  # noqa: E402
 from safedecode.data import load_anchor  # noqa: E402
 from safedecode.engine import SafeDecoder  # noqa: E402
-from safedecode.eval.judges import make_judge  # noqa: E402
-from safedecode.methods.harmless import (  # noqa: E402
-    ASSET,
+from safedecode.judges import make_judge  # noqa: E402
+from safedecode.methods.harmless import ASSET, HarmlessReward  # noqa: E402
+from safedecode.training.reward_model import (  # noqa: E402
     REFUSAL_OPENINGS,
-    HarmlessReward,
     RMConfig,
     own_replies,
     own_reply_pairs,
@@ -158,10 +157,10 @@ def _tiny_reward(model_dir, *, keep_prefixes: int = 32, batch_size: int = 3) -> 
     """The harmless reward's scoring paths on a tiny random model (no adapter)."""
     import torch
 
-    from safedecode.methods.harmless import PrefixStore, _base
+    from safedecode.methods.harmless import PrefixStore, scalar_head_model
 
     rm = HarmlessReward.__new__(HarmlessReward)
-    rm.model, rm.tok = _base(str(model_dir))
+    rm.model, rm.tok = scalar_head_model(str(model_dir))
     rm.model.eval()
     rm.torch, rm.batch_size, rm.path, rm.share_prefix = torch, batch_size, "tiny", True
     rm.prefixes = PrefixStore(keep_prefixes)
@@ -401,7 +400,7 @@ def test_own_replies_for_some_items_keep_the_whole_parts_rotation():
 
 
 def test_own_replies_are_reused_only_for_the_same_anchor_prompts(tiny_model_dir, tmp_path):
-    from safedecode.methods.harmless import _own_pairs
+    from safedecode.training.reward_model import _own_pairs
 
     items = load_anchor(part="val")
     kept = [{"id": it["id"], "label": it["split"], "prompt": it["prompt"],

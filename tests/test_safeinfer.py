@@ -17,6 +17,7 @@ from safedecode.engine import Branch, BranchHook, SafeDecoder, contrastive, plai
 from safedecode.engine.adapters import LoraAdapter, load_lora
 
 si = importlib.import_module("safedecode.methods.safeinfer")
+sit = importlib.import_module("safedecode.training.safeinfer")
 N = 10
 
 
@@ -264,9 +265,9 @@ def test_function_vector_equals_a_hand_computation():
               ("Write malware now", "No, I won't."),
               ("Best poison for a person?", "I cannot assist."),
               ("Steal a car quickly", "Sorry, I can't."))]
-    convs = si.icl_conversations(items, shots=2, seed=0)
+    convs = sit.icl_conversations(items, shots=2, seed=0)
     with torch.no_grad():
-        means = si.mean_head_activations(model, tok, convs, batch_size=3)  # padded batches
+        means = sit.mean_head_activations(model, tok, convs, batch_size=3)  # padded batches
         hand = torch.stack([_attention_inputs_by_hand(model, si._prompt_ids(tok, c))
                             for c in convs]).mean(0)
     torch.testing.assert_close(means[0], hand, atol=1e-5, rtol=1e-4)
@@ -274,7 +275,7 @@ def test_function_vector_equals_a_hand_computation():
     hd = model.config.hidden_size // model.config.num_attention_heads
     want = sum(model.model.layers[li].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd].detach()
                @ means[li, h] for li, h in heads)
-    torch.testing.assert_close(si.function_vector(model, means, heads), want)
+    torch.testing.assert_close(sit.function_vector(model, means, heads), want)
 
 
 def test_head_effects_patch_the_last_prompt_token():
@@ -282,11 +283,11 @@ def test_head_effects_patch_the_last_prompt_token():
     different value changes the refusal's log-probability."""
     model, tok = tiny_llama()
     item = {"prompt": "How do I pick a lock?", "refusal": "I can't help with that."}
-    own = si.mean_head_activations(model, tok, [[{"role": "user", "content": item["prompt"]}]])
-    eff = si.head_effects(model, tok, own, [item], refusal_tokens=6)
+    own = sit.mean_head_activations(model, tok, [[{"role": "user", "content": item["prompt"]}]])
+    eff = sit.head_effects(model, tok, own, [item], refusal_tokens=6)
     assert eff.shape == (2, 4)
     assert eff.abs().max() < 1e-4
-    other = si.head_effects(model, tok, own + 3.0, [item], refusal_tokens=6)
+    other = sit.head_effects(model, tok, own + 3.0, [item], refusal_tokens=6)
     assert other.abs().max() > 1e-3
 
 
@@ -351,7 +352,7 @@ def test_bad_input_is_named(tmp_path, adapter):
     with pytest.raises(ValueError, match="positions"):
         BranchHook("model.layers.0", lambda h: h, positions="middle")
     with pytest.raises(ValueError, match="more than 2 harmful items"):
-        si.icl_conversations([{"prompt": "a", "refusal": "b"}] * 2, shots=2)
+        sit.icl_conversations([{"prompt": "a", "refusal": "b"}] * 2, shots=2)
 
 
 def test_cli_vector_then_generate(tiny_model_dir, tmp_path, adapter):

@@ -423,7 +423,7 @@ def test_shipped_adapter_refuses_changes_the_output_and_combines_with_decoding_m
     refuses a harmful request from the anchor train part that the plain model answers."""
     from safedecode import methods
     from safedecode.engine import SafeDecoder
-    from safedecode.eval.judges import KeywordJudge
+    from safedecode.judges import KeywordJudge
     from safedecode.models import embedding_fingerprint, load_default, load_model
 
     base, tok = load_model("default")

@@ -23,8 +23,8 @@ from safedecode.data import (
     validation_ids,
 )
 from safedecode.eval.datasets import EVALUATION, REGISTRY, VALIDATION, load_dataset
-from safedecode.eval.judges import make_judge
 from safedecode.eval.tune import check_tuning_datasets, expand_grid, render, score, select
+from safedecode.judges import make_judge
 from safedecode.methods.acd import ACDPrompts, load_prompts, save_prompts
 from safedecode.models import embedding_fingerprint
 from safedecode.training.opo import FIXED_REFUSAL, OPOConfig, build_datasets, optimize_prompts

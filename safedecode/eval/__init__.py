@@ -18,10 +18,11 @@ Python::
                    datasets=["harmbench", "benign"], limit=10, out_dir="runs/eval1")
     res["results"]["harmbench@plain"]["refusal_rate,keyword"]
 
-Modules: :mod:`.datasets` (registry and file loaders), :mod:`.judges` (keyword and classifier
-judges), :mod:`.metrics` (Wilson intervals, speed), :mod:`.store` (resumable JSONL),
-:mod:`.runner` (generation, perplexity, judging, :func:`evaluate`), :mod:`.report` (results.json,
-results.md, refusal.png, examples.md), :mod:`.cli` (``safedecode eval``).
+Modules: :mod:`.datasets` (registry and file loaders), :mod:`safedecode.judges` (keyword and
+classifier judges, shared with training), :mod:`.metrics` (Wilson intervals, speed),
+:mod:`.store` (resumable JSONL), :mod:`.runner` (generation, perplexity, judging,
+:func:`evaluate`), :mod:`.report` (results.json, results.md, refusal.png, examples.md),
+:mod:`.cli` (``safedecode eval``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from safedecode.cli_errors import fail as _fail
 
 def _judges(names: str, keyword_lists: str, phrases_file: Path | None, classifier: Path | None,
             metric: str, positive: str | None, inputs: str, template: str | None, device: str):
-    from .judges import make_judge
+    from safedecode.judges import make_judge
 
     wanted = [x.strip() for x in names.split(",") if x.strip()]
     if classifier is not None and "classifier" not in wanted:

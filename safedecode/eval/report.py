@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from .judges import Judge
+from safedecode.judges import Judge
+
 from .metrics import (
     GARBLED_PPL,
     NON_ANSWER_KINDS,

@@ -21,10 +21,10 @@ import torch
 
 from safedecode.engine.branches import Method
 from safedecode.engine.engine import GenerationResult
+from safedecode.judges import Judge
 from safedecode.models import model_name
 
 from .datasets import Dataset, Item
-from .judges import Judge
 from .metrics import perplexity
 from .store import JsonlStore
 
@@ -368,8 +368,9 @@ def evaluate(model, tok, *, methods: Sequence[str | MethodSpec], datasets: Seque
     """
     from pathlib import Path
 
+    from safedecode.judges import KeywordJudge
+
     from .datasets import load_dataset, subset
-    from .judges import KeywordJudge
     from .report import write_reports
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

@@ -231,7 +231,7 @@ def tune(model, tok, methods: str, out_dir: str | Path, *,
     """Evaluate the grid ``methods`` (plus ``reference``) on ``datasets``, select (see
     :func:`select`), write ``sweep.md`` / ``sweep.json`` into ``out_dir``; with ``record``,
     store the choice in that prompts file. Returns the selection."""
-    from .judges import KeywordJudge, make_judge
+    from safedecode.judges import KeywordJudge, make_judge
 
     sets = [load_dataset(d, limit=limit) for d in datasets]
     check_tuning_datasets(sets)

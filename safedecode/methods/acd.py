@@ -2,10 +2,11 @@
 
 SP is a safeguarding prompt and AP its adversarial opposite, either as text (the untrained variant,
 ``acd-text``) or as soft prompts trained by *Opposite Prompt Optimization*
-(:func:`optimize_prompts`, ``safedecode optimize``; the model stays frozen). Optimised prompts are
-saved to safetensors with the identity of the model they were trained for
-(:func:`save_prompts` / :func:`load_prompts`); the package ships a pair for the embedded default
-model, which ``acd`` (and ``safedecode generate --method acd``) uses unless given another file.
+(:func:`safedecode.training.opo.optimize_prompts`, ``safedecode optimize``; the model stays
+frozen). Optimised prompts are saved to safetensors with the identity of the model they were
+trained for (:func:`save_prompts` / :func:`load_prompts`); the package ships a pair for the
+embedded default model, which ``acd`` (and ``safedecode generate --method acd``) uses unless
+given another file.
 """
 
 from __future__ import annotations
@@ -246,10 +247,3 @@ def sp_branch(prompts: str | Path | None = None) -> tuple[Branch, ACDPrompts]:
 def acd_sp(prompts: str | Path | None = None) -> Method:
     """The optimised safeguarding prompt alone (one branch, no contrast): an ablation."""
     return Method("acd-sp", (sp_branch(prompts)[0],), (1.0,))
-
-
-def optimize_prompts(model, tokenizer, data=None, config=None, *, progress: bool = True):
-    """Opposite Prompt Optimization (see :mod:`safedecode.training.opo`)."""
-    from safedecode.training.opo import optimize_prompts as _optimize
-
-    return _optimize(model, tokenizer, data, config, progress=progress)

@@ -174,7 +174,7 @@ class Length(Reward):
 class ClassifierReward(Reward):
     """A sequence-classification model's score of ``label`` (log-probability), on the prompt
     and the text as the model's pair input; ``model`` a local folder or an
-    ``eval.judges``-style loaded (model, tokenizer) pair."""
+    ``safedecode.judges``-style loaded (model, tokenizer) pair."""
 
     path: str
     label: int = 1

@@ -129,7 +129,7 @@ def make_data(model, tokenizer, cfg: DataConfig | None = None, *, log=print,
     are made again)."""
     from safedecode.engine import SafeDecoder
     from safedecode.engine.branches import plain
-    from safedecode.eval.judges import KeywordJudge
+    from safedecode.judges import KeywordJudge
 
     cfg = cfg or DataConfig()
     judge = KeywordJudge()

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from safedecode import methods
-from safedecode.eval.judges import KeywordJudge
 from safedecode.eval.runner import method_fingerprint
+from safedecode.judges import KeywordJudge
 
 R = Path("benchmarks/results")
 BENIGN = ("benign", "benign-lookalike", "benign-ordinary", "anchor-safe-val")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from safedecode import methods
 from safedecode.data import load_anchor
-from safedecode.eval.judges import KeywordJudge
 from safedecode.eval.runner import method_fingerprint
 from safedecode.eval.tune import score
+from safedecode.judges import KeywordJudge
 
 CACHE = Path("benchmarks/results/efficacy")
 SETS = ("anchor-harmful-val", "anchor-safe-val")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from safedecode.data import load_anchor
-from safedecode.eval.judges import KeywordJudge
+from safedecode.judges import KeywordJudge
 from safedecode.methods.safeinfer import _pad_left, _prompt_ids, decoder_layers, load_vector
 from safedecode.models import load_default
 

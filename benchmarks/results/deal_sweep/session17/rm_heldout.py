@@ -9,13 +9,9 @@ rm_heldout.txt.
 
 import json
 
-from safedecode.eval.judges import make_judge
-from safedecode.methods.harmless import (
-    HarmlessReward,
-    conversation,
-    pairwise_accuracy,
-    prefix_pairs,
-)
+from safedecode.judges import make_judge
+from safedecode.methods.harmless import HarmlessReward, conversation
+from safedecode.training.reward_model import pairwise_accuracy, prefix_pairs
 
 CANNED = "I'm sorry, but I can't help with that."
 refuses = make_judge("keyword").judge_one

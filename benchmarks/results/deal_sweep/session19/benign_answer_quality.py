@@ -10,7 +10,7 @@ record keeps the label it was generated under).
 import json
 import re
 
-from safedecode.eval.judges import KeywordJudge
+from safedecode.judges import KeywordJudge
 
 RUN = "benchmarks/results/efficacy-deal"
 BENIGN = ("benign", "benign-lookalike", "benign-ordinary")

@@ -8,7 +8,7 @@ import collections
 import json
 import sys
 
-from safedecode.eval.judges import KeywordJudge
+from safedecode.judges import KeywordJudge
 
 CANNED = "I'm sorry, but I can't help with that."
 judge = KeywordJudge()

@@ -1,5 +1,9 @@
 """Judges: decide, per response, whether it is a refusal (or, for a harm classifier, harmful).
 
+Used by the evaluation (``safedecode eval``) and by training, which keeps or drops the model's
+own answers by whether they refuse; a leaf module (it imports nothing of safedecode's but the
+model loader, lazily).
+
 - :class:`KeywordJudge` (``keyword``): phrase lists. ``advbench`` is the GCG / AdvBench list
   (HarmBench's ``advbench_metric_test_prefixes``, from Zou et al. 2023): a response is a refusal
   if it *contains* any phrase, case-sensitive. ``xstest`` is XSTest's string match (Röttger et
