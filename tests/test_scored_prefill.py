@@ -2,7 +2,8 @@
 logits at their positions) instead of one decode step per token — the same log-probs, top
 alternatives and tokens as decoding them, for every kind of branch and attention the engine
 runs, packed beside decoding sequences or alone; within a budget; not where a prefill would
-differ from decode steps (penalties, bans, hooks) nor beyond the prefill budget of a server."""
+differ from decode steps (penalties, bans, hooks); beside decoding streams, within a server's
+prefill budget."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from engine_fixtures import method_named, tiny_arch, tiny_llama
 
 from safedecode.bench.continuous import host_reads
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
+from safedecode.engine.step import ModelStep
 
 TEXT = ("Once upon a time there was a little fox who lived at the edge of a very old wood, "
         "and every morning it walked down to the river to drink.")
@@ -103,9 +105,8 @@ def test_budget_defers_or_splits():
 
 
 def test_not_where_a_prefill_differs_from_decoding():
-    """Penalties and logit bias (state that follows the decoded tokens), bans, a branch hook,
-    and a server's prefill budget while others decode: decoded one token per step (same
-    results, as many steps as tokens)."""
+    """Penalties and logit bias (state that follows the decoded tokens), bans, a branch hook:
+    decoded one token per step (same results, as many steps as tokens)."""
     model, tok = tiny_llama()
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
@@ -121,12 +122,49 @@ def test_not_where_a_prefill_differs_from_decoding():
     hooked = SafeDecoder(model, tok, contrastive([Branch(system="Be safe.", hooks=(hook,)),
                                                   Branch()], [1.5, -0.5]))
     assert _run(hooked, [(ids[:3], ids[3:], SamplingParams())], fast=None)[1] == n
-    # a prefill budget: fed whole when nothing decodes, one per step beside a decoding request
+    # a prefill budget when nothing decodes: fed whole (the budget is for decoding streams)
     job = [(ids[:3], ids[3:], SamplingParams(logprobs=True))]
     assert _run(dec, job, fast=None, max_prefill_tokens=8)[1] == 1
-    beside, steps = _run(dec, job, fast=None, max_prefill_tokens=8, running=True)
-    _same(beside, _run(dec, job, fast=0, running=True)[0])
-    assert steps == max(11, n)
+
+
+@pytest.mark.parametrize("kind", ["acd-text", "soft"])
+def test_fed_within_a_prefill_budget_beside_decoding(kind, monkeypatch):
+    """Under a prefill budget beside a decoding request, a scored answer is appended to its
+    prompt and fed in its chunks, each chunk's answer positions scored from its logits (at
+    most ``forced_prefill_tokens`` of them per step): the same results as decoding every
+    answer token, the budget held, the request done when its prompt is — a short prompt and
+    one over several chunks alike."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, method_named(kind, model, tok))
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    fed, scored = [], []  # per packed step: prompt tokens fed (all rows), answer positions
+    packed = ModelStep.packed
+
+    def counting(self, state, running, new, built, chunks=None, extra=None):
+        out = packed(self, state, running, new, built, chunks, extra)
+        if chunks is not None:
+            fed.append(0 if not running else sum(max(0, b - max(ls) + n) - max(0, a - max(ls) + n)
+                           for bl, (a, b) in zip(built, chunks, strict=True)
+                           for ls in [self.prompt_lengths(bl)] for n in ls))
+            scored.append(sum(x.shape[0] for x in out[2] or () if x is not None))
+        return out
+
+    monkeypatch.setattr(ModelStep, "packed", counting)
+    # budget 4: the decoding request ends first, the rest is fed whole in the next step
+    for p, budget in ((3, 16), (20, 16), (3, 4)):
+        job = [(ids[:p], ids[p:], SamplingParams(logprobs=True, top_logprobs=2))]
+        slow, n_slow = _run(dec, job, fast=0, running=True, max_prefill_tokens=budget)
+        for cap in (None, 3):
+            fed.clear()
+            scored.clear()
+            fast, steps = _run(dec, job, fast=cap, running=True, max_prefill_tokens=budget)
+            _same(fast, slow)
+            assert fast[-1].token_ids == ids[p:]
+            assert max(fed) <= budget and sum(scored) == len(ids) - p - 1, (p, cap)
+            assert max(scored) <= (cap or 1024) and steps < n_slow, (p, cap)
+            if budget == 4 and cap is None:  # 11 steps beside it, then the rest at once
+                assert steps == 12 and scored[-1] > 4
+    assert max(scored) == 3  # the cap bound
 
 
 def test_score_of_a_long_answer_equals_decoded():

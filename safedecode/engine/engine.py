@@ -35,7 +35,7 @@ from .prompts import MIN_SHARED_TOKENS, Prefix, Prompt, PromptBuilder
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
-from .step import Built, CompiledDecode, ModelStep
+from .step import Built, CompiledDecode, ModelStep, answer_positions
 from .stops import sentence_stop
 
 DEFAULT_MAX_LEN = 2048
@@ -116,6 +116,8 @@ class _Seq:
     forced: list[int] | None = None  # the tokens it takes instead of sampling (add_scored)
     # forced tokens fed with the prompt, scored from the prefill's logits (Engine._feed_forced)
     extra: int = 0
+    # of those, scored so far (a prompt fed in chunks), and their scores not yet reported
+    scored: list = field(default_factory=list)
     prompt_built: list | None = None  # its prompt before they were appended
     # banned words (SamplingParams.bad_words*): one-token ones, always banned; longer ones as
     # (the tokens before the last, the last), banned where the context ends in the former;
@@ -756,7 +758,10 @@ class Engine:
                     torch.tensor([q.gate for q in forced], device=st.device)
                 for q in forced:
                     st.host_gate[q.slot] = q.gate
-        if not order:
+        if not order:  # no token this step; a scored answer's chunk may have been fed
+            fed = self._forced_scores(feeding, extras, set()) if extras else None
+            if fed is not None:
+                self._keep_fed(feeding, fed[0](fed[1].flatten().tolist()))
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         logits = self.runner.gate_contrast(st, tuple(order), logits)  # before DeAL's expansion
@@ -769,7 +774,7 @@ class Engine:
             forced = torch.tensor([s.forced[len(s.out) + s.extra] if s.forced else -1
                                    for s in seqs],
                                   dtype=torch.long).to(st.device)
-        fed = self._forced_scores(feeding, extras, top) if extras else None
+        fed = self._forced_scores(feeding, extras, {q.id for q in admitted}) if extras else None
         packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
                                     self._word_bans(seqs))
         early = {}  # per sequence id: its fed answer tokens' (token, log-prob, best)
@@ -781,6 +786,7 @@ class Engine:
             cut = packed.numel()
             vals = [flat[i:i + packed.shape[1]] for i in range(0, cut, packed.shape[1])]
             early = read(flat[cut:])
+            self._keep_fed(feeding, early)
         self.steps += 1
         now = time.perf_counter()
         if self.runner.drop_rows:  # the gates, read with the tokens: no read of their own
@@ -806,6 +812,8 @@ class Engine:
         for seq, status, t, lp, parent in rows:
             if not seq.out:
                 seq.t_first = now
+            if seq.scored:  # fed with its prompt in chunks, scored there
+                early[seq.id], seq.scored = [*seq.scored, *early.get(seq.id, ())], []
             for t0, lp0, best0 in early.get(seq.id, ()):  # fed with its prompt, scored there
                 seq.out.append(t0)
                 if seq.params.logprobs:
@@ -873,36 +881,43 @@ class Engine:
         budget = self.forced_prefill_tokens
         if not budget or not self.runner.scores_in_prefill:
             return
-        st = self.state
         # the two-forward prefill keeps as many positions of every row as its longest needs
         most = budget if self.runner.can_pack else max(1, budget // max(1, len(feeding)))
         for s in feeding:
             if budget <= 0:
                 break
-            if not s.extra and self._scores_early(s) and not st.adjusted[s.slot] \
-                    and not st.banning[s.slot]:
-                e = min(len(s.forced) - 1, budget, most)
-                s.prompt_built = s.built
-                s.built = [(pre, [*suf, *s.forced[:e]]) for pre, suf in s.built]
-                s.extra, budget = e, budget - e
+            budget -= self._extend_forced(s, min(budget, most))
 
-    def _forced_scores(self, feeding: list[_Seq], extras: list, top: int
+    @staticmethod
+    def _keep_fed(feeding: list[_Seq], early: dict) -> None:
+        """Move the fed answer scores of the sequences still mid-prefill out of ``early``
+        onto them (``_Seq.scored``), to be reported with the rest once they are done."""
+        for q in feeding:
+            if q.id in early and q.extra:
+                q.scored += early.pop(q.id)
+
+    def _forced_scores(self, feeding: list[_Seq], extras: list, done: set[int]
                        ) -> tuple[Callable[[list[float]], dict], torch.Tensor] | None:
-        """The scores of the given tokens just fed with their sequences' prompts, from the
-        prefill's logits, on the device (:meth:`ModelStep.forced_scores`), and a function
-        that reads them back once transferred (flat): per sequence id, (token, log-prob, best
-        alternatives or None) of each. The sequences' step counts are advanced."""
+        """The scores of the given tokens just fed with their sequences' prompts (in order: a
+        prompt fed in chunks brings the next ones with each chunk), from the prefill's logits,
+        on the device (:meth:`ModelStep.forced_scores`), and a function that reads them back
+        once transferred (flat): per sequence id, (token, log-prob, best alternatives or None)
+        of each. The sequences' step counts are advanced; those in ``done`` (prefilled) are
+        through with their fed tokens."""
         st = self.state
         seqs = [s for s, x in zip(feeding, extras, strict=True) if x is not None]
         if not seqs:
             return None
-        tokens = [s.forced[:s.extra] for s in seqs]
-        scores = self.runner.forced_scores(st, tuple(s.slot for s in seqs),
-                                           [x for x in extras if x is not None], tokens, top)
+        logits = [x for x in extras if x is not None]
+        top = max(s.params.top_logprobs for s in seqs)
+        tokens = [s.forced[len(s.scored):len(s.scored) + len(x)]
+                  for s, x in zip(seqs, logits, strict=True)]
+        scores = self.runner.forced_scores(st, tuple(s.slot for s in seqs), logits, tokens, top)
         slots = torch.tensor([s.slot for s in seqs], device=st.device)
-        st.step.index_add_(0, slots, torch.tensor([s.extra for s in seqs], device=st.device))
-        for s in seqs:
-            s.extra = 0
+        st.step.index_add_(0, slots, torch.tensor([len(t) for t in tokens], device=st.device))
+        for s in feeding:
+            if s.id in done:
+                s.extra = 0
         width = scores.shape[1]
 
         def read(flat: list[float]) -> dict[int, list[tuple[int, float, list | None]]]:
@@ -945,8 +960,11 @@ class Engine:
         over all rows (None: every prompt to its end); the oldest gets at least one token.
         Under a budget, a sequence's prefixes that are not stored are computed first, within
         the budget and over as many steps as it takes (``ModelStep.advance_prefix``: a long
-        history or common start is no single long stall for the sequences decoding)."""
+        history or common start is no single long stall for the sequences decoding); a scored
+        sequence's given answer is appended to its prompt and fed in its chunks (scored from
+        their logits: at most :attr:`forced_prefill_tokens` answer positions per step)."""
         feeding, chunks = [], []
+        forced_left = self.forced_prefill_tokens if self.runner.scores_in_prefill else 0
         for q in self._prefilling:
             if budget is not None and q.fed == 0:
                 for k, prefix in self.runner.prefix_missing(q.built):
@@ -955,6 +973,9 @@ class Engine:
                     budget -= self.runner.advance_prefix(k, prefix, budget)
                 if self.runner.prefix_missing(q.built):
                     break  # its prefixes are not all computed yet: it and those after wait
+            if budget is not None and q.fed == 0 and self.forced_prefill_tokens \
+                    and self.runner.scores_in_prefill and q.forced:
+                self._extend_forced(q, len(q.forced))  # its whole answer, fed in chunks
             lens = self.runner.prompt_lengths(q.built)
             end = max(lens)
             if budget is None:
@@ -963,10 +984,32 @@ class Engine:
                 break
             else:
                 b = min(end, q.fed + max(1, budget // len(lens)))
+            if q.extra:  # at most forced_left positions' logits kept for its answer
+                first = max(q.fed, end - q.extra - 1)
+                if len(answer_positions(q.fed, b, end, q.extra)) > forced_left:
+                    b = first + forced_left
+                    if b <= q.fed:
+                        break
+                forced_left -= len(answer_positions(q.fed, b, end, q.extra))
+            if budget is not None:
                 budget -= sum(max(0, b - end + n) - max(0, q.fed - end + n) for n in lens)
             feeding.append(q)
             chunks.append((q.fed, b))
         return feeding, chunks
+
+    def _extend_forced(self, q: _Seq, room: int) -> int:
+        """Append up to ``room`` of scored sequence ``q``'s given tokens (all but the last) to
+        its prompt (``_Seq.extra``), where they may be fed with it (:meth:`_scores_early`, and
+        no penalty or ban state on its slot); returns how many (0: none)."""
+        st = self.state
+        if room <= 0 or q.extra or not self._scores_early(q) or st.adjusted[q.slot] \
+                or st.banning[q.slot]:
+            return 0
+        e = min(len(q.forced) - 1, room)
+        q.prompt_built = q.built
+        q.built = [(pre, [*suf, *q.forced[:e]]) for pre, suf in q.built]
+        q.extra = e
+        return e
 
     def _expand(self, rows: list, logits: torch.Tensor, expand: dict[int, int],
                 propose: tuple | None = None) -> list:

@@ -80,6 +80,15 @@ def adjust_coefficients(method: Method) -> torch.Tensor:
     return c
 
 
+def answer_positions(a: int, b: int, longest: int, e: int) -> range:
+    """Of a prompt whose rows end with ``e`` given answer tokens (``longest`` tokens on its
+    longest row, answer included), the positions (counted on the longest row; rows are aligned
+    at their ends) in chunk ``a .. b`` whose logits score those tokens: the answer's ``j``-th
+    token is scored at ``longest - e - 1 + j``. The last position scores the token after them
+    (the step's own)."""
+    return range(max(a, longest - e - 1), min(b, longest - 1)) if e else range(0)
+
+
 class ModelStep:
     """Runs ``model`` for the rows of a :class:`DecodeState` (see the module docstring)."""
 
@@ -460,8 +469,10 @@ class ModelStep:
         returns their logits ``([n_run, K, V] or None, [n_done, K, V], extras)``, or None
         (nothing done) when this model's attention did not route through the packed function
         on the first try — the caller then runs :meth:`decode` and :meth:`prefill`.
-        ``extra`` (whole prompts only): as :meth:`prefill`'s; ``extras`` then has one entry
-        per new sequence (None without ``extra``).
+        ``extra``: as :meth:`prefill`'s (the last ``extra[i]`` tokens of each of sequence i's
+        rows are its given answer); ``extras`` then has one entry per new sequence: the logits
+        ``[m, K, V]`` of the answer positions this chunk feeds (:func:`answer_positions`;
+        None where none), or None without ``extra``.
 
         ``chunks[i] = (a, b)``: feed only part of sequence i's prompt (chunked prefill). Its
         rows are aligned at their ends (a row ``d`` tokens shorter than the longest starts
@@ -540,9 +551,10 @@ class ModelStep:
                     emb[0, soft_at[r]:soft_at[r] + min(hi, len(p)) - lo] = \
                         p.embeds(self.embed)[lo:hi]
             inputs = {"inputs_embeds": emb}
-        more = [] if extra is None else [  # a scored answer's positions before the last
-            last[i * kb + k] - e + p for i, e in enumerate(extra) if done[i]
-            for p in range(e) for k in range(kb)]
+        fed_answer = [answer_positions(*chunks[i], max(lengths[i * kb:(i + 1) * kb]), e)
+                      for i, e in enumerate(extra or ())]  # a scored answer's, this chunk
+        more = [last[i * kb + k] - (chunks[i][1] - 1 - c)  # row ends at the chunk's end
+                for i, cs in enumerate(fed_answer) for c in cs for k in range(kb)]
         keep = torch.cat([torch.arange(n_dec), torch.tensor(
             [last[i * kb + k] for i in range(len(new)) if done[i] for k in range(kb)] + more,
             dtype=torch.long)]).to(dev)
@@ -582,9 +594,10 @@ class ModelStep:
         if extra is None:
             return dec, pre, None
         extras = []
-        for i, e in enumerate(extra):
-            extras.append(logits[at:at + e * kb].view(e, kb, -1) if e and done[i] else None)
-            at += e * kb if done[i] else 0
+        for cs in fed_answer:
+            m = len(cs)
+            extras.append(logits[at:at + m * kb].view(m, kb, -1) if m else None)
+            at += m * kb
         return dec, pre, extras
 
     # -- decode -----------------------------------------------------------------------------
