@@ -11,6 +11,7 @@ from engine_fixtures import method_named, tiny_arch, tiny_llama
 from safedecode import methods
 from safedecode.engine import Branch, BranchHook, SafeDecoder, SamplingParams, contrastive
 from safedecode.engine.cache import TURN_STORE_BYTES
+from safedecode.methods.deal import DeAL
 
 HISTORY = [{"role": "user", "content": "What is two plus two? Answer with a number."},
            {"role": "assistant", "content": "Four."},
@@ -238,3 +239,59 @@ def test_a_history_whose_kept_turn_was_dropped_extends_the_earlier_history():
         last = lens
         _grow(chats, [g.text for g in got], turn)
     assert len(dec.turns) == 1
+
+
+def _vowels(prompts, texts):
+    """A reward that is a known function of the text (its share of vowels)."""
+    return [sum(c in "aeiou" for c in t) / max(1, len(t)) for t in texts]
+
+
+@pytest.mark.parametrize("spec", [
+    dict(name="route", base="acd-text", horizon=2, margin=0.0),
+    dict(name="route", base="acd-text", horizon=2, margin=-1.0),  # the base always kept
+    dict(name="deal", base="acd-text", k=2, lookahead=2, lam=5.0),
+    dict(name="deal", base="acd-text", k=2, lookahead=1, beam=2, chunk=2, horizon=4, lam=5.0)])
+def test_a_growing_chat_under_a_search_keeps_its_chosen_answer(spec):
+    """A search's answer (route's winner, DeAL's chosen candidate: a fork) is kept for the
+    chat's next turn like a plain request's: the answers = no prefix cache, and each turn
+    computes fewer history columns than the new messages' (route's plain winner kept for the
+    branch its rows ran: the fallback)."""
+    model, tok = tiny_llama()
+    spec = dict(spec)
+    m = methods.get(spec.pop("name"), reward=_vowels, **spec)
+    dec = SafeDecoder(model, tok, m)
+    ref = SafeDecoder(model, tok, m, prefix_cache=False)
+    branches = dec.method.branches
+    chats = [[{"role": "user", "content": f"Question {i}: what do cats eat?"}] for i in range(3)]
+    last = None
+    for turn in range(3):
+        before = dec.prefixes.computed_tokens
+        got = dec.generate(chats, max_new_tokens=6, return_logprobs=True)
+        exp = ref.generate(chats, max_new_tokens=6, return_logprobs=True)
+        for g, r in zip(got, exp, strict=True):
+            assert g.token_ids == r.token_ids
+        lens = [len(dec.builder.build(br, c, 0)[0]) for c in chats for br in branches]
+        if last is not None:
+            computed = dec.prefixes.computed_tokens - before
+            assert 0 < computed < sum(lens) - sum(last), (turn, computed)
+        if isinstance(m, DeAL):  # every chat's answer kept under every branch, each turn
+            assert len(dec.turns) == 3 * (turn + 1) * len(branches), turn
+        last = lens
+        _grow(chats, [g.text for g in got], turn)
+
+
+def test_a_fork_that_outlives_its_parent_keeps_the_turn():
+    """``fork`` then releasing the parent (a search keeping a child): the child's answer is
+    kept for the chat's next turn in the parent's place."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("acd-text"))
+    eng = dec.engine(max_seqs=2)
+    chat = [{"role": "user", "content": "Question 1: what do cats eat?"}]
+    root = eng.add_request(chat, SamplingParams(max_new_tokens=5, temperature=0))
+    eng.step()
+    child = eng.fork(root, 1)[0]
+    eng.release(root)
+    while eng.has_unfinished():
+        eng.step()
+    assert len(eng.pop_result(child).token_ids) == 5
+    assert len(dec.turns) == len(dec.method.branches)

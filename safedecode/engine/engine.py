@@ -479,6 +479,11 @@ class Engine:
                 s.kids = [k for k in s.kids if k.id != request_id]
         else:
             self.state.release(seq.slot)
+            if seq.turn is not None:  # a fork family's kept turn goes on with another member
+                heir = next((s for s in self._live.values() if s.root == seq.root
+                             and s is not seq and s.slot >= 0 and s.turn is None), None)
+                if heir is not None:
+                    heir.turn = seq.turn
             if any(q is seq for q in self._prefilling):  # aborted mid-prefill: its choices
                 self._prefilling = [q for q in self._prefilling if q is not seq]  # start over
                 if seq.kids:
@@ -739,11 +744,11 @@ class Engine:
             pick = []  # choices forked after the prefill, before their first token
             forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
             for i, s in enumerate(admitted):
-                s.turn = self._turn_of(s.prompt_built or s.built) if not s.kids else None
+                s.turn = self._turn_of(s.prompt_built or s.built)
                 s.built = s.prompt_built = None
                 if s.kids:
-                    for kid in s.kids:
-                        kid.slot, kid.context = st.acquire(), s.context
+                    for kid in s.kids:  # each choice an answer to keep as the next turn's
+                        kid.slot, kid.context, kid.turn = st.acquire(), s.context, s.turn
                     st.fork(s.slot, [kid.slot for kid in s.kids])
                     st.seed[torch.tensor([kid.slot for kid in s.kids])] = torch.tensor(
                         [kid.seed for kid in s.kids], dtype=torch.long).to(st.device)
@@ -1164,8 +1169,9 @@ class Engine:
         may extend."""
         fed = seq.out[:-1]
         kb = self.method.k
+        ran = self.runner.branches_run(self.state, seq.slot)  # a gated sequence's rows
         for k, entry in enumerate(seq.turn):
-            if entry is None:
+            if entry is None or (ran is not None and k not in ran):
                 continue
             turn, pre, suf = entry
             if turn is None and len(pre) + len(suf) + len(fed) - pre.chain[1] < \

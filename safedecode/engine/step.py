@@ -618,6 +618,12 @@ class ModelStep:
         rows = tuple(s * kb + j for s in slots for j in self._need[gate[s]])
         return None if len(rows) == len(slots) * kb else rows
 
+    def branches_run(self, state: DecodeState, slot: int) -> tuple[int, ...] | None:
+        """The branches whose rows sequence ``slot``'s decode steps ran (their KV whole), or
+        None for all (see ``drop_rows``)."""
+        gate = state.host_gate[slot] if self.drop_rows else None
+        return None if gate is None else self._need[gate]
+
     def _sparse_layout(self, slots: tuple[int, ...], rows: tuple[int, ...]) -> tuple:
         """``(index, slot of each row, out position of each row, hook rows per branch)``."""
         hit = self._sparse.get((slots, rows))
