@@ -212,6 +212,45 @@ def test_rendered_prompts_share_their_common_start():
     assert m.k * MIN_SHARED_TOKENS <= dec.prefixes.computed_tokens <= total / len(prompts)
 
 
+def test_engine_token_requests_share_their_common_start_and_are_kept():
+    """``Engine.add_tokens`` (a tokenizer-less caller: another serving stack), one request at a
+    time: the second request sharing the first's start under each branch shares it (one run
+    per branch), and a request continuing a finished one's prompt + answer computes one
+    column per branch on its kept KV; the answers = no prefix cache."""
+    model, tok = tiny_llama()
+    m = methods.get("acd-text")
+    builder = SafeDecoder(model, tok, m).builder
+    builder.share_tokens = False
+    rendered = [[p.ids + s for p, s in (builder.build(br, [{"role": "user", "content": q}], 0)
+                                        for q in (CONTEXT + t for t in TAILS))]
+                for br in m.branches]
+
+    def run(dec, reqs):
+        eng = dec.engine(max_seqs=2)
+        out = []
+        for req in reqs:  # one at a time, as a server gets them
+            rid = eng.add_tokens(req, SamplingParams(max_new_tokens=5, logprobs=True))
+            while eng.has_unfinished():
+                eng.step()
+            out.append(eng.pop_result(rid))
+        return out
+
+    dec = SafeDecoder(model, None, m)
+    ref = SafeDecoder(model, None, m, prefix_cache=False)
+    reqs = [[branch[i] for branch in rendered] for i in range(2)]
+    got, exp = run(dec, reqs), run(ref, reqs)
+    assert len(dec.prefixes) == m.k and len(dec.turns) > 0  # the common start; kept answers
+    before = dec.prefixes.computed_tokens
+    more = [[*reqs[1][k], *got[1].token_ids[:-1], got[1].token_ids[-1], 13]
+            for k in range(m.k)]  # the second's prompt + answer, continued
+    got += run(dec, [more])
+    exp += run(ref, [more])
+    for a, b in zip(got, exp, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert dec.prefixes.computed_tokens - before == m.k  # one column per branch
+
+
 def test_the_branches_prefixes_computed_in_one_forward_keep_their_own_effects():
     """Every branch's new prefixes are computed in one forward: a hook on one branch (acting
     on all positions, the prefix's too) changes its rows only — the answers = no prefix cache,

@@ -13,7 +13,15 @@ import torch
 from .branches import Branch, Method
 from .cache import PREFIX_STORE_BYTES, TURN_STORE_BYTES, PrefixStore
 from .engine import Engine, GenerationResult, check_method_fits, output_vocab
-from .prompts import Prefix, Prompt, PromptBuilder, TokenRuns, is_token_ids, request_text
+from .prompts import (
+    Prefix,
+    Prompt,
+    PromptBuilder,
+    TokenRuns,
+    is_token_ids,
+    request_text,
+    token_requests,
+)
 from .sampling import SamplingParams
 from .search import Search
 from .state import round_up
@@ -46,20 +54,7 @@ class TokenPrompts:
 
     def built(self, branches: Sequence[Branch]) -> list[list[tuple[Prefix, list[int]]]]:
         """``[request][branch] -> (the branch's empty prefix, ids)``."""
-        k = len(branches)
-        if len(self.ids) != k or any(len(x) != self.batch for x in self.ids):
-            raise ValueError(f"expected prompt ids for {k} branches x {self.batch} requests")
-        heads = [Prefix(f"ids|{br.key()}", []).as_head() for br in branches]
-        out = []
-        for i in range(self.batch):
-            row = []
-            for kk in range(k):
-                seq = self.ids[kk][i]
-                if not seq:
-                    raise ValueError(f"branch {kk}, request {i}: empty prompt")
-                row.append((heads[kk], [int(t) for t in seq]))
-            out.append(row)
-        return out
+        return token_requests(branches, self.ids)
 
 
 def _check_max_batch(max_batch, on_result) -> int | None:
@@ -119,7 +114,7 @@ class SafeDecoder:
         return Engine(self.model, self.tok, self.method, max_seqs=max_seqs, max_len=max_len,
                       max_queue=max_queue, backend=self.backend, prefix_cache=self.prefix_cache,
                       small_gemm=self.small_gemm, prefixes=self.prefixes, builder=self.builder,
-                      turns=self.turns,
+                      runs=self.runs, turns=self.turns,
                       compiled=self.compiled, max_prefill_tokens=max_prefill_tokens,
                       packed=packed,
                       drop_rows=self.drop_rows if drop_rows is None else drop_rows)

@@ -31,7 +31,7 @@ from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
 from .ngrams import NGramBans
-from .prompts import MIN_SHARED_TOKENS, Prefix, Prompt, PromptBuilder
+from .prompts import MIN_SHARED_TOKENS, Prefix, Prompt, PromptBuilder, TokenRuns, token_requests
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
@@ -220,7 +220,8 @@ class Engine:
                  prefixes: PrefixStore | None = None, builder: PromptBuilder | None = None,
                  compiled: CompiledDecode | None = None,
                  max_prefill_tokens: int | None = None, packed: bool = True,
-                 drop_rows: bool = True, turns: PrefixStore | None = None) -> None:
+                 drop_rows: bool = True, turns: PrefixStore | None = None,
+                 runs: TokenRuns | None = None) -> None:
         check_method_fits(model, method)
         if max_prefill_tokens is not None and (isinstance(max_prefill_tokens, bool) or not
                                                isinstance(max_prefill_tokens, int)
@@ -248,6 +249,8 @@ class Engine:
                              "tokens")
         self.max_len = max_len
         self.builder = builder or (PromptBuilder(tokenizer) if tokenizer is not None else None)
+        # requests' common leading tokens (token-id requests too: add_tokens)
+        self.runs = runs or (self.builder.runs if self.builder is not None else TokenRuns())
         self.state = DecodeState(num_layers=self.runner.num_layers, k=method.k,
                                  max_seqs=max_seqs, max_len=max_len, device=self.runner.device,
                                  dtype=self.runner.dtype, sliding=self.runner.masks.sliding,
@@ -329,12 +332,16 @@ class Engine:
 
     def add_tokens(self, ids: Sequence[Sequence[int]], params: SamplingParams | None = None
                    ) -> int:
-        """Queue a request given as token ids per branch (no prefix sharing)."""
+        """Queue a request given as token ids per branch (rendered by the caller, each branch's
+        system text included); the leading tokens it shares with other requests under a branch
+        are shared as a prefix, as a text request's (:class:`TokenRuns`)."""
         if len(ids) != self.method.k or any(not seq for seq in ids):
             raise ValueError(f"ids: expected {self.method.k} non-empty token id lists (one per "
                              "branch)")
-        empty = Prefix("raw", [])
-        return self.add_built([(empty, [int(t) for t in seq]) for seq in ids], params)[0]
+        built = token_requests(self.method.branches, [[seq] for seq in ids])
+        if self.runner.prefix_cache:
+            built = self.runs.share(self.method.branches, built)
+        return self.add_built(built[0], params)[0]
 
     def add_built(self, built: Built, params: SamplingParams | None = None, *,
                   index: int = 0, n: int = 1, gates: Sequence[bool] | None = None) -> list[int]:
@@ -1152,14 +1159,14 @@ class Engine:
         with its branch's own prefix for the requests that start like it (``TokenRuns.kept``);
         None where none is (no prefix cache or turn store). Branches with hooks are left out:
         their answer's KV was computed under decode-phase hooks a prefix never runs."""
-        if self.builder is None or not self.runner.prefix_cache \
-                or not self.runner.turns.max_bytes:
+        if not self.runner.prefix_cache or not self.runner.turns.max_bytes:
             return None
+        b = self.builder
         out = []
         for br, (pre, suf) in zip(self.method.branches, built, strict=True):
-            turn = None if br.hooks else self.builder.turn_of(pre, suf)
+            turn = None if br.hooks or b is None else b.turn_of(pre, suf)
             keep = not br.hooks and (turn is not None or (
-                pre.chain is not None and self.builder.share_tokens))
+                pre.chain is not None and (b is None or b.share_tokens)))
             out.append((turn, pre, suf) if keep else None)
         return out if any(out) else None
 
@@ -1193,7 +1200,7 @@ class Engine:
             if turn is not None:
                 self.builder.finished(turn, done)
             if done.chain is not None:
-                self.builder.runs.kept(done)
+                self.runs.kept(done)
 
     def _finish(self, seq: _Seq, reason: str, now: float) -> None:
         seq.finish, seq.t_done = reason, now

@@ -598,3 +598,25 @@ def request_text(prompt, tokenizer=None) -> str:
     if not users:
         raise ValueError("prompt: no message to score the answer against")
     return str(users[-1].get("content", ""))
+
+
+def token_requests(branches: Sequence[Branch], ids: Sequence[Sequence[Sequence[int]]]
+                   ) -> list[list[tuple[Prefix, list[int]]]]:
+    """Already-rendered prompts as built requests: ``ids[k][b]`` is request b's token ids under
+    branch k; each becomes ``(the branch's empty prefix, ids)`` — a head its leading tokens
+    can be shared on (:meth:`TokenRuns.share`)."""
+    k = len(branches)
+    if len(ids) != k or not ids or any(len(x) != len(ids[0]) for x in ids):
+        raise ValueError(f"expected prompt ids for {k} branches, the same number of requests "
+                         "under each")
+    heads = [Prefix(f"ids|{br.key()}", []).as_head() for br in branches]
+    out = []
+    for i in range(len(ids[0])):
+        row = []
+        for kk in range(k):
+            seq = ids[kk][i]
+            if not seq:
+                raise ValueError(f"branch {kk}, request {i}: empty prompt")
+            row.append((heads[kk], [int(t) for t in seq]))
+        out.append(row)
+    return out
