@@ -172,6 +172,13 @@ def mixture_logprob(lp: torch.Tensor, q: torch.Tensor, w: float = 0.5) -> torch.
     return torch.logaddexp(lp, q + math.log(w / (1 - w))) + math.log(1 - w)
 
 
+def default_max_len(model) -> int:
+    """An engine's context when none is given: the model's positions, at most
+    ``DEFAULT_MAX_LEN``."""
+    context = getattr(text_config(model), "max_position_embeddings", None)
+    return min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
+
+
 def output_vocab(model) -> int:
     """The number of logits the model gives per position."""
     head = model.get_output_embeddings()
@@ -241,7 +248,7 @@ class Engine:
         self.runner.drop_rows &= bool(drop_rows)
         context = self.runner.max_positions
         if max_len is None:
-            max_len = min(context or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
+            max_len = default_max_len(model)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len: must be an integer >= 2, got {max_len!r}")
         if context and max_len > context:

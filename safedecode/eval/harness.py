@@ -94,11 +94,12 @@ class SafeDecodeLM(TemplateLM):
                 or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks: a positive integer, got {max_gen_toks!r}")
         self.max_gen_toks = max_gen_toks
-        eng = decoder.engine(max_seqs=1)
-        built = eng.build([self.eot_token_id], raw=True)
-        context = min(x for x in (eng.max_len, eng.runner.max_positions) if x)
-        # the room a raw request has after the longest branch prompt
-        self.max_length = context - max(len(prefix) for prefix, _ in built)
+        from safedecode.engine.engine import default_max_len
+
+        built = decoder.builder.build_request(decoder.method.branches, [self.eot_token_id], 0,
+                                              raw=True)
+        # the room a raw request has after the longest branch prompt (the engines' context)
+        self.max_length = default_max_len(decoder.model) - max(len(p) for p, _ in built)
 
     # -- what lm-eval asks of a TemplateLM ---------------------------------------------------
     @property
