@@ -11,7 +11,7 @@ import typer
 from safedecode.cli_errors import fail as _fail
 
 app = typer.Typer(help="safedecode: decoding-time safety alignment that costs no throughput.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 
 
@@ -187,7 +187,7 @@ def generate(
     adapter: str | None = typer.Option(None, "--adapter", help="A LoRA adapter folder (e.g. "
                                        "from `safedecode finetune`) merged into the model, or "
                                        "'ta-sft' (shipped for the embedded model)."),
-    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index>."),
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or `cuda:N`."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
 ):
     """Generate with a safe-decoding method on a causal LM (the embedded model by default)."""
@@ -673,7 +673,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
 @app.command()
 def check(
     model: str = typer.Option("default", help="Local model folder / .gguf, or 'default'."),
-    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index>."),
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or `cuda:N`."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", "-n"),
     long_prompt: bool = typer.Option(True, "--long-prompt/--no-long-prompt",

@@ -302,3 +302,25 @@ def test_cli_info():
     info = json.loads(res.stdout)
     assert info["backends"]["reference"] == "ok" and info["backends"]["cpp"] == "ok"
     assert info["auto"]["cpu"] == "cpp"
+
+
+def test_help_reads_as_sentences():
+    """``safedecode --help`` gives each command's first paragraph as one sentence (a
+    docstring's line breaks joined, not printed mid-sentence), and option help keeps text in
+    angle brackets or backticks."""
+    import re
+
+    def text(args):
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "240"}, terminal_width=240)
+        assert res.exit_code == 0, res.output
+        return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", res.output))
+
+    top = text(["--help"])
+    assert "part (TRL RewardTrainer, LoRA); prints its pairwise accuracy" in top
+    # a line break inside a sentence would leave a wide gap before the panel's right edge
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "240"}, terminal_width=240)
+    rows = [ln for ln in res.output.splitlines() if ln.startswith("│ train-reward")]
+    assert rows and "accuracy on the validation part" in rows[0]
+    assert "cuda:N" in text(["generate", "--help"])
+    assert "Bearer KEY" in text(["serve", "--help"])
+    assert "<!-- perf:start/end -->" in text(["bench", "--help"])

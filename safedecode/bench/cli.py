@@ -68,7 +68,7 @@ def bench_command(
     new_tokens: int | None = typer.Option(None, "--new-tokens", help="generate: new tokens per "
                                           "request (default 128; quick 8)."),
     readme: Path = typer.Option(Path("README.md"), "--readme", help="report: the README whose "
-                                "<!-- perf:start/end --> section is rewritten."),
+                                "`<!-- perf:start/end -->` section is rewritten."),
 ) -> None:
     """Benchmark the fused ops and generation against transformers and the naive pipelines."""
     from safedecode.bench import report

@@ -43,7 +43,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless told)."),
     port: int = typer.Option(8000, help="Port (0: a free one, see --ready-file)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="SAFEDECODE_API_KEY",
-                                       help="Require 'Authorization: Bearer <key>' on /v1/."),
+                                       help="Require `Authorization: Bearer KEY` on /v1/."),
     max_seqs: int = typer.Option(8, "--max-seqs", help="Sequences decoded at once (n counts)."),
     max_len: int | None = typer.Option(None, "--max-len", help="Tokens per sequence (default: "
                                                               "the context, at most 2048)."),
@@ -75,7 +75,7 @@ def serve_command(
     drain_timeout: float = typer.Option(60.0, "--drain-timeout",
                                         help="On SIGTERM, seconds to let requests finish."),
     backend: str = typer.Option("auto", help="Op backend: auto, reference, cpp, triton, cuda."),
-    device: str = typer.Option("cpu", help="Model device: cpu, cuda or cuda:<index> (with "
+    device: str = typer.Option("cpu", help="Model device: cpu, cuda or `cuda:N` (with "
                                "--ray, each replica gets 1/replicas of a GPU)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
     ray: bool = typer.Option(False, "--ray", help="Serve on a local Ray Serve instance."),
