@@ -10,12 +10,12 @@ settings come from the generation config (``do_sample``, ``temperature``, ``top_
 ``min_p``, ``max_new_tokens``, ``eos_token_id``, ``repetition_penalty`` — over each branch's own
 prompt and the answer, at K = 1 transformers' own — and the bans ``min_new_tokens``,
 ``min_length``, ``bad_words_ids``, ``suppress_tokens``, ``no_repeat_ngram_size``, as token
-bans of the method's final distribution); the result is ``[B, T + new]`` token ids, padded
-like transformers' (a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``).
-Anything else that would change the tokens — another logits processor (``sequence_bias``,
-``typical_p``, a caller's own), a stopping criterion other than the length and EOS, beam
-search, ``output_scores``, a filled cache — is a ``ValueError`` naming it, never silently
-dropped.
+bans of the method's final distribution, and ``sequence_bias``, added to it); the result is
+``[B, T + new]`` token ids, padded like transformers' (a ``GenerateDecoderOnlyOutput`` with
+``return_dict_in_generate``). Anything else that would change the tokens — another logits
+processor (``typical_p``, ``epsilon_cutoff``, a caller's own), a stopping criterion other
+than the length and EOS, beam search, ``output_scores``, a filled cache — is a ``ValueError``
+naming it, never silently dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers.generation import (
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -45,7 +46,8 @@ from safedecode.engine.engine import eos_ids
 _HONOURED = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # the processors that ban tokens, read into the engine's bans (_bans)
 _BANS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
-         SuppressTokensLogitsProcessor, NoRepeatNGramLogitsProcessor)
+         SuppressTokensLogitsProcessor, NoRepeatNGramLogitsProcessor,
+         SequenceBiasLogitsProcessor)  # (no bans: biases, read with them)
 # where transformers' own processors come from, for the error message
 _OPTION = {"SequenceBiasLogitsProcessor": "sequence_bias",
            "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
@@ -144,10 +146,10 @@ def _eos(gc) -> frozenset[int] | None:
 
 
 def _bans(processors, width: int, max_new: int) -> dict:
-    """The engine's ``min_tokens``, ``bad_words_ids`` and ``no_repeat_ngram_size`` for
-    transformers' banning processors (``width``: the padded prompt width, which
-    ``min_length`` counts)."""
-    min_tokens, words, ngram = 0, [], 0
+    """The engine's ``min_tokens``, ``bad_words_ids``, ``no_repeat_ngram_size`` and
+    ``sequence_bias`` for transformers' banning and biasing processors (``width``: the padded
+    prompt width, which ``min_length`` counts)."""
+    min_tokens, words, ngram, bias = 0, [], 0, {}
     for p in processors or ():
         if isinstance(p, MinNewTokensLengthLogitsProcessor):
             min_tokens = max(min_tokens, p.min_new_tokens)
@@ -155,6 +157,8 @@ def _bans(processors, width: int, max_new: int) -> dict:
             min_tokens = max(min_tokens, p.min_length - width)
         elif isinstance(p, NoBadWordsLogitsProcessor):  # EOS-only words already dropped
             words += [list(w) for w in p.sequence_bias]
+        elif isinstance(p, SequenceBiasLogitsProcessor):  # (NoBadWords' base class)
+            bias.update({tuple(w): float(b) for w, b in p.sequence_bias.items()})
         elif isinstance(p, SuppressTokensLogitsProcessor):
             words += [[int(t)] for t in p.suppress_tokens.tolist()]
         elif isinstance(p, NoRepeatNGramLogitsProcessor):
@@ -164,6 +168,8 @@ def _bans(processors, width: int, max_new: int) -> dict:
         out["no_repeat_ngram_size"] = ngram
     if words:
         out["bad_words_ids"] = words
+    if bias:
+        out["sequence_bias"] = bias
     return out
 
 

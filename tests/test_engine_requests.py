@@ -414,10 +414,11 @@ class _SyncCounter:
 @pytest.mark.parametrize("extra", [{}, {"top_logprobs": 5, "frequency_penalty": 0.5,
                                         "logit_bias": {7: 1.0}, "repetition_penalty": 1.2},
                                    {"min_tokens": 10, "allowed_token_ids": (7, 8, 9, 10),
-                                    "bad_words_ids": ((7, 8), (9,))}])
+                                    "bad_words_ids": ((7, 8), (9,)),
+                                    "sequence_bias": {(8, 7): 1.0, (10,): -1.0}}])
 def test_one_host_transfer_per_decode_step(monkeypatch, extra):
-    """Also with the best tokens, penalties, a logit bias and token bans asked: one read per
-    step."""
+    """Also with the best tokens, penalties, a logit bias, token bans and sequence biases
+    asked: one read per step."""
     model, tok = tiny_llama()
     eng = SafeDecoder(model, tok, methods.get("acd-text", alpha=0.5)).engine(max_seqs=4)
     for p in PROMPTS[:3]:

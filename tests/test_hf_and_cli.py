@@ -100,8 +100,9 @@ def test_custom_generate_equals_transformers_generate():
 def test_custom_generate_bans_tokens_as_transformers():
     """transformers' banning settings through the hook = its own greedy decode: one- and
     two-token bad words (one spanning the prompt's last token and the answer's first),
-    suppressed tokens, repeated bigrams (of the prompt too), and ``min_new_tokens`` /
-    ``min_length`` holding off EOS ids that would end every answer by its third token."""
+    suppressed tokens, repeated bigrams (of the prompt too), ``min_new_tokens`` /
+    ``min_length`` holding off EOS ids that would end every answer by its third token, and
+    ``sequence_bias`` (one- and two-token sequences, negative and positive)."""
     g = _Greedy()
     a, t = g.first[0, g.t:].tolist(), g.t
     early = [g.tok.eos_token_id, *sorted({int(x) for x in g.first[:, t + 2]})]
@@ -109,7 +110,8 @@ def test_custom_generate_bans_tokens_as_transformers():
                {"suppress_tokens": [a[2], a[5]]},
                {"no_repeat_ngram_size": 2, "repetition_penalty": 0.3},  # (it repeats itself)
                {"eos_token_id": early, "min_new_tokens": 6},
-               {"eos_token_id": early, "min_length": t + 5}):
+               {"eos_token_id": early, "min_length": t + 5},
+               {"sequence_bias": {(a[1],): -30.0, (a[2], a[3]): -30.0, (a[0], 99): 40.0}}):
         got = g.hook(**kw)
         assert got.tolist() == g.transformers(**kw).tolist(), kw
         without = g.transformers(repetition_penalty=0.3) if "repetition_penalty" in kw \
@@ -118,7 +120,7 @@ def test_custom_generate_bans_tokens_as_transformers():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"sequence_bias": {(5,): 1.0}}, "sequence_bias"),
+    ({"forced_eos_token_id": 2}, "forced_eos_token_id"),
     ({"exponential_decay_length_penalty": (2, 1.5)}, "exponential_decay_length_penalty"),
     ({"num_beams": 2}, "num_beams=2"),
     ({"return_dict_in_generate": True, "output_scores": True}, "output_scores"),

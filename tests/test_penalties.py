@@ -31,11 +31,14 @@ def decoders(acd):
 
 
 def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: float = 0.0,
-                  bias: dict[int, float] | None = None, repetition: float = 1.0) -> list[int]:
+                  bias: dict[int, float] | None = None, repetition: float = 1.0,
+                  seq_bias: dict[tuple, float] | None = None) -> list[int]:
     """Greedy tokens, every step recomputed without a cache: the repetition penalty on each
     branch's logits over that branch's prompt and the answer; the bias and penalties on the
     final score and on the anchor (its plausibility mask) — as an extra branch of weight
-    ``1 - w_anchor`` holding them, beside the anchor's logits plus them."""
+    ``1 - w_anchor`` holding them, beside the anchor's logits plus them. ``seq_bias``: each
+    sequence's last token biased so where the anchor's prompt + the answer end in the tokens
+    before it (transformers' ``sequence_bias``)."""
     m, eos = dec.method, eos_ids(dec.model, dec.tok)
     ids = []
     for branch in m.branches:
@@ -53,6 +56,10 @@ def _from_scratch(dec, prompt: str, n: int, presence: float = 0.0, frequency: fl
         adj = -frequency * counts.float() - presence * (counts > 0).float()
         for t, b in (bias or {}).items():
             adj[t] += b
+        context = ids[m.anchor] + out
+        for w, b in (seq_bias or {}).items():
+            if len(w) == 1 or context[len(context) - len(w) + 1:] == list(w[:-1]):
+                adj[w[-1]] += b
         z[m.anchor] += adj
         w_a = m.weights[m.anchor]
         branches, weights = [*z, adj], [*m.weights, 1.0 - w_a]
@@ -86,6 +93,37 @@ def test_penalties_equal_the_loop_from_scratch(decoders, name, kw):
     for prompt, r in zip(PROMPTS, res, strict=True):
         assert r.token_ids == _from_scratch(acd, prompt, 10, **kw), prompt
     assert [r.token_ids for r in res] != [r.token_ids for r in without]  # they did something
+
+
+@pytest.mark.parametrize("name", ["acd-text", "self-cd", "acd-text-1"])
+def test_sequence_bias_equals_the_loop_from_scratch(decoders, name):
+    """transformers' ``sequence_bias``: a one-token sequence always biased, a two-token one
+    only right after its first token (the answer's, or the prompt's last), several together
+    and repeated in one step; each changes the greedy answer, which = the loop from
+    scratch."""
+    dec = decoders[name]
+    prompt = PROMPTS[1]
+    base = dec.generate(prompt, max_new_tokens=10, ignore_eos=True)[0].token_ids
+    last = dec.builder.build(dec.method.branches[dec.method.anchor],
+                             [{"role": "user", "content": prompt}], 0)[1][-1]
+    cases = [{(base[1],): -50.0}, {(base[2], base[3]): -50.0},
+             {(last, base[0]): -50.0, (base[0], 1234): 30.0},
+             {(1234,): 3.0, (base[1], 99): 8.0, (99, 99): 2.5}]
+    for seq_bias in cases:
+        got = dec.generate(prompt, max_new_tokens=10, sequence_bias=seq_bias)[0].token_ids
+        assert got == _from_scratch(dec, prompt, 10, seq_bias=seq_bias), seq_bias
+        assert got != base[:len(got)], seq_bias
+
+
+def test_bad_sequence_bias_is_named(acd):
+    for bad in ({(): 1.0}, {(1, -2): 1.0}, {(1,): float("nan")}, {(1,): 1e5}, [[1, 2]],
+                "x", {(1,): "a"}):
+        with pytest.raises(ValueError, match="sequence_bias"):
+            SamplingParams(sequence_bias=bad)
+    with pytest.raises(ValueError, match="sequence_bias: token id 99999999"):
+        acd.generate("Hi", max_new_tokens=2, sequence_bias={(1, 99999999): 1.0})
+    assert SamplingParams(sequence_bias=[[[5, 6], 1.0], [[5, 6], -2.0]]).sequence_bias == \
+        (((5, 6), -2.0),)  # transformers' list form; the last of a sequence given twice
 
 
 def test_logit_bias_forces_and_bans_tokens(acd):

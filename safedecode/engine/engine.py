@@ -125,6 +125,9 @@ class _Seq:
     bad_one: tuple[int, ...] = ()
     bad_seqs: tuple[tuple[list[int], int], ...] = ()
     bad_ctx: list[int] = field(default_factory=list)
+    # SamplingParams.sequence_bias as (the tokens before the last, the last, bias), added where
+    # the context (bad_ctx and the answer) ends in the former
+    bias_seqs: tuple[tuple[list[int], int, float], ...] = ()
     ngrams: NGramBans | None = None  # SamplingParams.no_repeat_ngram_size
     # per branch (a chat request's turn digest or None, prefix, suffix; None: not kept), to
     # keep its prompt + answer KV for the chat's next turn or requests starting like it
@@ -377,11 +380,13 @@ class Engine:
                              "it, or drop min_tokens")
         lens = [len(p) + len(s) for p, s in built]
         longer = tuple((list(w[:-1]), w[-1]) for w in words if len(w) > 1)
-        # the anchor branch's prompt (after a soft prompt): a banned word or a repeated
-        # n-gram may start there
+        biased = tuple((list(w[:-1]), w[-1], b) for w, b in params.sequence_bias)
+        # the anchor branch's prompt (after a soft prompt): a banned word, a biased sequence
+        # or a repeated n-gram may start there
         pre, suf = built[self.method.anchor]
         context = ([*pre.tail_ids] if pre.soft is not None else [*pre.ids]) + list(suf)
-        ctx = context[max(0, len(context) - max(len(p) for p, _ in longer)):] if longer else []
+        heads = [len(h) for h, _ in longer] + [len(h) for h, _, _ in biased]
+        ctx = context[max(0, len(context) - max(heads)):] if any(heads) else []
         ngrams = NGramBans(params.no_repeat_ngram_size, context) \
             if params.no_repeat_ngram_size else None
         seqs = []
@@ -393,7 +398,7 @@ class Engine:
                              built=list(built) if i == 0 else None, t_add=time.perf_counter(),
                              gate=None if gates is None else bool(gates[i]),
                              bad_one=tuple(w[0] for w in words if len(w) == 1),
-                             bad_seqs=longer, bad_ctx=ctx,
+                             bad_seqs=longer, bad_ctx=ctx, bias_seqs=biased,
                              ngrams=ngrams.copy() if ngrams is not None and i else ngrams))
         head = seqs[0]
         head.kids = seqs[1:]
@@ -422,7 +427,8 @@ class Engine:
         v = self.state.vocab
         for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
                           ("allowed_token_ids", params.allowed_token_ids or ()),
-                          ("bad_words_ids", [t for w in params.bad_words_ids for t in w])):
+                          ("bad_words_ids", [t for w in params.bad_words_ids for t in w]),
+                          ("sequence_bias", [t for w, _ in params.sequence_bias for t in w])):
             bad = [t for t in ids if t >= v]
             if bad:
                 raise ValueError(f"{name}: token id {bad[0]} is outside the model's "
@@ -869,6 +875,7 @@ class Engine:
         p = s.params
         return bool(s.forced) and len(s.forced) > 1 and not s.out and not s.kids \
             and s.gate is None and s.ngrams is None and not s.bad_seqs and not s.bad_one \
+            and not s.bias_seqs \
             and p.presence_penalty == 0 and p.frequency_penalty == 0 \
             and p.repetition_penalty == 1.0 and not p.logit_bias \
             and p.allowed_token_ids is None and not p.min_tokens
@@ -955,23 +962,28 @@ class Engine:
         return read, scores
 
     @staticmethod
-    def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int]] | None:
-        """This step's ``(rows, tokens)`` banned by the sequences' longer bad words (a
-        word's last token where the context ends in the tokens before it) and repeated
-        n-grams."""
-        rows, toks = [], []
+    def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int], list[float]] | None:
+        """This step's ``(rows, tokens, values)`` from the sequences' longer bad words (a
+        word's last token where the context ends in the tokens before it: ``-inf``), repeated
+        n-grams (``-inf``) and sequence biases (the bias, where the context ends in the tokens
+        before its last; a one-token sequence always)."""
+        rows, toks, vals = [], [], []
+        ban = float("-inf")
         for j, seq in enumerate(seqs):
             if seq.ngrams is not None:
                 banned = seq.ngrams.banned()
                 rows += [j] * len(banned)
                 toks += sorted(banned)
-            for head, last in seq.bad_seqs:
+                vals += [ban] * len(banned)
+            for head, last, value in (*((h, t, ban) for h, t in seq.bad_seqs), *seq.bias_seqs):
                 n = len(head)
-                tail = seq.out[-n:] if len(seq.out) >= n else (seq.bad_ctx + seq.out)[-n:]
-                if tail == head:
+                tail = [] if not n else seq.out[-n:] if len(seq.out) >= n \
+                    else (seq.bad_ctx + seq.out)[-n:]
+                if tail == head:  # (an empty head: always)
                     rows.append(j)
                     toks.append(last)
-        return (rows, toks) if rows else None
+                    vals.append(value)
+        return (rows, toks, vals) if rows else None
 
     def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
         """The sequences whose prompts are fed this step and their chunks ``(a, b)`` on the

@@ -59,7 +59,9 @@ class SamplingParams:
     word's last token wherever the tokens before it end the context (the prompt of the
     method's anchor branch and the answer); ``allowed_token_ids`` bans every other token;
     ``no_repeat_ngram_size`` n (transformers') bans every token that would repeat an n-gram of
-    that context.
+    that context. ``sequence_bias`` (transformers': ``{token ids: bias}`` or ``[[ids, bias],
+    ...]``, a finite bias) adds the bias to a sequence's last token wherever the tokens before
+    it end that context (always, for one token), as ``logit_bias`` is added.
     """
 
     max_new_tokens: int = 128
@@ -80,6 +82,7 @@ class SamplingParams:
     min_tokens: int = 0
     bad_words: tuple[str, ...] = field(default=())
     bad_words_ids: tuple[tuple[int, ...], ...] = field(default=())
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = field(default=())
     allowed_token_ids: tuple[int, ...] | None = None
     no_repeat_ngram_size: int = 0
     include_stop_str_in_output: bool = False
@@ -129,6 +132,7 @@ class SamplingParams:
         object.__setattr__(self, "bad_words", _strings("bad_words", self.bad_words))
         object.__setattr__(self, "bad_words_ids", _id_lists("bad_words_ids",
                                                             self.bad_words_ids))
+        object.__setattr__(self, "sequence_bias", _sequence_bias(self.sequence_bias))
         if self.allowed_token_ids is not None:
             allowed = _ids("allowed_token_ids", self.allowed_token_ids)
             if not allowed:
@@ -210,4 +214,24 @@ def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
         t, b = item
         _int("logit_bias", t, 0)
         out[t] = _float(f"logit_bias[{t}]", b, -100.0, 100.0)
+    return tuple(sorted(out.items()))
+
+
+def _sequence_bias(bias) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """``{token ids: bias}`` or ``[[ids, bias], ...]`` as sorted ``(ids, bias)`` pairs, checked
+    (a sequence given twice: its last bias)."""
+    if isinstance(bias, Mapping):
+        bias = list(bias.items())
+    elif isinstance(bias, (str, bytes)) or not isinstance(bias, Sequence):
+        raise ValueError(f"sequence_bias: expected a mapping of token-id sequences to biases, "
+                         f"got {bias!r}")
+    out: dict[tuple[int, ...], float] = {}
+    for item in bias:
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"sequence_bias: expected (token ids, bias) pairs, got {item!r}")
+        ids, b = item
+        ids = _ids("sequence_bias", ids)
+        if not ids:
+            raise ValueError("sequence_bias: expected non-empty token-id sequences")
+        out[ids] = _float(f"sequence_bias[{list(ids)}]", b, -1e4, 1e4)
     return tuple(sorted(out.items()))

@@ -765,7 +765,8 @@ class ModelStep:
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
                logprobs: bool, top: int = 0, forced: torch.Tensor | None = None,
-               bans: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+               bans: tuple[list[int], list[int], list[float]] | None = None
+               ) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
         next input and advances its step. Returns ``[tokens; status (; logprobs)
         (; top ids; top log-probs)]`` as one float64 tensor on the device (the caller reads it
@@ -774,7 +775,8 @@ class ModelStep:
         id first on ties; ``-inf`` past the final set). ``forced`` (``[n]``, -1: sample): the
         token each row takes instead of sampling (scoring a given text), its log-prob under
         the final distribution (``-inf`` where that excludes it). ``bans``: this step's
-        ``(rows, token ids)`` excluded besides the slots' own (:meth:`DecodeState.adjust`)."""
+        ``(rows, token ids, values)`` excluded (``-inf``) or biased besides the slots' own
+        (:meth:`DecodeState.adjust`)."""
         m = self.method
         _, _, sidx = state.layout(slots)
         logits = state.adjust(slots, sidx, logits, self.adjust_coef, bans)  # penalties, bans
