@@ -124,10 +124,11 @@ def test_what_is_not_shared():
     hooked, unhooked = dec.builder.build_request(m.branches, prompts[0], 0, raw=True)
     alone = fresh.build_request(m.branches, prompts[0], 0, raw=True)
     assert len(hooked[0]) == len(alone[0][0]) and len(unhooked[0]) > len(alone[1][0])
-    short = [CONTEXT[:40] + " one", CONTEXT[:40] + " two"]
+    short = [CONTEXT[:20] + " one", CONTEXT[:20] + " two"]
+    assert len(tok(CONTEXT[:20] + " one")["input_ids"]) < MIN_SHARED_TOKENS
     for p in short + short:
         built = dec.builder.build_request(m.branches, p, 0, raw=True)
-    assert len(built[1][0]) == len(alone[1][0])  # under 32 tokens in common
+    assert len(built[1][0]) == len(alone[1][0])  # under MIN_SHARED_TOKENS in common
     dec.builder.share_tokens = False
     off = dec.builder.build_request(m.branches, prompts[0], 0, raw=True)
     assert [len(p) for p, _ in off] == [len(p) for p, _ in alone]

@@ -53,7 +53,9 @@ Prompt = str | Sequence[Message]
 _PROBES = ("Alpha probe message", "Bravo probe message")
 _SOFT = "\ue000"  # stands in for a soft prompt while rendering (a private-use character)
 TOKEN_BLOCK = 16  # ids per block of a request's leading tokens (shared whole blocks only)
-MIN_SHARED_TOKENS = 32  # a shorter common run is not worth a prefix of its own
+# a shorter common run is not worth a prefix of its own: one block already pays on the CPU
+# (1.10-1.35x per call for 2-8 requests sharing 16 tokens: benchmarks/results/min_shared_cpu.md)
+MIN_SHARED_TOKENS = TOKEN_BLOCK
 
 
 @dataclass
