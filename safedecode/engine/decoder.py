@@ -94,8 +94,9 @@ class SafeDecoder:
         if isinstance(method, Search):  # a search around a base method (DeAL, route)
             self.search, method = method, method.engine_method
             param = next(model.parameters(), None)
-            if param is not None:  # its reward model next to the policy (a GPU, say)
-                self.search.reward.to(param.device)
+            to = getattr(self.search.reward, "to", None)
+            if param is not None and to is not None:  # its reward next to the policy (a GPU)
+                to(param.device)
         check_method_fits(model, method)
         self.compiled = CompiledDecode(model, method, small_gemm) if compile else None
         self.model, self.tok, self.method = model, tokenizer, method

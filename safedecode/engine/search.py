@@ -22,7 +22,8 @@ Event = tuple[int, "int | None", str, "GenerationResult | None"]
 class Search:
     """Base of the search methods. A subclass provides:
 
-    - ``name`` (str), ``reward`` (moved next to the policy with ``.to(device)``);
+    - ``name`` (str); ``reward``, if it has one (moved next to the policy with
+      ``.to(device)`` where it can be);
     - ``engine_method``: the :class:`Method` the engine decodes with;
     - ``sequences_per_request``: sequences one request holds at once (the engine's slots);
     - ``drop_rows``: whether the engine may drop a gated method's decided rows (only a search
@@ -31,6 +32,7 @@ class Search:
     """
 
     drop_rows: bool = False
+    reward = None
 
     def events(self, engine: Engine, built: Sequence[Built], texts: Sequence[str],
                params: SamplingParams | Sequence[SamplingParams],
