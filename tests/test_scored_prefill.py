@@ -87,11 +87,32 @@ def test_scored_in_the_prefill_equals_decoded(kind, running):
     assert all(math.isfinite(v) for v in scored[0].logprobs)
 
 
-def test_budget_defers_or_splits():
-    """At most ``forced_prefill_tokens`` given tokens per step are fed with prompts: a request
-    whose answer would pass it waits for the next step (fed whole then); one longer than it
-    alone has its first tokens fed and the rest decoded. Same results."""
+def test_budget_defers_or_splits(monkeypatch):
+    """At most ``forced_prefill_tokens`` given tokens per step are scored from a prefill.
+    Packed forwards (Llama) feed each answer in chunks, oldest first, that many positions per
+    step at most, the whole answer however long; the two-forward prefill (Gemma 2, eager) has
+    a request whose answer would pass it wait for the next step (fed whole then), and one longer
+    than it alone its first tokens fed and the rest decoded. Same results as decoding."""
     model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
+    jobs = _jobs(tok)[:2]
+    n0, n1 = len(jobs[0][1]), len(jobs[1][1])
+    slow, n_slow = _run(dec, jobs, fast=0)
+    scored = []
+    packed = ModelStep.packed
+
+    def counting(self, *a, **kw):
+        out = packed(self, *a, **kw)
+        scored.append(sum(x.shape[0] for x in out[2] or () if x is not None))
+        return out
+
+    monkeypatch.setattr(ModelStep, "packed", counting)
+    part, steps = _run(dec, jobs, fast=5)
+    _same(part, slow)
+    assert max(scored) == 5 and sum(scored) == n0 - 1 + n1 - 1
+    assert steps == -(-(n0 - 1 + n1 - 1) // 5) < n_slow
+    monkeypatch.undo()
+    model, tok = tiny_arch("gemma2-mixed")
     dec = SafeDecoder(model, tok, method_named("acd-text", model, tok))
     jobs = _jobs(tok)[:2]
     n0, n1 = len(jobs[0][1]), len(jobs[1][1])

@@ -700,7 +700,9 @@ class Engine:
                 by_slot[src].slot = dst
         running = tuple(sorted(s.slot for s in self._live.values()
                                if s.slot >= 0 and s.built is None and s.id not in sitting))
-        chunked = self.max_prefill_tokens is not None and self.runner.can_pack
+        # packed forwards feed prompts in chunks: within max_prefill_tokens while others decode,
+        # and a scored answer's positions at most forced_prefill_tokens per step
+        chunked = self.runner.can_pack
         if chunked:  # every request that fits takes a slot; its prompt is fed within budget
             held = sum(len(s.kids) for s in self._prefilling)  # slots its choices will take
             admitted = self.scheduler.admit(st.free_slots - reserve - held,
@@ -710,8 +712,7 @@ class Engine:
                 st.free_slots - reserve, lambda s: 1 + len(s.kids),
                 lambda s: sum(len(x) for _, x in s.built),
                 self.max_prefill_tokens if st.in_use() > 0 else None)
-        if not chunked or not running:  # scored answers fed with their prompts this step
-            admitted = self._defer_scored(admitted)
+            admitted = self._defer_scored(admitted)  # scored answers fed with their prompts
         for seq in admitted:
             seq.slot = st.acquire()
             p = seq.params
@@ -725,8 +726,6 @@ class Engine:
                         ends=sorted(seq.eos), min_tokens=p.min_tokens)
         if chunked:
             self._prefilling += admitted
-            if not running:  # every prompt fed whole this step
-                self._feed_forced([q for q in self._prefilling if q.fed == 0])
             feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
         else:  # whole prompts (any left mid-prefill, should packing have stopped, included)
             feeding, chunks = self._prefilling + admitted, None
@@ -752,6 +751,11 @@ class Engine:
         else:  # no packing (or the first packed try failed): whole prompts, two forwards
             admitted = feeding
             prefilled = None
+            if extra is not None and sum(extra) > self.forced_prefill_tokens:
+                for q in feeding:  # (the first try's answers, meant for chunks: decoded)
+                    if q.extra:
+                        q.built, q.prompt_built, q.extra = q.prompt_built, None, 0
+                built, extra = [q.built for q in feeding], None
             if feeding and extra is not None:
                 prefilled, extras = self.runner.prefill(st, new, built, extra)
             elif feeding:
@@ -995,7 +999,8 @@ class Engine:
         sequence's given answer is appended to its prompt and fed in its chunks (scored from
         their logits: at most :attr:`forced_prefill_tokens` answer positions per step)."""
         feeding, chunks = [], []
-        forced_left = self.forced_prefill_tokens if self.runner.scores_in_prefill else 0
+        forced_left = self.forced_prefill_tokens \
+            if self.forced_prefill_tokens and self.runner.scores_in_prefill else None
         for q in self._prefilling:
             if budget is not None and q.fed == 0:
                 for k, prefix in self.runner.prefix_missing(q.built):
@@ -1004,8 +1009,7 @@ class Engine:
                     budget -= self.runner.advance_prefix(k, prefix, budget)
                 if self.runner.prefix_missing(q.built):
                     break  # its prefixes are not all computed yet: it and those after wait
-            if budget is not None and q.fed == 0 and self.forced_prefill_tokens \
-                    and self.runner.scores_in_prefill and q.forced:
+            if q.fed == 0 and forced_left is not None and q.forced:
                 self._extend_forced(q, len(q.forced))  # its whole answer, fed in chunks
             lens = self.runner.prompt_lengths(q.built)
             end = max(lens)
@@ -1015,7 +1019,7 @@ class Engine:
                 break
             else:
                 b = min(end, q.fed + max(1, budget // len(lens)))
-            if q.extra:  # at most forced_left positions' logits kept for its answer
+            if q.extra and forced_left is not None:  # at most forced_left answer positions
                 first = max(q.fed, end - q.extra - 1)
                 if len(answer_positions(q.fed, b, end, q.extra)) > forced_left:
                     b = first + forced_left
