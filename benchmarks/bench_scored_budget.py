@@ -4,9 +4,11 @@ fed in its prompt's chunks (scored from their logits) against one engine step pe
 ``max_prefill_tokens`` = 32 (``safedecode serve``'s default on a CPU), one request generating
 throughout while ``--texts`` rolling-log-likelihood-style requests (BOS, then a text of ~276
 tokens to score) are queued; wall time until every scored request is done, the same log-probs
-checked. Median of alternated runs. Writes ``benchmarks/results/scored_budget_cpu.md``.
+checked. Median of alternated runs. Then one answer longer than ``forced_prefill_tokens``
+(``--long`` tokens) alone: fed in chunks over steps vs decoded. Writes
+``benchmarks/results/scored_budget_cpu.md``.
 
-    python benchmarks/bench_scored_budget.py [--texts 4] [--repeats 3]
+    python benchmarks/bench_scored_budget.py [--texts 4] [--repeats 3] [--long 1500]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--texts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long", type=int, default=1500, help="tokens of the long answer")
     args = ap.parse_args()
     model, tok = load_default()
     texts = [tok(t["text"], add_special_tokens=False)["input_ids"]
@@ -75,6 +78,24 @@ def main() -> None:
         rows.append(f"| `{name}` | {fed:.1f} ({got['fed'][0]} steps) | {dec_s:.1f} "
                     f"({got['decoded'][0]} steps) | **{dec_s / fed:.2f}×** | {diff:.1e} |")
     n_tok = sum(len(t) for t in texts)
+    # one long answer alone, no budget: fed in chunks of forced_prefill_tokens vs decoded
+    long_ids = [t for d in _texts(-(-args.long // 200))
+                for t in tok(d["text"], add_special_tokens=False)["input_ids"]][:args.long]
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    long_s, long_lp = {}, {}
+    for forced in (1024, 0):
+        eng = dec.engine(max_seqs=1)
+        eng.forced_prefill_tokens = forced
+        t0 = time.perf_counter()
+        rid = eng.add_scored([bos], long_ids, SamplingParams(logprobs=True), raw=True)
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+        long_s[forced] = (time.perf_counter() - t0, steps)
+        long_lp[forced] = sum(eng.pop_result(rid).logprobs)
+        print(f"long answer, forced_prefill_tokens={forced}: {long_s[forced][0]:.1f} s, "
+              f"{steps} steps", flush=True)
     OUT.write_text(f"""# Scored answers under a prefill budget, beside a decoding stream
 
 `python {shlex.join(['benchmarks/bench_scored_budget.py', *sys.argv[1:]])}`
@@ -91,7 +112,16 @@ scored from their logits; *decoded*: one engine step per answer token
 
 | method | fed: s | decoded: s | speed-up | largest log-prob difference |
 |---|---:|---:|---:|---:|
-""" + "\n".join(rows) + "\n")
+""" + "\n".join(rows) + f"""
+
+## One answer longer than `forced_prefill_tokens`
+
+`plain`, no budget, nothing else running: BOS then {len(long_ids)} tokens to score (an lm-eval
+rolling window), fed in chunks of at most 1024 answer positions per step: {long_s[1024][0]:.1f} s
+({long_s[1024][1]} steps); decoded one token per step: {long_s[0][0]:.1f} s ({long_s[0][1]}
+steps), **{long_s[0][0] / long_s[1024][0]:.1f}×**; summed log-probs {long_lp[1024]:.3f} vs
+{long_lp[0]:.3f}. One run each.
+""")
     print(OUT.read_text())
 
 
