@@ -979,6 +979,8 @@ class Engine:
                 rows += [j] * len(banned)
                 toks += sorted(banned)
                 vals += [ban] * len(banned)
+            if not (seq.bad_seqs or seq.bias_seqs):  # (most sequences: every step)
+                continue
             for head, last, value in (*((h, t, ban) for h, t in seq.bad_seqs), *seq.bias_seqs):
                 n = len(head)
                 tail = [] if not n else seq.out[-n:] if len(seq.out) >= n \
