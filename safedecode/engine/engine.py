@@ -805,7 +805,7 @@ class Engine:
                                   dtype=torch.long).to(st.device)
         fed = self._forced_scores(feeding, extras, {q.id for q in admitted}) if extras else None
         packed = self.runner.sample(st, tuple(order), logits, want_lp, top, forced,
-                                    self._word_bans(seqs))
+                                    *self._word_bans(seqs))
         early = {}  # per sequence id: its fed answer tokens' (token, log-prob, best)
         if fed is None:
             vals = packed.tolist()  # the step's one device-to-host transfer
@@ -966,30 +966,35 @@ class Engine:
         return read, scores
 
     @staticmethod
-    def _word_bans(seqs: list[_Seq]) -> tuple[list[int], list[int], list[float]] | None:
-        """This step's ``(rows, tokens, values)`` from the sequences' longer bad words (a
-        word's last token where the context ends in the tokens before it: ``-inf``), repeated
-        n-grams (``-inf``) and sequence biases (the bias, where the context ends in the tokens
-        before its last; a one-token sequence always)."""
-        rows, toks, vals = [], [], []
-        ban = float("-inf")
+    def _word_bans(seqs: list[_Seq]) -> tuple[tuple | None, tuple | None]:
+        """This step's bans ``(rows, tokens)`` — the sequences' longer bad words (a word's last
+        token where the context ends in the tokens before it) and repeated n-grams — and
+        biases ``(rows, tokens, values)`` — their sequence biases (the last token where the
+        context ends in the tokens before it; a one-token sequence always); None where none."""
+        rows, toks, b_rows, b_toks, b_vals = [], [], [], [], []
+
+        def ends_in(seq: _Seq, head: list[int]) -> bool:
+            n = len(head)
+            if not n:
+                return True
+            tail = seq.out[-n:] if len(seq.out) >= n else (seq.bad_ctx + seq.out)[-n:]
+            return tail == head
+
         for j, seq in enumerate(seqs):
             if seq.ngrams is not None:
                 banned = seq.ngrams.banned()
                 rows += [j] * len(banned)
                 toks += sorted(banned)
-                vals += [ban] * len(banned)
-            if not (seq.bad_seqs or seq.bias_seqs):  # (most sequences: every step)
-                continue
-            for head, last, value in (*((h, t, ban) for h, t in seq.bad_seqs), *seq.bias_seqs):
-                n = len(head)
-                tail = [] if not n else seq.out[-n:] if len(seq.out) >= n \
-                    else (seq.bad_ctx + seq.out)[-n:]
-                if tail == head:  # (an empty head: always)
+            for head, last in seq.bad_seqs:
+                if ends_in(seq, head):
                     rows.append(j)
                     toks.append(last)
-                    vals.append(value)
-        return (rows, toks, vals) if rows else None
+            for head, last, value in seq.bias_seqs:
+                if ends_in(seq, head):
+                    b_rows.append(j)
+                    b_toks.append(last)
+                    b_vals.append(value)
+        return (rows, toks) if rows else None, (b_rows, b_toks, b_vals) if b_rows else None
 
     def _plan_chunks(self, budget: int | None) -> tuple[list[_Seq], list[tuple[int, int]]]:
         """The sequences whose prompts are fed this step and their chunks ``(a, b)`` on the
@@ -1022,12 +1027,13 @@ class Engine:
             else:
                 b = min(end, q.fed + max(1, budget // len(lens)))
             if q.extra and forced_left is not None:  # at most forced_left answer positions
-                first = max(q.fed, end - q.extra - 1)
-                if len(answer_positions(q.fed, b, end, q.extra)) > forced_left:
-                    b = first + forced_left
+                scored = answer_positions(q.fed, b, end, q.extra)
+                if len(scored) > forced_left:
+                    b = scored.start + forced_left
                     if b <= q.fed:
                         break
-                forced_left -= len(answer_positions(q.fed, b, end, q.extra))
+                    scored = answer_positions(q.fed, b, end, q.extra)
+                forced_left -= len(scored)
             if budget is not None:
                 budget -= sum(max(0, b - end + n) - max(0, q.fed - end + n) for n in lens)
             feeding.append(q)

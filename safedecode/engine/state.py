@@ -192,15 +192,16 @@ class DecodeState:
             self.ends[slot, torch.tensor(ends, dtype=torch.long, device=self.device)] = True
 
     def adjust(self, slots: tuple[int, ...], sidx: torch.Tensor, logits: torch.Tensor,
-               coef: torch.Tensor,
-               bans: tuple[list[int], list[int], list[float]] | None = None
+               coef: torch.Tensor, bans: tuple[list[int], list[int]] | None = None,
+               biases: tuple[list[int], list[int], list[float]] | None = None
                ) -> torch.Tensor:
         """``[n, K, V]`` logits of ``slots`` with their repetition penalty applied to every
         branch, their bias and presence / frequency penalties to branch k times ``coef[k]``
-        (see :func:`~.step.adjust_coefficients`), then their banned tokens ``-inf`` on every
-        branch (the op excludes them), and ``bans`` (``(batch rows, token ids, values)``: what
-        the host worked out for this step) too: ``-inf`` bans on every branch, a finite value
-        added as a logit bias; the same tensor when no slot has any."""
+        (see :func:`~.step.adjust_coefficients`) — and ``biases`` (``(batch rows, token ids,
+        values)`` the host worked out for this step: sequence biases) the same way — then their
+        banned tokens ``-inf`` on every branch (the op excludes them), and ``bans`` (``(batch
+        rows, token ids)``: this step's bans the host worked out) too; the same tensor when no
+        slot has any."""
         z = logits
         if any(self.adjusted[s] for s in slots):
             z = self._penalise(slots, sidx, logits.float(), coef)
@@ -208,24 +209,18 @@ class DecodeState:
             ban = self.banned[sidx] | (self.ends[sidx]
                                        & (self.step[sidx] < self.min_tokens[sidx])[:, None])
             z = z.masked_fill(ban[:, None, :], float("-inf"))
-        if bans is not None:  # split on the host (the lists are): no device read
-            dev = z.device
-            biased = [i for i, v in enumerate(bans[2]) if v != float("-inf")]
-            if biased:  # added as logit_bias is, summed where one token is biased twice
-                z = z.float() if z.dtype != torch.float32 else z.clone() if z is logits else z
-                pick = [[x[i] for i in biased] for x in bans]
-                rows, toks = (torch.tensor(x, dtype=torch.long, device=dev) for x in pick[:2])
-                add = torch.tensor(pick[2], dtype=torch.float32, device=dev)[:, None] \
-                    * coef[None, :].to(dev, torch.float32)
-                kk = torch.arange(self.k, device=dev)[None, :].expand_as(add)
-                z.index_put_((rows[:, None].expand_as(add), kk, toks[:, None].expand_as(add)),
-                             add, accumulate=True)
-            if len(biased) < len(bans[2]):
-                z = z.clone() if z is logits else z
-                keep = set(biased)
-                rows, toks = (torch.tensor([v for i, v in enumerate(x) if i not in keep],
-                                           dtype=torch.long, device=dev) for x in bans[:2])
-                z[rows, :, toks] = float("-inf")
+        if biases is not None:  # summed where one token is biased twice
+            z = z.float() if z.dtype != torch.float32 else z.clone() if z is logits else z
+            rows, toks = (torch.tensor(x, dtype=torch.long, device=z.device) for x in biases[:2])
+            add = torch.tensor(biases[2], dtype=torch.float32, device=z.device)[:, None] \
+                * coef[None, :].to(z.device, torch.float32)
+            kk = torch.arange(self.k, device=z.device)[None, :].expand_as(add)
+            z.index_put_((rows[:, None].expand_as(add), kk, toks[:, None].expand_as(add)), add,
+                         accumulate=True)
+        if bans is not None:
+            z = z.clone() if z is logits else z
+            rows, toks = (torch.tensor(x, dtype=torch.long, device=z.device) for x in bans)
+            z[rows, :, toks] = float("-inf")
         return z
 
     def _penalise(self, slots: tuple[int, ...], sidx: torch.Tensor, z: torch.Tensor,

@@ -765,7 +765,8 @@ class ModelStep:
 
     def sample(self, state: DecodeState, slots: tuple[int, ...], logits: torch.Tensor,
                logprobs: bool, top: int = 0, forced: torch.Tensor | None = None,
-               bans: tuple[list[int], list[int], list[float]] | None = None
+               bans: tuple[list[int], list[int]] | None = None,
+               biases: tuple[list[int], list[int], list[float]] | None = None
                ) -> torch.Tensor:
         """One token per sequence from its ``[n, K, V]`` logits; records it as the sequence's
         next input and advances its step. Returns ``[tokens; status (; logprobs)
@@ -774,12 +775,12 @@ class ModelStep:
         final distribution (``top`` rows of ids, then ``top`` of log-probs, best first, lowest
         id first on ties; ``-inf`` past the final set). ``forced`` (``[n]``, -1: sample): the
         token each row takes instead of sampling (scoring a given text), its log-prob under
-        the final distribution (``-inf`` where that excludes it). ``bans``: this step's
-        ``(rows, token ids, values)`` excluded (``-inf``) or biased besides the slots' own
-        (:meth:`DecodeState.adjust`)."""
+        the final distribution (``-inf`` where that excludes it). ``bans`` / ``biases``:
+        this step's ``(rows, token ids)`` excluded and ``(rows, token ids, values)`` biased
+        besides the slots' own (:meth:`DecodeState.adjust`)."""
         m = self.method
         _, _, sidx = state.layout(slots)
-        logits = state.adjust(slots, sidx, logits, self.adjust_coef, bans)  # penalties, bans
+        logits = state.adjust(slots, sidx, logits, self.adjust_coef, bans, biases)
         knobs = dict(rule=m.rule, anchor=m.anchor, beta=m.beta,
                      temperature=state.temperature[sidx], top_k=state.top_k[sidx],
                      top_p=state.top_p[sidx], min_p=state.min_p[sidx], backend=self.backend)
