@@ -42,5 +42,6 @@ class Search:
         ``(i, token_id, text, result)`` for each part of request ``i``'s answer once final
         (``token_id`` None where it carries no token of its own; ``result`` on its last);
         ``on_step(requests_done, requests)`` after each step."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: a Search subclass implements "
+                                  "events() (see safedecode.engine.search)")
 
