@@ -295,3 +295,88 @@ def test_a_fork_that_outlives_its_parent_keeps_the_turn():
         eng.step()
     assert len(eng.pop_result(child).token_ids) == 5
     assert len(dec.turns) == len(dec.method.branches)
+
+
+def _kept_answers(dec, chat, branch) -> list[list[int]]:
+    """The token ids of the sequences kept for ``chat``'s next turn under ``branch``."""
+    pre, suf = dec.builder.build(branch, chat, 0)
+    return [[*done.ids, *done.tail_ids]
+            for done in dec.builder.finished_sequences(dec.builder.turn_of(pre, suf))]
+
+
+@pytest.mark.parametrize("spec", [
+    dict(name="deal", base="acd-text", k=3, lookahead=4, lam=5.0),
+    dict(name="deal", base="acd-text", k=2, lookahead=3, beam=2, chunk=2, lam=5.0),
+    dict(name="route", base="acd-text", horizon=32, margin=0.0),
+    dict(name="route", base="acd-text", horizon=32, margin=-1.0)])
+def test_a_search_keeps_its_chosen_answer_when_candidates_end_before_the_choice(spec):
+    """Candidates (DeAL's rollouts, route's two answers) that all end before the search chooses
+    — each of the first kept while its siblings ran: the chat's next turn extends the chosen
+    answer, the only one kept, under every branch that kept one, and no loser's KV stays in
+    the turn store."""
+    model, tok = tiny_llama()
+    spec = dict(spec)
+    m = methods.get(spec.pop("name"), reward=_vowels, **spec)
+    dec = SafeDecoder(model, tok, m)
+    chats = [[{"role": "user", "content": f"Question {i}: what do cats eat?"}] for i in range(4)]
+    got = dec.generate(chats, max_new_tokens=12)
+    kept = 0
+    for chat, g in zip(chats, got, strict=True):
+        answer = g.token_ids[:-1]
+        for br in dec.method.branches:
+            answers = _kept_answers(dec, chat, br)
+            assert len(answers) <= 1, (chat, br.name)
+            kept += len(answers)
+            assert all(ids[-len(answer):] == answer for ids in answers), (chat, br.name)
+    assert kept >= len(chats)  # every chat kept (route's plain winner: its fallback row)
+    assert len(dec.turns) == kept  # nothing else: the losers' KV was dropped
+
+
+def test_discard_turn_forgets_one_of_a_familys_kept_answers():
+    """A fork family's answers that end are each kept for the chat's next turn;
+    ``discard_turn`` drops one (its KV leaves the turn store), then the other; a sequence that
+    kept nothing, or was discarded, is a no-op."""
+    model, tok = tiny_llama()
+    dec = SafeDecoder(model, tok, methods.get("plain"))
+    eng = dec.engine(max_seqs=2)
+    chat = [{"role": "user", "content": "Question 1: what do cats eat?"}]
+    root = eng.add_request(chat, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0))
+    eng.step()
+    child = eng.fork(root, 1)[0]  # draws with a seed of its own: another answer
+    while eng.has_unfinished():
+        eng.step()
+    first = eng.pop_result(root).token_ids[:-1]
+    second = eng.pop_result(child).token_ids[:-1]
+    assert first != second
+    (br,) = dec.method.branches
+    assert len(dec.turns) == 2
+    assert sorted(ids[-5:] for ids in _kept_answers(dec, chat, br)) == sorted([first, second])
+    eng.discard_turn(root)
+    assert len(dec.turns) == 1
+    assert [ids[-5:] for ids in _kept_answers(dec, chat, br)] == [second]
+    eng.discard_turn(root)  # again: a no-op
+    eng.discard_turn(child)
+    assert len(dec.turns) == 0 and _kept_answers(dec, chat, br) == []
+
+
+def test_a_chat_goes_on_from_whichever_of_its_choices_it_continues():
+    """``n`` choices of a chat request are each kept: the next turn, continuing any one of
+    them, computes fewer columns than its new messages (the choice's answer is shared)."""
+    model, tok = tiny_llama()
+    chat = [{"role": "user", "content": "Question 1: what do cats eat?"}]
+    for pick in range(3):
+        dec = SafeDecoder(model, tok, methods.get("plain"))
+        (br,) = dec.method.branches
+        eng = dec.engine(max_seqs=3)
+        ids = eng.add_choices(chat, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1), 3)
+        while eng.has_unfinished():
+            eng.step()
+        got = [eng.pop_result(i) for i in ids]
+        assert len({tuple(g.token_ids) for g in got}) == 3
+        grown = [*chat, {"role": "assistant", "content": got[pick].text},
+                 {"role": "user", "content": "Tell me more."}]
+        new = sum(map(len, dec.builder.build(br, grown, 0))) - \
+            sum(map(len, dec.builder.build(br, chat, 0)))
+        before = dec.prefixes.computed_tokens
+        dec.generate([grown], max_new_tokens=2)
+        assert 0 < dec.prefixes.computed_tokens - before < new - 4, pick

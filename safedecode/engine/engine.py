@@ -27,7 +27,7 @@ from safedecode.models import text_config
 from safedecode.ops.params import STATUS_MESSAGES
 
 from .branches import Method
-from .cache import PrefixStore
+from .cache import LRU, PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
 from .ngrams import NGramBans
@@ -274,6 +274,9 @@ class Engine:
         self._live: dict[int, _Seq] = {}  # waiting or running
         self._done: dict[int, GenerationResult] = {}
         self._prefilling: list[_Seq] = []  # holding slots, prompt fed in chunks (FIFO)
+        # finished sequences' kept turns, by id: [(turn digest or None, sequence)], for
+        # discard_turn
+        self._kept: LRU = LRU(1024)
         self.steps = 0
         # scored answers' tokens fed with their prompts per step (0: one per step, decoded)
         self.forced_prefill_tokens = FORCED_PREFILL_TOKENS
@@ -499,11 +502,7 @@ class Engine:
                 s.kids = [k for k in s.kids if k.id != request_id]
         else:
             self.state.release(seq.slot)
-            if seq.turn is not None:  # a fork family's kept turn goes on with another member
-                heir = next((s for s in self._live.values() if s.root == seq.root
-                             and s is not seq and s.slot >= 0 and s.turn is None), None)
-                if heir is not None:
-                    heir.turn = seq.turn
+            self._hand_over_turn(seq)
             if any(q is seq for q in self._prefilling):  # aborted mid-prefill: its choices
                 self._prefilling = [q for q in self._prefilling if q is not seq]  # start over
                 if seq.kids:
@@ -537,6 +536,25 @@ class Engine:
             raise ValueError(f"request_id: {what} needs a running request; {request_id} has "
                              "not been prefilled yet (call step() first)")
         return seq
+
+    def _hand_over_turn(self, seq: _Seq) -> None:
+        """A fork family's kept turn goes on with another running member that has none (a
+        search's candidate ending or dropped while its siblings go on)."""
+        if seq.turn is None:
+            return
+        heir = next((s for s in self._live.values() if s.root == seq.root
+                     and s is not seq and s.slot >= 0 and s.turn is None), None)
+        if heir is not None:
+            heir.turn = seq.turn
+
+    def discard_turn(self, request_id: int) -> None:
+        """Forget what a finished sequence kept for its chat's next turn and for requests
+        starting like it (:meth:`_keep_turn`): a search's losing candidate or choice that ended
+        before the search chose. A no-op for a sequence that kept nothing."""
+        for turn, done in self._kept.pop(request_id, ()):
+            self.runner.turns.drop(done.key)
+            if turn is not None:
+                self.builder.forget(turn, done)
 
     def fork(self, request_id: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
         """``n`` children of a running request that share its tokens and KV so far (copied into
@@ -1208,6 +1226,11 @@ class Engine:
         fed = seq.out[:-1]
         kb = self.method.k
         ran = self.runner.branches_run(self.state, seq.slot)  # a gated sequence's rows
+        # a family member ending while others run (a search's candidate, a choice): kept
+        # under a name of its own, beside the others (one is the answer the chat goes on with)
+        alone = not any(s.root == seq.root and s is not seq for s in self._live.values())
+        entries: list[tuple[bytes | None, Prefix]] = []
+        self._kept[seq.id] = entries
         for k, entry in enumerate(seq.turn):
             if entry is None or (ran is not None and k not in ran):
                 continue
@@ -1216,7 +1239,7 @@ class Engine:
                     MIN_SHARED_TOKENS:
                 continue  # too short for any request to share: not worth the copy
             if turn is not None:
-                key = f"turn:{turn.hex()}"
+                key = f"turn:{turn.hex()}" + ("" if alone else f":{seq.id}")
             else:  # named by what it holds
                 ids = array("q", [*pre.ids, *pre.tail_ids, *suf, *fed]).tobytes()
                 key = "kept:" + hashlib.blake2b(pre.key.encode() + ids,
@@ -1228,6 +1251,7 @@ class Engine:
             done.chain = pre.chain
             self.runner.turns.put(key, self.state.cache.read(seq.slot * kb + k, len(done)),
                                   computed=0)
+            entries.append((turn, done))
             if turn is not None:
                 self.builder.finished(turn, done)
             if done.chain is not None:
@@ -1238,6 +1262,7 @@ class Engine:
         if seq.turn is not None and seq.out:
             self._keep_turn(seq)
         self.state.release(seq.slot)
+        self._hand_over_turn(seq)
         del self._live[seq.id]
         decode_s = seq.t_done - seq.t_first
         n = len(seq.out)

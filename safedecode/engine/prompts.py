@@ -55,6 +55,7 @@ _SOFT = "\ue000"  # stands in for a soft prompt while rendering (a private-use c
 TOKEN_BLOCK = 16  # ids per block of a request's leading tokens (shared whole blocks only)
 # a shorter common run is not worth a prefix of its own: one block already pays on the CPU
 # (1.10-1.35x per call for 2-8 requests sharing 16 tokens: benchmarks/results/min_shared_cpu.md)
+FINISHED_PER_TURN = 8  # a chat turn's answers kept for its next turn (n choices)
 MIN_SHARED_TOKENS = TOKEN_BLOCK
 
 
@@ -304,7 +305,8 @@ class PromptBuilder:
         self._histories: LRU = LRU(4096)  # conversation histories seen: how often
         self._turns: LRU = LRU(4096)  # requests' messages seen, to recognise a growing chat
         self._built_turns: LRU = LRU(4096)  # (prefix key, suffix) -> the turn's digest
-        self._finished: LRU = LRU(1024)  # a turn's digest -> its finished sequence (ids)
+        # a turn's digest -> its finished sequences (ids): a request's n choices, each one
+        self._finished: LRU = LRU(1024)
         self.runs = TokenRuns()  # requests' common leading tokens
 
     # -- rendering ---------------------------------------------------------------------------
@@ -397,7 +399,8 @@ class PromptBuilder:
         bases = []  # what a history's prefix may extend, and whether that one is then spent
         if history is not None:
             if before is not None:  # the chat's request before: its whole sequence, if kept
-                bases.append((self._finished.get(before), True))  # (Engine.keep_turn) ...
+                bases += [(done, True) for done in  # (Engine.keep_turn) ...
+                          self._finished.get(before, ())]
                 if len(rest) >= 4:  # ... and its history
                     found = self._history_of(branch, system, rest[:-2], raw)
                     bases += [(self._prefixes.get((branch.key(), system, found[0], raw)),
@@ -428,8 +431,23 @@ class PromptBuilder:
 
     def finished(self, turn: bytes, sequence: Prefix) -> None:
         """Remember ``sequence`` (a finished request's prompt and answer, its KV stored
-        under ``sequence.key``) as what the chat's next turn may extend."""
-        self._finished[turn] = sequence
+        under ``sequence.key``) as one the chat's next turn may extend: of a request's several
+        answers (``n`` choices) the next turn extends the one it continues (the
+        ``FINISHED_PER_TURN`` latest kept)."""
+        kept = [s for s in self._finished.get(turn, ()) if s.key != sequence.key]
+        self._finished[turn] = [*kept[max(0, len(kept) + 1 - FINISHED_PER_TURN):], sequence]
+
+    def forget(self, turn: bytes, sequence: Prefix) -> None:
+        """Forget ``sequence`` as one ``turn``'s next turn may extend (see :meth:`finished`)."""
+        kept = [s for s in self._finished.get(turn, ()) if s is not sequence]
+        if kept:
+            self._finished[turn] = kept
+        else:
+            self._finished.pop(turn, None)
+
+    def finished_sequences(self, turn: bytes) -> list[Prefix]:
+        """What :meth:`finished` remembers for ``turn``, oldest first."""
+        return list(self._finished.get(turn, ()))
 
     @staticmethod
     def _name(key: tuple) -> str:

@@ -467,6 +467,9 @@ class Searcher:
         """Keep an answer's chosen candidates, rolled back to what is committed; hand out what
         became final."""
         eng, spec = self.engine, self.spec
+        for sid in a.finished:  # ended candidates not chosen: their kept turn is no answer
+            if sid != chosen[0].id:
+                eng.discard_turn(sid)
         if chosen[0].id in a.finished:  # the best rollout ended: that is the answer
             for c in a.cands:
                 if c.id not in a.finished:

@@ -262,6 +262,8 @@ class Router:
             win, lose = (base, plain) if keep else (plain, base)
             if self._ended.pop(lose, None) is None:
                 self.engine.release(lose)
+            else:  # ended before the choice: what it kept for the chat's next turn goes
+                self.engine.discard_turn(lose)
             del self._owner[lose], self._held[lose]
             for o in self._held.pop(win):
                 result = self._ended.pop(win) if o.finish_reason else None
