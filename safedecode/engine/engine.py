@@ -710,18 +710,47 @@ class Engine:
         reserve = self._check_expand(expand, propose) if expand or propose is not None else 0
         if follow is not None:
             follow = self._check_follow(follow)
-        st = self.state
-        moves = st.compact()
+        running = self._running_slots(sitting)
+        feeding, chunks = self._admit(reserve, running)
+        parts, order, admitted, extras = self._forward(running, feeding, chunks)
+        if not order:  # no token this step; a scored answer's chunk may have been fed
+            fed = self._forced_scores(feeding, extras, set()) if extras else None
+            if fed is not None:
+                self._keep_fed(feeding, fed[0](fed[1].flatten().tolist()))
+            return []
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # the contrast gate, before DeAL's expansion reads the final distribution
+        logits = self.runner.gate_contrast(self.state, tuple(order), logits)
+        by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
+        seqs = [by_slot[s] for s in order]
+        rows, tops, early = self._sample(seqs, order, logits, feeding, extras, admitted)
+        now = time.perf_counter()
+        if expand:
+            rows = self._expand(rows, logits, expand, propose)
+        if follow is not None:
+            rows = self._follow(rows, logits, expand, *follow)
+        return self._emit(rows, tops, early, now)
+
+    def _running_slots(self, sitting: frozenset[int]) -> tuple[int, ...]:
+        """Compact the decode state (moving sequences to its first slots) and return the slots
+        of the running sequences that decode this step (not ``sitting`` it out)."""
+        moves = self.state.compact()
         if moves:
             by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
             for src, dst in moves:
                 by_slot[src].slot = dst
-        running = tuple(sorted(s.slot for s in self._live.values()
-                               if s.slot >= 0 and s.built is None and s.id not in sitting))
+        return tuple(sorted(s.slot for s in self._live.values()
+                            if s.slot >= 0 and s.built is None and s.id not in sitting))
+
+    def _admit(self, reserve: int, running: tuple[int, ...]
+               ) -> tuple[list[_Seq], list[tuple[int, int]] | None]:
+        """Admit waiting requests into free slots (``reserve`` kept free), set their sampling
+        state, and plan what of the prompts is fed this step: ``(feeding, chunks)`` — chunks
+        (per sequence, its prompt positions fed) on a packed engine, None for whole prompts."""
+        st = self.state
         # packed forwards feed prompts in chunks: within max_prefill_tokens while others decode,
         # and a scored answer's positions at most forced_prefill_tokens per step
-        chunked = self.runner.can_pack
-        if chunked:  # every request that fits takes a slot; its prompt is fed within budget
+        if self.runner.can_pack:  # every request that fits takes a slot; fed within budget
             held = sum(len(s.kids) for s in self._prefilling)  # slots its choices will take
             admitted = self.scheduler.admit(st.free_slots - reserve - held,
                                             lambda s: 1 + len(s.kids))
@@ -742,12 +771,21 @@ class Engine:
                           p.repetition_penalty, seq.context)
             st.set_bans(seq.slot, banned=seq.bad_one, allowed=p.allowed_token_ids,
                         ends=sorted(seq.eos), min_tokens=p.min_tokens)
-        if chunked:
+        if self.runner.can_pack:
             self._prefilling += admitted
-            feeding, chunks = self._plan_chunks(self.max_prefill_tokens if running else None)
-        else:  # whole prompts (any left mid-prefill, should packing have stopped, included)
-            feeding, chunks = self._prefilling + admitted, None
-            self._feed_forced(feeding)
+            return self._plan_chunks(self.max_prefill_tokens if running else None)
+        feeding = self._prefilling + admitted  # whole prompts (any left mid-prefill, should
+        self._feed_forced(feeding)  # packing have stopped, included)
+        return feeding, None
+
+    def _forward(self, running: tuple[int, ...], feeding: list[_Seq],
+                 chunks: list[tuple[int, int]] | None
+                 ) -> tuple[list[torch.Tensor], list[int], list[_Seq], list | None]:
+        """This step's forward(s): the running slots decode, ``feeding``'s prompts (or their
+        chunks) are fed — in one packed forward, else a decode and a prefill. Starts the
+        sequences whose prompt is done (:meth:`_start`). Returns the logits' parts, the slot
+        of each of their rows, those sequences, and the fed answers' score extras."""
+        st = self.state
         extra = [q.extra for q in feeding] if any(q.extra for q in feeding) else None
         parts, order = [], []
         new = tuple(s.slot for s in feeding)
@@ -781,39 +819,48 @@ class Engine:
         done = {q.id for q in admitted}
         self._prefilling = [q for q in self._prefilling if q.id not in done]
         if admitted:
-            parts.append(prefilled)
-            order += [q.slot for q in admitted]
-            pick = []  # choices forked after the prefill, before their first token
-            forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
-            for i, s in enumerate(admitted):
-                s.turn = self._turn_of(s.prompt_built or s.built)
-                s.built = s.prompt_built = None
-                if s.kids:
-                    for kid in s.kids:  # each choice an answer to keep as the next turn's
-                        kid.slot, kid.context, kid.turn = st.acquire(), s.context, s.turn
-                    st.fork(s.slot, [kid.slot for kid in s.kids])
-                    st.seed[torch.tensor([kid.slot for kid in s.kids])] = torch.tensor(
-                        [kid.seed for kid in s.kids], dtype=torch.long).to(st.device)
-                    order += [kid.slot for kid in s.kids]
-                    pick += [i] * len(s.kids)
-                    s.kids = []
-            if pick:
-                parts.append(prefilled[torch.tensor(pick, device=prefilled.device)])
-            if forced:  # the caller's gate decisions replace the hook's (or stand alone)
-                g, k = self.method.contrast_gate, self.method.k
-                st.gate_on[torch.tensor([q.slot * k + g for q in forced], device=st.device)] = \
-                    torch.tensor([q.gate for q in forced], device=st.device)
-                for q in forced:
-                    st.host_gate[q.slot] = q.gate
-        if not order:  # no token this step; a scored answer's chunk may have been fed
-            fed = self._forced_scores(feeding, extras, set()) if extras else None
-            if fed is not None:
-                self._keep_fed(feeding, fed[0](fed[1].flatten().tolist()))
-            return []
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        logits = self.runner.gate_contrast(st, tuple(order), logits)  # before DeAL's expansion
-        by_slot = {s.slot: s for s in self._live.values() if s.slot >= 0}
-        seqs = [by_slot[s] for s in order]
+            self._start(admitted, prefilled, parts, order)
+        return parts, order, admitted, extras
+
+    def _start(self, admitted: list[_Seq], prefilled: torch.Tensor, parts: list,
+               order: list[int]) -> None:
+        """Sequences whose prompt is done: their logits join ``parts`` (their slots
+        ``order``), their turn is noted for keeping, their choices fork before their first
+        token, and the caller's gate decisions are set."""
+        st = self.state
+        parts.append(prefilled)
+        order += [q.slot for q in admitted]
+        pick = []  # choices forked after the prefill, before their first token
+        forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
+        for i, s in enumerate(admitted):
+            s.turn = self._turn_of(s.prompt_built or s.built)
+            s.built = s.prompt_built = None
+            if s.kids:
+                for kid in s.kids:  # each choice an answer to keep as the next turn's
+                    kid.slot, kid.context, kid.turn = st.acquire(), s.context, s.turn
+                st.fork(s.slot, [kid.slot for kid in s.kids])
+                st.seed[torch.tensor([kid.slot for kid in s.kids])] = torch.tensor(
+                    [kid.seed for kid in s.kids], dtype=torch.long).to(st.device)
+                order += [kid.slot for kid in s.kids]
+                pick += [i] * len(s.kids)
+                s.kids = []
+        if pick:
+            parts.append(prefilled[torch.tensor(pick, device=prefilled.device)])
+        if forced:  # the caller's gate decisions replace the hook's (or stand alone)
+            g, k = self.method.contrast_gate, self.method.k
+            st.gate_on[torch.tensor([q.slot * k + g for q in forced], device=st.device)] = \
+                torch.tensor([q.gate for q in forced], device=st.device)
+            for q in forced:
+                st.host_gate[q.slot] = q.gate
+
+    def _sample(self, seqs: list[_Seq], order: list[int], logits: torch.Tensor,
+                feeding: list[_Seq], extras: list | None, admitted: list[_Seq]
+                ) -> tuple[list, dict, dict]:
+        """Sample every row and read the results in the step's one device-to-host transfer
+        (the fed answers' scores and the gates with them). Returns the rows ``(seq, status,
+        token, log-prob, parent)``, the top log-probs by sequence id, and the fed answer
+        tokens' ``(token, log-prob, best)`` by sequence id."""
+        st = self.state
         want_lp = any(s.params.logprobs for s in seqs)
         top = max(s.params.top_logprobs for s in seqs)
         forced = None
@@ -835,7 +882,6 @@ class Engine:
             early = read(flat[cut:])
             self._keep_fed(feeding, early)
         self.steps += 1
-        now = time.perf_counter()
         if self.runner.drop_rows:  # the gates, read with the tokens: no read of their own
             gate = st.host_gate
             for s, on in zip(order, vals[-1], strict=True):
@@ -851,10 +897,11 @@ class Engine:
                     tops[seq.id] = [(int(vals[base + i][j]), vals[base + top + i][j])
                                     for i in range(n)
                                     if vals[base + top + i][j] != float("-inf")]
-        if expand:
-            rows = self._expand(rows, logits, expand, propose)
-        if follow is not None:
-            rows = self._follow(rows, logits, expand, *follow)
+        return rows, tops, early
+
+    def _emit(self, rows: list, tops: dict, early: dict, now: float) -> list[StepOutput]:
+        """Append each row's token (after its fed answer's, where it has one) to its
+        sequence, detokenise, finish what ended (at ``now``); returns the step's outputs."""
         outs = []
         for seq, status, t, lp, parent in rows:
             if not seq.out:
