@@ -165,7 +165,7 @@ class SlotCache(Cache):
 
 
 PREFIX_STORE_BYTES = 512 * 2**20  # the default bound of a decoder's prefix store
-TURN_STORE_BYTES = 512 * 2**20  # ... and of its finished chat turns' KV (Engine._keep_turn)
+TURN_STORE_BYTES = 512 * 2**20  # ... and of its finished chat turns' KV (KeptTurns.keep)
 
 
 class PrefixStore:

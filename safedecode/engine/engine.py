@@ -13,11 +13,9 @@ steps (DeAL's lookahead search); see :mod:`.state` for the slot layout and their
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import math
 import time
-from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -27,16 +25,17 @@ from safedecode.models import text_config
 from safedecode.ops.params import STATUS_MESSAGES
 
 from .branches import Method
-from .cache import LRU, PrefixStore
+from .cache import PrefixStore
 from .detokenizer import IncrementalDetokenizer
 from .masks import LayerMasks
 from .ngrams import NGramBans
-from .prompts import MIN_SHARED_TOKENS, Prefix, Prompt, PromptBuilder, TokenRuns, token_requests
+from .prompts import Prompt, PromptBuilder, TokenRuns, token_requests
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .state import DecodeState
 from .step import Built, CompiledDecode, ModelStep, answer_positions
 from .stops import sentence_stop
+from .turns import KeptTurns, Plan
 
 DEFAULT_MAX_LEN = 2048
 # a scored answer's tokens fed with its prompt per admission step, at most (their logits kept:
@@ -129,10 +128,9 @@ class _Seq:
     # the context (bad_ctx and the answer) ends in the former
     bias_seqs: tuple[tuple[list[int], int, float], ...] = ()
     ngrams: NGramBans | None = None  # SamplingParams.no_repeat_ngram_size
-    # per branch (a chat request's turn digest or None, prefix, suffix; None: not kept), to
-    # keep its prompt + answer KV for the chat's next turn or requests starting like it
-    # (Engine._keep_turn)
-    turn: list[tuple[bytes | None, Prefix, list[int]] | None] | None = None
+    # what of its prompt + answer KV to keep for the chat's next turn or requests starting
+    # like it (KeptTurns.plan; None: nothing)
+    turn: Plan | None = None
     t_add: float = 0.0
     t_first: float = 0.0
     t_done: float = 0.0
@@ -266,6 +264,7 @@ class Engine:
                                  dtype=self.runner.dtype, sliding=self.runner.masks.sliding,
                                  vocab=output_vocab(model))
         self.scheduler: Scheduler[_Seq] = Scheduler(max_queue)
+        self.kept = KeptTurns(self.runner, self.state, method, self.builder, self.runs)
         self.true_eos = eos_ids(model, tokenizer)
         if any(h.stop for br in method.branches for h in br.hooks):
             self.runner.stop = sentence_stop(method, model, tokenizer, self.true_eos,
@@ -274,9 +273,6 @@ class Engine:
         self._live: dict[int, _Seq] = {}  # waiting or running
         self._done: dict[int, GenerationResult] = {}
         self._prefilling: list[_Seq] = []  # holding slots, prompt fed in chunks (FIFO)
-        # finished sequences' kept turns, by id: [(turn digest or None, sequence)], for
-        # discard_turn
-        self._kept: LRU = LRU(1024)
         self.steps = 0
         # scored answers' tokens fed with their prompts per step (0: one per step, decoded)
         self.forced_prefill_tokens = FORCED_PREFILL_TOKENS
@@ -549,12 +545,9 @@ class Engine:
 
     def discard_turn(self, request_id: int) -> None:
         """Forget what a finished sequence kept for its chat's next turn and for requests
-        starting like it (:meth:`_keep_turn`): a search's losing candidate or choice that ended
+        starting like it (:class:`KeptTurns`): a search's losing candidate or choice that ended
         before the search chose. A no-op for a sequence that kept nothing."""
-        for turn, done in self._kept.pop(request_id, ()):
-            self.runner.turns.drop(done.key)
-            if turn is not None:
-                self.builder.forget(turn, done)
+        self.kept.discard(request_id)
 
     def fork(self, request_id: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
         """``n`` children of a running request that share its tokens and KV so far (copied into
@@ -833,7 +826,7 @@ class Engine:
         pick = []  # choices forked after the prefill, before their first token
         forced = [q for s in admitted for q in (s, *s.kids) if q.gate is not None]
         for i, s in enumerate(admitted):
-            s.turn = self._turn_of(s.prompt_built or s.built)
+            s.turn = self.kept.plan(s.prompt_built or s.built)
             s.built = s.prompt_built = None
             if s.kids:
                 for kid in s.kids:  # each choice an answer to keep as the next turn's
@@ -1249,65 +1242,12 @@ class Engine:
             delta += seq.detok.flush()
         return delta, reason
 
-    def _turn_of(self, built: Built) -> list | None:
-        """Per branch (turn digest or None, prefix, suffix) of a request whose KV is worth
-        keeping when it finishes: a chat request's for its next turn, any request's that starts
-        with its branch's own prefix for the requests that start like it (``TokenRuns.kept``);
-        None where none is (no prefix cache or turn store). Branches with hooks are left out:
-        their answer's KV was computed under decode-phase hooks a prefix never runs."""
-        if not self.runner.prefix_cache or not self.runner.turns.max_bytes:
-            return None
-        b = self.builder
-        out = []
-        for br, (pre, suf) in zip(self.method.branches, built, strict=True):
-            turn = None if br.hooks or b is None else b.turn_of(pre, suf)
-            keep = not br.hooks and (turn is not None or (
-                pre.chain is not None and (b is None or b.share_tokens)))
-            out.append((turn, pre, suf) if keep else None)
-        return out if any(out) else None
-
-    def _keep_turn(self, seq: _Seq) -> None:
-        """Store a finished request's KV (prompt and answer, all but the last token, which was
-        never fed) per branch as a prefix its chat's next turn, or a request starting like it,
-        may extend."""
-        fed = seq.out[:-1]
-        kb = self.method.k
-        ran = self.runner.branches_run(self.state, seq.slot)  # a gated sequence's rows
-        # a family member ending while others run (a search's candidate, a choice): kept
-        # under a name of its own, beside the others (one is the answer the chat goes on with)
-        alone = not any(s.root == seq.root and s is not seq for s in self._live.values())
-        entries: list[tuple[bytes | None, Prefix]] = []
-        self._kept[seq.id] = entries
-        for k, entry in enumerate(seq.turn):
-            if entry is None or (ran is not None and k not in ran):
-                continue
-            turn, pre, suf = entry
-            if turn is None and len(pre) + len(suf) + len(fed) - pre.chain[1] < \
-                    MIN_SHARED_TOKENS:
-                continue  # too short for any request to share: not worth the copy
-            if turn is not None:
-                key = f"turn:{turn.hex()}" + ("" if alone else f":{seq.id}")
-            else:  # named by what it holds
-                ids = array("q", [*pre.ids, *pre.tail_ids, *suf, *fed]).tobytes()
-                key = "kept:" + hashlib.blake2b(pre.key.encode() + ids,
-                                                digest_size=16).hexdigest()
-            if pre.soft is None:
-                done = Prefix(key, [*pre.ids, *suf, *fed])
-            else:
-                done = Prefix(key, list(pre.ids), pre.soft, (*pre.tail_ids, *suf, *fed))
-            done.chain = pre.chain
-            self.runner.turns.put(key, self.state.cache.read(seq.slot * kb + k, len(done)),
-                                  computed=0)
-            entries.append((turn, done))
-            if turn is not None:
-                self.builder.finished(turn, done)
-            if done.chain is not None:
-                self.runs.kept(done)
-
     def _finish(self, seq: _Seq, reason: str, now: float) -> None:
         seq.finish, seq.t_done = reason, now
         if seq.turn is not None and seq.out:
-            self._keep_turn(seq)
+            # alone: no other member of its fork family waits or runs
+            self.kept.keep(seq.id, seq.turn, seq.out, seq.slot, alone=not any(
+                s.root == seq.root and s is not seq for s in self._live.values()))
         self.state.release(seq.slot)
         self._hand_over_turn(seq)
         del self._live[seq.id]

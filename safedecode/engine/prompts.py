@@ -14,7 +14,7 @@ ahead, so the first of several sharing a history in one call shares it too. A ch
 a request whose messages are an earlier request's plus that request's answer and a new user
 turn — shares its history at once, and its prefix extends what is stored of the earlier turn
 (``Prefix.bases``, over their longest common start): the earlier request's whole prompt and
-answer where the engine kept them (``Engine._keep_turn``), else its history; only the rest is
+answer where the engine kept them (``KeptTurns.keep``), else its history; only the rest is
 computed, on top of the stored KV. Not for
 branches whose hooks act on the request's own prompt positions (``BranchHook(positions=
 "prompt")``: the history is part of that prompt).
@@ -399,7 +399,7 @@ class PromptBuilder:
         bases = []  # what a history's prefix may extend, and whether that one is then spent
         if history is not None:
             if before is not None:  # the chat's request before: its whole sequence, if kept
-                bases += [(done, True) for done in  # (Engine.keep_turn) ...
+                bases += [(done, True) for done in  # (KeptTurns.keep) ...
                           self._finished.get(before, ())]
                 if len(rest) >= 4:  # ... and its history
                     found = self._history_of(branch, system, rest[:-2], raw)
