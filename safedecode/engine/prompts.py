@@ -55,8 +55,8 @@ _SOFT = "\ue000"  # stands in for a soft prompt while rendering (a private-use c
 TOKEN_BLOCK = 16  # ids per block of a request's leading tokens (shared whole blocks only)
 # a shorter common run is not worth a prefix of its own: one block already pays on the CPU
 # (1.10-1.35x per call for 2-8 requests sharing 16 tokens: benchmarks/results/min_shared_cpu.md)
-FINISHED_PER_TURN = 8  # a chat turn's answers kept for its next turn (n choices)
 MIN_SHARED_TOKENS = TOKEN_BLOCK
+FINISHED_PER_TURN = 8  # a chat turn's answers kept for its next turn (n choices)
 
 
 @dataclass
