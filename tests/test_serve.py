@@ -1038,6 +1038,38 @@ def test_a_growing_served_chat_equals_offline_and_prefills_its_new_turn(server):
                  {"role": "user", "content": f"And {turn + 2} more?"}]
 
 
+def test_a_served_chat_goes_on_from_whichever_of_its_choices_it_continues(server):
+    """A chat request with ``n`` = 3 sampled choices: each choice's prompt + answer is kept, so
+    the chat's next turn — whichever choice the client continued — computes only a few prefix
+    columns, not that choice's answer again."""
+    c = server.client()
+    chat = [{"role": "user", "content": "Name three garden birds, please."}]
+    r = c.chat.completions.create(model="tiny:acd-text", messages=chat, max_tokens=6, n=3,
+                                  temperature=1.0, seed=0)
+    texts = [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]
+    assert len(set(texts)) == 3
+    # the premise: each choice's text encodes back to its own tokens (a random model's text
+    # may not; then only the common start of the two could be shared)
+    model, tok = tiny_llama()
+    eng = SafeDecoder(model, tok, methods.get("acd-text")).engine(max_seqs=3)
+    ids = eng.add_choices(chat, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0), 3)
+    while eng.has_unfinished():
+        eng.step()
+    for i, text in zip(ids, texts, strict=True):
+        got = eng.pop_result(i)
+        assert got.text == text
+        assert tok(text, add_special_tokens=False)["input_ids"] == got.token_ids
+    _wait_idle(server)
+    for pick in (0, 1, 2):
+        before = _health(server)["prefix_cache"]["tiny:acd-text"]
+        grown = [*chat, {"role": "assistant", "content": texts[pick]},
+                 {"role": "user", "content": "And two more?"}]
+        c.chat.completions.create(model="tiny:acd-text", messages=grown, max_tokens=2,
+                                  temperature=0)
+        after = _wait_idle(server)["prefix_cache"]["tiny:acd-text"]
+        assert 0 < after["computed_tokens"] - before["computed_tokens"] <= 2 * 4, pick
+
+
 def test_served_completions_that_start_alike_share_their_leading_tokens(server):
     """One completions request with three prompts that continue a common text: the answers
     equal a decoder without any prefix cache, and the common text's KV is computed once per
