@@ -5,6 +5,8 @@ once, or a branch whose hook acts on the prompt, is left as it was."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from engine_fixtures import method_named, tiny_arch, tiny_llama
 
@@ -380,3 +382,48 @@ def test_a_chat_goes_on_from_whichever_of_its_choices_it_continues():
         before = dec.prefixes.computed_tokens
         dec.generate([grown], max_new_tokens=2)
         assert 0 < dec.prefixes.computed_tokens - before < new - 4, pick
+
+
+@pytest.mark.parametrize("name", ["route", "deal"])
+def test_an_aborted_search_keeps_no_answer_for_the_chats_next_turn(name):
+    """A search aborted after its candidates ended, while the reward that would choose is in
+    flight: what the ended candidates kept for the chat's next turn is dropped (no one got
+    that answer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safedecode.methods.deal import Searcher
+    from safedecode.methods.rewards import make_reward
+    from safedecode.methods.route import Router
+
+    gate = threading.Event()
+
+    def slow(prompts, texts):
+        assert gate.wait(10), "the test never let the reward go"
+        return _vowels(prompts, texts)
+
+    model, tok = tiny_llama()
+    if name == "route":
+        spec = methods.Route(methods.get("acd-text"), make_reward(slow), horizon=3, margin=0.0)
+    else:
+        spec = methods.get("deal", base="acd-text", reward=make_reward(slow), k=2,
+                           lookahead=4, lam=5.0)
+    dec = SafeDecoder(model, tok, spec)
+    eng = dec.engine(max_seqs=8)
+    question = "Question 1: what do cats eat?"
+    chat = [{"role": "user", "content": question}]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            search = (Router if name == "route" else Searcher)(eng, spec, scorer=pool)
+            rid = search.add(eng.build(chat), question, SamplingParams(max_new_tokens=3))[0]
+            for _ in range(10):  # held: nothing chosen yet
+                if search.scoring():
+                    break
+                out = search.feed(eng.step()) if name == "route" else search.step()
+                assert out == []
+            assert not eng.has_unfinished()
+            assert search.scoring() == 1  # every candidate ended; the reward not back
+            assert len(dec.turns) > 0  # the premise: the ended candidates kept their turn
+            search.abort(rid)
+            assert len(dec.turns) == 0
+    finally:
+        gate.set()

@@ -342,6 +342,8 @@ class Searcher:
                 self.engine.abort(sid)
             except ValueError:
                 pass  # ended in a step whose outputs never reached feed() (a failed step)
+        for sid in a.finished:  # ended candidates: what they kept is no one's answer
+            self.engine.discard_turn(sid)
         for sid in [s for s, owner in self._owner.items() if owner is a]:
             del self._owner[sid]
 

@@ -205,6 +205,8 @@ class Router:
             self._held.pop(s, None)
             if self._ended.pop(s, None) is None:
                 self.engine.abort(s)
+            else:  # ended before the choice: what it kept is no one's answer
+                self.engine.discard_turn(s)
         self._pair.pop(request_id, None)
         self._prompt.pop(request_id, None)
 
