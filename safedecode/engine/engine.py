@@ -767,8 +767,9 @@ class Engine:
         if self.runner.can_pack:
             self._prefilling += admitted
             return self._plan_chunks(self.max_prefill_tokens if running else None)
-        feeding = self._prefilling + admitted  # whole prompts (any left mid-prefill, should
-        self._feed_forced(feeding)  # packing have stopped, included)
+        # whole prompts (any left mid-prefill, should packing have stopped, included)
+        feeding = self._prefilling + admitted
+        self._feed_forced(feeding)
         return feeding, None
 
     def _forward(self, running: tuple[int, ...], feeding: list[_Seq],
